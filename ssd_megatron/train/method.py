@@ -1,0 +1,90 @@
+"""Training methods: what differs between dense, SSD and the baselines, behind one set of hooks.
+
+The loop owns optimisation, data, checkpoints and logging; a method owns everything that makes a
+step of its kind: which FFN path runs, how many experts, which layers are dropped, extra loss terms,
+and how many FLOPs the step really executes. Each hook runs on every rank; a method whose decisions
+need data from one rank broadcasts them itself (the process group is passed in, never global).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class TrainingMethod:
+    """Base class: the dense method. Subclasses override what they change."""
+
+    name = "dense"
+
+    def __init__(self, cfg, model: nn.Module, group=None):
+        self.cfg = cfg
+        self.model = model
+        self.group = group
+
+    # ---- per step
+    def before_step(self, step: int) -> None:
+        """Called before the forward of optimizer step `step` (0-based)."""
+
+    def extra_loss(self) -> Optional[torch.Tensor]:
+        """Auxiliary loss terms (e.g. load balancing) collected during the last forward, or None."""
+        return None
+
+    def after_step(self, step: int) -> dict:
+        """Called after the optimizer step; returns extra metrics to log (JSON-serialisable)."""
+        return {}
+
+    def phase(self) -> str:
+        """What kind of step runs now: 'dense' or 'sparse' (logged per step, asserted equal across ranks)."""
+        return "dense"
+
+    def ffn_active_fraction(self) -> float:
+        """Fraction of FFN neurons a token computes in the current step (1.0 dense)."""
+        return 1.0
+
+    def router_flops_per_token(self) -> float:
+        """Forward FLOPs per token per FFN layer spent on routing (0 dense)."""
+        return 0.0
+
+    def layers_kept(self) -> Optional[list]:
+        """For layer dropping: which transformer layers ran in the last step (None = all)."""
+        return None
+
+    # ---- evaluation
+    def eval_mode(self) -> None:
+        """Put the model in its inference form (dense for SSD's final model, all layers for PLD)."""
+
+    def train_mode(self) -> None:
+        """Undo eval_mode."""
+
+    # ---- checkpointing
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+_REGISTRY: dict = {}
+
+
+def register_method(name: str):
+    def deco(cls):
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+register_method("dense")(TrainingMethod)
+
+
+def build_method(cfg, model: nn.Module, group=None) -> TrainingMethod:
+    # Importing registers the non-dense methods; done here so the loop needs no knowledge of them.
+    from .. import baselines  # noqa: F401
+    from ..ssd import method as _ssd_method  # noqa: F401
+    if cfg.method not in _REGISTRY:
+        from ..errors import UserError
+        raise UserError(f"method: {cfg.method!r} is not available; accepted: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[cfg.method](cfg, model, group)
