@@ -38,7 +38,8 @@ class ModelConfig:
     # 0 = same as n_heads (grouped-query attention otherwise; llama-style models).
     n_kv_heads: int = field(default=0, metadata=_meta(lo=0))
     d_ff: int = field(default=1024, metadata=_meta(lo=1))
-    activation: Literal["relu", "gelu", "squared_relu", "swiglu", "geglu", "reglu"] = "relu"
+    # gelu_tanh = the tanh approximation (HF gpt2's gelu_new); needed to load HF GPT-2 checkpoints exactly.
+    activation: Literal["relu", "gelu", "gelu_tanh", "squared_relu", "swiglu", "geglu", "reglu"] = "relu"
     max_seq_len: int = field(default=128, metadata=_meta(lo=1))
     # 0 = take the tokenizer's vocabulary size (padded to a multiple of `vocab_multiple`).
     vocab_size: int = field(default=0, metadata=_meta(lo=0))
@@ -47,6 +48,11 @@ class ModelConfig:
     bias: bool = True
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = field(default=1e-5, metadata=_meta(lo=0.0, lo_open=True))
+    # pre = norm before attention/FFN (paper appendix A, GPT-2, T5, llama); post = original BERT
+    # (norm after each residual add; needed to load HF BERT checkpoints).
+    norm_position: Literal["pre", "post"] = "pre"
+    # llama arch: normalise q and k per head (Persimmon-style qk-layernorm; uses `norm`).
+    qk_norm: bool = False
     tie_embeddings: bool = True
     init_std: float = field(default=0.02, metadata=_meta(lo=0.0, lo_open=True))
     # T5 relative position buckets.

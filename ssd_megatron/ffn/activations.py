@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 GLU_ACTIVATIONS = ("swiglu", "geglu", "reglu")
-PLAIN_ACTIVATIONS = ("relu", "gelu", "squared_relu")
+# gelu_tanh: tanh-approximate GELU (HF "gelu_new"/"gelu_pytorch_tanh", GPT-2's activation).
+PLAIN_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "squared_relu")
 ACTIVATIONS = PLAIN_ACTIVATIONS + GLU_ACTIVATIONS
 
 
@@ -16,6 +17,8 @@ def _gate_fn(name: str):
         return F.relu
     if name in ("gelu", "geglu"):
         return F.gelu
+    if name == "gelu_tanh":
+        return lambda h: F.gelu(h, approximate="tanh")
     if name == "swiglu":
         return F.silu
     if name == "squared_relu":
