@@ -51,6 +51,9 @@ class TrainingMethod:
         """For layer dropping: which transformer layers ran in the last step (None = all)."""
         return None
 
+    def set_reference_batch(self, batch: dict) -> None:
+        """A fixed validation batch (on the model's device) for methods that probe the model."""
+
     # ---- evaluation
     def eval_mode(self) -> None:
         """Put the model in its inference form (dense for SSD's final model, all layers for PLD)."""
