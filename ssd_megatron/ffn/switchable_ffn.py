@@ -134,7 +134,9 @@ class SwitchableFFN(nn.Module):
         """Top-k experts by α_n = x·c_n, c_n the mean of expert n's W_i (gate) rows (eq. 4)."""
         centroids = w1[:, : self.expert_size].mean(dim=1)
         if not self.router_grad:
-            centroids = centroids.detach()
+            # No gradient path through the router at all (neither into W_i nor into x): the sparse
+            # layer's gradients are then exactly the dense layer's restricted to the chosen experts.
+            centroids, x2 = centroids.detach(), x2.detach()
         scores = x2 @ centroids.t()
         top_scores, top_idx = scores.topk(k, dim=-1)
         gate = straight_through_gate(top_scores)
