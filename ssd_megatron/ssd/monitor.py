@@ -112,7 +112,7 @@ class ActivationMonitor:
             results = self._cluster_all(step)
             new_labels = [r.labels.detach().cpu().long() for r in results]
             wcss = [float(r.wcss) for r in results]
-            warm = [bool(getattr(r, "warm_won", False)) for r in results]
+            warm = [getattr(r, "start", "cold") == "warm" for r in results]
         else:
             new_labels, wcss, warm = [None] * len(self.ffns), [0.0] * len(self.ffns), [False] * len(self.ffns)
         new_labels = self._broadcast_labels(new_labels)

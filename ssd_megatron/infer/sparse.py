@@ -1,0 +1,82 @@
+"""Sparse inference for a trained model: put every FFN in MoE form with any k (paper §5.2, §5.3, Table 5).
+
+The final SSD model is dense; because it has been trained through sparse phases it also runs sparsely.
+`sparsify` clusters each layer (warm-started from the last clustering the run used, as SSD does, and a
+cold start, keeping the better — eq. 3) and switches the FFNs to top-k. The conversion-gap study of
+Table 5 compares that with random neuron groups and with cold-start-only clustering.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from ..ssd.clustering import balanced_kmeans, cluster_neurons
+
+GROUPINGS = ("ssd", "cold", "random")
+
+
+def random_labels(d_ff: int, num_experts: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(d_ff, generator=g) % num_experts
+
+
+def cluster_layers(ffns, num_experts: int, grouping: str = "ssd", prev_labels: Optional[Sequence] = None,
+                   cluster_backend: str = "torch", seed: int = 0) -> list:
+    """Per-layer labels (indexed by neuron id) for `grouping` in ssd | cold | random.
+
+    ssd: warm start from `prev_labels` (default: each FFN's current expert layout) and a cold start,
+    the lower WCSS wins; cold: MoEfication's clustering without the previous checkpoint; random:
+    equal random groups.
+    """
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping {grouping!r}; accepted: {', '.join(GROUPINGS)}")
+    labels = []
+    for i, ffn in enumerate(ffns):
+        if grouping == "random":
+            labels.append(random_labels(ffn.d_ff, num_experts, seed + i))
+            continue
+        rows = ffn.neuron_rows().float()
+        if grouping == "cold":
+            res = balanced_kmeans(rows, num_experts, seed=seed + i, backend=cluster_backend)
+        else:
+            prev = prev_labels[i] if prev_labels is not None else _current_labels(ffn, num_experts)
+            res = cluster_neurons(rows, num_experts, prev_labels=prev, seed=seed + i, backend=cluster_backend)
+        labels.append(res.labels.cpu())
+    return labels
+
+
+def _current_labels(ffn, num_experts: int):
+    if ffn.num_experts != num_experts:
+        return None
+    return ffn.expert_labels().cpu()
+
+
+def sparsify(model, num_experts: int, top_k: int, *, labels: Optional[Sequence] = None,
+             drop_ratio: float = 0.0, grouping: str = "ssd", cluster_backend: str = "torch",
+             seed: int = 0) -> float:
+    """Switch every FFN of `model` to sparse top-k inference; returns the clustering time in seconds."""
+    ffns = list(model.ffn_layers())
+    t0 = time.perf_counter()
+    if labels is None:
+        labels = cluster_layers(ffns, num_experts, grouping, cluster_backend=cluster_backend, seed=seed)
+    for ffn, lab in zip(ffns, labels):
+        ffn.configure_experts(num_experts, top_k)
+        ffn.set_clustering(lab)
+        ffn.set_mode("sparse")
+        ffn.dynamic_drop_ratio = drop_ratio
+    return time.perf_counter() - t0
+
+
+def set_top_k(model, top_k: int, drop_ratio: float = 0.0) -> None:
+    """Change k (and the §5.3 drop ratio) of an already sparsified model without re-clustering."""
+    for ffn in model.ffn_layers():
+        ffn.configure_experts(ffn.num_experts, top_k)
+        ffn.dynamic_drop_ratio = drop_ratio
+
+
+def densify(model) -> None:
+    for ffn in model.ffn_layers():
+        ffn.set_mode("dense")
+        ffn.dynamic_drop_ratio = 0.0
