@@ -132,6 +132,8 @@ class SMoEConfig:
     top_k: int = field(default=2, metadata=_meta(lo=1))
     aux_loss_coef: float = field(default=0.01, metadata=_meta(lo=0.0))
     z_loss_coef: float = field(default=0.0, metadata=_meta(lo=0.0))
+    # Every expert on, softmax-gated over all N: the paper's densely fine-tuned SMoE (D).
+    all_experts: bool = False
 
 
 @dataclass
@@ -140,6 +142,10 @@ class MoEDropoutConfig:
     k_start: int = field(default=6, metadata=_meta(lo=1))
     # 0 = num_experts (the final model is dense).
     k_end: int = field(default=0, metadata=_meta(lo=0))
+    # Steps over which K ramps from k_start to k_end (0 = train.max_steps).
+    ramp_steps: int = field(default=0, metadata=_meta(lo=0))
+    # K used for evaluation / the final model (0 = num_experts: dense).
+    eval_k: int = field(default=0, metadata=_meta(lo=0))
 
 
 @dataclass
@@ -409,6 +415,9 @@ def _validate(cfg: ExperimentConfig) -> None:
         if not s.k_start <= k_end <= s.num_experts:
             raise UserError(
                 f"moe_dropout.k_start: need k_start ({s.k_start}) <= k_end ({k_end}) <= num_experts ({s.num_experts})")
+        if s.eval_k > s.num_experts:
+            raise UserError(f"moe_dropout.eval_k: {s.eval_k} must be <= moe_dropout.num_experts ({s.num_experts}); "
+                            "0 = dense")
 
 
 def config_from_dict(data: dict, name: str = "") -> ExperimentConfig:
