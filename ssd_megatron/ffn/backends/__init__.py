@@ -1,17 +1,96 @@
 """Expert backends: interchangeable implementations of the sparse (MoE) FFN computation.
 
-See docs/interfaces.md for the calling convention. `get_backend(name)` returns an instance; fast
-backends register themselves here when their dependencies import.
+See docs/interfaces.md for the calling convention and docs/kernels.md for what each backend costs.
+`get_backend(name)` returns an instance. Names:
+
+- `reference`  plain torch, CPU and GPU (ground truth).
+- `grouped_mm` torch._grouped_mm over sorted token copies; sync-free on CUDA sm90+ bf16.
+- `triton`     our fused gather/scatter grouped-GEMM kernels (CUDA; `TRITON_INTERPRET=1` on CPU for tests).
+- `megablocks` MegaBlocks' ops + grouped_gemm (optional extra; bf16 CUDA).
+- `auto`       resolved per call from the tensors' device and dtype: triton on CUDA sm90+ when triton
+               imports, else grouped_mm on CUDA sm90+ bf16, else reference.
+
+Importing this package never needs CUDA, triton or megablocks: those are imported on first use.
 """
+from __future__ import annotations
+
+import functools
+
+import torch
+
 from ...errors import UserError
+from .grouped_mm import GroupedMMBackend, grouped_mm_available, grouped_mm_fast
 from .reference import ReferenceBackend
 
 BACKEND_NAMES = ("auto", "reference", "grouped_mm", "triton", "megablocks")
 
 
+@functools.lru_cache(maxsize=None)
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+class AutoBackend:
+    """Picks the fastest backend that can run the call's tensors (see module docstring)."""
+
+    name = "auto"
+
+    def __init__(self):
+        self._reference = ReferenceBackend()
+        self._grouped = GroupedMMBackend()
+        self._triton = None
+
+    def resolve(self, x: torch.Tensor):
+        if x.is_cuda and _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device()):
+            if x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+                if self._triton is None:
+                    from .triton_backend import TritonBackend, triton_available
+                    self._triton = TritonBackend() if triton_available() else False
+                if self._triton:
+                    return self._triton
+            if x.dtype == torch.bfloat16 and grouped_mm_fast(x.device):
+                return self._grouped
+        return self._reference
+
+    def __call__(self, x, w1, b1, w2, topk_idx, gate, activation):
+        return self.resolve(x)(x, w1, b1, w2, topk_idx, gate, activation)
+
+
+def available_backends(device=None) -> list:
+    """Names of the concrete backends that can run on `device` (default: CUDA if present, else CPU)."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = ["reference"]
+    if grouped_mm_available():
+        names.append("grouped_mm")
+    if device.type == "cuda":
+        from .triton_backend import triton_available
+        if triton_available():
+            names.append("triton")
+        from .megablocks_backend import megablocks_available
+        if megablocks_available():
+            names.append("megablocks")
+    return names
+
+
 def get_backend(name: str = "auto", device=None):
     if name not in BACKEND_NAMES:
         raise UserError(f"ssd.backend: unknown backend {name!r}; accepted: {', '.join(BACKEND_NAMES)}")
-    if name in ("auto", "reference"):
+    if name == "auto":
+        return AutoBackend()
+    if name == "reference":
         return ReferenceBackend()
-    raise UserError(f"ssd.backend: backend {name!r} is not available in this build; use 'reference'")
+    if name == "grouped_mm":
+        if not grouped_mm_available():
+            raise UserError("ssd.backend: grouped_mm needs torch>=2.8 (torch._grouped_mm); use 'reference'")
+        return GroupedMMBackend()
+    if name == "triton":
+        from .triton_backend import TritonBackend, triton_available
+        if not triton_available():
+            raise UserError("ssd.backend: triton needs the `triton` package (CUDA GPU); pip install triton")
+        return TritonBackend()
+    from .megablocks_backend import MegaBlocksBackend
+    return MegaBlocksBackend()
+
+
+__all__ = ["BACKEND_NAMES", "AutoBackend", "ReferenceBackend", "GroupedMMBackend", "available_backends",
+           "get_backend"]

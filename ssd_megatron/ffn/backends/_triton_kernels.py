@@ -1,0 +1,438 @@
+"""Triton kernels of the `triton` expert backend (imported lazily: needs triton).
+
+Three grouped GEMMs cover the whole forward and backward, each reading tokens *through* the routing
+plan instead of from materialised copies (ScatterMoE's idea; the code here is our own):
+
+  up      out[r] = epilogue(X[token[r]] @ W[e]^T)        gather fused into the A-operand loads
+          fwd: X = x,  W = w1 [N, F1, D]; epilogue = +b1, save h (pre-activation), a = act(h)
+          bwd: X = dy, W = w2 [N, E, D];  epilogue = da -> dgate partials (da . a) and
+               dh = gate * da * act'(h)   (GLU: the gate and up halves)
+  down    buf[order[r]] = scale[r] * (A[r] @ W[e])       scatter fused into the store
+          fwd: A = a,  W = w2 (scale = gate) -> y  = buf.view(T, K, D).sum(1)
+          bwd: A = dh, W = w1 (no scale)     -> dx = buf.view(T, K, D).sum(1)
+  wgrad   dW[e] = sum_{r in e} L[r]^T (scale[r] * R[token[r]])   (grouped weight gradients)
+          dW2: L = a,  R = dy (scale = gate);   dW1: L = dh, R = x, plus db1 = column sums of dh
+
+Expert e owns sorted rows offsets[e]:offsets[e+1]. The M-tiles of `up`/`down` never straddle two
+experts: every program finds its (expert, first row) from the offsets with a vectorised cumsum over
+the per-expert tile counts, so the grid is a host-side upper bound (cdiv(M, BM) + N tiles) and no
+count ever travels to the host.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+ACT_CODES = {  # name -> (elementwise function code, GLU)
+    "relu": (0, False), "gelu": (1, False), "squared_relu": (2, False),
+    "swiglu": (3, True), "geglu": (1, True), "reglu": (0, True),
+}
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+@triton.jit
+def _act(h, ACT: tl.constexpr):
+    if ACT == 0:
+        out = tl.maximum(h, 0.0)
+    elif ACT == 1:
+        out = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    elif ACT == 2:
+        r = tl.maximum(h, 0.0)
+        out = r * r
+    else:
+        out = h * tl.sigmoid(h)
+    return out
+
+
+@triton.jit
+def _act_grad(h, ACT: tl.constexpr):
+    if ACT == 0:
+        out = tl.where(h > 0.0, 1.0, 0.0)
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        out = cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+    elif ACT == 2:
+        out = 2.0 * tl.maximum(h, 0.0)
+    else:
+        s = tl.sigmoid(h)
+        out = s * (1.0 + h * (1.0 - s))
+    return out
+
+
+@triton.jit
+def _tile_of(OFFS, pid_m, N, BM: tl.constexpr, NP2: tl.constexpr):
+    """M-tile `pid_m` -> (expert, first sorted row, end of that expert's rows)."""
+    ids = tl.arange(0, NP2)
+    valid = ids < N
+    start = tl.load(OFFS + ids, mask=valid, other=0)
+    end = tl.load(OFFS + ids + 1, mask=valid, other=0)
+    ntiles = (end - start + BM - 1) // BM
+    cum = tl.cumsum(ntiles, 0)
+    e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+    sel = ids == e
+    first_tile = tl.sum(tl.where(sel, cum - ntiles, 0), 0)
+    row0 = tl.sum(tl.where(sel, start, 0), 0) + (pid_m - first_tile) * BM
+    row_end = tl.sum(tl.where(sel, end, 0), 0)
+    return e, row0, row_end
+
+
+# ----------------------------------------------------------------------------- up (gather GEMM)
+
+@triton.jit
+def _up_kernel(
+    X, stride_x,                 # [T, Din] token-major (x fwd, dy bwd)
+    W, stride_we, stride_wf,     # [N, F, Din] rows = output features (w1 fwd, w2 bwd)
+    B, stride_be,                # [N, F1] bias (fwd only)
+    TOK, ORDER, GATE, OFFS,      # plan; GATE [T*K] (bwd)
+    H, stride_h,                 # [M, F1] pre-activation: written fwd (SAVE_H), read bwd
+    OUT, stride_o,               # fwd: a [M, E]; bwd: dh [M, F1]
+    DGP,                         # bwd: [num_n, M] fp32 partial dgate (indexed by flat pair)
+    N, M, Din, E, num_n,
+    BWD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SAVE_H: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    e, row0, row_end = _tile_of(OFFS, pid_m, N, BM, NP2)
+    if row0 < row_end:
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
+        cols = pid_n * BN + tl.arange(0, BN)
+        cmask = cols < E
+        ks = tl.arange(0, BK)
+        xp = X + tok[:, None] * stride_x + ks[None, :]
+        wp = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wf + ks[:, None]
+        up_off = E * stride_wf
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, Din, BK):
+            if EVEN_K:
+                a = tl.load(xp)
+                if EVEN_N:
+                    b = tl.load(wp)
+                else:
+                    b = tl.load(wp, mask=cmask[None, :], other=0.0)
+            else:
+                km = (k0 + ks) < Din
+                a = tl.load(xp, mask=km[None, :], other=0.0)
+                b = tl.load(wp, mask=km[:, None] & cmask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+            if GLU and not BWD:
+                if EVEN_K:
+                    if EVEN_N:
+                        b2 = tl.load(wp + up_off)
+                    else:
+                        b2 = tl.load(wp + up_off, mask=cmask[None, :], other=0.0)
+                else:
+                    b2 = tl.load(wp + up_off, mask=km[:, None] & cmask[None, :], other=0.0)
+                acc2 = tl.dot(a, b2, acc2, input_precision=PREC)
+            xp += BK
+            wp += BK
+
+        rows64 = rows.to(tl.int64)
+        omask = rmask[:, None] & cmask[None, :]
+        hp = H + rows64[:, None] * stride_h + cols[None, :]
+        dt = OUT.dtype.element_ty
+        if not BWD:
+            if HAS_BIAS:
+                bp = B + e.to(tl.int64) * stride_be + cols
+                acc += tl.load(bp, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                if GLU:
+                    acc2 += tl.load(bp + E, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            # round to the storage dtype first, as a torch matmul + activation would
+            h = acc.to(dt)
+            if SAVE_H:
+                tl.store(hp, h, mask=omask)
+            act = _act(h.to(tl.float32), ACT)
+            if GLU:
+                hu = acc2.to(dt)
+                if SAVE_H:
+                    tl.store(hp + E, hu, mask=omask)
+                act = act.to(dt).to(tl.float32) * hu.to(tl.float32)
+            tl.store(OUT + rows64[:, None] * stride_o + cols[None, :], act.to(dt), mask=omask)
+        else:
+            # acc = da (gradient w.r.t. a, before the gate); recompute a from the saved h
+            pair = tl.load(ORDER + rows, mask=rmask, other=0).to(tl.int64)
+            g = tl.load(GATE + pair, mask=rmask, other=0.0).to(tl.float32)
+            h = tl.load(hp, mask=omask, other=0.0).to(tl.float32)
+            fa = _act(h, ACT)
+            if GLU:
+                hu = tl.load(hp + E, mask=omask, other=0.0).to(tl.float32)
+                a = fa.to(dt).to(tl.float32) * hu
+            else:
+                a = fa
+            a = a.to(dt).to(tl.float32)
+            tl.store(DGP + pid_n * M + pair, tl.sum(acc * a, 1), mask=rmask)
+            dact = acc * g[:, None]
+            dp = OUT + rows64[:, None] * stride_o + cols[None, :]
+            if GLU:
+                tl.store(dp, (dact * hu * _act_grad(h, ACT)).to(dt), mask=omask)
+                tl.store(dp + E, (dact * fa).to(dt), mask=omask)
+            else:
+                tl.store(dp, (dact * _act_grad(h, ACT)).to(dt), mask=omask)
+
+
+# ----------------------------------------------------------------------------- down (scatter GEMM)
+
+@triton.jit
+def _down_kernel(
+    A, stride_a,                 # [M, Ein] grouped rows (a fwd, dh bwd)
+    W, stride_we, stride_wk,     # [N, Ein, Dout] (w2 fwd, w1 bwd), Dout contiguous
+    ORDER, GATE, OFFS,
+    OUT, stride_o,               # [T*K, Dout] indexed by flat pair
+    N, Ein, Dout, num_n,
+    SCALE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    e, row0, row_end = _tile_of(OFFS, pid_m, N, BM, NP2)
+    if row0 < row_end:
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        rows64 = rows.to(tl.int64)
+        cols = pid_n * BN + tl.arange(0, BN)
+        cmask = cols < Dout
+        ks = tl.arange(0, BK)
+        ap = A + rows64[:, None] * stride_a + ks[None, :]
+        wp = W + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, Ein, BK):
+            if EVEN_K:
+                a = tl.load(ap, mask=rmask[:, None], other=0.0)
+                if EVEN_N:
+                    b = tl.load(wp)
+                else:
+                    b = tl.load(wp, mask=cmask[None, :], other=0.0)
+            else:
+                km = (k0 + ks) < Ein
+                a = tl.load(ap, mask=rmask[:, None] & km[None, :], other=0.0)
+                b = tl.load(wp, mask=km[:, None] & cmask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+            ap += BK
+            wp += BK * stride_wk
+        pair = tl.load(ORDER + rows, mask=rmask, other=0).to(tl.int64)
+        if SCALE:
+            g = tl.load(GATE + pair, mask=rmask, other=0.0).to(tl.float32)
+            acc = acc * g[:, None]
+        op = OUT + pair[:, None] * stride_o + cols[None, :]
+        tl.store(op, acc.to(OUT.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+# ----------------------------------------------------------------------------- wgrad (grouped weight grads)
+
+@triton.jit
+def _wgrad_kernel(
+    L, stride_l,                 # [M, P] grouped rows (a or dh)
+    R, stride_r,                 # [T, Q] token-major (dy or x)
+    TOK, ORDER, GATE, OFFS,
+    DW, stride_de, stride_dp,    # [N, P, Q]
+    DB, stride_dbe,              # [N, P] column sums of L (bias grad)
+    P, Q, num_p, num_q,
+    SCALE: tl.constexpr, HAS_DB: tl.constexpr, PREC: tl.constexpr,
+    BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    per_e = num_p * num_q
+    e = pid // per_e
+    rem = pid % per_e
+    pb = rem // num_q
+    qb = rem % num_q
+    start = tl.load(OFFS + e)
+    end = tl.load(OFFS + e + 1)
+    pc = pb * BP + tl.arange(0, BP)
+    qc = qb * BQ + tl.arange(0, BQ)
+    pm = pc < P
+    qm = qc < Q
+    ks = tl.arange(0, BK)
+    acc = tl.zeros((BP, BQ), dtype=tl.float32)
+    dbacc = tl.zeros((BP,), dtype=tl.float32)
+    for r0 in range(start, end, BK):
+        rows = r0 + ks
+        rm = rows < end
+        l = tl.load(L + rows.to(tl.int64)[:, None] * stride_l + pc[None, :],
+                    mask=rm[:, None] & pm[None, :], other=0.0)
+        tok = tl.load(TOK + rows, mask=rm, other=0).to(tl.int64)
+        r = tl.load(R + tok[:, None] * stride_r + qc[None, :], mask=rm[:, None] & qm[None, :], other=0.0)
+        if SCALE:
+            pair = tl.load(ORDER + rows, mask=rm, other=0).to(tl.int64)
+            g = tl.load(GATE + pair, mask=rm, other=0.0).to(tl.float32)
+            r = (r.to(tl.float32) * g[:, None]).to(r.dtype)
+        acc = tl.dot(tl.trans(l), r, acc, input_precision=PREC)
+        if HAS_DB:
+            dbacc += tl.sum(l.to(tl.float32), 0)
+    e64 = e.to(tl.int64)
+    tl.store(DW + e64 * stride_de + pc[:, None] * stride_dp + qc[None, :], acc.to(DW.dtype.element_ty),
+             mask=pm[:, None] & qm[None, :])
+    if HAS_DB:
+        if qb == 0:
+            tl.store(DB + e64 * stride_dbe + pc, dbacc.to(DB.dtype.element_ty), mask=pm)
+
+
+# ----------------------------------------------------------------------------- configs and launchers
+
+# (BM|BP, BN|BQ, BK, num_warps, num_stages). Defaults are chosen per kernel from the H100 sweep recorded
+# in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per shape key instead.
+DEFAULTS = {
+    "up": (128, 64, 64, 4, 4),
+    "up_glu": (128, 64, 64, 8, 3),
+    "up_bwd": (128, 64, 64, 4, 4),
+    "down": (128, 128, 64, 8, 3),
+    "wgrad": (64, 128, 64, 4, 3),
+}
+CANDIDATES = {
+    "up": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 32, 4, 5)],
+    "up_glu": [(128, 64, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 32, 64, 4, 4)],
+    "up_bwd": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 32, 4, 5)],
+    "down": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3)],
+    "wgrad": [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4)],
+}
+_FORCED: dict = {}
+_TUNED: dict = {}
+TUNE_LOG: list = []
+
+
+def force_config(**cfgs):
+    """Override the tile config of kernels by name (tests use tiny tiles under TRITON_INTERPRET)."""
+    _FORCED.clear()
+    _FORCED.update(cfgs)
+
+
+def _tuning() -> bool:
+    return os.environ.get("SSD_TRITON_TUNE", "0") == "1"
+
+
+def _pick(kind: str, key: tuple, launch):
+    """The config for `kind` at `key`; when tuning, time each candidate once with `launch(cfg)`."""
+    if kind in _FORCED:
+        return _FORCED[kind]
+    base = kind.split(":")[0]
+    if not _tuning() or os.environ.get("TRITON_INTERPRET") == "1":
+        return DEFAULTS[base]
+    k = (kind,) + key
+    if k not in _TUNED:
+        from triton.testing import do_bench
+        times = []
+        for cfg in CANDIDATES[base]:
+            try:
+                t = do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+            except Exception as exc:  # a config that does not fit (shared memory) is skipped
+                t = float("inf")
+                TUNE_LOG.append({"kernel": kind, "key": list(key), "cfg": list(cfg), "error": str(exc)[:200]})
+            times.append(t)
+            TUNE_LOG.append({"kernel": kind, "key": list(key), "cfg": list(cfg), "ms": t})
+        _TUNED[k] = CANDIDATES[base][min(range(len(times)), key=times.__getitem__)]
+    return _TUNED[k]
+
+
+def _prec(t: torch.Tensor) -> str:
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def _np2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def up_forward(x, w1, b1, plan, activation, save_h: bool):
+    """a [M, E] (and h [M, F1] when save_h) for the sorted rows."""
+    act, glu = ACT_CODES[activation]
+    M, N = plan.num_rows, plan.num_experts
+    F1, D = w1.shape[1], w1.shape[2]
+    E = F1 // 2 if glu else F1
+    a = torch.empty(M, E, device=x.device, dtype=x.dtype)
+    h = torch.empty(M, F1, device=x.device, dtype=x.dtype) if save_h else a
+    bias = b1 if b1 is not None else a
+
+    def launch(cfg):
+        BM, BN, BK, nw, ns = cfg
+        num_n = triton.cdiv(E, BN)
+        grid = ((triton.cdiv(M, BM) + N) * num_n,)
+        _up_kernel[grid](
+            x, x.stride(0), w1, w1.stride(0), w1.stride(1), bias, bias.stride(0),
+            plan.token, plan.order, a, plan.offsets, h, h.stride(0), a, a.stride(0), a,
+            N, M, D, E, num_n,
+            BWD=False, ACT=act, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=save_h,
+            EVEN_K=D % BK == 0, EVEN_N=E % BN == 0, PREC=_prec(x),
+            BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
+
+    kind = "up_glu" if glu else "up"
+    launch(_pick(f"{kind}:{activation}:{save_h}", (D, E, str(x.dtype)), launch))
+    return a, (h if save_h else None)
+
+
+def up_backward(dy, w2, h, gate_flat, plan, activation):
+    """dh [M, F1] and the per-pair gate gradient [T*K] (fp32)."""
+    act, glu = ACT_CODES[activation]
+    M, N = plan.num_rows, plan.num_experts
+    E, D = w2.shape[1], w2.shape[2]
+    F1 = h.shape[1]
+    dh = torch.empty(M, F1, device=dy.device, dtype=dy.dtype)
+    state = {}
+
+    def launch(cfg):
+        BM, BN, BK, nw, ns = cfg
+        num_n = triton.cdiv(E, BN)
+        dgp = torch.empty(num_n, M, device=dy.device, dtype=torch.float32)
+        grid = ((triton.cdiv(M, BM) + N) * num_n,)
+        _up_kernel[grid](
+            dy, dy.stride(0), w2, w2.stride(0), w2.stride(1), dh, 0,
+            plan.token, plan.order, gate_flat, plan.offsets, h, h.stride(0), dh, dh.stride(0), dgp,
+            N, M, D, E, num_n,
+            BWD=True, ACT=act, GLU=glu, HAS_BIAS=False, SAVE_H=False,
+            EVEN_K=D % BK == 0, EVEN_N=E % BN == 0, PREC=_prec(dy),
+            BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
+        state["dgp"] = dgp
+
+    launch(_pick(f"up_bwd:{activation}", (D, E, str(dy.dtype)), launch))
+    return dh, state["dgp"].sum(0)
+
+
+def down_scatter(a, w, plan, gate_flat, out_dtype=None):
+    """buf [T*K, Dout]: row p = (gate[p] *) a[sorted row of p] @ w[expert of p]."""
+    M, N = plan.num_rows, plan.num_experts
+    Ein, Dout = w.shape[1], w.shape[2]
+    buf = torch.empty(M, Dout, device=a.device, dtype=out_dtype or a.dtype)
+    gate = gate_flat if gate_flat is not None else buf
+
+    def launch(cfg):
+        BM, BN, BK, nw, ns = cfg
+        num_n = triton.cdiv(Dout, BN)
+        grid = ((triton.cdiv(M, BM) + N) * num_n,)
+        _down_kernel[grid](
+            a, a.stride(0), w, w.stride(0), w.stride(1), plan.order, gate, plan.offsets,
+            buf, buf.stride(0), N, Ein, Dout, num_n,
+            SCALE=gate_flat is not None, EVEN_K=Ein % BK == 0, EVEN_N=Dout % BN == 0, PREC=_prec(a),
+            BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
+
+    launch(_pick("down", (Ein, Dout, str(a.dtype), gate_flat is not None), launch))
+    return buf
+
+
+def wgrad(lhs, rhs, plan, gate_flat, out_dtype, with_bias_grad: bool):
+    """dW [N, P, Q] = per expert lhs_rows^T @ (gate *) rhs[token]; optionally db [N, P]."""
+    N = plan.num_experts
+    P, Q = lhs.shape[1], rhs.shape[1]
+    dw = torch.empty(N, P, Q, device=lhs.device, dtype=out_dtype)
+    db = torch.empty(N, P, device=lhs.device, dtype=out_dtype) if with_bias_grad else dw
+    gate = gate_flat if gate_flat is not None else dw
+
+    def launch(cfg):
+        BP, BQ, BK, nw, ns = cfg
+        num_p, num_q = triton.cdiv(P, BP), triton.cdiv(Q, BQ)
+        _wgrad_kernel[(N * num_p * num_q,)](
+            lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.order, gate, plan.offsets,
+            dw, dw.stride(0), dw.stride(1), db, db.stride(0) if with_bias_grad else 0,
+            P, Q, num_p, num_q,
+            SCALE=gate_flat is not None, HAS_DB=with_bias_grad, PREC=_prec(lhs),
+            BP=BP, BQ=BQ, BK=BK, num_warps=nw, num_stages=ns)
+
+    launch(_pick("wgrad", (P, Q, str(lhs.dtype), gate_flat is not None, with_bias_grad), launch))
+    return dw, (db if with_bias_grad else None)

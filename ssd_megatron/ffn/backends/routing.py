@@ -1,0 +1,57 @@
+"""Routing metadata shared by the fast backends: the (token, k) pairs sorted by expert, with no host sync.
+
+The caller has already chosen `topk_idx [T, K]`. Flattened, pair p = t*K + k goes to expert
+topk_idx[t, k]. A stable sort by expert gives `order` (sorted position r -> pair p), so the rows of
+expert e are the contiguous range offsets[e]:offsets[e+1] of the sorted order, and within an expert
+the tokens stay in increasing order (good for the gathers' locality and deterministic sums).
+
+Everything here is a handful of device ops (sort, searchsorted, casts): no `.item()`, `.tolist()` or
+`bincount` (which syncs to size its output), so a training step never waits on the host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RoutingPlan:
+    num_experts: int
+    top_k: int
+    num_tokens: int
+    order: torch.Tensor          # [M] int32: sorted row r -> flat pair index p = t*K + k
+    token: torch.Tensor          # [M] int32: sorted row r -> token t
+    sorted_expert: torch.Tensor  # [M] int64: expert of sorted row r (non-decreasing)
+    offsets: torch.Tensor        # [N+1] int32: expert e owns sorted rows offsets[e]:offsets[e+1]
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_tokens * self.top_k
+
+    @property
+    def ends(self) -> torch.Tensor:
+        """[N] int32 cumulative group ends: the `offs` argument of torch._grouped_mm."""
+        return self.offsets[1:]
+
+
+def make_plan(topk_idx: torch.Tensor, num_experts: int) -> RoutingPlan:
+    T, K = topk_idx.shape
+    flat = topk_idx.reshape(-1)
+    with torch.no_grad():
+        # int32 keys: the radix sort does half the passes of int64 keys.
+        sorted_expert, order = torch.sort(flat.to(torch.int32), stable=True)
+        bounds = torch.arange(num_experts + 1, device=flat.device, dtype=torch.int32)
+        offsets = torch.searchsorted(sorted_expert, bounds).to(torch.int32)
+        order32 = order.to(torch.int32)
+        token = torch.div(order32, K, rounding_mode="floor")
+    return RoutingPlan(num_experts=num_experts, top_k=K, num_tokens=T, order=order32, token=token,
+                       sorted_expert=sorted_expert.long(), offsets=offsets)
+
+
+def inverse_order(plan: RoutingPlan) -> torch.Tensor:
+    """[M] int64: flat pair p -> its sorted row (the inverse permutation of `order`)."""
+    M = plan.num_rows
+    inv = torch.empty(M, dtype=torch.int64, device=plan.order.device)
+    inv[plan.order.long()] = torch.arange(M, device=plan.order.device)
+    return inv

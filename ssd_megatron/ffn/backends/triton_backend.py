@@ -1,0 +1,110 @@
+"""`triton` expert backend: fused gather/scatter grouped GEMMs (our own kernels, ScatterMoE-style).
+
+Forward: 1 routing sort + 2 kernels (+ the K-way sum of the scattered outputs). Backward: 4 kernels
+(up_bwd: da -> dh and dgate; wgrad x2; down for dx) + the K-way sum. No token copy is materialised and
+nothing syncs with the host. Kernels and tile configs live in `_triton_kernels` (imported on first use,
+so this module imports on machines without triton or CUDA).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ...errors import UserError
+from ..activations import ACTIVATIONS
+from .reference import ReferenceBackend
+from .routing import make_plan
+
+_K = None
+
+
+def _kernels():
+    global _K
+    if _K is None:
+        try:
+            from . import _triton_kernels as k
+        except ImportError as exc:  # pragma: no cover - depends on the machine
+            raise UserError(f"ssd.backend: triton needs the `triton` package ({exc}); pip install triton") from exc
+        _K = k
+    return _K
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _sum_k(buf: torch.Tensor, T: int, K: int) -> torch.Tensor:
+    D = buf.shape[1]
+    return buf if K == 1 else buf.view(T, K, D).sum(1)
+
+
+class _TritonExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, gate, topk_idx, activation):
+        k = _kernels()
+        T, K = topk_idx.shape
+        plan = make_plan(topk_idx, w1.shape[0])
+        gate_flat = gate.reshape(-1).contiguous()
+        a, h = k.up_forward(x, w1, b1, plan, activation, save_h=True)
+        y = _sum_k(k.down_scatter(a, w2, plan, gate_flat), T, K)
+        ctx.save_for_backward(x, w1, w2, gate_flat, a, h, plan.order, plan.token, plan.offsets)
+        ctx.meta = (T, K, w1.shape[0], activation, b1 is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        k = _kernels()
+        x, w1, w2, gate_flat, a, h, order, token, offsets = ctx.saved_tensors
+        T, K, N, activation, has_bias = ctx.meta
+        plan = _Plan(N, K, T, order, token, offsets)
+        dy = dy.to(x.dtype).contiguous()
+        need_x, need_w1, need_b1, need_w2, need_gate = ctx.needs_input_grad[:5]
+        dh, dgate = k.up_backward(dy, w2, h, gate_flat, plan, activation)
+        dx = dw1 = db1 = dw2 = None
+        if need_w2:
+            dw2, _ = k.wgrad(a, dy, plan, gate_flat, w2.dtype, with_bias_grad=False)
+        if need_w1 or need_b1:
+            dw1, db1 = k.wgrad(dh, x, plan, None, w1.dtype, with_bias_grad=has_bias)
+        if need_x:
+            dx = _sum_k(k.down_scatter(dh, w1, plan, None), T, K)
+        dg = dgate.view(T, K).to(gate_flat.dtype) if need_gate else None
+        return dx, dw1, db1, dw2, dg, None, None
+
+
+class _Plan:
+    """The slice of RoutingPlan the kernels read (rebuilt in backward from saved tensors)."""
+
+    def __init__(self, N, K, T, order, token, offsets):
+        self.num_experts, self.top_k, self.num_tokens = N, K, T
+        self.order, self.token, self.offsets = order, token, offsets
+        self.num_rows = T * K
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __call__(self, x, w1, b1, w2, topk_idx, gate, activation):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; accepted: {', '.join(ACTIVATIONS)}")
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            # tl.dot has no float64 path worth having; float64 is for reference checks only
+            return ReferenceBackend()(x, w1, b1, w2, topk_idx, gate, activation)
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UserError("ssd.backend: triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, for tests)")
+        x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
+        b1 = None if b1 is None else b1.contiguous()
+        gate = gate.to(x.dtype)
+        tensors = (x, w1, b1, w2, gate)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return _TritonExperts.apply(x, w1, b1, w2, gate, topk_idx, activation)
+        # inference: no pre-activation saved
+        k = _kernels()
+        T, K = topk_idx.shape
+        plan = make_plan(topk_idx, w1.shape[0])
+        a, _ = k.up_forward(x, w1, b1, plan, activation, save_h=False)
+        return _sum_k(k.down_scatter(a, w2, plan, gate.reshape(-1).contiguous()), T, K)

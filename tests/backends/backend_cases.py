@@ -1,0 +1,70 @@
+"""Shared input builders and comparison helpers for the expert-backend tests (CPU and GPU)."""
+from __future__ import annotations
+
+import torch
+
+from ssd_megatron.ffn.activations import is_glu
+
+GRAD_NAMES = ("x", "w1", "b1", "w2", "gate")
+
+
+def make_inputs(T=37, D=32, E=16, N=4, K=2, activation="relu", bias=True, dtype=torch.float32,
+                device="cpu", routing="random", seed=0):
+    """Random inputs of the calling convention. routing: random | skewed | empty | sequential."""
+    g = torch.Generator().manual_seed(seed)
+    F1 = 2 * E if is_glu(activation) else E
+    x = torch.randn(T, D, generator=g, dtype=torch.float64)
+    w1 = torch.randn(N, F1, D, generator=g, dtype=torch.float64) / D ** 0.5
+    b1 = torch.randn(N, F1, generator=g, dtype=torch.float64) * 0.1 if bias else None
+    w2 = torch.randn(N, E, D, generator=g, dtype=torch.float64) / E ** 0.5
+    if routing == "random":
+        scores = torch.rand(T, N, generator=g)
+    elif routing == "skewed":  # most tokens want the first experts: very unbalanced loads
+        scores = torch.rand(T, N, generator=g) + torch.linspace(3, 0, N)
+    elif routing == "empty":  # experts N//2.. get nothing unless K forces them
+        scores = torch.rand(T, N, generator=g)
+        scores[:, N // 2:] -= 10
+    else:
+        raise ValueError(routing)
+    idx = scores.topk(K, dim=1).indices
+    gate = torch.rand(T, K, generator=g, dtype=torch.float64) + 0.5
+    dy = torch.randn(T, D, generator=g, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+    return dict(x=cast(x), w1=cast(w1), b1=cast(b1), w2=cast(w2), gate=cast(gate),
+                topk_idx=idx.to(device), dy=dy.to(device=device, dtype=dtype), activation=activation)
+
+
+def upcast(inp, dtype=torch.float64):
+    out = dict(inp)
+    for k in ("x", "w1", "b1", "w2", "gate", "dy"):
+        if out[k] is not None:
+            out[k] = out[k].detach().to(dtype).requires_grad_(k != "dy")
+    return out
+
+
+def run(backend, inp):
+    """(y, {name: grad}) of one forward + backward with the given output gradient."""
+    for k in GRAD_NAMES:
+        if inp[k] is not None:
+            inp[k].grad = None
+    y = backend(inp["x"], inp["w1"], inp["b1"], inp["w2"], inp["topk_idx"], inp["gate"], inp["activation"])
+    y.backward(inp["dy"])
+    grads = {k: inp[k].grad.detach().clone() for k in GRAD_NAMES if inp[k] is not None}
+    return y.detach(), grads
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def compare(got, want, tol):
+    """Norm-relative error of output and every grad; returns the dict of errors, asserts <= tol."""
+    (y, gy), (yr, gr) = got, want
+    errs = {"y": rel_err(y, yr)}
+    for k in gr:
+        errs[k] = rel_err(gy[k], gr[k])
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"errors above {tol}: {errs}"
+    return errs

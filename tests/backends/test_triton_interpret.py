@@ -1,0 +1,69 @@
+"""The triton backend's kernels under TRITON_INTERPRET=1 on CPU, tiny shapes, fp32.
+
+Runs in a subprocess: triton reads TRITON_INTERPRET when a @triton.jit function is defined, including
+its own library functions (tl.cumsum...), so the variable must be set before triton is imported.
+The interpreter (triton 3.9 seen) computes fp32 tl.dot correctly but not bf16/fp64 ones, so bf16 is
+checked on the GPU only (test_backends_gpu.py). Tiles are forced to 16 so that tiny shapes still span
+several tiles and experts per launch, with partial tiles and empty experts.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CASES = [
+    dict(activation="relu", T=37, routing="empty"),           # empty experts, partial tiles, bias
+    dict(activation="gelu", T=21, K=1, routing="skewed"),      # K=1, unbalanced
+    dict(activation="squared_relu", T=9, N=4, K=4),            # K=N
+    dict(activation="swiglu", T=19, bias=False, D=40),         # GLU, no bias, D not a tile multiple
+    dict(activation="reglu", T=13, N=3, E=24, K=2),            # E not a tile multiple
+]
+TOL = 1e-5
+
+
+def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything imports triton
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from backend_cases import compare, make_inputs, run, upcast
+    from ssd_megatron.ffn.backends import ReferenceBackend, _triton_kernels as kernels
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    tiny = (16, 16, 16, 1, 1)
+    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, down=tiny, wgrad=tiny)
+    results = []
+    for case in CASES:
+        inp = make_inputs(dtype=torch.float32, **case)
+        try:
+            errs = compare(run(TritonBackend(), inp), run(ReferenceBackend(), upcast(inp)), tol=float("inf"))
+            results.append({"errors": errs})
+        except Exception as exc:  # reported per case by the parent
+            results.append({"exception": f"{type(exc).__name__}: {exc}"[:2000]})
+    print("RESULTS " + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpret_results():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the triton kernels are checked compiled (test_backends_gpu.py)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert out.returncode == 0 and line, out.stderr[-4000:] + out.stdout[-2000:]
+    return json.loads(line[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[c["activation"] for c in CASES])
+def test_triton_interpret_matches_reference(interpret_results, i):
+    res = interpret_results[i]
+    assert "exception" not in res, res.get("exception")
+    bad = {k: v for k, v in res["errors"].items() if not v <= TOL}
+    assert not bad, f"case {CASES[i]}: errors above {TOL}: {res['errors']}"
+
+
+if __name__ == "__main__":
+    _main()
