@@ -17,6 +17,9 @@ class TrainingMethod:
     """Base class: the dense method. Subclasses override what they change."""
 
     name = "dense"
+    # True when some parameters may get no gradient in a step (e.g. dropped layers): DDP must then be
+    # built with find_unused_parameters=True (slower, so only methods that need it ask).
+    needs_find_unused_parameters = False
 
     def __init__(self, cfg, model: nn.Module, group=None):
         self.cfg = cfg
@@ -46,6 +49,11 @@ class TrainingMethod:
     def router_flops_per_token(self) -> float:
         """Forward FLOPs per token per FFN layer spent on routing (0 dense)."""
         return 0.0
+
+    def router_backward_flops_per_token(self) -> float:
+        """Backward FLOPs per token per FFN layer of the routing (default: twice the forward, i.e. a
+        gradient for the router's input and one for its weights; 0 for a frozen router with a constant gate)."""
+        return 2.0 * self.router_flops_per_token()
 
     def layers_kept(self) -> Optional[list]:
         """For layer dropping: which transformer layers ran in the last step (None = all)."""

@@ -1,0 +1,311 @@
+"""The training loop: `train(cfg) -> summary dict`.
+
+Order of construction (each step documented where it matters):
+  device / precision -> process groups -> seeds -> data (tokenizer, padded vocabulary) -> model ->
+  method (on the unwrapped model) -> data-parallel wrapping (DDP or FSDP2) -> torch.compile ->
+  AdamW + LR schedule -> resume -> steps.
+
+One optimizer step (step = 0-based index, the number every method hook receives):
+  1. method.before_step(step); phase = method.phase()
+  2. this rank's micro-batches of the global batch (global batch = micro x accumulation x DP size;
+     which samples is fixed by the data position alone, so any DP size sees the same global batches)
+  3. one all_gather of [valid target tokens, phase code] over ranks: the global token count (the
+     loss denominator) and the check that all ranks run the same phase
+  4. per micro-batch: loss_sum / global_tokens x dp_size (DDP/FSDP average gradients over ranks,
+     so this makes the summed gradient that of the mean over every valid token of the global batch)
+     + method.extra_loss() / accumulation steps; backward; gradient reduction on the last only
+  5. clip, optimizer step, method.after_step(step); metrics; validation; checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import dump_config, save_config
+from ..errors import UserError
+from ..parallel.data_parallel import grad_sync, unwrap, wrap_data_parallel
+from ..parallel.distributed import (ParallelDims, all_gather_rows, all_reduce_sum, barrier, destroy_distributed,
+                                    init_distributed, resolve_device)
+from .checkpoint import CheckpointManager, resolve_resume
+from .data import build_train_data, to_device
+from .flops import SampleShape, method_sample_flops, peak_flops
+from .loss import lm_loss
+from .lr_schedule import LRSchedule
+from .method import build_method
+from .metrics import MetricsLogger, safe_ppl, truncate_metrics
+from .optimizer import build_optimizer
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (auto) or when asked for; fp32 otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def phase_code(phase: str) -> int:
+    return zlib.crc32(phase.encode()) & 0x7FFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def train(cfg) -> dict:
+    device = resolve_device(cfg.train.device)
+    dims = init_distributed(cfg.parallel, device)
+    try:
+        return Trainer(cfg, device, dims).run()
+    finally:
+        destroy_distributed(dims)
+
+
+class Trainer:
+    def __init__(self, cfg, device: torch.device, dims: ParallelDims):
+        self.cfg, self.device, self.dims = cfg, device, dims
+        t = cfg.train
+        per_rank = t.global_batch_size // max(1, dims.dp_size)
+        if t.global_batch_size % (t.micro_batch_size * dims.dp_size):
+            raise UserError(
+                f"train.global_batch_size: {t.global_batch_size} must be a multiple of train.micro_batch_size "
+                f"({t.micro_batch_size}) x data-parallel size ({dims.dp_size})")
+        self.accum = per_rank // t.micro_batch_size
+        self.run_dir = cfg.output_dir
+        self.autocast = autocast_context(device, t.precision)
+        if dims.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        barrier(dims)
+
+    # ------------------------------------------------------------------ setup
+
+    def _build(self) -> None:
+        cfg, dims, device = self.cfg, self.dims, self.device
+        seed_everything(cfg.train.seed)
+        self.data = build_train_data(cfg, dims)
+        from ..models import build_model
+
+        self.model = build_model(cfg.model, self.data.vocab_size).to(device)
+        # The method must see the plain model (it swaps classes, holds FFN lists, registers hooks).
+        self.method = build_method(cfg, self.model, group=dims.dp_group)
+        self.wrapped = wrap_data_parallel(
+            self.model, dims, cfg.parallel, device,
+            find_unused_parameters=bool(getattr(self.method, "needs_find_unused_parameters", False)))
+        if cfg.train.compile:
+            # In place: the module object (and everything that holds it) stays the same.
+            unwrap(self.wrapped).compile()
+        self.optimizer = build_optimizer(self.model, cfg.optim, device)
+        self.schedule = LRSchedule.from_config(cfg)
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, dims)
+        # Per-rank streams for dropout etc. after the (identical) initialisation.
+        torch.manual_seed(cfg.train.seed + 1 + 1000 * dims.dp_rank)
+        self.valid_batches = self.data.valid_batches(cfg.train.eval_batches, cfg.train.micro_batch_size, dims)
+        ref = getattr(self.method, "set_reference_batch", None)
+        if callable(ref):
+            first = self.data.valid_batches(1, cfg.train.micro_batch_size, None)[0]
+            ref(to_device(model_inputs(first), device))
+
+    def _resume(self) -> None:
+        cfg, dims = self.cfg, self.dims
+        self.step = 0
+        self.consumed = 0
+        self.tokens = 0
+        self.flops_total = 0.0
+        self.elapsed_before = 0.0
+        ckpt = resolve_resume(cfg.checkpoint.resume, self.ckpt.root)
+        if ckpt is not None:
+            state = self.ckpt.load(ckpt, self.model, self.optimizer, cfg.model.arch)
+            try:
+                self.method.load_state_dict(state.get("method", {}))
+            except (KeyError, TypeError, ValueError) as e:
+                raise UserError(f"checkpoint file {ckpt / 'trainer.pt'}: method state does not fit method "
+                                f"{cfg.method!r} ({type(e).__name__}: {e})") from None
+            self.step = int(state["step"])
+            self.consumed = int(state["consumed_samples"])
+            self.tokens = int(state.get("tokens", 0))
+            self.flops_total = float(state.get("flops_total", 0.0))
+            self.elapsed_before = float(state.get("elapsed", 0.0))
+        if dims.is_main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        self.resumed_from = ckpt
+
+    # ------------------------------------------------------------------ one step
+
+    def _micro_loss(self, batch: dict, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.autocast():
+            logits = self.wrapped(**model_inputs(batch))
+            loss_sum, n_valid = lm_loss(logits, batch["labels"])
+            loss = loss_sum * scale
+            extra = self.method.extra_loss()
+            if extra is not None:
+                loss = loss + extra.float() / self.accum
+        loss.backward()
+        return loss_sum.detach(), (extra.detach().float() if extra is not None else None)
+
+    def train_step(self, step: int) -> dict:
+        cfg, dims = self.cfg, self.dims
+        t0 = time.perf_counter()
+        self.method.before_step(step)
+        phase = self.method.phase()
+        lr = self.schedule.apply(self.optimizer, step)
+        micro = self.data.micro_batches(self.consumed, cfg.train.global_batch_size, cfg.train.micro_batch_size, dims)
+        local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro)
+        gathered = all_gather_rows(torch.tensor([local_tokens, phase_code(phase)], dtype=torch.int64,
+                                                device=dims.comm_device), dims).cpu()
+        codes = gathered[:, 1].tolist()
+        if len(set(codes)) != 1:
+            raise RuntimeError(f"step {step}: ranks disagree on the phase (this rank: {phase!r}; codes by rank: "
+                               f"{codes}); a method must take its phase decisions identically on every rank")
+        global_tokens = int(gathered[:, 0].sum())
+        if global_tokens == 0:
+            raise UserError(f"step {step}: the global batch has no target tokens (labels all -100); check the data")
+        self.wrapped.train()
+        scale = dims.dp_size / global_tokens
+        loss_acc = torch.zeros((), dtype=torch.float32, device=self.device)
+        extra_acc = None
+        for i, mb in enumerate(micro):
+            mb = to_device(mb, self.device)
+            with grad_sync(self.wrapped, i == len(micro) - 1):
+                ls, extra = self._micro_loss(mb, scale)
+            loss_acc += ls
+            if extra is not None:
+                extra_acc = extra if extra_acc is None else extra_acc + extra
+        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.consumed += cfg.train.global_batch_size
+        method_metrics = self.method.after_step(step) or {}
+        sums = torch.stack([loss_acc, extra_acc if extra_acc is not None else torch.zeros_like(loss_acc)])
+        sums = all_reduce_sum(sums.to(dims.comm_device), dims).cpu()
+        loss = float(sums[0]) / global_tokens
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        shape = SampleShape.from_batch(micro[0])
+        in_tokens = cfg.train.global_batch_size * shape.seq_len
+        flops = cfg.train.global_batch_size * method_sample_flops(
+            cfg.model, shape, self.data.vocab_size, self.model, self.method).training
+        self.tokens += in_tokens
+        self.flops_total += flops
+        rec = {"kind": "train", "step": step, "loss": loss, "ppl": safe_ppl(loss), "lr": lr,
+               "grad_norm": float(grad_norm), "phase": phase, "tokens": self.tokens,
+               "target_tokens": global_tokens, "tokens_per_s": in_tokens / dt, "step_time": dt,
+               "flops": flops, "flops_total": self.flops_total, "consumed_samples": self.consumed}
+        if extra_acc is not None:
+            rec["extra_loss"] = float(sums[1]) / (self.accum * dims.dp_size)
+        if self.peak is not None:
+            rec["mfu"] = flops / dt / (self.peak * dims.world_size)
+        rec["elapsed"] = self.elapsed_before + (time.perf_counter() - self.t_start)
+        rec.update(method_metrics)
+        return rec
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self, step: int) -> dict:
+        from ..infer.evaluate import evaluate
+
+        self.method.eval_mode()
+        try:
+            res = evaluate(unwrap(self.wrapped), self.valid_batches, self.dims, self.device, self.autocast,
+                           mlm_accuracy=self.cfg.model.arch == "bert")
+        finally:
+            self.method.train_mode()
+        rec = {"kind": "valid", "step": step, "valid_loss": res["loss"], "valid_ppl": res["ppl"],
+               "valid_tokens": res["tokens"]}
+        if "accuracy" in res:
+            rec["valid_acc"] = res["accuracy"]
+        return rec
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def save(self, done_steps: int) -> None:
+        state = {"consumed_samples": self.consumed, "tokens": self.tokens, "flops_total": self.flops_total,
+                 "elapsed": self.elapsed_before + (time.perf_counter() - self.t_start),
+                 "lr_schedule": self.schedule.state_dict(), "method": self.method.state_dict(),
+                 "method_name": self.cfg.method, "config": self.cfg.to_dict(),
+                 "vocab_size": self.data.vocab_size}
+        self.ckpt.save(done_steps, self.wrapped, self.optimizer, state, dump_config(self.cfg))
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> dict:
+        cfg, dims = self.cfg, self.dims
+        if dims.is_main:
+            print(f"# resolved config ({self.run_dir / 'config.yaml'})\n{dump_config(cfg)}", flush=True)
+        self._build()
+        self._resume()
+        self.peak = peak_flops(self.device)
+        self.t_start = time.perf_counter()
+        logger = MetricsLogger(self.run_dir, cfg, enabled=dims.is_main, start_step=self.step,
+                               config_dict=cfg.to_dict())
+        n_params = sum(p.numel() for p in self.model.parameters())
+        logger.print(f"model {cfg.model.arch}: {n_params / 1e6:.2f}M parameters, vocab {self.data.vocab_size}; "
+                     f"method {cfg.method}; {dims.world_size} rank(s) on {self.device.type}; "
+                     f"global batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {self.accum} "
+                     f"x {dims.dp_size}"
+                     + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""))
+        last_train, last_valid = None, None
+        last_saved = self.step if self.resumed_from is not None else -1
+        try:
+            for step in range(self.step, cfg.train.max_steps):
+                rec = self.train_step(step)
+                last_train = rec
+                if not math.isfinite(rec["loss"]):
+                    logger.print(f"warning: non-finite loss at step {step}")
+                if (step + 1) % cfg.train.log_interval == 0 or step + 1 == cfg.train.max_steps:
+                    logger.train_step(rec)
+                done = step + 1
+                if done % cfg.train.eval_interval == 0 or done == cfg.train.max_steps:
+                    last_valid = self.validate(done)
+                    logger.write(last_valid)
+                    logger.print(f"validation at step {done}: loss {last_valid['valid_loss']:.4f}, "
+                                 f"ppl {last_valid['valid_ppl']:.2f}"
+                                 + (f", acc {last_valid['valid_acc']:.3f}" if "valid_acc" in last_valid else ""))
+                if done % cfg.checkpoint.interval == 0 or done == cfg.train.max_steps:
+                    self.save(done)
+                    last_saved = done
+            if last_saved != cfg.train.max_steps and self.step < cfg.train.max_steps:
+                self.save(cfg.train.max_steps)
+        finally:
+            logger.close()
+        wall = self.elapsed_before + (time.perf_counter() - self.t_start)
+        summary = {"run_dir": str(self.run_dir), "steps": cfg.train.max_steps, "method": cfg.method,
+                   "arch": cfg.model.arch, "tokens": self.tokens, "flops": self.flops_total, "wall_time": wall,
+                   "world_size": dims.world_size}
+        if last_train is not None:
+            summary["loss"] = last_train["loss"]
+        if last_valid is None and dims.is_main and self.resumed_from is not None:
+            last_valid = None  # the previous run's validation stays in metrics.jsonl
+        if last_valid is not None:
+            summary["valid_loss"] = last_valid["valid_loss"]
+            summary["valid_ppl"] = last_valid["valid_ppl"]
+        if dims.is_main and cfg.logging.report:
+            try:
+                from .report import build_report
+
+                summary["report"] = str(build_report(self.run_dir, wall_time=wall))
+            except UserError:
+                raise
+            except Exception as e:  # a plotting failure must not lose a finished run
+                print(f"warning: report failed: {type(e).__name__}: {e}", file=sys.stderr)
+        barrier(dims)
+        return summary

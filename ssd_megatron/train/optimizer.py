@@ -1,0 +1,52 @@
+"""AdamW with decay / no-decay parameter groups.
+
+Weight decay applies to the weight matrices of linear layers only. Biases, normalisation gains/biases
+and embeddings (token, position, relative-position bias tables) are exempt, as in BERT, GPT-2/3,
+Megatron-LM and torchtitan: decaying a norm gain pulls it toward 0 rather than toward its neutral
+value 1, a bias is not a scale that can overfit, and embedding rows of rare tokens are updated so
+rarely that decay would shrink them toward zero between their updates. A tied LM head shares the token
+embedding, so it is not decayed either. The rule is by module type, not by parameter name, so it holds
+for every architecture built from torch's Linear / Embedding / LayerNorm / RMSNorm (and any module
+whose class name ends in "Norm").
+
+On CUDA the fused AdamW kernel is used (one kernel for all parameters); on CPU the foreach
+implementation, whose results are deterministic run to run (the bit-exact resume test needs that).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _is_norm(mod: nn.Module) -> bool:
+    return isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, getattr(nn, "RMSNorm", nn.LayerNorm))) \
+        or type(mod).__name__.lower().endswith("norm")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    no_decay_ids: set[int] = set()
+    for mod in model.modules():
+        is_emb = isinstance(mod, nn.Embedding)
+        is_norm = _is_norm(mod)
+        for pname, p in mod.named_parameters(recurse=False):
+            if is_emb or is_norm or pname.endswith("bias") or p.ndim < 2:
+                no_decay_ids.add(id(p))
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if id(p) in no_decay_ids else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, ocfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over `model` (call on the unwrapped model, or on the FSDP2-sharded one: same parameters)."""
+    kwargs = dict(lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps)
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = True
+    return torch.optim.AdamW(param_groups(model, ocfg.weight_decay), **kwargs)
