@@ -333,6 +333,12 @@ def _coerce(key: str, value: Any, tp) -> Any:
             raise UserError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 3e-4 (no dot) as a string; accept what float() accepts.
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise UserError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key}: expected a number, got {value!r}")
         return float(value)
