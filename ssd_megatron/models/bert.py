@@ -52,11 +52,10 @@ class BERT(ModelMixin, nn.Module):
         self.head_act = HeadActivation(cfg.activation)
         self.head_norm = make_norm(cfg)
         self.lm_head = nn.Linear(d, vocab_size, bias=cfg.bias)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
         self.init_weights()
 
     def init_weights(self) -> None:
+        self.tie_weights()
         init_weights(self, self.cfg.init_std, [self.layers])
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -93,7 +93,7 @@ class Attention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int = 0, bias: bool = True,
-                 scale: Optional[float] = None, dropout: float = 0.0, qk_norm: Optional[nn.Module] = None,
+                 scale: Optional[float] = None, dropout: float = 0.0, q_norm: Optional[nn.Module] = None,
                  k_norm: Optional[nn.Module] = None):
         super().__init__()
         self.n_heads = n_heads
@@ -110,7 +110,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, kv_dim, bias=bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=bias)
         # Per-head q/k normalisation (Persimmon / Qwen3 style): one norm over head_dim shared by heads.
-        self.q_norm = qk_norm
+        self.q_norm = q_norm
         self.k_norm = k_norm
 
     def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor] = None,
@@ -175,7 +175,7 @@ class TransformerBlock(nn.Module):
                  n_kv_heads: int = 0, qk_norm: bool = False):
         super().__init__()
         d, H = cfg.d_model, cfg.n_heads
-        self.post_norm = getattr(cfg, "norm_position", "pre") == "post"
+        self.post_norm = cfg.norm_position == "post"
 
         def qk():
             return (make_norm(cfg, d // H), make_norm(cfg, d // H)) if qk_norm else (None, None)
@@ -214,6 +214,7 @@ class TransformerBlock(nn.Module):
 # --------------------------------------------------------------------------- initialisation
 
 
+@torch.no_grad()
 def init_weights(module: nn.Module, std: float, stacks) -> None:
     """Megatron-style init: N(0, std) for every matrix and embedding, zero biases, unit norms, and
     the residual output projections (attention out, FFN W_o) at std / sqrt(2 * depth).
@@ -236,6 +237,11 @@ def init_weights(module: nn.Module, std: float, stacks) -> None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, RMSNorm):
             m.reset_parameters()
+        elif isinstance(m, SwitchableFFN):
+            # A fresh model's experts are the identity layout; after meta-device construction and
+            # to_empty() the buffer is garbage, so a full (re-)init must reset it too.
+            with torch.no_grad():
+                m.expert_perm.copy_(torch.arange(m.d_ff, device=m.expert_perm.device))
     for layers in stacks:
         out_std = std / math.sqrt(2.0 * max(1, len(layers)))
         for blk in layers:
@@ -249,18 +255,18 @@ class ModelMixin:
     def transformer_layers(self) -> list:
         return list(self.layers)
 
+    def tie_weights(self) -> None:
+        """Share the token embedding's Parameter with the LM head (when configured). Called by
+        init_weights too: to_empty() after meta-device construction un-ties them."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
     def ffn_layers(self) -> list:
         # Found by type, not as blk.ffn, so that wrappers around blocks (layer dropping, activation
         # checkpointing) don't hide them; module order = encoder blocks then decoder blocks.
         return [m for m in self.modules() if isinstance(m, SwitchableFFN)]
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        seen, n = set(), 0
-        skip = set()
-        if exclude_embeddings:
-            skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        for p in self.parameters():  # parameters() already de-duplicates tied weights
-            if id(p) not in seen and id(p) not in skip:
-                seen.add(id(p))
-                n += p.numel()
-        return n
+        """Unique parameters (a tied head counts once); optionally without embedding tables."""
+        skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)

@@ -30,8 +30,6 @@ class GPT(ModelMixin, nn.Module):
         # blocks already end in one.
         self.final_norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
         self.init_weights()
 
     # -- hooks the llama subclass overrides
@@ -45,6 +43,7 @@ class GPT(ModelMixin, nn.Module):
         return {}
 
     def init_weights(self) -> None:
+        self.tie_weights()
         init_weights(self, self.cfg.init_std, [self.layers])
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -86,11 +86,10 @@ class T5(ModelMixin, nn.Module):
         self.encoder = T5Stack(cfg, cfg.n_layers, decoder=False)
         self.decoder = T5Stack(cfg, cfg.n_decoder_layers or cfg.n_layers, decoder=True)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
         self.init_weights()
 
     def init_weights(self) -> None:
+        self.tie_weights()
         init_weights(self, self.cfg.init_std, [self.encoder.layers, self.decoder.layers])
 
     def transformer_layers(self) -> list:

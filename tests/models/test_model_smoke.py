@@ -116,9 +116,10 @@ def test_fully_padded_sample_stays_finite(arch):
     assert torch.isfinite(logits).all()
 
 
-def test_gpt_mask_is_causal():
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_decoder_is_causal(arch):
     """Changing a later token must not change earlier logits (with and without a padding mask)."""
-    model = build_model(_cfg("gpt", dropout=0.0), V).eval()
+    model = build_model(_cfg(arch, dropout=0.0), V).eval()
     ids = torch.randint(0, V, (1, 12))
     ids2 = ids.clone()
     ids2[0, 8] = (ids[0, 8] + 1) % V
@@ -142,3 +143,16 @@ def test_shipped_tiny_configs_build(name):
     cfg = load_config(path)
     model = build_model(cfg.model, 128)
     assert len(model.ffn_layers()) == cfg.model.n_layers + (cfg.model.n_decoder_layers if cfg.model.arch == "t5" else 0)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "t5"])
+def test_meta_device_construction_then_init(arch):
+    """FSDP2-style: build on meta, materialise with to_empty, re-init; ties and buffers must survive."""
+    with torch.device("meta"):
+        model = build_model(_cfg(arch, dropout=0.0), V)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert all(torch.equal(f.expert_perm, torch.arange(64)) for f in model.ffn_layers())
+    batch = _batch(arch)
+    assert torch.isfinite(model(**batch)).all()
