@@ -7,6 +7,8 @@ we hold it on the stack so a dropped/wrapped first block doesn't lose it); cross
 position bias. The shared token embedding feeds both stacks; with `tie_embeddings` the LM head is
 that embedding and the decoder output is scaled by d_model^-0.5 first (T5's rescale for a tied head).
 Use `bias: false`, `norm: rmsnorm` for T5 proper (configs/t5_*.yaml do); the model honours the config.
+Init is the shared Megatron-style one (blocks.init_weights), not HF T5's per-matrix d^-0.5 scales: with
+unscaled attention, N(0, 0.02) q/k keep initial logits small (std ~ 0.02^2 * d * sqrt(d_head)).
 """
 from __future__ import annotations
 
