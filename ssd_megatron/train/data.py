@@ -40,18 +40,6 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def collate(samples: list[dict]) -> dict:
-    keys = samples[0].keys()
-    return {k: torch.from_numpy(np.stack([np.asarray(s[k], dtype=np.int64) for s in samples])) for k in keys}
-
-
-def rank_sample_ids(position: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int) -> list[list[int]]:
-    """Global sample indices of each micro-batch this rank runs for the global batch at `position`."""
-    per_rank = global_batch // dp_size
-    start = position + dp_rank * per_rank
-    return [list(range(start + i, start + i + micro_batch)) for i in range(0, per_rank, micro_batch)]
-
-
 # --------------------------------------------------------------------------- sources
 
 
@@ -103,17 +91,22 @@ class TrainData:
     vocab_size: int
     train: object  # objective dataset: len(), [i] -> dict of 1-D int64 arrays
     valid: object
-    order: object  # SampleOrder: global sample -> dataset index
+    seed: int
 
-    def sample_ids(self, position: int, global_batch: int, micro_batch: int, dims) -> list[list[int]]:
+    def train_iterator(self, global_batch: int, micro_batch: int, dims, start_sample: int = 0):
+        """The data package's DataIterator: next() -> this rank's micro-batches of the next global batch;
+        `.consumed_samples` is the data position."""
+        from ..data.sampler import DataIterator
+
         r, w = (dims.dp_rank, dims.dp_size) if dims is not None else (0, 1)
-        return rank_sample_ids(position, global_batch, micro_batch, r, w)
-
-    def micro_batches(self, position: int, global_batch: int, micro_batch: int, dims) -> list[dict]:
-        return [collate([self.train[self.order[i]] for i in ids])
-                for ids in self.sample_ids(position, global_batch, micro_batch, dims)]
+        return DataIterator(self.train, global_batch, micro_batch, dp_rank=r, dp_size=w, start_sample=start_sample,
+                            seed=self.seed)
 
     def valid_batches(self, n_batches: int, micro_batch: int, dims) -> list[dict]:
+        """The fixed validation set: micro-batches b = 0..n-1 of the first n x micro samples, in order;
+        rank r of W takes b = r, r+W, ... The set does not depend on W."""
+        from ..data.sampler import collate
+
         n_avail = len(self.valid) // micro_batch
         if n_avail == 0:
             raise UserError(f"the validation split has {len(self.valid)} samples, fewer than one micro-batch "
@@ -124,8 +117,8 @@ class TrainData:
                 for b in range(r, n, w)]
 
     def first_train_batches(self, n_batches: int, micro_batch: int) -> list[dict]:
-        return [collate([self.train[self.order[i]] for i in range(b * micro_batch, (b + 1) * micro_batch)])
-                for b in range(n_batches)]
+        it = self.train_iterator(n_batches * micro_batch, micro_batch, None)
+        return next(it)
 
 
 def build_train_data(cfg, dims=None, need_train: bool = True) -> TrainData:
@@ -141,8 +134,7 @@ def build_train_data(cfg, dims=None, need_train: bool = True) -> TrainData:
     valid = objective_dataset(cfg, valid_docs, tok, "valid")
     if len(train) == 0:
         raise UserError(f"{prefix}_train holds too few tokens for one sample of data.seq_len={cfg.data.seq_len}")
-    order = sample_order(len(train), cfg.data.seed)
-    return TrainData(tok, vocab, train, valid, order)
+    return TrainData(tok, vocab, train, valid, cfg.data.seed)
 
 
 def _serial(dims, fn):
@@ -159,21 +151,16 @@ def _serial(dims, fn):
     return fn()
 
 
-# --------------------------------------------------------------------------- objectives and order
-# These delegate to the data package; see the bottom of this file for the interim implementations
-# used until the package provides them.
+# --------------------------------------------------------------------------- objectives
 
 
 def objective_dataset(cfg, docs, tok, split: str):
-    from ..data import objectives as obj
+    from ..data.objectives import build_objective
 
-    return obj.build_objective(cfg, docs, tok, split)
-
-
-def sample_order(num_samples: int, seed: int):
-    from ..data.sampler import SampleOrder
-
-    return SampleOrder(num_samples, seed)
+    d = cfg.data
+    # T5's noise density is the config's mask rate (paper: 15% for both MLM and span corruption).
+    return build_objective(cfg.model.arch, docs, tok, d.seq_len, seed=d.seed + (0 if split == "train" else 1),
+                           mask_rate=d.mask_rate, noise_density=d.mask_rate, mean_span=d.mean_span_length)
 
 
 def raw_token_streams(cfg) -> tuple[np.ndarray, np.ndarray, int]:

@@ -144,6 +144,8 @@ class Trainer:
         if dims.is_main:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         self.resumed_from = ckpt
+        self.train_iter = self.data.train_iterator(cfg.train.global_batch_size, cfg.train.micro_batch_size, dims,
+                                                   start_sample=self.consumed)
 
     # ------------------------------------------------------------------ one step
 
@@ -164,7 +166,7 @@ class Trainer:
         self.method.before_step(step)
         phase = self.method.phase()
         lr = self.schedule.apply(self.optimizer, step)
-        micro = self.data.micro_batches(self.consumed, cfg.train.global_batch_size, cfg.train.micro_batch_size, dims)
+        micro = next(self.train_iter)
         local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro)
         gathered = all_gather_rows(torch.tensor([local_tokens, phase_code(phase)], dtype=torch.int64,
                                                 device=dims.comm_device), dims).cpu()
@@ -192,7 +194,7 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.consumed += cfg.train.global_batch_size
+        self.consumed = self.train_iter.consumed_samples
         method_metrics = self.method.after_step(step) or {}
         sums = torch.stack([loss_acc, extra_acc if extra_acc is not None else torch.zeros_like(loss_acc)])
         sums = all_reduce_sum(sums.to(dims.comm_device), dims).cpu()

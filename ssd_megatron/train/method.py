@@ -91,11 +91,23 @@ def register_method(name: str):
 register_method("dense")(TrainingMethod)
 
 
+_METHOD_MODULES = ("ssd_megatron.baselines", "ssd_megatron.ssd.method")
+
+
 def build_method(cfg, model: nn.Module, group=None) -> TrainingMethod:
     # Importing registers the non-dense methods; done here so the loop needs no knowledge of them.
-    from .. import baselines  # noqa: F401
-    from ..ssd import method as _ssd_method  # noqa: F401
+    # A module that fails to import only matters if the requested method lives there.
+    import importlib
+
+    failures = []
+    if cfg.method not in _REGISTRY:
+        for mod in _METHOD_MODULES:
+            try:
+                importlib.import_module(mod)
+            except ImportError as e:
+                failures.append(f"{mod}: {e}")
     if cfg.method not in _REGISTRY:
         from ..errors import UserError
-        raise UserError(f"method: {cfg.method!r} is not available; accepted: {', '.join(sorted(_REGISTRY))}")
+        why = f" (import failed: {'; '.join(failures)})" if failures else ""
+        raise UserError(f"method: {cfg.method!r} is not available{why}; accepted: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[cfg.method](cfg, model, group)
