@@ -85,7 +85,7 @@ def _tile_of(OFFS, pid_m, N, BM: tl.constexpr, NP2: tl.constexpr):
 @triton.jit
 def _up_kernel(
     X, stride_x,                 # [T, Din] token-major (x fwd, dy bwd)
-    W, stride_we, stride_wf,     # [N, F, Din] rows = output features (w1 fwd, w2 bwd)
+    W, stride_we, stride_wf, stride_wk,  # [N, F, Din] rows = output features (w1 fwd, w2 bwd)
     B, stride_be,                # [N, F1] bias (fwd only)
     TOK, ORDER, GATE, OFFS,      # plan; GATE [T*K] (bwd)
     H, stride_h,                 # [M, F1] pre-activation: written fwd (SAVE_H), read bwd
@@ -108,7 +108,7 @@ def _up_kernel(
         cmask = cols < E
         ks = tl.arange(0, BK)
         xp = X + tok[:, None] * stride_x + ks[None, :]
-        wp = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wf + ks[:, None]
+        wp = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wf + ks[:, None] * stride_wk
         up_off = E * stride_wf
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc2 = tl.zeros((BM, BN), dtype=tl.float32)
@@ -134,7 +134,7 @@ def _up_kernel(
                     b2 = tl.load(wp + up_off, mask=km[:, None] & cmask[None, :], other=0.0)
                 acc2 = tl.dot(a, b2, acc2, input_precision=PREC)
             xp += BK
-            wp += BK
+            wp += BK * stride_wk
 
         rows64 = rows.to(tl.int64)
         omask = rmask[:, None] & cmask[None, :]
@@ -184,11 +184,11 @@ def _up_kernel(
 @triton.jit
 def _down_kernel(
     A, stride_a,                 # [M, Ein] grouped rows (a fwd, dh bwd)
-    W, stride_we, stride_wk,     # [N, Ein, Dout] (w2 fwd, w1 bwd), Dout contiguous
-    ORDER, GATE, OFFS,
-    OUT, stride_o,               # [T*K, Dout] indexed by flat pair
+    W, stride_we, stride_wk, stride_wn,  # [N, Ein, Dout] (w2 fwd, w1 bwd)
+    ORDER, TOK, GATE, OFFS,
+    OUT, stride_o,               # ATOMIC: [T, Dout] (zeroed), else [T*K, Dout] indexed by flat pair
     N, Ein, Dout, num_n,
-    SCALE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    SCALE: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -203,7 +203,7 @@ def _down_kernel(
         cmask = cols < Dout
         ks = tl.arange(0, BK)
         ap = A + rows64[:, None] * stride_a + ks[None, :]
-        wp = W + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :]
+        wp = W + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, Ein, BK):
             if EVEN_K:
@@ -223,8 +223,14 @@ def _down_kernel(
         if SCALE:
             g = tl.load(GATE + pair, mask=rmask, other=0.0).to(tl.float32)
             acc = acc * g[:, None]
-        op = OUT + pair[:, None] * stride_o + cols[None, :]
-        tl.store(op, acc.to(OUT.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+        omask = rmask[:, None] & cmask[None, :]
+        if ATOMIC:
+            # the K contributions of a token come from different programs: add them in place
+            tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
+            tl.atomic_add(OUT + tok[:, None] * stride_o + cols[None, :], acc.to(OUT.dtype.element_ty),
+                          mask=omask, sem="relaxed")
+        else:
+            tl.store(OUT + pair[:, None] * stride_o + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
 
 
 # ----------------------------------------------------------------------------- wgrad (grouped weight grads)
@@ -288,12 +294,12 @@ DEFAULTS = {
     "down": (128, 128, 64, 8, 3),
     "wgrad": (64, 128, 64, 4, 3),
 }
-CANDIDATES = {
-    "up": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 32, 4, 5)],
-    "up_glu": [(128, 64, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 32, 64, 4, 4)],
-    "up_bwd": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 32, 4, 5)],
-    "down": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3)],
-    "wgrad": [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4)],
+CANDIDATES = {  # the first entry is the default
+    "up": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)],
+    "up_glu": [(128, 64, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
+    "up_bwd": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)],
+    "down": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4)],
+    "wgrad": [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
 }
 _FORCED: dict = {}
 _TUNED: dict = {}
@@ -356,15 +362,14 @@ def up_forward(x, w1, b1, plan, activation, save_h: bool):
         num_n = triton.cdiv(E, BN)
         grid = ((triton.cdiv(M, BM) + N) * num_n,)
         _up_kernel[grid](
-            x, x.stride(0), w1, w1.stride(0), w1.stride(1), bias, bias.stride(0),
+            x, x.stride(0), w1, w1.stride(0), w1.stride(1), w1.stride(2), bias, bias.stride(0),
             plan.token, plan.order, a, plan.offsets, h, h.stride(0), a, a.stride(0), a,
             N, M, D, E, num_n,
             BWD=False, ACT=act, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=save_h,
             EVEN_K=D % BK == 0, EVEN_N=E % BN == 0, PREC=_prec(x),
             BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
 
-    kind = "up_glu" if glu else "up"
-    launch(_pick(f"{kind}:{activation}:{save_h}", (D, E, str(x.dtype)), launch))
+    launch(_pick("up_glu" if glu else "up", (D, E, str(x.dtype)), launch))
     return a, (h if save_h else None)
 
 
@@ -383,7 +388,7 @@ def up_backward(dy, w2, h, gate_flat, plan, activation):
         dgp = torch.empty(num_n, M, device=dy.device, dtype=torch.float32)
         grid = ((triton.cdiv(M, BM) + N) * num_n,)
         _up_kernel[grid](
-            dy, dy.stride(0), w2, w2.stride(0), w2.stride(1), dh, 0,
+            dy, dy.stride(0), w2, w2.stride(0), w2.stride(1), w2.stride(2), dh, 0,
             plan.token, plan.order, gate_flat, plan.offsets, h, h.stride(0), dh, dh.stride(0), dgp,
             N, M, D, E, num_n,
             BWD=True, ACT=act, GLU=glu, HAS_BIAS=False, SAVE_H=False,
@@ -391,29 +396,42 @@ def up_backward(dy, w2, h, gate_flat, plan, activation):
             BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
         state["dgp"] = dgp
 
-    launch(_pick(f"up_bwd:{activation}", (D, E, str(dy.dtype)), launch))
+    launch(_pick("up_bwd", (D, E, str(dy.dtype)), launch))
     return dh, state["dgp"].sum(0)
 
 
-def down_scatter(a, w, plan, gate_flat, out_dtype=None):
-    """buf [T*K, Dout]: row p = (gate[p] *) a[sorted row of p] @ w[expert of p]."""
-    M, N = plan.num_rows, plan.num_experts
+def down_scatter(a, w, plan, gate_flat, combine="buffer"):
+    """y [T, Dout] = sum over k of (gate *) a[sorted row of (t, k)] @ w[expert of (t, k)].
+
+    combine: "buffer" scatters each (t, k) row to a [T*K, Dout] buffer, then sums over k (deterministic);
+    "atomic32"/"atomic16" add the rows into a zeroed fp32 / storage-dtype [T, Dout] output in place.
+    """
+    M, N, T, K = plan.num_rows, plan.num_experts, plan.num_tokens, plan.top_k
     Ein, Dout = w.shape[1], w.shape[2]
-    buf = torch.empty(M, Dout, device=a.device, dtype=out_dtype or a.dtype)
-    gate = gate_flat if gate_flat is not None else buf
+    atomic = combine != "buffer" and K > 1
+    if atomic:
+        out_dtype = torch.float32 if combine == "atomic32" else a.dtype
+        out = torch.zeros(T, Dout, device=a.device, dtype=out_dtype)
+    else:
+        out = torch.empty(M, Dout, device=a.device, dtype=a.dtype)
+    gate = gate_flat if gate_flat is not None else out
 
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg
         num_n = triton.cdiv(Dout, BN)
         grid = ((triton.cdiv(M, BM) + N) * num_n,)
+        if atomic:
+            out.zero_()
         _down_kernel[grid](
-            a, a.stride(0), w, w.stride(0), w.stride(1), plan.order, gate, plan.offsets,
-            buf, buf.stride(0), N, Ein, Dout, num_n,
-            SCALE=gate_flat is not None, EVEN_K=Ein % BK == 0, EVEN_N=Dout % BN == 0, PREC=_prec(a),
-            BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
+            a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2), plan.order, plan.token, gate, plan.offsets,
+            out, out.stride(0), N, Ein, Dout, num_n,
+            SCALE=gate_flat is not None, ATOMIC=atomic, EVEN_K=Ein % BK == 0, EVEN_N=Dout % BN == 0,
+            PREC=_prec(a), BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
 
-    launch(_pick("down", (Ein, Dout, str(a.dtype), gate_flat is not None), launch))
-    return buf
+    launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)), launch))
+    if atomic:
+        return out.to(a.dtype)
+    return out if K == 1 else out.view(T, K, Dout).sum(1)
 
 
 def wgrad(lhs, rhs, plan, gate_flat, out_dtype, with_bias_grad: bool):
@@ -434,5 +452,5 @@ def wgrad(lhs, rhs, plan, gate_flat, out_dtype, with_bias_grad: bool):
             SCALE=gate_flat is not None, HAS_DB=with_bias_grad, PREC=_prec(lhs),
             BP=BP, BQ=BQ, BK=BK, num_warps=nw, num_stages=ns)
 
-    launch(_pick("wgrad", (P, Q, str(lhs.dtype), gate_flat is not None, with_bias_grad), launch))
+    launch(_pick("wgrad", (P, Q, str(lhs.dtype)), launch))
     return dw, (db if with_bias_grad else None)

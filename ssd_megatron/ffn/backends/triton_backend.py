@@ -38,29 +38,24 @@ def triton_available() -> bool:
     return True
 
 
-def _sum_k(buf: torch.Tensor, T: int, K: int) -> torch.Tensor:
-    D = buf.shape[1]
-    return buf if K == 1 else buf.view(T, K, D).sum(1)
-
-
 class _TritonExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, gate, topk_idx, activation):
+    def forward(ctx, x, w1, b1, w2, gate, topk_idx, activation, combine):
         k = _kernels()
         T, K = topk_idx.shape
         plan = make_plan(topk_idx, w1.shape[0])
         gate_flat = gate.reshape(-1).contiguous()
         a, h = k.up_forward(x, w1, b1, plan, activation, save_h=True)
-        y = _sum_k(k.down_scatter(a, w2, plan, gate_flat), T, K)
+        y = k.down_scatter(a, w2, plan, gate_flat, combine)
         ctx.save_for_backward(x, w1, w2, gate_flat, a, h, plan.order, plan.token, plan.offsets)
-        ctx.meta = (T, K, w1.shape[0], activation, b1 is not None)
+        ctx.meta = (T, K, w1.shape[0], activation, b1 is not None, combine)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         k = _kernels()
         x, w1, w2, gate_flat, a, h, order, token, offsets = ctx.saved_tensors
-        T, K, N, activation, has_bias = ctx.meta
+        T, K, N, activation, has_bias, combine = ctx.meta
         plan = _Plan(N, K, T, order, token, offsets)
         dy = dy.to(x.dtype).contiguous()
         need_x, need_w1, need_b1, need_w2, need_gate = ctx.needs_input_grad[:5]
@@ -71,9 +66,9 @@ class _TritonExperts(torch.autograd.Function):
         if need_w1 or need_b1:
             dw1, db1 = k.wgrad(dh, x, plan, None, w1.dtype, with_bias_grad=has_bias)
         if need_x:
-            dx = _sum_k(k.down_scatter(dh, w1, plan, None), T, K)
+            dx = k.down_scatter(dh, w1, plan, None, combine)
         dg = dgate.view(T, K).to(gate_flat.dtype) if need_gate else None
-        return dx, dw1, db1, dw2, dg, None, None
+        return dx, dw1, db1, dw2, dg, None, None, None
 
 
 class _Plan:
@@ -85,8 +80,20 @@ class _Plan:
         self.num_rows = T * K
 
 
+def _inner_contiguous(w: torch.Tensor) -> torch.Tensor:
+    """Kernels take any strides as long as one of the two inner dims is unit-stride."""
+    return w if (w.stride(-1) == 1 or w.stride(-2) == 1) else w.contiguous()
+
+
 class TritonBackend:
+    """combine: how the K expert outputs of a token are summed (see _triton_kernels.down_scatter)."""
+
     name = "triton"
+
+    def __init__(self, combine: str = "buffer"):
+        if combine not in ("buffer", "atomic32", "atomic16"):
+            raise ValueError(f"combine={combine!r}; accepted: buffer, atomic32, atomic16")
+        self.combine = combine
 
     def __call__(self, x, w1, b1, w2, topk_idx, gate, activation):
         if activation not in ACTIVATIONS:
@@ -96,15 +103,15 @@ class TritonBackend:
             return ReferenceBackend()(x, w1, b1, w2, topk_idx, gate, activation)
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise UserError("ssd.backend: triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, for tests)")
-        x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
+        x, w1, w2 = x.contiguous(), _inner_contiguous(w1), _inner_contiguous(w2)
         b1 = None if b1 is None else b1.contiguous()
         gate = gate.to(x.dtype)
         tensors = (x, w1, b1, w2, gate)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return _TritonExperts.apply(x, w1, b1, w2, gate, topk_idx, activation)
+            return _TritonExperts.apply(x, w1, b1, w2, gate, topk_idx, activation, self.combine)
         # inference: no pre-activation saved
         k = _kernels()
         T, K = topk_idx.shape
         plan = make_plan(topk_idx, w1.shape[0])
         a, _ = k.up_forward(x, w1, b1, plan, activation, save_h=False)
-        return _sum_k(k.down_scatter(a, w2, plan, gate.reshape(-1).contiguous()), T, K)
+        return k.down_scatter(a, w2, plan, gate.reshape(-1).contiguous(), self.combine)

@@ -1,0 +1,426 @@
+"""`ssd-bench ffn`: one FFN layer, dense vs the sparse (SSD) path on every available expert backend.
+
+The timed sparse path is everything a training step pays for the layer (mirrors SwitchableFFN):
+the expert weight gather through the permutation (`w_in.weight.index_select(0, rows)`,
+`w_out.weight.t().index_select(0, perm)`; differentiable, so its backward scatters the weight grads
+back), the centroids (mean of each expert's W_in gate rows), router scores `x @ c.T`, top-k, the
+straight-through gate `(s - s.detach()) + 1`, the backend, and the output bias.
+
+Method (see the device tool's METHOD.md): bf16, CUDA events around each iteration, median of many,
+warm-up first, inputs and weights rotated over several independent layers so that nothing is served
+from L2 across iterations. `fwd` is forward-only under torch.no_grad() (inference with k = K);
+`fwd_bwd` is a training forward + backward (grads for x and all weights).
+
+Routing: `realistic` = top-K of x . centroids over weights with cluster structure (neurons of an
+expert share a direction; cluster scales vary, so expert loads are unbalanced as in a trained model);
+`uniform` = the same computation with a large random term added to the scores (uniform random experts).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..ffn.activations import ACTIVATIONS, apply_activation, is_glu
+
+SHAPES = {  # name: (d_model, d_ff, num_experts, top_k)
+    "base": (768, 6144, 32, 6),
+    "8b": (4096, 16384, 64, 16),
+    "tiny": (128, 512, 8, 2),  # smoke runs
+}
+
+
+# ----------------------------------------------------------------------------- the layer
+
+class Layer:
+    """One FFN's parameters (nn.Linear layout, bf16 leaves) plus its expert permutation."""
+
+    def __init__(self, shape, activation, device, dtype, seed, bias=True):
+        D, d_ff, N, K = SHAPES[shape]
+        self.D, self.d_ff, self.N, self.K, self.E = D, d_ff, N, K, d_ff // N
+        self.activation, self.glu = activation, is_glu(activation)
+        g = torch.Generator(device=device).manual_seed(seed)
+        rnd = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
+        perm = torch.randperm(d_ff, generator=g, device=device)
+        labels = torch.empty_like(perm)
+        labels[perm] = torch.arange(d_ff, device=device) // self.E
+        # Clustered W_in rows: neuron j of expert n ~ scale_n * (0.5 mu_n + noise) / sqrt(D).
+        mu, scale = rnd(N, D), torch.exp(0.4 * rnd(N))
+        w_gate = (0.5 * mu[labels] + rnd(d_ff, D)) * scale[labels, None] / math.sqrt(D)
+        w_in = torch.cat([w_gate, rnd(d_ff, D) / math.sqrt(D)]) if self.glu else w_gate
+        f1 = w_in.shape[0]
+        leaf = lambda t: t.to(dtype).contiguous().requires_grad_()  # noqa: E731
+        self.w_in = leaf(w_in)
+        self.b_in = leaf(0.02 * rnd(f1)) if bias else None
+        self.w_out = leaf(rnd(D, d_ff) / math.sqrt(d_ff))
+        self.b_out = leaf(0.02 * rnd(D)) if bias else None
+        self.perm = perm
+        blocks = perm.view(N, self.E)
+        self.rows = torch.cat([blocks, blocks + d_ff], 1).reshape(-1) if self.glu else perm
+        self.noise = None
+        self.w2_mode = "t_index_select"
+
+    def params(self):
+        return [p for p in (self.w_in, self.b_in, self.w_out, self.b_out) if p is not None]
+
+    def dense(self, x):
+        return F.linear(apply_activation(F.linear(x, self.w_in, self.b_in), self.activation), self.w_out, self.b_out)
+
+    def expert_weights(self):
+        N, E, D = self.N, self.E, self.D
+        w1 = self.w_in.index_select(0, self.rows).view(N, -1, D)
+        b1 = None if self.b_in is None else self.b_in.index_select(0, self.rows).view(N, -1)
+        if self.w2_mode == "t_index_select":  # what SwitchableFFN.expert_weights does
+            w2 = self.w_out.t().index_select(0, self.perm).view(N, E, D)
+        else:  # column gather: coalesced; [N, E, D] view with unit stride along E (the triton kernels take it)
+            w2 = self.w_out.index_select(1, self.perm).view(D, N, E).permute(1, 2, 0)
+        return w1, b1, w2
+
+    def route(self, x, w1, k):
+        c = w1[:, : self.E].mean(dim=1)
+        s = x @ c.t()
+        if self.noise is not None:
+            s = s + self.noise
+        top, idx = s.topk(k, dim=-1)
+        return idx, (top - top.detach()) + 1
+
+    def sparse(self, x, backend):
+        w1, b1, w2 = self.expert_weights()
+        idx, gate = self.route(x, w1, self.K)
+        y = backend(x, w1, b1, w2, idx, gate, self.activation)
+        return y if self.b_out is None else y + self.b_out
+
+
+# ----------------------------------------------------------------------------- timing
+
+class _HostEvent:
+    """Stand-in for torch.cuda.Event on CPU smoke runs (--device cpu)."""
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+_CUDA = True
+
+
+def _sync():
+    if _CUDA:
+        torch.cuda.synchronize()
+
+
+def _event():
+    return torch.cuda.Event(enable_timing=True) if _CUDA else _HostEvent()
+
+
+def _time(fn, n_iter, n_warm, pre=None):
+    """Median/min/max ms of fn(i) between CUDA events; `pre(i)` runs untimed before each."""
+    for i in range(n_warm):
+        if pre:
+            pre(i)
+        fn(i)
+    _sync()
+    evs = []
+    for i in range(n_iter):
+        if pre:
+            pre(i)
+        s, e = _event(), _event()
+        s.record()
+        fn(i)
+        e.record()
+        evs.append((s, e))
+    _sync()
+    ts = [s.elapsed_time(e) for s, e in evs]
+    return {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts)}
+
+
+class Case:
+    """Rotating layers + inputs for one (shape, activation)."""
+
+    def __init__(self, shape, activation, tokens, rotations, device, dtype, seed=0):
+        self.layers = [Layer(shape, activation, device, dtype, seed + 17 * r) for r in range(rotations)]
+        D = self.layers[0].D
+        g = torch.Generator(device=device).manual_seed(seed + 1)
+        self.xs = [torch.randn(tokens, D, generator=g, device=device).to(dtype) for _ in range(rotations)]
+        self.dys = [torch.randn(tokens, D, generator=g, device=device).to(dtype) for _ in range(rotations)]
+        self.noises = [1e4 * torch.rand(tokens, self.layers[0].N, generator=g, device=device).to(dtype)
+                       for _ in range(rotations)]
+        self.R = rotations
+
+    def set_w2_mode(self, mode):
+        for layer in self.layers:
+            layer.w2_mode = mode
+
+    def set_routing(self, routing):
+        for r, layer in enumerate(self.layers):
+            layer.noise = self.noises[r] if routing == "uniform" else None
+
+    def clear(self, i):
+        r = i % self.R
+        for p in self.layers[r].params():
+            p.grad = None
+        self.xs[r].grad = None
+
+    def fwd(self, f):
+        def run(i):
+            r = i % self.R
+            with torch.no_grad():
+                f(self.layers[r], self.xs[r])
+        return run
+
+    def fwd_bwd(self, f):
+        def run(i):
+            r = i % self.R
+            x = self.xs[r].requires_grad_()
+            f(self.layers[r], x).backward(self.dys[r])
+        return run
+
+
+def _flops(shape, activation):
+    D, d_ff, N, K = SHAPES[shape]
+    f_in = 2 * d_ff if is_glu(activation) else d_ff
+    dense_fwd = 2 * D * (f_in + d_ff)  # per token
+    return {"dense_fwd_per_token": dense_fwd, "sparse_fwd_per_token": dense_fwd * K / N,
+            "router_fwd_per_token": 2 * D * N}
+
+
+def _routing_stats(layer, x):
+    with torch.no_grad():
+        w1, _, _ = layer.expert_weights()
+        idx, _ = layer.route(x, w1, layer.K)
+        counts = torch.bincount(idx.reshape(-1), minlength=layer.N).float()
+    return {"max_over_mean": (counts.max() / counts.mean()).item(), "min_over_mean": (counts.min() / counts.mean()).item(),
+            "empty_experts": int((counts == 0).sum().item())}
+
+
+def _backend_only(case, backend, n_iter, n_warm):
+    """fwd+bwd of the backend alone on precomputed routing (what the kernels cost)."""
+    layer, x = case.layers[0], case.xs[0]
+    with torch.no_grad():
+        w1, b1, w2 = layer.expert_weights()
+        idx, gate = layer.route(x, w1, layer.K)
+    ins = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w1, b1, w2, gate)]
+    xs = [ins] + [[t.detach().clone().requires_grad_() if t is not None else None for t in ins] for _ in range(case.R - 1)]
+    dy = case.dys[0]
+
+    def pre(i):
+        for t in xs[i % case.R]:
+            if t is not None:
+                t.grad = None
+
+    def run(i):
+        a = xs[i % case.R]
+        backend(a[0], a[1], a[2], a[3], idx, a[4], layer.activation).backward(dy)
+    return _time(run, n_iter, n_warm, pre)
+
+
+def _gather_only(case, mode, n_iter, n_warm):
+    """fwd+bwd of the expert weight gather alone (index_select through the permutation)."""
+    case.set_w2_mode(mode)
+    grads = None
+
+    def run(i):
+        nonlocal grads
+        layer = case.layers[i % case.R]
+        outs = [t for t in layer.expert_weights() if t is not None]
+        if grads is None:
+            grads = [torch.randn_like(t) for t in outs]
+        torch.autograd.backward(outs, grads)
+    try:
+        return _time(run, n_iter, n_warm, case.clear)
+    finally:
+        case.set_w2_mode("t_index_select")
+
+
+def _err(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ----------------------------------------------------------------------------- main
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(prog="ssd-bench ffn", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="base,8b", help=f"comma list of {','.join(SHAPES)}")
+    ap.add_argument("--activations", default="relu,swiglu", help=f"comma list of {','.join(ACTIVATIONS)}")
+    ap.add_argument("--backends", default="all", help="comma list, or 'all' (every available backend)")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--iters", type=int, default=40, help="timed iterations per measurement (8b: half)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rotations", type=int, default=3, help="independent layers/inputs cycled through")
+    ap.add_argument("--routing", default="realistic,uniform")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip backend-only timings")
+    ap.add_argument("--triton-variants", default="",
+                    help="extra triton entries, comma list of COMBINE[+colgather] (COMBINE: buffer|atomic32|atomic16)")
+    ap.add_argument("--tune", action="store_true", help="time the triton tile candidates per shape (SSD_TRITON_TUNE=1)")
+    ap.add_argument("--out", default=None, help="write the JSON results here")
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # 'cpu': smoke test of this script
+    return ap.parse_args(argv)
+
+
+def _split(s, allowed, what):
+    items = [v for v in s.split(",") if v]
+    bad = [v for v in items if v not in allowed]
+    if bad:
+        raise UserError(f"ssd-bench ffn: unknown {what} {bad}; accepted: {', '.join(allowed)}")
+    return items
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    shapes = _split(args.shapes, SHAPES, "shape")
+    acts = _split(args.activations, ACTIVATIONS, "activation")
+    routings = _split(args.routing, ("realistic", "uniform"), "routing")
+    global _CUDA
+    _CUDA = args.device == "cuda"
+    if _CUDA and not torch.cuda.is_available():
+        raise UserError("ssd-bench ffn: needs a CUDA GPU (timings use CUDA events)")
+    if args.tune:
+        os.environ["SSD_TRITON_TUNE"] = "1"
+    from ..ffn.backends import BACKEND_NAMES, available_backends, get_backend
+    avail = available_backends(args.device)
+    names = avail if args.backends == "all" else _split(args.backends, [b for b in BACKEND_NAMES if b != "auto"], "backend")
+    missing = [n for n in names if n not in avail]
+    if missing:
+        raise UserError(f"ssd-bench ffn: backends not available here: {missing} (available: {avail})")
+    backends = {n: (get_backend(n), "t_index_select") for n in names}
+    if args.triton_variants and "triton" in avail:
+        from ..ffn.backends.triton_backend import TritonBackend
+        for v in args.triton_variants.split(","):
+            combine, _, extra = v.partition("+")
+            if combine not in ("buffer", "atomic32", "atomic16") or extra not in ("", "colgather"):
+                raise UserError(f"ssd-bench ffn: bad --triton-variants entry {v!r}")
+            backends[f"triton[{v}]"] = (TritonBackend(combine), "column_gather" if extra else "t_index_select")
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if _CUDA else torch.float32
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    result = {
+        "gpu": torch.cuda.get_device_name(0) if _CUDA else "cpu", "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+        "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+        "cuda": torch.version.cuda, "tokens": args.tokens, "dtype": "bfloat16", "bias": True,
+        "method": "CUDA events per iteration, median; fwd = forward only under no_grad (inference, k=K); "
+                  "fwd_bwd = forward+backward; inputs and weights rotated over %d layers" % args.rotations,
+        "sparse_path": "weight gather through perm (index_select) + centroids + x@c.T + topk + gate trick + backend + b_out",
+        "records": [], "uniform_records": [], "breakdown": [], "routing_stats": {}, "flops": {}, "errors": [],
+    }
+    print(f"# {result['gpu']}  torch {result['torch']}  triton {triton_version}  backends {names}", flush=True)
+    for shape in shapes:
+        n_iter = args.iters if shape != "8b" else max(10, args.iters // 2)
+        for act in acts:
+            key = f"{shape}/{act}"
+            result["flops"][key] = _flops(shape, act)
+            case = Case(shape, act, args.tokens, args.rotations, device, dtype)
+            case.set_routing("realistic")
+            result["routing_stats"][key] = _routing_stats(case.layers[0], case.xs[0])
+            dense_f = _time(case.fwd(Layer.dense), n_iter, args.warmup)
+            dense_fb = _time(case.fwd_bwd(Layer.dense), n_iter, args.warmup, case.clear)
+            print(f"{key:16s} dense       fwd {dense_f['median']:8.3f}  fwd+bwd {dense_fb['median']:8.3f} ms", flush=True)
+            with torch.no_grad():
+                y_ref = case.layers[0].sparse(case.xs[0], get_backend("reference"))
+            for routing in routings:
+                case.set_routing(routing)
+                for name, (be, w2_mode) in backends.items():
+                    it = n_iter if name not in ("reference", "megablocks") else max(5, n_iter // 4)
+                    f = lambda layer, x, be=be: layer.sparse(x, be)  # noqa: E731
+                    case.set_w2_mode(w2_mode)
+                    try:
+                        tf = _time(case.fwd(f), it, args.warmup)
+                        tfb = _time(case.fwd_bwd(f), it, args.warmup, case.clear)
+                    except Exception as exc:  # a backend that fails is reported, not fatal
+                        msg = f"{key} {routing} {name}: {type(exc).__name__}: {str(exc)[:300]}"
+                        print("ERROR", msg, flush=True)
+                        result["errors"].append(msg)
+                        continue
+                    rec = {"shape": shape, "backend": name, "activation": act, "routing": routing,
+                           "fwd_ms": tf["median"], "fwd_bwd_ms": tfb["median"],
+                           "dense_fwd_ms": dense_f["median"], "dense_fwd_bwd_ms": dense_fb["median"],
+                           "speedup_fwd": dense_f["median"] / tf["median"],
+                           "speedup_fwd_bwd": dense_fb["median"] / tfb["median"],
+                           "fwd_stats": tf, "fwd_bwd_stats": tfb}
+                    if routing == "realistic":
+                        with torch.no_grad():
+                            rec["fwd_rel_err_vs_reference"] = _err(case.layers[0].sparse(case.xs[0], be), y_ref)
+                    case.set_w2_mode("t_index_select")
+                    (result["records"] if routing == "realistic" else result["uniform_records"]).append(rec)
+                    print(f"{key:16s} {routing[:4]} {name:10s} fwd {tf['median']:8.3f} ({rec['speedup_fwd']:.2f}x)  "
+                          f"fwd+bwd {tfb['median']:8.3f} ({rec['speedup_fwd_bwd']:.2f}x)", flush=True)
+            case.set_routing("realistic")
+            if not args.no_breakdown:
+                for mode in ("t_index_select", "column_gather"):
+                    t = _gather_only(case, mode, n_iter, args.warmup)
+                    result["breakdown"].append({"shape": shape, "activation": act, "part": f"weight_gather[{mode}]",
+                                                "fwd_bwd_ms": t["median"]})
+                    print(f"{key:16s} weight gather {mode:15s} fwd+bwd {t['median']:8.3f} ms", flush=True)
+                for name in [n for n in backends if n != "reference"]:
+                    try:
+                        t = _backend_only(case, backends[name][0], n_iter, args.warmup)
+                    except Exception as exc:
+                        result["errors"].append(f"{key} breakdown {name}: {type(exc).__name__}: {str(exc)[:300]}")
+                        continue
+                    fl = 3 * result["flops"][key]["sparse_fwd_per_token"] * args.tokens
+                    result["breakdown"].append({"shape": shape, "activation": act, "part": "backend_only", "backend": name,
+                                                "backend_only_fwd_bwd_ms": t["median"],
+                                                "expert_gemm_tflops": fl / t["median"] / 1e9})
+                    print(f"{key:16s} backend-only {name:10s} fwd+bwd {t['median']:8.3f} ms "
+                          f"({fl / t['median'] / 1e9:.0f} TFLOP/s on the expert GEMMs)", flush=True)
+            _save(result, args.out)  # partial results survive a time limit
+            del case
+            if _CUDA:
+                torch.cuda.empty_cache()
+    try:
+        from ..ffn.backends import _triton_kernels as tk
+        result["tuning"] = tk.TUNE_LOG
+        result["triton_configs"] = {"defaults": tk.DEFAULTS, "tuned": {"|".join(map(str, k)): v for k, v in tk._TUNED.items()}}
+    except Exception:
+        pass
+    _save(result, args.out)
+    print_table(result)
+    return 0
+
+
+def _save(result, path):
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as fh:
+            json.dump(result, fh, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def print_table(result, file=sys.stdout):
+    print(f"\n== FFN layer, {result['tokens']} tokens, bf16, {result['gpu']}, {result['date']} "
+          f"(ms, median; ratio = dense / sparse; realistic routing; 'unif' = uniform routing fwd+bwd)", file=file)
+    print(f"{'shape':5s} {'act':7s} {'backend':11s} {'fwd':>8s} {'x':>6s} {'fwd+bwd':>8s} {'x':>6s} {'unif':>6s}", file=file)
+    uni = {(r["shape"], r["activation"], r["backend"]): r for r in result["uniform_records"]}
+    last = None
+    for r in result["records"]:
+        k = (r["shape"], r["activation"])
+        if k != last:
+            print(f"{r['shape']:5s} {r['activation']:7s} {'dense':11s} {r['dense_fwd_ms']:8.3f} {'':6s} "
+                  f"{r['dense_fwd_bwd_ms']:8.3f}", file=file)
+            last = k
+        u = uni.get(k + (r["backend"],))
+        us = f"{u['speedup_fwd_bwd']:5.2f}x" if u else ""
+        print(f"{'':5s} {'':7s} {r['backend']:11s} {r['fwd_ms']:8.3f} {r['speedup_fwd']:5.2f}x "
+              f"{r['fwd_bwd_ms']:8.3f} {r['speedup_fwd_bwd']:5.2f}x {us:>6s}", file=file)
+    for e in result["errors"]:
+        print("error:", e, file=file)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

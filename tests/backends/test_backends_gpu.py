@@ -1,0 +1,74 @@
+"""Every fast backend == the reference (forward and all grads) on CUDA. Skipped without a GPU.
+
+Run on the device machine by tools/gpu_bench.sh. Truth is the reference backend in float64 on the
+same (rounded) inputs; tolerances are norm-relative: bf16 3e-2 (a bf16 reference lands near 5e-3),
+fp32 1e-4.
+"""
+import pytest
+import torch
+
+from backend_cases import compare, make_inputs, run, upcast
+from ssd_megatron.ffn.activations import ACTIVATIONS
+from ssd_megatron.ffn.backends import ReferenceBackend, available_backends, get_backend
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run via tools/gpu_bench.sh)")
+FAST = ("grouped_mm", "triton", "megablocks")
+AVAILABLE = available_backends("cuda") if torch.cuda.is_available() else []
+
+SMALL = dict(T=300, D=128, E=64, N=8, K=2)
+CASES = [dict(activation=a, **SMALL) for a in ACTIVATIONS] + [
+    dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewed"),
+    dict(activation="relu", T=300, D=128, E=64, N=8, K=2, routing="empty"),
+    dict(activation="gelu", T=257, D=96, E=48, N=6, K=1),                  # K=1; D, E not tile multiples
+    dict(activation="swiglu", T=131, D=64, E=32, N=4, K=4, bias=False),    # K=N
+    dict(activation="relu", T=1, D=64, E=32, N=4, K=2),                    # one token
+    dict(activation="squared_relu", T=2048, D=768, E=192, N=32, K=6, routing="skewed"),  # base-like
+    dict(activation="swiglu", T=1024, D=768, E=192, N=32, K=6),
+]
+IDS = [f"{c['activation']}-T{c['T']}-N{c['N']}K{c['K']}-{c.get('routing', 'random')}" for c in CASES]
+
+
+def _check(backend, case, dtype, tol):
+    if backend not in AVAILABLE:
+        pytest.skip(f"{backend} not available here")
+    if backend == "megablocks" and dtype != torch.bfloat16:
+        pytest.skip("megablocks is bf16-only")
+    inp = make_inputs(device="cuda", dtype=dtype, **case)
+    want = run(ReferenceBackend(), upcast(inp))
+    got = run(get_backend(backend), inp)
+    errs = compare(got, want, tol)
+    print(backend, case, dtype, {k: f"{v:.1e}" for k, v in errs.items()})
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("backend", FAST)
+def test_bf16_matches_reference(backend, case):
+    _check(backend, case, torch.bfloat16, 3e-2)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[8]], ids=[IDS[0], IDS[3], IDS[8]])
+@pytest.mark.parametrize("backend", FAST)
+def test_fp32_matches_reference(backend, case):
+    _check(backend, case, torch.float32, 1e-4)
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
+def test_no_host_sync(backend):
+    """Forward + backward never waits on the host (no .item()/.tolist()/bincount on the hot path)."""
+    if backend not in AVAILABLE:
+        pytest.skip(f"{backend} not available here")
+    inp = make_inputs(device="cuda", dtype=torch.bfloat16, activation="swiglu", T=512, D=256, E=64, N=16, K=4)
+    be = get_backend(backend)
+    run(be, inp)  # warm-up (compilation)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(be, inp)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_auto_picks_triton_on_sm90():
+    if torch.cuda.get_device_capability()[0] < 9 or "triton" not in AVAILABLE:
+        pytest.skip("needs sm90 and triton")
+    assert get_backend("auto").resolve(torch.zeros(1, device="cuda", dtype=torch.bfloat16)).name == "triton"

@@ -1,0 +1,25 @@
+"""The benchmark's sparse path is the SSD layer: with K = N it equals the dense path (CPU, fp32)."""
+import pytest
+import torch
+
+from ssd_megatron.bench import main as bench_main
+from ssd_megatron.bench.ffn import Layer
+from ssd_megatron.errors import UserError
+from ssd_megatron.ffn.backends import GroupedMMBackend, ReferenceBackend
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_bench_sparse_path_k_equals_n_is_dense(activation):
+    layer = Layer("tiny", activation, torch.device("cpu"), torch.float32, seed=0)
+    layer.K = layer.N
+    x = torch.randn(33, layer.D)
+    dense = layer.dense(x)
+    for be in (ReferenceBackend(), GroupedMMBackend()):
+        torch.testing.assert_close(layer.sparse(x, be), dense, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_cli_errors():
+    with pytest.raises(UserError, match="unknown sub-command"):
+        bench_main(["nope"])
+    with pytest.raises(UserError):
+        bench_main(["ffn", "--shapes", "huge"])

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One device-tool call: install what the GPU machine lacks, run the GPU correctness tests of every
+# expert backend, then `ssd-bench ffn`; a short table is printed last, JSON + logs land in $OUT.
+#
+#   device run (carry [".whl"]):  bash tools/gpu_bench.sh [ssd-bench ffn options...]
+#   env: GPU_TESTS=0 skips the tests; BENCH=0 skips the benchmark; OUT (default /tmp/ssd_gpu_bench).
+#
+# .whl/ (git-ignored) holds the prebuilt wheels for the device image (Python 3.12, torch 2.11+cu130):
+#   mkdir -p .whl && cp ../shared/wheels/gpu-cp312-torch2.11-cu130/*.whl .whl/
+# Other machines: build them with tools/build_megablocks.sh.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/ssd_gpu_bench}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site" || echo "WARNING: wheel install failed; megablocks will be skipped"
+fi
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  $PY - <<'PY'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0),
+      "sm", torch.cuda.get_device_capability(0))
+for mod in ("triton", "megablocks", "grouped_gemm", "stk"):
+    try:
+        m = __import__(mod)
+        print(mod, getattr(m, "__version__", "ok"))
+    except Exception as exc:
+        print(mod, "MISSING", type(exc).__name__, exc)
+from ssd_megatron.ffn.backends import available_backends
+print("available backends:", available_backends("cuda"))
+PY
+} 2>&1 | tee "$OUT/env.txt"
+
+status=0
+if [ "${GPU_TESTS:-1}" = "1" ]; then
+  echo "== GPU correctness tests (tests/backends)"
+  $PY -m pytest -q -rs -n "${TEST_WORKERS:-8}" -p no:cacheprovider tests/backends/test_backends_gpu.py \
+      tests/backends/test_reference_cpu.py 2>&1 | tee "$OUT/gpu_tests.log"
+  status=${PIPESTATUS[0]}
+  tail -n 3 "$OUT/gpu_tests.log" > "$OUT/gpu_tests_summary.txt"
+fi
+
+if [ "${BENCH:-1}" = "1" ]; then
+  echo "== ssd-bench ffn $*"
+  $PY -m ssd_megatron.bench ffn --out "$OUT/ffn.json" "$@" 2>&1 | tee "$OUT/bench.log"
+  bstatus=${PIPESTATUS[0]}
+  [ "$bstatus" = "0" ] || status=$bstatus
+fi
+[ -f "$OUT/gpu_tests_summary.txt" ] && { echo "== tests:"; cat "$OUT/gpu_tests_summary.txt"; }
+[ -f "$OUT/ffn.json" ] && $PY -c "
+import json, sys
+from ssd_megatron.bench.ffn import print_table
+print_table(json.load(open('$OUT/ffn.json')))"
+exit $status
