@@ -7,7 +7,7 @@ fp32 1e-4.
 import pytest
 import torch
 
-from backend_cases import compare, make_inputs, run, upcast
+from .backend_cases import compare, make_inputs, run, upcast
 from ssd_megatron.ffn.activations import ACTIVATIONS
 from ssd_megatron.ffn.backends import ReferenceBackend, available_backends, get_backend
 

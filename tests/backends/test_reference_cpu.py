@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from backend_cases import compare, make_inputs, run, upcast
+from .backend_cases import compare, make_inputs, run, upcast
 from ssd_megatron.errors import UserError
 from ssd_megatron.ffn.activations import ACTIVATIONS, apply_activation, is_glu
 from ssd_megatron.ffn.backends import BACKEND_NAMES, GroupedMMBackend, ReferenceBackend, get_backend
