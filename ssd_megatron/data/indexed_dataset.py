@@ -33,7 +33,7 @@ _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, n_seq, n_doc_i
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
           8: np.uint16}
 _CODES = {np.dtype(v): k for k, v in DTYPES.items()}
-_CHUNK = 1 << 16  # entries per buffered write: bounds writer memory regardless of corpus size
+_CHUNK = 1 << 13  # entries per buffered write: bounds writer memory (~0.3 MB) regardless of corpus size
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -91,19 +91,35 @@ class IndexedDatasetWriter:
         self.num_tokens = 0
         self._done = False
 
-    def add_document(self, ids) -> None:
+    def _tokens(self, ids) -> np.ndarray:
         arr = np.asarray(ids)
         if arr.ndim != 1:
-            raise ValueError("add_document expects a 1-D sequence of token ids")
-        if arr.size and self._max_id is not None and (arr.max() > self._max_id or arr.min() < 0):
-            raise ValueError(f"token id out of range for {self.dtype} (max id {int(arr.max())})")
-        self._bin_tmp.write(arr.astype(self.dtype, copy=False).tobytes())
-        self._sizes_buf[self._n_buf] = arr.size
-        self._n_buf += 1
-        self.num_docs += 1
-        self.num_tokens += int(arr.size)
-        if self._n_buf == _CHUNK:
-            self._flush_sizes()
+            raise ValueError("expected a 1-D sequence of token ids")
+        if arr.dtype != self.dtype and arr.size and self._max_id is not None and \
+                (arr.max() > self._max_id or arr.min() < 0):
+            raise ValueError(f"token id out of range for {self.dtype} (ids {int(arr.min())}..{int(arr.max())})")
+        return arr.astype(self.dtype, copy=False)
+
+    def add_document(self, ids) -> None:
+        self.add_documents(ids, [len(ids)])
+
+    def add_documents(self, flat_ids, lengths) -> None:
+        """Append several documents given as one flat token array plus their lengths (one write)."""
+        arr = self._tokens(flat_ids)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != arr.size:
+            raise ValueError(f"lengths sum to {int(lengths.sum())} but {arr.size} token ids were given")
+        self._bin_tmp.write(arr.tobytes())
+        done = 0
+        while done < len(lengths):
+            take = min(len(lengths) - done, _CHUNK - self._n_buf)
+            self._sizes_buf[self._n_buf:self._n_buf + take] = lengths[done:done + take]
+            self._n_buf += take
+            done += take
+            if self._n_buf == _CHUNK:
+                self._flush_sizes()
+        self.num_docs += len(lengths)
+        self.num_tokens += arr.size
 
     def _flush_sizes(self) -> None:
         self._sizes_tmp.write(self._sizes_buf[: self._n_buf].tobytes())

@@ -129,7 +129,21 @@ def is_valid_document(ordinal: int, valid_fraction: float) -> bool:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     z ^= z >> 31
-    return z < valid_fraction * 2.0 ** 64
+    return z < int(valid_fraction * 2.0 ** 64)
+
+
+def valid_mask(first_ordinal: int, count: int, valid_fraction: float) -> np.ndarray:
+    """`is_valid_document` for ordinals [first, first+count), vectorised (uint64 arithmetic wraps mod 2^64)."""
+    with np.errstate(over="ignore"):
+        z = np.arange(first_ordinal, first_ordinal + count, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    # Compare in integers: float64 cannot represent every uint64, and the split must match exactly.
+    threshold = int(valid_fraction * 2.0 ** 64)
+    if threshold >= 2 ** 64:
+        return np.ones(count, dtype=bool)
+    return z < np.uint64(threshold)
 
 
 # --- tokenisation workers -------------------------------------------------------------------------
@@ -296,19 +310,16 @@ def _write_splits(paths, doc_per, prefix, tok, pool, valid_fraction, total, prog
 
         results = ordered_map(_encode_chunk, texts_only(), pool)
         for flat, lengths in results:
-            start = 0
-            for n in lengths.tolist():
-                doc = flat[start:start + n]
-                start += n
-                if is_valid_document(stats.documents, valid_fraction):
-                    valid_w.add_document(doc)
-                    stats.valid_documents += 1
-                    stats.valid_tokens += n
-                else:
-                    train_w.add_document(doc)
-                    stats.train_documents += 1
-                    stats.train_tokens += n
-                stats.documents += 1
+            valid = valid_mask(stats.documents, len(lengths), valid_fraction)
+            token_valid = np.repeat(valid, lengths)
+            if valid.any():
+                valid_w.add_documents(flat[token_valid], lengths[valid])
+            train_w.add_documents(flat[~token_valid], lengths[~valid])
+            stats.documents += len(lengths)
+            stats.valid_documents += int(valid.sum())
+            stats.train_documents += int((~valid).sum())
+            stats.valid_tokens += int(lengths[valid].sum())
+            stats.train_tokens += int(lengths[~valid].sum())
             nbytes = byte_q.popleft()
             stats.input_bytes += nbytes
             bar.update(nbytes)
