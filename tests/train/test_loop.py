@@ -97,10 +97,11 @@ def _torchrun(tiny_data, run_dir, nproc, **extra):
     return p
 
 
-def test_ddp_two_ranks_match_single_and_resume_on_one(tiny_data, tmp_path, reference_run):
+@pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_single_and_resume_on_one(tiny_data, tmp_path, reference_run, data_parallel):
     ref_run, _ = reference_run
     ddp_run = tmp_path / "ddp"
-    _torchrun(tiny_data, ddp_run, 2, **{"parallel.backend": "gloo"})
+    _torchrun(tiny_data, ddp_run, 2, **{"parallel.backend": "gloo", "parallel.data_parallel": data_parallel})
     ref, ddp = _losses(ref_run), _losses(ddp_run)
     assert sorted(ddp) == sorted(ref)
     for s in ref:
