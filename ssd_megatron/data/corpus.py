@@ -39,8 +39,12 @@ def stdlib_files(max_files: int | None = None) -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise UserError(f"Python standard library directory {root} not found; configure data.path to your own data")
-    files = [p for p in sorted(root.rglob("*.py"))
-             if p.is_file() and not _EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Prune in place: site-packages alone can hold gigabytes of installed packages.
+        dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]
+        files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
+    files = sorted(f for f in files if f.is_file())
     return files[:max_files] if max_files is not None else files
 
 
