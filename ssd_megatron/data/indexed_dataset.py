@@ -81,10 +81,13 @@ class IndexedDatasetWriter:
             raise ValueError(f"unsupported dtype {self.dtype}")
         self._max_id = np.iinfo(self.dtype).max if self.dtype.kind in "iu" else None
         parent = Path(self.prefix).parent
-        parent.mkdir(parents=True, exist_ok=True)
         base = Path(self.prefix).name
-        self._bin_tmp = _open_temp(parent, base, "bin")
-        self._sizes_tmp = _open_temp(parent, base, "sizes")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._bin_tmp = _open_temp(parent, base, "bin")
+            self._sizes_tmp = _open_temp(parent, base, "sizes")
+        except OSError as e:
+            raise UserError(f"output {self.prefix}: cannot write in {parent} ({e.strerror})") from None
         self._sizes_buf = np.empty(_CHUNK, dtype=np.int32)
         self._n_buf = 0
         self.num_docs = 0

@@ -28,29 +28,43 @@ class PackedStream:
 
     A separator is added only after documents that don't already end in EOS (``--append-eos``
     corpora), and empty documents contribute nothing, so either way of preprocessing packs alike.
+    Whether documents end in EOS is decided from up to 1024 documents spread over the corpus; only if
+    those disagree is every document checked (one preprocessing run makes them all agree, and the full
+    check would read a page of ``.bin`` per document: the whole file, for a large corpus).
+    Memory: two integers per document (the packing order and cumulative ends).
     """
 
     def __init__(self, ds: IndexedDataset, eos_id: int, seed: int | None = None):
         self.ds, self.eos_id = ds, int(eos_id)
         sizes = np.asarray(ds.sizes, dtype=np.int64)
         n = len(sizes)
-        sep = np.zeros(n, dtype=np.int64)
+        sep = (sizes > 0).astype(np.int64)
         nonempty = np.flatnonzero(sizes > 0)
         if len(nonempty):
-            last = np.asarray(ds.tokens[ds.token_offsets[nonempty] + sizes[nonempty] - 1])
-            sep[nonempty] = last != self.eos_id
-        self.order = (np.arange(n, dtype=np.int64) if seed is None
-                      else np.random.default_rng([int(seed), _DOC_ORDER_TAG]).permutation(n))
-        self.doc_sizes = sizes[self.order]               # real tokens of the k-th packed document
-        self.doc_lens = self.doc_sizes + sep[self.order]  # ... plus its separator
-        self.ends = np.cumsum(self.doc_lens)
+            probe = nonempty[np.unique(np.linspace(0, len(nonempty) - 1, min(1024, len(nonempty))).astype(np.int64))]
+            ends_eos = self._ends_with_eos(probe, sizes)
+            if ends_eos.all():
+                sep[:] = 0
+            elif ends_eos.any():
+                sep[nonempty] = ~self._ends_with_eos(nonempty, sizes)
+        index_dtype = np.int32 if n < 2 ** 31 else np.int64
+        self.order = (np.arange(n, dtype=index_dtype) if seed is None
+                      else np.random.default_rng([int(seed), _DOC_ORDER_TAG]).permutation(n).astype(index_dtype))
+        self.ends = np.cumsum(sizes[self.order] + sep[self.order])
         self.total = int(self.ends[-1]) if n else 0
+
+    def _ends_with_eos(self, docs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        last = self.ds.tokens[self.ds.token_offsets[docs] + sizes[docs] - 1]
+        return np.asarray(last) == self.eos_id
+
+    def _start(self, k: np.ndarray) -> np.ndarray:
+        return np.where(k > 0, self.ends[np.maximum(k - 1, 0)], 0)
 
     def locate(self, positions) -> tuple[np.ndarray, np.ndarray]:
         """Vectorised: (packed document number, offset inside it) of each stream position."""
         positions = np.asarray(positions, dtype=np.int64)
         k = np.searchsorted(self.ends, positions, side="right")
-        return k, positions - (self.ends[k] - self.doc_lens[k])
+        return k, positions - self._start(k)
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Stream tokens [start, start+length) as int64."""
@@ -58,16 +72,17 @@ class PackedStream:
         k, off = (int(v) for v in self.locate(start))
         filled = 0
         while filled < length:
-            n_real = int(self.doc_sizes[k])
+            doc = int(self.order[k])
+            n_real = int(self.ds.sizes[doc])
             if off < n_real:
                 take = min(n_real - off, length - filled)
-                out[filled:filled + take] = self.ds.get(int(self.order[k]), off, take)
+                out[filled:filled + take] = self.ds.get(doc, off, take)
             else:  # the separator after document k
                 take = 1
                 out[filled] = self.eos_id
             filled += take
             off += take
-            if off >= int(self.doc_lens[k]):
+            if off >= int(self.ends[k]) - (int(self.ends[k - 1]) if k else 0):
                 k, off = k + 1, 0
         return out
 

@@ -47,6 +47,13 @@ def test_documents_already_ending_in_eos_are_not_doubled(tmp_path, special_ids, 
     a = CausalLMDataset(IndexedDataset(tmp_path / "a"), 16, special_ids, shuffle_documents=False)
     b = CausalLMDataset(IndexedDataset(tmp_path / "b"), 16, special_ids, shuffle_documents=False)
     assert len(a) == len(b) and all(np.array_equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(len(a)))
+    with IndexedDatasetWriter(tmp_path / "c", 1000) as w:  # mixed: every other document ends in EOS
+        for j, d in enumerate(docs):
+            w.add_document(np.append(d, special_ids.eos_id) if j % 2 else d)
+        w.add_document([])  # empty documents add nothing, not even a separator
+    c = CausalLMDataset(IndexedDataset(tmp_path / "c"), 16, special_ids, shuffle_documents=False)
+    assert c.stream.total == a.stream.total
+    assert all(np.array_equal(a[i]["labels"], c[i]["labels"]) for i in range(len(a)))
 
 
 def test_mlm_rates_and_special_tokens(data):
