@@ -100,7 +100,7 @@ class _WindowDataset:
         self.num_samples = max(0, (self.stream.total - (window - stride)) // stride)
         if self.num_samples == 0:
             raise UserError(f"indexed dataset {getattr(ds, 'prefix', ds)} has {self.stream.total} tokens, fewer "
-                            f"than one {self.objective} sample of seq_len {seq_len} needs ({window})")
+                            f"than one {self.objective} sample of data.seq_len={seq_len} needs ({window})")
 
     def __len__(self) -> int:
         return self.num_samples
@@ -140,7 +140,7 @@ class MaskedLMDataset(_WindowDataset):
     def __init__(self, ds, seq_len: int, tokenizer_ids, mask_rate: float = 0.15, seed: int = 0,
                  shuffle_documents: bool = True):
         if seq_len < 3:
-            raise UserError(f"model.seq_len: {seq_len} is too short for MLM (accepted: >= 3)")
+            raise UserError(f"data.seq_len: {seq_len} is too short for MLM (accepted: >= 3)")
         if not 0.0 < mask_rate < 1.0:
             raise UserError(f"data.mask_rate: {mask_rate} is not accepted (accepted: 0 < x < 1)")
         super().__init__(ds, seq_len - 2, seq_len - 2, tokenizer_ids, seed, shuffle_documents, seq_len)
@@ -185,7 +185,7 @@ def span_corruption_lengths(input_len: int, noise_density: float = 0.15, mean_sp
 
     raw = max(2, input_len - 1)
     if encoded(raw)[0] > input_len:
-        raise UserError(f"model.seq_len: {input_len} is too short for span corruption (accepted: >= 4)")
+        raise UserError(f"data.seq_len: {input_len} is too short for span corruption (accepted: >= 4)")
     while encoded(raw + 1)[0] <= input_len:
         raw += 1
     return raw, encoded(raw)[1]
@@ -212,17 +212,17 @@ class SpanCorruptionDataset(_WindowDataset):
     def __init__(self, ds, input_len: int, tokenizer_ids, noise_density: float = 0.15, mean_span: float = 3.0,
                  seed: int = 0, shuffle_documents: bool = True):
         if not 0.0 < noise_density < 1.0:
-            raise UserError(f"data.noise_density: {noise_density} is not accepted (accepted: 0 < x < 1)")
+            raise UserError(f"data.mask_rate (T5 noise density): {noise_density} is not accepted (accepted: 0 < x < 1)")
         if mean_span < 1.0:
-            raise UserError(f"data.mean_span: {mean_span} is not accepted (accepted: >= 1)")
+            raise UserError(f"data.mean_span_length: {mean_span} is not accepted (accepted: >= 1)")
         raw_len, target_len = span_corruption_lengths(input_len, noise_density, mean_span)
         noise, spans = _noise_counts(raw_len, noise_density, mean_span)
         ids = as_special_ids(tokenizer_ids)
         if spans > len(ids.sentinel_ids):
-            raise UserError(f"model.seq_len: {input_len} needs {spans} noise spans but the tokenizer has "
-                            f"{len(ids.sentinel_ids)} sentinels (accepted: a shorter seq_len or larger data.mean_span)")
+            raise UserError(f"data.seq_len: {input_len} needs {spans} noise spans but the tokenizer has "
+                            f"{len(ids.sentinel_ids)} sentinels (accepted: a shorter seq_len or larger data.mean_span_length)")
         if raw_len - noise < spans:
-            raise UserError(f"data.noise_density: {noise_density} leaves fewer kept tokens than spans "
+            raise UserError(f"data.mask_rate (T5 noise density): {noise_density} leaves fewer kept tokens than spans "
                             "(accepted: a smaller density)")
         super().__init__(ds, raw_len, raw_len, ids, seed, shuffle_documents, input_len)
         self.noise_density, self.mean_span = float(noise_density), float(mean_span)
@@ -259,7 +259,7 @@ def build_objective(arch: str, ds: IndexedDataset, tokenizer, seq_len: int, seed
     if kind is None:
         raise UserError(f"model.arch: {arch!r} has no data objective (accepted: {', '.join(ARCH_OBJECTIVE)})")
     if int(seq_len) < 2:
-        raise UserError(f"model.seq_len: {seq_len} is not accepted (accepted: an integer >= 2)")
+        raise UserError(f"data.seq_len: {seq_len} is not accepted (accepted: an integer >= 2)")
     if kind == "causal":
         return CausalLMDataset(ds, seq_len, tokenizer, seed=seed, shuffle_documents=shuffle_documents)
     if kind == "mlm":
