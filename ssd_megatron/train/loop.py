@@ -32,7 +32,7 @@ import torch
 
 from ..config import dump_config, save_config
 from ..errors import UserError
-from ..parallel.data_parallel import grad_sync, unwrap, wrap_data_parallel
+from ..parallel.data_parallel import compile_blocks, grad_sync, unwrap, wrap_data_parallel
 from ..parallel.distributed import (ParallelDims, all_gather_rows, all_reduce_sum, barrier, destroy_distributed,
                                     init_distributed, resolve_device)
 from .checkpoint import CheckpointManager, resolve_resume
@@ -97,6 +97,8 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, dims, device = self.cfg, self.dims, self.device
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside bf16 autocast
         seed_everything(cfg.train.seed)
         self.data = build_train_data(cfg, dims)
         from ..models import build_model
@@ -104,12 +106,11 @@ class Trainer:
         self.model = build_model(cfg.model, self.data.vocab_size).to(device)
         # The method must see the plain model (it swaps classes, holds FFN lists, registers hooks).
         self.method = build_method(cfg, self.model, group=dims.dp_group)
+        if cfg.train.compile:
+            compile_blocks(self.model)
         self.wrapped = wrap_data_parallel(
             self.model, dims, cfg.parallel, device,
             find_unused_parameters=bool(getattr(self.method, "needs_find_unused_parameters", False)))
-        if cfg.train.compile:
-            # In place: the module object (and everything that holds it) stays the same.
-            unwrap(self.wrapped).compile()
         self.optimizer = build_optimizer(self.model, cfg.optim, device)
         self.schedule = LRSchedule.from_config(cfg)
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, dims)

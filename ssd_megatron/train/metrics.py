@@ -143,10 +143,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.update(record["step"] + 1 - self._bar.n)
             self._bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['ppl']:.1f}",
                                   tok_s=f"{record['tokens_per_s']:.0f}", phase=record.get("phase", ""),
                                   refresh=False)
+            self._bar.update(record["step"] + 1 - self._bar.n)
         elif (record["step"] + 1) % self.cfg.train.log_interval == 0:
             self.print(f"step {record['step'] + 1}/{self.cfg.train.max_steps} | loss {record['loss']:.4f} | "
                        f"ppl {record['ppl']:.2f} | lr {record['lr']:.3g} | grad {record['grad_norm']:.3f} | "
