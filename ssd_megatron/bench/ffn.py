@@ -1,10 +1,12 @@
 """`ssd-bench ffn`: one FFN layer, dense vs the sparse (SSD) path on every available expert backend.
 
 The timed sparse path is everything a training step pays for the layer (mirrors SwitchableFFN):
-the expert weight gather through the permutation (`w_in.weight.index_select(0, rows)`,
-`w_out.weight.t().index_select(0, perm)`; differentiable, so its backward scatters the weight grads
-back), the centroids (mean of each expert's W_in gate rows), router scores `x @ c.T`, top-k, the
-straight-through gate `(s - s.detach()) + 1`, the backend, and the output bias.
+the expert weight gather through the permutation (differentiable: its backward brings the weight
+grads back to neuron order), the centroids (mean of each expert's W_in gate rows), router scores
+`x @ c.T`, top-k, the straight-through gate `(s - s.detach()) + 1`, the backend, and the output bias.
+The weight gather is `ffn.backends.weights.gather_expert_weights` (a permutation gather whose backward
+is a gather too) unless `--weight-gather index_select` (SwitchableFFN's `index_select` of W_in rows and
+W_out^T rows, whose backward is an atomic index_add: 0.3 ms at base, 3.6 ms at 8b on H100).
 
 Method (see the device tool's METHOD.md): bf16, CUDA events around each iteration, median of many,
 warm-up first, inputs and weights rotated over several independent layers so that nothing is served
@@ -68,7 +70,7 @@ class Layer:
         blocks = perm.view(N, self.E)
         self.rows = torch.cat([blocks, blocks + d_ff], 1).reshape(-1) if self.glu else perm
         self.noise = None
-        self.w2_mode = "t_index_select"
+        self.w2_mode = "permute"
 
     def params(self):
         return [p for p in (self.w_in, self.b_in, self.w_out, self.b_out) if p is not None]
@@ -78,12 +80,13 @@ class Layer:
 
     def expert_weights(self):
         N, E, D = self.N, self.E, self.D
+        if self.w2_mode == "permute":
+            from ..ffn.backends.weights import gather_expert_weights
+            return gather_expert_weights(self.w_in, self.b_in, self.w_out, self.perm, N, self.glu, rows=self.rows)
+        # what SwitchableFFN.expert_weights does today
         w1 = self.w_in.index_select(0, self.rows).view(N, -1, D)
         b1 = None if self.b_in is None else self.b_in.index_select(0, self.rows).view(N, -1)
-        if self.w2_mode == "t_index_select":  # what SwitchableFFN.expert_weights does
-            w2 = self.w_out.t().index_select(0, self.perm).view(N, E, D)
-        else:  # column gather: coalesced; [N, E, D] view with unit stride along E (the triton kernels take it)
-            w2 = self.w_out.index_select(1, self.perm).view(D, N, E).permute(1, 2, 0)
+        w2 = self.w_out.t().index_select(0, self.perm).view(N, E, D)
         return w1, b1, w2
 
     def route(self, x, w1, k):
@@ -158,6 +161,7 @@ class Case:
         self.noises = [1e4 * torch.rand(tokens, self.layers[0].N, generator=g, device=device).to(dtype)
                        for _ in range(rotations)]
         self.R = rotations
+        self.default_gather = "permute"
 
     def set_w2_mode(self, mode):
         for layer in self.layers:
@@ -186,6 +190,36 @@ class Case:
             x = self.xs[r].requires_grad_()
             f(self.layers[r], x).backward(self.dys[r])
         return run
+
+
+def _graphed(case, f, n_iter, fwd_only):
+    """Median ms of CUDA-graph replays of f (fwd, or fwd + autograd.grad): the GPU time without the
+    host's launch overhead. Only for sync-free paths; raises otherwise (capture fails on a sync)."""
+    graphs, keep = [], []
+    for r in range(case.R):
+        layer, x, dy = case.layers[r], case.xs[r], case.dys[r]
+        params = layer.params() + [x.requires_grad_()]
+
+        def step(layer=layer, x=x, dy=dy, params=params):
+            if fwd_only:
+                with torch.no_grad():
+                    return f(layer, x)
+            return torch.autograd.grad(f(layer, x), params, dy)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            keep.append(step())
+        graphs.append(g)
+    try:
+        return _time(lambda i: graphs[i % case.R].replay(), n_iter, 3)
+    finally:
+        del graphs, keep
+        torch.cuda.empty_cache()
 
 
 def _flops(shape, activation):
@@ -241,7 +275,7 @@ def _gather_only(case, mode, n_iter, n_warm):
     try:
         return _time(run, n_iter, n_warm, case.clear)
     finally:
-        case.set_w2_mode("t_index_select")
+        case.set_w2_mode(case.default_gather)
 
 
 def _err(a, b):
@@ -263,7 +297,11 @@ def _parse(argv):
     ap.add_argument("--routing", default="realistic,uniform")
     ap.add_argument("--no-breakdown", action="store_true", help="skip backend-only timings")
     ap.add_argument("--triton-variants", default="",
-                    help="extra triton entries, comma list of COMBINE[+colgather] (COMBINE: buffer|atomic32|atomic16)")
+                    help="extra triton entries: comma list of option sets like combine=atomic16+wgrad=gmm "
+                         "(combine: buffer|atomic32|atomic16; wgrad: triton|triton_mat|gmm)")
+    ap.add_argument("--weight-gather", default="permute", choices=("permute", "index_select"),
+                    help="expert weight gather in the timed path (see the module docstring)")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph (GPU-only) timings")
     ap.add_argument("--tune", action="store_true", help="time the triton tile candidates per shape (SSD_TRITON_TUNE=1)")
     ap.add_argument("--out", default=None, help="write the JSON results here")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # 'cpu': smoke test of this script
@@ -295,14 +333,15 @@ def main(argv=None) -> int:
     missing = [n for n in names if n not in avail]
     if missing:
         raise UserError(f"ssd-bench ffn: backends not available here: {missing} (available: {avail})")
-    backends = {n: (get_backend(n), "t_index_select") for n in names}
+    backends = {n: get_backend(n) for n in names}
     if args.triton_variants and "triton" in avail:
         from ..ffn.backends.triton_backend import TritonBackend
         for v in args.triton_variants.split(","):
-            combine, _, extra = v.partition("+")
-            if combine not in ("buffer", "atomic32", "atomic16") or extra not in ("", "colgather"):
-                raise UserError(f"ssd-bench ffn: bad --triton-variants entry {v!r}")
-            backends[f"triton[{v}]"] = (TritonBackend(combine), "column_gather" if extra else "t_index_select")
+            try:
+                opts = dict(kv.split("=", 1) for kv in v.split("+"))
+                backends[f"triton[{v}]"] = TritonBackend(**opts)
+            except (ValueError, TypeError) as exc:
+                raise UserError(f"ssd-bench ffn: bad --triton-variants entry {v!r}: {exc}") from exc
     device = torch.device(args.device)
     dtype = torch.bfloat16 if _CUDA else torch.float32
     try:
@@ -316,7 +355,10 @@ def main(argv=None) -> int:
         "cuda": torch.version.cuda, "tokens": args.tokens, "dtype": "bfloat16", "bias": True,
         "method": "CUDA events per iteration, median; fwd = forward only under no_grad (inference, k=K); "
                   "fwd_bwd = forward+backward; inputs and weights rotated over %d layers" % args.rotations,
-        "sparse_path": "weight gather through perm (index_select) + centroids + x@c.T + topk + gate trick + backend + b_out",
+        "sparse_path": f"weight gather through perm ({args.weight_gather}) + centroids + x@c.T + topk + gate trick "
+                       "+ backend + b_out",
+        "graph_note": "*_graph_ms: CUDA-graph replay of the same work (GPU time without host launch overhead); "
+                      "null where the path syncs with the host (reference, megablocks)",
         "records": [], "uniform_records": [], "breakdown": [], "routing_stats": {}, "flops": {}, "errors": [],
     }
     print(f"# {result['gpu']}  torch {result['torch']}  triton {triton_version}  backends {names}", flush=True)
@@ -326,19 +368,28 @@ def main(argv=None) -> int:
             key = f"{shape}/{act}"
             result["flops"][key] = _flops(shape, act)
             case = Case(shape, act, args.tokens, args.rotations, device, dtype)
+            case.default_gather = args.weight_gather
+            case.set_w2_mode(args.weight_gather)
             case.set_routing("realistic")
             result["routing_stats"][key] = _routing_stats(case.layers[0], case.xs[0])
             dense_f = _time(case.fwd(Layer.dense), n_iter, args.warmup)
             dense_fb = _time(case.fwd_bwd(Layer.dense), n_iter, args.warmup, case.clear)
-            print(f"{key:16s} dense       fwd {dense_f['median']:8.3f}  fwd+bwd {dense_fb['median']:8.3f} ms", flush=True)
+            dense_g = {"fwd": None, "fwd_bwd": None}
+            if _CUDA and not args.no_graphs:
+                try:
+                    dense_g = {"fwd": _graphed(case, Layer.dense, n_iter, True)["median"],
+                               "fwd_bwd": _graphed(case, Layer.dense, n_iter, False)["median"]}
+                except Exception as exc:
+                    result["errors"].append(f"{key} dense graph: {type(exc).__name__}: {str(exc)[:200]}")
+            print(f"{key:16s} dense       fwd {dense_f['median']:8.3f}  fwd+bwd {dense_fb['median']:8.3f} ms  "
+                  f"(graphs: {dense_g['fwd']} / {dense_g['fwd_bwd']})", flush=True)
             with torch.no_grad():
                 y_ref = case.layers[0].sparse(case.xs[0], get_backend("reference"))
             for routing in routings:
                 case.set_routing(routing)
-                for name, (be, w2_mode) in backends.items():
+                for name, be in backends.items():
                     it = n_iter if name not in ("reference", "megablocks") else max(5, n_iter // 4)
                     f = lambda layer, x, be=be: layer.sparse(x, be)  # noqa: E731
-                    case.set_w2_mode(w2_mode)
                     try:
                         tf = _time(case.fwd(f), it, args.warmup)
                         tfb = _time(case.fwd_bwd(f), it, args.warmup, case.clear)
@@ -356,20 +407,30 @@ def main(argv=None) -> int:
                     if routing == "realistic":
                         with torch.no_grad():
                             rec["fwd_rel_err_vs_reference"] = _err(case.layers[0].sparse(case.xs[0], be), y_ref)
-                    case.set_w2_mode("t_index_select")
+                    if _CUDA and dense_g["fwd"] is not None and name not in ("reference", "megablocks"):
+                        try:
+                            gf = _graphed(case, f, n_iter, True)["median"]
+                            gfb = _graphed(case, f, n_iter, False)["median"]
+                            rec.update({"fwd_graph_ms": gf, "fwd_bwd_graph_ms": gfb,
+                                        "dense_fwd_graph_ms": dense_g["fwd"], "dense_fwd_bwd_graph_ms": dense_g["fwd_bwd"],
+                                        "speedup_fwd_graph": dense_g["fwd"] / gf, "speedup_fwd_bwd_graph": dense_g["fwd_bwd"] / gfb})
+                        except Exception as exc:
+                            result["errors"].append(f"{key} {routing} {name} graph: {type(exc).__name__}: {str(exc)[:200]}")
                     (result["records"] if routing == "realistic" else result["uniform_records"]).append(rec)
+                    gs = (f"  graphs fwd {rec['fwd_graph_ms']:.3f} ({rec['speedup_fwd_graph']:.2f}x) fwd+bwd "
+                          f"{rec['fwd_bwd_graph_ms']:.3f} ({rec['speedup_fwd_bwd_graph']:.2f}x)") if "fwd_graph_ms" in rec else ""
                     print(f"{key:16s} {routing[:4]} {name:10s} fwd {tf['median']:8.3f} ({rec['speedup_fwd']:.2f}x)  "
-                          f"fwd+bwd {tfb['median']:8.3f} ({rec['speedup_fwd_bwd']:.2f}x)", flush=True)
+                          f"fwd+bwd {tfb['median']:8.3f} ({rec['speedup_fwd_bwd']:.2f}x){gs}", flush=True)
             case.set_routing("realistic")
             if not args.no_breakdown:
-                for mode in ("t_index_select", "column_gather"):
+                for mode in ("index_select", "permute"):
                     t = _gather_only(case, mode, n_iter, args.warmup)
                     result["breakdown"].append({"shape": shape, "activation": act, "part": f"weight_gather[{mode}]",
                                                 "fwd_bwd_ms": t["median"]})
                     print(f"{key:16s} weight gather {mode:15s} fwd+bwd {t['median']:8.3f} ms", flush=True)
                 for name in [n for n in backends if n != "reference"]:
                     try:
-                        t = _backend_only(case, backends[name][0], n_iter, args.warmup)
+                        t = _backend_only(case, backends[name], n_iter, args.warmup)
                     except Exception as exc:
                         result["errors"].append(f"{key} breakdown {name}: {type(exc).__name__}: {str(exc)[:300]}")
                         continue
@@ -405,19 +466,27 @@ def _save(result, path):
 def print_table(result, file=sys.stdout):
     print(f"\n== FFN layer, {result['tokens']} tokens, bf16, {result['gpu']}, {result['date']} "
           f"(ms, median; ratio = dense / sparse; realistic routing; 'unif' = uniform routing fwd+bwd)", file=file)
-    print(f"{'shape':5s} {'act':7s} {'backend':11s} {'fwd':>8s} {'x':>6s} {'fwd+bwd':>8s} {'x':>6s} {'unif':>6s}", file=file)
+    print(f"{'shape':5s} {'act':7s} {'backend':24s} {'fwd':>8s} {'x':>6s} {'fwd+bwd':>8s} {'x':>6s} {'unif':>6s} | "
+          f"{'graph fwd':>9s} {'x':>6s} {'fwd+bwd':>8s} {'x':>6s}", file=file)
     uni = {(r["shape"], r["activation"], r["backend"]): r for r in result["uniform_records"]}
     last = None
     for r in result["records"]:
         k = (r["shape"], r["activation"])
         if k != last:
-            print(f"{r['shape']:5s} {r['activation']:7s} {'dense':11s} {r['dense_fwd_ms']:8.3f} {'':6s} "
-                  f"{r['dense_fwd_bwd_ms']:8.3f}", file=file)
+            dg = ""
+            if r.get("dense_fwd_graph_ms") is not None:
+                dg = f" | {r['dense_fwd_graph_ms']:9.3f} {'':6s} {r['dense_fwd_bwd_graph_ms']:8.3f}"
+            print(f"{r['shape']:5s} {r['activation']:7s} {'dense':24s} {r['dense_fwd_ms']:8.3f} {'':6s} "
+                  f"{r['dense_fwd_bwd_ms']:8.3f} {'':6s} {'':6s}{dg}", file=file)
             last = k
         u = uni.get(k + (r["backend"],))
         us = f"{u['speedup_fwd_bwd']:5.2f}x" if u else ""
-        print(f"{'':5s} {'':7s} {r['backend']:11s} {r['fwd_ms']:8.3f} {r['speedup_fwd']:5.2f}x "
-              f"{r['fwd_bwd_ms']:8.3f} {r['speedup_fwd_bwd']:5.2f}x {us:>6s}", file=file)
+        g = ""
+        if "fwd_graph_ms" in r:
+            g = (f" | {r['fwd_graph_ms']:9.3f} {r['speedup_fwd_graph']:5.2f}x {r['fwd_bwd_graph_ms']:8.3f} "
+                 f"{r['speedup_fwd_bwd_graph']:5.2f}x")
+        print(f"{'':5s} {'':7s} {r['backend']:24s} {r['fwd_ms']:8.3f} {r['speedup_fwd']:5.2f}x "
+              f"{r['fwd_bwd_ms']:8.3f} {r['speedup_fwd_bwd']:5.2f}x {us:>6s}{g}", file=file)
     for e in result["errors"]:
         print("error:", e, file=file)
 

@@ -52,6 +52,17 @@ def test_fp32_matches_reference(backend, case):
     _check(backend, case, torch.float32, 1e-4)
 
 
+@pytest.mark.parametrize("opts", [{"combine": "atomic16"}, {"combine": "atomic32", "wgrad": "triton_mat"},
+                                  {"wgrad": "gmm"}], ids=["atomic16", "atomic32-mat", "gmm"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[9], CASES[12]], ids=[IDS[0], IDS[5], IDS[9], IDS[12]])
+def test_triton_variants_bf16(case, opts):
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
+    compare(run(TritonBackend(**opts), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
+
+
 @pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
 def test_no_host_sync(backend):
     """Forward + backward never waits on the host (no .item()/.tolist()/bincount on the hot path)."""

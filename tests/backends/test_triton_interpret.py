@@ -14,12 +14,13 @@ import sys
 import pytest
 import torch
 
-CASES = [
-    dict(activation="relu", T=37, routing="empty"),           # empty experts, partial tiles, bias
-    dict(activation="gelu", T=21, K=1, routing="skewed"),      # K=1, unbalanced
-    dict(activation="squared_relu", T=9, N=4, K=4),            # K=N
-    dict(activation="swiglu", T=19, bias=False, D=40),         # GLU, no bias, D not a tile multiple
-    dict(activation="reglu", T=13, N=3, E=24, K=2),            # E not a tile multiple
+CASES = [  # (inputs, TritonBackend options)
+    (dict(activation="relu", T=37, routing="empty"), {}),                       # empty experts, partial tiles
+    (dict(activation="gelu", T=21, K=1, routing="skewed"), {}),                 # K=1, unbalanced
+    (dict(activation="squared_relu", T=9, N=4, K=4), {"combine": "atomic16"}),  # K=N
+    (dict(activation="swiglu", T=19, bias=False, D=40), {"wgrad": "triton_mat"}),  # GLU, D not a tile multiple
+    (dict(activation="reglu", T=13, N=3, E=24, K=2), {"wgrad": "gmm", "combine": "atomic32"}),
+    (dict(activation="gelu_tanh", T=17, K=2), {}),
 ]
 TOL = 1e-5
 
@@ -32,10 +33,10 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
     tiny = (16, 16, 16, 1, 1)
     kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, down=tiny, wgrad=tiny)
     results = []
-    for case in CASES:
+    for case, opts in CASES:
         inp = make_inputs(dtype=torch.float32, **case)
         try:
-            errs = compare(run(TritonBackend(), inp), run(ReferenceBackend(), upcast(inp)), tol=float("inf"))
+            errs = compare(run(TritonBackend(**opts), inp), run(ReferenceBackend(), upcast(inp)), tol=float("inf"))
             results.append({"errors": errs})
         except Exception as exc:  # reported per case by the parent
             results.append({"exception": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -57,7 +58,7 @@ def interpret_results():
     return json.loads(line[-1][len("RESULTS "):])
 
 
-@pytest.mark.parametrize("i", range(len(CASES)), ids=[c["activation"] for c in CASES])
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[c["activation"] for c, _ in CASES])
 def test_triton_interpret_matches_reference(interpret_results, i):
     res = interpret_results[i]
     assert "exception" not in res, res.get("exception")

@@ -5,13 +5,14 @@ plan instead of from materialised copies (ScatterMoE's idea; the code here is ou
 
   up      out[r] = epilogue(X[token[r]] @ W[e]^T)        gather fused into the A-operand loads
           fwd: X = x,  W = w1 [N, F1, D]; epilogue = +b1, save h (pre-activation), a = act(h)
-          bwd: X = dy, W = w2 [N, E, D];  epilogue = da -> dgate partials (da . a) and
-               dh = gate * da * act'(h)   (GLU: the gate and up halves)
+          bwd: X = dy, W = w2 [N, E, D];  epilogue = da -> dgate partials (da . a),
+               dh = gate * da * act'(h) (GLU: the gate and up halves), ga = gate * a (the dW2 operand),
+               db1 += column sums of dh (fp32 atomics, one per column per tile)
   down    buf[order[r]] = scale[r] * (A[r] @ W[e])       scatter fused into the store
           fwd: A = a,  W = w2 (scale = gate) -> y  = buf.view(T, K, D).sum(1)
           bwd: A = dh, W = w1 (no scale)     -> dx = buf.view(T, K, D).sum(1)
-  wgrad   dW[e] = sum_{r in e} L[r]^T (scale[r] * R[token[r]])   (grouped weight gradients)
-          dW2: L = a,  R = dy (scale = gate);   dW1: L = dh, R = x, plus db1 = column sums of dh
+  wgrad   dW[e] = sum_{r in e} L[r]^T R[token[r]]       (grouped weight gradients; R gathered in-kernel
+          dW2: L = ga, R = dy;  dW1: L = dh, R = x     or pre-gathered, see TritonBackend(wgrad=...))
 
 Expert e owns sorted rows offsets[e]:offsets[e+1]. The M-tiles of `up`/`down` never straddle two
 experts: every program finds its (expert, first row) from the offsets with a vectorised cumsum over
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 ACT_CODES = {  # name -> (elementwise function code, GLU)
-    "relu": (0, False), "gelu": (1, False), "squared_relu": (2, False),
+    "relu": (0, False), "gelu": (1, False), "squared_relu": (2, False), "gelu_tanh": (4, False),
     "swiglu": (3, True), "geglu": (1, True), "reglu": (0, True),
 }
 
@@ -43,6 +44,9 @@ def _act(h, ACT: tl.constexpr):
     elif ACT == 2:
         r = tl.maximum(h, 0.0)
         out = r * r
+    elif ACT == 4:  # tanh-approximate GELU; tanh(u) = 2 sigmoid(2u) - 1
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        out = 0.5 * h * (2.0 * tl.sigmoid(2.0 * u))
     else:
         out = h * tl.sigmoid(h)
     return out
@@ -57,6 +61,10 @@ def _act_grad(h, ACT: tl.constexpr):
         out = cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
     elif ACT == 2:
         out = 2.0 * tl.maximum(h, 0.0)
+    elif ACT == 4:
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        out = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
     else:
         s = tl.sigmoid(h)
         out = s * (1.0 + h * (1.0 - s))
@@ -91,9 +99,12 @@ def _up_kernel(
     H, stride_h,                 # [M, F1] pre-activation: written fwd (SAVE_H), read bwd
     OUT, stride_o,               # fwd: a [M, E]; bwd: dh [M, F1]
     DGP,                         # bwd: [num_n, M] fp32 partial dgate (indexed by flat pair)
+    GA, stride_ga,               # bwd: [M, E] gate * a (operand of dW2)
+    DB, stride_db,               # bwd: [N, F1] fp32 bias grad (atomic column sums of dh)
     N, M, Din, E, num_n,
     BWD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SAVE_H: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    SAVE_H: tl.constexpr, STORE_GA: tl.constexpr, HAS_DB: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -170,13 +181,25 @@ def _up_kernel(
                 a = fa
             a = a.to(dt).to(tl.float32)
             tl.store(DGP + pid_n * M + pair, tl.sum(acc * a, 1), mask=rmask)
+            if STORE_GA:
+                tl.store(GA + rows64[:, None] * stride_ga + cols[None, :], (a * g[:, None]).to(dt), mask=omask)
             dact = acc * g[:, None]
             dp = OUT + rows64[:, None] * stride_o + cols[None, :]
+            dbp = DB + e.to(tl.int64) * stride_db + cols
             if GLU:
-                tl.store(dp, (dact * hu * _act_grad(h, ACT)).to(dt), mask=omask)
-                tl.store(dp + E, (dact * fa).to(dt), mask=omask)
+                dhg = (dact * hu * _act_grad(h, ACT)).to(dt)
+                dhu = (dact * fa).to(dt)
+                tl.store(dp, dhg, mask=omask)
+                tl.store(dp + E, dhu, mask=omask)
+                if HAS_DB:
+                    tl.atomic_add(dbp, tl.sum(tl.where(omask, dhg.to(tl.float32), 0.0), 0), mask=cmask, sem="relaxed")
+                    tl.atomic_add(dbp + E, tl.sum(tl.where(omask, dhu.to(tl.float32), 0.0), 0), mask=cmask,
+                                  sem="relaxed")
             else:
-                tl.store(dp, (dact * _act_grad(h, ACT)).to(dt), mask=omask)
+                dh = (dact * _act_grad(h, ACT)).to(dt)
+                tl.store(dp, dh, mask=omask)
+                if HAS_DB:
+                    tl.atomic_add(dbp, tl.sum(tl.where(omask, dh.to(tl.float32), 0.0), 0), mask=cmask, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- down (scatter GEMM)
@@ -237,13 +260,12 @@ def _down_kernel(
 
 @triton.jit
 def _wgrad_kernel(
-    L, stride_l,                 # [M, P] grouped rows (a or dh)
-    R, stride_r,                 # [T, Q] token-major (dy or x)
-    TOK, ORDER, GATE, OFFS,
+    L, stride_l,                 # [M, P] grouped rows (ga or dh)
+    R, stride_r,                 # GATHER: [T, Q] token-major (dy or x); else [M, Q] grouped rows
+    TOK, OFFS,
     DW, stride_de, stride_dp,    # [N, P, Q]
-    DB, stride_dbe,              # [N, P] column sums of L (bias grad)
     P, Q, num_p, num_q,
-    SCALE: tl.constexpr, HAS_DB: tl.constexpr, PREC: tl.constexpr,
+    GATHER: tl.constexpr, PREC: tl.constexpr,
     BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -260,27 +282,19 @@ def _wgrad_kernel(
     qm = qc < Q
     ks = tl.arange(0, BK)
     acc = tl.zeros((BP, BQ), dtype=tl.float32)
-    dbacc = tl.zeros((BP,), dtype=tl.float32)
     for r0 in range(start, end, BK):
         rows = r0 + ks
         rm = rows < end
-        l = tl.load(L + rows.to(tl.int64)[:, None] * stride_l + pc[None, :],
-                    mask=rm[:, None] & pm[None, :], other=0.0)
-        tok = tl.load(TOK + rows, mask=rm, other=0).to(tl.int64)
-        r = tl.load(R + tok[:, None] * stride_r + qc[None, :], mask=rm[:, None] & qm[None, :], other=0.0)
-        if SCALE:
-            pair = tl.load(ORDER + rows, mask=rm, other=0).to(tl.int64)
-            g = tl.load(GATE + pair, mask=rm, other=0.0).to(tl.float32)
-            r = (r.to(tl.float32) * g[:, None]).to(r.dtype)
-        acc = tl.dot(tl.trans(l), r, acc, input_precision=PREC)
-        if HAS_DB:
-            dbacc += tl.sum(l.to(tl.float32), 0)
-    e64 = e.to(tl.int64)
-    tl.store(DW + e64 * stride_de + pc[:, None] * stride_dp + qc[None, :], acc.to(DW.dtype.element_ty),
+        # L^T tile loaded transposed by address arithmetic ([BP, BK], contiguous along P)
+        lt = tl.load(L + rows.to(tl.int64)[None, :] * stride_l + pc[:, None], mask=rm[None, :] & pm[:, None], other=0.0)
+        if GATHER:
+            src = tl.load(TOK + rows, mask=rm, other=0).to(tl.int64)
+        else:
+            src = rows.to(tl.int64)
+        r = tl.load(R + src[:, None] * stride_r + qc[None, :], mask=rm[:, None] & qm[None, :], other=0.0)
+        acc = tl.dot(lt, r, acc, input_precision=PREC)
+    tl.store(DW + e.to(tl.int64) * stride_de + pc[:, None] * stride_dp + qc[None, :], acc.to(DW.dtype.element_ty),
              mask=pm[:, None] & qm[None, :])
-    if HAS_DB:
-        if qb == 0:
-            tl.store(DB + e64 * stride_dbe + pc, dbacc.to(DB.dtype.element_ty), mask=pm)
 
 
 # ----------------------------------------------------------------------------- configs and launchers
@@ -288,18 +302,20 @@ def _wgrad_kernel(
 # (BM|BP, BN|BQ, BK, num_warps, num_stages). Defaults are chosen per kernel from the H100 sweep recorded
 # in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per shape key instead.
 DEFAULTS = {
-    "up": (128, 64, 64, 4, 4),
+    "up": (128, 128, 64, 8, 3),
     "up_glu": (128, 64, 64, 8, 3),
     "up_bwd": (128, 64, 64, 4, 4),
     "down": (128, 128, 64, 8, 3),
-    "wgrad": (64, 128, 64, 4, 3),
+    "wgrad": (128, 128, 64, 8, 3),
+    "wgrad_mat": (128, 128, 64, 8, 3),
 }
 CANDIDATES = {  # the first entry is the default
     "up": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)],
     "up_glu": [(128, 64, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
     "up_bwd": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)],
     "down": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4)],
-    "wgrad": [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)],
+    "wgrad": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)],
+    "wgrad_mat": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)],
 }
 _FORCED: dict = {}
 _TUNED: dict = {}
@@ -363,9 +379,9 @@ def up_forward(x, w1, b1, plan, activation, save_h: bool):
         grid = ((triton.cdiv(M, BM) + N) * num_n,)
         _up_kernel[grid](
             x, x.stride(0), w1, w1.stride(0), w1.stride(1), w1.stride(2), bias, bias.stride(0),
-            plan.token, plan.order, a, plan.offsets, h, h.stride(0), a, a.stride(0), a,
+            plan.token, plan.order, a, plan.offsets, h, h.stride(0), a, a.stride(0), a, a, 0, a, 0,
             N, M, D, E, num_n,
-            BWD=False, ACT=act, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=save_h,
+            BWD=False, ACT=act, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=save_h, STORE_GA=False, HAS_DB=False,
             EVEN_K=D % BK == 0, EVEN_N=E % BN == 0, PREC=_prec(x),
             BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
 
@@ -373,31 +389,36 @@ def up_forward(x, w1, b1, plan, activation, save_h: bool):
     return a, (h if save_h else None)
 
 
-def up_backward(dy, w2, h, gate_flat, plan, activation):
-    """dh [M, F1] and the per-pair gate gradient [T*K] (fp32)."""
+def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: bool):
+    """dh [M, F1], the per-pair gate gradient [T*K] (fp32), ga = gate*a [M, E], db1 [N, F1] (fp32)."""
     act, glu = ACT_CODES[activation]
     M, N = plan.num_rows, plan.num_experts
     E, D = w2.shape[1], w2.shape[2]
     F1 = h.shape[1]
     dh = torch.empty(M, F1, device=dy.device, dtype=dy.dtype)
+    ga = torch.empty(M, E, device=dy.device, dtype=dy.dtype) if need_ga else dh
+    db = torch.empty(N, F1, device=dy.device, dtype=torch.float32) if need_db else dh
     state = {}
 
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg
         num_n = triton.cdiv(E, BN)
         dgp = torch.empty(num_n, M, device=dy.device, dtype=torch.float32)
+        if need_db:
+            db.zero_()
         grid = ((triton.cdiv(M, BM) + N) * num_n,)
         _up_kernel[grid](
             dy, dy.stride(0), w2, w2.stride(0), w2.stride(1), w2.stride(2), dh, 0,
             plan.token, plan.order, gate_flat, plan.offsets, h, h.stride(0), dh, dh.stride(0), dgp,
+            ga, ga.stride(0), db, db.stride(0),
             N, M, D, E, num_n,
-            BWD=True, ACT=act, GLU=glu, HAS_BIAS=False, SAVE_H=False,
+            BWD=True, ACT=act, GLU=glu, HAS_BIAS=False, SAVE_H=False, STORE_GA=need_ga, HAS_DB=need_db,
             EVEN_K=D % BK == 0, EVEN_N=E % BN == 0, PREC=_prec(dy),
             BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
         state["dgp"] = dgp
 
     launch(_pick("up_bwd", (D, E, str(dy.dtype)), launch))
-    return dh, state["dgp"].sum(0)
+    return dh, state["dgp"].sum(0), (ga if need_ga else None), (db if need_db else None)
 
 
 def down_scatter(a, w, plan, gate_flat, combine="buffer"):
@@ -434,23 +455,20 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer"):
     return out if K == 1 else out.view(T, K, Dout).sum(1)
 
 
-def wgrad(lhs, rhs, plan, gate_flat, out_dtype, with_bias_grad: bool):
-    """dW [N, P, Q] = per expert lhs_rows^T @ (gate *) rhs[token]; optionally db [N, P]."""
+def wgrad(lhs, rhs, plan, out_dtype, gathered: bool):
+    """dW [N, P, Q] = per expert lhs_rows^T @ rhs_rows; rhs rows are rhs[token[r]] when `gathered`
+    is False (the kernel gathers), else rhs is already in sorted-row order."""
     N = plan.num_experts
     P, Q = lhs.shape[1], rhs.shape[1]
     dw = torch.empty(N, P, Q, device=lhs.device, dtype=out_dtype)
-    db = torch.empty(N, P, device=lhs.device, dtype=out_dtype) if with_bias_grad else dw
-    gate = gate_flat if gate_flat is not None else dw
 
     def launch(cfg):
         BP, BQ, BK, nw, ns = cfg
         num_p, num_q = triton.cdiv(P, BP), triton.cdiv(Q, BQ)
         _wgrad_kernel[(N * num_p * num_q,)](
-            lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.order, gate, plan.offsets,
-            dw, dw.stride(0), dw.stride(1), db, db.stride(0) if with_bias_grad else 0,
-            P, Q, num_p, num_q,
-            SCALE=gate_flat is not None, HAS_DB=with_bias_grad, PREC=_prec(lhs),
-            BP=BP, BQ=BQ, BK=BK, num_warps=nw, num_stages=ns)
+            lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets,
+            dw, dw.stride(0), dw.stride(1), P, Q, num_p, num_q,
+            GATHER=not gathered, PREC=_prec(lhs), BP=BP, BQ=BQ, BK=BK, num_warps=nw, num_stages=ns)
 
-    launch(_pick("wgrad", (P, Q, str(lhs.dtype)), launch))
-    return dw, (db if with_bias_grad else None)
+    launch(_pick("wgrad" if not gathered else "wgrad_mat", (P, Q, str(lhs.dtype)), launch))
+    return dw

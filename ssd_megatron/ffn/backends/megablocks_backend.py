@@ -17,6 +17,7 @@ import torch
 
 from ...errors import UserError
 from ..activations import apply_activation
+from .grouped_mm import expert_bias_rows
 
 INSTALL_HINT = ("ssd.backend: megablocks needs the optional packages megablocks==0.10.0, grouped_gemm==0.3.0 and "
                 "stanford-stk (CUDA only); pip install --no-deps --no-build-isolation megablocks==0.10.0 "
@@ -71,6 +72,6 @@ class MegaBlocksBackend:
         xs = mops.gather(x.contiguous(), indices, bin_ids, bins, K)
         h = gg_ops.gmm(xs, w1.contiguous(), batch_sizes, True)
         if b1 is not None:
-            h = h + b1.index_select(0, bin_ids.long())
+            h = h + expert_bias_rows(b1, bin_ids.long())
         ys = gg_ops.gmm(apply_activation(h, activation), w2.contiguous(), batch_sizes, False)
         return mops.scatter(ys, indices, bin_ids, gate.reshape(-1).to(ys.dtype), bins, K)

@@ -22,8 +22,12 @@ class RoutingPlan:
     num_tokens: int
     order: torch.Tensor          # [M] int32: sorted row r -> flat pair index p = t*K + k
     token: torch.Tensor          # [M] int32: sorted row r -> token t
-    sorted_expert: torch.Tensor  # [M] int64: expert of sorted row r (non-decreasing)
+    sorted_expert32: torch.Tensor  # [M] int32: expert of sorted row r (non-decreasing)
     offsets: torch.Tensor        # [N+1] int32: expert e owns sorted rows offsets[e]:offsets[e+1]
+
+    @property
+    def sorted_expert(self) -> torch.Tensor:
+        return self.sorted_expert32.long()
 
     @property
     def num_rows(self) -> int:
@@ -46,7 +50,7 @@ def make_plan(topk_idx: torch.Tensor, num_experts: int) -> RoutingPlan:
         order32 = order.to(torch.int32)
         token = torch.div(order32, K, rounding_mode="floor")
     return RoutingPlan(num_experts=num_experts, top_k=K, num_tokens=T, order=order32, token=token,
-                       sorted_expert=sorted_expert.long(), offsets=offsets)
+                       sorted_expert32=sorted_expert, offsets=offsets)
 
 
 def inverse_order(plan: RoutingPlan) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """`triton` expert backend: fused gather/scatter grouped GEMMs (our own kernels, ScatterMoE-style).
 
 Forward: 1 routing sort + 2 kernels (+ the K-way sum of the scattered outputs). Backward: 4 kernels
-(up_bwd: da -> dh and dgate; wgrad x2; down for dx) + the K-way sum. No token copy is materialised and
-nothing syncs with the host. Kernels and tile configs live in `_triton_kernels` (imported on first use,
+(up_bwd: da -> dh, dgate, gate*a and db1; wgrad x2; down for dx) + the K-way sum. With the default
+options no token copy is materialised, and nothing syncs with the host. Kernels and tile configs live in `_triton_kernels` (imported on first use,
 so this module imports on machines without triton or CUDA).
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from ...errors import UserError
 from ..activations import ACTIVATIONS
+from .grouped_mm import _grouped_mm
 from .reference import ReferenceBackend
 from .routing import make_plan
 
@@ -40,35 +41,47 @@ def triton_available() -> bool:
 
 class _TritonExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, gate, topk_idx, activation, combine):
+    def forward(ctx, x, w1, b1, w2, gate, topk_idx, activation, combine, wgrad):
         k = _kernels()
-        T, K = topk_idx.shape
         plan = make_plan(topk_idx, w1.shape[0])
         gate_flat = gate.reshape(-1).contiguous()
         a, h = k.up_forward(x, w1, b1, plan, activation, save_h=True)
         y = k.down_scatter(a, w2, plan, gate_flat, combine)
-        ctx.save_for_backward(x, w1, w2, gate_flat, a, h, plan.order, plan.token, plan.offsets)
-        ctx.meta = (T, K, w1.shape[0], activation, b1 is not None, combine)
+        ctx.save_for_backward(x, w1, w2, gate_flat, h, plan.order, plan.token, plan.offsets)
+        T, K = topk_idx.shape
+        ctx.meta = (T, K, w1.shape[0], activation, b1 is not None, combine, wgrad)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         k = _kernels()
-        x, w1, w2, gate_flat, a, h, order, token, offsets = ctx.saved_tensors
-        T, K, N, activation, has_bias, combine = ctx.meta
+        x, w1, w2, gate_flat, h, order, token, offsets = ctx.saved_tensors
+        T, K, N, activation, has_bias, combine, wgrad = ctx.meta
         plan = _Plan(N, K, T, order, token, offsets)
         dy = dy.to(x.dtype).contiguous()
         need_x, need_w1, need_b1, need_w2, need_gate = ctx.needs_input_grad[:5]
-        dh, dgate = k.up_backward(dy, w2, h, gate_flat, plan, activation)
-        dx = dw1 = db1 = dw2 = None
+        dh, dgate, ga, db32 = k.up_backward(dy, w2, h, gate_flat, plan, activation,
+                                            need_ga=need_w2, need_db=has_bias and need_b1)
+        dw1 = dw2 = dx = None
         if need_w2:
-            dw2, _ = k.wgrad(a, dy, plan, gate_flat, w2.dtype, with_bias_grad=False)
-        if need_w1 or need_b1:
-            dw1, db1 = k.wgrad(dh, x, plan, None, w1.dtype, with_bias_grad=has_bias)
+            dw2 = _weight_grad(k, ga, dy, plan, w2.dtype, wgrad)
+        if need_w1:
+            dw1 = _weight_grad(k, dh, x, plan, w1.dtype, wgrad)
         if need_x:
             dx = k.down_scatter(dh, w1, plan, None, combine)
+        db1 = db32.to(w1.dtype) if db32 is not None else None
         dg = dgate.view(T, K).to(gate_flat.dtype) if need_gate else None
-        return dx, dw1, db1, dw2, dg, None, None, None
+        return dx, dw1, db1, dw2, dg, None, None, None, None
+
+
+def _weight_grad(k, lhs, rhs_tokens, plan, dtype, mode):
+    """dW[e] = lhs[rows of e]^T @ rhs_tokens[token of each row] (see TritonBackend's `wgrad`)."""
+    if mode == "triton":
+        return k.wgrad(lhs, rhs_tokens, plan, dtype, gathered=False)
+    rhs = rhs_tokens.index_select(0, plan.token)
+    if mode == "triton_mat":
+        return k.wgrad(lhs, rhs, plan, dtype, gathered=True)
+    return _grouped_mm(lhs.t(), rhs, offs=plan.offsets[1:])
 
 
 class _Plan:
@@ -85,15 +98,24 @@ def _inner_contiguous(w: torch.Tensor) -> torch.Tensor:
     return w if (w.stride(-1) == 1 or w.stride(-2) == 1) else w.contiguous()
 
 
+COMBINES = ("buffer", "atomic32", "atomic16")
+WGRADS = ("triton", "triton_mat", "gmm")
+
+
 class TritonBackend:
-    """combine: how the K expert outputs of a token are summed (see _triton_kernels.down_scatter)."""
+    """combine: how the K expert outputs of a token are summed (see _triton_kernels.down_scatter).
+    wgrad: how the grouped weight gradients are computed: "triton" (our kernel gathers the token rows),
+    "triton_mat" (rows pre-gathered by index_select, our kernel), "gmm" (pre-gathered, torch._grouped_mm).
+    """
 
     name = "triton"
 
-    def __init__(self, combine: str = "buffer"):
-        if combine not in ("buffer", "atomic32", "atomic16"):
-            raise ValueError(f"combine={combine!r}; accepted: buffer, atomic32, atomic16")
-        self.combine = combine
+    def __init__(self, combine: str = "buffer", wgrad: str = "triton"):
+        if combine not in COMBINES:
+            raise ValueError(f"combine={combine!r}; accepted: {', '.join(COMBINES)}")
+        if wgrad not in WGRADS:
+            raise ValueError(f"wgrad={wgrad!r}; accepted: {', '.join(WGRADS)}")
+        self.combine, self.wgrad = combine, wgrad
 
     def __call__(self, x, w1, b1, w2, topk_idx, gate, activation):
         if activation not in ACTIVATIONS:
@@ -108,7 +130,7 @@ class TritonBackend:
         gate = gate.to(x.dtype)
         tensors = (x, w1, b1, w2, gate)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return _TritonExperts.apply(x, w1, b1, w2, gate, topk_idx, activation, self.combine)
+            return _TritonExperts.apply(x, w1, b1, w2, gate, topk_idx, activation, self.combine, self.wgrad)
         # inference: no pre-activation saved
         k = _kernels()
         T, K = topk_idx.shape
