@@ -1,0 +1,463 @@
+"""Balanced k-means of FFN neurons (paper §4.2, eq. 3; appendix A "WCSS", "Clustering").
+
+Each neuron j is row j of W_i (for GLU the caller passes the concatenated [gate, up] rows). Rows are
+L2-normalised, then split into N clusters of exactly d_ff/N neurons by Lloyd iterations whose
+assignment step is a *balanced* assignment (each cluster takes exactly `size` rows) minimising the
+squared distance to the current centroids. WCSS (appendix A) is the sum of squared distances of the
+normalised rows to their cluster mean.
+
+Assignment methods (all exactly balanced; measured in docs/clustering.md):
+- "auction": forward auction (Bertsekas) for "similar objects": neurons bid for clusters, a full
+  cluster's price is its lowest held bid; all free neurons bid at once (Jacobi) so a round is a few
+  dense tensor ops. Prices are carried from one Lloyd iteration to the next, so after the first
+  iteration an assignment usually takes a handful of rounds.
+- "greedy": the global greedy (sort all (neuron, cluster) pairs by distance, take each pair while the
+  neuron is free and the cluster has room), computed as neuron-proposing deferred acceptance: when
+  both sides rank pairs by the same cost the stable matching is unique and equals the greedy one, and
+  deferred acceptance vectorises (a round = every free neuron proposes to its next-best cluster; each
+  cluster keeps its `size` best).
+- "sinkhorn": entropic OT (log-domain Sinkhorn, column potentials carried across iterations) gives
+  cluster potentials g; the greedy above on the adjusted cost `cost - g` rounds it to a hard partition.
+
+Everything runs on the weights' device in float32 with fixed-shape tensor ops; host syncs happen only
+for loop termination (every round/iteration on CPU, every few on GPU). Results are deterministic for
+fixed inputs, seed and device (stable sorts, no atomics: centroids are computed by sorting neurons by
+label and averaging `[N, size, d]` blocks).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ssd_megatron.errors import UserError
+
+BACKENDS = ("torch", "faiss")
+ASSIGNMENTS = ("auction", "greedy", "sinkhorn")
+DEFAULT_ASSIGNMENT = "greedy"  # chosen by measurement: docs/clustering.md
+DEFAULT_ITERS = 50
+
+
+@dataclass
+class ClusteringResult:
+    """Result of a balanced clustering of `n` neurons into `N` clusters of `n/N`.
+
+    `labels[j]` is the cluster of neuron (row) j, int64 on the input's device, canonical numbering
+    (clusters numbered in order of their smallest neuron id, so equal partitions give equal labels).
+    `centroids[c]` is the mean of cluster c's normalised rows (float32). `wcss` is appendix A's WCSS on
+    the normalised rows. `start` says which initialisation produced it ("cold" or "warm");
+    `candidates` maps each start that was run to its WCSS (cluster_neurons runs both).
+    """
+
+    labels: torch.Tensor
+    wcss: float
+    centroids: torch.Tensor
+    seconds: float
+    iterations: int = 0
+    start: str = "cold"
+    candidates: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# input handling
+
+
+def _check_args(w: torch.Tensor, n_clusters: int, backend: str, assignment: str) -> None:
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise UserError(f"clustering expects a 2-D weight matrix [d_ff, d_model], got {getattr(w, 'shape', type(w))}")
+    n = w.shape[0]
+    if not isinstance(n_clusters, int) or n_clusters < 1 or n_clusters > n or n % n_clusters:
+        raise UserError(
+            f"ssd.num_experts: cannot split {n} neurons into {n_clusters} equal experts "
+            f"(need a positive divisor of d_ff={n})"
+        )
+    if backend not in BACKENDS:
+        raise UserError(f"ssd.clustering_backend: unknown {backend!r}; accepted: {', '.join(BACKENDS)}")
+    if assignment not in ASSIGNMENTS:
+        raise UserError(f"ssd.assignment: unknown {assignment!r}; accepted: {', '.join(ASSIGNMENTS)}")
+
+
+def normalize_rows(w: torch.Tensor) -> torch.Tensor:
+    """float32 rows of unit L2 norm (zero rows stay zero)."""
+    return F.normalize(w.detach().to(torch.float32), dim=1)
+
+
+def _sync_every(device: torch.device) -> int:
+    # A termination check is a host sync: free on CPU, ~10-50 us on GPU; extra rounds are no-ops.
+    return 1 if device.type == "cpu" else 8
+
+
+# --------------------------------------------------------------------------------------------------
+# balanced assignment
+
+
+def _sortable(key: torch.Tensor) -> torch.Tensor:
+    """int64 with the same order as float32 `key` (IEEE bits, negatives flipped); in [0, 2^32)."""
+    bits = key.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, -(bits + (1 << 31)) - 1, bits) + (1 << 31)
+
+
+def _keep_best(cand_cluster: torch.Tensor, cand_key: torch.Tensor, size: int, k: int) -> torch.Tensor:
+    """Bool mask: for each cluster, the `size` candidates with the largest key (ties: lower index).
+
+    One int64 sort on (cluster, -key); rank within cluster = position - cluster start.
+    """
+    n = cand_cluster.numel()
+    composite = (cand_cluster << 32) + ((1 << 32) - 1 - _sortable(cand_key))
+    order = torch.sort(composite, stable=True).indices
+    counts = torch.bincount(cand_cluster, minlength=k)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n, device=cand_cluster.device)
+    return rank - starts[cand_cluster] < size
+
+
+def _top2(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(argmax, max, second max) along dim 1; two `max` passes (CPU topk is several times slower)."""
+    v1, i1 = values.max(dim=1)
+    v2 = values.scatter(1, i1[:, None], float("-inf")).max(dim=1).values
+    return i1, v1, v2
+
+
+def assign_greedy(cost: torch.Tensor, size: int, fixed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Global greedy balanced assignment (lowest-cost pairs first); returns labels `[n]`.
+
+    Computed by deferred acceptance, which gives exactly the greedy result (the stable matching is
+    unique when both sides rank pairs by the same cost); at most `k` proposals per neuron. `fixed`
+    (labels, -1 = free) pins neurons that are already placed; free neurons fill the remaining room.
+    """
+    n, k = cost.shape
+    pref = torch.argsort(cost, dim=1, stable=True)
+    ptr = torch.zeros(n, dtype=torch.long, device=cost.device)
+    rows = torch.arange(n, device=cost.device)
+    pinned = fixed is not None
+    if pinned:
+        is_fixed = fixed >= 0
+        inf = torch.full((n,), float("inf"), device=cost.device)
+    every = _sync_every(cost.device)
+    for rnd in range(n * k + 1):
+        cand = pref[rows, ptr.clamp_max(k - 1)]
+        key = -cost[rows, cand]
+        if pinned:
+            cand = torch.where(is_fixed, fixed, cand)
+            key = torch.where(is_fixed, inf, key)
+        keep = _keep_best(cand, key, size, k)
+        ptr = ptr + (~keep).long()
+        if (rnd + 1) % every == 0 and bool(keep.all()):
+            return cand
+    raise RuntimeError("greedy assignment did not converge")  # unreachable: proposals are finite
+
+
+def _mean_gap(cost: torch.Tensor) -> torch.Tensor:
+    """Mean gap between each row's best and second-best cost: the natural scale of a price."""
+    _, v1, v2 = _top2(-cost)
+    return (v1 - v2).mean() + 1e-12
+
+
+def assign_auction(cost: torch.Tensor, size: int, eps: float = 0.1, max_rounds: int = 100) -> torch.Tensor:
+    """Forward (Jacobi) auction, neurons bidding for cluster slots; returns labels `[n]`.
+
+    A free neuron bids on its best cluster k1 (value = -cost - price) the amount
+    `price(k1) + v1 - v2 + eps`; a cluster keeps its `size` highest bids; a full cluster's price is its
+    lowest kept bid. `eps` is relative to the mean best-to-second-best cost gap. If neurons are still
+    free after `max_rounds` (a Jacobi auction's tail of small price steps is long), they are placed by
+    the greedy on the price-adjusted cost `cost + price` into the remaining room.
+
+    Prices start at zero on every call: carrying them across Lloyd iterations was measured to slow
+    convergence (a forward auction only raises prices, so a cluster left overpriced by the previous
+    centroids stays underfull until every other price catches up).
+    """
+    n, k = cost.shape
+    if k == 1:
+        return torch.zeros(n, dtype=torch.long, device=cost.device)
+    eps_t = _mean_gap(cost) * eps
+    score = -cost
+    prices = torch.zeros(k, device=cost.device)
+    owner = torch.full((n,), -1, dtype=torch.long, device=cost.device)
+    held = torch.zeros(n, device=cost.device)
+    minus1 = torch.full_like(owner, -1)
+    every = _sync_every(cost.device)
+    done = False
+    for rnd in range(max_rounds):
+        free = owner < 0
+        best, _, v2 = _top2(score - prices)
+        bid = score.gather(1, best[:, None]).squeeze(1) - v2 + eps_t
+        cand = torch.where(free, best, owner)
+        key = torch.where(free, bid, held)
+        keep = _keep_best(cand, key, size, k)
+        owner = torch.where(keep, cand, minus1)
+        held = torch.where(keep, key, held)
+        kept_cl = torch.where(keep, cand, torch.full_like(cand, k))  # k = "dropped" bucket
+        full = torch.bincount(kept_cl, minlength=k + 1)[:k] == size
+        low = torch.full((k + 1,), float("inf"), device=cost.device).scatter_reduce(
+            0, kept_cl, held, reduce="amin", include_self=True
+        )[:k]
+        prices = torch.where(full, torch.maximum(low, prices), prices)
+        if (rnd + 1) % every == 0 and bool(keep.all()):
+            done = True
+            break
+    if done:
+        return owner
+    return assign_greedy(cost + prices[None, :], size, fixed=owner)
+
+
+class _SinkhornState:
+    def __init__(self, k: int, device: torch.device):
+        self.g = torch.zeros(k, device=device)
+
+
+def assign_sinkhorn(
+    cost: torch.Tensor,
+    size: int,
+    state: Optional[_SinkhornState] = None,
+    iters: int = 10,
+    reg: float = 0.3,
+) -> torch.Tensor:
+    """Entropic OT (rows mass 1, columns mass `size`), then greedy rounding on `cost - g`.
+
+    `reg` (the temperature) is relative to the mean best-to-second-best cost gap, so it is scale-free;
+    `state` carries the column potentials `g` between Lloyd iterations (warm start), which is what
+    lets a few iterations per call suffice.
+    """
+    n, k = cost.shape
+    if state is None:
+        state = _SinkhornState(k, cost.device)
+    temp = _mean_gap(cost) * reg
+    c = cost / temp
+    g = state.g / temp
+    log_size = math.log(size)
+    for _ in range(iters):
+        f = -torch.logsumexp(g[None, :] - c, dim=1)
+        g = log_size - torch.logsumexp(f[:, None] - c, dim=0)
+    state.g = (g - g.mean()) * temp
+    return assign_greedy(cost - state.g[None, :], size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Lloyd iterations
+
+
+def _sq_cost(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """||x - c||^2 - ||x||^2 = ||c||^2 - 2 x.c  (`[n, k]`); the dropped term is constant per row."""
+    return (centroids * centroids).sum(1)[None, :] - 2.0 * (x @ centroids.T)
+
+
+def _balanced_means(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    order = torch.argsort(labels, stable=True)
+    return x[order].view(k, -1, x.shape[1]).mean(dim=1)
+
+
+def _means_from_labels(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Cluster means for arbitrary (possibly unbalanced) labels, deterministic (no atomics)."""
+    onehot = F.one_hot(labels, k).to(x.dtype)  # [n, k]
+    counts = onehot.sum(0)
+    sums = onehot.T @ x
+    return sums / counts.clamp_min(1.0)[:, None], counts
+
+
+def wcss(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, normalize: bool = True) -> float:
+    """Appendix A WCSS: sum over clusters of squared distances of (normalised) rows to the cluster mean.
+
+    Accumulated per cluster in float64; works for unbalanced labels too.
+    """
+    x = normalize_rows(x) if normalize else x.to(torch.float32)
+    labels = labels.to(device=x.device, dtype=torch.long)
+    means, _ = _means_from_labels(x, labels, n_clusters)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    chunk = max(1, (1 << 24) // max(1, x.shape[1]))
+    for s in range(0, x.shape[0], chunk):
+        diff = x[s : s + chunk] - means[labels[s : s + chunk]]
+        total += (diff.double() ** 2).sum()
+    return float(total)
+
+
+def _kmeans_pp(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """k-means++ seeding with CPU-generated uniforms (same picks on every device), no host syncs."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    u = torch.rand(k, generator=gen, dtype=torch.float64).to(x.device)
+    n = x.shape[0]
+    first = (u[0] * n).long().clamp_max(n - 1)
+    cents = [x[first]]
+    d2 = ((x - cents[0]) ** 2).sum(1).double()
+    for i in range(1, k):
+        cdf = torch.cumsum(d2, 0)
+        idx = torch.searchsorted(cdf, (u[i] * cdf[-1]).reshape(1)).clamp_max(n - 1)
+        c = x[idx].squeeze(0)
+        cents.append(c)
+        d2 = torch.minimum(d2, ((x - c) ** 2).sum(1).double())
+    return torch.stack(cents)
+
+
+def _lloyd_unbalanced(x: torch.Tensor, cents: torch.Tensor, iters: int) -> torch.Tensor:
+    k = cents.shape[0]
+    for _ in range(iters):
+        labels = _sq_cost(x, cents).argmin(1)
+        means, counts = _means_from_labels(x, labels, k)
+        cents = torch.where(counts[:, None] > 0, means, cents)  # an empty cluster keeps its centroid
+    return cents
+
+
+def _faiss_kmeans(x: torch.Tensor, k: int, seed: int, iters: int) -> torch.Tensor:
+    try:
+        import faiss  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise UserError(
+            "ssd.clustering_backend: 'faiss' selected but faiss is not installed "
+            "(pip install faiss-cpu, or faiss-gpu); or use 'torch'"
+        ) from e
+    import numpy as np
+
+    data = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+    use_gpu = x.is_cuda and hasattr(faiss, "StandardGpuResources")
+    km = faiss.Kmeans(
+        data.shape[1], k, niter=iters, nredo=1, seed=int(seed) & 0x7FFFFFFF, gpu=bool(use_gpu),
+        max_points_per_centroid=max(256, data.shape[0] // k + 1), verbose=False,
+    )
+    km.train(data)
+    return torch.from_numpy(np.array(km.centroids, dtype=np.float32)).to(x.device)
+
+
+def _canonical(labels: torch.Tensor, cents: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Renumber clusters by their smallest neuron id (stable, representation-independent labels)."""
+    n = labels.numel()
+    first = torch.full((k,), n, dtype=torch.long, device=labels.device).scatter_reduce(
+        0, labels, torch.arange(n, device=labels.device), reduce="amin", include_self=True
+    )
+    order = torch.argsort(first, stable=True)  # new id i <- old id order[i]
+    new_id = torch.empty_like(order)
+    new_id[order] = torch.arange(k, device=labels.device)
+    return new_id[labels], cents[order]
+
+
+def _refine(
+    x: torch.Tensor, cents: torch.Tensor, size: int, iters: int, assignment: str, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """Balanced Lloyd iterations from `cents`; returns the best (labels, centroids, objective, iters)."""
+    k = cents.shape[0]
+    n = x.shape[0]
+    sq_norm = float((x.double() ** 2).sum())
+    state = _SinkhornState(k, x.device)
+    best = (None, None, math.inf)
+    prev_labels = None
+    stall = 0
+    it = 0
+    for it in range(1, iters + 1):
+        cost = _sq_cost(x, cents)
+        if assignment == "auction":
+            labels = assign_auction(cost, size)
+        elif assignment == "greedy":
+            labels = assign_greedy(cost, size)
+        else:
+            labels = assign_sinkhorn(cost, size, state)
+        cents = _balanced_means(x, labels, k)
+        # WCSS of balanced means: sum ||x||^2 - size * sum ||c||^2 (tracking only; reported WCSS is direct).
+        obj = sq_norm - size * float((cents.double() ** 2).sum())
+        if obj < best[2] - 1e-9 * max(1.0, abs(obj)):
+            improved = best[2] - obj
+            best = (labels, cents, obj)
+            stall = 0 if improved > tol * max(1.0, abs(obj)) else stall + 1
+        else:
+            stall += 1
+        if prev_labels is not None and torch.equal(labels, prev_labels):
+            break
+        if stall >= 3:
+            break
+        prev_labels = labels
+    return best[0], best[1], best[2], it
+
+
+def balanced_kmeans(
+    w: torch.Tensor,
+    n_clusters: int,
+    *,
+    init_labels: Optional[torch.Tensor] = None,
+    init_centroids: Optional[torch.Tensor] = None,
+    iters: int = DEFAULT_ITERS,
+    seed: int = 0,
+    backend: str = "torch",
+    assignment: str = DEFAULT_ASSIGNMENT,
+    init_iters: int = 10,
+    tol: float = 1e-5,
+    normalize: bool = True,
+) -> ClusteringResult:
+    """Balanced k-means of the L2-normalised rows of `w` `[n, d]` into `n_clusters` clusters of `n/N`.
+
+    Initial centroids: the means implied by `init_labels` (warm start), else `init_centroids`, else a
+    cold start: k-means++ (seeded) plus `init_iters` unbalanced Lloyd steps (backend "torch", on `w`'s
+    device) or faiss k-means with `init_iters` iterations (backend "faiss"). Then at most `iters`
+    balanced Lloyd iterations with the chosen `assignment`; stops early when labels repeat or WCSS
+    stops improving (relative `tol` for 3 iterations); returns the best iterate.
+    """
+    _check_args(w, n_clusters, backend, assignment)
+    t0 = time.perf_counter()
+    x = normalize_rows(w) if normalize else w.detach().to(torch.float32)
+    n = x.shape[0]
+    k = n_clusters
+    size = n // k
+    start = "cold"
+    if init_labels is not None:
+        lab = torch.as_tensor(init_labels).to(device=x.device, dtype=torch.long).reshape(-1)
+        if lab.numel() != n or int(lab.min()) < 0 or int(lab.max()) >= k:
+            raise ValueError(f"init_labels must be {n} ints in [0, {k}), got {tuple(lab.shape)}")
+        cents, _ = _means_from_labels(x, lab, k)
+        start = "warm"
+    elif init_centroids is not None:
+        cents = init_centroids.to(device=x.device, dtype=torch.float32)
+        start = "warm"
+    elif backend == "faiss":
+        cents = _faiss_kmeans(x, k, seed, max(1, init_iters))
+    else:
+        cents = _lloyd_unbalanced(x, _kmeans_pp(x, k, seed), init_iters)
+    if k == 1:
+        labels = torch.zeros(n, dtype=torch.long, device=x.device)
+        cents, iters_run = x.mean(0, keepdim=True), 0
+    else:
+        labels, cents, _, iters_run = _refine(x, cents, size, max(1, iters), assignment, tol)
+    labels, cents = _canonical(labels, cents, k)
+    value = wcss(x, labels, k, normalize=False)
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return ClusteringResult(
+        labels=labels, wcss=value, centroids=cents, seconds=time.perf_counter() - t0,
+        iterations=iters_run, start=start, candidates={start: value},
+    )
+
+
+def cluster_neurons(
+    w: torch.Tensor,
+    n_clusters: int,
+    prev_labels: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> ClusteringResult:
+    """Paper eq. 3: cold start, plus a warm start from `prev_labels` when given; keep the lower WCSS.
+
+    `kwargs` go to `balanced_kmeans` (iters, seed, backend, assignment, ...). The result's `start` says
+    which won and `candidates` holds both WCSS values; ties go to the warm start (keeps labels stable).
+    By construction the returned WCSS is never above the cold start's.
+    """
+    t0 = time.perf_counter()
+    kwargs.pop("init_labels", None)
+    cold = balanced_kmeans(w, n_clusters, **kwargs)
+    best = cold
+    cands = {"cold": cold.wcss}
+    if prev_labels is not None:
+        warm = balanced_kmeans(w, n_clusters, init_labels=prev_labels, **kwargs)
+        cands["warm"] = warm.wcss
+        if warm.wcss <= cold.wcss:
+            best = warm
+    best.candidates = cands
+    best.seconds = time.perf_counter() - t0
+    return best
+
+
+def labels_to_permutation(labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """`expert_perm` for `SwitchableFFN`: neurons of expert c are `perm[c*E:(c+1)*E]`, ascending ids."""
+    labels = labels.to(torch.long)
+    counts = torch.bincount(labels, minlength=n_clusters)
+    if counts.numel() != n_clusters or bool((counts != labels.numel() // n_clusters).any()):
+        raise ValueError(f"labels are not a balanced partition into {n_clusters} clusters: {counts.tolist()}")
+    return torch.argsort(labels, stable=True)
