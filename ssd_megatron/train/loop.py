@@ -45,6 +45,10 @@ from .metrics import MetricsLogger, safe_ppl, truncate_metrics
 from .optimizer import build_optimizer
 
 
+MAX_CONSECUTIVE_SKIPS = 5
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+
 def autocast_context(device: torch.device, precision: str):
     """bf16 autocast on CUDA (auto) or when asked for; fp32 otherwise."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -169,8 +173,11 @@ class Trainer:
         lr = self.schedule.apply(self.optimizer, step)
         micro = next(self.train_iter)
         local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro)
-        gathered = all_gather_rows(torch.tensor([local_tokens, phase_code(phase)], dtype=torch.int64,
-                                                device=dims.comm_device), dims).cpu()
+        # One collective for three agreements: the loss denominator, the phase, and whether any rank
+        # was asked to stop (SIGTERM from a scheduler reaches ranks at different times).
+        gathered = all_gather_rows(torch.tensor([local_tokens, phase_code(phase), int(self.stop_signal is not None)],
+                                                dtype=torch.int64, device=dims.comm_device), dims).cpu()
+        self.stop_agreed = bool(gathered[:, 2].any())
         codes = gathered[:, 1].tolist()
         if len(set(codes)) != 1:
             raise RuntimeError(f"step {step}: ranks disagree on the phase (this rank: {phase!r}; codes by rank: "
@@ -193,7 +200,15 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
+        finite = math.isfinite(float(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:  # an inf/nan gradient would poison every weight: drop this update instead
+            self.bad_steps += 1
+            if self.bad_steps >= MAX_CONSECUTIVE_SKIPS:
+                raise RuntimeError(f"step {step}: non-finite gradient norm {MAX_CONSECUTIVE_SKIPS} steps in a row; "
+                                   "lower optim.lr or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         self.consumed = self.train_iter.consumed_samples
         method_metrics = self.method.after_step(step) or {}
@@ -213,6 +228,8 @@ class Trainer:
                "grad_norm": float(grad_norm), "phase": phase, "tokens": self.tokens,
                "target_tokens": global_tokens, "tokens_per_s": in_tokens / dt, "step_time": dt,
                "flops": flops, "flops_total": self.flops_total, "consumed_samples": self.consumed}
+        if not finite:
+            rec["skipped"] = True
         if extra_acc is not None:
             rec["extra_loss"] = float(sums[1]) / (self.accum * dims.dp_size)
         if self.peak is not None:
@@ -248,6 +265,36 @@ class Trainer:
                  "vocab_size": self.data.vocab_size}
         self.ckpt.save(done_steps, self.wrapped, self.optimizer, state, dump_config(self.cfg))
 
+    # ------------------------------------------------------------------ signals
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM/SIGINT/SIGUSR1 (scheduler preemption, Ctrl-C): finish the step, checkpoint, exit cleanly."""
+        import signal
+        import threading
+
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            self.stop_signal = signal.Signals(signum).name
+
+        previous = {}
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        import signal
+
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
     # ------------------------------------------------------------------ run
 
     def run(self) -> dict:
@@ -257,6 +304,9 @@ class Trainer:
         self._build()
         self._resume()
         self.peak = peak_flops(self.device)
+        self.bad_steps = 0
+        self.stop_signal = None
+        self.stop_agreed = False
         self.t_start = time.perf_counter()
         logger = MetricsLogger(self.run_dir, cfg, enabled=dims.is_main, start_step=self.step,
                                config_dict=cfg.to_dict())
@@ -267,7 +317,8 @@ class Trainer:
                      f"x {dims.dp_size}"
                      + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""))
         last_train, last_valid = None, None
-        last_saved = self.step if self.resumed_from is not None else -1
+        stopped_at = None
+        previous_handlers = self._install_signal_handlers()
         try:
             for step in range(self.step, cfg.train.max_steps):
                 rec = self.train_step(step)
@@ -283,17 +334,22 @@ class Trainer:
                     logger.print(f"validation at step {done}: loss {last_valid['valid_loss']:.4f}, "
                                  f"ppl {last_valid['valid_ppl']:.2f}"
                                  + (f", acc {last_valid['valid_acc']:.3f}" if "valid_acc" in last_valid else ""))
-                if done % cfg.checkpoint.interval == 0 or done == cfg.train.max_steps:
+                if done % cfg.checkpoint.interval == 0 or done == cfg.train.max_steps or self.stop_agreed:
                     self.save(done)
-                    last_saved = done
-            if last_saved != cfg.train.max_steps and self.step < cfg.train.max_steps:
-                self.save(cfg.train.max_steps)
+                if self.stop_agreed and done < cfg.train.max_steps:
+                    stopped_at = done
+                    logger.print(f"stopping at step {done} on signal {self.stop_signal or 'from another rank'}; "
+                                 f"checkpoint saved, resume with the same command")
+                    break
         finally:
+            self._restore_signal_handlers(previous_handlers)
             logger.close()
         wall = self.elapsed_before + (time.perf_counter() - self.t_start)
         summary = {"run_dir": str(self.run_dir), "steps": cfg.train.max_steps, "method": cfg.method,
                    "arch": cfg.model.arch, "tokens": self.tokens, "flops": self.flops_total, "wall_time": wall,
                    "world_size": dims.world_size}
+        if stopped_at is not None:
+            summary["stopped_at"] = stopped_at
         if last_train is not None:
             summary["loss"] = last_train["loss"]
         if last_valid is None and dims.is_main and self.resumed_from is not None:

@@ -88,6 +88,29 @@ def test_resume_is_bit_exact(tiny_data, tmp_path, reference_run, monkeypatch):
     assert [r["valid_loss"] for r in _records(ref_run, "valid")] == [r["valid_loss"] for r in _records(run, "valid")]
 
 
+def test_sigterm_checkpoints_and_stops_then_resumes_exactly(tiny_data, tmp_path, reference_run, monkeypatch):
+    import signal
+
+    ref_run, _ = reference_run
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_data, run, **{"checkpoint.interval": 100})
+    real_step = loop_mod.Trainer.train_step
+
+    def preempted(self, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, mid-run
+        return real_step(self, step)
+
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", preempted)
+    summary = loop_mod.train(cfg)
+    assert summary["stopped_at"] == 2
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000002"]
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", real_step)
+    loop_mod.train(cfg)
+    assert _losses(run) == _losses(ref_run)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
 def _torchrun(tiny_data, run_dir, nproc, **extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
