@@ -46,7 +46,7 @@ def build_ours(shape: dict, device, phase: str, backend: str, seed: int = 0):
     if phase == "sparse":
         from ..ffn.backends import get_backend
 
-        be = get_backend(backend, device=device) if _accepts_device() else get_backend(backend)
+        be = get_backend(backend, device=device)
         g = torch.Generator().manual_seed(seed)
         for ffn in model.ffn_layers():
             ffn.configure_experts(shape["experts"], shape["top_k"])
@@ -55,14 +55,6 @@ def build_ours(shape: dict, device, phase: str, backend: str, seed: int = 0):
             ffn.set_backend(be)
             ffn.set_mode("sparse")
     return model
-
-
-def _accepts_device() -> bool:
-    import inspect
-
-    from ..ffn.backends import get_backend
-
-    return "device" in inspect.signature(get_backend).parameters
 
 
 def build_hf(shape: dict, device, seed: int = 0):
@@ -121,7 +113,7 @@ def time_training(model, forward, shape: dict, device, steps: int, warmup: int, 
         _sync(device)
         times.append(time.perf_counter() - t)
     return {"step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
-            "warmup_s": warm_s, "loss": float(loss), "steps": steps}
+            "warmup_s": warm_s, "loss": float(loss.detach()), "steps": steps}
 
 
 def _sync(device):
@@ -146,7 +138,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ssd-bench step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shape for a CPU smoke test")
     ap.add_argument("--phase", choices=["dense", "sparse", "both"], default="dense")
-    ap.add_argument("--backend", default="auto", help="expert backend for the sparse phase")
+    from ..ffn.backends import BACKEND_NAMES
+
+    ap.add_argument("--backend", default="auto", choices=list(BACKEND_NAMES), help="expert backend for the sparse phase")
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
