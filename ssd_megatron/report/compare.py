@@ -275,7 +275,7 @@ def _ratio(a, b) -> Optional[float]:
 def _fmt_flops(x: Optional[float]) -> str:
     if x is None:
         return "—"
-    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
             return f"{x / scale:.3g}{unit}"
     return f"{x:.3g}"
