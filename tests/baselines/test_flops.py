@@ -53,8 +53,8 @@ def _measured(model, m, batch):
     return fc.get_total_flops()
 
 
-CASES = [("dense", 0), ("smoe", 0), ("moe_dropout", 0), ("moe_dropout", 50), ("moe_dropout", 100),
-         ("pld", 0), ("pld", 30), ("pld", 60)]
+# moe_dropout at 50 is sparse (2 < k < 8), at 100 dense (k = N); pld at 0 keeps all, at 30 drops some.
+CASES = [("dense", 0), ("smoe", 0), ("moe_dropout", 50), ("moe_dropout", 100), ("pld", 0), ("pld", 30)]
 
 
 @pytest.mark.parametrize("arch", ["gpt", "bert", "t5"])
@@ -69,5 +69,4 @@ def test_step_flops_match_flop_counter(arch, method, step):
 def test_cases_exercise_sparse_and_dropped_steps():
     _, _, m, _ = _setup("gpt", "moe_dropout", 50)
     assert 2 < m.k < 8
-    for s in (30, 60):
-        assert len(_setup("t5", "pld", s)[2].layers_kept()) < 5
+    assert len(_setup("t5", "pld", 30)[2].layers_kept()) < 5
