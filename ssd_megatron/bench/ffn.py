@@ -135,18 +135,21 @@ def _time(fn, n_iter, n_warm, pre=None):
             pre(i)
         fn(i)
     _sync()
-    evs = []
+    evs, host = [], []
     for i in range(n_iter):
         if pre:
             pre(i)
         s, e = _event(), _event()
+        t0 = time.perf_counter()
         s.record()
         fn(i)
         e.record()
+        host.append((time.perf_counter() - t0) * 1e3)
         evs.append((s, e))
     _sync()
     ts = [s.elapsed_time(e) for s, e in evs]
-    return {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts)}
+    return {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts),
+            "host_median": statistics.median(host)}
 
 
 class Case:
@@ -278,6 +281,29 @@ def _gather_only(case, mode, n_iter, n_warm):
         case.set_w2_mode(case.default_gather)
 
 
+def _profile(case, backend, label, out):
+    """torch.profiler over a few fwd+bwd iterations: where the GPU and the host spend their time."""
+    from torch.profiler import ProfilerActivity, profile
+    run = case.fwd_bwd(lambda layer, x: layer.sparse(x, backend))
+    for i in range(3):
+        case.clear(i)
+        run(i)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(5):
+            case.clear(i)
+            run(i)
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    gpu = ka.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+    cpu = ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
+    text = f"\n#### {label}: 5 x fwd+bwd\n## by GPU time\n{gpu}\n## by host time\n{cpu}\n"
+    if out:
+        with open(os.path.join(os.path.dirname(os.path.abspath(out)), "profile.txt"), "a") as fh:
+            fh.write(text)
+    print("\n".join(gpu.splitlines()[:22]), flush=True)
+
+
 def _err(a, b):
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm()).item()
@@ -302,6 +328,8 @@ def _parse(argv):
     ap.add_argument("--weight-gather", default="permute", choices=("permute", "index_select"),
                     help="expert weight gather in the timed path (see the module docstring)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph (GPU-only) timings")
+    ap.add_argument("--profile", default="", help="comma list of backends to run under torch.profiler (fwd+bwd, "
+                    "realistic routing) per shape/activation; tables go to OUT_DIR/profile.txt")
     ap.add_argument("--tune", action="store_true", help="time the triton tile candidates per shape (SSD_TRITON_TUNE=1)")
     ap.add_argument("--out", default=None, help="write the JSON results here")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # 'cpu': smoke test of this script
@@ -420,8 +448,12 @@ def main(argv=None) -> int:
                     gs = (f"  graphs fwd {rec['fwd_graph_ms']:.3f} ({rec['speedup_fwd_graph']:.2f}x) fwd+bwd "
                           f"{rec['fwd_bwd_graph_ms']:.3f} ({rec['speedup_fwd_bwd_graph']:.2f}x)") if "fwd_graph_ms" in rec else ""
                     print(f"{key:16s} {routing[:4]} {name:10s} fwd {tf['median']:8.3f} ({rec['speedup_fwd']:.2f}x)  "
-                          f"fwd+bwd {tfb['median']:8.3f} ({rec['speedup_fwd_bwd']:.2f}x){gs}", flush=True)
+                          f"fwd+bwd {tfb['median']:8.3f} ({rec['speedup_fwd_bwd']:.2f}x) host {tf['host_median']:.3f}/"
+                          f"{tfb['host_median']:.3f}{gs}", flush=True)
             case.set_routing("realistic")
+            for name in [n for n in args.profile.split(",") if n]:
+                if name in backends and _CUDA:
+                    _profile(case, backends[name], f"{key} {name}", args.out)
             if not args.no_breakdown:
                 for mode in ("index_select", "permute"):
                     t = _gather_only(case, mode, n_iter, args.warmup)

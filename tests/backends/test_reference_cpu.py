@@ -125,3 +125,19 @@ def test_backend_modules_import_without_gpu_packages():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr + out.stdout
     assert "ssd.backend: triton needs" in out.stdout and "ssd.backend: megablocks needs" in out.stdout
+
+
+@pytest.mark.parametrize("glu", [False, True])
+def test_gather_expert_weights_matches_index_select(glu):
+    from ssd_megatron.ffn.backends.weights import gather_expert_weights
+    D, d_ff, N = 5, 12, 3
+    w_in = torch.randn(d_ff * (2 if glu else 1), D, dtype=torch.float64, requires_grad=True)
+    b_in = torch.randn(w_in.shape[0], dtype=torch.float64, requires_grad=True)
+    w_out = torch.randn(D, d_ff, dtype=torch.float64, requires_grad=True)
+    perm = torch.randperm(d_ff)
+    w1, b1, w2 = gather_expert_weights(w_in, b_in, w_out, perm, N, glu)
+    E = d_ff // N
+    rows = torch.cat([perm.view(N, E), perm.view(N, E) + d_ff], 1).reshape(-1) if glu else perm
+    assert torch.equal(w1, w_in[rows].view(N, -1, D)) and torch.equal(b1, b_in[rows].view(N, -1))
+    assert torch.equal(w2, w_out.t()[perm].view(N, E, D))
+    torch.autograd.gradcheck(lambda a, b, c: gather_expert_weights(a, b, c, perm, N, glu), (w_in, b_in, w_out))

@@ -332,13 +332,22 @@ def _tuning() -> bool:
     return os.environ.get("SSD_TRITON_TUNE", "0") == "1"
 
 
+def _default(base: str, key: tuple):
+    """Untuned choice: the winners of the H100 sweep (docs/kernels.md) by problem size."""
+    if base == "up_bwd" and key[0] >= 2048:       # long reduction (D): wider tiles
+        return (128, 128, 64, 8, 3)
+    if base == "wgrad" and key[1] <= 1024:        # few (expert, tile) programs: smaller P tiles
+        return (64, 128, 64, 4, 4)
+    return DEFAULTS[base]
+
+
 def _pick(kind: str, key: tuple, launch):
     """The config for `kind` at `key`; when tuning, time each candidate once with `launch(cfg)`."""
     if kind in _FORCED:
         return _FORCED[kind]
     base = kind.split(":")[0]
     if not _tuning() or os.environ.get("TRITON_INTERPRET") == "1":
-        return DEFAULTS[base]
+        return _default(base, key)
     k = (kind,) + key
     if k not in _TUNED:
         from triton.testing import do_bench

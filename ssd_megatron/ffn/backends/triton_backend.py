@@ -103,15 +103,17 @@ WGRADS = ("triton", "triton_mat", "gmm")
 
 
 class TritonBackend:
-    """combine: how the K expert outputs of a token are summed (see _triton_kernels.down_scatter).
+    """combine: how the K expert outputs of a token are summed (see _triton_kernels.down_scatter);
+    default: "atomic16" (fastest measured; bf16 adds in place, like the reference's index_add, so not
+    bitwise reproducible), "buffer" when torch.are_deterministic_algorithms_enabled().
     wgrad: how the grouped weight gradients are computed: "triton" (our kernel gathers the token rows),
     "triton_mat" (rows pre-gathered by index_select, our kernel), "gmm" (pre-gathered, torch._grouped_mm).
     """
 
     name = "triton"
 
-    def __init__(self, combine: str = "buffer", wgrad: str = "triton"):
-        if combine not in COMBINES:
+    def __init__(self, combine: str = None, wgrad: str = "triton"):
+        if combine is not None and combine not in COMBINES:
             raise ValueError(f"combine={combine!r}; accepted: {', '.join(COMBINES)}")
         if wgrad not in WGRADS:
             raise ValueError(f"wgrad={wgrad!r}; accepted: {', '.join(WGRADS)}")
@@ -130,10 +132,15 @@ class TritonBackend:
         gate = gate.to(x.dtype)
         tensors = (x, w1, b1, w2, gate)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return _TritonExperts.apply(x, w1, b1, w2, gate, topk_idx, activation, self.combine, self.wgrad)
+            return _TritonExperts.apply(x, w1, b1, w2, gate, topk_idx, activation, self._combine(), self.wgrad)
         # inference: no pre-activation saved
         k = _kernels()
         T, K = topk_idx.shape
         plan = make_plan(topk_idx, w1.shape[0])
         a, _ = k.up_forward(x, w1, b1, plan, activation, save_h=False)
-        return k.down_scatter(a, w2, plan, gate.reshape(-1).contiguous(), self.combine)
+        return k.down_scatter(a, w2, plan, gate.reshape(-1).contiguous(), self._combine())
+
+    def _combine(self) -> str:
+        if self.combine is not None:
+            return self.combine
+        return "buffer" if torch.are_deterministic_algorithms_enabled() else "atomic16"

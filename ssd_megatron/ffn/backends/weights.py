@@ -9,7 +9,24 @@ along E; the triton, grouped_mm and reference backends take it without a copy.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
+
+# id(idx) -> (weakref to idx, its _version when inverted, inverse). The permutation changes only when
+# the clustering does (an in-place copy_, which bumps _version): the inverse is computed once per clustering.
+_INVERSES: dict = {}
+
+
+def inverse_permutation(idx: torch.Tensor) -> torch.Tensor:
+    hit = _INVERSES.get(id(idx))
+    if hit is not None and hit[0]() is idx and hit[1] == idx._version:
+        return hit[2]
+    inv = torch.empty_like(idx)
+    inv[idx] = torch.arange(idx.numel(), device=idx.device, dtype=idx.dtype)
+    key = id(idx)
+    _INVERSES[key] = (weakref.ref(idx, lambda _r, key=key: _INVERSES.pop(key, None)), idx._version, inv)
+    return inv
 
 
 class _PermuteGather(torch.autograd.Function):
@@ -17,16 +34,13 @@ class _PermuteGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, idx, dim):
-        ctx.save_for_backward(idx)
+        ctx.idx = idx  # not saved_tensors: the inverse cache is keyed by this very tensor
         ctx.dim = dim
         return w.index_select(dim, idx)
 
     @staticmethod
     def backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        inv = torch.empty_like(idx)
-        inv[idx] = torch.arange(idx.numel(), device=idx.device, dtype=idx.dtype)
-        return grad.index_select(ctx.dim, inv), None, None
+        return grad.index_select(ctx.dim, inverse_permutation(ctx.idx)), None, None
 
 
 def permute_gather(w: torch.Tensor, idx: torch.Tensor, dim: int = 0) -> torch.Tensor:
