@@ -173,6 +173,8 @@ def raw_token_streams(cfg) -> tuple[np.ndarray, np.ndarray, int]:
 
     def flat(p):
         ds = IndexedDataset(p)
+        if getattr(ds, "tokens", None) is not None:  # the whole .bin as one memmap: no copy per document
+            return np.asarray(ds.tokens)
         return np.concatenate([np.asarray(ds[i]) for i in range(len(ds))]) if len(ds) else np.zeros(0, np.int64)
 
     return flat(prefix + "_train"), flat(prefix + "_valid"), vocab
