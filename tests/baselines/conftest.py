@@ -27,3 +27,14 @@ def tiny_data(tmp_path_factory):
     prefix = str(d / "data")
     preprocess([src], tok, prefix, valid_fraction=0.15, append_eos=True, progress=False, log=None)
     return {"prefix": prefix, "tokenizer": tok}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest, and immune to OpenMP spin contention on a busy CI box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
