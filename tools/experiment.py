@@ -52,7 +52,7 @@ PRESETS = {
     "tiny": dict(n_layers=2, d_model=64, n_heads=2, d_ff=384, seq_len=64, global_batch=8, micro_batch=8,
                  steps=60, lr=3e-3, warmup=6, eval_points=3, eval_batches=2, vocab=1024, max_mb=3,
                  sentences=50_000, ssd_experts=8, ssd_k=2, device="cpu", stdlib_only=True,
-                 valid_fraction=0.05),
+                 valid_fraction=0.05, threads=1),
 }
 
 
@@ -132,8 +132,11 @@ def build_corpus(work: Path, p: dict, force: bool, workers: int) -> tuple[str, s
     return str(prefix), str(tok_prefix) + ".model"
 
 
+THREADS: dict = {}
+
+
 def run(cmd: list[str], logfile: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **THREADS)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     if logfile is None:
         return subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=timeout)
@@ -243,7 +246,7 @@ def train_method(method: str, work: Path, p: dict, data: tuple[str, str], args, 
 
 def sweep_k(method: str, run_dir: Path, work: Path, deadline: Deadline) -> str:
     """Figure 4a's k sweep through `ssd-eval --sweep-k`, where that option exists."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **THREADS)
     helptext = subprocess.run([sys.executable, "-m", "ssd_megatron", "eval", "--help"], env=env, cwd=ROOT,
                               capture_output=True, text=True).stdout
     if "--sweep-k" not in helptext:
@@ -281,7 +284,7 @@ def report(work: Path, out: Path, p: dict, args) -> dict:
             "final_ppl": row["final_ppl"], "ppl_vs_dense": row.get("ppl_vs_baseline"),
             "train_flops": row["train_flops"], "flops_vs_dense": _inv(row.get("flops_speedup")),
             "step_time_s": row["step_time_s"], "time_vs_dense": _inv(row.get("time_speedup")),
-            "wall_time_s": row["wall_time_s"], "phases": row["phases"], "sweep": summ.get("sweep")})
+            "wall_time_s": row["wall_time_s"], "wall_vs_dense": _inv(row.get("wall_speedup")), "phases": row["phases"], "sweep": summ.get("sweep")})
     results = {"preset": args.preset, "device": device, "date": time.strftime("%Y-%m-%d"),
                "settings": p, "compile": bool(args.compile), "backend": args.backend,
                "configs": {m: (work / "configs" / f"{m}.yaml").read_text()
@@ -295,12 +298,14 @@ def report(work: Path, out: Path, p: dict, args) -> dict:
     print(f"## {args.preset} experiment on {device}: {p['steps']} steps x {p['global_batch']} x {p['seq_len']} "
           f"tokens, GPT {p['n_layers']}x{p['d_model']} d_ff {p['d_ff']}")
     print()
-    print("| method | steps | final ppl | ppl / dense | train FLOPs | FLOPs / dense | step time | time / dense | phases |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| method | steps | final ppl | ppl / dense | train FLOPs | FLOPs / dense | step time | time / dense "
+          "| wall time | wall / dense | phases |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for t in table:
         steps = f"{t['steps']}" + ("" if t["complete"] else " (cut)")
         print(f"| {t['method']} | {steps} | {_f(t['final_ppl'])} | {_f(t['ppl_vs_dense'], 3)} | {t['train_flops']:.3e} | "
               f"{_f(t['flops_vs_dense'], 3)} | {t['step_time_s']:.1f}s | {_f(t['time_vs_dense'], 3)} | "
+              f"{t['wall_time_s']:.1f}s | {_f(t['wall_vs_dense'], 3)} | "
               f"{', '.join(f'{k}:{v}' for k, v in t['phases'].items())} |")
     log(f"report: {out}/compare.md, results.json, fig3_ppl_vs_train_flops.png, fig4a_ppl_vs_inference_flops.png")
     return results
@@ -343,6 +348,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto", help="expert backend for the MoE methods (ssd.backend)")
     ap.add_argument("--compile", action="store_true", help="torch.compile every method (default off, for all)")
     ap.add_argument("--workers", type=int, default=max(1, min(16, os.cpu_count() or 1)))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads per training process (OMP_NUM_THREADS; the tiny preset uses 1: tiny matmuls "
+                         "gain nothing from more, and OpenMP spinning collapses on a shared machine)")
     ap.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
     ap.add_argument("--deadline-minutes", type=float, default=None,
                     help="start no run that cannot finish, cut a run at, and write the report by this time")
@@ -352,6 +360,9 @@ def main(argv=None) -> int:
     if args.steps:
         p["steps"] = args.steps
         p["warmup"] = min(p["warmup"], max(1, args.steps // 20))
+    threads = args.threads or p.get("threads")
+    if threads:
+        THREADS.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     work = Path(args.work or ROOT / "runs" / f"experiment_{args.preset}").resolve()
     out = Path(args.out or os.environ.get("OUT") or work / "out").resolve()
     stages = STAGES if "all" in args.stages else [s for s in STAGES if s in args.stages]
