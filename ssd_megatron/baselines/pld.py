@@ -48,6 +48,10 @@ class PLDBlock:
     _pld_keep = True
     _pld_prob = 1.0
 
+    # The keep/drop branch runs outside torch.compile (the block's own forward is still compiled, as
+    # its own frame): traced, every drawn pattern of kept layers would be a new graph and a whole-model
+    # compile would exhaust its recompile limit within a few steps.
+    @torch.compiler.disable(recursive=False)
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not (self.training and self._pld_active):
             return super().forward(x, *args, **kwargs)
