@@ -34,22 +34,39 @@ def make_inputs(T=37, D=32, E=16, N=4, K=2, activation="relu", bias=True, dtype=
                 topk_idx=idx.to(device), dy=dy.to(device=device, dtype=dtype), activation=activation)
 
 
+def with_column_view_w2(inp):
+    """w2 as the [N, E, D] view of a [D, N*E] (nn.Linear W_out-like) leaf, as weights.gather_expert_weights
+    hands it to the backends (unit stride along E)."""
+    w2 = inp["w2"].detach()
+    leaf = w2.permute(2, 0, 1).contiguous().requires_grad_()  # [D, N, E]
+    out = dict(inp)
+    out["w2_leaf"] = leaf
+    out["w2"] = leaf.permute(1, 2, 0)
+    return out
+
+
 def upcast(inp, dtype=torch.float64):
     out = dict(inp)
+    out.pop("w2_leaf", None)
     for k in ("x", "w1", "b1", "w2", "gate", "dy"):
         if out[k] is not None:
-            out[k] = out[k].detach().to(dtype).requires_grad_(k != "dy")
+            out[k] = out[k].detach().to(dtype).contiguous().requires_grad_(k != "dy")
     return out
 
 
 def run(backend, inp):
     """(y, {name: grad}) of one forward + backward with the given output gradient."""
+    leaf = inp.get("w2_leaf")
     for k in GRAD_NAMES:
-        if inp[k] is not None:
+        if inp[k] is not None and inp[k].is_leaf:
             inp[k].grad = None
+    if leaf is not None:
+        leaf.grad = None
     y = backend(inp["x"], inp["w1"], inp["b1"], inp["w2"], inp["topk_idx"], inp["gate"], inp["activation"])
     y.backward(inp["dy"])
-    grads = {k: inp[k].grad.detach().clone() for k in GRAD_NAMES if inp[k] is not None}
+    grads = {k: inp[k].grad.detach().clone() for k in GRAD_NAMES if inp[k] is not None and inp[k].is_leaf}
+    if leaf is not None:
+        grads["w2"] = leaf.grad.permute(1, 2, 0).detach().clone()
     return y.detach(), grads
 
 

@@ -7,7 +7,7 @@ fp32 1e-4.
 import pytest
 import torch
 
-from .backend_cases import compare, make_inputs, run, upcast
+from .backend_cases import compare, make_inputs, run, upcast, with_column_view_w2
 from ssd_megatron.ffn.activations import ACTIVATIONS
 from ssd_megatron.ffn.backends import ReferenceBackend, available_backends, get_backend
 
@@ -61,6 +61,16 @@ def test_triton_variants_bf16(case, opts):
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
     compare(run(TritonBackend(**opts), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[12]], ids=[IDS[0], IDS[4], IDS[12]])
+@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
+def test_w2_as_column_view(backend, case):
+    """w2 as weights.gather_expert_weights passes it (a strided view of W_out's columns), grads included."""
+    if backend not in AVAILABLE:
+        pytest.skip(f"{backend} not available here")
+    inp = with_column_view_w2(make_inputs(device="cuda", dtype=torch.bfloat16, **case))
+    compare(run(get_backend(backend), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
 
 
 @pytest.mark.parametrize("backend", ["grouped_mm", "triton"])

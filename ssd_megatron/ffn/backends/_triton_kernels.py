@@ -263,7 +263,7 @@ def _wgrad_kernel(
     L, stride_l,                 # [M, P] grouped rows (ga or dh)
     R, stride_r,                 # GATHER: [T, Q] token-major (dy or x); else [M, Q] grouped rows
     TOK, OFFS,
-    DW, stride_de, stride_dp,    # [N, P, Q]
+    DW, stride_de, stride_dp, stride_dq,  # [N, P, Q], any strides (laid out like the weight it grads)
     P, Q, num_p, num_q,
     GATHER: tl.constexpr, PREC: tl.constexpr,
     BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
@@ -293,8 +293,8 @@ def _wgrad_kernel(
             src = rows.to(tl.int64)
         r = tl.load(R + src[:, None] * stride_r + qc[None, :], mask=rm[:, None] & qm[None, :], other=0.0)
         acc = tl.dot(lt, r, acc, input_precision=PREC)
-    tl.store(DW + e.to(tl.int64) * stride_de + pc[:, None] * stride_dp + qc[None, :], acc.to(DW.dtype.element_ty),
-             mask=pm[:, None] & qm[None, :])
+    tl.store(DW + e.to(tl.int64) * stride_de + pc[:, None] * stride_dp + qc[None, :] * stride_dq,
+             acc.to(DW.dtype.element_ty), mask=pm[:, None] & qm[None, :])
 
 
 # ----------------------------------------------------------------------------- configs and launchers
@@ -309,12 +309,12 @@ DEFAULTS = {
     "wgrad": (128, 128, 64, 8, 3),
     "wgrad_mat": (128, 128, 64, 8, 3),
 }
-CANDIDATES = {  # the first entry is the default
-    "up": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)],
-    "up_glu": [(128, 64, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
-    "up_bwd": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)],
-    "down": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4)],
-    "wgrad": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)],
+CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=1 (see docs/kernels.md)
+    "up": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4)],
+    "up_glu": [(128, 64, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (256, 64, 64, 8, 3)],
+    "up_bwd": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 4), (64, 64, 64, 4, 4)],
+    "down": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3)],
+    "wgrad": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4)],
     "wgrad_mat": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)],
 }
 _FORCED: dict = {}
@@ -464,19 +464,20 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer"):
     return out if K == 1 else out.view(T, K, Dout).sum(1)
 
 
-def wgrad(lhs, rhs, plan, out_dtype, gathered: bool):
+def wgrad(lhs, rhs, plan, like, gathered: bool):
     """dW [N, P, Q] = per expert lhs_rows^T @ rhs_rows; rhs rows are rhs[token[r]] when `gathered`
-    is False (the kernel gathers), else rhs is already in sorted-row order."""
+    is False (the kernel gathers), else rhs is already in sorted-row order. dW gets the strides of the
+    weight `like` (e.g. the [N, E, D] view of W_out's columns): its grad then flows back without a copy."""
     N = plan.num_experts
     P, Q = lhs.shape[1], rhs.shape[1]
-    dw = torch.empty(N, P, Q, device=lhs.device, dtype=out_dtype)
+    dw = torch.empty_strided(like.shape, like.stride(), device=lhs.device, dtype=like.dtype)
 
     def launch(cfg):
         BP, BQ, BK, nw, ns = cfg
         num_p, num_q = triton.cdiv(P, BP), triton.cdiv(Q, BQ)
         _wgrad_kernel[(N * num_p * num_q,)](
             lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets,
-            dw, dw.stride(0), dw.stride(1), P, Q, num_p, num_q,
+            dw, dw.stride(0), dw.stride(1), dw.stride(2), P, Q, num_p, num_q,
             GATHER=not gathered, PREC=_prec(lhs), BP=BP, BQ=BQ, BK=BK, num_warps=nw, num_stages=ns)
 
     launch(_pick("wgrad" if not gathered else "wgrad_mat", (P, Q, str(lhs.dtype)), launch))

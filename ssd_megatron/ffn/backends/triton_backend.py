@@ -64,9 +64,9 @@ class _TritonExperts(torch.autograd.Function):
                                             need_ga=need_w2, need_db=has_bias and need_b1)
         dw1 = dw2 = dx = None
         if need_w2:
-            dw2 = _weight_grad(k, ga, dy, plan, w2.dtype, wgrad)
+            dw2 = _weight_grad(k, ga, dy, plan, w2, wgrad)
         if need_w1:
-            dw1 = _weight_grad(k, dh, x, plan, w1.dtype, wgrad)
+            dw1 = _weight_grad(k, dh, x, plan, w1, wgrad)
         if need_x:
             dx = k.down_scatter(dh, w1, plan, None, combine)
         db1 = db32.to(w1.dtype) if db32 is not None else None
@@ -74,13 +74,13 @@ class _TritonExperts(torch.autograd.Function):
         return dx, dw1, db1, dw2, dg, None, None, None, None
 
 
-def _weight_grad(k, lhs, rhs_tokens, plan, dtype, mode):
+def _weight_grad(k, lhs, rhs_tokens, plan, weight, mode):
     """dW[e] = lhs[rows of e]^T @ rhs_tokens[token of each row] (see TritonBackend's `wgrad`)."""
     if mode == "triton":
-        return k.wgrad(lhs, rhs_tokens, plan, dtype, gathered=False)
+        return k.wgrad(lhs, rhs_tokens, plan, weight, gathered=False)
     rhs = rhs_tokens.index_select(0, plan.token)
     if mode == "triton_mat":
-        return k.wgrad(lhs, rhs, plan, dtype, gathered=True)
+        return k.wgrad(lhs, rhs, plan, weight, gathered=True)
     return _grouped_mm(lhs.t(), rhs, offs=plan.offsets[1:])
 
 
