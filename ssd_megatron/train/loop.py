@@ -2,8 +2,13 @@
 
 Order of construction (each step documented where it matters):
   device / precision -> process groups -> seeds -> data (tokenizer, padded vocabulary) -> model ->
-  method (on the unwrapped model) -> data-parallel wrapping (DDP or FSDP2) -> torch.compile ->
-  AdamW + LR schedule -> resume -> steps.
+  method (on the unwrapped model) -> torch.compile per block (train.compile) -> data-parallel
+  wrapping (DDP or FSDP2) -> AdamW + LR schedule -> resume (model, optimizer, RNG, data position,
+  method state; metrics.jsonl cut back to the checkpoint) -> steps -> final checkpoint -> report.
+
+Run directory (`runs/<name>/` or train.output_dir): config.yaml, metrics.jsonl, checkpoints/step_XXXXXXX/,
+tensorboard/, report/. A SIGTERM/SIGINT (scheduler preemption) finishes the current step, writes a
+checkpoint and returns; running the same command again resumes (checkpoint.resume: auto).
 
 One optimizer step (step = 0-based index, the number every method hook receives):
   1. method.before_step(step); phase = method.phase()
