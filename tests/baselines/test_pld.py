@@ -119,3 +119,25 @@ def test_step_zero_drops_nothing():
     m.before_step(0)
     assert m.theta == 1.0 and m.layers_kept() == [0, 1, 2, 3]
     assert m.after_step(0) == {"pld_theta": 1.0, "layers_kept": 4}
+
+
+def test_whole_model_compile_does_not_recompile_per_pattern():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    cfg, model = _model(layers=4, **{"pld.gamma": 0.5})
+    m = PLDMethod(cfg, model)
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile(backend="eager")
+    x = torch.randint(0, 64, (2, 8))
+    patterns = set()
+    try:
+        for s in range(25):
+            m.before_step(s)
+            patterns.add(tuple(m.layers_kept()))
+            model(input_ids=x).sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert len(patterns) > 4
+    assert counters["stats"]["unique_graphs"] <= 3  # embed, one block graph, head; not one per pattern
