@@ -90,7 +90,10 @@ def test_resume_is_bit_exact(tiny_data, tmp_path, reference_run, monkeypatch):
 
 def test_sigterm_checkpoints_and_stops_then_resumes_exactly(tiny_data, tmp_path, reference_run, monkeypatch):
     import signal
+    import threading
 
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be installed from the main thread")
     ref_run, _ = reference_run
     run = tmp_path / "run"
     cfg = _cfg(tiny_data, run, **{"checkpoint.interval": 100})
