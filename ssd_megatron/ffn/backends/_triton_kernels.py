@@ -302,7 +302,7 @@ def _wgrad_kernel(
 # (BM|BP, BN|BQ, BK, num_warps, num_stages). Defaults are chosen per kernel from the H100 sweep recorded
 # in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per shape key instead.
 DEFAULTS = {
-    "up": (128, 128, 64, 8, 3),
+    "up": (128, 256, 64, 8, 3),
     "up_glu": (128, 64, 64, 8, 3),
     "up_bwd": (128, 64, 64, 4, 4),
     "down": (128, 128, 64, 8, 3),
@@ -333,11 +333,11 @@ def _tuning() -> bool:
 
 
 def _default(base: str, key: tuple):
-    """Untuned choice: the winners of the H100 sweep (docs/kernels.md) by problem size."""
-    if base == "up_bwd" and key[0] >= 2048:       # long reduction (D): wider tiles
+    """Untuned choice: the winners of the H100 sweep (docs/kernels.md, run 4) by problem size."""
+    if base in ("up_bwd", "up_glu") and key[0] >= 2048:   # long reduction (D): wider tiles
         return (128, 128, 64, 8, 3)
-    if base == "wgrad" and key[1] <= 1024:        # few (expert, tile) programs: smaller P tiles
-        return (64, 128, 64, 4, 4)
+    if base == "wgrad" and key[1] <= 1024:                # few (expert, tile) programs: smaller P tiles
+        return (64, 128, 128, 4, 3) if key[0] <= 256 else (64, 128, 64, 4, 4)
     return DEFAULTS[base]
 
 
