@@ -123,11 +123,15 @@ class MoEDropoutMethod(TrainingMethod):
     def phase(self) -> str:
         return "dense" if self.k == self.num_experts else "sparse"
 
+    def _current_k(self) -> int:
+        return self.eval_k if self._eval else self.k
+
     def ffn_active_fraction(self) -> float:
-        return self.k / self.num_experts
+        """K/N of the current mode: the training step's k, or eval_k after eval_mode()."""
+        return self._current_k() / self.num_experts
 
     def router_flops_per_token(self) -> float:
-        if self.k == self.num_experts or not self.ffns:
+        if self._current_k() == self.num_experts or not self.ffns:
             return 0.0
         return 2.0 * self.ffns[0].d_model * self.num_experts
 
@@ -141,6 +145,15 @@ class MoEDropoutMethod(TrainingMethod):
     def train_mode(self) -> None:
         self._eval = False
         self._set_k(self.k)
+
+    def set_inference_k(self, k: int) -> None:
+        """Sparse inference with the training MoE structure (contiguous experts, the frozen router) at
+        any k (paper Fig. 4a: "we directly adopt their MoE structure used in pre-training"); k = N is
+        the dense model. Takes effect now and at every later eval_mode()."""
+        if not 1 <= k <= self.num_experts:
+            raise ValueError(f"k={k} must be in [1, {self.num_experts}]")
+        self.eval_k = int(k)
+        self.eval_mode()
 
     def state_dict(self) -> dict:
         # k is a pure function of the step; saved only so a resumed run can be checked against it.

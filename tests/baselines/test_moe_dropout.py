@@ -89,3 +89,20 @@ def test_method_schedule_eval_dense_and_resume():
     # Layers get different random routers.
     r = [f.router_weight for f in model.ffn_layers()]
     assert not torch.equal(r[0], r[1])
+
+
+def test_inference_k_uses_training_structure():
+    cfg = load_config("configs/gpt_tiny_moe_dropout.yaml",
+                      ["model.n_layers=1", "model.d_model=16", "model.n_heads=2", "model.d_ff=64"])
+    model = build_model(cfg.model, 64).double()
+    m = MoEDropoutMethod(cfg, model)
+    m.before_step(0)
+    assert m.ffn_active_fraction() == 4 / 16
+    m.set_inference_k(2)
+    ffn = model.ffn_layers()[0]
+    assert ffn.mode == "sparse" and ffn.top_k == 2 and torch.equal(ffn.expert_perm, torch.arange(64))
+    assert m.ffn_active_fraction() == 2 / 16 and m.router_flops_per_token() == 2 * 16 * 16
+    m.set_inference_k(16)
+    assert ffn.mode == "dense" and m.router_flops_per_token() == 0
+    m.train_mode()
+    assert ffn.top_k == 4 and m.ffn_active_fraction() == 4 / 16
