@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Iterable
-
 from torch import nn
 
 from ..ffn import SwitchableFFN
@@ -82,7 +80,3 @@ def seed_for(*keys: int) -> int:
     h = hashlib.blake2b(struct.pack(f"<{len(keys)}q", *keys), digest_size=8).digest()
     return int.from_bytes(h, "little") >> 1
 
-
-def all_same(values: Iterable) -> bool:
-    values = list(values)
-    return all(v == values[0] for v in values)

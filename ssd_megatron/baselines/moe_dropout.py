@@ -17,7 +17,6 @@ and evaluation (eval_mode), is dense unless moe_dropout.eval_k asks for a sparse
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
