@@ -65,7 +65,7 @@ def evaluate_checkpoint(target: str, split: str = "valid", batches: Optional[int
     from ..config import config_from_dict
     from ..models import build_model
     from ..parallel.distributed import resolve_device
-    from ..train.checkpoint import latest_checkpoint, load_model_weights, load_trainer_state
+    from ..train.checkpoint import load_model_weights, load_trainer_state
     from ..train.data import build_train_data
     from ..train.loop import autocast_context
     from ..train.method import build_method

@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import sys
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import torch
