@@ -40,6 +40,7 @@ BACKENDS = ("torch", "faiss")
 ASSIGNMENTS = ("auction", "greedy", "sinkhorn")
 DEFAULT_ASSIGNMENT = "greedy"  # chosen by measurement: docs/clustering.md
 DEFAULT_ITERS = 50
+DEFAULT_EXCHANGE_ROUNDS = 8
 
 
 @dataclass
@@ -132,6 +133,8 @@ def assign_greedy(cost: torch.Tensor, size: int, fixed: Optional[torch.Tensor] =
     """
     n, k = cost.shape
     pref = torch.argsort(cost, dim=1, stable=True)
+    key_pref = -cost.gather(1, pref)  # [n, k]: neuron's key at each cluster, in its preference order
+    col = torch.arange(k, device=cost.device)[None, :]
     ptr = torch.zeros(n, dtype=torch.long, device=cost.device)
     rows = torch.arange(n, device=cost.device)
     pinned = fixed is not None
@@ -140,15 +143,26 @@ def assign_greedy(cost: torch.Tensor, size: int, fixed: Optional[torch.Tensor] =
         inf = torch.full((n,), float("inf"), device=cost.device)
     every = _sync_every(cost.device)
     for rnd in range(n * k + 1):
-        cand = pref[rows, ptr.clamp_max(k - 1)]
-        key = -cost[rows, cand]
+        cand = pref[rows, ptr]
+        key = key_pref[rows, ptr]
         if pinned:
             cand = torch.where(is_fixed, fixed, cand)
             key = torch.where(is_fixed, inf, key)
         keep = _keep_best(cand, key, size, k)
-        ptr = ptr + (~keep).long()
         if (rnd + 1) % every == 0 and bool(keep.all()):
             return cand
+        # Skip ahead: a full cluster only ever raises its cutoff (its size-th best key), so a rejected
+        # neuron can jump past every cluster whose cutoff already beats it; the result is unchanged
+        # (still exactly the greedy), it just takes far fewer rounds.
+        kept_cl = torch.where(keep, cand, torch.full_like(cand, k))
+        full = torch.bincount(kept_cl, minlength=k + 1)[:k] == size
+        low = torch.full((k + 1,), float("inf"), device=cost.device).scatter_reduce(
+            0, kept_cl, key, reduce="amin", include_self=True
+        )[:k]
+        cutoff = torch.where(full, low, torch.full_like(low, float("-inf")))
+        viable = (key_pref >= cutoff[pref]) & (col > ptr[:, None])
+        nxt = torch.argmax(viable.to(torch.uint8), dim=1)
+        ptr = torch.where(keep, ptr, nxt)
     raise RuntimeError("greedy assignment did not converge")  # unreachable: proposals are finite
 
 
@@ -237,6 +251,64 @@ def assign_sinkhorn(
     return assign_greedy(cost - state.g[None, :], size)
 
 
+def polish_exchange(
+    cost: torch.Tensor, labels: torch.Tensor, size: int, rounds: int = 8, max_moves: int = 16
+) -> torch.Tensor:
+    """Improve a balanced assignment by optimal pairwise exchanges between clusters.
+
+    For clusters a, b the best exchange of t neurons pairs a's t cheapest moves to b with b's t
+    cheapest moves to a (both sorted ascending); all t (up to `max_moves`) with a negative pair sum
+    are taken. Each round every cluster picks the partner with the largest total gain; mutually
+    chosen pairs (disjoint) exchange at once. Balance is preserved (equal numbers move each way); cost never increases.
+    Fixed-shape tensor ops, so no host syncs except the early-exit check.
+    """
+    n, k = cost.shape
+    if k == 1 or rounds <= 0:
+        return labels
+    ar = torch.arange(k, device=cost.device)
+    m = min(size, max_moves)
+    every = _sync_every(cost.device)
+    for rnd in range(rounds):
+        delta = cost - cost.gather(1, labels[:, None])  # [n, k]: cost change if neuron moves to b
+        members = torch.argsort(labels, stable=True).view(k, size)  # [a, t]: neuron ids per cluster
+        by_target = delta[members].transpose(1, 2)  # [a, b, t]
+        # Only the few cheapest moves per pair can be part of an improving exchange; topk is ~3x
+        # cheaper than a full sort, and a pair needing more than m exchanges gets them next round.
+        d_sorted, idx = torch.topk(by_target, m, dim=2, largest=False, sorted=True)
+        pair = d_sorted + d_sorted.transpose(0, 1)  # [a, b, t]: a's t-th move to b + b's t-th move to a
+        gain = pair.clamp_max(0).sum(2)  # [a, b], symmetric, <= 0
+        gain.fill_diagonal_(0)
+        best_gain, partner = gain.min(1)
+        mutual = (partner[partner] == ar) & (best_gain < 0)
+        movers = members.gather(1, idx[ar, partner])  # a's neurons sorted by cost of moving to partner
+        move = (pair[ar, partner] < 0) & mutual[:, None]
+        target = torch.where(move, partner[:, None].expand(k, m), labels[movers])
+        labels = labels.scatter(0, movers.reshape(-1), target.reshape(-1))
+        if (rnd + 1) % every == 0 and not bool(mutual.any()):
+            break
+    return labels
+
+
+def balanced_assignment(
+    cost: torch.Tensor,
+    size: int,
+    method: str = DEFAULT_ASSIGNMENT,
+    exchange_rounds: int = DEFAULT_EXCHANGE_ROUNDS,
+    state: Optional[_SinkhornState] = None,
+) -> torch.Tensor:
+    """One balanced E-step: labels `[n]` giving each of the k clusters exactly `size` rows of `cost`
+    `[n, k]` (lower is better), by `method`, then `exchange_rounds` rounds of `polish_exchange`."""
+    if method == "auction":
+        labels = assign_auction(cost, size)
+    elif method == "greedy":
+        labels = assign_greedy(cost, size)
+    elif method == "sinkhorn":
+        labels = assign_sinkhorn(cost, size, state)
+    else:
+        raise UserError(f"ssd.assignment: unknown {method!r}; accepted: {', '.join(ASSIGNMENTS)}")
+    return polish_exchange(cost, labels, size, exchange_rounds)
+
+
 # --------------------------------------------------------------------------------------------------
 # Lloyd iterations
 
@@ -280,16 +352,18 @@ def _kmeans_pp(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     u = torch.rand(k, generator=gen, dtype=torch.float64).to(x.device)
     n = x.shape[0]
-    first = (u[0] * n).long().clamp_max(n - 1)
-    cents = [x[first]]
-    d2 = ((x - cents[0]) ** 2).sum(1).double()
+    sq = (x * x).sum(1)
+    idx = (u[0] * n).long().clamp_max(n - 1).reshape(1)
+    picks = [idx]
+    c = x[idx].squeeze(0)
+    d2 = (sq + (c * c).sum() - 2.0 * (x @ c)).clamp_min(0).double()
     for i in range(1, k):
         cdf = torch.cumsum(d2, 0)
         idx = torch.searchsorted(cdf, (u[i] * cdf[-1]).reshape(1)).clamp_max(n - 1)
+        picks.append(idx)
         c = x[idx].squeeze(0)
-        cents.append(c)
-        d2 = torch.minimum(d2, ((x - c) ** 2).sum(1).double())
-    return torch.stack(cents)
+        d2 = torch.minimum(d2, (sq + (c * c).sum() - 2.0 * (x @ c)).clamp_min(0).double())
+    return x[torch.cat(picks)]
 
 
 def _lloyd_unbalanced(x: torch.Tensor, cents: torch.Tensor, iters: int) -> torch.Tensor:
@@ -334,25 +408,33 @@ def _canonical(labels: torch.Tensor, cents: torch.Tensor, k: int) -> tuple[torch
 
 
 def _refine(
-    x: torch.Tensor, cents: torch.Tensor, size: int, iters: int, assignment: str, tol: float
+    x: torch.Tensor,
+    cents: torch.Tensor,
+    size: int,
+    iters: int,
+    assignment: str,
+    tol: float,
+    start_labels: Optional[torch.Tensor] = None,
+    exchange_rounds: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """Balanced Lloyd iterations from `cents`; returns the best (labels, centroids, objective, iters)."""
+    """Balanced Lloyd iterations from `cents`; returns the best (labels, centroids, objective, iters).
+
+    `start_labels` (a balanced partition, e.g. the previous clustering) is itself a candidate, so a
+    warm start never returns a partition worse than the one it started from.
+    """
     k = cents.shape[0]
-    n = x.shape[0]
     sq_norm = float((x.double() ** 2).sum())
     state = _SinkhornState(k, x.device)
     best = (None, None, math.inf)
+    if start_labels is not None:
+        obj0 = sq_norm - size * float((cents.double() ** 2).sum())
+        best = (start_labels, cents, obj0)
     prev_labels = None
     stall = 0
     it = 0
     for it in range(1, iters + 1):
         cost = _sq_cost(x, cents)
-        if assignment == "auction":
-            labels = assign_auction(cost, size)
-        elif assignment == "greedy":
-            labels = assign_greedy(cost, size)
-        else:
-            labels = assign_sinkhorn(cost, size, state)
+        labels = balanced_assignment(cost, size, assignment, exchange_rounds, state)
         cents = _balanced_means(x, labels, k)
         # WCSS of balanced means: sum ||x||^2 - size * sum ||c||^2 (tracking only; reported WCSS is direct).
         obj = sq_norm - size * float((cents.double() ** 2).sum())
@@ -382,6 +464,7 @@ def balanced_kmeans(
     assignment: str = DEFAULT_ASSIGNMENT,
     init_iters: int = 10,
     tol: float = 1e-5,
+    exchange_rounds: int = DEFAULT_EXCHANGE_ROUNDS,
     normalize: bool = True,
 ) -> ClusteringResult:
     """Balanced k-means of the L2-normalised rows of `w` `[n, d]` into `n_clusters` clusters of `n/N`.
@@ -389,7 +472,8 @@ def balanced_kmeans(
     Initial centroids: the means implied by `init_labels` (warm start), else `init_centroids`, else a
     cold start: k-means++ (seeded) plus `init_iters` unbalanced Lloyd steps (backend "torch", on `w`'s
     device) or faiss k-means with `init_iters` iterations (backend "faiss"). Then at most `iters`
-    balanced Lloyd iterations with the chosen `assignment`; stops early when labels repeat or WCSS
+    balanced Lloyd iterations with the chosen `assignment`, each followed by at most
+    `exchange_rounds` rounds of `polish_exchange` (0 = off); stops early when labels repeat or WCSS
     stops improving (relative `tol` for 3 iterations); returns the best iterate.
     """
     _check_args(w, n_clusters, backend, assignment)
@@ -399,11 +483,14 @@ def balanced_kmeans(
     k = n_clusters
     size = n // k
     start = "cold"
+    start_labels = None
     if init_labels is not None:
         lab = torch.as_tensor(init_labels).to(device=x.device, dtype=torch.long).reshape(-1)
         if lab.numel() != n or int(lab.min()) < 0 or int(lab.max()) >= k:
             raise ValueError(f"init_labels must be {n} ints in [0, {k}), got {tuple(lab.shape)}")
-        cents, _ = _means_from_labels(x, lab, k)
+        cents, counts = _means_from_labels(x, lab, k)
+        if bool((counts == size).all()):
+            start_labels = lab
         start = "warm"
     elif init_centroids is not None:
         cents = init_centroids.to(device=x.device, dtype=torch.float32)
@@ -416,7 +503,9 @@ def balanced_kmeans(
         labels = torch.zeros(n, dtype=torch.long, device=x.device)
         cents, iters_run = x.mean(0, keepdim=True), 0
     else:
-        labels, cents, _, iters_run = _refine(x, cents, size, max(1, iters), assignment, tol)
+        labels, cents, _, iters_run = _refine(
+            x, cents, size, max(1, iters), assignment, tol, start_labels, exchange_rounds
+        )
     labels, cents = _canonical(labels, cents, k)
     value = wcss(x, labels, k, normalize=False)
     if x.is_cuda:

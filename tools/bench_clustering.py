@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Benchmark SSD's balanced k-means: assignment methods, backends, cold vs warm start, 12-layer total.
+
+    python tools/bench_clustering.py                       # CPU, both sizes, writes the JSON below
+    python tools/bench_clustering.py --device cuda --out benchmarks/results/clustering_gpu.json
+    python tools/bench_clustering.py --sizes base --methods greedy --exchange 8 --layers 12
+
+Data: synthetic rows shaped like a trained FFN's W_i (see `synthetic_weights`); `--weights FILE`
+clusters real matrices instead (a .pt holding a tensor or a list/dict of 2-D tensors). A "warm"
+measurement perturbs the weights (training drift between two monitors) and runs paper eq. 3
+(cold + warm start from the previous labels, keep the lower WCSS). Prints a table last and writes
+JSON with machine info, load average and date.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ssd_megatron.ssd import clustering as C  # noqa: E402
+from ssd_megatron.ssd.ari import adjusted_rand_index  # noqa: E402
+
+SIZES = {"base": (6144, 768, 32), "large": (16384, 4096, 64)}
+
+
+def synthetic_weights(n: int, d: int, k: int, seed: int, noise: float = 2.0) -> torch.Tensor:
+    """Rows around 1.5*k random directions with unequal group sizes plus isotropic noise.
+
+    Cosine between two rows of one group is about 1/(1+noise^2) = 0.2: clustered but far from
+    separable, and the natural groups are unequal, so the balance constraint binds (as in real W_i).
+    """
+    g = torch.Generator().manual_seed(seed)
+    groups = max(2, int(1.5 * k))
+    p = torch.rand(groups, generator=g) ** 2 + 0.05
+    z = torch.multinomial(p / p.sum(), n, replacement=True, generator=g)
+    centers = torch.randn(groups, d, generator=g)
+    return centers[z] + noise * torch.randn(n, d, generator=g)
+
+
+def drift(w: torch.Tensor, seed: int, scale: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(10_000 + seed)
+    return w + scale * w.std() * torch.randn(w.shape, generator=g).to(w.device)
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "device": str(device),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu_model"] = names[0] if names else platform.processor()
+    except OSError:
+        info["cpu_model"] = platform.processor()
+    try:
+        import faiss
+
+        info["faiss"] = faiss.__version__
+    except ImportError:
+        info["faiss"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def timed(fn):
+    """(result, wall seconds, process CPU seconds)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w0, time.process_time() - c0
+
+
+def load_weights(path: str, device: torch.device) -> list:
+    obj = torch.load(path, map_location="cpu")
+    mats = obj.values() if isinstance(obj, dict) else (obj if isinstance(obj, (list, tuple)) else [obj])
+    return [m.to(device) for m in mats if isinstance(m, torch.Tensor) and m.dim() == 2]
+
+
+def bench_config(w, w2, k, method, exchange, backend, seed):
+    kw = dict(assignment=method, exchange_rounds=exchange, backend=backend, seed=seed)
+    cold, wall, cpu = timed(lambda: C.balanced_kmeans(w, k, **kw))
+    warm, wall2, cpu2 = timed(lambda: C.cluster_neurons(w2, k, prev_labels=cold.labels, **kw))
+    return {
+        "method": method, "exchange_rounds": exchange, "backend": backend,
+        "cold_s": wall, "cold_cpu_s": cpu, "cold_wcss": cold.wcss, "cold_iters": cold.iterations,
+        "eq3_s": wall2, "eq3_cpu_s": cpu2, "eq3_wcss": warm.wcss, "eq3_winner": warm.start,
+        "eq3_candidates": warm.candidates, "ari_prev_new": adjusted_rand_index(cold.labels, warm.labels),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", default="base,large", help="comma list of: " + ", ".join(SIZES))
+    ap.add_argument("--methods", default=",".join(C.ASSIGNMENTS))
+    ap.add_argument("--exchange", default="0,8", help="comma list of polish_exchange rounds to try")
+    ap.add_argument("--backends", default="torch,faiss")
+    ap.add_argument("--layers", type=int, default=12, help="layers in the all-layer total (base size)")
+    ap.add_argument("--drift", type=float, default=0.15, help="weight change between monitors, x std")
+    ap.add_argument("--weights", default=None, help=".pt file with real W_i matrices (replaces synthetic)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/clustering_<dev>.json)")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out_path = args.out or os.path.join("benchmarks", "results", f"clustering_{device.type}.json")
+    info = machine_info(device)
+    info["loadavg_start"] = os.getloadavg()
+    results = {"machine": info, "configs": [], "all_layers": [],
+               "defaults": {"assignment": C.DEFAULT_ASSIGNMENT, "exchange_rounds": C.DEFAULT_EXCHANGE_ROUNDS,
+                            "iters": C.DEFAULT_ITERS}}
+    methods = args.methods.split(",")
+    exchanges = [int(x) for x in args.exchange.split(",")]
+    backends = args.backends.split(",")
+    real = load_weights(args.weights, device) if args.weights else None
+
+    # warm-up (first-call overheads: allocator, faiss/OpenMP thread pools)
+    C.balanced_kmeans(synthetic_weights(256, 32, 8, 0).to(device), 8, backend=backends[0])
+
+    for size_name in args.sizes.split(","):
+        if real is not None:
+            w = real[0]
+            n, d = w.shape
+            k = SIZES[size_name][2]
+        else:
+            n, d, k = SIZES[size_name]
+            w = synthetic_weights(n, d, k, args.seed).to(device)
+        w2 = drift(w, args.seed, args.drift)
+        for backend in backends:
+            for method in methods:
+                for ex in exchanges:
+                    row = bench_config(w, w2, k, method, ex, backend, args.seed)
+                    row.update(size=size_name, shape=[n, d], n_clusters=k)
+                    results["configs"].append(row)
+                    print(f"{size_name:5s} {backend:5s} {method:8s} ex={ex:<2d} cold {row['cold_s']:7.2f}s "
+                          f"wcss {row['cold_wcss']:.2f} it {row['cold_iters']:2d} | eq3 {row['eq3_s']:7.2f}s "
+                          f"wcss {row['eq3_wcss']:.2f} ({row['eq3_winner']}) ari {row['ari_prev_new']:.3f}",
+                          flush=True)
+
+    # all layers at the base size with the default configuration: first monitor (cold only) and
+    # every later monitor (eq. 3: cold + warm)
+    n, d, k = SIZES["base"]
+    if args.layers > 0 and "base" in args.sizes.split(","):
+        for backend in backends:
+            cold_t = eq3_t = 0.0
+            for layer in range(args.layers):
+                w = (real[layer % len(real)] if real else synthetic_weights(n, d, k, 1000 + layer).to(device))
+                first, t1, _ = timed(lambda: C.cluster_neurons(w, k, backend=backend, seed=layer))
+                w2 = drift(w, layer, args.drift)
+                _, t2, _ = timed(lambda: C.cluster_neurons(w2, k, prev_labels=first.labels, backend=backend, seed=layer))
+                cold_t += t1
+                eq3_t += t2
+            results["all_layers"].append({"backend": backend, "layers": args.layers, "shape": [n, d],
+                                          "n_clusters": k, "first_monitor_s": cold_t, "later_monitor_s": eq3_t})
+
+    info["loadavg_end"] = os.getloadavg()
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=1)
+
+    # ---- table
+    print(f"\n# balanced k-means, {info['device']} ({info.get('gpu') or info['cpu_model']}, "
+          f"{info['torch_threads']} threads), load avg {info['loadavg_start'][0]:.1f}->{info['loadavg_end'][0]:.1f}")
+    print(f"{'size':6s} {'backend':7s} {'method':8s} {'ex':>2s} {'cold s':>8s} {'cold WCSS':>10s} {'+%best':>7s} "
+          f"{'it':>3s} {'eq3 s':>8s} {'eq3 WCSS':>10s} {'won':>5s} {'ARI':>6s}")
+    for size_name in args.sizes.split(","):
+        rows = [r for r in results["configs"] if r["size"] == size_name]
+        best = min(r["cold_wcss"] for r in rows)
+        for r in rows:
+            print(f"{size_name:6s} {r['backend']:7s} {r['method']:8s} {r['exchange_rounds']:2d} {r['cold_s']:8.2f} "
+                  f"{r['cold_wcss']:10.2f} {100 * (r['cold_wcss'] / best - 1):7.3f} {r['cold_iters']:3d} "
+                  f"{r['eq3_s']:8.2f} {r['eq3_wcss']:10.2f} {r['eq3_winner']:>5s} {r['ari_prev_new']:6.3f}")
+    for r in results["all_layers"]:
+        print(f"all {r['layers']} layers {r['shape'][0]}x{r['shape'][1]} N={r['n_clusters']} ({r['backend']}, default "
+              f"{C.DEFAULT_ASSIGNMENT}+{C.DEFAULT_EXCHANGE_ROUNDS}): first monitor {r['first_monitor_s']:.1f}s, "
+              f"later monitors (cold+warm) {r['later_monitor_s']:.1f}s")
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
