@@ -15,6 +15,7 @@ from torch import nn
 
 from .activations import ACTIVATIONS, apply_activation, is_glu
 from .backends import get_backend
+from .backends.weights import gather_expert_weights
 
 MODES = ("dense", "sparse")
 
@@ -118,17 +119,10 @@ class SwitchableFFN(nn.Module):
         return self.sparse_forward(x)
 
     def expert_weights(self):
-        """Expert-major views of the shared parameters, gathered through `expert_perm` (differentiable)."""
-        N, E, F = self.num_experts, self.expert_size, self.d_ff
-        perm = self.expert_perm
-        rows = perm
-        if self.glu:
-            blocks = perm.view(N, E)
-            rows = torch.cat([blocks, blocks + F], dim=1).reshape(-1)
-        w1 = self.w_in.weight.index_select(0, rows).view(N, -1, self.d_model)
-        b1 = None if self.w_in.bias is None else self.w_in.bias.index_select(0, rows).view(N, -1)
-        w2 = self.w_out.weight.t().index_select(0, perm).view(N, E, self.d_model)
-        return w1, b1, w2
+        """Expert-major views of the shared parameters, gathered through `expert_perm` (differentiable;
+        the backward is a gather by the inverse permutation, not an atomic scatter-add)."""
+        return gather_expert_weights(self.w_in.weight, self.w_in.bias, self.w_out.weight, self.expert_perm,
+                                     self.num_experts, self.glu)
 
     def route(self, x2: torch.Tensor, w1: torch.Tensor, k: int):
         """Top-k experts by α_n = x·c_n, c_n the mean of expert n's W_i (gate) rows (eq. 4)."""

@@ -54,7 +54,7 @@ class SSDMethod(TrainingMethod):
         if self.schedule.current_phase == "dense" and self.schedule.should_monitor(step):
             t0 = time.perf_counter()
             report = self.monitor.run(step, self.model, self.reference_batch)
-            metrics.update(report.metrics())
+            metrics.update(report.metrics(), threshold=self.cfg.ssd.threshold)
             if self.schedule.observe(step, report.mean_ari) == "sparse":
                 to_sparse(self.ffns, self.monitor.labels)
                 metrics["switch"] = "dense->sparse"
