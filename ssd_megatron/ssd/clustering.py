@@ -77,9 +77,9 @@ def _check_args(w: torch.Tensor, n_clusters: int, backend: str, assignment: str)
             f"(need a positive divisor of d_ff={n})"
         )
     if backend not in BACKENDS:
-        raise UserError(f"ssd.clustering_backend: unknown {backend!r}; accepted: {', '.join(BACKENDS)}")
+        raise UserError(f"ssd.cluster_backend: unknown {backend!r}; accepted: {', '.join(BACKENDS)}")
     if assignment not in ASSIGNMENTS:
-        raise UserError(f"ssd.assignment: unknown {assignment!r}; accepted: {', '.join(ASSIGNMENTS)}")
+        raise UserError(f"ssd.cluster_assignment: unknown {assignment!r}; accepted: {', '.join(ASSIGNMENTS)}")
 
 
 def normalize_rows(w: torch.Tensor) -> torch.Tensor:
@@ -305,7 +305,7 @@ def balanced_assignment(
     elif method == "sinkhorn":
         labels = assign_sinkhorn(cost, size, state)
     else:
-        raise UserError(f"ssd.assignment: unknown {method!r}; accepted: {', '.join(ASSIGNMENTS)}")
+        raise UserError(f"ssd.cluster_assignment: unknown {method!r}; accepted: {', '.join(ASSIGNMENTS)}")
     return polish_exchange(cost, labels, size, exchange_rounds)
 
 
@@ -380,7 +380,7 @@ def _faiss_kmeans(x: torch.Tensor, k: int, seed: int, iters: int) -> torch.Tenso
         import faiss  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise UserError(
-            "ssd.clustering_backend: 'faiss' selected but faiss is not installed "
+            "ssd.cluster_backend: 'faiss' selected but faiss is not installed "
             "(pip install faiss-cpu, or faiss-gpu); or use 'torch'"
         ) from e
     import numpy as np
@@ -520,14 +520,21 @@ def cluster_neurons(
     w: torch.Tensor,
     n_clusters: int,
     prev_labels: Optional[torch.Tensor] = None,
+    *,
+    warm_tolerance: float = 0.0,
     **kwargs,
 ) -> ClusteringResult:
     """Paper eq. 3: cold start, plus a warm start from `prev_labels` when given; keep the lower WCSS.
 
-    `kwargs` go to `balanced_kmeans` (iters, seed, backend, assignment, ...). The result's `start` says
-    which won and `candidates` holds both WCSS values; ties go to the warm start (keeps labels stable).
-    By construction the returned WCSS is never above the cold start's.
+    `kwargs` go to `balanced_kmeans` (iters, seed, backend, assignment, exchange_rounds, ...). The
+    result's `start` says which won and `candidates` holds both WCSS values; ties go to the warm start.
+    With the default `warm_tolerance=0` the returned WCSS is never above the cold start's (the paper's
+    rule). `warm_tolerance > 0` (relative, opt-in) keeps the warm result unless the cold one is better
+    by more than that fraction: on weakly clustered weights the two often differ by ~0.01% while the
+    cold labels share little with the previous ones, which drags the monitor's ARI down.
     """
+    if warm_tolerance < 0:
+        raise UserError(f"ssd.warm_tolerance must be >= 0, got {warm_tolerance}")
     t0 = time.perf_counter()
     kwargs.pop("init_labels", None)
     cold = balanced_kmeans(w, n_clusters, **kwargs)
@@ -536,7 +543,7 @@ def cluster_neurons(
     if prev_labels is not None:
         warm = balanced_kmeans(w, n_clusters, init_labels=prev_labels, **kwargs)
         cands["warm"] = warm.wcss
-        if warm.wcss <= cold.wcss:
+        if warm.wcss <= cold.wcss * (1.0 + warm_tolerance):
             best = warm
     best.candidates = cands
     best.seconds = time.perf_counter() - t0

@@ -70,7 +70,7 @@ def validate_schedule_params(
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     if not (isinstance(total_steps, int) and not isinstance(total_steps, bool) and total_steps > 0):
-        raise UserError(f"train.total_steps must be a positive integer, got {total_steps!r}")
+        raise UserError(f"train.max_steps must be a positive integer, got {total_steps!r}")
     if not (isinstance(monitor_interval, int) and not isinstance(monitor_interval, bool) and monitor_interval > 0):
         raise UserError(f"ssd.monitor_interval must be a positive integer (steps), got {monitor_interval!r}")
     if not (num(threshold) and 0.0 <= threshold <= 1.0):

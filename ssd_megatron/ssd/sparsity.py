@@ -6,11 +6,12 @@ Definition: the fraction of entries of the post-activation hidden `h` (`[..., d_
 - Activations that produce exact zeros (`relu`, `reglu`, `squared_relu`): an entry is off iff `h == 0`
   (default threshold 0.0; for `reglu`, `h = relu(gate) * up` is zero wherever the gate is off).
 - Smooth activations (`gelu`, `swiglu`, `geglu`) never output exact zeros, so an entry is off iff
-  `|h| <= threshold` with default `SMOOTH_THRESHOLD = 1e-2`. Why this value: GELU's negative lobe has
-  magnitude <= 0.17 and falls below 1e-2 for pre-activations below about -2.6, so 1e-2 counts neurons
-  that are "clearly off" while not counting the whole negative half-line; it is an absolute threshold,
-  so it is only comparable between models of similar activation scale (GLU outputs scale with the
-  up projection). Pass `threshold=` to use another convention (e.g. 0.0 to count exact zeros only).
+  `|h| <= threshold` with default `SMOOTH_THRESHOLD = 1e-3`, the same value as the config's
+  `ssd.sparsity_threshold` default. What it means: GELU's negative lobe reaches -0.17; |GELU(x)| falls
+  below 1e-3 only for pre-activations below about -3.4 (and within ~2e-3 of 0), so it counts neurons
+  that are clearly off, not the whole negative half-line (1e-2 would move that point to about -2.65).
+  It is an absolute threshold, so it compares models of similar activation scale only (GLU outputs
+  scale with the up projection). Pass `threshold=` for another convention (0.0 = exact zeros only).
 """
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ from ssd_megatron.errors import UserError
 
 ZERO_ACTIVATIONS = ("relu", "reglu", "squared_relu")
 SMOOTH_ACTIVATIONS = ("gelu", "swiglu", "geglu")
-SMOOTH_THRESHOLD = 1e-2
+SMOOTH_THRESHOLD = 1e-3
 
 
 def default_threshold(activation: str) -> float:
-    """The documented default "off" threshold for `activation` (0.0 for ReLU-like, 1e-2 otherwise)."""
+    """The documented default "off" threshold for `activation` (0.0 for ReLU-like, 1e-3 otherwise)."""
     if activation in ZERO_ACTIVATIONS:
         return 0.0
     if activation in SMOOTH_ACTIVATIONS:

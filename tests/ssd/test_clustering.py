@@ -311,3 +311,15 @@ def test_user_errors():
         C.balanced_kmeans(torch.randn(48), 4)
     with pytest.raises(ValueError):
         C.balanced_kmeans(w, 4, init_labels=torch.arange(10))
+
+
+def test_warm_tolerance_prefers_warm_within_margin():
+    w0 = clustered_rows(192, 24, groups=12, noise=1.0, seed=7)
+    prev = C.cluster_neurons(w0, 12).labels
+    w = w0 + 0.3 * torch.randn(w0.shape, generator=torch.Generator().manual_seed(5))
+    strict = C.cluster_neurons(w, 12, prev_labels=prev)
+    loose = C.cluster_neurons(w, 12, prev_labels=prev, warm_tolerance=1.0)  # warm always kept
+    assert loose.start == "warm" and loose.candidates == strict.candidates
+    assert strict.wcss == min(strict.candidates.values())
+    with pytest.raises(UserError):
+        C.cluster_neurons(w, 12, prev_labels=prev, warm_tolerance=-0.1)

@@ -189,7 +189,7 @@ def test_random_policy_resume():
         (dict(monitor_interval=0), "ssd.monitor_interval"),
         (dict(monitor_interval=2.5), "ssd.monitor_interval"),
         (dict(policy="sometimes"), "ssd.switch_policy"),
-        (dict(total_steps=0), "train.total_steps"),
+        (dict(total_steps=0), "train.max_steps"),
     ],
 )
 def test_validation_names_the_key(kwargs, key):

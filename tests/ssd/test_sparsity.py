@@ -53,10 +53,10 @@ def test_relu_sparsity_of_real_activation():
 
 def test_smooth_activations_use_threshold():
     assert default_threshold("gelu") == SMOOTH_THRESHOLD == default_threshold("swiglu") == default_threshold("geglu")
-    h = torch.tensor([0.5, -0.005, 0.009, -0.2, 0.01, 0.0])
-    assert activation_sparsity(h, "gelu") == pytest.approx(4 / 6)  # |h| <= 0.01
-    assert activation_sparsity(h, "gelu", threshold=0.0) == pytest.approx(1 / 6)
-    assert activation_sparsity(h, "swiglu", threshold=0.3) == pytest.approx(5 / 6)
+    h = torch.tensor([0.5, -0.0005, 0.0009, -0.2, 0.001, 0.0, 0.005])
+    assert activation_sparsity(h, "gelu") == pytest.approx(4 / 7)  # |h| <= 1e-3
+    assert activation_sparsity(h, "gelu", threshold=0.0) == pytest.approx(1 / 7)
+    assert activation_sparsity(h, "swiglu", threshold=0.3) == pytest.approx(6 / 7)
     # GELU is essentially off for very negative inputs, not for small negative ones
     assert activation_sparsity(F.gelu(torch.full((10,), -4.0)), "gelu") == 1.0
     assert activation_sparsity(F.gelu(torch.full((10,), -1.0)), "gelu") == 0.0
