@@ -136,6 +136,7 @@ class Trainer:
         self.tokens = 0
         self.flops_total = 0.0
         self.elapsed_before = 0.0
+        self.resume_note = None
         ckpt = resolve_resume(cfg.checkpoint.resume, self.ckpt.root)
         if ckpt is not None:
             state = self.ckpt.load(ckpt, self.model, self.optimizer, cfg.model.arch)
@@ -149,6 +150,11 @@ class Trainer:
             self.tokens = int(state.get("tokens", 0))
             self.flops_total = float(state.get("flops_total", 0.0))
             self.elapsed_before = float(state.get("elapsed", 0.0))
+            saved_threads = state.get("num_threads")
+            if self.device.type == "cpu" and saved_threads and saved_threads != torch.get_num_threads():
+                self.resume_note = (f"note: the checkpoint was written with {saved_threads} CPU threads, this run uses "
+                                    f"{torch.get_num_threads()}; CPU results then match the uninterrupted run only "
+                                    "to float tolerance, not bit for bit")
         if dims.is_main:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         self.resumed_from = ckpt
@@ -265,7 +271,7 @@ class Trainer:
                  "elapsed": self.elapsed_before + (time.perf_counter() - self.t_start),
                  "lr_schedule": self.schedule.state_dict(), "method": self.method.state_dict(),
                  "method_name": self.cfg.method, "config": self.cfg.to_dict(),
-                 "vocab_size": self.data.vocab_size}
+                 "vocab_size": self.data.vocab_size, "num_threads": torch.get_num_threads()}
         self.ckpt.save(done_steps, self.wrapped, self.optimizer, state, dump_config(self.cfg))
 
     # ------------------------------------------------------------------ signals
@@ -319,6 +325,8 @@ class Trainer:
                      f"global batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {self.accum} "
                      f"x {dims.dp_size}"
                      + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""))
+        if self.resume_note:
+            logger.print(self.resume_note)
         last_train, last_valid = None, None
         stopped_at = None
         previous_handlers = self._install_signal_handlers()

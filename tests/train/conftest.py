@@ -3,6 +3,7 @@
 Made with the data package's own tokenizer trainer and preprocessor, once per test session (per xdist
 worker), in a few seconds.
 """
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -28,6 +29,28 @@ def _documents(n_docs: int, seed: int = 0) -> list[str]:
             lines.append("    " * rng.randint(0, 2) + " ".join(w) + f" {rng.randint(0, 99)}")
         docs.append("\n".join(lines))
     return docs
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and under `pytest -n 2` on two cores extra
+    OpenMP threads oversubscribe the machine (several-fold slowdowns). Bit-exact comparisons also need
+    every run at the same thread count (CPU matmul reductions depend on it), so module-scoped runs use
+    this too."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

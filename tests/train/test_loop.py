@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import ROOT, tiny_overrides
+from .conftest import ROOT, one_thread, tiny_overrides
 from ssd_megatron import cli
 from ssd_megatron.config import load_config
 from ssd_megatron.errors import UserError
@@ -38,7 +38,8 @@ def _losses(run_dir):
 def reference_run(tiny_data, tmp_path_factory):
     """The uninterrupted single-process run every other run is compared with."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    summary = loop_mod.train(_cfg(tiny_data, run, **{"logging.report": True}))
+    with one_thread():
+        summary = loop_mod.train(_cfg(tiny_data, run, **{"logging.report": True}))
     return run, summary
 
 

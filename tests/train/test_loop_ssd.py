@@ -4,6 +4,7 @@ import pytest
 
 from ssd_megatron.train import loop as loop_mod
 
+from .conftest import one_thread
 from .test_loop import _cfg, _losses, _records, _torchrun
 
 SSD = {"method": "ssd", "train.max_steps": 14, "ssd.num_experts": 8, "ssd.top_k": 2, "ssd.monitor_interval": 2,
@@ -14,7 +15,8 @@ SSD = {"method": "ssd", "train.max_steps": 14, "ssd.num_experts": 8, "ssd.top_k"
 @pytest.fixture(scope="module")
 def ssd_reference(tiny_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("ssd_ref") / "run"
-    loop_mod.train(_cfg(tiny_data, run, **SSD))
+    with one_thread():
+        loop_mod.train(_cfg(tiny_data, run, **SSD))
     return run
 
 
