@@ -7,6 +7,7 @@ so it runs the same validation batches the training loop used.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -46,19 +47,26 @@ def _set_k(model, method, k: int, drop_ratio: float = 0.0) -> None:
         set_top_k(model, k, drop_ratio)
 
 
+def monitor_warm_labels(model, method, num_experts: int, cfg) -> Optional[list]:
+    """SSD's clustering for inference: warm-started from the run's last monitored clustering (and a
+    cold start, the better kept — eq. 3), or None when the run kept no clustering."""
+    monitor = getattr(method, "monitor", None)
+    if monitor is None or any(lab is None for lab in monitor.labels) or num_experts != monitor.num_experts:
+        return None
+    from .sparse import cluster_layers
+
+    return cluster_layers(list(model.ffn_layers()), num_experts, "ssd", prev_labels=monitor.labels,
+                          cluster_backend=cfg.ssd.cluster_backend, seed=cfg.train.seed)
+
+
 def _prepare(model, method, cfg, num_experts: int, cluster_backend: str, seed: int) -> Optional[float]:
     """Bring the model into a sparse form whose k can be changed; returns clustering seconds if any."""
     if cfg.method in ("smoe", "moe_dropout"):
         return None
-    monitor = getattr(method, "monitor", None)
-    labels = None
-    if monitor is not None and all(lab is not None for lab in monitor.labels):
-        prev = monitor.labels  # warm start from the run's last clustering, as SSD would at a switch
-        from .sparse import cluster_layers
-
-        labels = cluster_layers(list(model.ffn_layers()), num_experts, "ssd", prev_labels=prev,
-                                cluster_backend=cluster_backend, seed=seed)
-    return sparsify(model, num_experts, num_experts, labels=labels, cluster_backend=cluster_backend, seed=seed)
+    t0 = time.perf_counter()
+    labels = monitor_warm_labels(model, method, num_experts, cfg)
+    sparsify(model, num_experts, num_experts, labels=labels, cluster_backend=cluster_backend, seed=seed)
+    return time.perf_counter() - t0
 
 
 def method_num_experts(cfg) -> int:
