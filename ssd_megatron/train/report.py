@@ -211,14 +211,22 @@ def build_report(run_dir, wall_time: Optional[float] = None, unigram: bool = Tru
 
 
 def main(argv=None) -> int:
-    """`ssd-report RUN_DIR...`: rebuild each run's report (cross-run comparison plugs in here)."""
+    """`ssd-report RUN_DIR...`: rebuild each run's report; with --out (or several runs of different
+    methods), also the cross-method comparison (paper Fig. 3, Fig. 4a, Table 4) into --out."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="ssd-report", description="Rebuild the report of one or more runs.")
+    ap = argparse.ArgumentParser(prog="ssd-report", description="Rebuild run reports and compare runs.")
     ap.add_argument("run_dirs", nargs="+", help="run directories (runs/<name>)")
+    ap.add_argument("--out", default=None, help="comparison output directory (default: runs/compare when comparing)")
+    ap.add_argument("--baseline", default="dense", help="method the comparison divides by (default: dense)")
     ap.add_argument("--no-unigram", action="store_true", help="skip the unigram-baseline perplexity")
     args = ap.parse_args(argv)
     for d in args.run_dirs:
-        path = build_report(d, unigram=not args.no_unigram)
-        print(path)
+        print(build_report(d, unigram=not args.no_unigram))
+    if args.out or len(args.run_dirs) > 1:
+        from ..report.compare import write_comparison
+
+        out = Path(args.out or "runs/compare")
+        write_comparison(args.run_dirs, out, baseline=args.baseline)
+        print(out / "compare.md")
     return 0
