@@ -6,6 +6,18 @@ after warm-up (compilation happens in warm-up), timed with CUDA synchronisation 
 MFU = training FLOPs / step time / peak, with FLOPs from `train.flops` (6 x matmul parameters x tokens
 + full-matrix attention, i.e. torchtitan's 6N + attention rule; both models have the same count).
 
+Our step is the training loop's (`ssd-train`), piece by piece: `compile_blocks` (per-block
+torch.compile, as train.compile does), `forward_loss` under the loop's autocast (the fused LM-head +
+cross-entropy), `build_optimizer` (AdamW groups, fused on CUDA, the config's defaults), gradient
+clipping at train.grad_clip's default with the loop's finite check. HF's step: the same optimizer
+builder and clipping, whole-model torch.compile, and its logits' loss as HF computes it (fp32 upcast).
+
+`--variant` (repeatable) times other versions of our step next to the loop's, for performance work:
+`unfused-loss` (logits, then `lm_loss`), `no-qkv-fuse` (three q/k/v GEMMs), `whole-compile`
+(torch.compile of the whole model instead of per block), `max-autotune` (compile mode
+max-autotune-no-cudagraphs), `cudnn-attn` (SDPA prefers cuDNN attention). `--profile DIR` profiles a
+few steps of each and prints the top kernels and a time-by-category table (docs/performance.md).
+
 `--phase sparse` puts every FFN of our model in sparse mode (random balanced clustering, N=32, K=6,
 expert backend `--backend`) to time a sparse-phase step; `--phase both` times dense and sparse.
 `--tiny` is a CPU smoke test (2 layers x 64, no compile unless --compile).
@@ -17,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import statistics
 import sys
@@ -69,37 +82,81 @@ def build_hf(shape: dict, device, seed: int = 0):
     return model
 
 
-def _loss(logits, labels):
+def _hf_loss(logits, labels):
+    """HF GPT2LMHeadModel's own loss: logits upcast to fp32, mean cross-entropy."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
 
 
-def time_training(model, forward, shape: dict, device, steps: int, warmup: int, compile_model: bool,
-                  bf16: bool) -> dict:
-    """Median step time of fwd + bwd + fused AdamW over `steps` steps after `warmup` steps."""
+VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "whole-compile", "max-autotune", "cudnn-attn")
+
+
+def prepare_ours(model, variant: str, compile_model: bool):
+    """(module to call, loss(module, x, y) -> scalar to backward) for one variant of our step.
+
+    "loop" is exactly what the training loop does (train/loop.py: compile_blocks, forward_loss); the
+    others change one thing each."""
+    from ..models.blocks import Attention
+    from ..parallel.data_parallel import compile_blocks
+    from ..train.loop import forward_loss
+
+    Attention.fuse_qkv = variant != "no-qkv-fuse"
+    run = model
     if compile_model:
-        model = torch.compile(model)
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused) if fused else \
-        torch.optim.AdamW(model.parameters(), lr=1e-4)
+        if variant == "whole-compile":
+            run = torch.compile(model)
+        else:
+            compile_blocks(model, mode="max-autotune-no-cudagraphs" if variant == "max-autotune" else None)
+    fused = variant != "unfused-loss"
+
+    def loss(m, x, y):
+        # The loop divides the summed loss by the global batch's valid-token count.
+        loss_sum, n_valid = forward_loss(m, {"input_ids": x, "labels": y}, fused=fused)
+        return loss_sum / n_valid
+
+    return run, loss
+
+
+def _variant_context(variant: str, device):
+    import contextlib
+
+    if variant == "cudnn-attn" and device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                            SDPBackend.MATH], set_priority=True)
+    return contextlib.nullcontext()
+
+
+def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: int, bf16: bool,
+                  profile_dir: str = "", tag: str = "") -> dict:
+    """Median step time of the loop's step (fwd + loss + bwd + clip + fused AdamW) over `steps` steps
+    after `warmup` steps; `run` is what forward is called on (the model, or its compiled wrapper)."""
+    from ..config import OptimConfig, TrainConfig
+    from ..train.loop import autocast_context
+    from ..train.optimizer import build_optimizer
+
+    opt = build_optimizer(model, OptimConfig(), device)
+    max_norm = TrainConfig().grad_clip
     g = torch.Generator(device="cpu").manual_seed(1)
     # A few distinct batches, rotated, so caches don't flatter anyone.
     batches = [torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"] + 1), generator=g).to(device)
                for _ in range(4)]
-    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else None
+    amp = autocast_context(device, "bf16" if bf16 else "fp32")
 
     def step(i):
         b = batches[i % len(batches)]
         x, y = b[:, :-1], b[:, 1:]
-        if amp is not None:
-            with amp():
-                loss = _loss(forward(model, x), y)
-        else:
-            loss = _loss(forward(model, x), y)
+        with amp():
+            loss = loss_fn(run, x, y)
         loss.backward()
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if math.isfinite(float(norm)):  # the loop's skip-on-non-finite check (a host sync, as there)
+            opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for i in range(warmup):
         step(i)
@@ -112,8 +169,78 @@ def time_training(model, forward, shape: dict, device, steps: int, warmup: int, 
         loss = step(warmup + i)
         _sync(device)
         times.append(time.perf_counter() - t)
-    return {"step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
-            "warmup_s": warm_s, "loss": float(loss.detach()), "steps": steps}
+    res = {"step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
+           "warmup_s": warm_s, "loss": float(loss.detach()), "steps": steps}
+    if device.type == "cuda":
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    if profile_dir:
+        res["profile"] = profile_steps(step, warmup + steps, device, profile_dir, tag)
+    del opt
+    return res
+
+
+# Kernel name -> category, first match wins (lower-case substrings).
+_CATEGORIES = (
+    ("loss (fused CE)", ("ce_rows_kernel",)),
+    ("attention", ("flash", "fmha", "sdpa", "attention", "cudnn")),
+    ("layernorm (eager)", ("layer_norm",)),
+    ("optimizer + clip", ("adam", "multi_tensor", "foreach", "l2norm", "lpnorm")),
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "sm90_", "sm80_", "cublas", "_mm_", "triton_tem")),
+    ("loss (unfused)", ("log_softmax", "softmax", "nll_loss", "cross_entropy")),
+    ("embedding", ("embedding", "indexing_backward", "index_put", "scatter", "sort", "radix", "segment",
+                   "grad_weight")),
+    ("fused elementwise (inductor)", ("triton_",)),
+    ("copy / cast", ("copy", "cast", "convert", "fill", "memset", "memcpy")),
+)
+
+
+def _category(name: str) -> str:
+    n = name.lower()
+    for cat, keys in _CATEGORIES:
+        if any(k in n for k in keys):
+            return cat
+    return "other elementwise"
+
+
+def profile_steps(step, start: int, device, out_dir: str, tag: str, n: int = 3) -> dict:
+    """Profile `n` steps; append the top-kernel table to out_dir/profiles.txt, print the top rows
+    and return device ms per step by kernel category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=acts) as prof:
+        for i in range(n):
+            step(start + i)
+        _sync(device)
+    ka = prof.key_averages()
+    table = ka.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                     row_limit=40, max_name_column_width=90)
+    cats: dict[str, float] = {}
+    kernels = []
+    for e in ka:
+        t = getattr(e, "self_device_time_total", 0.0) or 0.0
+        if device.type != "cuda" or t <= 0 or str(getattr(e, "device_type", "")).endswith("CPU"):
+            continue
+        kernels.append((t, e.key, e.count))
+        cats[_category(e.key)] = cats.get(_category(e.key), 0.0) + t
+    kernels.sort(reverse=True)
+    total = sum(cats.values())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {tag}: device time per step by category (ms), {n} steps profiled"]
+    for c, t in sorted(cats.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{c:32s} {t / n / 1e3:8.2f}  {100 * t / max(total, 1e-9):5.1f}%")
+    lines.append(f"{'total kernel time':32s} {total / n / 1e3:8.2f}")
+    lines.append("# top kernels: ms/step, calls/step, name")
+    for t, k, c in kernels[:25]:
+        lines.append(f"{t / n / 1e3:8.3f} {c / n:6.1f}  {k[:110]}")
+    summary = "\n".join(lines)
+    with open(out / "profiles.txt", "a") as f:  # one file for all runs (the device tool returns few files)
+        f.write(summary + "\n\n" + table + "\n\n")
+    print(summary, flush=True)
+    return {"device_ms_per_step_by_category": {c: t / n / 1e3 for c, t in cats.items()},
+            "device_ms_per_step_total": total / n / 1e3}
 
 
 def _sync(device):
@@ -134,6 +261,41 @@ def _flops(shape: dict, phase: str, model) -> float:
     return shape["batch"] * fc.training
 
 
+def check_fused_loss(device, vocab: int, d: int = 768, rows: int = 3000) -> dict:
+    """Fused vs unfused loss and gradients on this device at the real vocabulary (uneven chunks, some
+    ignored labels): relative errors in fp32 (no autocast) and under bf16 autocast."""
+    from ..train.loss import IGNORE_INDEX, fused_lm_loss, lm_loss
+
+    g = torch.Generator(device="cpu").manual_seed(2)
+    h = torch.randn(rows, d, generator=g).to(device)
+    w = (torch.randn(vocab, d, generator=g) * 0.05).to(device)
+    y = torch.randint(0, vocab, (rows,), generator=g)
+    y[::7] = IGNORE_INDEX
+    y = y.to(device)
+    out = {}
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for name, ac in (("fp32", False), ("bf16", True)):
+            res = []
+            for fused in (False, True):
+                hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ac):
+                    if fused:
+                        ls, n = fused_lm_loss(hh, ww, y, chunk_rows=1000 + 24)
+                    else:
+                        ls, n = lm_loss(F.linear(hh, ww), y)
+                (ls / n).backward()
+                res.append((ls.detach().double(), hh.grad.double(), ww.grad.double()))
+            (l0, gh0, gw0), (l1, gh1, gw1) = res
+            rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))
+            out[name] = {"loss": rel(l1, l0), "grad_hidden": rel(gh1, gh0), "grad_weight": rel(gw1, gw0)}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    print("fused vs unfused loss, relative error: " + json.dumps(out), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ssd-bench step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shape for a CPU smoke test")
@@ -147,9 +309,14 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", dest="compile", action="store_true", default=None)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF GPT2LMHeadModel reference")
+    ap.add_argument("--variant", action="append", choices=list(VARIANTS), default=None,
+                    help="versions of our dense step to time (repeatable; default: loop, the training loop's)")
+    ap.add_argument("--profile", default="", metavar="DIR",
+                    help="profile 3 steps of each run; kernel tables to DIR, category summary printed")
+    ap.add_argument("--check", action="store_true", help="first compare the fused loss with lm_loss on this device")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
-    ap.add_argument("--out", default="", help="write the JSON results here")
+    ap.add_argument("--out", default="", help="write the JSON results here (rewritten after every record)")
     args = ap.parse_args(argv)
 
     from ..errors import UserError
@@ -169,38 +336,12 @@ def main(argv=None) -> int:
     compile_model = args.compile if args.compile is not None else device.type == "cuda"
     bf16 = device.type == "cuda"
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # as the loop does (TF32 outside autocast)
     peak = peak_flops(device)
     phases = ["dense", "sparse"] if args.phase == "both" else [args.phase]
+    variants = args.variant or ["loop"]
     tokens = shape["batch"] * shape["seq"]
     records = []
-
-    def record(name, phase, model, res):
-        flops = _flops(shape, phase, model)
-        rec = dict(model=name, phase=phase, tokens_per_step=tokens, flops_per_step=flops,
-                   tokens_per_s=tokens / res["step_s_median"], step_ms=1e3 * res["step_s_median"],
-                   mfu=(flops / res["step_s_median"] / peak) if peak else None, **res)
-        records.append(rec)
-        mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "n/a"
-        print(f"{name:14s} {phase:6s} {rec['step_ms']:9.2f} ms/step {rec['tokens_per_s']:12.0f} tok/s  MFU {mfu}",
-              file=sys.stderr, flush=True)
-
-    for phase in phases:
-        model = build_ours(shape, device, phase, args.backend)
-        res = time_training(model, lambda m, x: m(input_ids=x), shape, device, args.steps, args.warmup,
-                            compile_model, bf16)
-        record("ssd-megatron", phase, model, res)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if not args.no_hf:
-        hf = build_hf(shape, device)
-        res = time_training(hf, lambda m, x: m(input_ids=x).logits, shape, device, args.steps, args.warmup,
-                            compile_model, bf16)
-        record("hf-gpt2", "dense", None, res)  # same shape: the analytic count needs no module
-        del hf
-
     out = {
         "benchmark": "train_step",
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -211,24 +352,77 @@ def main(argv=None) -> int:
         "shape": shape, "bf16": bf16, "compile": compile_model, "backend": args.backend, "peak_flops": peak,
         "records": records,
     }
-    by = {(r["model"], r["phase"]): r for r in records}
-    if ("ssd-megatron", "dense") in by and ("hf-gpt2", "dense") in by:
-        out["speedup_dense_vs_hf"] = by[("ssd-megatron", "dense")]["tokens_per_s"] / by[("hf-gpt2", "dense")]["tokens_per_s"]
-    if ("ssd-megatron", "dense") in by and ("ssd-megatron", "sparse") in by:
-        out["speedup_sparse_vs_dense"] = (by[("ssd-megatron", "sparse")]["tokens_per_s"]
-                                          / by[("ssd-megatron", "dense")]["tokens_per_s"])
-    if args.out:
-        p = Path(args.out)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(out, indent=1))
-    print("model          phase   ms/step      tokens/s     MFU")
+    if args.check:
+        out["fused_loss_check"] = check_fused_loss(device, shape["vocab"], shape["d_model"])
+
+    def record(name, phase, variant, model, res):
+        flops = _flops(shape, phase, model)
+        rec = dict(model=name, phase=phase, variant=variant, tokens_per_step=tokens, flops_per_step=flops,
+                   tokens_per_s=tokens / res["step_s_median"], step_ms=1e3 * res["step_s_median"],
+                   mfu=(flops / res["step_s_median"] / peak) if peak else None, **res)
+        records.append(rec)
+        mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "n/a"
+        print(f"{name:14s} {phase:6s} {variant:14s} {rec['step_ms']:9.2f} ms/step {rec['tokens_per_s']:12.0f} tok/s"
+              f"  MFU {mfu}", file=sys.stderr, flush=True)
+        _finish(out)
+        if args.out:
+            p = Path(args.out)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps(out, indent=1))
+
+    runs = [(ph, v) for ph in phases for v in (variants if ph == "dense" else ["loop"])]
+    for phase, variant in runs:
+        model = build_ours(shape, device, phase, args.backend)
+        run, loss_fn = prepare_ours(model, variant, compile_model)
+        try:
+            with _variant_context(variant, device):
+                res = time_training(model, run, loss_fn, shape, device, args.steps, args.warmup, bf16,
+                                    args.profile, f"ours_{phase}_{variant}")
+        except Exception as e:  # an exploratory variant failing must not lose the others
+            if variant == "loop":
+                raise
+            print(f"variant {variant} failed: {type(e).__name__}: {str(e)[:500]}", file=sys.stderr, flush=True)
+            out.setdefault("failed", {})[variant] = f"{type(e).__name__}: {str(e)[:500]}"
+        else:
+            record("ssd-megatron", phase, variant, model, res)
+        del model, run
+        _reset(device, compile_model)
+    if not args.no_hf:
+        hf = build_hf(shape, device)
+        run = torch.compile(hf) if compile_model else hf
+        res = time_training(hf, run, lambda m, x, y: _hf_loss(m(input_ids=x).logits, y), shape, device,
+                            args.steps, args.warmup, bf16, args.profile, "hf_dense")
+        record("hf-gpt2", "dense", "hf", None, res)  # same shape: the analytic count needs no module
+        del hf, run
+        _reset(device, compile_model)
+
+    print("model          phase  variant         ms/step      tokens/s     MFU")
     for r in records:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['model']:14s} {r['phase']:6s} {r['step_ms']:8.2f} {r['tokens_per_s']:12.0f}   {mfu}")
+        print(f"{r['model']:14s} {r['phase']:6s} {r['variant']:14s} {r['step_ms']:8.2f} {r['tokens_per_s']:12.0f}   {mfu}")
     for k in ("speedup_dense_vs_hf", "speedup_sparse_vs_dense"):
         if k in out:
             print(f"{k}: {out[k]:.3f}")
     return 0
+
+
+def _finish(out: dict) -> None:
+    by = {(r["model"], r["phase"], r["variant"]): r for r in out["records"]}
+    dense = by.get(("ssd-megatron", "dense", "loop"))
+    if dense and ("hf-gpt2", "dense", "hf") in by:
+        out["speedup_dense_vs_hf"] = dense["tokens_per_s"] / by[("hf-gpt2", "dense", "hf")]["tokens_per_s"]
+    if dense and ("ssd-megatron", "sparse", "loop") in by:
+        out["speedup_sparse_vs_dense"] = by[("ssd-megatron", "sparse", "loop")]["tokens_per_s"] / dense["tokens_per_s"]
+
+
+def _reset(device, compiled: bool) -> None:
+    from ..models.blocks import Attention
+
+    Attention.fuse_qkv = True
+    if compiled:
+        torch._dynamo.reset()  # a variant's graphs (and its SDPA choice) must not serve the next one
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _version(pkg: str):

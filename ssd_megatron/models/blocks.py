@@ -87,10 +87,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Multi-head (optionally grouped-query, cross-) attention.
 
-    Separate q/k/v projections rather than one fused matrix: tensor parallelism shards each one
-    column-wise without re-interleaving, and GQA's k/v widths differ from q's anyway.
+    Separate q/k/v parameters rather than one fused matrix: tensor parallelism shards each one
+    column-wise without re-interleaving, GQA's k/v widths differ from q's anyway, and checkpoint keys
+    and the HF converter stay as they are. The forward still runs them as one GEMM (`fuse_qkv`):
+    the three weights are concatenated per call (a few MB, fused by torch.compile with the bf16 cast
+    autocast does anyway) so the activations are read once, for self-attention q|k|v and for
+    cross-attention k|v.
     `scale=None` is SDPA's 1/sqrt(dh); T5 passes 1.0 (its init absorbs the scaling).
     """
+
+    fuse_qkv = True
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int = 0, bias: bool = True,
                  scale: Optional[float] = None, dropout: float = 0.0, q_norm: Optional[nn.Module] = None,
@@ -119,9 +125,10 @@ class Attention(nn.Module):
         B, Lq, _ = x.shape
         src = x if memory is None else memory
         Lk = src.shape[1]
-        q = self.q_proj(x).view(B, Lq, self.n_heads, self.head_dim)
-        k = self.k_proj(src).view(B, Lk, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(src).view(B, Lk, self.n_kv_heads, self.head_dim)
+        q, k, v = self._project(x, src)
+        q = q.view(B, Lq, self.n_heads, self.head_dim)
+        k = k.view(B, Lk, self.n_kv_heads, self.head_dim)
+        v = v.view(B, Lk, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -136,6 +143,17 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
             scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, Lq, -1))
+
+    def _project(self, x: torch.Tensor, src: torch.Tensor):
+        if not self.fuse_qkv:
+            return self.q_proj(x), self.k_proj(src), self.v_proj(src)
+        projs = (self.q_proj, self.k_proj, self.v_proj) if src is x else (self.k_proj, self.v_proj)
+        w = torch.cat([p.weight for p in projs])
+        b = None if projs[0].bias is None else torch.cat([p.bias for p in projs])
+        out = F.linear(src, w, b).split([p.out_features for p in projs], dim=-1)
+        if src is x:
+            return out
+        return (self.q_proj(x),) + tuple(out)
 
 
 def _additive_mask(attn_mask, position_bias, dtype, device) -> torch.Tensor:

@@ -3,6 +3,11 @@
 Module names (used by the HF converter and by parallelism plans): tok_emb, pos_emb, layers[i]
 (TransformerBlock: norm1, attn.{q,k,v,o}_proj, norm2, ffn.{w_in,w_out}), final_norm, lm_head.
 With `tie_embeddings` the LM head shares the token embedding's Parameter (one tensor, one gradient).
+
+`model(input_ids, loss_labels=labels)` returns `(loss_sum, n_valid)` instead of logits: the LM head and
+the cross-entropy run fused in row chunks (`train.loss.fused_lm_loss`), so the [tokens, vocab] logits
+are never materialised. The training loop uses it (`fused_loss = True` says the model offers it); the
+loss goes through the model's own forward so that DDP/FSDP2 see the head's weight used in forward.
 """
 from __future__ import annotations
 
@@ -11,11 +16,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..train.loss import fused_lm_loss
 from .blocks import ModelMixin, TransformerBlock, causal_mask, init_weights, make_norm, padding_mask
 
 
 class GPT(ModelMixin, nn.Module):
     arch = "gpt"
+    fused_loss = True
 
     def __init__(self, cfg, vocab_size: int):
         super().__init__()
@@ -65,9 +72,13 @@ class GPT(ModelMixin, nn.Module):
             kw["attn_mask"] = causal_mask(L, L, input_ids.device) & padding_mask(attention_mask)
         return kw
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **_) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                loss_labels: Optional[torch.Tensor] = None, **_):
         x = self.embed(input_ids)
         kw = self.block_kwargs(input_ids, attention_mask)
         for blk in self.layers:
             x = blk(x, **kw)
-        return self.lm_head(self.final_norm(x))
+        h = self.final_norm(x)
+        if loss_labels is not None:
+            return fused_lm_loss(h, self.lm_head.weight, loss_labels)
+        return self.lm_head(h)

@@ -32,7 +32,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module, mode: str | None = None) -> int:
     """torch.compile each transformer block's forward, in place, before data-parallel wrapping.
 
     Per block (torchtitan's choice) rather than the whole model: blocks of one stack share one
@@ -40,10 +40,11 @@ def compile_blocks(model: nn.Module) -> int:
     rest of the backward) and FSDP2's all-gather hooks stay outside the compiled code. The bound
     `forward` is replaced rather than wrapping the module, so parameter names (checkpoint keys) and
     the module objects methods hold do not change. Returns the number of blocks compiled.
+    `mode` is torch.compile's (None = its default).
     """
     blocks = transformer_blocks(model)
     for blk in blocks:
-        blk.forward = torch.compile(blk.forward)
+        blk.forward = torch.compile(blk.forward, mode=mode)
     return len(blocks)
 
 

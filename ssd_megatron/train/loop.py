@@ -74,6 +74,19 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def forward_loss(model, batch: dict, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_sum, n_valid) of one micro-batch, as `lm_loss(model(**inputs), labels)`.
+
+    Models that offer it (`fused_loss`) get the labels and return the loss themselves, with the LM head
+    and cross-entropy fused in chunks (no [tokens, vocab] logits, none in fp32): ~10 ms of a 58 ms
+    GPT-base step on an H100 (docs/performance.md). `ssd-bench step` times the step through this too.
+    """
+    inputs = model_inputs(batch)
+    if fused and getattr(unwrap(model), "fused_loss", False):
+        return model(**inputs, loss_labels=batch["labels"])
+    return lm_loss(model(**inputs), batch["labels"])
+
+
 def train(cfg) -> dict:
     device = resolve_device(cfg.train.device)
     dims = init_distributed(cfg.parallel, device)
@@ -165,8 +178,7 @@ class Trainer:
 
     def _micro_loss(self, batch: dict, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast():
-            logits = self.wrapped(**model_inputs(batch))
-            loss_sum, n_valid = lm_loss(logits, batch["labels"])
+            loss_sum, n_valid = forward_loss(self.wrapped, batch)
             loss = loss_sum * scale
             extra = self.method.extra_loss()
             if extra is not None:
