@@ -134,15 +134,17 @@ _MM_OUT_DTYPE = {"ok": None}
 
 
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """acc + a @ b with `acc` wider than a/b (fp32 accumulator, bf16 operands): one cuBLAS call writing
-    fp32 where torch supports `out_dtype` (CUDA), else the product in the operands' dtype, then added."""
+    """acc += a @ b with `acc` wider than a/b (fp32 accumulator, bf16 operands): one cuBLAS call
+    accumulating into fp32 where torch supports `out_dtype` (CUDA), else the product in the operands'
+    dtype, then added. In place: out-of-place addmm first copies the 154 MB accumulator (GPT-base),
+    0.1 ms per chunk on an H100 (profiled)."""
     if acc.dtype == a.dtype:
         return acc.addmm_(a, b)
     if a.is_cuda and _MM_OUT_DTYPE["ok"] is not False:
         try:
-            out = torch.addmm(acc, a, b, out_dtype=acc.dtype)
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             _MM_OUT_DTYPE["ok"] = True
-            return out
+            return acc
         except (RuntimeError, TypeError):
             _MM_OUT_DTYPE["ok"] = False
     return acc.add_(a @ b)
