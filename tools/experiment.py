@@ -236,15 +236,17 @@ def train_method(method: str, work: Path, p: dict, data: tuple[str, str], args, 
             except ValueError:
                 continue
     summary["process_wall_s"] = wall
-    if method in ("ssd", "moe_dropout", "smoe"):
-        summary["sweep"] = sweep_k(method, run_dir, work, deadline)
+    if method in ("dense", "ssd", "moe_dropout", "smoe"):
+        # dense: the "MoEfied" dense model of Fig. 4a, clustered with SSD's N
+        summary["sweep"] = sweep_k(method, run_dir, work, deadline, ["--num-experts", str(p["ssd_experts"])]
+                                   if method == "dense" else [])
     summary_file.write_text(json.dumps(summary, indent=1))
     log(f"{method}: valid ppl {summary.get('valid_ppl', float('nan')):.3f}, {summary.get('flops', 0):.3e} FLOPs, "
         f"{summary.get('wall_time', 0):.1f}s")
     return summary
 
 
-def sweep_k(method: str, run_dir: Path, work: Path, deadline: Deadline) -> str:
+def sweep_k(method: str, run_dir: Path, work: Path, deadline: Deadline, extra: list = ()) -> str:
     """Figure 4a's k sweep through `ssd-eval --sweep-k`, where that option exists."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **THREADS)
     helptext = subprocess.run([sys.executable, "-m", "ssd_megatron", "eval", "--help"], env=env, cwd=ROOT,
@@ -256,7 +258,7 @@ def sweep_k(method: str, run_dir: Path, work: Path, deadline: Deadline) -> str:
     if left is not None and left < 20:
         return "skipped: deadline"
     try:
-        run([sys.executable, "-m", "ssd_megatron", "eval", str(run_dir), "--sweep-k"], logfile, timeout=left)
+        run([sys.executable, "-m", "ssd_megatron", "eval", str(run_dir), "--sweep-k", *extra], logfile, timeout=left)
     except (RuntimeError, TimeoutError) as e:
         return f"failed: {str(e).splitlines()[0]}"
     return "ok" if (run_dir / "report" / "sweep_k.json").is_file() else "ran, but wrote no report/sweep_k.json"

@@ -202,7 +202,8 @@ def _run_sparse_study(ctx: EvalContext, args) -> dict:
         if ks and not all(1 <= k <= n for k in ks):
             raise UserError(f"--ks: every k must be in [1, {n}], got {args.ks}")
         result = sweep.sweep_k(ctx.model, ctx.method, cfg, ctx.evaluate, flops, ks,
-                               _parse_floats(args.drop_ratios, "--drop-ratios"), cfg.ssd.cluster_backend, cfg.train.seed)
+                               _parse_floats(args.drop_ratios, "--drop-ratios"), cfg.ssd.cluster_backend, cfg.train.seed,
+                               num_experts=n)
         report_dir = _report_dir(ctx)
         sweep.write_sweep(result, report_dir)
         return {"sweep": result, "report": str(report_dir / "sweep_k.md")}

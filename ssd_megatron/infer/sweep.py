@@ -76,9 +76,10 @@ def method_num_experts(cfg) -> int:
 
 def sweep_k(model, method, cfg, evaluate: Callable[[], dict], flops: InferenceFlops,
             ks: Optional[Sequence[int]] = None, drop_ratios: Sequence[float] = DEFAULT_DROP_RATIOS,
-            cluster_backend: str = "torch", seed: int = 0) -> dict:
-    """Fixed top-k for every k (Fig. 4a) and dynamic top-k (§5.3, Fig. 5) for each drop ratio."""
-    n = method_num_experts(cfg)
+            cluster_backend: str = "torch", seed: int = 0, num_experts: Optional[int] = None) -> dict:
+    """Fixed top-k for every k (Fig. 4a) and dynamic top-k (§5.3, Fig. 5) for each drop ratio.
+    `num_experts` overrides N for SSD / dense models (a dense run "MoEfied" with SSD's N)."""
+    n = num_experts if num_experts and cfg.method in ("dense", "ssd") else method_num_experts(cfg)
     ks = list(ks or default_ks(n))
     seconds = _prepare(model, method, cfg, n, cluster_backend, seed)
     points, dynamic = [], []
