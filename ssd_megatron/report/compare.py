@@ -67,17 +67,9 @@ class Run:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # a torn last line from a crash
-    return out
+    from ..train.metrics import read_metrics  # skips a torn last line from a crash
+
+    return read_metrics(path)
 
 
 def _num(v) -> Optional[float]:
