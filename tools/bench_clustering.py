@@ -102,16 +102,80 @@ def bench_config(w, w2, k, method, exchange, backend, seed):
     }
 
 
+def exact_step(configs, device, seed) -> list:
+    """One balanced E-step at the base size (centroids after 10 unbalanced Lloyd steps, so the balance
+    constraint binds) for each config, against scipy's exact linear_sum_assignment."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    n, d, k = SIZES["base"]
+    size = n // k
+    x = C.normalize_rows(synthetic_weights(n, d, k, seed)).to(device)
+    cents = C._lloyd_unbalanced(x, C._kmeans_pp(x, k, seed), 10)
+    cost = C._sq_cost(x, cents) + (x * x).sum(1, keepdim=True)  # full squared distances
+    cost64 = cost.double().cpu().numpy()
+    t0 = time.perf_counter()
+    rows, cols = linear_sum_assignment(np.repeat(cost64, size, axis=1))
+    exact_s = time.perf_counter() - t0
+    opt = float(cost64[rows, cols // size].sum())
+    out = []
+    for method, ex in configs:
+        C.balanced_assignment(cost, size, method, ex)  # warm-up
+        labels, wall, _ = timed(lambda: C.balanced_assignment(cost, size, method, ex))
+        got = float(cost64[np.arange(n), labels.cpu().numpy()].sum())
+        out.append({"method": method, "exchange_rounds": ex, "shape": [n, d], "n_clusters": k,
+                    "seconds": wall, "cost": got, "exact_cost": opt, "excess_pct": 100 * (got / opt - 1),
+                    "exact_seconds": exact_s})
+    return out
+
+
+def summarize(rows: list) -> list:
+    """Per (size, backend, method, exchange): median seconds and mean WCSS excess over the best run
+    (any config, any backend) on the same weight matrix."""
+    best_cold, best_eq3 = {}, {}
+    for r in rows:
+        key = (r["size"], r["data_seed"])
+        best_cold[key] = min(best_cold.get(key, float("inf")), r["cold_wcss"])
+        best_eq3[key] = min(best_eq3.get(key, float("inf")), r["eq3_wcss"])
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["size"], r["backend"], r["method"], r["exchange_rounds"]), []).append(r)
+    out = []
+    for (size, backend, method, ex), rs in groups.items():
+        def mean(f):
+            return sum(f(r) for r in rs) / len(rs)
+
+        def median(f):  # times: robust to a spike from other work on a shared machine
+            vals = sorted(f(r) for r in rs)
+            mid = len(vals) // 2
+            return vals[mid] if len(vals) % 2 else 0.5 * (vals[mid - 1] + vals[mid])
+
+        out.append({
+            "size": size, "backend": backend, "method": method, "exchange_rounds": ex, "runs": len(rs),
+            "cold_s": median(lambda r: r["cold_s"]), "eq3_s": median(lambda r: r["eq3_s"]),
+            "cold_iters": mean(lambda r: r["cold_iters"]),
+            "cold_wcss": mean(lambda r: r["cold_wcss"]), "eq3_wcss": mean(lambda r: r["eq3_wcss"]),
+            "cold_excess_pct": mean(lambda r: 100 * (r["cold_wcss"] / best_cold[(r["size"], r["data_seed"])] - 1)),
+            "eq3_excess_pct": mean(lambda r: 100 * (r["eq3_wcss"] / best_eq3[(r["size"], r["data_seed"])] - 1)),
+            "warm_won": f"{sum(r['eq3_winner'] == 'warm' for r in rs)}/{len(rs)}",
+            "ari_prev_new": mean(lambda r: r["ari_prev_new"]),
+        })
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", default="base,large", help="comma list of: " + ", ".join(SIZES))
-    ap.add_argument("--methods", default=",".join(C.ASSIGNMENTS))
-    ap.add_argument("--exchange", default="0,8", help="comma list of polish_exchange rounds to try")
+    ap.add_argument("--configs", default="greedy:0,greedy:8,sinkhorn:0,sinkhorn:8,auction:0",
+                    help="comma list of assignment:exchange_rounds")
+    ap.add_argument("--seeds", type=int, default=3, help="weight matrices per size (results are averaged)")
     ap.add_argument("--backends", default="torch,faiss")
     ap.add_argument("--layers", type=int, default=12, help="layers in the all-layer total (base size)")
     ap.add_argument("--drift", type=float, default=0.15, help="weight change between monitors, x std")
     ap.add_argument("--weights", default=None, help=".pt file with real W_i matrices (replaces synthetic)")
+    ap.add_argument("--exact", action="store_true",
+                    help="also score one E-step per config against scipy's exact assignment (base size, ~1 min)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/clustering_<dev>.json)")
@@ -126,8 +190,7 @@ def main(argv=None) -> int:
     results = {"machine": info, "configs": [], "all_layers": [],
                "defaults": {"assignment": C.DEFAULT_ASSIGNMENT, "exchange_rounds": C.DEFAULT_EXCHANGE_ROUNDS,
                             "iters": C.DEFAULT_ITERS}}
-    methods = args.methods.split(",")
-    exchanges = [int(x) for x in args.exchange.split(",")]
+    configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")]
     backends = args.backends.split(",")
     real = load_weights(args.weights, device) if args.weights else None
 
@@ -135,21 +198,21 @@ def main(argv=None) -> int:
     C.balanced_kmeans(synthetic_weights(256, 32, 8, 0).to(device), 8, backend=backends[0])
 
     for size_name in args.sizes.split(","):
-        if real is not None:
-            w = real[0]
-            n, d = w.shape
-            k = SIZES[size_name][2]
-        else:
-            n, d, k = SIZES[size_name]
-            w = synthetic_weights(n, d, k, args.seed).to(device)
-        w2 = drift(w, args.seed, args.drift)
-        for backend in backends:
-            for method in methods:
-                for ex in exchanges:
-                    row = bench_config(w, w2, k, method, ex, backend, args.seed)
-                    row.update(size=size_name, shape=[n, d], n_clusters=k)
+        for seed in range(args.seed, args.seed + args.seeds):
+            if real is not None:
+                w = real[seed % len(real)]
+                n, d = w.shape
+                k = SIZES[size_name][2]
+            else:
+                n, d, k = SIZES[size_name]
+                w = synthetic_weights(n, d, k, seed).to(device)
+            w2 = drift(w, seed, args.drift)
+            for backend in backends:
+                for method, ex in configs:
+                    row = bench_config(w, w2, k, method, ex, backend, seed)
+                    row.update(size=size_name, shape=[n, d], n_clusters=k, data_seed=seed)
                     results["configs"].append(row)
-                    print(f"{size_name:5s} {backend:5s} {method:8s} ex={ex:<2d} cold {row['cold_s']:7.2f}s "
+                    print(f"{size_name:5s} seed {seed} {backend:5s} {method:8s} ex={ex:<2d} cold {row['cold_s']:7.2f}s "
                           f"wcss {row['cold_wcss']:.2f} it {row['cold_iters']:2d} | eq3 {row['eq3_s']:7.2f}s "
                           f"wcss {row['eq3_wcss']:.2f} ({row['eq3_winner']}) ari {row['ari_prev_new']:.3f}",
                           flush=True)
@@ -170,23 +233,29 @@ def main(argv=None) -> int:
             results["all_layers"].append({"backend": backend, "layers": args.layers, "shape": [n, d],
                                           "n_clusters": k, "first_monitor_s": cold_t, "later_monitor_s": eq3_t})
 
+    if args.exact:
+        results["exact_step"] = exact_step(configs, device, args.seed)
+
     info["loadavg_end"] = os.getloadavg()
+    results["summary"] = summarize(results["configs"])
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
 
     # ---- table
     print(f"\n# balanced k-means, {info['device']} ({info.get('gpu') or info['cpu_model']}, "
-          f"{info['torch_threads']} threads), load avg {info['loadavg_start'][0]:.1f}->{info['loadavg_end'][0]:.1f}")
-    print(f"{'size':6s} {'backend':7s} {'method':8s} {'ex':>2s} {'cold s':>8s} {'cold WCSS':>10s} {'+%best':>7s} "
-          f"{'it':>3s} {'eq3 s':>8s} {'eq3 WCSS':>10s} {'won':>5s} {'ARI':>6s}")
-    for size_name in args.sizes.split(","):
-        rows = [r for r in results["configs"] if r["size"] == size_name]
-        best = min(r["cold_wcss"] for r in rows)
-        for r in rows:
-            print(f"{size_name:6s} {r['backend']:7s} {r['method']:8s} {r['exchange_rounds']:2d} {r['cold_s']:8.2f} "
-                  f"{r['cold_wcss']:10.2f} {100 * (r['cold_wcss'] / best - 1):7.3f} {r['cold_iters']:3d} "
-                  f"{r['eq3_s']:8.2f} {r['eq3_wcss']:10.2f} {r['eq3_winner']:>5s} {r['ari_prev_new']:6.3f}")
+          f"{info['torch_threads']} threads), load avg {info['loadavg_start'][0]:.1f}->{info['loadavg_end'][0]:.1f}; "
+          f"over {args.seeds} weight matrices: median seconds, mean +% = WCSS above the best run on the same matrix")
+    print(f"{'size':6s} {'backend':7s} {'method':8s} {'ex':>2s} {'cold s':>7s} {'cold +%':>8s} {'it':>4s} "
+          f"{'eq3 s':>7s} {'eq3 +%':>7s} {'warm won':>8s} {'ARI':>6s}")
+    for r in results["summary"]:
+        print(f"{r['size']:6s} {r['backend']:7s} {r['method']:8s} {r['exchange_rounds']:2d} {r['cold_s']:7.2f} "
+              f"{r['cold_excess_pct']:8.3f} {r['cold_iters']:4.0f} {r['eq3_s']:7.2f} {r['eq3_excess_pct']:7.3f} "
+              f"{r['warm_won']:>8s} {r['ari_prev_new']:6.3f}")
+    for r in results.get("exact_step", []):
+        print(f"one E-step {r['shape'][0]}x{r['n_clusters']}: {r['method']}+{r['exchange_rounds']:<2d} "
+              f"{1e3 * r['seconds']:7.1f} ms, cost +{r['excess_pct']:.3f}% vs exact "
+              f"(scipy {r['exact_seconds']:.0f} s)")
     for r in results["all_layers"]:
         print(f"all {r['layers']} layers {r['shape'][0]}x{r['shape'][1]} N={r['n_clusters']} ({r['backend']}, default "
               f"{C.DEFAULT_ASSIGNMENT}+{C.DEFAULT_EXCHANGE_ROUNDS}): first monitor {r['first_monitor_s']:.1f}s, "
