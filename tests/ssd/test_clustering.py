@@ -41,6 +41,11 @@ def brute_wcss(w, labels):
     return total
 
 
+def kmeans_centroids(x, k, seed, iters):
+    """k-means++ then `iters` unbalanced Lloyd steps for one problem (the cold-start init)."""
+    return C._lloyd_unbalanced(x[None], C._kmeans_pp(x[None], k, [seed]), iters)[0]
+
+
 def full_cost(x, cents):
     return ((x[:, None, :] - cents[None, :, :]) ** 2).sum(-1)  # [n, k] squared distances
 
@@ -109,7 +114,7 @@ def test_greedy_with_pinned_neurons_fills_remaining_room():
 def tiny_problem(n, k, seed):
     w = clustered_rows(n, 16, groups=k + 3, noise=0.8, seed=seed)
     x = C.normalize_rows(w)
-    cents = C._lloyd_unbalanced(x, C._kmeans_pp(x, k, seed), 3)  # unbalanced centroids: balance binds
+    cents = kmeans_centroids(x, k, seed, 3)  # unbalanced centroids: balance binds
     return full_cost(x, cents)
 
 
@@ -151,7 +156,7 @@ def test_auction_is_near_exact_with_enough_rounds():
     n, k = 120, 6
     w = clustered_rows(n, 16, groups=9, noise=0.8, seed=5)
     x = C.normalize_rows(w)
-    cost = full_cost(x, C._kmeans_pp(x, k, 0))
+    cost = full_cost(x, kmeans_centroids(x, k, 0, 0))
     labels = C.assign_auction(cost, n // k, eps=0.01, max_rounds=5000)
     got = float(cost.double()[torch.arange(n), labels].sum())
     assert got <= optimal_cost(cost, n // k) * 1.002
@@ -323,3 +328,41 @@ def test_warm_tolerance_prefers_warm_within_margin():
     assert strict.wcss == min(strict.candidates.values())
     with pytest.raises(UserError):
         C.cluster_neurons(w, 12, prev_labels=prev, warm_tolerance=-0.1)
+
+
+# ------------------------------------------------------------------------------------- batching
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_assignment_equals_per_problem(method):
+    costs = torch.stack([tiny_problem(96, 8, seed) for seed in range(3)])
+    batched = C.balanced_assignment(costs, 12, method)
+    for b in range(3):
+        assert torch.equal(batched[b], C.balanced_assignment(costs[b], 12, method))
+
+
+def test_cluster_layers_equals_per_layer_eq3(monkeypatch):
+    ws = [clustered_rows(128, 16, groups=10, noise=1.0, seed=s) for s in range(4)]
+    prev = [C.cluster_neurons(w, 8, seed=s).labels for s, w in enumerate(ws)]
+    prev[1] = None  # a layer without a previous clustering: cold start only
+    batch = C.cluster_layers(ws, 8, prev, seed=10)
+    for i, (w, p) in enumerate(zip(ws, prev)):
+        single = C.cluster_neurons(w, 8, p, seed=10 + i)
+        assert torch.equal(batch[i].labels, single.labels)
+        assert batch[i].candidates == single.candidates and batch[i].start == single.start
+    assert set(batch[1].candidates) == {"cold"}
+    monkeypatch.setattr(C, "BATCH_BYTES", 128 * 16 * 4 * 2)  # two problems per chunk
+    chunked = C.cluster_layers(ws, 8, prev, seed=10)
+    assert all(torch.equal(a.labels, b.labels) for a, b in zip(batch, chunked))
+
+
+def test_cluster_layers_mixed_shapes_and_errors():
+    ws = [clustered_rows(64, 8, 5, 0.5, 1), clustered_rows(96, 12, 5, 0.5, 2), clustered_rows(64, 8, 5, 0.5, 3)]
+    res = C.cluster_layers(ws, 4)
+    assert [r.labels.shape[0] for r in res] == [64, 96, 64]
+    assert all(torch.equal(torch.bincount(r.labels), torch.full((4,), r.labels.shape[0] // 4)) for r in res)
+    with pytest.raises(ValueError):
+        C.cluster_layers(ws, 4, prev_labels=[None])
+    with pytest.raises(UserError):
+        C.cluster_layers(ws, 5)
+    assert C.cluster_layers([], 4) == []
