@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .ari import adjusted_rand_index
-from .clustering import cluster_neurons
+from .clustering import cluster_layers
 from .sparsity import SparsityProbe
 
 
@@ -84,13 +84,10 @@ class ActivationMonitor:
             model.train(was_training)
 
     def _cluster_all(self, step: int):
-        results = []
-        for i, ffn in enumerate(self.ffns):
-            rows = ffn.neuron_rows().float()
-            res = cluster_neurons(rows, self.num_experts, prev_labels=self.labels[i],
-                                  backend=self.cluster_backend, seed=self.seed + step * 1009 + i)
-            results.append(res)
-        return results
+        # All layers' cold and warm starts as one batched problem (one launch stream on a GPU).
+        rows = [ffn.neuron_rows().float() for ffn in self.ffns]
+        return cluster_layers(rows, self.num_experts, self.labels, backend=self.cluster_backend,
+                              seed=self.seed + step * 1009)
 
     def _broadcast_labels(self, labels: list) -> list:
         if self.group is None or not dist.is_initialized() or dist.get_world_size(self.group) == 1:
