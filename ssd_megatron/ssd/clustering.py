@@ -119,6 +119,16 @@ def _batched(fn):
     return wrapper
 
 
+def _ordered_index_add(device: torch.device) -> bool:
+    """index_add_ accumulates in a fixed order on CPU only (CUDA uses float atomics)."""
+    return device.type == "cpu"
+
+
+def _problems_per_batch(device: torch.device, rows: int, cols: int) -> int:
+    """CPU: one problem at a time (see _solve_chunked); GPU: as many as fit in BATCH_BYTES."""
+    return 1 if device.type == "cpu" else max(1, BATCH_BYTES // (4 * rows * cols))
+
+
 def _offsets(b: int, k: int, device) -> torch.Tensor:
     return (torch.arange(b, device=device) * k)[:, None]  # [B, 1]: cluster id offset of problem b
 
@@ -369,7 +379,7 @@ def _cluster_sums(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor
     CUDA: index_add_ uses float atomics (run-to-run differences), so a one-hot matmul instead.
     """
     b, n, d = x.shape
-    if x.device.type == "cpu":
+    if _ordered_index_add(x.device):
         flat = (labels + _offsets(b, k, x.device)).reshape(-1)
         return torch.zeros(b * k, d, dtype=x.dtype).index_add_(0, flat, x.reshape(-1, d)).view(b, k, d)
     return F.one_hot(labels, k).to(x.dtype).transpose(1, 2) @ x
@@ -574,7 +584,7 @@ def _solve_chunked(ws, k, inits, seeds, **kw):
     for i, w in enumerate(ws):
         groups.setdefault((tuple(w.shape), w.device), []).append(i)
     for (shape, device), idx in groups.items():
-        per = 1 if device.type == "cpu" else max(1, BATCH_BYTES // (4 * shape[0] * shape[1]))
+        per = _problems_per_batch(device, shape[0], shape[1])
         for s in range(0, len(idx), per):
             part = idx[s : s + per]
             for i, r in zip(part, _solve([ws[i] for i in part], k, [inits[i] for i in part], [seeds[i] for i in part], **kw)):

@@ -366,3 +366,26 @@ def test_cluster_layers_mixed_shapes_and_errors():
     with pytest.raises(UserError):
         C.cluster_layers(ws, 5)
     assert C.cluster_layers([], 4) == []
+
+
+def test_gpu_code_paths_on_cpu(monkeypatch):
+    """The CUDA policy (one-hot cluster sums, a termination check every 8 rounds, many problems per
+    batch) gives balanced, deterministic results of the same quality as the CPU policy."""
+    ws = [clustered_rows(256, 16, groups=12, noise=1.0, seed=s) for s in range(3)]
+    prev = [C.cluster_neurons(w, 16, seed=s).labels for s, w in enumerate(ws)]
+    cpu = C.cluster_layers(ws, 16, prev, seed=3)
+    monkeypatch.setattr(C, "_ordered_index_add", lambda device: False)
+    monkeypatch.setattr(C, "_sync_every", lambda device: 8)
+    monkeypatch.setattr(C, "_problems_per_batch", lambda device, rows, cols: 64)
+    gpu_like = C.cluster_layers(ws, 16, prev, seed=3)
+    again = C.cluster_layers(ws, 16, prev, seed=3)
+    for a, b, c in zip(cpu, gpu_like, again):
+        assert torch.equal(b.labels, c.labels) and b.wcss == c.wcss
+        assert torch.equal(torch.bincount(b.labels, minlength=16), torch.full((16,), 16))
+        assert abs(a.wcss - b.wcss) <= 0.02 * a.wcss
+        assert b.wcss <= b.candidates["cold"]
+    for method in METHODS:
+        costs = torch.stack([tiny_problem(96, 8, seed) for seed in range(3)])
+        batched = C.balanced_assignment(costs, 12, method)
+        for i in range(3):
+            assert torch.equal(torch.bincount(batched[i], minlength=8), torch.full((8,), 12))
