@@ -336,7 +336,8 @@ def polish_exchange(
         pair = moves + moves.gather(1, partner.unsqueeze(2).expand(b, k, m))  # t-th move each way
         move = (pair < 0) & mutual.unsqueeze(2)
         movers = members.gather(2, idx)  # [B, K, m]
-        target = torch.where(move, partner.unsqueeze(2).expand(b, k, m), labels.gather(1, movers.view(b, -1)).view(b, k, m))
+        current = labels.gather(1, movers.view(b, -1)).view(b, k, m)
+        target = torch.where(move, partner.unsqueeze(2).expand(b, k, m), current)
         labels = labels.scatter(1, movers.view(b, -1), target.view(b, -1))
         if (rnd + 1) % every == 0 and not bool(mutual.any()):
             break
@@ -587,7 +588,8 @@ def _solve_chunked(ws, k, inits, seeds, **kw):
         per = _problems_per_batch(device, shape[0], shape[1])
         for s in range(0, len(idx), per):
             part = idx[s : s + per]
-            for i, r in zip(part, _solve([ws[i] for i in part], k, [inits[i] for i in part], [seeds[i] for i in part], **kw)):
+            solved = _solve([ws[i] for i in part], k, [inits[i] for i in part], [seeds[i] for i in part], **kw)
+            for i, r in zip(part, solved):
                 out[i] = r
     return out
 

@@ -277,7 +277,11 @@ class PhaseSchedule:
             sparse_end = state["sparse_end"]
             last_step = int(state["last_step"])
             log = [
-                {"step": int(m["step"]), "ari": None if m["ari"] is None else float(m["ari"]), "switched": bool(m["switched"])}
+                {
+                    "step": int(m["step"]),
+                    "ari": None if m["ari"] is None else float(m["ari"]),
+                    "switched": bool(m["switched"]),
+                }
                 for m in state["monitor_log"]
             ]
         except (KeyError, TypeError, ValueError) as e:
