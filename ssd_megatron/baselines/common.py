@@ -50,9 +50,13 @@ def stacks_of(model: nn.Module, blocks: list) -> list[list[int]]:
 
 
 def swap_class(module: nn.Module, mixin: type, prefix: str) -> None:
-    """Make `module` an instance of `type(prefix + cls.__name__, (mixin, cls), {})` (cached per class)."""
+    """Make `module` an instance of `mixin` when `mixin` subclasses its class, else of
+    `type(prefix + cls.__name__, (mixin, cls), {})` (cached per class)."""
     cls = type(module)
     if isinstance(module, mixin):
+        return
+    if issubclass(mixin, cls):
+        module.__class__ = mixin
         return
     key = (mixin, cls)
     new_cls = _SWAPPED.get(key)

@@ -48,10 +48,7 @@ class MoEDropoutFFN(SwitchableFFN):
     def convert(cls, ffn: SwitchableFFN, num_experts: int, top_k: int, router_init_std: float = 0.02,
                 seed: int = 0) -> "MoEDropoutFFN":
         """Turn an existing SwitchableFFN into a MoE-Dropout FFN in place (weights kept)."""
-        if type(ffn) is SwitchableFFN:
-            ffn.__class__ = cls
-        else:
-            swap_class(ffn, cls, "MoEDropout")
+        swap_class(ffn, cls, "MoEDropout")
         ffn._setup_moe_dropout(num_experts, top_k, router_init_std, seed)
         return ffn
 

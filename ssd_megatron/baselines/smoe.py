@@ -44,10 +44,7 @@ class SMoEFFN(SwitchableFFN):
     def convert(cls, ffn: SwitchableFFN, num_experts: int, top_k: int, router_init_std: float = 0.02,
                 generator: Optional[torch.Generator] = None) -> "SMoEFFN":
         """Turn an existing SwitchableFFN into an SMoE FFN in place (its w_in / w_out are kept)."""
-        if type(ffn) is SwitchableFFN:
-            ffn.__class__ = cls
-        else:
-            swap_class(ffn, cls, "SMoE")
+        swap_class(ffn, cls, "SMoE")
         ffn._setup_smoe(num_experts, top_k, router_init_std, generator)
         return ffn
 
