@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..ssd.clustering import balanced_kmeans, cluster_neurons
+from ..ssd.clustering import balanced_kmeans
+from ..ssd.clustering import cluster_layers as batched_eq3
 
 GROUPINGS = ("ssd", "cold", "random")
 
@@ -32,19 +33,16 @@ def cluster_layers(ffns, num_experts: int, grouping: str = "ssd", prev_labels: O
     """
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping {grouping!r}; accepted: {', '.join(GROUPINGS)}")
-    labels = []
-    for i, ffn in enumerate(ffns):
-        if grouping == "random":
-            labels.append(random_labels(ffn.d_ff, num_experts, seed + i))
-            continue
-        rows = ffn.neuron_rows().float()
-        if grouping == "cold":
-            res = balanced_kmeans(rows, num_experts, seed=seed + i, backend=cluster_backend)
-        else:
-            prev = prev_labels[i] if prev_labels is not None else _current_labels(ffn, num_experts)
-            res = cluster_neurons(rows, num_experts, prev_labels=prev, seed=seed + i, backend=cluster_backend)
-        labels.append(res.labels.cpu())
-    return labels
+    if grouping == "random":
+        return [random_labels(ffn.d_ff, num_experts, seed + i) for i, ffn in enumerate(ffns)]
+    rows = [ffn.neuron_rows().float() for ffn in ffns]
+    if grouping == "cold":
+        return [balanced_kmeans(r, num_experts, seed=seed + i, backend=cluster_backend).labels.cpu()
+                for i, r in enumerate(rows)]
+    prev = prev_labels if prev_labels is not None else [_current_labels(f, num_experts) for f in ffns]
+    # Same batched eq. 3 as the training monitor (layer i's cold start seeded seed + i).
+    results = batched_eq3(rows, num_experts, prev, seed=seed, backend=cluster_backend)
+    return [r.labels.cpu() for r in results]
 
 
 def _current_labels(ffn, num_experts: int):
