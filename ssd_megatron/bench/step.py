@@ -9,11 +9,13 @@ MFU = training FLOPs / step time / peak, with FLOPs from `train.flops` (6 x matm
 Our step is the training loop's (`ssd-train`), piece by piece: `compile_blocks` (per-block
 torch.compile, as train.compile does), `forward_loss` under the loop's autocast (the fused LM-head +
 cross-entropy), `build_optimizer` (AdamW groups, fused on CUDA, the config's defaults), gradient
-clipping at train.grad_clip's default with the loop's finite check. HF's step: the same optimizer
+clipping at train.grad_clip's default with the loop's skip-on-non-finite rule (`train.clipping`). HF's step: the same optimizer
 builder and clipping, whole-model torch.compile, and its logits' loss as HF computes it (fp32 upcast).
 
 `--variant` (repeatable) times other versions of our step next to the loop's, for performance work:
-`unfused-loss` (logits, then `lm_loss`), `no-qkv-fuse` (three q/k/v GEMMs), `whole-compile`
+`unfused-loss` (logits, then `lm_loss`), `no-qkv-fuse` (three q/k/v GEMMs), `no-fused-relu` (bias + ReLU
+as a separate kernel instead of the GEMM epilogue), `sync-clip` (clip_grad_norm_ and a host read of the
+norm before the optimizer step, instead of the fused AdamW's grad_scale / found_inf), `whole-compile`
 (torch.compile of the whole model instead of per block), `max-autotune` (compile mode
 max-autotune-no-cudagraphs), `cudnn-attn` (SDPA prefers cuDNN attention). `--profile DIR` profiles a
 few steps of each and prints the top kernels and a time-by-category table (docs/performance.md).
@@ -87,7 +89,8 @@ def _hf_loss(logits, labels):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
 
 
-VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "whole-compile", "max-autotune", "cudnn-attn")
+VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "sync-clip", "whole-compile", "max-autotune",
+            "cudnn-attn")
 
 
 def prepare_ours(model, variant: str, compile_model: bool):
@@ -95,11 +98,13 @@ def prepare_ours(model, variant: str, compile_model: bool):
 
     "loop" is exactly what the training loop does (train/loop.py: compile_blocks, forward_loss); the
     others change one thing each."""
+    from ..ffn.switchable_ffn import SwitchableFFN
     from ..models.blocks import Attention
     from ..parallel.data_parallel import compile_blocks
     from ..train.loop import forward_loss
 
     Attention.fuse_qkv = variant != "no-qkv-fuse"
+    SwitchableFFN.fuse_relu = variant != "no-fused-relu"
     run = model
     if compile_model:
         if variant == "whole-compile":
@@ -128,10 +133,11 @@ def _variant_context(variant: str, device):
 
 
 def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: int, bf16: bool,
-                  profile_dir: str = "", tag: str = "") -> dict:
+                  profile_dir: str = "", tag: str = "", sync_clip: bool = False) -> dict:
     """Median step time of the loop's step (fwd + loss + bwd + clip + fused AdamW) over `steps` steps
     after `warmup` steps; `run` is what forward is called on (the model, or its compiled wrapper)."""
     from ..config import OptimConfig, TrainConfig
+    from ..train.clipping import clip_and_step
     from ..train.loop import autocast_context
     from ..train.optimizer import build_optimizer
 
@@ -149,9 +155,12 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
         with amp():
             loss = loss_fn(run, x, y)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        if math.isfinite(float(norm)):  # the loop's skip-on-non-finite check (a host sync, as there)
-            opt.step()
+        if sync_clip:  # the previous loop: norm read on the host before the step (a sync mid-step)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if math.isfinite(float(norm)):
+                opt.step()
+        else:
+            clip_and_step(model.parameters(), opt, max_norm)  # what the loop does
         opt.zero_grad(set_to_none=True)
         return loss
 
@@ -379,7 +388,7 @@ def main(argv=None) -> int:
         try:
             with _variant_context(variant, device):
                 res = time_training(model, run, loss_fn, shape, device, args.steps, args.warmup, bf16,
-                                    args.profile, f"ours_{phase}_{variant}")
+                                    args.profile, f"ours_{phase}_{variant}", sync_clip=variant == "sync-clip")
         except Exception as e:  # an exploratory variant failing must not lose the others
             if variant == "loop":
                 raise

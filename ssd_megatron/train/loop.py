@@ -39,6 +39,7 @@ from ..parallel.data_parallel import compile_blocks, grad_sync, unwrap, wrap_dat
 from ..parallel.distributed import (ParallelDims, all_gather_rows, all_reduce_sum, barrier, destroy_distributed,
                                     init_distributed, resolve_device)
 from .checkpoint import CheckpointManager, resolve_resume
+from .clipping import clip_and_step
 from .data import build_train_data, to_device
 from .flops import SampleShape, method_sample_flops, peak_flops
 from .loss import lm_loss
@@ -217,19 +218,8 @@ class Trainer:
             loss_acc += ls
             if extra is not None:
                 extra_acc = extra if extra_acc is None else extra_acc + extra
-        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        finite = math.isfinite(float(grad_norm))
-        if finite:
-            self.optimizer.step()
-            self.bad_steps = 0
-        else:  # an inf/nan gradient would poison every weight: drop this update instead
-            self.bad_steps += 1
-            if self.bad_steps >= MAX_CONSECUTIVE_SKIPS:
-                raise RuntimeError(f"step {step}: non-finite gradient norm {MAX_CONSECUTIVE_SKIPS} steps in a row; "
-                                   "lower optim.lr or check the data")
+        # An inf/nan gradient would poison every weight: such an update is dropped (clipping.py).
+        outcome = clip_and_step(self.model.parameters(), self.optimizer, cfg.train.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
         self.consumed = self.train_iter.consumed_samples
         method_metrics = self.method.after_step(step) or {}
@@ -239,6 +229,11 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
+        finite = not bool(outcome.skipped)
+        self.bad_steps = 0 if finite else self.bad_steps + 1
+        if self.bad_steps >= MAX_CONSECUTIVE_SKIPS:
+            raise RuntimeError(f"step {step}: non-finite gradient norm {MAX_CONSECUTIVE_SKIPS} steps in a row; "
+                               "lower optim.lr or check the data")
         shape = SampleShape.from_batch(micro[0])
         in_tokens = cfg.train.global_batch_size * shape.seq_len
         flops = cfg.train.global_batch_size * method_sample_flops(
@@ -246,7 +241,7 @@ class Trainer:
         self.tokens += in_tokens
         self.flops_total += flops
         rec = {"kind": "train", "step": step, "loss": loss, "ppl": safe_ppl(loss), "lr": lr,
-               "grad_norm": float(grad_norm), "phase": phase, "tokens": self.tokens,
+               "grad_norm": float(outcome.grad_norm), "phase": phase, "tokens": self.tokens,
                "target_tokens": global_tokens, "tokens_per_s": in_tokens / dt, "step_time": dt,
                "flops": flops, "flops_total": self.flops_total, "consumed_samples": self.consumed}
         if not finite:

@@ -231,8 +231,10 @@ def _ce_rows_triton_(logits: torch.Tensor, labels: torch.Tensor, write_grad: boo
     loss = torch.empty(C, dtype=torch.float32, device=logits.device)
     if C == 0:
         return loss
-    block = min(32768, triton.next_power_of_2(V))
-    warps = 32 if block >= 16384 else (8 if block >= 2048 else 4)
+    # 16384 columns / 16 warps per pass: 392 us vs 446 us (32768 / 32) for a 4096 x 50304 bf16 chunk on
+    # an H100 (docs/performance.md).
+    block = min(16384, triton.next_power_of_2(V))
+    warps = 16 if block >= 16384 else (8 if block >= 2048 else 4)
     try:
         _TRITON["kernel"][(C,)](logits, logits.stride(0), labels.contiguous(), loss, V, IGNORE_INDEX,
                                  WRITE_GRAD=write_grad, BLOCK=block, num_warps=warps)
