@@ -184,8 +184,8 @@ def method_config(method: str, p: dict, prefix: str, tokenizer: str, run_dir: Pa
                   "output_dir": str(run_dir), "seed": 1234, "device": args.device or p["device"],
                   "precision": "auto", "compile": bool(args.compile), "grad_clip": 1.0,
                   "eval_interval": eval_interval, "eval_batches": p["eval_batches"], "log_interval": 1},
-        "optim": {"schedule": "cosine", "lr": p["lr"], "min_lr": p["lr"] / 10, "warmup_steps": p["warmup"],
-                  "weight_decay": 0.01, "beta1": 0.9, "beta2": 0.95},
+        "optim": {**schedule_config(p), "warmup_steps": p["warmup"], "weight_decay": 0.01, "beta1": 0.9,
+                  "beta2": 0.95},
         "checkpoint": {"interval": steps, "keep_last": 1, "resume": "none"},
         "logging": {"tensorboard": False, "progress": False, "report": True, "wandb": "disabled"},
     }
@@ -202,6 +202,14 @@ def method_config(method: str, p: dict, prefix: str, tokenizer: str, run_dir: Pa
     elif method == "pld":
         cfg["pld"] = {"theta_bar": 0.5, "gamma": 200.0 / steps}
     return cfg
+
+
+def schedule_config(p: dict) -> dict:
+    """Cosine to lr/10, or the paper's Noam (appendix A) scaled so that its peak (at the end of warm-up)
+    is the same lr: Noam's lr(n) = scale * d^-0.5 * min(n^-0.5, n * w^-1.5) peaks at scale / sqrt(d * w)."""
+    if p.get("schedule", "cosine") == "noam":
+        return {"schedule": "noam", "lr": p["lr"] * (p["d_model"] * p["warmup"]) ** 0.5}
+    return {"schedule": "cosine", "lr": p["lr"], "min_lr": p["lr"] / 10}
 
 
 def train_method(method: str, work: Path, p: dict, data: tuple[str, str], args, deadline: Deadline) -> dict:
@@ -236,7 +244,7 @@ def train_method(method: str, work: Path, p: dict, data: tuple[str, str], args, 
             except ValueError:
                 continue
     summary["process_wall_s"] = wall
-    if method in ("dense", "ssd", "moe_dropout", "smoe"):
+    if method in ("dense", "ssd", "moe_dropout", "smoe") and not args.no_sweep:
         # dense: the "MoEfied" dense model of Fig. 4a, clustered with SSD's N
         summary["sweep"] = sweep_k(method, run_dir, work, deadline, ["--num-experts", str(p["ssd_experts"])]
                                    if method == "dense" else [])
@@ -353,6 +361,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads per training process (OMP_NUM_THREADS; the tiny preset uses 1: tiny matmuls "
                          "gain nothing from more, and OpenMP spinning collapses on a shared machine)")
+    ap.add_argument("--schedule", default="cosine", choices=["cosine", "noam"],
+                    help="LR schedule for every method: cosine to lr/10, or the paper's Noam with the same peak")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the Fig. 4a k sweeps after training")
     ap.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
     ap.add_argument("--deadline-minutes", type=float, default=None,
                     help="start no run that cannot finish, cut a run at, and write the report by this time")
@@ -362,6 +373,7 @@ def main(argv=None) -> int:
     if args.steps:
         p["steps"] = args.steps
         p["warmup"] = min(p["warmup"], max(1, args.steps // 20))
+    p["schedule"] = args.schedule
     threads = args.threads or p.get("threads")
     if threads:
         THREADS.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
