@@ -59,6 +59,11 @@ class ModelConfig:
     relative_attention_num_buckets: int = field(default=32, metadata=_meta(lo=1))
     relative_attention_max_distance: int = field(default=128, metadata=_meta(lo=1))
     rope_theta: float = field(default=10000.0, metadata=_meta(lo=0.0, lo_open=True))
+    # Megatron-LM's switch, same default: under bf16/fp16 autocast the residual stream (embedding output
+    # and every residual add) is kept in the autocast dtype, as in Megatron (bf16 params) and torchtitan
+    # (FSDP param_dtype bf16). True keeps it in fp32 (more memory traffic: ~1.5 ms of a GPT-base step on
+    # an H100, docs/performance.md). No effect in fp32 training (CPU).
+    fp32_residual_connection: bool = False
 
 
 @dataclass

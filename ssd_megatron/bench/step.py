@@ -2,7 +2,8 @@
 
 Default shape = the paper's GPT-base (12 x 768, 12 heads, d_ff 6144, ReLU, vocab 50304, batch 16 x 1024),
 bf16 autocast, SDPA attention, fused AdamW, torch.compile. Each record is the median over timed steps
-after warm-up (compilation happens in warm-up), timed with CUDA synchronisation around every step.
+after warm-up (compilation happens in warm-up), timed as the training loop runs on CUDA: no host
+synchronisation inside or between steps, step time = distance between consecutive step-end CUDA events.
 MFU = training FLOPs / step time / peak, with FLOPs from `train.flops` (6 x matmul parameters x tokens
 + full-matrix attention, i.e. torchtitan's 6N + attention rule; both models have the same count).
 
@@ -15,7 +16,10 @@ builder and clipping, whole-model torch.compile, and its logits' loss as HF comp
 `--variant` (repeatable) times other versions of our step next to the loop's, for performance work:
 `unfused-loss` (logits, then `lm_loss`), `no-qkv-fuse` (three q/k/v GEMMs), `no-fused-relu` (bias + ReLU
 as a separate kernel instead of the GEMM epilogue), `sync-clip` (clip_grad_norm_ and a host read of the
-norm before the optimizer step, instead of the fused AdamW's grad_scale / found_inf), `whole-compile`
+norm before the optimizer step, instead of the fused AdamW's grad_scale / found_inf), `sync-step`
+(host clock with a synchronisation around every step, instead of the loop's GPU-clock step-end events
+without syncs), `fp32-residual` (model.fp32_residual_connection: the residual stream in fp32 under
+autocast instead of bf16), `whole-compile`
 (torch.compile of the whole model instead of per block), `max-autotune` (compile mode
 max-autotune-no-cudagraphs), `cudnn-attn` (SDPA prefers cuDNN attention). `--profile DIR` profiles a
 few steps of each and prints the top kernels and a time-by-category table (docs/performance.md).
@@ -89,8 +93,8 @@ def _hf_loss(logits, labels):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
 
 
-VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "sync-clip", "whole-compile", "max-autotune",
-            "cudnn-attn")
+VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "sync-clip", "sync-step", "fp32-residual",
+            "whole-compile", "max-autotune", "cudnn-attn")
 
 
 def prepare_ours(model, variant: str, compile_model: bool):
@@ -105,6 +109,7 @@ def prepare_ours(model, variant: str, compile_model: bool):
 
     Attention.fuse_qkv = variant != "no-qkv-fuse"
     SwitchableFFN.fuse_relu = variant != "no-fused-relu"
+    model.cfg.fp32_residual_connection = variant == "fp32-residual"
     run = model
     if compile_model:
         if variant == "whole-compile":
@@ -133,7 +138,8 @@ def _variant_context(variant: str, device):
 
 
 def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: int, bf16: bool,
-                  profile_dir: str = "", tag: str = "", sync_clip: bool = False) -> dict:
+                  profile_dir: str = "", tag: str = "", sync_clip: bool = False,
+                  sync_each_step: bool = False) -> dict:
     """Median step time of the loop's step (fwd + loss + bwd + clip + fused AdamW) over `steps` steps
     after `warmup` steps; `run` is what forward is called on (the model, or its compiled wrapper)."""
     from ..config import OptimConfig, TrainConfig
@@ -171,13 +177,24 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
         step(i)
     _sync(device)
     warm_s = time.perf_counter() - t0
-    times = []
-    for i in range(steps):
+    if device.type == "cuda" and not sync_each_step:
+        # As the loop runs on CUDA: no host sync inside or between steps; a step's time is the distance
+        # between consecutive step-end events on the GPU's clock.
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        ends[0].record()
+        for i in range(steps):
+            loss = step(warmup + i)
+            ends[i + 1].record()
         _sync(device)
-        t = time.perf_counter()
-        loss = step(warmup + i)
-        _sync(device)
-        times.append(time.perf_counter() - t)
+        times = [a.elapsed_time(b) / 1e3 for a, b in zip(ends, ends[1:])]
+    else:  # host clock, synchronised around every step
+        times = []
+        for i in range(steps):
+            _sync(device)
+            t = time.perf_counter()
+            loss = step(warmup + i)
+            _sync(device)
+            times.append(time.perf_counter() - t)
     res = {"step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
            "warmup_s": warm_s, "loss": float(loss.detach()), "steps": steps}
     if device.type == "cuda":
@@ -246,12 +263,40 @@ def profile_steps(step, start: int, device, out_dir: str, tag: str, n: int = 3) 
     lines.append("# top kernels: ms/step, calls/step, name")
     for t, k, c in kernels[:25]:
         lines.append(f"{t / n / 1e3:8.3f} {c / n:6.1f}  {k[:110]}")
+    idle = _idle_gaps(prof, n) if device.type == "cuda" else None
+    if idle:
+        lines.append(f"# GPU idle between kernels: {idle['idle_ms_per_step']:.2f} ms/step of {idle['span_ms_per_step']:.2f}; "
+                     "largest gaps (ms, kernel before -> kernel after):")
+        lines += [f"{g:8.3f}  {a[:60]} -> {b[:60]}" for g, a, b in idle["largest"]]
     summary = "\n".join(lines)
     with open(out / "profiles.txt", "a") as f:  # one file for all runs (the device tool returns few files)
         f.write(summary + "\n\n" + table + "\n\n")
     print(summary, flush=True)
-    return {"device_ms_per_step_by_category": {c: t / n / 1e3 for c, t in cats.items()},
-            "device_ms_per_step_total": total / n / 1e3}
+    res = {"device_ms_per_step_by_category": {c: t / n / 1e3 for c, t in cats.items()},
+           "device_ms_per_step_total": total / n / 1e3}
+    if idle:
+        res["idle"] = idle
+    return res
+
+
+def _idle_gaps(prof, n: int, top: int = 10) -> dict | None:
+    """Where the GPU waits: gaps between consecutive kernels (busy intervals merged) over the profiled
+    steps, in total per step and the largest ones with the kernels on either side."""
+    from torch.autograd import DeviceType
+
+    ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start), key=lambda t: t[0])
+    if not ev:
+        return None
+    gaps, end, last = [], ev[0][1], ev[0][2]
+    for s, e, name in ev[1:]:
+        if s > end:
+            gaps.append(((s - end) / 1e3, last, name))
+        if e >= end:
+            end, last = e, name
+    span = (end - ev[0][0]) / 1e3
+    return {"idle_ms_per_step": sum(g for g, _, _ in gaps) / n, "span_ms_per_step": span / n,
+            "largest": sorted(gaps, reverse=True)[:top]}
 
 
 def _sync(device):
@@ -388,7 +433,8 @@ def main(argv=None) -> int:
         try:
             with _variant_context(variant, device):
                 res = time_training(model, run, loss_fn, shape, device, args.steps, args.warmup, bf16,
-                                    args.profile, f"ours_{phase}_{variant}", sync_clip=variant == "sync-clip")
+                                    args.profile, f"ours_{phase}_{variant}", sync_clip=variant == "sync-clip",
+                                    sync_each_step=variant == "sync-step")
         except Exception as e:  # an exploratory variant failing must not lose the others
             if variant == "loop":
                 raise

@@ -74,7 +74,7 @@ class BERT(ModelMixin, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None, **_) -> torch.Tensor:
-        x = self.embed(input_ids, token_type_ids)
+        x = self.residual_stream(self.embed(input_ids, token_type_ids))
         kw = self.block_kwargs(input_ids, attention_mask)
         for blk in self.layers:
             x = blk(x, **kw)

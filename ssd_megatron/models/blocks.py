@@ -273,6 +273,13 @@ class ModelMixin:
     def transformer_layers(self) -> list:
         return list(self.layers)
 
+    def residual_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding output as the residual stream starts: in the autocast dtype unless
+        `model.fp32_residual_connection` (then, and without autocast, unchanged)."""
+        if not getattr(self.cfg, "fp32_residual_connection", True) and torch.is_autocast_enabled(x.device.type):
+            return x.to(torch.get_autocast_dtype(x.device.type))
+        return x
+
     def tie_weights(self) -> None:
         """Share the token embedding's Parameter with the LM head (when configured). Called by
         init_weights too: to_empty() after meta-device construction un-ties them."""

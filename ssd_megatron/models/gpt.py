@@ -74,7 +74,7 @@ class GPT(ModelMixin, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 loss_labels: Optional[torch.Tensor] = None, **_):
-        x = self.embed(input_ids)
+        x = self.residual_stream(self.embed(input_ids))
         kw = self.block_kwargs(input_ids, attention_mask)
         for blk in self.layers:
             x = blk(x, **kw)

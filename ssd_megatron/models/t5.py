@@ -98,7 +98,7 @@ class T5(ModelMixin, nn.Module):
         return list(self.encoder.layers) + list(self.decoder.layers)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.encoder(self.tok_emb(input_ids), attn_mask=padding_mask(attention_mask))
+        return self.encoder(self.residual_stream(self.tok_emb(input_ids)), attn_mask=padding_mask(attention_mask))
 
     def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor,
                attention_mask: Optional[torch.Tensor] = None,
@@ -107,7 +107,7 @@ class T5(ModelMixin, nn.Module):
         self_mask = causal_mask(Ld, Ld, decoder_input_ids.device)
         if decoder_attention_mask is not None:
             self_mask = self_mask & padding_mask(decoder_attention_mask)
-        h = self.decoder(self.tok_emb(decoder_input_ids), attn_mask=self_mask, memory=memory,
+        h = self.decoder(self.residual_stream(self.tok_emb(decoder_input_ids)), attn_mask=self_mask, memory=memory,
                          memory_mask=padding_mask(attention_mask))
         if self.cfg.tie_embeddings:
             h = h * (self.cfg.d_model ** -0.5)

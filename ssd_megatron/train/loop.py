@@ -24,6 +24,8 @@ One optimizer step (step = 0-based index, the number every method hook receives)
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Optional
 import math
 import random
 import sys
@@ -95,6 +97,20 @@ def train(cfg) -> dict:
         return Trainer(cfg, device, dims).run()
     finally:
         destroy_distributed(dims)
+
+
+@dataclass
+class _PendingStep:
+    """A step whose launch is done; its loss, norm and skip flag may still be on the device."""
+    rec: dict
+    device_values: torch.Tensor  # [loss sum, extra-loss sum, grad norm, skipped]
+    in_tokens: int
+    t0: float
+    global_tokens: int
+    has_extra: bool
+    start: Optional[torch.cuda.Event] = None
+    end: Optional[torch.cuda.Event] = None
+    host: Optional[torch.Tensor] = None
 
 
 class Trainer:
@@ -190,6 +206,10 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         cfg, dims = self.cfg, self.dims
         t0 = time.perf_counter()
+        start = None
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         self.method.before_step(step)
         phase = self.method.phase()
         lr = self.schedule.apply(self.optimizer, step)
@@ -224,34 +244,64 @@ class Trainer:
         self.consumed = self.train_iter.consumed_samples
         method_metrics = self.method.after_step(step) or {}
         sums = torch.stack([loss_acc, extra_acc if extra_acc is not None else torch.zeros_like(loss_acc)])
-        sums = all_reduce_sum(sums.to(dims.comm_device), dims).cpu()
-        loss = float(sums[0]) / global_tokens
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - t0
-        finite = not bool(outcome.skipped)
-        self.bad_steps = 0 if finite else self.bad_steps + 1
-        if self.bad_steps >= MAX_CONSECUTIVE_SKIPS:
-            raise RuntimeError(f"step {step}: non-finite gradient norm {MAX_CONSECUTIVE_SKIPS} steps in a row; "
-                               "lower optim.lr or check the data")
+        if dims.dp_group is not None:
+            sums = all_reduce_sum(sums.to(dims.comm_device), dims)
         shape = SampleShape.from_batch(micro[0])
         in_tokens = cfg.train.global_batch_size * shape.seq_len
         flops = cfg.train.global_batch_size * method_sample_flops(
             cfg.model, shape, self.data.vocab_size, self.model, self.method).training
         self.tokens += in_tokens
         self.flops_total += flops
-        rec = {"kind": "train", "step": step, "loss": loss, "ppl": safe_ppl(loss), "lr": lr,
-               "grad_norm": float(outcome.grad_norm), "phase": phase, "tokens": self.tokens,
-               "target_tokens": global_tokens, "tokens_per_s": in_tokens / dt, "step_time": dt,
-               "flops": flops, "flops_total": self.flops_total, "consumed_samples": self.consumed}
-        if not finite:
+        rec = {"kind": "train", "step": step, "lr": lr, "phase": phase, "tokens": self.tokens,
+               "target_tokens": global_tokens, "flops": flops, "flops_total": self.flops_total,
+               "consumed_samples": self.consumed, **method_metrics}
+        device_values = torch.stack([sums[0].float(), sums[1].float(), outcome.grad_norm.float(),
+                                     torch.as_tensor(outcome.skipped, device=sums.device).float()])
+        pending = _PendingStep(rec, device_values, in_tokens, t0, global_tokens, extra_acc is not None, start)
+        if self.device.type != "cuda":
+            return [self._finalize(pending)]
+        # CUDA: nothing waits for the GPU here. The values go to pinned host memory behind an event and
+        # are read one step later, when the next step's work is queued, so the GPU never idles while
+        # the host logs, loads the next batch and launches the next step (the step time is then the
+        # distance between the two steps' end events on the GPU's clock).
+        pending.host = device_values.to("cpu", non_blocking=True)
+        pending.end = torch.cuda.Event(enable_timing=True)
+        pending.end.record()
+        previous, self.pending = self.pending, pending
+        return [self._finalize(previous)] if previous is not None else []
+
+    def flush(self) -> list[dict]:
+        """The record of a step whose metrics are still on the GPU (before validation, checkpoints, exit)."""
+        previous, self.pending = self.pending, None
+        return [self._finalize(previous)] if previous is not None else []
+
+    def _finalize(self, p: "_PendingStep") -> dict:
+        dims = self.dims
+        if p.end is not None:
+            p.end.synchronize()
+            start = self.last_step_end if self.last_step_end is not None else p.start
+            dt = start.elapsed_time(p.end) / 1e3
+            self.last_step_end = p.end if self.pending is not None else None  # flushed: the GPU may idle next
+            values = p.host
+        else:
+            values = p.device_values
+            dt = time.perf_counter() - p.t0
+        loss_sum, extra_sum, grad_norm, skipped = (float(v) for v in values)
+        step = p.rec["step"]
+        self.bad_steps = 0 if not skipped else self.bad_steps + 1
+        if self.bad_steps >= MAX_CONSECUTIVE_SKIPS:
+            raise RuntimeError(f"step {step}: non-finite gradient norm {MAX_CONSECUTIVE_SKIPS} steps in a row; "
+                               "lower optim.lr or check the data")
+        loss = loss_sum / p.global_tokens
+        rec = dict(p.rec)
+        rec.update(loss=loss, ppl=safe_ppl(loss), grad_norm=grad_norm, tokens_per_s=p.in_tokens / dt, step_time=dt)
+        if skipped:
             rec["skipped"] = True
-        if extra_acc is not None:
-            rec["extra_loss"] = float(sums[1]) / (self.accum * dims.dp_size)
+        if p.has_extra:
+            rec["extra_loss"] = extra_sum / (self.accum * dims.dp_size)
         if self.peak is not None:
-            rec["mfu"] = flops / dt / (self.peak * dims.world_size)
+            rec["mfu"] = rec["flops"] / dt / (self.peak * dims.world_size)
         rec["elapsed"] = self.elapsed_before + (time.perf_counter() - self.t_start)
-        rec.update(method_metrics)
         return rec
 
     # ------------------------------------------------------------------ validation
@@ -321,6 +371,7 @@ class Trainer:
         self._resume()
         self.peak = peak_flops(self.device)
         self.bad_steps = 0
+        self.pending, self.last_step_end = None, None
         self.stop_signal = None
         self.stop_agreed = False
         self.t_start = time.perf_counter()
@@ -338,14 +389,22 @@ class Trainer:
         stopped_at = None
         previous_handlers = self._install_signal_handlers()
         try:
+            def emit(records):
+                for rec in records:
+                    if not math.isfinite(rec["loss"]):
+                        logger.print(f"warning: non-finite loss at step {rec['step']}")
+                    if (rec["step"] + 1) % cfg.train.log_interval == 0 or rec["step"] + 1 == cfg.train.max_steps:
+                        logger.train_step(rec)
+                    yield rec
+
             for step in range(self.step, cfg.train.max_steps):
-                rec = self.train_step(step)
-                last_train = rec
-                if not math.isfinite(rec["loss"]):
-                    logger.print(f"warning: non-finite loss at step {step}")
-                if (step + 1) % cfg.train.log_interval == 0 or step + 1 == cfg.train.max_steps:
-                    logger.train_step(rec)
+                for rec in emit(self.train_step(step)):
+                    last_train = rec
                 done = step + 1
+                if (done % cfg.train.eval_interval == 0 or done % cfg.checkpoint.interval == 0
+                        or done == cfg.train.max_steps or self.stop_agreed):
+                    for rec in emit(self.flush()):  # the step's own record first
+                        last_train = rec
                 if done % cfg.train.eval_interval == 0 or done == cfg.train.max_steps:
                     last_valid = self.validate(done)
                     logger.write(last_valid)

@@ -118,3 +118,17 @@ def test_cuda_fused_matches_unfused(dtype):
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     for a, r in zip(*outs):
         torch.testing.assert_close(a, r, **tol)
+
+
+@pytest.mark.parametrize("d_in", [16, 13, 7])  # padding of the augmented operand: 7, 2 and 0 columns
+@pytest.mark.parametrize("wanted", [(True, True, True), (False, True, False), (False, False, True), (True, False, False)])
+def test_partial_gradients(d_in, wanted):
+    x, w, b = _inputs(torch.float64, shape=(5, d_in), d_out=9)
+    for t, want in zip((x, w, b), wanted):
+        t.requires_grad_(want)
+    grad_out = torch.randn(5, 9, dtype=torch.float64)
+    targets = [t for t in (x, w, b) if t.requires_grad]
+    ours = torch.autograd.grad(linear_relu(x, w, b), targets, grad_out)
+    ref = torch.autograd.grad(F.relu(F.linear(x, w, b)), targets, grad_out)
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)

@@ -156,3 +156,25 @@ def test_meta_device_construction_then_init(arch):
     assert all(torch.equal(f.expert_perm, torch.arange(64)) for f in model.ffn_layers())
     batch = _batch(arch)
     assert torch.isfinite(model(**batch)).all()
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert", "t5", "llama"])
+@pytest.mark.parametrize("fp32_residual", [False, True])
+def test_residual_stream_dtype_under_autocast(arch, fp32_residual):
+    """Megatron's fp32_residual_connection: off (default) = the blocks see and return the autocast dtype;
+    on = fp32; without autocast the flag changes nothing (bit-identical outputs)."""
+    torch.manual_seed(0)
+    model = build_model(_cfg(arch, dropout=0.0, norm_position="pre", fp32_residual_connection=fp32_residual), V)
+    seen = []
+    for blk in model.transformer_layers():
+        blk.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    batch = _batch(arch)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**inputs)
+    want = torch.float32 if fp32_residual else torch.bfloat16
+    assert seen and all(d == (want, want) for d in seen), seen
+    assert torch.isfinite(out.float()).all()
+    torch.manual_seed(0)
+    other = build_model(_cfg(arch, dropout=0.0, norm_position="pre", fp32_residual_connection=not fp32_residual), V)
+    assert torch.equal(model(**inputs), other(**inputs))

@@ -19,3 +19,22 @@ def test_bench_step_tiny_cpu(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in res["records"])  # no MFU on CPU
     assert "speedup_dense_vs_hf" in res and "speedup_sparse_vs_dense" in res
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_idle_gaps_merges_overlapping_kernels():
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    from ssd_megatron.bench.step import _idle_gaps
+
+    def k(s, e, name):
+        return NS(time_range=NS(start=s, end=e), name=name, device_type=DeviceType.CUDA)
+
+    cpu = NS(time_range=NS(start=0, end=10_000), name="cpu op", device_type=DeviceType.CPU)
+    # a [0,100] b [50,300] (overlaps a) | gap 700 | c [1000,1100] | gap 400 | d [1500,2000]; over 2 steps
+    prof = NS(events=lambda: [k(1000, 1100, "c"), k(0, 100, "a"), cpu, k(50, 300, "b"), k(1500, 2000, "d")])
+    res = _idle_gaps(prof, n=2)
+    assert res["idle_ms_per_step"] == (0.7 + 0.4) / 2
+    assert res["span_ms_per_step"] == 2.0 / 2
+    assert res["largest"] == [(0.7, "b", "c"), (0.4, "c", "d")]

@@ -270,3 +270,18 @@ def test_unsupported_parallelism_and_batch_split(tiny_data, tmp_path):
         loop_mod.train(_cfg(tiny_data, tmp_path, **{"parallel.expert_model_parallel_size": 2}))
     with pytest.raises(UserError, match="sequence_parallel"):
         loop_mod.train(_cfg(tiny_data, tmp_path, **{"parallel.sequence_parallel": True}))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run via tools/gpu_bench.sh)")
+def test_cuda_metrics_read_one_step_late_stay_complete_and_ordered(tiny_data, tmp_path):
+    """On CUDA a step's loss / norm are read while the next step runs; every record still arrives, in
+    step order, before the validation and checkpoint of its step, with a GPU-clock step time."""
+    run = tmp_path / "run"
+    loop_mod.train(_cfg(tiny_data, run, **{"train.device": "cuda"}))
+    seq = [(r["kind"], r["step"]) for r in read_metrics(run / "metrics.jsonl") if r.get("kind") in ("train", "valid")]
+    assert seq == [("train", 0), ("train", 1), ("train", 2), ("valid", 3), ("train", 3), ("train", 4),
+                   ("train", 5), ("valid", 6)]
+    train = _records(run, "train")
+    assert all(r["step_time"] > 0 and r["tokens_per_s"] > 0 and "mfu" in r for r in train)
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in train)
+    assert train[-1]["loss"] < train[0]["loss"]
