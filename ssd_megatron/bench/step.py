@@ -181,12 +181,16 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
         # As the loop runs on CUDA: no host sync inside or between steps; a step's time is the distance
         # between consecutive step-end events on the GPU's clock.
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        host = []  # the host's own time per step (launches): above the GPU time means host-bound
         ends[0].record()
         for i in range(steps):
+            t = time.perf_counter()
             loss = step(warmup + i)
             ends[i + 1].record()
+            host.append(time.perf_counter() - t)
         _sync(device)
         times = [a.elapsed_time(b) / 1e3 for a, b in zip(ends, ends[1:])]
+        host_ms = 1e3 * statistics.median(host)
     else:  # host clock, synchronised around every step
         times = []
         for i in range(steps):
@@ -195,7 +199,8 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
             loss = step(warmup + i)
             _sync(device)
             times.append(time.perf_counter() - t)
-    res = {"step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
+    res = {"host_ms_median": host_ms if device.type == "cuda" and not sync_each_step else None,
+           "step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
            "warmup_s": warm_s, "loss": float(loss.detach()), "steps": steps}
     if device.type == "cuda":
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -419,7 +424,8 @@ def main(argv=None) -> int:
         records.append(rec)
         mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "n/a"
         print(f"{name:14s} {phase:6s} {variant:14s} {rec['step_ms']:9.2f} ms/step {rec['tokens_per_s']:12.0f} tok/s"
-              f"  MFU {mfu}", file=sys.stderr, flush=True)
+              f"  MFU {mfu}" + (f"  host {res['host_ms_median']:.2f} ms/step" if res.get("host_ms_median") else ""),
+              file=sys.stderr, flush=True)
         _finish(out)
         if args.out:
             p = Path(args.out)
