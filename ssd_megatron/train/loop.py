@@ -19,7 +19,10 @@ One optimizer step (step = 0-based index, the number every method hook receives)
   4. per micro-batch: loss_sum / global_tokens x dp_size (DDP/FSDP average gradients over ranks,
      so this makes the summed gradient that of the mean over every valid token of the global batch)
      + method.extra_loss() / accumulation steps; backward; gradient reduction on the last only
-  5. clip, optimizer step, method.after_step(step); metrics; validation; checkpoint.
+  5. clip + optimizer step (train/clipping.py; no host sync with fused AdamW), method.after_step(step);
+     metrics; validation; checkpoint. On CUDA the step's loss, norm and skip flag are read one step
+     later (pinned copy + event), so the host never waits for the GPU between steps; records are
+     flushed before every validation, checkpoint and exit, so metrics.jsonl keeps step order.
 """
 from __future__ import annotations
 
