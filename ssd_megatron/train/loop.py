@@ -248,7 +248,7 @@ class Trainer:
         method_metrics = self.method.after_step(step) or {}
         sums = torch.stack([loss_acc, extra_acc if extra_acc is not None else torch.zeros_like(loss_acc)])
         if dims.dp_group is not None:
-            sums = all_reduce_sum(sums.to(dims.comm_device), dims)
+            sums = all_reduce_sum(sums.to(dims.comm_device), dims).to(self.device)  # gloo: a CPU round trip
         shape = SampleShape.from_batch(micro[0])
         in_tokens = cfg.train.global_batch_size * shape.seq_len
         flops = cfg.train.global_batch_size * method_sample_flops(
@@ -259,7 +259,7 @@ class Trainer:
                "target_tokens": global_tokens, "flops": flops, "flops_total": self.flops_total,
                "consumed_samples": self.consumed, **method_metrics}
         device_values = torch.stack([sums[0].float(), sums[1].float(), outcome.grad_norm.float(),
-                                     torch.as_tensor(outcome.skipped, device=sums.device).float()])
+                                     torch.as_tensor(outcome.skipped, device=self.device).float()])
         pending = _PendingStep(rec, device_values, in_tokens, t0, global_tokens, extra_acc is not None, start)
         if self.device.type != "cuda":
             return [self._finalize(pending)]

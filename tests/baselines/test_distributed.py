@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _overrides(tiny_data, run, method, **extra):
     o = {"data.path": tiny_data["prefix"], "data.tokenizer": tiny_data["tokenizer"], "data.seq_len": 16,
          "model.max_seq_len": 16, "model.n_layers": 3, "model.d_model": 32, "model.n_heads": 2,
-         "model.d_ff": 96, "model.vocab_multiple": 64, "train.max_steps": 5, "train.global_batch_size": 4,
+         "model.d_ff": 96, "model.vocab_multiple": 64, "train.device": "cpu", "train.max_steps": 5, "train.global_batch_size": 4,
          "train.micro_batch_size": 2, "train.eval_interval": 5, "train.eval_batches": 2,
          "train.output_dir": str(run), "optim.warmup_steps": 1, "checkpoint.interval": 100,
          "logging.progress": False, "logging.tensorboard": False, "logging.report": False,

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _cfg(tiny_data, run, method):
     o = {"data.path": tiny_data["prefix"], "data.tokenizer": tiny_data["tokenizer"], "data.seq_len": 16,
          "model.max_seq_len": 16, "model.n_layers": 3, "model.d_model": 32, "model.n_heads": 2,
-         "model.d_ff": 96, "model.vocab_multiple": 64, "train.max_steps": 6, "train.global_batch_size": 4,
+         "model.d_ff": 96, "model.vocab_multiple": 64, "train.device": "cpu", "train.max_steps": 6, "train.global_batch_size": 4,
          "train.micro_batch_size": 2, "train.eval_interval": 3, "train.eval_batches": 1,
          "train.output_dir": str(run), "optim.warmup_steps": 1, "checkpoint.interval": 3, "checkpoint.keep_last": 3,
          "logging.progress": False, "logging.tensorboard": False, "logging.report": False,

@@ -16,7 +16,7 @@ STEPS = 8
 def _overrides(tiny_data, run_dir, arch):
     o = {"data.path": tiny_data["prefix"], "data.tokenizer": tiny_data["tokenizer"], "data.seq_len": 32,
          "model.max_seq_len": 32, "model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2,
-         "model.d_ff": 64, "model.vocab_multiple": 64, "train.max_steps": STEPS,
+         "model.d_ff": 64, "model.vocab_multiple": 64, "train.device": "cpu", "train.max_steps": STEPS,
          "train.global_batch_size": 8, "train.micro_batch_size": 4, "train.eval_interval": STEPS,
          "train.eval_batches": 1, "train.output_dir": str(run_dir), "optim.schedule": "constant",
          "optim.warmup_steps": 0, "optim.lr": 1e-2, "checkpoint.interval": 1000,

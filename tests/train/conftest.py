@@ -75,7 +75,7 @@ def tiny_overrides(tiny_data, run_dir, **extra) -> list[str]:
         "method": "dense", "data.path": tiny_data["prefix"], "data.tokenizer": tiny_data["tokenizer"],
         "data.seq_len": 32, "model.max_seq_len": 32, "model.n_layers": 2, "model.d_model": 64,
         "model.n_heads": 2, "model.d_ff": 128, "model.vocab_multiple": 64,
-        "train.max_steps": 6, "train.global_batch_size": 8, "train.micro_batch_size": 4,
+        "train.max_steps": 6, "train.global_batch_size": 8, "train.micro_batch_size": 4, "train.device": "cpu",
         "train.eval_interval": 3, "train.eval_batches": 2, "train.output_dir": str(run_dir),
         "optim.schedule": "cosine", "optim.warmup_steps": 2, "optim.lr": 3e-3,
         "checkpoint.interval": 3, "checkpoint.keep_last": 3,
