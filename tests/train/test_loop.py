@@ -234,7 +234,7 @@ def test_other_architectures_train_and_eval(tiny_data, tmp_path, arch, capsys):
     if arch == "bert":
         assert 0.0 <= valid["valid_acc"] <= 1.0
     capsys.readouterr()
-    assert cli.eval_main([str(run), "--batches", "2"]) == 0
+    assert cli.eval_main([str(run), "--batches", "2", "--device", "cpu"]) == 0  # same device as training
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["arch"] == arch and res["loss"] == pytest.approx(valid["valid_loss"], rel=1e-5)
 
@@ -242,7 +242,7 @@ def test_other_architectures_train_and_eval(tiny_data, tmp_path, arch, capsys):
 def test_ssd_eval_prints_json_last(reference_run, capsys):
     run, _ = reference_run
     capsys.readouterr()
-    assert cli.eval_main([str(run / "checkpoints" / "step_0000003")]) == 0
+    assert cli.eval_main([str(run / "checkpoints" / "step_0000003"), "--device", "cpu"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads(out[-1])
     assert {"loss", "ppl", "step", "checkpoint"} <= set(res) and res["step"] == 3
