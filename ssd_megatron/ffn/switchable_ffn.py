@@ -16,7 +16,7 @@ from torch import nn
 from .activations import ACTIVATIONS, apply_activation, is_glu
 from .backends import get_backend
 from .backends.weights import gather_expert_weights
-from .fused_linear_relu import linear_relu
+from .fused_relu_ffn import relu_ffn
 
 MODES = ("dense", "sparse")
 
@@ -115,20 +115,21 @@ class SwitchableFFN(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "dense":
-            return self.w_out(self.dense_hidden(x))
-        return self.sparse_forward(x)
+        if self.mode != "dense":
+            return self.sparse_forward(x)
+        if self._fused_dense(x):
+            return relu_ffn(x, self.w_in.weight, self.w_in.bias, self.w_out.weight, self.w_out.bias)
+        return self.w_out(self.act(self.w_in(x)))
 
     # Class switch for benchmarks (bench/step.py --variant no-fused-relu).
     fuse_relu = True
 
-    def dense_hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """σ(W_i x + b_i). On CUDA a biased ReLU runs as one GEMM with the bias and ReLU in its epilogue
-        (fused_linear_relu.py), unless something hooks `act` (the sparsity probe reads its output)."""
-        if (self.fuse_relu and x.is_cuda and self.act.name == "relu" and self.w_in.bias is not None
-                and not self.act._forward_hooks and not self.act._forward_pre_hooks):
-            return linear_relu(x, self.w_in.weight, self.w_in.bias)
-        return self.act(self.w_in(x))
+    def _fused_dense(self, x: torch.Tensor) -> bool:
+        """On CUDA a biased ReLU FFN runs with its bias, ReLU and ReLU-derivative work inside the GEMMs
+        (fused_relu_ffn.py), unless something hooks `act` (the sparsity probe reads its output)."""
+        return (self.fuse_relu and x.is_cuda and self.act.name == "relu" and self.w_in.bias is not None
+                and self.w_out.bias is not None and not self.act._forward_hooks
+                and not self.act._forward_pre_hooks)
 
     def expert_weights(self):
         """Expert-major views of the shared parameters, gathered through `expert_perm` (differentiable;
