@@ -14,8 +14,10 @@ clipping at train.grad_clip's default with the loop's skip-on-non-finite rule (`
 builder and clipping, whole-model torch.compile, and its logits' loss as HF computes it (fp32 upcast).
 
 `--variant` (repeatable) times other versions of our step next to the loop's, for performance work:
-`unfused-loss` (logits, then `lm_loss`), `no-qkv-fuse` (three q/k/v GEMMs), `no-fused-relu` (bias + ReLU
-as a separate kernel instead of the GEMM epilogue), `sync-clip` (clip_grad_norm_ and a host read of the
+`unfused-loss` (logits, then `lm_loss`), `no-qkv-fuse` (three q/k/v GEMMs), `no-fused-relu` (the dense FFN
+as two linears and a ReLU, inductor's kernels between the GEMMs), `no-mask-gemm` (ReLU's derivative as a
+pass after a cuBLAS dh GEMM instead of in the Triton GEMM's epilogue), `cudagraph-blocks` (blocks compiled
+with mode reduce-overhead: CUDA graphs), `sync-clip` (clip_grad_norm_ and a host read of the
 norm before the optimizer step, instead of the fused AdamW's grad_scale / found_inf), `sync-step`
 (host clock with a synchronisation around every step, instead of the loop's GPU-clock step-end events
 without syncs), `fp32-residual` (model.fp32_residual_connection: the residual stream in fp32 under
@@ -93,8 +95,8 @@ def _hf_loss(logits, labels):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
 
 
-VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "sync-clip", "sync-step", "fp32-residual",
-            "whole-compile", "max-autotune", "cudnn-attn")
+VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "sync-clip", "sync-step",
+            "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn")
 
 
 def prepare_ours(model, variant: str, compile_model: bool):
@@ -102,6 +104,7 @@ def prepare_ours(model, variant: str, compile_model: bool):
 
     "loop" is exactly what the training loop does (train/loop.py: compile_blocks, forward_loss); the
     others change one thing each."""
+    from ..ffn import relu_mask_matmul
     from ..ffn.switchable_ffn import SwitchableFFN
     from ..models.blocks import Attention
     from ..parallel.data_parallel import compile_blocks
@@ -109,13 +112,15 @@ def prepare_ours(model, variant: str, compile_model: bool):
 
     Attention.fuse_qkv = variant != "no-qkv-fuse"
     SwitchableFFN.fuse_relu = variant != "no-fused-relu"
+    relu_mask_matmul.USE_TRITON = variant != "no-mask-gemm"
     model.cfg.fp32_residual_connection = variant == "fp32-residual"
     run = model
     if compile_model:
         if variant == "whole-compile":
             run = torch.compile(model)
         else:
-            compile_blocks(model, mode="max-autotune-no-cudagraphs" if variant == "max-autotune" else None)
+            mode = {"max-autotune": "max-autotune-no-cudagraphs", "cudagraph-blocks": "reduce-overhead"}.get(variant)
+            compile_blocks(model, mode=mode)
     fused = variant != "unfused-loss"
 
     def loss(m, x, y):

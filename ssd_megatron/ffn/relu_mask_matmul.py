@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 _STATE = {"kernel": None, "tuned": None, "ok": None}
+# Switch for benchmarks (bench/step.py --variant no-mask-gemm): False = cuBLAS GEMM, then the mask.
+USE_TRITON = True
 
 
 def _build():
@@ -78,7 +80,7 @@ def relu_mask_matmul_torch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor) ->
 
 @torch.library.custom_op("ssd_megatron::relu_mask_matmul", mutates_args=())
 def relu_mask_matmul(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    if not (a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _triton_ok()):
+    if not (USE_TRITON and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _triton_ok()):
         return relu_mask_matmul_torch(a, b, h)
     return launch(a, b, h)
 
