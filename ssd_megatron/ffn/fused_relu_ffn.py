@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .relu_mask_matmul import relu_mask_matmul
+from .relu_mask_matmul import relu_mask_matmul, relu_mask_matmul_torch, use_mask_gemm
 
 
 @torch.library.custom_op("ssd_megatron::relu_ffn", mutates_args=())
@@ -51,7 +51,9 @@ def _backward(ctx, grad_y, _grad_h):
     x2 = x.reshape(-1, x.shape[-1])
     grad_w_out = dy.t() @ h if need_w_out else None
     grad_b_out = dy.sum(0) if need_b_out else None
-    g = relu_mask_matmul(dy, w_out, h)  # d(pre-activation) = (dy W_o) * relu'(.)
+    # d(pre-activation) = (dy W_o) * relu'(.): the Triton GEMM with the mask in its epilogue, or (no
+    # Triton, CPU) the GEMM and a `where` that inductor fuses with its neighbours.
+    g = relu_mask_matmul(dy, w_out, h) if use_mask_gemm(dy) else relu_mask_matmul_torch(dy, w_out, h)
     grad_x = (g @ w_in).view(x.shape) if need_x else None
     grad_w_in = grad_b_in = None
     if need_w_in and need_b_in:

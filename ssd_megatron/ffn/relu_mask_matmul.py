@@ -78,9 +78,14 @@ def relu_mask_matmul_torch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor) ->
     return torch.where(h > 0, prod, torch.zeros_like(prod))
 
 
+def use_mask_gemm(a: torch.Tensor) -> bool:
+    """Whether the Triton kernel serves operands like `a` (CUDA, half precision, Triton available)."""
+    return USE_TRITON and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _triton_ok()
+
+
 @torch.library.custom_op("ssd_megatron::relu_mask_matmul", mutates_args=())
 def relu_mask_matmul(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    if not (USE_TRITON and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _triton_ok()):
+    if not use_mask_gemm(a):
         return relu_mask_matmul_torch(a, b, h)
     return launch(a, b, h)
 
