@@ -40,11 +40,14 @@ def _build():
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
-        # Out-of-range rows/columns read a valid row/column (modulo) and are never stored.
-        am = tl.where(rm < M, rm, 0)
-        bn = tl.where(rn < N, rn, 0)
-        a_ptr = A + am[:, None].to(tl.int64) * s_am + rk[None, :] * s_ak
-        b_ptr = B + rk[:, None] * s_bk + bn[None, :].to(tl.int64) * s_bn
+        # Out-of-range rows/columns read a valid one (modulo) and are never stored. `%` (not a select)
+        # keeps the compiler's knowledge that columns are contiguous (N, K divisible by 16 are
+        # specialised), which vectorised, pipelined loads need: with tl.where here the kernel ran at
+        # 83 TFLOP/s on an H100 instead of cuBLAS's 685.
+        am = rm % M
+        bn = rn % N
+        a_ptr = A + am[:, None] * s_am + rk[None, :] * s_ak
+        b_ptr = B + rk[:, None] * s_bk + bn[None, :] * s_bn
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BK)):
             kmask = rk < K - k * BK
@@ -54,11 +57,10 @@ def _build():
             a_ptr += BK * s_ak
             b_ptr += BK * s_bk
         mask = (rm[:, None] < M) & (rn[None, :] < N)
-        rm64 = rm[:, None].to(tl.int64)
-        rn64 = rn[None, :].to(tl.int64)
-        h = tl.load(H + rm64 * s_hm + rn64 * s_hn, mask=mask, other=0.0)
+        rows = rm[:, None].to(tl.int64)  # M x N may pass 2^31 elements
+        h = tl.load(H + rows * s_hm + rn[None, :] * s_hn, mask=mask, other=0.0)
         out = tl.where(h > 0, acc, 0.0)
-        tl.store(C + rm64 * s_cm + rn64 * s_cn, out.to(C.dtype.element_ty), mask=mask)
+        tl.store(C + rows * s_cm + rn[None, :] * s_cn, out.to(C.dtype.element_ty), mask=mask)
 
     return kernel, triton.autotune(configs=configs, key=["M", "N", "K"])(kernel)
 
