@@ -96,6 +96,9 @@ class TrainConfig:
     eval_interval: int = field(default=100, metadata=_meta(lo=1))
     eval_batches: int = field(default=8, metadata=_meta(lo=1))
     log_interval: int = field(default=1, metadata=_meta(lo=1))
+    # Python's garbage collector runs only every this many steps (train/host_gc.py; Megatron's
+    # --manual-gc, torchtitan's gc_freq); 0 = Python's automatic collection.
+    gc_interval: int = field(default=50, metadata=_meta(lo=0))
 
 
 @dataclass

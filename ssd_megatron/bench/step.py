@@ -149,6 +149,7 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
     after `warmup` steps; `run` is what forward is called on (the model, or its compiled wrapper)."""
     from ..config import OptimConfig, TrainConfig
     from ..train.clipping import clip_and_step
+    from ..train.host_gc import HostGC
     from ..train.loop import autocast_context
     from ..train.optimizer import build_optimizer
 
@@ -182,6 +183,7 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
         step(i)
     _sync(device)
     warm_s = time.perf_counter() - t0
+    host_gc = HostGC(TrainConfig().gc_interval).__enter__()  # as the loop
     if device.type == "cuda" and not sync_each_step:
         # As the loop runs on CUDA: no host sync inside or between steps; a step's time is the distance
         # between consecutive step-end events on the GPU's clock.
@@ -193,6 +195,7 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
             loss = step(warmup + i)
             ends[i + 1].record()
             host.append(time.perf_counter() - t)
+            host_gc.step(i)
         _sync(device)
         times = [a.elapsed_time(b) / 1e3 for a, b in zip(ends, ends[1:])]
         host_ms = 1e3 * statistics.median(host)
@@ -204,6 +207,7 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
             loss = step(warmup + i)
             _sync(device)
             times.append(time.perf_counter() - t)
+    host_gc.__exit__()
     res = {"host_ms_median": host_ms if device.type == "cuda" and not sync_each_step else None,
            "step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
            "warmup_s": warm_s, "loss": float(loss.detach()), "steps": steps}

@@ -26,7 +26,7 @@ def _build():
                                         (128, 256, 64, 8, 4), (128, 128, 64, 8, 3))]
 
     @triton.jit
-    def kernel(A, B, H, C, M, N, K, s_am, s_ak, s_bk, s_bn, s_hm, s_hn, s_cm, s_cn,
+    def relu_mask_gemm_kernel(A, B, H, C, M, N, K, s_am, s_ak, s_bk, s_bn, s_hm, s_hn, s_cm, s_cn,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BM)
@@ -62,6 +62,7 @@ def _build():
         out = tl.where(h > 0, acc, 0.0)
         tl.store(C + rows * s_cm + rn[None, :] * s_cn, out.to(C.dtype.element_ty), mask=mask)
 
+    kernel = relu_mask_gemm_kernel
     return kernel, triton.autotune(configs=configs, key=["M", "N", "K"])(kernel)
 
 

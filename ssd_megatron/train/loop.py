@@ -45,6 +45,7 @@ from ..parallel.distributed import (ParallelDims, all_gather_rows, all_reduce_su
                                     init_distributed, resolve_device)
 from .checkpoint import CheckpointManager, resolve_resume
 from .clipping import clip_and_step
+from .host_gc import HostGC
 from .data import build_train_data, to_device
 from .flops import SampleShape, method_sample_flops, peak_flops
 from .loss import lm_loss
@@ -391,6 +392,7 @@ class Trainer:
         last_train, last_valid = None, None
         stopped_at = None
         previous_handlers = self._install_signal_handlers()
+        host_gc = HostGC(cfg.train.gc_interval).__enter__()
         try:
             def emit(records):
                 for rec in records:
@@ -403,6 +405,7 @@ class Trainer:
             for step in range(self.step, cfg.train.max_steps):
                 for rec in emit(self.train_step(step)):
                     last_train = rec
+                host_gc.step(step)
                 done = step + 1
                 if (done % cfg.train.eval_interval == 0 or done % cfg.checkpoint.interval == 0
                         or done == cfg.train.max_steps or self.stop_agreed):
@@ -422,6 +425,7 @@ class Trainer:
                                  f"checkpoint saved, resume with the same command")
                     break
         finally:
+            host_gc.__exit__()
             self._restore_signal_handlers(previous_handlers)
             logger.close()
         wall = self.elapsed_before + (time.perf_counter() - self.t_start)
