@@ -184,6 +184,7 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
     _sync(device)
     warm_s = time.perf_counter() - t0
     host_gc = HostGC(TrainConfig().gc_interval).__enter__()  # as the loop
+    mem0 = torch.cuda.memory_stats(device) if device.type == "cuda" else {}
     if device.type == "cuda" and not sync_each_step:
         # As the loop runs on CUDA: no host sync inside or between steps; a step's time is the distance
         # between consecutive step-end events on the GPU's clock.
@@ -208,7 +209,13 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
             _sync(device)
             times.append(time.perf_counter() - t)
     host_gc.__exit__()
-    res = {"host_ms_median": host_ms if device.type == "cuda" and not sync_each_step else None,
+    if device.type == "cuda":  # cudaMalloc/cudaFree in timed steps stall the host (cudaFree syncs)
+        mem1 = torch.cuda.memory_stats(device)
+        alloc_events = {k: mem1.get(k, 0) - mem0.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc",
+                                                                      "num_device_free")}
+    else:
+        alloc_events = None
+    res = {"allocator_events_in_timed_steps": alloc_events, "host_ms_median": host_ms if device.type == "cuda" and not sync_each_step else None,
            "step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
            "warmup_s": warm_s, "loss": float(loss.detach()), "steps": steps}
     if device.type == "cuda":
@@ -433,7 +440,8 @@ def main(argv=None) -> int:
         records.append(rec)
         mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "n/a"
         print(f"{name:14s} {phase:6s} {variant:14s} {rec['step_ms']:9.2f} ms/step {rec['tokens_per_s']:12.0f} tok/s"
-              f"  MFU {mfu}" + (f"  host {res['host_ms_median']:.2f} ms/step" if res.get("host_ms_median") else ""),
+              f"  MFU {mfu}" + (f"  host {res['host_ms_median']:.2f} ms/step" if res.get("host_ms_median") else "")
+              + (f"  allocator {res['allocator_events_in_timed_steps']}" if res.get("allocator_events_in_timed_steps") else ""),
               file=sys.stderr, flush=True)
         _finish(out)
         if args.out:
