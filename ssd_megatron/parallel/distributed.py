@@ -35,6 +35,10 @@ class ParallelDims:
     ep_size: int = 1
     backend: str = ""
     dp_group: Optional[object] = None
+    # CPU (gloo) group over the same ranks, for small host-side agreements (token counts, phase,
+    # stop flags) that must not wait for the GPU stream: with NCCL a collective on a CUDA tensor read
+    # back on the host would sync every step. For gloo it is dp_group itself.
+    host_group: Optional[object] = None
     owns_process_group: bool = False
     # Where collective buffers must live (nccl: the local GPU; gloo: CPU).
     comm_device: torch.device = torch.device("cpu")
@@ -88,8 +92,9 @@ def init_distributed(pcfg, device: torch.device, timeout_s: float = 1800.0) -> P
     if dist.is_available() and dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
         be = str(dist.get_backend())
+        group = dist.group.WORLD if world > 1 else None
         return ParallelDims(world_size=world, rank=rank, local_rank=local_rank, dp_size=world, dp_rank=rank,
-                            backend=be, dp_group=dist.group.WORLD if world > 1 else None,
+                            backend=be, dp_group=group, host_group=_host_group(be, group),
                             comm_device=device if be == "nccl" else torch.device("cpu"))
     if world <= 1:
         return ParallelDims()
@@ -108,8 +113,15 @@ def init_distributed(pcfg, device: torch.device, timeout_s: float = 1800.0) -> P
     dist.init_process_group(backend=backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return ParallelDims(world_size=world, rank=rank, local_rank=local_rank, dp_size=world, dp_rank=rank,
-                        backend=backend, dp_group=dist.group.WORLD, owns_process_group=True,
-                        comm_device=device if backend == "nccl" else torch.device("cpu"))
+                        backend=backend, dp_group=dist.group.WORLD, host_group=_host_group(backend, dist.group.WORLD),
+                        owns_process_group=True, comm_device=device if backend == "nccl" else torch.device("cpu"))
+
+
+def _host_group(backend: str, group):
+    """The CPU group for host-side agreements (every rank must call this: new_group is collective)."""
+    if group is None:
+        return None
+    return group if backend == "gloo" else dist.new_group(backend="gloo")
 
 
 def destroy_distributed(dims: ParallelDims) -> None:
@@ -131,12 +143,14 @@ def all_reduce_sum(t: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
     return t
 
 
-def all_gather_rows(t: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
-    """[k] on each rank -> [world, k] on every rank (rank order)."""
+def all_gather_rows(t: torch.Tensor, dims: ParallelDims, host: bool = False) -> torch.Tensor:
+    """[k] on each rank -> [world, k] on every rank (rank order). host=True: a CPU tensor over the host
+    (gloo) group, which never waits for the GPU."""
     if dims.dp_group is None:
         return t.unsqueeze(0)
+    group = dims.host_group if host and dims.host_group is not None else dims.dp_group
     out = [torch.empty_like(t) for _ in range(dims.dp_size)]
-    dist.all_gather(out, t, group=dims.dp_group)
+    dist.all_gather(out, t, group=group)
     return torch.stack(out)
 
 

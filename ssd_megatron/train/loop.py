@@ -14,8 +14,9 @@ One optimizer step (step = 0-based index, the number every method hook receives)
   1. method.before_step(step); phase = method.phase()
   2. this rank's micro-batches of the global batch (global batch = micro x accumulation x DP size;
      which samples is fixed by the data position alone, so any DP size sees the same global batches)
-  3. one all_gather of [valid target tokens, phase code] over ranks: the global token count (the
-     loss denominator) and the check that all ranks run the same phase
+  3. one all_gather of [valid target tokens, phase code, stop flag] over ranks, on the CPU (gloo) host
+     group even under NCCL, so it never waits for the GPU: the global token count (the loss
+     denominator) and the check that all ranks run the same phase
   4. per micro-batch: loss_sum / global_tokens x dp_size (DDP/FSDP average gradients over ranks,
      so this makes the summed gradient that of the mean over every valid token of the global batch)
      + method.extra_loss() / accumulation steps; backward; gradient reduction on the last only
@@ -222,7 +223,7 @@ class Trainer:
         # One collective for three agreements: the loss denominator, the phase, and whether any rank
         # was asked to stop (SIGTERM from a scheduler reaches ranks at different times).
         gathered = all_gather_rows(torch.tensor([local_tokens, phase_code(phase), int(self.stop_signal is not None)],
-                                                dtype=torch.int64, device=dims.comm_device), dims).cpu()
+                                                dtype=torch.int64), dims, host=True)
         self.stop_agreed = bool(gathered[:, 2].any())
         codes = gathered[:, 1].tolist()
         if len(set(codes)) != 1:

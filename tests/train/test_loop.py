@@ -166,7 +166,7 @@ def test_global_batches_do_not_depend_on_world_size(tiny_data, tmp_path):
 
 
 def test_ranks_disagreeing_on_phase_is_an_error(tiny_data, tmp_path, monkeypatch):
-    def fake_gather(t, dims):
+    def fake_gather(t, dims, **_):
         other = t.clone()
         other[1] += 1
         return torch.stack([t, other])
@@ -285,3 +285,20 @@ def test_cuda_metrics_read_one_step_late_stay_complete_and_ordered(tiny_data, tm
     assert all(r["step_time"] > 0 and r["tokens_per_s"] > 0 and "mfu" in r for r in train)
     assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in train)
     assert train[-1]["loss"] < train[0]["loss"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+@pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
+def test_nccl_two_gpus_match_one_gpu(tiny_data, tmp_path, data_parallel):
+    """torchrun with NCCL on two GPUs takes the same steps as one GPU with the same global batch."""
+    fp32 = {"train.device": "cuda", "train.precision": "fp32"}
+    one = tmp_path / "one"
+    loop_mod.train(_cfg(tiny_data, one, **fp32))
+    two = tmp_path / "two"
+    _torchrun(tiny_data, two, 2, **fp32, **{"parallel.backend": "nccl", "parallel.data_parallel": data_parallel})
+    ref, got = _losses(one), _losses(two)
+    assert sorted(got) == sorted(ref) == list(range(6))
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=1e-3), s  # TF32 matmuls, other reduction order
+    ref_v = [r["valid_loss"] for r in _records(one, "valid")]
+    assert [r["valid_loss"] for r in _records(two, "valid")] == pytest.approx(ref_v, rel=1e-3)
