@@ -183,7 +183,8 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
         step(i)
     _sync(device)
     warm_s = time.perf_counter() - t0
-    host_gc = HostGC(TrainConfig().gc_interval).__enter__()  # as the loop
+    host_gc = HostGC(TrainConfig().gc_interval)  # as the loop
+    host_gc.start()
     mem0 = torch.cuda.memory_stats(device) if device.type == "cuda" else {}
     if device.type == "cuda" and not sync_each_step:
         # As the loop runs on CUDA: no host sync inside or between steps; a step's time is the distance
@@ -208,7 +209,7 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
             loss = step(warmup + i)
             _sync(device)
             times.append(time.perf_counter() - t)
-    host_gc.__exit__()
+    host_gc.stop()
     if device.type == "cuda":  # cudaMalloc/cudaFree in timed steps stall the host (cudaFree syncs)
         mem1 = torch.cuda.memory_stats(device)
         alloc_events = {k: mem1.get(k, 0) - mem0.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc",

@@ -16,19 +16,25 @@ class HostGC:
         self.interval = int(interval)
         self._was_enabled = gc.isenabled()
 
-    def __enter__(self) -> "HostGC":
+    def start(self) -> None:
         if self.interval > 0:
             gc.collect()
             gc.freeze()  # objects alive now (modules, compiled graphs) are never scanned again
             gc.disable()
-        return self
 
     def step(self, step: int) -> None:
         if self.interval > 0 and (step + 1) % self.interval == 0:
             gc.collect(1)
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         if self.interval > 0:
             gc.unfreeze()
             if self._was_enabled:
                 gc.enable()
+
+    def __enter__(self) -> "HostGC":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

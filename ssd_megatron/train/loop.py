@@ -28,13 +28,13 @@ One optimizer step (step = 0-based index, the number every method hook receives)
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Optional
 import math
 import random
 import sys
 import time
 import zlib
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -46,9 +46,9 @@ from ..parallel.distributed import (ParallelDims, all_gather_rows, all_reduce_su
                                     init_distributed, resolve_device)
 from .checkpoint import CheckpointManager, resolve_resume
 from .clipping import clip_and_step
-from .host_gc import HostGC
 from .data import build_train_data, to_device
 from .flops import SampleShape, method_sample_flops, peak_flops
+from .host_gc import HostGC
 from .loss import lm_loss
 from .lr_schedule import LRSchedule
 from .method import build_method
@@ -208,7 +208,8 @@ class Trainer:
         loss.backward()
         return loss_sum.detach(), (extra.detach().float() if extra is not None else None)
 
-    def train_step(self, step: int) -> dict:
+    def train_step(self, step: int) -> list[dict]:
+        """Run one optimizer step; returns the records that became final (on CUDA: the previous step's)."""
         cfg, dims = self.cfg, self.dims
         t0 = time.perf_counter()
         start = None
@@ -274,6 +275,16 @@ class Trainer:
         pending.end.record()
         previous, self.pending = self.pending, pending
         return [self._finalize(previous)] if previous is not None else []
+
+    def _log_train(self, records: list[dict], logger) -> Optional[dict]:
+        """Log final train records (every log_interval-th and the last step); returns the last one."""
+        cfg = self.cfg
+        for rec in records:
+            if not math.isfinite(rec["loss"]):
+                logger.print(f"warning: non-finite loss at step {rec['step']}")
+            if (rec["step"] + 1) % cfg.train.log_interval == 0 or rec["step"] + 1 == cfg.train.max_steps:
+                logger.train_step(rec)
+        return records[-1] if records else None
 
     def flush(self) -> list[dict]:
         """The record of a step whose metrics are still on the GPU (before validation, checkpoints, exit)."""
@@ -393,25 +404,16 @@ class Trainer:
         last_train, last_valid = None, None
         stopped_at = None
         previous_handlers = self._install_signal_handlers()
-        host_gc = HostGC(cfg.train.gc_interval).__enter__()
+        host_gc = HostGC(cfg.train.gc_interval)
+        host_gc.start()
         try:
-            def emit(records):
-                for rec in records:
-                    if not math.isfinite(rec["loss"]):
-                        logger.print(f"warning: non-finite loss at step {rec['step']}")
-                    if (rec["step"] + 1) % cfg.train.log_interval == 0 or rec["step"] + 1 == cfg.train.max_steps:
-                        logger.train_step(rec)
-                    yield rec
-
             for step in range(self.step, cfg.train.max_steps):
-                for rec in emit(self.train_step(step)):
-                    last_train = rec
+                last_train = self._log_train(self.train_step(step), logger) or last_train
                 host_gc.step(step)
                 done = step + 1
                 if (done % cfg.train.eval_interval == 0 or done % cfg.checkpoint.interval == 0
                         or done == cfg.train.max_steps or self.stop_agreed):
-                    for rec in emit(self.flush()):  # the step's own record first
-                        last_train = rec
+                    last_train = self._log_train(self.flush(), logger) or last_train  # the step's own record
                 if done % cfg.train.eval_interval == 0 or done == cfg.train.max_steps:
                     last_valid = self.validate(done)
                     logger.write(last_valid)
@@ -426,7 +428,7 @@ class Trainer:
                                  f"checkpoint saved, resume with the same command")
                     break
         finally:
-            host_gc.__exit__()
+            host_gc.stop()
             self._restore_signal_handlers(previous_handlers)
             logger.close()
         wall = self.elapsed_before + (time.perf_counter() - self.t_start)
