@@ -23,11 +23,13 @@ def _build():
 
     configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
                for bm, bn, bk, w, s in ((128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3),
-                                        (128, 256, 64, 8, 4), (128, 128, 64, 8, 3))]
+                                        (128, 256, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 5),
+                                        (64, 256, 64, 4, 4), (128, 128, 128, 8, 3), (128, 64, 64, 4, 5))]
 
     @triton.jit
     def relu_mask_gemm_kernel(A, B, H, C, M, N, K, s_am, s_ak, s_bk, s_bn, s_hm, s_hn, s_cm, s_cn,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+               EVEN_K: tl.constexpr):
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BM)
         num_n = tl.cdiv(N, BN)
@@ -50,9 +52,13 @@ def _build():
         b_ptr = B + rk[:, None] * s_bk + bn[None, :] * s_bn
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BK)):
-            kmask = rk < K - k * BK
-            a = tl.load(a_ptr, mask=kmask[None, :], other=0.0)
-            b = tl.load(b_ptr, mask=kmask[:, None], other=0.0)
+            if EVEN_K:  # no masks: the loads can be pipelined freely
+                a = tl.load(a_ptr)
+                b = tl.load(b_ptr)
+            else:
+                kmask = rk < K - k * BK
+                a = tl.load(a_ptr, mask=kmask[None, :], other=0.0)
+                b = tl.load(b_ptr, mask=kmask[:, None], other=0.0)
             acc = tl.dot(a, b, acc)
             a_ptr += BK * s_ak
             b_ptr += BK * s_bk
@@ -62,7 +68,7 @@ def _build():
         out = tl.where(h > 0, acc, 0.0)
         tl.store(C + rows * s_cm + rn[None, :] * s_cn, out.to(C.dtype.element_ty), mask=mask)
 
-    kernel = relu_mask_gemm_kernel
+    kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})(relu_mask_gemm_kernel)
     return kernel, triton.autotune(configs=configs, key=["M", "N", "K"])(kernel)
 
 
