@@ -91,8 +91,13 @@ class SwitchableFFN(nn.Module):
         return self.d_ff // self.num_experts
 
     def neuron_rows(self) -> torch.Tensor:
-        """One row per neuron, what the clustering sees: W_i's row (for GLU, [gate row, up row])."""
+        """One row per neuron, what the clustering sees: W_i's row (for GLU, [gate row, up row]).
+
+        Under FSDP2 (outside forward the weight is a DTensor shard) the full matrix is gathered first:
+        a collective, so every rank of the group must call this."""
         w = self.w_in.weight.detach()
+        if hasattr(w, "full_tensor"):
+            w = w.full_tensor()
         if self.glu:
             return torch.cat([w[: self.d_ff], w[self.d_ff:]], dim=1)
         return w

@@ -83,9 +83,8 @@ class ActivationMonitor:
         finally:
             model.train(was_training)
 
-    def _cluster_all(self, step: int):
+    def _cluster_all(self, step: int, rows: list):
         # All layers' cold and warm starts as one batched problem (one launch stream on a GPU).
-        rows = [ffn.neuron_rows().float() for ffn in self.ffns]
         return cluster_layers(rows, self.num_experts, self.labels, backend=self.cluster_backend,
                               seed=self.seed + step * 1009)
 
@@ -105,8 +104,9 @@ class ActivationMonitor:
     def run(self, step: int, model, reference_batch: Optional[dict] = None) -> MonitorReport:
         t0 = time.perf_counter()
         is_src = self.group is None or not dist.is_initialized() or dist.get_rank(self.group) == 0
+        rows = [ffn.neuron_rows().float() for ffn in self.ffns]  # every rank: a gather under FSDP2
         if is_src:
-            results = self._cluster_all(step)
+            results = self._cluster_all(step, rows)
             new_labels = [r.labels.detach().cpu().long() for r in results]
             wcss = [float(r.wcss) for r in results]
             warm = [getattr(r, "start", "cold") == "warm" for r in results]

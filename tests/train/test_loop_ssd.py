@@ -50,9 +50,10 @@ def test_ssd_resume_is_bit_exact(tiny_data, tmp_path, ssd_reference, resume_at):
     assert {s: p for s, p in _phases(run).items()} == {s: phases[s] for s in got}
 
 
-def test_ssd_two_ranks_agree_with_one(tiny_data, tmp_path, ssd_reference):
-    run = tmp_path / "ddp"
-    _torchrun(tiny_data, run, 2, **SSD, **{"parallel.backend": "gloo"})
+@pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
+def test_ssd_two_ranks_agree_with_one(tiny_data, tmp_path, ssd_reference, data_parallel):
+    run = tmp_path / data_parallel
+    _torchrun(tiny_data, run, 2, **SSD, **{"parallel.backend": "gloo", "parallel.data_parallel": data_parallel})
     assert _phases(run) == _phases(ssd_reference)
     ref, got = _losses(ssd_reference), _losses(run)
     assert all(got[s] == pytest.approx(ref[s], rel=1e-5) for s in ref)
