@@ -2,8 +2,8 @@
 without gradients (DDP needs find_unused_parameters; FSDP2 must skip their reduce-scatter).
 
 SMoE and MoE-Dropout need nothing special from data parallelism (every parameter is in every step's
-graph: experts are slices of whole w_in / w_out tensors, MoE-Dropout's router is a buffer); they were
-checked the same way once (2 ranks == 1) and are left out here to keep the folder fast."""
+graph: experts are slices of whole w_in / w_out tensors, MoE-Dropout's router is a buffer); they are
+checked under FSDP2, the stricter case (sharded parameters outside forward)."""
 import os
 import subprocess
 import sys
@@ -35,7 +35,7 @@ def _train_records(run):
     return [r for r in read_metrics(Path(run) / "metrics.jsonl") if r.get("kind") == "train"]
 
 
-@pytest.mark.parametrize("method,dp", [("pld", "ddp"), ("pld", "fsdp")])
+@pytest.mark.parametrize("method,dp", [("pld", "ddp"), ("pld", "fsdp"), ("smoe", "fsdp"), ("moe_dropout", "fsdp")])
 def test_two_ranks_match_one(tiny_data, tmp_path, method, dp):
     one, two = tmp_path / "one", tmp_path / "two"
     args = _overrides(tiny_data, one, method)
