@@ -304,6 +304,15 @@ def report(work: Path, out: Path, p: dict, args) -> dict:
     # One file with every run's metrics (the device tool returns at most 8 files).
     metrics = {r.name: (r / "metrics.jsonl").read_text().splitlines() for r in runs}
     (out / "metrics_all.json").write_text(json.dumps(metrics))
+    # The same runs in a few kB (metrics_all.json of a 9 000-step pair is ~8 MB): validation points and
+    # the phase every 100 steps.
+    curves = {}
+    for name, lines in metrics.items():
+        recs = [json.loads(line) for line in lines if line.startswith("{")]
+        curves[name] = [{k: r[k] for k in ("step", "valid_loss", "valid_ppl")} for r in recs if r.get("kind") == "valid"]
+        curves[name + "_phases"] = [(r["step"], r.get("phase")) for r in recs
+                                    if r.get("kind") == "train" and r["step"] % 100 == 0]
+    (out / "valid_curves.json").write_text(json.dumps(curves, indent=0))
     print()
     print(f"## {args.preset} experiment on {device}: {p['steps']} steps x {p['global_batch']} x {p['seq_len']} "
           f"tokens, GPT {p['n_layers']}x{p['d_model']} d_ff {p['d_ff']}")
