@@ -4,6 +4,8 @@ dh = dy W_o is [tokens, d_ff]; written by cuBLAS and then re-read with h by a se
 ReLU's derivative, it costs a full extra pass over two [tokens, d_ff] tensors (0.2 ms per GPT-base layer
 on an H100, docs/performance.md). Here a Triton GEMM loads the h tile in its epilogue and writes the
 masked product once. torch does not expose cuBLASLt's DRELU epilogue, which would do the same.
+Measured at 16384 x 768 x 6144 bf16 on an H100 (tools/bench_mask_gemm.py): 0.363 ms, against 0.423 ms
+for the cuBLAS GEMM (0.222 ms alone) plus inductor's mask pass.
 
 `relu_mask_matmul(a, b, h)`: a [M, K], b [K, N], h [M, N] (any strides) -> [M, N] in a's dtype. On CUDA
 with Triton: the kernel (fp32 accumulation); elsewhere: torch ops, same result.
