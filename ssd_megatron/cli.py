@@ -76,46 +76,31 @@ def train_main(argv: Optional[list[str]] = None) -> int:
     return (_run(lambda: _train(argv)))
 
 
-def eval_main(argv: Optional[list[str]] = None) -> int:
+def _entry(module: str, argv: Optional[list[str]]) -> int:
+    """Import `module` only when its command runs (fast --help, no torch import for typos) and call its main."""
     argv = sys.argv[1:] if argv is None else argv
 
     def go():
-        from .infer.evaluate import main
+        import importlib
 
-        return main(argv)
-    return (_run(go))
+        return importlib.import_module(module, __package__).main(argv)
+    return _run(go)
+
+
+def eval_main(argv: Optional[list[str]] = None) -> int:
+    return _entry(".infer.evaluate", argv)
 
 
 def data_main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-
-    def go():
-        from .data.cli import main
-
-        return main(argv)
-    return (_run(go))
+    return _entry(".data.cli", argv)
 
 
 def bench_main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-
-    def go():
-        try:
-            from .bench import main
-        except ImportError:  # only the step benchmark exists
-            from .bench.step import main
-        return main(argv)
-    return (_run(go))
+    return _entry(".bench", argv)
 
 
 def report_main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-
-    def go():
-        from .train.report import main
-
-        return main(argv)
-    return (_run(go))
+    return _entry(".train.report", argv)
 
 
 COMMANDS = {"train": train_main, "eval": eval_main, "data": data_main, "bench": bench_main, "report": report_main}

@@ -347,16 +347,7 @@ def plot_fig3(runs: list[Run], path: Path) -> None:
         ax.plot([f for f, _ in pts], [p for _, p in pts], color=color, marker=marker, markersize=3,
                 linewidth=1.3, label=r.label)
         ax.scatter([pts[-1][0]], [pts[-1][1]], color=color, marker=marker, s=50, zorder=3, edgecolors="white")
-    ax.set_xlabel("cumulative training FLOPs")
-    ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
-    ax.set_title("Perplexity vs training cost (paper Fig. 3)")
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _finish_ppl_figure(plt, fig, ax, "cumulative training FLOPs", "Perplexity vs training cost (paper Fig. 3)", path)
 
 
 def plot_fig4a(runs: list[Run], path: Path) -> None:
@@ -375,13 +366,19 @@ def plot_fig4a(runs: list[Run], path: Path) -> None:
         if r.inference_flops_per_token and r.final_ppl and math.isfinite(r.final_ppl):
             ax.scatter([r.inference_flops_per_token], [r.final_ppl], color=color, marker="D", s=60,
                        edgecolors="black", zorder=3, label=f"{r.label} (final model)")
-    ax.set_xlabel("inference FLOPs per token")
+    _finish_ppl_figure(plt, fig, ax, "inference FLOPs per token", "Perplexity vs inference cost (paper Fig. 4a)",
+                       path, legend_fontsize=8)
+
+
+def _finish_ppl_figure(plt, fig, ax, xlabel: str, title: str, path: Path, legend_fontsize=None) -> None:
+    """Perplexity (log scale) against a cost axis: labels, grid, legend, save, close."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
-    ax.set_title("Perplexity vs inference cost (paper Fig. 4a)")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=legend_fontsize)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
