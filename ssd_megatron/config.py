@@ -92,6 +92,9 @@ class TrainConfig:
     # auto = bf16 autocast on CUDA, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
+    # Capture the whole step (fwd/bwd of every micro-batch, clip, AdamW) as one CUDA graph after 3 eager
+    # steps (train/step_graph.py): no launch gaps. CUDA, one process, method dense; ignored on CPU.
+    cuda_graph: bool = False
     grad_clip: float = field(default=1.0, metadata=_meta(lo=0.0))
     eval_interval: int = field(default=100, metadata=_meta(lo=1))
     eval_batches: int = field(default=8, metadata=_meta(lo=1))

@@ -23,7 +23,8 @@ norm before the optimizer step, instead of the fused AdamW's grad_scale / found_
 without syncs), `fp32-residual` (model.fp32_residual_connection: the residual stream in fp32 under
 autocast instead of bf16), `whole-compile`
 (torch.compile of the whole model instead of per block), `max-autotune` (compile mode
-max-autotune-no-cudagraphs), `cudnn-attn` (SDPA prefers cuDNN attention). `--profile DIR` profiles a
+max-autotune-no-cudagraphs), `cudnn-attn` (SDPA prefers cuDNN attention), `cuda-graph` (the whole
+step captured once and replayed, as `train.cuda_graph: true` runs it; also timed for `--phase sparse`). `--profile DIR` profiles a
 few steps of each and prints the top kernels and a time-by-category table (docs/performance.md).
 
 `--phase sparse` puts every FFN of our model in sparse mode (random balanced clustering, N=32, K=6,
@@ -96,7 +97,9 @@ def _hf_loss(logits, labels):
 
 
 VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "sync-clip", "sync-step",
-            "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn")
+            "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "cuda-graph")
+# Variants that also run for the sparse phase (the others change dense-only code).
+PHASE_VARIANTS = ("loop", "cuda-graph")
 
 
 def prepare_ours(model, variant: str, compile_model: bool):
@@ -144,7 +147,7 @@ def _variant_context(variant: str, device):
 
 def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: int, bf16: bool,
                   profile_dir: str = "", tag: str = "", sync_clip: bool = False,
-                  sync_each_step: bool = False) -> dict:
+                  sync_each_step: bool = False, cuda_graph: bool = False) -> dict:
     """Median step time of the loop's step (fwd + loss + bwd + clip + fused AdamW) over `steps` steps
     after `warmup` steps; `run` is what forward is called on (the model, or its compiled wrapper)."""
     from ..config import OptimConfig, TrainConfig
@@ -153,7 +156,8 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
     from ..train.loop import autocast_context
     from ..train.optimizer import build_optimizer
 
-    opt = build_optimizer(model, OptimConfig(), device)
+    cuda_graph = cuda_graph and device.type == "cuda"
+    opt = build_optimizer(model, OptimConfig(), device, capturable=cuda_graph)
     max_norm = TrainConfig().grad_clip
     g = torch.Generator(device="cpu").manual_seed(1)
     # A few distinct batches, rotated, so caches don't flatter anyone.
@@ -175,6 +179,22 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
             clip_and_step(model.parameters(), opt, max_norm)  # what the loop does
         opt.zero_grad(set_to_none=True)
         return loss
+
+    if cuda_graph:  # the loop's train.cuda_graph: the same step, captured once and replayed
+        from ..train.step_graph import StepGraph
+
+        def device_step(micro, scale):
+            with amp():
+                loss = loss_fn(run, micro[0]["x"], micro[0]["y"])
+            loss.backward()
+            clip_and_step(model.parameters(), opt, max_norm)
+            return loss.detach()
+
+        graph = StepGraph(device_step, lambda: opt.zero_grad(set_to_none=True), opt, device)
+
+        def step(i):  # noqa: F811 (replaces the eager step)
+            b = batches[i % len(batches)]
+            return graph([{"x": b[:, :-1], "y": b[:, 1:]}], 1.0)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -450,7 +470,7 @@ def main(argv=None) -> int:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(json.dumps(out, indent=1))
 
-    runs = [(ph, v) for ph in phases for v in (variants if ph == "dense" else ["loop"])]
+    runs = [(ph, v) for ph in phases for v in variants if ph == "dense" or v in PHASE_VARIANTS]
     for phase, variant in runs:
         model = build_ours(shape, device, phase, args.backend)
         run, loss_fn = prepare_ours(model, variant, compile_model)
@@ -458,7 +478,7 @@ def main(argv=None) -> int:
             with _variant_context(variant, device):
                 res = time_training(model, run, loss_fn, shape, device, args.steps, args.warmup, bf16,
                                     args.profile, f"ours_{phase}_{variant}", sync_clip=variant == "sync-clip",
-                                    sync_each_step=variant == "sync-step")
+                                    sync_each_step=variant == "sync-step", cuda_graph=variant == "cuda-graph")
         except Exception as e:  # an exploratory variant failing must not lose the others
             if variant == "loop":
                 raise

@@ -193,7 +193,12 @@ def model_state(model) -> dict:
 
 def optimizer_state(model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer, options=_sd_options())
+    osd = get_optimizer_state_dict(model, optimizer, options=_sd_options())
+    # train.cuda_graph keeps lr in a device tensor (step_graph.py); files hold floats, so they load anywhere.
+    if "param_groups" in osd:
+        osd["param_groups"] = [{**g, "lr": float(g["lr"])} if torch.is_tensor(g.get("lr")) else g
+                               for g in osd["param_groups"]]
+    return osd
 
 
 def _check_model_compat(sd: dict, model, path: Path) -> None:

@@ -54,6 +54,7 @@ from .lr_schedule import LRSchedule
 from .method import build_method
 from .metrics import MetricsLogger, safe_ppl, truncate_metrics
 from .optimizer import build_optimizer
+from .step_graph import StepGraph, check_supported
 
 
 MAX_CONSECUTIVE_SKIPS = 5
@@ -128,6 +129,8 @@ class Trainer:
                 f"train.global_batch_size: {t.global_batch_size} must be a multiple of train.micro_batch_size "
                 f"({t.micro_batch_size}) x data-parallel size ({dims.dp_size})")
         self.accum = per_rank // t.micro_batch_size
+        if t.cuda_graph and device.type == "cuda":
+            check_supported(cfg, dims.world_size)
         self.run_dir = cfg.output_dir
         self.autocast = autocast_context(device, t.precision)
         if dims.is_main:
@@ -153,7 +156,11 @@ class Trainer:
         self.wrapped = wrap_data_parallel(
             self.model, dims, cfg.parallel, device,
             find_unused_parameters=bool(getattr(self.method, "needs_find_unused_parameters", False)))
-        self.optimizer = build_optimizer(self.model, cfg.optim, device)
+        graphed = cfg.train.cuda_graph and device.type == "cuda"
+        self.optimizer = build_optimizer(self.model, cfg.optim, device, capturable=graphed)
+        self.step_graph = StepGraph(lambda micro, scale: self._device_step(micro, scale)[0],
+                                    lambda: self.optimizer.zero_grad(set_to_none=True), self.optimizer,
+                                    device) if graphed else None
         self.schedule = LRSchedule.from_config(cfg)
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, dims)
         # Per-rank streams for dropout etc. after the (identical) initialisation.
@@ -208,6 +215,25 @@ class Trainer:
         loss.backward()
         return loss_sum.detach(), (extra.detach().float() if extra is not None else None)
 
+    def _device_step(self, micro: list[dict], scale) -> tuple[torch.Tensor, bool]:
+        """The step's device work: forward/backward of every micro-batch, clip, optimizer step. Returns
+        ([loss sum, extra-loss sum, grad norm, skipped], whether the method adds a loss); reads nothing
+        back, so train.cuda_graph can capture it (`scale` is then a device scalar)."""
+        loss_acc = torch.zeros((), dtype=torch.float32, device=self.device)
+        extra_acc = None
+        for i, mb in enumerate(micro):
+            mb = to_device(mb, self.device)
+            with grad_sync(self.wrapped, i == len(micro) - 1):
+                ls, extra = self._micro_loss(mb, scale)
+            loss_acc += ls
+            if extra is not None:
+                extra_acc = extra if extra_acc is None else extra_acc + extra
+        # An inf/nan gradient would poison every weight: such an update is dropped (clipping.py).
+        outcome = clip_and_step(self.model.parameters(), self.optimizer, self.cfg.train.grad_clip)
+        values = torch.stack([loss_acc, extra_acc if extra_acc is not None else torch.zeros_like(loss_acc),
+                              outcome.grad_norm.float(), torch.as_tensor(outcome.skipped, device=self.device).float()])
+        return values, extra_acc is not None
+
     def train_step(self, step: int) -> list[dict]:
         """Run one optimizer step; returns the records that became final (on CUDA: the previous step's)."""
         cfg, dims = self.cfg, self.dims
@@ -235,23 +261,16 @@ class Trainer:
             raise UserError(f"step {step}: the global batch has no target tokens (labels all -100); check the data")
         self.wrapped.train()
         scale = dims.dp_size / global_tokens
-        loss_acc = torch.zeros((), dtype=torch.float32, device=self.device)
-        extra_acc = None
-        for i, mb in enumerate(micro):
-            mb = to_device(mb, self.device)
-            with grad_sync(self.wrapped, i == len(micro) - 1):
-                ls, extra = self._micro_loss(mb, scale)
-            loss_acc += ls
-            if extra is not None:
-                extra_acc = extra if extra_acc is None else extra_acc + extra
-        # An inf/nan gradient would poison every weight: such an update is dropped (clipping.py).
-        outcome = clip_and_step(self.model.parameters(), self.optimizer, cfg.train.grad_clip)
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.step_graph is not None:
+            device_values, has_extra = self.step_graph(micro, scale), False
+        else:
+            device_values, has_extra = self._device_step(micro, scale)
+            self.optimizer.zero_grad(set_to_none=True)
         self.consumed = self.train_iter.consumed_samples
         method_metrics = self.method.after_step(step) or {}
-        sums = torch.stack([loss_acc, extra_acc if extra_acc is not None else torch.zeros_like(loss_acc)])
-        if dims.dp_group is not None:
-            sums = all_reduce_sum(sums.to(dims.comm_device), dims).to(self.device)  # gloo: a CPU round trip
+        if dims.dp_group is not None:  # gloo: a CPU round trip
+            sums = all_reduce_sum(device_values[:2].to(dims.comm_device), dims).to(self.device)
+            device_values = torch.cat([sums, device_values[2:]])
         shape = SampleShape.from_batch(micro[0])
         in_tokens = cfg.train.global_batch_size * shape.seq_len
         flops = cfg.train.global_batch_size * method_sample_flops(
@@ -261,9 +280,7 @@ class Trainer:
         rec = {"kind": "train", "step": step, "lr": lr, "phase": phase, "tokens": self.tokens,
                "target_tokens": global_tokens, "flops": flops, "flops_total": self.flops_total,
                "consumed_samples": self.consumed, **method_metrics}
-        device_values = torch.stack([sums[0].float(), sums[1].float(), outcome.grad_norm.float(),
-                                     torch.as_tensor(outcome.skipped, device=self.device).float()])
-        pending = _PendingStep(rec, device_values, in_tokens, t0, global_tokens, extra_acc is not None, start)
+        pending = _PendingStep(rec, device_values, in_tokens, t0, global_tokens, has_extra, start)
         if self.device.type != "cuda":
             return [self._finalize(pending)]
         # CUDA: nothing waits for the GPU here. The values go to pinned host memory behind an event and

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 class LRSchedule:
     def __init__(self, kind: str, lr: float, warmup_steps: int, max_steps: int, min_lr: float = 0.0,
@@ -46,7 +48,10 @@ class LRSchedule:
     def apply(self, optimizer, step: int) -> float:
         lr = self(step)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            if torch.is_tensor(g["lr"]):  # a captured step reads it from the device (step_graph.py)
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
         return lr
 
     def state_dict(self) -> dict:

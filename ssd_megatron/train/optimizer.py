@@ -42,11 +42,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, ocfg, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over `model` (call on the unwrapped model, or on the FSDP2-sharded one: same parameters)."""
+def build_optimizer(model: nn.Module, ocfg, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
+    """AdamW over `model` (call on the unwrapped model, or on the FSDP2-sharded one: same parameters).
+    `capturable`: the step may be captured in a CUDA graph (train.cuda_graph; CUDA only)."""
     kwargs = dict(lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps)
     if device.type == "cuda":
         kwargs["fused"] = True
+        kwargs["capturable"] = capturable
     else:
         kwargs["foreach"] = True
     return torch.optim.AdamW(param_groups(model, ocfg.weight_decay), **kwargs)

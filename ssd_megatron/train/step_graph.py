@@ -1,0 +1,117 @@
+"""A whole optimizer step as one CUDA graph (`train.cuda_graph: true`).
+
+What is captured: every micro-batch's forward, loss and backward, the gradient clipping and the fused
+AdamW update, i.e. everything `Trainer._device_step` queues on the GPU, ~1 500 kernels for GPT-base.
+Replaying the graph launches them all with one call, so the GPU no longer waits between kernels for
+the host (Python, the dispatcher, the autograd engine, inductor's wrappers) to launch the next one:
+on one H100 that waiting was ~2.8 ms of a 42 ms GPT-base step (docs/performance.md, round 4).
+This is the whole-network capture of PyTorch's CUDA-graph notes (and Megatron-LM's full-iteration
+CUDA graph), with what a training run needs around it:
+
+- The first `warmup` steps run eagerly on a side stream (torch.compile's compilation, Triton
+  autotuning, cuBLAS workspaces and the optimizer's lazily created state all happen there, outside
+  the capture); they are real training steps, not thrown away.
+- Inputs live in static buffers: each step's micro-batches are copied into them before the replay,
+  the loss scale (dp_size / global valid tokens, different every step) is a device scalar, and the
+  learning rate is a device tensor per parameter group that `LRSchedule.apply` fills in place (the
+  optimizer is built with `capturable=True`; a float lr would be frozen into the graph).
+- Gradients are set to None once before the capture, so the captured backward writes them (no
+  zeroing pass) into memory the graph owns; every replay rewrites them in place. They are not reset
+  between replays.
+- The step's outputs (loss sum, extra loss, grad norm, skipped flag) are one static tensor that the
+  caller copies to the host behind an event, as for an eager step.
+
+Limits, checked where the trainer is built (`check_supported`): one process (capturing NCCL
+collectives of DDP/FSDP2 is not wired up), methods whose step is the same computation every step
+(dense; SSD switches its FFNs between dense and sparse, and the baselines change the graph per step),
+fixed micro-batch shapes (packed data always has them; a change is an error, not a silent re-capture).
+Everything else (validation, checkpoints, logging) runs between replays as before.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import UserError
+
+# Methods whose device work is identical every step (no phase switches, hooks or per-step routing).
+GRAPHABLE_METHODS = ("dense",)
+
+
+def check_supported(cfg, world_size: int) -> None:
+    """One-line errors for configurations the captured step cannot serve."""
+    if cfg.method not in GRAPHABLE_METHODS:
+        raise UserError(f"train.cuda_graph: true works with method {' / '.join(GRAPHABLE_METHODS)} only, not "
+                        f"{cfg.method!r} (its step changes between steps); set train.cuda_graph: false")
+    if world_size > 1:
+        raise UserError(f"train.cuda_graph: true needs a single process (this run has {world_size}); capturing "
+                        "DDP/FSDP2 collectives is not supported, set train.cuda_graph: false")
+
+
+def _signature(micro: list[dict]) -> list[tuple]:
+    return [tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in mb.items())) for mb in micro]
+
+
+class StepGraph:
+    """Runs `step_fn(micro_batches_on_device, scale) -> values` eagerly `warmup` times, then captures it
+    once and replays it for every later step.
+
+    `step_fn` must queue device work only (no host reads of device values) and leave the gradients in
+    place; `zero_grad()` sets them to None (called after each eager step and once before capture)."""
+
+    def __init__(self, step_fn: Callable[[list[dict], torch.Tensor], torch.Tensor], zero_grad: Callable[[], None],
+                 optimizer: torch.optim.Optimizer, device: torch.device, warmup: int = 3):
+        if device.type != "cuda":
+            raise ValueError("StepGraph needs a CUDA device")
+        self.step_fn, self.zero_grad, self.optimizer, self.device = step_fn, zero_grad, optimizer, device
+        self.warmup = warmup
+        self.calls = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.static_micro: list[dict] = []
+        self.signature = None
+        self.scale = torch.zeros((), dtype=torch.float32, device=device)
+        self.values: Optional[torch.Tensor] = None
+        self.side = torch.cuda.Stream(device)
+
+    def _stage(self, micro: list[dict]) -> None:
+        sig = _signature(micro)
+        if self.signature is None:
+            self.signature = sig
+            self.static_micro = [{k: torch.empty_like(v, device=self.device) for k, v in mb.items()} for mb in micro]
+        elif sig != self.signature:
+            raise UserError(f"train.cuda_graph: the micro-batches changed shape ({sig} after {self.signature}); a "
+                            "captured step needs fixed shapes, set train.cuda_graph: false for this data")
+        for buf, mb in zip(self.static_micro, micro):
+            for k, v in mb.items():
+                buf[k].copy_(v, non_blocking=True)
+
+    def _lr_as_tensors(self) -> None:
+        for g in self.optimizer.param_groups:
+            if not torch.is_tensor(g["lr"]):
+                g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=self.device)
+
+    def __call__(self, micro: list[dict], scale: float) -> torch.Tensor:
+        self._stage(micro)
+        self.scale.fill_(scale)
+        self.calls += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return self.values
+        current = torch.cuda.current_stream(self.device)
+        if self.calls <= self.warmup:
+            self.side.wait_stream(current)
+            with torch.cuda.stream(self.side):
+                values = self.step_fn(self.static_micro, self.scale)
+                self.zero_grad()
+            current.wait_stream(self.side)
+            return values
+        self._lr_as_tensors()
+        self.zero_grad()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the eager steps' cached blocks are not usable by the graph's own pool
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.values = self.step_fn(self.static_micro, self.scale)
+        self.graph.replay()  # capturing queued nothing: this runs the step
+        return self.values

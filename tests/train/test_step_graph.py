@@ -1,0 +1,95 @@
+"""train.cuda_graph: the whole step captured as one CUDA graph (train/step_graph.py).
+
+CPU (CI): the configurations it refuses, the flag being a no-op on CPU, a device-tensor learning rate
+written to checkpoints as a float and filled in place by the schedule. CUDA: a graphed run takes the same
+steps as an eager one (with validation and checkpoints between replays), and resumes."""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import ROOT, tiny_overrides
+from ssd_megatron.config import load_config
+from ssd_megatron.errors import UserError
+from ssd_megatron.train import loop as loop_mod
+from ssd_megatron.train.checkpoint import optimizer_state
+from ssd_megatron.train.lr_schedule import LRSchedule
+from ssd_megatron.train.metrics import read_metrics
+from ssd_megatron.train.step_graph import check_supported
+
+CONFIG = ROOT / "configs" / "gpt_tiny.yaml"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run via tools/gpu_bench.sh)")
+
+
+def _cfg(tiny_data, run_dir, **extra):
+    return load_config(CONFIG, tiny_overrides(tiny_data, run_dir, **extra))
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r.get("kind") == "train"}
+
+
+def test_refuses_methods_that_change_between_steps_and_several_ranks(tiny_data, tmp_path):
+    with pytest.raises(UserError, match=r"train.cuda_graph.*'ssd'"):
+        check_supported(_cfg(tiny_data, tmp_path, method="ssd"), world_size=1)
+    with pytest.raises(UserError, match=r"train.cuda_graph.*single process"):
+        check_supported(_cfg(tiny_data, tmp_path), world_size=2)
+    check_supported(_cfg(tiny_data, tmp_path), world_size=1)
+    with pytest.raises(UserError, match="train.cuda_graph"):
+        _cfg(tiny_data, tmp_path, **{"train.cuda_graph": "sometimes"})
+
+
+def test_flag_is_a_no_op_on_cpu(tiny_data, tmp_path):
+    plain = tmp_path / "plain"
+    loop_mod.train(_cfg(tiny_data, plain, **{"train.max_steps": 3}))
+    graphed = tmp_path / "graphed"
+    loop_mod.train(_cfg(tiny_data, graphed, **{"train.max_steps": 3, "train.cuda_graph": True}))
+    assert _losses(graphed) == _losses(plain)
+
+
+def test_device_lr_is_filled_in_place_and_saved_as_float():
+    model = torch.nn.Linear(4, 4)
+    lr = torch.tensor(0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=False)
+    sched = LRSchedule("constant", 2e-3, warmup_steps=0, max_steps=10)
+    assert sched.apply(opt, 0) == 2e-3
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(2e-3)
+    saved = optimizer_state(model, opt)
+    assert type(saved["param_groups"][0]["lr"]) is float and saved["param_groups"][0]["lr"] == pytest.approx(2e-3)
+    assert opt.param_groups[0]["lr"] is lr  # the live group keeps its tensor
+
+
+def _gpu(**extra):
+    return {"train.device": "cuda", "train.precision": "fp32", "train.max_steps": 8, **extra}
+
+
+@needs_cuda
+@pytest.mark.parametrize("compile_blocks", [False, True])
+def test_graphed_run_takes_the_eager_runs_steps(tiny_data, tmp_path, compile_blocks):
+    """Steps 0-2 eager, 3 captured, 4-7 replayed, with validation and checkpoints at 3 and 6 between
+    replays: the same losses and validation as a run without the graph."""
+    eager, graphed = tmp_path / "eager", tmp_path / "graphed"
+    loop_mod.train(_cfg(tiny_data, eager, **_gpu(**{"train.compile": compile_blocks})))
+    loop_mod.train(_cfg(tiny_data, graphed, **_gpu(**{"train.compile": compile_blocks, "train.cuda_graph": True})))
+    ref, got = _losses(eager), _losses(graphed)
+    assert sorted(got) == list(range(8))
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=1e-4), s
+    valid = [r["valid_loss"] for r in read_metrics(graphed / "metrics.jsonl") if r.get("kind") == "valid"]
+    ref_valid = [r["valid_loss"] for r in read_metrics(eager / "metrics.jsonl") if r.get("kind") == "valid"]
+    assert valid == pytest.approx(ref_valid, rel=1e-4)
+
+
+@needs_cuda
+def test_graphed_run_resumes(tiny_data, tmp_path):
+    full = tmp_path / "full"
+    loop_mod.train(_cfg(tiny_data, full, **_gpu(**{"train.cuda_graph": True})))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step_0000003", tmp_path / "ckpt")
+    loop_mod.train(_cfg(tiny_data, resumed, **_gpu(**{"train.cuda_graph": True,
+                                                      "checkpoint.resume": str(tmp_path / "ckpt")})))
+    ref, got = _losses(full), _losses(resumed)
+    assert sorted(got) == list(range(3, 8))
+    for s in got:
+        assert got[s] == pytest.approx(ref[s], rel=1e-4), s
