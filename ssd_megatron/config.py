@@ -93,8 +93,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     # Capture the whole step (fwd/bwd of every micro-batch, clip, AdamW) as one CUDA graph after 3 eager
-    # steps (train/step_graph.py): no launch gaps. CUDA, one process, method dense; ignored on CPU.
-    cuda_graph: bool = False
+    # steps (train/step_graph.py). Serves CUDA, one process, method dense: true = required there
+    # (error elsewhere), auto = where it can (eager elsewhere, with a note), false = never.
+    cuda_graph: Literal[False, True, "auto"] = False
     grad_clip: float = field(default=1.0, metadata=_meta(lo=0.0))
     eval_interval: int = field(default=100, metadata=_meta(lo=1))
     eval_batches: int = field(default=8, metadata=_meta(lo=1))
@@ -329,9 +330,10 @@ def _coerce(key: str, value: Any, tp) -> Any:
         return _coerce(key, value, args[0])
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
-            hint = _suggest(str(value), [str(c) for c in choices])
-            raise UserError(f"{key}: {value!r} is not accepted{hint}; accepted: {', '.join(map(str, choices))}")
+        if not any(type(value) is type(c) and value == c for c in choices):  # 1 is not true
+            names = [str(c).lower() if isinstance(c, bool) else str(c) for c in choices]
+            hint = _suggest(str(value), names)
+            raise UserError(f"{key}: {value!r} is not accepted{hint}; accepted: {', '.join(names)}")
         return value
     if tp is bool:
         if isinstance(value, bool):

@@ -54,7 +54,8 @@ from .lr_schedule import LRSchedule
 from .method import build_method
 from .metrics import MetricsLogger, safe_ppl, truncate_metrics
 from .optimizer import build_optimizer
-from .step_graph import StepGraph, check_supported
+from .step_graph import StepGraph
+from .step_graph import resolve as resolve_cuda_graph
 
 
 MAX_CONSECUTIVE_SKIPS = 5
@@ -129,8 +130,7 @@ class Trainer:
                 f"train.global_batch_size: {t.global_batch_size} must be a multiple of train.micro_batch_size "
                 f"({t.micro_batch_size}) x data-parallel size ({dims.dp_size})")
         self.accum = per_rank // t.micro_batch_size
-        if t.cuda_graph and device.type == "cuda":
-            check_supported(cfg, dims.world_size)
+        self.graphed, self.graph_note = resolve_cuda_graph(cfg, device, dims.world_size)
         self.run_dir = cfg.output_dir
         self.autocast = autocast_context(device, t.precision)
         if dims.is_main:
@@ -156,11 +156,10 @@ class Trainer:
         self.wrapped = wrap_data_parallel(
             self.model, dims, cfg.parallel, device,
             find_unused_parameters=bool(getattr(self.method, "needs_find_unused_parameters", False)))
-        graphed = cfg.train.cuda_graph and device.type == "cuda"
-        self.optimizer = build_optimizer(self.model, cfg.optim, device, capturable=graphed)
+        self.optimizer = build_optimizer(self.model, cfg.optim, device, capturable=self.graphed)
         self.step_graph = StepGraph(lambda micro, scale: self._device_step(micro, scale)[0],
                                     lambda: self.optimizer.zero_grad(set_to_none=True), self.optimizer,
-                                    device) if graphed else None
+                                    device) if self.graphed else None
         self.schedule = LRSchedule.from_config(cfg)
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, dims)
         # Per-rank streams for dropout etc. after the (identical) initialisation.
@@ -416,8 +415,9 @@ class Trainer:
                      f"global batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {self.accum} "
                      f"x {dims.dp_size}"
                      + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""))
-        if self.resume_note:
-            logger.print(self.resume_note)
+        for note in (self.resume_note, self.graph_note):
+            if note:
+                logger.print(note)
         last_train, last_valid = None, None
         stopped_at = None
         previous_handlers = self._install_signal_handlers()

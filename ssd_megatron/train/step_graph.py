@@ -21,11 +21,13 @@ CUDA graph), with what a training run needs around it:
 - The step's outputs (loss sum, extra loss, grad norm, skipped flag) are one static tensor that the
   caller copies to the host behind an event, as for an eager step.
 
-Limits, checked where the trainer is built (`check_supported`): one process (capturing NCCL
-collectives of DDP/FSDP2 is not wired up), methods whose step is the same computation every step
-(dense; SSD switches its FFNs between dense and sparse, and the baselines change the graph per step),
-fixed micro-batch shapes (packed data always has them; a change is an error, not a silent re-capture).
-Everything else (validation, checkpoints, logging) runs between replays as before.
+`train.cuda_graph`: false (default), true, or auto. What it cannot serve (`resolve`): more than one
+process (capturing DDP/FSDP2's NCCL collectives is not wired up), methods whose step changes between
+steps (SSD switches its FFNs between dense and sparse; the baselines route or drop per step; only dense
+qualifies), and CPU runs. There `true` is an error naming the key and `auto` runs eagerly with a note,
+so configs/gpt_base.yaml can say auto and still serve torchrun and the SSD configs derived from it.
+Micro-batch shapes must stay fixed (packed data always has them; a change is an error, not a silent
+re-capture). Everything else (validation, checkpoints, logging) runs between replays as before.
 """
 from __future__ import annotations
 
@@ -39,14 +41,26 @@ from ..errors import UserError
 GRAPHABLE_METHODS = ("dense",)
 
 
-def check_supported(cfg, world_size: int) -> None:
-    """One-line errors for configurations the captured step cannot serve."""
+def _unsupported(cfg, world_size: int) -> Optional[str]:
     if cfg.method not in GRAPHABLE_METHODS:
-        raise UserError(f"train.cuda_graph: true works with method {' / '.join(GRAPHABLE_METHODS)} only, not "
-                        f"{cfg.method!r} (its step changes between steps); set train.cuda_graph: false")
+        return f"method {cfg.method!r} changes its step between steps (only {', '.join(GRAPHABLE_METHODS)} can be captured)"
     if world_size > 1:
-        raise UserError(f"train.cuda_graph: true needs a single process (this run has {world_size}); capturing "
-                        "DDP/FSDP2 collectives is not supported, set train.cuda_graph: false")
+        return f"{world_size} processes (capturing DDP/FSDP2 collectives is not supported; one process only)"
+    return None
+
+
+def resolve(cfg, device: torch.device, world_size: int) -> tuple[bool, Optional[str]]:
+    """(capture the step?, a note for the log) for train.cuda_graph; `true` on a run it cannot serve is
+    a one-line error, `auto` falls back to eager steps."""
+    mode = cfg.train.cuda_graph
+    if mode is False or device.type != "cuda":
+        return False, None
+    problem = _unsupported(cfg, world_size)
+    if problem is None:
+        return True, None
+    if mode == "auto":
+        return False, f"train.cuda_graph: auto runs eager steps here: {problem}"
+    raise UserError(f"train.cuda_graph: true does not fit this run: {problem}; set train.cuda_graph: auto or false")
 
 
 def _signature(micro: list[dict]) -> list[tuple]:

@@ -16,7 +16,7 @@ from ssd_megatron.train import loop as loop_mod
 from ssd_megatron.train.checkpoint import optimizer_state
 from ssd_megatron.train.lr_schedule import LRSchedule
 from ssd_megatron.train.metrics import read_metrics
-from ssd_megatron.train.step_graph import check_supported
+from ssd_megatron.train.step_graph import resolve
 
 CONFIG = ROOT / "configs" / "gpt_tiny.yaml"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run via tools/gpu_bench.sh)")
@@ -30,14 +30,22 @@ def _losses(run_dir):
     return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r.get("kind") == "train"}
 
 
-def test_refuses_methods_that_change_between_steps_and_several_ranks(tiny_data, tmp_path):
-    with pytest.raises(UserError, match=r"train.cuda_graph.*'ssd'"):
-        check_supported(_cfg(tiny_data, tmp_path, method="ssd"), world_size=1)
-    with pytest.raises(UserError, match=r"train.cuda_graph.*single process"):
-        check_supported(_cfg(tiny_data, tmp_path), world_size=2)
-    check_supported(_cfg(tiny_data, tmp_path), world_size=1)
-    with pytest.raises(UserError, match="train.cuda_graph"):
-        _cfg(tiny_data, tmp_path, **{"train.cuda_graph": "sometimes"})
+def test_true_refuses_what_it_cannot_capture_and_auto_falls_back(tiny_data, tmp_path):
+    cuda = torch.device("cuda")
+    ssd = _cfg(tiny_data, tmp_path, method="ssd", **{"train.cuda_graph": True})
+    with pytest.raises(UserError, match=r"train.cuda_graph: true .*'ssd'"):
+        resolve(ssd, cuda, world_size=1)
+    with pytest.raises(UserError, match=r"train.cuda_graph: true .*2 processes"):
+        resolve(_cfg(tiny_data, tmp_path, **{"train.cuda_graph": True}), cuda, world_size=2)
+    assert resolve(_cfg(tiny_data, tmp_path, **{"train.cuda_graph": True}), cuda, world_size=1) == (True, None)
+    on, note = resolve(_cfg(tiny_data, tmp_path, method="ssd", **{"train.cuda_graph": "auto"}), cuda, world_size=1)
+    assert not on and "'ssd'" in note
+    assert resolve(_cfg(tiny_data, tmp_path, **{"train.cuda_graph": "auto"}), cuda, world_size=1) == (True, None)
+    assert resolve(ssd, torch.device("cpu"), world_size=1) == (False, None)  # CPU: nothing to capture
+    assert resolve(_cfg(tiny_data, tmp_path), cuda, world_size=1) == (False, None)  # default: off
+    for bad in ("sometimes", 1):
+        with pytest.raises(UserError, match="train.cuda_graph.*accepted: false, true, auto"):
+            _cfg(tiny_data, tmp_path, **{"train.cuda_graph": bad})
 
 
 def test_flag_is_a_no_op_on_cpu(tiny_data, tmp_path):
@@ -64,14 +72,19 @@ def _gpu(**extra):
     return {"train.device": "cuda", "train.precision": "fp32", "train.max_steps": 8, **extra}
 
 
+ARCH = {"gpt": {}, "bert": {"model.arch": "bert"},
+        "t5": {"model.arch": "t5", "model.n_decoder_layers": 1, "model.bias": False, "model.norm": "rmsnorm"}}
+
+
 @needs_cuda
-@pytest.mark.parametrize("compile_blocks", [False, True])
-def test_graphed_run_takes_the_eager_runs_steps(tiny_data, tmp_path, compile_blocks):
+@pytest.mark.parametrize("arch,compile_blocks", [("gpt", False), ("gpt", True), ("bert", False), ("t5", False)])
+def test_graphed_run_takes_the_eager_runs_steps(tiny_data, tmp_path, arch, compile_blocks):
     """Steps 0-2 eager, 3 captured, 4-7 replayed, with validation and checkpoints at 3 and 6 between
     replays: the same losses and validation as a run without the graph."""
     eager, graphed = tmp_path / "eager", tmp_path / "graphed"
-    loop_mod.train(_cfg(tiny_data, eager, **_gpu(**{"train.compile": compile_blocks})))
-    loop_mod.train(_cfg(tiny_data, graphed, **_gpu(**{"train.compile": compile_blocks, "train.cuda_graph": True})))
+    extra = {**ARCH[arch], "train.compile": compile_blocks}
+    loop_mod.train(_cfg(tiny_data, eager, **_gpu(**extra)))
+    loop_mod.train(_cfg(tiny_data, graphed, **_gpu(**extra, **{"train.cuda_graph": True})))
     ref, got = _losses(eager), _losses(graphed)
     assert sorted(got) == list(range(8))
     for s in ref:

@@ -1,0 +1,69 @@
+"""Micro-benchmark of the optimizer update at GPT-base size: torch's fused AdamW over the model's
+parameter list (what the loop runs), the same kernel over two flat buffers (an upper bound for
+multi-tensor overhead), and a compiled foreach AdamW. CUDA events, median of 30. One JSON line each.
+
+    python tools/bench_adamw.py
+"""
+import json
+import statistics
+
+import torch
+
+from ssd_megatron.bench.step import BASE, build_ours
+from ssd_megatron.train.optimizer import param_groups
+
+
+def _time(fn, n=30):
+    for _ in range(3):
+        fn()
+    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for a, b in evs:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in evs)
+
+
+def _with_grads(params):
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+
+
+def main():
+    dev = torch.device("cuda")
+    model = build_ours(BASE, dev, "dense", "auto")
+    groups = param_groups(model, 0.01)
+    params = [p for g in groups for p in g["params"]]
+    n = sum(p.numel() for p in params)
+    _with_grads(params)
+    res = {"gpu": torch.cuda.get_device_name(0), "params": n, "tensors": len(params)}
+    scale = torch.ones((), device=dev)
+    inf = torch.zeros((), device=dev)
+
+    def run_fused(opt):
+        opt.grad_scale, opt.found_inf = scale, inf
+        opt.step()
+
+    for name, kw in (("fused", dict(fused=True)), ("fused_capturable", dict(fused=True, capturable=True)),
+                     ("foreach", dict(foreach=True))):
+        opt = torch.optim.AdamW(groups, lr=1e-4, **kw)
+        fn = (lambda: run_fused(opt)) if "fused" in name else opt.step
+        res[name + "_ms"] = _time(fn)
+        del opt
+    flat = [torch.zeros(sum(p.numel() for p in g["params"]), device=dev, requires_grad=True) for g in groups]
+    for f in flat:
+        f.grad = torch.randn_like(f) * 1e-3
+    opt = torch.optim.AdamW([{"params": [f], "weight_decay": g["weight_decay"]} for f, g in zip(flat, groups)],
+                            lr=1e-4, fused=True)
+    res["fused_flat_ms"] = _time(lambda: run_fused(opt))
+    grads = [p.grad for p in params]
+    res["grad_norm_ms"] = _time(lambda: torch.nn.utils.get_total_norm(grads, 2.0))
+    bytes_moved = 28 * n  # param r/w, grad r, two moments r/w, fp32
+    for k in [k for k in res if k.endswith("_ms") and k != "grad_norm_ms"]:
+        res[k.replace("_ms", "_tbps")] = round(bytes_moved / res[k] / 1e9, 2)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
