@@ -4,15 +4,17 @@ Why: under torch.compile the FFN ran as cuBLAS GEMMs plus inductor kernels that 
 tensors: bias + ReLU (and a mask) after the first GEMM, the ReLU derivative after dy W_o, a reduction for
 b_i's gradient — ~5 ms of a 47.6 ms GPT-base step on an H100 (docs/performance.md). Here:
 
-- forward: `torch._addmm_activation` asks cuBLASLt for its RELU_BIAS epilogue, so the first GEMM writes
-  h = relu(x W_iᵀ + b_i) directly; the second is an ordinary addmm. No mask is stored: h > 0 is the mask.
-- backward: g = (dy W_o) ⊙ (h > 0) in one Triton GEMM with the mask in its epilogue
-  (relu_mask_matmul.py); b_i's gradient rides on the W_i-gradient GEMM as an extra column of ones
-  (g^T [x | 1 | 0 …], padded to a multiple of 8 columns for the tensor cores; +1% of that GEMM instead
-  of a pass over g).
+- on CUDA with cuBLASLt reachable (cublaslt_relu.py; fp16/bf16, d_ff a multiple of 128): the first GEMM
+  runs cuBLASLt's RELU_AUX_BIAS epilogue, writing h = relu(x W_iᵀ + b_i) and a 1-bit-per-element mask of
+  h > 0; the backward's dy W_o runs the DRELU_BGRAD epilogue, which applies the mask and reduces b_i's
+  gradient in the same kernel. Both are cuBLAS GEMMs at full speed; nothing re-reads h.
+- otherwise on CUDA: `torch._addmm_activation` (cuBLASLt's RELU_BIAS epilogue without the mask) forward;
+  backward g = (dy W_o) ⊙ (h > 0) in one Triton GEMM that loads h in its epilogue
+  (relu_mask_matmul.py), and b_i's gradient rides on the W_i-gradient GEMM as an extra column of ones
+  (g^T [x | 1 | 0 …], padded to a multiple of 8 columns for the tensor cores).
 
 It is one custom op, opaque to inductor (whose decompositions would split `_addmm_activation` again);
-the backward is plain torch ops plus the masked-GEMM op, traced and compiled with the rest.
+the backward is plain torch ops plus the DRELU_BGRAD or masked-GEMM op, traced and compiled with the rest.
 
 Numerics: the epilogue applies bias and ReLU to the fp32 accumulator and rounds once (the unfused path
 rounds the GEMM, adds the bias and rounds again); both are within bf16 tolerance of each other
