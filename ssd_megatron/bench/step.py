@@ -16,8 +16,7 @@ builder and clipping, whole-model torch.compile, and its logits' loss as HF comp
 `--variant` (repeatable) times other versions of our step next to the loop's, for performance work:
 `unfused-loss` (logits, then `lm_loss`), `no-qkv-fuse` (three q/k/v GEMMs), `no-fused-relu` (the dense FFN
 as two linears and a ReLU, inductor's kernels between the GEMMs), `no-mask-gemm` (ReLU's derivative as a
-pass after a cuBLAS dh GEMM instead of in a GEMM's epilogue), `no-cublaslt-relu` (the FFN's ReLU
-epilogues from torch + the Triton masked GEMM instead of cuBLASLt's RELU_AUX_BIAS / DRELU_BGRAD), `cudagraph-blocks` (blocks compiled
+pass after a cuBLAS dh GEMM instead of in the Triton GEMM's epilogue), `cudagraph-blocks` (blocks compiled
 with mode reduce-overhead: CUDA graphs), `sync-clip` (clip_grad_norm_ and a host read of the
 norm before the optimizer step, instead of the fused AdamW's grad_scale / found_inf), `sync-step`
 (host clock with a synchronisation around every step, instead of the loop's GPU-clock step-end events
@@ -98,8 +97,7 @@ def _hf_loss(logits, labels):
 
 
 VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "sync-clip", "sync-step",
-            "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "cuda-graph",
-            "no-cublaslt-relu")
+            "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "cuda-graph")
 # Variants that also run for the sparse phase (the others change dense-only code).
 PHASE_VARIANTS = ("loop", "cuda-graph")
 
@@ -109,7 +107,7 @@ def prepare_ours(model, variant: str, compile_model: bool):
 
     "loop" is exactly what the training loop does (train/loop.py: compile_blocks, forward_loss); the
     others change one thing each."""
-    from ..ffn import cublaslt_relu, relu_mask_matmul
+    from ..ffn import relu_mask_matmul
     from ..ffn.switchable_ffn import SwitchableFFN
     from ..models.blocks import Attention
     from ..parallel.data_parallel import compile_blocks
@@ -118,7 +116,6 @@ def prepare_ours(model, variant: str, compile_model: bool):
     Attention.fuse_qkv = variant != "no-qkv-fuse"
     SwitchableFFN.fuse_relu = variant != "no-fused-relu"
     relu_mask_matmul.USE_TRITON = variant != "no-mask-gemm"
-    cublaslt_relu.USE_CUBLASLT = variant not in ("no-mask-gemm", "no-cublaslt-relu")
     model.cfg.fp32_residual_connection = variant == "fp32-residual"
     run = model
     if compile_model:

@@ -4,17 +4,15 @@ Why: under torch.compile the FFN ran as cuBLAS GEMMs plus inductor kernels that 
 tensors: bias + ReLU (and a mask) after the first GEMM, the ReLU derivative after dy W_o, a reduction for
 b_i's gradient — ~5 ms of a 47.6 ms GPT-base step on an H100 (docs/performance.md). Here:
 
-- on CUDA with cuBLASLt reachable (cublaslt_relu.py; fp16/bf16, d_ff a multiple of 128): the first GEMM
-  runs cuBLASLt's RELU_AUX_BIAS epilogue, writing h = relu(x W_iᵀ + b_i) and a 1-bit-per-element mask of
-  h > 0; the backward's dy W_o runs the DRELU_BGRAD epilogue, which applies the mask and reduces b_i's
-  gradient in the same kernel. Both are cuBLAS GEMMs at full speed; nothing re-reads h.
-- otherwise on CUDA: `torch._addmm_activation` (cuBLASLt's RELU_BIAS epilogue without the mask) forward;
-  backward g = (dy W_o) ⊙ (h > 0) in one Triton GEMM that loads h in its epilogue
-  (relu_mask_matmul.py), and b_i's gradient rides on the W_i-gradient GEMM as an extra column of ones
-  (g^T [x | 1 | 0 …], padded to a multiple of 8 columns for the tensor cores).
+- forward: `torch._addmm_activation` asks cuBLASLt for its RELU_BIAS epilogue, so the first GEMM writes
+  h = relu(x W_iᵀ + b_i) directly; the second is an ordinary addmm. No mask is stored: h > 0 is the mask.
+- backward: g = (dy W_o) ⊙ (h > 0) in one Triton GEMM with the mask in its epilogue
+  (relu_mask_matmul.py); b_i's gradient rides on the W_i-gradient GEMM as an extra column of ones
+  (g^T [x | 1 | 0 …], padded to a multiple of 8 columns for the tensor cores; +1% of that GEMM instead
+  of a pass over g).
 
 It is one custom op, opaque to inductor (whose decompositions would split `_addmm_activation` again);
-the backward is plain torch ops plus the DRELU_BGRAD or masked-GEMM op, traced and compiled with the rest.
+the backward is plain torch ops plus the masked-GEMM op, traced and compiled with the rest.
 
 Numerics: the epilogue applies bias and ReLU to the fp32 accumulator and rounds once (the unfused path
 rounds the GEMM, adds the bias and rounds again); both are within bf16 tolerance of each other
@@ -24,54 +22,40 @@ from __future__ import annotations
 
 import torch
 
-from . import cublaslt_relu
 from .relu_mask_matmul import relu_mask_matmul, relu_mask_matmul_torch, use_mask_gemm
 
 
 @torch.library.custom_op("ssd_megatron::relu_ffn", mutates_args=())
 def _relu_ffn(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor,
-              b_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h, ReLU bit-mask or an empty tensor); h and the mask are saved for the backward."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if cublaslt_relu.usable(x2, w_in):
-        h, mask = cublaslt_relu.relu_aux_bias(x2, w_in, b_in)
-    else:
-        h, mask = torch._addmm_activation(b_in, x2, w_in.t()), x.new_empty(0, dtype=torch.uint8)
+              b_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = torch._addmm_activation(b_in, x.reshape(-1, x.shape[-1]), w_in.t())
     y = torch.addmm(b_out, h, w_out.t())
-    return y.view(*x.shape[:-1], w_out.shape[0]), h, mask
+    return y.view(*x.shape[:-1], w_out.shape[0]), h
 
 
 @_relu_ffn.register_fake
 def _(x, w_in, b_in, w_out, b_out):
     tokens = x.numel() // x.shape[-1]
-    x2 = x.new_empty(tokens, x.shape[-1])
-    mask_shape = (tokens, w_in.shape[0] // 8) if cublaslt_relu.usable(x2, w_in) else (0,)
-    return (x.new_empty(*x.shape[:-1], w_out.shape[0]), x.new_empty(tokens, w_in.shape[0]),
-            x.new_empty(mask_shape, dtype=torch.uint8))
+    return x.new_empty(*x.shape[:-1], w_out.shape[0]), x.new_empty(tokens, w_in.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
     x, w_in, _, w_out, _ = inputs
-    ctx.save_for_backward(x, w_in, w_out, output[1], output[2])
+    ctx.save_for_backward(x, w_in, w_out, output[1])
 
 
-def _backward(ctx, grad_y, _grad_h, _grad_mask):
-    x, w_in, w_out, h, mask = ctx.saved_tensors
+def _backward(ctx, grad_y, _grad_h):
+    x, w_in, w_out, h = ctx.saved_tensors
     need_x, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad
     dy = grad_y.reshape(-1, grad_y.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     grad_w_out = dy.t() @ h if need_w_out else None
     grad_b_out = dy.sum(0) if need_b_out else None
-    grad_w_in = grad_b_in = None
-    if mask.numel():  # cuBLASLt: the ReLU derivative from the forward's bit-mask, b_i's gradient in the epilogue
-        g, grad_b_in = cublaslt_relu.drelu_bgrad(dy, w_out, mask, bias_grad=need_b_in)
-        grad_x = (g @ w_in).view(x.shape) if need_x else None
-        grad_w_in = g.t() @ x2 if need_w_in else None
-        return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out
     # d(pre-activation) = (dy W_o) * relu'(.): the Triton GEMM with the mask in its epilogue, or (no
     # Triton, CPU) the GEMM and a `where` that inductor fuses with its neighbours.
     g = relu_mask_matmul(dy, w_out, h) if use_mask_gemm(dy) else relu_mask_matmul_torch(dy, w_out, h)
     grad_x = (g @ w_in).view(x.shape) if need_x else None
+    grad_w_in = grad_b_in = None
     if need_w_in and need_b_in:
         d = x2.shape[1]
         pad = (-(d + 1)) % 8
