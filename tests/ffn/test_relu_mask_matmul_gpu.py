@@ -1,0 +1,51 @@
+"""The masked GEMM's kernels on a GPU (skipped without CUDA): the persistent TMA kernel (Hopper and newer,
+TMA-describable operands) and the pointer kernel it falls back to compute (a @ b) * (h > 0), with exact
+zeros where h <= 0 and every element written, at shapes off the tile grid and at any strides."""
+import pytest
+import torch
+
+from ssd_megatron.ffn import relu_mask_matmul as m
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _check(a, b, h, expect_tma=None):
+    M, N = h.shape
+    torch.full((M, N), float("nan"), device="cuda", dtype=a.dtype)  # freed: the output's block holds NaN
+    if expect_tma is not None and m._sms(a.device):
+        views = m._tma_operands(a, b, h, torch.empty(M, N, device="cuda", dtype=a.dtype))
+        assert (views is not None) == expect_tma
+    c = m.launch(a, b, h)
+    ref = torch.where(h > 0, a.double() @ b.double(), 0.0)
+    assert c.shape == (M, N) and c.dtype == a.dtype
+    assert not torch.isnan(c).any()
+    assert torch.all(c[h <= 0] == 0)
+    assert ((c.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def _r(*shape, dtype=torch.bfloat16):
+    return torch.randn(*shape, device="cuda").to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(16384, 768, 6144), (1000, 768, 6136), (77, 64, 130), (4099, 200, 1000),
+                                   (1000, 768, 6100), (5, 24, 16)])
+def test_shapes(shape, dtype):
+    M, K, N = shape
+    aligned = K % 8 == 0 and N % 8 == 0
+    _check(_r(M, K, dtype=dtype), _r(K, N, dtype=dtype), torch.relu(_r(M, N, dtype=dtype)), expect_tma=aligned)
+
+
+def test_layouts():
+    _check(_r(768, 3000).t(), _r(768, 2048), torch.relu(_r(3000, 2048)))  # column-major a
+    _check(_r(3000, 768), _r(2048, 768).t(), torch.relu(_r(3000, 2048)), expect_tma=True)  # W_out.t()
+    _check(_r(3000, 768), _r(768, 2048), torch.relu(_r(3000, 4096))[:, 1000:3048], expect_tma=True)  # strided h
+    _check(_r(1000, 771)[:, :768], _r(768, 2048), torch.relu(_r(1000, 2048)), expect_tma=False)  # unaligned a
+
+
+def test_pointer_kernel_when_tma_is_off():
+    m.USE_TMA = False
+    try:
+        _check(_r(2000, 768), _r(768, 6144), torch.relu(_r(2000, 6144)), expect_tma=False)
+    finally:
+        m.USE_TMA = True
