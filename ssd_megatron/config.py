@@ -117,6 +117,9 @@ class OptimConfig:
     # cosine: linear warm-up then cosine to min_lr; constant: warm-up then flat.
     schedule: Literal["noam", "cosine", "constant"] = "cosine"
     warmup_steps: int = field(default=50, metadata=_meta(lo=0))
+    # The AdamW update on CUDA: auto/triton = one Triton launch per group (train/triton_adamw.py),
+    # torch = torch's fused AdamW. CPU always runs torch's foreach AdamW.
+    kernel: Literal["auto", "triton", "torch"] = "auto"
 
 
 @dataclass

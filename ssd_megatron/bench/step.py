@@ -23,8 +23,10 @@ norm before the optimizer step, instead of the fused AdamW's grad_scale / found_
 without syncs), `fp32-residual` (model.fp32_residual_connection: the residual stream in fp32 under
 autocast instead of bf16), `whole-compile`
 (torch.compile of the whole model instead of per block), `max-autotune` (compile mode
-max-autotune-no-cudagraphs), `cudnn-attn` (SDPA prefers cuDNN attention), `cuda-graph` (the whole
-step captured once and replayed, as `train.cuda_graph: true` runs it; also timed for `--phase sparse`). `--profile DIR` profiles a
+max-autotune-no-cudagraphs), `cudnn-attn` / `flash-attn` (SDPA prefers cuDNN / FlashAttention-2), `cuda-graph` (the whole
+step captured once and replayed, as `train.cuda_graph: true` runs it; also timed for `--phase sparse`),
+`torch-adamw` (torch's fused AdamW instead of the Triton kernel, optim.kernel: torch), `ce-big-chunks`
+(the fused loss in 2 chunks of 2^29 logits instead of 4 of 2^28). `--profile DIR` profiles a
 few steps of each and prints the top kernels and a time-by-category table (docs/performance.md).
 
 `--phase sparse` puts every FFN of our model in sparse mode (random balanced clustering, N=32, K=6,
@@ -97,7 +99,8 @@ def _hf_loss(logits, labels):
 
 
 VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "sync-clip", "sync-step",
-            "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "cuda-graph")
+            "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "flash-attn",
+            "cuda-graph", "torch-adamw", "ce-big-chunks")
 # Variants that also run for the sparse phase (the others change dense-only code).
 PHASE_VARIANTS = ("loop", "cuda-graph")
 
@@ -111,20 +114,24 @@ def prepare_ours(model, variant: str, compile_model: bool):
     from ..ffn.switchable_ffn import SwitchableFFN
     from ..models.blocks import Attention
     from ..parallel.data_parallel import compile_blocks
+    from ..train import loss as loss_mod
     from ..train.loop import forward_loss
 
-    Attention.fuse_qkv = variant != "no-qkv-fuse"
-    SwitchableFFN.fuse_relu = variant != "no-fused-relu"
-    relu_mask_matmul.USE_TRITON = variant != "no-mask-gemm"
-    model.cfg.fp32_residual_connection = variant == "fp32-residual"
+    parts = set(variant.split("+"))
+    Attention.fuse_qkv = "no-qkv-fuse" not in parts
+    SwitchableFFN.fuse_relu = "no-fused-relu" not in parts
+    relu_mask_matmul.USE_TRITON = "no-mask-gemm" not in parts
+    model.cfg.fp32_residual_connection = "fp32-residual" in parts
     run = model
     if compile_model:
-        if variant == "whole-compile":
+        if "whole-compile" in parts:
             run = torch.compile(model)
         else:
-            mode = {"max-autotune": "max-autotune-no-cudagraphs", "cudagraph-blocks": "reduce-overhead"}.get(variant)
+            mode = ("max-autotune-no-cudagraphs" if "max-autotune" in parts
+                    else "reduce-overhead" if "cudagraph-blocks" in parts else None)
             compile_blocks(model, mode=mode)
-    fused = variant != "unfused-loss"
+    fused = "unfused-loss" not in parts
+    loss_mod.CHUNK_ELEMENTS = (1 << 29) if "ce-big-chunks" in parts else (1 << 28)
 
     def loss(m, x, y):
         # The loop divides the summed loss by the global batch's valid-token count.
@@ -137,17 +144,20 @@ def prepare_ours(model, variant: str, compile_model: bool):
 def _variant_context(variant: str, device):
     import contextlib
 
-    if variant == "cudnn-attn" and device.type == "cuda":
+    parts = set(variant.split("+"))
+    if device.type == "cuda" and parts & {"cudnn-attn", "flash-attn"}:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                            SDPBackend.MATH], set_priority=True)
+        first = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+        if "flash-attn" in parts:
+            first.reverse()
+        return sdpa_kernel(first + [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True)
     return contextlib.nullcontext()
 
 
 def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: int, bf16: bool,
                   profile_dir: str = "", tag: str = "", sync_clip: bool = False,
-                  sync_each_step: bool = False, cuda_graph: bool = False) -> dict:
+                  sync_each_step: bool = False, cuda_graph: bool = False, adamw: str = "auto") -> dict:
     """Median step time of the loop's step (fwd + loss + bwd + clip + fused AdamW) over `steps` steps
     after `warmup` steps; `run` is what forward is called on (the model, or its compiled wrapper)."""
     from ..config import OptimConfig, TrainConfig
@@ -157,7 +167,8 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
     from ..train.optimizer import build_optimizer
 
     cuda_graph = cuda_graph and device.type == "cuda"
-    opt = build_optimizer(model, OptimConfig(), device, capturable=cuda_graph)
+    opt = build_optimizer(model, OptimConfig(kernel="torch" if adamw == "torch" else "auto"), device,
+                          capturable=cuda_graph)
     max_norm = TrainConfig().grad_clip
     g = torch.Generator(device="cpu").manual_seed(1)
     # A few distinct batches, rotated, so caches don't flatter anyone.
@@ -407,8 +418,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", dest="compile", action="store_true", default=None)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF GPT2LMHeadModel reference")
-    ap.add_argument("--variant", action="append", choices=list(VARIANTS), default=None,
-                    help="versions of our dense step to time (repeatable; default: loop, the training loop's)")
+    ap.add_argument("--variant", action="append", default=None,
+                    help="versions of our dense step to time (repeatable; default: loop, the training loop's); "
+                         "join several with + (cuda-graph+torch-adamw); one of: " + ", ".join(VARIANTS))
     ap.add_argument("--profile", default="", metavar="DIR",
                     help="profile 3 steps of each run; kernel tables to DIR, category summary printed")
     ap.add_argument("--check", action="store_true", help="first compare the fused loss with lm_loss on this device")
@@ -470,15 +482,22 @@ def main(argv=None) -> int:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(json.dumps(out, indent=1))
 
-    runs = [(ph, v) for ph in phases for v in variants if ph == "dense" or v in PHASE_VARIANTS]
+    for v in variants:
+        bad = [p for p in v.split("+") if p not in VARIANTS]
+        if bad:
+            raise UserError(f"--variant: {bad[0]!r} is not a variant; accepted: {', '.join(VARIANTS)} (joined with +)")
+    runs = [(ph, v) for ph in phases for v in variants
+            if ph == "dense" or all(p in PHASE_VARIANTS for p in v.split("+"))]
     for phase, variant in runs:
         model = build_ours(shape, device, phase, args.backend)
         run, loss_fn = prepare_ours(model, variant, compile_model)
+        parts = set(variant.split("+"))
         try:
             with _variant_context(variant, device):
                 res = time_training(model, run, loss_fn, shape, device, args.steps, args.warmup, bf16,
-                                    args.profile, f"ours_{phase}_{variant}", sync_clip=variant == "sync-clip",
-                                    sync_each_step=variant == "sync-step", cuda_graph=variant == "cuda-graph")
+                                    args.profile, f"ours_{phase}_{variant}", sync_clip="sync-clip" in parts,
+                                    sync_each_step="sync-step" in parts, cuda_graph="cuda-graph" in parts,
+                                    adamw="torch" if "torch-adamw" in parts else "auto")
         except Exception as e:  # an exploratory variant failing must not lose the others
             if variant == "loop":
                 raise

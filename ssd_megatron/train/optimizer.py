@@ -9,13 +9,16 @@ embedding, so it is not decayed either. The rule is by module type, not by param
 for every architecture built from torch's Linear / Embedding / LayerNorm / RMSNorm (and any module
 whose class name ends in "Norm").
 
-On CUDA the fused AdamW kernel is used (one kernel for all parameters); on CPU the foreach
-implementation, whose results are deterministic run to run (the bit-exact resume test needs that).
+On CUDA the update is one Triton kernel per group (train/triton_adamw.py; `optim.kernel: torch` picks
+torch's fused AdamW instead); on CPU the foreach implementation, whose results are deterministic run to
+run (the bit-exact resume test needs that).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..errors import UserError
 
 
 def _is_norm(mod: nn.Module) -> bool:
@@ -46,6 +49,13 @@ def build_optimizer(model: nn.Module, ocfg, device: torch.device, capturable: bo
     """AdamW over `model` (call on the unwrapped model, or on the FSDP2-sharded one: same parameters).
     `capturable`: the step may be captured in a CUDA graph (train.cuda_graph; CUDA only)."""
     kwargs = dict(lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps)
+    if device.type == "cuda" and ocfg.kernel != "torch":
+        from .triton_adamw import TritonAdamW, triton_available
+
+        if triton_available(device):  # one launch per group near HBM bandwidth; always capturable
+            return TritonAdamW(param_groups(model, ocfg.weight_decay), **kwargs)
+        if ocfg.kernel == "triton":
+            raise UserError("optim.kernel: 'triton' needs Triton on a CUDA device; accepted here: auto, torch")
     if device.type == "cuda":
         kwargs["fused"] = True
         kwargs["capturable"] = capturable
