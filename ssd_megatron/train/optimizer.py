@@ -52,10 +52,12 @@ def build_optimizer(model: nn.Module, ocfg, device: torch.device, capturable: bo
     if device.type == "cuda" and ocfg.kernel != "torch":
         from .triton_adamw import TritonAdamW, triton_available
 
-        if triton_available(device):  # one launch per group near HBM bandwidth; always capturable
+        sharded = any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP2 DTensors: torch's kernel
+        if triton_available(device) and not sharded:  # one launch per group near HBM bandwidth; capturable
             return TritonAdamW(param_groups(model, ocfg.weight_decay), **kwargs)
         if ocfg.kernel == "triton":
-            raise UserError("optim.kernel: 'triton' needs Triton on a CUDA device; accepted here: auto, torch")
+            raise UserError("optim.kernel: 'triton' needs Triton on a CUDA device and unsharded parameters "
+                            "(not parallel.data_parallel: fsdp); accepted here: auto, torch")
     if device.type == "cuda":
         kwargs["fused"] = True
         kwargs["capturable"] = capturable
