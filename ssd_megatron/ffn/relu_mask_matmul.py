@@ -229,7 +229,7 @@ def _tma_operands(a, b, h, c):
     """The four operands as TMA views, or None where the pointer kernel must serve them."""
     if not USE_TMA or not a.is_cuda or a.dtype != b.dtype or a.element_size() != 2 or min(a.shape + b.shape) == 0:
         return None
-    if _STATE.get("descriptor") is None or not _sms(a.device):
+    if not _triton_ok() or _STATE.get("descriptor") is None or not _sms(a.device):  # built on first use
         return None
     views = (_tma_view(a, True), _tma_view(b, True), _tma_view(h, False), _tma_view(c, False))
     return None if any(v is None for v in views) else views
