@@ -527,12 +527,19 @@ def main(argv=None) -> int:
 
 
 def _finish(out: dict) -> None:
+    """Ratios between records of the same run: per variant timed in both phases (loop, cuda-graph),
+    sparse vs dense; each of our dense variants vs HF."""
     by = {(r["model"], r["phase"], r["variant"]): r for r in out["records"]}
-    dense = by.get(("ssd-megatron", "dense", "loop"))
-    if dense and ("hf-gpt2", "dense", "hf") in by:
-        out["speedup_dense_vs_hf"] = dense["tokens_per_s"] / by[("hf-gpt2", "dense", "hf")]["tokens_per_s"]
-    if dense and ("ssd-megatron", "sparse", "loop") in by:
-        out["speedup_sparse_vs_dense"] = by[("ssd-megatron", "sparse", "loop")]["tokens_per_s"] / dense["tokens_per_s"]
+    hf = by.get(("hf-gpt2", "dense", "hf"))
+    for (model, phase, variant), rec in by.items():
+        if model != "ssd-megatron" or phase != "dense":
+            continue
+        suffix = "" if variant == "loop" else "_" + variant.replace("-", "_").replace("+", "_")
+        if hf:
+            out["speedup_dense_vs_hf" + suffix] = rec["tokens_per_s"] / hf["tokens_per_s"]
+        sparse = by.get(("ssd-megatron", "sparse", variant))
+        if sparse:
+            out["speedup_sparse_vs_dense" + suffix] = sparse["tokens_per_s"] / rec["tokens_per_s"]
 
 
 def _reset(device, compiled: bool) -> None:
