@@ -68,6 +68,10 @@ class SSDMethod(TrainingMethod):
     def phase(self) -> str:
         return self.schedule.current_phase
 
+    def graph_key(self):
+        # One CUDA graph per phase: a re-clustering rewrites expert_perm in place, which a replay reads.
+        return self.schedule.current_phase
+
     def ffn_active_fraction(self) -> float:
         if self.phase() == "sparse":
             return self.cfg.ssd.top_k / self.cfg.ssd.num_experts

@@ -261,7 +261,7 @@ class Trainer:
         self.wrapped.train()
         scale = dims.dp_size / global_tokens
         if self.step_graph is not None:
-            device_values, has_extra = self.step_graph(micro, scale), False
+            device_values, has_extra = self.step_graph(micro, scale, self.method.graph_key()), False
         else:
             device_values, has_extra = self._device_step(micro, scale)
             self.optimizer.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ need data from one rank broadcasts them itself (the process group is passed in, 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Hashable, Optional
 
 import torch
 from torch import nn
@@ -41,6 +41,13 @@ class TrainingMethod:
     def phase(self) -> str:
         """What kind of step runs now: 'dense' or 'sparse' (logged per step, asserted equal across ranks)."""
         return "dense"
+
+    def graph_key(self) -> Optional[Hashable]:
+        """Names this step's device computation for train.cuda_graph, which captures one graph per key and
+        replays it for every later step with that key; None = run this step eagerly. A key promises that
+        the step's device work is the same for every step with that key and adds no extra loss. The plain
+        dense method and SSD (per phase) say so; subclasses stay eager unless they opt in."""
+        return "dense" if type(self) is TrainingMethod else None
 
     def ffn_active_fraction(self) -> float:
         """Fraction of FFN neurons a token computes in the current step (1.0 dense)."""

@@ -1,44 +1,49 @@
-"""A whole optimizer step as one CUDA graph (`train.cuda_graph: true`).
+"""A whole optimizer step as one CUDA graph (`train.cuda_graph`).
 
-What is captured: every micro-batch's forward, loss and backward, the gradient clipping and the fused
-AdamW update, i.e. everything `Trainer._device_step` queues on the GPU, ~1 500 kernels for GPT-base.
+What is captured: every micro-batch's forward, loss and backward, the gradient clipping and the AdamW
+update, i.e. everything `Trainer._device_step` queues on the GPU, ~1 400 kernels for GPT-base.
 Replaying the graph launches them all with one call, so the GPU no longer waits between kernels for
-the host (Python, the dispatcher, the autograd engine, inductor's wrappers) to launch the next one:
-on one H100 that waiting was ~2.8 ms of a 42 ms GPT-base step (docs/performance.md, round 4).
+the host (Python, the dispatcher, the autograd engine, inductor's wrappers) to launch the next one
+(docs/performance.md, round 4: GPT-base 42.2 -> 41.0 ms dense, 68.3 -> 37.9 ms in a sparse phase).
 This is the whole-network capture of PyTorch's CUDA-graph notes (and Megatron-LM's full-iteration
 CUDA graph), with what a training run needs around it:
 
-- The first `warmup` steps run eagerly on a side stream (torch.compile's compilation, Triton
-  autotuning, cuBLAS workspaces and the optimizer's lazily created state all happen there, outside
-  the capture); they are real training steps, not thrown away.
+- One graph per kind of step (`TrainingMethod.graph_key()`): "dense" for the dense method, the phase
+  for SSD; a method that returns None runs that step eagerly. The first `warmup` steps of a kind run
+  eagerly on a side stream (torch.compile's compilation, Triton autotuning, cuBLAS workspaces and the
+  optimizer's lazily created state happen there, outside the capture); they are real training steps.
 - Inputs live in static buffers: each step's micro-batches are copied into them before the replay,
   the loss scale (dp_size / global valid tokens, different every step) is a device scalar, and the
   learning rate is a device tensor per parameter group that `LRSchedule.apply` fills in place (the
-  optimizer is built with `capturable=True`; a float lr would be frozen into the graph).
-- Gradients are set to None once before the capture, so the captured backward writes them (no
-  zeroing pass) into memory the graph owns; every replay rewrites them in place. They are not reset
-  between replays.
+  optimizer is capturable; a float lr would be frozen into the graph).
+- Gradients are set to None before a capture, so the captured backward writes them (no zeroing pass)
+  into memory the graph owns; every replay rewrites them in place. An eager step first sets them to
+  None again (they would otherwise accumulate onto the last replay's values).
 - The step's outputs (loss sum, extra loss, grad norm, skipped flag) are one static tensor that the
   caller copies to the host behind an event, as for an eager step.
+- What a replay cannot see is Python state: everything a step of one kind computes must be decided by
+  its key or live in device tensors updated in place (SSD's expert layout, `expert_perm`, is).
 
 `train.cuda_graph`: false (default), true, or auto. What it cannot serve (`resolve`): more than one
-process (capturing DDP/FSDP2's NCCL collectives is not wired up), methods whose step changes between
-steps (SSD switches its FFNs between dense and sparse; the baselines route or drop per step; only dense
-qualifies), and CPU runs. There `true` is an error naming the key and `auto` runs eagerly with a note,
-so configs/gpt_base.yaml can say auto and still serve torchrun and the SSD configs derived from it.
-Micro-batch shapes must stay fixed (packed data always has them; a change is an error, not a silent
-re-capture). Everything else (validation, checkpoints, logging) runs between replays as before.
+process (capturing DDP/FSDP2's NCCL collectives is not wired up), the baselines (they route, drop
+layers or add losses per step), and CPU runs. There `true` is an error naming the key and `auto` runs
+eagerly with a note, so configs/gpt_base.yaml can say auto and still serve torchrun and the baseline
+configs derived from it. Micro-batch shapes must stay fixed (packed data always has them; a change is
+an error, not a silent re-capture). Validation, checkpoints and logging run between replays as before.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
 import torch
 
 from ..errors import UserError
 
-# Methods whose device work is identical every step (no phase switches, hooks or per-step routing).
-GRAPHABLE_METHODS = ("dense",)
+# Methods whose steps of one kind (TrainingMethod.graph_key) do identical device work: dense, and SSD
+# (one graph per phase). The baselines route, drop or add losses per step and run eagerly.
+GRAPHABLE_METHODS = ("dense", "ssd")
+# Eager steps of a kind before its capture (compilation, autotuning, the optimizer's state).
+WARMUP_STEPS = 3
 
 
 def _unsupported(cfg, world_size: int) -> Optional[str]:
@@ -68,24 +73,29 @@ def _signature(micro: list[dict]) -> list[tuple]:
 
 
 class StepGraph:
-    """Runs `step_fn(micro_batches_on_device, scale) -> values` eagerly `warmup` times, then captures it
-    once and replays it for every later step.
+    """Runs `step_fn(micro_batches_on_device, scale) -> values` as one CUDA graph per step kind.
+
+    Each call names its kind with `key` (the method's `graph_key()`: "dense", or SSD's phase; None = an
+    eager step). The first `warmup` steps of a kind run eagerly on a side stream, the next is captured
+    and every later step of that kind replays its graph. Graphs of different kinds coexist (each with its
+    own memory pool and gradient buffers), so SSD alternates between a dense and a sparse graph without
+    re-capturing; a re-clustering needs none either, as it rewrites `expert_perm` in place.
 
     `step_fn` must queue device work only (no host reads of device values) and leave the gradients in
-    place; `zero_grad()` sets them to None (called after each eager step and once before capture)."""
+    place; `zero_grad()` sets them to None (before every eager step, since after a replay they are the
+    last graph's buffers, and once before each capture)."""
 
     def __init__(self, step_fn: Callable[[list[dict], torch.Tensor], torch.Tensor], zero_grad: Callable[[], None],
-                 optimizer: torch.optim.Optimizer, device: torch.device, warmup: int = 3):
+                 optimizer: torch.optim.Optimizer, device: torch.device, warmup: int = WARMUP_STEPS):
         if device.type != "cuda":
             raise ValueError("StepGraph needs a CUDA device")
         self.step_fn, self.zero_grad, self.optimizer, self.device = step_fn, zero_grad, optimizer, device
         self.warmup = warmup
-        self.calls = 0
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.eager_steps: dict = {}  # key -> eager steps taken so far
+        self.graphs: dict = {}  # key -> (CUDAGraph, its static output)
         self.static_micro: list[dict] = []
         self.signature = None
         self.scale = torch.zeros((), dtype=torch.float32, device=device)
-        self.values: Optional[torch.Tensor] = None
         self.side = torch.cuda.Stream(device)
 
     def _stage(self, micro: list[dict]) -> None:
@@ -105,15 +115,18 @@ class StepGraph:
             if not torch.is_tensor(g["lr"]):
                 g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=self.device)
 
-    def __call__(self, micro: list[dict], scale: float) -> torch.Tensor:
+    def __call__(self, micro: list[dict], scale: float, key: Optional[Hashable] = "step") -> torch.Tensor:
         self._stage(micro)
         self.scale.fill_(scale)
-        self.calls += 1
-        if self.graph is not None:
-            self.graph.replay()
-            return self.values
-        current = torch.cuda.current_stream(self.device)
-        if self.calls <= self.warmup:
+        if key in self.graphs:
+            graph, values = self.graphs[key]
+            graph.replay()
+            return values
+        self.zero_grad()
+        if key is None or self.eager_steps.get(key, 0) < self.warmup:
+            if key is not None:
+                self.eager_steps[key] = self.eager_steps.get(key, 0) + 1
+            current = torch.cuda.current_stream(self.device)
             self.side.wait_stream(current)
             with torch.cuda.stream(self.side):
                 values = self.step_fn(self.static_micro, self.scale)
@@ -121,11 +134,11 @@ class StepGraph:
             current.wait_stream(self.side)
             return values
         self._lr_as_tensors()
-        self.zero_grad()
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # the eager steps' cached blocks are not usable by the graph's own pool
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.values = self.step_fn(self.static_micro, self.scale)
-        self.graph.replay()  # capturing queued nothing: this runs the step
-        return self.values
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            values = self.step_fn(self.static_micro, self.scale)
+        self.graphs[key] = (graph, values)
+        graph.replay()  # capturing queued nothing: this runs the step
+        return values

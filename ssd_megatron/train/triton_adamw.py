@@ -13,8 +13,7 @@ nothing changes (parameters, moments, step counts) when found_inf is set;
     p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 State and checkpoints are torch.optim.AdamW's (`exp_avg`, `exp_avg_sq`, a device `step` per parameter),
 so a run can switch between this and torch's AdamW through a checkpoint. The update is CUDA-graph
-capturable: the address tables live in pinned host memory and device tensors that are only rewritten
-when the tensors themselves change (a captured step always sees the same ones).
+capturable: each captured step copies its addresses from a pinned buffer of its own (`_Tables`).
 
 `build_optimizer` uses it on CUDA when Triton is there (torch's fused AdamW otherwise; foreach on CPU).
 On CPU the class itself runs only under TRITON_INTERPRET=1 (the tests compare it with torch's AdamW).
@@ -109,40 +108,56 @@ def triton_available(device: torch.device) -> bool:
 
 
 class _Tables:
-    """Device address tables and work blocks for one group's tensors (rebuilt when any tensor moves)."""
+    """Device tables of one group's tensor addresses and work blocks.
+
+    Eager steps copy the addresses from one pinned buffer (refilled when a tensor moved) every step. A
+    captured step copies from a pinned buffer of its own that never changes afterwards: several captured
+    graphs (SSD's dense and sparse steps, each with its own gradient buffers) and eager steps can then
+    share the device table, each writing it right before its kernel reads it."""
 
     def __init__(self):
         self.key = None
         self.host = None
         self.dev = None
         self.blocks = None
+        self.numels = None
         self.copied = None
+        self.captured: list[torch.Tensor] = []  # pinned buffers that captured copies read at every replay
+
+    def _fill(self, host: torch.Tensor, tensors: list[list[torch.Tensor]]) -> None:
+        for row, ts in enumerate(tensors):
+            host[row] = torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)
+        host[4] = torch.tensor(self.numels, dtype=torch.int64)
 
     def update(self, tensors: list[list[torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, ...]:
+        cuda = device.type == "cuda"
+        numels = [t.numel() for t in tensors[0]]
+        if numels != self.numels:  # a new set of tensors (never while capturing: eager steps come first)
+            self.numels = numels
+            n = len(numels)
+            self.host = torch.empty(5, n, dtype=torch.int64, pin_memory=cuda)
+            self.dev = torch.empty(5, n, dtype=torch.int64, device=device) if cuda else self.host
+            blk_t = [i for i, k in enumerate(numels) for _ in range(math.ceil(k / BLOCK))]
+            blk_off = [j * BLOCK for k in numels for j in range(math.ceil(k / BLOCK))]
+            self.blocks = (torch.tensor(blk_t, dtype=torch.int32, device=device),
+                           torch.tensor(blk_off, dtype=torch.int64, device=device))
+            self.key = None
         key = tuple(t.data_ptr() for ts in tensors for t in ts)
-        if key != self.key:
-            n = len(tensors[0])
-            cuda = device.type == "cuda"
-            if self.host is None or self.host.shape[1] != n:
-                self.host = torch.empty(5, n, dtype=torch.int64, pin_memory=cuda)
-                self.dev = torch.empty(5, n, dtype=torch.int64, device=device) if cuda else self.host
-                numels = [t.numel() for t in tensors[0]]
-                blk_t = [i for i, k in enumerate(numels) for _ in range(math.ceil(k / BLOCK))]
-                blk_off = [j * BLOCK for k in numels for j in range(math.ceil(k / BLOCK))]
-                self.blocks = (torch.tensor(blk_t, dtype=torch.int32, device=device),
-                               torch.tensor(blk_off, dtype=torch.int64, device=device))
-            capturing = cuda and torch.cuda.is_current_stream_capturing()
-            if self.copied is not None and not capturing:
-                self.copied.synchronize()  # the previous copy has read the pinned buffer
-            for row, ts in enumerate(tensors):
-                self.host[row] = torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)
-            self.host[4] = torch.tensor([t.numel() for t in tensors[0]], dtype=torch.int64)
-            if cuda:  # captured, this copy replays from the pinned buffer, which then never changes
-                self.dev.copy_(self.host, non_blocking=True)
-                self.copied = None if capturing else torch.cuda.Event()
+        if cuda and torch.cuda.is_current_stream_capturing():
+            host = torch.empty_like(self.host, pin_memory=True)
+            self._fill(host, tensors)
+            self.captured.append(host)
+            self.dev.copy_(host, non_blocking=True)
+        else:
+            if key != self.key:
                 if self.copied is not None:
-                    self.copied.record()
-            self.key = key
+                    self.copied.synchronize()  # the previous copy has read the pinned buffer
+                self._fill(self.host, tensors)
+                self.key = key
+            if cuda:  # every eager step: a replay in between may have left other addresses on the device
+                self.dev.copy_(self.host, non_blocking=True)
+                self.copied = torch.cuda.Event()
+                self.copied.record()
         return (*self.dev, *self.blocks)
 
 

@@ -32,20 +32,32 @@ def _losses(run_dir):
 
 def test_true_refuses_what_it_cannot_capture_and_auto_falls_back(tiny_data, tmp_path):
     cuda = torch.device("cuda")
-    ssd = _cfg(tiny_data, tmp_path, method="ssd", **{"train.cuda_graph": True})
-    with pytest.raises(UserError, match=r"train.cuda_graph: true .*'ssd'"):
-        resolve(ssd, cuda, world_size=1)
+    smoe = _cfg(tiny_data, tmp_path, method="smoe", **{"train.cuda_graph": True, "smoe.num_experts": 4})
+    with pytest.raises(UserError, match=r"train.cuda_graph: true .*'smoe'"):
+        resolve(smoe, cuda, world_size=1)
     with pytest.raises(UserError, match=r"train.cuda_graph: true .*2 processes"):
         resolve(_cfg(tiny_data, tmp_path, **{"train.cuda_graph": True}), cuda, world_size=2)
-    assert resolve(_cfg(tiny_data, tmp_path, **{"train.cuda_graph": True}), cuda, world_size=1) == (True, None)
-    on, note = resolve(_cfg(tiny_data, tmp_path, method="ssd", **{"train.cuda_graph": "auto"}), cuda, world_size=1)
-    assert not on and "'ssd'" in note
+    for method in ("dense", "ssd"):
+        cfg = _cfg(tiny_data, tmp_path, method=method, **{"train.cuda_graph": True})
+        assert resolve(cfg, cuda, world_size=1) == (True, None)
+    on, note = resolve(_cfg(tiny_data, tmp_path, method="pld", **{"train.cuda_graph": "auto"}), cuda, world_size=1)
+    assert not on and "'pld'" in note
     assert resolve(_cfg(tiny_data, tmp_path, **{"train.cuda_graph": "auto"}), cuda, world_size=1) == (True, None)
-    assert resolve(ssd, torch.device("cpu"), world_size=1) == (False, None)  # CPU: nothing to capture
+    assert resolve(smoe, torch.device("cpu"), world_size=1) == (False, None)  # CPU: nothing to capture
     assert resolve(_cfg(tiny_data, tmp_path), cuda, world_size=1) == (False, None)  # default: off
     for bad in ("sometimes", 1):
         with pytest.raises(UserError, match="train.cuda_graph.*accepted: false, true, auto"):
             _cfg(tiny_data, tmp_path, **{"train.cuda_graph": bad})
+
+
+def test_graph_keys_only_where_a_step_kind_repeats(tiny_data, tmp_path):
+    from ssd_megatron.models import build_model
+    from ssd_megatron.train.method import build_method
+
+    for method, key in (("dense", "dense"), ("ssd", "dense"), ("smoe", None), ("moe_dropout", None), ("pld", None)):
+        cfg = _cfg(tiny_data, tmp_path, method=method, **{"smoe.num_experts": 4})
+        m = build_method(cfg, build_model(cfg.model, 256))
+        assert m.graph_key() == key, method
 
 
 def test_flag_is_a_no_op_on_cpu(tiny_data, tmp_path):
@@ -106,3 +118,25 @@ def test_graphed_run_resumes(tiny_data, tmp_path):
     assert sorted(got) == list(range(3, 8))
     for s in got:
         assert got[s] == pytest.approx(ref[s], rel=1e-4), s
+
+
+@needs_cuda
+def test_ssd_graphed_run_takes_the_eager_runs_steps(tiny_data, tmp_path, monkeypatch):
+    """SSD with one graph per phase: dense and sparse graphs alternate (and re-clusterings happen
+    between replays); the same phases and losses as eager steps."""
+    from ssd_megatron.train import step_graph
+
+    monkeypatch.setattr(step_graph, "WARMUP_STEPS", 1)  # capture on the 2nd step of each phase
+    ssd = {"method": "ssd", "train.max_steps": 24, "ssd.num_experts": 8, "ssd.top_k": 2, "ssd.monitor_interval": 4,
+           "ssd.threshold": 0.0, "ssd.backend": "auto", "train.eval_interval": 12, "checkpoint.interval": 12}
+    eager, graphed = tmp_path / "eager", tmp_path / "graphed"
+    loop_mod.train(_cfg(tiny_data, eager, **_gpu(**ssd)))
+    loop_mod.train(_cfg(tiny_data, graphed, **_gpu(**ssd, **{"train.cuda_graph": True})))
+    recs = {r["step"]: r for r in read_metrics(graphed / "metrics.jsonl") if r.get("kind") == "train"}
+    ref = {r["step"]: r for r in read_metrics(eager / "metrics.jsonl") if r.get("kind") == "train"}
+    phases = [recs[s]["phase"] for s in sorted(recs)]
+    assert phases == [ref[s]["phase"] for s in sorted(ref)]
+    runs = sum(1 for a, b in zip(phases, phases[1:]) if a != b)
+    assert "sparse" in phases and runs >= 2  # dense -> sparse -> dense at least
+    for s in ref:
+        assert recs[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-4), s
