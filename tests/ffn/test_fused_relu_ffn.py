@@ -166,7 +166,9 @@ def test_masked_gemm_kernel_interpreted():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run via tools/gpu_bench.sh)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_fused_matches_unfused(dtype):
+def test_cuda_fused_matches_unfused(dtype, monkeypatch):
+    # fp32 means fp32 here: a training run in the same worker may have switched matmuls to TF32.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     ffn = SwitchableFFN(256, 1024, "relu").cuda()
     x = torch.randn(4, 333, 256, device="cuda", requires_grad=True)
