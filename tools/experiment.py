@@ -183,6 +183,7 @@ def method_config(method: str, p: dict, prefix: str, tokenizer: str, run_dir: Pa
         "train": {"max_steps": steps, "global_batch_size": p["global_batch"], "micro_batch_size": p["micro_batch"],
                   "output_dir": str(run_dir), "seed": 1234, "device": args.device or p["device"],
                   "precision": "auto", "compile": bool(args.compile), "grad_clip": 1.0,
+                  "cuda_graph": "auto" if args.cuda_graph else False,
                   "eval_interval": eval_interval, "eval_batches": p["eval_batches"], "log_interval": 1},
         "optim": {**schedule_config(p), "warmup_steps": p["warmup"], "weight_decay": 0.01, "beta1": 0.9,
                   "beta2": 0.95},
@@ -296,7 +297,8 @@ def report(work: Path, out: Path, p: dict, args) -> dict:
             "step_time_s": row["step_time_s"], "time_vs_dense": _inv(row.get("time_speedup")),
             "wall_time_s": row["wall_time_s"], "wall_vs_dense": _inv(row.get("wall_speedup")), "phases": row["phases"], "sweep": summ.get("sweep")})
     results = {"preset": args.preset, "device": device, "date": time.strftime("%Y-%m-%d"),
-               "settings": p, "compile": bool(args.compile), "backend": args.backend,
+               "settings": p, "compile": bool(args.compile), "cuda_graph": bool(args.cuda_graph),
+               "backend": args.backend,
                "configs": {m: (work / "configs" / f"{m}.yaml").read_text()
                            for m in METHODS if (work / "configs" / f"{m}.yaml").is_file()},
                "table": table}
@@ -366,6 +368,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     ap.add_argument("--backend", default="auto", help="expert backend for the MoE methods (ssd.backend)")
     ap.add_argument("--compile", action="store_true", help="torch.compile every method (default off, for all)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="train.cuda_graph: auto for every method (dense and SSD steps captured; baselines eager)")
     ap.add_argument("--workers", type=int, default=max(1, min(16, os.cpu_count() or 1)))
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads per training process (OMP_NUM_THREADS; the tiny preset uses 1: tiny matmuls "
