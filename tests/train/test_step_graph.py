@@ -121,14 +121,17 @@ def test_graphed_run_resumes(tiny_data, tmp_path):
 
 
 @needs_cuda
-def test_ssd_graphed_run_takes_the_eager_runs_steps(tiny_data, tmp_path, monkeypatch):
-    """SSD with one graph per phase: dense and sparse graphs alternate (and re-clusterings happen
-    between replays); the same phases and losses as eager steps."""
+@pytest.mark.parametrize("precision,compile_blocks", [("fp32", False), ("bf16", True)])
+def test_ssd_graphed_run_takes_the_eager_runs_steps(tiny_data, tmp_path, monkeypatch, precision, compile_blocks):
+    """SSD with one graph per phase: dense and sparse graphs alternate, and a later sparse phase replays the
+    first one's graph with a new clustering (expert_perm rewritten in place); the same phases and losses
+    as eager steps."""
     from ssd_megatron.train import step_graph
 
     monkeypatch.setattr(step_graph, "WARMUP_STEPS", 1)  # capture on the 2nd step of each phase
-    ssd = {"method": "ssd", "train.max_steps": 24, "ssd.num_experts": 8, "ssd.top_k": 2, "ssd.monitor_interval": 4,
-           "ssd.threshold": 0.0, "ssd.backend": "auto", "train.eval_interval": 12, "checkpoint.interval": 12}
+    ssd = {"method": "ssd", "train.max_steps": 40, "ssd.num_experts": 8, "ssd.top_k": 2, "ssd.monitor_interval": 4,
+           "ssd.threshold": 0.0, "ssd.backend": "auto", "train.eval_interval": 20, "checkpoint.interval": 20,
+           "train.precision": precision, "train.compile": compile_blocks}
     eager, graphed = tmp_path / "eager", tmp_path / "graphed"
     loop_mod.train(_cfg(tiny_data, eager, **_gpu(**ssd)))
     loop_mod.train(_cfg(tiny_data, graphed, **_gpu(**ssd, **{"train.cuda_graph": True})))
@@ -136,7 +139,8 @@ def test_ssd_graphed_run_takes_the_eager_runs_steps(tiny_data, tmp_path, monkeyp
     ref = {r["step"]: r for r in read_metrics(eager / "metrics.jsonl") if r.get("kind") == "train"}
     phases = [recs[s]["phase"] for s in sorted(recs)]
     assert phases == [ref[s]["phase"] for s in sorted(ref)]
-    runs = sum(1 for a, b in zip(phases, phases[1:]) if a != b)
-    assert "sparse" in phases and runs >= 2  # dense -> sparse -> dense at least
+    sparse_runs = sum(1 for a, b in zip(["dense"] + phases, phases) if (a, b) == ("dense", "sparse"))
+    assert sparse_runs >= 2, phases
+    tol = 1e-4 if precision == "fp32" else 2e-3
     for s in ref:
-        assert recs[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-4), s
+        assert recs[s]["loss"] == pytest.approx(ref[s]["loss"], rel=tol), (s, recs[s]["phase"])
