@@ -184,8 +184,10 @@ class TritonAdamW(torch.optim.AdamW):
             if not params:
                 continue
             device = params[0].device
-            if any(p.dtype != torch.float32 or p.grad.is_sparse or p.device != device for p in params):
-                raise ValueError("TritonAdamW: parameters must be dense fp32 tensors on one CUDA device")
+            if any(p.dtype != torch.float32 or p.grad.is_sparse or p.device != device or not p.is_contiguous()
+                   for p in params):
+                raise ValueError("TritonAdamW: parameters must be contiguous dense fp32 tensors on one CUDA device "
+                                 "(set optim.kernel: torch for others)")
             for p in params:
                 st = self.state[p]
                 if not st:
@@ -201,9 +203,11 @@ class TritonAdamW(torch.optim.AdamW):
             scale = grad_scale if grad_scale is not None else torch.ones((), device=device)
             inf = found_inf if found_inf is not None else torch.zeros((), device=device)
             tables = self._tables.setdefault(gi, _Tables())
+            # The kernel walks each tensor as numel contiguous elements. Autograd gives gradients the
+            # parameter's layout; a gradient set by hand in another layout is read from a contiguous copy.
+            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
             P, G, M, V, numel, blk_t, blk_off = tables.update(
-                [params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                 [s["exp_avg_sq"] for s in states]], device)
+                [params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]], device)
             beta1, beta2 = group["betas"]
             _kernel()[(blk_t.numel(),)](P, G, M, V, numel, blk_t, blk_off, lr, steps[0], scale, inf,
                                         float(group["weight_decay"]), float(beta1), float(beta2),

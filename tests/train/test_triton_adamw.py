@@ -41,6 +41,7 @@ SCRIPT = textwrap.dedent("""
         for g in ref_opt.param_groups:
             g["lr"] = 1e-2 / (step + 1)
         grads = [torch.randn_like(p) for p in ours]
+        grads[1] = torch.randn(7, 33, device=device).t()  # a gradient in another layout than its parameter
         for p, r, g in zip(ours, ref, grads):
             p.grad, r.grad = g.clone(), g.clone()
         before = [p.detach().clone() for p in ours]
