@@ -7,9 +7,10 @@ non-finite flag the loop passes; and the gradient norm. CUDA events, median of 3
 """
 import datetime
 import json
-import statistics
 
 import torch
+
+from ssd_megatron.bench.ffn import time_calls
 
 from ssd_megatron.bench.step import BASE, build_ours
 from ssd_megatron.train.optimizer import param_groups
@@ -17,15 +18,7 @@ from ssd_megatron.train.triton_adamw import TritonAdamW
 
 
 def _time(fn, n=30):
-    for _ in range(3):
-        fn()
-    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for a, b in evs:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in evs)
+    return time_calls(lambda i: fn(), n, 3)["median"]  # CUDA events, median ms
 
 
 def _with_grads(params):

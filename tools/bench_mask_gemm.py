@@ -15,9 +15,10 @@ import argparse
 import datetime
 import json
 import math
-import statistics
 
 import torch
+
+from ssd_megatron.bench.ffn import time_calls
 
 from ssd_megatron.ffn import relu_mask_matmul as m
 
@@ -49,15 +50,7 @@ def _cfg(change):
 
 
 def _time(fn, n=50):
-    for _ in range(5):
-        fn()
-    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for a, b in evs:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in evs)
+    return time_calls(lambda i: fn(), n, 5)["median"]  # CUDA events, median ms
 
 
 def _poison(M, N, dtype):

@@ -128,7 +128,7 @@ def _event():
     return torch.cuda.Event(enable_timing=True) if _CUDA else _HostEvent()
 
 
-def _time(fn, n_iter, n_warm, pre=None):
+def time_calls(fn, n_iter, n_warm, pre=None) -> dict:
     """Median/min/max ms of fn(i) between CUDA events; `pre(i)` runs untimed before each."""
     for i in range(n_warm):
         if pre:
@@ -219,7 +219,7 @@ def _graphed(case, f, n_iter, fwd_only):
             keep.append(step())
         graphs.append(g)
     try:
-        return _time(lambda i: graphs[i % case.R].replay(), n_iter, 3)
+        return time_calls(lambda i: graphs[i % case.R].replay(), n_iter, 3)
     finally:
         del graphs, keep
         torch.cuda.empty_cache()
@@ -260,7 +260,7 @@ def _backend_only(case, backend, n_iter, n_warm):
     def run(i):
         a = xs[i % case.R]
         backend(a[0], a[1], a[2], a[3], idx, a[4], layer.activation).backward(dy)
-    return _time(run, n_iter, n_warm, pre)
+    return time_calls(run, n_iter, n_warm, pre)
 
 
 def _gather_only(case, mode, n_iter, n_warm):
@@ -276,7 +276,7 @@ def _gather_only(case, mode, n_iter, n_warm):
             grads = [torch.randn_like(t) for t in outs]
         torch.autograd.backward(outs, grads)
     try:
-        return _time(run, n_iter, n_warm, case.clear)
+        return time_calls(run, n_iter, n_warm, case.clear)
     finally:
         case.set_w2_mode(case.default_gather)
 
@@ -400,8 +400,8 @@ def main(argv=None) -> int:
             case.set_w2_mode(args.weight_gather)
             case.set_routing("realistic")
             result["routing_stats"][key] = _routing_stats(case.layers[0], case.xs[0])
-            dense_f = _time(case.fwd(Layer.dense), n_iter, args.warmup)
-            dense_fb = _time(case.fwd_bwd(Layer.dense), n_iter, args.warmup, case.clear)
+            dense_f = time_calls(case.fwd(Layer.dense), n_iter, args.warmup)
+            dense_fb = time_calls(case.fwd_bwd(Layer.dense), n_iter, args.warmup, case.clear)
             dense_g = {"fwd": None, "fwd_bwd": None}
             if _CUDA and not args.no_graphs:
                 try:
@@ -419,8 +419,8 @@ def main(argv=None) -> int:
                     it = n_iter if name not in ("reference", "megablocks") else max(5, n_iter // 4)
                     f = lambda layer, x, be=be: layer.sparse(x, be)  # noqa: E731
                     try:
-                        tf = _time(case.fwd(f), it, args.warmup)
-                        tfb = _time(case.fwd_bwd(f), it, args.warmup, case.clear)
+                        tf = time_calls(case.fwd(f), it, args.warmup)
+                        tfb = time_calls(case.fwd_bwd(f), it, args.warmup, case.clear)
                     except Exception as exc:  # a backend that fails is reported, not fatal
                         msg = f"{key} {routing} {name}: {type(exc).__name__}: {str(exc)[:300]}"
                         print("ERROR", msg, flush=True)
