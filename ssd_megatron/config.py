@@ -92,9 +92,10 @@ class TrainConfig:
     # auto = bf16 autocast on CUDA, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
-    # Capture the whole step (fwd/bwd of every micro-batch, clip, AdamW) as one CUDA graph after 3 eager
-    # steps (train/step_graph.py). Serves CUDA, one process, method dense: true = required there
-    # (error elsewhere), auto = where it can (eager elsewhere, with a note), false = never.
+    # Capture the whole step (fwd/bwd of every micro-batch, clip, AdamW) as one CUDA graph per kind of step
+    # (dense; SSD's two phases) after 3 eager steps of that kind (train/step_graph.py). Serves CUDA, one
+    # process, methods dense and ssd: true = required (error elsewhere), auto = where it can (eager
+    # elsewhere, with a note), false = never.
     cuda_graph: Literal[False, True, "auto"] = False
     grad_clip: float = field(default=1.0, metadata=_meta(lo=0.0))
     eval_interval: int = field(default=100, metadata=_meta(lo=1))
