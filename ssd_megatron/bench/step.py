@@ -176,11 +176,9 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
                for _ in range(4)]
     amp = autocast_context(device, "bf16" if bf16 else "fp32")
 
-    def step(i):
-        b = batches[i % len(batches)]
-        x, y = b[:, :-1], b[:, 1:]
+    def device_step(micro, scale):  # what one step queues: forward + loss, backward, clip, AdamW
         with amp():
-            loss = loss_fn(run, x, y)
+            loss = loss_fn(run, micro[0]["x"], micro[0]["y"])
         loss.backward()
         if sync_clip:  # the previous loop: norm read on the host before the step (a sync mid-step)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -188,24 +186,22 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
                 opt.step()
         else:
             clip_and_step(model.parameters(), opt, max_norm)  # what the loop does
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
+    graph = None
     if cuda_graph:  # the loop's train.cuda_graph: the same step, captured once and replayed
         from ..train.step_graph import StepGraph
 
-        def device_step(micro, scale):
-            with amp():
-                loss = loss_fn(run, micro[0]["x"], micro[0]["y"])
-            loss.backward()
-            clip_and_step(model.parameters(), opt, max_norm)
-            return loss.detach()
-
         graph = StepGraph(device_step, lambda: opt.zero_grad(set_to_none=True), opt, device)
 
-        def step(i):  # noqa: F811 (replaces the eager step)
-            b = batches[i % len(batches)]
-            return graph([{"x": b[:, :-1], "y": b[:, 1:]}], 1.0)
+    def step(i):
+        b = batches[i % len(batches)]
+        micro = [{"x": b[:, :-1], "y": b[:, 1:]}]
+        if graph is not None:
+            return graph(micro, 1.0)
+        loss = device_step(micro, 1.0)
+        opt.zero_grad(set_to_none=True)
+        return loss
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
