@@ -15,7 +15,7 @@ from torch import nn
 
 from .activations import ACTIVATIONS, apply_activation, is_glu
 from .backends import get_backend
-from .backends.weights import gather_expert_weights
+from .backends.weights import gather_expert_weights, inverse_permutation
 from .fused_relu_ffn import relu_ffn
 
 MODES = ("dense", "sparse")
@@ -110,6 +110,9 @@ class SwitchableFFN(nn.Module):
             raise ValueError(f"clustering must assign exactly {self.expert_size} of {self.d_ff} neurons to each of "
                              f"{self.num_experts} experts")
         self.expert_perm.copy_(torch.argsort(labels, stable=True))
+        # The weight gather's backward reads a cached inverse of expert_perm; refresh it in place now, as a
+        # captured step (train.cuda_graph) replays with that very tensor and no Python runs then.
+        inverse_permutation(self.expert_perm)
 
     def expert_labels(self) -> torch.Tensor:
         """Inverse of set_clustering: the expert of each neuron, indexed by neuron id."""

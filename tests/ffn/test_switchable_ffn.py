@@ -5,6 +5,7 @@ import torch
 
 from ssd_megatron.ffn import SwitchableFFN, straight_through_gate
 from ssd_megatron.ffn.activations import apply_activation
+from ssd_megatron.ffn.backends.weights import inverse_permutation
 
 ACTS = ["relu", "squared_relu", "gelu", "swiglu", "geglu"]
 
@@ -101,6 +102,27 @@ def test_clustering_round_trip_and_validation():
     assert torch.equal(ffn.expert_labels(), labels)
     with pytest.raises(ValueError, match="exactly 8"):
         ffn.set_clustering(torch.zeros(48, dtype=torch.long))
+
+
+def test_reclustering_rewrites_the_cached_inverse_in_place():
+    """A captured step (train.cuda_graph) replays its backward with the inverse permutation tensor it saw
+    at capture; a re-clustering must leave that very tensor holding the new inverse, and the weight
+    gradients of the next step must be those of the new layout."""
+    ffn = _ffn("relu", k=2)
+    ffn.set_mode("sparse")
+    x = torch.randn(10, 12, dtype=torch.float64)
+    ffn(x).sum().backward()
+    held = inverse_permutation(ffn.expert_perm)
+    ffn.set_clustering(torch.randperm(48, generator=torch.Generator().manual_seed(3)) % 6)
+    assert torch.equal(held[ffn.expert_perm], torch.arange(48))
+    ffn.zero_grad()
+    ffn(x).sum().backward()
+    fresh = _ffn("relu", k=2)
+    fresh.load_state_dict(ffn.state_dict())
+    fresh.set_mode("sparse")
+    fresh(x).sum().backward()
+    for a, b in zip(ffn.parameters(), fresh.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_switching_creates_no_parameters():

@@ -19,13 +19,24 @@ _INVERSES: dict = {}
 
 
 def inverse_permutation(idx: torch.Tensor) -> torch.Tensor:
+    """The inverse of the permutation `idx`, cached per tensor. When `idx` has changed in place since,
+    the cached inverse is rewritten in place too: a captured CUDA graph (train.cuda_graph) holds that
+    tensor and reads it at every replay, so `SwitchableFFN.set_clustering` calls this right away."""
     hit = _INVERSES.get(id(idx))
-    if hit is not None and hit[0]() is idx and hit[1] == idx._version:
-        return hit[2]
-    inv = torch.empty_like(idx)
-    inv[idx] = torch.arange(idx.numel(), device=idx.device, dtype=idx.dtype)
+    if hit is not None and hit[0]() is idx:
+        inv = hit[2]
+        if hit[1] != idx._version:
+            _invert_into(inv, idx)
+            _INVERSES[id(idx)] = (hit[0], idx._version, inv)
+        return inv
+    inv = _invert_into(torch.empty_like(idx), idx)
     key = id(idx)
     _INVERSES[key] = (weakref.ref(idx, lambda _r, key=key: _INVERSES.pop(key, None)), idx._version, inv)
+    return inv
+
+
+def _invert_into(inv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    inv[idx] = torch.arange(idx.numel(), device=idx.device, dtype=idx.dtype)
     return inv
 
 
