@@ -1,6 +1,7 @@
 """Micro-benchmark of the dense FFN's backward GEMM through W_o with ReLU's derivative: cuBLAS GEMM then
-a masking pass, vs the Triton GEMMs with the mask in their epilogue (ssd_megatron/ffn/relu_mask_matmul.py:
-the persistent TMA kernel and the pointer-based one). GPT-base shape by default:
+a masking pass, vs the GEMMs with the mask in their epilogue (ssd_megatron/ffn/relu_mask_matmul.py: the
+Gluon ping-pong kernel of relu_mask_gemm_gluon.py, the persistent Triton TMA kernel and the pointer-based
+one). GPT-base shape by default:
 dy [16384, 768] @ W_o [768, 6144] (W_o row-major, as fused_relu_ffn passes it), h [16384, 6144], bf16;
 CUDA events, median of 50 after warm-up. Checks every variant against torch first (exact zeros where
 h <= 0, bf16 tolerance elsewhere, every element written), also at odd shapes and strides. Prints one
@@ -20,6 +21,7 @@ import torch
 
 from ssd_megatron.bench.ffn import time_calls
 
+from ssd_megatron.ffn import relu_mask_gemm_gluon as g
 from ssd_megatron.ffn import relu_mask_matmul as m
 
 # Configurations of the TMA kernel: changes to the one in TMA_CONFIGS. Runs 1 and 2 of this sweep
@@ -123,29 +125,41 @@ def main():
     where = torch.compile(lambda p, h: torch.where(h > 0, p, 0))
 
     def old(a, b, hh):
-        m.USE_TMA = False
+        m.USE_TMA = m.USE_GLUON = False
         try:
             return m.launch(a, b, hh)
         finally:
-            m.USE_TMA = True
+            m.USE_TMA = m.USE_GLUON = True
 
-    # Correctness first: the autotuned entry point (TMA where it applies) and the old kernel.
+    def triton_only(a, b, hh):
+        m.USE_GLUON = False
+        try:
+            return m.launch(a, b, hh)
+        finally:
+            m.USE_GLUON = True
+
+    # Correctness first: the entry point (Gluon, else TMA, where they apply), the Triton kernels, the old one.
     for label, a, b, hh in odd_cases():
-        for name, fn in (("launch", m.launch), ("pointer_kernel", old), ("custom_op", m.relu_mask_matmul)):
+        for name, fn in (("launch", m.launch), ("triton_only", triton_only), ("pointer_kernel", old),
+                         ("custom_op", m.relu_mask_matmul)):
             err = check(fn, a, b, hh)
-            tma = m._tma_operands(a, b, hh, torch.empty(hh.shape, device="cuda", dtype=a.dtype)) is not None
-            emit({"check": label, "fn": name, "tma_path": tma and name != "pointer_kernel", "ok": err is None,
-                  "error": err})
+            c = torch.empty(hh.shape, device="cuda", dtype=a.dtype)
+            tma = m._tma_operands(a, b, hh, c) is not None
+            gluon = g.serves(a, b, hh, c) and name in ("launch", "custom_op")
+            emit({"check": label, "fn": name, "gluon_path": gluon,
+                  "tma_path": tma and not gluon and name != "pointer_kernel", "ok": err is None, "error": err})
 
     variants = {
         "cublas_gemm_only": lambda: dy @ w_out,
         "cublas_then_compiled_where": lambda: where(dy @ w_out, h),
         "cublas_then_eager_where": lambda: m.relu_mask_matmul_torch(dy, w_out, h),
         "triton_pointer_kernel_old": lambda: old(dy, w_out, h),
-        "triton_masked_gemm": lambda: m.launch(dy, w_out, h),
+        "triton_masked_gemm": lambda: triton_only(dy, w_out, h),
+        "gluon_pingpong_masked_gemm": lambda: m.launch(dy, w_out, h),
         "triton_masked_gemm_dy_colmajor": lambda: m.launch(dy.t().contiguous().t(), w_out, h),
         "triton_pointer_kernel_old_dy_colmajor": lambda: old(dy.t().contiguous().t(), w_out, h),
-        "triton_masked_gemm_again": lambda: m.launch(dy, w_out, h),
+        "triton_masked_gemm_again": lambda: triton_only(dy, w_out, h),
+        "gluon_pingpong_masked_gemm_again": lambda: m.launch(dy, w_out, h),
     }
     for name, fn in variants.items():
         ms = _time(fn)

@@ -16,7 +16,8 @@ builder and clipping, whole-model torch.compile, and its logits' loss as HF comp
 `--variant` (repeatable) times other versions of our step next to the loop's, for performance work:
 `unfused-loss` (logits, then `lm_loss`), `no-qkv-fuse` (three q/k/v GEMMs), `no-fused-relu` (the dense FFN
 as two linears and a ReLU, inductor's kernels between the GEMMs), `no-mask-gemm` (ReLU's derivative as a
-pass after a cuBLAS dh GEMM instead of in the Triton GEMM's epilogue), `cudagraph-blocks` (blocks compiled
+pass after a cuBLAS dh GEMM instead of in the masked GEMM's epilogue), `triton-mask-gemm` (the masked GEMM
+as the Triton TMA kernel instead of the Gluon ping-pong one on Hopper), `cudagraph-blocks` (blocks compiled
 with mode reduce-overhead: CUDA graphs), `sync-clip` (clip_grad_norm_ and a host read of the
 norm before the optimizer step, instead of the fused AdamW's grad_scale / found_inf), `sync-step`
 (host clock with a synchronisation around every step, instead of the loop's GPU-clock step-end events
@@ -98,8 +99,8 @@ def _hf_loss(logits, labels):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
 
 
-VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "sync-clip", "sync-step",
-            "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "flash-attn",
+VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "triton-mask-gemm", "sync-clip",
+            "sync-step", "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "flash-attn",
             "cuda-graph", "torch-adamw", "ce-big-chunks")
 # Variants that also run for the sparse phase (the others change dense-only code).
 PHASE_VARIANTS = ("loop", "cuda-graph")
@@ -121,6 +122,7 @@ def prepare_ours(model, variant: str, compile_model: bool):
     Attention.fuse_qkv = "no-qkv-fuse" not in parts
     SwitchableFFN.fuse_relu = "no-fused-relu" not in parts
     relu_mask_matmul.USE_TRITON = "no-mask-gemm" not in parts
+    relu_mask_matmul.USE_GLUON = "triton-mask-gemm" not in parts
     model.cfg.fp32_residual_connection = "fp32-residual" in parts
     run = model
     if compile_model:
@@ -316,6 +318,8 @@ def profile_steps(step, start: int, device, out_dir: str, tag: str, n: int = 3) 
     if idle:
         lines.append(f"# GPU idle between kernels: {idle['idle_ms_per_step']:.2f} ms/step of {idle['span_ms_per_step']:.2f}; "
                      "largest gaps (ms, kernel before -> kernel after):")
+        lines.append(f"# {idle['kernels_per_step']:.0f} kernels per step; gaps per step by size [count, ms]: "
+                     f"{idle['gaps_per_step_by_size']}")
         lines += [f"{g:8.3f}  {a[:60]} -> {b[:60]}" for g, a, b in idle["largest"]]
     summary = "\n".join(lines)
     with open(out / "profiles.txt", "a") as f:  # one file for all runs (the device tool returns few files)
@@ -344,7 +348,15 @@ def _idle_gaps(prof, n: int, top: int = 10) -> dict | None:
         if e >= end:
             end, last = e, name
     span = (end - ev[0][0]) / 1e3
+    edges = (0.002, 0.005, 0.02, math.inf)  # ms: launch-gap sized, short waits, longer stalls
+    hist = {f"<{hi * 1e3:g}us" if hi < math.inf else ">=20us": [0, 0.0] for hi in edges}
+    for g, _, _ in gaps:
+        key = next(k for k, hi in zip(hist, edges) if g < hi)
+        hist[key][0] += 1
+        hist[key][1] += g
     return {"idle_ms_per_step": sum(g for g, _, _ in gaps) / n, "span_ms_per_step": span / n,
+            "kernels_per_step": len(ev) / n,
+            "gaps_per_step_by_size": {k: [c / n, round(t / n, 3)] for k, (c, t) in hist.items()},
             "largest": sorted(gaps, reverse=True)[:top]}
 
 

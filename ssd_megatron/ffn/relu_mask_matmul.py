@@ -28,11 +28,15 @@ from __future__ import annotations
 
 import torch
 
+from . import relu_mask_gemm_gluon
+
 _STATE = {"kernel": None, "tuned": None, "ok": None, "tma_kernel": None, "tma_tuned": None, "sms": {}}
 # Switch for benchmarks (bench/step.py --variant no-mask-gemm): False = cuBLAS GEMM, then the mask.
 USE_TRITON = True
 # Switch for benchmarks: False = always the pointer-based kernel.
 USE_TMA = True
+# Switch for benchmarks and tests: False = the Triton kernels even where the Gluon one applies.
+USE_GLUON = True
 
 # (BM, BN, BK, GROUP_M, num_warps, num_stages, SUBTILE, FLATTEN, OCC, INTERLEAVE) of the TMA kernel. One
 # configuration: with several, Triton's autotuner (its own timing) picked one 6% slower than this at the
@@ -263,7 +267,8 @@ def _launch_tma(views, a, h, c, M, N, K, config: dict | None = None):
 
 def launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, tiles: tuple | None = None,
            tma_config: dict | None = None) -> torch.Tensor:
-    """Run a Triton kernel: the persistent TMA one where it applies (TMA_CONFIGS, or `tma_config`),
+    """Run a GPU kernel: on Hopper with row-major operands the Gluon ping-pong kernel
+    (relu_mask_gemm_gluon.py), else the persistent TMA one where it applies (TMA_CONFIGS, or `tma_config`),
     else the pointer-based one (autotuned, or with `tiles` = (BM, BN, BK, GROUP_M): tests under
     TRITON_INTERPRET use small tiles so that tiny shapes span several, with partial ones)."""
     if not _triton_ok():
@@ -271,6 +276,8 @@ def launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, tiles: tuple | Non
     M, K = a.shape
     N = b.shape[1]
     c = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    if tiles is None and tma_config is None and USE_GLUON and relu_mask_gemm_gluon.serves(a, b, h, c):
+        return relu_mask_gemm_gluon.launch(a, b, h, c)
     if tiles is None:
         views = _tma_operands(a, b, h, c)
         if views is not None:

@@ -146,6 +146,18 @@ def _interpreted_kernel_main():  # runs in a subprocess with TRITON_INTERPRET=1 
     print(json.dumps(out))
 
 
+def test_gluon_masked_gemm_declines_what_it_cannot_serve():
+    """The Gluon kernel (Hopper only, no interpreter) never claims CPU tensors; relu_mask_matmul then takes
+    its other paths, which the tests around this one check."""
+    from ssd_megatron.ffn import relu_mask_gemm_gluon as g
+
+    a, b, h = torch.randn(64, 32).bfloat16(), torch.randn(32, 48).bfloat16(), torch.randn(64, 48).bfloat16()
+    assert not g.available(torch.device("cpu"))
+    assert not g.serves(a, b, h, torch.empty_like(h))
+    torch.testing.assert_close(relu_mask_matmul(a, b, h).float(), torch.where(h > 0, a.float() @ b.float(), 0.0),
+                               rtol=2e-2, atol=2e-2)
+
+
 def test_masked_gemm_kernel_interpreted():
     """Partial tiles in M, N and K, a K not a multiple of the tile, a strided b, several row groups."""
     triton = pytest.importorskip("triton")
