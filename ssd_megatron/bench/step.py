@@ -413,6 +413,32 @@ def check_fused_loss(device, vocab: int, d: int = 768, rows: int = 3000) -> dict
     return out
 
 
+def _set_inductor_options(pairs: list[str]) -> dict:
+    """Apply --inductor KEY=VALUE options (VALUE a Python literal) to torch._inductor.config."""
+    import ast
+
+    import torch._inductor.config as cfg
+
+    from ..errors import UserError
+
+    done = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        *path, name = key.strip().split(".")
+        obj = cfg
+        for part in path:
+            obj = getattr(obj, part, None)
+        if not sep or obj is None or not hasattr(obj, name):
+            raise UserError(f"--inductor {pair!r}: expected KEY=VALUE with KEY an option of torch._inductor.config")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            raise UserError(f"--inductor {pair!r}: VALUE must be a Python literal (True, 0, 'name')") from None
+        setattr(obj, name, value)
+        done[key.strip()] = value
+    return done
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ssd-bench step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shape for a CPU smoke test")
@@ -435,10 +461,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--out", default="", help="write the JSON results here (rewritten after every record)")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a torch._inductor.config option for this run (repeatable), e.g. "
+                         "triton.mix_order_reduction=False; recorded in the JSON")
     args = ap.parse_args(argv)
 
     from ..errors import UserError
     from ..train.flops import peak_flops
+
+    inductor = _set_inductor_options(args.inductor)
 
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
@@ -468,6 +499,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "transformers": _version("transformers"),
         "shape": shape, "bf16": bf16, "compile": compile_model, "backend": args.backend, "peak_flops": peak,
+        "inductor_options": inductor,
         "records": records,
     }
     if args.check:

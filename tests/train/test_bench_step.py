@@ -38,3 +38,27 @@ def test_idle_gaps_merges_overlapping_kernels():
     assert res["idle_ms_per_step"] == (0.7 + 0.4) / 2
     assert res["span_ms_per_step"] == 2.0 / 2
     assert res["largest"] == [(0.7, "b", "c"), (0.4, "c", "d")]
+    assert res["kernels_per_step"] == 2.0
+    assert res["gaps_per_step_by_size"][">=20us"] == [1.0, 0.55]  # both gaps (0.7, 0.4 ms), per step
+    assert res["gaps_per_step_by_size"]["<2us"] == [0.0, 0.0]
+
+
+def test_inductor_options_are_set_recorded_and_checked(tmp_path):
+    import pytest
+    import torch._inductor.config as cfg
+
+    from ssd_megatron.errors import UserError
+
+    before = cfg.aggressive_fusion
+    out = tmp_path / "step.json"
+    try:
+        assert main(["--tiny", "--no-hf", "--steps", "1", "--warmup", "0", "--device", "cpu", "--out", str(out),
+                     "--inductor", f"aggressive_fusion={not before}"]) == 0
+        assert cfg.aggressive_fusion is (not before)
+    finally:
+        cfg.aggressive_fusion = before
+    assert json.loads(out.read_text())["inductor_options"] == {"aggressive_fusion": not before}
+    with pytest.raises(UserError, match="no_such_option"):
+        main(["--tiny", "--device", "cpu", "--inductor", "no_such_option=1"])
+    with pytest.raises(UserError, match="Python literal"):
+        main(["--tiny", "--device", "cpu", "--inductor", "aggressive_fusion=yes please"])
