@@ -42,8 +42,8 @@ SCRIPT = textwrap.dedent("""
             g["lr"] = 1e-2 / (step + 1)
         grads = [torch.randn_like(p) for p in ours]
         grads[1] = torch.randn(7, 33, device=device).t()  # a gradient in another layout than its parameter
-        for p, r, g in zip(ours, ref, grads):
-            p.grad, r.grad = g.clone(), g.clone()
+        for p, r, g in zip(ours, ref, grads):  # torch's fused kernel wants the parameter's layout
+            p.grad, r.grad = g.clone(), g.contiguous()
         before = [p.detach().clone() for p in ours]
         opt.grad_scale = torch.tensor(scale, device=device)
         opt.found_inf = torch.tensor(bad, device=device)
