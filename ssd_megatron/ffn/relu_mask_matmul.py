@@ -6,10 +6,12 @@ on an H100, docs/performance.md). Here a Triton GEMM loads the h tile in its epi
 masked product once. cuBLASLt's DRELU epilogue would do the same from a bit-mask, but on an H100 with
 cuBLAS 13 it ran 0.75 ms at this shape (called through ctypes; docs/performance.md, round 4).
 
-Two kernels:
+Three kernels:
+- on an H100 (compute capability 9.0) with row-major fp16/bf16 operands, a warp-specialised Gluon kernel
+  (relu_mask_gemm_gluon.py) whose epilogue overlaps the MMAs: 0.28 ms at the GPT-base shape;
 - on Hopper and newer, when every operand can be described to the TMA engine (last dimension or, for a
-  and b, first dimension contiguous; other strides and the base 16-byte aligned), a persistent kernel
-  (one program per SM, tiles looped inside) that reads a, b and h and writes c through TMA
+  and b, first dimension contiguous; other strides and the base 16-byte aligned), a persistent Triton
+  kernel (one program per SM, tiles looped inside) that reads a, b and h and writes c through TMA
   descriptors; the tile loops are flattened so that the next tile's loads are in flight while the
   current tile's epilogue (mask and store) runs;
 - otherwise (other strides, older GPUs, explicit `tiles`, TRITON_INTERPRET tests) a pointer-based
@@ -17,12 +19,13 @@ Two kernels:
 Measured at 16384 x 768 x 6144 bf16 on an H100 (tools/bench_mask_gemm.py, one run, medians,
 benchmarks/results/mask_gemm_h100_2026-11-23_v3.jsonl): the TMA kernel 0.308 ms (501 TFLOP/s), the
 pointer kernel 0.361 ms, the cuBLAS GEMM alone 0.224 ms, cuBLAS plus inductor's mask pass 0.426 ms.
-Most of the gap to cuBLAS is the epilogue's read of h: Triton 3.6 waits for each TMA load as soon as it
-issues it, so that read is not overlapped with the MMAs (warp specialisation changed nothing measurable).
+Most of the TMA kernel's gap to cuBLAS is its epilogue, which runs on the warps that issue the MMAs;
+Triton 3.6 cannot split them on Hopper (its warp specialisation changed nothing measurable), which is
+why the Gluon kernel exists.
 A column-major a (read through TMA transposed) takes 0.407 ms, against 0.456 for the pointer kernel.
 
 `relu_mask_matmul(a, b, h)`: a [M, K], b [K, N], h [M, N] (any strides) -> [M, N] in a's dtype. On CUDA
-with Triton: the kernel (fp32 accumulation); elsewhere: torch ops, same result.
+with Triton: one of the kernels (fp32 accumulation); elsewhere: torch ops, same result.
 """
 from __future__ import annotations
 
