@@ -6,10 +6,14 @@ b_i's gradient — ~5 ms of a 47.6 ms GPT-base step on an H100 (docs/performance
 
 - forward: `torch._addmm_activation` asks cuBLASLt for its RELU_BIAS epilogue, so the first GEMM writes
   h = relu(x W_iᵀ + b_i) directly; the second is an ordinary addmm. No mask is stored: h > 0 is the mask.
-- backward: g = (dy W_o) ⊙ (h > 0) in one Triton GEMM with the mask in its epilogue
-  (relu_mask_matmul.py); b_i's gradient rides on the W_i-gradient GEMM as an extra column of ones
-  (g^T [x | 1 | 0 …], padded to a multiple of 8 columns for the tensor cores; +1% of that GEMM instead
-  of a pass over g).
+- backward: g = (dy W_o) ⊙ (h > 0) in one GEMM with the mask in its epilogue (relu_mask_matmul.py), which
+  also sums g's columns there: b_i's gradient without another pass over g (nor over an augmented copy
+  of x, as an extra column of ones on the W_i-gradient GEMM had cost: 0.26 ms per step on an H200).
+- mixed precision: under autocast the op computes on the bf16 copies of the parameters but also takes
+  the fp32 parameters themselves (`masters`), and returns the parameter gradients for those, in fp32
+  straight out of the GEMMs (`torch.mm(..., out_dtype=torch.float32)`): the casts' backward, a bf16
+  gradient re-read and written as fp32 per weight, never runs (Megatron keeps fp32 main gradients for
+  the same reason).
 
 It is one custom op, opaque to inductor (whose decompositions would split `_addmm_activation` again);
 the backward is plain torch ops plus the masked-GEMM op, traced and compiled with the rest.
@@ -20,54 +24,70 @@ rounds the GEMM, adds the bias and rounds again); both are within bf16 tolerance
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from .relu_mask_matmul import relu_mask_matmul, relu_mask_matmul_torch, use_mask_gemm
+from .relu_mask_matmul import (relu_mask_matmul, relu_mask_matmul_colsum, relu_mask_matmul_torch,
+                               use_mask_gemm)
 
 
 @torch.library.custom_op("ssd_megatron::relu_ffn", mutates_args=())
-def _relu_ffn(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor,
-              b_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _relu_ffn(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
+              w_in_master: Optional[torch.Tensor] = None, b_in_master: Optional[torch.Tensor] = None,
+              w_out_master: Optional[torch.Tensor] = None, b_out_master: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     h = torch._addmm_activation(b_in, x.reshape(-1, x.shape[-1]), w_in.t())
     y = torch.addmm(b_out, h, w_out.t())
     return y.view(*x.shape[:-1], w_out.shape[0]), h
 
 
 @_relu_ffn.register_fake
-def _(x, w_in, b_in, w_out, b_out):
+def _(x, w_in, b_in, w_out, b_out, *masters):
     tokens = x.numel() // x.shape[-1]
     return x.new_empty(*x.shape[:-1], w_out.shape[0]), x.new_empty(tokens, w_in.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_in, _, w_out, _ = inputs
+    x, w_in, _, w_out, _ = inputs[:5]
+    ctx.masters = tuple(m is not None for m in inputs[5:9])
+    ctx.master_dtypes = tuple(None if m is None else m.dtype for m in inputs[5:9])
     ctx.save_for_backward(x, w_in, w_out, output[1])
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b in `dtype`: half-precision operands on CUDA accumulate into an fp32 output directly."""
+    if dtype == a.dtype:
+        return a @ b
+    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=dtype)
+    return (a @ b).to(dtype)
 
 
 def _backward(ctx, grad_y, _grad_h):
     x, w_in, w_out, h = ctx.saved_tensors
-    need_x, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad
+    needs = ctx.needs_input_grad
+    # Each parameter's gradient goes to its master when one was given (in the master's dtype), else to it.
+    want = [needs[i + 5] if ctx.masters[i] else needs[i + 1] for i in range(4)]
+    dtypes = [ctx.master_dtypes[i] or t.dtype for i, t in enumerate((w_in, w_in, w_out, w_out))]
     dy = grad_y.reshape(-1, grad_y.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
-    grad_w_out = dy.t() @ h if need_w_out else None
-    grad_b_out = dy.sum(0) if need_b_out else None
-    # d(pre-activation) = (dy W_o) * relu'(.): the Triton GEMM with the mask in its epilogue, or (no
-    # Triton, CPU) the GEMM and a `where` that inductor fuses with its neighbours.
-    g = relu_mask_matmul(dy, w_out, h) if use_mask_gemm(dy) else relu_mask_matmul_torch(dy, w_out, h)
-    grad_x = (g @ w_in).view(x.shape) if need_x else None
-    grad_w_in = grad_b_in = None
-    if need_w_in and need_b_in:
-        d = x2.shape[1]
-        pad = (-(d + 1)) % 8
-        ones = x2.new_ones(x2.shape[0], 1)
-        x_aug = torch.cat([x2, ones, x2.new_zeros(x2.shape[0], pad)] if pad else [x2, ones], dim=1)
-        gwb = g.t() @ x_aug
-        grad_w_in, grad_b_in = gwb[:, :d], gwb[:, d]
-    elif need_w_in:
-        grad_w_in = g.t() @ x2
-    elif need_b_in:
-        grad_b_in = g.sum(0)
-    return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out
+    grad_w_out = _mm(dy.t(), h, dtypes[2]) if want[2] else None
+    grad_b_out = dy.sum(0, dtype=dtypes[3]) if want[3] else None
+    # d(pre-activation) = (dy W_o) * relu'(.), with b_i's gradient (its column sums) from the same kernel:
+    # the Triton/Gluon GEMM with the mask in its epilogue, or (no Triton, CPU) torch ops.
+    if want[1]:
+        g, grad_b_in = relu_mask_matmul_colsum(dy, w_out, h)
+        grad_b_in = grad_b_in.to(dtypes[1])
+    else:
+        g = relu_mask_matmul(dy, w_out, h) if use_mask_gemm(dy) else relu_mask_matmul_torch(dy, w_out, h)
+        grad_b_in = None
+    grad_x = (g @ w_in).view(x.shape) if needs[0] else None
+    grad_w_in = _mm(g.t(), x2, dtypes[0]) if want[0] else None
+    grads = [grad_w_in, grad_b_in, grad_w_out, grad_b_out]
+    own = [None if ctx.masters[i] else grads[i] for i in range(4)]
+    to_master = [grads[i] if ctx.masters[i] else None for i in range(4)]
+    return (grad_x, *own, *to_master)
 
 
 _relu_ffn.register_autograd(_backward, setup_context=_setup_context)
@@ -77,8 +97,12 @@ def relu_ffn(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: tor
              b_out: torch.Tensor) -> torch.Tensor:
     """W_o relu(W_i x + b_i) + b_o for x [..., D], w_in [F, D], w_out [D, F], autocast-aware.
 
-    A custom op has no autocast rule, so the casts autocast would do for two linears are done here."""
+    A custom op has no autocast rule, so the casts autocast would do for two linears are done here; the
+    parameters themselves ride along as masters so that their gradients skip the casts' backward."""
+    params = (w_in, b_in, w_out, b_out)
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
-        x, w_in, b_in, w_out, b_out = (t.to(dt) for t in (x, w_in, b_in, w_out, b_out))
-    return _relu_ffn(x, w_in, b_in, w_out, b_out)[0]
+        if any(p.dtype != dt for p in params):
+            return _relu_ffn(x.to(dt), *(p.to(dt) for p in params), *params)[0]
+        x = x.to(dt)
+    return _relu_ffn(x, *params)[0]

@@ -59,9 +59,9 @@ def _build():
                                         (64, 256, 64, 4, 4), (128, 128, 128, 8, 3), (128, 64, 64, 4, 5))]
 
     @triton.jit
-    def relu_mask_gemm_kernel(A, B, H, C, M, N, K, s_am, s_ak, s_bk, s_bn, s_hm, s_hn, s_cm, s_cn,
+    def relu_mask_gemm_kernel(A, B, H, C, P, M, N, K, s_am, s_ak, s_bk, s_bn, s_hm, s_hn, s_cm, s_cn,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-               EVEN_K: tl.constexpr):
+               EVEN_K: tl.constexpr, COL_SUM: tl.constexpr):
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BM)
         num_n = tl.cdiv(N, BN)
@@ -97,15 +97,18 @@ def _build():
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         rows = rm[:, None].to(tl.int64)  # M x N may pass 2^31 elements
         h = tl.load(H + rows * s_hm + rn[None, :] * s_hn, mask=mask, other=0.0)
-        out = tl.where(h > 0, acc, 0.0)
-        tl.store(C + rows * s_cm + rn[None, :] * s_cn, out.to(C.dtype.element_ty), mask=mask)
+        out = tl.where(h > 0, acc, 0.0).to(C.dtype.element_ty)
+        tl.store(C + rows * s_cm + rn[None, :] * s_cn, out, mask=mask)
+        if COL_SUM:  # rows past M read h as 0, so they add nothing
+            tl.store(P + pid_m * N + rn, tl.sum(out.to(tl.float32), axis=0), mask=rn < N)
 
     @triton.jit
-    def relu_mask_gemm_tma_kernel(a_desc, b_desc, h_desc, c_desc, M, N, K,
+    def relu_mask_gemm_tma_kernel(a_desc, b_desc, h_desc, c_desc, P, M, N, K,
                                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                                   GROUP_M: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr,
                                   SUBTILE: tl.constexpr, FLATTEN: tl.constexpr,
-                                  WARP_SPEC: tl.constexpr, OCC: tl.constexpr, INTERLEAVE: tl.constexpr):
+                                  WARP_SPEC: tl.constexpr, OCC: tl.constexpr, INTERLEAVE: tl.constexpr,
+                                  COL_SUM: tl.constexpr):
         # Persistent: program p does tiles p, p + P, p + 2P, ... (P programs). TMA zero-fills reads
         # outside a, b, h and drops writes outside c, so partial tiles need no masks. With FLATTEN the
         # compiler fuses the tile loop and the K loop into one software-pipelined loop: the next tile's
@@ -149,16 +152,27 @@ def _build():
             if SUBTILE:  # two [BM, BN/2] halves: half the shared memory for the h and c tiles
                 acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, HN)), (0, 2, 1)))
                 h0 = h_desc.load([om_c, on_c])
+                c0 = tl.where(h0 > 0, acc0, 0.0).to(dtype)
                 if INTERLEAVE:  # the first half's store (asynchronous) overlaps the second half's read
-                    c_desc.store([om_c, on_c], tl.where(h0 > 0, acc0, 0.0).to(dtype))
+                    c_desc.store([om_c, on_c], c0)
                     h1 = h_desc.load([om_c, on_c + HN])
                 else:
                     h1 = h_desc.load([om_c, on_c + HN])
-                    c_desc.store([om_c, on_c], tl.where(h0 > 0, acc0, 0.0).to(dtype))
-                c_desc.store([om_c, on_c + HN], tl.where(h1 > 0, acc1, 0.0).to(dtype))
+                    c_desc.store([om_c, on_c], c0)
+                c1 = tl.where(h1 > 0, acc1, 0.0).to(dtype)
+                c_desc.store([om_c, on_c + HN], c1)
+                if COL_SUM:  # TMA zero-fills h past M: those rows add nothing
+                    cols = on_c + tl.arange(0, HN)
+                    row = P + (om_c // BM) * N
+                    tl.store(row + cols, tl.sum(c0.to(tl.float32), axis=0), mask=cols < N)
+                    tl.store(row + HN + cols, tl.sum(c1.to(tl.float32), axis=0), mask=cols + HN < N)
             else:
                 h = h_desc.load([om_c, on_c])
-                c_desc.store([om_c, on_c], tl.where(h > 0, acc, 0.0).to(dtype))
+                c = tl.where(h > 0, acc, 0.0).to(dtype)
+                c_desc.store([om_c, on_c], c)
+                if COL_SUM:
+                    cols = on_c + tl.arange(0, BN)
+                    tl.store(P + (om_c // BM) * N + cols, tl.sum(c.to(tl.float32), axis=0), mask=cols < N)
 
     def set_blocks(nargs):
         bm, bn, bk, hn = nargs["BM"], nargs["BN"], nargs["BK"], nargs["BN"] // (2 if nargs["SUBTILE"] else 1)
@@ -199,6 +213,10 @@ def relu_mask_matmul_torch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor) ->
     return torch.where(h > 0, prod, torch.zeros_like(prod))
 
 
+def _sum_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)  # fp32 sums of half precision, float64 stays
+
+
 def use_mask_gemm(a: torch.Tensor) -> bool:
     """Whether the Triton kernel serves operands like `a` (CUDA, half precision, Triton available)."""
     return USE_TRITON and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _triton_ok()
@@ -209,6 +227,17 @@ def relu_mask_matmul(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch
     if not use_mask_gemm(a):
         return relu_mask_matmul_torch(a, b, h)
     return launch(a, b, h)
+
+
+@torch.library.custom_op("ssd_megatron::relu_mask_matmul_colsum", mutates_args=())
+def relu_mask_matmul_colsum(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, c's column sums in fp32): the FFN's b_i gradient from the masked GEMM's epilogue, which holds
+    every tile of c anyway, instead of a pass over c (or over an augmented copy of x) afterwards."""
+    if not use_mask_gemm(a):
+        c = relu_mask_matmul_torch(a, b, h)
+        return c, c.sum(0, dtype=_sum_dtype(c))
+    c, partial = launch(a, b, h, col_sum=True)
+    return c, partial.sum(0)
 
 
 def _sms(device: torch.device) -> int:
@@ -243,7 +272,7 @@ def _tma_operands(a, b, h, c):
     return None if any(v is None for v in views) else views
 
 
-def _launch_tma(views, a, h, c, M, N, K, config: dict | None = None):
+def _launch_tma(views, a, h, c, p, M, N, K, config: dict | None = None):
     """The persistent TMA kernel: with TMA_CONFIGS, or with `config` (BM, BN, BK, GROUP_M, SUBTILE, FLATTEN,
     WARP_SPEC, OCC, INTERLEAVE, num_warps, num_stages; tools/bench_mask_gemm.py sweeps these)."""
     TensorDescriptor = _STATE["descriptor"]
@@ -256,49 +285,70 @@ def _launch_tma(views, a, h, c, M, N, K, config: dict | None = None):
         tiles = ((M + meta["BM"] - 1) // meta["BM"]) * ((N + meta["BN"] - 1) // meta["BN"])
         return (min(tiles, meta["OCC"] * sms) if meta["OCC"] else tiles,)
 
-    args = (*descs, M, N, K)
+    args = (*descs, p if p is not None else c, M, N, K)
     if config is None:
-        _STATE["tma_tuned"][grid](*args, A_T=a_t, B_T=b_t)
+        _STATE["tma_tuned"][grid](*args, A_T=a_t, B_T=b_t, COL_SUM=p is not None)
     else:
         meta = dict(config)
         warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
         _STATE["set_blocks"]({"a_desc": descs[0], "b_desc": descs[1], "h_desc": descs[2], "c_desc": descs[3],
                               "A_T": a_t, "B_T": b_t, **meta})
-        _STATE["tma_kernel"][grid](*args, A_T=a_t, B_T=b_t, num_warps=warps, num_stages=stages, **meta)
+        _STATE["tma_kernel"][grid](*args, A_T=a_t, B_T=b_t, COL_SUM=p is not None, num_warps=warps,
+                                   num_stages=stages, **meta)
     return c
 
 
 def launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, tiles: tuple | None = None,
-           tma_config: dict | None = None) -> torch.Tensor:
+           tma_config: dict | None = None, col_sum: bool = False):
     """Run a GPU kernel: on Hopper with row-major operands the Gluon ping-pong kernel
     (relu_mask_gemm_gluon.py), else the persistent TMA one where it applies (TMA_CONFIGS, or `tma_config`),
     else the pointer-based one (autotuned, or with `tiles` = (BM, BN, BK, GROUP_M): tests under
-    TRITON_INTERPRET use small tiles so that tiny shapes span several, with partial ones)."""
+    TRITON_INTERPRET use small tiles so that tiny shapes span several, with partial ones).
+
+    Returns c, or with `col_sum` (c, partial) where partial [row tiles, N] fp32 holds each row tile's
+    column sums of c (every element written by exactly one tile; `partial.sum(0)` is c's column sum)."""
     if not _triton_ok():
         raise RuntimeError("relu_mask_matmul: Triton is not available")
     M, K = a.shape
     N = b.shape[1]
     c = torch.empty(M, N, dtype=a.dtype, device=a.device)
+
+    def partial(bm):
+        return torch.empty(-(-M // bm), N, dtype=torch.float32, device=a.device) if col_sum else None
+
+    def out(p):
+        return (c, p) if col_sum else c
+
     if tiles is None and tma_config is None and USE_GLUON and relu_mask_gemm_gluon.serves(a, b, h, c):
-        return relu_mask_gemm_gluon.launch(a, b, h, c)
+        p = partial(relu_mask_gemm_gluon.BM)
+        relu_mask_gemm_gluon.launch(a, b, h, c, p)
+        return out(p)
     if tiles is None:
         views = _tma_operands(a, b, h, c)
         if views is not None:
-            return _launch_tma(views, a, h, c, M, N, K, tma_config)
+            p = partial((tma_config or {}).get("BM", TMA_CONFIGS[0][0]))
+            _launch_tma(views, a, h, c, p, M, N, K, tma_config)
+            return out(p)
 
     def grid(meta):
         return (((M + meta["BM"] - 1) // meta["BM"]) * ((N + meta["BN"] - 1) // meta["BN"]),)
 
-    args = (a, b, h, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+    p = partial(tiles[0]) if tiles is not None else None
+    args = (a, b, h, c, c if p is None else p, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             h.stride(0), h.stride(1), c.stride(0), c.stride(1))
-    if tiles is None:
-        _STATE["tuned"][grid](*args)
-    else:
-        bm, bn, bk, gm = tiles
-        _STATE["kernel"][grid](*args, BM=bm, BN=bn, BK=bk, GROUP_M=gm)
-    return c
+    if tiles is None:  # autotuned BM, so no fixed row-tile count: the fallback sums c afterwards
+        _STATE["tuned"][grid](*args, COL_SUM=False)
+        return out(c.sum(0, dtype=torch.float32)[None] if col_sum else None)
+    bm, bn, bk, gm = tiles
+    _STATE["kernel"][grid](*args, BM=bm, BN=bn, BK=bk, GROUP_M=gm, COL_SUM=p is not None)
+    return out(p)
 
 
 @relu_mask_matmul.register_fake
 def _(a, b, h):
     return a.new_empty(a.shape[0], b.shape[1])
+
+
+@relu_mask_matmul_colsum.register_fake
+def _(a, b, h):
+    return a.new_empty(a.shape[0], b.shape[1]), a.new_empty(b.shape[1], dtype=_sum_dtype(a))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ssd_megatron.ffn.fused_relu_ffn import _relu_ffn, relu_ffn
-from ssd_megatron.ffn.relu_mask_matmul import relu_mask_matmul
+from ssd_megatron.ffn.relu_mask_matmul import relu_mask_matmul, relu_mask_matmul_colsum
 from ssd_megatron.ffn.switchable_ffn import SwitchableFFN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,7 +52,7 @@ def test_equals_the_unfused_ffn(dtype):
     assert (h == 0).any() and (h > 0).any()  # both sides of the ReLU are exercised
 
 
-@pytest.mark.parametrize("d", [16, 13, 7])  # padding of the augmented operand: 7, 2 and 0 columns
+@pytest.mark.parametrize("d", [16, 13, 7])
 @pytest.mark.parametrize("wanted", [(1, 1, 1, 1, 1), (0, 1, 0, 0, 0), (0, 0, 1, 0, 0), (1, 0, 0, 0, 0),
                                     (0, 0, 0, 1, 1), (1, 1, 1, 0, 0)])
 def test_partial_gradients(d, wanted):
@@ -83,14 +83,51 @@ def test_autocast_casts_like_linears():
         ref = _reference(*inputs)
     assert y.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref.float(), rtol=3e-2, atol=3e-2)
-    y.float().sum().backward()
-    assert all(t.grad.dtype == torch.float32 for t in inputs)
+    grad_out = torch.randn_like(y)
+    ours = torch.autograd.grad(y, inputs, grad_out)
+    refs = torch.autograd.grad(ref, inputs, grad_out)
+    assert all(g.dtype == torch.float32 for g in ours)  # the fp32 parameters' own gradients, via the masters
+    for a, r in zip(ours, refs):
+        torch.testing.assert_close(a, r, rtol=3e-2, atol=3e-2 * max(1.0, r.abs().max().item()))
+
+
+def test_masters_receive_the_parameter_gradients():
+    """Under autocast the op gets the bf16 copies and the fp32 parameters; the gradients go to the latter
+    only (nothing flows back through the casts), each equal to the gradient of the copy it stands for."""
+    x, *params = _inputs(torch.float32)
+    copies = [p.detach().bfloat16().requires_grad_() for p in params]
+    xb = x.detach().bfloat16()
+    y, _ = _relu_ffn(xb, *copies, *params)
+    y_ref, _ = _relu_ffn(xb, *copies)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, copies + params, g, allow_unused=True)
+    assert grads[:4] == (None,) * 4
+    to_masters, to_copies = grads[4:], torch.autograd.grad(y_ref, copies, g)
+    for m, c in zip(to_masters, to_copies):
+        assert m.dtype == torch.float32 and c.dtype == torch.bfloat16
+        torch.testing.assert_close(m.bfloat16(), c, rtol=2e-2, atol=2e-2)
+
+
+def test_masked_matmul_column_sums():
+    from ssd_megatron.ffn.relu_mask_matmul import relu_mask_matmul_colsum
+
+    a, b, h = torch.randn(37, 8, dtype=torch.float64), torch.randn(8, 11, dtype=torch.float64), torch.randn(37, 11)
+    c, s = relu_mask_matmul_colsum(a, b, h.double())
+    assert s.dtype == torch.float64
+    torch.testing.assert_close(c, torch.where(h > 0, a @ b, 0.0).double())
+    torch.testing.assert_close(s, c.sum(0))
+    cb, sb = relu_mask_matmul_colsum(a.bfloat16(), b.bfloat16(), h.bfloat16())
+    assert cb.dtype == torch.bfloat16 and sb.dtype == torch.float32
 
 
 def test_opcheck():
     torch.library.opcheck(_relu_ffn, tuple(_inputs(torch.float32)))
     a, b, h = torch.randn(6, 4), torch.randn(4, 5), torch.randn(6, 5)
     torch.library.opcheck(relu_mask_matmul, (a, b, h))
+    torch.library.opcheck(relu_mask_matmul_colsum, (a, b, h))
+    x, *params = _inputs(torch.float32)
+    copies = [p.detach().bfloat16().requires_grad_() for p in params]
+    torch.library.opcheck(_relu_ffn, (x.detach().bfloat16(), *copies, *params))
 
 
 def test_traces_without_graph_break():
@@ -142,7 +179,9 @@ def _interpreted_kernel_main():  # runs in a subprocess with TRITON_INTERPRET=1 
         a, h = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
         for b in (torch.randn(K, N, generator=g), torch.randn(N, K, generator=g).t()):  # row-major, strided
             c, r = launch(a, b, h, tiles), relu_mask_matmul_torch(a, b, h)
-            out.append([float((c - r).abs().max()), bool(((c == 0) == (r == 0)).all())])
+            c2, partial = launch(a, b, h, tiles, col_sum=True)
+            out.append([float(max((c - r).abs().max(), (c2 - r).abs().max(), (partial.sum(0) - r.sum(0)).abs().max())),
+                        bool(((c == 0) == (r == 0)).all()) and partial.shape == (-(-M // tiles[0]), N)])
     print(json.dumps(out))
 
 

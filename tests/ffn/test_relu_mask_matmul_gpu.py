@@ -1,7 +1,7 @@
 """The masked GEMM's kernels on a GPU (skipped without CUDA): the Gluon ping-pong kernel (compute capability
 9.0, row-major operands), the persistent Triton TMA kernel (Hopper and newer, TMA-describable operands) and
 the pointer kernel they fall back to compute (a @ b) * (h > 0), with exact zeros where h <= 0 and every
-element written, at shapes off the tile grid and at any strides."""
+element written, at shapes off the tile grid and at any strides; with `col_sum` also c's column sums."""
 import importlib.util
 
 import pytest
@@ -25,6 +25,11 @@ def _check(a, b, h, expect_tma=None):
     assert not torch.isnan(c).any()
     assert torch.all(c[h <= 0] == 0)
     assert ((c.double() - ref).norm() / ref.norm()).item() < 1e-2
+    # The same kernel with the column sums of c (the FFN's b_i gradient) from its epilogue.
+    c2, partial = m.launch(a, b, h, col_sum=True)
+    assert torch.equal(c2, c) and partial.dtype == torch.float32
+    col = c.double().sum(0)
+    assert ((partial.double().sum(0) - col).norm() / col.norm()).item() < 1e-3
 
 
 def _r(*shape, dtype=torch.bfloat16):
