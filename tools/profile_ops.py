@@ -37,6 +37,10 @@ def main() -> int:
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
+    if not torch.cuda.is_available():
+        print("error: tools/profile_ops.py profiles CUDA kernels and needs a GPU (run it through the device tool)",
+              file=sys.stderr)
+        return 2
     torch.set_float32_matmul_precision("high")
     dev = torch.device("cuda")
     shape = dict(S.BASE)
