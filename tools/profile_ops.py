@@ -1,8 +1,9 @@
 """Which code launches each small kernel of the GPT-base training step: the kernel tables of
 `ssd-bench step --profile` name kernels (reduce_kernel, Memset, FillFunctor, copies) but not who asked
-for them. This profiles eager steps of our step (compiled blocks, the loop's loss, clipping, AdamW) with
-Python stacks and prints, for every kernel that is not a GEMM or attention, the aten op that launched it
-and the innermost frame of this repo (or of inductor's generated code) above it, per step.
+for them. This profiles eager steps of our step (compiled blocks, the loop's loss, clipping, AdamW) and
+prints, for every kernel that is not a GEMM or attention, the op that launched it and that op's caller
+(for a compiled block: its "Call CompiledFxGraph" range), per step. (Python stacks were tried: inside
+compiled code the profiler attached none.)
 
     python tools/profile_ops.py [--steps 2] [--top 40]
 """
@@ -18,16 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ssd_megatron.bench import step as S  # noqa: E402
 
 _BIG = ("nvjet", "gemm", "sdpa", "cudnn_generated", "flash", "ce_rows", "adamw_blocks")
-
-
-def _frame(e) -> str:
-    while e is not None and not e.stack:  # nested aten ops carry no stack of their own: their caller does
-        e = e.cpu_parent
-    stack = e.stack if e is not None else []
-    for fr in stack:
-        if "ssd_megatron/" in fr or "torchinductor" in fr:
-            return fr.split("ssd_megatron/")[-1][:90]
-    return (stack[0][:90] if stack else "?")
 
 
 def main() -> int:
@@ -48,9 +39,9 @@ def main() -> int:
     run, loss_fn = S.prepare_ours(model, "loop", True)
     holder = {}
 
-    def capture(step, start, device, out_dir, tag):  # time_training's profiling hook, with stacks
+    def capture(step, start, device, out_dir, tag):  # replaces time_training's profiling hook
         S._sync(device)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(args.steps):
                 step(start + i)
             S._sync(device)
@@ -65,16 +56,16 @@ def main() -> int:
             if any(b in k.name.lower() for b in _BIG):
                 continue
             parent = e.cpu_parent.name[:30] if e.cpu_parent is not None else "-"
-            key = (k.name[:60], f"{parent} > {e.name[:30]}", _frame(e))
+            key = (k.name[:60], f"{parent} > {e.name[:30]}")
             rows[key][0] += 1
             rows[key][1] += k.duration
     n = args.steps
     total = sum(t for _, t in rows.values())
     print(f"non-GEMM, non-attention kernels: {total / n / 1e3:.3f} ms/step, "
           f"{sum(c for c, _ in rows.values()) / n:.0f} launches/step")
-    print(f"{'ms/step':>8} {'calls':>6}  kernel | launching op | frame")
-    for (kname, op, fr), (c, t) in sorted(rows.items(), key=lambda kv: -kv[1][1])[:args.top]:
-        print(f"{t / n / 1e3:8.3f} {c / n:6.1f}  {kname} | {op} | {fr}")
+    print(f"{'ms/step':>8} {'calls':>6}  kernel | caller > launching op")
+    for (kname, op), (c, t) in sorted(rows.items(), key=lambda kv: -kv[1][1])[:args.top]:
+        print(f"{t / n / 1e3:8.3f} {c / n:6.1f}  {kname} | {op}")
     return 0
 
 

@@ -50,8 +50,7 @@ def _(x, w_in, b_in, w_out, b_out, *masters):
 
 def _setup_context(ctx, inputs, output):
     x, w_in, _, w_out, _ = inputs[:5]
-    ctx.masters = tuple(m is not None for m in inputs[5:9])
-    ctx.master_dtypes = tuple(None if m is None else m.dtype for m in inputs[5:9])
+    ctx.master_dtypes = tuple(None if m is None else m.dtype for m in inputs[5:9])  # None: no master
     ctx.save_for_backward(x, w_in, w_out, output[1])
 
 
@@ -68,7 +67,8 @@ def _backward(ctx, grad_y, _grad_h):
     x, w_in, w_out, h = ctx.saved_tensors
     needs = ctx.needs_input_grad
     # Each parameter's gradient goes to its master when one was given (in the master's dtype), else to it.
-    want = [needs[i + 5] if ctx.masters[i] else needs[i + 1] for i in range(4)]
+    masters = [d is not None for d in ctx.master_dtypes]
+    want = [needs[i + 5] if masters[i] else needs[i + 1] for i in range(4)]
     dtypes = [ctx.master_dtypes[i] or t.dtype for i, t in enumerate((w_in, w_in, w_out, w_out))]
     dy = grad_y.reshape(-1, grad_y.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
@@ -85,8 +85,8 @@ def _backward(ctx, grad_y, _grad_h):
     grad_x = (g @ w_in).view(x.shape) if needs[0] else None
     grad_w_in = _mm(g.t(), x2, dtypes[0]) if want[0] else None
     grads = [grad_w_in, grad_b_in, grad_w_out, grad_b_out]
-    own = [None if ctx.masters[i] else grads[i] for i in range(4)]
-    to_master = [grads[i] if ctx.masters[i] else None for i in range(4)]
+    own = [None if masters[i] else grads[i] for i in range(4)]
+    to_master = [grads[i] if masters[i] else None for i in range(4)]
     return (grad_x, *own, *to_master)
 
 

@@ -109,8 +109,6 @@ def test_masters_receive_the_parameter_gradients():
 
 
 def test_masked_matmul_column_sums():
-    from ssd_megatron.ffn.relu_mask_matmul import relu_mask_matmul_colsum
-
     a, b, h = torch.randn(37, 8, dtype=torch.float64), torch.randn(8, 11, dtype=torch.float64), torch.randn(37, 11)
     c, s = relu_mask_matmul_colsum(a, b, h.double())
     assert s.dtype == torch.float64
