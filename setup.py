@@ -20,7 +20,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-xdist", "transformers>=4.40", "scikit-learn", "scipy", "faiss-cpu"],
+        "dev": ["pytest>=7", "pytest-xdist", "transformers>=4.40", "scikit-learn", "scipy", "faiss-cpu", "triton"],
         "faiss": ["faiss-cpu"],
         "wandb": ["wandb"],
         "triton": ["triton"],

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..ffn.activations import ACTIVATIONS, apply_activation, is_glu
+from ..ffn.centroid_router import centroid_topk
 
 SHAPES = {  # name: (d_model, d_ff, num_experts, top_k)
     "base": (768, 6144, 32, 6),
@@ -91,10 +92,10 @@ class Layer:
 
     def route(self, x, w1, k):
         c = w1[:, : self.E].mean(dim=1)
-        s = x @ c.t()
-        if self.noise is not None:
-            s = s + self.noise
-        top, idx = s.topk(k, dim=-1)
+        if self.noise is None:  # SwitchableFFN's router
+            top, idx = centroid_topk(x, c, k)
+        else:
+            top, idx = (x @ c.t() + self.noise).topk(k, dim=-1)
         return idx, (top - top.detach()) + 1
 
     def sparse(self, x, backend):

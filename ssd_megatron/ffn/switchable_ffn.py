@@ -16,6 +16,7 @@ from torch import nn
 from .activations import ACTIVATIONS, apply_activation, is_glu
 from .backends import get_backend
 from .backends.weights import gather_expert_weights, inverse_permutation
+from .centroid_router import centroid_topk
 from .fused_relu_ffn import relu_ffn
 
 MODES = ("dense", "sparse")
@@ -152,8 +153,7 @@ class SwitchableFFN(nn.Module):
             # No gradient path through the router at all (neither into W_i nor into x): the sparse
             # layer's gradients are then exactly the dense layer's restricted to the chosen experts.
             centroids, x2 = centroids.detach(), x2.detach()
-        scores = x2 @ centroids.t()
-        top_scores, top_idx = scores.topk(k, dim=-1)
+        top_scores, top_idx = centroid_topk(x2, centroids, k)
         gate = straight_through_gate(top_scores)
         if self.dynamic_drop_ratio > 0 and not self.training:
             gate = gate * _dynamic_keep_mask(top_scores, self.dynamic_drop_ratio)

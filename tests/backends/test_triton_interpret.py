@@ -1,4 +1,5 @@
-"""The triton backend's kernels under TRITON_INTERPRET=1 on CPU, tiny shapes, fp32.
+"""The triton backend's kernels under TRITON_INTERPRET=1 on CPU, tiny shapes, fp32 (and its routing plan's
+counting sort against torch's stable sort).
 
 Runs in a subprocess: triton reads TRITON_INTERPRET when a @triton.jit function is defined, including
 its own library functions (tl.cumsum...), so the variable must be set before triton is imported.
@@ -44,6 +45,30 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
         except Exception as exc:  # reported per case by the parent
             results.append({"exception": f"{type(exc).__name__}: {exc}"[:2000]})
     print("RESULTS " + json.dumps(results))
+    print("PLANS " + json.dumps(_plan_results()))
+
+
+# (T, N, K, routing): the counting-sort plan kernels against torch's sort; M not a block multiple,
+# N = 64 (wider one-hot, shorter blocks), empty experts, every pair on one expert, T = 0
+PLAN_CASES = [(1000, 32, 6, "random"), (333, 64, 16, "random"), (77, 3, 1, "random"), (500, 16, 4, "empty"),
+              (129, 8, 2, "one"), (0, 8, 2, "random")]
+
+
+def _plan_results():
+    from ssd_megatron.ffn.backends._triton_kernels import routing_plan
+    from ssd_megatron.ffn.backends.routing import sort_plan
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for T, N, K, routing in PLAN_CASES:
+        if routing == "one":
+            idx = torch.zeros(T, K, dtype=torch.long)
+            idx[:, 1:] = torch.arange(1, K)
+        else:
+            n = N // 2 if routing == "empty" else N
+            idx = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K).long()
+        got, want = routing_plan(idx.reshape(-1), N, K), sort_plan(idx.reshape(-1), N, K)
+        out.append(all(a.dtype == b.dtype == torch.int32 and torch.equal(a, b) for a, b in zip(got, want)))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +81,22 @@ def interpret_results():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
                          timeout=300)
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert out.returncode == 0 and line, out.stderr[-4000:] + out.stdout[-2000:]
-    return json.loads(line[-1][len("RESULTS "):])
+    lines = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.stdout.splitlines() if " " in ln}
+    assert out.returncode == 0 and "RESULTS" in lines and "PLANS" in lines, out.stderr[-4000:] + out.stdout[-2000:]
+    return json.loads(lines["RESULTS"]), json.loads(lines["PLANS"])
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[c["activation"] for c, _ in CASES])
 def test_triton_interpret_matches_reference(interpret_results, i):
-    res = interpret_results[i]
+    res = interpret_results[0][i]
     assert "exception" not in res, res.get("exception")
     bad = {k: v for k, v in res["errors"].items() if not v <= TOL}
     assert not bad, f"case {CASES[i]}: errors above {TOL}: {res['errors']}"
+
+
+@pytest.mark.parametrize("i", range(len(PLAN_CASES)), ids=[f"T{c[0]}-N{c[1]}-K{c[2]}-{c[3]}" for c in PLAN_CASES])
+def test_counting_sort_plan_equals_torch_sort(interpret_results, i):
+    assert interpret_results[1][i], PLAN_CASES[i]
 
 
 if __name__ == "__main__":

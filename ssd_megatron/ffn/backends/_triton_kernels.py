@@ -14,7 +14,8 @@ plan instead of from materialised copies (ScatterMoE's idea; the code here is ou
   wgrad   dW[e] = sum_{r in e} L[r]^T R[token[r]]       (grouped weight gradients; R gathered in-kernel
           dW2: L = ga, R = dy;  dW1: L = dh, R = x     or pre-gathered, see TritonBackend(wgrad=...))
 
-Expert e owns sorted rows offsets[e]:offsets[e+1]. The M-tiles of `up`/`down` never straddle two
+The routing plan itself (the pairs sorted by expert) is a counting sort in three small kernels
+(`routing_plan`). Expert e owns sorted rows offsets[e]:offsets[e+1]. The M-tiles of `up`/`down` never straddle two
 experts: every program finds its (expert, first row) from the offsets with a vectorised cumsum over
 the per-expert tile counts, so the grid is a host-side upper bound (cdiv(M, BM) + N tiles) and no
 count ever travels to the host.
@@ -295,6 +296,83 @@ def _wgrad_kernel(
         acc = tl.dot(lt, r, acc, input_precision=PREC)
     tl.store(DW + e.to(tl.int64) * stride_de + pc[:, None] * stride_dp + qc[None, :] * stride_dq,
              acc.to(DW.dtype.element_ty), mask=pm[:, None] & qm[None, :])
+
+
+# ----------------------------------------------------------------------------- routing plan (counting sort)
+
+@triton.jit
+def _block_onehot(IDX, b, M, BLK: tl.constexpr, NP2: tl.constexpr):
+    """Pairs b*BLK.. of the flat expert ids: (pair ids, mask, expert ids, one-hot [BLK, NP2] int32)."""
+    p = b * BLK + tl.arange(0, BLK)
+    pm = p < M
+    e = tl.load(IDX + p, mask=pm, other=0).to(tl.int32)
+    onehot = ((e[:, None] == tl.arange(0, NP2)[None, :]) & pm[:, None]).to(tl.int32)
+    return p, pm, e, onehot
+
+
+@triton.jit
+def _plan_count_kernel(IDX, COUNTS, M, BLK: tl.constexpr, NP2: tl.constexpr):
+    """COUNTS[b, e] = pairs of block b routed to expert e."""
+    b = tl.program_id(0)
+    _, _, _, onehot = _block_onehot(IDX, b, M, BLK, NP2)
+    tl.store(COUNTS + b * NP2 + tl.arange(0, NP2), tl.sum(onehot, 0))
+
+
+@triton.jit
+def _plan_scan_kernel(COUNTS, BASE, OFFS, NB, N, CH: tl.constexpr, NP2: tl.constexpr):
+    """One program: OFFS [N+1] = exclusive sums of the expert totals; BASE[b, e] = OFFS[e] + pairs of
+    expert e in blocks before b (where block b's rows of expert e start in the sorted order)."""
+    cols = tl.arange(0, NP2)
+    chunk = tl.arange(0, CH)
+    total = tl.zeros((NP2,), dtype=tl.int32)
+    for b0 in range(0, NB, CH):
+        m = (b0 + chunk) < NB
+        c = tl.load(COUNTS + (b0 + chunk)[:, None] * NP2 + cols[None, :], mask=m[:, None], other=0)
+        total += tl.sum(c, 0)
+    start = tl.cumsum(total, 0) - total
+    tl.store(OFFS + cols, start, mask=cols < N)
+    tl.store(OFFS + N, tl.sum(total, 0))
+    run = start
+    for b0 in range(0, NB, CH):
+        m = (b0 + chunk) < NB
+        c = tl.load(COUNTS + (b0 + chunk)[:, None] * NP2 + cols[None, :], mask=m[:, None], other=0)
+        tl.store(BASE + (b0 + chunk)[:, None] * NP2 + cols[None, :], run[None, :] + tl.cumsum(c, 0) - c,
+                 mask=m[:, None])
+        run += tl.sum(c, 0)
+
+
+@triton.jit
+def _plan_scatter_kernel(IDX, BASE, ORDER, TOK, SEXP, M, K, BLK: tl.constexpr, NP2: tl.constexpr):
+    """Each pair's sorted row = its block's start for its expert + its rank among the block's pairs of
+    that expert (a stable counting sort: within an expert, pairs keep increasing order)."""
+    b = tl.program_id(0)
+    p, pm, e, onehot = _block_onehot(IDX, b, M, BLK, NP2)
+    rank = tl.sum(onehot * (tl.cumsum(onehot, 0) - 1), 1)
+    row = tl.load(BASE + b * NP2 + e, mask=pm, other=0) + rank
+    tl.store(ORDER + row, p, mask=pm)
+    tl.store(TOK + row, p // K, mask=pm)
+    tl.store(SEXP + row, e, mask=pm)
+
+
+def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int):
+    """(order, token, sorted expert, offsets), all int32: the stable sort of the flat pairs by expert
+    as three small kernels (counts per block, one scan, scatter) instead of a radix sort + searchsorted."""
+    M, N = flat_idx.numel(), num_experts
+    dev = flat_idx.device
+    np2 = max(16, triton.next_power_of_2(N))
+    blk = max(64, 8192 // np2)  # one-hot tile of 8192 entries per program
+    nb = triton.cdiv(M, blk)
+    counts = torch.empty(nb, np2, device=dev, dtype=torch.int32)
+    base = torch.empty_like(counts)
+    offsets = torch.empty(N + 1, device=dev, dtype=torch.int32)
+    order, token, sexp = (torch.empty(M, device=dev, dtype=torch.int32) for _ in range(3))
+    if M:
+        _plan_count_kernel[(nb,)](flat_idx, counts, M, BLK=blk, NP2=np2, num_warps=4)
+        _plan_scan_kernel[(1,)](counts, base, offsets, nb, N, CH=max(1, 4096 // np2), NP2=np2, num_warps=4)
+        _plan_scatter_kernel[(nb,)](flat_idx, base, order, token, sexp, M, top_k, BLK=blk, NP2=np2, num_warps=4)
+    else:
+        offsets.zero_()
+    return order, token, sexp, offsets
 
 
 # ----------------------------------------------------------------------------- configs and launchers

@@ -5,8 +5,9 @@ topk_idx[t, k]. A stable sort by expert gives `order` (sorted position r -> pair
 expert e are the contiguous range offsets[e]:offsets[e+1] of the sorted order, and within an expert
 the tokens stay in increasing order (good for the gathers' locality and deterministic sums).
 
-Everything here is a handful of device ops (sort, searchsorted, casts): no `.item()`, `.tolist()` or
-`bincount` (which syncs to size its output), so a training step never waits on the host.
+Everything here is a handful of device ops (sort, searchsorted, casts; on CUDA a counting sort in three
+Triton kernels): no `.item()`, `.tolist()` or `bincount` (which syncs to size its output), so a training
+step never waits on the host.
 """
 from __future__ import annotations
 
@@ -42,15 +43,28 @@ class RoutingPlan:
 def make_plan(topk_idx: torch.Tensor, num_experts: int) -> RoutingPlan:
     T, K = topk_idx.shape
     flat = topk_idx.reshape(-1)
+    from .triton_backend import triton_runs_on  # (triton_backend imports this module)
+
+    if triton_runs_on(flat):  # a counting sort in three small Triton kernels (the same result)
+        from ._triton_kernels import routing_plan
+
+        order, token, sorted_expert, offsets = routing_plan(flat.contiguous(), num_experts, K)
+    else:
+        order, token, sorted_expert, offsets = sort_plan(flat, num_experts, K)
+    return RoutingPlan(num_experts=num_experts, top_k=K, num_tokens=T, order=order, token=token,
+                       sorted_expert32=sorted_expert, offsets=offsets)
+
+
+def sort_plan(flat: torch.Tensor, num_experts: int, top_k: int):
+    """(order, token, sorted expert, offsets), all int32, in torch ops: a stable sort + searchsorted."""
     with torch.no_grad():
         # int32 keys: the radix sort does half the passes of int64 keys.
         sorted_expert, order = torch.sort(flat.to(torch.int32), stable=True)
         bounds = torch.arange(num_experts + 1, device=flat.device, dtype=torch.int32)
         offsets = torch.searchsorted(sorted_expert, bounds).to(torch.int32)
         order32 = order.to(torch.int32)
-        token = torch.div(order32, K, rounding_mode="floor")
-    return RoutingPlan(num_experts=num_experts, top_k=K, num_tokens=T, order=order32, token=token,
-                       sorted_expert32=sorted_expert, offsets=offsets)
+        token = torch.div(order32, top_k, rounding_mode="floor")
+    return order32, token, sorted_expert, offsets
 
 
 def inverse_order(plan: RoutingPlan) -> torch.Tensor:

@@ -39,6 +39,11 @@ def triton_available() -> bool:
     return True
 
 
+def triton_runs_on(t: torch.Tensor) -> bool:
+    """Whether our Triton kernels can take `t`: a CUDA tensor (or any under TRITON_INTERPRET=1, for tests)."""
+    return (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and triton_available()
+
+
 class _TritonExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, gate, topk_idx, activation, combine, wgrad):

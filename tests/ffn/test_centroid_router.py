@@ -1,0 +1,111 @@
+"""SSD's router (eq. 4) as one Triton kernel equals `(x @ c.T).topk(k)` in the chosen experts, their
+scores and both gradients: interpreted on CPU here (TRITON_INTERPRET=1 in a subprocess), compiled on
+the GPU (bf16 included), and inside torch.compile."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from ssd_megatron.ffn.centroid_router import centroid_topk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# (T, D, N, k): partial row blocks, D not a multiple of the 64-wide slices, N padded to 16, k = 1 and k = N
+CASES = [(37, 40, 32, 6), (5, 70, 5, 5), (64, 64, 64, 16), (9, 16, 3, 1)]
+
+
+def _check(T, D, N, k, dtype, device, generator, ties=False):
+    """Errors of the scores, dx and dc against float64 autograd (relative to each one's largest entry),
+    and whether the choice is right: with `ties` (small integers, exact scores) exactly the descending
+    order with equal scores by increasing id; otherwise no unchosen expert scores above a chosen one by
+    more than the rounding of the scores (near-ties may go either way)."""
+    if ties:
+        x = torch.randint(-2, 3, (T, D), generator=generator).float()
+        c = torch.randint(-2, 3, (N, D), generator=generator).float()
+    else:
+        x, c = torch.randn(T, D, generator=generator), torch.randn(N, D, generator=generator)
+    x, c = x.to(device, dtype).requires_grad_(), c.to(device, dtype).requires_grad_()
+    s, idx = centroid_topk(x, c, k)
+    w = torch.randn(T, k, generator=generator).to(device, dtype)
+    dx, dc = torch.autograd.grad((s * w).sum(), (x, c))
+    xr, cr = x.detach().double().requires_grad_(), c.detach().double().requires_grad_()
+    full = xr @ cr.t()
+    sr = full.gather(1, idx)  # the reference's scores of the kernel's choice
+    dxr, dcr = torch.autograd.grad((sr * w.double()).sum(), (xr, cr))
+    if ties:
+        right = torch.equal(idx, torch.sort(-full, dim=1, stable=True).indices[:, :k])
+    else:
+        slack = (1e-5 if dtype == torch.float32 else 1e-2) * float(full.detach().abs().max())
+        unchosen = full.detach().scatter(1, idx, float("-inf")).max(1).values
+        right = k == N or bool((sr.detach().min(1).values >= unchosen - slack).all())
+
+    def rel(a, b):
+        return float((a.detach().double() - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+    return [rel(s, sr), rel(dx, dxr), rel(dc, dcr), bool(right)]
+
+
+def _interpreted_main():  # runs in a subprocess with TRITON_INTERPRET=1 set before triton loads
+    g = torch.Generator().manual_seed(0)
+    out = [_check(*case, torch.float32, "cpu", g) for case in CASES]
+    out.append(_check(33, 24, 8, 3, torch.float32, "cpu", g, ties=True))
+    print(json.dumps(out))
+
+
+def test_torch_path_is_topk_of_scores():
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(11, 8, generator=g), torch.randn(5, 8, generator=g)
+    s, idx = centroid_topk(x, c, 3)
+    ref = (x @ c.t()).topk(3, dim=-1)
+    assert torch.equal(idx, ref.indices) and torch.equal(s, ref.values)
+    with pytest.raises(ValueError, match="top_k=6"):
+        centroid_topk(x, c, 6)
+
+
+def test_interpreted_kernel_matches_torch():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the kernel is checked compiled")
+    code = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        from test_centroid_router import _interpreted_main; _interpreted_main()
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(results) == len(CASES) + 1
+    for es, edx, edc, right in results:
+        assert right and max(es, edx, edc) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run via tools/gpu_bench.sh)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernel_matches_torch(dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator().manual_seed(2)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for case in CASES + [(16384, 768, 32, 6)]:
+        es, edx, edc, right = _check(*case, dtype, "cuda", g)
+        assert right and max(es, edx, edc) < tol, (case, es, edx, edc, right)
+    assert _check(33, 24, 8, 3, dtype, "cuda", g, ties=True)[3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run via tools/gpu_bench.sh)")
+def test_cuda_kernel_under_compile():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 96, generator=g).cuda().requires_grad_()
+    c = torch.randn(16, 96, generator=g).cuda().requires_grad_()
+
+    def f(x, c):
+        s, idx = centroid_topk(x, c, 4)
+        return (s * (idx + 1)).sum()
+
+    torch.compile(f, fullgraph=True)(x, c).backward()
+    dx, dc = x.grad.clone(), c.grad.clone()
+    x.grad = c.grad = None
+    f(x, c).backward()
+    assert torch.allclose(dx, x.grad, atol=1e-4) and torch.allclose(dc, c.grad, atol=1e-4)
