@@ -41,14 +41,17 @@ def _kernel():
                 ct = tl.load(C + cols[None, :] * stride_c + (d0 + ds)[:, None], mask=dm[:, None] & cmask[None, :],
                              other=0.0)
                 acc = tl.dot(x, ct, acc, input_precision=PREC)
-            # round to x's dtype first, as the torch matmul's output is, then pick in fp32
-            s = tl.where(cmask[None, :], acc.to(X.dtype.element_ty).to(tl.float32), float("-inf"))
+            # round to x's dtype first, as the torch matmul's output is, then pick in fp32; NaN ranks
+            # highest (as in torch.topk), and `free` keeps the K ids distinct even among -inf scores
+            s = acc.to(X.dtype.element_ty).to(tl.float32)
+            s = tl.where(s != s, float("inf"), s)
+            free = cmask[None, :] & rmask[:, None]
             for j in tl.static_range(K):
-                best = tl.max(s, 1)
-                idx = tl.min(tl.where(s == best[:, None], cols[None, :], NP2), 1)
+                best = tl.max(tl.where(free, s, float("-inf")), 1)
+                idx = tl.min(tl.where(free & (s == best[:, None]), cols[None, :], NP2), 1)
                 tl.store(S + rows64 * K + j, best.to(S.dtype.element_ty), mask=rmask)
                 tl.store(I + rows64 * K + j, idx.to(tl.int64), mask=rmask)
-                s = tl.where(cols[None, :] == idx[:, None], float("-inf"), s)
+                free = free & (cols[None, :] != idx[:, None])
 
         _KERNEL = centroid_topk_kernel
     return _KERNEL

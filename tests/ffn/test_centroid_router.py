@@ -52,6 +52,11 @@ def _interpreted_main():  # runs in a subprocess with TRITON_INTERPRET=1 set bef
     g = torch.Generator().manual_seed(0)
     out = [_check(*case, torch.float32, "cpu", g) for case in CASES]
     out.append(_check(33, 24, 8, 3, torch.float32, "cpu", g, ties=True))
+    # degenerate scores (a diverged run): K distinct valid ids per row, NaN first
+    x = torch.tensor([[float("-inf"), 0.0], [float("nan"), 0.0], [1.0, 0.0]])
+    s, idx = centroid_topk(x, torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]), 3)
+    distinct = all(sorted(row) == [0, 1, 2] for row in idx.tolist())
+    out.append([0.0, 0.0, 0.0, distinct and idx[2].tolist() == [2, 1, 0] and bool(torch.isinf(s[0]).all())])
     print(json.dumps(out))
 
 
@@ -77,7 +82,7 @@ def test_interpreted_kernel_matches_torch():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(results) == len(CASES) + 1
+    assert len(results) == len(CASES) + 2
     for es, edx, edc, right in results:
         assert right and max(es, edx, edc) < 1e-5
 
