@@ -2,17 +2,14 @@
 scores and both gradients: interpreted on CPU here (TRITON_INTERPRET=1 in a subprocess), compiled on
 the GPU (bf16 included), and inside torch.compile."""
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 from ssd_megatron.ffn.centroid_router import centroid_topk
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ..interpreted import run_interpreted
+
 # (T, D, N, k): partial row blocks, D not a multiple of the 64-wide slices, N padded to 16, k = 1 and k = N
 CASES = [(37, 40, 32, 6), (5, 70, 5, 5), (64, 64, 64, 16), (9, 16, 3, 1)]
 
@@ -74,14 +71,7 @@ def test_interpreted_kernel_matches_torch():
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the kernel is checked compiled")
-    code = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-        from test_centroid_router import _interpreted_main; _interpreted_main()
-    """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])
+    results = run_interpreted(__file__, "_interpreted_main")
     assert len(results) == len(CASES) + 2
     for es, edx, edc, right in results:
         assert right and max(es, edx, edc) < 1e-5

@@ -2,10 +2,6 @@
 under torch.compile, and SwitchableFFN uses it only where it should (CUDA, biased ReLU, no hook on
 `act`). Its masked GEMM's Triton kernel runs under TRITON_INTERPRET=1 here, compiled on the GPU."""
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -15,7 +11,7 @@ from ssd_megatron.ffn.fused_relu_ffn import _relu_ffn, relu_ffn
 from ssd_megatron.ffn.relu_mask_matmul import relu_mask_matmul, relu_mask_matmul_colsum
 from ssd_megatron.ffn.switchable_ffn import SwitchableFFN
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ..interpreted import run_interpreted
 
 
 def _inputs(dtype, shape=(3, 7, 16), d_ff=24, seed=0):
@@ -200,14 +196,7 @@ def test_masked_gemm_kernel_interpreted():
     triton = pytest.importorskip("triton")
     if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
         pytest.skip("Triton < 3.7 interpreter cannot run a loop with a runtime bound")
-    code = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-        from test_fused_relu_ffn import _interpreted_kernel_main; _interpreted_kernel_main()
-    """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])
+    results = run_interpreted(__file__, "_interpreted_kernel_main")
     assert len(results) == 6
     for err, same_zeros in results:
         assert err < 1e-4 and same_zeros
