@@ -5,7 +5,7 @@ prints, for every kernel that is not a GEMM or attention, the op that launched i
 (for a compiled block: its "Call CompiledFxGraph" range), per step. (Python stacks were tried: inside
 compiled code the profiler attached none.)
 
-    python tools/profile_ops.py [--steps 2] [--top 40]
+    python tools/profile_ops.py [--steps 2] [--top 40] [--phase sparse]
 """
 import argparse
 import collections
@@ -18,13 +18,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ssd_megatron.bench import step as S  # noqa: E402
 
-_BIG = ("nvjet", "gemm", "sdpa", "cudnn_generated", "flash", "ce_rows", "adamw_blocks")
+_BIG = ("nvjet", "gemm", "sdpa", "cudnn_generated", "flash", "ce_rows", "adamw_blocks", "_wgrad_kernel", "_up_kernel",
+        "_down_kernel")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--phase", choices=["dense", "sparse"], default="dense",
+                    help="sparse: every FFN in SSD's sparse mode (N 32, K 6, triton backend), as ssd-bench step")
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
@@ -35,7 +38,7 @@ def main() -> int:
     torch.set_float32_matmul_precision("high")
     dev = torch.device("cuda")
     shape = dict(S.BASE)
-    model = S.build_ours(shape, dev, "dense", "auto")
+    model = S.build_ours(shape, dev, args.phase, "triton")
     run, loss_fn = S.prepare_ours(model, "loop", True)
     holder = {}
 
