@@ -15,7 +15,7 @@ from torch import nn
 
 from .activations import ACTIVATIONS, apply_activation, is_glu
 from .backends import get_backend
-from .backends.weights import gather_expert_weights, inverse_permutation
+from .backends.weights import gather_expert_weights
 from .centroid_router import centroid_topk
 from .fused_relu_ffn import relu_ffn
 
@@ -110,10 +110,8 @@ class SwitchableFFN(nn.Module):
         if labels.numel() != self.d_ff or counts.numel() != self.num_experts or bool((counts != self.expert_size).any()):
             raise ValueError(f"clustering must assign exactly {self.expert_size} of {self.d_ff} neurons to each of "
                              f"{self.num_experts} experts")
+        # In place: a captured step (train.cuda_graph) replays with this very tensor.
         self.expert_perm.copy_(torch.argsort(labels, stable=True))
-        # The weight gather's backward reads a cached inverse of expert_perm; refresh it in place now, as a
-        # captured step (train.cuda_graph) replays with that very tensor and no Python runs then.
-        inverse_permutation(self.expert_perm)
 
     def expert_labels(self) -> torch.Tensor:
         """Inverse of set_clustering: the expert of each neuron, indexed by neuron id."""

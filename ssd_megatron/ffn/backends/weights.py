@@ -9,49 +9,32 @@ along E; the triton, grouped_mm and reference backends take it without a copy.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
-
-# id(idx) -> (weakref to idx, its _version when inverted, inverse). The permutation changes only when
-# the clustering does (an in-place copy_, which bumps _version): the inverse is computed once per clustering.
-_INVERSES: dict = {}
 
 
 def inverse_permutation(idx: torch.Tensor) -> torch.Tensor:
-    """The inverse of the permutation `idx`, cached per tensor. When `idx` has changed in place since,
-    the cached inverse is rewritten in place too: a captured CUDA graph (train.cuda_graph) holds that
-    tensor and reads it at every replay, so `SwitchableFFN.set_clustering` calls this right away."""
-    hit = _INVERSES.get(id(idx))
-    if hit is not None and hit[0]() is idx:
-        inv = hit[2]
-        if hit[1] != idx._version:
-            _invert_into(inv, idx)
-            _INVERSES[id(idx)] = (hit[0], idx._version, inv)
-        return inv
-    inv = _invert_into(torch.empty_like(idx), idx)
-    key = id(idx)
-    _INVERSES[key] = (weakref.ref(idx, lambda _r, key=key: _INVERSES.pop(key, None)), idx._version, inv)
-    return inv
-
-
-def _invert_into(inv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    inv[idx] = torch.arange(idx.numel(), device=idx.device, dtype=idx.dtype)
-    return inv
+    """The inverse of the permutation `idx` (one scatter; traced into the graph under torch.compile)."""
+    return torch.empty_like(idx).scatter_(0, idx, torch.arange(idx.numel(), device=idx.device, dtype=idx.dtype))
 
 
 class _PermuteGather(torch.autograd.Function):
-    """out = w.index_select(dim, idx) for idx a permutation of range(w.shape[dim])."""
+    """out = w.index_select(dim, idx) for idx a permutation of range(w.shape[dim]).
+
+    The inverse is computed in the backward from the saved `idx`, not cached on the side: nothing here
+    mutates state outside the function, so torch.compile traces both directions into the block's graph
+    (no graph break), and a captured CUDA graph recomputes it from `idx` at every replay, so an in-place
+    re-clustering (SwitchableFFN.set_clustering) is seen by the next step."""
 
     @staticmethod
     def forward(ctx, w, idx, dim):
-        ctx.idx = idx  # not saved_tensors: the inverse cache is keyed by this very tensor
         ctx.dim = dim
+        ctx.save_for_backward(idx)
         return w.index_select(dim, idx)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.index_select(ctx.dim, inverse_permutation(ctx.idx)), None, None
+        (idx,) = ctx.saved_tensors
+        return grad.index_select(ctx.dim, inverse_permutation(idx)), None, None
 
 
 def permute_gather(w: torch.Tensor, idx: torch.Tensor, dim: int = 0) -> torch.Tensor:
