@@ -22,8 +22,8 @@ CUDA graph), with what a training run needs around it:
 - The step's outputs (loss sum, extra loss, grad norm, skipped flag) are one static tensor that the
   caller copies to the host behind an event, as for an eager step.
 - What a replay cannot see is Python state: everything a step of one kind computes must be decided by
-  its key or live in device tensors updated in place (SSD's expert layout, `expert_perm`, is, and so is
-  the cached inverse permutation its weight gather's backward reads: `set_clustering` rewrites both).
+  its key or live in device tensors updated in place (SSD's expert layout, `expert_perm`, is:
+  `set_clustering` rewrites it, and the weight gather's backward derives its inverse inside the graph).
 
 `train.cuda_graph`: false (default), true, or auto. What it cannot serve (`resolve`): more than one
 process (capturing DDP/FSDP2's NCCL collectives is not wired up), the baselines (they route, drop
