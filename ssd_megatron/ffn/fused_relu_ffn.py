@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .relu_mask_matmul import (relu_mask_matmul, relu_mask_matmul_colsum, relu_mask_matmul_torch,
+from .relu_mask_matmul import (colsum_dtype, relu_mask_matmul, relu_mask_matmul_colsum, relu_mask_matmul_torch,
                                use_mask_gemm)
 
 
@@ -63,6 +63,16 @@ def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (a @ b).to(dtype)
 
 
+def _masked_grad(dy, w_out, h, col_sum: bool):
+    """d(pre-activation) = (dy W_o) * relu'(.), and with `col_sum` its column sums (b_i's gradient): the
+    Triton/Gluon GEMM with the mask (and the sums) in its epilogue, or (no Triton, CPU) torch ops that
+    inductor fuses with their neighbours (the custom ops would be opaque to it)."""
+    if use_mask_gemm(dy):
+        return relu_mask_matmul_colsum(dy, w_out, h) if col_sum else (relu_mask_matmul(dy, w_out, h), None)
+    g = relu_mask_matmul_torch(dy, w_out, h)
+    return g, (g.sum(0, dtype=colsum_dtype(g)) if col_sum else None)
+
+
 def _backward(ctx, grad_y, _grad_h):
     x, w_in, w_out, h = ctx.saved_tensors
     needs = ctx.needs_input_grad
@@ -74,14 +84,8 @@ def _backward(ctx, grad_y, _grad_h):
     x2 = x.reshape(-1, x.shape[-1])
     grad_w_out = _mm(dy.t(), h, dtypes[2]) if want[2] else None
     grad_b_out = dy.sum(0, dtype=dtypes[3]) if want[3] else None
-    # d(pre-activation) = (dy W_o) * relu'(.), with b_i's gradient (its column sums) from the same kernel:
-    # the Triton/Gluon GEMM with the mask in its epilogue, or (no Triton, CPU) torch ops.
-    if want[1]:
-        g, grad_b_in = relu_mask_matmul_colsum(dy, w_out, h)
-        grad_b_in = grad_b_in.to(dtypes[1])
-    else:
-        g = relu_mask_matmul(dy, w_out, h) if use_mask_gemm(dy) else relu_mask_matmul_torch(dy, w_out, h)
-        grad_b_in = None
+    g, grad_b_in = _masked_grad(dy, w_out, h, col_sum=want[1])
+    grad_b_in = None if grad_b_in is None else grad_b_in.to(dtypes[1])
     grad_x = (g @ w_in).view(x.shape) if needs[0] else None
     grad_w_in = _mm(g.t(), x2, dtypes[0]) if want[0] else None
     grads = [grad_w_in, grad_b_in, grad_w_out, grad_b_out]

@@ -216,7 +216,8 @@ def relu_mask_matmul_torch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor) ->
     return torch.where(h > 0, prod, torch.zeros_like(prod))
 
 
-def _sum_dtype(t: torch.Tensor) -> torch.dtype:
+def colsum_dtype(t: torch.Tensor) -> torch.dtype:
+    """dtype of relu_mask_matmul_colsum's sums for operands like `t`."""
     return torch.promote_types(t.dtype, torch.float32)  # fp32 sums of half precision, float64 stays
 
 
@@ -238,7 +239,7 @@ def relu_mask_matmul_colsum(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -
     every tile of c anyway, instead of a pass over c (or over an augmented copy of x) afterwards."""
     if not use_mask_gemm(a):
         c = relu_mask_matmul_torch(a, b, h)
-        return c, c.sum(0, dtype=_sum_dtype(c))
+        return c, c.sum(0, dtype=colsum_dtype(c))
     c, partial = launch(a, b, h, col_sum=True)
     return c, partial.sum(0)
 
@@ -354,4 +355,4 @@ def _(a, b, h):
 
 @relu_mask_matmul_colsum.register_fake
 def _(a, b, h):
-    return a.new_empty(a.shape[0], b.shape[1]), a.new_empty(b.shape[1], dtype=_sum_dtype(a))
+    return a.new_empty(a.shape[0], b.shape[1]), a.new_empty(b.shape[1], dtype=colsum_dtype(a))

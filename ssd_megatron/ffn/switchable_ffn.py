@@ -15,7 +15,7 @@ from torch import nn
 
 from .activations import ACTIVATIONS, apply_activation, is_glu
 from .backends import get_backend
-from .backends.weights import gather_expert_weights
+from .backends.weights import gather_expert_weights, inverse_permutation
 from .centroid_router import centroid_topk
 from .fused_relu_ffn import relu_ffn
 
@@ -115,9 +115,7 @@ class SwitchableFFN(nn.Module):
 
     def expert_labels(self) -> torch.Tensor:
         """Inverse of set_clustering: the expert of each neuron, indexed by neuron id."""
-        labels = torch.empty_like(self.expert_perm)
-        labels[self.expert_perm] = torch.arange(self.d_ff, device=labels.device) // self.expert_size
-        return labels
+        return inverse_permutation(self.expert_perm) // self.expert_size
 
     # ------------------------------------------------------------------ forward
 

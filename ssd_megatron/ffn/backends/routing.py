@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .weights import inverse_permutation
+
 
 @dataclass
 class RoutingPlan:
@@ -69,7 +71,4 @@ def sort_plan(flat: torch.Tensor, num_experts: int, top_k: int):
 
 def inverse_order(plan: RoutingPlan) -> torch.Tensor:
     """[M] int64: flat pair p -> its sorted row (the inverse permutation of `order`)."""
-    M = plan.num_rows
-    inv = torch.empty(M, dtype=torch.int64, device=plan.order.device)
-    inv[plan.order.long()] = torch.arange(M, device=plan.order.device)
-    return inv
+    return inverse_permutation(plan.order.long())
