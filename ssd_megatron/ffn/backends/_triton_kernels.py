@@ -206,6 +206,42 @@ def _up_kernel(
 # ----------------------------------------------------------------------------- down (scatter GEMM)
 
 @triton.jit
+def _down_cols(A, stride_a, W, stride_wk, stride_wn, OUT, stride_o, e, rows64, rmask, tok, pair, g, n0, Ein, Dout,
+               SCALE: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+               PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Output columns n0:n0+BN of one M-tile: the GEMM over Ein, then the scaled scatter (or atomic add)."""
+    cols = n0 + tl.arange(0, BN)
+    cmask = cols < Dout
+    ks = tl.arange(0, BK)
+    ap = A + rows64[:, None] * stride_a + ks[None, :]
+    wp = W + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, Ein, BK):
+        if EVEN_K:
+            a = tl.load(ap, mask=rmask[:, None], other=0.0)
+            if EVEN_N:
+                b = tl.load(wp)
+            else:
+                b = tl.load(wp, mask=cmask[None, :], other=0.0)
+        else:
+            km = (k0 + ks) < Ein
+            a = tl.load(ap, mask=rmask[:, None] & km[None, :], other=0.0)
+            b = tl.load(wp, mask=km[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        ap += BK
+        wp += BK * stride_wk
+    if SCALE:
+        acc = acc * g[:, None]
+    omask = rmask[:, None] & cmask[None, :]
+    if ATOMIC:
+        # the K contributions of a token come from different programs: add them in place
+        tl.atomic_add(OUT + tok[:, None] * stride_o + cols[None, :], acc.to(OUT.dtype.element_ty),
+                      mask=omask, sem="relaxed")
+    else:
+        tl.store(OUT + pair[:, None] * stride_o + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
+
+
+@triton.jit
 def _down_kernel(
     A, stride_a,                 # [M, Ein] grouped rows (a fwd, dh bwd)
     W, stride_we, stride_wk, stride_wn,  # [N, Ein, Dout] (w2 fwd, w1 bwd)
@@ -213,8 +249,10 @@ def _down_kernel(
     OUT, stride_o,               # ATOMIC: [T, Dout] (zeroed), else [T*K, Dout] indexed by flat pair
     N, Ein, Dout, num_n,
     SCALE: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
+    ROWLOOP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
 ):
+    """A program owns an M-tile and BN output columns, or with ROWLOOP all Dout columns in BN steps
+    (the A tile is then fetched from L2 once and re-read from L1, and the routing metadata once)."""
     pid = tl.program_id(0)
     pid_m = pid // num_n
     pid_n = pid % num_n
@@ -223,38 +261,20 @@ def _down_kernel(
         rows = row0 + tl.arange(0, BM)
         rmask = rows < row_end
         rows64 = rows.to(tl.int64)
-        cols = pid_n * BN + tl.arange(0, BN)
-        cmask = cols < Dout
-        ks = tl.arange(0, BK)
-        ap = A + rows64[:, None] * stride_a + ks[None, :]
-        wp = W + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, Ein, BK):
-            if EVEN_K:
-                a = tl.load(ap, mask=rmask[:, None], other=0.0)
-                if EVEN_N:
-                    b = tl.load(wp)
-                else:
-                    b = tl.load(wp, mask=cmask[None, :], other=0.0)
-            else:
-                km = (k0 + ks) < Ein
-                a = tl.load(ap, mask=rmask[:, None] & km[None, :], other=0.0)
-                b = tl.load(wp, mask=km[:, None] & cmask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PREC)
-            ap += BK
-            wp += BK * stride_wk
         pair = tl.load(ORDER + rows, mask=rmask, other=0).to(tl.int64)
+        tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
         if SCALE:
             g = tl.load(GATE + pair, mask=rmask, other=0.0).to(tl.float32)
-            acc = acc * g[:, None]
-        omask = rmask[:, None] & cmask[None, :]
-        if ATOMIC:
-            # the K contributions of a token come from different programs: add them in place
-            tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
-            tl.atomic_add(OUT + tok[:, None] * stride_o + cols[None, :], acc.to(OUT.dtype.element_ty),
-                          mask=omask, sem="relaxed")
         else:
-            tl.store(OUT + pair[:, None] * stride_o + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
+            g = rmask.to(tl.float32)  # unused
+        we = W + e.to(tl.int64) * stride_we
+        if ROWLOOP:
+            for n0 in range(0, Dout, BN):
+                _down_cols(A, stride_a, we, stride_wk, stride_wn, OUT, stride_o, e, rows64, rmask, tok, pair, g, n0,
+                           Ein, Dout, SCALE, ATOMIC, EVEN_K, EVEN_N, PREC, BM, BN, BK)
+        else:
+            _down_cols(A, stride_a, we, stride_wk, stride_wn, OUT, stride_o, e, rows64, rmask, tok, pair, g,
+                       pid_n * BN, Ein, Dout, SCALE, ATOMIC, EVEN_K, EVEN_N, PREC, BM, BN, BK)
 
 
 # ----------------------------------------------------------------------------- wgrad (grouped weight grads)
@@ -265,18 +285,27 @@ def _wgrad_kernel(
     R, stride_r,                 # GATHER: [T, Q] token-major (dy or x); else [M, Q] grouped rows
     TOK, OFFS,
     DW, stride_de, stride_dp, stride_dq,  # [N, P, Q], any strides (laid out like the weight it grads)
-    P, Q, num_p, num_q,
-    GATHER: tl.constexpr, PREC: tl.constexpr,
-    BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+    N, P, Q, num_p, num_q,
+    GATHER: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
+    BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr, NP2: tl.constexpr,
 ):
+    """A program owns dW[e, p-block, q-block] over all of expert e's rows; with SPLIT, over one chunk of
+    at most CH of them (chunks never straddle two experts), adding its partial sum into a zeroed fp32
+    DW with atomics. Equal chunks keep every program the same length whatever the expert loads: without
+    them, a heavy expert's programs run last and alone (the grid's tail)."""
     pid = tl.program_id(0)
-    per_e = num_p * num_q
-    e = pid // per_e
-    rem = pid % per_e
+    per_t = num_p * num_q
+    t = pid // per_t
+    rem = pid % per_t
     pb = rem // num_q
     qb = rem % num_q
-    start = tl.load(OFFS + e)
-    end = tl.load(OFFS + e + 1)
+    if SPLIT:
+        e, start, e_end = _tile_of(OFFS, t, N, CH, NP2)
+        end = tl.minimum(start + CH, e_end)
+    else:
+        e = t
+        start = tl.load(OFFS + e)
+        end = tl.load(OFFS + e + 1)
     pc = pb * BP + tl.arange(0, BP)
     qc = qb * BQ + tl.arange(0, BQ)
     pm = pc < P
@@ -294,8 +323,13 @@ def _wgrad_kernel(
             src = rows.to(tl.int64)
         r = tl.load(R + src[:, None] * stride_r + qc[None, :], mask=rm[:, None] & qm[None, :], other=0.0)
         acc = tl.dot(lt, r, acc, input_precision=PREC)
-    tl.store(DW + e.to(tl.int64) * stride_de + pc[:, None] * stride_dp + qc[None, :] * stride_dq,
-             acc.to(DW.dtype.element_ty), mask=pm[:, None] & qm[None, :])
+    dwp = DW + e.to(tl.int64) * stride_de + pc[:, None] * stride_dp + qc[None, :] * stride_dq
+    omask = pm[:, None] & qm[None, :]
+    if SPLIT:
+        if start < end:
+            tl.atomic_add(dwp, acc, mask=omask, sem="relaxed")
+    else:
+        tl.store(dwp, acc.to(DW.dtype.element_ty), mask=omask)
 
 
 # ----------------------------------------------------------------------------- routing plan (counting sort)
@@ -421,9 +455,9 @@ def _default(base: str, key: tuple):
 
 def _pick(kind: str, key: tuple, launch):
     """The config for `kind` at `key`; when tuning, time each candidate once with `launch(cfg)`."""
-    if kind in _FORCED:
-        return _FORCED[kind]
     base = kind.split(":")[0]
+    if kind in _FORCED or base in _FORCED:
+        return _FORCED.get(kind, _FORCED.get(base))
     if not _tuning() or os.environ.get("TRITON_INTERPRET") == "1":
         return _default(base, key)
     k = (kind,) + key
@@ -525,8 +559,9 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer"):
     gate = gate_flat if gate_flat is not None else out
 
     def launch(cfg):
-        BM, BN, BK, nw, ns = cfg
-        num_n = triton.cdiv(Dout, BN)
+        BM, BN, BK, nw, ns = cfg[:5]
+        rowloop = len(cfg) > 5 and bool(cfg[5])
+        num_n = 1 if rowloop else triton.cdiv(Dout, BN)
         grid = ((triton.cdiv(M, BM) + N) * num_n,)
         if atomic:
             out.zero_()
@@ -534,7 +569,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer"):
             a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2), plan.order, plan.token, gate, plan.offsets,
             out, out.stride(0), N, Ein, Dout, num_n,
             SCALE=gate_flat is not None, ATOMIC=atomic, EVEN_K=Ein % BK == 0, EVEN_N=Dout % BN == 0,
-            PREC=_prec(a), BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
+            PREC=_prec(a), ROWLOOP=rowloop, BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
 
     launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)), launch))
     if atomic:
@@ -542,21 +577,32 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer"):
     return out if K == 1 else out.view(T, K, Dout).sum(1)
 
 
-def wgrad(lhs, rhs, plan, like, gathered: bool):
+def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True):
     """dW [N, P, Q] = per expert lhs_rows^T @ rhs_rows; rhs rows are rhs[token[r]] when `gathered`
     is False (the kernel gathers), else rhs is already in sorted-row order. dW gets the strides of the
-    weight `like` (e.g. the [N, E, D] view of W_out's columns): its grad then flows back without a copy."""
+    weight `like` (e.g. the [N, E, D] view of W_out's columns): its grad then flows back without a copy.
+    split: let the config's row chunks (6th entry, 0 = none) split each expert's reduction, summed by
+    fp32 atomics (not bitwise reproducible: callers pass False under deterministic algorithms)."""
     N = plan.num_experts
     P, Q = lhs.shape[1], rhs.shape[1]
     dw = torch.empty_strided(like.shape, like.stride(), device=lhs.device, dtype=like.dtype)
+    state = {}
 
     def launch(cfg):
-        BP, BQ, BK, nw, ns = cfg
+        BP, BQ, BK, nw, ns = cfg[:5]
+        ch = cfg[5] if split and len(cfg) > 5 else 0
         num_p, num_q = triton.cdiv(P, BP), triton.cdiv(Q, BQ)
-        _wgrad_kernel[(N * num_p * num_q,)](
+        # with chunks, the grid is an upper bound on the (expert, chunk) pairs, as for the M-tiles
+        num_t = triton.cdiv(plan.num_rows, ch) + N if ch else N
+        out = torch.zeros(like.shape, device=lhs.device, dtype=torch.float32) if ch else dw
+        _wgrad_kernel[(num_t * num_p * num_q,)](
             lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets,
-            dw, dw.stride(0), dw.stride(1), dw.stride(2), P, Q, num_p, num_q,
-            GATHER=not gathered, PREC=_prec(lhs), BP=BP, BQ=BQ, BK=BK, num_warps=nw, num_stages=ns)
+            out, out.stride(0), out.stride(1), out.stride(2), N, P, Q, num_p, num_q,
+            GATHER=not gathered, PREC=_prec(lhs), SPLIT=bool(ch), BP=BP, BQ=BQ, BK=BK, CH=max(ch, BK),
+            NP2=_np2(N), num_warps=nw, num_stages=ns)
+        state["out"] = out
 
     launch(_pick("wgrad" if not gathered else "wgrad_mat", (P, Q, str(lhs.dtype)), launch))
+    if state["out"] is not dw:
+        dw.copy_(state["out"])
     return dw

@@ -68,10 +68,11 @@ class _TritonExperts(torch.autograd.Function):
         dh, dgate, ga, db32 = k.up_backward(dy, w2, h, gate_flat, plan, activation,
                                             need_ga=need_w2, need_db=has_bias and need_b1)
         dw1 = dw2 = dx = None
+        split = combine != "buffer"  # "buffer" = deterministic sums: no atomics in the weight grads either
         if need_w2:
-            dw2 = _weight_grad(k, ga, dy, plan, w2, wgrad)
+            dw2 = _weight_grad(k, ga, dy, plan, w2, wgrad, split)
         if need_w1:
-            dw1 = _weight_grad(k, dh, x, plan, w1, wgrad)
+            dw1 = _weight_grad(k, dh, x, plan, w1, wgrad, split)
         if need_x:
             dx = k.down_scatter(dh, w1, plan, None, combine)
         db1 = db32.to(w1.dtype) if db32 is not None else None
@@ -79,13 +80,13 @@ class _TritonExperts(torch.autograd.Function):
         return dx, dw1, db1, dw2, dg, None, None, None, None
 
 
-def _weight_grad(k, lhs, rhs_tokens, plan, weight, mode):
+def _weight_grad(k, lhs, rhs_tokens, plan, weight, mode, split):
     """dW[e] = lhs[rows of e]^T @ rhs_tokens[token of each row] (see TritonBackend's `wgrad`)."""
     if mode == "triton":
-        return k.wgrad(lhs, rhs_tokens, plan, weight, gathered=False)
+        return k.wgrad(lhs, rhs_tokens, plan, weight, gathered=False, split=split)
     rhs = rhs_tokens.index_select(0, plan.token)
     if mode == "triton_mat":
-        return k.wgrad(lhs, rhs, plan, weight, gathered=True)
+        return k.wgrad(lhs, rhs, plan, weight, gathered=True, split=split)
     return _grouped_mm(lhs.t(), rhs, offs=plan.offsets[1:])
 
 

@@ -1,0 +1,128 @@
+"""Per-kernel timings of the `triton` expert backend at the issue's shapes: each of its six launches of
+one FFN layer's forward + backward (up, down, up_bwd, wgrad dW2, wgrad dW1, down for dx), timed alone
+with triton.testing.do_bench (median, CUDA events) for a list of tile configurations, each checked
+against the default configuration's output. This is where kernel variants are compared before one
+becomes a default (docs/kernels.md); `ssd-bench ffn` times the whole layer.
+
+    python tools/bench_kernels.py [--shapes base,8b] [--activation relu] [--out F.json]
+    ncu --profile-from-start off ... python tools/bench_kernels.py --once   # each default launch once
+
+Inputs: bench.ffn's layer (clustered weights, realistic routing), bf16, 16 384 tokens. The same
+buffers are reused across repetitions, so x (25 MB at base) is served from L2 as it is inside the
+layer, where the up kernel has just read it.
+"""
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ssd_megatron.bench.ffn import Layer  # noqa: E402
+from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
+from ssd_megatron.ffn.backends.routing import make_plan  # noqa: E402
+
+# kernel -> the tile configurations timed besides the default (BM|BP, BN|BQ, BK, warps, stages[, variant]);
+# variant: down 1 = one program loops over all output columns; wgrad n = each expert's reduction split
+# into chunks of n rows (fp32 atomic sums)
+VARIANTS = {
+    "down": [(128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 4, 4, 1), (128, 128, 32, 4, 4, 1),
+             (64, 128, 64, 4, 3, 1), (128, 64, 64, 4, 3, 1), (64, 256, 64, 4, 3, 1)],
+    "wgrad": [(64, 128, 128, 4, 3, 512), (64, 128, 128, 4, 3, 1024), (64, 128, 128, 4, 3, 2048),
+              (128, 128, 64, 8, 3, 1024), (128, 128, 64, 8, 3, 2048), (64, 128, 64, 4, 4, 1024),
+              (128, 128, 64, 8, 3, 4096), (128, 128, 64, 8, 3, 8192), (64, 256, 64, 8, 3, 1024)],
+}
+
+
+def _setup(shape, activation, tokens):
+    dev = torch.device("cuda")
+    layer = Layer(shape, activation, dev, torch.bfloat16, seed=0)
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(tokens, layer.D, generator=g, device=dev).to(torch.bfloat16)
+    dy = torch.randn(tokens, layer.D, generator=g, device=dev).to(torch.bfloat16)
+    with torch.no_grad():
+        w1, b1, w2 = (t.detach() if t is not None else None for t in layer.expert_weights())
+        idx, gate = layer.route(x, w1, layer.K)
+    plan = make_plan(idx, layer.N)
+    gate_flat = gate.detach().reshape(-1).contiguous()
+    a, h = K.up_forward(x, w1, b1, plan, activation, save_h=True)
+    dh, _, ga, _ = K.up_backward(dy, w2, h, gate_flat, plan, activation, need_ga=True, need_db=True)
+    return {  # kernel label -> (config kind, launch)
+        "up": ("up_glu" if layer.glu else "up", lambda: K.up_forward(x, w1, b1, plan, activation, save_h=True)),
+        "down": ("down", lambda: K.down_scatter(a, w2, plan, gate_flat, "atomic16")),
+        "up_bwd": ("up_bwd", lambda: K.up_backward(dy, w2, h, gate_flat, plan, activation, True, True)),
+        "wgrad_dw2": ("wgrad", lambda: K.wgrad(ga, dy, plan, w2, gathered=False)),
+        "wgrad_dw1": ("wgrad", lambda: K.wgrad(dh, x, plan, w1, gathered=False)),
+        "down_dx": ("down", lambda: K.down_scatter(dh, w1, plan, None, "atomic16")),
+    }
+
+
+def _rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="base,8b")
+    ap.add_argument("--activation", default="relu")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--once", action="store_true", help="run each default launch once inside cudaProfilerStart/Stop")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("error: tools/bench_kernels.py times CUDA kernels and needs a GPU (run it through the device tool)",
+              file=sys.stderr)
+        return 2
+    from triton.testing import do_bench
+
+    records = []
+    for shape in args.shapes.split(","):
+        launches = _setup(shape, args.activation, args.tokens)
+        if args.once:
+            for _, fn in launches.values():
+                fn()
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStart()
+            for _, fn in launches.values():
+                fn()
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStop()
+            continue
+        for label, (kind, fn) in launches.items():
+            K.force_config()
+            ref = _first(fn()).clone()
+            for cfg in [None] + VARIANTS.get(kind, []):
+                K.force_config(**({kind: cfg} if cfg else {}))
+                try:
+                    err = _rel(_first(fn()), ref)
+                    ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                except Exception as exc:  # a config that does not compile or fit is reported, not fatal
+                    err, ms = None, None
+                    print(f"  {shape} {label} {cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                rec = {"shape": shape, "kernel": label, "cfg": list(cfg) if cfg else "default", "ms": ms,
+                       "rel_err_vs_default": err}
+                records.append(rec)
+                print(f"{shape:5s} {label:10s} {str(rec['cfg']):32s} "
+                      f"{'-' if ms is None else f'{ms:.4f} ms':>11s}  err {err if err is None else f'{err:.1e}'}",
+                      flush=True)
+        K.force_config()
+    if args.out and records:
+        import triton
+        with open(args.out, "w") as fh:
+            json.dump({"gpu": torch.cuda.get_device_name(0), "date": dt.date.today().isoformat(),
+                       "torch": torch.__version__, "triton": triton.__version__, "tokens": args.tokens,
+                       "activation": args.activation, "defaults": {k: list(v) for k, v in K.DEFAULTS.items()},
+                       "records": records}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
