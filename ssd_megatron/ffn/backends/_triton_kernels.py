@@ -411,8 +411,10 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int):
 
 # ----------------------------------------------------------------------------- configs and launchers
 
-# (BM|BP, BN|BQ, BK, num_warps, num_stages). Defaults are chosen per kernel from the H100 sweep recorded
-# in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per shape key instead.
+# (BM|BP, BN|BQ, BK, num_warps, num_stages[, variant]). variant: down 1 = ROWLOOP (a program covers all
+# output columns); wgrad n = split each expert's reduction into chunks of n rows (0 = none). Defaults are
+# chosen per kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the
+# candidates once per shape key instead.
 DEFAULTS = {
     "up": (128, 256, 64, 8, 3),
     "up_glu": (128, 64, 64, 8, 3),
@@ -425,8 +427,10 @@ CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=
     "up": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4)],
     "up_glu": [(128, 64, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (256, 64, 64, 8, 3)],
     "up_bwd": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 4), (64, 64, 64, 4, 4)],
-    "down": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3)],
-    "wgrad": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4)],
+    "down": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3),
+             (128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1)],
+    "wgrad": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+              (64, 128, 128, 4, 3, 1024), (128, 128, 64, 8, 3, 2048)],
     "wgrad_mat": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)],
 }
 _FORCED: dict = {}
@@ -445,9 +449,11 @@ def _tuning() -> bool:
 
 
 def _default(base: str, key: tuple):
-    """Untuned choice: the winners of the H100 sweep (docs/kernels.md, run 4) by problem size."""
+    """Untuned choice: the winners of the sweeps (docs/kernels.md: H100 run 4, H200 session 13) by problem size."""
     if base in ("up_bwd", "up_glu") and key[0] >= 2048:   # long reduction (D): wider tiles
         return (128, 128, 64, 8, 3)
+    if base == "down" and key[1] >= 2048:                  # wide output (8B's D = 4096): ROWLOOP, H200 2026-12-04
+        return (128, 128, 64, 4, 3, 1)
     if base == "wgrad" and key[1] <= 1024:                # few (expert, tile) programs: smaller P tiles
         return (64, 128, 128, 4, 3) if key[0] <= 256 else (64, 128, 64, 4, 4)
     return DEFAULTS[base]
