@@ -3,7 +3,8 @@
 # expert backend, then `ssd-bench ffn`; a short table is printed last, JSON + logs land in $OUT.
 #
 #   device run (carry [".whl"]):  bash tools/gpu_bench.sh [ssd-bench ffn options...]
-#   env: GPU_TESTS=0 skips the tests; BENCH=0 skips the benchmark; OUT (default /tmp/ssd_gpu_bench).
+#   env: GPU_TESTS=0 skips the tests; BENCH=0 skips the benchmark; KERNELS=1 also times each kernel's
+#   tile variants (tools/bench_kernels.py -> kernels.json); OUT (default /tmp/ssd_gpu_bench).
 #
 # .whl/ (git-ignored) holds the prebuilt wheels for the device image (Python 3.12, torch 2.11+cu130):
 #   mkdir -p .whl && cp ../shared/wheels/gpu-cp312-torch2.11-cu130/*.whl .whl/
@@ -45,6 +46,12 @@ if [ "${GPU_TESTS:-1}" = "1" ]; then
       tests/backends/test_reference_cpu.py 2>&1 | tee "$OUT/gpu_tests.log"
   status=${PIPESTATUS[0]}
   tail -n 3 "$OUT/gpu_tests.log" > "$OUT/gpu_tests_summary.txt"
+fi
+
+if [ "${KERNELS:-0}" = "1" ]; then
+  echo "== tools/bench_kernels.py"
+  $PY tools/bench_kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+  [ "${PIPESTATUS[0]}" = "0" ] || status=1
 fi
 
 if [ "${BENCH:-1}" = "1" ]; then
