@@ -559,7 +559,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer"):
     atomic = combine != "buffer" and K > 1
     if atomic:
         out_dtype = torch.float32 if combine == "atomic32" else a.dtype
-        out = torch.zeros(T, Dout, device=a.device, dtype=out_dtype)
+        out = torch.empty(T, Dout, device=a.device, dtype=out_dtype)  # zeroed per launch, below
     else:
         out = torch.empty(M, Dout, device=a.device, dtype=a.dtype)
     gate = gate_flat if gate_flat is not None else out
