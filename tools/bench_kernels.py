@@ -50,13 +50,16 @@ def _setup(shape, activation, tokens):
     gate_flat = gate.detach().reshape(-1).contiguous()
     a, h = K.up_forward(x, w1, b1, plan, activation, save_h=True)
     dh, _, ga, _ = K.up_backward(dy, w2, h, gate_flat, plan, activation, need_ga=True, need_db=True)
-    return {  # kernel label -> (config kind, launch)
-        "up": ("up_glu" if layer.glu else "up", lambda: K.up_forward(x, w1, b1, plan, activation, save_h=True)),
-        "down": ("down", lambda: K.down_scatter(a, w2, plan, gate_flat, "atomic16")),
-        "up_bwd": ("up_bwd", lambda: K.up_backward(dy, w2, h, gate_flat, plan, activation, True, True)),
-        "wgrad_dw2": ("wgrad", lambda: K.wgrad(ga, dy, plan, w2, gathered=False)),
-        "wgrad_dw1": ("wgrad", lambda: K.wgrad(dh, x, plan, w1, gathered=False)),
-        "down_dx": ("down", lambda: K.down_scatter(dh, w1, plan, None, "atomic16")),
+    counts = torch.bincount(idx.reshape(-1), minlength=layer.N).float()
+    skew = (counts.max() / counts.mean()).item()
+    f_in, f_out = 2.0 * plan.num_rows * layer.D * w1.shape[1], 2.0 * plan.num_rows * layer.D * layer.E
+    return skew, {  # kernel label -> (config kind, GEMM FLOPs, launch)
+        "up": ("up_glu" if layer.glu else "up", f_in, lambda: K.up_forward(x, w1, b1, plan, activation, save_h=True)),
+        "down": ("down", f_out, lambda: K.down_scatter(a, w2, plan, gate_flat, "atomic16")),
+        "up_bwd": ("up_bwd", f_out, lambda: K.up_backward(dy, w2, h, gate_flat, plan, activation, True, True)),
+        "wgrad_dw2": ("wgrad", f_out, lambda: K.wgrad(ga, dy, plan, w2, gathered=False)),
+        "wgrad_dw1": ("wgrad", f_in, lambda: K.wgrad(dh, x, plan, w1, gathered=False)),
+        "down_dx": ("down", f_in, lambda: K.down_scatter(dh, w1, plan, None, "atomic16")),
     }
 
 
@@ -85,18 +88,19 @@ def main() -> int:
 
     records = []
     for shape in args.shapes.split(","):
-        launches = _setup(shape, args.activation, args.tokens)
+        skew, launches = _setup(shape, args.activation, args.tokens)
+        print(f"{shape}: expert loads max/mean {skew:.2f}", flush=True)
         if args.once:
-            for _, fn in launches.values():
+            for _, _, fn in launches.values():
                 fn()
             torch.cuda.synchronize()
             torch.cuda.cudart().cudaProfilerStart()
-            for _, fn in launches.values():
+            for _, _, fn in launches.values():
                 fn()
             torch.cuda.synchronize()
             torch.cuda.cudart().cudaProfilerStop()
             continue
-        for label, (kind, fn) in launches.items():
+        for label, (kind, flops, fn) in launches.items():
             K.force_config()
             ref = _first(fn()).clone()
             for cfg in [None] + VARIANTS.get(kind, []):
@@ -107,12 +111,13 @@ def main() -> int:
                 except Exception as exc:  # a config that does not compile or fit is reported, not fatal
                     err, ms = None, None
                     print(f"  {shape} {label} {cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                tflops = None if ms is None else flops / ms / 1e9
                 rec = {"shape": shape, "kernel": label, "cfg": list(cfg) if cfg else "default", "ms": ms,
-                       "rel_err_vs_default": err}
+                       "tflops": tflops, "rel_err_vs_default": err, "load_max_over_mean": skew}
                 records.append(rec)
                 print(f"{shape:5s} {label:10s} {str(rec['cfg']):32s} "
-                      f"{'-' if ms is None else f'{ms:.4f} ms':>11s}  err {err if err is None else f'{err:.1e}'}",
-                      flush=True)
+                      f"{'-' if ms is None else f'{ms:.4f} ms {tflops:5.0f} TF/s':>20s}  "
+                      f"err {err if err is None else f'{err:.1e}'}", flush=True)
         K.force_config()
     if args.out and records:
         import triton
