@@ -26,11 +26,13 @@ from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
 from ssd_megatron.ffn.backends.routing import make_plan  # noqa: E402
 
 # kernel -> the tile configurations timed besides the default (BM|BP, BN|BQ, BK, warps, stages[, variant]);
-# variant: down 1 = one program loops over all output columns; wgrad n = each expert's reduction split
-# into chunks of n rows (fp32 atomic sums)
+# variant: down 1 = one program loops over all output columns (ROWLOOP), 2 = a persistent grid with one
+# flattened loop per program (PERSISTENT); wgrad n = each expert's reduction split into chunks of n rows
+# (fp32 atomic sums)
 VARIANTS = {
-    "down": [(128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 4, 4, 1), (128, 128, 32, 4, 4, 1),
-             (64, 128, 64, 4, 3, 1), (128, 64, 64, 4, 3, 1), (64, 256, 64, 4, 3, 1)],
+    "down": [(128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 4, 4, 1), (64, 128, 64, 4, 3, 1),
+             (128, 128, 64, 8, 3, 2), (128, 128, 64, 4, 3, 2), (128, 128, 64, 8, 4, 2), (128, 256, 64, 8, 3, 2),
+             (64, 128, 64, 4, 3, 2), (128, 64, 64, 4, 4, 2)],
     "wgrad": [(64, 128, 128, 4, 3, 512), (64, 128, 128, 4, 3, 1024), (64, 128, 128, 4, 3, 2048),
               (128, 128, 64, 8, 3, 1024), (128, 128, 64, 8, 3, 2048), (64, 128, 64, 4, 4, 1024),
               (128, 128, 64, 8, 3, 4096), (128, 128, 64, 8, 3, 8192), (64, 256, 64, 8, 3, 1024)],

@@ -23,9 +23,13 @@ CASES = [  # (inputs, TritonBackend options)
     (dict(activation="reglu", T=13, N=3, E=24, K=2), {"wgrad": "gmm", "combine": "atomic32"}),
     (dict(activation="gelu_tanh", T=17, K=2), {"column_view_w2": True}),  # w2 as a strided view of W_out
 ]
-# the same checks with the kernels' variants: wgrad reductions split into chunks of 32 rows (fp32 atomic
-# sums; experts of 0, 1 and several chunks) and a down program looping over all output columns
+# the same checks with the kernels' variants, as (down variant, wgrad row chunk): wgrad reductions split
+# into chunks of 32 rows (fp32 atomic sums; experts of 0, 1 and several chunks), with the down GEMM as
+# ROWLOOP (1: a program covers all output columns) or PERSISTENT (2: three programs, each looping over
+# several M-tiles in one flattened loop)
 VARIANT_CASES = [0, 1, 2, 5]
+VARIANTS = [(1, 32), (2, 32)]
+RUNS = [(c, (0, 0)) for c in range(len(CASES))] + [(c, v) for v in VARIANTS for c in VARIANT_CASES]
 TOL = 1e-5
 
 
@@ -36,10 +40,9 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     tiny = (16, 16, 16, 1, 1)
     results = []
-    for i, (case, opts) in enumerate(CASES + [CASES[i] for i in VARIANT_CASES]):
-        variant = i >= len(CASES)
-        kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, down=tiny + (int(variant),),
-                             wgrad=tiny + (32 * variant,))
+    for c, (down_variant, chunk) in RUNS:
+        case, opts = CASES[c]
+        kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, down=tiny + (down_variant,), wgrad=tiny + (chunk,))
         opts = dict(opts)
         inp = make_inputs(dtype=torch.float32, **case)
         if opts.pop("column_view_w2", False):
@@ -99,12 +102,13 @@ def test_triton_interpret_matches_reference(interpret_results, i):
     assert not bad, f"case {CASES[i]}: errors above {TOL}: {res['errors']}"
 
 
-@pytest.mark.parametrize("i", range(len(VARIANT_CASES)), ids=[CASES[i][0]["activation"] for i in VARIANT_CASES])
+@pytest.mark.parametrize("i", range(len(CASES), len(RUNS)),
+                         ids=[f"{CASES[c][0]['activation']}-down{v[0]}-chunk{v[1]}" for c, v in RUNS[len(CASES):]])
 def test_triton_interpret_kernel_variants(interpret_results, i):
-    res = interpret_results[0][len(CASES) + i]
+    res = interpret_results[0][i]
     assert "exception" not in res, res.get("exception")
     bad = {k: v for k, v in res["errors"].items() if not v <= TOL}
-    assert not bad, f"variant case {CASES[VARIANT_CASES[i]]}: errors above {TOL}: {res['errors']}"
+    assert not bad, f"variant run {RUNS[i]}: errors above {TOL}: {res['errors']}"
 
 
 @pytest.mark.parametrize("i", range(len(PLAN_CASES)), ids=[f"T{c[0]}-N{c[1]}-K{c[2]}-{c[3]}" for c in PLAN_CASES])

@@ -230,6 +230,12 @@ def _down_cols(A, stride_a, W, stride_wk, stride_wn, OUT, stride_o, e, rows64, r
         acc = tl.dot(a, b, acc, input_precision=PREC)
         ap += BK
         wp += BK * stride_wk
+    _down_store(acc, OUT, stride_o, rmask, tok, pair, g, cols, cmask, SCALE, ATOMIC)
+
+
+@triton.jit
+def _down_store(acc, OUT, stride_o, rmask, tok, pair, g, cols, cmask, SCALE: tl.constexpr, ATOMIC: tl.constexpr):
+    """The down GEMM's epilogue: gate scale, then the scatter to (t, k) rows or the atomic add into y."""
     if SCALE:
         acc = acc * g[:, None]
     omask = rmask[:, None] & cmask[None, :]
@@ -239,6 +245,71 @@ def _down_cols(A, stride_a, W, stride_wk, stride_wn, OUT, stride_o, e, rows64, r
                       mask=omask, sem="relaxed")
     else:
         tl.store(OUT + pair[:, None] * stride_o + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE: tl.constexpr):
+    """Routing metadata of an M-tile's rows: (flat pair, token, gate) as int64, int64, fp32."""
+    pair = tl.load(ORDER + rows, mask=rmask, other=0).to(tl.int64)
+    tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
+    if SCALE:
+        g = tl.load(GATE + pair, mask=rmask, other=0.0).to(tl.float32)
+    else:
+        g = rmask.to(tl.float32)  # unused
+    return pair, tok, g
+
+
+@triton.jit
+def _down_persistent_kernel(
+    A, stride_a, W, stride_we, stride_wk, stride_wn, ORDER, TOK, GATE, OFFS, OUT, stride_o, N, Ein, Dout,
+    SCALE: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
+):
+    """The down GEMM as a persistent grid: program p takes M-tiles p, p + G, ... and, for each, every
+    output column block. The (tile, column block, k step) loops are flattened into one loop with the
+    epilogue inside it, so the software pipeliner prefetches the next block's operands while the
+    current block's atomics drain (Ein is short, 192-256: three or four k steps per block, which leaves
+    a per-tile pipeline no steady state)."""
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    ids = tl.arange(0, NP2)
+    valid = ids < N
+    counts = tl.load(OFFS + ids + 1, mask=valid, other=0) - tl.load(OFFS + ids, mask=valid, other=0)
+    total = tl.sum((counts + BM - 1) // BM, 0)
+    NT = tl.cdiv(Dout, BN)
+    KT = tl.cdiv(Ein, BK)
+    n_iter = ((total - pid + G - 1) // G) * NT * KT
+    ks = tl.arange(0, BK)
+    tile = pid - G
+    ni = NT - 1
+    ki = KT - 1
+    e = pid * 0
+    rows = tl.arange(0, BM)
+    rmask = rows < 0
+    pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for _ in range(0, n_iter):
+        ki = tl.where(ki == KT - 1, 0, ki + 1)
+        if ki == 0:
+            ni = tl.where(ni == NT - 1, 0, ni + 1)
+            if ni == 0:
+                tile += G
+                e, row0, row_end = _tile_of(OFFS, tile, N, BM, NP2)
+                rows = row0 + tl.arange(0, BM)
+                rmask = rows < row_end
+                pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE)
+        cols = ni * BN + tl.arange(0, BN)
+        cmask = cols < Dout
+        kk = ki * BK + ks
+        km = kk < Ein
+        a = tl.load(A + rows.to(tl.int64)[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & km[None, :],
+                    other=0.0)
+        b = tl.load(W + e.to(tl.int64) * stride_we + kk[:, None] * stride_wk + cols[None, :] * stride_wn,
+                    mask=km[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        if ki == KT - 1:
+            _down_store(acc, OUT, stride_o, rmask, tok, pair, g, cols, cmask, SCALE, ATOMIC)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
 
 
 @triton.jit
@@ -261,12 +332,7 @@ def _down_kernel(
         rows = row0 + tl.arange(0, BM)
         rmask = rows < row_end
         rows64 = rows.to(tl.int64)
-        pair = tl.load(ORDER + rows, mask=rmask, other=0).to(tl.int64)
-        tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
-        if SCALE:
-            g = tl.load(GATE + pair, mask=rmask, other=0.0).to(tl.float32)
-        else:
-            g = rmask.to(tl.float32)  # unused
+        pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE)
         we = W + e.to(tl.int64) * stride_we
         if ROWLOOP:
             for n0 in range(0, Dout, BN):
@@ -412,9 +478,10 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int):
 # ----------------------------------------------------------------------------- configs and launchers
 
 # (BM|BP, BN|BQ, BK, num_warps, num_stages[, variant]). variant: down 1 = ROWLOOP (a program covers all
-# output columns); wgrad n = split each expert's reduction into chunks of n rows (0 = none). Defaults are
-# chosen per kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the
-# candidates once per shape key instead.
+# output columns), 2 = PERSISTENT (one flattened tile/column/k loop per program of a persistent grid);
+# wgrad n = split each expert's reduction into chunks of n rows (0 = none). Defaults are chosen per
+# kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per
+# shape key instead.
 DEFAULTS = {
     "up": (128, 256, 64, 8, 3),
     "up_glu": (128, 64, 64, 8, 3),
@@ -428,7 +495,7 @@ CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=
     "up_glu": [(128, 64, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (256, 64, 64, 8, 3)],
     "up_bwd": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 4), (64, 64, 64, 4, 4)],
     "down": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3),
-             (128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1)],
+             (128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 2), (128, 128, 64, 4, 3, 2)],
     "wgrad": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
               (64, 128, 128, 4, 3, 1024), (128, 128, 64, 8, 3, 2048)],
     "wgrad_mat": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)],
@@ -548,6 +615,16 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
     return dh, state["dgp"].sum(0), (ga if need_ga else None), (db if need_db else None)
 
 
+ROWLOOP, PERSISTENT = 1, 2  # down config variants (6th entry)
+
+
+def _persistent_programs(device) -> int:
+    """Programs of a persistent grid: two per SM (the interpreter: 3, so that each program loops)."""
+    if device.type != "cuda":
+        return 3
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def down_scatter(a, w, plan, gate_flat, combine="buffer"):
     """y [T, Dout] = sum over k of (gate *) a[sorted row of (t, k)] @ w[expert of (t, k)].
 
@@ -566,11 +643,19 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer"):
 
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg[:5]
-        rowloop = len(cfg) > 5 and bool(cfg[5])
-        num_n = 1 if rowloop else triton.cdiv(Dout, BN)
-        grid = ((triton.cdiv(M, BM) + N) * num_n,)
+        variant = cfg[5] if len(cfg) > 5 else 0
         if atomic:
             out.zero_()
+        if variant == PERSISTENT:
+            grid = (min(triton.cdiv(M, BM) + N, _persistent_programs(a.device)),)
+            _down_persistent_kernel[grid](
+                a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2), plan.order, plan.token, gate, plan.offsets,
+                out, out.stride(0), N, Ein, Dout, SCALE=gate_flat is not None, ATOMIC=atomic, PREC=_prec(a),
+                BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
+            return
+        rowloop = variant == ROWLOOP
+        num_n = 1 if rowloop else triton.cdiv(Dout, BN)
+        grid = ((triton.cdiv(M, BM) + N) * num_n,)
         _down_kernel[grid](
             a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2), plan.order, plan.token, gate, plan.offsets,
             out, out.stride(0), N, Ein, Dout, num_n,
