@@ -39,8 +39,9 @@ VARIANTS = {
 }
 
 
-def _setup(shape, activation, tokens):
-    dev = torch.device("cuda")
+def setup(shape, activation, tokens, device="cuda"):
+    """(expert-load skew, {label: (config kind, GEMM FLOPs, launch)}) for one layer's six launches."""
+    dev = torch.device(device)
     layer = Layer(shape, activation, dev, torch.bfloat16, seed=0)
     g = torch.Generator(device=dev).manual_seed(1)
     x = torch.randn(tokens, layer.D, generator=g, device=dev).to(torch.bfloat16)
@@ -90,7 +91,7 @@ def main() -> int:
 
     records = []
     for shape in args.shapes.split(","):
-        skew, launches = _setup(shape, args.activation, args.tokens)
+        skew, launches = setup(shape, args.activation, args.tokens)
         print(f"{shape}: expert loads max/mean {skew:.2f}", flush=True)
         if args.once:
             for _, _, fn in launches.values():

@@ -618,11 +618,28 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
 ROWLOOP, PERSISTENT = 1, 2  # down config variants (6th entry)
 
 
-def _persistent_programs(device) -> int:
-    """Programs of a persistent grid: two per SM (the interpreter: 3, so that each program loops)."""
+_PROGRAMS: dict = {}
+
+
+def _persistent_programs(kernel, args, meta, device, upper: int, key) -> int:
+    """Programs of a persistent grid (at most `upper`): as many CTAs as fit on all SMs at once, by the
+    compiled kernel's registers and shared memory. The interpreter gets 3, so that each program loops."""
     if device.type != "cuda":
-        return 3
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return min(3, upper)
+    if key not in _PROGRAMS:
+        props = torch.cuda.get_device_properties(device)
+        try:
+            compiled = kernel.warmup(*args, grid=(1,), **meta)
+            compiled._init_handles()
+            threads = 32 * meta["num_warps"]
+            by_regs = getattr(props, "regs_per_multiprocessor", 65536) // max(1, compiled.n_regs * threads)
+            smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
+            by_smem = smem // (compiled.metadata.shared + 1024)  # + the driver's 1 KB per CTA
+            ctas = max(1, min(by_regs, by_smem))
+        except Exception:  # no compiled-kernel metadata (e.g. tools/compile_report.py): one CTA per SM
+            ctas = 1
+        _PROGRAMS[key] = ctas * props.multi_processor_count
+    return min(upper, _PROGRAMS[key])
 
 
 def down_scatter(a, w, plan, gate_flat, combine="buffer"):
@@ -647,11 +664,13 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer"):
         if atomic:
             out.zero_()
         if variant == PERSISTENT:
-            grid = (min(triton.cdiv(M, BM) + N, _persistent_programs(a.device)),)
-            _down_persistent_kernel[grid](
-                a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2), plan.order, plan.token, gate, plan.offsets,
-                out, out.stride(0), N, Ein, Dout, SCALE=gate_flat is not None, ATOMIC=atomic, PREC=_prec(a),
-                BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
+            args = (a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2), plan.order, plan.token, gate,
+                    plan.offsets, out, out.stride(0), N, Ein, Dout)
+            meta = dict(SCALE=gate_flat is not None, ATOMIC=atomic, PREC=_prec(a), BM=BM, BN=BN, BK=BK, NP2=_np2(N),
+                        num_warps=nw, num_stages=ns)
+            key = (tuple(cfg), a.dtype, w.dtype, out.dtype, atomic, gate_flat is not None, N, a.device)
+            grid = (_persistent_programs(_down_persistent_kernel, args, meta, a.device, triton.cdiv(M, BM) + N, key),)
+            _down_persistent_kernel[grid](*args, **meta)
             return
         rowloop = variant == ROWLOOP
         num_n = 1 if rowloop else triton.cdiv(Dout, BN)

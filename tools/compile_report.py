@@ -1,0 +1,126 @@
+"""Compile the `triton` expert backend's kernels for an H100/H200 (sm_90) on a machine without a GPU,
+and report per launch: registers, spills (stack bytes), shared memory, the CTAs per SM those allow, the
+matrix instructions and whether the operand loads are asynchronous copies. What METHOD.md calls
+"read what costs no device time": it answers "does this config compile, spill, or fit two CTAs per
+SM?" before a device call is spent on timing it.
+
+The real launchers run on CPU tensors of the real shapes (bench.ffn's layer, realistic routing), so
+each kernel is specialised exactly as on the GPU (Triton's own argument specialisation: dtypes,
+16-byte alignment, unit strides). A stand-in driver reports an sm_90 target, and every launch
+compiles without running. Use the device image's Triton version, which may differ from this
+machine's. For the H200 image (triton 3.6.0):
+
+    pip download --no-deps triton==3.6.0 -d /tmp/whl && pip install --no-deps --target /tmp/t36 /tmp/whl/*.whl
+    PYTHONPATH=/tmp/t36:. python tools/compile_report.py [--shapes base,8b] [--variants]
+
+--variants also compiles every candidate of tools/bench_kernels.py's sweep.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("error: unset TRITON_INTERPRET: this tool compiles the kernels, it does not interpret them")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver as _driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+SM90 = {"regs": 65536, "smem": 228 * 1024, "max_ctas": 32, "max_warps": 64}  # per SM (H100/H200)
+
+
+class _Sm90Driver:
+    """Enough of Triton's driver interface for the JIT to specialise and compile for sm_90."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+LAUNCHES: list = []  # (kernel name, compiled kernel, num_warps) of every launch since the last reset
+_ORIG_RUN = JITFunction.run
+
+
+def _compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = _ORIG_RUN(self, *args, grid=grid, warmup=True, **kwargs)
+    LAUNCHES.append((self.fn.__name__, kernel, kwargs.get("num_warps", 4)))
+    return kernel
+
+
+def _bin(name):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def report(kernel, num_warps) -> dict:
+    """Resources (cuobjdump) and a few instruction counts (SASS) of one compiled kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(kernel.asm["cubin"])
+        fh.flush()
+        res = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", fh.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([_bin("cuobjdump"), "--dump-sass", fh.name], capture_output=True, text=True).stdout
+    regs = int(re.search(r"REG:(\d+)", res).group(1))
+    stack = int(re.search(r"STACK:(\d+)", res).group(1))
+    smem = int(kernel.metadata.shared)
+    threads = 32 * num_warps
+    ctas = min(SM90["max_ctas"], SM90["regs"] // (regs * threads) if regs else SM90["max_ctas"],
+               SM90["smem"] // max(smem + 1024, 1), SM90["max_warps"] // num_warps)
+    mma = sorted(set(re.findall(r"\b(HGMMA\.\w+|HMMA\.\w+)", sass)))
+    return {"regs": regs, "stack": stack, "smem_kb": round(smem / 1024, 1), "warps": num_warps, "ctas_per_sm": ctas,
+            "mma": ",".join(m.split(".", 1)[1] for m in mma) or "-", "ldgsts": sass.count("LDGSTS"),
+            "utmaldg": sass.count("UTMALDG"), "atom": len(re.findall(r"\b(?:REDG|RED|ATOMG|ATOM)\.", sass))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="base,8b")
+    ap.add_argument("--activation", default="relu")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--variants", action="store_true", help="also every candidate of tools/bench_kernels.py")
+    args = ap.parse_args()
+    _driver.set_active(_Sm90Driver())
+    JITFunction.run = _compile_only
+    import bench_kernels as bk
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+
+    print(f"triton {triton.__version__}, target sm_90; per launch: registers/thread, stack bytes (spills), shared "
+          f"memory, CTAs per SM those allow", flush=True)
+    print(f"{'shape':5s} {'launch':10s} {'config':28s} {'kernel':24s} regs stack  smem KB warps CTAs/SM  "
+          f"LDGSTS UTMALDG atom  mma")
+    for shape in args.shapes.split(","):
+        _, launches = bk.setup(shape, args.activation, args.tokens, device="cpu")
+        for label, (kind, _, fn) in launches.items():
+            for cfg in [None] + (bk.VARIANTS.get(kind, []) if args.variants else []):
+                K.force_config(**({kind: cfg} if cfg else {}))
+                LAUNCHES.clear()
+                try:
+                    fn()
+                except Exception as exc:  # a config that does not compile is reported, not fatal
+                    print(f"{shape:5s} {label:10s} {str(cfg or 'default'):28s} FAILED: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:150]}")
+                    continue
+                for name, kernel, nw in {id(k): (n, k, w) for n, k, w in LAUNCHES}.values():
+                    r = report(kernel, nw)
+                    print(f"{shape:5s} {label:10s} {str(cfg or 'default'):28s} {name:24s} {r['regs']:4d} {r['stack']:5d} "
+                          f"{r['smem_kb']:8.1f} {r['warps']:5d} {r['ctas_per_sm']:7d}  {r['ldgsts']:6d} "
+                          f"{r['utmaldg']:7d} {r['atom']:4d}  {r['mma']}", flush=True)
+        K.force_config()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
