@@ -91,6 +91,7 @@ def main() -> int:
     ap.add_argument("--activation", default="relu")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--variants", action="store_true", help="also every candidate of tools/bench_kernels.py")
+    ap.add_argument("--launches", default="", help="comma list of launch labels to report (default: all six)")
     args = ap.parse_args()
     _driver.set_active(_Sm90Driver())
     JITFunction.run = _compile_only
@@ -104,6 +105,8 @@ def main() -> int:
     for shape in args.shapes.split(","):
         _, launches = bk.setup(shape, args.activation, args.tokens, device="cpu")
         for label, (kind, _, fn) in launches.items():
+            if args.launches and label not in args.launches.split(","):
+                continue
             for cfg in [None] + (bk.VARIANTS.get(kind, []) if args.variants else []):
                 K.force_config(**({kind: cfg} if cfg else {}))
                 LAUNCHES.clear()

@@ -92,6 +92,68 @@ def _tile_of(OFFS, pid_m, N, BM: tl.constexpr, NP2: tl.constexpr):
 # ----------------------------------------------------------------------------- up (gather GEMM)
 
 @triton.jit
+def _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT, stride_o,
+                 DGP, GA, stride_ga, DB, stride_db, M, E,
+                 BWD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SAVE_H: tl.constexpr, STORE_GA: tl.constexpr, HAS_DB: tl.constexpr):
+    """The up GEMM's epilogue for one (M-tile, column block): forward bias, activation and stores of h
+    and a; backward dgate partials, gate * a, dh (from the saved h) and the bias-grad column sums."""
+    rows64 = rows.to(tl.int64)
+    omask = rmask[:, None] & cmask[None, :]
+    hp = H + rows64[:, None] * stride_h + cols[None, :]
+    dt = OUT.dtype.element_ty
+    if not BWD:
+        if HAS_BIAS:
+            bp = B + e.to(tl.int64) * stride_be + cols
+            acc += tl.load(bp, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if GLU:
+                acc2 += tl.load(bp + E, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        # round to the storage dtype first, as a torch matmul + activation would
+        h = acc.to(dt)
+        if SAVE_H:
+            tl.store(hp, h, mask=omask)
+        act = _act(h.to(tl.float32), ACT)
+        if GLU:
+            hu = acc2.to(dt)
+            if SAVE_H:
+                tl.store(hp + E, hu, mask=omask)
+            act = act.to(dt).to(tl.float32) * hu.to(tl.float32)
+        tl.store(OUT + rows64[:, None] * stride_o + cols[None, :], act.to(dt), mask=omask)
+    else:
+        # acc = da (gradient w.r.t. a, before the gate); recompute a from the saved h
+        pair = tl.load(ORDER + rows, mask=rmask, other=0).to(tl.int64)
+        g = tl.load(GATE + pair, mask=rmask, other=0.0).to(tl.float32)
+        h = tl.load(hp, mask=omask, other=0.0).to(tl.float32)
+        fa = _act(h, ACT)
+        if GLU:
+            hu = tl.load(hp + E, mask=omask, other=0.0).to(tl.float32)
+            a = fa.to(dt).to(tl.float32) * hu
+        else:
+            a = fa
+        a = a.to(dt).to(tl.float32)
+        tl.store(DGP + pid_n * M + pair, tl.sum(acc * a, 1), mask=rmask)
+        if STORE_GA:
+            tl.store(GA + rows64[:, None] * stride_ga + cols[None, :], (a * g[:, None]).to(dt), mask=omask)
+        dact = acc * g[:, None]
+        dp = OUT + rows64[:, None] * stride_o + cols[None, :]
+        dbp = DB + e.to(tl.int64) * stride_db + cols
+        if GLU:
+            dhg = (dact * hu * _act_grad(h, ACT)).to(dt)
+            dhu = (dact * fa).to(dt)
+            tl.store(dp, dhg, mask=omask)
+            tl.store(dp + E, dhu, mask=omask)
+            if HAS_DB:
+                tl.atomic_add(dbp, tl.sum(tl.where(omask, dhg.to(tl.float32), 0.0), 0), mask=cmask, sem="relaxed")
+                tl.atomic_add(dbp + E, tl.sum(tl.where(omask, dhu.to(tl.float32), 0.0), 0), mask=cmask,
+                              sem="relaxed")
+        else:
+            dh = (dact * _act_grad(h, ACT)).to(dt)
+            tl.store(dp, dh, mask=omask)
+            if HAS_DB:
+                tl.atomic_add(dbp, tl.sum(tl.where(omask, dh.to(tl.float32), 0.0), 0), mask=cmask, sem="relaxed")
+
+
+@triton.jit
 def _up_kernel(
     X, stride_x,                 # [T, Din] token-major (x fwd, dy bwd)
     W, stride_we, stride_wf, stride_wk,  # [N, F, Din] rows = output features (w1 fwd, w2 bwd)
@@ -147,60 +209,70 @@ def _up_kernel(
                 acc2 = tl.dot(a, b2, acc2, input_precision=PREC)
             xp += BK
             wp += BK * stride_wk
+        _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT,
+                     stride_o, DGP, GA, stride_ga, DB, stride_db, M, E,
+                     BWD, ACT, GLU, HAS_BIAS, SAVE_H, STORE_GA, HAS_DB)
 
-        rows64 = rows.to(tl.int64)
-        omask = rmask[:, None] & cmask[None, :]
-        hp = H + rows64[:, None] * stride_h + cols[None, :]
-        dt = OUT.dtype.element_ty
-        if not BWD:
-            if HAS_BIAS:
-                bp = B + e.to(tl.int64) * stride_be + cols
-                acc += tl.load(bp, mask=cmask, other=0.0).to(tl.float32)[None, :]
-                if GLU:
-                    acc2 += tl.load(bp + E, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            # round to the storage dtype first, as a torch matmul + activation would
-            h = acc.to(dt)
-            if SAVE_H:
-                tl.store(hp, h, mask=omask)
-            act = _act(h.to(tl.float32), ACT)
-            if GLU:
-                hu = acc2.to(dt)
-                if SAVE_H:
-                    tl.store(hp + E, hu, mask=omask)
-                act = act.to(dt).to(tl.float32) * hu.to(tl.float32)
-            tl.store(OUT + rows64[:, None] * stride_o + cols[None, :], act.to(dt), mask=omask)
-        else:
-            # acc = da (gradient w.r.t. a, before the gate); recompute a from the saved h
-            pair = tl.load(ORDER + rows, mask=rmask, other=0).to(tl.int64)
-            g = tl.load(GATE + pair, mask=rmask, other=0.0).to(tl.float32)
-            h = tl.load(hp, mask=omask, other=0.0).to(tl.float32)
-            fa = _act(h, ACT)
-            if GLU:
-                hu = tl.load(hp + E, mask=omask, other=0.0).to(tl.float32)
-                a = fa.to(dt).to(tl.float32) * hu
-            else:
-                a = fa
-            a = a.to(dt).to(tl.float32)
-            tl.store(DGP + pid_n * M + pair, tl.sum(acc * a, 1), mask=rmask)
-            if STORE_GA:
-                tl.store(GA + rows64[:, None] * stride_ga + cols[None, :], (a * g[:, None]).to(dt), mask=omask)
-            dact = acc * g[:, None]
-            dp = OUT + rows64[:, None] * stride_o + cols[None, :]
-            dbp = DB + e.to(tl.int64) * stride_db + cols
-            if GLU:
-                dhg = (dact * hu * _act_grad(h, ACT)).to(dt)
-                dhu = (dact * fa).to(dt)
-                tl.store(dp, dhg, mask=omask)
-                tl.store(dp + E, dhu, mask=omask)
-                if HAS_DB:
-                    tl.atomic_add(dbp, tl.sum(tl.where(omask, dhg.to(tl.float32), 0.0), 0), mask=cmask, sem="relaxed")
-                    tl.atomic_add(dbp + E, tl.sum(tl.where(omask, dhu.to(tl.float32), 0.0), 0), mask=cmask,
-                                  sem="relaxed")
-            else:
-                dh = (dact * _act_grad(h, ACT)).to(dt)
-                tl.store(dp, dh, mask=omask)
-                if HAS_DB:
-                    tl.atomic_add(dbp, tl.sum(tl.where(omask, dh.to(tl.float32), 0.0), 0), mask=cmask, sem="relaxed")
+
+@triton.jit
+def _up_persistent_kernel(
+    X, stride_x, W, stride_we, stride_wf, stride_wk, B, stride_be, TOK, ORDER, GATE, OFFS, H, stride_h,
+    OUT, stride_o, DGP, GA, stride_ga, DB, stride_db, N, M, Din, E, num_n,
+    BWD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SAVE_H: tl.constexpr, STORE_GA: tl.constexpr, HAS_DB: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
+):
+    """`_up_kernel` over a persistent grid: program p takes the (M-tile, column block) pairs p, p + G, ...
+    in one flattened loop over their k steps, with the epilogue inside it, so that the next pair's first
+    operands are fetched while this pair's epilogue runs (one CTA per SM at the base shape's tiles: no
+    other CTA would hide it)."""
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    ids = tl.arange(0, NP2)
+    valid = ids < N
+    counts = tl.load(OFFS + ids + 1, mask=valid, other=0) - tl.load(OFFS + ids, mask=valid, other=0)
+    total = tl.sum((counts + BM - 1) // BM, 0) * num_n
+    KT = tl.cdiv(Din, BK)
+    n_iter = ((total - pid + G - 1) // G) * KT
+    ks = tl.arange(0, BK)
+    up_off = E * stride_wf
+    t = pid - G
+    ki = KT - 1
+    e = pid * 0
+    pid_n = pid * 0
+    rows = tl.arange(0, BM)
+    rmask = rows < 0
+    tok = rows.to(tl.int64)
+    cols = tl.arange(0, BN)
+    cmask = cols < 0
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+    for _ in range(0, n_iter):
+        ki = tl.where(ki == KT - 1, 0, ki + 1)
+        if ki == 0:
+            t += G
+            pid_n = t % num_n
+            e, row0, row_end = _tile_of(OFFS, t // num_n, N, BM, NP2)
+            rows = row0 + tl.arange(0, BM)
+            rmask = rows < row_end
+            tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
+            cols = pid_n * BN + tl.arange(0, BN)
+            cmask = cols < E
+        kk = ki * BK + ks
+        km = kk < Din
+        a = tl.load(X + tok[:, None] * stride_x + kk[None, :], mask=km[None, :], other=0.0)
+        wp = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wf + kk[:, None] * stride_wk
+        b = tl.load(wp, mask=km[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        if GLU and not BWD:
+            b2 = tl.load(wp + up_off, mask=km[:, None] & cmask[None, :], other=0.0)
+            acc2 = tl.dot(a, b2, acc2, input_precision=PREC)
+        if ki == KT - 1:
+            _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT,
+                         stride_o, DGP, GA, stride_ga, DB, stride_db, M, E,
+                         BWD, ACT, GLU, HAS_BIAS, SAVE_H, STORE_GA, HAS_DB)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            acc2 = tl.zeros((BM, BN), dtype=tl.float32)
 
 
 # ----------------------------------------------------------------------------- down (scatter GEMM)
@@ -557,65 +629,7 @@ def _np2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def up_forward(x, w1, b1, plan, activation, save_h: bool):
-    """a [M, E] (and h [M, F1] when save_h) for the sorted rows."""
-    act, glu = ACT_CODES[activation]
-    M, N = plan.num_rows, plan.num_experts
-    F1, D = w1.shape[1], w1.shape[2]
-    E = F1 // 2 if glu else F1
-    a = torch.empty(M, E, device=x.device, dtype=x.dtype)
-    h = torch.empty(M, F1, device=x.device, dtype=x.dtype) if save_h else a
-    bias = b1 if b1 is not None else a
-
-    def launch(cfg):
-        BM, BN, BK, nw, ns = cfg
-        num_n = triton.cdiv(E, BN)
-        grid = ((triton.cdiv(M, BM) + N) * num_n,)
-        _up_kernel[grid](
-            x, x.stride(0), w1, w1.stride(0), w1.stride(1), w1.stride(2), bias, bias.stride(0),
-            plan.token, plan.order, a, plan.offsets, h, h.stride(0), a, a.stride(0), a, a, 0, a, 0,
-            N, M, D, E, num_n,
-            BWD=False, ACT=act, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=save_h, STORE_GA=False, HAS_DB=False,
-            EVEN_K=D % BK == 0, EVEN_N=E % BN == 0, PREC=_prec(x),
-            BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
-
-    launch(_pick("up_glu" if glu else "up", (D, E, str(x.dtype)), launch))
-    return a, (h if save_h else None)
-
-
-def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: bool):
-    """dh [M, F1], the per-pair gate gradient [T*K] (fp32), ga = gate*a [M, E], db1 [N, F1] (fp32)."""
-    act, glu = ACT_CODES[activation]
-    M, N = plan.num_rows, plan.num_experts
-    E, D = w2.shape[1], w2.shape[2]
-    F1 = h.shape[1]
-    dh = torch.empty(M, F1, device=dy.device, dtype=dy.dtype)
-    ga = torch.empty(M, E, device=dy.device, dtype=dy.dtype) if need_ga else dh
-    db = torch.empty(N, F1, device=dy.device, dtype=torch.float32) if need_db else dh
-    state = {}
-
-    def launch(cfg):
-        BM, BN, BK, nw, ns = cfg
-        num_n = triton.cdiv(E, BN)
-        dgp = torch.empty(num_n, M, device=dy.device, dtype=torch.float32)
-        if need_db:
-            db.zero_()
-        grid = ((triton.cdiv(M, BM) + N) * num_n,)
-        _up_kernel[grid](
-            dy, dy.stride(0), w2, w2.stride(0), w2.stride(1), w2.stride(2), dh, 0,
-            plan.token, plan.order, gate_flat, plan.offsets, h, h.stride(0), dh, dh.stride(0), dgp,
-            ga, ga.stride(0), db, db.stride(0),
-            N, M, D, E, num_n,
-            BWD=True, ACT=act, GLU=glu, HAS_BIAS=False, SAVE_H=False, STORE_GA=need_ga, HAS_DB=need_db,
-            EVEN_K=D % BK == 0, EVEN_N=E % BN == 0, PREC=_prec(dy),
-            BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
-        state["dgp"] = dgp
-
-    launch(_pick("up_bwd", (D, E, str(dy.dtype)), launch))
-    return dh, state["dgp"].sum(0), (ga if need_ga else None), (db if need_db else None)
-
-
-ROWLOOP, PERSISTENT = 1, 2  # down config variants (6th entry)
+ROWLOOP, PERSISTENT = 1, 2  # config variants (6th entry): ROWLOOP (down), PERSISTENT (up, up_bwd, down)
 
 
 _PROGRAMS: dict = {}
@@ -640,6 +654,71 @@ def _persistent_programs(kernel, args, meta, device, upper: int, key) -> int:
             ctas = 1
         _PROGRAMS[key] = ctas * props.multi_processor_count
     return min(upper, _PROGRAMS[key])
+
+
+def _launch_up(args, meta, cfg, M, N, Din, E, device, key):
+    """One `_up_kernel` launch (a program per (M-tile, column block)) or, with the PERSISTENT variant,
+    `_up_persistent_kernel` over as many programs as fit on the GPU at once."""
+    BM, BN, BK, nw, ns = cfg[:5]
+    num_n = triton.cdiv(E, BN)
+    args = args + (N, M, Din, E, num_n)
+    meta = dict(meta, BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
+    tiles = (triton.cdiv(M, BM) + N) * num_n
+    if len(cfg) > 5 and cfg[5] == PERSISTENT:
+        grid = (_persistent_programs(_up_persistent_kernel, args, meta, device, tiles, key + (tuple(cfg),)),)
+        _up_persistent_kernel[grid](*args, **meta)
+    else:
+        _up_kernel[(tiles,)](*args, EVEN_K=Din % BK == 0, EVEN_N=E % BN == 0, **meta)
+
+
+def up_forward(x, w1, b1, plan, activation, save_h: bool):
+    """a [M, E] (and h [M, F1] when save_h) for the sorted rows."""
+    act, glu = ACT_CODES[activation]
+    M, N = plan.num_rows, plan.num_experts
+    F1, D = w1.shape[1], w1.shape[2]
+    E = F1 // 2 if glu else F1
+    a = torch.empty(M, E, device=x.device, dtype=x.dtype)
+    h = torch.empty(M, F1, device=x.device, dtype=x.dtype) if save_h else a
+    bias = b1 if b1 is not None else a
+    args = (x, x.stride(0), w1, w1.stride(0), w1.stride(1), w1.stride(2), bias, bias.stride(0),
+            plan.token, plan.order, a, plan.offsets, h, h.stride(0), a, a.stride(0), a, a, 0, a, 0)
+    meta = dict(BWD=False, ACT=act, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=save_h, STORE_GA=False, HAS_DB=False,
+                PREC=_prec(x))
+    key = ("up", act, glu, b1 is not None, save_h, x.dtype, N, x.device)
+
+    def launch(cfg):
+        _launch_up(args, meta, cfg, M, N, D, E, x.device, key)
+
+    launch(_pick("up_glu" if glu else "up", (D, E, str(x.dtype)), launch))
+    return a, (h if save_h else None)
+
+
+def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: bool):
+    """dh [M, F1], the per-pair gate gradient [T*K] (fp32), ga = gate*a [M, E], db1 [N, F1] (fp32)."""
+    act, glu = ACT_CODES[activation]
+    M, N = plan.num_rows, plan.num_experts
+    E, D = w2.shape[1], w2.shape[2]
+    F1 = h.shape[1]
+    dh = torch.empty(M, F1, device=dy.device, dtype=dy.dtype)
+    ga = torch.empty(M, E, device=dy.device, dtype=dy.dtype) if need_ga else dh
+    db = torch.empty(N, F1, device=dy.device, dtype=torch.float32) if need_db else dh
+    meta = dict(BWD=True, ACT=act, GLU=glu, HAS_BIAS=False, SAVE_H=False, STORE_GA=need_ga, HAS_DB=need_db,
+                PREC=_prec(dy))
+    key = ("up_bwd", act, glu, need_ga, need_db, dy.dtype, N, dy.device)
+    state = {}
+
+    def launch(cfg):
+        dgp = torch.empty(triton.cdiv(E, cfg[1]), M, device=dy.device, dtype=torch.float32)
+        if need_db:
+            db.zero_()
+        args = (dy, dy.stride(0), w2, w2.stride(0), w2.stride(1), w2.stride(2), dh, 0,
+                plan.token, plan.order, gate_flat, plan.offsets, h, h.stride(0), dh, dh.stride(0), dgp,
+                ga, ga.stride(0), db, db.stride(0))
+        _launch_up(args, meta, cfg, M, N, D, E, dy.device, key)
+        state["dgp"] = dgp
+
+    launch(_pick("up_bwd", (D, E, str(dy.dtype)), launch))
+    return dh, state["dgp"].sum(0), (ga if need_ga else None), (db if need_db else None)
 
 
 def down_scatter(a, w, plan, gate_flat, combine="buffer"):
