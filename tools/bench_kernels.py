@@ -26,7 +26,7 @@ from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
 from ssd_megatron.ffn.backends.routing import make_plan  # noqa: E402
 
 # kernel -> the tile configurations timed besides the default (BM|BP, BN|BQ, BK, warps, stages[, variant]);
-# variant: down 1 = one program loops over all output columns (ROWLOOP); up, up_bwd, down 2 = a persistent
+# variant: down 1 = one program loops over all output columns (ROWLOOP), 3 = TMA descriptors; up, up_bwd, down 2 = a persistent
 # grid with one flattened loop per program (PERSISTENT); wgrad n = each expert's reduction split into chunks of n rows
 # (fp32 atomic sums)
 VARIANTS = {
@@ -34,7 +34,8 @@ VARIANTS = {
     "up_bwd": [(128, 64, 64, 4, 4, 2), (128, 64, 64, 4, 3, 2), (128, 128, 64, 8, 3, 2), (64, 64, 64, 4, 4, 2)],
     "down": [(128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 4, 4, 1), (64, 128, 64, 4, 3, 1),
              (128, 128, 64, 8, 3, 2), (128, 128, 64, 4, 3, 2), (128, 128, 64, 8, 4, 2), (128, 256, 64, 8, 3, 2),
-             (64, 128, 64, 4, 3, 2), (128, 64, 64, 4, 4, 2)],
+             (64, 128, 64, 4, 3, 2), (128, 64, 64, 4, 4, 2),
+             (128, 128, 64, 8, 3, 3), (128, 128, 64, 4, 3, 3), (128, 256, 64, 8, 3, 3), (128, 128, 64, 8, 4, 3)],
     "wgrad": [(64, 128, 128, 4, 3, 512), (64, 128, 128, 4, 3, 1024), (64, 128, 128, 4, 3, 2048),
               (128, 128, 64, 8, 3, 1024), (128, 128, 64, 8, 3, 2048), (64, 128, 64, 4, 4, 1024),
               (128, 128, 64, 8, 3, 4096), (128, 128, 64, 8, 3, 8192), (64, 256, 64, 8, 3, 1024)],

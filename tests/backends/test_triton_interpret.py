@@ -25,10 +25,10 @@ CASES = [  # (inputs, TritonBackend options)
 ]
 # the same checks with the kernels' variants, as (up variant, down variant, wgrad row chunk): wgrad
 # reductions split into chunks of 32 rows (fp32 atomic sums; experts of 0, 1 and several chunks), the
-# down GEMM as ROWLOOP (1: a program covers all output columns), and up, up_bwd and down as PERSISTENT
-# (2: three programs, each looping over several tiles in one flattened loop)
+# down GEMM as ROWLOOP (1: a program covers all output columns) or with TMA descriptors (3), and up,
+# up_bwd and down as PERSISTENT (2: three programs, each looping over several tiles in one flattened loop)
 VARIANT_CASES = [0, 1, 2, 3, 5]
-VARIANTS = [(0, 1, 32), (2, 2, 32)]
+VARIANTS = [(0, 1, 32), (2, 2, 32), (0, 3, 0)]
 RUNS = [(c, (0, 0, 0)) for c in range(len(CASES))] + [(c, v) for v in VARIANTS for c in VARIANT_CASES]
 TOL = 1e-5
 

@@ -385,6 +385,37 @@ def _down_persistent_kernel(
 
 
 @triton.jit
+def _down_tma_kernel(
+    A_desc, W_desc, ORDER, TOK, GATE, OFFS, OUT, stride_o, N, Ein, Dout, num_n,
+    SCALE: tl.constexpr, ATOMIC: tl.constexpr, W_KROWS: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
+):
+    """`_down_kernel` with both operands fetched by the bulk-copy engine (TMA): A's tile is the contiguous
+    sorted rows row0:row0 + BM (rows past the expert's end are fetched too and masked at the store), and
+    W[e] comes from a 2-D view of all experts' weights ([N*Ein, Dout] when W_KROWS, else [Dout, N*Ein]).
+    No per-thread addresses in the main loop; the launcher uses it only when Ein is a multiple of BK."""
+    pid = tl.program_id(0)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    e, row0, row_end = _tile_of(OFFS, pid_m, N, BM, NP2)
+    if row0 < row_end:
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE)
+        n0 = pid_n * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, Ein, BK):
+            a = A_desc.load([row0, k0])
+            if W_KROWS:
+                b = W_desc.load([e * Ein + k0, n0])
+            else:
+                b = W_desc.load([n0, e * Ein + k0]).T
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+        cols = n0 + tl.arange(0, BN)
+        _down_store(acc, OUT, stride_o, rmask, tok, pair, g, cols, cols < Dout, SCALE, ATOMIC)
+
+
+@triton.jit
 def _down_kernel(
     A, stride_a,                 # [M, Ein] grouped rows (a fwd, dh bwd)
     W, stride_we, stride_wk, stride_wn,  # [N, Ein, Dout] (w2 fwd, w1 bwd)
@@ -629,7 +660,7 @@ def _np2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-ROWLOOP, PERSISTENT = 1, 2  # config variants (6th entry): ROWLOOP (down), PERSISTENT (up, up_bwd, down)
+ROWLOOP, PERSISTENT, TMA = 1, 2, 3  # config variants (6th entry): ROWLOOP, TMA (down), PERSISTENT (up, up_bwd, down)
 
 
 _PROGRAMS: dict = {}
@@ -721,6 +752,27 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
     return dh, state["dgp"].sum(0), (ga if need_ga else None), (db if need_db else None)
 
 
+def _down_descriptors(a, w, BM, BN, BK):
+    """(A, W, W_KROWS) TMA descriptors for `_down_tma_kernel`, or None where the layouts do not allow one:
+    rows of `a` contiguous, and all experts' W as one 2-D matrix with a contiguous last dim."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    N, Ein, Dout = w.shape
+    s0, s1, s2 = w.stride()
+    es = a.element_size()
+    if a.stride(1) != 1 or (a.stride(0) * es) % 16 or a.data_ptr() % 16 or w.data_ptr() % 16:
+        return None
+    if s2 == 1 and s0 == Ein * s1 and (s1 * es) % 16 == 0:      # [N*Ein, Dout]: rows are k
+        w2d = TensorDescriptor(w, [N * Ein, Dout], [s1, 1], [BK, BN])
+        krows = True
+    elif s1 == 1 and s0 == Ein and (s2 * es) % 16 == 0:         # [Dout, N*Ein]: e.g. W_out's column view
+        w2d = TensorDescriptor(w, [Dout, N * Ein], [s2, 1], [BN, BK])
+        krows = False
+    else:
+        return None
+    return TensorDescriptor(a, [a.shape[0], Ein], [a.stride(0), 1], [BM, BK]), w2d, krows
+
+
 def down_scatter(a, w, plan, gate_flat, combine="buffer"):
     """y [T, Dout] = sum over k of (gate *) a[sorted row of (t, k)] @ w[expert of (t, k)].
 
@@ -751,6 +803,15 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer"):
             grid = (_persistent_programs(_down_persistent_kernel, args, meta, a.device, triton.cdiv(M, BM) + N, key),)
             _down_persistent_kernel[grid](*args, **meta)
             return
+        if variant == TMA and Ein % BK == 0:
+            descs = _down_descriptors(a, w, BM, BN, BK)
+            if descs is not None:
+                num_n = triton.cdiv(Dout, BN)
+                _down_tma_kernel[((triton.cdiv(M, BM) + N) * num_n,)](
+                    *descs[:2], plan.order, plan.token, gate, plan.offsets, out, out.stride(0), N, Ein, Dout, num_n,
+                    SCALE=gate_flat is not None, ATOMIC=atomic, W_KROWS=descs[2], PREC=_prec(a),
+                    BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
+                return
         rowloop = variant == ROWLOOP
         num_n = 1 if rowloop else triton.cdiv(Dout, BN)
         grid = ((triton.cdiv(M, BM) + N) * num_n,)
