@@ -4,7 +4,7 @@ with triton.testing.do_bench (median, CUDA events) for a list of tile configurat
 against the default configuration's output. This is where kernel variants are compared before one
 becomes a default (docs/kernels.md); `ssd-bench ffn` times the whole layer.
 
-    python tools/bench_kernels.py [--shapes base,8b] [--activation relu] [--out F.json]
+    python tools/bench_kernels.py [--shapes base,8b] [--activations relu,swiglu] [--out F.json]
     ncu --profile-from-start off ... python tools/bench_kernels.py --once   # each default launch once
 
 Inputs: bench.ffn's layer (clustered weights, realistic routing), bf16, 16 384 tokens. The same
@@ -13,6 +13,7 @@ layer, where the up kernel has just read it.
 """
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import sys
@@ -82,7 +83,7 @@ def _first(out):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="base,8b")
-    ap.add_argument("--activation", default="relu")
+    ap.add_argument("--activations", default="relu,swiglu")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--once", action="store_true", help="run each default launch once inside cudaProfilerStart/Stop")
     ap.add_argument("--out", default=None)
@@ -94,9 +95,9 @@ def main() -> int:
     from triton.testing import do_bench
 
     records = []
-    for shape in args.shapes.split(","):
-        skew, launches = setup(shape, args.activation, args.tokens)
-        print(f"{shape}: expert loads max/mean {skew:.2f}", flush=True)
+    for shape, act in itertools.product(args.shapes.split(","), args.activations.split(",")):
+        skew, launches = setup(shape, act, args.tokens)
+        print(f"{shape} {act}: expert loads max/mean {skew:.2f}", flush=True)
         if args.once:
             for _, _, fn in launches.values():
                 fn()
@@ -119,10 +120,10 @@ def main() -> int:
                     err, ms = None, None
                     print(f"  {shape} {label} {cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                 tflops = None if ms is None else flops / ms / 1e9
-                rec = {"shape": shape, "kernel": label, "cfg": list(cfg) if cfg else "default", "ms": ms,
-                       "tflops": tflops, "rel_err_vs_default": err, "load_max_over_mean": skew}
+                rec = {"shape": shape, "activation": act, "kernel": label, "cfg": list(cfg) if cfg else "default",
+                       "ms": ms, "tflops": tflops, "rel_err_vs_default": err, "load_max_over_mean": skew}
                 records.append(rec)
-                print(f"{shape:5s} {label:10s} {str(rec['cfg']):32s} "
+                print(f"{shape:5s} {act:6s} {label:10s} {str(rec['cfg']):32s} "
                       f"{'-' if ms is None else f'{ms:.4f} ms {tflops:5.0f} TF/s':>20s}  "
                       f"err {err if err is None else f'{err:.1e}'}", flush=True)
         K.force_config()
@@ -131,7 +132,7 @@ def main() -> int:
         with open(args.out, "w") as fh:
             json.dump({"gpu": torch.cuda.get_device_name(0), "date": dt.date.today().isoformat(),
                        "torch": torch.__version__, "triton": triton.__version__, "tokens": args.tokens,
-                       "activation": args.activation, "defaults": {k: list(v) for k, v in K.DEFAULTS.items()},
+                       "defaults": {k: list(v) for k, v in K.DEFAULTS.items()},
                        "records": records}, fh, indent=1)
     return 0
 

@@ -11,11 +11,12 @@ compiles without running. Use the device image's Triton version, which may diffe
 machine's. For the H200 image (triton 3.6.0):
 
     pip download --no-deps triton==3.6.0 -d /tmp/whl && pip install --no-deps --target /tmp/t36 /tmp/whl/*.whl
-    PYTHONPATH=/tmp/t36:. python tools/compile_report.py [--shapes base,8b] [--variants]
+    PYTHONPATH=/tmp/t36:. python tools/compile_report.py [--shapes base,8b] [--activations relu,swiglu] [--variants]
 
 --variants also compiles every candidate of tools/bench_kernels.py's sweep.
 """
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -88,7 +89,7 @@ def report(kernel, num_warps) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="base,8b")
-    ap.add_argument("--activation", default="relu")
+    ap.add_argument("--activations", default="relu")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--variants", action="store_true", help="also every candidate of tools/bench_kernels.py")
     ap.add_argument("--launches", default="", help="comma list of launch labels to report (default: all six)")
@@ -100,10 +101,10 @@ def main() -> int:
 
     print(f"triton {triton.__version__}, target sm_90; per launch: registers/thread, stack bytes (spills), shared "
           f"memory, CTAs per SM those allow", flush=True)
-    print(f"{'shape':5s} {'launch':10s} {'config':28s} {'kernel':24s} regs stack  smem KB warps CTAs/SM  "
+    print(f"{'shape':5s} {'act':6s} {'launch':10s} {'config':28s} {'kernel':24s} regs stack  smem KB warps CTAs/SM  "
           f"LDGSTS UTMALDG atom  mma")
-    for shape in args.shapes.split(","):
-        _, launches = bk.setup(shape, args.activation, args.tokens, device="cpu")
+    for shape, act in itertools.product(args.shapes.split(","), args.activations.split(",")):
+        _, launches = bk.setup(shape, act, args.tokens, device="cpu")
         for label, (kind, _, fn) in launches.items():
             if args.launches and label not in args.launches.split(","):
                 continue
@@ -113,12 +114,12 @@ def main() -> int:
                 try:
                     fn()
                 except Exception as exc:  # a config that does not compile is reported, not fatal
-                    print(f"{shape:5s} {label:10s} {str(cfg or 'default'):28s} FAILED: {type(exc).__name__}: "
+                    print(f"{shape:5s} {act:6s} {label:10s} {str(cfg or 'default'):28s} FAILED: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:150]}")
                     continue
                 for name, kernel, nw in {id(k): (n, k, w) for n, k, w in LAUNCHES}.values():
                     r = report(kernel, nw)
-                    print(f"{shape:5s} {label:10s} {str(cfg or 'default'):28s} {name:24s} {r['regs']:4d} {r['stack']:5d} "
+                    print(f"{shape:5s} {act:6s} {label:10s} {str(cfg or 'default'):28s} {name:24s} {r['regs']:4d} {r['stack']:5d} "
                           f"{r['smem_kb']:8.1f} {r['warps']:5d} {r['ctas_per_sm']:7d}  {r['ldgsts']:6d} "
                           f"{r['utmaldg']:7d} {r['atom']:4d}  {r['mma']}", flush=True)
         K.force_config()
