@@ -71,6 +71,17 @@ def setup(shape, activation, tokens, device="cuda"):
     }
 
 
+def add_case_args(ap, activations="relu,swiglu"):
+    """The layer cases' options, shared with tools/compile_report.py."""
+    ap.add_argument("--shapes", default="base,8b")
+    ap.add_argument("--activations", default=activations)
+    ap.add_argument("--tokens", type=int, default=16384)
+
+
+def cases(args):
+    return itertools.product(args.shapes.split(","), args.activations.split(","))
+
+
 def _rel(a, b):
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -82,9 +93,7 @@ def _first(out):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="base,8b")
-    ap.add_argument("--activations", default="relu,swiglu")
-    ap.add_argument("--tokens", type=int, default=16384)
+    add_case_args(ap)
     ap.add_argument("--once", action="store_true", help="run each default launch once inside cudaProfilerStart/Stop")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -95,7 +104,7 @@ def main() -> int:
     from triton.testing import do_bench
 
     records = []
-    for shape, act in itertools.product(args.shapes.split(","), args.activations.split(",")):
+    for shape, act in cases(args):
         skew, launches = setup(shape, act, args.tokens)
         print(f"{shape} {act}: expert loads max/mean {skew:.2f}", flush=True)
         if args.once:

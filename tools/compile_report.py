@@ -16,7 +16,6 @@ machine's. For the H200 image (triton 3.6.0):
 --variants also compiles every candidate of tools/bench_kernels.py's sweep.
 """
 import argparse
-import itertools
 import os
 import re
 import subprocess
@@ -87,23 +86,22 @@ def report(kernel, num_warps) -> dict:
 
 
 def main() -> int:
+    import bench_kernels as bk
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="base,8b")
-    ap.add_argument("--activations", default="relu")
-    ap.add_argument("--tokens", type=int, default=16384)
+    bk.add_case_args(ap, activations="relu")
     ap.add_argument("--variants", action="store_true", help="also every candidate of tools/bench_kernels.py")
     ap.add_argument("--launches", default="", help="comma list of launch labels to report (default: all six)")
     args = ap.parse_args()
     _driver.set_active(_Sm90Driver())
     JITFunction.run = _compile_only
-    import bench_kernels as bk
-    from ssd_megatron.ffn.backends import _triton_kernels as K
 
     print(f"triton {triton.__version__}, target sm_90; per launch: registers/thread, stack bytes (spills), shared "
           f"memory, CTAs per SM those allow", flush=True)
     print(f"{'shape':5s} {'act':6s} {'launch':10s} {'config':28s} {'kernel':24s} regs stack  smem KB warps CTAs/SM  "
           f"LDGSTS UTMALDG atom  mma")
-    for shape, act in itertools.product(args.shapes.split(","), args.activations.split(",")):
+    for shape, act in bk.cases(args):
         _, launches = bk.setup(shape, act, args.tokens, device="cpu")
         for label, (kind, _, fn) in launches.items():
             if args.launches and label not in args.launches.split(","):

@@ -89,6 +89,16 @@ def _tile_of(OFFS, pid_m, N, BM: tl.constexpr, NP2: tl.constexpr):
     return e, row0, row_end
 
 
+@triton.jit
+def _grid_tile(OFFS, num_n, N, BM: tl.constexpr, NP2: tl.constexpr):
+    """This program's place in a grid of (expert-aligned M-tile, column block) pairs: (expert, column
+    block, first row, rows, row mask, whether the tile holds any row)."""
+    pid = tl.program_id(0)
+    e, row0, row_end = _tile_of(OFFS, pid // num_n, N, BM, NP2)
+    rows = row0 + tl.arange(0, BM)
+    return e, pid % num_n, row0, rows, rows < row_end, row0 < row_end
+
+
 # ----------------------------------------------------------------------------- up (gather GEMM)
 
 @triton.jit
@@ -170,13 +180,8 @@ def _up_kernel(
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    e, row0, row_end = _tile_of(OFFS, pid_m, N, BM, NP2)
-    if row0 < row_end:
-        rows = row0 + tl.arange(0, BM)
-        rmask = rows < row_end
+    e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, num_n, N, BM, NP2)
+    if live:
         tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
         cols = pid_n * BN + tl.arange(0, BN)
         cmask = cols < E
@@ -394,13 +399,8 @@ def _down_tma_kernel(
     sorted rows row0:row0 + BM (rows past the expert's end are fetched too and masked at the store), and
     W[e] comes from a 2-D view of all experts' weights ([N*Ein, Dout] when W_KROWS, else [Dout, N*Ein]).
     No per-thread addresses in the main loop; the launcher uses it only when Ein is a multiple of BK."""
-    pid = tl.program_id(0)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    e, row0, row_end = _tile_of(OFFS, pid_m, N, BM, NP2)
-    if row0 < row_end:
-        rows = row0 + tl.arange(0, BM)
-        rmask = rows < row_end
+    e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, num_n, N, BM, NP2)
+    if live:
         pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE)
         n0 = pid_n * BN
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -427,13 +427,8 @@ def _down_kernel(
 ):
     """A program owns an M-tile and BN output columns, or with ROWLOOP all Dout columns in BN steps
     (the A tile is then fetched from L2 once and re-read from L1, and the routing metadata once)."""
-    pid = tl.program_id(0)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    e, row0, row_end = _tile_of(OFFS, pid_m, N, BM, NP2)
-    if row0 < row_end:
-        rows = row0 + tl.arange(0, BM)
-        rmask = rows < row_end
+    e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, num_n, N, BM, NP2)
+    if live:
         rows64 = rows.to(tl.int64)
         pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE)
         we = W + e.to(tl.int64) * stride_we
