@@ -11,9 +11,10 @@ compiles without running. Use the device image's Triton version, which may diffe
 machine's. For the H200 image (triton 3.6.0):
 
     pip download --no-deps triton==3.6.0 -d /tmp/whl && pip install --no-deps --target /tmp/t36 /tmp/whl/*.whl
-    PYTHONPATH=/tmp/t36:. python tools/compile_report.py [--shapes base,8b] [--activations relu,swiglu] [--variants]
+    PYTHONPATH=/tmp/t36:. python tools/compile_report.py [--shapes base,8b] [--activations relu,swiglu] [--variants all]
 
---variants also compiles every candidate of tools/bench_kernels.py's sweep.
+--variants all|one also compiles the candidates of tools/bench_kernels.py's sweep (one: the first of each
+variant); the exit code is 1 if any config fails to compile.
 """
 import argparse
 import os
@@ -91,7 +92,8 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bk.add_case_args(ap, activations="relu")
-    ap.add_argument("--variants", action="store_true", help="also every candidate of tools/bench_kernels.py")
+    ap.add_argument("--variants", choices=("none", "one", "all"), default="none",
+                    help="also the candidates of tools/bench_kernels.py: all, or one per kernel variant")
     ap.add_argument("--launches", default="", help="comma list of launch labels to report (default: all six)")
     args = ap.parse_args()
     _driver.set_active(_Sm90Driver())
@@ -101,17 +103,19 @@ def main() -> int:
           f"memory, CTAs per SM those allow", flush=True)
     print(f"{'shape':5s} {'act':6s} {'launch':10s} {'config':28s} {'kernel':24s} regs stack  smem KB warps CTAs/SM  "
           f"LDGSTS UTMALDG atom  mma")
+    failed = 0
     for shape, act in bk.cases(args):
         _, launches = bk.setup(shape, act, args.tokens, device="cpu")
         for label, (kind, _, fn) in launches.items():
             if args.launches and label not in args.launches.split(","):
                 continue
-            for cfg in [None] + (bk.VARIANTS.get(kind, []) if args.variants else []):
+            for cfg in [None] + _candidates(bk.VARIANTS.get(kind, []), args.variants):
                 K.force_config(**({kind: cfg} if cfg else {}))
                 LAUNCHES.clear()
                 try:
                     fn()
-                except Exception as exc:  # a config that does not compile is reported, not fatal
+                except Exception as exc:  # a config that does not compile is reported, then the exit code is 1
+                    failed += 1
                     print(f"{shape:5s} {act:6s} {label:10s} {str(cfg or 'default'):28s} FAILED: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:150]}")
                     continue
@@ -121,7 +125,21 @@ def main() -> int:
                           f"{r['smem_kb']:8.1f} {r['warps']:5d} {r['ctas_per_sm']:7d}  {r['ldgsts']:6d} "
                           f"{r['utmaldg']:7d} {r['atom']:4d}  {r['mma']}", flush=True)
         K.force_config()
-    return 0
+    return 1 if failed else 0
+
+
+def _candidates(configs, which):
+    """The sweep's configs to compile: none, all, or the first of each variant (the 6th entry: a variant
+    code below 16, or wgrad's row chunk, where any non-zero value is the one variant "split")."""
+    if which == "all":
+        return list(configs)
+    if which == "none":
+        return []
+    firsts = {}
+    for cfg in configs:
+        v = cfg[5] if len(cfg) > 5 else 0
+        firsts.setdefault(v if v < 16 else "split", cfg)
+    return list(firsts.values())
 
 
 if __name__ == "__main__":
