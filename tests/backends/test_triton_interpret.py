@@ -64,7 +64,7 @@ PLAN_CASES = [(1000, 32, 6, "random"), (333, 64, 16, "random"), (77, 3, 1, "rand
 
 
 def _plan_results():
-    from ssd_megatron.ffn.backends._triton_kernels import routing_plan
+    from ssd_megatron.ffn.backends.kernels.routing_plan import routing_plan
     from ssd_megatron.ffn.backends.routing import sort_plan
     g = torch.Generator().manual_seed(0)
     out = []

@@ -48,7 +48,7 @@ def make_plan(topk_idx: torch.Tensor, num_experts: int) -> RoutingPlan:
     from .triton_backend import triton_runs_on  # (triton_backend imports this module)
 
     if triton_runs_on(flat):  # a counting sort in three small Triton kernels (the same result)
-        from ._triton_kernels import routing_plan
+        from .kernels.routing_plan import routing_plan
 
         order, token, sorted_expert, offsets = routing_plan(flat.contiguous(), num_experts, K)
     else:

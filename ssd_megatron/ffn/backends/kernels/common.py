@@ -1,0 +1,72 @@
+"""Device helpers shared by the expert kernels: activations and their derivatives, and where an M-tile of
+the expert-sorted rows starts (tiles never straddle two experts)."""
+import triton
+import triton.language as tl
+
+ACT_CODES = {  # name -> (elementwise function code, GLU)
+    "relu": (0, False), "gelu": (1, False), "squared_relu": (2, False), "gelu_tanh": (4, False),
+    "swiglu": (3, True), "geglu": (1, True), "reglu": (0, True),
+}
+
+
+@triton.jit
+def _act(h, ACT: tl.constexpr):
+    if ACT == 0:
+        out = tl.maximum(h, 0.0)
+    elif ACT == 1:
+        out = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    elif ACT == 2:
+        r = tl.maximum(h, 0.0)
+        out = r * r
+    elif ACT == 4:  # tanh-approximate GELU; tanh(u) = 2 sigmoid(2u) - 1
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        out = 0.5 * h * (2.0 * tl.sigmoid(2.0 * u))
+    else:
+        out = h * tl.sigmoid(h)
+    return out
+
+
+@triton.jit
+def _act_grad(h, ACT: tl.constexpr):
+    if ACT == 0:
+        out = tl.where(h > 0.0, 1.0, 0.0)
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        out = cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+    elif ACT == 2:
+        out = 2.0 * tl.maximum(h, 0.0)
+    elif ACT == 4:
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        out = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+    else:
+        s = tl.sigmoid(h)
+        out = s * (1.0 + h * (1.0 - s))
+    return out
+
+
+@triton.jit
+def _tile_of(OFFS, pid_m, N, BM: tl.constexpr, NP2: tl.constexpr):
+    """M-tile `pid_m` -> (expert, first sorted row, end of that expert's rows)."""
+    ids = tl.arange(0, NP2)
+    valid = ids < N
+    start = tl.load(OFFS + ids, mask=valid, other=0)
+    end = tl.load(OFFS + ids + 1, mask=valid, other=0)
+    ntiles = (end - start + BM - 1) // BM
+    cum = tl.cumsum(ntiles, 0)
+    e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+    sel = ids == e
+    first_tile = tl.sum(tl.where(sel, cum - ntiles, 0), 0)
+    row0 = tl.sum(tl.where(sel, start, 0), 0) + (pid_m - first_tile) * BM
+    row_end = tl.sum(tl.where(sel, end, 0), 0)
+    return e, row0, row_end
+
+
+@triton.jit
+def _grid_tile(OFFS, num_n, N, BM: tl.constexpr, NP2: tl.constexpr):
+    """This program's place in a grid of (expert-aligned M-tile, column block) pairs: (expert, column
+    block, first row, rows, row mask, whether the tile holds any row)."""
+    pid = tl.program_id(0)
+    e, row0, row_end = _tile_of(OFFS, pid // num_n, N, BM, NP2)
+    rows = row0 + tl.arange(0, BM)
+    return e, pid % num_n, row0, rows, rows < row_end, row0 < row_end

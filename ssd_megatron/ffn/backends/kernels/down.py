@@ -1,0 +1,165 @@
+"""The down GEMM: (scale *) A[r] @ W[e], the K-way combine fused into the store (atomic adds into y or dx,
+or a scatter to the (t, k) row of a buffer). Per-tile, ROWLOOP, PERSISTENT and TMA variants."""
+import triton
+import triton.language as tl
+
+from .common import _grid_tile, _tile_of
+
+
+@triton.jit
+def _down_cols(A, stride_a, W, stride_wk, stride_wn, OUT, stride_o, e, rows64, rmask, tok, pair, g, n0, Ein, Dout,
+               SCALE: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+               PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Output columns n0:n0+BN of one M-tile: the GEMM over Ein, then the scaled scatter (or atomic add)."""
+    cols = n0 + tl.arange(0, BN)
+    cmask = cols < Dout
+    ks = tl.arange(0, BK)
+    ap = A + rows64[:, None] * stride_a + ks[None, :]
+    wp = W + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, Ein, BK):
+        if EVEN_K:
+            a = tl.load(ap, mask=rmask[:, None], other=0.0)
+            if EVEN_N:
+                b = tl.load(wp)
+            else:
+                b = tl.load(wp, mask=cmask[None, :], other=0.0)
+        else:
+            km = (k0 + ks) < Ein
+            a = tl.load(ap, mask=rmask[:, None] & km[None, :], other=0.0)
+            b = tl.load(wp, mask=km[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        ap += BK
+        wp += BK * stride_wk
+    _down_store(acc, OUT, stride_o, rmask, tok, pair, g, cols, cmask, SCALE, ATOMIC)
+
+
+@triton.jit
+def _down_store(acc, OUT, stride_o, rmask, tok, pair, g, cols, cmask, SCALE: tl.constexpr, ATOMIC: tl.constexpr):
+    """The down GEMM's epilogue: gate scale, then the scatter to (t, k) rows or the atomic add into y."""
+    if SCALE:
+        acc = acc * g[:, None]
+    omask = rmask[:, None] & cmask[None, :]
+    if ATOMIC:
+        # the K contributions of a token come from different programs: add them in place
+        tl.atomic_add(OUT + tok[:, None] * stride_o + cols[None, :], acc.to(OUT.dtype.element_ty),
+                      mask=omask, sem="relaxed")
+    else:
+        tl.store(OUT + pair[:, None] * stride_o + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE: tl.constexpr):
+    """Routing metadata of an M-tile's rows: (flat pair, token, gate) as int64, int64, fp32."""
+    pair = tl.load(ORDER + rows, mask=rmask, other=0).to(tl.int64)
+    tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
+    if SCALE:
+        g = tl.load(GATE + pair, mask=rmask, other=0.0).to(tl.float32)
+    else:
+        g = rmask.to(tl.float32)  # unused
+    return pair, tok, g
+
+
+@triton.jit
+def _down_persistent_kernel(
+    A, stride_a, W, stride_we, stride_wk, stride_wn, ORDER, TOK, GATE, OFFS, OUT, stride_o, N, Ein, Dout,
+    SCALE: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
+):
+    """The down GEMM as a persistent grid: program p takes M-tiles p, p + G, ... and, for each, every
+    output column block. The (tile, column block, k step) loops are flattened into one loop with the
+    epilogue inside it, so the software pipeliner prefetches the next block's operands while the
+    current block's atomics drain (Ein is short, 192-256: three or four k steps per block, which leaves
+    a per-tile pipeline no steady state)."""
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    ids = tl.arange(0, NP2)
+    valid = ids < N
+    counts = tl.load(OFFS + ids + 1, mask=valid, other=0) - tl.load(OFFS + ids, mask=valid, other=0)
+    total = tl.sum((counts + BM - 1) // BM, 0)
+    NT = tl.cdiv(Dout, BN)
+    KT = tl.cdiv(Ein, BK)
+    n_iter = ((total - pid + G - 1) // G) * NT * KT
+    ks = tl.arange(0, BK)
+    tile = pid - G
+    ni = NT - 1
+    ki = KT - 1
+    e = pid * 0
+    rows = tl.arange(0, BM)
+    rmask = rows < 0
+    pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for _ in range(0, n_iter):
+        ki = tl.where(ki == KT - 1, 0, ki + 1)
+        if ki == 0:
+            ni = tl.where(ni == NT - 1, 0, ni + 1)
+            if ni == 0:
+                tile += G
+                e, row0, row_end = _tile_of(OFFS, tile, N, BM, NP2)
+                rows = row0 + tl.arange(0, BM)
+                rmask = rows < row_end
+                pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE)
+        cols = ni * BN + tl.arange(0, BN)
+        cmask = cols < Dout
+        kk = ki * BK + ks
+        km = kk < Ein
+        a = tl.load(A + rows.to(tl.int64)[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & km[None, :],
+                    other=0.0)
+        b = tl.load(W + e.to(tl.int64) * stride_we + kk[:, None] * stride_wk + cols[None, :] * stride_wn,
+                    mask=km[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        if ki == KT - 1:
+            _down_store(acc, OUT, stride_o, rmask, tok, pair, g, cols, cmask, SCALE, ATOMIC)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+
+
+@triton.jit
+def _down_tma_kernel(
+    A_desc, W_desc, ORDER, TOK, GATE, OFFS, OUT, stride_o, N, Ein, Dout, num_n,
+    SCALE: tl.constexpr, ATOMIC: tl.constexpr, W_KROWS: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
+):
+    """`_down_kernel` with both operands fetched by the bulk-copy engine (TMA): A's tile is the contiguous
+    sorted rows row0:row0 + BM (rows past the expert's end are fetched too and masked at the store), and
+    W[e] comes from a 2-D view of all experts' weights ([N*Ein, Dout] when W_KROWS, else [Dout, N*Ein]).
+    No per-thread addresses in the main loop; the launcher uses it only when Ein is a multiple of BK."""
+    e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, num_n, N, BM, NP2)
+    if live:
+        pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE)
+        n0 = pid_n * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, Ein, BK):
+            a = A_desc.load([row0, k0])
+            if W_KROWS:
+                b = W_desc.load([e * Ein + k0, n0])
+            else:
+                b = W_desc.load([n0, e * Ein + k0]).T
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+        cols = n0 + tl.arange(0, BN)
+        _down_store(acc, OUT, stride_o, rmask, tok, pair, g, cols, cols < Dout, SCALE, ATOMIC)
+
+
+@triton.jit
+def _down_kernel(
+    A, stride_a,                 # [M, Ein] grouped rows (a fwd, dh bwd)
+    W, stride_we, stride_wk, stride_wn,  # [N, Ein, Dout] (w2 fwd, w1 bwd)
+    ORDER, TOK, GATE, OFFS,
+    OUT, stride_o,               # ATOMIC: [T, Dout] (zeroed), else [T*K, Dout] indexed by flat pair
+    N, Ein, Dout, num_n,
+    SCALE: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    ROWLOOP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
+):
+    """A program owns an M-tile and BN output columns, or with ROWLOOP all Dout columns in BN steps
+    (the A tile is then fetched from L2 once and re-read from L1, and the routing metadata once)."""
+    e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, num_n, N, BM, NP2)
+    if live:
+        rows64 = rows.to(tl.int64)
+        pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE)
+        we = W + e.to(tl.int64) * stride_we
+        if ROWLOOP:
+            for n0 in range(0, Dout, BN):
+                _down_cols(A, stride_a, we, stride_wk, stride_wn, OUT, stride_o, e, rows64, rmask, tok, pair, g, n0,
+                           Ein, Dout, SCALE, ATOMIC, EVEN_K, EVEN_N, PREC, BM, BN, BK)
+        else:
+            _down_cols(A, stride_a, we, stride_wk, stride_wn, OUT, stride_o, e, rows64, rmask, tok, pair, g,
+                       pid_n * BN, Ein, Dout, SCALE, ATOMIC, EVEN_K, EVEN_N, PREC, BM, BN, BK)

@@ -1,0 +1,186 @@
+"""The up GEMM: out[r] = epilogue(X[token[r]] @ W[e]^T), the token gather fused into the A-operand loads.
+Forward: X = x, W = w1, epilogue = bias, h (pre-activation) saved, a = act(h). Backward: X = dy, W = w2,
+epilogue = dgate partials, dh = gate * da * act'(h), ga = gate * a, db1 column sums."""
+import triton
+import triton.language as tl
+
+from .common import _act, _act_grad, _grid_tile, _tile_of
+
+
+@triton.jit
+def _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT, stride_o,
+                 DGP, GA, stride_ga, DB, stride_db, M, E,
+                 BWD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SAVE_H: tl.constexpr, STORE_GA: tl.constexpr, HAS_DB: tl.constexpr):
+    """The up GEMM's epilogue for one (M-tile, column block): forward bias, activation and stores of h
+    and a; backward dgate partials, gate * a, dh (from the saved h) and the bias-grad column sums."""
+    rows64 = rows.to(tl.int64)
+    omask = rmask[:, None] & cmask[None, :]
+    hp = H + rows64[:, None] * stride_h + cols[None, :]
+    dt = OUT.dtype.element_ty
+    if not BWD:
+        if HAS_BIAS:
+            bp = B + e.to(tl.int64) * stride_be + cols
+            acc += tl.load(bp, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if GLU:
+                acc2 += tl.load(bp + E, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        # round to the storage dtype first, as a torch matmul + activation would
+        h = acc.to(dt)
+        if SAVE_H:
+            tl.store(hp, h, mask=omask)
+        act = _act(h.to(tl.float32), ACT)
+        if GLU:
+            hu = acc2.to(dt)
+            if SAVE_H:
+                tl.store(hp + E, hu, mask=omask)
+            act = act.to(dt).to(tl.float32) * hu.to(tl.float32)
+        tl.store(OUT + rows64[:, None] * stride_o + cols[None, :], act.to(dt), mask=omask)
+    else:
+        # acc = da (gradient w.r.t. a, before the gate); recompute a from the saved h
+        pair = tl.load(ORDER + rows, mask=rmask, other=0).to(tl.int64)
+        g = tl.load(GATE + pair, mask=rmask, other=0.0).to(tl.float32)
+        h = tl.load(hp, mask=omask, other=0.0).to(tl.float32)
+        fa = _act(h, ACT)
+        if GLU:
+            hu = tl.load(hp + E, mask=omask, other=0.0).to(tl.float32)
+            a = fa.to(dt).to(tl.float32) * hu
+        else:
+            a = fa
+        a = a.to(dt).to(tl.float32)
+        tl.store(DGP + pid_n * M + pair, tl.sum(acc * a, 1), mask=rmask)
+        if STORE_GA:
+            tl.store(GA + rows64[:, None] * stride_ga + cols[None, :], (a * g[:, None]).to(dt), mask=omask)
+        dact = acc * g[:, None]
+        dp = OUT + rows64[:, None] * stride_o + cols[None, :]
+        dbp = DB + e.to(tl.int64) * stride_db + cols
+        if GLU:
+            dhg = (dact * hu * _act_grad(h, ACT)).to(dt)
+            dhu = (dact * fa).to(dt)
+            tl.store(dp, dhg, mask=omask)
+            tl.store(dp + E, dhu, mask=omask)
+            if HAS_DB:
+                tl.atomic_add(dbp, tl.sum(tl.where(omask, dhg.to(tl.float32), 0.0), 0), mask=cmask, sem="relaxed")
+                tl.atomic_add(dbp + E, tl.sum(tl.where(omask, dhu.to(tl.float32), 0.0), 0), mask=cmask,
+                              sem="relaxed")
+        else:
+            dh = (dact * _act_grad(h, ACT)).to(dt)
+            tl.store(dp, dh, mask=omask)
+            if HAS_DB:
+                tl.atomic_add(dbp, tl.sum(tl.where(omask, dh.to(tl.float32), 0.0), 0), mask=cmask, sem="relaxed")
+
+
+@triton.jit
+def _up_kernel(
+    X, stride_x,                 # [T, Din] token-major (x fwd, dy bwd)
+    W, stride_we, stride_wf, stride_wk,  # [N, F, Din] rows = output features (w1 fwd, w2 bwd)
+    B, stride_be,                # [N, F1] bias (fwd only)
+    TOK, ORDER, GATE, OFFS,      # plan; GATE [T*K] (bwd)
+    H, stride_h,                 # [M, F1] pre-activation: written fwd (SAVE_H), read bwd
+    OUT, stride_o,               # fwd: a [M, E]; bwd: dh [M, F1]
+    DGP,                         # bwd: [num_n, M] fp32 partial dgate (indexed by flat pair)
+    GA, stride_ga,               # bwd: [M, E] gate * a (operand of dW2)
+    DB, stride_db,               # bwd: [N, F1] fp32 bias grad (atomic column sums of dh)
+    N, M, Din, E, num_n,
+    BWD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SAVE_H: tl.constexpr, STORE_GA: tl.constexpr, HAS_DB: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
+):
+    e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, num_n, N, BM, NP2)
+    if live:
+        tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
+        cols = pid_n * BN + tl.arange(0, BN)
+        cmask = cols < E
+        ks = tl.arange(0, BK)
+        xp = X + tok[:, None] * stride_x + ks[None, :]
+        wp = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wf + ks[:, None] * stride_wk
+        up_off = E * stride_wf
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, Din, BK):
+            if EVEN_K:
+                a = tl.load(xp)
+                if EVEN_N:
+                    b = tl.load(wp)
+                else:
+                    b = tl.load(wp, mask=cmask[None, :], other=0.0)
+            else:
+                km = (k0 + ks) < Din
+                a = tl.load(xp, mask=km[None, :], other=0.0)
+                b = tl.load(wp, mask=km[:, None] & cmask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+            if GLU and not BWD:
+                if EVEN_K:
+                    if EVEN_N:
+                        b2 = tl.load(wp + up_off)
+                    else:
+                        b2 = tl.load(wp + up_off, mask=cmask[None, :], other=0.0)
+                else:
+                    b2 = tl.load(wp + up_off, mask=km[:, None] & cmask[None, :], other=0.0)
+                acc2 = tl.dot(a, b2, acc2, input_precision=PREC)
+            xp += BK
+            wp += BK * stride_wk
+        _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT,
+                     stride_o, DGP, GA, stride_ga, DB, stride_db, M, E,
+                     BWD, ACT, GLU, HAS_BIAS, SAVE_H, STORE_GA, HAS_DB)
+
+
+@triton.jit
+def _up_persistent_kernel(
+    X, stride_x, W, stride_we, stride_wf, stride_wk, B, stride_be, TOK, ORDER, GATE, OFFS, H, stride_h,
+    OUT, stride_o, DGP, GA, stride_ga, DB, stride_db, N, M, Din, E, num_n,
+    BWD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SAVE_H: tl.constexpr, STORE_GA: tl.constexpr, HAS_DB: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
+):
+    """`_up_kernel` over a persistent grid: program p takes the (M-tile, column block) pairs p, p + G, ...
+    in one flattened loop over their k steps, with the epilogue inside it, so that the next pair's first
+    operands are fetched while this pair's epilogue runs (one CTA per SM at the base shape's tiles: no
+    other CTA would hide it)."""
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    ids = tl.arange(0, NP2)
+    valid = ids < N
+    counts = tl.load(OFFS + ids + 1, mask=valid, other=0) - tl.load(OFFS + ids, mask=valid, other=0)
+    total = tl.sum((counts + BM - 1) // BM, 0) * num_n
+    KT = tl.cdiv(Din, BK)
+    n_iter = ((total - pid + G - 1) // G) * KT
+    ks = tl.arange(0, BK)
+    up_off = E * stride_wf
+    t = pid - G
+    ki = KT - 1
+    e = pid * 0
+    pid_n = pid * 0
+    rows = tl.arange(0, BM)
+    rmask = rows < 0
+    tok = rows.to(tl.int64)
+    cols = tl.arange(0, BN)
+    cmask = cols < 0
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+    for _ in range(0, n_iter):
+        ki = tl.where(ki == KT - 1, 0, ki + 1)
+        if ki == 0:
+            t += G
+            pid_n = t % num_n
+            e, row0, row_end = _tile_of(OFFS, t // num_n, N, BM, NP2)
+            rows = row0 + tl.arange(0, BM)
+            rmask = rows < row_end
+            tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
+            cols = pid_n * BN + tl.arange(0, BN)
+            cmask = cols < E
+        kk = ki * BK + ks
+        km = kk < Din
+        a = tl.load(X + tok[:, None] * stride_x + kk[None, :], mask=km[None, :], other=0.0)
+        wp = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wf + kk[:, None] * stride_wk
+        b = tl.load(wp, mask=km[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        if GLU and not BWD:
+            b2 = tl.load(wp + up_off, mask=km[:, None] & cmask[None, :], other=0.0)
+            acc2 = tl.dot(a, b2, acc2, input_precision=PREC)
+        if ki == KT - 1:
+            _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT,
+                         stride_o, DGP, GA, stride_ga, DB, stride_db, M, E,
+                         BWD, ACT, GLU, HAS_BIAS, SAVE_H, STORE_GA, HAS_DB)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            acc2 = tl.zeros((BM, BN), dtype=tl.float32)

@@ -1,0 +1,59 @@
+"""The grouped weight gradients: dW[e] = sum over expert e's rows r of L[r]^T R[token[r]] (R gathered in the
+kernel, or pre-gathered), optionally split into equal row chunks summed by fp32 atomics."""
+import triton
+import triton.language as tl
+
+from .common import _tile_of
+
+
+@triton.jit
+def _wgrad_kernel(
+    L, stride_l,                 # [M, P] grouped rows (ga or dh)
+    R, stride_r,                 # GATHER: [T, Q] token-major (dy or x); else [M, Q] grouped rows
+    TOK, OFFS,
+    DW, stride_de, stride_dp, stride_dq,  # [N, P, Q], any strides (laid out like the weight it grads)
+    N, P, Q, num_p, num_q,
+    GATHER: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
+    BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr, NP2: tl.constexpr,
+):
+    """A program owns dW[e, p-block, q-block] over all of expert e's rows; with SPLIT, over one chunk of
+    at most CH of them (chunks never straddle two experts), adding its partial sum into a zeroed fp32
+    DW with atomics. Equal chunks keep every program the same length whatever the expert loads: without
+    them, a heavy expert's programs run last and alone (the grid's tail)."""
+    pid = tl.program_id(0)
+    per_t = num_p * num_q
+    t = pid // per_t
+    rem = pid % per_t
+    pb = rem // num_q
+    qb = rem % num_q
+    if SPLIT:
+        e, start, e_end = _tile_of(OFFS, t, N, CH, NP2)
+        end = tl.minimum(start + CH, e_end)
+    else:
+        e = t
+        start = tl.load(OFFS + e)
+        end = tl.load(OFFS + e + 1)
+    pc = pb * BP + tl.arange(0, BP)
+    qc = qb * BQ + tl.arange(0, BQ)
+    pm = pc < P
+    qm = qc < Q
+    ks = tl.arange(0, BK)
+    acc = tl.zeros((BP, BQ), dtype=tl.float32)
+    for r0 in range(start, end, BK):
+        rows = r0 + ks
+        rm = rows < end
+        # L^T tile loaded transposed by address arithmetic ([BP, BK], contiguous along P)
+        lt = tl.load(L + rows.to(tl.int64)[None, :] * stride_l + pc[:, None], mask=rm[None, :] & pm[:, None], other=0.0)
+        if GATHER:
+            src = tl.load(TOK + rows, mask=rm, other=0).to(tl.int64)
+        else:
+            src = rows.to(tl.int64)
+        r = tl.load(R + src[:, None] * stride_r + qc[None, :], mask=rm[:, None] & qm[None, :], other=0.0)
+        acc = tl.dot(lt, r, acc, input_precision=PREC)
+    dwp = DW + e.to(tl.int64) * stride_de + pc[:, None] * stride_dp + qc[None, :] * stride_dq
+    omask = pm[:, None] & qm[None, :]
+    if SPLIT:
+        if start < end:
+            tl.atomic_add(dwp, acc, mask=omask, sem="relaxed")
+    else:
+        tl.store(dwp, acc.to(DW.dtype.element_ty), mask=omask)
