@@ -66,6 +66,8 @@ def test_triton_variants_bf16(case, opts):
 KERNEL_VARIANTS = {  # forced tile configs of the non-default kernel variants (see _triton_kernels.DEFAULTS)
     "down-rowloop": {"down": (128, 128, 64, 4, 3, 1)},
     "down-persistent": {"down": (128, 128, 64, 8, 3, 2)},
+    "down-tma": {"down": (128, 128, 64, 8, 3, 3)},
+    "up-persistent": {"up": (128, 128, 64, 8, 3, 2), "up_glu": (128, 64, 64, 8, 3, 2), "up_bwd": (64, 64, 64, 4, 4, 2)},
     "wgrad-split": {"wgrad": (64, 128, 128, 4, 3, 256)},
     "both-small": {"down": (64, 64, 32, 4, 2, 2), "wgrad": (64, 64, 32, 4, 2, 64)},
 }
@@ -74,7 +76,8 @@ KERNEL_VARIANTS = {  # forced tile configs of the non-default kernel variants (s
 @pytest.mark.parametrize("case", [CASES[0], CASES[8], CASES[11], CASES[12]], ids=[IDS[0], IDS[8], IDS[11], IDS[12]])
 @pytest.mark.parametrize("variant", list(KERNEL_VARIANTS))
 def test_triton_kernel_variants_bf16(case, variant):
-    """The ROWLOOP and PERSISTENT down and the row-chunk split wgrad (compiled, bf16) against the reference."""
+    """The kernel variants (ROWLOOP, PERSISTENT and TMA down, PERSISTENT up/up_bwd, the row-chunk split wgrad;
+    compiled, bf16) against the reference."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
     from ssd_megatron.ffn.backends import _triton_kernels as kernels
