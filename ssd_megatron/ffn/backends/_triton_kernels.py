@@ -73,6 +73,43 @@ def _tuning() -> bool:
     return os.environ.get("SSD_TRITON_TUNE", "0") == "1"
 
 
+_ENV_PARSED: dict = {}
+
+
+def env_configs() -> dict:
+    """Tile configs from SSD_TRITON_CONFIG, e.g. "wgrad=64,128,128,4,3,1024;down=128,128,64,8,3,2": per kernel
+    kind (DEFAULTS' names; "down:atomic16" for one combine), BM,BN,BK,warps,stages[,variant], which win over
+    the defaults and the tuner (A/B runs of a variant in the step, or a GPU whose sweep differs)."""
+    text = os.environ.get("SSD_TRITON_CONFIG", "").strip()
+    if text not in _ENV_PARSED:
+        _ENV_PARSED.clear()
+        _ENV_PARSED[text] = _parse_configs(text)
+    return _ENV_PARSED[text]
+
+
+def _parse_configs(text: str) -> dict:
+    from ...errors import UserError
+
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        kind, sep, values = item.partition("=")
+        kind = kind.strip()
+        bad = f"SSD_TRITON_CONFIG: {item!r}"
+        if not sep or kind.split(":")[0] not in DEFAULTS:
+            raise UserError(f"{bad}: expected KIND=BM,BN,BK,WARPS,STAGES[,VARIANT] with KIND one of "
+                            f"{', '.join(DEFAULTS)} (down may name a combine, e.g. down:atomic16)")
+        try:
+            cfg = tuple(int(v) for v in values.split(","))
+        except ValueError:
+            raise UserError(f"{bad}: the values must be 5 or 6 integers, e.g. 128,128,64,8,3") from None
+        if len(cfg) not in (5, 6) or any(v < 1 or v & (v - 1) for v in cfg[:4]) or cfg[4] < 1 or (
+                len(cfg) == 6 and cfg[5] < 0):
+            raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two, STAGES >= 1, VARIANT >= 0 "
+                            f"(down: 1 ROWLOOP, 2 PERSISTENT, 3 TMA; up/up_bwd: 2 PERSISTENT; wgrad: a row chunk)")
+        out[kind] = cfg
+    return out
+
+
 def _default(base: str, key: tuple):
     """Untuned choice: the winners of the sweeps (docs/kernels.md: H100 run 4, H200 session 13) by problem size."""
     if base in ("up_bwd", "up_glu") and key[0] >= 2048:   # long reduction (D): wider tiles
@@ -87,8 +124,9 @@ def _default(base: str, key: tuple):
 def _pick(kind: str, key: tuple, launch):
     """The config for `kind` at `key`; when tuning, time each candidate once with `launch(cfg)`."""
     base = kind.split(":")[0]
-    if kind in _FORCED or base in _FORCED:
-        return _FORCED.get(kind, _FORCED.get(base))
+    for table in (_FORCED, env_configs()):
+        if kind in table or base in table:
+            return table.get(kind, table.get(base))
     if not _tuning() or os.environ.get("TRITON_INTERPRET") == "1":
         return _default(base, key)
     k = (kind,) + key

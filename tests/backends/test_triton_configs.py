@@ -1,0 +1,43 @@
+"""SSD_TRITON_CONFIG: tile configs from the environment, and its one-line errors."""
+import pytest
+
+pytest.importorskip("triton")
+
+from ssd_megatron.errors import UserError  # noqa: E402
+from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
+
+
+def test_env_config_overrides_the_default_for_its_kind(monkeypatch):
+    monkeypatch.setenv("SSD_TRITON_CONFIG", " wgrad=64,128,128,4,3,1024 ; down:atomic16=128,128,64,8,3,2")
+    key = (192, 768, "torch.bfloat16")
+    assert K._pick("wgrad", key, None) == (64, 128, 128, 4, 3, 1024)
+    assert K._pick("down:atomic16", key, None) == (128, 128, 64, 8, 3, 2)
+    assert K._pick("down:buffer", key, None) == K._default("down", key)   # another combine: untouched
+    assert K._pick("up", key, None) == K._default("up", key)
+    monkeypatch.setenv("SSD_TRITON_CONFIG", "down=64,64,32,4,2")
+    assert K._pick("down:buffer", key, None) == (64, 64, 32, 4, 2)       # the kind's base name: every combine
+
+
+def test_forced_configs_win_over_the_environment(monkeypatch):
+    monkeypatch.setenv("SSD_TRITON_CONFIG", "up=128,128,64,8,3")
+    K.force_config(up=(16, 16, 16, 1, 1))
+    try:
+        assert K._pick("up", (768, 192, "torch.bfloat16"), None) == (16, 16, 16, 1, 1)
+    finally:
+        K.force_config()
+
+
+@pytest.mark.parametrize("text, says", [
+    ("wgrad:64,128,128,4,3", "expected KIND="),
+    ("gemm=64,128,128,4,3", "KIND one of up, up_glu"),
+    ("wgrad=64,128,x,4,3", "5 or 6 integers"),
+    ("wgrad=64,128,128,4", "powers of two"),
+    ("wgrad=64,96,128,4,3", "powers of two"),
+    ("down=128,128,64,8,0", "STAGES >= 1"),
+])
+def test_bad_env_config_is_a_one_line_error_naming_the_variable(monkeypatch, text, says):
+    monkeypatch.setenv("SSD_TRITON_CONFIG", text)
+    with pytest.raises(UserError) as err:
+        K._pick("wgrad", (192, 768, "torch.bfloat16"), None)
+    msg = str(err.value)
+    assert msg.startswith("SSD_TRITON_CONFIG: ") and says in msg and "\n" not in msg, msg
