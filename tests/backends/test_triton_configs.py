@@ -41,3 +41,10 @@ def test_bad_env_config_is_a_one_line_error_naming_the_variable(monkeypatch, tex
         K._pick("wgrad", (192, 768, "torch.bfloat16"), None)
     msg = str(err.value)
     assert msg.startswith("SSD_TRITON_CONFIG: ") and says in msg and "\n" not in msg, msg
+
+
+def test_bad_env_config_fails_when_the_backend_is_built(monkeypatch):
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    monkeypatch.setenv("SSD_TRITON_CONFIG", "wgrad=1,2,3")
+    with pytest.raises(UserError, match="SSD_TRITON_CONFIG"):
+        TritonBackend()

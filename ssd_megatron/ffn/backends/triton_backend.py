@@ -124,6 +124,8 @@ class TritonBackend:
         if wgrad not in WGRADS:
             raise ValueError(f"wgrad={wgrad!r}; accepted: {', '.join(WGRADS)}")
         self.combine, self.wgrad = combine, wgrad
+        if os.environ.get("SSD_TRITON_CONFIG"):
+            _kernels().env_configs()  # a malformed value fails here, not inside a compiled step
 
     def __call__(self, x, w1, b1, w2, topk_idx, gate, activation):
         if activation not in ACTIVATIONS:
