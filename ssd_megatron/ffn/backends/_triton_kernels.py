@@ -287,32 +287,25 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer"):
         variant = cfg[5] if len(cfg) > 5 else 0
         if atomic:
             out.zero_()
+        operands = (a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2))
+        rest = (plan.order, plan.token, gate, plan.offsets, out, out.stride(0), N, Ein, Dout)
+        meta = dict(SCALE=gate_flat is not None, ATOMIC=atomic, PREC=_prec(a), BM=BM, BN=BN, BK=BK, NP2=_np2(N),
+                    num_warps=nw, num_stages=ns)
+        m_tiles = triton.cdiv(M, BM) + N
         if variant == PERSISTENT:
-            args = (a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2), plan.order, plan.token, gate,
-                    plan.offsets, out, out.stride(0), N, Ein, Dout)
-            meta = dict(SCALE=gate_flat is not None, ATOMIC=atomic, PREC=_prec(a), BM=BM, BN=BN, BK=BK, NP2=_np2(N),
-                        num_warps=nw, num_stages=ns)
             key = (tuple(cfg), a.dtype, w.dtype, out.dtype, atomic, gate_flat is not None, N, a.device)
-            grid = (_persistent_programs(_down_persistent_kernel, args, meta, a.device, triton.cdiv(M, BM) + N, key),)
+            args = operands + rest
+            grid = (_persistent_programs(_down_persistent_kernel, args, meta, a.device, m_tiles, key),)
             _down_persistent_kernel[grid](*args, **meta)
             return
-        if variant == TMA and Ein % BK == 0:
-            descs = _down_descriptors(a, w, BM, BN, BK)
-            if descs is not None:
-                num_n = triton.cdiv(Dout, BN)
-                _down_tma_kernel[((triton.cdiv(M, BM) + N) * num_n,)](
-                    *descs[:2], plan.order, plan.token, gate, plan.offsets, out, out.stride(0), N, Ein, Dout, num_n,
-                    SCALE=gate_flat is not None, ATOMIC=atomic, W_KROWS=descs[2], PREC=_prec(a),
-                    BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
-                return
-        rowloop = variant == ROWLOOP
-        num_n = 1 if rowloop else triton.cdiv(Dout, BN)
-        grid = ((triton.cdiv(M, BM) + N) * num_n,)
-        _down_kernel[grid](
-            a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2), plan.order, plan.token, gate, plan.offsets,
-            out, out.stride(0), N, Ein, Dout, num_n,
-            SCALE=gate_flat is not None, ATOMIC=atomic, EVEN_K=Ein % BK == 0, EVEN_N=Dout % BN == 0,
-            PREC=_prec(a), ROWLOOP=rowloop, BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
+        num_n = triton.cdiv(Dout, BN)
+        descs = _down_descriptors(a, w, BM, BN, BK) if variant == TMA and Ein % BK == 0 else None
+        if descs is not None:
+            _down_tma_kernel[(m_tiles * num_n,)](*descs[:2], *rest, num_n, W_KROWS=descs[2], **meta)
+            return
+        num_n = 1 if variant == ROWLOOP else num_n
+        _down_kernel[(m_tiles * num_n,)](*operands, *rest, num_n, EVEN_K=Ein % BK == 0, EVEN_N=Dout % BN == 0,
+                                         ROWLOOP=variant == ROWLOOP, **meta)
 
     launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)), launch))
     if atomic:
