@@ -164,8 +164,12 @@ def _persistent_programs(kernel, args, meta, device, upper: int, key) -> int:
     compiled kernel's registers and shared memory. The interpreter gets 3, so that each program loops."""
     if device.type != "cuda":
         return min(3, upper)
+    props = torch.cuda.get_device_properties(device)
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile: no kernel query (and no cache mutation, which would split the graph).
+        # Use the occupancy tools/compile_report.py gives these tiles: 2 CTAs/SM with 4 warps, else 1.
+        return min(upper, props.multi_processor_count * (2 if meta["num_warps"] <= 4 else 1))
     if key not in _PROGRAMS:
-        props = torch.cuda.get_device_properties(device)
         try:
             compiled = kernel.warmup(*args, grid=(1,), **meta)
             compiled._init_handles()
