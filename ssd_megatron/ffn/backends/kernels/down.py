@@ -3,7 +3,7 @@ or a scatter to the (t, k) row of a buffer). Per-tile, ROWLOOP, PERSISTENT and T
 import triton
 import triton.language as tl
 
-from .common import _grid_tile, _tile_of
+from .common import _grid_tile, _num_tiles, _tile_of
 
 
 @triton.jit
@@ -73,10 +73,7 @@ def _down_persistent_kernel(
     a per-tile pipeline no steady state)."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
-    ids = tl.arange(0, NP2)
-    valid = ids < N
-    counts = tl.load(OFFS + ids + 1, mask=valid, other=0) - tl.load(OFFS + ids, mask=valid, other=0)
-    total = tl.sum((counts + BM - 1) // BM, 0)
+    total = _num_tiles(OFFS, N, BM, NP2)
     NT = tl.cdiv(Dout, BN)
     KT = tl.cdiv(Ein, BK)
     n_iter = ((total - pid + G - 1) // G) * NT * KT

@@ -4,7 +4,7 @@ epilogue = dgate partials, dh = gate * da * act'(h), ga = gate * a, db1 column s
 import triton
 import triton.language as tl
 
-from .common import _act, _act_grad, _grid_tile, _tile_of
+from .common import _act, _act_grad, _grid_tile, _num_tiles, _tile_of
 
 
 @triton.jit
@@ -139,10 +139,7 @@ def _up_persistent_kernel(
     other CTA would hide it)."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
-    ids = tl.arange(0, NP2)
-    valid = ids < N
-    counts = tl.load(OFFS + ids + 1, mask=valid, other=0) - tl.load(OFFS + ids, mask=valid, other=0)
-    total = tl.sum((counts + BM - 1) // BM, 0) * num_n
+    total = _num_tiles(OFFS, N, BM, NP2) * num_n
     KT = tl.cdiv(Din, BK)
     n_iter = ((total - pid + G - 1) // G) * KT
     ks = tl.arange(0, BK)
