@@ -27,20 +27,18 @@ from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
 from ssd_megatron.ffn.backends.routing import make_plan  # noqa: E402
 
 # kernel -> the tile configurations timed besides the default (BM|BP, BN|BQ, BK, warps, stages[, variant]);
-# variant: down 1 = one program loops over all output columns (ROWLOOP), 3 = TMA descriptors; up, up_bwd, down 2 = a persistent
-# grid with one flattened loop per program (PERSISTENT); wgrad n = each expert's reduction split into chunks of n rows
-# (fp32 atomic sums)
+# variant: down 1 = one program loops over all output columns (ROWLOOP), 3 = TMA descriptors; wgrad n = each
+# expert's reduction split into chunks of n rows (fp32 atomic sums). Session 14's H200 sweep of these is
+# benchmarks/results/kernels_h200_2026-12-04_s14.json (docs/kernels.md v8).
 VARIANTS = {
-    "up": [(128, 256, 64, 8, 3, 2), (128, 256, 64, 8, 2, 2), (128, 128, 64, 8, 3, 2), (128, 128, 64, 4, 3, 2)],
-    "up_bwd": [(128, 64, 64, 4, 4, 2), (128, 64, 64, 4, 3, 2), (128, 128, 64, 8, 3, 2), (64, 64, 64, 4, 4, 2),
-               (128, 32, 64, 4, 4), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)],  # GLU: the defaults spill ~1 KB
-    "down": [(128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 4, 4, 1), (64, 128, 64, 4, 3, 1),
-             (128, 128, 64, 8, 3, 2), (128, 128, 64, 4, 3, 2), (128, 128, 64, 8, 4, 2), (128, 256, 64, 8, 3, 2),
-             (64, 128, 64, 4, 3, 2), (128, 64, 64, 4, 4, 2),
-             (128, 128, 64, 8, 3, 3), (128, 128, 64, 4, 3, 3), (128, 256, 64, 8, 3, 3), (128, 128, 64, 8, 4, 3)],
-    "wgrad": [(64, 128, 128, 4, 3, 512), (64, 128, 128, 4, 3, 1024), (64, 128, 128, 4, 3, 2048),
-              (128, 128, 64, 8, 3, 1024), (128, 128, 64, 8, 3, 2048), (64, 128, 64, 4, 4, 1024),
-              (128, 128, 64, 8, 3, 4096), (128, 128, 64, 8, 3, 8192), (64, 256, 64, 8, 3, 1024)],
+    "up": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3)],
+    "up_glu": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4)],
+    "up_bwd": [(64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 64, 8, 3)],
+    "up_bwd_glu": [(128, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 128, 64, 8, 3)],
+    "down": [(128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (64, 128, 64, 4, 3, 1), (128, 128, 64, 8, 3),
+             (128, 128, 64, 8, 3, 3), (128, 128, 64, 4, 3, 3), (128, 256, 64, 8, 3, 3), (64, 128, 64, 4, 3, 3)],
+    "wgrad": [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
+              (64, 128, 128, 4, 3, 1024), (64, 128, 64, 4, 4, 1024), (128, 128, 64, 8, 3, 2048)],
 }
 
 
@@ -64,7 +62,7 @@ def setup(shape, activation, tokens, device="cuda"):
     return skew, {  # kernel label -> (config kind, GEMM FLOPs, launch)
         "up": ("up_glu" if layer.glu else "up", f_in, lambda: K.up_forward(x, w1, b1, plan, activation, save_h=True)),
         "down": ("down", f_out, lambda: K.down_scatter(a, w2, plan, gate_flat, "atomic16")),
-        "up_bwd": ("up_bwd", f_out, lambda: K.up_backward(dy, w2, h, gate_flat, plan, activation, True, True)),
+        "up_bwd": ("up_bwd_glu" if layer.glu else "up_bwd", f_out, lambda: K.up_backward(dy, w2, h, gate_flat, plan, activation, True, True)),
         "wgrad_dw2": ("wgrad", f_out, lambda: K.wgrad(ga, dy, plan, w2, gathered=False)),
         "wgrad_dw1": ("wgrad", f_in, lambda: K.wgrad(dh, x, plan, w1, gathered=False)),
         "down_dx": ("down", f_in, lambda: K.down_scatter(dh, w1, plan, None, "atomic16")),

@@ -65,18 +65,19 @@ def test_triton_variants_bf16(case, opts):
 
 KERNEL_VARIANTS = {  # forced tile configs of the non-default kernel variants (see _triton_kernels.DEFAULTS)
     "down-rowloop": {"down": (128, 128, 64, 4, 3, 1)},
-    "down-persistent": {"down": (128, 128, 64, 8, 3, 2)},
+    "down-plain": {"down": (128, 128, 64, 8, 3)},
     "down-tma": {"down": (128, 128, 64, 8, 3, 3)},
-    "up-persistent": {"up": (128, 128, 64, 8, 3, 2), "up_glu": (128, 64, 64, 8, 3, 2), "up_bwd": (64, 64, 64, 4, 4, 2)},
+    "up-small": {"up": (64, 64, 64, 4, 4), "up_glu": (64, 64, 64, 4, 4), "up_bwd": (64, 64, 64, 4, 4),
+                 "up_bwd_glu": (128, 64, 64, 4, 4)},
     "wgrad-split": {"wgrad": (64, 128, 128, 4, 3, 256)},
-    "both-small": {"down": (64, 64, 32, 4, 2, 2), "wgrad": (64, 64, 32, 4, 2, 64)},
+    "both-small": {"down": (64, 64, 32, 4, 2, 1), "wgrad": (64, 64, 32, 4, 2, 64)},
 }
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[8], CASES[11], CASES[12]], ids=[IDS[0], IDS[8], IDS[11], IDS[12]])
 @pytest.mark.parametrize("variant", list(KERNEL_VARIANTS))
 def test_triton_kernel_variants_bf16(case, variant):
-    """The kernel variants (ROWLOOP, PERSISTENT and TMA down, PERSISTENT up/up_bwd, the row-chunk split wgrad;
+    """The kernel variants (plain, ROWLOOP and TMA down, other up/up_bwd tiles, the row-chunk split wgrad;
     compiled, bf16) against the reference."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
@@ -120,3 +121,22 @@ def test_auto_picks_triton_on_sm90():
     if torch.cuda.get_device_capability()[0] < 9 or "triton" not in AVAILABLE:
         pytest.skip("needs sm90 and triton")
     assert get_backend("auto").resolve(torch.zeros(1, device="cuda", dtype=torch.bfloat16)).name == "triton"
+
+
+@pytest.mark.parametrize("variant", ["default", "down-tma", "down-rowloop", "wgrad-split"])
+def test_triton_under_torch_compile_fullgraph(variant):
+    """The training step compiles each block with the expert backend inside: every launcher (the TMA
+    variant's host-side descriptors included) must trace without a graph break and give the eager result."""
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    from ssd_megatron.ffn.backends import _triton_kernels as kernels
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    torch._dynamo.reset()
+    kernels.force_config(**KERNEL_VARIANTS.get(variant, {}))
+    try:
+        inp = make_inputs(device="cuda", dtype=torch.bfloat16, activation="relu", T=1024, D=768, E=192, N=32, K=6)
+        be = TritonBackend(combine="atomic16")
+        compiled = torch.compile(lambda *a: be(*a), fullgraph=True)
+        compare(run(compiled, inp), run(be, inp), 1e-2)
+    finally:
+        kernels.force_config()

@@ -46,11 +46,10 @@ def _check(rows, expect_launches):
 def test_relu_launches_and_variants_compile_for_sm90():
     kernels = _check(_report("--activations", "relu", "--variants", "one"),
                      ["up", "down", "up_bwd", "wgrad_dw2", "wgrad_dw1", "down_dx"])
-    assert kernels == {"_up_kernel", "_up_persistent_kernel", "_down_kernel", "_down_persistent_kernel",
-                       "_down_tma_kernel", "_wgrad_kernel"}
+    assert kernels == {"_up_kernel", "_down_kernel", "_down_tma_kernel", "_wgrad_kernel"}
 
 
 def test_glu_gather_gemm_compiles_for_sm90():
     kernels = _check(_report("--activations", "swiglu", "--launches", "up,up_bwd", "--variants", "one"),
                      ["up", "up_bwd"])
-    assert kernels == {"_up_kernel", "_up_persistent_kernel"}
+    assert kernels == {"_up_kernel"}

@@ -8,10 +8,10 @@ from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
 
 
 def test_env_config_overrides_the_default_for_its_kind(monkeypatch):
-    monkeypatch.setenv("SSD_TRITON_CONFIG", " wgrad=64,128,128,4,3,1024 ; down:atomic16=128,128,64,8,3,2")
+    monkeypatch.setenv("SSD_TRITON_CONFIG", " wgrad=64,128,128,4,3,1024 ; down:atomic16=128,128,64,8,3,3")
     key = (192, 768, "torch.bfloat16")
     assert K._pick("wgrad", key, None) == (64, 128, 128, 4, 3, 1024)
-    assert K._pick("down:atomic16", key, None) == (128, 128, 64, 8, 3, 2)
+    assert K._pick("down:atomic16", key, None) == (128, 128, 64, 8, 3, 3)
     assert K._pick("down:buffer", key, None) == K._default("down", key)   # another combine: untouched
     assert K._pick("up", key, None) == K._default("up", key)
     monkeypatch.setenv("SSD_TRITON_CONFIG", "down=64,64,32,4,2")
@@ -34,6 +34,9 @@ def test_forced_configs_win_over_the_environment(monkeypatch):
     ("wgrad=64,128,128,4", "powers of two"),
     ("wgrad=64,96,128,4,3", "powers of two"),
     ("down=128,128,64,8,0", "STAGES >= 1"),
+    ("down=128,128,64,8,3,2", "VARIANT must be"),      # 2 was PERSISTENT, removed
+    ("up=128,128,64,8,3,1", "VARIANT must be"),
+    ("wgrad=64,128,128,4,3,-1", "VARIANT must be"),
 ])
 def test_bad_env_config_is_a_one_line_error_naming_the_variable(monkeypatch, text, says):
     monkeypatch.setenv("SSD_TRITON_CONFIG", text)

@@ -29,21 +29,21 @@ import torch
 import triton
 
 from .kernels.common import ACT_CODES
-from .kernels.down import _down_kernel, _down_persistent_kernel, _down_tma_kernel
-from .kernels.up import _up_kernel, _up_persistent_kernel
+from .kernels.down import _down_kernel, _down_tma_kernel
+from .kernels.up import _up_kernel
 from .kernels.wgrad import _wgrad_kernel
 
 
 # (BM|BP, BN|BQ, BK, num_warps, num_stages[, variant]). variant: down 1 = ROWLOOP (a program covers all
-# output columns), 3 = TMA (descriptor loads); up, up_glu, up_bwd, down 2 = PERSISTENT (one flattened
-# tile/k loop per program of a persistent grid); wgrad n = split each expert's reduction into chunks of
-# n rows (0 = none). Defaults are chosen per
-# kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per
-# shape key instead.
+# output columns), 3 = TMA (descriptor loads); wgrad n = split each expert's reduction into chunks of
+# n rows (0 = none). Defaults are chosen per kernel from the sweeps recorded in docs/kernels.md;
+# `SSD_TRITON_TUNE=1` times the candidates once per shape key instead.
+ROWLOOP, TMA = 1, 3  # down variants (2 was PERSISTENT, measured slower and removed: docs/kernels.md v8)
 DEFAULTS = {
     "up": (128, 256, 64, 8, 3),
     "up_glu": (128, 64, 64, 8, 3),
     "up_bwd": (128, 64, 64, 4, 4),
+    "up_bwd_glu": (64, 64, 64, 4, 4),
     "down": (128, 128, 64, 8, 3),
     "wgrad": (128, 128, 64, 8, 3),
     "wgrad_mat": (128, 128, 64, 8, 3),
@@ -52,8 +52,9 @@ CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=
     "up": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4)],
     "up_glu": [(128, 64, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (256, 64, 64, 8, 3)],
     "up_bwd": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 4), (64, 64, 64, 4, 4)],
+    "up_bwd_glu": [(64, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 128, 64, 8, 3), (128, 64, 64, 4, 4)],
     "down": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3),
-             (128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 2), (128, 128, 64, 4, 3, 2)],
+             (128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 3), (128, 128, 64, 4, 3, 3)],
     "wgrad": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
               (64, 128, 128, 4, 3, 1024), (128, 128, 64, 8, 3, 2048)],
     "wgrad_mat": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)],
@@ -102,12 +103,17 @@ def _parse_configs(text: str) -> dict:
             cfg = tuple(int(v) for v in values.split(","))
         except ValueError:
             raise UserError(f"{bad}: the values must be 5 or 6 integers, e.g. 128,128,64,8,3") from None
-        if len(cfg) not in (5, 6) or any(v < 1 or v & (v - 1) for v in cfg[:4]) or cfg[4] < 1 or (
-                len(cfg) == 6 and cfg[5] < 0):
-            raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two, STAGES >= 1, VARIANT >= 0 "
-                            f"(down: 1 ROWLOOP, 2 PERSISTENT, 3 TMA; up/up_bwd: 2 PERSISTENT; wgrad: a row chunk)")
+        if len(cfg) not in (5, 6) or any(v < 1 or v & (v - 1) for v in cfg[:4]) or cfg[4] < 1:
+            raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
+        if len(cfg) == 6 and not _variant_ok(kind.split(":")[0], cfg[5]):
+            raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP) or 3 (TMA); for wgrad, "
+                            f"a row chunk >= 0")
         out[kind] = cfg
     return out
+
+
+def _variant_ok(base: str, variant: int) -> bool:
+    return variant == 0 or (base == "down" and variant in (ROWLOOP, TMA)) or (base == "wgrad" and variant > 0)
 
 
 def _default(base: str, key: tuple):
@@ -115,7 +121,9 @@ def _default(base: str, key: tuple):
     if base in ("up_bwd", "up_glu") and key[0] >= 2048:   # long reduction (D): wider tiles
         return (128, 128, 64, 8, 3)
     if base == "down" and key[1] >= 2048:                  # wide output (8B's D = 4096): ROWLOOP, H200 2026-12-04
-        return (128, 128, 64, 4, 3, 1)
+        return (128, 256, 64, 8, 3, ROWLOOP) if key[0] >= 512 else (128, 128, 64, 4, 3, ROWLOOP)
+    if base == "down":                                     # base's D = 768: TMA loads, H200 2026-12-04 (s14)
+        return (128, 128, 64, 8, 3, TMA)
     if base == "wgrad" and key[1] <= 1024:                # few (expert, tile) programs: smaller P tiles
         return (64, 128, 128, 4, 3) if key[0] <= 256 else (64, 128, 64, 4, 4)
     return DEFAULTS[base]
@@ -153,50 +161,13 @@ def _np2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-ROWLOOP, PERSISTENT, TMA = 1, 2, 3  # config variants (6th entry): ROWLOOP, TMA (down), PERSISTENT (up, up_bwd, down)
-
-
-_PROGRAMS: dict = {}
-
-
-def _persistent_programs(kernel, args, meta, device, upper: int, key) -> int:
-    """Programs of a persistent grid (at most `upper`): as many CTAs as fit on all SMs at once, by the
-    compiled kernel's registers and shared memory. The interpreter gets 3, so that each program loops."""
-    if device.type != "cuda":
-        return min(3, upper)
-    props = torch.cuda.get_device_properties(device)
-    if torch.compiler.is_compiling():
-        # Traced by torch.compile: no kernel query (and no cache mutation, which would split the graph).
-        # Use the occupancy tools/compile_report.py gives these tiles: 2 CTAs/SM with 4 warps, else 1.
-        return min(upper, props.multi_processor_count * (2 if meta["num_warps"] <= 4 else 1))
-    if key not in _PROGRAMS:
-        try:
-            compiled = kernel.warmup(*args, grid=(1,), **meta)
-            compiled._init_handles()
-            threads = 32 * meta["num_warps"]
-            by_regs = getattr(props, "regs_per_multiprocessor", 65536) // max(1, compiled.n_regs * threads)
-            smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
-            by_smem = smem // (compiled.metadata.shared + 1024)  # + the driver's 1 KB per CTA
-            ctas = max(1, min(by_regs, by_smem))
-        except Exception:  # no compiled-kernel metadata (e.g. tools/compile_report.py): one CTA per SM
-            ctas = 1
-        _PROGRAMS[key] = ctas * props.multi_processor_count
-    return min(upper, _PROGRAMS[key])
-
-
-def _launch_up(args, meta, cfg, M, N, Din, E, device, key):
-    """One `_up_kernel` launch (a program per (M-tile, column block)) or, with the PERSISTENT variant,
-    `_up_persistent_kernel` over as many programs as fit on the GPU at once."""
+def _launch_up(args, meta, cfg, M, N, Din, E):
+    """One `_up_kernel` launch: a program per (M-tile, column block)."""
     BM, BN, BK, nw, ns = cfg[:5]
     num_n = triton.cdiv(E, BN)
-    args = args + (N, M, Din, E, num_n)
-    meta = dict(meta, BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
-    tiles = (triton.cdiv(M, BM) + N) * num_n
-    if len(cfg) > 5 and cfg[5] == PERSISTENT:
-        grid = (_persistent_programs(_up_persistent_kernel, args, meta, device, tiles, key + (tuple(cfg),)),)
-        _up_persistent_kernel[grid](*args, **meta)
-    else:
-        _up_kernel[(tiles,)](*args, EVEN_K=Din % BK == 0, EVEN_N=E % BN == 0, **meta)
+    _up_kernel[((triton.cdiv(M, BM) + N) * num_n,)](
+        *args, N, M, Din, E, num_n, EVEN_K=Din % BK == 0, EVEN_N=E % BN == 0, BM=BM, BN=BN, BK=BK, NP2=_np2(N),
+        num_warps=nw, num_stages=ns, **meta)
 
 
 def up_forward(x, w1, b1, plan, activation, save_h: bool):
@@ -212,10 +183,9 @@ def up_forward(x, w1, b1, plan, activation, save_h: bool):
             plan.token, plan.order, a, plan.offsets, h, h.stride(0), a, a.stride(0), a, a, 0, a, 0)
     meta = dict(BWD=False, ACT=act, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=save_h, STORE_GA=False, HAS_DB=False,
                 PREC=_prec(x))
-    key = ("up", act, glu, b1 is not None, save_h, x.dtype, N, x.device)
 
     def launch(cfg):
-        _launch_up(args, meta, cfg, M, N, D, E, x.device, key)
+        _launch_up(args, meta, cfg, M, N, D, E)
 
     launch(_pick("up_glu" if glu else "up", (D, E, str(x.dtype)), launch))
     return a, (h if save_h else None)
@@ -232,7 +202,6 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
     db = torch.empty(N, F1, device=dy.device, dtype=torch.float32) if need_db else dh
     meta = dict(BWD=True, ACT=act, GLU=glu, HAS_BIAS=False, SAVE_H=False, STORE_GA=need_ga, HAS_DB=need_db,
                 PREC=_prec(dy))
-    key = ("up_bwd", act, glu, need_ga, need_db, dy.dtype, N, dy.device)
     state = {}
 
     def launch(cfg):
@@ -242,32 +211,33 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
         args = (dy, dy.stride(0), w2, w2.stride(0), w2.stride(1), w2.stride(2), dh, 0,
                 plan.token, plan.order, gate_flat, plan.offsets, h, h.stride(0), dh, dh.stride(0), dgp,
                 ga, ga.stride(0), db, db.stride(0))
-        _launch_up(args, meta, cfg, M, N, D, E, dy.device, key)
+        _launch_up(args, meta, cfg, M, N, D, E)
         state["dgp"] = dgp
 
-    launch(_pick("up_bwd", (D, E, str(dy.dtype)), launch))
+    launch(_pick("up_bwd_glu" if glu else "up_bwd", (D, E, str(dy.dtype)), launch))
     return dh, state["dgp"].sum(0), (ga if need_ga else None), (db if need_db else None)
 
 
 def _down_descriptors(a, w, BM, BN, BK):
     """(A, W, W_KROWS) TMA descriptors for `_down_tma_kernel`, or None where the layouts do not allow one:
-    rows of `a` contiguous, and all experts' W as one 2-D matrix with a contiguous last dim."""
+    rows of `a` contiguous, and all experts' W as one 2-D matrix with a contiguous last dim. Built with
+    `TensorDescriptor.from_tensor` on 2-D views, the form torch.compile traces (alignment is checked on
+    the storage offset: the allocator's blocks are 512-byte aligned, and data_ptr() is not traceable)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     N, Ein, Dout = w.shape
     s0, s1, s2 = w.stride()
     es = a.element_size()
-    if a.stride(1) != 1 or (a.stride(0) * es) % 16 or a.data_ptr() % 16 or w.data_ptr() % 16:
+    if (a.shape[1] != Ein or a.stride(1) != 1 or (a.stride(0) * es) % 16 or (a.storage_offset() * es) % 16
+            or (w.storage_offset() * es) % 16):
         return None
     if s2 == 1 and s0 == Ein * s1 and (s1 * es) % 16 == 0:      # [N*Ein, Dout]: rows are k
-        w2d = TensorDescriptor(w, [N * Ein, Dout], [s1, 1], [BK, BN])
-        krows = True
+        w2d, krows = TensorDescriptor.from_tensor(w.flatten(0, 1), [BK, BN]), True
     elif s1 == 1 and s0 == Ein and (s2 * es) % 16 == 0:         # [Dout, N*Ein]: e.g. W_out's column view
-        w2d = TensorDescriptor(w, [Dout, N * Ein], [s2, 1], [BN, BK])
-        krows = False
+        w2d, krows = TensorDescriptor.from_tensor(w.permute(2, 0, 1).flatten(1, 2), [BN, BK]), False
     else:
         return None
-    return TensorDescriptor(a, [a.shape[0], Ein], [a.stride(0), 1], [BM, BK]), w2d, krows
+    return TensorDescriptor.from_tensor(a, [BM, BK]), w2d, krows
 
 
 def down_scatter(a, w, plan, gate_flat, combine="buffer"):
@@ -296,12 +266,6 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer"):
         meta = dict(SCALE=gate_flat is not None, ATOMIC=atomic, PREC=_prec(a), BM=BM, BN=BN, BK=BK, NP2=_np2(N),
                     num_warps=nw, num_stages=ns)
         m_tiles = triton.cdiv(M, BM) + N
-        if variant == PERSISTENT:
-            key = (tuple(cfg), a.dtype, w.dtype, out.dtype, atomic, gate_flat is not None, N, a.device)
-            args = operands + rest
-            grid = (_persistent_programs(_down_persistent_kernel, args, meta, a.device, m_tiles, key),)
-            _down_persistent_kernel[grid](*args, **meta)
-            return
         num_n = triton.cdiv(Dout, BN)
         descs = _down_descriptors(a, w, BM, BN, BK) if variant == TMA and Ein % BK == 0 else None
         if descs is not None:

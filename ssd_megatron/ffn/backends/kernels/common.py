@@ -70,12 +70,3 @@ def _grid_tile(OFFS, num_n, N, BM: tl.constexpr, NP2: tl.constexpr):
     e, row0, row_end = _tile_of(OFFS, pid // num_n, N, BM, NP2)
     rows = row0 + tl.arange(0, BM)
     return e, pid % num_n, row0, rows, rows < row_end, row0 < row_end
-
-
-@triton.jit
-def _num_tiles(OFFS, N, BM: tl.constexpr, NP2: tl.constexpr):
-    """How many expert-aligned M-tiles of BM rows the plan has (the count `_tile_of` enumerates)."""
-    ids = tl.arange(0, NP2)
-    valid = ids < N
-    counts = tl.load(OFFS + ids + 1, mask=valid, other=0) - tl.load(OFFS + ids, mask=valid, other=0)
-    return tl.sum((counts + BM - 1) // BM, 0)

@@ -1,9 +1,9 @@
 """The down GEMM: (scale *) A[r] @ W[e], the K-way combine fused into the store (atomic adds into y or dx,
-or a scatter to the (t, k) row of a buffer). Per-tile, ROWLOOP, PERSISTENT and TMA variants."""
+or a scatter to the (t, k) row of a buffer). Per-tile, ROWLOOP and TMA variants."""
 import triton
 import triton.language as tl
 
-from .common import _grid_tile, _num_tiles, _tile_of
+from .common import _grid_tile
 
 
 @triton.jit
@@ -58,56 +58,6 @@ def _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE: tl.constexpr):
     else:
         g = rmask.to(tl.float32)  # unused
     return pair, tok, g
-
-
-@triton.jit
-def _down_persistent_kernel(
-    A, stride_a, W, stride_we, stride_wk, stride_wn, ORDER, TOK, GATE, OFFS, OUT, stride_o, N, Ein, Dout,
-    SCALE: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
-):
-    """The down GEMM as a persistent grid: program p takes M-tiles p, p + G, ... and, for each, every
-    output column block. The (tile, column block, k step) loops are flattened into one loop with the
-    epilogue inside it, so the software pipeliner prefetches the next block's operands while the
-    current block's atomics drain (Ein is short, 192-256: three or four k steps per block, which leaves
-    a per-tile pipeline no steady state)."""
-    pid = tl.program_id(0)
-    G = tl.num_programs(0)
-    total = _num_tiles(OFFS, N, BM, NP2)
-    NT = tl.cdiv(Dout, BN)
-    KT = tl.cdiv(Ein, BK)
-    n_iter = ((total - pid + G - 1) // G) * NT * KT
-    ks = tl.arange(0, BK)
-    tile = pid - G
-    ni = NT - 1
-    ki = KT - 1
-    e = pid * 0
-    rows = tl.arange(0, BM)
-    rmask = rows < 0
-    pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for _ in range(0, n_iter):
-        ki = tl.where(ki == KT - 1, 0, ki + 1)
-        if ki == 0:
-            ni = tl.where(ni == NT - 1, 0, ni + 1)
-            if ni == 0:
-                tile += G
-                e, row0, row_end = _tile_of(OFFS, tile, N, BM, NP2)
-                rows = row0 + tl.arange(0, BM)
-                rmask = rows < row_end
-                pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE)
-        cols = ni * BN + tl.arange(0, BN)
-        cmask = cols < Dout
-        kk = ki * BK + ks
-        km = kk < Ein
-        a = tl.load(A + rows.to(tl.int64)[:, None] * stride_a + kk[None, :], mask=rmask[:, None] & km[None, :],
-                    other=0.0)
-        b = tl.load(W + e.to(tl.int64) * stride_we + kk[:, None] * stride_wk + cols[None, :] * stride_wn,
-                    mask=km[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-        if ki == KT - 1:
-            _down_store(acc, OUT, stride_o, rmask, tok, pair, g, cols, cmask, SCALE, ATOMIC)
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
 
 
 @triton.jit

@@ -4,7 +4,7 @@ epilogue = dgate partials, dh = gate * da * act'(h), ga = gate * a, db1 column s
 import triton
 import triton.language as tl
 
-from .common import _act, _act_grad, _grid_tile, _num_tiles, _tile_of
+from .common import _act, _act_grad, _grid_tile
 
 
 @triton.jit
@@ -123,61 +123,3 @@ def _up_kernel(
         _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT,
                      stride_o, DGP, GA, stride_ga, DB, stride_db, M, E,
                      BWD, ACT, GLU, HAS_BIAS, SAVE_H, STORE_GA, HAS_DB)
-
-
-@triton.jit
-def _up_persistent_kernel(
-    X, stride_x, W, stride_we, stride_wf, stride_wk, B, stride_be, TOK, ORDER, GATE, OFFS, H, stride_h,
-    OUT, stride_o, DGP, GA, stride_ga, DB, stride_db, N, M, Din, E, num_n,
-    BWD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SAVE_H: tl.constexpr, STORE_GA: tl.constexpr, HAS_DB: tl.constexpr, PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
-):
-    """`_up_kernel` over a persistent grid: program p takes the (M-tile, column block) pairs p, p + G, ...
-    in one flattened loop over their k steps, with the epilogue inside it, so that the next pair's first
-    operands are fetched while this pair's epilogue runs (one CTA per SM at the base shape's tiles: no
-    other CTA would hide it)."""
-    pid = tl.program_id(0)
-    G = tl.num_programs(0)
-    total = _num_tiles(OFFS, N, BM, NP2) * num_n
-    KT = tl.cdiv(Din, BK)
-    n_iter = ((total - pid + G - 1) // G) * KT
-    ks = tl.arange(0, BK)
-    up_off = E * stride_wf
-    t = pid - G
-    ki = KT - 1
-    e = pid * 0
-    pid_n = pid * 0
-    rows = tl.arange(0, BM)
-    rmask = rows < 0
-    tok = rows.to(tl.int64)
-    cols = tl.arange(0, BN)
-    cmask = cols < 0
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    acc2 = tl.zeros((BM, BN), dtype=tl.float32)
-    for _ in range(0, n_iter):
-        ki = tl.where(ki == KT - 1, 0, ki + 1)
-        if ki == 0:
-            t += G
-            pid_n = t % num_n
-            e, row0, row_end = _tile_of(OFFS, t // num_n, N, BM, NP2)
-            rows = row0 + tl.arange(0, BM)
-            rmask = rows < row_end
-            tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
-            cols = pid_n * BN + tl.arange(0, BN)
-            cmask = cols < E
-        kk = ki * BK + ks
-        km = kk < Din
-        a = tl.load(X + tok[:, None] * stride_x + kk[None, :], mask=km[None, :], other=0.0)
-        wp = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wf + kk[:, None] * stride_wk
-        b = tl.load(wp, mask=km[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-        if GLU and not BWD:
-            b2 = tl.load(wp + up_off, mask=km[:, None] & cmask[None, :], other=0.0)
-            acc2 = tl.dot(a, b2, acc2, input_precision=PREC)
-        if ki == KT - 1:
-            _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT,
-                         stride_o, DGP, GA, stride_ga, DB, stride_db, M, E,
-                         BWD, ACT, GLU, HAS_BIAS, SAVE_H, STORE_GA, HAS_DB)
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            acc2 = tl.zeros((BM, BN), dtype=tl.float32)
