@@ -53,10 +53,11 @@ def launchers(inp):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default="default,rowloop,plain,tma")
+    ap.add_argument("--configs", default="default,rowloop,plain,tma", help="comma list, or none")
+    ap.add_argument("--phases", default="sparse", help="model check: comma list of dense,sparse (none: skip)")
     args = ap.parse_args()
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, activation="relu", T=1024, D=768, E=192, N=32, K=6)
-    for name in args.configs.split(","):
+    for name in filter(lambda c: c != "none", args.configs.split(",")):
         K.force_config(**CONFIGS[name])
         print(f"== config {name}: {CONFIGS[name] or 'defaults'}", flush=True)
         L = launchers(inp)
@@ -85,10 +86,11 @@ def main():
         print(f"  explain: graphs {ex.graph_count}, breaks {ex.graph_break_count}",
               [str(b.reason)[:160] for b in ex.break_reasons][:3], flush=True)
     K.force_config()
-    model_grads()
+    for phase in filter(lambda p: p != "none", args.phases.split(",")):
+        model_grads(phase)
 
 
-def model_grads():
+def model_grads(phase):
     from ssd_megatron.bench.step import build_ours
     from ssd_megatron.parallel.data_parallel import compile_blocks
     from ssd_megatron.train.loop import forward_loss
@@ -100,7 +102,7 @@ def model_grads():
     out = {}
     for compiled in (False, True):
         torch._dynamo.reset()
-        m = build_ours(shape, dev, "sparse", "triton", seed=0)
+        m = build_ours(shape, dev, phase, "triton", seed=0)
         if compiled:
             compile_blocks(m)
         with torch.autocast("cuda", torch.bfloat16):
@@ -109,7 +111,7 @@ def model_grads():
         out[compiled] = (loss_sum.item() / n.item() if torch.is_tensor(n) else loss_sum.item() / n,
                          {k: p.grad for k, p in m.named_parameters()})
     (l0, g0), (l1, g1) = out[False], out[True]
-    print(f"== model (sparse phase, triton): loss eager {l0:.5f} compiled {l1:.5f}")
+    print(f"== model ({phase} phase, triton): loss eager {l0:.5f} compiled {l1:.5f}")
     for k in g0:
         print(f"  {k:50s} grad rel err {rel(g1[k], g0[k])}  norm {None if g0[k] is None else round(g0[k].norm().item(), 4)}")
 

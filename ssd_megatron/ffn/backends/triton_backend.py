@@ -8,6 +8,7 @@ so this module imports on machines without triton or CUDA).
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -44,50 +45,95 @@ def triton_runs_on(t: torch.Tensor) -> bool:
     return (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and triton_available()
 
 
-class _TritonExperts(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, gate, topk_idx, activation, combine, wgrad):
-        k = _kernels()
-        plan = make_plan(topk_idx, w1.shape[0])
-        gate_flat = gate.reshape(-1).contiguous()
-        a, h = k.up_forward(x, w1, b1, plan, activation, save_h=True)
-        y = k.down_scatter(a, w2, plan, gate_flat, combine)
-        ctx.save_for_backward(x, w1, w2, gate_flat, h, plan.order, plan.token, plan.offsets)
-        T, K = topk_idx.shape
-        ctx.meta = (T, K, w1.shape[0], activation, b1 is not None, combine, wgrad)
-        return y
+# The expert computation is two opaque custom ops (forward; backward) joined by register_autograd.
+# Why not an autograd.Function whose body torch.compile traces: traced that way (torch 2.11, fullgraph,
+# backend aot_eager or inductor), every input gradient came back zero while the forward was right and
+# each launcher traced alone was right (tools/check_compile.py, H200 2026-12-04), and the TMA launch's
+# host-side descriptors graph-broke the block. Opaque ops keep the kernels out of the trace entirely.
+@torch.library.custom_op("ssd_megatron::triton_experts", mutates_args=())
+def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                gate_flat: torch.Tensor, topk_idx: torch.Tensor, activation: str, combine: str, wgrad: str,
+                save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h or an empty tensor, the plan's order, token, offsets); `wgrad` is only for the backward."""
+    k = _kernels()
+    plan = make_plan(topk_idx, w1.shape[0])
+    a, h = k.up_forward(x, w1, b1, plan, activation, save_h=save)
+    y = k.down_scatter(a, w2, plan, gate_flat, combine)
+    return y, (h if save else x.new_empty(0)), plan.order, plan.token, plan.offsets
 
-    @staticmethod
-    def backward(ctx, dy):
-        k = _kernels()
-        x, w1, w2, gate_flat, h, order, token, offsets = ctx.saved_tensors
-        T, K, N, activation, has_bias, combine, wgrad = ctx.meta
-        plan = _Plan(N, K, T, order, token, offsets)
-        dy = dy.to(x.dtype).contiguous()
-        need_x, need_w1, need_b1, need_w2, need_gate = ctx.needs_input_grad[:5]
-        dh, dgate, ga, db32 = k.up_backward(dy, w2, h, gate_flat, plan, activation,
-                                            need_ga=need_w2, need_db=has_bias and need_b1)
-        dw1 = dw2 = dx = None
-        split = combine != "buffer"  # "buffer" = deterministic sums: no atomics in the weight grads either
-        if need_w2:
-            dw2 = _weight_grad(k, ga, dy, plan, w2, wgrad, split)
-        if need_w1:
-            dw1 = _weight_grad(k, dh, x, plan, w1, wgrad, split)
-        if need_x:
-            dx = k.down_scatter(dh, w1, plan, None, combine)
-        db1 = db32.to(w1.dtype) if db32 is not None else None
-        dg = dgate.view(T, K).to(gate_flat.dtype) if need_gate else None
-        return dx, dw1, db1, dw2, dg, None, None, None, None
+
+@_experts_op.register_fake
+def _experts_fake(x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save):
+    T, K = topk_idx.shape
+    rows = torch.empty(T * K, dtype=torch.int32, device=x.device)
+    return (x.new_empty(T, w2.shape[2]), x.new_empty(T * K, w1.shape[1]) if save else x.new_empty(0),
+            rows, torch.empty_like(rows), torch.empty(w1.shape[0] + 1, dtype=torch.int32, device=x.device))
+
+
+@torch.library.custom_op("ssd_megatron::triton_experts_backward", mutates_args=())
+def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                         gate_flat: torch.Tensor, h: torch.Tensor, order: torch.Tensor, token: torch.Tensor,
+                         offsets: torch.Tensor, top_k: int, activation: str, has_bias: bool, combine: str,
+                         wgrad: str, needs: list[bool]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw1, db1, dw2, dgate flat); a gradient not in `needs` (x, w1, b1, w2, gate) is an empty tensor."""
+    k = _kernels()
+    need_x, need_w1, need_b1, need_w2, need_gate = needs
+    plan = _Plan(w1.shape[0], top_k, x.shape[0], order, token, offsets)
+    dy = dy.to(x.dtype).contiguous()
+    dh, dgate, ga, db32 = k.up_backward(dy, w2, h, gate_flat, plan, activation,
+                                        need_ga=need_w2, need_db=has_bias and need_b1)
+    split = combine != "buffer"  # "buffer" = deterministic sums: no atomics in the weight grads either
+    return (k.down_scatter(dh, w1, plan, None, combine) if need_x else x.new_empty(0),
+            _weight_grad(k, dh, x, plan, w1, wgrad, split) if need_w1 else x.new_empty(0),
+            db32.to(w1.dtype) if db32 is not None else x.new_empty(0),
+            _weight_grad(k, ga, dy, plan, w2, wgrad, split) if need_w2 else x.new_empty(0),
+            dgate.to(gate_flat.dtype) if need_gate else x.new_empty(0))
+
+
+@_experts_backward_op.register_fake
+def _experts_backward_fake(dy, x, w1, w2, gate_flat, h, order, token, offsets, top_k, activation, has_bias,
+                           combine, wgrad, needs):
+    need_x, need_w1, need_b1, need_w2, need_gate = needs
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
+            _empty_like_strided(w1) if need_w1 else x.new_empty(0),
+            w1.new_empty(w1.shape[:2]) if has_bias and need_b1 else x.new_empty(0),
+            _empty_like_strided(w2) if need_w2 else x.new_empty(0),
+            gate_flat.new_empty(gate_flat.shape) if need_gate else x.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save = inputs
+    _, h, order, token, offsets = output
+    ctx.save_for_backward(x, w1, w2, gate_flat, h, order, token, offsets)
+    ctx.meta = (topk_idx.shape[1], activation, b1 is not None, combine, wgrad)
+
+
+def _backward(ctx, dy, *_):
+    x, w1, w2, gate_flat, h, order, token, offsets = ctx.saved_tensors
+    top_k, activation, has_bias, combine, wgrad = ctx.meta
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    grads = _experts_backward_op(dy, x, w1, w2, gate_flat, h, order, token, offsets, top_k, activation, has_bias,
+                                 combine, wgrad, needs)
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 5
+
+
+_experts_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _empty_like_strided(w: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device)
 
 
 def _weight_grad(k, lhs, rhs_tokens, plan, weight, mode, split):
-    """dW[e] = lhs[rows of e]^T @ rhs_tokens[token of each row] (see TritonBackend's `wgrad`)."""
+    """dW[e] = lhs[rows of e]^T @ rhs_tokens[token of each row] (see TritonBackend's `wgrad`), with the
+    strides of `weight` (so its grad flows back to a strided view without a copy)."""
     if mode == "triton":
         return k.wgrad(lhs, rhs_tokens, plan, weight, gathered=False, split=split)
     rhs = rhs_tokens.index_select(0, plan.token)
     if mode == "triton_mat":
         return k.wgrad(lhs, rhs, plan, weight, gathered=True, split=split)
-    return _grouped_mm(lhs.t(), rhs, offs=plan.offsets[1:])
+    return _empty_like_strided(weight).copy_(_grouped_mm(lhs.t(), rhs, offs=plan.offsets[1:]))
 
 
 class _Plan:
@@ -137,16 +183,10 @@ class TritonBackend:
             raise UserError("ssd.backend: triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, for tests)")
         x, w1, w2 = x.contiguous(), _inner_contiguous(w1), _inner_contiguous(w2)
         b1 = None if b1 is None else b1.contiguous()
-        gate = gate.to(x.dtype)
-        tensors = (x, w1, b1, w2, gate)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return _TritonExperts.apply(x, w1, b1, w2, gate, topk_idx, activation, self._combine(), self.wgrad)
-        # inference: no pre-activation saved
-        k = _kernels()
-        T, K = topk_idx.shape
-        plan = make_plan(topk_idx, w1.shape[0])
-        a, _ = k.up_forward(x, w1, b1, plan, activation, save_h=False)
-        return k.down_scatter(a, w2, plan, gate.reshape(-1).contiguous(), self._combine())
+        gate_flat = gate.to(x.dtype).reshape(-1).contiguous()
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, gate_flat))
+        # inference (no grad): no pre-activation saved
+        return _experts_op(x, w1, b1, w2, gate_flat, topk_idx, activation, self._combine(), self.wgrad, save)[0]
 
     def _combine(self) -> str:
         if self.combine is not None:
