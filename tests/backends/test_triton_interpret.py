@@ -54,6 +54,31 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
             results.append({"exception": f"{type(exc).__name__}: {exc}"[:2000]})
     print("RESULTS " + json.dumps(results))
     print("PLANS " + json.dumps(_plan_results()))
+    print("COMPILE " + json.dumps(_compile_results(kernels, tiny)))
+
+
+COMPILE_CASES = [0, 3]
+
+
+def _compile_results(kernels, tiny):
+    """The backend inside torch.compile(fullgraph=True, backend="aot_eager") against eager, forward and
+    every grad: the kernels sit in opaque custom ops, so nothing of triton is traced (traced as an
+    autograd.Function, all grads came back zero on the GPU)."""
+    from backend_cases import compare, make_inputs, run
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny)
+    out = []
+    for c in COMPILE_CASES:
+        case, opts = CASES[c]
+        inp = make_inputs(dtype=torch.float32, **case)
+        be = TritonBackend(**opts)
+        torch._dynamo.reset()
+        try:
+            got = run(torch.compile(lambda *a: be(*a), fullgraph=True, backend="aot_eager"), inp)
+            out.append({"errors": compare(got, run(be, inp), tol=float("inf"))})
+        except Exception as exc:
+            out.append({"exception": f"{type(exc).__name__}: {exc}"[:2000]})
+    return out
 
 
 # (T, N, K, routing): the counting-sort plan kernels against torch's sort; M not a block multiple,
@@ -90,8 +115,8 @@ def interpret_results():
     out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
                          timeout=300)
     lines = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.stdout.splitlines() if " " in ln}
-    assert out.returncode == 0 and "RESULTS" in lines and "PLANS" in lines, out.stderr[-4000:] + out.stdout[-2000:]
-    return json.loads(lines["RESULTS"]), json.loads(lines["PLANS"])
+    assert out.returncode == 0 and {"RESULTS", "PLANS", "COMPILE"} <= set(lines), out.stderr[-4000:] + out.stdout[-2000:]
+    return json.loads(lines["RESULTS"]), json.loads(lines["PLANS"]), json.loads(lines["COMPILE"])
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[c["activation"] for c, _ in CASES])
@@ -118,3 +143,11 @@ def test_counting_sort_plan_equals_torch_sort(interpret_results, i):
 
 if __name__ == "__main__":
     _main()
+
+
+@pytest.mark.parametrize("i", range(len(COMPILE_CASES)), ids=[CASES[c][0]["activation"] for c in COMPILE_CASES])
+def test_triton_backend_under_torch_compile(interpret_results, i):
+    res = interpret_results[2][i]
+    assert "exception" not in res, res.get("exception")
+    bad = {k: v for k, v in res["errors"].items() if not v <= TOL}
+    assert not bad, f"compiled vs eager, case {CASES[COMPILE_CASES[i]]}: errors above {TOL}: {res['errors']}"
