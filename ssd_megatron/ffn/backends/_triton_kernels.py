@@ -44,7 +44,7 @@ DEFAULTS = {
     "up_glu": (128, 64, 64, 8, 3),
     "up_bwd": (128, 64, 64, 4, 4),
     "up_bwd_glu": (64, 64, 64, 4, 4),
-    "down": (128, 128, 64, 8, 3),
+    "down": (128, 128, 64, 8, 3, TMA),    # falls back to pointer loads where TMA cannot describe the operands
     "wgrad": (128, 128, 64, 8, 3),
     "wgrad_mat": (128, 128, 64, 8, 3),
 }
@@ -78,7 +78,7 @@ _ENV_PARSED: dict = {}
 
 
 def env_configs() -> dict:
-    """Tile configs from SSD_TRITON_CONFIG, e.g. "wgrad=64,128,128,4,3,1024;down=128,128,64,8,3,2": per kernel
+    """Tile configs from SSD_TRITON_CONFIG, e.g. "wgrad=64,128,128,4,3,1024;down=128,128,64,4,3,1": per kernel
     kind (DEFAULTS' names; "down:atomic16" for one combine), BM,BN,BK,warps,stages[,variant], which win over
     the defaults and the tuner (A/B runs of a variant in the step, or a GPU whose sweep differs)."""
     text = os.environ.get("SSD_TRITON_CONFIG", "").strip()
@@ -117,13 +117,11 @@ def _variant_ok(base: str, variant: int) -> bool:
 
 
 def _default(base: str, key: tuple):
-    """Untuned choice: the winners of the sweeps (docs/kernels.md: H100 run 4, H200 session 13) by problem size."""
+    """Untuned choice: the winners of the sweeps (docs/kernels.md: H100 run 4, H200 v7-v8) by problem size."""
     if base in ("up_bwd", "up_glu") and key[0] >= 2048:   # long reduction (D): wider tiles
         return (128, 128, 64, 8, 3)
     if base == "down" and key[1] >= 2048:                  # wide output (8B's D = 4096): ROWLOOP, H200 2026-12-04
         return (128, 256, 64, 8, 3, ROWLOOP) if key[0] >= 512 else (128, 128, 64, 4, 3, ROWLOOP)
-    if base == "down":                                     # base's D = 768: TMA loads, H200 2026-12-04 (s14)
-        return (128, 128, 64, 8, 3, TMA)
     if base == "wgrad" and key[1] <= 1024:                # few (expert, tile) programs: smaller P tiles
         return (64, 128, 128, 4, 3) if key[0] <= 256 else (64, 128, 64, 4, 4)
     return DEFAULTS[base]
@@ -218,6 +216,11 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
     return dh, state["dgp"].sum(0), (ga if need_ga else None), (db if need_db else None)
 
 
+def _has_tma(t: torch.Tensor) -> bool:
+    """Hopper or newer (the bulk-copy engine), or the interpreter (tests); A100s take the pointer loads."""
+    return t.device.type != "cuda" or torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
 def _down_descriptors(a, w, BM, BN, BK):
     """(A, W, W_KROWS) TMA descriptors for `_down_tma_kernel`, or None where the layouts do not allow one:
     rows of `a` contiguous, and all experts' W as one 2-D matrix with a contiguous last dim. Built with
@@ -267,7 +270,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer"):
                     num_warps=nw, num_stages=ns)
         m_tiles = triton.cdiv(M, BM) + N
         num_n = triton.cdiv(Dout, BN)
-        descs = _down_descriptors(a, w, BM, BN, BK) if variant == TMA and Ein % BK == 0 else None
+        descs = _down_descriptors(a, w, BM, BN, BK) if variant == TMA and Ein % BK == 0 and _has_tma(a) else None
         if descs is not None:
             _down_tma_kernel[(m_tiles * num_n,)](*descs[:2], *rest, num_n, W_KROWS=descs[2], **meta)
             return
