@@ -55,6 +55,7 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
     print("RESULTS " + json.dumps(results))
     print("PLANS " + json.dumps(_plan_results()))
     print("COMPILE " + json.dumps(_compile_results(kernels, tiny)))
+    print("OPCHECK " + json.dumps(_opcheck_results()))
 
 
 COMPILE_CASES = [0, 3]
@@ -104,6 +105,31 @@ def _plan_results():
     return out
 
 
+def _opcheck_results():
+    """torch.library.opcheck of the backend's two custom ops (schema, fake implementations' shapes and
+    strides against the real ones, autograd registration), with W_out's strided column view as w2."""
+    from backend_cases import make_inputs, with_column_view_w2
+    out = []
+    for c in COMPILE_CASES:
+        case, _ = CASES[c]
+        inp = with_column_view_w2(make_inputs(dtype=torch.float32, **case))
+        x, w1, b1, w2, gate = (inp[k] for k in ("x", "w1", "b1", "w2", "gate"))
+        gate_flat = gate.reshape(-1).contiguous()
+        fwd = (x, w1, b1, w2, gate_flat, inp["topk_idx"], case["activation"], "atomic32", "triton", True)
+        try:
+            torch.library.opcheck(torch.ops.ssd_megatron.triton_experts.default, fwd)
+            y, h, order, token, offsets = torch.ops.ssd_megatron.triton_experts(*fwd)
+            bwd = (inp["dy"], x.detach(), w1.detach(), w2.detach(), gate_flat.detach(), h, order, token, offsets,
+                   gate.shape[1], case["activation"], b1 is not None, "atomic32", "triton", [True] * 5)
+            # (not differentiable itself: no double backward, so no aot_dispatch check)
+            torch.library.opcheck(torch.ops.ssd_megatron.triton_experts_backward.default, bwd,
+                                  test_utils=("test_schema", "test_faketensor"))
+            out.append("ok")
+        except Exception as exc:
+            out.append(f"{type(exc).__name__}: {exc}"[:2000])
+    return out
+
+
 @pytest.fixture(scope="module")
 def interpret_results():
     pytest.importorskip("triton")
@@ -115,8 +141,10 @@ def interpret_results():
     out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
                          timeout=300)
     lines = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.stdout.splitlines() if " " in ln}
-    assert out.returncode == 0 and {"RESULTS", "PLANS", "COMPILE"} <= set(lines), out.stderr[-4000:] + out.stdout[-2000:]
-    return json.loads(lines["RESULTS"]), json.loads(lines["PLANS"]), json.loads(lines["COMPILE"])
+    assert out.returncode == 0 and {"RESULTS", "PLANS", "COMPILE", "OPCHECK"} <= set(lines), (
+        out.stderr[-4000:] + out.stdout[-2000:])
+    return (json.loads(lines["RESULTS"]), json.loads(lines["PLANS"]), json.loads(lines["COMPILE"]),
+            json.loads(lines["OPCHECK"]))
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[c["activation"] for c, _ in CASES])
@@ -151,3 +179,8 @@ def test_triton_backend_under_torch_compile(interpret_results, i):
     assert "exception" not in res, res.get("exception")
     bad = {k: v for k, v in res["errors"].items() if not v <= TOL}
     assert not bad, f"compiled vs eager, case {CASES[COMPILE_CASES[i]]}: errors above {TOL}: {res['errors']}"
+
+
+@pytest.mark.parametrize("i", range(len(COMPILE_CASES)), ids=[CASES[c][0]["activation"] for c in COMPILE_CASES])
+def test_triton_custom_ops_pass_opcheck(interpret_results, i):
+    assert interpret_results[3][i] == "ok", interpret_results[3][i]
