@@ -125,8 +125,9 @@ def test_auto_picks_triton_on_sm90():
 
 @pytest.mark.parametrize("variant", ["default", "down-tma", "down-rowloop", "wgrad-split"])
 def test_triton_under_torch_compile_fullgraph(variant):
-    """The training step compiles each block with the expert backend inside: every launcher (the TMA
-    variant's host-side descriptors included) must trace without a graph break and give the eager result."""
+    """The training step compiles each block with the expert backend inside: with every variant (the TMA
+    one's host-side descriptors included) the backend must compile without a graph break and give the
+    eager output and gradients (traced as an autograd.Function, all gradients came back zero)."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
     from ssd_megatron.ffn.backends import _triton_kernels as kernels

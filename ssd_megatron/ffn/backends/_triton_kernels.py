@@ -225,9 +225,9 @@ def _has_tma(t: torch.Tensor) -> bool:
 
 def _down_descriptors(a, w, BM, BN, BK):
     """(A, W, W_KROWS) TMA descriptors for `_down_tma_kernel`, or None where the layouts do not allow one:
-    rows of `a` contiguous, and all experts' W as one 2-D matrix with a contiguous last dim. Built with
-    `TensorDescriptor.from_tensor` on 2-D views, the form torch.compile traces (alignment is checked on
-    the storage offset: the allocator's blocks are 512-byte aligned, and data_ptr() is not traceable)."""
+    rows of `a` contiguous, and all experts' W as one 2-D matrix with a contiguous last dim (16-byte
+    alignment is checked on the storage offsets: the allocator's blocks are 512-byte aligned). Dynamo
+    cannot trace these host-side descriptors (torch 2.11), one reason the backend is an opaque custom op."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     N, Ein, Dout = w.shape
