@@ -52,6 +52,10 @@ class MegaBlocksBackend:
     def __init__(self):
         _modules()  # fail at selection time, with the install hint
 
+    # Eager even inside a compiled block: the call syncs with the host anyway, and dynamo would otherwise
+    # trace MegaBlocks' autograd Functions and kernel launches, the pattern that lost every gradient of
+    # our own triton backend under torch.compile (docs/kernels.md v8).
+    @torch.compiler.disable
     def __call__(self, x, w1, b1, w2, topk_idx, gate, activation):
         mops, gg_ops = _modules()
         if not x.is_cuda or x.dtype != torch.bfloat16:
