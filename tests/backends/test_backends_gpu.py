@@ -141,3 +141,23 @@ def test_triton_under_torch_compile_fullgraph(variant):
         compare(run(compiled, inp), run(be, inp), 1e-2)
     finally:
         kernels.force_config()
+
+
+def test_sparse_layer_with_triton_under_torch_compile():
+    """The sparse SwitchableFFN with the triton backend as the loop compiles it (inductor), fp32: output
+    and every gradient equal eager (fp32 keeps the top-K choices from flipping between the two)."""
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    from ssd_megatron.ffn import SwitchableFFN
+    torch.manual_seed(0)
+    ffn = SwitchableFFN(256, 1024, "relu", bias=True, num_experts=8, top_k=2).cuda()
+    ffn.set_clustering(torch.randperm(1024, device="cuda") % 8)
+    ffn.set_backend(get_backend("triton"))
+    ffn.set_mode("sparse")
+    x = torch.randn(512, 256, device="cuda", requires_grad=True)
+    w = torch.randn(512, 256, device="cuda")
+    eager = torch.autograd.grad((ffn(x) * w).sum(), [x, *ffn.parameters()])
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad((torch.compile(ffn)(x) * w).sum(), [x, *ffn.parameters()])
+    for a, b in zip(compiled, eager):
+        assert ((a - b).norm() / b.norm()).item() < 1e-4
