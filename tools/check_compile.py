@@ -42,14 +42,17 @@ def launchers(inp):
     a, h = K.up_forward(x, w1, b1, plan, act, save_h=True)
     dy = inp["dy"]
     dh, _, ga, _ = K.up_backward(dy, w2, h, gate_flat, plan, act, True, True)
-    return {
-        "up": lambda x, w1, b1: K.up_forward(x, w1, b1, plan, act, save_h=True), "up_args": (x, w1, b1),
-        "down": lambda a, w2, g: K.down_scatter(a, w2, plan, g, "atomic16"), "down_args": (a, w2, gate_flat),
-        "up_bwd": lambda dy, w2, h, g: K.up_backward(dy, w2, h, g, plan, act, True, True), "up_bwd_args": (dy, w2, h, gate_flat),
-        "wgrad": lambda l, r, w: K.wgrad(l, r, plan, w, gathered=False), "wgrad_args": (dh, x, w1),
-        "down_dx": lambda d, w1: K.down_scatter(d, w1, plan, None, "atomic16"), "down_dx_args": (dh, w1),
+    return {  # name -> (launcher, its tensor arguments)
+        "up": (lambda x, w1, b1: K.up_forward(x, w1, b1, plan, act, save_h=True), (x, w1, b1)),
+        "down": (lambda a, w2, g: K.down_scatter(a, w2, plan, g, "atomic16"), (a, w2, gate_flat)),
+        "up_bwd": (lambda dy, w2, h, g: K.up_backward(dy, w2, h, g, plan, act, True, True), (dy, w2, h, gate_flat)),
+        "wgrad": (lambda l, r, w: K.wgrad(l, r, plan, w, gathered=False), (dh, x, w1)),
+        "down_dx": (lambda d, w1: K.down_scatter(d, w1, plan, None, "atomic16"), (dh, w1)),
     }
 
+
+def failed(what, exc):
+    print(f"  {what} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
 
 def main():
     ap = argparse.ArgumentParser()
@@ -60,16 +63,14 @@ def main():
     for name in filter(lambda c: c != "none", args.configs.split(",")):
         K.force_config(**CONFIGS[name])
         print(f"== config {name}: {CONFIGS[name] or 'defaults'}", flush=True)
-        L = launchers(inp)
-        for kname in ("up", "down", "up_bwd", "wgrad", "down_dx"):
-            fn, fargs = L[kname], L[kname + "_args"]
+        for kname, (fn, fargs) in launchers(inp).items():
             torch._dynamo.reset()
             try:
                 want = flat(fn(*fargs))
                 got = flat(torch.compile(fn, fullgraph=True)(*fargs))
                 print(f"  launcher {kname:8s} compiled vs eager:", [rel(g, w) for g, w in zip(got, want)], flush=True)
             except Exception as exc:
-                print(f"  launcher {kname:8s} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+                failed(f"launcher {kname:8s}", exc)
         be = TritonBackend(combine="atomic16")
         want = run(be, inp)
         for backend in ("aot_eager", "inductor"):
@@ -79,7 +80,7 @@ def main():
                 print(f"  autograd {backend:9s}: y", rel(got[0], want[0]),
                       {k: rel(got[1].get(k), v) for k, v in want[1].items()}, flush=True)
             except Exception as exc:
-                print(f"  autograd {backend:9s} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+                failed(f"autograd {backend:9s}", exc)
         torch._dynamo.reset()
         ex = torch._dynamo.explain(lambda *a: be(*a))(inp["x"], inp["w1"], inp["b1"], inp["w2"], inp["topk_idx"],
                                                        inp["gate"], inp["activation"])
@@ -108,12 +109,12 @@ def model_grads(phase):
         with torch.autocast("cuda", torch.bfloat16):
             loss_sum, n = forward_loss(m, {"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
         (loss_sum / n).backward()
-        out[compiled] = (loss_sum.item() / n.item() if torch.is_tensor(n) else loss_sum.item() / n,
-                         {k: p.grad for k, p in m.named_parameters()})
+        out[compiled] = (float(loss_sum / n), {k: p.grad for k, p in m.named_parameters()})
     (l0, g0), (l1, g1) = out[False], out[True]
     print(f"== model ({phase} phase, triton): loss eager {l0:.5f} compiled {l1:.5f}")
     for k in g0:
-        print(f"  {k:50s} grad rel err {rel(g1[k], g0[k])}  norm {None if g0[k] is None else round(g0[k].norm().item(), 4)}")
+        norm = None if g0[k] is None else round(g0[k].norm().item(), 4)
+        print(f"  {k:50s} grad rel err {rel(g1[k], g0[k])}  norm {norm}")
 
 
 if __name__ == "__main__":

@@ -220,7 +220,11 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
 
 def _has_tma(t: torch.Tensor) -> bool:
     """Hopper or newer (the bulk-copy engine), or the interpreter (tests); A100s take the pointer loads."""
-    return t.device.type != "cuda" or torch.cuda.get_device_capability(t.device)[0] >= 9
+    from . import _sm90  # cached per device
+
+    if t.device.type != "cuda":
+        return True
+    return _sm90(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def _down_descriptors(a, w, BM, BN, BK):

@@ -70,3 +70,16 @@ def _grid_tile(OFFS, num_n, N, BM: tl.constexpr, NP2: tl.constexpr):
     e, row0, row_end = _tile_of(OFFS, pid // num_n, N, BM, NP2)
     rows = row0 + tl.arange(0, BM)
     return e, pid % num_n, row0, rows, rows < row_end, row0 < row_end
+
+
+@triton.jit
+def _load_w(wp, k0, ks, K, cmask, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """A [BK, BN] weight tile at k0 of a K-long reduction, masked only where K or the columns are ragged."""
+    if EVEN_K:
+        if EVEN_N:
+            b = tl.load(wp)
+        else:
+            b = tl.load(wp, mask=cmask[None, :], other=0.0)
+    else:
+        b = tl.load(wp, mask=((k0 + ks) < K)[:, None] & cmask[None, :], other=0.0)
+    return b

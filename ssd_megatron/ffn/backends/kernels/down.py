@@ -3,7 +3,7 @@ or a scatter to the (t, k) row of a buffer). Per-tile, ROWLOOP and TMA variants.
 import triton
 import triton.language as tl
 
-from .common import _grid_tile
+from .common import _grid_tile, _load_w
 
 
 @triton.jit
@@ -20,15 +20,9 @@ def _down_cols(A, stride_a, W, stride_wk, stride_wn, OUT, stride_o, e, rows64, r
     for k0 in range(0, Ein, BK):
         if EVEN_K:
             a = tl.load(ap, mask=rmask[:, None], other=0.0)
-            if EVEN_N:
-                b = tl.load(wp)
-            else:
-                b = tl.load(wp, mask=cmask[None, :], other=0.0)
         else:
-            km = (k0 + ks) < Ein
-            a = tl.load(ap, mask=rmask[:, None] & km[None, :], other=0.0)
-            b = tl.load(wp, mask=km[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
+            a = tl.load(ap, mask=rmask[:, None] & ((k0 + ks) < Ein)[None, :], other=0.0)
+        acc = tl.dot(a, _load_w(wp, k0, ks, Ein, cmask, EVEN_K, EVEN_N), acc, input_precision=PREC)
         ap += BK
         wp += BK * stride_wk
     _down_store(acc, OUT, stride_o, rmask, tok, pair, g, cols, cmask, SCALE, ATOMIC)

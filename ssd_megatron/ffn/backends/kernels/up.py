@@ -4,7 +4,7 @@ epilogue = dgate partials, dh = gate * da * act'(h), ga = gate * a, db1 column s
 import triton
 import triton.language as tl
 
-from .common import _act, _act_grad, _grid_tile
+from .common import _act, _act_grad, _grid_tile, _load_w
 
 
 @triton.jit
@@ -100,24 +100,11 @@ def _up_kernel(
         for k0 in range(0, Din, BK):
             if EVEN_K:
                 a = tl.load(xp)
-                if EVEN_N:
-                    b = tl.load(wp)
-                else:
-                    b = tl.load(wp, mask=cmask[None, :], other=0.0)
             else:
-                km = (k0 + ks) < Din
-                a = tl.load(xp, mask=km[None, :], other=0.0)
-                b = tl.load(wp, mask=km[:, None] & cmask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PREC)
+                a = tl.load(xp, mask=((k0 + ks) < Din)[None, :], other=0.0)
+            acc = tl.dot(a, _load_w(wp, k0, ks, Din, cmask, EVEN_K, EVEN_N), acc, input_precision=PREC)
             if GLU and not BWD:
-                if EVEN_K:
-                    if EVEN_N:
-                        b2 = tl.load(wp + up_off)
-                    else:
-                        b2 = tl.load(wp + up_off, mask=cmask[None, :], other=0.0)
-                else:
-                    b2 = tl.load(wp + up_off, mask=km[:, None] & cmask[None, :], other=0.0)
-                acc2 = tl.dot(a, b2, acc2, input_precision=PREC)
+                acc2 = tl.dot(a, _load_w(wp + up_off, k0, ks, Din, cmask, EVEN_K, EVEN_N), acc2, input_precision=PREC)
             xp += BK
             wp += BK * stride_wk
         _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT,
