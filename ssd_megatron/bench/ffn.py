@@ -1,12 +1,15 @@
 """`ssd-bench ffn`: one FFN layer, dense vs the sparse (SSD) path on every available expert backend.
 
-The timed sparse path is everything a training step pays for the layer (mirrors SwitchableFFN):
-the expert weight gather through the permutation (differentiable: its backward brings the weight
-grads back to neuron order), the centroids (mean of each expert's W_in gate rows), router scores
-`x @ c.T`, top-k, the straight-through gate `(s - s.detach()) + 1`, the backend, and the output bias.
-The weight gather is `ffn.backends.weights.gather_expert_weights` (a permutation gather whose backward
-is a gather too) unless `--weight-gather index_select` (SwitchableFFN's `index_select` of W_in rows and
-W_out^T rows, whose backward is an atomic index_add: 0.3 ms at base, 3.6 ms at 8b on H100).
+The timed sparse path is everything a training step pays for the layer (mirrors SwitchableFFN in an
+SSD sparse phase): the expert weights, the centroids (mean of each expert's W_in gate rows), router
+scores `x @ c.T`, top-k, the straight-through gate `(s - s.detach()) + 1`, the backend, and the output
+bias. `--weight-gather` says where the expert weights come from:
+- `none` (default; what an SSD sparse phase runs since the parameters are stored expert-major there,
+  ffn/expert_layout.py): views of parameters laid out in expert order, no gather;
+- `permute`: `ffn.backends.weights.gather_expert_weights` through the clustering permutation from
+  neuron-order parameters (a gather whose backward is a gather too; SwitchableFFN outside SSD's phases);
+- `index_select`: `index_select` of W_in rows and W_out^T rows, whose backward is an atomic index_add
+  (0.3 ms at base, 3.6 ms at 8b on H100; the first version).
 
 Method (see the device tool's METHOD.md): bf16, CUDA events around each iteration, median of many,
 warm-up first, inputs and weights rotated over several independent layers so that nothing is served
@@ -71,20 +74,28 @@ class Layer:
         blocks = perm.view(N, self.E)
         self.rows = torch.cat([blocks, blocks + d_ff], 1).reshape(-1) if self.glu else perm
         self.noise = None
-        self.w2_mode = "permute"
+        # The same parameters stored expert-major (w_in rows, b_in by `rows`, w_out columns by perm).
+        self.em = (leaf(self.w_in.detach()[self.rows]),
+                   None if self.b_in is None else leaf(self.b_in.detach()[self.rows]),
+                   leaf(self.w_out.detach()[:, perm]))
+        self.w2_mode = "none"
 
     def params(self):
-        return [p for p in (self.w_in, self.b_in, self.w_out, self.b_out) if p is not None]
+        """Every leaf: the neuron-order parameters (dense path, gathers) and the expert-major copies."""
+        return [p for p in (self.w_in, self.b_in, self.w_out, self.b_out) + self.em if p is not None]
 
     def dense(self, x):
         return F.linear(apply_activation(F.linear(x, self.w_in, self.b_in), self.activation), self.w_out, self.b_out)
 
     def expert_weights(self):
         N, E, D = self.N, self.E, self.D
+        if self.w2_mode == "none":
+            from ..ffn.backends.weights import expert_views
+            return expert_views(*self.em, N)
         if self.w2_mode == "permute":
             from ..ffn.backends.weights import gather_expert_weights
             return gather_expert_weights(self.w_in, self.b_in, self.w_out, self.perm, N, self.glu, rows=self.rows)
-        # what SwitchableFFN.expert_weights does today
+        # index_select: the first version (its backward is an atomic index_add)
         w1 = self.w_in.index_select(0, self.rows).view(N, -1, D)
         b1 = None if self.b_in is None else self.b_in.index_select(0, self.rows).view(N, -1)
         w2 = self.w_out.t().index_select(0, self.perm).view(N, E, D)
@@ -165,7 +176,7 @@ class Case:
         self.noises = [1e4 * torch.rand(tokens, self.layers[0].N, generator=g, device=device).to(dtype)
                        for _ in range(rotations)]
         self.R = rotations
-        self.default_gather = "permute"
+        self.default_gather = "none"
 
     def set_w2_mode(self, mode):
         for layer in self.layers:
@@ -208,7 +219,7 @@ def _graphed(case, f, n_iter, fwd_only):
             if fwd_only:
                 with torch.no_grad():
                     return f(layer, x)
-            return torch.autograd.grad(f(layer, x), params, dy)
+            return torch.autograd.grad(f(layer, x), params, dy, allow_unused=True)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -326,7 +337,7 @@ def _parse(argv):
     ap.add_argument("--triton-variants", default="",
                     help="extra triton entries: comma list of option sets like combine=atomic16+wgrad=gmm "
                          "(combine: buffer|atomic32|atomic16; wgrad: triton|triton_mat|gmm)")
-    ap.add_argument("--weight-gather", default="permute", choices=("permute", "index_select"),
+    ap.add_argument("--weight-gather", default="none", choices=("none", "permute", "index_select"),
                     help="expert weight gather in the timed path (see the module docstring)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph (GPU-only) timings")
     ap.add_argument("--profile", default="", help="comma list of backends to run under torch.profiler (fwd+bwd, "
@@ -384,7 +395,7 @@ def main(argv=None) -> int:
         "cuda": torch.version.cuda, "tokens": args.tokens, "dtype": "bfloat16", "bias": True,
         "method": "CUDA events per iteration, median; fwd = forward only under no_grad (inference, k=K); "
                   "fwd_bwd = forward+backward; inputs and weights rotated over %d layers" % args.rotations,
-        "sparse_path": f"weight gather through perm ({args.weight_gather}) + centroids + x@c.T + topk + gate trick "
+        "sparse_path": f"expert weights (gather: {args.weight_gather}) + centroids + x@c.T + topk + gate trick "
                        "+ backend + b_out",
         "graph_note": "*_graph_ms: CUDA-graph replay of the same work (GPU time without host launch overhead); "
                       "null where the path syncs with the host (reference, megablocks)",

@@ -70,6 +70,7 @@ def build_ours(shape: dict, device, phase: str, backend: str, seed: int = 0):
     model = build_model(_model_cfg(shape), shape["vocab"]).to(device)
     if phase == "sparse":
         from ..ffn.backends import get_backend
+        from ..ffn.expert_layout import to_expert_major
 
         be = get_backend(backend, device=device)
         g = torch.Generator().manual_seed(seed)
@@ -77,6 +78,7 @@ def build_ours(shape: dict, device, phase: str, backend: str, seed: int = 0):
             ffn.configure_experts(shape["experts"], shape["top_k"])
             labels = torch.randperm(ffn.d_ff, generator=g) % shape["experts"]  # random, balanced
             ffn.set_clustering(labels.to(device))
+            to_expert_major(ffn)  # as SSD's dense -> sparse switch does (before the optimizer has state)
             ffn.set_backend(be)
             ffn.set_mode("sparse")
     return model

@@ -1,4 +1,6 @@
 """FFN activation functions by name. GLU variants take the concatenated [gate, up] pre-activation."""
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -26,14 +28,18 @@ def _gate_fn(name: str):
     raise ValueError(f"unknown activation {name!r}; accepted: {', '.join(ACTIVATIONS)}")
 
 
-def apply_activation(h: torch.Tensor, name: str) -> torch.Tensor:
+def apply_activation(h: torch.Tensor, name: str, glu_block: Optional[int] = None) -> torch.Tensor:
     """Apply activation `name` to the first projection's output `h` (last dim).
 
     For GLU activations `h` holds the gate half then the up half along the last dim; the result has
-    half the width: act(gate) * up.
+    half the width: act(gate) * up. With `glu_block` = E, `h` is instead blocks of E gate then E up
+    columns ([g_0, u_0, g_1, u_1, …]: the expert-major storage of ffn/expert_layout.py).
     """
     fn = _gate_fn(name)
     if is_glu(name):
-        gate, up = h.chunk(2, dim=-1)
-        return fn(gate) * up
+        if glu_block is None:
+            gate, up = h.chunk(2, dim=-1)
+            return fn(gate) * up
+        blocks = h.unflatten(-1, (-1, 2, glu_block))
+        return (fn(blocks[..., 0, :]) * blocks[..., 1, :]).flatten(-2)
     return fn(h)

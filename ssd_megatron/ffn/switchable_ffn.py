@@ -4,9 +4,11 @@ Dense:  FFN(x) = W_o σ(W_i x + b_i) + b_o                                  (eq.
 Sparse: FFN(x) = Σ_{n ∈ topK(α)} 1 · W_o,n σ(W_i,n x + b_i,n) + b_o       (eq. 2, 4)
 
 Neurons keep their identity forever: the clustering is held as the permutation buffer
-`expert_perm` (the neurons of expert n are expert_perm[n*E:(n+1)*E]) and the sparse path gathers the
-expert blocks through it. So a phase switch never creates, drops or reorders a parameter, the
-optimizer's moments stay attached to their neurons, and ARI labels need no mapping.
+`expert_perm` (the neurons of expert n are expert_perm[n*E:(n+1)*E]), indexed by neuron id. The
+parameters are stored in neuron order, where the sparse path gathers the expert blocks through the
+permutation, or, while a training run is sparse, in expert-major order (ffn/expert_layout.py: moved
+together with their optimizer moments, and back bit for bit), where the experts are free views. The
+`expert_major` buffer says which; labels, ARI and `neuron_rows` always speak neuron ids.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from torch import nn
 
 from .activations import ACTIVATIONS, apply_activation, is_glu
 from .backends import get_backend
-from .backends.weights import gather_expert_weights, inverse_permutation
+from .backends.weights import expert_rows, expert_views, gather_expert_weights, inverse_permutation
 from .centroid_router import centroid_topk
 from .fused_relu_ffn import relu_ffn
 
@@ -30,9 +32,10 @@ class Activation(nn.Module):
         if name not in ACTIVATIONS:
             raise ValueError(f"unknown activation {name!r}; accepted: {', '.join(ACTIVATIONS)}")
         self.name = name
+        self.glu_block = None  # E while a GLU FFN is stored expert-major (gate/up rows interleaved per expert)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return apply_activation(h, self.name)
+        return apply_activation(h, self.name, self.glu_block)
 
     def extra_repr(self) -> str:
         return self.name
@@ -57,6 +60,9 @@ class SwitchableFFN(nn.Module):
         self.act = Activation(activation)
         self.w_out = nn.Linear(d_ff, d_model, bias=bias)
         self.register_buffer("expert_perm", torch.arange(d_ff), persistent=True)
+        # 0 in neuron order; E (the expert size) while stored expert-major, so a checkpoint says its layout.
+        self.register_buffer("expert_major", torch.zeros((), dtype=torch.long), persistent=True)
+        self._expert_major = False  # host mirror of the buffer: read by forward without a device sync
         self.mode = "dense"
         self.num_experts = 1
         self.top_k = 1
@@ -77,6 +83,9 @@ class SwitchableFFN(nn.Module):
             raise ValueError(f"num_experts={num_experts} must divide d_ff={self.d_ff}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if self._expert_major and num_experts != self.num_experts:
+            raise ValueError(f"num_experts={num_experts}: the FFN is stored expert-major for {self.num_experts} "
+                             "experts; restore neuron order first (ffn.expert_layout.to_neuron_order)")
         self.num_experts, self.top_k = num_experts, top_k
 
     def set_mode(self, mode: str) -> None:
@@ -91,6 +100,36 @@ class SwitchableFFN(nn.Module):
     def expert_size(self) -> int:
         return self.d_ff // self.num_experts
 
+    # ------------------------------------------------------------------ storage order
+
+    @property
+    def is_expert_major(self) -> bool:
+        return self._expert_major
+
+    def mark_expert_major(self, flag: bool) -> None:
+        """Record the storage order (called by ffn/expert_layout.py once the tensors have moved)."""
+        self._expert_major = bool(flag)
+        with torch.no_grad():
+            self.expert_major.fill_(self.expert_size if flag else 0)
+        self.act.glu_block = self.expert_size if (self._expert_major and self.glu) else None
+
+    def reset_layout(self) -> None:
+        """Identity clustering, neuron-order storage: a freshly initialised FFN (not a move: only call
+        this when the parameters are (re-)initialised too)."""
+        with torch.no_grad():
+            self.expert_perm.copy_(torch.arange(self.d_ff, device=self.expert_perm.device))
+        self.mark_expert_major(False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before expert-major storage existed hold neuron-order parameters.
+        state_dict.setdefault(prefix + "expert_major", torch.zeros((), dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        size = int(self.expert_major)
+        if size and size != self.expert_size:  # the stored layout fixes the experts
+            self.num_experts = self.d_ff // size
+            self.top_k = min(self.top_k, self.num_experts)
+        self.mark_expert_major(size > 0)
+
     def neuron_rows(self) -> torch.Tensor:
         """One row per neuron, what the clustering sees: W_i's row (for GLU, [gate row, up row]).
 
@@ -99,12 +138,18 @@ class SwitchableFFN(nn.Module):
         w = self.w_in.weight.detach()
         if hasattr(w, "full_tensor"):
             w = w.full_tensor()
+        if self._expert_major:
+            w = w.index_select(0, inverse_permutation(expert_rows(self.expert_perm.to(w.device), self.num_experts,
+                                                                  self.glu)))
         if self.glu:
             return torch.cat([w[: self.d_ff], w[self.d_ff:]], dim=1)
         return w
 
     def set_clustering(self, labels: torch.Tensor) -> None:
         """Adopt a balanced clustering (labels indexed by neuron id) as the expert layout."""
+        if self._expert_major:
+            raise ValueError("set_clustering: the FFN is stored expert-major for its current clustering; restore "
+                             "neuron order first (ffn.expert_layout.to_neuron_order, with the optimizer)")
         labels = torch.as_tensor(labels, device=self.expert_perm.device).long()
         counts = torch.bincount(labels, minlength=self.num_experts)
         if labels.numel() != self.d_ff or counts.numel() != self.num_experts or bool((counts != self.expert_size).any()):
@@ -137,8 +182,11 @@ class SwitchableFFN(nn.Module):
                 and not self.act._forward_pre_hooks)
 
     def expert_weights(self):
-        """Expert-major views of the shared parameters, gathered through `expert_perm` (differentiable;
-        the backward is a gather by the inverse permutation, not an atomic scatter-add)."""
+        """(w1 [N, F1, D], b1 [N, F1] or None, w2 [N, E, D]) of the shared parameters: views when they are
+        stored expert-major, else gathered through `expert_perm` (differentiable; the backward is a
+        gather by the inverse permutation, not an atomic scatter-add)."""
+        if self._expert_major:
+            return expert_views(self.w_in.weight, self.w_in.bias, self.w_out.weight, self.num_experts)
         return gather_expert_weights(self.w_in.weight, self.w_in.bias, self.w_out.weight, self.expert_perm,
                                      self.num_experts, self.glu)
 

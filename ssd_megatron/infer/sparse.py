@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..ffn.expert_layout import to_expert_major, to_neuron_order
 from ..ssd.clustering import balanced_kmeans
 from ..ssd.clustering import cluster_layers as batched_eq3
 
@@ -60,8 +61,10 @@ def sparsify(model, num_experts: int, top_k: int, *, labels: Optional[Sequence] 
     if labels is None:
         labels = cluster_layers(ffns, num_experts, grouping, cluster_backend=cluster_backend, seed=seed)
     for ffn, lab in zip(ffns, labels):
+        to_neuron_order(ffn)  # inference: no optimizer state to move
         ffn.configure_experts(num_experts, top_k)
         ffn.set_clustering(lab)
+        to_expert_major(ffn)  # experts as contiguous slices: no weight gather per forward
         ffn.set_mode("sparse")
         ffn.dynamic_drop_ratio = drop_ratio
     return time.perf_counter() - t0
@@ -76,5 +79,6 @@ def set_top_k(model, top_k: int, drop_ratio: float = 0.0) -> None:
 
 def densify(model) -> None:
     for ffn in model.ffn_layers():
+        to_neuron_order(ffn)
         ffn.set_mode("dense")
         ffn.dynamic_drop_ratio = 0.0

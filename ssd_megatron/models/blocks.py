@@ -256,10 +256,9 @@ def init_weights(module: nn.Module, std: float, stacks) -> None:
         elif isinstance(m, RMSNorm):
             m.reset_parameters()
         elif isinstance(m, SwitchableFFN):
-            # A fresh model's experts are the identity layout; after meta-device construction and
-            # to_empty() the buffer is garbage, so a full (re-)init must reset it too.
-            with torch.no_grad():
-                m.expert_perm.copy_(torch.arange(m.d_ff, device=m.expert_perm.device))
+            # A fresh model's experts are the identity layout in neuron order; after meta-device
+            # construction and to_empty() the buffers are garbage, so a full (re-)init resets them too.
+            m.reset_layout()
     for layers in stacks:
         out_std = std / math.sqrt(2.0 * max(1, len(layers)))
         for blk in layers:

@@ -1,8 +1,8 @@
 """Load HF transformers models into ours: build a matching ModelConfig, then copy weights by name.
 
 Only the HF *objects* are read (no downloads here); a caller may get one from `from_pretrained`.
-Every converter fills every tensor of our state_dict except the FFN's `expert_perm` buffer (identity
-at load) and refuses HF options our models don't express, rather than converting them wrongly.
+Every converter fills every tensor of our state_dict except the FFN's `expert_perm` and `expert_major`
+buffers (identity clustering, neuron order at load) and refuses HF options our models don't express, rather than converting them wrongly.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _load(model, tensors: dict) -> None:
     own = model.state_dict()
     unknown = set(tensors) - set(own)
     _require(not unknown, f"converter produced unknown keys {sorted(unknown)[:5]}")
-    missing = [k for k in own if k not in tensors and not k.endswith("expert_perm")]
+    missing = [k for k in own if k not in tensors and not k.endswith(("expert_perm", "expert_major"))]
     _require(not missing, f"converter left parameters unset: {missing[:5]}")
     with torch.no_grad():
         for k, v in tensors.items():

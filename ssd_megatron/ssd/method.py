@@ -14,6 +14,7 @@ from ..ffn.backends import get_backend
 from ..train.method import TrainingMethod, register_method
 from .monitor import ActivationMonitor
 from .schedule import PhaseSchedule
+from ..ffn.expert_layout import to_expert_major
 from .transition import to_dense, to_sparse
 
 
@@ -50,13 +51,13 @@ class SSDMethod(TrainingMethod):
         self.schedule.step(step)
         if before == "sparse" and self.schedule.current_phase == "dense":
             metrics["switch"] = "sparse->dense"
-            metrics["switch_seconds"] = to_dense(self.ffns)
+            metrics["switch_seconds"] = to_dense(self.ffns, self.optimizer)
         if self.schedule.current_phase == "dense" and self.schedule.should_monitor(step):
             t0 = time.perf_counter()
             report = self.monitor.run(step, self.model, self.reference_batch)
             metrics.update(report.metrics(), threshold=self.cfg.ssd.threshold)
             if self.schedule.observe(step, report.mean_ari) == "sparse":
-                to_sparse(self.ffns, self.monitor.labels)
+                to_sparse(self.ffns, self.monitor.labels, self.optimizer)
                 metrics["switch"] = "dense->sparse"
                 metrics["switch_seconds"] = time.perf_counter() - t0
         self._pending = metrics
@@ -69,7 +70,8 @@ class SSDMethod(TrainingMethod):
         return self.schedule.current_phase
 
     def graph_key(self):
-        # One CUDA graph per phase: a re-clustering rewrites expert_perm in place, which a replay reads.
+        # One CUDA graph per phase: a re-clustering permutes the parameters (and moments) in place, and the
+        # sparse graph reads its experts as views of that storage.
         return self.schedule.current_phase
 
     def ffn_active_fraction(self) -> float:
@@ -92,9 +94,14 @@ class SSDMethod(TrainingMethod):
     def load_state_dict(self, state: dict) -> None:
         self.schedule.load_state_dict(state["schedule"])
         self.monitor.load_state_dict(state["monitor"])
-        # The expert layout (expert_perm) comes back with the model's buffers; the mode with the phase.
+        # The expert layout (expert_perm) and the storage order (expert_major) come back with the model's
+        # buffers, the mode with the phase. A sparse phase always runs expert-major (one CUDA graph per
+        # phase relies on it); checkpoints older than expert-major storage are moved here.
+        phase = self.schedule.current_phase
         for ffn in self.ffns:
-            ffn.set_mode(self.schedule.current_phase)
+            if phase == "sparse":
+                to_expert_major(ffn, self.optimizer)
+            ffn.set_mode(phase)
 
 
 def _needs_threshold(ffns) -> bool:

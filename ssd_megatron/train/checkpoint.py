@@ -203,7 +203,8 @@ def optimizer_state(model, optimizer) -> dict:
 
 def _check_model_compat(sd: dict, model, path: Path) -> None:
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
+    # A SwitchableFFN's `expert_major` buffer is newer than the format: absent means neuron order.
+    missing = [k for k in own if k not in sd and not k.endswith(".expert_major")]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
         what = f"lacks {missing[0]}" if missing else f"has unexpected {unexpected[0]}"

@@ -157,6 +157,7 @@ class Trainer:
             self.model, dims, cfg.parallel, device,
             find_unused_parameters=bool(getattr(self.method, "needs_find_unused_parameters", False)))
         self.optimizer = build_optimizer(self.model, cfg.optim, device, capturable=self.graphed)
+        self.method.attach_optimizer(self.optimizer)
         self.step_graph = StepGraph(lambda micro, scale: self._device_step(micro, scale)[0],
                                     lambda: self.optimizer.zero_grad(set_to_none=True), self.optimizer,
                                     device) if self.graphed else None

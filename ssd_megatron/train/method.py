@@ -25,6 +25,12 @@ class TrainingMethod:
         self.cfg = cfg
         self.model = model
         self.group = group
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer over the model's parameters, once built (after the method: the method may change
+        the model first). Methods that move parameters in storage move its state with them."""
+        self.optimizer = optimizer
 
     # ---- per step
     def before_step(self, step: int) -> None:

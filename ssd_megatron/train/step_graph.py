@@ -22,8 +22,9 @@ CUDA graph), with what a training run needs around it:
 - The step's outputs (loss sum, extra loss, grad norm, skipped flag) are one static tensor that the
   caller copies to the host behind an event, as for an eager step.
 - What a replay cannot see is Python state: everything a step of one kind computes must be decided by
-  its key or live in device tensors updated in place (SSD's expert layout, `expert_perm`, is:
-  `set_clustering` rewrites it, and the weight gather's backward derives its inverse inside the graph).
+  its key or live in device tensors updated in place (SSD's expert layout is: a switch to sparse
+  permutes the parameters and their moments in place into expert-major storage, where the sparse
+  graph reads each expert as a view; a sparse phase is always expert-major).
 
 `train.cuda_graph`: false (default), true, or auto. What it cannot serve (`resolve`): more than one
 process (capturing DDP/FSDP2's NCCL collectives is not wired up), the baselines (they route, drop

@@ -1,4 +1,5 @@
-"""The benchmark's sparse path is the SSD layer: with K = N it equals the dense path (CPU, fp32)."""
+"""The benchmark's sparse path is the SSD layer: with K = N it equals the dense path (CPU, fp32), whichever
+way it gets the expert weights."""
 import pytest
 import torch
 
@@ -14,8 +15,10 @@ def test_bench_sparse_path_k_equals_n_is_dense(activation):
     layer.K = layer.N
     x = torch.randn(33, layer.D)
     dense = layer.dense(x)
-    for be in (ReferenceBackend(), GroupedMMBackend()):
-        torch.testing.assert_close(layer.sparse(x, be), dense, rtol=1e-4, atol=1e-5)
+    for mode in ("none", "permute", "index_select"):  # expert-major views and the two gathers
+        layer.w2_mode = mode
+        for be in (ReferenceBackend(), GroupedMMBackend()):
+            torch.testing.assert_close(layer.sparse(x, be), dense, rtol=1e-4, atol=1e-5)
 
 
 def test_bench_cli_errors():

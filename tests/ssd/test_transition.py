@@ -54,9 +54,9 @@ def test_dense_sparse_dense_is_bit_identical():
     monitor = ActivationMonitor(ffns, 8, seed=0)
     report = monitor.run(0, model, batch)  # clustering + sparsity probe, as at a real switch
     assert len(report.sparsity) == 2 and all(0 <= s <= 1 for s in report.sparsity)
-    to_sparse(ffns, monitor.labels)
+    to_sparse(ffns, monitor.labels, opt)
     assert all(f.mode == "sparse" for f in ffns)
-    to_dense(ffns)
+    to_dense(ffns, opt)
     assert all(f.mode == "dense" for f in ffns)
 
     _assert_same(before, _snapshot(model, opt))
@@ -66,12 +66,13 @@ def test_dense_sparse_dense_is_bit_identical():
 
 
 def test_moments_follow_their_neurons_through_a_sparse_step():
-    """A sparse step updates only selected experts' neurons' moments in place: no reordering."""
+    """A sparse step updates only the selected experts' moments, in place (the switch reordered the
+    moments once, together with the parameters; the step itself moves nothing)."""
     model, opt, batch = _trained_model()
     ffns = list(model.ffn_layers())
     monitor = ActivationMonitor(ffns, 8, seed=0)
     monitor.run(0, model, None)
-    to_sparse(ffns, monitor.labels)
+    to_sparse(ffns, monitor.labels, opt)
     for ffn in ffns:
         ffn.router_grad = False  # only the chosen experts' rows get gradient
     w = ffns[0].w_in.weight

@@ -67,3 +67,14 @@ def gather_expert_weights(w_in: torch.Tensor, b_in, w_out: torch.Tensor, perm: t
     b1 = None if b_in is None else permute_gather(b_in, rows, 0).view(N, -1)
     w2 = permute_gather(w_out, perm, 1).view(D, N, E).permute(1, 2, 0)
     return w1, b1, w2
+
+
+def expert_views(w_in: torch.Tensor, b_in, w_out: torch.Tensor, num_experts: int):
+    """The same triple as gather_expert_weights for parameters already stored expert-major
+    (ffn/expert_layout.py): plain views, no copy, and autograd's backward is free too."""
+    D = w_out.shape[0]
+    N = num_experts
+    w1 = w_in.view(N, -1, D)
+    b1 = None if b_in is None else b_in.view(N, -1)
+    w2 = w_out.view(D, N, -1).permute(1, 2, 0)
+    return w1, b1, w2
