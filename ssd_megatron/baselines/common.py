@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
+
+import torch
 from torch import nn
 
 from ..ffn import SwitchableFFN
@@ -84,3 +86,15 @@ def seed_for(*keys: int) -> int:
     h = hashlib.blake2b(struct.pack(f"<{len(keys)}q", *keys), digest_size=8).digest()
     return int.from_bytes(h, "little") >> 1
 
+
+def contiguous_experts(ffn: SwitchableFFN, num_experts: int, top_k: int) -> None:
+    """Experts = contiguous neuron blocks [n*E, (n+1)*E), stored expert-major so that the sparse path reads
+    them as views: without GLU that storage is the neuron order itself; with GLU each expert's gate and up
+    rows are interleaved once, here, before any optimizer state exists (ffn/expert_layout.py)."""
+    from ..ffn.expert_layout import to_expert_major
+
+    if ffn.is_expert_major:
+        raise ValueError("a baseline FFN must be built from a neuron-order SwitchableFFN")
+    ffn.configure_experts(num_experts, top_k)
+    ffn.expert_perm.copy_(torch.arange(ffn.d_ff, device=ffn.expert_perm.device))
+    to_expert_major(ffn)

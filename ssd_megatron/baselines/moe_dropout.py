@@ -25,7 +25,7 @@ from torch import nn
 from ..ffn import SwitchableFFN
 from ..ffn.backends import get_backend
 from ..train.method import TrainingMethod, register_method
-from .common import ffn_layers, seed_for, swap_class
+from .common import contiguous_experts, ffn_layers, seed_for, swap_class
 
 
 def k_schedule(step: int, k_start: int, k_end: int, total_steps: int) -> int:
@@ -53,8 +53,7 @@ class MoEDropoutFFN(SwitchableFFN):
         return ffn
 
     def _setup_moe_dropout(self, num_experts, top_k, router_init_std, seed) -> None:
-        self.configure_experts(num_experts, top_k)
-        self.expert_perm.copy_(torch.arange(self.d_ff, device=self.expert_perm.device))
+        contiguous_experts(self, num_experts, top_k)
         gen = torch.Generator().manual_seed(int(seed))
         r = torch.empty(num_experts, self.d_model, dtype=torch.float32).normal_(0.0, router_init_std, generator=gen)
         w = self.w_in.weight

@@ -29,7 +29,7 @@ from torch import nn
 from ..ffn import SwitchableFFN
 from ..ffn.backends import get_backend
 from ..train.method import TrainingMethod, register_method
-from .common import ffn_layers, swap_class
+from .common import contiguous_experts, ffn_layers, swap_class
 
 
 class SMoEFFN(SwitchableFFN):
@@ -49,9 +49,8 @@ class SMoEFFN(SwitchableFFN):
         return ffn
 
     def _setup_smoe(self, num_experts, top_k, router_init_std, generator=None) -> None:
-        self.configure_experts(num_experts, top_k)
         # Contiguous experts: neuron j belongs to expert j // E, forever.
-        self.expert_perm.copy_(torch.arange(self.d_ff, device=self.expert_perm.device))
+        contiguous_experts(self, num_experts, top_k)
         w = self.w_in.weight
         self.router = nn.Linear(self.d_model, num_experts, bias=False, device=w.device, dtype=w.dtype)
         with torch.no_grad():

@@ -1,4 +1,5 @@
 """SMoE baseline: the routed FFN, its auxiliary losses, and the method's conversion of a model."""
+import copy
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from ssd_megatron.baselines.smoe import SMoEFFN, SMoEMethod, load_balancing_loss, router_z_loss
 from ssd_megatron.config import load_config
 from ssd_megatron.ffn import SwitchableFFN
+from ssd_megatron.ffn.expert_layout import to_neuron_order
 from ssd_megatron.models import build_model
 
 
@@ -37,10 +39,27 @@ def test_convert_keeps_weights_and_identity():
     sd = ffn.state_dict()
     assert set(sd) == set(before) | {"router.weight"}
     for k, v in before.items():
-        assert torch.equal(sd[k], v)
-    # Experts are contiguous neuron blocks of the same matrices: parameters equal the dense FFN's.
+        if k != "expert_major":
+            assert torch.equal(sd[k], v)
+    # Experts are contiguous neuron blocks of the same matrices: parameters equal the dense FFN's, and the
+    # sparse path reads them as views (expert-major storage is the neuron order itself without GLU).
+    assert ffn.is_expert_major and int(sd["expert_major"]) == 4
     w1, _, w2 = ffn.expert_weights()
     assert torch.equal(w1[1], w_in[4:8]) and torch.equal(w2[2], w_out[:, 8:12].t())
+    assert w1._base is w_in and w2._base is w_out
+
+
+def test_convert_glu_interleaves_each_experts_gate_and_up_rows():
+    torch.manual_seed(0)
+    ffn = SwitchableFFN(8, 12, "swiglu")
+    x = torch.randn(5, 8)
+    gate, up = ffn.w_in.weight.detach().clone().chunk(2)
+    SMoEFFN.convert(ffn, num_experts=3, top_k=2)
+    w1, _, _ = ffn.expert_weights()
+    assert torch.equal(w1[1], torch.cat([gate[4:8], up[4:8]])) and w1._base is ffn.w_in.weight
+    gathered = copy.deepcopy(ffn)
+    to_neuron_order(gathered)  # the same SMoE FFN, its experts gathered from neuron-order storage
+    torch.testing.assert_close(ffn(x), gathered(x), rtol=0, atol=0)
 
 
 def test_load_balancing_loss_hand_computed():
