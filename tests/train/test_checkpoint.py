@@ -175,3 +175,57 @@ def test_missing_manifest(tmp_path):
     assert "manifest.json" in msg
     with pytest.raises(UserError, match="not a complete checkpoint"):
         ck.resolve_resume(str(path), tmp_path)
+
+
+def _expert_major_trained():
+    """A model mid-sparse: SwiGLU FFN stored expert-major, with moments, after a sparse step."""
+    from ssd_megatron.ffn.expert_layout import to_expert_major
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="gpt", n_layers=1, d_model=32, n_heads=2, d_ff=64, max_seq_len=16, vocab_size=VOCAB,
+                      activation="swiglu")
+    m = build_model(cfg, VOCAB)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    for ffn in m.ffn_layers():
+        ffn.configure_experts(4, 2)
+        ffn.set_clustering(torch.randperm(64) % 4)
+        to_expert_major(ffn, opt)
+        ffn.set_mode("sparse")
+    m(input_ids=torch.randint(0, VOCAB, (2, 8))).float().pow(2).mean().backward()
+    opt.step()
+    return cfg, m, opt
+
+
+def test_expert_major_storage_round_trips(tmp_path):
+    cfg, m, opt = _expert_major_trained()
+    path = _mgr(tmp_path).save(1, m, opt, _state(1), "")
+    m2 = build_model(cfg, VOCAB)
+    for ffn in m2.ffn_layers():
+        ffn.configure_experts(4, 2)
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-3)
+    ck.load_checkpoint(path, m2, opt2, "gpt", ParallelDims())
+    assert all(f.is_expert_major and f.act.glu_block == 16 for f in m2.ffn_layers())
+    for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
+
+
+def test_checkpoint_without_expert_major_loads_as_neuron_order(tmp_path):
+    """Checkpoints written before expert-major storage existed have no `*.expert_major` entries."""
+    import json
+
+    m, opt = _trained()
+    path = _mgr(tmp_path).save(1, m, opt, _state(1), "")
+    sd = torch.load(path / "model.pt")
+    old = {k: v for k, v in sd.items() if not k.endswith(".expert_major")}
+    assert len(old) < len(sd)
+    torch.save(old, path / "model.pt")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["model.pt"] = (path / "model.pt").stat().st_size
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    m2 = _model()
+    ck.load_checkpoint(path, m2, torch.optim.AdamW(m2.parameters(), lr=1e-3), "gpt", ParallelDims())
+    assert not any(f.is_expert_major for f in m2.ffn_layers())
+    for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
