@@ -94,7 +94,7 @@ def main() -> int:
     bk.add_case_args(ap, activations="relu")
     ap.add_argument("--variants", choices=("none", "one", "all"), default="none",
                     help="also the candidates of tools/bench_kernels.py: all, or one per kernel variant")
-    ap.add_argument("--launches", default="", help="comma list of launch labels to report (default: all six)")
+    ap.add_argument("--launches", default="", help="comma list of launch labels to report (default: all)")
     args = ap.parse_args()
     _driver.set_active(_Sm90Driver())
     JITFunction.run = _compile_only

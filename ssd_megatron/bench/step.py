@@ -27,7 +27,9 @@ autocast instead of bf16), `whole-compile`
 max-autotune-no-cudagraphs), `cudnn-attn` / `flash-attn` (SDPA prefers cuDNN / FlashAttention-2), `cuda-graph` (the whole
 step captured once and replayed, as `train.cuda_graph: true` runs it; also timed for `--phase sparse`),
 `torch-adamw` (torch's fused AdamW instead of the Triton kernel, optim.kernel: torch), `ce-big-chunks`
-(the fused loss in 2 chunks of 2^29 logits instead of 4 of 2^28). `--profile DIR` profiles a
+(the fused loss in 2 chunks of 2^29 logits instead of 4 of 2^28), `no-router-fold` (sparse phase: SSD's
+router gradient by the router's own backward instead of inside the expert kernels; e.g.
+`--variant cuda-graph+no-router-fold`). `--profile DIR` profiles a
 few steps of each and prints the top kernels and a time-by-category table (docs/performance.md).
 
 `--phase sparse` puts every FFN of our model in sparse mode (random balanced clustering, N=32, K=6,
@@ -103,9 +105,9 @@ def _hf_loss(logits, labels):
 
 VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "triton-mask-gemm", "sync-clip",
             "sync-step", "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "flash-attn",
-            "cuda-graph", "torch-adamw", "ce-big-chunks")
+            "cuda-graph", "torch-adamw", "ce-big-chunks", "no-router-fold")
 # Variants that also run for the sparse phase (the others change dense-only code).
-PHASE_VARIANTS = ("loop", "cuda-graph")
+PHASE_VARIANTS = ("loop", "cuda-graph", "no-router-fold")
 
 
 def prepare_ours(model, variant: str, compile_model: bool):
@@ -123,6 +125,7 @@ def prepare_ours(model, variant: str, compile_model: bool):
     parts = set(variant.split("+"))
     Attention.fuse_qkv = "no-qkv-fuse" not in parts
     SwitchableFFN.fuse_relu = "no-fused-relu" not in parts
+    SwitchableFFN.fold_router = "no-router-fold" not in parts
     relu_mask_matmul.USE_TRITON = "no-mask-gemm" not in parts
     relu_mask_matmul.USE_GLUON = "triton-mask-gemm" not in parts
     model.cfg.fp32_residual_connection = "fp32-residual" in parts

@@ -181,6 +181,18 @@ class SwitchableFFN(nn.Module):
                 and self.w_out.bias is not None and not self.act._forward_hooks
                 and not self.act._forward_pre_hooks)
 
+    # Class switch for A/B runs (bench/step.py --variant no-router-fold).
+    fold_router = True
+
+    def _router_folded(self, x2: torch.Tensor) -> bool:
+        """Whether the router's gradient (through the straight-through gate into x and W_i) is computed
+        inside the backend's kernels (`folds_router`, docs/interfaces.md) instead of by the router's own
+        backward. Not for subclasses with another router, nor for the inference-only dynamic top-k."""
+        return (self.fold_router and self.router_grad and torch.is_grad_enabled()
+                and type(self).route is SwitchableFFN.route
+                and not (self.dynamic_drop_ratio > 0 and not self.training)
+                and bool(getattr(self.backend, "folds_router", None)) and self.backend.folds_router(x2))
+
     def expert_weights(self):
         """(w1 [N, F1, D], b1 [N, F1] or None, w2 [N, E, D]) of the shared parameters: views when they are
         stored expert-major, else gathered through `expert_perm` (differentiable; the backward is a
@@ -190,9 +202,13 @@ class SwitchableFFN(nn.Module):
         return gather_expert_weights(self.w_in.weight, self.w_in.bias, self.w_out.weight, self.expert_perm,
                                      self.num_experts, self.glu)
 
+    def centroids(self, w1: torch.Tensor) -> torch.Tensor:
+        """c_n: the mean of expert n's W_i rows (its gate rows for GLU), [N, D]."""
+        return w1[:, : self.expert_size].mean(dim=1)
+
     def route(self, x2: torch.Tensor, w1: torch.Tensor, k: int):
         """Top-k experts by α_n = x·c_n, c_n the mean of expert n's W_i (gate) rows (eq. 4)."""
-        centroids = w1[:, : self.expert_size].mean(dim=1)
+        centroids = self.centroids(w1)
         if not self.router_grad:
             # No gradient path through the router at all (neither into W_i nor into x): the sparse
             # layer's gradients are then exactly the dense layer's restricted to the chosen experts.
@@ -211,8 +227,16 @@ class SwitchableFFN(nn.Module):
             dt = torch.get_autocast_dtype(x.device.type)
             x2, w1, w2 = x2.to(dt), w1.to(dt), w2.to(dt)
             b1 = None if b1 is None else b1.to(dt)
-        top_idx, gate = self.route(x2, w1, self.top_k)
-        y = self.backend(x2, w1, b1, w2, top_idx, gate.to(x2.dtype), self.activation)
+        if self._router_folded(x2):
+            with torch.no_grad():
+                centroids = self.centroids(w1)
+                top_idx = centroid_topk(x2, centroids, self.top_k)[1]
+            # the straight-through gate's value (exactly 1); its gradient is folded into the backend's kernels
+            gate = torch.ones(top_idx.shape, dtype=x2.dtype, device=x2.device)
+            y = self.backend(x2, w1, b1, w2, top_idx, gate, self.activation, router_centroids=centroids)
+        else:
+            top_idx, gate = self.route(x2, w1, self.top_k)
+            y = self.backend(x2, w1, b1, w2, top_idx, gate.to(x2.dtype), self.activation)
         if self.w_out.bias is not None:
             y = y + self.w_out.bias.to(y.dtype)
         return y.view(*shape[:-1], self.d_model)

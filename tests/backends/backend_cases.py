@@ -85,3 +85,26 @@ def compare(got, want, tol):
     bad = {k: v for k, v in errs.items() if not v <= tol}
     assert not bad, f"errors above {tol}: {errs}"
     return errs
+
+
+def run_router(backend, inp, fold: bool):
+    """(y, grads of x, w1, b1, w2) with SSD's router in front of the backend: centroids c[n] = mean of the
+    first E rows of w1[n], scores s[t, k] = x[t] . c[topk_idx[t, k]] and the straight-through gate
+    (s - s.detach()) + 1 (inp's gate is not used). fold: the backend gets `router_centroids` and a gate
+    of ones, and must add the router's gradient itself; else autograd differentiates the router."""
+    x, w1 = inp["x"], inp["w1"]
+    for k in ("x", "w1", "b1", "w2"):
+        if inp[k] is not None:
+            inp[k].grad = None
+    E = inp["w2"].shape[1]
+    idx = inp["topk_idx"]
+    if fold:
+        c = w1[:, :E].mean(1).detach()
+        gate = torch.ones(idx.shape, dtype=x.dtype, device=x.device)
+        y = backend(x, w1, inp["b1"], inp["w2"], idx, gate, inp["activation"], router_centroids=c)
+    else:
+        c = w1[:, :E].mean(1)
+        s = torch.einsum("td,tkd->tk", x, c[idx])
+        y = backend(x, w1, inp["b1"], inp["w2"], idx, (s - s.detach()) + 1, inp["activation"])
+    y.backward(inp["dy"])
+    return y.detach(), {k: inp[k].grad.detach().clone() for k in ("x", "w1", "b1", "w2") if inp[k] is not None}

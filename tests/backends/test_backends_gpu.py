@@ -7,7 +7,7 @@ fp32 1e-4.
 import pytest
 import torch
 
-from .backend_cases import compare, make_inputs, run, upcast, with_column_view_w2
+from .backend_cases import compare, make_inputs, run, run_router, upcast, with_column_view_w2
 from ssd_megatron.ffn.activations import ACTIVATIONS
 from ssd_megatron.ffn.backends import ReferenceBackend, available_backends, get_backend
 
@@ -143,15 +143,31 @@ def test_triton_under_torch_compile_fullgraph(variant):
         kernels.force_config()
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[10], CASES[12], CASES[13]],
+                         ids=[IDS[0], IDS[5], IDS[10], IDS[12], IDS[13]])
+def test_triton_router_fold_bf16(case):
+    """SSD's router gradient folded into the kernels (router_centroids) == autograd through the router
+    on the float64 reference."""
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
+    want = run_router(ReferenceBackend(), upcast(inp), fold=False)
+    errs = compare(run_router(get_backend("triton"), inp, fold=True), want, 3e-2)
+    print("router fold", case, {k: f"{v:.1e}" for k, v in errs.items()})
+
+
 def test_sparse_layer_with_triton_under_torch_compile():
-    """The sparse SwitchableFFN with the triton backend as the loop compiles it (inductor), fp32: output
-    and every gradient equal eager (fp32 keeps the top-K choices from flipping between the two)."""
+    """The sparse SwitchableFFN with the triton backend as an SSD sparse phase runs it (expert-major
+    storage, the router folded into the kernels) and as the loop compiles it (inductor), fp32: output and
+    every gradient equal eager (fp32 keeps the top-K choices from flipping between the two)."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
     from ssd_megatron.ffn import SwitchableFFN
+    from ssd_megatron.ffn.expert_layout import to_expert_major
     torch.manual_seed(0)
     ffn = SwitchableFFN(256, 1024, "relu", bias=True, num_experts=8, top_k=2).cuda()
     ffn.set_clustering(torch.randperm(1024, device="cuda") % 8)
+    to_expert_major(ffn)
     ffn.set_backend(get_backend("triton"))
     ffn.set_mode("sparse")
     x = torch.randn(512, 256, device="cuda", requires_grad=True)

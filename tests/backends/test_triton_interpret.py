@@ -56,6 +56,7 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
     print("PLANS " + json.dumps(_plan_results()))
     print("COMPILE " + json.dumps(_compile_results(kernels, tiny)))
     print("OPCHECK " + json.dumps(_opcheck_results()))
+    print("FOLD " + json.dumps(_fold_results(kernels, tiny)))
 
 
 COMPILE_CASES = [0, 3]
@@ -124,9 +125,71 @@ def _opcheck_results():
             # (not differentiable itself: no double backward, so no aot_dispatch check)
             torch.library.opcheck(torch.ops.ssd_megatron.triton_experts_backward.default, bwd,
                                   test_utils=("test_schema", "test_faketensor"))
+            # with the router folded in (centroids given)
+            centroids = w1.detach()[:, : w2.shape[1]].mean(1)
+            torch.library.opcheck(torch.ops.ssd_megatron.triton_experts_backward.default, bwd + (centroids,),
+                                  test_utils=("test_schema", "test_faketensor"))
             out.append("ok")
         except Exception as exc:
             out.append(f"{type(exc).__name__}: {exc}"[:2000])
+    return out
+
+
+# SSD's router gradient folded into the kernels (router_centroids) against autograd through the router on
+# the reference: (case index, down variant, wgrad row chunk); GLU, K = 1, K = N, empty experts, the gmm
+# and pre-gathered weight gradients, ROWLOOP/TMA dx and split dW1
+FOLD_RUNS = [(0, 0, 0), (1, 1, 32), (2, 3, 0), (3, 0, 32), (4, 0, 0), (5, 3, 32)]
+
+
+def _fold_layer_result(kernels, tiny):
+    """SwitchableFFN (SwiGLU, expert-major) with the triton backend: the folded router against the same
+    layer with folding switched off (the router's own backward), forward and every parameter's grad."""
+    import copy
+
+    from backend_cases import rel_err
+    from ssd_megatron.ffn import SwitchableFFN
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    from ssd_megatron.ffn.expert_layout import to_expert_major
+    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny)
+    torch.manual_seed(0)
+    ffn = SwitchableFFN(24, 64, "swiglu", num_experts=4, top_k=2)
+    ffn.set_clustering(torch.randperm(64) % 4)
+    to_expert_major(ffn)
+    ffn.set_backend(TritonBackend())
+    ffn.set_mode("sparse")
+    x = torch.randn(29, 24)
+    res = {}
+    try:
+        for fold in (True, False):
+            f = copy.deepcopy(ffn)
+            f.fold_router = fold
+            xi = x.clone().requires_grad_()
+            assert f._router_folded(xi) == fold
+            y = f(xi)
+            y.square().sum().backward()
+            res[fold] = [y.detach(), xi.grad] + [p.grad for p in f.parameters()]
+        return {"errors": {str(i): rel_err(a, b) for i, (a, b) in enumerate(zip(res[True], res[False]))}}
+    except Exception as exc:
+        return {"exception": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+def _fold_results(kernels, tiny):
+    from backend_cases import compare, make_inputs, run_router, upcast
+    from ssd_megatron.ffn.backends import ReferenceBackend
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    out = [_fold_layer_result(kernels, tiny)]
+    for c, down_variant, chunk in FOLD_RUNS:
+        case, opts = CASES[c]
+        kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny + (down_variant,),
+                             wgrad=tiny + (chunk,))
+        opts = {k: v for k, v in opts.items() if k != "column_view_w2"}
+        inp = make_inputs(dtype=torch.float32, **case)
+        try:
+            got = run_router(TritonBackend(**opts), inp, fold=True)
+            out.append({"errors": compare(got, run_router(ReferenceBackend(), upcast(inp), fold=False),
+                                          tol=float("inf"))})
+        except Exception as exc:
+            out.append({"exception": f"{type(exc).__name__}: {exc}"[:2000]})
     return out
 
 
@@ -141,10 +204,10 @@ def interpret_results():
     out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
                          timeout=300)
     lines = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.stdout.splitlines() if " " in ln}
-    assert out.returncode == 0 and {"RESULTS", "PLANS", "COMPILE", "OPCHECK"} <= set(lines), (
+    assert out.returncode == 0 and {"RESULTS", "PLANS", "COMPILE", "OPCHECK", "FOLD"} <= set(lines), (
         out.stderr[-4000:] + out.stdout[-2000:])
     return (json.loads(lines["RESULTS"]), json.loads(lines["PLANS"]), json.loads(lines["COMPILE"]),
-            json.loads(lines["OPCHECK"]))
+            json.loads(lines["OPCHECK"]), json.loads(lines["FOLD"]))
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[c["activation"] for c, _ in CASES])
@@ -184,3 +247,12 @@ def test_triton_backend_under_torch_compile(interpret_results, i):
 @pytest.mark.parametrize("i", range(len(COMPILE_CASES)), ids=[CASES[c][0]["activation"] for c in COMPILE_CASES])
 def test_triton_custom_ops_pass_opcheck(interpret_results, i):
     assert interpret_results[3][i] == "ok", interpret_results[3][i]
+
+
+@pytest.mark.parametrize("i", range(len(FOLD_RUNS) + 1),
+                         ids=["switchable-ffn"] + [f"{CASES[c][0]['activation']}-down{d}-chunk{ch}" for c, d, ch in FOLD_RUNS])
+def test_triton_router_fold_matches_autograd_router(interpret_results, i):
+    res = interpret_results[4][i]
+    assert "exception" not in res, res.get("exception")
+    bad = {k: v for k, v in res["errors"].items() if not v <= TOL}
+    assert not bad, f"router fold, run {i}: errors above {TOL}: {res['errors']}"

@@ -52,8 +52,13 @@ class AutoBackend:
                 return self._grouped
         return self._reference
 
-    def __call__(self, x, w1, b1, w2, topk_idx, gate, activation):
-        return self.resolve(x)(x, w1, b1, w2, topk_idx, gate, activation)
+    def folds_router(self, x: torch.Tensor) -> bool:
+        """Whether the backend this call resolves to can fold SSD's router gradient (docs/interfaces.md)."""
+        be = self.resolve(x)
+        return bool(getattr(be, "folds_router", None) and be.folds_router(x))
+
+    def __call__(self, x, w1, b1, w2, topk_idx, gate, activation, **kwargs):
+        return self.resolve(x)(x, w1, b1, w2, topk_idx, gate, activation, **kwargs)
 
 
 def available_backends(device=None) -> list:

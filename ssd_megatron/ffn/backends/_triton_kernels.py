@@ -249,11 +249,13 @@ def _down_descriptors(a, w, BM, BN, BK):
     return TensorDescriptor.from_tensor(a, [BM, BK]), w2d, krows
 
 
-def down_scatter(a, w, plan, gate_flat, combine="buffer"):
+def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None):
     """y [T, Dout] = sum over k of (gate *) a[sorted row of (t, k)] @ w[expert of (t, k)].
 
     combine: "buffer" scatters each (t, k) row to a [T*K, Dout] buffer, then sums over k (deterministic);
     "atomic32"/"atomic16" add the rows into a zeroed fp32 / storage-dtype [T, Dout] output in place.
+    rank1 = (coef [T*K] fp32 by flat pair, c [N, Dout]): each (t, k) row also gets coef * c[expert]
+    (without a gate scale).
     """
     M, N, T, K = plan.num_rows, plan.num_experts, plan.num_tokens, plan.top_k
     Ein, Dout = w.shape[1], w.shape[2]
@@ -263,7 +265,10 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer"):
         out = torch.empty(T, Dout, device=a.device, dtype=out_dtype)  # zeroed per launch, below
     else:
         out = torch.empty(M, Dout, device=a.device, dtype=a.dtype)
-    gate = gate_flat if gate_flat is not None else out
+    if rank1 is not None and gate_flat is not None:
+        raise ValueError("down_scatter: rank1 goes with an unscaled product (gate_flat=None)")
+    gate = gate_flat if gate_flat is not None else (rank1[0] if rank1 is not None else out)
+    c = rank1[1].to(a.dtype).contiguous() if rank1 is not None else out
 
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg[:5]
@@ -271,9 +276,9 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer"):
         if atomic:
             out.zero_()
         operands = (a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2))
-        rest = (plan.order, plan.token, gate, plan.offsets, out, out.stride(0), N, Ein, Dout)
-        meta = dict(SCALE=gate_flat is not None, ATOMIC=atomic, PREC=_prec(a), BM=BM, BN=BN, BK=BK, NP2=_np2(N),
-                    num_warps=nw, num_stages=ns)
+        rest = (plan.order, plan.token, gate, plan.offsets, out, out.stride(0), c, c.stride(0), N, Ein, Dout)
+        meta = dict(SCALE=gate_flat is not None, ATOMIC=atomic, RANK1=rank1 is not None, PREC=_prec(a), BM=BM, BN=BN,
+                    BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
         m_tiles = triton.cdiv(M, BM) + N
         num_n = triton.cdiv(Dout, BN)
         descs = _down_descriptors(a, w, BM, BN, BK) if variant == TMA and Ein % BK == 0 and _has_tma(a) else None
@@ -290,15 +295,17 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer"):
     return out if K == 1 else out.view(T, K, Dout).sum(1)
 
 
-def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True):
+def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
     """dW [N, P, Q] = per expert lhs_rows^T @ rhs_rows; rhs rows are rhs[token[r]] when `gathered`
     is False (the kernel gathers), else rhs is already in sorted-row order. dW gets the strides of the
     weight `like` (e.g. the [N, E, D] view of W_out's columns): its grad then flows back without a copy.
     split: let the config's row chunks (6th entry, 0 = none) split each expert's reduction, summed by
-    fp32 atomics (not bitwise reproducible: callers pass False under deterministic algorithms)."""
+    fp32 atomics (not bitwise reproducible: callers pass False under deterministic algorithms).
+    fold = (coef [M] fp32 per sorted row, p): lhs rows get coef added to their first p columns as loaded."""
     N = plan.num_experts
     P, Q = lhs.shape[1], rhs.shape[1]
     dw = torch.empty_strided(like.shape, like.stride(), device=lhs.device, dtype=like.dtype)
+    coef, fold_p = fold if fold is not None else (lhs, 0)
     state = {}
 
     def launch(cfg):
@@ -309,9 +316,10 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True):
         num_t = triton.cdiv(plan.num_rows, ch) + N if ch else N
         out = torch.zeros(like.shape, device=lhs.device, dtype=torch.float32) if ch else dw
         _wgrad_kernel[(num_t * num_p * num_q,)](
-            lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets,
+            lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets, coef, fold_p,
             out, out.stride(0), out.stride(1), out.stride(2), N, P, Q, num_p, num_q,
-            GATHER=not gathered, PREC=_prec(lhs), SPLIT=bool(ch), BP=BP, BQ=BQ, BK=BK, CH=max(ch, BK),
+            GATHER=not gathered, PREC=_prec(lhs), SPLIT=bool(ch), FOLD=fold is not None, BP=BP, BQ=BQ, BK=BK,
+            CH=max(ch, BK),
             NP2=_np2(N), num_warps=nw, num_stages=ns)
         state["out"] = out
 

@@ -4,6 +4,14 @@ Forward: 1 routing sort + 2 kernels (+ the K-way sum of the scattered outputs). 
 (up_bwd: da -> dh, dgate, gate*a and db1; wgrad x2; down for dx) + the K-way sum. With the default
 options no token copy is materialised, and nothing syncs with the host. Kernels and tile configs live in `_triton_kernels` (imported on first use,
 so this module imports on machines without triton or CUDA).
+
+Router folding (`router_centroids=c`, SSD's router: c[n] = mean of expert n's first E rows of w1, the
+gate rows for GLU; the gate passed is then 1 and takes no gradient): the gradient of the straight-through
+gate (s - s.detach()) + 1 with s[t, k] = x[t] . c[e] is added inside the backward kernels instead of by
+the router's own backward. Per (t, k) row with gate gradient dg: dx[t] += dg * c[e], an epilogue term of
+the dx down kernel; dW1[e][j] += dg * x[t] / E for the E gate rows j, a term added to dh's gate columns
+as the dW1 kernel loads them (db1 stays dh's). That replaces the router's backward: a [T, N] scatter, two
+small GEMMs, the centroid mean's backward and two gradient additions ([T, D] and [N, F1, D]).
 """
 from __future__ import annotations
 
@@ -53,8 +61,10 @@ def triton_runs_on(t: torch.Tensor) -> bool:
 @torch.library.custom_op("ssd_megatron::triton_experts", mutates_args=())
 def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                 gate_flat: torch.Tensor, topk_idx: torch.Tensor, activation: str, combine: str, wgrad: str,
-                save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h or an empty tensor, the plan's order, token, offsets); `wgrad` is only for the backward."""
+                save: bool, centroids: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h or an empty tensor, the plan's order, token, offsets); `wgrad` and `centroids` (router
+    folding, see the module docstring) are only for the backward."""
     k = _kernels()
     plan = make_plan(topk_idx, w1.shape[0])
     a, h = k.up_forward(x, w1, b1, plan, activation, save_h=save)
@@ -63,7 +73,7 @@ def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
 
 
 @_experts_op.register_fake
-def _experts_fake(x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save):
+def _experts_fake(x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids=None):
     T, K = topk_idx.shape
     rows = torch.empty(T * K, dtype=torch.int32, device=x.device)
     return (x.new_empty(T, w2.shape[2]), x.new_empty(T * K, w1.shape[1]) if save else x.new_empty(0),
@@ -74,9 +84,10 @@ def _experts_fake(x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad
 def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                          gate_flat: torch.Tensor, h: torch.Tensor, order: torch.Tensor, token: torch.Tensor,
                          offsets: torch.Tensor, top_k: int, activation: str, has_bias: bool, combine: str,
-                         wgrad: str, needs: list[bool]
+                         wgrad: str, needs: list[bool], centroids: Optional[torch.Tensor] = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dw1, db1, dw2, dgate flat); a gradient not in `needs` (x, w1, b1, w2, gate) is an empty tensor."""
+    """(dx, dw1, db1, dw2, dgate flat); a gradient not in `needs` (x, w1, b1, w2, gate) is an empty tensor.
+    With `centroids`, dx and dw1 include the folded router gradient (module docstring)."""
     k = _kernels()
     need_x, need_w1, need_b1, need_w2, need_gate = needs
     plan = _Plan(w1.shape[0], top_k, x.shape[0], order, token, offsets)
@@ -84,8 +95,12 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
     dh, dgate, ga, db32 = k.up_backward(dy, w2, h, gate_flat, plan, activation,
                                         need_ga=need_w2, need_db=has_bias and need_b1)
     split = combine != "buffer"  # "buffer" = deterministic sums: no atomics in the weight grads either
-    return (k.down_scatter(dh, w1, plan, None, combine) if need_x else x.new_empty(0),
-            _weight_grad(k, dh, x, plan, w1, wgrad, split) if need_w1 else x.new_empty(0),
+    rank1 = fold = None
+    if centroids is not None:
+        E = w2.shape[1]
+        rank1, fold = (dgate, centroids), ((dgate / E).index_select(0, order.long()), E)
+    return (k.down_scatter(dh, w1, plan, None, combine, rank1=rank1) if need_x else x.new_empty(0),
+            _weight_grad(k, dh, x, plan, w1, wgrad, split, fold) if need_w1 else x.new_empty(0),
             db32.to(w1.dtype) if db32 is not None else x.new_empty(0),
             _weight_grad(k, ga, dy, plan, w2, wgrad, split) if need_w2 else x.new_empty(0),
             dgate.to(gate_flat.dtype) if need_gate else x.new_empty(0))
@@ -93,7 +108,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
 
 @_experts_backward_op.register_fake
 def _experts_backward_fake(dy, x, w1, w2, gate_flat, h, order, token, offsets, top_k, activation, has_bias,
-                           combine, wgrad, needs):
+                           combine, wgrad, needs, centroids=None):
     need_x, need_w1, need_b1, need_w2, need_gate = needs
     return (x.new_empty(x.shape) if need_x else x.new_empty(0),
             _empty_like_strided(w1) if need_w1 else x.new_empty(0),
@@ -103,19 +118,19 @@ def _experts_backward_fake(dy, x, w1, w2, gate_flat, h, order, token, offsets, t
 
 
 def _setup(ctx, inputs, output):
-    x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save = inputs
+    x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids = inputs
     _, h, order, token, offsets = output
-    ctx.save_for_backward(x, w1, w2, gate_flat, h, order, token, offsets)
+    ctx.save_for_backward(x, w1, w2, gate_flat, h, order, token, offsets, centroids)
     ctx.meta = (topk_idx.shape[1], activation, b1 is not None, combine, wgrad)
 
 
 def _backward(ctx, dy, *_):
-    x, w1, w2, gate_flat, h, order, token, offsets = ctx.saved_tensors
+    x, w1, w2, gate_flat, h, order, token, offsets, centroids = ctx.saved_tensors
     top_k, activation, has_bias, combine, wgrad = ctx.meta
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     grads = _experts_backward_op(dy, x, w1, w2, gate_flat, h, order, token, offsets, top_k, activation, has_bias,
-                                 combine, wgrad, needs)
-    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 5
+                                 combine, wgrad, needs, centroids)
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 6
 
 
 _experts_op.register_autograd(_backward, setup_context=_setup)
@@ -125,14 +140,19 @@ def _empty_like_strided(w: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device)
 
 
-def _weight_grad(k, lhs, rhs_tokens, plan, weight, mode, split):
+def _weight_grad(k, lhs, rhs_tokens, plan, weight, mode, split, fold=None):
     """dW[e] = lhs[rows of e]^T @ rhs_tokens[token of each row] (see TritonBackend's `wgrad`), with the
-    strides of `weight` (so its grad flows back to a strided view without a copy)."""
+    strides of `weight` (so its grad flows back to a strided view without a copy); `fold` = (coef per
+    sorted row, p) adds coef to the first p columns of every lhs row."""
     if mode == "triton":
-        return k.wgrad(lhs, rhs_tokens, plan, weight, gathered=False, split=split)
+        return k.wgrad(lhs, rhs_tokens, plan, weight, gathered=False, split=split, fold=fold)
     rhs = rhs_tokens.index_select(0, plan.token)
     if mode == "triton_mat":
-        return k.wgrad(lhs, rhs, plan, weight, gathered=True, split=split)
+        return k.wgrad(lhs, rhs, plan, weight, gathered=True, split=split, fold=fold)
+    if fold is not None:
+        coef, p = fold
+        lhs = lhs.clone()
+        lhs[:, :p] += coef.to(lhs.dtype)[:, None]
     return _empty_like_strided(weight).copy_(_grouped_mm(lhs.t(), rhs, offs=plan.offsets[1:]))
 
 
@@ -173,20 +193,27 @@ class TritonBackend:
         if os.environ.get("SSD_TRITON_CONFIG"):
             _kernels().env_configs()  # a malformed value fails here, not inside a compiled step
 
-    def __call__(self, x, w1, b1, w2, topk_idx, gate, activation):
+    def folds_router(self, x: torch.Tensor) -> bool:
+        """Whether a call on `x` runs our kernels, which can take `router_centroids` (module docstring)."""
+        return x.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_runs_on(x)
+
+    def __call__(self, x, w1, b1, w2, topk_idx, gate, activation, router_centroids=None):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; accepted: {', '.join(ACTIVATIONS)}")
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             # tl.dot has no float64 path worth having; float64 is for reference checks only
+            if router_centroids is not None:
+                raise ValueError("router_centroids: folding needs the kernels (bf16, fp16 or fp32 inputs)")
             return ReferenceBackend()(x, w1, b1, w2, topk_idx, gate, activation)
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise UserError("ssd.backend: triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, for tests)")
         x, w1, w2 = x.contiguous(), _inner_contiguous(w1), _inner_contiguous(w2)
         b1 = None if b1 is None else b1.contiguous()
         gate_flat = gate.to(x.dtype).reshape(-1).contiguous()
+        c = None if router_centroids is None else router_centroids.detach().to(x.dtype).contiguous()
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, gate_flat))
         # inference (no grad): no pre-activation saved
-        return _experts_op(x, w1, b1, w2, gate_flat, topk_idx, activation, self._combine(), self.wgrad, save)[0]
+        return _experts_op(x, w1, b1, w2, gate_flat, topk_idx, activation, self._combine(), self.wgrad, save, c)[0]
 
     def _combine(self) -> str:
         if self.combine is not None:

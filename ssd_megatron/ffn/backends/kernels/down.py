@@ -1,5 +1,6 @@
 """The down GEMM: (scale *) A[r] @ W[e], the K-way combine fused into the store (atomic adds into y or dx,
-or a scatter to the (t, k) row of a buffer). Per-tile, ROWLOOP and TMA variants."""
+or a scatter to the (t, k) row of a buffer). Per-tile, ROWLOOP and TMA variants. RANK1 (dx only) adds
+coef[r] * C[e] to each row first: the router's input gradient dgate * c_e (ffn/backends/triton_backend.py)."""
 import triton
 import triton.language as tl
 
@@ -7,9 +8,9 @@ from .common import _grid_tile, _load_w
 
 
 @triton.jit
-def _down_cols(A, stride_a, W, stride_wk, stride_wn, OUT, stride_o, e, rows64, rmask, tok, pair, g, n0, Ein, Dout,
-               SCALE: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-               PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _down_cols(A, stride_a, W, stride_wk, stride_wn, OUT, stride_o, C, stride_c, e, rows64, rmask, tok, pair, g, n0,
+               Ein, Dout, SCALE: tl.constexpr, ATOMIC: tl.constexpr, RANK1: tl.constexpr, EVEN_K: tl.constexpr,
+               EVEN_N: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Output columns n0:n0+BN of one M-tile: the GEMM over Ein, then the scaled scatter (or atomic add)."""
     cols = n0 + tl.arange(0, BN)
     cmask = cols < Dout
@@ -25,14 +26,19 @@ def _down_cols(A, stride_a, W, stride_wk, stride_wn, OUT, stride_o, e, rows64, r
         acc = tl.dot(a, _load_w(wp, k0, ks, Ein, cmask, EVEN_K, EVEN_N), acc, input_precision=PREC)
         ap += BK
         wp += BK * stride_wk
-    _down_store(acc, OUT, stride_o, rmask, tok, pair, g, cols, cmask, SCALE, ATOMIC)
+    _down_store(acc, OUT, stride_o, C, stride_c, e, rmask, tok, pair, g, cols, cmask, SCALE, ATOMIC, RANK1)
 
 
 @triton.jit
-def _down_store(acc, OUT, stride_o, rmask, tok, pair, g, cols, cmask, SCALE: tl.constexpr, ATOMIC: tl.constexpr):
-    """The down GEMM's epilogue: gate scale, then the scatter to (t, k) rows or the atomic add into y."""
+def _down_store(acc, OUT, stride_o, C, stride_c, e, rmask, tok, pair, g, cols, cmask, SCALE: tl.constexpr,
+                ATOMIC: tl.constexpr, RANK1: tl.constexpr):
+    """The down GEMM's epilogue: gate scale (or the rank-1 term g * C[e]), then the scatter to (t, k) rows
+    or the atomic add into y."""
     if SCALE:
         acc = acc * g[:, None]
+    if RANK1:
+        c = tl.load(C + e.to(tl.int64) * stride_c + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc += g[:, None] * c[None, :]
     omask = rmask[:, None] & cmask[None, :]
     if ATOMIC:
         # the K contributions of a token come from different programs: add them in place
@@ -43,11 +49,11 @@ def _down_store(acc, OUT, stride_o, rmask, tok, pair, g, cols, cmask, SCALE: tl.
 
 
 @triton.jit
-def _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE: tl.constexpr):
-    """Routing metadata of an M-tile's rows: (flat pair, token, gate) as int64, int64, fp32."""
+def _down_rows(ORDER, TOK, GATE, rows, rmask, LOAD_G: tl.constexpr):
+    """Routing metadata of an M-tile's rows: (flat pair, token, GATE[pair]) as int64, int64, fp32."""
     pair = tl.load(ORDER + rows, mask=rmask, other=0).to(tl.int64)
     tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
-    if SCALE:
+    if LOAD_G:
         g = tl.load(GATE + pair, mask=rmask, other=0.0).to(tl.float32)
     else:
         g = rmask.to(tl.float32)  # unused
@@ -56,8 +62,8 @@ def _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE: tl.constexpr):
 
 @triton.jit
 def _down_tma_kernel(
-    A_desc, W_desc, ORDER, TOK, GATE, OFFS, OUT, stride_o, N, Ein, Dout, num_n,
-    SCALE: tl.constexpr, ATOMIC: tl.constexpr, W_KROWS: tl.constexpr, PREC: tl.constexpr,
+    A_desc, W_desc, ORDER, TOK, GATE, OFFS, OUT, stride_o, C, stride_c, N, Ein, Dout, num_n,
+    SCALE: tl.constexpr, ATOMIC: tl.constexpr, RANK1: tl.constexpr, W_KROWS: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
 ):
     """`_down_kernel` with both operands fetched by the bulk-copy engine (TMA): A's tile is the contiguous
@@ -66,7 +72,7 @@ def _down_tma_kernel(
     No per-thread addresses in the main loop; the launcher uses it only when Ein is a multiple of BK."""
     e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, num_n, N, BM, NP2)
     if live:
-        pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE)
+        pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE or RANK1)
         n0 = pid_n * BN
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, Ein, BK):
@@ -77,17 +83,19 @@ def _down_tma_kernel(
                 b = W_desc.load([n0, e * Ein + k0]).T
             acc = tl.dot(a, b, acc, input_precision=PREC)
         cols = n0 + tl.arange(0, BN)
-        _down_store(acc, OUT, stride_o, rmask, tok, pair, g, cols, cols < Dout, SCALE, ATOMIC)
+        _down_store(acc, OUT, stride_o, C, stride_c, e, rmask, tok, pair, g, cols, cols < Dout, SCALE, ATOMIC, RANK1)
 
 
 @triton.jit
 def _down_kernel(
     A, stride_a,                 # [M, Ein] grouped rows (a fwd, dh bwd)
     W, stride_we, stride_wk, stride_wn,  # [N, Ein, Dout] (w2 fwd, w1 bwd)
-    ORDER, TOK, GATE, OFFS,
+    ORDER, TOK, GATE, OFFS,      # GATE: per flat pair, the scale (SCALE) or the rank-1 coefficient (RANK1)
     OUT, stride_o,               # ATOMIC: [T, Dout] (zeroed), else [T*K, Dout] indexed by flat pair
+    C, stride_c,                 # RANK1: [N, Dout]
     N, Ein, Dout, num_n,
-    SCALE: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    SCALE: tl.constexpr, ATOMIC: tl.constexpr, RANK1: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    PREC: tl.constexpr,
     ROWLOOP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
 ):
     """A program owns an M-tile and BN output columns, or with ROWLOOP all Dout columns in BN steps
@@ -95,12 +103,12 @@ def _down_kernel(
     e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, num_n, N, BM, NP2)
     if live:
         rows64 = rows.to(tl.int64)
-        pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE)
+        pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE or RANK1)
         we = W + e.to(tl.int64) * stride_we
         if ROWLOOP:
             for n0 in range(0, Dout, BN):
-                _down_cols(A, stride_a, we, stride_wk, stride_wn, OUT, stride_o, e, rows64, rmask, tok, pair, g, n0,
-                           Ein, Dout, SCALE, ATOMIC, EVEN_K, EVEN_N, PREC, BM, BN, BK)
+                _down_cols(A, stride_a, we, stride_wk, stride_wn, OUT, stride_o, C, stride_c, e, rows64, rmask, tok,
+                           pair, g, n0, Ein, Dout, SCALE, ATOMIC, RANK1, EVEN_K, EVEN_N, PREC, BM, BN, BK)
         else:
-            _down_cols(A, stride_a, we, stride_wk, stride_wn, OUT, stride_o, e, rows64, rmask, tok, pair, g,
-                       pid_n * BN, Ein, Dout, SCALE, ATOMIC, EVEN_K, EVEN_N, PREC, BM, BN, BK)
+            _down_cols(A, stride_a, we, stride_wk, stride_wn, OUT, stride_o, C, stride_c, e, rows64, rmask, tok,
+                       pair, g, pid_n * BN, Ein, Dout, SCALE, ATOMIC, RANK1, EVEN_K, EVEN_N, PREC, BM, BN, BK)

@@ -1,5 +1,7 @@
 """The grouped weight gradients: dW[e] = sum over expert e's rows r of L[r]^T R[token[r]] (R gathered in the
-kernel, or pre-gathered), optionally split into equal row chunks summed by fp32 atomics."""
+kernel, or pre-gathered), optionally split into equal row chunks summed by fp32 atomics. FOLD adds
+coef[r] to L's first fold_p columns as they are loaded: the router's weight gradient, dgate / E on the
+gate rows of dW1 (ffn/backends/triton_backend.py)."""
 import triton
 import triton.language as tl
 
@@ -11,9 +13,10 @@ def _wgrad_kernel(
     L, stride_l,                 # [M, P] grouped rows (ga or dh)
     R, stride_r,                 # GATHER: [T, Q] token-major (dy or x); else [M, Q] grouped rows
     TOK, OFFS,
+    COEF, fold_p,                # FOLD: L[r, :fold_p] += COEF[r] (fp32, per sorted row)
     DW, stride_de, stride_dp, stride_dq,  # [N, P, Q], any strides (laid out like the weight it grads)
     N, P, Q, num_p, num_q,
-    GATHER: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
+    GATHER: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr,
     BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr, NP2: tl.constexpr,
 ):
     """A program owns dW[e, p-block, q-block] over all of expert e's rows; with SPLIT, over one chunk of
@@ -44,6 +47,9 @@ def _wgrad_kernel(
         rm = rows < end
         # L^T tile loaded transposed by address arithmetic ([BP, BK], contiguous along P)
         lt = tl.load(L + rows.to(tl.int64)[None, :] * stride_l + pc[:, None], mask=rm[None, :] & pm[:, None], other=0.0)
+        if FOLD:
+            coef = tl.load(COEF + rows, mask=rm, other=0.0)
+            lt = (lt.to(tl.float32) + tl.where(pc[:, None] < fold_p, coef[None, :], 0.0)).to(lt.dtype)
         if GATHER:
             src = tl.load(TOK + rows, mask=rm, other=0).to(tl.int64)
         else:
