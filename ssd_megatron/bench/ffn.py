@@ -2,8 +2,9 @@
 
 The timed sparse path is everything a training step pays for the layer (mirrors SwitchableFFN in an
 SSD sparse phase): the expert weights, the centroids (mean of each expert's W_in gate rows), router
-scores `x @ c.T`, top-k, the straight-through gate `(s - s.detach()) + 1`, the backend, and the output
-bias. `--weight-gather` says where the expert weights come from:
+scores `x @ c.T`, top-k, the straight-through gate `(s - s.detach()) + 1` (with `triton`, its gradient
+folded into the backend's kernels, as SwitchableFFN does; `--triton-variants fold_router=0` times the
+router's own backward instead), the backend, and the output bias. `--weight-gather` says where the expert weights come from:
 - `none` (default; what an SSD sparse phase runs since the parameters are stored expert-major there,
   ffn/expert_layout.py): views of parameters laid out in expert order, no gather;
 - `permute`: `ffn.backends.weights.gather_expert_weights` through the clustering permutation from
@@ -101,18 +102,28 @@ class Layer:
         w2 = self.w_out.t().index_select(0, self.perm).view(N, E, D)
         return w1, b1, w2
 
-    def route(self, x, w1, k):
-        c = w1[:, : self.E].mean(dim=1)
+    def select(self, x, c, k):
+        """(top scores, expert ids) of the tokens x for centroids c."""
         if self.noise is None:  # SwitchableFFN's router
-            top, idx = centroid_topk(x, c, k)
-        else:
-            top, idx = (x @ c.t() + self.noise).topk(k, dim=-1)
+            return centroid_topk(x, c, k)
+        return (x @ c.t() + self.noise).topk(k, dim=-1)
+
+    def route(self, x, w1, k):
+        top, idx = self.select(x, w1[:, : self.E].mean(dim=1), k)
         return idx, (top - top.detach()) + 1
 
     def sparse(self, x, backend):
         w1, b1, w2 = self.expert_weights()
-        idx, gate = self.route(x, w1, self.K)
-        y = backend(x, w1, b1, w2, idx, gate, self.activation)
+        if torch.is_grad_enabled() and getattr(backend, "folds_router", None) and backend.folds_router(x):
+            # as SwitchableFFN: the router's gradient inside the backend's kernels, gate value 1
+            with torch.no_grad():
+                c = w1[:, : self.E].mean(dim=1)
+                idx = self.select(x, c, self.K)[1]
+            y = backend(x, w1, b1, w2, idx, torch.ones(idx.shape, dtype=x.dtype, device=x.device), self.activation,
+                        router_centroids=c)
+        else:
+            idx, gate = self.route(x, w1, self.K)
+            y = backend(x, w1, b1, w2, idx, gate, self.activation)
         return y if self.b_out is None else y + self.b_out
 
 
@@ -336,7 +347,8 @@ def _parse(argv):
     ap.add_argument("--no-breakdown", action="store_true", help="skip backend-only timings")
     ap.add_argument("--triton-variants", default="",
                     help="extra triton entries: comma list of option sets like combine=atomic16+wgrad=gmm "
-                         "(combine: buffer|atomic32|atomic16; wgrad: triton|triton_mat|gmm)")
+                         "(combine: buffer|atomic32|atomic16; wgrad: triton|triton_mat|gmm; fold_router: 1|0, "
+                         "SSD's router gradient inside the kernels or by its own backward)")
     ap.add_argument("--weight-gather", default="none", choices=("none", "permute", "index_select"),
                     help="expert weight gather in the timed path (see the module docstring)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph (GPU-only) timings")
@@ -379,6 +391,8 @@ def main(argv=None) -> int:
         for v in args.triton_variants.split(","):
             try:
                 opts = dict(kv.split("=", 1) for kv in v.split("+"))
+                if "fold_router" in opts:
+                    opts["fold_router"] = opts["fold_router"] not in ("0", "false")
                 backends[f"triton[{v}]"] = TritonBackend(**opts)
             except (ValueError, TypeError) as exc:
                 raise UserError(f"ssd-bench ffn: bad --triton-variants entry {v!r}: {exc}") from exc

@@ -125,7 +125,9 @@ def prepare_ours(model, variant: str, compile_model: bool):
     parts = set(variant.split("+"))
     Attention.fuse_qkv = "no-qkv-fuse" not in parts
     SwitchableFFN.fuse_relu = "no-fused-relu" not in parts
-    SwitchableFFN.fold_router = "no-router-fold" not in parts
+    for ffn in model.ffn_layers():
+        if hasattr(ffn.backend, "fold_router"):  # triton
+            ffn.backend.fold_router = "no-router-fold" not in parts
     relu_mask_matmul.USE_TRITON = "no-mask-gemm" not in parts
     relu_mask_matmul.USE_GLUON = "triton-mask-gemm" not in parts
     model.cfg.fp32_residual_connection = "fp32-residual" in parts

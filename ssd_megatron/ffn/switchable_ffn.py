@@ -181,14 +181,11 @@ class SwitchableFFN(nn.Module):
                 and self.w_out.bias is not None and not self.act._forward_hooks
                 and not self.act._forward_pre_hooks)
 
-    # Class switch for A/B runs (bench/step.py --variant no-router-fold).
-    fold_router = True
-
     def _router_folded(self, x2: torch.Tensor) -> bool:
         """Whether the router's gradient (through the straight-through gate into x and W_i) is computed
         inside the backend's kernels (`folds_router`, docs/interfaces.md) instead of by the router's own
         backward. Not for subclasses with another router, nor for the inference-only dynamic top-k."""
-        return (self.fold_router and self.router_grad and torch.is_grad_enabled()
+        return (self.router_grad and torch.is_grad_enabled()
                 and type(self).route is SwitchableFFN.route
                 and not (self.dynamic_drop_ratio > 0 and not self.training)
                 and bool(getattr(self.backend, "folds_router", None)) and self.backend.folds_router(x2))

@@ -155,14 +155,13 @@ def _fold_layer_result(kernels, tiny):
     ffn = SwitchableFFN(24, 64, "swiglu", num_experts=4, top_k=2)
     ffn.set_clustering(torch.randperm(64) % 4)
     to_expert_major(ffn)
-    ffn.set_backend(TritonBackend())
     ffn.set_mode("sparse")
     x = torch.randn(29, 24)
     res = {}
     try:
         for fold in (True, False):
             f = copy.deepcopy(ffn)
-            f.fold_router = fold
+            f.set_backend(TritonBackend(fold_router=fold))
             xi = x.clone().requires_grad_()
             assert f._router_folded(xi) == fold
             y = f(xi)
@@ -173,11 +172,35 @@ def _fold_layer_result(kernels, tiny):
         return {"exception": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
+def _fold_bench_result(kernels, tiny):
+    """ssd-bench ffn's timed sparse path folds like SwitchableFFN: equal to its fold_router=0 variant."""
+    from backend_cases import rel_err
+    from ssd_megatron.bench.ffn import Layer
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny)
+    layer = Layer("tiny", "relu", torch.device("cpu"), torch.float32, seed=0)
+    x = torch.randn(33, layer.D)
+    res = {}
+    try:
+        for fold in (True, False):
+            assert TritonBackend(fold_router=fold).folds_router(x) == fold
+            for p in layer.params():
+                p.grad = None
+            xi = x.clone().requires_grad_()
+            y = layer.sparse(xi, TritonBackend(fold_router=fold))
+            y.square().sum().backward()
+            res[fold] = [y.detach(), xi.grad] + [p.grad for p in layer.params() if p.grad is not None]
+        assert len(res[True]) == len(res[False])
+        return {"errors": {str(i): rel_err(a, b) for i, (a, b) in enumerate(zip(res[True], res[False]))}}
+    except Exception as exc:
+        return {"exception": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
 def _fold_results(kernels, tiny):
     from backend_cases import compare, make_inputs, run_router, upcast
     from ssd_megatron.ffn.backends import ReferenceBackend
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    out = [_fold_layer_result(kernels, tiny)]
+    out = [_fold_layer_result(kernels, tiny), _fold_bench_result(kernels, tiny)]
     for c, down_variant, chunk in FOLD_RUNS:
         case, opts = CASES[c]
         kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny + (down_variant,),
@@ -249,8 +272,8 @@ def test_triton_custom_ops_pass_opcheck(interpret_results, i):
     assert interpret_results[3][i] == "ok", interpret_results[3][i]
 
 
-@pytest.mark.parametrize("i", range(len(FOLD_RUNS) + 1),
-                         ids=["switchable-ffn"] + [f"{CASES[c][0]['activation']}-down{d}-chunk{ch}" for c, d, ch in FOLD_RUNS])
+@pytest.mark.parametrize("i", range(len(FOLD_RUNS) + 2),
+                         ids=["switchable-ffn", "bench-layer"] + [f"{CASES[c][0]['activation']}-down{d}-chunk{ch}" for c, d, ch in FOLD_RUNS])
 def test_triton_router_fold_matches_autograd_router(interpret_results, i):
     res = interpret_results[4][i]
     assert "exception" not in res, res.get("exception")

@@ -180,22 +180,23 @@ class TritonBackend:
     bitwise reproducible), "buffer" when torch.are_deterministic_algorithms_enabled().
     wgrad: how the grouped weight gradients are computed: "triton" (our kernel gathers the token rows),
     "triton_mat" (rows pre-gathered by index_select, our kernel), "gmm" (pre-gathered, torch._grouped_mm).
+    fold_router: offer to fold SSD's router gradient into the kernels (`folds_router`; module docstring).
     """
 
     name = "triton"
 
-    def __init__(self, combine: str = None, wgrad: str = "triton"):
+    def __init__(self, combine: str = None, wgrad: str = "triton", fold_router: bool = True):
         if combine is not None and combine not in COMBINES:
             raise ValueError(f"combine={combine!r}; accepted: {', '.join(COMBINES)}")
         if wgrad not in WGRADS:
             raise ValueError(f"wgrad={wgrad!r}; accepted: {', '.join(WGRADS)}")
-        self.combine, self.wgrad = combine, wgrad
+        self.combine, self.wgrad, self.fold_router = combine, wgrad, bool(fold_router)
         if os.environ.get("SSD_TRITON_CONFIG"):
             _kernels().env_configs()  # a malformed value fails here, not inside a compiled step
 
     def folds_router(self, x: torch.Tensor) -> bool:
         """Whether a call on `x` runs our kernels, which can take `router_centroids` (module docstring)."""
-        return x.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_runs_on(x)
+        return self.fold_router and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_runs_on(x)
 
     def __call__(self, x, w1, b1, w2, topk_idx, gate, activation, router_centroids=None):
         if activation not in ACTIVATIONS:
