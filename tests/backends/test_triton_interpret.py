@@ -66,7 +66,7 @@ def _compile_results(kernels, tiny):
     """The backend inside torch.compile(fullgraph=True, backend="aot_eager") against eager, forward and
     every grad: the kernels sit in opaque custom ops, so nothing of triton is traced (traced as an
     autograd.Function, all grads came back zero on the GPU)."""
-    from backend_cases import compare, make_inputs, run
+    from backend_cases import compare, make_inputs, run, run_router
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny)
     out = []
@@ -80,6 +80,16 @@ def _compile_results(kernels, tiny):
             out.append({"errors": compare(got, run(be, inp), tol=float("inf"))})
         except Exception as exc:
             out.append({"exception": f"{type(exc).__name__}: {exc}"[:2000]})
+    # the router folded in (centroids through the custom ops)
+    case, opts = CASES[3]
+    inp = make_inputs(dtype=torch.float32, **case)
+    be = TritonBackend(**opts)
+    torch._dynamo.reset()
+    try:
+        got = run_router(torch.compile(lambda *a, **k: be(*a, **k), fullgraph=True, backend="aot_eager"), inp, True)
+        out.append({"errors": compare(got, run_router(be, inp, True), tol=float("inf"))})
+    except Exception as exc:
+        out.append({"exception": f"{type(exc).__name__}: {exc}"[:2000]})
     return out
 
 
@@ -259,12 +269,13 @@ if __name__ == "__main__":
     _main()
 
 
-@pytest.mark.parametrize("i", range(len(COMPILE_CASES)), ids=[CASES[c][0]["activation"] for c in COMPILE_CASES])
+@pytest.mark.parametrize("i", range(len(COMPILE_CASES) + 1),
+                         ids=[CASES[c][0]["activation"] for c in COMPILE_CASES] + ["swiglu-router-fold"])
 def test_triton_backend_under_torch_compile(interpret_results, i):
     res = interpret_results[2][i]
     assert "exception" not in res, res.get("exception")
     bad = {k: v for k, v in res["errors"].items() if not v <= TOL}
-    assert not bad, f"compiled vs eager, case {CASES[COMPILE_CASES[i]]}: errors above {TOL}: {res['errors']}"
+    assert not bad, f"compiled vs eager, run {i}: errors above {TOL}: {res['errors']}"
 
 
 @pytest.mark.parametrize("i", range(len(COMPILE_CASES)), ids=[CASES[c][0]["activation"] for c in COMPILE_CASES])
