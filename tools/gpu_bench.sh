@@ -4,7 +4,9 @@
 #
 #   device run (carry [".whl"]):  bash tools/gpu_bench.sh [ssd-bench ffn options...]
 #   env: GPU_TESTS=0 skips the tests; BENCH=0 skips the benchmark; KERNELS=1 also times each kernel's
-#   tile variants (tools/bench_kernels.py -> kernels.json); OUT (default /tmp/ssd_gpu_bench).
+#   tile variants (tools/bench_kernels.py -> kernels.json); STEP=1 also times the GPT-base training step,
+#   dense and sparse, graphed, with the router fold on and off (ssd-bench step -> step.json; STEP_ARGS
+#   replaces those options); OUT (default /tmp/ssd_gpu_bench).
 #
 # .whl/ (git-ignored) holds the prebuilt wheels for the device image (Python 3.12, torch 2.11+cu130):
 #   mkdir -p .whl && cp ../shared/wheels/gpu-cp312-torch2.11-cu130/*.whl .whl/
@@ -59,6 +61,13 @@ if [ "${BENCH:-1}" = "1" ]; then
   $PY -m ssd_megatron.bench ffn --out "$OUT/ffn.json" "$@" 2>&1 | tee "$OUT/bench.log"
   bstatus=${PIPESTATUS[0]}
   [ "$bstatus" = "0" ] || status=$bstatus
+fi
+if [ "${STEP:-0}" = "1" ]; then
+  STEP_ARGS=${STEP_ARGS:---phase both --variant cuda-graph --variant cuda-graph+no-router-fold --no-hf}
+  echo "== ssd-bench step $STEP_ARGS"
+  # shellcheck disable=SC2086
+  $PY -m ssd_megatron.bench step $STEP_ARGS --out "$OUT/step.json" 2>&1 | tee "$OUT/step.log"
+  [ "${PIPESTATUS[0]}" = "0" ] || status=1
 fi
 [ -f "$OUT/gpu_tests_summary.txt" ] && { echo "== tests:"; cat "$OUT/gpu_tests_summary.txt"; }
 [ -f "$OUT/ffn.json" ] && $PY -c "

@@ -106,8 +106,10 @@ def _hf_loss(logits, labels):
 VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "triton-mask-gemm", "sync-clip",
             "sync-step", "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "flash-attn",
             "cuda-graph", "torch-adamw", "ce-big-chunks", "no-router-fold")
-# Variants that also run for the sparse phase (the others change dense-only code).
+# Variants that also run for the sparse phase (the others change dense-only code), and those that change
+# sparse-only code (not run for the dense phase).
 PHASE_VARIANTS = ("loop", "cuda-graph", "no-router-fold")
+SPARSE_ONLY = ("no-router-fold",)
 
 
 def prepare_ours(model, variant: str, compile_model: bool):
@@ -534,7 +536,8 @@ def main(argv=None) -> int:
         if bad:
             raise UserError(f"--variant: {bad[0]!r} is not a variant; accepted: {', '.join(VARIANTS)} (joined with +)")
     runs = [(ph, v) for ph in phases for v in variants
-            if ph == "dense" or all(p in PHASE_VARIANTS for p in v.split("+"))]
+            if (ph == "dense" and not any(p in SPARSE_ONLY for p in v.split("+")))
+            or (ph == "sparse" and all(p in PHASE_VARIANTS for p in v.split("+")))]
     for phase, variant in runs:
         model = build_ours(shape, device, phase, args.backend)
         run, loss_fn = prepare_ours(model, variant, compile_model)

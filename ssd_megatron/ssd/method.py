@@ -11,10 +11,10 @@ import time
 from typing import Optional
 
 from ..ffn.backends import get_backend
+from ..ffn.expert_layout import to_expert_major
 from ..train.method import TrainingMethod, register_method
 from .monitor import ActivationMonitor
 from .schedule import PhaseSchedule
-from ..ffn.expert_layout import to_expert_major
 from .transition import to_dense, to_sparse
 
 

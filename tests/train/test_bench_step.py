@@ -62,3 +62,11 @@ def test_inductor_options_are_set_recorded_and_checked(tmp_path):
         main(["--tiny", "--device", "cpu", "--inductor", "no_such_option=1"])
     with pytest.raises(UserError, match="Python literal"):
         main(["--tiny", "--device", "cpu", "--inductor", "aggressive_fusion=yes please"])
+
+
+def test_sparse_only_variant_skips_the_dense_phase(tmp_path):
+    out = tmp_path / "step.json"
+    assert main(["--tiny", "--phase", "both", "--steps", "1", "--warmup", "0", "--device", "cpu", "--no-hf",
+                 "--variant", "loop", "--variant", "no-router-fold", "--out", str(out)]) == 0
+    got = {(r["phase"], r["variant"]) for r in json.loads(out.read_text())["records"]}
+    assert got == {("dense", "loop"), ("sparse", "loop"), ("sparse", "no-router-fold")}

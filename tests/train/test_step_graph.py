@@ -124,8 +124,8 @@ def test_graphed_run_resumes(tiny_data, tmp_path):
 @pytest.mark.parametrize("precision,compile_blocks", [("fp32", False), ("bf16", True)])
 def test_ssd_graphed_run_takes_the_eager_runs_steps(tiny_data, tmp_path, monkeypatch, precision, compile_blocks):
     """SSD with one graph per phase: dense and sparse graphs alternate, and a later sparse phase replays the
-    first one's graph with a new clustering (expert_perm rewritten in place); the same phases and losses
-    as eager steps."""
+    first one's graph with a new clustering (parameters and moments re-laid out in place, expert-major);
+    the same phases and losses as eager steps."""
     from ssd_megatron.train import step_graph
 
     monkeypatch.setattr(step_graph, "WARMUP_STEPS", 1)  # capture on the 2nd step of each phase

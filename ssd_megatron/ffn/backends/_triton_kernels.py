@@ -319,8 +319,7 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
             lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets, coef, fold_p,
             out, out.stride(0), out.stride(1), out.stride(2), N, P, Q, num_p, num_q,
             GATHER=not gathered, PREC=_prec(lhs), SPLIT=bool(ch), FOLD=fold is not None, BP=BP, BQ=BQ, BK=BK,
-            CH=max(ch, BK),
-            NP2=_np2(N), num_warps=nw, num_stages=ns)
+            CH=max(ch, BK), NP2=_np2(N), num_warps=nw, num_stages=ns)
         state["out"] = out
 
     launch(_pick("wgrad" if not gathered else "wgrad_mat", (P, Q, str(lhs.dtype)), launch))
