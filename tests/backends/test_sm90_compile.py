@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TOOL = os.path.join(ROOT, "tools", "compile_report.py")
 
 
-def _report(*args):
+def _report(*args, env_extra=None):
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the kernels are compiled and run by test_backends_gpu.py")
@@ -25,6 +25,7 @@ def _report(*args):
         pytest.skip("this triton build has no ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra or {})
     out = subprocess.run([sys.executable, TOOL, "--shapes", "tiny", "--tokens", "512", *args], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -53,3 +54,11 @@ def test_glu_gather_gemm_compiles_for_sm90():
     kernels = _check(_report("--activations", "swiglu", "--launches", "up,up_bwd", "--variants", "one"),
                      ["up", "up_bwd"])
     assert kernels == {"_up_kernel"}
+
+
+def test_token_window_tile_order_compiles_for_sm90():
+    """The M-tiles of up, up_bwd and both down launches from a schedule (SSD_TRITON_TILE_ORDER=token, the
+    default at the 8B shape)."""
+    kernels = _check(_report("--activations", "relu", "--launches", "up,down,up_bwd,down_dx",
+                             env_extra={"SSD_TRITON_TILE_ORDER": "token"}), ["up", "down", "up_bwd", "down_dx"])
+    assert kernels == {"_up_kernel", "_down_tma_kernel"}

@@ -51,3 +51,31 @@ def test_bad_env_config_fails_when_the_backend_is_built(monkeypatch):
     monkeypatch.setenv("SSD_TRITON_CONFIG", "wgrad=1,2,3")
     with pytest.raises(UserError, match="SSD_TRITON_CONFIG"):
         TritonBackend()
+
+
+def test_token_window_tiles_cover_every_tile_once_in_relative_position_order():
+    import torch
+
+    counts = torch.tensor([300, 0, 17, 129, 1000, 64])  # an empty expert, partial tiles
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
+    M, N, BM = int(counts.sum()), len(counts), 64
+    tiles = K.token_window_tiles(offsets, M, N, BM)
+    assert tiles.shape == ((M + BM - 1) // BM + N, 2) and tiles.dtype == torch.int32
+    real = [(int(e), int(r)) for e, r in tiles if int(r) < M]
+    want = {(e, int(offsets[e]) + i * BM) for e in range(N) for i in range((int(counts[e]) + BM - 1) // BM)}
+    assert len(real) == len(want) and set(real) == want               # each tile exactly once
+    assert all(int(r) == M for _, r in tiles[len(real):])              # then the empty tail
+    pos = [((r - int(offsets[e])) // BM + 0.5) / ((int(counts[e]) + BM - 1) // BM) for e, r in real]
+    assert pos == sorted(pos)                                          # windows of relative position
+
+
+def test_tile_order_from_the_environment(monkeypatch):
+    monkeypatch.delenv("SSD_TRITON_TILE_ORDER", raising=False)
+    assert not K._token_order(25 << 20) and K._token_order(134 << 20)  # auto: base x 25 MB, 8B x 134 MB
+    monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "expert")
+    assert not K._token_order(134 << 20)
+    monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "token")
+    assert K._token_order(1)
+    monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "windows")
+    with pytest.raises(UserError, match="SSD_TRITON_TILE_ORDER: 'windows'; accepted: auto, expert, token"):
+        K._token_order(1)

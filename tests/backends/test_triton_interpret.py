@@ -23,12 +23,13 @@ CASES = [  # (inputs, TritonBackend options)
     (dict(activation="reglu", T=13, N=3, E=24, K=2), {"wgrad": "gmm", "combine": "atomic32"}),
     (dict(activation="gelu_tanh", T=17, K=2), {"column_view_w2": True}),  # w2 as a strided view of W_out
 ]
-# the same checks with the kernels' variants, as (down variant, wgrad row chunk): wgrad reductions split
-# into chunks of 32 rows (fp32 atomic sums; experts of 0, 1 and several chunks), the down GEMM as ROWLOOP
-# (1: a program covers all output columns) or with TMA descriptors (3)
+# the same checks with the kernels' variants, as (down variant, wgrad row chunk, M-tile order): wgrad
+# reductions split into chunks of 32 rows (fp32 atomic sums; experts of 0, 1 and several chunks), the down
+# GEMM as ROWLOOP (1: a program covers all output columns) or with TMA descriptors (3), and the up/down
+# M-tiles in token-window order (SSD_TRITON_TILE_ORDER=token; empty experts, K = N, GLU)
 VARIANT_CASES = [0, 1, 2, 3, 5]
-VARIANTS = [(1, 32), (3, 0)]
-RUNS = [(c, (0, 0)) for c in range(len(CASES))] + [(c, v) for v in VARIANTS for c in VARIANT_CASES]
+VARIANTS = [(1, 32, "auto"), (3, 0, "auto"), (0, 0, "token"), (1, 0, "token"), (3, 32, "token")]
+RUNS = [(c, (0, 0, "auto")) for c in range(len(CASES))] + [(c, v) for v in VARIANTS for c in VARIANT_CASES]
 TOL = 1e-5
 
 
@@ -39,7 +40,8 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     tiny = (16, 16, 16, 1, 1)
     results = []
-    for c, (down_variant, chunk) in RUNS:
+    for c, (down_variant, chunk, order) in RUNS:
+        os.environ["SSD_TRITON_TILE_ORDER"] = order
         case, opts = CASES[c]
         kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny + (down_variant,),
                              wgrad=tiny + (chunk,))
@@ -52,6 +54,7 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
             results.append({"errors": errs})
         except Exception as exc:  # reported per case by the parent
             results.append({"exception": f"{type(exc).__name__}: {exc}"[:2000]})
+    os.environ.pop("SSD_TRITON_TILE_ORDER")
     print("RESULTS " + json.dumps(results))
     print("PLANS " + json.dumps(_plan_results()))
     print("COMPILE " + json.dumps(_compile_results(kernels, tiny)))
@@ -252,7 +255,7 @@ def test_triton_interpret_matches_reference(interpret_results, i):
 
 
 @pytest.mark.parametrize("i", range(len(CASES), len(RUNS)),
-                         ids=[f"{CASES[c][0]['activation']}-down{v[0]}-chunk{v[1]}" for c, v in RUNS[len(CASES):]])
+                         ids=[f"{CASES[c][0]['activation']}-down{v[0]}-chunk{v[1]}-{v[2]}" for c, v in RUNS[len(CASES):]])
 def test_triton_interpret_kernel_variants(interpret_results, i):
     res = interpret_results[0][i]
     assert "exception" not in res, res.get("exception")

@@ -153,6 +153,54 @@ def _pick(kind: str, key: tuple, launch):
     return _TUNED[k]
 
 
+# M-tile order. Expert order (tile i of expert e after all tiles of experts < e) makes the programs that
+# run at the same time cover every token: fine while the token-indexed operand (the gathered x or dy, the
+# atomically combined y or dx) fits in L2, but at the 8B shape it is 134 MB, so each of a token's K rows
+# is gathered, or atomically added, through DRAM again. Token-window order sorts the tiles by their
+# relative position in their expert's token-sorted rows, so that the ~2 tiles per expert resident at
+# once cover one window of ~T/16 tokens of every expert, whose rows stay in L2 across the K visits.
+TILE_ORDERS = ("auto", "expert", "token")
+TOKEN_ORDER_BYTES = 32 << 20  # auto: token windows once the [T, width] operand outgrows ~2/3 of the L2
+
+
+def _token_order(nbytes: int) -> bool:
+    from ...errors import UserError
+
+    mode = os.environ.get("SSD_TRITON_TILE_ORDER", "auto")
+    if mode not in TILE_ORDERS:
+        raise UserError(f"SSD_TRITON_TILE_ORDER: {mode!r}; accepted: {', '.join(TILE_ORDERS)}")
+    return mode == "token" or (mode == "auto" and nbytes > TOKEN_ORDER_BYTES)
+
+
+def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int) -> torch.Tensor:
+    """[cdiv(M, BM) + N, 2] int32 (expert, first row) of every M-tile, ordered by the tile's relative
+    position (i + 1/2) / tiles_e within its expert (ties: expert order); the unused tail of this upper
+    bound holds empty tiles (first row M). Device ops only, no host sync."""
+    counts = (offsets[1:] - offsets[:-1]).long()
+    nt = (counts + BM - 1) // BM
+    cum = nt.cumsum(0)
+    j = torch.arange(triton.cdiv(M, BM) + N, device=offsets.device)
+    e = torch.searchsorted(cum, j, right=True).clamp_max(N - 1)
+    i = j - (cum[e] - nt[e])
+    valid = j < cum[-1]
+    key = torch.where(valid, (i.double() + 0.5) / nt[e].clamp_min(1).double(), float("inf"))
+    order = torch.argsort(key, stable=True)
+    e, i, valid = e[order], i[order], valid[order]
+    row0 = torch.where(valid, offsets.long()[e] + i * BM, M)
+    return torch.stack([e, row0], 1).to(torch.int32).contiguous()
+
+
+def _tiles(plan, BM: int, nbytes: int):
+    """(TILES, SCHED) of a launch whose token-indexed operand has `nbytes`: the token-window schedule,
+    built once per plan and tile height, or expert order (TILES unused)."""
+    if not _token_order(nbytes):
+        return plan.offsets, False
+    cache = plan.__dict__.setdefault("_tiles", {})
+    if BM not in cache:
+        cache[BM] = token_window_tiles(plan.offsets, plan.num_rows, plan.num_experts, BM)
+    return cache[BM], True
+
+
 def _prec(t: torch.Tensor) -> str:
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
@@ -161,13 +209,15 @@ def _np2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _launch_up(args, meta, cfg, M, N, Din, E):
-    """One `_up_kernel` launch: a program per (M-tile, column block)."""
+def _launch_up(head, tail, plan, nbytes, meta, cfg, M, N, Din, E):
+    """One `_up_kernel` launch: a program per (M-tile, column block); `head` and `tail` are the kernel's
+    arguments before and after TILES, `nbytes` the size of its gathered [T, Din] operand."""
     BM, BN, BK, nw, ns = cfg[:5]
     num_n = triton.cdiv(E, BN)
+    tiles, sched = _tiles(plan, BM, nbytes)
     _up_kernel[((triton.cdiv(M, BM) + N) * num_n,)](
-        *args, N, M, Din, E, num_n, EVEN_K=Din % BK == 0, EVEN_N=E % BN == 0, BM=BM, BN=BN, BK=BK, NP2=_np2(N),
-        num_warps=nw, num_stages=ns, **meta)
+        *head, tiles, *tail, N, M, Din, E, num_n, EVEN_K=Din % BK == 0, EVEN_N=E % BN == 0, SCHED=sched, BM=BM,
+        BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns, **meta)
 
 
 def up_forward(x, w1, b1, plan, activation, save_h: bool):
@@ -179,13 +229,14 @@ def up_forward(x, w1, b1, plan, activation, save_h: bool):
     a = torch.empty(M, E, device=x.device, dtype=x.dtype)
     h = torch.empty(M, F1, device=x.device, dtype=x.dtype) if save_h else a
     bias = b1 if b1 is not None else a
-    args = (x, x.stride(0), w1, w1.stride(0), w1.stride(1), w1.stride(2), bias, bias.stride(0),
-            plan.token, plan.order, a, plan.offsets, h, h.stride(0), a, a.stride(0), a, a, 0, a, 0)
+    head = (x, x.stride(0), w1, w1.stride(0), w1.stride(1), w1.stride(2), bias, bias.stride(0),
+            plan.token, plan.order, a, plan.offsets)
+    tail = (h, h.stride(0), a, a.stride(0), a, a, 0, a, 0)
     meta = dict(BWD=False, ACT=act, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=save_h, STORE_GA=False, HAS_DB=False,
                 PREC=_prec(x))
 
     def launch(cfg):
-        _launch_up(args, meta, cfg, M, N, D, E)
+        _launch_up(head, tail, plan, x.numel() * x.element_size(), meta, cfg, M, N, D, E)
 
     launch(_pick("up_glu" if glu else "up", (D, E, str(x.dtype)), launch))
     return a, (h if save_h else None)
@@ -208,10 +259,10 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
         dgp = torch.empty(triton.cdiv(E, cfg[1]), M, device=dy.device, dtype=torch.float32)
         if need_db:
             db.zero_()
-        args = (dy, dy.stride(0), w2, w2.stride(0), w2.stride(1), w2.stride(2), dh, 0,
-                plan.token, plan.order, gate_flat, plan.offsets, h, h.stride(0), dh, dh.stride(0), dgp,
-                ga, ga.stride(0), db, db.stride(0))
-        _launch_up(args, meta, cfg, M, N, D, E)
+        head = (dy, dy.stride(0), w2, w2.stride(0), w2.stride(1), w2.stride(2), dh, 0,
+                plan.token, plan.order, gate_flat, plan.offsets)
+        tail = (h, h.stride(0), dh, dh.stride(0), dgp, ga, ga.stride(0), db, db.stride(0))
+        _launch_up(head, tail, plan, dy.numel() * dy.element_size(), meta, cfg, M, N, D, E)
         state["dgp"] = dgp
 
     launch(_pick("up_bwd_glu" if glu else "up_bwd", (D, E, str(dy.dtype)), launch))
@@ -276,9 +327,10 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None):
         if atomic:
             out.zero_()
         operands = (a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2))
-        rest = (plan.order, plan.token, gate, plan.offsets, out, out.stride(0), c, c.stride(0), N, Ein, Dout)
-        meta = dict(SCALE=gate_flat is not None, ATOMIC=atomic, RANK1=rank1 is not None, PREC=_prec(a), BM=BM, BN=BN,
-                    BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
+        tiles, sched = _tiles(plan, BM, T * Dout * a.element_size())  # by the [T, Dout] combine target
+        rest = (plan.order, plan.token, gate, plan.offsets, tiles, out, out.stride(0), c, c.stride(0), N, Ein, Dout)
+        meta = dict(SCALE=gate_flat is not None, ATOMIC=atomic, RANK1=rank1 is not None, PREC=_prec(a), SCHED=sched,
+                    BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
         m_tiles = triton.cdiv(M, BM) + N
         num_n = triton.cdiv(Dout, BN)
         descs = _down_descriptors(a, w, BM, BN, BK) if variant == TMA and Ein % BK == 0 and _has_tma(a) else None

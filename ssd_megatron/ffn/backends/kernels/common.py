@@ -63,11 +63,18 @@ def _tile_of(OFFS, pid_m, N, BM: tl.constexpr, NP2: tl.constexpr):
 
 
 @triton.jit
-def _grid_tile(OFFS, num_n, N, BM: tl.constexpr, NP2: tl.constexpr):
+def _grid_tile(OFFS, TILES, num_n, N, BM: tl.constexpr, NP2: tl.constexpr, SCHED: tl.constexpr):
     """This program's place in a grid of (expert-aligned M-tile, column block) pairs: (expert, column
-    block, first row, rows, row mask, whether the tile holds any row)."""
+    block, first row, rows, row mask, whether the tile holds any row). M-tiles in expert order, or with
+    SCHED in the order of the schedule TILES ([tiles, 2] int32: expert, first row; `token_window_tiles`)."""
     pid = tl.program_id(0)
-    e, row0, row_end = _tile_of(OFFS, pid // num_n, N, BM, NP2)
+    if SCHED:
+        t = pid // num_n
+        e = tl.load(TILES + 2 * t)
+        row0 = tl.load(TILES + 2 * t + 1)
+        row_end = tl.load(OFFS + e + 1)
+    else:
+        e, row0, row_end = _tile_of(OFFS, pid // num_n, N, BM, NP2)
     rows = row0 + tl.arange(0, BM)
     return e, pid % num_n, row0, rows, rows < row_end, row0 < row_end
 

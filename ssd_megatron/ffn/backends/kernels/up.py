@@ -75,6 +75,7 @@ def _up_kernel(
     W, stride_we, stride_wf, stride_wk,  # [N, F, Din] rows = output features (w1 fwd, w2 bwd)
     B, stride_be,                # [N, F1] bias (fwd only)
     TOK, ORDER, GATE, OFFS,      # plan; GATE [T*K] (bwd)
+    TILES,                       # SCHED: the M-tile schedule (common._grid_tile)
     H, stride_h,                 # [M, F1] pre-activation: written fwd (SAVE_H), read bwd
     OUT, stride_o,               # fwd: a [M, E]; bwd: dh [M, F1]
     DGP,                         # bwd: [num_n, M] fp32 partial dgate (indexed by flat pair)
@@ -83,10 +84,10 @@ def _up_kernel(
     N, M, Din, E, num_n,
     BWD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
     SAVE_H: tl.constexpr, STORE_GA: tl.constexpr, HAS_DB: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, SCHED: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
 ):
-    e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, num_n, N, BM, NP2)
+    e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, TILES, num_n, N, BM, NP2, SCHED)
     if live:
         tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
         cols = pid_n * BN + tl.arange(0, BN)
