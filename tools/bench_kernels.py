@@ -99,6 +99,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_case_args(ap)
     ap.add_argument("--once", action="store_true", help="run each default launch once inside cudaProfilerStart/Stop")
+    ap.add_argument("--orders", default="auto", help="comma list of M-tile orders to time every config in "
+                    "(SSD_TRITON_TILE_ORDER: auto, expert, token), e.g. expert,token")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -123,8 +125,10 @@ def main() -> int:
             continue
         for label, (kind, flops, fn) in launches.items():
             K.force_config()
+            os.environ.pop("SSD_TRITON_TILE_ORDER", None)
             ref = _first(fn()).clone()
-            for cfg in [None] + VARIANTS.get(kind, []):
+            for order, cfg in itertools.product(args.orders.split(","), [None] + VARIANTS.get(kind, [])):
+                os.environ["SSD_TRITON_TILE_ORDER"] = order
                 K.force_config(**({kind: cfg} if cfg else {}))
                 try:
                     err = _rel(_first(fn()), ref)
@@ -134,12 +138,14 @@ def main() -> int:
                     print(f"  {shape} {label} {cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                 tflops = None if ms is None else flops / ms / 1e9
                 rec = {"shape": shape, "activation": act, "kernel": label, "cfg": list(cfg) if cfg else "default",
-                       "ms": ms, "tflops": tflops, "rel_err_vs_default": err, "load_max_over_mean": skew}
+                       "tile_order": order, "ms": ms, "tflops": tflops, "rel_err_vs_default": err,
+                       "load_max_over_mean": skew}
                 records.append(rec)
-                print(f"{shape:5s} {act:6s} {label:10s} {str(rec['cfg']):32s} "
+                print(f"{shape:5s} {act:6s} {label:10s} {order:6s} {str(rec['cfg']):32s} "
                       f"{'-' if ms is None else f'{ms:.4f} ms {tflops:5.0f} TF/s':>20s}  "
                       f"err {err if err is None else f'{err:.1e}'}", flush=True)
         K.force_config()
+        os.environ.pop("SSD_TRITON_TILE_ORDER", None)
     if args.out and records:
         import triton
         with open(args.out, "w") as fh:

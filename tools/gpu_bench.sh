@@ -4,7 +4,8 @@
 #
 #   device run (carry [".whl"]):  bash tools/gpu_bench.sh [ssd-bench ffn options...]
 #   env: GPU_TESTS=0 skips the tests; BENCH=0 skips the benchmark; KERNELS=1 also times each kernel's
-#   tile variants (tools/bench_kernels.py -> kernels.json); STEP=1 also times the GPT-base training step,
+#   tile variants (tools/bench_kernels.py $KERNEL_ARGS -> kernels.json, e.g. KERNEL_ARGS="--orders
+#   expert,token --shapes 8b"); STEP=1 also times the GPT-base training step,
 #   dense and sparse, graphed, with the router fold on and off (ssd-bench step -> step.json; STEP_ARGS
 #   replaces those options); OUT (default /tmp/ssd_gpu_bench).
 #
@@ -52,7 +53,8 @@ fi
 
 if [ "${KERNELS:-0}" = "1" ]; then
   echo "== tools/bench_kernels.py"
-  $PY tools/bench_kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+  # shellcheck disable=SC2086
+  $PY tools/bench_kernels.py ${KERNEL_ARGS:-} --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
   [ "${PIPESTATUS[0]}" = "0" ] || status=1
 fi
 
