@@ -98,7 +98,12 @@ class SSDMethod(TrainingMethod):
         # buffers, the mode with the phase. A sparse phase always runs expert-major (one CUDA graph per
         # phase relies on it); checkpoints older than expert-major storage are moved here.
         phase = self.schedule.current_phase
+        n = self.cfg.ssd.num_experts
         for ffn in self.ffns:
+            if ffn.num_experts != n:  # an expert-major checkpoint fixes its experts (SwitchableFFN's load)
+                raise ValueError(f"its FFNs are stored for {ffn.num_experts} experts (a sparse phase), this run has "
+                                 f"ssd.num_experts: {n}; resume with the checkpoint's value or from a dense-phase "
+                                 "checkpoint")
             if phase == "sparse":
                 to_expert_major(ffn, self.optimizer)
             ffn.set_mode(phase)

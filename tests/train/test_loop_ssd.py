@@ -57,3 +57,13 @@ def test_ssd_two_ranks_agree_with_one(tiny_data, tmp_path, ssd_reference, data_p
     assert _phases(run) == _phases(ssd_reference)
     ref, got = _losses(ssd_reference), _losses(run)
     assert all(got[s] == pytest.approx(ref[s], rel=1e-5) for s in ref)
+
+
+def test_resume_mid_sparse_with_other_expert_count_is_a_clear_error(tiny_data, tmp_path, ssd_reference):
+    """A mid-sparse checkpoint stores its FFNs expert-major for its own N: another ssd.num_experts is refused."""
+    from ssd_megatron.errors import UserError
+
+    ckpt = ssd_reference / "checkpoints" / "step_0000012"
+    cfg = _cfg(tiny_data, tmp_path / "run", **{**SSD, "ssd.num_experts": 4, "checkpoint.resume": str(ckpt)})
+    with pytest.raises(UserError, match=r"trainer.pt.*stored for 8 experts.*ssd.num_experts: 4"):
+        loop_mod.train(cfg)
