@@ -3,8 +3,8 @@
 The timed sparse path is everything a training step pays for the layer (mirrors SwitchableFFN in an
 SSD sparse phase): the expert weights, the centroids (mean of each expert's W_in gate rows), router
 scores `x @ c.T`, top-k, the straight-through gate `(s - s.detach()) + 1` (with `triton`, its gradient
-folded into the backend's kernels, as SwitchableFFN does; `--triton-variants fold_router=0` times the
-router's own backward instead), the backend, and the output bias. `--weight-gather` says where the expert weights come from:
+folded into the backend's kernels, as SwitchableFFN does; `--triton-variants fold_router=off` times the
+router's own backward instead, `fold_router=rows` the other way to fold it), the backend, and the output bias. `--weight-gather` says where the expert weights come from:
 - `none` (default; what an SSD sparse phase runs since the parameters are stored expert-major there,
   ffn/expert_layout.py): views of parameters laid out in expert order, no gather;
 - `permute`: `ffn.backends.weights.gather_expert_weights` through the clustering permutation from
@@ -347,8 +347,8 @@ def _parse(argv):
     ap.add_argument("--no-breakdown", action="store_true", help="skip backend-only timings")
     ap.add_argument("--triton-variants", default="",
                     help="extra triton entries: comma list of option sets like combine=atomic16+wgrad=gmm "
-                         "(combine: buffer|atomic32|atomic16; wgrad: triton|triton_mat|gmm; fold_router: 1|0, "
-                         "SSD's router gradient inside the kernels or by its own backward)")
+                         "(combine: buffer|atomic32|atomic16; wgrad: triton|triton_mat|gmm; fold_router: "
+                         "epilogue|rows|off, how SSD's router gradient is folded into the kernels, or not)")
     ap.add_argument("--weight-gather", default="none", choices=("none", "permute", "index_select"),
                     help="expert weight gather in the timed path (see the module docstring)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph (GPU-only) timings")
@@ -391,8 +391,6 @@ def main(argv=None) -> int:
         for v in args.triton_variants.split(","):
             try:
                 opts = dict(kv.split("=", 1) for kv in v.split("+"))
-                if "fold_router" in opts:
-                    opts["fold_router"] = opts["fold_router"] not in ("0", "false")
                 backends[f"triton[{v}]"] = TritonBackend(**opts)
             except (ValueError, TypeError) as exc:
                 raise UserError(f"ssd-bench ffn: bad --triton-variants entry {v!r}: {exc}") from exc

@@ -29,7 +29,8 @@ step captured once and replayed, as `train.cuda_graph: true` runs it; also timed
 `torch-adamw` (torch's fused AdamW instead of the Triton kernel, optim.kernel: torch), `ce-big-chunks`
 (the fused loss in 2 chunks of 2^29 logits instead of 4 of 2^28), `no-router-fold` (sparse phase: SSD's
 router gradient by the router's own backward instead of inside the expert kernels; e.g.
-`--variant cuda-graph+no-router-fold`). `--profile DIR` profiles a
+`--variant cuda-graph+no-router-fold`), `router-fold-rows` (its dW1 part added to dh's gate columns in the
+dW1 kernel's main loop instead of as one small GEMM added in the epilogue). `--profile DIR` profiles a
 few steps of each and prints the top kernels and a time-by-category table (docs/performance.md).
 
 `--phase sparse` puts every FFN of our model in sparse mode (random balanced clustering, N=32, K=6,
@@ -105,11 +106,11 @@ def _hf_loss(logits, labels):
 
 VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "triton-mask-gemm", "sync-clip",
             "sync-step", "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "flash-attn",
-            "cuda-graph", "torch-adamw", "ce-big-chunks", "no-router-fold")
+            "cuda-graph", "torch-adamw", "ce-big-chunks", "no-router-fold", "router-fold-rows")
 # Variants that also run for the sparse phase (the others change dense-only code), and those that change
 # sparse-only code (not run for the dense phase).
-PHASE_VARIANTS = ("loop", "cuda-graph", "no-router-fold")
-SPARSE_ONLY = ("no-router-fold",)
+PHASE_VARIANTS = ("loop", "cuda-graph", "no-router-fold", "router-fold-rows")
+SPARSE_ONLY = ("no-router-fold", "router-fold-rows")
 
 
 def prepare_ours(model, variant: str, compile_model: bool):
@@ -129,7 +130,8 @@ def prepare_ours(model, variant: str, compile_model: bool):
     SwitchableFFN.fuse_relu = "no-fused-relu" not in parts
     for ffn in model.ffn_layers():
         if hasattr(ffn.backend, "fold_router"):  # triton
-            ffn.backend.fold_router = "no-router-fold" not in parts
+            ffn.backend.fold_router = ("off" if "no-router-fold" in parts else
+                                       "rows" if "router-fold-rows" in parts else "epilogue")
     relu_mask_matmul.USE_TRITON = "no-mask-gemm" not in parts
     relu_mask_matmul.USE_GLUON = "triton-mask-gemm" not in parts
     model.cfg.fp32_residual_connection = "fp32-residual" in parts

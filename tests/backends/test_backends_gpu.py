@@ -143,17 +143,19 @@ def test_triton_under_torch_compile_fullgraph(variant):
         kernels.force_config()
 
 
+@pytest.mark.parametrize("fold", ["epilogue", "rows"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[10], CASES[12], CASES[13]],
                          ids=[IDS[0], IDS[5], IDS[10], IDS[12], IDS[13]])
-def test_triton_router_fold_bf16(case):
+def test_triton_router_fold_bf16(case, fold):
     """SSD's router gradient folded into the kernels (router_centroids) == autograd through the router
     on the float64 reference."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
     want = run_router(ReferenceBackend(), upcast(inp), fold=False)
-    errs = compare(run_router(get_backend("triton"), inp, fold=True), want, 3e-2)
-    print("router fold", case, {k: f"{v:.1e}" for k, v in errs.items()})
+    errs = compare(run_router(TritonBackend(fold_router=fold), inp, fold=True), want, 3e-2)
+    print("router fold", fold, case, {k: f"{v:.1e}" for k, v in errs.items()})
 
 
 def test_sparse_layer_with_triton_under_torch_compile():

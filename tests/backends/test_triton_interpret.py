@@ -149,9 +149,12 @@ def _opcheck_results():
 
 
 # SSD's router gradient folded into the kernels (router_centroids) against autograd through the router on
-# the reference: (case index, down variant, wgrad row chunk); GLU, K = 1, K = N, empty experts, the gmm
-# and pre-gathered weight gradients, ROWLOOP/TMA dx and split dW1
-FOLD_RUNS = [(0, 0, 0), (1, 1, 32), (2, 3, 0), (3, 0, 32), (4, 0, 0), (5, 3, 32)]
+# the reference: (case index, down variant, wgrad row chunk, fold_router); GLU, K = 1, K = N, empty experts,
+# the gmm and pre-gathered weight gradients, ROWLOOP/TMA dx and split dW1 (case 0: experts of 37 rows, so
+# two chunks of 32), both ways to fold dW1's part
+FOLD_RUNS = [(0, 0, 32, "epilogue"), (1, 1, 32, "epilogue"), (2, 3, 0, "epilogue"), (3, 0, 32, "epilogue"),
+             (4, 0, 0, "epilogue"), (5, 3, 32, "epilogue"), (0, 0, 32, "rows"), (1, 1, 32, "rows"),
+             (3, 0, 32, "rows"), (4, 0, 0, "rows")]
 
 
 def _fold_layer_result(kernels, tiny):
@@ -172,21 +175,22 @@ def _fold_layer_result(kernels, tiny):
     x = torch.randn(29, 24)
     res = {}
     try:
-        for fold in (True, False):
+        for fold in ("epilogue", "rows", "off"):
             f = copy.deepcopy(ffn)
             f.set_backend(TritonBackend(fold_router=fold))
             xi = x.clone().requires_grad_()
-            assert f._router_folded(xi) == fold
+            assert f._router_folded(xi) == (fold != "off")
             y = f(xi)
             y.square().sum().backward()
             res[fold] = [y.detach(), xi.grad] + [p.grad for p in f.parameters()]
-        return {"errors": {str(i): rel_err(a, b) for i, (a, b) in enumerate(zip(res[True], res[False]))}}
+        return {"errors": {f"{fold}{i}": rel_err(a, b) for fold in ("epilogue", "rows")
+                           for i, (a, b) in enumerate(zip(res[fold], res["off"]))}}
     except Exception as exc:
         return {"exception": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
 def _fold_bench_result(kernels, tiny):
-    """ssd-bench ffn's timed sparse path folds like SwitchableFFN: equal to its fold_router=0 variant."""
+    """ssd-bench ffn's timed sparse path folds like SwitchableFFN: equal to its fold_router=off variant."""
     from backend_cases import rel_err
     from ssd_megatron.bench.ffn import Layer
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
@@ -195,16 +199,16 @@ def _fold_bench_result(kernels, tiny):
     x = torch.randn(33, layer.D)
     res = {}
     try:
-        for fold in (True, False):
-            assert TritonBackend(fold_router=fold).folds_router(x) == fold
+        for fold in ("epilogue", "off"):
+            assert TritonBackend(fold_router=fold).folds_router(x) == (fold != "off")
             for p in layer.params():
                 p.grad = None
             xi = x.clone().requires_grad_()
             y = layer.sparse(xi, TritonBackend(fold_router=fold))
             y.square().sum().backward()
             res[fold] = [y.detach(), xi.grad] + [p.grad for p in layer.params() if p.grad is not None]
-        assert len(res[True]) == len(res[False])
-        return {"errors": {str(i): rel_err(a, b) for i, (a, b) in enumerate(zip(res[True], res[False]))}}
+        assert len(res["epilogue"]) == len(res["off"])
+        return {"errors": {str(i): rel_err(a, b) for i, (a, b) in enumerate(zip(res["epilogue"], res["off"]))}}
     except Exception as exc:
         return {"exception": f"{type(exc).__name__}: {exc}"[:2000]}
 
@@ -214,14 +218,14 @@ def _fold_results(kernels, tiny):
     from ssd_megatron.ffn.backends import ReferenceBackend
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     out = [_fold_layer_result(kernels, tiny), _fold_bench_result(kernels, tiny)]
-    for c, down_variant, chunk in FOLD_RUNS:
+    for c, down_variant, chunk, mode in FOLD_RUNS:
         case, opts = CASES[c]
         kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny + (down_variant,),
                              wgrad=tiny + (chunk,))
         opts = {k: v for k, v in opts.items() if k != "column_view_w2"}
         inp = make_inputs(dtype=torch.float32, **case)
         try:
-            got = run_router(TritonBackend(**opts), inp, fold=True)
+            got = run_router(TritonBackend(fold_router=mode, **opts), inp, fold=True)
             out.append({"errors": compare(got, run_router(ReferenceBackend(), upcast(inp), fold=False),
                                           tol=float("inf"))})
         except Exception as exc:
@@ -287,7 +291,8 @@ def test_triton_custom_ops_pass_opcheck(interpret_results, i):
 
 
 @pytest.mark.parametrize("i", range(len(FOLD_RUNS) + 2),
-                         ids=["switchable-ffn", "bench-layer"] + [f"{CASES[c][0]['activation']}-down{d}-chunk{ch}" for c, d, ch in FOLD_RUNS])
+                         ids=["switchable-ffn", "bench-layer"] + [f"{CASES[c][0]['activation']}-down{d}-chunk{ch}-{m}"
+                                                                 for c, d, ch, m in FOLD_RUNS])
 def test_triton_router_fold_matches_autograd_router(interpret_results, i):
     res = interpret_results[4][i]
     assert "exception" not in res, res.get("exception")

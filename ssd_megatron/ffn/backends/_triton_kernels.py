@@ -353,11 +353,12 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
     weight `like` (e.g. the [N, E, D] view of W_out's columns): its grad then flows back without a copy.
     split: let the config's row chunks (6th entry, 0 = none) split each expert's reduction, summed by
     fp32 atomics (not bitwise reproducible: callers pass False under deterministic algorithms).
-    fold = (coef [M] fp32 per sorted row, p): lhs rows get coef added to their first p columns as loaded."""
+    fold = ("rows", coef [M] fp32 per sorted row, p): lhs rows get coef added to their first p columns as
+    loaded; ("expert", v [N, Q] fp32, p): dW[e, :p] += v[e] in the epilogue."""
     N = plan.num_experts
     P, Q = lhs.shape[1], rhs.shape[1]
     dw = torch.empty_strided(like.shape, like.stride(), device=lhs.device, dtype=like.dtype)
-    coef, fold_p = fold if fold is not None else (lhs, 0)
+    fold_kind, coef, fold_p = fold if fold is not None else (None, lhs, 0)
     state = {}
 
     def launch(cfg):
@@ -370,7 +371,7 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
         _wgrad_kernel[(num_t * num_p * num_q,)](
             lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets, coef, fold_p,
             out, out.stride(0), out.stride(1), out.stride(2), N, P, Q, num_p, num_q,
-            GATHER=not gathered, PREC=_prec(lhs), SPLIT=bool(ch), FOLD=fold is not None, BP=BP, BQ=BQ, BK=BK,
+            GATHER=not gathered, PREC=_prec(lhs), SPLIT=bool(ch), FOLD={None: 0, "rows": 1, "expert": 2}[fold_kind], BP=BP, BQ=BQ, BK=BK,
             CH=max(ch, BK), NP2=_np2(N), num_warps=nw, num_stages=ns)
         state["out"] = out
 

@@ -9,9 +9,12 @@ Router folding (`router_centroids=c`, SSD's router: c[n] = mean of expert n's fi
 gate rows for GLU; the gate passed is then 1 and takes no gradient): the gradient of the straight-through
 gate (s - s.detach()) + 1 with s[t, k] = x[t] . c[e] is added inside the backward kernels instead of by
 the router's own backward. Per (t, k) row with gate gradient dg: dx[t] += dg * c[e], an epilogue term of
-the dx down kernel; dW1[e][j] += dg * x[t] / E for the E gate rows j, a term added to dh's gate columns
-as the dW1 kernel loads them (db1 stays dh's). That replaces the router's backward: a [T, N] scatter, two
-small GEMMs, the centroid mean's backward and two gradient additions ([T, D] and [N, F1, D]).
+the dx down kernel; dW1[e][j] += dg * x[t] / E for the E gate rows j, either as one [N, D] term
+dc = dS^T x / E (dS: the gate gradients as a [T, N] matrix, one small GEMM) added in the dW1 kernel's
+epilogue (`fold_router="epilogue"`), or as dg / E added to dh's gate columns while the dW1 kernel loads
+them (`"rows"`: no GEMM, but work and registers in its main loop). db1 stays dh's. That replaces the
+router's backward: a [T, N] scatter, two small GEMMs, the centroid mean's backward and two gradient
+additions ([T, D] and [N, F1, D]).
 """
 from __future__ import annotations
 
@@ -61,9 +64,9 @@ def triton_runs_on(t: torch.Tensor) -> bool:
 @torch.library.custom_op("ssd_megatron::triton_experts", mutates_args=())
 def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                 gate_flat: torch.Tensor, topk_idx: torch.Tensor, activation: str, combine: str, wgrad: str,
-                save: bool, centroids: Optional[torch.Tensor] = None
+                save: bool, centroids: Optional[torch.Tensor] = None, fold: str = "epilogue"
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h or an empty tensor, the plan's order, token, offsets); `wgrad` and `centroids` (router
+    """(y, h or an empty tensor, the plan's order, token, offsets); `wgrad`, `centroids` and `fold` (router
     folding, see the module docstring) are only for the backward."""
     k = _kernels()
     plan = make_plan(topk_idx, w1.shape[0])
@@ -73,7 +76,8 @@ def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
 
 
 @_experts_op.register_fake
-def _experts_fake(x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids=None):
+def _experts_fake(x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids=None,
+                  fold="epilogue"):
     T, K = topk_idx.shape
     rows = torch.empty(T * K, dtype=torch.int32, device=x.device)
     return (x.new_empty(T, w2.shape[2]), x.new_empty(T * K, w1.shape[1]) if save else x.new_empty(0),
@@ -84,7 +88,8 @@ def _experts_fake(x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad
 def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                          gate_flat: torch.Tensor, h: torch.Tensor, order: torch.Tensor, token: torch.Tensor,
                          offsets: torch.Tensor, top_k: int, activation: str, has_bias: bool, combine: str,
-                         wgrad: str, needs: list[bool], centroids: Optional[torch.Tensor] = None
+                         wgrad: str, needs: list[bool], centroids: Optional[torch.Tensor] = None,
+                         fold: str = "epilogue"
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw1, db1, dw2, dgate flat); a gradient not in `needs` (x, w1, b1, w2, gate) is an empty tensor.
     With `centroids`, dx and dw1 include the folded router gradient (module docstring)."""
@@ -95,12 +100,15 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
     dh, dgate, ga, db32 = k.up_backward(dy, w2, h, gate_flat, plan, activation,
                                         need_ga=need_w2, need_db=has_bias and need_b1)
     split = combine != "buffer"  # "buffer" = deterministic sums: no atomics in the weight grads either
-    rank1 = fold = None
+    rank1 = wfold = None
     if centroids is not None:
         E = w2.shape[1]
-        rank1, fold = (dgate, centroids), ((dgate / E).index_select(0, order.long()), E)
+        rank1 = (dgate, centroids)
+        if need_w1:
+            wfold = (("rows", (dgate / E).index_select(0, order.long()), E) if fold == "rows"
+                     else ("expert", _router_centroid_grad(dgate, x, plan) / E, E))
     return (k.down_scatter(dh, w1, plan, None, combine, rank1=rank1) if need_x else x.new_empty(0),
-            _weight_grad(k, dh, x, plan, w1, wgrad, split, fold) if need_w1 else x.new_empty(0),
+            _weight_grad(k, dh, x, plan, w1, wgrad, split, wfold) if need_w1 else x.new_empty(0),
             db32.to(w1.dtype) if db32 is not None else x.new_empty(0),
             _weight_grad(k, ga, dy, plan, w2, wgrad, split) if need_w2 else x.new_empty(0),
             dgate.to(gate_flat.dtype) if need_gate else x.new_empty(0))
@@ -108,7 +116,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
 
 @_experts_backward_op.register_fake
 def _experts_backward_fake(dy, x, w1, w2, gate_flat, h, order, token, offsets, top_k, activation, has_bias,
-                           combine, wgrad, needs, centroids=None):
+                           combine, wgrad, needs, centroids=None, fold="epilogue"):
     need_x, need_w1, need_b1, need_w2, need_gate = needs
     return (x.new_empty(x.shape) if need_x else x.new_empty(0),
             _empty_like_strided(w1) if need_w1 else x.new_empty(0),
@@ -118,19 +126,31 @@ def _experts_backward_fake(dy, x, w1, w2, gate_flat, h, order, token, offsets, t
 
 
 def _setup(ctx, inputs, output):
-    x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids = inputs
+    x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids, fold = inputs
     _, h, order, token, offsets = output
     ctx.save_for_backward(x, w1, w2, gate_flat, h, order, token, offsets, centroids)
-    ctx.meta = (topk_idx.shape[1], activation, b1 is not None, combine, wgrad)
+    ctx.meta = (topk_idx.shape[1], activation, b1 is not None, combine, wgrad, fold)
 
 
 def _backward(ctx, dy, *_):
     x, w1, w2, gate_flat, h, order, token, offsets, centroids = ctx.saved_tensors
-    top_k, activation, has_bias, combine, wgrad = ctx.meta
+    top_k, activation, has_bias, combine, wgrad, fold = ctx.meta
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     grads = _experts_backward_op(dy, x, w1, w2, gate_flat, h, order, token, offsets, top_k, activation, has_bias,
-                                 combine, wgrad, needs, centroids)
-    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 6
+                                 combine, wgrad, needs, centroids, fold)
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 7
+
+
+def _router_centroid_grad(dgate: torch.Tensor, x: torch.Tensor, plan) -> torch.Tensor:
+    """[N, D] fp32: sum over the (t, k) pairs routed to expert e of dgate * x[t] (dS^T x, dS the gate
+    gradients scattered into a [T, N] matrix in x's dtype, as the router's own backward has it)."""
+    M, N, K = plan.num_rows, plan.num_experts, plan.top_k
+    rows = torch.arange(M, device=x.device, dtype=plan.offsets.dtype)
+    expert = torch.searchsorted(plan.offsets[1:], rows, right=True)
+    pair = plan.order.long()
+    ds = x.new_zeros(x.shape[0], N)
+    ds[pair // K, expert] = dgate.index_select(0, pair).to(x.dtype)
+    return (ds.t() @ x).float()
 
 
 _experts_op.register_autograd(_backward, setup_context=_setup)
@@ -142,18 +162,21 @@ def _empty_like_strided(w: torch.Tensor) -> torch.Tensor:
 
 def _weight_grad(k, lhs, rhs_tokens, plan, weight, mode, split, fold=None):
     """dW[e] = lhs[rows of e]^T @ rhs_tokens[token of each row] (see TritonBackend's `wgrad`), with the
-    strides of `weight` (so its grad flows back to a strided view without a copy); `fold` = (coef per
-    sorted row, p) adds coef to the first p columns of every lhs row."""
+    strides of `weight` (so its grad flows back to a strided view without a copy); `fold` adds the router's
+    gradient to the first p rows of dW (`_triton_kernels.wgrad`)."""
     if mode == "triton":
         return k.wgrad(lhs, rhs_tokens, plan, weight, gathered=False, split=split, fold=fold)
     rhs = rhs_tokens.index_select(0, plan.token)
     if mode == "triton_mat":
         return k.wgrad(lhs, rhs, plan, weight, gathered=True, split=split, fold=fold)
-    if fold is not None:
-        coef, p = fold
+    kind, coef, p = fold if fold is not None else (None, None, 0)
+    if kind == "rows":
         lhs = lhs.clone()
         lhs[:, :p] += coef.to(lhs.dtype)[:, None]
-    return _empty_like_strided(weight).copy_(_grouped_mm(lhs.t(), rhs, offs=plan.offsets[1:]))
+    dw = _grouped_mm(lhs.t(), rhs, offs=plan.offsets[1:])
+    if kind == "expert":
+        dw[:, :p] += coef.to(dw.dtype)[:, None, :]
+    return _empty_like_strided(weight).copy_(dw)
 
 
 class _Plan:
@@ -172,6 +195,7 @@ def _inner_contiguous(w: torch.Tensor) -> torch.Tensor:
 
 COMBINES = ("buffer", "atomic32", "atomic16")
 WGRADS = ("triton", "triton_mat", "gmm")
+FOLDS = ("epilogue", "rows", "off")
 
 
 class TritonBackend:
@@ -180,17 +204,20 @@ class TritonBackend:
     bitwise reproducible), "buffer" when torch.are_deterministic_algorithms_enabled().
     wgrad: how the grouped weight gradients are computed: "triton" (our kernel gathers the token rows),
     "triton_mat" (rows pre-gathered by index_select, our kernel), "gmm" (pre-gathered, torch._grouped_mm).
-    fold_router: offer to fold SSD's router gradient into the kernels (`folds_router`; module docstring).
+    fold_router: "epilogue" or "rows" (how dW1 takes SSD's router gradient when the caller folds it into
+    the kernels, `folds_router`; module docstring), or "off" (not offered).
     """
 
     name = "triton"
 
-    def __init__(self, combine: str = None, wgrad: str = "triton", fold_router: bool = True):
+    def __init__(self, combine: str = None, wgrad: str = "triton", fold_router: str = "epilogue"):
         if combine is not None and combine not in COMBINES:
             raise ValueError(f"combine={combine!r}; accepted: {', '.join(COMBINES)}")
         if wgrad not in WGRADS:
             raise ValueError(f"wgrad={wgrad!r}; accepted: {', '.join(WGRADS)}")
-        self.combine, self.wgrad, self.fold_router = combine, wgrad, bool(fold_router)
+        if fold_router not in FOLDS:
+            raise ValueError(f"fold_router={fold_router!r}; accepted: {', '.join(FOLDS)}")
+        self.combine, self.wgrad, self.fold_router = combine, wgrad, fold_router
         if os.environ.get("SSD_TRITON_CONFIG"):
             _kernels().env_configs()  # a malformed value fails here, not inside a compiled step
         if os.environ.get("SSD_TRITON_TILE_ORDER"):
@@ -198,7 +225,7 @@ class TritonBackend:
 
     def folds_router(self, x: torch.Tensor) -> bool:
         """Whether a call on `x` runs our kernels, which can take `router_centroids` (module docstring)."""
-        return self.fold_router and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_runs_on(x)
+        return self.fold_router != "off" and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_runs_on(x)
 
     def __call__(self, x, w1, b1, w2, topk_idx, gate, activation, router_centroids=None):
         if activation not in ACTIVATIONS:
@@ -216,7 +243,8 @@ class TritonBackend:
         c = None if router_centroids is None else router_centroids.detach().to(x.dtype).contiguous()
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, gate_flat))
         # inference (no grad): no pre-activation saved
-        return _experts_op(x, w1, b1, w2, gate_flat, topk_idx, activation, self._combine(), self.wgrad, save, c)[0]
+        return _experts_op(x, w1, b1, w2, gate_flat, topk_idx, activation, self._combine(), self.wgrad, save, c,
+                           self.fold_router)[0]
 
     def _combine(self) -> str:
         if self.combine is not None:

@@ -1,7 +1,8 @@
 """The grouped weight gradients: dW[e] = sum over expert e's rows r of L[r]^T R[token[r]] (R gathered in the
-kernel, or pre-gathered), optionally split into equal row chunks summed by fp32 atomics. FOLD adds
-coef[r] to L's first fold_p columns as they are loaded: the router's weight gradient, dgate / E on the
-gate rows of dW1 (ffn/backends/triton_backend.py)."""
+kernel, or pre-gathered), optionally split into equal row chunks summed by fp32 atomics. FOLD adds the
+router's weight gradient to the first fold_p rows of dW1 (the gate rows; ffn/backends/triton_backend.py):
+1 = COEF[r] (dgate / E per sorted row) added to L's first fold_p columns as they are loaded; 2 = the
+precomputed COEF[e] ([N, Q] fp32) added to those rows in the epilogue."""
 import triton
 import triton.language as tl
 
@@ -13,7 +14,7 @@ def _wgrad_kernel(
     L, stride_l,                 # [M, P] grouped rows (ga or dh)
     R, stride_r,                 # GATHER: [T, Q] token-major (dy or x); else [M, Q] grouped rows
     TOK, OFFS,
-    COEF, fold_p,                # FOLD: L[r, :fold_p] += COEF[r] (fp32, per sorted row)
+    COEF, fold_p,                # FOLD 1: L[r, :fold_p] += COEF[r]; 2: dW[e, :fold_p] += COEF[e] (module doc)
     DW, stride_de, stride_dp, stride_dq,  # [N, P, Q], any strides (laid out like the weight it grads)
     N, P, Q, num_p, num_q,
     GATHER: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr,
@@ -47,7 +48,7 @@ def _wgrad_kernel(
         rm = rows < end
         # L^T tile loaded transposed by address arithmetic ([BP, BK], contiguous along P)
         lt = tl.load(L + rows.to(tl.int64)[None, :] * stride_l + pc[:, None], mask=rm[None, :] & pm[:, None], other=0.0)
-        if FOLD:
+        if FOLD == 1:
             coef = tl.load(COEF + rows, mask=rm, other=0.0)
             lt = (lt.to(tl.float32) + tl.where(pc[:, None] < fold_p, coef[None, :], 0.0)).to(lt.dtype)
         if GATHER:
@@ -56,6 +57,10 @@ def _wgrad_kernel(
             src = rows.to(tl.int64)
         r = tl.load(R + src[:, None] * stride_r + qc[None, :], mask=rm[:, None] & qm[None, :], other=0.0)
         acc = tl.dot(lt, r, acc, input_precision=PREC)
+    if FOLD == 2:  # once per expert: by its first chunk when split
+        if (not SPLIT) or start == tl.load(OFFS + e):
+            v = tl.load(COEF + e.to(tl.int64) * Q + qc, mask=qm, other=0.0)
+            acc += tl.where(pc[:, None] < fold_p, v[None, :], 0.0)
     dwp = DW + e.to(tl.int64) * stride_de + pc[:, None] * stride_dp + qc[None, :] * stride_dq
     omask = pm[:, None] & qm[None, :]
     if SPLIT:
