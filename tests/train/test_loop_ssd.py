@@ -67,3 +67,21 @@ def test_resume_mid_sparse_with_other_expert_count_is_a_clear_error(tiny_data, t
     cfg = _cfg(tiny_data, tmp_path / "run", **{**SSD, "ssd.num_experts": 4, "checkpoint.resume": str(ckpt)})
     with pytest.raises(UserError, match=r"trainer.pt.*stored for 8 experts.*ssd.num_experts: 4"):
         loop_mod.train(cfg)
+
+
+def test_ssd_glu_resume_mid_sparse_is_bit_exact(tiny_data, tmp_path):
+    """SwiGLU: sparse phases store each expert's gate and up rows interleaved (expert-major), the dense
+    phases in neuron order; a run resumed from a mid-sparse checkpoint repeats the uninterrupted one."""
+    glu = {**SSD, "model.activation": "swiglu"}
+    ref = tmp_path / "ref"
+    with one_thread():
+        loop_mod.train(_cfg(tiny_data, ref, **glu))
+    switches = {r["step"]: r["switch"] for r in _records(ref, "train") if "switch" in r}
+    assert "dense->sparse" in switches.values() and "sparse->dense" in switches.values()
+    start = next(s + 1 for s, w in sorted(switches.items()) if w == "dense->sparse" and (s + 1) % 4 == 0)
+    assert _phases(ref)[start] == "sparse"  # the checkpoint holds expert-major (interleaved) FFNs
+    run = tmp_path / "run"
+    with one_thread():
+        loop_mod.train(_cfg(tiny_data, run, **glu, **{"checkpoint.resume": str(ref / "checkpoints" / f"step_{start:07d}")}))
+    want, got = _losses(ref), _losses(run)
+    assert sorted(got) == list(range(start, 14)) and all(got[s] == want[s] for s in got)
