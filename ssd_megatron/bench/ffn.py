@@ -379,7 +379,7 @@ def main(argv=None) -> int:
         raise UserError("ssd-bench ffn: needs a CUDA GPU (timings use CUDA events)")
     if args.tune:
         os.environ["SSD_TRITON_TUNE"] = "1"
-    from ..ffn.backends import BACKEND_NAMES, available_backends, get_backend
+    from ..ffn.backends import BACKEND_NAMES, available_backends, get_backend, tuning_env
     avail = available_backends(args.device)
     names = avail if args.backends == "all" else _split(args.backends, [b for b in BACKEND_NAMES if b != "auto"], "backend")
     missing = [n for n in names if n not in avail]
@@ -408,7 +408,8 @@ def main(argv=None) -> int:
         "method": "CUDA events per iteration, median; fwd = forward only under no_grad (inference, k=K); "
                   "fwd_bwd = forward+backward; inputs and weights rotated over %d layers" % args.rotations,
         "sparse_path": f"expert weights (gather: {args.weight_gather}) + centroids + x@c.T + topk + gate trick "
-                       "+ backend + b_out",
+                       "(its gradient folded into the kernels where the backend offers it: triton) + backend + b_out",
+        "env": tuning_env(),
         "graph_note": "*_graph_ms: CUDA-graph replay of the same work (GPU time without host launch overhead); "
                       "null where the path syncs with the host (reference, megablocks)",
         "records": [], "uniform_records": [], "breakdown": [], "routing_stats": {}, "flops": {}, "errors": [],

@@ -454,7 +454,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ssd-bench step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shape for a CPU smoke test")
     ap.add_argument("--phase", choices=["dense", "sparse", "both"], default="dense")
-    from ..ffn.backends import BACKEND_NAMES
+    from ..ffn.backends import BACKEND_NAMES, tuning_env
 
     ap.add_argument("--backend", default="auto", choices=list(BACKEND_NAMES), help="expert backend for the sparse phase")
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -510,7 +510,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "transformers": _version("transformers"),
         "shape": shape, "bf16": bf16, "compile": compile_model, "backend": args.backend, "peak_flops": peak,
-        "inductor_options": inductor,
+        "inductor_options": inductor, "env": tuning_env(),
         "records": records,
     }
     if args.check:

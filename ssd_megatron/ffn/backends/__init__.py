@@ -61,6 +61,14 @@ class AutoBackend:
         return self.resolve(x)(x, w1, b1, w2, topk_idx, gate, activation, **kwargs)
 
 
+def tuning_env() -> dict:
+    """The environment variables that change the triton backend's kernels (recorded with benchmark results)."""
+    import os
+
+    return {k: os.environ[k] for k in ("SSD_TRITON_CONFIG", "SSD_TRITON_TILE_ORDER", "SSD_TRITON_TUNE")
+            if k in os.environ}
+
+
 def available_backends(device=None) -> list:
     """Names of the concrete backends that can run on `device` (default: CUDA if present, else CPU)."""
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,4 +106,4 @@ def get_backend(name: str = "auto", device=None):
 
 
 __all__ = ["BACKEND_NAMES", "AutoBackend", "ReferenceBackend", "GroupedMMBackend", "available_backends",
-           "get_backend"]
+           "get_backend", "tuning_env"]
