@@ -148,3 +148,36 @@ def test_reclustering_or_resizing_expert_major_storage_is_refused():
     ffn.configure_experts(N, 4)  # k may change: the layout depends on N only
     to_neuron_order(ffn)
     ffn.configure_experts(3, 1)
+
+
+def test_expert_major_sparse_step_copies_no_weights():
+    """The point of expert-major storage: forward and backward of the sparse path read the experts as
+    views, so no op copies a weight-sized tensor (the gather path does, both ways)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.index_select, torch.ops.aten.gather, torch.ops.aten.index,
+                                       torch.ops.aten.scatter, torch.ops.aten.index_put_):
+                src = args[0]
+                if torch.is_tensor(src) and src.numel() >= F * D:
+                    self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def ops(ffn):
+        ffn.set_mode("sparse")
+        x = torch.randn(40, D, dtype=torch.float64)
+        with Copies() as mode:
+            ffn(x).sum().backward()
+        return mode.ops
+
+    for act in ("relu", "swiglu"):
+        gathered = _ffn(act)
+        assert ops(gathered)  # the gather path does copy the weights (so this check can see them)
+        em = _ffn(act)
+        to_expert_major(em)
+        assert ops(em) == [], act
