@@ -91,6 +91,25 @@ def test_triton_kernel_variants_bf16(case, variant):
         kernels.force_config()
 
 
+@pytest.mark.parametrize("down", ["pointer", "rowloop", "tma"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[8], CASES[12]], ids=[IDS[0], IDS[4], IDS[8], IDS[12]])
+def test_triton_token_window_order_bf16(case, down, monkeypatch):
+    """The up, up_bwd and down M-tiles from the token-window schedule (SSD_TRITON_TILE_ORDER=token; the
+    default at the 8B shape only) against the reference, with each down kernel."""
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    from ssd_megatron.ffn.backends import _triton_kernels as kernels
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "token")
+    inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
+    kernels.force_config(down={"pointer": (128, 128, 64, 8, 3), "rowloop": (128, 128, 64, 4, 3, kernels.ROWLOOP),
+                               "tma": (128, 128, 64, 8, 3, kernels.TMA)}[down])
+    try:
+        compare(run(TritonBackend(), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
+    finally:
+        kernels.force_config()
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[12]], ids=[IDS[0], IDS[4], IDS[12]])
 @pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
 def test_w2_as_column_view(backend, case):
