@@ -45,7 +45,7 @@ PY
 status=0
 if [ "${GPU_TESTS:-1}" = "1" ]; then
   echo "== GPU correctness tests (tests/backends)"
-  timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -rs -n "${TEST_WORKERS:-8}" -p no:cacheprovider tests/backends/test_backends_gpu.py \
+  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -rs -n "${TEST_WORKERS:-8}" -p no:cacheprovider tests/backends/test_backends_gpu.py \
       tests/backends/test_reference_cpu.py 2>&1 | tee "$OUT/gpu_tests.log"
   status=${PIPESTATUS[0]}
   tail -n 3 "$OUT/gpu_tests.log" > "$OUT/gpu_tests_summary.txt"
