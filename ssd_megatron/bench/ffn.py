@@ -4,7 +4,8 @@ The timed sparse path is everything a training step pays for the layer (mirrors 
 SSD sparse phase): the expert weights, the centroids (mean of each expert's W_in gate rows), router
 scores `x @ c.T`, top-k, the straight-through gate `(s - s.detach()) + 1` (with `triton`, its gradient
 folded into the backend's kernels, as SwitchableFFN does; `--triton-variants fold_router=off` times the
-router's own backward instead, `fold_router=rows` the other way to fold it), the backend, and the output bias. `--weight-gather` says where the expert weights come from:
+router's own backward instead, `fold_router=rows` the other way to fold it), the backend, and the output
+bias. `--weight-gather` says where the expert weights come from:
 - `none` (default; what an SSD sparse phase runs since the parameters are stored expert-major there,
   ffn/expert_layout.py): views of parameters laid out in expert order, no gather;
 - `permute`: `ffn.backends.weights.gather_expert_weights` through the clustering permutation from

@@ -2,7 +2,8 @@
 
 Only the HF *objects* are read (no downloads here); a caller may get one from `from_pretrained`.
 Every converter fills every tensor of our state_dict except the FFN's `expert_perm` and `expert_major`
-buffers (identity clustering, neuron order at load) and refuses HF options our models don't express, rather than converting them wrongly.
+buffers (identity clustering, neuron order at load) and refuses HF options our models don't express,
+rather than converting them wrongly.
 """
 from __future__ import annotations
 

@@ -347,6 +347,9 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None):
     return out if K == 1 else out.view(T, K, Dout).sum(1)
 
 
+_FOLD_CODES = {None: 0, "rows": 1, "expert": 2}  # kernels/wgrad.py's FOLD
+
+
 def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
     """dW [N, P, Q] = per expert lhs_rows^T @ rhs_rows; rhs rows are rhs[token[r]] when `gathered`
     is False (the kernel gathers), else rhs is already in sorted-row order. dW gets the strides of the
@@ -371,7 +374,7 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
         _wgrad_kernel[(num_t * num_p * num_q,)](
             lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets, coef, fold_p,
             out, out.stride(0), out.stride(1), out.stride(2), N, P, Q, num_p, num_q,
-            GATHER=not gathered, PREC=_prec(lhs), SPLIT=bool(ch), FOLD={None: 0, "rows": 1, "expert": 2}[fold_kind], BP=BP, BQ=BQ, BK=BK,
+            GATHER=not gathered, PREC=_prec(lhs), SPLIT=bool(ch), FOLD=_FOLD_CODES[fold_kind], BP=BP, BQ=BQ, BK=BK,
             CH=max(ch, BK), NP2=_np2(N), num_warps=nw, num_stages=ns)
         state["out"] = out
 

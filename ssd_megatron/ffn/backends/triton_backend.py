@@ -225,7 +225,8 @@ class TritonBackend:
 
     def folds_router(self, x: torch.Tensor) -> bool:
         """Whether a call on `x` runs our kernels, which can take `router_centroids` (module docstring)."""
-        return self.fold_router != "off" and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_runs_on(x)
+        return (self.fold_router != "off" and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+                and triton_runs_on(x))
 
     def __call__(self, x, w1, b1, w2, topk_idx, gate, activation, router_centroids=None):
         if activation not in ACTIVATIONS:
