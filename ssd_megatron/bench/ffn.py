@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..ffn.activations import ACTIVATIONS, apply_activation, is_glu
+from ..ffn.backends import call_router_folded, router_fold_offered
 from ..ffn.centroid_router import centroid_topk
 
 SHAPES = {  # name: (d_model, d_ff, num_experts, top_k)
@@ -115,13 +116,12 @@ class Layer:
 
     def sparse(self, x, backend):
         w1, b1, w2 = self.expert_weights()
-        if torch.is_grad_enabled() and getattr(backend, "folds_router", None) and backend.folds_router(x):
-            # as SwitchableFFN: the router's gradient inside the backend's kernels, gate value 1
+        if torch.is_grad_enabled() and router_fold_offered(backend, x):
+            # as SwitchableFFN: the router's gradient inside the backend's kernels
             with torch.no_grad():
                 c = w1[:, : self.E].mean(dim=1)
                 idx = self.select(x, c, self.K)[1]
-            y = backend(x, w1, b1, w2, idx, torch.ones(idx.shape, dtype=x.dtype, device=x.device), self.activation,
-                        router_centroids=c)
+            y = call_router_folded(backend, x, w1, b1, w2, idx, self.activation, c)
         else:
             idx, gate = self.route(x, w1, self.K)
             y = backend(x, w1, b1, w2, idx, gate, self.activation)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends.weights import expert_rows, inverse_permutation
+from .backends.weights import inverse_permutation
 
 
 @torch.no_grad()
@@ -62,8 +62,7 @@ def to_expert_major(ffn, optimizer=None) -> None:
     optimizer that holds the FFN's parameters (None only where there is none, e.g. inference)."""
     if ffn.is_expert_major:
         return
-    perm = ffn.expert_perm
-    _move(ffn, expert_rows(perm, ffn.num_experts, ffn.glu), perm, optimizer)
+    _move(ffn, *ffn.expert_major_order(), optimizer)
     ffn.mark_expert_major(True)
 
 
@@ -71,6 +70,7 @@ def to_neuron_order(ffn, optimizer=None) -> None:
     """Undo to_expert_major: every parameter, gradient and moment back in neuron-id order, bit for bit."""
     if not ffn.is_expert_major:
         return
-    perm = ffn.expert_perm
-    _move(ffn, inverse_permutation(expert_rows(perm, ffn.num_experts, ffn.glu)), inverse_permutation(perm), optimizer)
+    rows, cols = ffn.expert_major_order()
+    inv_cols = inverse_permutation(cols)
+    _move(ffn, inverse_permutation(rows) if ffn.glu else inv_cols, inv_cols, optimizer)
     ffn.mark_expert_major(False)

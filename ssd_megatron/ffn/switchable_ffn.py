@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .activations import ACTIVATIONS, apply_activation, is_glu
-from .backends import get_backend
+from .backends import call_router_folded, get_backend, router_fold_offered
 from .backends.weights import expert_rows, expert_views, gather_expert_weights, inverse_permutation
 from .centroid_router import centroid_topk
 from .fused_relu_ffn import relu_ffn
@@ -113,6 +113,11 @@ class SwitchableFFN(nn.Module):
             self.expert_major.fill_(self.expert_size if flag else 0)
         self.act.glu_block = self.expert_size if (self._expert_major and self.glu) else None
 
+    def expert_major_order(self):
+        """(W_i / b_i row order, W_o column order) of the expert-major storage: the neuron (row) ids by
+        storage position; for GLU each expert's gate rows then its up rows."""
+        return expert_rows(self.expert_perm, self.num_experts, self.glu), self.expert_perm
+
     def reset_layout(self) -> None:
         """Identity clustering, neuron-order storage: a freshly initialised FFN (not a move: only call
         this when the parameters are (re-)initialised too)."""
@@ -139,8 +144,7 @@ class SwitchableFFN(nn.Module):
         if hasattr(w, "full_tensor"):
             w = w.full_tensor()
         if self._expert_major:
-            w = w.index_select(0, inverse_permutation(expert_rows(self.expert_perm.to(w.device), self.num_experts,
-                                                                  self.glu)))
+            w = w.index_select(0, inverse_permutation(self.expert_major_order()[0]).to(w.device))
         if self.glu:
             return torch.cat([w[: self.d_ff], w[self.d_ff:]], dim=1)
         return w
@@ -188,7 +192,7 @@ class SwitchableFFN(nn.Module):
         return (self.router_grad and torch.is_grad_enabled()
                 and type(self).route is SwitchableFFN.route
                 and not (self.dynamic_drop_ratio > 0 and not self.training)
-                and bool(getattr(self.backend, "folds_router", None)) and self.backend.folds_router(x2))
+                and router_fold_offered(self.backend, x2))
 
     def expert_weights(self):
         """(w1 [N, F1, D], b1 [N, F1] or None, w2 [N, E, D]) of the shared parameters: views when they are
@@ -228,9 +232,7 @@ class SwitchableFFN(nn.Module):
             with torch.no_grad():
                 centroids = self.centroids(w1)
                 top_idx = centroid_topk(x2, centroids, self.top_k)[1]
-            # the straight-through gate's value (exactly 1); its gradient is folded into the backend's kernels
-            gate = torch.ones(top_idx.shape, dtype=x2.dtype, device=x2.device)
-            y = self.backend(x2, w1, b1, w2, top_idx, gate, self.activation, router_centroids=centroids)
+            y = call_router_folded(self.backend, x2, w1, b1, w2, top_idx, self.activation, centroids)
         else:
             top_idx, gate = self.route(x2, w1, self.top_k)
             y = self.backend(x2, w1, b1, w2, top_idx, gate.to(x2.dtype), self.activation)

@@ -15,6 +15,7 @@ Importing this package never needs CUDA, triton or megablocks: those are importe
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -54,17 +55,28 @@ class AutoBackend:
 
     def folds_router(self, x: torch.Tensor) -> bool:
         """Whether the backend this call resolves to can fold SSD's router gradient (docs/interfaces.md)."""
-        be = self.resolve(x)
-        return bool(getattr(be, "folds_router", None) and be.folds_router(x))
+        return router_fold_offered(self.resolve(x), x)
 
     def __call__(self, x, w1, b1, w2, topk_idx, gate, activation, **kwargs):
         return self.resolve(x)(x, w1, b1, w2, topk_idx, gate, activation, **kwargs)
 
 
+def router_fold_offered(backend, x: torch.Tensor) -> bool:
+    """Whether `backend` takes SSD's router gradient into its kernels for a call on `x` (its optional
+    `folds_router`, docs/interfaces.md)."""
+    offers = getattr(backend, "folds_router", None)
+    return bool(offers and offers(x))
+
+
+def call_router_folded(backend, x, w1, b1, w2, top_idx, activation, centroids):
+    """The backend call with SSD's router folded in: the straight-through gate's value (exactly 1) as the
+    gate, its gradient added by the backend from `centroids` (detached [N, D])."""
+    gate = torch.ones(top_idx.shape, dtype=x.dtype, device=x.device)
+    return backend(x, w1, b1, w2, top_idx, gate, activation, router_centroids=centroids)
+
+
 def tuning_env() -> dict:
     """The environment variables that change the triton backend's kernels (recorded with benchmark results)."""
-    import os
-
     return {k: os.environ[k] for k in ("SSD_TRITON_CONFIG", "SSD_TRITON_TILE_ORDER", "SSD_TRITON_TUNE")
             if k in os.environ}
 
@@ -106,4 +118,4 @@ def get_backend(name: str = "auto", device=None):
 
 
 __all__ = ["BACKEND_NAMES", "AutoBackend", "ReferenceBackend", "GroupedMMBackend", "available_backends",
-           "get_backend", "tuning_env"]
+           "call_router_folded", "get_backend", "router_fold_offered", "tuning_env"]

@@ -209,12 +209,12 @@ def _np2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _launch_up(head, tail, plan, nbytes, meta, cfg, M, N, Din, E):
+def _launch_up(head, tail, plan, meta, cfg, M, N, Din, E):
     """One `_up_kernel` launch: a program per (M-tile, column block); `head` and `tail` are the kernel's
-    arguments before and after TILES, `nbytes` the size of its gathered [T, Din] operand."""
+    arguments before and after TILES (head[0]: the gathered [T, Din] operand)."""
     BM, BN, BK, nw, ns = cfg[:5]
     num_n = triton.cdiv(E, BN)
-    tiles, sched = _tiles(plan, BM, nbytes)
+    tiles, sched = _tiles(plan, BM, head[0].numel() * head[0].element_size())
     _up_kernel[((triton.cdiv(M, BM) + N) * num_n,)](
         *head, tiles, *tail, N, M, Din, E, num_n, EVEN_K=Din % BK == 0, EVEN_N=E % BN == 0, SCHED=sched, BM=BM,
         BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns, **meta)
@@ -236,7 +236,7 @@ def up_forward(x, w1, b1, plan, activation, save_h: bool):
                 PREC=_prec(x))
 
     def launch(cfg):
-        _launch_up(head, tail, plan, x.numel() * x.element_size(), meta, cfg, M, N, D, E)
+        _launch_up(head, tail, plan, meta, cfg, M, N, D, E)
 
     launch(_pick("up_glu" if glu else "up", (D, E, str(x.dtype)), launch))
     return a, (h if save_h else None)
@@ -262,7 +262,7 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
         head = (dy, dy.stride(0), w2, w2.stride(0), w2.stride(1), w2.stride(2), dh, 0,
                 plan.token, plan.order, gate_flat, plan.offsets)
         tail = (h, h.stride(0), dh, dh.stride(0), dgp, ga, ga.stride(0), db, db.stride(0))
-        _launch_up(head, tail, plan, dy.numel() * dy.element_size(), meta, cfg, M, N, D, E)
+        _launch_up(head, tail, plan, meta, cfg, M, N, D, E)
         state["dgp"] = dgp
 
     launch(_pick("up_bwd_glu" if glu else "up_bwd", (D, E, str(dy.dtype)), launch))
