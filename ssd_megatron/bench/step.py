@@ -30,7 +30,9 @@ step captured once and replayed, as `train.cuda_graph: true` runs it; also timed
 (the fused loss in 2 chunks of 2^29 logits instead of 4 of 2^28), `no-router-fold` (sparse phase: SSD's
 router gradient by the router's own backward instead of inside the expert kernels; e.g.
 `--variant cuda-graph+no-router-fold`), `router-fold-rows` (its dW1 part added to dh's gate columns in the
-dW1 kernel's main loop instead of as one small GEMM added in the epilogue). `--profile DIR` profiles a
+dW1 kernel's main loop instead of as one small GEMM added in the epilogue), `no-master-weights` (sparse
+phase: the FFN weights cast to bf16 before the expert backend and their gradients cast back by autograd,
+instead of the backend taking the fp32 parameters and its wgrad kernel writing fp32 gradients). `--profile DIR` profiles a
 few steps of each and prints the top kernels and a time-by-category table (docs/performance.md).
 
 `--phase sparse` puts every FFN of our model in sparse mode (random balanced clustering, N=32, K=6,
@@ -55,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..errors import UserError
 
 BASE = dict(n_layers=12, d_model=768, n_heads=12, d_ff=6144, vocab=50304, batch=16, seq=1024, experts=32, top_k=6)
 TINY = dict(n_layers=2, d_model=64, n_heads=2, d_ff=256, vocab=512, batch=2, seq=64, experts=8, top_k=2)
@@ -76,6 +79,8 @@ def build_ours(shape: dict, device, phase: str, backend: str, seed: int = 0):
         from ..ffn.expert_layout import to_expert_major
 
         be = get_backend(backend, device=device)
+        if hasattr(be, "resolve"):  # auto: the backend it picks for bf16 tokens here, whose options variants set
+            be = be.resolve(torch.empty(0, device=device, dtype=torch.bfloat16))
         g = torch.Generator().manual_seed(seed)
         for ffn in model.ffn_layers():
             ffn.configure_experts(shape["experts"], shape["top_k"])
@@ -106,11 +111,11 @@ def _hf_loss(logits, labels):
 
 VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "triton-mask-gemm", "sync-clip",
             "sync-step", "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "flash-attn",
-            "cuda-graph", "torch-adamw", "ce-big-chunks", "no-router-fold", "router-fold-rows")
+            "cuda-graph", "torch-adamw", "ce-big-chunks", "no-router-fold", "router-fold-rows", "no-master-weights")
 # Variants that also run for the sparse phase (the others change dense-only code), and those that change
 # sparse-only code (not run for the dense phase).
-PHASE_VARIANTS = ("loop", "cuda-graph", "no-router-fold", "router-fold-rows")
-SPARSE_ONLY = ("no-router-fold", "router-fold-rows")
+PHASE_VARIANTS = ("loop", "cuda-graph", "no-router-fold", "router-fold-rows", "no-master-weights")
+SPARSE_ONLY = ("no-router-fold", "router-fold-rows", "no-master-weights")
 
 
 def prepare_ours(model, variant: str, compile_model: bool):
@@ -129,9 +134,12 @@ def prepare_ours(model, variant: str, compile_model: bool):
     Attention.fuse_qkv = "no-qkv-fuse" not in parts
     SwitchableFFN.fuse_relu = "no-fused-relu" not in parts
     for ffn in model.ffn_layers():
+        if ffn.mode == "sparse" and parts & set(SPARSE_ONLY) and not hasattr(ffn.backend, "fold_router"):
+            raise UserError(f"--variant {variant}: needs the triton expert backend, not {ffn.backend.name}")
         if hasattr(ffn.backend, "fold_router"):  # triton
             ffn.backend.fold_router = ("off" if "no-router-fold" in parts else
                                        "rows" if "router-fold-rows" in parts else "epilogue")
+            ffn.backend.master_weights = "no-master-weights" not in parts
     relu_mask_matmul.USE_TRITON = "no-mask-gemm" not in parts
     relu_mask_matmul.USE_GLUON = "triton-mask-gemm" not in parts
     model.cfg.fp32_residual_connection = "fp32-residual" in parts
@@ -430,7 +438,6 @@ def _set_inductor_options(pairs: list[str]) -> dict:
 
     import torch._inductor.config as cfg
 
-    from ..errors import UserError
 
     done = {}
     for pair in pairs:
@@ -477,7 +484,6 @@ def main(argv=None) -> int:
                          "triton.mix_order_reduction=False; recorded in the JSON")
     args = ap.parse_args(argv)
 
-    from ..errors import UserError
     from ..train.flops import peak_flops
 
     inductor = _set_inductor_options(args.inductor)
@@ -521,12 +527,17 @@ def main(argv=None) -> int:
         rec = dict(model=name, phase=phase, variant=variant, tokens_per_step=tokens, flops_per_step=flops,
                    tokens_per_s=tokens / res["step_s_median"], step_ms=1e3 * res["step_s_median"],
                    mfu=(flops / res["step_s_median"] / peak) if peak else None, **res)
+        if phase == "sparse" and name == "ssd-megatron":
+            rec["expert_backend"] = model.ffn_layers()[0].backend.name
         records.append(rec)
         mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "n/a"
         print(f"{name:14s} {phase:6s} {variant:14s} {rec['step_ms']:9.2f} ms/step {rec['tokens_per_s']:12.0f} tok/s"
               f"  MFU {mfu}" + (f"  host {res['host_ms_median']:.2f} ms/step" if res.get("host_ms_median") else "")
               + (f"  allocator {res['allocator_events_in_timed_steps']}" if res.get("allocator_events_in_timed_steps") else ""),
               file=sys.stderr, flush=True)
+        save()
+
+    def save():  # after every variant, so that a run cut short keeps what it timed
         _finish(out)
         if args.out:
             p = Path(args.out)
@@ -542,9 +553,10 @@ def main(argv=None) -> int:
             or (ph == "sparse" and all(p in PHASE_VARIANTS for p in v.split("+")))]
     for phase, variant in runs:
         model = build_ours(shape, device, phase, args.backend)
-        run, loss_fn = prepare_ours(model, variant, compile_model)
+        run = None
         parts = set(variant.split("+"))
         try:
+            run, loss_fn = prepare_ours(model, variant, compile_model)
             with _variant_context(variant, device):
                 res = time_training(model, run, loss_fn, shape, device, args.steps, args.warmup, bf16,
                                     args.profile, f"ours_{phase}_{variant}", sync_clip="sync-clip" in parts,
@@ -555,6 +567,7 @@ def main(argv=None) -> int:
                 raise
             print(f"variant {variant} failed: {type(e).__name__}: {str(e)[:500]}", file=sys.stderr, flush=True)
             out.setdefault("failed", {})[variant] = f"{type(e).__name__}: {str(e)[:500]}"
+            save()
         else:
             record("ssd-megatron", phase, variant, model, res)
         del model, run

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .activations import ACTIVATIONS, apply_activation, is_glu
-from .backends import call_router_folded, get_backend, router_fold_offered
+from .backends import call_router_folded, get_backend, master_weights_offered, router_fold_offered
 from .backends.weights import expert_rows, expert_views, gather_expert_weights, inverse_permutation
 from .centroid_router import centroid_topk
 from .fused_relu_ffn import relu_ffn
@@ -209,7 +209,7 @@ class SwitchableFFN(nn.Module):
 
     def route(self, x2: torch.Tensor, w1: torch.Tensor, k: int):
         """Top-k experts by α_n = x·c_n, c_n the mean of expert n's W_i (gate) rows (eq. 4)."""
-        centroids = self.centroids(w1)
+        centroids = self.centroids(w1).to(x2.dtype)  # (master weights: fp32 w1, bf16 x2)
         if not self.router_grad:
             # No gradient path through the router at all (neither into W_i nor into x): the sparse
             # layer's gradients are then exactly the dense layer's restricted to the chosen experts.
@@ -225,12 +225,14 @@ class SwitchableFFN(nn.Module):
         x2 = x.reshape(-1, self.d_model)
         w1, b1, w2 = self.expert_weights()
         if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            x2, w1, w2 = x2.to(dt), w1.to(dt), w2.to(dt)
-            b1 = None if b1 is None else b1.to(dt)
+            x2 = x2.to(torch.get_autocast_dtype(x.device.type))
+            # fp32 (master) weights go to a backend that casts them itself and returns fp32 grads
+            if not (w1.dtype == torch.float32 and master_weights_offered(self.backend, x2)):
+                w1, w2 = w1.to(x2.dtype), w2.to(x2.dtype)
+                b1 = None if b1 is None else b1.to(x2.dtype)
         if self._router_folded(x2):
             with torch.no_grad():
-                centroids = self.centroids(w1)
+                centroids = self.centroids(w1).to(x2.dtype)
                 top_idx = centroid_topk(x2, centroids, self.top_k)[1]
             y = call_router_folded(self.backend, x2, w1, b1, w2, top_idx, self.activation, centroids)
         else:

@@ -177,6 +177,65 @@ def test_triton_router_fold_bf16(case, fold):
     print("router fold", fold, case, {k: f"{v:.1e}" for k, v in errs.items()})
 
 
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[12]], ids=[IDS[0], IDS[5], IDS[12]])
+def test_triton_master_weights_bf16(case, fold):
+    """fp32 weights with bf16 tokens (master weights, as SwitchableFFN passes them under autocast): cast inside
+    the custom op, fp32 weight gradients from the wgrad kernels; == the float64 reference."""
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    inp = make_inputs(device="cuda", dtype=torch.float32, **case)
+    for k in ("x", "gate"):
+        inp[k] = inp[k].detach().bfloat16().requires_grad_()
+    inp["dy"] = inp["dy"].bfloat16()
+    be = TritonBackend()
+    assert be.takes_master_weights(inp["x"])
+    if fold:
+        got, want = run_router(be, inp, fold=True), run_router(ReferenceBackend(), upcast(inp), fold=False)
+    else:
+        got, want = run(be, inp), run(ReferenceBackend(), upcast(inp))
+    assert all(g.dtype == torch.float32 for k, g in got[1].items() if k in ("w1", "b1", "w2")), got[1]
+    errs = compare(got, want, 3e-2)
+    print("master weights", fold, case, {k: f"{v:.1e}" for k, v in errs.items()})
+
+
+def test_sparse_layer_master_weights_under_autocast_and_compile():
+    """SwitchableFFN under bf16 autocast hands the triton backend its fp32 parameters: eager equals the layer
+    casting them itself (master_weights=False) up to the weight grads' bf16 rounding, and the compiled
+    layer (inductor around the custom ops, mixed dtypes in their fake implementations) runs and agrees."""
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    import copy
+
+    from ssd_megatron.ffn import SwitchableFFN
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    from ssd_megatron.ffn.expert_layout import to_expert_major
+    torch.manual_seed(0)
+    ffn = SwitchableFFN(256, 1024, "relu", bias=True, num_experts=8, top_k=2).cuda()
+    ffn.set_clustering(torch.randperm(1024, device="cuda") % 8)
+    to_expert_major(ffn)
+    ffn.set_mode("sparse")
+    x = torch.randn(512, 256, device="cuda")
+    w = torch.randn(512, 256, device="cuda")
+
+    def grads(layer, master, compiled=False):
+        layer = copy.deepcopy(layer)
+        layer.set_backend(TritonBackend(master_weights=master))
+        run = torch.compile(layer) if compiled else layer
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = run(xi)
+        return torch.autograd.grad((y.float() * w).sum(), [xi, *layer.parameters()])
+
+    master, outside = grads(ffn, True), grads(ffn, False)
+    torch._dynamo.reset()
+    compiled = grads(ffn, True, compiled=True)
+    for a, b, c in zip(master, outside, compiled):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+        assert ((c.float() - a.float()).norm() / a.float().norm()).item() < 5e-2
+
+
 def test_sparse_layer_with_triton_under_torch_compile():
     """The sparse SwitchableFFN with the triton backend as an SSD sparse phase runs it (expert-major
     storage, the router folded into the kernels) and as the loop compiles it (inductor), fp32: output and

@@ -132,7 +132,7 @@ def _opcheck_results():
         fwd = (x, w1, b1, w2, gate_flat, inp["topk_idx"], case["activation"], "atomic32", "triton", True)
         try:
             torch.library.opcheck(torch.ops.ssd_megatron.triton_experts.default, fwd)
-            y, h, order, token, offsets = torch.ops.ssd_megatron.triton_experts(*fwd)
+            y, h, order, token, offsets, _, _ = torch.ops.ssd_megatron.triton_experts(*fwd)
             bwd = (inp["dy"], x.detach(), w1.detach(), w2.detach(), gate_flat.detach(), h, order, token, offsets,
                    gate.shape[1], case["activation"], b1 is not None, "atomic32", "triton", [True] * 5)
             # (not differentiable itself: no double backward, so no aot_dispatch check)

@@ -57,15 +57,29 @@ class AutoBackend:
         """Whether the backend this call resolves to can fold SSD's router gradient (docs/interfaces.md)."""
         return router_fold_offered(self.resolve(x), x)
 
+    def takes_master_weights(self, x: torch.Tensor) -> bool:
+        """Whether the backend this call resolves to takes fp32 weights with a bf16/fp16 x (docs/interfaces.md)."""
+        return master_weights_offered(self.resolve(x), x)
+
     def __call__(self, x, w1, b1, w2, topk_idx, gate, activation, **kwargs):
         return self.resolve(x)(x, w1, b1, w2, topk_idx, gate, activation, **kwargs)
+
+
+def _offers(backend, capability: str, x: torch.Tensor) -> bool:
+    offers = getattr(backend, capability, None)
+    return bool(offers and offers(x))
 
 
 def router_fold_offered(backend, x: torch.Tensor) -> bool:
     """Whether `backend` takes SSD's router gradient into its kernels for a call on `x` (its optional
     `folds_router`, docs/interfaces.md)."""
-    offers = getattr(backend, "folds_router", None)
-    return bool(offers and offers(x))
+    return _offers(backend, "folds_router", x)
+
+
+def master_weights_offered(backend, x: torch.Tensor) -> bool:
+    """Whether `backend` takes fp32 (master) weights with a bf16/fp16 `x`, computing in x's dtype and
+    returning the weight gradients in fp32 (its optional `takes_master_weights`, docs/interfaces.md)."""
+    return _offers(backend, "takes_master_weights", x)
 
 
 def call_router_folded(backend, x, w1, b1, w2, top_idx, activation, centroids):
@@ -118,4 +132,4 @@ def get_backend(name: str = "auto", device=None):
 
 
 __all__ = ["BACKEND_NAMES", "AutoBackend", "ReferenceBackend", "GroupedMMBackend", "available_backends",
-           "call_router_folded", "get_backend", "router_fold_offered", "tuning_env"]
+           "call_router_folded", "get_backend", "master_weights_offered", "router_fold_offered", "tuning_env"]

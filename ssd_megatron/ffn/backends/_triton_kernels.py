@@ -354,8 +354,10 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
     """dW [N, P, Q] = per expert lhs_rows^T @ rhs_rows; rhs rows are rhs[token[r]] when `gathered`
     is False (the kernel gathers), else rhs is already in sorted-row order. dW gets the strides of the
     weight `like` (e.g. the [N, E, D] view of W_out's columns): its grad then flows back without a copy.
+    dW's dtype is `like`'s (the fp32 master weight's under autocast: no rounding to bf16 and no cast after).
     split: let the config's row chunks (6th entry, 0 = none) split each expert's reduction, summed by
-    fp32 atomics (not bitwise reproducible: callers pass False under deterministic algorithms).
+    fp32 atomics (not bitwise reproducible: callers pass False under deterministic algorithms), into dW
+    itself when it is fp32, else into an fp32 buffer copied to dW.
     fold = ("rows", coef [M] fp32 per sorted row, p): lhs rows get coef added to their first p columns as
     loaded; ("expert", v [N, Q] fp32, p): dW[e, :p] += v[e] in the epilogue."""
     N = plan.num_experts
@@ -370,7 +372,10 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
         num_p, num_q = triton.cdiv(P, BP), triton.cdiv(Q, BQ)
         # with chunks, the grid is an upper bound on the (expert, chunk) pairs, as for the M-tiles
         num_t = triton.cdiv(plan.num_rows, ch) + N if ch else N
-        out = torch.zeros(like.shape, device=lhs.device, dtype=torch.float32) if ch else dw
+        out = dw
+        if ch:
+            out = dw.zero_() if dw.dtype == torch.float32 else torch.zeros(like.shape, device=lhs.device,
+                                                                          dtype=torch.float32)
         _wgrad_kernel[(num_t * num_p * num_q,)](
             lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets, coef, fold_p,
             out, out.stride(0), out.stride(1), out.stride(2), N, P, Q, num_p, num_q,

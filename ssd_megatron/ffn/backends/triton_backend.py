@@ -15,6 +15,11 @@ epilogue (`fold_router="epilogue"`), or as dg / E added to dh's gate columns whi
 them (`"rows"`: no GEMM, but work and registers in its main loop). db1 stays dh's. That replaces the
 router's backward: a [T, N] scatter, two small GEMMs, the centroid mean's backward and two gradient
 additions ([T, D] and [N, F1, D]).
+
+Master weights (`takes_master_weights`): under autocast the caller may pass the fp32 parameters (views)
+with x in bf16/fp16. The forward op casts them to x's dtype (the copies the caller's own casts would
+make, kept for the backward), and the weight gradients come back in fp32 straight from the wgrad kernel:
+no rounding to bf16, no fp32 buffer to copy from when the reduction is split, and no cast back by autograd.
 """
 from __future__ import annotations
 
@@ -65,14 +70,19 @@ def triton_runs_on(t: torch.Tensor) -> bool:
 def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                 gate_flat: torch.Tensor, topk_idx: torch.Tensor, activation: str, combine: str, wgrad: str,
                 save: bool, centroids: Optional[torch.Tensor] = None, fold: str = "epilogue"
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h or an empty tensor, the plan's order, token, offsets); `wgrad`, `centroids` and `fold` (router
-    folding, see the module docstring) are only for the backward."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                           torch.Tensor]:
+    """(y, h or an empty tensor, the plan's order, token, offsets, w1 and w2 cast to x's dtype or empty
+    tensors); `wgrad`, `centroids` and `fold` (router folding, see the module docstring) are only for the
+    backward. Weights wider than x (master weights, module docstring) are cast here; the casts are
+    returned for the backward only when `save` (an output may not alias an input, hence empty otherwise)."""
     k = _kernels()
+    w1c, w2c = _cast(w1, x.dtype), _cast(w2, x.dtype)
     plan = make_plan(topk_idx, w1.shape[0])
-    a, h = k.up_forward(x, w1, b1, plan, activation, save_h=save)
-    y = k.down_scatter(a, w2, plan, gate_flat, combine)
-    return y, (h if save else x.new_empty(0)), plan.order, plan.token, plan.offsets
+    a, h = k.up_forward(x, w1c, _cast(b1, x.dtype), plan, activation, save_h=save)
+    y = k.down_scatter(a, w2c, plan, gate_flat, combine)
+    kept = [w if save and w is not v else x.new_empty(0) for w, v in ((w1c, w1), (w2c, w2))]  # no aliases
+    return (y, (h if save else x.new_empty(0)), plan.order, plan.token, plan.offsets, *kept)
 
 
 @_experts_op.register_fake
@@ -80,8 +90,9 @@ def _experts_fake(x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad
                   fold="epilogue"):
     T, K = topk_idx.shape
     rows = torch.empty(T * K, dtype=torch.int32, device=x.device)
+    kept = [_empty_like_strided(w, x.dtype) if save and w.dtype != x.dtype else x.new_empty(0) for w in (w1, w2)]
     return (x.new_empty(T, w2.shape[2]), x.new_empty(T * K, w1.shape[1]) if save else x.new_empty(0),
-            rows, torch.empty_like(rows), torch.empty(w1.shape[0] + 1, dtype=torch.int32, device=x.device))
+            rows, torch.empty_like(rows), torch.empty(w1.shape[0] + 1, dtype=torch.int32, device=x.device), *kept)
 
 
 @torch.library.custom_op("ssd_megatron::triton_experts_backward", mutates_args=())
@@ -89,15 +100,18 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
                          gate_flat: torch.Tensor, h: torch.Tensor, order: torch.Tensor, token: torch.Tensor,
                          offsets: torch.Tensor, top_k: int, activation: str, has_bias: bool, combine: str,
                          wgrad: str, needs: list[bool], centroids: Optional[torch.Tensor] = None,
-                         fold: str = "epilogue"
+                         fold: str = "epilogue", w1c: Optional[torch.Tensor] = None,
+                         w2c: Optional[torch.Tensor] = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw1, db1, dw2, dgate flat); a gradient not in `needs` (x, w1, b1, w2, gate) is an empty tensor.
-    With `centroids`, dx and dw1 include the folded router gradient (module docstring)."""
+    With `centroids`, dx and dw1 include the folded router gradient (module docstring). w1c, w2c: the
+    forward's casts of master weights w1, w2 (computed with; the weight grads keep w1's and w2's dtypes)."""
     k = _kernels()
     need_x, need_w1, need_b1, need_w2, need_gate = needs
     plan = _Plan(w1.shape[0], top_k, x.shape[0], order, token, offsets)
     dy = dy.to(x.dtype).contiguous()
-    dh, dgate, ga, db32 = k.up_backward(dy, w2, h, gate_flat, plan, activation,
+    w1c = w1 if w1c is None else w1c
+    dh, dgate, ga, db32 = k.up_backward(dy, w2 if w2c is None else w2c, h, gate_flat, plan, activation,
                                         need_ga=need_w2, need_db=has_bias and need_b1)
     split = combine != "buffer"  # "buffer" = deterministic sums: no atomics in the weight grads either
     rank1 = wfold = None
@@ -107,7 +121,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
         if need_w1:
             wfold = (("rows", (dgate / E).index_select(0, order.long()), E) if fold == "rows"
                      else ("expert", _router_centroid_grad(dgate, x, plan) / E, E))
-    return (k.down_scatter(dh, w1, plan, None, combine, rank1=rank1) if need_x else x.new_empty(0),
+    return (k.down_scatter(dh, w1c, plan, None, combine, rank1=rank1) if need_x else x.new_empty(0),
             _weight_grad(k, dh, x, plan, w1, wgrad, split, wfold) if need_w1 else x.new_empty(0),
             db32.to(w1.dtype) if db32 is not None else x.new_empty(0),
             _weight_grad(k, ga, dy, plan, w2, wgrad, split) if need_w2 else x.new_empty(0),
@@ -116,7 +130,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
 
 @_experts_backward_op.register_fake
 def _experts_backward_fake(dy, x, w1, w2, gate_flat, h, order, token, offsets, top_k, activation, has_bias,
-                           combine, wgrad, needs, centroids=None, fold="epilogue"):
+                           combine, wgrad, needs, centroids=None, fold="epilogue", w1c=None, w2c=None):
     need_x, need_w1, need_b1, need_w2, need_gate = needs
     return (x.new_empty(x.shape) if need_x else x.new_empty(0),
             _empty_like_strided(w1) if need_w1 else x.new_empty(0),
@@ -127,17 +141,19 @@ def _experts_backward_fake(dy, x, w1, w2, gate_flat, h, order, token, offsets, t
 
 def _setup(ctx, inputs, output):
     x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids, fold = inputs
-    _, h, order, token, offsets = output
-    ctx.save_for_backward(x, w1, w2, gate_flat, h, order, token, offsets, centroids)
+    _, h, order, token, offsets, w1c, w2c = output
+    # the casts of master weights (else empty): the backward computes with them
+    ctx.save_for_backward(x, w1, w2, gate_flat, h, order, token, offsets, centroids,
+                          w1c if w1c.numel() else None, w2c if w2c.numel() else None)
     ctx.meta = (topk_idx.shape[1], activation, b1 is not None, combine, wgrad, fold)
 
 
 def _backward(ctx, dy, *_):
-    x, w1, w2, gate_flat, h, order, token, offsets, centroids = ctx.saved_tensors
+    x, w1, w2, gate_flat, h, order, token, offsets, centroids, w1c, w2c = ctx.saved_tensors
     top_k, activation, has_bias, combine, wgrad, fold = ctx.meta
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     grads = _experts_backward_op(dy, x, w1, w2, gate_flat, h, order, token, offsets, top_k, activation, has_bias,
-                                 combine, wgrad, needs, centroids, fold)
+                                 combine, wgrad, needs, centroids, fold, w1c, w2c)
     return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 7
 
 
@@ -156,14 +172,20 @@ def _router_centroid_grad(dgate: torch.Tensor, x: torch.Tensor, plan) -> torch.T
 _experts_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _empty_like_strided(w: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device)
+def _empty_like_strided(w: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    return torch.empty_strided(w.shape, w.stride(), dtype=dtype or w.dtype, device=w.device)
+
+
+def _cast(w: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """w in `dtype`, with w's strides (a copy only when the dtype differs)."""
+    return w if w is None or w.dtype == dtype else _empty_like_strided(w, dtype).copy_(w)
 
 
 def _weight_grad(k, lhs, rhs_tokens, plan, weight, mode, split, fold=None):
     """dW[e] = lhs[rows of e]^T @ rhs_tokens[token of each row] (see TritonBackend's `wgrad`), with the
     strides of `weight` (so its grad flows back to a strided view without a copy); `fold` adds the router's
-    gradient to the first p rows of dW (`_triton_kernels.wgrad`)."""
+    gradient to the first p rows of dW (`_triton_kernels.wgrad`). dW has `weight`'s dtype (fp32 for master
+    weights: our kernel's sums as they are; "gmm" rounds them to lhs's dtype first, torch._grouped_mm's)."""
     if mode == "triton":
         return k.wgrad(lhs, rhs_tokens, plan, weight, gathered=False, split=split, fold=fold)
     rhs = rhs_tokens.index_select(0, plan.token)
@@ -206,18 +228,20 @@ class TritonBackend:
     "triton_mat" (rows pre-gathered by index_select, our kernel), "gmm" (pre-gathered, torch._grouped_mm).
     fold_router: "epilogue" or "rows" (how dW1 takes SSD's router gradient when the caller folds it into
     the kernels, `folds_router`; module docstring), or "off" (not offered).
+    master_weights: offer to take fp32 weights with bf16/fp16 x (`takes_master_weights`; module docstring).
     """
 
     name = "triton"
 
-    def __init__(self, combine: str = None, wgrad: str = "triton", fold_router: str = "epilogue"):
+    def __init__(self, combine: str = None, wgrad: str = "triton", fold_router: str = "epilogue",
+                 master_weights: bool = True):
         if combine is not None and combine not in COMBINES:
             raise ValueError(f"combine={combine!r}; accepted: {', '.join(COMBINES)}")
         if wgrad not in WGRADS:
             raise ValueError(f"wgrad={wgrad!r}; accepted: {', '.join(WGRADS)}")
         if fold_router not in FOLDS:
             raise ValueError(f"fold_router={fold_router!r}; accepted: {', '.join(FOLDS)}")
-        self.combine, self.wgrad, self.fold_router = combine, wgrad, fold_router
+        self.combine, self.wgrad, self.fold_router, self.master_weights = combine, wgrad, fold_router, master_weights
         if os.environ.get("SSD_TRITON_CONFIG"):
             _kernels().env_configs()  # a malformed value fails here, not inside a compiled step
         if os.environ.get("SSD_TRITON_TILE_ORDER"):
@@ -227,6 +251,10 @@ class TritonBackend:
         """Whether a call on `x` runs our kernels, which can take `router_centroids` (module docstring)."""
         return (self.fold_router != "off" and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
                 and triton_runs_on(x))
+
+    def takes_master_weights(self, x: torch.Tensor) -> bool:
+        """Whether a call on `x` may pass fp32 weights while x is bf16/fp16 (module docstring)."""
+        return self.master_weights and x.dtype in (torch.bfloat16, torch.float16) and triton_runs_on(x)
 
     def __call__(self, x, w1, b1, w2, topk_idx, gate, activation, router_centroids=None):
         if activation not in ACTIVATIONS:
@@ -238,6 +266,10 @@ class TritonBackend:
             return ReferenceBackend()(x, w1, b1, w2, topk_idx, gate, activation)
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise UserError("ssd.backend: triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, for tests)")
+        wdt = {t.dtype for t in (w1, b1, w2) if t is not None}
+        if wdt != {x.dtype} and not (wdt == {torch.float32} and self.takes_master_weights(x)):
+            raise ValueError(f"weights in {sorted(map(str, wdt))} with x in {x.dtype}; accepted: the weights in x's "
+                             "dtype, or all float32 (master weights) with bf16/fp16 x when master_weights=True")
         x, w1, w2 = x.contiguous(), _inner_contiguous(w1), _inner_contiguous(w2)
         b1 = None if b1 is None else b1.contiguous()
         gate_flat = gate.to(x.dtype).reshape(-1).contiguous()
