@@ -1,7 +1,7 @@
 """Per-kernel timings of the `triton` expert backend at the issue's shapes: each of its six launches of
 one FFN layer's forward + backward (up, down, up_bwd, wgrad dW2, wgrad dW1, down for dx; and the last two
 with SSD's router gradient folded in, as the sparse phase runs them: `*_fold`, and dW1 with the "rows"
-fold: `wgrad_dw1_foldrows`), timed alone
+fold: `wgrad_dw1_foldrows`; the weight gradients written in fp32 for master weights: `wgrad_*_f32`), timed alone
 with triton.testing.do_bench (median, CUDA events) for a list of tile configurations, each checked
 against the default configuration's output. This is where kernel variants are compared before one
 becomes a default (docs/kernels.md); `ssd-bench ffn` times the whole layer.
@@ -58,6 +58,8 @@ def setup(shape, activation, tokens, device="cuda"):
     gate_flat = gate.detach().reshape(-1).contiguous()
     a, h = K.up_forward(x, w1, b1, plan, activation, save_h=True)
     dh, dgate, ga, _ = K.up_backward(dy, w2, h, gate_flat, plan, activation, need_ga=True, need_db=True)
+    combine = K.default_combine(x)  # as the backend's (bf16 adds in place; fp32 ones before Hopper)
+    w1m, w2m = w1.float(), w2.float()  # master weights (same strides): fp32 weight gradients
     centroids = w1[:, : layer.E].mean(1)  # SSD's router, folded into dx and dW1 (triton_backend.py)
     dc = torch.randn(layer.N, layer.D, generator=g, device=dev) / layer.E  # the epilogue fold's [N, D] term
     counts = torch.bincount(idx.reshape(-1), minlength=layer.N).float()
@@ -65,16 +67,18 @@ def setup(shape, activation, tokens, device="cuda"):
     f_in, f_out = 2.0 * plan.num_rows * layer.D * w1.shape[1], 2.0 * plan.num_rows * layer.D * layer.E
     return skew, {  # kernel label -> (config kind, GEMM FLOPs, launch)
         "up": ("up_glu" if layer.glu else "up", f_in, lambda: K.up_forward(x, w1, b1, plan, activation, save_h=True)),
-        "down": ("down", f_out, lambda: K.down_scatter(a, w2, plan, gate_flat, "atomic16")),
+        "down": ("down", f_out, lambda: K.down_scatter(a, w2, plan, gate_flat, combine)),
         "up_bwd": ("up_bwd_glu" if layer.glu else "up_bwd", f_out, lambda: K.up_backward(dy, w2, h, gate_flat, plan, activation, True, True)),
         "wgrad_dw2": ("wgrad", f_out, lambda: K.wgrad(ga, dy, plan, w2, gathered=False)),
         "wgrad_dw1": ("wgrad", f_in, lambda: K.wgrad(dh, x, plan, w1, gathered=False)),
-        "down_dx": ("down", f_in, lambda: K.down_scatter(dh, w1, plan, None, "atomic16")),
+        "down_dx": ("down", f_in, lambda: K.down_scatter(dh, w1, plan, None, combine)),
         "wgrad_dw1_fold": ("wgrad", f_in, lambda: K.wgrad(dh, x, plan, w1, gathered=False,
                                                           fold=("expert", dc, layer.E))),
         "wgrad_dw1_foldrows": ("wgrad", f_in, lambda: K.wgrad(dh, x, plan, w1, gathered=False,
                                                               fold=("rows", (dgate / layer.E)[plan.order.long()], layer.E))),
-        "down_dx_fold": ("down", f_in, lambda: K.down_scatter(dh, w1, plan, None, "atomic16",
+        "wgrad_dw2_f32": ("wgrad", f_out, lambda: K.wgrad(ga, dy, plan, w2m, gathered=False)),
+        "wgrad_dw1_f32": ("wgrad", f_in, lambda: K.wgrad(dh, x, plan, w1m, gathered=False)),
+        "down_dx_fold": ("down", f_in, lambda: K.down_scatter(dh, w1, plan, None, combine,
                                                               rank1=(dgate, centroids))),
     }
 

@@ -1,4 +1,5 @@
-"""Compile the `triton` expert backend's kernels for an H100/H200 (sm_90) on a machine without a GPU,
+"""Compile the `triton` expert backend's kernels for an H100/H200 (sm_90, default) or an A100 (`--arch 80`)
+on a machine without a GPU,
 and report per launch: registers, spills (stack bytes), shared memory, the CTAs per SM those allow, the
 matrix instructions and whether the operand loads are asynchronous copies. What METHOD.md calls
 "read what costs no device time": it answers "does this config compile, spill, or fit two CTAs per
@@ -6,7 +7,7 @@ SM?" before a device call is spent on timing it.
 
 The real launchers run on CPU tensors of the real shapes (bench.ffn's layer, realistic routing), so
 each kernel is specialised exactly as on the GPU (Triton's own argument specialisation: dtypes,
-16-byte alignment, unit strides). A stand-in driver reports an sm_90 target, and every launch
+16-byte alignment, unit strides). A stand-in driver reports the target, and every launch
 compiles without running. Use the device image's Triton version, which may differ from this
 machine's. For the H200 image (triton 3.6.0):
 
@@ -34,14 +35,17 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver as _driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-SM90 = {"regs": 65536, "smem": 228 * 1024, "max_ctas": 32, "max_warps": 64}  # per SM (H100/H200)
+# per SM: registers, shared memory, resident CTAs and warps (CUDA occupancy tables)
+SM = {90: {"regs": 65536, "smem": 228 * 1024, "max_ctas": 32, "max_warps": 64},   # H100/H200
+      80: {"regs": 65536, "smem": 164 * 1024, "max_ctas": 32, "max_warps": 64}}   # A100
+ARCH = [90]  # the target of this run (--arch)
 
 
-class _Sm90Driver:
-    """Enough of Triton's driver interface for the JIT to specialise and compile for sm_90."""
+class _TargetDriver:
+    """Enough of Triton's driver interface for the JIT to specialise and compile for the --arch target."""
 
     def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
+        return GPUTarget("cuda", ARCH[0], 32)
 
     def get_current_device(self):
         return 0
@@ -78,12 +82,14 @@ def report(kernel, num_warps) -> dict:
     stack = int(re.search(r"STACK:(\d+)", res).group(1))
     smem = int(kernel.metadata.shared)
     threads = 32 * num_warps
-    ctas = min(SM90["max_ctas"], SM90["regs"] // (regs * threads) if regs else SM90["max_ctas"],
-               SM90["smem"] // max(smem + 1024, 1), SM90["max_warps"] // num_warps)
+    sm = SM[ARCH[0]]
+    ctas = min(sm["max_ctas"], sm["regs"] // (regs * threads) if regs else sm["max_ctas"],
+               sm["smem"] // max(smem + 1024, 1), sm["max_warps"] // num_warps)
     mma = sorted(set(re.findall(r"\b(HGMMA\.\w+|HMMA\.\w+)", sass)))
     return {"regs": regs, "stack": stack, "smem_kb": round(smem / 1024, 1), "warps": num_warps, "ctas_per_sm": ctas,
             "mma": ",".join(m.split(".", 1)[1] for m in mma) or "-", "ldgsts": sass.count("LDGSTS"),
-            "utmaldg": sass.count("UTMALDG"), "atom": len(re.findall(r"\b(?:REDG|RED|ATOMG|ATOM)\.", sass))}
+            "utmaldg": sass.count("UTMALDG"), "atom": len(re.findall(r"\b(?:REDG|RED|ATOMG|ATOM)\.", sass)),
+            "cas": len(re.findall(r"\bATOMG?\.\S*CAS", sass))}  # compare-and-swap: an atomic the GPU lacks
 
 
 def main() -> int:
@@ -95,14 +101,17 @@ def main() -> int:
     ap.add_argument("--variants", choices=("none", "one", "all"), default="none",
                     help="also the candidates of tools/bench_kernels.py: all, or one per kernel variant")
     ap.add_argument("--launches", default="", help="comma list of launch labels to report (default: all)")
+    ap.add_argument("--arch", type=int, choices=sorted(SM), default=90, help="compute capability: 90 H100/H200, 80 A100")
     args = ap.parse_args()
-    _driver.set_active(_Sm90Driver())
+    ARCH[0] = args.arch
+    _driver.set_active(_TargetDriver())
     JITFunction.run = _compile_only
+    K._hopper = lambda t: args.arch >= 90  # the launchers' own test reads the (absent) device
 
-    print(f"triton {triton.__version__}, target sm_90; per launch: registers/thread, stack bytes (spills), shared "
+    print(f"triton {triton.__version__}, target sm_{args.arch}; per launch: registers/thread, stack bytes (spills), shared "
           f"memory, CTAs per SM those allow", flush=True)
     print(f"{'shape':5s} {'act':6s} {'launch':10s} {'config':28s} {'kernel':24s} regs stack  smem KB warps CTAs/SM  "
-          f"LDGSTS UTMALDG atom  mma")
+          f"LDGSTS UTMALDG atom  cas  mma")
     failed = 0
     for shape, act in bk.cases(args):
         _, launches = bk.setup(shape, act, args.tokens, device="cpu")
@@ -123,7 +132,7 @@ def main() -> int:
                     r = report(kernel, nw)
                     print(f"{shape:5s} {act:6s} {label:10s} {str(cfg or 'default'):28s} {name:24s} {r['regs']:4d} {r['stack']:5d} "
                           f"{r['smem_kb']:8.1f} {r['warps']:5d} {r['ctas_per_sm']:7d}  {r['ldgsts']:6d} "
-                          f"{r['utmaldg']:7d} {r['atom']:4d}  {r['mma']}", flush=True)
+                          f"{r['utmaldg']:7d} {r['atom']:4d} {r['cas']:4d}  {r['mma']}", flush=True)
         K.force_config()
     return 1 if failed else 0
 

@@ -79,3 +79,21 @@ def test_tile_order_from_the_environment(monkeypatch):
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "windows")
     with pytest.raises(UserError, match="SSD_TRITON_TILE_ORDER: 'windows'; accepted: auto, expert, token"):
         K._token_order(1)
+
+
+def test_default_combine_follows_the_gpus_atomics(monkeypatch):
+    """bf16 atomic adds in place from Hopper on; before (A100), fp32 ones (bf16 would be compare-and-swap
+    loops: test_offline_compile.py); fp16 and fp32 in place anywhere; the deterministic buffer when asked."""
+    import torch
+
+    x16, xb = torch.zeros(1, dtype=torch.float16), torch.zeros(1, dtype=torch.bfloat16)
+    assert K.default_combine(xb) == K.default_combine(x16) == "atomic16"
+    monkeypatch.setattr(K, "_hopper", lambda t: False)
+    assert K.default_combine(xb) == "atomic32"
+    assert K.default_combine(x16) == K.default_combine(xb.float()) == "atomic16"
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert K.default_combine(xb) == "buffer"
+    finally:
+        torch.use_deterministic_algorithms(prev)

@@ -7,8 +7,8 @@ See docs/interfaces.md for the calling convention and docs/kernels.md for what e
 - `grouped_mm` torch._grouped_mm over sorted token copies; sync-free on CUDA sm90+ bf16.
 - `triton`     our fused gather/scatter grouped-GEMM kernels (CUDA; `TRITON_INTERPRET=1` on CPU for tests).
 - `megablocks` MegaBlocks' ops + grouped_gemm (optional extra; bf16 CUDA).
-- `auto`       resolved per call from the tensors' device and dtype: triton on CUDA sm90+ when triton
-               imports, else grouped_mm on CUDA sm90+ bf16, else reference.
+- `auto`       resolved per call from the tensors' device and dtype: triton on CUDA sm80+ (A100, H100)
+               when triton imports, else grouped_mm on CUDA sm90+ bf16, else reference.
 
 Importing this package never needs CUDA, triton or megablocks: those are imported on first use.
 """
@@ -27,8 +27,12 @@ BACKEND_NAMES = ("auto", "reference", "grouped_mm", "triton", "megablocks")
 
 
 @functools.lru_cache(maxsize=None)
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def _sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    return _major(index) >= 9
 
 
 class AutoBackend:
@@ -42,7 +46,8 @@ class AutoBackend:
         self._triton = None
 
     def resolve(self, x: torch.Tensor):
-        if x.is_cuda and _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device()):
+        if x.is_cuda and _major(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= 8:
+            # sm_80 (A100): compiled offline and checked under the interpreter, not timed (docs/kernels.md)
             if x.dtype in (torch.bfloat16, torch.float16, torch.float32):
                 if self._triton is None:
                     from .triton_backend import TritonBackend, triton_available

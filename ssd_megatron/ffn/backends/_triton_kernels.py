@@ -269,8 +269,9 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
     return dh, state["dgp"].sum(0), (ga if need_ga else None), (db if need_db else None)
 
 
-def _has_tma(t: torch.Tensor) -> bool:
-    """Hopper or newer (the bulk-copy engine), or the interpreter (tests); A100s take the pointer loads."""
+def _hopper(t: torch.Tensor) -> bool:
+    """Hopper or newer, or the interpreter (tests): TMA (the bulk-copy engine; A100s take the pointer loads)
+    and bf16 atomic adds in hardware (on sm_80 Triton lowers them to compare-and-swap loops)."""
     from . import _sm90  # cached per device
 
     if t.device.type != "cuda":
@@ -298,6 +299,16 @@ def _down_descriptors(a, w, BM, BN, BK):
     else:
         return None
     return TensorDescriptor.from_tensor(a, [BM, BK]), w2d, krows
+
+
+def default_combine(x: torch.Tensor) -> str:
+    """down_scatter's combine for tokens `x`: "buffer" (deterministic) under torch's deterministic algorithms;
+    else atomic adds into the output in its own dtype ("atomic16", fastest measured on an H100/H200), except
+    bf16 before Hopper, whose atomic adds would be compare-and-swap loops: fp32 ones there ("atomic32",
+    native reductions on sm_80; the compiled SASS in docs/kernels.md)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return "buffer"
+    return "atomic32" if x.dtype == torch.bfloat16 and not _hopper(x) else "atomic16"
 
 
 def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None):
@@ -333,7 +344,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None):
                     BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
         m_tiles = triton.cdiv(M, BM) + N
         num_n = triton.cdiv(Dout, BN)
-        descs = _down_descriptors(a, w, BM, BN, BK) if variant == TMA and Ein % BK == 0 and _has_tma(a) else None
+        descs = _down_descriptors(a, w, BM, BN, BK) if variant == TMA and Ein % BK == 0 and _hopper(a) else None
         if descs is not None:
             _down_tma_kernel[(m_tiles * num_n,)](*descs[:2], *rest, num_n, W_KROWS=descs[2], **meta)
             return

@@ -222,8 +222,9 @@ FOLDS = ("epilogue", "rows", "off")
 
 class TritonBackend:
     """combine: how the K expert outputs of a token are summed (see _triton_kernels.down_scatter);
-    default: "atomic16" (fastest measured; bf16 adds in place, like the reference's index_add, so not
-    bitwise reproducible), "buffer" when torch.are_deterministic_algorithms_enabled().
+    default (`_triton_kernels.default_combine`): "atomic16" (fastest measured; bf16 adds in place, like the
+    reference's index_add, so not bitwise reproducible; "atomic32" for bf16 before Hopper), "buffer" when
+    torch.are_deterministic_algorithms_enabled().
     wgrad: how the grouped weight gradients are computed: "triton" (our kernel gathers the token rows),
     "triton_mat" (rows pre-gathered by index_select, our kernel), "gmm" (pre-gathered, torch._grouped_mm).
     fold_router: "epilogue" or "rows" (how dW1 takes SSD's router gradient when the caller folds it into
@@ -276,10 +277,8 @@ class TritonBackend:
         c = None if router_centroids is None else router_centroids.detach().to(x.dtype).contiguous()
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, gate_flat))
         # inference (no grad): no pre-activation saved
-        return _experts_op(x, w1, b1, w2, gate_flat, topk_idx, activation, self._combine(), self.wgrad, save, c,
+        return _experts_op(x, w1, b1, w2, gate_flat, topk_idx, activation, self._combine(x), self.wgrad, save, c,
                            self.fold_router)[0]
 
-    def _combine(self) -> str:
-        if self.combine is not None:
-            return self.combine
-        return "buffer" if torch.are_deterministic_algorithms_enabled() else "atomic16"
+    def _combine(self, x: torch.Tensor) -> str:
+        return self.combine if self.combine is not None else _kernels().default_combine(x)

@@ -1,7 +1,8 @@
 """Every kernel of the `triton` expert backend, and one config of each kernel variant, compiles for
-sm_90 (H100/H200) on this machine without a GPU: tools/compile_report.py runs the real launchers on CPU
-tensors with a stand-in driver, so CI catches what the interpreter cannot (layouts, register
-allocation, Hopper's wgmma/TMA lowering). The device image's own Triton version is used for the numbers
+sm_90 (H100/H200), and every default launch for sm_80 (A100), on this machine without a GPU:
+tools/compile_report.py runs the real launchers on CPU tensors with a stand-in driver, so CI catches what
+the interpreter cannot (layouts, register allocation, Hopper's wgmma/TMA lowering, A100's mma.sync and
+which atomics it has). The device image's own Triton version is used for the numbers
 in benchmarks/results; here it is whatever CI installed, so only compilation and the Hopper instructions
 are checked, never register or spill counts.
 """
@@ -33,21 +34,25 @@ def _report(*args, env_extra=None):
     return [ln.split() for ln in out.stdout.splitlines()[header + 1:] if ln.strip()]
 
 
-def _check(rows, expect_launches):
-    """rows: shape act launch config... kernel regs stack smem warps ctas LDGSTS UTMALDG atom mma."""
+LAUNCHES = ["up", "down", "up_bwd", "wgrad_dw2", "wgrad_dw1", "down_dx", "wgrad_dw1_fold", "wgrad_dw1_foldrows",
+            "wgrad_dw2_f32", "wgrad_dw1_f32", "down_dx_fold"]
+
+
+def _check(rows, expect_launches, mma="64x"):
+    """rows: shape act launch config... kernel regs stack smem warps ctas LDGSTS UTMALDG atom cas mma.
+    mma: Hopper's wgmma (HGMMA 64xNx16), or A100's mma.sync (HMMA 16816)."""
     assert rows, "no launch was compiled"
     assert {r[2] for r in rows} == set(expect_launches)
     for r in rows:
-        assert r[-1].startswith("64x"), f"no wgmma (HGMMA 64xNx16) in {r}"
-        if r[-10] == "_down_tma_kernel":
-            assert int(r[-3]) > 0 and int(r[-4]) == 0, f"the TMA variant does not load through TMA: {r}"
-    return {r[-10] for r in rows}
+        assert r[-1].startswith(mma), f"no {mma} matrix instructions in {r}"
+        assert int(r[-2]) == 0, f"a compare-and-swap loop (an atomic add the GPU lacks) in {r}"
+        if r[-11] == "_down_tma_kernel":
+            assert int(r[-4]) > 0 and int(r[-5]) == 0, f"the TMA variant does not load through TMA: {r}"
+    return {r[-11] for r in rows}
 
 
 def test_relu_launches_and_variants_compile_for_sm90():
-    kernels = _check(_report("--activations", "relu", "--variants", "one"),
-                     ["up", "down", "up_bwd", "wgrad_dw2", "wgrad_dw1", "down_dx", "wgrad_dw1_fold", "wgrad_dw1_foldrows",
-                      "down_dx_fold"])
+    kernels = _check(_report("--activations", "relu", "--variants", "one"), LAUNCHES)
     assert kernels == {"_up_kernel", "_down_kernel", "_down_tma_kernel", "_wgrad_kernel"}
 
 
@@ -63,3 +68,12 @@ def test_token_window_tile_order_compiles_for_sm90():
     kernels = _check(_report("--activations", "relu", "--launches", "up,down,up_bwd,down_dx",
                              env_extra={"SSD_TRITON_TILE_ORDER": "token"}), ["up", "down", "up_bwd", "down_dx"])
     assert kernels == {"_up_kernel", "_down_tma_kernel"}
+
+
+@pytest.mark.parametrize("act", ["relu", "swiglu"])
+def test_default_launches_compile_for_sm80(act):
+    """A100 (what `auto` now runs the triton backend on): mma.sync, pointer loads instead of TMA, and the
+    default combine's atomics native (bf16 adds before Hopper would be compare-and-swap loops, hence fp32
+    ones: `default_combine`)."""
+    kernels = _check(_report("--arch", "80", "--activations", act), LAUNCHES, mma="16816")
+    assert kernels == {"_up_kernel", "_down_kernel", "_wgrad_kernel"}
