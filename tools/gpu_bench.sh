@@ -6,8 +6,8 @@
 #   env: GPU_TESTS=0 skips the tests; BENCH=0 skips the benchmark; KERNELS=1 also times each kernel's
 #   tile variants (tools/bench_kernels.py $KERNEL_ARGS -> kernels.json, e.g. KERNEL_ARGS="--orders
 #   expert,token --shapes 8b"); STEP=1 also times the GPT-base training step,
-#   dense and sparse, graphed, with the router fold on (both ways) and off (ssd-bench step -> step.json; STEP_ARGS
-#   replaces those options); OUT (default /tmp/ssd_gpu_bench).
+#   dense and sparse, graphed: the defaults, the router fold off, the weights cast outside the backend
+#   (ssd-bench step -> step.json; STEP_ARGS replaces those options); OUT (default /tmp/ssd_gpu_bench).
 #
 # .whl/ (git-ignored) holds the prebuilt wheels for the device image (Python 3.12, torch 2.11+cu130):
 #   mkdir -p .whl && cp ../shared/wheels/gpu-cp312-torch2.11-cu130/*.whl .whl/
@@ -65,7 +65,7 @@ if [ "${BENCH:-1}" = "1" ]; then
   [ "$bstatus" = "0" ] || status=$bstatus
 fi
 if [ "${STEP:-0}" = "1" ]; then
-  STEP_ARGS=${STEP_ARGS:---phase both --variant cuda-graph --variant cuda-graph+no-router-fold --variant cuda-graph+router-fold-rows --no-hf}
+  STEP_ARGS=${STEP_ARGS:---phase both --variant cuda-graph --variant cuda-graph+no-router-fold --variant cuda-graph+no-master-weights --no-hf}
   echo "== ssd-bench step $STEP_ARGS"
   # shellcheck disable=SC2086
   $PY -m ssd_megatron.bench step $STEP_ARGS --out "$OUT/step.json" 2>&1 | tee "$OUT/step.log"
