@@ -101,7 +101,8 @@ def main() -> int:
     ap.add_argument("--variants", choices=("none", "one", "all"), default="none",
                     help="also the candidates of tools/bench_kernels.py: all, or one per kernel variant")
     ap.add_argument("--launches", default="", help="comma list of launch labels to report (default: all)")
-    ap.add_argument("--arch", type=int, choices=sorted(SM), default=90, help="compute capability: 90 H100/H200, 80 A100")
+    ap.add_argument("--arch", type=int, choices=sorted(SM), default=90,
+                    help="compute capability: 90 H100/H200, 80 A100")
     args = ap.parse_args()
     ARCH[0] = args.arch
     _driver.set_active(_TargetDriver())

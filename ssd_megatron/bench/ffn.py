@@ -16,7 +16,10 @@ bias. `--weight-gather` says where the expert weights come from:
 Method (see the device tool's METHOD.md): bf16, CUDA events around each iteration, median of many,
 warm-up first, inputs and weights rotated over several independent layers so that nothing is served
 from L2 across iterations. `fwd` is forward-only under torch.no_grad() (inference with k = K);
-`fwd_bwd` is a training forward + backward (grads for x and all weights).
+`fwd_bwd` is a training forward + backward (grads for x and all weights). `--params fp32` holds the
+parameters in fp32 under bf16 autocast, as a training step does: the dense path then pays autocast's
+weight casts and their gradients' casts back, the sparse path whatever its backend needs (`triton` takes
+the fp32 weights and writes fp32 gradients; the others get bf16 casts).
 
 Routing: `realistic` = top-K of x . centroids over weights with cluster structure (neurons of an
 expert share a direction; cluster scales vary, so expert loads are unbalanced as in a trained model);
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..ffn.activations import ACTIVATIONS, apply_activation, is_glu
-from ..ffn.backends import call_router_folded, router_fold_offered
+from ..ffn.backends import call_router_folded, router_fold_offered, weights_for
 from ..ffn.centroid_router import centroid_topk
 
 SHAPES = {  # name: (d_model, d_ff, num_experts, top_k)
@@ -52,9 +55,11 @@ SHAPES = {  # name: (d_model, d_ff, num_experts, top_k)
 # ----------------------------------------------------------------------------- the layer
 
 class Layer:
-    """One FFN's parameters (nn.Linear layout, bf16 leaves) plus its expert permutation."""
+    """One FFN's parameters (nn.Linear layout) plus its expert permutation. Leaves in `dtype`, the tokens'
+    dtype; or, with `params=torch.float32` and bf16 tokens, fp32 leaves used under bf16 autocast (as a
+    training step holds them: the dense path's GEMMs cast them, the sparse path as SwitchableFFN does)."""
 
-    def __init__(self, shape, activation, device, dtype, seed, bias=True):
+    def __init__(self, shape, activation, device, dtype, seed, bias=True, params=None):
         D, d_ff, N, K = SHAPES[shape]
         self.D, self.d_ff, self.N, self.K, self.E = D, d_ff, N, K, d_ff // N
         self.activation, self.glu = activation, is_glu(activation)
@@ -68,7 +73,9 @@ class Layer:
         w_gate = (0.5 * mu[labels] + rnd(d_ff, D)) * scale[labels, None] / math.sqrt(D)
         w_in = torch.cat([w_gate, rnd(d_ff, D) / math.sqrt(D)]) if self.glu else w_gate
         f1 = w_in.shape[0]
-        leaf = lambda t: t.to(dtype).contiguous().requires_grad_()  # noqa: E731
+        params = params or dtype
+        self.autocast = dtype if params != dtype else None
+        leaf = lambda t: t.to(params).contiguous().requires_grad_()  # noqa: E731
         self.w_in = leaf(w_in)
         self.b_in = leaf(0.02 * rnd(f1)) if bias else None
         self.w_out = leaf(rnd(D, d_ff) / math.sqrt(d_ff))
@@ -87,8 +94,13 @@ class Layer:
         """Every leaf: the neuron-order parameters (dense path, gathers) and the expert-major copies."""
         return [p for p in (self.w_in, self.b_in, self.w_out, self.b_out) + self.em if p is not None]
 
+    def _autocast(self):
+        return torch.autocast(self.w_in.device.type, dtype=self.autocast, enabled=self.autocast is not None)
+
     def dense(self, x):
-        return F.linear(apply_activation(F.linear(x, self.w_in, self.b_in), self.activation), self.w_out, self.b_out)
+        with self._autocast():
+            return F.linear(apply_activation(F.linear(x, self.w_in, self.b_in), self.activation), self.w_out,
+                            self.b_out)
 
     def expert_weights(self):
         N, E, D = self.N, self.E, self.D
@@ -110,22 +122,26 @@ class Layer:
             return centroid_topk(x, c, k)
         return (x @ c.t() + self.noise).topk(k, dim=-1)
 
+    def centroids(self, x, w1):
+        return w1[:, : self.E].mean(dim=1).to(x.dtype)
+
     def route(self, x, w1, k):
-        top, idx = self.select(x, w1[:, : self.E].mean(dim=1), k)
+        top, idx = self.select(x, self.centroids(x, w1), k)
         return idx, (top - top.detach()) + 1
 
     def sparse(self, x, backend):
-        w1, b1, w2 = self.expert_weights()
+        # as SwitchableFFN: fp32 weights as they are to a backend that takes them, else cast
+        w1, b1, w2 = weights_for(backend, x, *self.expert_weights())
         if torch.is_grad_enabled() and router_fold_offered(backend, x):
             # as SwitchableFFN: the router's gradient inside the backend's kernels
             with torch.no_grad():
-                c = w1[:, : self.E].mean(dim=1)
+                c = self.centroids(x, w1)
                 idx = self.select(x, c, self.K)[1]
             y = call_router_folded(backend, x, w1, b1, w2, idx, self.activation, c)
         else:
             idx, gate = self.route(x, w1, self.K)
             y = backend(x, w1, b1, w2, idx, gate, self.activation)
-        return y if self.b_out is None else y + self.b_out
+        return y if self.b_out is None else y + self.b_out.to(y.dtype)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -179,8 +195,8 @@ def time_calls(fn, n_iter, n_warm, pre=None) -> dict:
 class Case:
     """Rotating layers + inputs for one (shape, activation)."""
 
-    def __init__(self, shape, activation, tokens, rotations, device, dtype, seed=0):
-        self.layers = [Layer(shape, activation, device, dtype, seed + 17 * r) for r in range(rotations)]
+    def __init__(self, shape, activation, tokens, rotations, device, dtype, seed=0, params=None):
+        self.layers = [Layer(shape, activation, device, dtype, seed + 17 * r, params=params) for r in range(rotations)]
         D = self.layers[0].D
         g = torch.Generator(device=device).manual_seed(seed + 1)
         self.xs = [torch.randn(tokens, D, generator=g, device=device).to(dtype) for _ in range(rotations)]
@@ -270,7 +286,7 @@ def _backend_only(case, backend, n_iter, n_warm):
     """fwd+bwd of the backend alone on precomputed routing (what the kernels cost)."""
     layer, x = case.layers[0], case.xs[0]
     with torch.no_grad():
-        w1, b1, w2 = layer.expert_weights()
+        w1, b1, w2 = weights_for(backend, x, *layer.expert_weights())
         idx, gate = layer.route(x, w1, layer.K)
     ins = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w1, b1, w2, gate)]
     xs = [ins] + [[t.detach().clone().requires_grad_() if t is not None else None for t in ins] for _ in range(case.R - 1)]
@@ -349,7 +365,10 @@ def _parse(argv):
     ap.add_argument("--triton-variants", default="",
                     help="extra triton entries: comma list of option sets like combine=atomic16+wgrad=gmm "
                          "(combine: buffer|atomic32|atomic16; wgrad: triton|triton_mat|gmm; fold_router: "
-                         "epilogue|rows|off, how SSD's router gradient is folded into the kernels, or not)")
+                         "epilogue|rows|off, how SSD's router gradient is folded into the kernels, or not; "
+                         "master_weights: true|false, fp32 weights taken by the backend with --params fp32)")
+    ap.add_argument("--params", default="bf16", choices=("bf16", "fp32"),
+                    help="the layer's parameters: bf16, or fp32 used under bf16 autocast as in a training step")
     ap.add_argument("--weight-gather", default="none", choices=("none", "permute", "index_select"),
                     help="expert weight gather in the timed path (see the module docstring)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph (GPU-only) timings")
@@ -391,12 +410,14 @@ def main(argv=None) -> int:
         from ..ffn.backends.triton_backend import TritonBackend
         for v in args.triton_variants.split(","):
             try:
-                opts = dict(kv.split("=", 1) for kv in v.split("+"))
+                opts = {k: {"true": True, "false": False}.get(val.lower(), val)
+                        for k, val in (kv.split("=", 1) for kv in v.split("+"))}
                 backends[f"triton[{v}]"] = TritonBackend(**opts)
             except (ValueError, TypeError) as exc:
                 raise UserError(f"ssd-bench ffn: bad --triton-variants entry {v!r}: {exc}") from exc
     device = torch.device(args.device)
     dtype = torch.bfloat16 if _CUDA else torch.float32
+    params = torch.float32 if args.params == "fp32" and dtype != torch.float32 else None
     try:
         import triton
         triton_version = triton.__version__
@@ -406,6 +427,7 @@ def main(argv=None) -> int:
         "gpu": torch.cuda.get_device_name(0) if _CUDA else "cpu", "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
         "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
         "cuda": torch.version.cuda, "tokens": args.tokens, "dtype": "bfloat16", "bias": True,
+        "params": "fp32 under bf16 autocast" if params is not None else "bf16",
         "method": "CUDA events per iteration, median; fwd = forward only under no_grad (inference, k=K); "
                   "fwd_bwd = forward+backward; inputs and weights rotated over %d layers" % args.rotations,
         "sparse_path": f"expert weights (gather: {args.weight_gather}) + centroids + x@c.T + topk + gate trick "
@@ -421,7 +443,7 @@ def main(argv=None) -> int:
         for act in acts:
             key = f"{shape}/{act}"
             result["flops"][key] = _flops(shape, act)
-            case = Case(shape, act, args.tokens, args.rotations, device, dtype)
+            case = Case(shape, act, args.tokens, args.rotations, device, dtype, params=params)
             case.default_gather = args.weight_gather
             case.set_w2_mode(args.weight_gather)
             case.set_routing("realistic")

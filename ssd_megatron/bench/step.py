@@ -32,8 +32,9 @@ router gradient by the router's own backward instead of inside the expert kernel
 `--variant cuda-graph+no-router-fold`), `router-fold-rows` (its dW1 part added to dh's gate columns in the
 dW1 kernel's main loop instead of as one small GEMM added in the epilogue), `no-master-weights` (sparse
 phase: the FFN weights cast to bf16 before the expert backend and their gradients cast back by autograd,
-instead of the backend taking the fp32 parameters and its wgrad kernel writing fp32 gradients). `--profile DIR` profiles a
-few steps of each and prints the top kernels and a time-by-category table (docs/performance.md).
+instead of the backend taking the fp32 parameters and its wgrad kernel writing fp32 gradients).
+`--profile DIR` profiles a few steps of each and prints the top kernels and a time-by-category table
+(docs/performance.md).
 
 `--phase sparse` puts every FFN of our model in sparse mode (random balanced clustering, N=32, K=6,
 expert backend `--backend`) to time a sparse-phase step; `--phase both` times dense and sparse.
@@ -111,7 +112,8 @@ def _hf_loss(logits, labels):
 
 VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "triton-mask-gemm", "sync-clip",
             "sync-step", "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "flash-attn",
-            "cuda-graph", "torch-adamw", "ce-big-chunks", "no-router-fold", "router-fold-rows", "no-master-weights")
+            "cuda-graph", "torch-adamw", "ce-big-chunks", "no-router-fold", "router-fold-rows",
+            "no-master-weights")
 # Variants that also run for the sparse phase (the others change dense-only code), and those that change
 # sparse-only code (not run for the dense phase).
 PHASE_VARIANTS = ("loop", "cuda-graph", "no-router-fold", "router-fold-rows", "no-master-weights")
@@ -437,7 +439,6 @@ def _set_inductor_options(pairs: list[str]) -> dict:
     import ast
 
     import torch._inductor.config as cfg
-
 
     done = {}
     for pair in pairs:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .activations import ACTIVATIONS, apply_activation, is_glu
-from .backends import call_router_folded, get_backend, master_weights_offered, router_fold_offered
+from .backends import call_router_folded, get_backend, router_fold_offered, weights_for
 from .backends.weights import expert_rows, expert_views, gather_expert_weights, inverse_permutation
 from .centroid_router import centroid_topk
 from .fused_relu_ffn import relu_ffn
@@ -226,10 +226,8 @@ class SwitchableFFN(nn.Module):
         w1, b1, w2 = self.expert_weights()
         if torch.is_autocast_enabled(x.device.type):
             x2 = x2.to(torch.get_autocast_dtype(x.device.type))
-            # fp32 (master) weights go to a backend that casts them itself and returns fp32 grads
-            if not (w1.dtype == torch.float32 and master_weights_offered(self.backend, x2)):
-                w1, w2 = w1.to(x2.dtype), w2.to(x2.dtype)
-                b1 = None if b1 is None else b1.to(x2.dtype)
+            # fp32 (master) weights go as they are to a backend that casts them itself and returns fp32 grads
+            w1, b1, w2 = weights_for(self.backend, x2, w1, b1, w2)
         if self._router_folded(x2):
             with torch.no_grad():
                 centroids = self.centroids(w1).to(x2.dtype)

@@ -80,7 +80,8 @@ def backend_results():
                         "y_dtype": str(got[0].dtype),
                         "grad_dtypes": {k: str(g.dtype) for k, g in zip(names, grads)},
                         # fp32 sums, not fp16 values: some entry differs from its own fp16 rounding
-                        "unrounded": {k: bool((g.to(LOW).float() != g).any()) for k, g in zip(names, grads) if k != "x"}})
+                        "unrounded": {k: bool((g.to(LOW).float() != g).any())
+                                      for k, g in zip(names, grads) if k != "x"}})
         except Exception as exc:
             out.append({"exception": f"{type(exc).__name__}: {exc}"[:2000]})
     print(json.dumps(out))
@@ -159,12 +160,39 @@ def layer_results():
                       "grad_dtypes": [str(g.dtype) for g in res[True][1:]]}))
 
 
+def bench_layer_results():
+    """ssd-bench ffn's layer with fp32 parameters under autocast (--params fp32), fp16 tokens: its sparse
+    path hands the triton backend the fp32 weights (fp32 grads), equal to the same layer with the offer
+    off (the weights cast to the tokens' dtype) up to the weight grads' rounding; its dense path runs under
+    autocast."""
+    from backend_cases import rel_err
+
+    from ssd_megatron.bench.ffn import Layer
+    from ssd_megatron.ffn.backends import _triton_kernels as kernels
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    kernels.force_config(up=TINY, up_glu=TINY, up_bwd=TINY, up_bwd_glu=TINY, down=TINY, wgrad=TINY + (32,))
+    layer = Layer("tiny", "relu", torch.device("cpu"), LOW, seed=0, params=torch.float32)
+    x = torch.randn(33, layer.D).to(LOW)
+    res = {}
+    for master in (True, False):
+        for p in layer.params():
+            p.grad = None
+        xi = x.clone().requires_grad_()
+        y = layer.sparse(xi, TritonBackend(master_weights=master))
+        y.float().square().sum().backward()
+        res[master] = [y.detach(), xi.grad] + [p.grad for p in layer.params() if p.grad is not None]
+    yd = layer.dense(x)
+    print(json.dumps({"errors": [rel_err(a, b) for a, b in zip(res[True], res[False])],
+                      "dtypes": [str(t.dtype) for t in res[True]], "dense_dtype": str(yd.dtype)}))
+
+
 @pytest.fixture(scope="module")
 def interpreted():
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("CUDA present: checked compiled in bf16 (test_backends_gpu.py)")
-    return {f: run_interpreted(__file__, f) for f in ("backend_results", "opcheck_results", "layer_results")}
+    return {f: run_interpreted(__file__, f)
+            for f in ("backend_results", "opcheck_results", "layer_results", "bench_layer_results")}
 
 
 @pytest.mark.parametrize("i", range(len(RUNS)), ids=[f"{c['activation']}-{'-'.join(o) or 'default'}-chunk{ch}"
@@ -195,3 +223,12 @@ def test_switchable_ffn_backward_casts_no_weights(interpreted):
     assert len(res["casts"]["False"]) >= 2, res["casts"]  # the control: W_i's and W_o's gradients cast back
     assert all(d == "torch.float32" for d in res["grad_dtypes"])
     assert max(res["errors"]) <= 5e-3, res["errors"]
+
+
+def test_bench_layer_with_fp32_params(interpreted):
+    res = interpreted["bench_layer_results"]
+    assert res["dtypes"][:2] == ["torch.float16", "torch.float16"], res["dtypes"]  # y, x's grad
+    assert set(res["dtypes"][2:]) == {"torch.float32"}, res["dtypes"]  # the fp32 leaves' grads
+    assert res["dense_dtype"] == "torch.float16"
+    # the same output; x's grad takes the router's term c_e, a mean of fp32 rather than of fp16 rows
+    assert res["errors"][0] == 0 and max(res["errors"]) <= 2e-3, res["errors"]

@@ -87,6 +87,14 @@ def master_weights_offered(backend, x: torch.Tensor) -> bool:
     return _offers(backend, "takes_master_weights", x)
 
 
+def weights_for(backend, x: torch.Tensor, w1, b1, w2):
+    """(w1, b1, w2) as `backend` takes them with tokens `x`: fp32 (master) weights as they are where it
+    offers that (`master_weights_offered`), else in x's dtype."""
+    if w1.dtype == x.dtype or (w1.dtype == torch.float32 and master_weights_offered(backend, x)):
+        return w1, b1, w2
+    return w1.to(x.dtype), None if b1 is None else b1.to(x.dtype), w2.to(x.dtype)
+
+
 def call_router_folded(backend, x, w1, b1, w2, top_idx, activation, centroids):
     """The backend call with SSD's router folded in: the straight-through gate's value (exactly 1) as the
     gate, its gradient added by the backend from `centroids` (detached [N, D])."""
@@ -137,4 +145,5 @@ def get_backend(name: str = "auto", device=None):
 
 
 __all__ = ["BACKEND_NAMES", "AutoBackend", "ReferenceBackend", "GroupedMMBackend", "available_backends",
-           "call_router_folded", "get_backend", "master_weights_offered", "router_fold_offered", "tuning_env"]
+           "call_router_folded", "get_backend", "master_weights_offered", "router_fold_offered", "tuning_env",
+           "weights_for"]
