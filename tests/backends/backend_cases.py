@@ -108,3 +108,16 @@ def run_router(backend, inp, fold: bool):
         y = backend(x, w1, inp["b1"], inp["w2"], idx, (s - s.detach()) + 1, inp["activation"])
     y.backward(inp["dy"])
     return y.detach(), {k: inp[k].grad.detach().clone() for k in ("x", "w1", "b1", "w2") if inp[k] is not None}
+
+
+def expert_major_sparse_ffn(d_model, d_ff, activation, num_experts, top_k, device="cpu", bias=True):
+    """A SwitchableFFN (seed 0) as an SSD sparse phase runs it: random balanced clustering, stored
+    expert-major, in sparse mode."""
+    from ssd_megatron.ffn import SwitchableFFN
+    from ssd_megatron.ffn.expert_layout import to_expert_major
+    torch.manual_seed(0)
+    ffn = SwitchableFFN(d_model, d_ff, activation, bias=bias, num_experts=num_experts, top_k=top_k).to(device)
+    ffn.set_clustering(torch.randperm(d_ff, device=device) % num_experts)
+    to_expert_major(ffn)
+    ffn.set_mode("sparse")
+    return ffn

@@ -7,7 +7,8 @@ fp32 1e-4.
 import pytest
 import torch
 
-from .backend_cases import compare, make_inputs, run, run_router, upcast, with_column_view_w2
+from .backend_cases import (compare, expert_major_sparse_ffn, make_inputs, run, run_router, upcast,
+                            with_column_view_w2)
 from ssd_megatron.ffn.activations import ACTIVATIONS
 from ssd_megatron.ffn.backends import ReferenceBackend, available_backends, get_backend
 
@@ -208,14 +209,8 @@ def test_sparse_layer_master_weights_under_autocast_and_compile():
         pytest.skip("triton not available here")
     import copy
 
-    from ssd_megatron.ffn import SwitchableFFN
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    from ssd_megatron.ffn.expert_layout import to_expert_major
-    torch.manual_seed(0)
-    ffn = SwitchableFFN(256, 1024, "relu", bias=True, num_experts=8, top_k=2).cuda()
-    ffn.set_clustering(torch.randperm(1024, device="cuda") % 8)
-    to_expert_major(ffn)
-    ffn.set_mode("sparse")
+    ffn = expert_major_sparse_ffn(256, 1024, "relu", 8, 2, device="cuda")
     x = torch.randn(512, 256, device="cuda")
     w = torch.randn(512, 256, device="cuda")
 
@@ -242,14 +237,8 @@ def test_sparse_layer_with_triton_under_torch_compile():
     every gradient equal eager (fp32 keeps the top-K choices from flipping between the two)."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
-    from ssd_megatron.ffn import SwitchableFFN
-    from ssd_megatron.ffn.expert_layout import to_expert_major
-    torch.manual_seed(0)
-    ffn = SwitchableFFN(256, 1024, "relu", bias=True, num_experts=8, top_k=2).cuda()
-    ffn.set_clustering(torch.randperm(1024, device="cuda") % 8)
-    to_expert_major(ffn)
+    ffn = expert_major_sparse_ffn(256, 1024, "relu", 8, 2, device="cuda")
     ffn.set_backend(get_backend("triton"))
-    ffn.set_mode("sparse")
     x = torch.randn(512, 256, device="cuda", requires_grad=True)
     w = torch.randn(512, 256, device="cuda")
     eager = torch.autograd.grad((ffn(x) * w).sum(), [x, *ffn.parameters()])

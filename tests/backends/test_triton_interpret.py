@@ -162,16 +162,10 @@ def _fold_layer_result(kernels, tiny):
     layer with folding switched off (the router's own backward), forward and every parameter's grad."""
     import copy
 
-    from backend_cases import rel_err
-    from ssd_megatron.ffn import SwitchableFFN
+    from backend_cases import expert_major_sparse_ffn, rel_err
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    from ssd_megatron.ffn.expert_layout import to_expert_major
     kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny)
-    torch.manual_seed(0)
-    ffn = SwitchableFFN(24, 64, "swiglu", num_experts=4, top_k=2)
-    ffn.set_clustering(torch.randperm(64) % 4)
-    to_expert_major(ffn)
-    ffn.set_mode("sparse")
+    ffn = expert_major_sparse_ffn(24, 64, "swiglu", 4, 2)
     x = torch.randn(29, 24)
     res = {}
     try:

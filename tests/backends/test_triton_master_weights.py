@@ -117,13 +117,11 @@ def layer_results():
     W_i's and W_o's gradients back to fp32). Same function and gradients either way."""
     import copy
 
-    from backend_cases import rel_err
+    from backend_cases import expert_major_sparse_ffn, rel_err
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from ssd_megatron.ffn import SwitchableFFN
     from ssd_megatron.ffn.backends import _triton_kernels as kernels
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    from ssd_megatron.ffn.expert_layout import to_expert_major
 
     class Casts(TorchDispatchMode):
         def __init__(self, numel):
@@ -139,11 +137,7 @@ def layer_results():
             return out
 
     kernels.force_config(up=TINY, up_glu=TINY, up_bwd=TINY, up_bwd_glu=TINY, down=TINY, wgrad=TINY + (32,))
-    torch.manual_seed(0)
-    ffn = SwitchableFFN(32, 64, "relu", num_experts=4, top_k=2)
-    ffn.set_clustering(torch.randperm(64) % 4)
-    to_expert_major(ffn)
-    ffn.set_mode("sparse")
+    ffn = expert_major_sparse_ffn(32, 64, "relu", 4, 2)
     x = torch.randn(45, 32)
     res, casts = {}, {}
     for master in (True, False):
