@@ -2,11 +2,13 @@
 
 Fig. 1a: activation sparsity vs step;  Fig. 1b: ARI of consecutive monitors vs step;
 Fig. 1c: ARI between every pair of monitored clusterings;  Fig. 6: validation perplexity vs step with
-the sparse phases shaded. `ssd_sections(records, report_dir)` writes the PNGs and returns the
-markdown lines the run report appends.
+the sparse phases shaded; and what SSD is for, time: step time vs step with the sparse phases shaded,
+and the median step time and FLOPs of each phase. `ssd_sections(records, report_dir)` writes the PNGs
+and returns the markdown lines the run report appends.
 """
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,45 @@ def sparse_intervals(records: list) -> list:
     if start is not None:
         spans.append((start, last + 1))
     return spans
+
+
+# Steps left out of a phase's step-time median after each switch: the first steps of a kind compile,
+# autotune and, with train.cuda_graph, capture (train/step_graph.py's WARMUP_STEPS + the capture).
+SETTLE_STEPS = 4
+
+
+def phase_step_stats(records: list, settle: int = SETTLE_STEPS) -> dict:
+    """{phase: {"step_ms": median step time, "flops": median FLOPs per step, "steps": steps counted}} over
+    the train records, leaving out the first `settle` steps after the start and after every switch."""
+    times, flops = {}, {}
+    since, last = 0, None
+    for r in records:
+        if "step_time" not in r or "phase" not in r:
+            continue
+        since = 0 if r["phase"] != last else since + 1
+        last = r["phase"]
+        if since >= settle:
+            times.setdefault(last, []).append(r["step_time"])
+            if r.get("flops"):
+                flops.setdefault(last, []).append(r["flops"])
+    return {p: {"step_ms": 1e3 * statistics.median(t), "steps": len(t),
+                "flops": statistics.median(flops[p]) if p in flops else None} for p, t in times.items()}
+
+
+def time_lines(stats: dict) -> list:
+    """The report's line comparing the phases' step times (and FLOPs), or nothing without both phases."""
+    d, s = stats.get("dense"), stats.get("sparse")
+    if not d or not s:
+        return []
+    line = (f"- step time, median: dense {d['step_ms']:.1f} ms ({d['steps']} steps), sparse {s['step_ms']:.1f} ms "
+            f"({s['steps']} steps): sparse steps take **{s['step_ms'] / d['step_ms']:.2f}×** the dense steps' time")
+    if d["flops"] and s["flops"]:
+        line += f" for {s['flops'] / d['flops']:.2f}× their FLOPs"
+    lines = [line]
+    if s["step_ms"] >= d["step_ms"]:
+        lines.append("  (no time saved in the sparse phase: on a GPU that usually means eager, host-bound steps; "
+                     "see the README's 'Status and limits' and `train.cuda_graph`)")
+    return lines
 
 
 def pairwise_matrix(monitors: list) -> np.ndarray:
@@ -75,6 +116,7 @@ def ssd_sections(records: list, report_dir) -> list:
     if switches:
         cost = sum(r.get("switch_seconds", 0.0) for r in switches)
         lines.append(f"- switches: {len(switches)}, total switch time {cost:.2f} s")
+    lines += time_lines(phase_step_stats(records))
 
     def shade(ax):
         for a, b in spans:
@@ -143,4 +185,16 @@ def ssd_sections(records: list, report_dir) -> list:
         fig.savefig(report_dir / "ppl_phases.png", dpi=120)
         plt.close(fig)
         lines.append("- validation perplexity with sparse phases shaded ![ppl_phases](ppl_phases.png)")
+
+    timed = [r for r in records if "step_time" in r and "step" in r]
+    if timed and spans:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in timed], [1e3 * r["step_time"] for r in timed], "b-", lw=0.8)
+        shade(ax)
+        ax.set(xlabel="step", ylabel="step time (ms)", title="Step time, sparse phases shaded")
+        ax.set_yscale("log")
+        fig.tight_layout()
+        fig.savefig(report_dir / "step_time.png", dpi=120)
+        plt.close(fig)
+        lines.append("- step time with sparse phases shaded ![step_time](step_time.png)")
     return lines
