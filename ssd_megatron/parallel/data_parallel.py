@@ -49,17 +49,32 @@ def compile_blocks(model: nn.Module, mode: str | None = None) -> int:
 
 
 def wrap_data_parallel(model: nn.Module, dims: ParallelDims, pcfg, device: torch.device,
-                       find_unused_parameters: bool = False) -> nn.Module:
-    """Return the module the loop calls forward on (the model itself for a single process)."""
+                       find_unused_parameters: bool = False, stream=None) -> nn.Module:
+    """Return the module the loop calls forward on (the model itself for a single process). `stream`:
+    construct DDP on this CUDA stream (a step that will be captured in a CUDA graph needs it:
+    train/step_graph.py)."""
     if not dims.is_distributed:
         return model
     if pcfg.data_parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        return DDP(model, device_ids=ids, process_group=dims.dp_group,
-                   find_unused_parameters=find_unused_parameters)
+        with _on_stream(stream, device):
+            return DDP(model, device_ids=ids, process_group=dims.dp_group,
+                       find_unused_parameters=find_unused_parameters)
     return _fully_shard(model, dims, device)
+
+
+@contextlib.contextmanager
+def _on_stream(stream, device: torch.device):
+    if stream is None:
+        yield
+        return
+    current = torch.cuda.current_stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)
 
 
 def _fully_shard(model: nn.Module, dims: ParallelDims, device: torch.device) -> nn.Module:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import sys
 import time
@@ -54,7 +55,7 @@ from .lr_schedule import LRSchedule
 from .method import build_method
 from .metrics import MetricsLogger, safe_ppl, truncate_metrics
 from .optimizer import build_optimizer
-from .step_graph import StepGraph
+from .step_graph import StepGraph, capture_options, ddp_construction_stream, prepare_process_group
 from .step_graph import resolve as resolve_cuda_graph
 
 
@@ -99,6 +100,7 @@ def forward_loss(model, batch: dict, fused: bool = True) -> tuple[torch.Tensor, 
 
 def train(cfg) -> dict:
     device = resolve_device(cfg.train.device)
+    prepare_process_group(cfg, device, int(os.environ.get("WORLD_SIZE", "1")))
     dims = init_distributed(cfg.parallel, device)
     try:
         return Trainer(cfg, device, dims).run()
@@ -155,12 +157,13 @@ class Trainer:
             compile_blocks(self.model)
         self.wrapped = wrap_data_parallel(
             self.model, dims, cfg.parallel, device,
-            find_unused_parameters=bool(getattr(self.method, "needs_find_unused_parameters", False)))
+            find_unused_parameters=bool(getattr(self.method, "needs_find_unused_parameters", False)),
+            stream=ddp_construction_stream(cfg, device, dims.world_size))
         self.optimizer = build_optimizer(self.model, cfg.optim, device, capturable=self.graphed)
         self.method.attach_optimizer(self.optimizer)
         self.step_graph = StepGraph(lambda micro, scale: self._device_step(micro, scale)[0],
                                     lambda: self.optimizer.zero_grad(set_to_none=True), self.optimizer,
-                                    device) if self.graphed else None
+                                    device, **capture_options(dims.world_size)) if self.graphed else None
         self.schedule = LRSchedule.from_config(cfg)
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, dims)
         # Per-rank streams for dropout etc. after the (identical) initialisation.

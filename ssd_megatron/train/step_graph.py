@@ -26,15 +26,25 @@ CUDA graph), with what a training run needs around it:
   permutes the parameters and their moments in place into expert-major storage, where the sparse
   graph reads each expert as a view; a sparse phase is always expert-major).
 
-`train.cuda_graph`: false (default), true, or auto. What it cannot serve (`resolve`): more than one
-process (capturing DDP/FSDP2's NCCL collectives is not wired up), the baselines (they route, drop
-layers or add losses per step), and CPU runs. There `true` is an error naming the key and `auto` runs
-eagerly with a note, so configs/gpt_base.yaml can say auto and still serve torchrun and the baseline
-configs derived from it. Micro-batch shapes must stay fixed (packed data always has them; a change is
+`train.cuda_graph`: false (default), true, or auto. What it cannot serve (`resolve`): FSDP2 (its
+per-block all-gathers and reduce-scatters are not wired up for capture), the baselines (they route,
+drop layers or add losses per step), and CPU runs. There `true` is an error naming the key and `auto`
+runs eagerly with a note, so configs/gpt_base.yaml can say auto and still serve the baseline configs
+derived from it.
+
+Several processes with DDP are captured only with `true` (experimental: built on the recipe of
+PyTorch's CUDA-graph notes for NCCL >= 2.9.6, not yet run on GPUs here; `auto` keeps them eager). The
+recipe: NCCL's asynchronous error handling off before the process group exists
+(`prepare_process_group`), DDP constructed on a side stream (`ddp_construction_stream`), at least 11
+eager DDP iterations before the first capture, after DDP's bucket rebuild and its early runtime logging,
+and a thread-local capture mode, as NCCL's threads keep calling CUDA meanwhile (`capture_options`). The all-reduces of the last micro-batch's backward are then part of the
+graph. This matters for SSD: an eager sparse step is host-bound (docs/kernels.md §4), so without
+capture a multi-process sparse phase is slower than dense. Micro-batch shapes must stay fixed (packed data always has them; a change is
 an error, not a silent re-capture). Validation, checkpoints and logging run between replays as before.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Hashable, Optional
 
 import torch
@@ -46,13 +56,19 @@ from ..errors import UserError
 GRAPHABLE_METHODS = ("dense", "ssd")
 # Eager steps of a kind before its capture (compilation, autotuning, the optimizer's state).
 WARMUP_STEPS = 3
+# With DDP: PyTorch's recipe asks for at least 11 eager DDP iterations before a capture.
+DDP_WARMUP_STEPS = 11
+DDP_NOTE = ("train.cuda_graph: true captures the DDP step, all-reduces included (experimental, not yet "
+            "verified on GPUs here; train/step_graph.py)")
 
 
 def _unsupported(cfg, world_size: int) -> Optional[str]:
     if cfg.method not in GRAPHABLE_METHODS:
         return f"method {cfg.method!r} changes its step between steps (only {', '.join(GRAPHABLE_METHODS)} can be captured)"
-    if world_size > 1:
-        return f"{world_size} processes (capturing DDP/FSDP2 collectives is not supported; one process only)"
+    if world_size > 1 and cfg.parallel.data_parallel != "ddp":
+        return f"{world_size} processes with {cfg.parallel.data_parallel} (only DDP's step can be captured)"
+    if world_size > 1 and cfg.train.cuda_graph is not True:
+        return f"{world_size} processes (capturing the DDP step is opt-in while unverified: train.cuda_graph: true)"
     return None
 
 
@@ -64,10 +80,34 @@ def resolve(cfg, device: torch.device, world_size: int) -> tuple[bool, Optional[
         return False, None
     problem = _unsupported(cfg, world_size)
     if problem is None:
-        return True, None
+        return True, (DDP_NOTE if world_size > 1 else None)
     if mode == "auto":
         return False, f"train.cuda_graph: auto runs eager steps here: {problem}"
     raise UserError(f"train.cuda_graph: true does not fit this run: {problem}; set train.cuda_graph: auto or false")
+
+
+def _captures_ddp(cfg, device: torch.device, world_size: int) -> bool:
+    return (world_size > 1 and device.type == "cuda" and cfg.train.cuda_graph is True
+            and _unsupported(cfg, world_size) is None)
+
+
+def prepare_process_group(cfg, device: torch.device, world_size: int) -> None:
+    """Before init_process_group: a captured DDP step needs NCCL's asynchronous error handling off (its
+    watchdog would otherwise query the captured collectives' events). A user's own setting wins."""
+    if _captures_ddp(cfg, device, world_size):
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+
+
+def ddp_construction_stream(cfg, device: torch.device, world_size: int) -> Optional[torch.cuda.Stream]:
+    """The side stream to construct DDP on when its step will be captured (else None)."""
+    return torch.cuda.Stream(device) if _captures_ddp(cfg, device, world_size) else None
+
+
+def capture_options(world_size: int) -> dict:
+    """StepGraph's warm-up steps and capture mode for a run of `world_size` processes (DDP's recipe above)."""
+    if world_size > 1:
+        return {"warmup": DDP_WARMUP_STEPS, "capture_error_mode": "thread_local"}
+    return {"warmup": WARMUP_STEPS, "capture_error_mode": "global"}
 
 
 def _signature(micro: list[dict]) -> list[tuple]:
@@ -88,11 +128,14 @@ class StepGraph:
     last graph's buffers, and once before each capture)."""
 
     def __init__(self, step_fn: Callable[[list[dict], torch.Tensor], torch.Tensor], zero_grad: Callable[[], None],
-                 optimizer: torch.optim.Optimizer, device: torch.device, warmup: int = WARMUP_STEPS):
+                 optimizer: torch.optim.Optimizer, device: torch.device, warmup: int = WARMUP_STEPS,
+                 capture_error_mode: str = "global"):
         if device.type != "cuda":
             raise ValueError("StepGraph needs a CUDA device")
         self.step_fn, self.zero_grad, self.optimizer, self.device = step_fn, zero_grad, optimizer, device
         self.warmup = warmup
+        # "thread_local" with DDP: NCCL's own threads keep making CUDA calls while this one captures
+        self.capture_error_mode = capture_error_mode
         self.eager_steps: dict = {}  # key -> eager steps taken so far
         self.graphs: dict = {}  # key -> (CUDAGraph, its static output)
         self.static_micro: list[dict] = []
@@ -139,7 +182,7 @@ class StepGraph:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # the eager steps' cached blocks are not usable by the graph's own pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode=self.capture_error_mode):
             values = self.step_fn(self.static_micro, self.scale)
         self.graphs[key] = (graph, values)
         graph.replay()  # capturing queued nothing: this runs the step

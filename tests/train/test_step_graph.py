@@ -3,6 +3,7 @@
 CPU (CI): the configurations it refuses, the flag being a no-op on CPU, a device-tensor learning rate
 written to checkpoints as a float and filled in place by the schedule. CUDA: a graphed run takes the same
 steps as an eager one (with validation and checkpoints between replays), and resumes."""
+import os
 import shutil
 from pathlib import Path
 
@@ -35,8 +36,14 @@ def test_true_refuses_what_it_cannot_capture_and_auto_falls_back(tiny_data, tmp_
     smoe = _cfg(tiny_data, tmp_path, method="smoe", **{"train.cuda_graph": True, "smoe.num_experts": 4})
     with pytest.raises(UserError, match=r"train.cuda_graph: true .*'smoe'"):
         resolve(smoe, cuda, world_size=1)
-    with pytest.raises(UserError, match=r"train.cuda_graph: true .*2 processes"):
-        resolve(_cfg(tiny_data, tmp_path, **{"train.cuda_graph": True}), cuda, world_size=2)
+    fsdp = _cfg(tiny_data, tmp_path, **{"train.cuda_graph": True, "parallel.data_parallel": "fsdp"})
+    with pytest.raises(UserError, match=r"train.cuda_graph: true .*2 processes with fsdp"):
+        resolve(fsdp, cuda, world_size=2)
+    # several DDP processes: captured when asked for (experimental), eager under auto
+    on, note = resolve(_cfg(tiny_data, tmp_path, method="ssd", **{"train.cuda_graph": True}), cuda, world_size=2)
+    assert on and "experimental" in note
+    on, note = resolve(_cfg(tiny_data, tmp_path, **{"train.cuda_graph": "auto"}), cuda, world_size=2)
+    assert not on and "opt-in" in note
     for method in ("dense", "ssd"):
         cfg = _cfg(tiny_data, tmp_path, method=method, **{"train.cuda_graph": True})
         assert resolve(cfg, cuda, world_size=1) == (True, None)
@@ -149,3 +156,25 @@ def test_ssd_graphed_run_takes_the_eager_runs_steps(tiny_data, tmp_path, monkeyp
     for s in ref:
         tol = 1e-4 if precision == "fp32" else (2e-3 if s < second_sparse else 3e-2)
         assert recs[s]["loss"] == pytest.approx(ref[s]["loss"], rel=tol), (s, recs[s]["phase"])
+
+
+def test_ddp_capture_setup_follows_the_recipe(tiny_data, tmp_path, monkeypatch):
+    """What a captured multi-process DDP step needs before the capture (PyTorch's recipe for NCCL >= 2.9.6):
+    NCCL's async error handling off before the process group (a user's own setting kept), 11 eager DDP
+    iterations and a thread-local capture; nothing of it for one process, FSDP2 or auto."""
+    from ssd_megatron.train.step_graph import capture_options, prepare_process_group
+
+    cuda = torch.device("cuda")
+    on = _cfg(tiny_data, tmp_path, **{"train.cuda_graph": True})
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    for cfg, world, device in ((on, 1, cuda), (on, 2, torch.device("cpu")),
+                               (_cfg(tiny_data, tmp_path, **{"train.cuda_graph": "auto"}), 2, cuda)):
+        prepare_process_group(cfg, device, world)
+        assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in os.environ
+    prepare_process_group(on, cuda, 2)
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "0"
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    prepare_process_group(on, cuda, 2)
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    assert capture_options(2) == {"warmup": 11, "capture_error_mode": "thread_local"}
+    assert capture_options(1) == {"warmup": 3, "capture_error_mode": "global"}
