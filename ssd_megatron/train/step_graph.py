@@ -36,11 +36,14 @@ Several processes with DDP are captured only with `true` (experimental: built on
 PyTorch's CUDA-graph notes for NCCL >= 2.9.6, not yet run on GPUs here; `auto` keeps them eager). The
 recipe: NCCL's asynchronous error handling off before the process group exists
 (`prepare_process_group`), DDP constructed on a side stream (`ddp_construction_stream`), at least 11
-eager DDP iterations before the first capture, after DDP's bucket rebuild and its early runtime logging,
-and a thread-local capture mode, as NCCL's threads keep calling CUDA meanwhile (`capture_options`). The all-reduces of the last micro-batch's backward are then part of the
-graph. This matters for SSD: an eager sparse step is host-bound (docs/kernels.md §4), so without
-capture a multi-process sparse phase is slower than dense. Micro-batch shapes must stay fixed (packed data always has them; a change is
-an error, not a silent re-capture). Validation, checkpoints and logging run between replays as before.
+eager DDP iterations before the first capture (after DDP's bucket rebuild and its early runtime
+logging), and a thread-local capture mode, as NCCL's threads keep calling CUDA meanwhile
+(`capture_options`). The all-reduces of the last micro-batch's backward are then part of the graph.
+This matters for SSD: an eager sparse step is host-bound (docs/kernels.md §4), so without capture a
+multi-process sparse phase is slower than dense.
+
+Micro-batch shapes must stay fixed (packed data always has them; a change is an error, not a silent
+re-capture). Validation, checkpoints and logging run between replays as before.
 """
 from __future__ import annotations
 
