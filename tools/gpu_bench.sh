@@ -3,7 +3,8 @@
 # expert backend, then `ssd-bench ffn`; a short table is printed last, JSON + logs land in $OUT.
 #
 #   device run (carry [".whl"]):  bash tools/gpu_bench.sh [ssd-bench ffn options...]
-#   env: GPU_TESTS=0 skips the tests; BENCH=0 skips the benchmark; KERNELS=1 also times each kernel's
+#   env: GPU_TESTS=0 skips the tests (GPU_TESTS_EXTRA="tests/train/test_step_graph.py ..." adds files);
+#   BENCH=0 skips the benchmark; KERNELS=1 also times each kernel's
 #   tile variants (tools/bench_kernels.py $KERNEL_ARGS -> kernels.json, e.g. KERNEL_ARGS="--orders
 #   expert,token --shapes 8b"); STEP=1 also times the GPT-base training step,
 #   dense and sparse, graphed: the defaults, the router fold off, the weights cast outside the backend
@@ -45,8 +46,9 @@ PY
 status=0
 if [ "${GPU_TESTS:-1}" = "1" ]; then
   echo "== GPU correctness tests (tests/backends)"
+  # shellcheck disable=SC2086
   timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -rs -n "${TEST_WORKERS:-8}" -p no:cacheprovider tests/backends/test_backends_gpu.py \
-      tests/backends/test_reference_cpu.py 2>&1 | tee "$OUT/gpu_tests.log"
+      tests/backends/test_reference_cpu.py ${GPU_TESTS_EXTRA:-} 2>&1 | tee "$OUT/gpu_tests.log"
   status=${PIPESTATUS[0]}
   tail -n 3 "$OUT/gpu_tests.log" > "$OUT/gpu_tests_summary.txt"
 fi
