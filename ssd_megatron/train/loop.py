@@ -155,15 +155,17 @@ class Trainer:
         self.method = build_method(cfg, self.model, group=dims.dp_group)
         if cfg.train.compile:
             compile_blocks(self.model)
+        ddp_stream = ddp_construction_stream(cfg, device, dims.world_size)
         self.wrapped = wrap_data_parallel(
             self.model, dims, cfg.parallel, device,
             find_unused_parameters=bool(getattr(self.method, "needs_find_unused_parameters", False)),
-            stream=ddp_construction_stream(cfg, device, dims.world_size))
+            stream=ddp_stream)
         self.optimizer = build_optimizer(self.model, cfg.optim, device, capturable=self.graphed)
         self.method.attach_optimizer(self.optimizer)
         self.step_graph = StepGraph(lambda micro, scale: self._device_step(micro, scale)[0],
                                     lambda: self.optimizer.zero_grad(set_to_none=True), self.optimizer,
-                                    device, **capture_options(dims.world_size)) if self.graphed else None
+                                    device, stream=ddp_stream, **capture_options(dims.world_size)
+                                    ) if self.graphed else None
         self.schedule = LRSchedule.from_config(cfg)
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, dims)
         # Per-rank streams for dropout etc. after the (identical) initialisation.

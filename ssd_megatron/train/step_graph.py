@@ -35,10 +35,12 @@ derived from it.
 Several processes with DDP are captured only with `true` (experimental: built on the recipe of
 PyTorch's CUDA-graph notes for NCCL >= 2.9.6, not yet run on GPUs here; `auto` keeps them eager). The
 recipe: NCCL's asynchronous error handling off before the process group exists
-(`prepare_process_group`), DDP constructed on a side stream (`ddp_construction_stream`), at least 11
-eager DDP iterations before the first capture (after DDP's bucket rebuild and its early runtime
-logging), and a thread-local capture mode, as NCCL's threads keep calling CUDA meanwhile
-(`capture_options`). The all-reduces of the last micro-batch's backward are then part of the graph.
+(`prepare_process_group`), DDP constructed on a side stream (`ddp_construction_stream`) which also runs
+the eager warm-up steps and the capture (DDP keeps autograd's gradient-accumulation nodes of the
+parameters, which belong to the stream it was built on; Megatron-LM's full-iteration graphs share one
+stream the same way), at least 11 eager DDP iterations before the first capture (after DDP's bucket
+rebuild and its early runtime logging), and a thread-local capture mode, as NCCL's threads keep calling
+CUDA meanwhile (`capture_options`). The all-reduces of the last micro-batch's backward are then part of the graph.
 This matters for SSD: an eager sparse step is host-bound (docs/kernels.md §4), so without capture a
 multi-process sparse phase is slower than dense.
 
@@ -102,7 +104,8 @@ def prepare_process_group(cfg, device: torch.device, world_size: int) -> None:
 
 
 def ddp_construction_stream(cfg, device: torch.device, world_size: int) -> Optional[torch.cuda.Stream]:
-    """The side stream to construct DDP on when its step will be captured (else None)."""
+    """The side stream to construct DDP on when its step will be captured (else None); the StepGraph then
+    warms up and captures on it too (its `stream`)."""
     return torch.cuda.Stream(device) if _captures_ddp(cfg, device, world_size) else None
 
 
@@ -132,7 +135,7 @@ class StepGraph:
 
     def __init__(self, step_fn: Callable[[list[dict], torch.Tensor], torch.Tensor], zero_grad: Callable[[], None],
                  optimizer: torch.optim.Optimizer, device: torch.device, warmup: int = WARMUP_STEPS,
-                 capture_error_mode: str = "global"):
+                 capture_error_mode: str = "global", stream: Optional[torch.cuda.Stream] = None):
         if device.type != "cuda":
             raise ValueError("StepGraph needs a CUDA device")
         self.step_fn, self.zero_grad, self.optimizer, self.device = step_fn, zero_grad, optimizer, device
@@ -144,7 +147,9 @@ class StepGraph:
         self.static_micro: list[dict] = []
         self.signature = None
         self.scale = torch.zeros((), dtype=torch.float32, device=device)
-        self.side = torch.cuda.Stream(device)
+        # eager warm-up steps run on a side stream; `stream` (DDP's construction stream) also captures
+        self.side = stream if stream is not None else torch.cuda.Stream(device)
+        self.capture_stream = stream
 
     def _stage(self, micro: list[dict]) -> None:
         sig = _signature(micro)
@@ -185,7 +190,7 @@ class StepGraph:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # the eager steps' cached blocks are not usable by the graph's own pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode=self.capture_error_mode):
+        with torch.cuda.graph(graph, stream=self.capture_stream, capture_error_mode=self.capture_error_mode):
             values = self.step_fn(self.static_micro, self.scale)
         self.graphs[key] = (graph, values)
         graph.replay()  # capturing queued nothing: this runs the step
