@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..train.report import sparse_intervals
+
 
 def _plt():
     import matplotlib
@@ -21,24 +23,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def sparse_intervals(records: list) -> list:
-    """[(start_step, end_step)] of consecutive steps logged with phase == 'sparse'."""
-    spans, start, last = [], None, None
-    for r in records:
-        if "phase" not in r or "loss" not in r:
-            continue
-        s = r["step"]
-        if r["phase"] == "sparse" and start is None:
-            start = s
-        elif r["phase"] != "sparse" and start is not None:
-            spans.append((start, s))
-            start = None
-        last = s
-    if start is not None:
-        spans.append((start, last + 1))
-    return spans
 
 
 # Steps left out of a phase's step-time median after each switch: the first steps of a kind compile,

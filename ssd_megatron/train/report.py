@@ -98,7 +98,7 @@ def _plot(train, valid, key_train, key_valid, ylabel, path: Path, logy: bool = F
         ax.plot([r["step"] for r in valid], [r[key_valid] for r in valid], "o-", ms=3, label="valid")
     if baseline is not None and math.isfinite(baseline):
         ax.axhline(baseline, ls="--", color="gray", lw=0.8, label="unigram (valid)")
-    spans = _sparse_spans(train)
+    spans = sparse_intervals(train)
     for i, (a, b) in enumerate(spans):
         ax.axvspan(a, b, color="orange", alpha=0.15, label="sparse phase" if i == 0 else None)
     if logy:
@@ -112,18 +112,21 @@ def _plot(train, valid, key_train, key_valid, ylabel, path: Path, logy: bool = F
     plt.close(fig)
 
 
-def _sparse_spans(train: list) -> list:
-    spans, start, prev = [], None, None
-    for r in train:
-        sparse = r.get("phase") == "sparse"
-        if sparse and start is None:
-            start = r["step"]
-        elif not sparse and start is not None:
-            spans.append((start, r["step"]))
+def sparse_intervals(records: list) -> list:
+    """[(start_step, end_step)] of consecutive train steps logged with phase == 'sparse' (shaded in plots)."""
+    spans, start, last = [], None, None
+    for r in records:
+        if "phase" not in r or "loss" not in r:
+            continue
+        s = r["step"]
+        if r["phase"] == "sparse" and start is None:
+            start = s
+        elif r["phase"] != "sparse" and start is not None:
+            spans.append((start, s))
             start = None
-        prev = r["step"]
+        last = s
     if start is not None:
-        spans.append((start, prev + 1))
+        spans.append((start, last + 1))
     return spans
 
 
