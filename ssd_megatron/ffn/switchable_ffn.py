@@ -203,13 +203,14 @@ class SwitchableFFN(nn.Module):
         return gather_expert_weights(self.w_in.weight, self.w_in.bias, self.w_out.weight, self.expert_perm,
                                      self.num_experts, self.glu)
 
-    def centroids(self, w1: torch.Tensor) -> torch.Tensor:
-        """c_n: the mean of expert n's W_i rows (its gate rows for GLU), [N, D]."""
-        return w1[:, : self.expert_size].mean(dim=1)
+    def centroids(self, x2: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+        """c_n: the mean of expert n's W_i rows (its gate rows for GLU), [N, D], in the tokens' dtype (w1 may
+        be the fp32 master weights with bf16 tokens)."""
+        return w1[:, : self.expert_size].mean(dim=1).to(x2.dtype)
 
     def route(self, x2: torch.Tensor, w1: torch.Tensor, k: int):
         """Top-k experts by α_n = x·c_n, c_n the mean of expert n's W_i (gate) rows (eq. 4)."""
-        centroids = self.centroids(w1).to(x2.dtype)  # (master weights: fp32 w1, bf16 x2)
+        centroids = self.centroids(x2, w1)
         if not self.router_grad:
             # No gradient path through the router at all (neither into W_i nor into x): the sparse
             # layer's gradients are then exactly the dense layer's restricted to the chosen experts.
@@ -230,7 +231,7 @@ class SwitchableFFN(nn.Module):
             w1, b1, w2 = weights_for(self.backend, x2, w1, b1, w2)
         if self._router_folded(x2):
             with torch.no_grad():
-                centroids = self.centroids(w1).to(x2.dtype)
+                centroids = self.centroids(x2, w1)
                 top_idx = centroid_topk(x2, centroids, self.top_k)[1]
             y = call_router_folded(self.backend, x2, w1, b1, w2, top_idx, self.activation, centroids)
         else:

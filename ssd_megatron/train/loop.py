@@ -55,7 +55,7 @@ from .lr_schedule import LRSchedule
 from .method import build_method
 from .metrics import MetricsLogger, safe_ppl, truncate_metrics
 from .optimizer import build_optimizer
-from .step_graph import StepGraph, capture_options, ddp_construction_stream, prepare_process_group
+from .step_graph import StepGraph, capture_options, prepare_process_group
 from .step_graph import resolve as resolve_cuda_graph
 
 
@@ -155,7 +155,8 @@ class Trainer:
         self.method = build_method(cfg, self.model, group=dims.dp_group)
         if cfg.train.compile:
             compile_blocks(self.model)
-        ddp_stream = ddp_construction_stream(cfg, device, dims.world_size)
+        # a captured DDP step: DDP is built on the stream that later warms up and captures (step_graph.py)
+        ddp_stream = torch.cuda.Stream(device) if self.graphed and dims.is_distributed else None
         self.wrapped = wrap_data_parallel(
             self.model, dims, cfg.parallel, device,
             find_unused_parameters=bool(getattr(self.method, "needs_find_unused_parameters", False)),

@@ -35,14 +35,14 @@ derived from it.
 Several processes with DDP are captured only with `true` (experimental: built on the recipe of
 PyTorch's CUDA-graph notes for NCCL >= 2.9.6, not yet run on GPUs here; `auto` keeps them eager). The
 recipe: NCCL's asynchronous error handling off before the process group exists
-(`prepare_process_group`), DDP constructed on a side stream (`ddp_construction_stream`) which also runs
-the eager warm-up steps and the capture (DDP keeps autograd's gradient-accumulation nodes of the
-parameters, which belong to the stream it was built on; Megatron-LM's full-iteration graphs share one
-stream the same way), at least 11 eager DDP iterations before the first capture (after DDP's bucket
-rebuild and its early runtime logging), and a thread-local capture mode, as NCCL's threads keep calling
-CUDA meanwhile (`capture_options`). The all-reduces of the last micro-batch's backward are then part of the graph.
-This matters for SSD: an eager sparse step is host-bound (docs/kernels.md §4), so without capture a
-multi-process sparse phase is slower than dense.
+(`prepare_process_group`); DDP constructed on a side stream, which also runs the eager warm-up steps
+and the capture (the Trainer's, StepGraph's `stream`: DDP keeps autograd's gradient-accumulation nodes
+of the parameters, which belong to the stream it was built on; Megatron-LM's full-iteration graphs share
+one stream the same way); at least 11 eager DDP iterations before the first capture (after DDP's bucket
+rebuild and its early runtime logging); and a thread-local capture mode, as NCCL's threads keep calling
+CUDA meanwhile (`capture_options`). The all-reduces of the last micro-batch's backward are then part of
+the graph. This matters for SSD: an eager sparse step is host-bound (docs/kernels.md §4), so without
+capture a multi-process sparse phase is slower than dense.
 
 Micro-batch shapes must stay fixed (packed data always has them; a change is an error, not a silent
 re-capture). Validation, checkpoints and logging run between replays as before.
@@ -91,22 +91,11 @@ def resolve(cfg, device: torch.device, world_size: int) -> tuple[bool, Optional[
     raise UserError(f"train.cuda_graph: true does not fit this run: {problem}; set train.cuda_graph: auto or false")
 
 
-def _captures_ddp(cfg, device: torch.device, world_size: int) -> bool:
-    return (world_size > 1 and device.type == "cuda" and cfg.train.cuda_graph is True
-            and _unsupported(cfg, world_size) is None)
-
-
 def prepare_process_group(cfg, device: torch.device, world_size: int) -> None:
     """Before init_process_group: a captured DDP step needs NCCL's asynchronous error handling off (its
     watchdog would otherwise query the captured collectives' events). A user's own setting wins."""
-    if _captures_ddp(cfg, device, world_size):
+    if world_size > 1 and resolve(cfg, device, world_size)[0]:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
-
-
-def ddp_construction_stream(cfg, device: torch.device, world_size: int) -> Optional[torch.cuda.Stream]:
-    """The side stream to construct DDP on when its step will be captured (else None); the StepGraph then
-    warms up and captures on it too (its `stream`)."""
-    return torch.cuda.Stream(device) if _captures_ddp(cfg, device, world_size) else None
 
 
 def capture_options(world_size: int) -> dict:

@@ -110,8 +110,8 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
     need_x, need_w1, need_b1, need_w2, need_gate = needs
     plan = _Plan(w1.shape[0], top_k, x.shape[0], order, token, offsets)
     dy = dy.to(x.dtype).contiguous()
-    w1c = w1 if w1c is None else w1c
-    dh, dgate, ga, db32 = k.up_backward(dy, w2 if w2c is None else w2c, h, gate_flat, plan, activation,
+    w1c, w2c = (w1 if w1c is None else w1c), (w2 if w2c is None else w2c)
+    dh, dgate, ga, db32 = k.up_backward(dy, w2c, h, gate_flat, plan, activation,
                                         need_ga=need_w2, need_db=has_bias and need_b1)
     split = combine != "buffer"  # "buffer" = deterministic sums: no atomics in the weight grads either
     rank1 = wfold = None
