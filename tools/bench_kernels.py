@@ -1,7 +1,9 @@
 """Per-kernel timings of the `triton` expert backend at the issue's shapes: each of its six launches of
 one FFN layer's forward + backward (up, down, up_bwd, wgrad dW2, wgrad dW1, down for dx; and the last two
 with SSD's router gradient folded in, as the sparse phase runs them: `*_fold`, and dW1 with the "rows"
-fold: `wgrad_dw1_foldrows`; the weight gradients written in fp32 for master weights: `wgrad_*_f32`), timed alone
+fold: `wgrad_dw1_foldrows`; the weight gradients written in fp32 for master weights: `wgrad_*_f32`; the pairs
+up + down and up_bwd + down for dx with the output's initialisation by a fill launch or inside the up kernel:
+`fwd_pair[_fold]`, `bwd_pair[_fold]`, swept over the down configs), timed alone
 with triton.testing.do_bench (median, CUDA events) for a list of tile configurations, each checked
 against the default configuration's output. This is where kernel variants are compared before one
 becomes a default (docs/kernels.md); `ssd-bench ffn` times the whole layer.
@@ -62,6 +64,20 @@ def setup(shape, activation, tokens, device="cuda"):
     w1m, w2m = w1.float(), w2.float()  # master weights (same strides): fp32 weight gradients
     centroids = w1[:, : layer.E].mean(1)  # SSD's router, folded into dx and dW1 (triton_backend.py)
     dc = torch.randn(layer.N, layer.D, generator=g, device=dev) / layer.E  # the epilogue fold's [N, D] term
+    b2 = layer.b_out.detach()
+
+    def fwd_pair(fold):  # up + down; fold: y initialised to b2 by the up kernel, else zeroed by down and b2 added
+        y0 = K.atomic_output(x, plan, layer.D, combine) if fold else None
+        a_, _ = K.up_forward(x, w1, b1, plan, activation, save_h=True, fill=None if y0 is None else (y0, b2))
+        y = K.down_scatter(a_, w2, plan, gate_flat, combine, out=y0, out_bias=b2 if fold else None)
+        return y if fold else y + b2
+
+    def bwd_pair(fold):  # up_bwd + down for dx; fold: dx zeroed by the up_bwd kernel, else by down
+        dx0 = K.atomic_output(x, plan, layer.D, combine) if fold else None
+        dh_ = K.up_backward(dy, w2, h, gate_flat, plan, activation, True, True,
+                            fill=None if dx0 is None else (dx0, None))[0]
+        return K.down_scatter(dh_, w1, plan, None, combine, out=dx0)
+
     counts = torch.bincount(idx.reshape(-1), minlength=layer.N).float()
     skew = (counts.max() / counts.mean()).item()
     f_in, f_out = 2.0 * plan.num_rows * layer.D * w1.shape[1], 2.0 * plan.num_rows * layer.D * layer.E
@@ -80,6 +96,11 @@ def setup(shape, activation, tokens, device="cuda"):
         "wgrad_dw1_f32": ("wgrad", f_in, lambda: K.wgrad(dh, x, plan, w1m, gathered=False)),
         "down_dx_fold": ("down", f_in, lambda: K.down_scatter(dh, w1, plan, None, combine,
                                                               rank1=(dgate, centroids))),
+        # two launches each: the output initialisation (and y's bias) by fill and add, or inside the up kernels
+        "fwd_pair": ("down", f_in + f_out, lambda: fwd_pair(False)),
+        "fwd_pair_fold": ("down", f_in + f_out, lambda: fwd_pair(True)),
+        "bwd_pair": ("down", f_in + f_out, lambda: bwd_pair(False)),
+        "bwd_pair_fold": ("down", f_in + f_out, lambda: bwd_pair(True)),
     }
 
 

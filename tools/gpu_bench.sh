@@ -67,7 +67,7 @@ if [ "${BENCH:-1}" = "1" ]; then
   [ "$bstatus" = "0" ] || status=$bstatus
 fi
 if [ "${STEP:-0}" = "1" ]; then
-  STEP_ARGS=${STEP_ARGS:---phase both --variant cuda-graph --variant cuda-graph+no-router-fold --variant cuda-graph+no-master-weights --no-hf}
+  STEP_ARGS=${STEP_ARGS:---phase both --variant cuda-graph --variant cuda-graph+no-router-fold --variant cuda-graph+no-master-weights --variant cuda-graph+no-output-fold --no-hf}
   echo "== ssd-bench step $STEP_ARGS"
   # shellcheck disable=SC2086
   $PY -m ssd_megatron.bench step $STEP_ARGS --out "$OUT/step.json" 2>&1 | tee "$OUT/step.log"

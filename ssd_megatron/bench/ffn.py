@@ -5,7 +5,8 @@ SSD sparse phase): the expert weights, the centroids (mean of each expert's W_in
 scores `x @ c.T`, top-k, the straight-through gate `(s - s.detach()) + 1` (with `triton`, its gradient
 folded into the backend's kernels, as SwitchableFFN does; `--triton-variants fold_router=off` times the
 router's own backward instead, `fold_router=rows` the other way to fold it), the backend, and the output
-bias. `--weight-gather` says where the expert weights come from:
+bias (with `triton`, y's initial value inside its kernels; `--triton-variants fold_output=false` adds it
+after, with a zero fill before the combine). `--weight-gather` says where the expert weights come from:
 - `none` (default; what an SSD sparse phase runs since the parameters are stored expert-major there,
   ffn/expert_layout.py): views of parameters laid out in expert order, no gather;
 - `permute`: `ffn.backends.weights.gather_expert_weights` through the clustering permutation from
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..ffn.activations import ACTIVATIONS, apply_activation, is_glu
-from ..ffn.backends import call_router_folded, router_fold_offered, weights_for
+from ..ffn.backends import call_router_folded, expert_ffn, router_fold_offered, weights_for
 from ..ffn.centroid_router import centroid_topk
 
 SHAPES = {  # name: (d_model, d_ff, num_experts, top_k)
@@ -137,11 +138,9 @@ class Layer:
             with torch.no_grad():
                 c = self.centroids(x, w1)
                 idx = self.select(x, c, self.K)[1]
-            y = call_router_folded(backend, x, w1, b1, w2, idx, self.activation, c)
-        else:
-            idx, gate = self.route(x, w1, self.K)
-            y = backend(x, w1, b1, w2, idx, gate, self.activation)
-        return y if self.b_out is None else y + self.b_out.to(y.dtype)
+            return call_router_folded(backend, x, w1, b1, w2, idx, self.activation, c, self.b_out)
+        idx, gate = self.route(x, w1, self.K)
+        return expert_ffn(backend, x, w1, b1, w2, idx, gate, self.activation, self.b_out)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -366,7 +365,9 @@ def _parse(argv):
                     help="extra triton entries: comma list of option sets like combine=atomic16+wgrad=gmm "
                          "(combine: buffer|atomic32|atomic16; wgrad: triton|triton_mat|gmm; fold_router: "
                          "epilogue|rows|off, how SSD's router gradient is folded into the kernels, or not; "
-                         "master_weights: true|false, fp32 weights taken by the backend with --params fp32)")
+                         "master_weights: true|false, fp32 weights taken by the backend with --params fp32; "
+                         "fold_output: true|false, the output bias and the atomic outputs' zeroing inside the "
+                         "kernels, or a fill launch each and the bias added after)")
     ap.add_argument("--params", default="bf16", choices=("bf16", "fp32"),
                     help="the layer's parameters: bf16, or fp32 used under bf16 autocast as in a training step")
     ap.add_argument("--weight-gather", default="none", choices=("none", "permute", "index_select"),
@@ -431,7 +432,8 @@ def main(argv=None) -> int:
         "method": "CUDA events per iteration, median; fwd = forward only under no_grad (inference, k=K); "
                   "fwd_bwd = forward+backward; inputs and weights rotated over %d layers" % args.rotations,
         "sparse_path": f"expert weights (gather: {args.weight_gather}) + centroids + x@c.T + topk + gate trick "
-                       "(its gradient folded into the kernels where the backend offers it: triton) + backend + b_out",
+                       "(its gradient folded into the kernels where the backend offers it: triton) + backend + b_out "
+                       "(y's initial value where the backend offers it: triton)",
         "env": tuning_env(),
         "graph_note": "*_graph_ms: CUDA-graph replay of the same work (GPU time without host launch overhead); "
                       "null where the path syncs with the host (reference, megablocks)",

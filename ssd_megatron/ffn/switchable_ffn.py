@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .activations import ACTIVATIONS, apply_activation, is_glu
-from .backends import call_router_folded, get_backend, router_fold_offered, weights_for
+from .backends import call_router_folded, expert_ffn, get_backend, router_fold_offered, weights_for
 from .backends.weights import expert_rows, expert_views, gather_expert_weights, inverse_permutation
 from .centroid_router import centroid_topk
 from .fused_relu_ffn import relu_ffn
@@ -229,16 +229,15 @@ class SwitchableFFN(nn.Module):
             x2 = x2.to(torch.get_autocast_dtype(x.device.type))
             # fp32 (master) weights go as they are to a backend that casts them itself and returns fp32 grads
             w1, b1, w2 = weights_for(self.backend, x2, w1, b1, w2)
+        b2 = self.w_out.bias  # y's initial value where the backend folds it (expert_ffn)
         if self._router_folded(x2):
             with torch.no_grad():
                 centroids = self.centroids(x2, w1)
                 top_idx = centroid_topk(x2, centroids, self.top_k)[1]
-            y = call_router_folded(self.backend, x2, w1, b1, w2, top_idx, self.activation, centroids)
+            y = call_router_folded(self.backend, x2, w1, b1, w2, top_idx, self.activation, centroids, b2)
         else:
             top_idx, gate = self.route(x2, w1, self.top_k)
-            y = self.backend(x2, w1, b1, w2, top_idx, gate.to(x2.dtype), self.activation)
-        if self.w_out.bias is not None:
-            y = y + self.w_out.bias.to(y.dtype)
+            y = expert_ffn(self.backend, x2, w1, b1, w2, top_idx, gate.to(x2.dtype), self.activation, b2)
         return y.view(*shape[:-1], self.d_model)
 
     def extra_repr(self) -> str:

@@ -5,12 +5,13 @@ import torch
 
 from ssd_megatron.ffn.activations import is_glu
 
-GRAD_NAMES = ("x", "w1", "b1", "w2", "gate")
+GRAD_NAMES = ("x", "w1", "b1", "w2", "gate", "b2")
 
 
 def make_inputs(T=37, D=32, E=16, N=4, K=2, activation="relu", bias=True, dtype=torch.float32,
                 device="cpu", routing="random", seed=0):
-    """Random inputs of the calling convention. routing: random | skewed | empty | sequential."""
+    """Random inputs of the calling convention, plus the FFN's output bias b2 when `bias` (`expert_ffn` hands
+    it to the backends that fold it). routing: random | skewed | empty | sequential."""
     g = torch.Generator().manual_seed(seed)
     F1 = 2 * E if is_glu(activation) else E
     x = torch.randn(T, D, generator=g, dtype=torch.float64)
@@ -29,8 +30,9 @@ def make_inputs(T=37, D=32, E=16, N=4, K=2, activation="relu", bias=True, dtype=
     idx = scores.topk(K, dim=1).indices
     gate = torch.rand(T, K, generator=g, dtype=torch.float64) + 0.5
     dy = torch.randn(T, D, generator=g, dtype=torch.float64)
+    b2 = torch.randn(D, generator=g, dtype=torch.float64) * 0.1 if bias else None
     cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
-    return dict(x=cast(x), w1=cast(w1), b1=cast(b1), w2=cast(w2), gate=cast(gate),
+    return dict(x=cast(x), w1=cast(w1), b1=cast(b1), w2=cast(w2), gate=cast(gate), b2=cast(b2),
                 topk_idx=idx.to(device), dy=dy.to(device=device, dtype=dtype), activation=activation)
 
 
@@ -48,26 +50,43 @@ def with_column_view_w2(inp):
 def upcast(inp, dtype=torch.float64):
     out = dict(inp)
     out.pop("w2_leaf", None)
-    for k in ("x", "w1", "b1", "w2", "gate", "dy"):
-        if out[k] is not None:
+    for k in ("x", "w1", "b1", "w2", "gate", "b2", "dy"):
+        if out.get(k) is not None:
             out[k] = out[k].detach().to(dtype).contiguous().requires_grad_(k != "dy")
     return out
 
 
 def run(backend, inp):
-    """(y, {name: grad}) of one forward + backward with the given output gradient."""
+    """(y, {name: grad}) of one forward + backward with the given output gradient; the output bias b2 goes
+    through `expert_ffn` (into the backend where it folds it, else added after)."""
+    from ssd_megatron.ffn.backends import expert_ffn
     leaf = inp.get("w2_leaf")
     for k in GRAD_NAMES:
-        if inp[k] is not None and inp[k].is_leaf:
+        if inp.get(k) is not None and inp[k].is_leaf:
             inp[k].grad = None
     if leaf is not None:
         leaf.grad = None
-    y = backend(inp["x"], inp["w1"], inp["b1"], inp["w2"], inp["topk_idx"], inp["gate"], inp["activation"])
+    y = expert_ffn(backend, inp["x"], inp["w1"], inp["b1"], inp["w2"], inp["topk_idx"], inp["gate"],
+                   inp["activation"], inp.get("b2"))
     y.backward(inp["dy"])
-    grads = {k: inp[k].grad.detach().clone() for k in GRAD_NAMES if inp[k] is not None and inp[k].is_leaf}
+    grads = {k: inp[k].grad.detach().clone() for k in GRAD_NAMES if inp.get(k) is not None and inp[k].is_leaf}
     if leaf is not None:
         grads["w2"] = leaf.grad.permute(1, 2, 0).detach().clone()
     return y.detach(), grads
+
+
+class Compiled:
+    """`expert_backend` under torch.compile(fullgraph=True, **options), with the backend's optional offers (the
+    output bias, the router's gradient), so that `run` and `run_router` call it as they call the backend."""
+
+    def __init__(self, expert_backend, **options):
+        self._fn = torch.compile(lambda *a, **k: expert_backend(*a, **k), fullgraph=True, **options)
+        for offer in ("folds_output_bias", "folds_router"):
+            if hasattr(expert_backend, offer):
+                setattr(self, offer, getattr(expert_backend, offer))
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
 
 
 def rel_err(a, b):
@@ -88,26 +107,27 @@ def compare(got, want, tol):
 
 
 def run_router(backend, inp, fold: bool):
-    """(y, grads of x, w1, b1, w2) with SSD's router in front of the backend: centroids c[n] = mean of the
-    first E rows of w1[n], scores s[t, k] = x[t] . c[topk_idx[t, k]] and the straight-through gate
+    """(y, grads of x, w1, b1, w2, b2) with SSD's router in front of the backend: centroids c[n] = mean of
+    the first E rows of w1[n], scores s[t, k] = x[t] . c[topk_idx[t, k]] and the straight-through gate
     (s - s.detach()) + 1 (inp's gate is not used). fold: the backend gets `router_centroids` and a gate
     of ones, and must add the router's gradient itself; else autograd differentiates the router."""
+    from ssd_megatron.ffn.backends import call_router_folded, expert_ffn
     x, w1 = inp["x"], inp["w1"]
-    for k in ("x", "w1", "b1", "w2"):
-        if inp[k] is not None:
-            inp[k].grad = None
+    names = [k for k in ("x", "w1", "b1", "w2", "b2") if inp.get(k) is not None]
+    for k in names:
+        inp[k].grad = None
     E = inp["w2"].shape[1]
     idx = inp["topk_idx"]
     if fold:
         c = w1[:, :E].mean(1).detach()
-        gate = torch.ones(idx.shape, dtype=x.dtype, device=x.device)
-        y = backend(x, w1, inp["b1"], inp["w2"], idx, gate, inp["activation"], router_centroids=c)
+        y = call_router_folded(backend, x, w1, inp["b1"], inp["w2"], idx, inp["activation"], c, inp.get("b2"))
     else:
         c = w1[:, :E].mean(1)
         s = torch.einsum("td,tkd->tk", x, c[idx])
-        y = backend(x, w1, inp["b1"], inp["w2"], idx, (s - s.detach()) + 1, inp["activation"])
+        y = expert_ffn(backend, x, w1, inp["b1"], inp["w2"], idx, (s - s.detach()) + 1, inp["activation"],
+                       inp.get("b2"))
     y.backward(inp["dy"])
-    return y.detach(), {k: inp[k].grad.detach().clone() for k in ("x", "w1", "b1", "w2") if inp[k] is not None}
+    return y.detach(), {k: inp[k].grad.detach().clone() for k in names}
 
 
 def expert_major_sparse_ffn(d_model, d_ff, activation, num_experts, top_k, device="cpu", bias=True):

@@ -7,7 +7,7 @@ fp32 1e-4.
 import pytest
 import torch
 
-from .backend_cases import (compare, expert_major_sparse_ffn, make_inputs, run, run_router, upcast,
+from .backend_cases import (Compiled, compare, expert_major_sparse_ffn, make_inputs, run, run_router, upcast,
                             with_column_view_w2)
 from ssd_megatron.ffn.activations import ACTIVATIONS
 from ssd_megatron.ffn.backends import ReferenceBackend, available_backends, get_backend
@@ -157,8 +157,7 @@ def test_triton_under_torch_compile_fullgraph(variant):
     try:
         inp = make_inputs(device="cuda", dtype=torch.bfloat16, activation="relu", T=1024, D=768, E=192, N=32, K=6)
         be = TritonBackend(combine="atomic16")
-        compiled = torch.compile(lambda *a: be(*a), fullgraph=True)
-        compare(run(compiled, inp), run(be, inp), 1e-2)
+        compare(run(Compiled(be), inp), run(be, inp), 1e-2)
     finally:
         kernels.force_config()
 

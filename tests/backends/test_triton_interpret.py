@@ -22,6 +22,8 @@ CASES = [  # (inputs, TritonBackend options)
     (dict(activation="swiglu", T=19, bias=False, D=40), {"wgrad": "triton_mat"}),  # GLU, D not a tile multiple
     (dict(activation="reglu", T=13, N=3, E=24, K=2), {"wgrad": "gmm", "combine": "atomic32"}),
     (dict(activation="gelu_tanh", T=17, K=2), {"column_view_w2": True}),  # w2 as a strided view of W_out
+    (dict(activation="relu", T=29, K=3), {"fold_output": False}),  # fill launches, the bias added outside
+    (dict(activation="relu", T=23, K=2), {"combine": "buffer"}),   # deterministic sums, the bias added after
 ]
 # the same checks with the kernels' variants, as (down variant, wgrad row chunk, M-tile order): wgrad
 # reductions split into chunks of 32 rows (fp32 atomic sums; experts of 0, 1 and several chunks), the down
@@ -69,7 +71,7 @@ def _compile_results(kernels, tiny):
     """The backend inside torch.compile(fullgraph=True, backend="aot_eager") against eager, forward and
     every grad: the kernels sit in opaque custom ops, so nothing of triton is traced (traced as an
     autograd.Function, all grads came back zero on the GPU)."""
-    from backend_cases import compare, make_inputs, run, run_router
+    from backend_cases import Compiled, compare, make_inputs, run, run_router
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny)
     out = []
@@ -79,7 +81,7 @@ def _compile_results(kernels, tiny):
         be = TritonBackend(**opts)
         torch._dynamo.reset()
         try:
-            got = run(torch.compile(lambda *a: be(*a), fullgraph=True, backend="aot_eager"), inp)
+            got = run(Compiled(be, backend="aot_eager"), inp)
             out.append({"errors": compare(got, run(be, inp), tol=float("inf"))})
         except Exception as exc:
             out.append({"exception": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -89,7 +91,7 @@ def _compile_results(kernels, tiny):
     be = TritonBackend(**opts)
     torch._dynamo.reset()
     try:
-        got = run_router(torch.compile(lambda *a, **k: be(*a, **k), fullgraph=True, backend="aot_eager"), inp, True)
+        got = run_router(Compiled(be, backend="aot_eager"), inp, True)
         out.append({"errors": compare(got, run_router(be, inp, True), tol=float("inf"))})
     except Exception as exc:
         out.append({"exception": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -132,15 +134,23 @@ def _opcheck_results():
         fwd = (x, w1, b1, w2, gate_flat, inp["topk_idx"], case["activation"], "atomic32", "triton", True)
         try:
             torch.library.opcheck(torch.ops.ssd_megatron.triton_experts.default, fwd)
+            # with the output bias folded in (y's initial value, its gradient from the backward op)
+            b2 = torch.randn(x.shape[1], requires_grad=True)
+            torch.library.opcheck(torch.ops.ssd_megatron.triton_experts.default,
+                                  fwd + (None, "epilogue", b2, True))
             y, h, order, token, offsets, _, _ = torch.ops.ssd_megatron.triton_experts(*fwd)
             bwd = (inp["dy"], x.detach(), w1.detach(), w2.detach(), gate_flat.detach(), h, order, token, offsets,
-                   gate.shape[1], case["activation"], b1 is not None, "atomic32", "triton", [True] * 5)
+                   gate.shape[1], case["activation"], b1 is not None, "atomic32", "triton", [True] * 5 + [False])
             # (not differentiable itself: no double backward, so no aot_dispatch check)
             torch.library.opcheck(torch.ops.ssd_megatron.triton_experts_backward.default, bwd,
                                   test_utils=("test_schema", "test_faketensor"))
             # with the router folded in (centroids given)
             centroids = w1.detach()[:, : w2.shape[1]].mean(1)
             torch.library.opcheck(torch.ops.ssd_megatron.triton_experts_backward.default, bwd + (centroids,),
+                                  test_utils=("test_schema", "test_faketensor"))
+            # with the output bias's gradient
+            bwd_b2 = bwd[:-1] + ([True] * 6, centroids, "epilogue", None, None, b2.detach(), True)
+            torch.library.opcheck(torch.ops.ssd_megatron.triton_experts_backward.default, bwd_b2,
                                   test_utils=("test_schema", "test_faketensor"))
             out.append("ok")
         except Exception as exc:

@@ -40,12 +40,16 @@ def _mixed(inp):
     return out
 
 
-def _cast_outside(backend):
+class _CastOutside:
     """The backend called as before master weights: weights cast to the tokens' dtype by the caller, their
-    gradients cast back by autograd."""
-    def call(x, w1, b1, w2, *args, **kwargs):
-        return backend(x, w1.to(x.dtype), None if b1 is None else b1.to(x.dtype), w2.to(x.dtype), *args, **kwargs)
-    return call
+    gradients cast back by autograd (the output bias folded as the backend offers)."""
+
+    def __init__(self, backend):
+        self.backend, self.folds_output_bias = backend, backend.folds_output_bias
+
+    def __call__(self, x, w1, b1, w2, *args, **kwargs):
+        return self.backend(x, w1.to(x.dtype), None if b1 is None else b1.to(x.dtype), w2.to(x.dtype), *args,
+                            **kwargs)
 
 
 def backend_results():
@@ -65,11 +69,11 @@ def backend_results():
             assert be.takes_master_weights(inp["x"])
             if fold:
                 got = run_router(be, inp, fold=True)
-                outside = run_router(_cast_outside(TritonBackend(master_weights=False, **opts)), inp, fold=True)
+                outside = run_router(_CastOutside(TritonBackend(master_weights=False, **opts)), inp, fold=True)
                 want = run_router(ReferenceBackend(), upcast(inp), fold=False)
             else:
                 got = run(be, inp)
-                outside = run(_cast_outside(TritonBackend(master_weights=False, **opts)), inp)
+                outside = run(_CastOutside(TritonBackend(master_weights=False, **opts)), inp)
                 want = run(ReferenceBackend(), upcast(inp))
             # the gradients as the backend returned them (before accumulation into a leaf's .grad)
             y = be(inp["x"], inp["w1"], inp["b1"], inp["w2"], inp["topk_idx"], inp["gate"], inp["activation"])
@@ -101,7 +105,8 @@ def opcheck_results():
         y, h, order, token, offsets, w1c, w2c = torch.ops.ssd_megatron.triton_experts(*fwd)
         out.append([str(w1c.dtype), list(w1c.shape), str(w2c.dtype), list(w2c.stride()) == list(w2.stride())])
         bwd = (inp["dy"], x.detach(), w1.detach(), w2.detach(), gate_flat.detach(), h, order, token, offsets,
-               gate.shape[1], "swiglu", True, "atomic32", "triton", [True] * 5, None, "epilogue", w1c, w2c)
+               gate.shape[1], "swiglu", True, "atomic32", "triton", [True] * 6, None, "epilogue", w1c, w2c,
+               inp["b2"].detach())
         torch.library.opcheck(torch.ops.ssd_megatron.triton_experts_backward.default, bwd,
                               test_utils=("test_schema", "test_faketensor"))
         grads = torch.ops.ssd_megatron.triton_experts_backward(*bwd)
@@ -208,7 +213,9 @@ def test_master_weights_match_reference_with_fp32_grads(interpreted, i):
 def test_master_weights_custom_ops_pass_opcheck(interpreted):
     casts, grads = interpreted["opcheck_results"]
     assert casts[0] == "torch.float16" and casts[2] == "torch.float16" and casts[3], casts
-    assert grads == ["torch.float16", "torch.float32", "torch.float32", "torch.float32", "torch.float16"], grads
+    # dx, dw1, db1, dw2, dgate, and the fp32 output bias's gradient
+    assert grads == ["torch.float16", "torch.float32", "torch.float32", "torch.float32", "torch.float16",
+                     "torch.float32"], grads
 
 
 def test_switchable_ffn_backward_casts_no_weights(interpreted):

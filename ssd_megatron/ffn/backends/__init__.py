@@ -66,6 +66,10 @@ class AutoBackend:
         """Whether the backend this call resolves to takes fp32 weights with a bf16/fp16 x (docs/interfaces.md)."""
         return master_weights_offered(self.resolve(x), x)
 
+    def folds_output_bias(self, x: torch.Tensor) -> bool:
+        """Whether the backend this call resolves to takes the output bias (docs/interfaces.md)."""
+        return output_bias_offered(self.resolve(x), x)
+
     def __call__(self, x, w1, b1, w2, topk_idx, gate, activation, **kwargs):
         return self.resolve(x)(x, w1, b1, w2, topk_idx, gate, activation, **kwargs)
 
@@ -87,6 +91,12 @@ def master_weights_offered(backend, x: torch.Tensor) -> bool:
     return _offers(backend, "takes_master_weights", x)
 
 
+def output_bias_offered(backend, x: torch.Tensor) -> bool:
+    """Whether `backend` takes the FFN's output bias (`out_bias=`) for a call on `x`, returning y with it
+    added and its gradient (its optional `folds_output_bias`, docs/interfaces.md)."""
+    return _offers(backend, "folds_output_bias", x)
+
+
 def weights_for(backend, x: torch.Tensor, w1, b1, w2):
     """(w1, b1, w2) as `backend` takes them with tokens `x`: fp32 (master) weights as they are where it
     offers that (`master_weights_offered`), else in x's dtype."""
@@ -95,11 +105,20 @@ def weights_for(backend, x: torch.Tensor, w1, b1, w2):
     return w1.to(x.dtype), None if b1 is None else b1.to(x.dtype), w2.to(x.dtype)
 
 
-def call_router_folded(backend, x, w1, b1, w2, top_idx, activation, centroids):
-    """The backend call with SSD's router folded in: the straight-through gate's value (exactly 1) as the
-    gate, its gradient added by the backend from `centroids` (detached [N, D])."""
+def expert_ffn(backend, x, w1, b1, w2, topk_idx, gate, activation, out_bias=None, **kwargs):
+    """backend(...) + out_bias: the bias handed to the backend where it offers to fold it
+    (`output_bias_offered`), else added to its output here."""
+    if out_bias is not None and output_bias_offered(backend, x):
+        return backend(x, w1, b1, w2, topk_idx, gate, activation, out_bias=out_bias, **kwargs)
+    y = backend(x, w1, b1, w2, topk_idx, gate, activation, **kwargs)
+    return y if out_bias is None else y + out_bias.to(y.dtype)
+
+
+def call_router_folded(backend, x, w1, b1, w2, top_idx, activation, centroids, out_bias=None):
+    """`expert_ffn` with SSD's router folded in: the straight-through gate's value (exactly 1) as the gate,
+    its gradient added by the backend from `centroids` (detached [N, D])."""
     gate = torch.ones(top_idx.shape, dtype=x.dtype, device=x.device)
-    return backend(x, w1, b1, w2, top_idx, gate, activation, router_centroids=centroids)
+    return expert_ffn(backend, x, w1, b1, w2, top_idx, gate, activation, out_bias, router_centroids=centroids)
 
 
 def tuning_env() -> dict:
@@ -145,5 +164,5 @@ def get_backend(name: str = "auto", device=None):
 
 
 __all__ = ["BACKEND_NAMES", "AutoBackend", "ReferenceBackend", "GroupedMMBackend", "available_backends",
-           "call_router_folded", "get_backend", "master_weights_offered", "router_fold_offered", "tuning_env",
-           "weights_for"]
+           "call_router_folded", "expert_ffn", "get_backend", "master_weights_offered", "output_bias_offered",
+           "router_fold_offered", "tuning_env", "weights_for"]

@@ -209,19 +209,32 @@ def _np2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _launch_up(head, tail, plan, meta, cfg, M, N, Din, E):
+FILL_BLOCK = 1024  # elements per store step of the output initialisation inside the up kernel
+
+
+def _launch_up(head, tail, plan, meta, cfg, M, N, Din, E, fill=None):
     """One `_up_kernel` launch: a program per (M-tile, column block); `head` and `tail` are the kernel's
-    arguments before and after TILES (head[0]: the gathered [T, Din] operand)."""
+    arguments before and after TILES (head[0]: the gathered [T, Din] operand). fill = (out, row or None):
+    the programs also initialise the contiguous `out` ([T, Dout], the next down launch's atomic target)
+    to `row` broadcast over its rows, or to zeros."""
     BM, BN, BK, nw, ns = cfg[:5]
     num_n = triton.cdiv(E, BN)
     tiles, sched = _tiles(plan, BM, head[0].numel() * head[0].element_size())
-    _up_kernel[((triton.cdiv(M, BM) + N) * num_n,)](
-        *head, tiles, *tail, N, M, Din, E, num_n, EVEN_K=Din % BK == 0, EVEN_N=E % BN == 0, SCHED=sched, BM=BM,
-        BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns, **meta)
+    programs = (triton.cdiv(M, BM) + N) * num_n
+    if fill is None:
+        fills = (head[0], head[0], 0, 1, 0)
+    else:
+        out, row = fill
+        chunk = triton.cdiv(triton.cdiv(out.numel(), programs), FILL_BLOCK) * FILL_BLOCK
+        fills = (out, out if row is None else row, out.numel(), out.shape[1], chunk)
+    _up_kernel[(programs,)](
+        *head, tiles, *tail, *fills, N, M, Din, E, num_n, EVEN_K=Din % BK == 0, EVEN_N=E % BN == 0, SCHED=sched,
+        HAS_FILL=fill is not None, HAS_FILL_ROW=fill is not None and fill[1] is not None, FILL_BLOCK=FILL_BLOCK,
+        BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns, **meta)
 
 
-def up_forward(x, w1, b1, plan, activation, save_h: bool):
-    """a [M, E] (and h [M, F1] when save_h) for the sorted rows."""
+def up_forward(x, w1, b1, plan, activation, save_h: bool, fill=None):
+    """a [M, E] (and h [M, F1] when save_h) for the sorted rows; `fill` as `_launch_up`'s."""
     act, glu = ACT_CODES[activation]
     M, N = plan.num_rows, plan.num_experts
     F1, D = w1.shape[1], w1.shape[2]
@@ -236,14 +249,15 @@ def up_forward(x, w1, b1, plan, activation, save_h: bool):
                 PREC=_prec(x))
 
     def launch(cfg):
-        _launch_up(head, tail, plan, meta, cfg, M, N, D, E)
+        _launch_up(head, tail, plan, meta, cfg, M, N, D, E, fill)
 
     launch(_pick("up_glu" if glu else "up", (D, E, str(x.dtype)), launch))
     return a, (h if save_h else None)
 
 
-def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: bool):
-    """dh [M, F1], the per-pair gate gradient [T*K] (fp32), ga = gate*a [M, E], db1 [N, F1] (fp32)."""
+def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: bool, fill=None):
+    """dh [M, F1], the per-pair gate gradient [T*K] (fp32), ga = gate*a [M, E], db1 [N, F1] (fp32); `fill`
+    as `_launch_up`'s."""
     act, glu = ACT_CODES[activation]
     M, N = plan.num_rows, plan.num_experts
     E, D = w2.shape[1], w2.shape[2]
@@ -262,7 +276,7 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
         head = (dy, dy.stride(0), w2, w2.stride(0), w2.stride(1), w2.stride(2), dh, 0,
                 plan.token, plan.order, gate_flat, plan.offsets)
         tail = (h, h.stride(0), dh, dh.stride(0), dgp, ga, ga.stride(0), db, db.stride(0))
-        _launch_up(head, tail, plan, meta, cfg, M, N, D, E)
+        _launch_up(head, tail, plan, meta, cfg, M, N, D, E, fill)
         state["dgp"] = dgp
 
     launch(_pick("up_bwd_glu" if glu else "up_bwd", (D, E, str(dy.dtype)), launch))
@@ -311,35 +325,47 @@ def default_combine(x: torch.Tensor) -> str:
     return "atomic32" if x.dtype == torch.bfloat16 and not _hopper(x) else "atomic16"
 
 
-def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None):
-    """y [T, Dout] = sum over k of (gate *) a[sorted row of (t, k)] @ w[expert of (t, k)].
+def atomic_output(a_like: torch.Tensor, plan, Dout: int, combine: str):
+    """The [T, Dout] tensor a down launch with `combine` adds its rows into (fp32 for "atomic32"), to be
+    initialised by the up launch before it (`_launch_up`'s fill), or None where that launch writes rows
+    instead ("buffer", or K = 1)."""
+    if combine == "buffer" or plan.top_k == 1:
+        return None
+    dtype = torch.float32 if combine == "atomic32" else a_like.dtype
+    return torch.empty(plan.num_tokens, Dout, device=a_like.device, dtype=dtype)
+
+
+def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, out_bias=None):
+    """y [T, Dout] = out_bias + sum over k of (gate *) a[sorted row of (t, k)] @ w[expert of (t, k)].
 
     combine: "buffer" scatters each (t, k) row to a [T*K, Dout] buffer, then sums over k (deterministic);
-    "atomic32"/"atomic16" add the rows into a zeroed fp32 / storage-dtype [T, Dout] output in place.
+    "atomic32"/"atomic16" add the rows into an fp32 / storage-dtype [T, Dout] output in place, which starts
+    as out_bias (or zeros). `out`: that output (`atomic_output`) already initialised so by the up launch;
+    else it is allocated and filled here, before every launch (the tuner's repeated launches included).
     rank1 = (coef [T*K] fp32 by flat pair, c [N, Dout]): each (t, k) row also gets coef * c[expert]
     (without a gate scale).
     """
     M, N, T, K = plan.num_rows, plan.num_experts, plan.num_tokens, plan.top_k
     Ein, Dout = w.shape[1], w.shape[2]
     atomic = combine != "buffer" and K > 1
-    if atomic:
-        out_dtype = torch.float32 if combine == "atomic32" else a.dtype
-        out = torch.empty(T, Dout, device=a.device, dtype=out_dtype)  # zeroed per launch, below
-    else:
-        out = torch.empty(M, Dout, device=a.device, dtype=a.dtype)
+    if out is not None and not atomic:
+        raise ValueError("down_scatter: `out` is the atomic combines' target (atomic_output), not the buffer's")
+    buf = (out if out is not None else atomic_output(a, plan, Dout, combine)) if atomic else a.new_empty(M, Dout)
     if rank1 is not None and gate_flat is not None:
         raise ValueError("down_scatter: rank1 goes with an unscaled product (gate_flat=None)")
-    gate = gate_flat if gate_flat is not None else (rank1[0] if rank1 is not None else out)
-    c = rank1[1].to(a.dtype).contiguous() if rank1 is not None else out
+    gate = gate_flat if gate_flat is not None else (rank1[0] if rank1 is not None else buf)
+    c = rank1[1].to(a.dtype).contiguous() if rank1 is not None else buf
+    initialised = [out is not None]  # by the up launch: good for one launch
 
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg[:5]
         variant = cfg[5] if len(cfg) > 5 else 0
-        if atomic:
-            out.zero_()
+        if atomic and not initialised[0]:
+            buf.zero_() if out_bias is None else buf.copy_(out_bias.expand(T, Dout))
+        initialised[0] = False
         operands = (a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2))
         tiles, sched = _tiles(plan, BM, T * Dout * a.element_size())  # by the [T, Dout] combine target
-        rest = (plan.order, plan.token, gate, plan.offsets, tiles, out, out.stride(0), c, c.stride(0), N, Ein, Dout)
+        rest = (plan.order, plan.token, gate, plan.offsets, tiles, buf, buf.stride(0), c, c.stride(0), N, Ein, Dout)
         meta = dict(SCALE=gate_flat is not None, ATOMIC=atomic, RANK1=rank1 is not None, PREC=_prec(a), SCHED=sched,
                     BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
         m_tiles = triton.cdiv(M, BM) + N
@@ -354,8 +380,9 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None):
 
     launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)), launch))
     if atomic:
-        return out.to(a.dtype)
-    return out if K == 1 else out.view(T, K, Dout).sum(1)
+        return buf.to(a.dtype)
+    y = buf if K == 1 else buf.view(T, K, Dout).sum(1)
+    return y if out_bias is None else y.add_(out_bias.to(y.dtype))
 
 
 _FOLD_CODES = {None: 0, "rows": 1, "expert": 2}  # kernels/wgrad.py's FOLD

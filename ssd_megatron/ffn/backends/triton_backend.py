@@ -20,6 +20,12 @@ Master weights (`takes_master_weights`): under autocast the caller may pass the 
 with x in bf16/fp16. The forward op casts them to x's dtype (the copies the caller's own casts would
 make, kept for the backward), and the weight gradients come back in fp32 straight from the wgrad kernel:
 no rounding to bf16, no fp32 buffer to copy from when the reduction is split, and no cast back by autograd.
+
+Output initialisation (`folds_output_bias`, option fold_output): the down kernel adds each token's K rows
+into y (and, backward, into dx) with atomics, so y must first hold zeros, and the FFN then adds its output
+bias: a fill launch and an add (a read and a write of y) per forward. Instead, the up kernel's programs,
+which run just before, each initialise a slice of y to the output bias (of dx to zeros) as they start:
+no launch of its own and no pass over y after. The bias's gradient is dy's column sum, as autograd's.
 """
 from __future__ import annotations
 
@@ -69,25 +75,30 @@ def triton_runs_on(t: torch.Tensor) -> bool:
 @torch.library.custom_op("ssd_megatron::triton_experts", mutates_args=())
 def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                 gate_flat: torch.Tensor, topk_idx: torch.Tensor, activation: str, combine: str, wgrad: str,
-                save: bool, centroids: Optional[torch.Tensor] = None, fold: str = "epilogue"
+                save: bool, centroids: Optional[torch.Tensor] = None, fold: str = "epilogue",
+                b2: Optional[torch.Tensor] = None, init_in_up: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                            torch.Tensor]:
     """(y, h or an empty tensor, the plan's order, token, offsets, w1 and w2 cast to x's dtype or empty
     tensors); `wgrad`, `centroids` and `fold` (router folding, see the module docstring) are only for the
     backward. Weights wider than x (master weights, module docstring) are cast here; the casts are
-    returned for the backward only when `save` (an output may not alias an input, hence empty otherwise)."""
+    returned for the backward only when `save` (an output may not alias an input, hence empty otherwise).
+    b2: the output bias, y's initial value; `init_in_up`: y (when the combine adds into it) is initialised
+    by the up kernel's programs instead of by a fill launch of its own (module docstring)."""
     k = _kernels()
     w1c, w2c = _cast(w1, x.dtype), _cast(w2, x.dtype)
     plan = make_plan(topk_idx, w1.shape[0])
-    a, h = k.up_forward(x, w1c, _cast(b1, x.dtype), plan, activation, save_h=save)
-    y = k.down_scatter(a, w2c, plan, gate_flat, combine)
+    y0 = k.atomic_output(x, plan, w2.shape[2], combine) if init_in_up else None
+    a, h = k.up_forward(x, w1c, _cast(b1, x.dtype), plan, activation, save_h=save,
+                        fill=None if y0 is None else (y0, b2))
+    y = k.down_scatter(a, w2c, plan, gate_flat, combine, out=y0, out_bias=b2)
     kept = [w if save and w is not v else x.new_empty(0) for w, v in ((w1c, w1), (w2c, w2))]  # no aliases
     return (y, (h if save else x.new_empty(0)), plan.order, plan.token, plan.offsets, *kept)
 
 
 @_experts_op.register_fake
 def _experts_fake(x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids=None,
-                  fold="epilogue"):
+                  fold="epilogue", b2=None, init_in_up=True):
     T, K = topk_idx.shape
     rows = torch.empty(T * K, dtype=torch.int32, device=x.device)
     kept = [_empty_like_strided(w, x.dtype) if save and w.dtype != x.dtype else x.new_empty(0) for w in (w1, w2)]
@@ -101,18 +112,24 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
                          offsets: torch.Tensor, top_k: int, activation: str, has_bias: bool, combine: str,
                          wgrad: str, needs: list[bool], centroids: Optional[torch.Tensor] = None,
                          fold: str = "epilogue", w1c: Optional[torch.Tensor] = None,
-                         w2c: Optional[torch.Tensor] = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dw1, db1, dw2, dgate flat); a gradient not in `needs` (x, w1, b1, w2, gate) is an empty tensor.
-    With `centroids`, dx and dw1 include the folded router gradient (module docstring). w1c, w2c: the
-    forward's casts of master weights w1, w2 (computed with; the weight grads keep w1's and w2's dtypes)."""
+                         w2c: Optional[torch.Tensor] = None, b2: Optional[torch.Tensor] = None,
+                         init_in_up: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor]:
+    """(dx, dw1, db1, dw2, dgate flat, db2); a gradient not in `needs` (x, w1, b1, w2, gate, b2) is an empty
+    tensor. With `centroids`, dx and dw1 include the folded router gradient (module docstring). w1c, w2c:
+    the forward's casts of master weights w1, w2 (computed with; the weight grads keep w1's and w2's
+    dtypes). b2: the output bias (its gradient takes its dtype); init_in_up: dx, when the combine adds into
+    it, is zeroed by the up_bwd kernel's programs."""
     k = _kernels()
-    need_x, need_w1, need_b1, need_w2, need_gate = needs
+    need_x, need_w1, need_b1, need_w2, need_gate, need_b2 = needs
     plan = _Plan(w1.shape[0], top_k, x.shape[0], order, token, offsets)
     dy = dy.to(x.dtype).contiguous()
     w1c, w2c = (w1 if w1c is None else w1c), (w2 if w2c is None else w2c)
+    dx0 = k.atomic_output(x, plan, x.shape[1], combine) if need_x and init_in_up else None
     dh, dgate, ga, db32 = k.up_backward(dy, w2c, h, gate_flat, plan, activation,
-                                        need_ga=need_w2, need_db=has_bias and need_b1)
+                                        need_ga=need_w2, need_db=has_bias and need_b1,
+                                        fill=None if dx0 is None else (dx0, None))
     split = combine != "buffer"  # "buffer" = deterministic sums: no atomics in the weight grads either
     rank1 = wfold = None
     if centroids is not None:
@@ -121,40 +138,46 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
         if need_w1:
             wfold = (("rows", (dgate / E).index_select(0, order.long()), E) if fold == "rows"
                      else ("expert", _router_centroid_grad(dgate, x, plan) / E, E))
-    return (k.down_scatter(dh, w1c, plan, None, combine, rank1=rank1) if need_x else x.new_empty(0),
+    return (k.down_scatter(dh, w1c, plan, None, combine, rank1=rank1, out=dx0) if need_x else x.new_empty(0),
             _weight_grad(k, dh, x, plan, w1, wgrad, split, wfold) if need_w1 else x.new_empty(0),
             db32.to(w1.dtype) if db32 is not None else x.new_empty(0),
             _weight_grad(k, ga, dy, plan, w2, wgrad, split) if need_w2 else x.new_empty(0),
-            dgate.to(gate_flat.dtype) if need_gate else x.new_empty(0))
+            dgate.to(gate_flat.dtype) if need_gate else x.new_empty(0),
+            dy.sum(0, dtype=b2.dtype) if need_b2 else x.new_empty(0))
 
 
 @_experts_backward_op.register_fake
 def _experts_backward_fake(dy, x, w1, w2, gate_flat, h, order, token, offsets, top_k, activation, has_bias,
-                           combine, wgrad, needs, centroids=None, fold="epilogue", w1c=None, w2c=None):
-    need_x, need_w1, need_b1, need_w2, need_gate = needs
+                           combine, wgrad, needs, centroids=None, fold="epilogue", w1c=None, w2c=None, b2=None,
+                           init_in_up=True):
+    need_x, need_w1, need_b1, need_w2, need_gate, need_b2 = needs
     return (x.new_empty(x.shape) if need_x else x.new_empty(0),
             _empty_like_strided(w1) if need_w1 else x.new_empty(0),
             w1.new_empty(w1.shape[:2]) if has_bias and need_b1 else x.new_empty(0),
             _empty_like_strided(w2) if need_w2 else x.new_empty(0),
-            gate_flat.new_empty(gate_flat.shape) if need_gate else x.new_empty(0))
+            gate_flat.new_empty(gate_flat.shape) if need_gate else x.new_empty(0),
+            b2.new_empty(b2.shape) if need_b2 else x.new_empty(0))
 
 
 def _setup(ctx, inputs, output):
-    x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids, fold = inputs
+    x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids, fold, b2, init_in_up = inputs
     _, h, order, token, offsets, w1c, w2c = output
-    # the casts of master weights (else empty): the backward computes with them
+    # the casts of master weights (else empty): the backward computes with them; b2 for its dtype and shape
     ctx.save_for_backward(x, w1, w2, gate_flat, h, order, token, offsets, centroids,
-                          w1c if w1c.numel() else None, w2c if w2c.numel() else None)
-    ctx.meta = (topk_idx.shape[1], activation, b1 is not None, combine, wgrad, fold)
+                          w1c if w1c.numel() else None, w2c if w2c.numel() else None, b2)
+    ctx.meta = (topk_idx.shape[1], activation, b1 is not None, combine, wgrad, fold, init_in_up)
 
 
 def _backward(ctx, dy, *_):
-    x, w1, w2, gate_flat, h, order, token, offsets, centroids, w1c, w2c = ctx.saved_tensors
-    top_k, activation, has_bias, combine, wgrad, fold = ctx.meta
-    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    x, w1, w2, gate_flat, h, order, token, offsets, centroids, w1c, w2c, b2 = ctx.saved_tensors
+    top_k, activation, has_bias, combine, wgrad, fold, init_in_up = ctx.meta
+    # (trailing arguments left at their defaults are not counted in needs_input_grad: b2 may be missing)
+    nig = tuple(ctx.needs_input_grad) + (False,) * 14
+    needs = [bool(n) for n in nig[:5] + nig[12:13]]
     grads = _experts_backward_op(dy, x, w1, w2, gate_flat, h, order, token, offsets, top_k, activation, has_bias,
-                                 combine, wgrad, needs, centroids, fold, w1c, w2c)
-    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 7
+                                 combine, wgrad, needs, centroids, fold, w1c, w2c, b2, init_in_up)
+    g = [gr if n else None for gr, n in zip(grads, needs)]
+    return (*g[:5], None, None, None, None, None, None, None, g[5], None)
 
 
 def _router_centroid_grad(dgate: torch.Tensor, x: torch.Tensor, plan) -> torch.Tensor:
@@ -230,12 +253,15 @@ class TritonBackend:
     fold_router: "epilogue" or "rows" (how dW1 takes SSD's router gradient when the caller folds it into
     the kernels, `folds_router`; module docstring), or "off" (not offered).
     master_weights: offer to take fp32 weights with bf16/fp16 x (`takes_master_weights`; module docstring).
+    fold_output: offer to take the output bias (`folds_output_bias`), and initialise the outputs that the
+    down kernel adds into (y with that bias, dx with zeros) inside the up kernels, not by fill launches
+    (module docstring). False: the bias is the caller's, and each atomic output gets a fill launch.
     """
 
     name = "triton"
 
     def __init__(self, combine: str = None, wgrad: str = "triton", fold_router: str = "epilogue",
-                 master_weights: bool = True):
+                 master_weights: bool = True, fold_output: bool = True):
         if combine is not None and combine not in COMBINES:
             raise ValueError(f"combine={combine!r}; accepted: {', '.join(COMBINES)}")
         if wgrad not in WGRADS:
@@ -243,6 +269,7 @@ class TritonBackend:
         if fold_router not in FOLDS:
             raise ValueError(f"fold_router={fold_router!r}; accepted: {', '.join(FOLDS)}")
         self.combine, self.wgrad, self.fold_router, self.master_weights = combine, wgrad, fold_router, master_weights
+        self.fold_output = fold_output
         if os.environ.get("SSD_TRITON_CONFIG"):
             _kernels().env_configs()  # a malformed value fails here, not inside a compiled step
         if os.environ.get("SSD_TRITON_TILE_ORDER"):
@@ -257,13 +284,18 @@ class TritonBackend:
         """Whether a call on `x` may pass fp32 weights while x is bf16/fp16 (module docstring)."""
         return self.master_weights and x.dtype in (torch.bfloat16, torch.float16) and triton_runs_on(x)
 
-    def __call__(self, x, w1, b1, w2, topk_idx, gate, activation, router_centroids=None):
+    def folds_output_bias(self, x: torch.Tensor) -> bool:
+        """Whether a call on `x` may pass `out_bias` (the FFN's output bias, any float dtype; its gradient
+        comes back in that dtype): y then starts as the bias instead of zeros (module docstring)."""
+        return self.fold_output and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_runs_on(x)
+
+    def __call__(self, x, w1, b1, w2, topk_idx, gate, activation, router_centroids=None, out_bias=None):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; accepted: {', '.join(ACTIVATIONS)}")
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             # tl.dot has no float64 path worth having; float64 is for reference checks only
-            if router_centroids is not None:
-                raise ValueError("router_centroids: folding needs the kernels (bf16, fp16 or fp32 inputs)")
+            if router_centroids is not None or out_bias is not None:
+                raise ValueError("router_centroids, out_bias: folding needs the kernels (bf16, fp16 or fp32 inputs)")
             return ReferenceBackend()(x, w1, b1, w2, topk_idx, gate, activation)
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise UserError("ssd.backend: triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, for tests)")
@@ -275,10 +307,13 @@ class TritonBackend:
         b1 = None if b1 is None else b1.contiguous()
         gate_flat = gate.to(x.dtype).reshape(-1).contiguous()
         c = None if router_centroids is None else router_centroids.detach().to(x.dtype).contiguous()
+        if out_bias is not None and not self.fold_output:
+            raise ValueError("out_bias: not offered with fold_output=False (the caller adds the bias)")
+        b2 = None if out_bias is None else out_bias.contiguous()
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, gate_flat))
         # inference (no grad): no pre-activation saved
         return _experts_op(x, w1, b1, w2, gate_flat, topk_idx, activation, self._combine(x), self.wgrad, save, c,
-                           self.fold_router)[0]
+                           self.fold_router, b2, self.fold_output)[0]
 
     def _combine(self, x: torch.Tensor) -> str:
         return self.combine if self.combine is not None else _kernels().default_combine(x)

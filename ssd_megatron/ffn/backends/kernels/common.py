@@ -1,5 +1,6 @@
-"""Device helpers shared by the expert kernels: activations and their derivatives, and where an M-tile of
-the expert-sorted rows starts (tiles never straddle two experts)."""
+"""Device helpers shared by the expert kernels: activations and their derivatives, where an M-tile of
+the expert-sorted rows starts (tiles never straddle two experts), and a program's share of initialising
+the output that a later kernel adds into."""
 import triton
 import triton.language as tl
 
@@ -90,3 +91,20 @@ def _load_w(wp, k0, ks, K, cmask, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
     else:
         b = tl.load(wp, mask=((k0 + ks) < K)[:, None] & cmask[None, :], other=0.0)
     return b
+
+
+@triton.jit
+def _fill_share(FILL, ROW, numel, width, chunk, HAS_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's share of initialising a row-major [numel / width, width] output that a later launch
+    adds into with atomics: elements [pid * chunk, (pid + 1) * chunk) get ROW[column] (the output bias) or 0.
+    Done inside a kernel that runs anyway, instead of a fill launch of its own (docs/kernels.md v11)."""
+    start = tl.program_id(0).to(tl.int64) * chunk
+    end = tl.minimum(start + chunk, numel)
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        m = idx < end
+        if HAS_ROW:
+            v = tl.load(ROW + idx % width, mask=m, other=0.0).to(FILL.dtype.element_ty)
+        else:
+            v = tl.zeros((BLOCK,), dtype=FILL.dtype.element_ty)
+        tl.store(FILL + idx, v, mask=m)

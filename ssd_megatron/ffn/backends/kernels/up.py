@@ -1,10 +1,12 @@
 """The up GEMM: out[r] = epilogue(X[token[r]] @ W[e]^T), the token gather fused into the A-operand loads.
 Forward: X = x, W = w1, epilogue = bias, h (pre-activation) saved, a = act(h). Backward: X = dy, W = w2,
-epilogue = dgate partials, dh = gate * da * act'(h), ga = gate * a, db1 column sums."""
+epilogue = dgate partials, dh = gate * da * act'(h), ga = gate * a, db1 column sums.
+With HAS_FILL the programs also initialise the [T, Dout] output the next launch (down) adds into: y with
+the output bias, or dx with zeros (common._fill_share)."""
 import triton
 import triton.language as tl
 
-from .common import _act, _act_grad, _grid_tile, _load_w
+from .common import _act, _act_grad, _fill_share, _grid_tile, _load_w
 
 
 @triton.jit
@@ -81,12 +83,16 @@ def _up_kernel(
     DGP,                         # bwd: [num_n, M] fp32 partial dgate (indexed by flat pair)
     GA, stride_ga,               # bwd: [M, E] gate * a (operand of dW2)
     DB, stride_db,               # bwd: [N, F1] fp32 bias grad (atomic column sums of dh)
+    FILL, FILL_ROW, fill_numel, fill_width, fill_chunk,  # HAS_FILL: the down launch's output, initialised here
     N, M, Din, E, num_n,
     BWD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
     SAVE_H: tl.constexpr, STORE_GA: tl.constexpr, HAS_DB: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, SCHED: tl.constexpr,
+    HAS_FILL: tl.constexpr, HAS_FILL_ROW: tl.constexpr, FILL_BLOCK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
 ):
+    if HAS_FILL:  # every program, live tile or not: the grid covers the whole output
+        _fill_share(FILL, FILL_ROW, fill_numel, fill_width, fill_chunk, HAS_FILL_ROW, FILL_BLOCK)
     e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, TILES, num_n, N, BM, NP2, SCHED)
     if live:
         tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
