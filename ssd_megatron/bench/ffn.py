@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..ffn.activations import ACTIVATIONS, apply_activation, is_glu
 from ..ffn.backends import call_router_folded, expert_ffn, router_fold_offered, weights_for
-from ..ffn.centroid_router import centroid_topk
+from ..ffn.centroid_router import CentroidCache, centroid_topk, expert_centroids
 
 SHAPES = {  # name: (d_model, d_ff, num_experts, top_k)
     "base": (768, 6144, 32, 6),
@@ -90,6 +90,7 @@ class Layer:
                    None if self.b_in is None else leaf(self.b_in.detach()[self.rows]),
                    leaf(self.w_out.detach()[:, perm]))
         self.w2_mode = "none"
+        self.centroid_cache = CentroidCache()
 
     def params(self):
         """Every leaf: the neuron-order parameters (dense path, gathers) and the expert-major copies."""
@@ -123,11 +124,16 @@ class Layer:
             return centroid_topk(x, c, k)
         return (x @ c.t() + self.noise).topk(k, dim=-1)
 
-    def centroids(self, x, w1):
-        return w1[:, : self.E].mean(dim=1).to(x.dtype)
+    def centroids(self, x, w1, inference=False):
+        """In inference, as a sparsified SwitchableFFN's: once per version of w1 (CentroidCache); a training
+        step's weights change every step, so its timing computes them every time."""
+        if not inference:
+            return expert_centroids(w1, self.E, x.dtype)
+        key = (w1.data_ptr(), w1._version, w1.dtype, x.dtype)
+        return self.centroid_cache.get(key, lambda: expert_centroids(w1, self.E, x.dtype))
 
     def route(self, x, w1, k):
-        top, idx = self.select(x, self.centroids(x, w1), k)
+        top, idx = self.select(x, self.centroids(x, w1, inference=not torch.is_grad_enabled()), k)
         return idx, (top - top.detach()) + 1
 
     def sparse(self, x, backend):
@@ -431,7 +437,8 @@ def main(argv=None) -> int:
         "params": "fp32 under bf16 autocast" if params is not None else "bf16",
         "method": "CUDA events per iteration, median; fwd = forward only under no_grad (inference, k=K); "
                   "fwd_bwd = forward+backward; inputs and weights rotated over %d layers" % args.rotations,
-        "sparse_path": f"expert weights (gather: {args.weight_gather}) + centroids + x@c.T + topk + gate trick "
+        "sparse_path": f"expert weights (gather: {args.weight_gather}) + centroids (fwd: computed once per "
+                       "version of the weights, as a sparsified model's) + x@c.T + topk + gate trick "
                        "(its gradient folded into the kernels where the backend offers it: triton) + backend + b_out "
                        "(y's initial value where the backend offers it: triton)",
         "env": tuning_env(),

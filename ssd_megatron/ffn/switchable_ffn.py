@@ -18,7 +18,7 @@ from torch import nn
 from .activations import ACTIVATIONS, apply_activation, is_glu
 from .backends import call_router_folded, expert_ffn, get_backend, router_fold_offered, weights_for
 from .backends.weights import expert_rows, expert_views, gather_expert_weights, inverse_permutation
-from .centroid_router import centroid_topk
+from .centroid_router import CentroidCache, centroid_topk, expert_centroids
 from .fused_relu_ffn import relu_ffn
 
 MODES = ("dense", "sparse")
@@ -70,6 +70,9 @@ class SwitchableFFN(nn.Module):
         self.backend = get_backend("reference")
         # Inference-only dynamic top-k (§5.3): drop this fraction of the lowest-scoring candidates.
         self.dynamic_drop_ratio = 0.0
+        # inference only (infer.sparse.sparsify): centroids kept while the weights are unchanged
+        self.cache_centroids = False
+        self._centroid_cache = CentroidCache()
         self.configure_experts(num_experts, top_k)
 
     @property
@@ -205,8 +208,17 @@ class SwitchableFFN(nn.Module):
 
     def centroids(self, x2: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
         """c_n: the mean of expert n's W_i rows (its gate rows for GLU), [N, D], in the tokens' dtype (w1 may
-        be the fp32 master weights with bf16 tokens)."""
-        return w1[:, : self.expert_size].mean(dim=1).to(x2.dtype)
+        be the fp32 master weights with bf16 tokens). With `cache_centroids` (set by infer.sparse.sparsify),
+        forwards without autograd reuse them while the weights and the clustering are unchanged."""
+        def compute():
+            return expert_centroids(w1, self.expert_size, x2.dtype)
+
+        w = self.w_in.weight
+        if not self.cache_centroids or w.is_inference():  # (inference tensors have no version counter)
+            return compute()
+        key = (w.data_ptr(), w._version, self.expert_perm._version, self._expert_major, self.num_experts, w1.dtype,
+               x2.dtype)
+        return self._centroid_cache.get(key, compute)
 
     def route(self, x2: torch.Tensor, w1: torch.Tensor, k: int):
         """Top-k experts by α_n = x·c_n, c_n the mean of expert n's W_i (gate) rows (eq. 4)."""

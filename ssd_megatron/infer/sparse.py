@@ -67,6 +67,7 @@ def sparsify(model, num_experts: int, top_k: int, *, labels: Optional[Sequence] 
         to_expert_major(ffn)  # experts as contiguous slices: no weight gather per forward
         ffn.set_mode("sparse")
         ffn.dynamic_drop_ratio = drop_ratio
+        ffn.cache_centroids = True  # inference: computed once per version of the weights, not per forward
     return time.perf_counter() - t0
 
 
@@ -82,3 +83,4 @@ def densify(model) -> None:
         to_neuron_order(ffn)
         ffn.set_mode("dense")
         ffn.dynamic_drop_ratio = 0.0
+        ffn.cache_centroids = False

@@ -104,3 +104,85 @@ def test_cuda_kernel_under_compile():
     x.grad = c.grad = None
     f(x, c).backward()
     assert torch.allclose(dx, x.grad, atol=1e-4) and torch.allclose(dc, c.grad, atol=1e-4)
+
+
+def test_centroid_cache_keeps_values_only_without_autograd():
+    from ssd_megatron.ffn.centroid_router import CentroidCache
+    cache, calls = CentroidCache(), []
+
+    def compute():
+        calls.append(1)
+        return torch.full((2,), float(len(calls)))
+
+    with torch.no_grad():
+        first = cache.get(("w", 0), compute)
+        assert cache.get(("w", 0), compute) is first and len(calls) == 1  # a hit
+        assert cache.get(("w", 1), compute).tolist() == [2.0, 2.0]  # a new version: recomputed
+    cache.get(("w", 1), compute)  # autograd on: always computed (training differentiates the mean)
+    assert len(calls) == 3
+
+
+def test_sparsified_ffn_computes_centroids_once_per_weight_version(monkeypatch):
+    """After infer.sparse.sparsify, forwards without autograd reuse the centroids while the weights are
+    unchanged, and follow every change: an in-place update, load_state_dict, a new clustering, densify."""
+    import copy
+
+    from ssd_megatron.ffn import centroid_router, switchable_ffn
+    from ssd_megatron.infer.sparse import densify, sparsify
+
+    from ..backends.backend_cases import expert_major_sparse_ffn
+
+    class Model(torch.nn.Module):
+        def __init__(self, ffn):
+            super().__init__()
+            self.ffn = ffn
+
+        def ffn_layers(self):
+            return [self.ffn]
+
+    calls = []
+
+    def counted(w1, E, dtype):
+        calls.append(1)
+        return centroid_router.expert_centroids(w1, E, dtype)
+
+    monkeypatch.setattr(switchable_ffn, "expert_centroids", counted)
+    torch.manual_seed(0)
+    model = Model(expert_major_sparse_ffn(16, 32, "swiglu", 4, 2))
+    fresh = copy.deepcopy(model.ffn)  # the same layer without the cache
+    labels = model.ffn.expert_labels()
+    sparsify(model, 4, 2, labels=[labels])
+    assert model.ffn.cache_centroids and not fresh.cache_centroids
+    x = torch.randn(9, 16)
+
+    def agree():
+        with torch.no_grad():
+            return torch.equal(model.ffn(x), fresh(x))
+
+    with torch.no_grad():
+        model.ffn(x), model.ffn(x)
+    assert len(calls) == 1
+    assert agree()
+    step = torch.randn_like(fresh.w_in.weight)
+    with torch.no_grad():  # an in-place update (as an optimizer's) bumps the version counter
+        before = model.ffn(x)
+        for f in (model.ffn, fresh):
+            f.w_in.weight.add_(step)
+        assert not torch.equal(model.ffn(x), before)  # (the update changes the routing)
+    assert agree()
+    other = expert_major_sparse_ffn(16, 32, "swiglu", 4, 2)
+    with torch.no_grad():
+        other.w_in.weight.normal_()
+    model.ffn.load_state_dict(other.state_dict())
+    fresh.load_state_dict(other.state_dict())
+    assert agree()
+    sparsify(model, 4, 2, labels=[torch.randperm(32) % 4])  # a new clustering
+    fresh = copy.deepcopy(model.ffn)
+    fresh.cache_centroids = False
+    assert agree()
+    n = len(calls)
+    model.ffn(x).sum().backward()  # training: computed every forward
+    model.ffn(x)
+    assert len(calls) == n + 2
+    densify(model)
+    assert not model.ffn.cache_centroids
