@@ -3,7 +3,8 @@ one FFN layer's forward + backward (up, down, up_bwd, wgrad dW2, wgrad dW1, down
 with SSD's router gradient folded in, as the sparse phase runs them: `*_fold`, and dW1 with the "rows"
 fold: `wgrad_dw1_foldrows`; the weight gradients written in fp32 for master weights: `wgrad_*_f32`; the pairs
 up + down and up_bwd + down for dx with the output's initialisation by a fill launch or inside the up kernel:
-`fwd_pair[_fold]`, `bwd_pair[_fold]`, swept over the down configs), timed alone
+`fwd_pair[_fold]`, `bwd_pair[_fold]`, swept over the down configs; the fused forward `fwd_fused` and the
+fill of y alone, `fill`), timed alone
 with triton.testing.do_bench (median, CUDA events) for a list of tile configurations, each checked
 against the default configuration's output. This is where kernel variants are compared before one
 becomes a default (docs/kernels.md); `ssd-bench ffn` times the whole layer.
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ssd_megatron.bench.ffn import Layer  # noqa: E402
 from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
-from ssd_megatron.ffn.backends.routing import make_plan  # noqa: E402
+from ssd_megatron.ffn.backends.routing import initialise, make_plan  # noqa: E402
 
 # kernel -> the tile configurations timed besides the default (BM|BP, BN|BQ, BK, warps, stages[, variant]);
 # variant: down 1 = one program loops over all output columns (ROWLOOP), 3 = TMA descriptors; wgrad n = each
@@ -43,6 +44,8 @@ VARIANTS = {
              (128, 128, 64, 8, 3, 3), (128, 128, 64, 4, 3, 3), (128, 256, 64, 8, 3, 3), (64, 128, 64, 4, 3, 3)],
     "wgrad": [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
               (64, 128, 128, 4, 3, 1024), (64, 128, 64, 4, 4, 1024), (128, 128, 64, 8, 3, 2048)],
+    "mlp": [(128, 128, 64, 8, 2), (64, 64, 64, 4, 3), (128, 32, 64, 8, 3)],
+    "mlp_glu": [(64, 32, 64, 8, 3)],  # (the other GLU tiles spill ~1 KB per thread on sm_90)
 }
 
 
@@ -67,13 +70,13 @@ def setup(shape, activation, tokens, device="cuda"):
     b2 = layer.b_out.detach()
 
     def fwd_pair(fold):  # up + down; fold: y initialised to b2 by the up kernel, else zeroed by down and b2 added
-        y0 = K.atomic_output(x, plan, layer.D, combine) if fold else None
+        y0 = K.atomic_output(x, plan.num_tokens, plan.top_k, layer.D, combine) if fold else None
         a_, _ = K.up_forward(x, w1, b1, plan, activation, save_h=True, fill=None if y0 is None else (y0, b2))
         y = K.down_scatter(a_, w2, plan, gate_flat, combine, out=y0, out_bias=b2 if fold else None)
         return y if fold else y + b2
 
     def bwd_pair(fold):  # up_bwd + down for dx; fold: dx zeroed by the up_bwd kernel, else by down
-        dx0 = K.atomic_output(x, plan, layer.D, combine) if fold else None
+        dx0 = K.atomic_output(x, plan.num_tokens, plan.top_k, layer.D, combine) if fold else None
         dh_ = K.up_backward(dy, w2, h, gate_flat, plan, activation, True, True,
                             fill=None if dx0 is None else (dx0, None))[0]
         return K.down_scatter(dh_, w1, plan, None, combine, out=dx0)
@@ -101,6 +104,13 @@ def setup(shape, activation, tokens, device="cuda"):
         "fwd_pair_fold": ("down", f_in + f_out, lambda: fwd_pair(True)),
         "bwd_pair": ("down", f_in + f_out, lambda: bwd_pair(False)),
         "bwd_pair_fold": ("down", f_in + f_out, lambda: bwd_pair(True)),
+        # the fused forward (one kernel for up, activation and down), with y's initialisation by a fill
+        # launch here (in the backend the routing plan's first kernel does it): compare with fwd_pair, and
+        # with fwd_pair_fold + fill
+        "fwd_fused": ("mlp_glu" if layer.glu else "mlp", f_in + f_out,
+                      lambda: K.mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, True, combine,
+                                            out_bias=b2)[0]),
+        "fill": ("fill", 0.0, lambda: initialise(torch.empty_like(x), b2)),
     }
 
 

@@ -34,7 +34,8 @@ dW1 kernel's main loop instead of as one small GEMM added in the epilogue), `no-
 phase: the FFN weights cast to bf16 before the expert backend and their gradients cast back by autograd,
 instead of the backend taking the fp32 parameters and its wgrad kernel writing fp32 gradients),
 `no-output-fold` (sparse phase: y zeroed and dx zeroed by fill launches of their own and the FFN's output
-bias added after the backend, instead of y starting as the bias and both initialised inside the up kernels).
+bias added after the backend, instead of y starting as the bias and both initialised inside the up kernels),
+`fused-forward` (sparse phase: the expert forward as one kernel per M-tile, `TritonBackend(fused_forward=True)`).
 `--profile DIR` profiles a few steps of each and prints the top kernels and a time-by-category table
 (docs/performance.md).
 
@@ -119,7 +120,7 @@ VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gem
 # Variants that also run for the sparse phase (the others change dense-only code), and those that change
 # sparse-only code (not run for the dense phase).
 PHASE_VARIANTS = ("loop", "cuda-graph", "no-router-fold", "router-fold-rows", "no-master-weights")
-SPARSE_ONLY = ("no-router-fold", "router-fold-rows", "no-master-weights", "no-output-fold")
+SPARSE_ONLY = ("no-router-fold", "router-fold-rows", "no-master-weights", "no-output-fold", "fused-forward")
 
 
 def prepare_ours(model, variant: str, compile_model: bool):
@@ -145,6 +146,7 @@ def prepare_ours(model, variant: str, compile_model: bool):
                                        "rows" if "router-fold-rows" in parts else "epilogue")
             ffn.backend.master_weights = "no-master-weights" not in parts
             ffn.backend.fold_output = "no-output-fold" not in parts
+            ffn.backend.fused_forward = "fused-forward" in parts
     relu_mask_matmul.USE_TRITON = "no-mask-gemm" not in parts
     relu_mask_matmul.USE_GLUON = "triton-mask-gemm" not in parts
     model.cfg.fp32_residual_connection = "fp32-residual" in parts

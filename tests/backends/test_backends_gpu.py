@@ -111,6 +111,23 @@ def test_triton_token_window_order_bf16(case, down, monkeypatch):
         kernels.force_config()
 
 
+@pytest.mark.parametrize("order", ["auto", "token"])
+@pytest.mark.parametrize("opts", [{}, {"combine": "atomic32"}, {"combine": "buffer"}, {"fold_output": False}],
+                         ids=["default", "atomic32", "buffer", "no-output-fold"])
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 4, 6, 8, 9, 10, 11, 12)],
+                         ids=[IDS[i] for i in (0, 4, 6, 8, 9, 10, 11, 12)])
+def test_triton_fused_forward_bf16(case, opts, order, monkeypatch):
+    """The fused forward (up, activation and down in one kernel per M-tile; y initialised by the routing
+    plan) against the reference, forward and the backward that follows it, in both tile orders."""
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    monkeypatch.setenv("SSD_TRITON_TILE_ORDER", order)
+    inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
+    errs = compare(run(TritonBackend(fused_forward=True, **opts), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
+    print("fused forward", case, opts, order, {k: f"{v:.1e}" for k, v in errs.items()})
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[12]], ids=[IDS[0], IDS[4], IDS[12]])
 @pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
 def test_w2_as_column_view(backend, case):

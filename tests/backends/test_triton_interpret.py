@@ -24,6 +24,13 @@ CASES = [  # (inputs, TritonBackend options)
     (dict(activation="gelu_tanh", T=17, K=2), {"column_view_w2": True}),  # w2 as a strided view of W_out
     (dict(activation="relu", T=29, K=3), {"fold_output": False}),  # fill launches, the bias added outside
     (dict(activation="relu", T=23, K=2), {"combine": "buffer"}),   # deterministic sums, the bias added after
+    # the fused forward (up, activation and down in one kernel; y initialised by the routing plan)
+    (dict(activation="relu", T=37, routing="empty"), {"fused_forward": True}),
+    (dict(activation="gelu", T=21, K=1, routing="skewed"), {"fused_forward": True}),  # K = 1: rows stored
+    (dict(activation="swiglu", T=19, bias=False, D=40), {"fused_forward": True}),     # GLU, ragged D
+    (dict(activation="reglu", T=13, N=3, E=24, K=2), {"fused_forward": True, "combine": "atomic32"}),  # E padded
+    (dict(activation="squared_relu", T=23, K=2), {"fused_forward": True, "combine": "buffer"}),
+    (dict(activation="gelu_tanh", T=17, K=2), {"fused_forward": True, "column_view_w2": True, "fold_output": False}),
 ]
 # the same checks with the kernels' variants, as (down variant, wgrad row chunk, M-tile order): wgrad
 # reductions split into chunks of 32 rows (fp32 atomic sums; experts of 0, 1 and several chunks), the down
@@ -31,7 +38,9 @@ CASES = [  # (inputs, TritonBackend options)
 # M-tiles in token-window order (SSD_TRITON_TILE_ORDER=token; empty experts, K = N, GLU)
 VARIANT_CASES = [0, 1, 2, 3, 5]
 VARIANTS = [(1, 32, "auto"), (3, 0, "auto"), (0, 0, "token"), (1, 0, "token"), (3, 32, "token")]
-RUNS = [(c, (0, 0, "auto")) for c in range(len(CASES))] + [(c, v) for v in VARIANTS for c in VARIANT_CASES]
+FUSED_TOKEN_ORDER = [8, 10]  # the fused forward's M-tiles from the token-window schedule
+RUNS = ([(c, (0, 0, "auto")) for c in range(len(CASES))] + [(c, v) for v in VARIANTS for c in VARIANT_CASES]
+        + [(c, (0, 0, "token")) for c in FUSED_TOKEN_ORDER])
 TOL = 1e-5
 
 
@@ -46,7 +55,7 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
         os.environ["SSD_TRITON_TILE_ORDER"] = order
         case, opts = CASES[c]
         kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny + (down_variant,),
-                             wgrad=tiny + (chunk,))
+                             wgrad=tiny + (chunk,), mlp=tiny, mlp_glu=tiny)
         opts = dict(opts)
         inp = make_inputs(dtype=torch.float32, **case)
         if opts.pop("column_view_w2", False):
@@ -138,6 +147,9 @@ def _opcheck_results():
             b2 = torch.randn(x.shape[1], requires_grad=True)
             torch.library.opcheck(torch.ops.ssd_megatron.triton_experts.default,
                                   fwd + (None, "epilogue", b2, True))
+            # the fused forward (y initialised by the routing plan)
+            torch.library.opcheck(torch.ops.ssd_megatron.triton_experts.default,
+                                  fwd + (None, "epilogue", b2, True, True))
             y, h, order, token, offsets, _, _ = torch.ops.ssd_megatron.triton_experts(*fwd)
             bwd = (inp["dy"], x.detach(), w1.detach(), w2.detach(), gate_flat.detach(), h, order, token, offsets,
                    gate.shape[1], case["activation"], b1 is not None, "atomic32", "triton", [True] * 5 + [False])
@@ -164,7 +176,7 @@ def _opcheck_results():
 # two chunks of 32), both ways to fold dW1's part
 FOLD_RUNS = [(0, 0, 32, "epilogue"), (1, 1, 32, "epilogue"), (2, 3, 0, "epilogue"), (3, 0, 32, "epilogue"),
              (4, 0, 0, "epilogue"), (5, 3, 32, "epilogue"), (0, 0, 32, "rows"), (1, 1, 32, "rows"),
-             (3, 0, 32, "rows"), (4, 0, 0, "rows")]
+             (3, 0, 32, "rows"), (4, 0, 0, "rows"), (10, 0, 32, "epilogue")]
 
 
 def _fold_layer_result(kernels, tiny):
@@ -225,7 +237,7 @@ def _fold_results(kernels, tiny):
     for c, down_variant, chunk, mode in FOLD_RUNS:
         case, opts = CASES[c]
         kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny + (down_variant,),
-                             wgrad=tiny + (chunk,))
+                             wgrad=tiny + (chunk,), mlp=tiny, mlp_glu=tiny)
         opts = {k: v for k, v in opts.items() if k != "column_view_w2"}
         inp = make_inputs(dtype=torch.float32, **case)
         try:
@@ -263,7 +275,8 @@ def test_triton_interpret_matches_reference(interpret_results, i):
 
 
 @pytest.mark.parametrize("i", range(len(CASES), len(RUNS)),
-                         ids=[f"{CASES[c][0]['activation']}-down{v[0]}-chunk{v[1]}-{v[2]}" for c, v in RUNS[len(CASES):]])
+                         ids=[f"{CASES[c][0]['activation']}-{'fused' if CASES[c][1].get('fused_forward') else ''}"
+                              f"down{v[0]}-chunk{v[1]}-{v[2]}" for c, v in RUNS[len(CASES):]])
 def test_triton_interpret_kernel_variants(interpret_results, i):
     res = interpret_results[0][i]
     assert "exception" not in res, res.get("exception")

@@ -30,6 +30,9 @@ import triton
 
 from .kernels.common import ACT_CODES
 from .kernels.down import _down_kernel, _down_tma_kernel
+from .kernels.mlp import _mlp_kernel
+from .kernels.routing_plan import fill_args
+from .routing import initialise
 from .kernels.up import _up_kernel
 from .kernels.wgrad import _wgrad_kernel
 
@@ -47,6 +50,8 @@ DEFAULTS = {
     "down": (128, 128, 64, 8, 3, TMA),    # falls back to pointer loads where TMA cannot describe the operands
     "wgrad": (128, 128, 64, 8, 3),
     "wgrad_mat": (128, 128, 64, 8, 3),
+    "mlp": (128, 64, 64, 8, 3),           # BM, BN = output columns per step, BK; the expert's E in one tile
+    "mlp_glu": (64, 64, 64, 8, 3),
 }
 CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=1 (see docs/kernels.md)
     "up": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4)],
@@ -58,6 +63,8 @@ CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=
     "wgrad": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
               (64, 128, 128, 4, 3, 1024), (128, 128, 64, 8, 3, 2048)],
     "wgrad_mat": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)],
+    "mlp": [(128, 64, 64, 8, 3), (128, 128, 64, 8, 2), (64, 64, 64, 4, 3), (128, 32, 64, 8, 3)],
+    "mlp_glu": [(64, 64, 64, 8, 3), (64, 32, 64, 8, 3)],
 }
 _FORCED: dict = {}
 _TUNED: dict = {}
@@ -209,9 +216,6 @@ def _np2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-FILL_BLOCK = 1024  # elements per store step of the output initialisation inside the up kernel
-
-
 def _launch_up(head, tail, plan, meta, cfg, M, N, Din, E, fill=None):
     """One `_up_kernel` launch: a program per (M-tile, column block); `head` and `tail` are the kernel's
     arguments before and after TILES (head[0]: the gathered [T, Din] operand). fill = (out, row or None):
@@ -221,16 +225,10 @@ def _launch_up(head, tail, plan, meta, cfg, M, N, Din, E, fill=None):
     num_n = triton.cdiv(E, BN)
     tiles, sched = _tiles(plan, BM, head[0].numel() * head[0].element_size())
     programs = (triton.cdiv(M, BM) + N) * num_n
-    if fill is None:
-        fills = (head[0], head[0], 0, 1, 0)
-    else:
-        out, row = fill
-        chunk = triton.cdiv(triton.cdiv(out.numel(), programs), FILL_BLOCK) * FILL_BLOCK
-        fills = (out, out if row is None else row, out.numel(), out.shape[1], chunk)
+    fills, fill_meta = fill_args(fill, programs, head[0])
     _up_kernel[(programs,)](
         *head, tiles, *tail, *fills, N, M, Din, E, num_n, EVEN_K=Din % BK == 0, EVEN_N=E % BN == 0, SCHED=sched,
-        HAS_FILL=fill is not None, HAS_FILL_ROW=fill is not None and fill[1] is not None, FILL_BLOCK=FILL_BLOCK,
-        BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns, **meta)
+        BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns, **fill_meta, **meta)
 
 
 def up_forward(x, w1, b1, plan, activation, save_h: bool, fill=None):
@@ -325,14 +323,27 @@ def default_combine(x: torch.Tensor) -> str:
     return "atomic32" if x.dtype == torch.bfloat16 and not _hopper(x) else "atomic16"
 
 
-def atomic_output(a_like: torch.Tensor, plan, Dout: int, combine: str):
-    """The [T, Dout] tensor a down launch with `combine` adds its rows into (fp32 for "atomic32"), to be
-    initialised by the up launch before it (`_launch_up`'s fill), or None where that launch writes rows
-    instead ("buffer", or K = 1)."""
-    if combine == "buffer" or plan.top_k == 1:
+def atomic_output(a_like: torch.Tensor, T: int, K: int, Dout: int, combine: str):
+    """The [T, Dout] tensor a down (or fused) launch with `combine` adds its rows into (fp32 for "atomic32"),
+    to be initialised by a launch before it (`_launch_up`'s or the routing plan's fill), or None where
+    that launch writes rows instead ("buffer", or K = 1)."""
+    if combine == "buffer" or K == 1:
         return None
     dtype = torch.float32 if combine == "atomic32" else a_like.dtype
-    return torch.empty(plan.num_tokens, Dout, device=a_like.device, dtype=dtype)
+    return torch.empty(T, Dout, device=a_like.device, dtype=dtype)
+
+
+def _initialiser(target, out_bias, given: bool):
+    """A call before every launch that adds into the atomic `target`: nothing the first time if the target
+    came initialised (`given`: by an earlier launch's fill), else (the tuner's repeated launches included)
+    set it to out_bias broadcast over its rows, or zeros."""
+    fresh = [given]
+
+    def init():
+        if not fresh[0]:
+            initialise(target, out_bias)
+        fresh[0] = False
+    return init
 
 
 def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, out_bias=None):
@@ -350,19 +361,18 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
     atomic = combine != "buffer" and K > 1
     if out is not None and not atomic:
         raise ValueError("down_scatter: `out` is the atomic combines' target (atomic_output), not the buffer's")
-    buf = (out if out is not None else atomic_output(a, plan, Dout, combine)) if atomic else a.new_empty(M, Dout)
+    buf = (out if out is not None else atomic_output(a, T, K, Dout, combine)) if atomic else a.new_empty(M, Dout)
     if rank1 is not None and gate_flat is not None:
         raise ValueError("down_scatter: rank1 goes with an unscaled product (gate_flat=None)")
     gate = gate_flat if gate_flat is not None else (rank1[0] if rank1 is not None else buf)
     c = rank1[1].to(a.dtype).contiguous() if rank1 is not None else buf
-    initialised = [out is not None]  # by the up launch: good for one launch
+    init = _initialiser(buf, out_bias, out is not None) if atomic else None
 
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg[:5]
         variant = cfg[5] if len(cfg) > 5 else 0
-        if atomic and not initialised[0]:
-            buf.zero_() if out_bias is None else buf.copy_(out_bias.expand(T, Dout))
-        initialised[0] = False
+        if init:
+            init()
         operands = (a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2))
         tiles, sched = _tiles(plan, BM, T * Dout * a.element_size())  # by the [T, Dout] combine target
         rest = (plan.order, plan.token, gate, plan.offsets, tiles, buf, buf.stride(0), c, c.stride(0), N, Ein, Dout)
@@ -379,10 +389,46 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
                                          ROWLOOP=variant == ROWLOOP, **meta)
 
     launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)), launch))
+    return _combined(buf, atomic, T, K, a.dtype, out_bias)
+
+
+def _combined(buf, atomic: bool, T: int, K: int, dtype, out_bias):
+    """y from the down (or fused) launch's target: the atomic sums in `dtype`, or the (t, k) rows summed
+    over k, plus the output bias (an atomic target started from it)."""
     if atomic:
-        return buf.to(a.dtype)
-    y = buf if K == 1 else buf.view(T, K, Dout).sum(1)
+        return buf.to(dtype)
+    y = buf if K == 1 else buf.view(T, K, -1).sum(1)
     return y if out_bias is None else y.add_(out_bias.to(y.dtype))
+
+
+def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combine: str, out=None, out_bias=None):
+    """(y, h when save_h): up GEMM, activation and down GEMM fused per M-tile (`kernels/mlp.py`), the same
+    function as up_forward + down_scatter. `out`/`out_bias` as down_scatter's (`out`: initialised by the
+    routing plan's fill)."""
+    act, glu = ACT_CODES[activation]
+    M, N, T, K = plan.num_rows, plan.num_experts, plan.num_tokens, plan.top_k
+    F1, D = w1.shape[1], w1.shape[2]
+    E, Dout = w2.shape[1], w2.shape[2]
+    atomic = combine != "buffer" and K > 1
+    buf = (out if out is not None else atomic_output(x, T, K, Dout, combine)) if atomic else x.new_empty(M, Dout)
+    init = _initialiser(buf, out_bias, out is not None) if atomic else None
+    h = torch.empty(M, F1, device=x.device, dtype=x.dtype) if save_h else buf
+    bias = b1 if b1 is not None else buf
+
+    def launch(cfg):
+        BM, BN, BK, nw, ns = cfg[:5]
+        if init:
+            init()
+        tiles, sched = _tiles(plan, BM, x.numel() * x.element_size())
+        _mlp_kernel[(triton.cdiv(M, BM) + N,)](
+            x, x.stride(0), w1, w1.stride(0), w1.stride(1), w1.stride(2), bias, bias.stride(0),
+            w2, w2.stride(0), w2.stride(1), w2.stride(2), plan.token, plan.order, gate_flat, plan.offsets, tiles,
+            h, h.stride(0), buf, buf.stride(0), N, D, E, Dout,
+            ACT=act, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=save_h, ATOMIC=atomic, EVEN_K=D % BK == 0,
+            PREC=_prec(x), SCHED=sched, BM=BM, BE=_np2(E), BK=BK, BN=BN, NP2=_np2(N), num_warps=nw, num_stages=ns)
+
+    launch(_pick("mlp_glu" if glu else "mlp", (D, E, Dout, str(x.dtype)), launch))
+    return _combined(buf, atomic, T, K, x.dtype, out_bias), (h if save_h else None)
 
 
 _FOLD_CODES = {None: 0, "rows": 1, "expert": 2}  # kernels/wgrad.py's FOLD

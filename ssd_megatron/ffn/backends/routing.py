@@ -42,7 +42,9 @@ class RoutingPlan:
         return self.offsets[1:]
 
 
-def make_plan(topk_idx: torch.Tensor, num_experts: int) -> RoutingPlan:
+def make_plan(topk_idx: torch.Tensor, num_experts: int, fill=None) -> RoutingPlan:
+    """The plan of `topk_idx`; fill = (out, row or None): also set `out` [T', W] to `row` broadcast over its
+    rows (or zeros), inside the counting sort's first kernel where it runs (the fused expert MLP's y)."""
     T, K = topk_idx.shape
     flat = topk_idx.reshape(-1)
     from .triton_backend import triton_runs_on  # (triton_backend imports this module)
@@ -50,11 +52,18 @@ def make_plan(topk_idx: torch.Tensor, num_experts: int) -> RoutingPlan:
     if triton_runs_on(flat):  # a counting sort in three small Triton kernels (the same result)
         from .kernels.routing_plan import routing_plan
 
-        order, token, sorted_expert, offsets = routing_plan(flat.contiguous(), num_experts, K)
+        order, token, sorted_expert, offsets = routing_plan(flat.contiguous(), num_experts, K, fill)
     else:
         order, token, sorted_expert, offsets = sort_plan(flat, num_experts, K)
+        if fill is not None:
+            initialise(*fill)
     return RoutingPlan(num_experts=num_experts, top_k=K, num_tokens=T, order=order, token=token,
                        sorted_expert32=sorted_expert, offsets=offsets)
+
+
+def initialise(out: torch.Tensor, row=None) -> None:
+    """out [T, W] := row broadcast over its rows, or zeros (what the kernels' fills do, as torch ops)."""
+    out.zero_() if row is None else out.copy_(row.expand(out.shape))
 
 
 def sort_plan(flat: torch.Tensor, num_experts: int, top_k: int):

@@ -26,6 +26,11 @@ into y (and, backward, into dx) with atomics, so y must first hold zeros, and th
 bias: a fill launch and an add (a read and a write of y) per forward. Instead, the up kernel's programs,
 which run just before, each initialise a slice of y to the output bias (of dx to zeros) as they start:
 no launch of its own and no pass over y after. The bias's gradient is dy's column sum, as autograd's.
+
+Fused forward (option fused_forward): one kernel per M-tile computes the up GEMM over all of the
+expert's columns, the activation, and the down GEMM block by block into y, so `a` never goes to memory
+and is not re-read once per output column block; y is then initialised by the routing plan's first
+kernel. The backward is unchanged (it needs h, which the fused kernel saves).
 """
 from __future__ import annotations
 
@@ -76,7 +81,7 @@ def triton_runs_on(t: torch.Tensor) -> bool:
 def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                 gate_flat: torch.Tensor, topk_idx: torch.Tensor, activation: str, combine: str, wgrad: str,
                 save: bool, centroids: Optional[torch.Tensor] = None, fold: str = "epilogue",
-                b2: Optional[torch.Tensor] = None, init_in_up: bool = True
+                b2: Optional[torch.Tensor] = None, init_in_up: bool = True, fused: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                            torch.Tensor]:
     """(y, h or an empty tensor, the plan's order, token, offsets, w1 and w2 cast to x's dtype or empty
@@ -84,21 +89,26 @@ def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
     backward. Weights wider than x (master weights, module docstring) are cast here; the casts are
     returned for the backward only when `save` (an output may not alias an input, hence empty otherwise).
     b2: the output bias, y's initial value; `init_in_up`: y (when the combine adds into it) is initialised
-    by the up kernel's programs instead of by a fill launch of its own (module docstring)."""
+    by the up kernel's programs (with `fused`, by the routing plan's) instead of by a fill launch of its
+    own; `fused`: one launch for up, activation and down (module docstring)."""
     k = _kernels()
-    w1c, w2c = _cast(w1, x.dtype), _cast(w2, x.dtype)
-    plan = make_plan(topk_idx, w1.shape[0])
-    y0 = k.atomic_output(x, plan, w2.shape[2], combine) if init_in_up else None
-    a, h = k.up_forward(x, w1c, _cast(b1, x.dtype), plan, activation, save_h=save,
-                        fill=None if y0 is None else (y0, b2))
-    y = k.down_scatter(a, w2c, plan, gate_flat, combine, out=y0, out_bias=b2)
+    w1c, w2c, b1c = _cast(w1, x.dtype), _cast(w2, x.dtype), _cast(b1, x.dtype)
+    T, K = topk_idx.shape
+    y0 = k.atomic_output(x, T, K, w2.shape[2], combine) if init_in_up else None
+    fill = None if y0 is None else (y0, b2)
+    plan = make_plan(topk_idx, w1.shape[0], fill=fill if fused else None)
+    if fused:
+        y, h = k.mlp_forward(x, w1c, b1c, w2c, plan, gate_flat, activation, save, combine, out=y0, out_bias=b2)
+    else:
+        a, h = k.up_forward(x, w1c, b1c, plan, activation, save_h=save, fill=fill)
+        y = k.down_scatter(a, w2c, plan, gate_flat, combine, out=y0, out_bias=b2)
     kept = [w if save and w is not v else x.new_empty(0) for w, v in ((w1c, w1), (w2c, w2))]  # no aliases
     return (y, (h if save else x.new_empty(0)), plan.order, plan.token, plan.offsets, *kept)
 
 
 @_experts_op.register_fake
 def _experts_fake(x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids=None,
-                  fold="epilogue", b2=None, init_in_up=True):
+                  fold="epilogue", b2=None, init_in_up=True, fused=False):
     T, K = topk_idx.shape
     rows = torch.empty(T * K, dtype=torch.int32, device=x.device)
     kept = [_empty_like_strided(w, x.dtype) if save and w.dtype != x.dtype else x.new_empty(0) for w in (w1, w2)]
@@ -126,7 +136,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
     plan = _Plan(w1.shape[0], top_k, x.shape[0], order, token, offsets)
     dy = dy.to(x.dtype).contiguous()
     w1c, w2c = (w1 if w1c is None else w1c), (w2 if w2c is None else w2c)
-    dx0 = k.atomic_output(x, plan, x.shape[1], combine) if need_x and init_in_up else None
+    dx0 = k.atomic_output(x, x.shape[0], top_k, x.shape[1], combine) if need_x and init_in_up else None
     dh, dgate, ga, db32 = k.up_backward(dy, w2c, h, gate_flat, plan, activation,
                                         need_ga=need_w2, need_db=has_bias and need_b1,
                                         fill=None if dx0 is None else (dx0, None))
@@ -160,7 +170,7 @@ def _experts_backward_fake(dy, x, w1, w2, gate_flat, h, order, token, offsets, t
 
 
 def _setup(ctx, inputs, output):
-    x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids, fold, b2, init_in_up = inputs
+    x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids, fold, b2, init_in_up, _ = inputs
     _, h, order, token, offsets, w1c, w2c = output
     # the casts of master weights (else empty): the backward computes with them; b2 for its dtype and shape
     ctx.save_for_backward(x, w1, w2, gate_flat, h, order, token, offsets, centroids,
@@ -172,12 +182,12 @@ def _backward(ctx, dy, *_):
     x, w1, w2, gate_flat, h, order, token, offsets, centroids, w1c, w2c, b2 = ctx.saved_tensors
     top_k, activation, has_bias, combine, wgrad, fold, init_in_up = ctx.meta
     # (trailing arguments left at their defaults are not counted in needs_input_grad: b2 may be missing)
-    nig = tuple(ctx.needs_input_grad) + (False,) * 14
+    nig = tuple(ctx.needs_input_grad) + (False,) * 15
     needs = [bool(n) for n in nig[:5] + nig[12:13]]
     grads = _experts_backward_op(dy, x, w1, w2, gate_flat, h, order, token, offsets, top_k, activation, has_bias,
                                  combine, wgrad, needs, centroids, fold, w1c, w2c, b2, init_in_up)
     g = [gr if n else None for gr, n in zip(grads, needs)]
-    return (*g[:5], None, None, None, None, None, None, None, g[5], None)
+    return (*g[:5], None, None, None, None, None, None, None, g[5], None, None)
 
 
 def _router_centroid_grad(dgate: torch.Tensor, x: torch.Tensor, plan) -> torch.Tensor:
@@ -256,12 +266,14 @@ class TritonBackend:
     fold_output: offer to take the output bias (`folds_output_bias`), and initialise the outputs that the
     down kernel adds into (y with that bias, dx with zeros) inside the up kernels, not by fill launches
     (module docstring). False: the bias is the caller's, and each atomic output gets a fill launch.
+    fused_forward: the forward's up GEMM, activation and down GEMM as one kernel per M-tile (`a` kept on
+    chip; module docstring). Off by default until timed (docs/kernels.md v11).
     """
 
     name = "triton"
 
     def __init__(self, combine: str = None, wgrad: str = "triton", fold_router: str = "epilogue",
-                 master_weights: bool = True, fold_output: bool = True):
+                 master_weights: bool = True, fold_output: bool = True, fused_forward: bool = False):
         if combine is not None and combine not in COMBINES:
             raise ValueError(f"combine={combine!r}; accepted: {', '.join(COMBINES)}")
         if wgrad not in WGRADS:
@@ -269,7 +281,7 @@ class TritonBackend:
         if fold_router not in FOLDS:
             raise ValueError(f"fold_router={fold_router!r}; accepted: {', '.join(FOLDS)}")
         self.combine, self.wgrad, self.fold_router, self.master_weights = combine, wgrad, fold_router, master_weights
-        self.fold_output = fold_output
+        self.fold_output, self.fused_forward = fold_output, fused_forward
         if os.environ.get("SSD_TRITON_CONFIG"):
             _kernels().env_configs()  # a malformed value fails here, not inside a compiled step
         if os.environ.get("SSD_TRITON_TILE_ORDER"):
@@ -313,7 +325,7 @@ class TritonBackend:
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, gate_flat))
         # inference (no grad): no pre-activation saved
         return _experts_op(x, w1, b1, w2, gate_flat, topk_idx, activation, self._combine(x), self.wgrad, save, c,
-                           self.fold_router, b2, self.fold_output)[0]
+                           self.fold_router, b2, self.fold_output, self.fused_forward)[0]
 
     def _combine(self, x: torch.Tensor) -> str:
         return self.combine if self.combine is not None else _kernels().default_combine(x)

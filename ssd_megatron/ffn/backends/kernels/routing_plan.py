@@ -1,8 +1,11 @@
 """The routing plan (the (token, k) pairs sorted by expert) as a stable counting sort in three small
-kernels: per-block expert counts, one scan, a scatter by in-block rank."""
+kernels: per-block expert counts, one scan, a scatter by in-block rank. The first kernel can also
+initialise the output a later launch adds into (the fused expert MLP's y: `common._fill_share`)."""
 import torch
 import triton
 import triton.language as tl
+
+from .common import _fill_share
 
 
 @triton.jit
@@ -16,8 +19,12 @@ def _block_onehot(IDX, b, M, BLK: tl.constexpr, NP2: tl.constexpr):
 
 
 @triton.jit
-def _plan_count_kernel(IDX, COUNTS, M, BLK: tl.constexpr, NP2: tl.constexpr):
+def _plan_count_kernel(IDX, COUNTS, M, FILL, FILL_ROW, fill_numel, fill_width, fill_chunk,
+                       BLK: tl.constexpr, NP2: tl.constexpr, HAS_FILL: tl.constexpr, HAS_FILL_ROW: tl.constexpr,
+                       FILL_BLOCK: tl.constexpr):
     """COUNTS[b, e] = pairs of block b routed to expert e."""
+    if HAS_FILL:
+        _fill_share(FILL, FILL_ROW, fill_numel, fill_width, fill_chunk, HAS_FILL_ROW, FILL_BLOCK)
     b = tl.program_id(0)
     _, _, _, onehot = _block_onehot(IDX, b, M, BLK, NP2)
     tl.store(COUNTS + b * NP2 + tl.arange(0, NP2), tl.sum(onehot, 0))
@@ -59,9 +66,11 @@ def _plan_scatter_kernel(IDX, BASE, ORDER, TOK, SEXP, M, K, BLK: tl.constexpr, N
     tl.store(SEXP + row, e, mask=pm)
 
 
-def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int):
+def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None):
     """(order, token, sorted expert, offsets), all int32: the stable sort of the flat pairs by expert
-    as three small kernels (counts per block, one scan, scatter) instead of a radix sort + searchsorted."""
+    as three small kernels (counts per block, one scan, scatter) instead of a radix sort + searchsorted.
+    fill = (out, row or None): the first kernel's programs also set the contiguous [T, W] `out` to `row`
+    broadcast over its rows, or to zeros."""
     M, N = flat_idx.numel(), num_experts
     dev = flat_idx.device
     np2 = max(16, triton.next_power_of_2(N))
@@ -72,9 +81,27 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int):
     offsets = torch.empty(N + 1, device=dev, dtype=torch.int32)
     order, token, sexp = (torch.empty(M, device=dev, dtype=torch.int32) for _ in range(3))
     if M:
-        _plan_count_kernel[(nb,)](flat_idx, counts, M, BLK=blk, NP2=np2, num_warps=4)
+        fills, meta = fill_args(fill, nb, counts)
+        _plan_count_kernel[(nb,)](flat_idx, counts, M, *fills, BLK=blk, NP2=np2, num_warps=4, **meta)
         _plan_scan_kernel[(1,)](counts, base, offsets, nb, N, CH=max(1, 4096 // np2), NP2=np2, num_warps=4)
         _plan_scatter_kernel[(nb,)](flat_idx, base, order, token, sexp, M, top_k, BLK=blk, NP2=np2, num_warps=4)
     else:
         offsets.zero_()
+        if fill is not None:
+            from ..routing import initialise
+            initialise(*fill)
     return order, token, sexp, offsets
+
+
+FILL_BLOCK = 1024  # elements per store step of an output initialisation inside another kernel
+
+
+def fill_args(fill, programs: int, dummy: torch.Tensor):
+    """(kernel arguments, constexprs) of `common._fill_share` for a launch of `programs` programs that
+    also initialises fill = (out, row or None), or of none (`dummy`: any tensor, unused)."""
+    if fill is None:
+        return (dummy, dummy, 0, 1, 0), dict(HAS_FILL=False, HAS_FILL_ROW=False, FILL_BLOCK=FILL_BLOCK)
+    out, row = fill
+    chunk = triton.cdiv(triton.cdiv(out.numel(), programs), FILL_BLOCK) * FILL_BLOCK
+    return ((out, out if row is None else row, out.numel(), out.shape[1], chunk),
+            dict(HAS_FILL=True, HAS_FILL_ROW=row is not None, FILL_BLOCK=FILL_BLOCK))

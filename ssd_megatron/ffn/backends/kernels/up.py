@@ -10,6 +10,25 @@ from .common import _act, _act_grad, _fill_share, _grid_tile, _load_w
 
 
 @triton.jit
+def _up_act(acc, acc2, e, cols, cmask, B, stride_be, E, dt, ACT: tl.constexpr, GLU: tl.constexpr,
+            HAS_BIAS: tl.constexpr):
+    """The forward epilogue's values: (h, the GLU up half hu or h again, in the storage dtype `dt`; a =
+    act(h) (* hu) in fp32, to be rounded to `dt`). Rounded to `dt` where a torch matmul + activation would."""
+    if HAS_BIAS:
+        bp = B + e.to(tl.int64) * stride_be + cols
+        acc += tl.load(bp, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if GLU:
+            acc2 += tl.load(bp + E, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    h = acc.to(dt)
+    act = _act(h.to(tl.float32), ACT)
+    hu = h
+    if GLU:
+        hu = acc2.to(dt)
+        act = act.to(dt).to(tl.float32) * hu.to(tl.float32)
+    return h, hu, act
+
+
+@triton.jit
 def _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT, stride_o,
                  DGP, GA, stride_ga, DB, stride_db, M, E,
                  BWD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -21,21 +40,11 @@ def _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, OR
     hp = H + rows64[:, None] * stride_h + cols[None, :]
     dt = OUT.dtype.element_ty
     if not BWD:
-        if HAS_BIAS:
-            bp = B + e.to(tl.int64) * stride_be + cols
-            acc += tl.load(bp, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            if GLU:
-                acc2 += tl.load(bp + E, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        # round to the storage dtype first, as a torch matmul + activation would
-        h = acc.to(dt)
+        h, hu, act = _up_act(acc, acc2, e, cols, cmask, B, stride_be, E, dt, ACT, GLU, HAS_BIAS)
         if SAVE_H:
             tl.store(hp, h, mask=omask)
-        act = _act(h.to(tl.float32), ACT)
-        if GLU:
-            hu = acc2.to(dt)
-            if SAVE_H:
+            if GLU:
                 tl.store(hp + E, hu, mask=omask)
-            act = act.to(dt).to(tl.float32) * hu.to(tl.float32)
         tl.store(OUT + rows64[:, None] * stride_o + cols[None, :], act.to(dt), mask=omask)
     else:
         # acc = da (gradient w.r.t. a, before the gate); recompute a from the saved h

@@ -1,0 +1,72 @@
+"""The fused expert MLP forward: up GEMM, activation and down GEMM of one M-tile in one program.
+
+Per M-tile (BM sorted rows of one expert e): h = X[token] @ W1[e]^T over all of the expert's E (GLU: 2E)
+columns at once (BE = E rounded up to a power of two, the padding masked), the up kernel's epilogue
+(bias, activation; h stored when the backward needs it), then, for each block of BN output columns,
+a @ W2[e][:, block] with the down kernel's epilogue (gate scale, atomic add into y or a store of the
+(t, k) row). `a` stays on chip: no [T*K, E] round trip through memory, no second launch, and none of the
+down kernel's re-reads of an a-tile per output column block. y must hold its initial value (the output
+bias or zeros) before the launch: the routing plan's first kernel sets it (`routing_plan`'s fill).
+"""
+import triton
+import triton.language as tl
+
+from .common import _grid_tile, _load_w
+from .down import _down_rows, _down_store
+from .up import _up_act
+
+
+@triton.jit
+def _mlp_kernel(
+    X, stride_x,                             # [T, D] tokens
+    W1, stride_w1e, stride_w1f, stride_w1k,  # [N, F1, D]
+    B1, stride_b1e,                          # [N, F1]
+    W2, stride_w2e, stride_w2k, stride_w2n,  # [N, E, Dout]
+    TOK, ORDER, GATE, OFFS, TILES,           # plan; TILES: the M-tile schedule (common._grid_tile)
+    H, stride_h,                             # SAVE_H: [M, F1] pre-activation, for the backward
+    OUT, stride_o,                           # ATOMIC: y [T, Dout], initialised; else [T*K, Dout] by pair
+    N, D, E, Dout,
+    ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_H: tl.constexpr, ATOMIC: tl.constexpr,
+    EVEN_K: tl.constexpr, PREC: tl.constexpr, SCHED: tl.constexpr,
+    BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, NP2: tl.constexpr,
+):
+    e, _, row0, rows, rmask, live = _grid_tile(OFFS, TILES, 1, N, BM, NP2, SCHED)
+    if live:
+        pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, True)
+        fcols = tl.arange(0, BE)
+        fmask = fcols < E
+        ks = tl.arange(0, BK)
+        xp = X + tok[:, None] * stride_x + ks[None, :]
+        wp = W1 + e.to(tl.int64) * stride_w1e + fcols[None, :] * stride_w1f + ks[:, None] * stride_w1k
+        up_off = E * stride_w1f
+        acc = tl.zeros((BM, BE), dtype=tl.float32)
+        acc2 = tl.zeros((BM, BE), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            if EVEN_K:
+                a = tl.load(xp)
+            else:
+                a = tl.load(xp, mask=((k0 + ks) < D)[None, :], other=0.0)
+            acc = tl.dot(a, _load_w(wp, k0, ks, D, fmask, EVEN_K, False), acc, input_precision=PREC)
+            if GLU:
+                acc2 = tl.dot(a, _load_w(wp + up_off, k0, ks, D, fmask, EVEN_K, False), acc2, input_precision=PREC)
+            xp += BK
+            wp += BK * stride_w1k
+        dt = X.dtype.element_ty
+        h, hu, act = _up_act(acc, acc2, e, fcols, fmask, B1, stride_b1e, E, dt, ACT, GLU, HAS_BIAS)
+        if SAVE_H:
+            hmask = rmask[:, None] & fmask[None, :]
+            hp = H + rows.to(tl.int64)[:, None] * stride_h + fcols[None, :]
+            tl.store(hp, h, mask=hmask)
+            if GLU:
+                tl.store(hp + E, hu, mask=hmask)
+        # padded columns (E..BE) multiply W2 rows loaded as zeros, whatever act(0) is
+        a_tile = act.to(dt)
+        ns = tl.arange(0, BN)
+        w2p = W2 + e.to(tl.int64) * stride_w2e + fcols[:, None] * stride_w2k + ns[None, :] * stride_w2n
+        for n0 in range(0, Dout, BN):
+            cols = n0 + ns
+            cmask = cols < Dout
+            w2 = tl.load(w2p, mask=fmask[:, None] & cmask[None, :], other=0.0)
+            out = tl.dot(a_tile, w2, input_precision=PREC)
+            _down_store(out, OUT, stride_o, OUT, 0, e, rmask, tok, pair, g, cols, cmask, True, ATOMIC, False)
+            w2p += BN * stride_w2n
