@@ -11,9 +11,9 @@ bias or zeros) before the launch: the routing plan's first kernel sets it (`rout
 import triton
 import triton.language as tl
 
-from .common import _grid_tile, _load_w
+from .common import _grid_tile
 from .down import _down_rows, _down_store
-from .up import _up_act
+from .up import _gather_gemm, _up_act
 
 
 @triton.jit
@@ -35,30 +35,12 @@ def _mlp_kernel(
         pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, True)
         fcols = tl.arange(0, BE)
         fmask = fcols < E
-        ks = tl.arange(0, BK)
-        xp = X + tok[:, None] * stride_x + ks[None, :]
-        wp = W1 + e.to(tl.int64) * stride_w1e + fcols[None, :] * stride_w1f + ks[:, None] * stride_w1k
-        up_off = E * stride_w1f
-        acc = tl.zeros((BM, BE), dtype=tl.float32)
-        acc2 = tl.zeros((BM, BE), dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            if EVEN_K:
-                a = tl.load(xp)
-            else:
-                a = tl.load(xp, mask=((k0 + ks) < D)[None, :], other=0.0)
-            acc = tl.dot(a, _load_w(wp, k0, ks, D, fmask, EVEN_K, False), acc, input_precision=PREC)
-            if GLU:
-                acc2 = tl.dot(a, _load_w(wp + up_off, k0, ks, D, fmask, EVEN_K, False), acc2, input_precision=PREC)
-            xp += BK
-            wp += BK * stride_w1k
+        acc, acc2 = _gather_gemm(X, stride_x, tok, W1, stride_w1e, stride_w1f, stride_w1k, e, fcols, fmask, D, E,
+                                 GLU, EVEN_K, False, PREC, BM, BE, BK)
         dt = X.dtype.element_ty
-        h, hu, act = _up_act(acc, acc2, e, fcols, fmask, B1, stride_b1e, E, dt, ACT, GLU, HAS_BIAS)
-        if SAVE_H:
-            hmask = rmask[:, None] & fmask[None, :]
-            hp = H + rows.to(tl.int64)[:, None] * stride_h + fcols[None, :]
-            tl.store(hp, h, mask=hmask)
-            if GLU:
-                tl.store(hp + E, hu, mask=hmask)
+        hp = H + rows.to(tl.int64)[:, None] * stride_h + fcols[None, :]
+        act = _up_act(acc, acc2, e, fcols, fmask, B1, stride_b1e, E, dt, hp, rmask[:, None] & fmask[None, :],
+                      ACT, GLU, HAS_BIAS, SAVE_H)
         # padded columns (E..BE) multiply W2 rows loaded as zeros, whatever act(0) is
         a_tile = act.to(dt)
         ns = tl.arange(0, BN)

@@ -10,22 +10,51 @@ from .common import _act, _act_grad, _fill_share, _grid_tile, _load_w
 
 
 @triton.jit
-def _up_act(acc, acc2, e, cols, cmask, B, stride_be, E, dt, ACT: tl.constexpr, GLU: tl.constexpr,
-            HAS_BIAS: tl.constexpr):
-    """The forward epilogue's values: (h, the GLU up half hu or h again, in the storage dtype `dt`; a =
-    act(h) (* hu) in fp32, to be rounded to `dt`). Rounded to `dt` where a torch matmul + activation would."""
+def _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols, cmask, Din, E,
+                 TWO: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """(X[tok] @ W[e][cols]^T, and with TWO the same for the GLU up half W[e][E + cols]) as [BM, BN] fp32:
+    the token gather fused into the A-operand loads."""
+    ks = tl.arange(0, BK)
+    xp = X + tok[:, None] * stride_x + ks[None, :]
+    wp = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wf + ks[:, None] * stride_wk
+    up_off = E * stride_wf
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, Din, BK):
+        if EVEN_K:
+            a = tl.load(xp)
+        else:
+            a = tl.load(xp, mask=((k0 + ks) < Din)[None, :], other=0.0)
+        acc = tl.dot(a, _load_w(wp, k0, ks, Din, cmask, EVEN_K, EVEN_N), acc, input_precision=PREC)
+        if TWO:
+            acc2 = tl.dot(a, _load_w(wp + up_off, k0, ks, Din, cmask, EVEN_K, EVEN_N), acc2, input_precision=PREC)
+        xp += BK
+        wp += BK * stride_wk
+    return acc, acc2
+
+
+@triton.jit
+def _up_act(acc, acc2, e, cols, cmask, B, stride_be, E, dt, hp, hmask, ACT: tl.constexpr, GLU: tl.constexpr,
+            HAS_BIAS: tl.constexpr, SAVE_H: tl.constexpr):
+    """The forward epilogue: bias, h (and the GLU up half) stored at hp when SAVE_H, as soon as each is
+    computed (fewer live registers); returns a = act(h) (* hu) in fp32, to be rounded to `dt`. Rounded to
+    `dt` where a torch matmul + activation would."""
     if HAS_BIAS:
         bp = B + e.to(tl.int64) * stride_be + cols
         acc += tl.load(bp, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if GLU:
             acc2 += tl.load(bp + E, mask=cmask, other=0.0).to(tl.float32)[None, :]
     h = acc.to(dt)
+    if SAVE_H:
+        tl.store(hp, h, mask=hmask)
     act = _act(h.to(tl.float32), ACT)
-    hu = h
     if GLU:
         hu = acc2.to(dt)
+        if SAVE_H:
+            tl.store(hp + E, hu, mask=hmask)
         act = act.to(dt).to(tl.float32) * hu.to(tl.float32)
-    return h, hu, act
+    return act
 
 
 @triton.jit
@@ -40,11 +69,7 @@ def _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, OR
     hp = H + rows64[:, None] * stride_h + cols[None, :]
     dt = OUT.dtype.element_ty
     if not BWD:
-        h, hu, act = _up_act(acc, acc2, e, cols, cmask, B, stride_be, E, dt, ACT, GLU, HAS_BIAS)
-        if SAVE_H:
-            tl.store(hp, h, mask=omask)
-            if GLU:
-                tl.store(hp + E, hu, mask=omask)
+        act = _up_act(acc, acc2, e, cols, cmask, B, stride_be, E, dt, hp, omask, ACT, GLU, HAS_BIAS, SAVE_H)
         tl.store(OUT + rows64[:, None] * stride_o + cols[None, :], act.to(dt), mask=omask)
     else:
         # acc = da (gradient w.r.t. a, before the gate); recompute a from the saved h
@@ -107,22 +132,8 @@ def _up_kernel(
         tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
         cols = pid_n * BN + tl.arange(0, BN)
         cmask = cols < E
-        ks = tl.arange(0, BK)
-        xp = X + tok[:, None] * stride_x + ks[None, :]
-        wp = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wf + ks[:, None] * stride_wk
-        up_off = E * stride_wf
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        acc2 = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, Din, BK):
-            if EVEN_K:
-                a = tl.load(xp)
-            else:
-                a = tl.load(xp, mask=((k0 + ks) < Din)[None, :], other=0.0)
-            acc = tl.dot(a, _load_w(wp, k0, ks, Din, cmask, EVEN_K, EVEN_N), acc, input_precision=PREC)
-            if GLU and not BWD:
-                acc2 = tl.dot(a, _load_w(wp + up_off, k0, ks, Din, cmask, EVEN_K, EVEN_N), acc2, input_precision=PREC)
-            xp += BK
-            wp += BK * stride_wk
+        acc, acc2 = _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols, cmask, Din, E,
+                                 GLU and not BWD, EVEN_K, EVEN_N, PREC, BM, BN, BK)
         _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT,
                      stride_o, DGP, GA, stride_ga, DB, stride_db, M, E,
                      BWD, ACT, GLU, HAS_BIAS, SAVE_H, STORE_GA, HAS_DB)
