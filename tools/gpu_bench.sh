@@ -7,8 +7,9 @@
 #   BENCH=0 skips the benchmark; KERNELS=1 also times each kernel's
 #   tile variants (tools/bench_kernels.py $KERNEL_ARGS -> kernels.json, e.g. KERNEL_ARGS="--orders
 #   expert,token --shapes 8b"); STEP=1 also times the GPT-base training step,
-#   dense and sparse, graphed: the defaults, the router fold off, the weights cast outside the backend
-#   (ssd-bench step -> step.json; STEP_ARGS replaces those options); OUT (default /tmp/ssd_gpu_bench).
+#   dense and sparse, graphed: the defaults, the router fold off, the weights cast outside the backend,
+#   the output's initialisation and bias outside the kernels (ssd-bench step -> step.json; STEP_ARGS
+#   replaces those options); OUT (default /tmp/ssd_gpu_bench).
 #
 # .whl/ (git-ignored) holds the prebuilt wheels for the device image (Python 3.12, torch 2.11+cu130):
 #   mkdir -p .whl && cp ../shared/wheels/gpu-cp312-torch2.11-cu130/*.whl .whl/

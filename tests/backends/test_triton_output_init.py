@@ -77,12 +77,33 @@ def retune_results():
     print(json.dumps(out))
 
 
+def bias_only_results():
+    """Only the output bias trains (everything else frozen, so the forward saves no h): its gradient is
+    dy's column sum, and the backward touches nothing else."""
+    import json
+
+    from backend_cases import make_inputs
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends import expert_ffn
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    K.force_config(up=TINY, up_glu=TINY, up_bwd=TINY, up_bwd_glu=TINY, down=TINY, wgrad=TINY, mlp=TINY)
+    out = []
+    for fused in (False, True):
+        inp = make_inputs(T=29, K=3, activation="relu")
+        args = [inp[k].detach() for k in ("x", "w1", "b1", "w2")]
+        y = expert_ffn(TritonBackend(fused_forward=fused), *args, inp["topk_idx"], inp["gate"].detach(), "relu",
+                       inp["b2"])
+        y.backward(inp["dy"])
+        out.append(bool(torch.allclose(inp["b2"].grad, inp["dy"].sum(0))))
+    print(json.dumps(out))
+
+
 @pytest.fixture(scope="module")
 def interpreted():
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the kernels are checked compiled (test_backends_gpu.py)")
-    return {f: run_interpreted(__file__, f) for f in ("fill_results", "retune_results")}
+    return {f: run_interpreted(__file__, f) for f in ("fill_results", "retune_results", "bias_only_results")}
 
 
 @pytest.mark.parametrize("i", range(len(FILL_CASES)), ids=[f"T{c[0]}-D{c[1]}" for c in FILL_CASES])
@@ -93,3 +114,7 @@ def test_up_kernel_initialises_every_element_of_the_target(interpreted, i):
 @pytest.mark.parametrize("combine", ["atomic16", "atomic32"])
 def test_repeated_down_launches_reinitialise_the_target(interpreted, combine):
     assert all(interpreted["retune_results"][combine]), interpreted["retune_results"][combine]
+
+
+def test_only_the_output_bias_trains(interpreted):
+    assert interpreted["bias_only_results"] == [True, True]

@@ -34,9 +34,9 @@ from .kernels.common import ACT_CODES
 from .kernels.down import _down_kernel, _down_tma_kernel
 from .kernels.mlp import _mlp_kernel
 from .kernels.routing_plan import fill_args
-from .routing import initialise
 from .kernels.up import _up_kernel
 from .kernels.wgrad import _wgrad_kernel
+from .routing import initialise
 
 
 # (BM|BP, BN|BQ, BK, num_warps, num_stages[, variant]). variant: down 1 = ROWLOOP (a program covers all

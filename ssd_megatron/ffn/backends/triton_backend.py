@@ -133,8 +133,11 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
     it, is zeroed by the up_bwd kernel's programs."""
     k = _kernels()
     need_x, need_w1, need_b1, need_w2, need_gate, need_b2 = needs
-    plan = _Plan(w1.shape[0], top_k, x.shape[0], order, token, offsets)
     dy = dy.to(x.dtype).contiguous()
+    db2 = dy.sum(0, dtype=b2.dtype) if need_b2 else x.new_empty(0)
+    if not any(needs[:5]):  # only the output bias trains (nothing saved for the rest: h may be empty)
+        return (*(x.new_empty(0) for _ in range(5)), db2)
+    plan = _Plan(w1.shape[0], top_k, x.shape[0], order, token, offsets)
     w1c, w2c = (w1 if w1c is None else w1c), (w2 if w2c is None else w2c)
     dx0 = k.atomic_output(x, x.shape[0], top_k, x.shape[1], combine) if need_x and init_in_up else None
     dh, dgate, ga, db32 = k.up_backward(dy, w2c, h, gate_flat, plan, activation,
@@ -152,8 +155,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
             _weight_grad(k, dh, x, plan, w1, wgrad, split, wfold) if need_w1 else x.new_empty(0),
             db32.to(w1.dtype) if db32 is not None else x.new_empty(0),
             _weight_grad(k, ga, dy, plan, w2, wgrad, split) if need_w2 else x.new_empty(0),
-            dgate.to(gate_flat.dtype) if need_gate else x.new_empty(0),
-            dy.sum(0, dtype=b2.dtype) if need_b2 else x.new_empty(0))
+            dgate.to(gate_flat.dtype) if need_gate else x.new_empty(0), db2)
 
 
 @_experts_backward_op.register_fake

@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..routing import initialise
 from .common import _fill_share
 
 
@@ -88,7 +89,6 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
     else:
         offsets.zero_()
         if fill is not None:
-            from ..routing import initialise
             initialise(*fill)
     return order, token, sexp, offsets
 
