@@ -9,7 +9,7 @@ with triton.testing.do_bench (median, CUDA events) for a list of tile configurat
 against the default configuration's output. This is where kernel variants are compared before one
 becomes a default (docs/kernels.md); `ssd-bench ffn` times the whole layer.
 
-    python tools/bench_kernels.py [--shapes base,8b] [--activations relu,swiglu] [--out F.json]
+    python tools/bench_kernels.py [--shapes base,8b] [--activations relu,swiglu] [--launches a,b] [--out F.json]
     ncu --profile-from-start off ... python tools/bench_kernels.py --once   # each default launch once
 
 Inputs: bench.ffn's layer (clustered weights, realistic routing), bf16, 16 384 tokens. The same
@@ -119,6 +119,18 @@ def add_case_args(ap, activations="relu,swiglu"):
     ap.add_argument("--shapes", default="base,8b")
     ap.add_argument("--activations", default=activations)
     ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--launches", default="", help="comma list of launch labels (default: all), e.g. fwd_pair,fwd_fused")
+
+
+def selected(launches: dict, args) -> dict:
+    """The launches named by --launches (all when it is empty); an unknown name is an error."""
+    if not args.launches:
+        return launches
+    names = args.launches.split(",")
+    unknown = [n for n in names if n not in launches]
+    if unknown:
+        raise SystemExit(f"error: --launches: unknown {unknown}; accepted: {', '.join(launches)}")
+    return {n: launches[n] for n in names}
 
 
 def cases(args):
@@ -151,6 +163,7 @@ def main() -> int:
     records = []
     for shape, act in cases(args):
         skew, launches = setup(shape, act, args.tokens)
+        launches = selected(launches, args)
         print(f"{shape} {act}: expert loads max/mean {skew:.2f}", flush=True)
         if args.once:
             for _, _, fn in launches.values():

@@ -100,7 +100,6 @@ def main() -> int:
     bk.add_case_args(ap, activations="relu")
     ap.add_argument("--variants", choices=("none", "one", "all"), default="none",
                     help="also the candidates of tools/bench_kernels.py: all, or one per kernel variant")
-    ap.add_argument("--launches", default="", help="comma list of launch labels to report (default: all)")
     ap.add_argument("--arch", type=int, choices=sorted(SM), default=90,
                     help="compute capability: 90 H100/H200, 80 A100")
     args = ap.parse_args()
@@ -116,9 +115,7 @@ def main() -> int:
     failed = 0
     for shape, act in bk.cases(args):
         _, launches = bk.setup(shape, act, args.tokens, device="cpu")
-        for label, (kind, _, fn) in launches.items():
-            if args.launches and label not in args.launches.split(","):
-                continue
+        for label, (kind, _, fn) in bk.selected(launches, args).items():
             for cfg in [None] + _candidates(bk.VARIANTS.get(kind, []), args.variants):
                 K.force_config(**({kind: cfg} if cfg else {}))
                 LAUNCHES.clear()

@@ -4,9 +4,9 @@
 #
 #   device run (carry [".whl"]):  bash tools/gpu_bench.sh [ssd-bench ffn options...]
 #   env: GPU_TESTS=0 skips the tests (GPU_TESTS_EXTRA="tests/train/test_step_graph.py ..." adds files);
-#   BENCH=0 skips the benchmark; KERNELS=1 also times each kernel's
-#   tile variants (tools/bench_kernels.py $KERNEL_ARGS -> kernels.json, e.g. KERNEL_ARGS="--orders
-#   expert,token --shapes 8b"); STEP=1 also times the GPT-base training step,
+#   BENCH=0 skips the benchmark; KERNELS=1 also times each kernel's tile variants
+#   (tools/bench_kernels.py $KERNEL_ARGS -> kernels.json, e.g. KERNEL_ARGS="--launches fwd_pair,fwd_fused
+#   --orders expert,token --shapes 8b"); STEP=1 also times the GPT-base training step,
 #   dense and sparse, graphed: the defaults, the router fold off, the weights cast outside the backend,
 #   the output's initialisation and bias outside the kernels (ssd-bench step -> step.json; STEP_ARGS
 #   replaces those options); OUT (default /tmp/ssd_gpu_bench).

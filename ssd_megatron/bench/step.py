@@ -113,14 +113,13 @@ def _hf_loss(logits, labels):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
 
 
+# Variants that change sparse-only code (the triton expert backend's options; not run for the dense phase),
+# those that also run for the sparse phase (the others change dense-only code), and all of them.
+SPARSE_ONLY = ("no-router-fold", "router-fold-rows", "no-master-weights", "no-output-fold", "fused-forward")
+PHASE_VARIANTS = ("loop", "cuda-graph") + SPARSE_ONLY
 VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "triton-mask-gemm", "sync-clip",
             "sync-step", "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "flash-attn",
-            "cuda-graph", "torch-adamw", "ce-big-chunks", "no-router-fold", "router-fold-rows",
-            "no-master-weights")
-# Variants that also run for the sparse phase (the others change dense-only code), and those that change
-# sparse-only code (not run for the dense phase).
-PHASE_VARIANTS = ("loop", "cuda-graph", "no-router-fold", "router-fold-rows", "no-master-weights")
-SPARSE_ONLY = ("no-router-fold", "router-fold-rows", "no-master-weights", "no-output-fold", "fused-forward")
+            "cuda-graph", "torch-adamw", "ce-big-chunks") + SPARSE_ONLY
 
 
 def prepare_ours(model, variant: str, compile_model: bool):
