@@ -396,6 +396,20 @@ def _split(s, allowed, what):
     return items
 
 
+def _triton_variants(text: str) -> dict:
+    """{"triton[OPTS]": TritonBackend(**OPTS)} for --triton-variants (comma list of +-joined key=value)."""
+    from ..ffn.backends.triton_backend import TritonBackend
+    out = {}
+    for v in filter(None, text.split(",")):
+        try:
+            opts = {k: {"true": True, "false": False}.get(val.lower(), val)
+                    for k, val in (kv.split("=", 1) for kv in v.split("+"))}
+            out[f"triton[{v}]"] = TritonBackend(**opts)
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"ssd-bench ffn: bad --triton-variants entry {v!r}: {exc}") from exc
+    return out
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     shapes = _split(args.shapes, SHAPES, "shape")
@@ -414,15 +428,9 @@ def main(argv=None) -> int:
     if missing:
         raise UserError(f"ssd-bench ffn: backends not available here: {missing} (available: {avail})")
     backends = {n: get_backend(n) for n in names}
-    if args.triton_variants and "triton" in avail:
-        from ..ffn.backends.triton_backend import TritonBackend
-        for v in args.triton_variants.split(","):
-            try:
-                opts = {k: {"true": True, "false": False}.get(val.lower(), val)
-                        for k, val in (kv.split("=", 1) for kv in v.split("+"))}
-                backends[f"triton[{v}]"] = TritonBackend(**opts)
-            except (ValueError, TypeError) as exc:
-                raise UserError(f"ssd-bench ffn: bad --triton-variants entry {v!r}: {exc}") from exc
+    variants = _triton_variants(args.triton_variants)  # checked here even where triton cannot run
+    if "triton" in avail:
+        backends.update(variants)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if _CUDA else torch.float32
     params = torch.float32 if args.params == "fp32" and dtype != torch.float32 else None

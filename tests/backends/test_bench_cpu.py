@@ -26,3 +26,17 @@ def test_bench_cli_errors():
         bench_main(["nope"])
     with pytest.raises(UserError):
         bench_main(["ffn", "--shapes", "huge"])
+
+
+def test_triton_variants_are_checked_without_a_gpu():
+    """--triton-variants entries are built (and a bad one refused) before anything runs, so a typo in a GPU
+    session's command fails on the first line, not after the tests."""
+    from ssd_megatron.bench.ffn import _triton_variants
+    pytest.importorskip("triton")
+    built = _triton_variants("fold_router=off,fold_output=false+fused_forward=true,master_weights=false")
+    assert built["triton[fold_output=false+fused_forward=true]"].fused_forward is True
+    assert built["triton[fold_output=false+fused_forward=true]"].fold_output is False
+    assert built["triton[fold_router=off]"].fold_router == "off"
+    for bad in ("fused=true", "fold_router=sideways", "combine"):
+        with pytest.raises(UserError, match="bad --triton-variants entry"):
+            bench_main(["ffn", "--device", "cpu", "--triton-variants", bad])
