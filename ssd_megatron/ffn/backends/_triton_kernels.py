@@ -125,11 +125,16 @@ def _variant_ok(base: str, variant: int) -> bool:
     return variant == 0 or (base == "down" and variant in (ROWLOOP, TMA)) or (base == "wgrad" and variant > 0)
 
 
-def _default(base: str, key: tuple):
-    """Untuned choice: the winners of the sweeps (docs/kernels.md: H100 run 4, H200 v7-v8) by problem size."""
+def _default(base: str, key: tuple, hopper: bool = True):
+    """Untuned choice: the winners of the sweeps (docs/kernels.md: H100 run 4, H200 v7-v8) by problem size.
+    Before Hopper (A100: mma.sync keeps operand fragments in registers, no wgmma) the wide 8B tiles below
+    spill 104-400 bytes per thread; there the nearest tiles that compile without spilling (offline sm_80
+    compile, docs/kernels.md v11; not timed)."""
     if base in ("up_bwd", "up_glu") and key[0] >= 2048:   # long reduction (D): wider tiles
-        return (128, 128, 64, 8, 3)
+        return (128, 128, 64, 8, 3) if hopper or base == "up_bwd" else DEFAULTS[base]
     if base == "down" and key[1] >= 2048:                  # wide output (8B's D = 4096): ROWLOOP, H200 2026-12-04
+        if not hopper:
+            return (128, 128, 64, 8, 3, ROWLOOP) if key[0] >= 512 else (64, 128, 64, 4, 3, ROWLOOP)
         return (128, 256, 64, 8, 3, ROWLOOP) if key[0] >= 512 else (128, 128, 64, 4, 3, ROWLOOP)
     if base == "wgrad" and key[1] <= 1024:                # few (expert, tile) programs: smaller P tiles
         # base's thin experts (P <= 256): rows split in chunks of 2048, so that the step's skewed expert
@@ -138,14 +143,15 @@ def _default(base: str, key: tuple):
     return DEFAULTS[base]
 
 
-def _pick(kind: str, key: tuple, launch):
-    """The config for `kind` at `key`; when tuning, time each candidate once with `launch(cfg)`."""
+def _pick(kind: str, key: tuple, launch, hopper: bool = True):
+    """The config for `kind` at `key` (on a Hopper GPU or not); when tuning, time each candidate once with
+    `launch(cfg)`."""
     base = kind.split(":")[0]
     for table in (_FORCED, env_configs()):
         if kind in table or base in table:
             return table.get(kind, table.get(base))
     if not _tuning() or os.environ.get("TRITON_INTERPRET") == "1":
-        return _default(base, key)
+        return _default(base, key, hopper)
     k = (kind,) + key
     if k not in _TUNED:
         from triton.testing import do_bench
@@ -251,7 +257,7 @@ def up_forward(x, w1, b1, plan, activation, save_h: bool, fill=None):
     def launch(cfg):
         _launch_up(head, tail, plan, meta, cfg, M, N, D, E, fill)
 
-    launch(_pick("up_glu" if glu else "up", (D, E, str(x.dtype)), launch))
+    launch(_pick("up_glu" if glu else "up", (D, E, str(x.dtype)), launch, _hopper(x)))
     return a, (h if save_h else None)
 
 
@@ -390,7 +396,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
         _down_kernel[(m_tiles * num_n,)](*operands, *rest, num_n, EVEN_K=Ein % BK == 0, EVEN_N=Dout % BN == 0,
                                          ROWLOOP=variant == ROWLOOP, **meta)
 
-    launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)), launch))
+    launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)), launch, _hopper(a)))
     return _combined(buf, atomic, T, K, a.dtype, out_bias)
 
 
