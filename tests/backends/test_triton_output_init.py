@@ -60,8 +60,8 @@ def retune_results():
         once = run(TritonBackend(combine=combine), inp)
         pick = K._pick
 
-        def tuner(kind, key, launch):
-            cfg = pick(kind, key, launch)
+        def tuner(kind, key, launch, *more):
+            cfg = pick(kind, key, launch, *more)
             if kind.startswith("down"):
                 for _ in range(3):  # candidates timed into the same target
                     launch(cfg)
