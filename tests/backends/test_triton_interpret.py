@@ -28,9 +28,11 @@ CASES = [  # (inputs, TritonBackend options)
     (dict(activation="relu", T=37, routing="empty"), {"fused_forward": True}),
     (dict(activation="gelu", T=21, K=1, routing="skewed"), {"fused_forward": True}),  # K = 1: rows stored
     (dict(activation="swiglu", T=19, bias=False, D=40), {"fused_forward": True}),     # GLU, ragged D
-    (dict(activation="reglu", T=13, N=3, E=24, K=2), {"fused_forward": True, "combine": "atomic32"}),  # E padded
+    (dict(activation="reglu", T=13, N=3, E=24, K=2), {"fused_forward": True, "combine": "atomic32"}),  # 16 + 16
     (dict(activation="squared_relu", T=23, K=2), {"fused_forward": True, "combine": "buffer"}),
     (dict(activation="gelu_tanh", T=17, K=2), {"fused_forward": True, "column_view_w2": True, "fold_output": False}),
+    (dict(activation="geglu", T=23, E=48, K=2), {"fused_forward": True}),  # E as 32 + 16 columns (SPLIT), GLU
+    (dict(activation="relu", T=31, E=48, K=3), {"fused_forward": True}),   # the same without GLU
 ]
 # the same checks with the kernels' variants, as (down variant, wgrad row chunk, M-tile order): wgrad
 # reductions split into chunks of 32 rows (fp32 atomic sums; experts of 0, 1 and several chunks), the down

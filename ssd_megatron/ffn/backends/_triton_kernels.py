@@ -409,6 +409,14 @@ def _combined(buf, atomic: bool, T: int, K: int, dtype, out_bias):
     return y if out_bias is None else y.add_(out_bias.to(y.dtype))
 
 
+def _split_width(E: int):
+    """(BE, BE2): E's columns as one power-of-two tile of BE >= 16 plus, when E is not one, a second of
+    BE2 (a power of two >= 16; 0 = none): 192 -> (128, 64), 256 -> (256, 0), 24 -> (16, 16)."""
+    be = max(16, 1 << (E.bit_length() - 1))
+    rest = E - be
+    return be, (0 if rest <= 0 else _np2(rest))
+
+
 def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combine: str, out=None, out_bias=None):
     """(y, h when save_h): up GEMM, activation and down GEMM fused per M-tile (`kernels/mlp.py`), the same
     function as up_forward + down_scatter. `out`/`out_bias` as down_scatter's (`out`: initialised by the
@@ -422,6 +430,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
     init = _initialiser(buf, out_bias, out is not None) if atomic else None
     h = torch.empty(M, F1, device=x.device, dtype=x.dtype) if save_h else buf
     bias = b1 if b1 is not None else buf
+    be, be2 = _split_width(E)
 
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg[:5]
@@ -433,7 +442,8 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
             w2, w2.stride(0), w2.stride(1), w2.stride(2), plan.token, plan.order, gate_flat, plan.offsets, tiles,
             h, h.stride(0), buf, buf.stride(0), N, D, E, Dout,
             ACT=act, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=save_h, ATOMIC=atomic, EVEN_K=D % BK == 0,
-            PREC=_prec(x), SCHED=sched, BM=BM, BE=_np2(E), BK=BK, BN=BN, NP2=_np2(N), num_warps=nw, num_stages=ns)
+            PREC=_prec(x), SCHED=sched, SPLIT=be2 > 0, BM=BM, BE=be, BE2=max(be2, 16), BK=BK, BN=BN, NP2=_np2(N),
+            num_warps=nw, num_stages=ns)
 
     launch(_pick("mlp_glu" if glu else "mlp", (D, E, Dout, str(x.dtype)), launch))
     return _combined(buf, atomic, T, K, x.dtype, out_bias), (h if save_h else None)

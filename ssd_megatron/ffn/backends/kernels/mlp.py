@@ -1,12 +1,14 @@
 """The fused expert MLP forward: up GEMM, activation and down GEMM of one M-tile in one program.
 
 Per M-tile (BM sorted rows of one expert e): h = X[token] @ W1[e]^T over all of the expert's E (GLU: 2E)
-columns at once (BE = E rounded up to a power of two, the padding masked), the up kernel's epilogue
-(bias, activation; h stored when the backward needs it), then, for each block of BN output columns,
-a @ W2[e][:, block] with the down kernel's epilogue (gate scale, atomic add into y or a store of the
-(t, k) row). `a` stays on chip: no [T*K, E] round trip through memory, no second launch, and none of the
-down kernel's re-reads of an a-tile per output column block. y must hold its initial value (the output
-bias or zeros) before the launch: the routing plan's first kernel sets it (`routing_plan`'s fill).
+columns at once, the up kernel's epilogue (bias, activation; h stored when the backward needs it), then,
+for each block of BN output columns, a @ W2[e][:, block] with the down kernel's epilogue (gate scale,
+atomic add into y or a store of the (t, k) row). `a` stays on chip: no [T*K, E] round trip through
+memory, no second launch, and none of the down kernel's re-reads of an a-tile per output column block.
+E is covered by a power-of-two tile of BE columns plus, with SPLIT, a second one of BE2 (E = 192 as
+128 + 64, where one 256-wide tile would multiply 64 masked columns in both GEMMs); the rest is masked.
+y must hold its initial value (the output bias or zeros) before the launch: the routing plan's first
+kernel sets it (`routing_plan`'s fill).
 """
 import triton
 import triton.language as tl
@@ -27,28 +29,40 @@ def _mlp_kernel(
     OUT, stride_o,                           # ATOMIC: y [T, Dout], initialised; else [T*K, Dout] by pair
     N, D, E, Dout,
     ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_H: tl.constexpr, ATOMIC: tl.constexpr,
-    EVEN_K: tl.constexpr, PREC: tl.constexpr, SCHED: tl.constexpr,
-    BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, NP2: tl.constexpr,
+    EVEN_K: tl.constexpr, PREC: tl.constexpr, SCHED: tl.constexpr, SPLIT: tl.constexpr,
+    BM: tl.constexpr, BE: tl.constexpr, BE2: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, NP2: tl.constexpr,
 ):
     e, _, row0, rows, rmask, live = _grid_tile(OFFS, TILES, 1, N, BM, NP2, SCHED)
     if live:
         pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, True)
         fcols = tl.arange(0, BE)
         fmask = fcols < E
-        acc, acc2 = _gather_gemm(X, stride_x, tok, W1, stride_w1e, stride_w1f, stride_w1k, e, fcols, fmask, D, E,
-                                 GLU, EVEN_K, False, PREC, BM, BE, BK)
+        fcols2 = BE + tl.arange(0, BE2)
+        fmask2 = fcols2 < E
+        acc, acc2, accb, accb2 = _gather_gemm(X, stride_x, tok, W1, stride_w1e, stride_w1f, stride_w1k, e, fcols,
+                                              fmask, fcols2, fmask2, D, E, GLU, SPLIT, EVEN_K, False, PREC, BM, BE,
+                                              BE2, BK)
         dt = X.dtype.element_ty
-        hp = H + rows.to(tl.int64)[:, None] * stride_h + fcols[None, :]
-        act = _up_act(acc, acc2, e, fcols, fmask, B1, stride_b1e, E, dt, hp, rmask[:, None] & fmask[None, :],
-                      ACT, GLU, HAS_BIAS, SAVE_H)
-        # padded columns (E..BE) multiply W2 rows loaded as zeros, whatever act(0) is
+        hp = H + rows.to(tl.int64)[:, None] * stride_h
+        act = _up_act(acc, acc2, e, fcols, fmask, B1, stride_b1e, E, dt, hp + fcols[None, :],
+                      rmask[:, None] & fmask[None, :], ACT, GLU, HAS_BIAS, SAVE_H)
+        # masked columns (E..) multiply W2 rows loaded as zeros, whatever act(0) is
         a_tile = act.to(dt)
+        if SPLIT:
+            act2 = _up_act(accb, accb2, e, fcols2, fmask2, B1, stride_b1e, E, dt, hp + fcols2[None, :],
+                           rmask[:, None] & fmask2[None, :], ACT, GLU, HAS_BIAS, SAVE_H)
+            a_tile2 = act2.to(dt)
         ns = tl.arange(0, BN)
-        w2p = W2 + e.to(tl.int64) * stride_w2e + fcols[:, None] * stride_w2k + ns[None, :] * stride_w2n
+        w2e = W2 + e.to(tl.int64) * stride_w2e + ns[None, :] * stride_w2n
+        w2p = w2e + fcols[:, None] * stride_w2k
+        w2p2 = w2e + fcols2[:, None] * stride_w2k
         for n0 in range(0, Dout, BN):
             cols = n0 + ns
             cmask = cols < Dout
-            w2 = tl.load(w2p, mask=fmask[:, None] & cmask[None, :], other=0.0)
-            out = tl.dot(a_tile, w2, input_precision=PREC)
+            out = tl.dot(a_tile, tl.load(w2p, mask=fmask[:, None] & cmask[None, :], other=0.0), input_precision=PREC)
+            if SPLIT:
+                out = tl.dot(a_tile2, tl.load(w2p2, mask=fmask2[:, None] & cmask[None, :], other=0.0), out,
+                             input_precision=PREC)
             _down_store(out, OUT, stride_o, OUT, 0, e, rmask, tok, pair, g, cols, cmask, True, ATOMIC, False)
             w2p += BN * stride_w2n
+            w2p2 += BN * stride_w2n

@@ -10,17 +10,23 @@ from .common import _act, _act_grad, _fill_share, _grid_tile, _load_w
 
 
 @triton.jit
-def _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols, cmask, Din, E,
-                 TWO: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """(X[tok] @ W[e][cols]^T, and with TWO the same for the GLU up half W[e][E + cols]) as [BM, BN] fp32:
-    the token gather fused into the A-operand loads."""
+def _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols, cmask, cols2, cmask2, Din, E,
+                 TWO: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                 PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr):
+    """X[tok] @ W[e][cols]^T as [BM, BN] fp32, the token gather fused into the A-operand loads; with TWO the
+    same for the GLU up half W[e][E + cols]; with SPLIT both also for a second column set cols2 ([BM, BN2],
+    e.g. E = 192 as 128 + 64 columns instead of one 256-wide tile), from the same A tiles. Returns
+    (acc, up acc, acc of cols2, up acc of cols2); the unused ones are never computed."""
     ks = tl.arange(0, BK)
     xp = X + tok[:, None] * stride_x + ks[None, :]
-    wp = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wf + ks[:, None] * stride_wk
+    we = W + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk
+    wp = we + cols[None, :] * stride_wf
+    wp2 = we + cols2[None, :] * stride_wf
     up_off = E * stride_wf
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+    accb = tl.zeros((BM, BN2), dtype=tl.float32)
+    accb2 = tl.zeros((BM, BN2), dtype=tl.float32)
     for k0 in range(0, Din, BK):
         if EVEN_K:
             a = tl.load(xp)
@@ -29,9 +35,15 @@ def _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols, 
         acc = tl.dot(a, _load_w(wp, k0, ks, Din, cmask, EVEN_K, EVEN_N), acc, input_precision=PREC)
         if TWO:
             acc2 = tl.dot(a, _load_w(wp + up_off, k0, ks, Din, cmask, EVEN_K, EVEN_N), acc2, input_precision=PREC)
+        if SPLIT:
+            accb = tl.dot(a, _load_w(wp2, k0, ks, Din, cmask2, EVEN_K, False), accb, input_precision=PREC)
+            if TWO:
+                accb2 = tl.dot(a, _load_w(wp2 + up_off, k0, ks, Din, cmask2, EVEN_K, False), accb2,
+                               input_precision=PREC)
         xp += BK
         wp += BK * stride_wk
-    return acc, acc2
+        wp2 += BK * stride_wk
+    return acc, acc2, accb, accb2
 
 
 @triton.jit
@@ -132,8 +144,8 @@ def _up_kernel(
         tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
         cols = pid_n * BN + tl.arange(0, BN)
         cmask = cols < E
-        acc, acc2 = _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols, cmask, Din, E,
-                                 GLU and not BWD, EVEN_K, EVEN_N, PREC, BM, BN, BK)
+        acc, acc2, _, _ = _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols, cmask, cols,
+                                       cmask, Din, E, GLU and not BWD, False, EVEN_K, EVEN_N, PREC, BM, BN, BN, BK)
         _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT,
                      stride_o, DGP, GA, stride_ga, DB, stride_db, M, E,
                      BWD, ACT, GLU, HAS_BIAS, SAVE_H, STORE_GA, HAS_DB)
