@@ -331,27 +331,40 @@ def default_combine(x: torch.Tensor) -> str:
     return "atomic32" if x.dtype == torch.bfloat16 and not _hopper(x) else "atomic16"
 
 
+def _adds(combine: str, K: int) -> bool:
+    """Whether a down (or fused) launch adds each token's K rows into a [T, Dout] target with atomics
+    (else it writes every (t, k) row: "buffer", or K = 1)."""
+    return combine != "buffer" and K > 1
+
+
 def atomic_output(a_like: torch.Tensor, T: int, K: int, Dout: int, combine: str):
     """The [T, Dout] tensor a down (or fused) launch with `combine` adds its rows into (fp32 for "atomic32"),
     to be initialised by a launch before it (`_launch_up`'s or the routing plan's fill), or None where
-    that launch writes rows instead ("buffer", or K = 1)."""
-    if combine == "buffer" or K == 1:
+    that launch writes rows instead (`_adds`)."""
+    if not _adds(combine, K):
         return None
     dtype = torch.float32 if combine == "atomic32" else a_like.dtype
     return torch.empty(T, Dout, device=a_like.device, dtype=dtype)
 
 
-def _initialiser(target, out_bias, given: bool):
-    """A call before every launch that adds into the atomic `target`: nothing the first time if the target
-    came initialised (`given`: by an earlier launch's fill), else (the tuner's repeated launches included)
-    set it to out_bias broadcast over its rows, or zeros."""
-    fresh = [given]
+def _target(a_like, plan, Dout: int, combine: str, out, out_bias):
+    """(what a down or fused launch writes, whether it adds atomically, a call to make before every launch
+    or None). The atomic target is `out` when an earlier launch's fill initialised it, else allocated here;
+    the call initialises it to out_bias (or zeros), except for the first launch into a given `out` (the
+    tuner's repeated launches are all re-initialised). Otherwise a [T*K, Dout] buffer of (t, k) rows."""
+    M, T, K = plan.num_rows, plan.num_tokens, plan.top_k
+    if not _adds(combine, K):
+        if out is not None:
+            raise ValueError("`out` is the atomic combines' target (atomic_output), not the buffer's")
+        return a_like.new_empty(M, Dout), False, None
+    buf = out if out is not None else atomic_output(a_like, T, K, Dout, combine)
+    fresh = [out is not None]
 
     def init():
         if not fresh[0]:
-            initialise(target, out_bias)
+            initialise(buf, out_bias)
         fresh[0] = False
-    return init
+    return buf, True, init
 
 
 def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, out_bias=None):
@@ -366,15 +379,11 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
     """
     M, N, T, K = plan.num_rows, plan.num_experts, plan.num_tokens, plan.top_k
     Ein, Dout = w.shape[1], w.shape[2]
-    atomic = combine != "buffer" and K > 1
-    if out is not None and not atomic:
-        raise ValueError("down_scatter: `out` is the atomic combines' target (atomic_output), not the buffer's")
-    buf = (out if out is not None else atomic_output(a, T, K, Dout, combine)) if atomic else a.new_empty(M, Dout)
+    buf, atomic, init = _target(a, plan, Dout, combine, out, out_bias)
     if rank1 is not None and gate_flat is not None:
         raise ValueError("down_scatter: rank1 goes with an unscaled product (gate_flat=None)")
     gate = gate_flat if gate_flat is not None else (rank1[0] if rank1 is not None else buf)
     c = rank1[1].to(a.dtype).contiguous() if rank1 is not None else buf
-    init = _initialiser(buf, out_bias, out is not None) if atomic else None
 
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg[:5]
@@ -425,9 +434,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
     M, N, T, K = plan.num_rows, plan.num_experts, plan.num_tokens, plan.top_k
     F1, D = w1.shape[1], w1.shape[2]
     E, Dout = w2.shape[1], w2.shape[2]
-    atomic = combine != "buffer" and K > 1
-    buf = (out if out is not None else atomic_output(x, T, K, Dout, combine)) if atomic else x.new_empty(M, Dout)
-    init = _initialiser(buf, out_bias, out is not None) if atomic else None
+    buf, atomic, init = _target(x, plan, Dout, combine, out, out_bias)
     h = torch.empty(M, F1, device=x.device, dtype=x.dtype) if save_h else buf
     bias = b1 if b1 is not None else buf
     be, be2 = _split_width(E)
