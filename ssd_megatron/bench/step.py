@@ -35,7 +35,8 @@ phase: the FFN weights cast to bf16 before the expert backend and their gradient
 instead of the backend taking the fp32 parameters and its wgrad kernel writing fp32 gradients),
 `no-output-fold` (sparse phase: y zeroed and dx zeroed by fill launches of their own and the FFN's output
 bias added after the backend, instead of y starting as the bias and both initialised inside the up kernels),
-`fused-forward` (sparse phase: the expert forward as one kernel per M-tile, `TritonBackend(fused_forward=True)`).
+`fused-forward` / `no-fused-forward` (sparse phase: the expert forward as one kernel per M-tile, or as the up
+and down launches, instead of the backend's choice, `TritonBackend(fused_forward="auto")`).
 `--profile DIR` profiles a few steps of each and prints the top kernels and a time-by-category table
 (docs/performance.md).
 
@@ -115,7 +116,8 @@ def _hf_loss(logits, labels):
 
 # Variants that change sparse-only code (the triton expert backend's options; not run for the dense phase),
 # those that also run for the sparse phase (the others change dense-only code), and all of them.
-SPARSE_ONLY = ("no-router-fold", "router-fold-rows", "no-master-weights", "no-output-fold", "fused-forward")
+SPARSE_ONLY = ("no-router-fold", "router-fold-rows", "no-master-weights", "no-output-fold", "fused-forward",
+               "no-fused-forward")
 PHASE_VARIANTS = ("loop", "cuda-graph") + SPARSE_ONLY
 VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "triton-mask-gemm", "sync-clip",
             "sync-step", "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "flash-attn",
@@ -145,7 +147,8 @@ def prepare_ours(model, variant: str, compile_model: bool):
                                        "rows" if "router-fold-rows" in parts else "epilogue")
             ffn.backend.master_weights = "no-master-weights" not in parts
             ffn.backend.fold_output = "no-output-fold" not in parts
-            ffn.backend.fused_forward = "fused-forward" in parts
+            ffn.backend.fused_forward = ("auto" if not parts & {"fused-forward", "no-fused-forward"} else
+                                         "fused-forward" in parts)
     relu_mask_matmul.USE_TRITON = "no-mask-gemm" not in parts
     relu_mask_matmul.USE_GLUON = "triton-mask-gemm" not in parts
     model.cfg.fp32_residual_connection = "fp32-residual" in parts

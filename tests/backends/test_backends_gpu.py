@@ -208,10 +208,15 @@ def test_triton_master_weights_bf16(case, fold):
     inp["dy"] = inp["dy"].bfloat16()
     be = TritonBackend()
     assert be.takes_master_weights(inp["x"])
+    # The reference multiplies what the backend does: the bf16 casts of the weights (their gradients are the
+    # fp32 weights' gradients). Against the fp32 weights themselves ReLU's mask flips wherever the cast moves
+    # a pre-activation across 0, a ~3% difference in dh that says nothing about the kernels.
+    ref = upcast({**inp, **{k: inp[k].detach().bfloat16().requires_grad_()
+                            for k in ("w1", "b1", "w2", "b2") if inp[k] is not None}})
     if fold:
-        got, want = run_router(be, inp, fold=True), run_router(ReferenceBackend(), upcast(inp), fold=False)
+        got, want = run_router(be, inp, fold=True), run_router(ReferenceBackend(), ref, fold=False)
     else:
-        got, want = run(be, inp), run(ReferenceBackend(), upcast(inp))
+        got, want = run(be, inp), run(ReferenceBackend(), ref)
     assert all(g.dtype == torch.float32 for k, g in got[1].items() if k in ("w1", "b1", "w2")), got[1]
     errs = compare(got, want, 3e-2)
     print("master weights", fold, case, {k: f"{v:.1e}" for k, v in errs.items()})

@@ -127,9 +127,21 @@ def test_graphed_run_resumes(tiny_data, tmp_path):
         assert got[s] == pytest.approx(ref[s], rel=1e-4), s
 
 
+@pytest.fixture
+def deterministic(monkeypatch):
+    """Deterministic algorithms (the triton backend then sums without atomics). With atomic sums two eager
+    SSD runs drift apart by ~1e-7 from the first sparse step, and a re-clustering of the drifted weights
+    made them differ by 1e-3 at step 22 (H200, session 18): the size of what the test looks for."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
 @needs_cuda
 @pytest.mark.parametrize("precision,compile_blocks", [("fp32", False), ("bf16", True)])
-def test_ssd_graphed_run_takes_the_eager_runs_steps(tiny_data, tmp_path, monkeypatch, precision, compile_blocks):
+def test_ssd_graphed_run_takes_the_eager_runs_steps(tiny_data, tmp_path, monkeypatch, deterministic, precision,
+                                                    compile_blocks):
     """SSD with one graph per phase: dense and sparse graphs alternate, and a later sparse phase replays the
     first one's graph with a new clustering (parameters and moments re-laid out in place, expert-major);
     the same phases and losses as eager steps."""
@@ -150,11 +162,12 @@ def test_ssd_graphed_run_takes_the_eager_runs_steps(tiny_data, tmp_path, monkeyp
     assert sparse_runs >= 2, phases
     # bf16 + compile: graph and eager runs differ by rounding, and a re-clustering of slightly different
     # weights may pick other experts; so from the second sparse phase on only a loose match is asserted
-    # (fp32 is the strict check: an H100 run with a stale expert layout was off by 1e-3 at step 23).
+    # (fp32 is the strict check: the deterministic runs agree to the last digit, H200; an H100 run with a
+    # stale expert layout was off by 1e-3 at step 23).
     starts = [s for prev, s in zip(["dense"] + phases, sorted(recs)) if (prev, recs[s]["phase"]) == ("dense", "sparse")]
     second_sparse = starts[1]
     for s in ref:
-        tol = 1e-4 if precision == "fp32" else (2e-3 if s < second_sparse else 3e-2)
+        tol = 1e-6 if precision == "fp32" else (2e-3 if s < second_sparse else 3e-2)
         assert recs[s]["loss"] == pytest.approx(ref[s]["loss"], rel=tol), (s, recs[s]["phase"])
 
 
