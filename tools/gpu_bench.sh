@@ -8,8 +8,8 @@
 #   (tools/bench_kernels.py $KERNEL_ARGS -> kernels.json, e.g. KERNEL_ARGS="--launches fwd_pair,fwd_fused
 #   --orders expert,token --shapes 8b"); STEP=1 also times the GPT-base training step,
 #   dense and sparse, graphed: the defaults, the router fold off, the weights cast outside the backend,
-#   the output's initialisation and bias outside the kernels (ssd-bench step -> step.json; STEP_ARGS
-#   replaces those options); OUT (default /tmp/ssd_gpu_bench).
+#   the output's initialisation and bias inside the kernels, the forward unfused (ssd-bench step ->
+#   step.json; STEP_ARGS replaces those options); OUT (default /tmp/ssd_gpu_bench).
 #
 # .whl/ (git-ignored) holds the prebuilt wheels for the device image (Python 3.12, torch 2.11+cu130):
 #   mkdir -p .whl && cp ../shared/wheels/gpu-cp312-torch2.11-cu130/*.whl .whl/
@@ -68,7 +68,7 @@ if [ "${BENCH:-1}" = "1" ]; then
   [ "$bstatus" = "0" ] || status=$bstatus
 fi
 if [ "${STEP:-0}" = "1" ]; then
-  STEP_ARGS=${STEP_ARGS:---phase both --variant cuda-graph --variant cuda-graph+no-router-fold --variant cuda-graph+no-master-weights --variant cuda-graph+no-output-fold --no-hf}
+  STEP_ARGS=${STEP_ARGS:---phase both --variant cuda-graph --variant cuda-graph+no-router-fold --variant cuda-graph+no-master-weights --variant cuda-graph+output-fold --variant cuda-graph+no-fused-forward --no-hf}
   echo "== ssd-bench step $STEP_ARGS"
   # shellcheck disable=SC2086
   $PY -m ssd_megatron.bench step $STEP_ARGS --out "$OUT/step.json" 2>&1 | tee "$OUT/step.log"

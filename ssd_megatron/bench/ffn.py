@@ -5,8 +5,9 @@ SSD sparse phase): the expert weights, the centroids (mean of each expert's W_in
 scores `x @ c.T`, top-k, the straight-through gate `(s - s.detach()) + 1` (with `triton`, its gradient
 folded into the backend's kernels, as SwitchableFFN does; `--triton-variants fold_router=off` times the
 router's own backward instead, `fold_router=rows` the other way to fold it), the backend, and the output
-bias (with `triton`, y's initial value inside its kernels; `--triton-variants fold_output=false` adds it
-after, with a zero fill before the combine). `--weight-gather` says where the expert weights come from:
+bias (with `triton`: in the inference forward y's initial value inside its kernels, while training added
+after, with a zero fill before the combine, as `TritonBackend(fold_output="auto")` does;
+`--triton-variants fold_output=true` or `=false` forces either). `--weight-gather` says where the expert weights come from:
 - `none` (default; what an SSD sparse phase runs since the parameters are stored expert-major there,
   ffn/expert_layout.py): views of parameters laid out in expert order, no gather;
 - `permute`: `ffn.backends.weights.gather_expert_weights` through the clustering permutation from
@@ -372,7 +373,7 @@ def _parse(argv):
                          "(combine: buffer|atomic32|atomic16; wgrad: triton|triton_mat|gmm; fold_router: "
                          "epilogue|rows|off, how SSD's router gradient is folded into the kernels, or not; "
                          "master_weights: true|false, fp32 weights taken by the backend with --params fp32; "
-                         "fold_output: true|false, the output bias and the atomic outputs' zeroing inside the "
+                         "fold_output: true|false|auto, the output bias and the atomic outputs' zeroing inside the "
                          "kernels, or a fill launch each and the bias added after; fused_forward: true|false|auto, "
                          "the expert forward as one kernel per M-tile, or the backend's choice)")
     ap.add_argument("--params", default="bf16", choices=("bf16", "fp32"),

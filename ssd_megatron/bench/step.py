@@ -33,8 +33,9 @@ router gradient by the router's own backward instead of inside the expert kernel
 dW1 kernel's main loop instead of as one small GEMM added in the epilogue), `no-master-weights` (sparse
 phase: the FFN weights cast to bf16 before the expert backend and their gradients cast back by autograd,
 instead of the backend taking the fp32 parameters and its wgrad kernel writing fp32 gradients),
-`no-output-fold` (sparse phase: y zeroed and dx zeroed by fill launches of their own and the FFN's output
-bias added after the backend, instead of y starting as the bias and both initialised inside the up kernels),
+`output-fold` / `no-output-fold` (sparse phase: y starting as the FFN's output bias and dx as zeros, both
+initialised inside the up kernels, or y and dx zeroed by fill launches of their own and the bias added after
+the backend, instead of the backend's choice, `TritonBackend(fold_output="auto")`),
 `fused-forward` / `no-fused-forward` (sparse phase: the expert forward as one kernel per M-tile, or as the up
 and down launches, instead of the backend's choice, `TritonBackend(fused_forward="auto")`).
 `--profile DIR` profiles a few steps of each and prints the top kernels and a time-by-category table
@@ -116,8 +117,8 @@ def _hf_loss(logits, labels):
 
 # Variants that change sparse-only code (the triton expert backend's options; not run for the dense phase),
 # those that also run for the sparse phase (the others change dense-only code), and all of them.
-SPARSE_ONLY = ("no-router-fold", "router-fold-rows", "no-master-weights", "no-output-fold", "fused-forward",
-               "no-fused-forward")
+SPARSE_ONLY = ("no-router-fold", "router-fold-rows", "no-master-weights", "output-fold", "no-output-fold",
+               "fused-forward", "no-fused-forward")
 PHASE_VARIANTS = ("loop", "cuda-graph") + SPARSE_ONLY
 VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "triton-mask-gemm", "sync-clip",
             "sync-step", "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "flash-attn",
@@ -146,7 +147,8 @@ def prepare_ours(model, variant: str, compile_model: bool):
             ffn.backend.fold_router = ("off" if "no-router-fold" in parts else
                                        "rows" if "router-fold-rows" in parts else "epilogue")
             ffn.backend.master_weights = "no-master-weights" not in parts
-            ffn.backend.fold_output = "no-output-fold" not in parts
+            ffn.backend.fold_output = ("auto" if not parts & {"output-fold", "no-output-fold"} else
+                                       "output-fold" in parts)
             ffn.backend.fused_forward = ("auto" if not parts & {"fused-forward", "no-fused-forward"} else
                                          "fused-forward" in parts)
     relu_mask_matmul.USE_TRITON = "no-mask-gemm" not in parts

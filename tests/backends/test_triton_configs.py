@@ -111,3 +111,23 @@ def test_pre_hopper_defaults_differ_only_where_the_hopper_tiles_spill():
             assert (a100 != h100) == ((base, key) in changed), (base, key, a100, h100)
     # the 8B ROWLOOP stays ROWLOOP, with half the rows per tile or twice the warps
     assert K._default("down", (256, 4096, bf16), hopper=False)[5] == K.ROWLOOP
+
+
+def test_auto_options_resolve_per_call():
+    """fold_output="auto" folds in forwards without autograd only; fused_forward="auto" fuses non-GLU
+    activations on Hopper GPUs only (never on CPU tensors, the interpreter's); bad values are refused."""
+    import torch
+
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    be, x = TritonBackend(), torch.zeros(2, 8)
+    assert be._folds_output() is False  # autograd on: training
+    with torch.no_grad():
+        assert be._folds_output() is True
+    assert TritonBackend(fold_output=True)._folds_output() and not TritonBackend(fold_output=False)._folds_output()
+    assert not be._fused(x, "relu") and TritonBackend(fused_forward=True)._fused(x, "swiglu")
+    if torch.cuda.is_available():
+        hopper = torch.cuda.get_device_capability()[0] >= 9
+        assert be._fused(x.cuda(), "relu") == hopper and not be._fused(x.cuda(), "swiglu")
+    for bad in ({"fold_output": "yes"}, {"fused_forward": 1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TritonBackend(**bad)

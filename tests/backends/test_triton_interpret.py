@@ -16,22 +16,22 @@ import pytest
 import torch
 
 CASES = [  # (inputs, TritonBackend options)
-    (dict(activation="relu", T=37, routing="empty"), {}),                       # empty experts, partial tiles
+    (dict(activation="relu", T=37, routing="empty"), {"fold_output": True}),    # empty experts, partial tiles
     (dict(activation="gelu", T=21, K=1, routing="skewed"), {}),                 # K=1, unbalanced
-    (dict(activation="squared_relu", T=9, N=4, K=4), {"combine": "atomic16"}),  # K=N
+    (dict(activation="squared_relu", T=9, N=4, K=4), {"combine": "atomic16", "fold_output": True}),  # K=N
     (dict(activation="swiglu", T=19, bias=False, D=40), {"wgrad": "triton_mat"}),  # GLU, D not a tile multiple
     (dict(activation="reglu", T=13, N=3, E=24, K=2), {"wgrad": "gmm", "combine": "atomic32"}),
-    (dict(activation="gelu_tanh", T=17, K=2), {"column_view_w2": True}),  # w2 as a strided view of W_out
-    (dict(activation="relu", T=29, K=3), {"fold_output": False}),  # fill launches, the bias added outside
+    (dict(activation="gelu_tanh", T=17, K=2), {"column_view_w2": True, "fold_output": True}),  # W_out's view
+    (dict(activation="relu", T=29, K=3), {}),  # default while training: fill launches, the bias added outside
     (dict(activation="relu", T=23, K=2), {"combine": "buffer"}),   # deterministic sums, the bias added after
     # the fused forward (up, activation and down in one kernel; y initialised by the routing plan)
-    (dict(activation="relu", T=37, routing="empty"), {"fused_forward": True}),
+    (dict(activation="relu", T=37, routing="empty"), {"fused_forward": True, "fold_output": True}),
     (dict(activation="gelu", T=21, K=1, routing="skewed"), {"fused_forward": True}),  # K = 1: rows stored
-    (dict(activation="swiglu", T=19, bias=False, D=40), {"fused_forward": True}),     # GLU, ragged D
+    (dict(activation="swiglu", T=19, bias=False, D=40), {"fused_forward": True, "fold_output": True}),  # GLU
     (dict(activation="reglu", T=13, N=3, E=24, K=2), {"fused_forward": True, "combine": "atomic32"}),  # 16 + 16
     (dict(activation="squared_relu", T=23, K=2), {"fused_forward": True, "combine": "buffer"}),
     (dict(activation="gelu_tanh", T=17, K=2), {"fused_forward": True, "column_view_w2": True, "fold_output": False}),
-    (dict(activation="geglu", T=23, E=48, K=2), {"fused_forward": True}),  # E as 32 + 16 columns (SPLIT), GLU
+    (dict(activation="geglu", T=23, E=48, K=2), {"fused_forward": True, "fold_output": True}),  # E = 32 + 16
     (dict(activation="relu", T=31, E=48, K=3), {"fused_forward": True}),   # the same without GLU
 ]
 # the same checks with the kernels' variants, as (down variant, wgrad row chunk, M-tile order): wgrad

@@ -133,9 +133,7 @@ def deterministic(monkeypatch):
     SSD runs drift apart by ~1e-7 from the first sparse step, and a re-clustering of the drifted weights
     made them differ by 1e-3 at step 22 (H200, session 18): the size of what the test looks for."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(False)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # (tests/conftest.py restores the default)
 
 
 @needs_cuda
@@ -166,9 +164,11 @@ def test_ssd_graphed_run_takes_the_eager_runs_steps(tiny_data, tmp_path, monkeyp
     # stale expert layout was off by 1e-3 at step 23).
     starts = [s for prev, s in zip(["dense"] + phases, sorted(recs)) if (prev, recs[s]["phase"]) == ("dense", "sparse")]
     second_sparse = starts[1]
-    for s in ref:
+    diffs = [(s, recs[s]["phase"], abs(recs[s]["loss"] / ref[s]["loss"] - 1)) for s in sorted(ref)]
+    table = " ".join(f"{s}:{phase[0]}:{d:.1e}" for s, phase, d in diffs)  # step:phase:relative difference
+    for s, phase, d in diffs:
         tol = 1e-6 if precision == "fp32" else (2e-3 if s < second_sparse else 3e-2)
-        assert recs[s]["loss"] == pytest.approx(ref[s]["loss"], rel=tol), (s, recs[s]["phase"])
+        assert d <= tol, f"step {s} ({phase}): {d:.1e} > {tol}; all steps: {table}"
 
 
 def test_ddp_capture_setup_follows_the_recipe(tiny_data, tmp_path, monkeypatch):

@@ -267,26 +267,31 @@ class TritonBackend:
     master_weights: offer to take fp32 weights with bf16/fp16 x (`takes_master_weights`; module docstring).
     fold_output: offer to take the output bias (`folds_output_bias`), and initialise the outputs that the
     down kernel adds into (y with that bias, dx with zeros) inside the up kernels, not by fill launches
-    (module docstring). False: the bias is the caller's, and each atomic output gets a fill launch.
+    (module docstring). False: the bias is the caller's, and each atomic output gets a fill launch. "auto"
+    (default): folded in forwards without autograd (inference; H200 GPT-base ReLU layer forward 0.251 ->
+    0.236 ms), not while training: the graphed GPT-base sparse step was 0.04-0.35 ms faster without it in
+    three A/B pairs (there inductor fuses the bias add into the residual add anyway; docs/kernels.md v12).
     fused_forward: the forward's up GEMM, activation and down GEMM as one kernel per M-tile (`a` kept on
     chip; module docstring): True, False, or "auto" (default): fused for the activations without a gate on
     Hopper GPUs, where it was measured faster (H200: GPT-base ReLU layer forward 0.236 -> 0.196 ms, 8B
-    3.03 -> 2.60 ms; SwiGLU slower, 0.286 -> 0.396 ms: its two gathered up tiles do not fit beside the down
-    GEMM's; docs/kernels.md v12). Not fused before Hopper (untimed there) nor in the interpreter.
+    3.03 -> 2.60 ms; the graphed sparse step 31.17 -> 30.98 ms; SwiGLU slower, 0.286 -> 0.396 ms at base
+    and 4.58 -> 7.01 ms at 8B; docs/kernels.md v12). Not fused before Hopper (untimed there) nor in the
+    interpreter.
     """
 
     name = "triton"
 
     def __init__(self, combine: str = None, wgrad: str = "triton", fold_router: str = "epilogue",
-                 master_weights: bool = True, fold_output: bool = True, fused_forward="auto"):
+                 master_weights: bool = True, fold_output="auto", fused_forward="auto"):
         if combine is not None and combine not in COMBINES:
             raise ValueError(f"combine={combine!r}; accepted: {', '.join(COMBINES)}")
         if wgrad not in WGRADS:
             raise ValueError(f"wgrad={wgrad!r}; accepted: {', '.join(WGRADS)}")
         if fold_router not in FOLDS:
             raise ValueError(f"fold_router={fold_router!r}; accepted: {', '.join(FOLDS)}")
-        if fused_forward not in (True, False, "auto"):
-            raise ValueError(f"fused_forward={fused_forward!r}; accepted: True, False, 'auto'")
+        for key, val in (("fold_output", fold_output), ("fused_forward", fused_forward)):
+            if not (isinstance(val, bool) or val == "auto"):
+                raise ValueError(f"{key}={val!r}; accepted: True, False, 'auto'")
         self.combine, self.wgrad, self.fold_router, self.master_weights = combine, wgrad, fold_router, master_weights
         self.fold_output, self.fused_forward = fold_output, fused_forward
         if os.environ.get("SSD_TRITON_CONFIG"):
@@ -306,7 +311,11 @@ class TritonBackend:
     def folds_output_bias(self, x: torch.Tensor) -> bool:
         """Whether a call on `x` may pass `out_bias` (the FFN's output bias, any float dtype; its gradient
         comes back in that dtype): y then starts as the bias instead of zeros (module docstring)."""
-        return self.fold_output and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_runs_on(x)
+        return self._folds_output() and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_runs_on(x)
+
+    def _folds_output(self) -> bool:
+        """fold_output for this call ("auto": in forwards without autograd, class docstring)."""
+        return (not torch.is_grad_enabled()) if self.fold_output == "auto" else self.fold_output
 
     def __call__(self, x, w1, b1, w2, topk_idx, gate, activation, router_centroids=None, out_bias=None):
         if activation not in ACTIVATIONS:
@@ -326,13 +335,15 @@ class TritonBackend:
         b1 = None if b1 is None else b1.contiguous()
         gate_flat = gate.to(x.dtype).reshape(-1).contiguous()
         c = None if router_centroids is None else router_centroids.detach().to(x.dtype).contiguous()
-        if out_bias is not None and not self.fold_output:
-            raise ValueError("out_bias: not offered with fold_output=False (the caller adds the bias)")
+        fold_output = self._folds_output()
+        if out_bias is not None and not fold_output:
+            raise ValueError("out_bias: not offered here (fold_output=False, or 'auto' with autograd on); the "
+                             "caller adds the bias")
         b2 = None if out_bias is None else out_bias.contiguous()
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, gate_flat))
         # inference (no grad): no pre-activation saved
         return _experts_op(x, w1, b1, w2, gate_flat, topk_idx, activation, self._combine(x), self.wgrad, save, c,
-                           self.fold_router, b2, self.fold_output, self._fused(x, activation))[0]
+                           self.fold_router, b2, fold_output, self._fused(x, activation))[0]
 
     def _fused(self, x: torch.Tensor, activation: str) -> bool:
         """Whether this call's forward is the fused kernel (fused_forward, class docstring)."""
