@@ -92,6 +92,12 @@ def report(kernel, num_warps) -> dict:
             "cas": len(re.findall(r"\bATOMG?\.\S*CAS", sass))}  # compare-and-swap: an atomic the GPU lacks
 
 
+def _last_line(exc) -> str:
+    """A compile error's cause: Triton puts the source excerpt first and the reason on the last line."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def main() -> int:
     import bench_kernels as bk
     from ssd_megatron.ffn.backends import _triton_kernels as K
@@ -124,7 +130,7 @@ def main() -> int:
                 except Exception as exc:  # a config that does not compile is reported, then the exit code is 1
                     failed += 1
                     print(f"{shape:5s} {act:6s} {label:10s} {str(cfg or 'default'):28s} FAILED: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:150]}")
+                          f"{_last_line(exc)[:200]}")
                     continue
                 for name, kernel, nw in {id(k): (n, k, w) for n, k, w in LAUNCHES}.values():
                     r = report(kernel, nw)
