@@ -4,7 +4,7 @@ with SSD's router gradient folded in, as the sparse phase runs them: `*_fold`, a
 fold: `wgrad_dw1_foldrows`; the weight gradients written in fp32 for master weights: `wgrad_*_f32`; the pairs
 up + down and up_bwd + down for dx with the output's initialisation by a fill launch or inside the up kernel:
 `fwd_pair[_fold]`, `bwd_pair[_fold]`, swept over the down configs; the fused forward `fwd_fused` and the
-fill of y alone, `fill`; the fused backward `bwd_fused[_fold]`, up_bwd + dx in one kernel), timed alone
+fill of y alone, `fill`), timed alone
 with triton.testing.do_bench (median, CUDA events) for a list of tile configurations, each checked
 against the default configuration's output. This is where kernel variants are compared before one
 becomes a default (docs/kernels.md); `ssd-bench ffn` times the whole layer.
@@ -46,7 +46,6 @@ VARIANTS = {
               (64, 128, 128, 4, 3, 1024), (64, 128, 64, 4, 4, 1024), (128, 128, 64, 8, 3, 2048)],
     "mlp": [(64, 64, 64, 4, 2), (128, 128, 64, 8, 2), (128, 64, 64, 8, 2), (128, 32, 64, 8, 3)],  # 1st: 2 CTAs/SM
     "mlp_glu": [(64, 32, 64, 8, 3), (64, 64, 64, 8, 2)],  # (the other GLU tiles tried spill on sm_90)
-    "mlp_bwd": [(64, 64, 64, 8, 2), (64, 128, 64, 8, 2), (64, 32, 64, 8, 3)],  # (BM 128 spills 1.3 KB at 8B)
 }
 
 
@@ -85,7 +84,7 @@ def setup(shape, activation, tokens, device="cuda"):
     counts = torch.bincount(idx.reshape(-1), minlength=layer.N).float()
     skew = (counts.max() / counts.mean()).item()
     f_in, f_out = 2.0 * plan.num_rows * layer.D * w1.shape[1], 2.0 * plan.num_rows * layer.D * layer.E
-    launches = {  # kernel label -> (config kind, GEMM FLOPs, launch)
+    return skew, {  # kernel label -> (config kind, GEMM FLOPs, launch)
         "up": ("up_glu" if layer.glu else "up", f_in, lambda: K.up_forward(x, w1, b1, plan, activation, save_h=True)),
         "down": ("down", f_out, lambda: K.down_scatter(a, w2, plan, gate_flat, combine)),
         "up_bwd": ("up_bwd_glu" if layer.glu else "up_bwd", f_out, lambda: K.up_backward(dy, w2, h, gate_flat, plan, activation, True, True)),
@@ -113,12 +112,6 @@ def setup(shape, activation, tokens, device="cuda"):
                                             out_bias=b2)[0]),
         "fill": ("fill", 0.0, lambda: initialise(torch.empty_like(x), b2)),
     }
-    if not layer.glu:  # the fused backward: up_bwd + dx in one kernel (dx zeroed before it): against bwd_pair
-        launches["bwd_fused"] = ("mlp_bwd", f_in + f_out, lambda: K.mlp_backward(dy, w1, w2, h, gate_flat, plan,
-                                                                                 activation, True, True, combine)[0])
-        launches["bwd_fused_fold"] = ("mlp_bwd", f_in + f_out, lambda: K.mlp_backward(
-            dy, w1, w2, h, gate_flat, plan, activation, True, True, combine, rank1=(None, centroids))[0])
-    return skew, launches
 
 
 def add_case_args(ap, activations="relu,swiglu"):

@@ -37,8 +37,7 @@ instead of the backend taking the fp32 parameters and its wgrad kernel writing f
 initialised inside the up kernels, or y and dx zeroed by fill launches of their own and the bias added after
 the backend, instead of the backend's choice, `TritonBackend(fold_output="auto")`),
 `fused-forward` / `no-fused-forward` (sparse phase: the expert forward as one kernel per M-tile, or as the up
-and down launches, instead of the backend's choice, `TritonBackend(fused_forward="auto")`), `fused-backward`
-(sparse phase: the backward's up_bwd and dx GEMMs as one kernel per M-tile, `fused_backward=True`).
+and down launches, instead of the backend's choice, `TritonBackend(fused_forward="auto")`).
 `--profile DIR` profiles a few steps of each and prints the top kernels and a time-by-category table
 (docs/performance.md).
 
@@ -119,7 +118,7 @@ def _hf_loss(logits, labels):
 # Variants that change sparse-only code (the triton expert backend's options; not run for the dense phase),
 # those that also run for the sparse phase (the others change dense-only code), and all of them.
 SPARSE_ONLY = ("no-router-fold", "router-fold-rows", "no-master-weights", "output-fold", "no-output-fold",
-               "fused-forward", "no-fused-forward", "fused-backward")
+               "fused-forward", "no-fused-forward")
 PHASE_VARIANTS = ("loop", "cuda-graph") + SPARSE_ONLY
 VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "triton-mask-gemm", "sync-clip",
             "sync-step", "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "flash-attn",
@@ -152,7 +151,6 @@ def prepare_ours(model, variant: str, compile_model: bool):
                                        "output-fold" in parts)
             ffn.backend.fused_forward = ("auto" if not parts & {"fused-forward", "no-fused-forward"} else
                                          "fused-forward" in parts)
-            ffn.backend.fused_backward = "fused-backward" in parts
     relu_mask_matmul.USE_TRITON = "no-mask-gemm" not in parts
     relu_mask_matmul.USE_GLUON = "triton-mask-gemm" not in parts
     model.cfg.fp32_residual_connection = "fp32-residual" in parts

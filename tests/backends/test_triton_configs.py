@@ -124,10 +124,10 @@ def test_auto_options_resolve_per_call():
     with torch.no_grad():
         assert be._folds_output() is True
     assert TritonBackend(fold_output=True)._folds_output() and not TritonBackend(fold_output=False)._folds_output()
-    assert not be._fused("auto", x, "relu") and be._fused(True, x, "swiglu") and not be._fused(False, x, "relu")
+    assert not be._fused(x, "relu") and TritonBackend(fused_forward=True)._fused(x, "swiglu")
     if torch.cuda.is_available():
         hopper = torch.cuda.get_device_capability()[0] >= 9
-        assert be._fused("auto", x.cuda(), "relu") == hopper and not be._fused("auto", x.cuda(), "swiglu")
-    for bad in ({"fold_output": "yes"}, {"fused_forward": 1.0}, {"fused_backward": "on"}):
+        assert be._fused(x.cuda(), "relu") == hopper and not be._fused(x.cuda(), "swiglu")
+    for bad in ({"fold_output": "yes"}, {"fused_forward": 1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TritonBackend(**bad)

@@ -33,14 +33,6 @@ CASES = [  # (inputs, TritonBackend options)
     (dict(activation="gelu_tanh", T=17, K=2), {"fused_forward": True, "column_view_w2": True, "fold_output": False}),
     (dict(activation="geglu", T=23, E=48, K=2), {"fused_forward": True, "fold_output": True}),  # E = 32 + 16
     (dict(activation="relu", T=31, E=48, K=3), {"fused_forward": True}),   # the same without GLU
-    # the fused backward (up_bwd and the dx GEMM in one kernel; dh kept on chip for dx)
-    (dict(activation="relu", T=37, routing="empty"), {"fused_backward": True}),
-    (dict(activation="gelu", T=21, K=1, routing="skewed"), {"fused_backward": True}),  # K = 1: dx rows stored
-    (dict(activation="relu", T=31, E=48, K=3), {"fused_backward": True, "fused_forward": True, "fold_output": True}),
-    (dict(activation="squared_relu", T=23, K=2), {"fused_backward": True, "combine": "buffer"}),
-    (dict(activation="relu", T=29, K=3), {"fused_backward": True, "combine": "atomic32", "column_view_w2": True}),
-    (dict(activation="swiglu", T=19, bias=False, D=40), {"fused_backward": True}),  # GLU: the two launches
-    (dict(activation="relu", T=13, N=3, E=24, K=2, bias=False), {"fused_backward": True}),  # 16 + 16, no b1
 ]
 # the same checks with the kernels' variants, as (down variant, wgrad row chunk, M-tile order): wgrad
 # reductions split into chunks of 32 rows (fp32 atomic sums; experts of 0, 1 and several chunks), the down
@@ -48,7 +40,7 @@ CASES = [  # (inputs, TritonBackend options)
 # M-tiles in token-window order (SSD_TRITON_TILE_ORDER=token; empty experts, K = N, GLU)
 VARIANT_CASES = [0, 1, 2, 3, 5]
 VARIANTS = [(1, 32, "auto"), (3, 0, "auto"), (0, 0, "token"), (1, 0, "token"), (3, 32, "token")]
-FUSED_TOKEN_ORDER = [8, 10, 18]  # the fused kernels' M-tiles from the token-window schedule
+FUSED_TOKEN_ORDER = [8, 10]  # the fused forward's M-tiles from the token-window schedule
 RUNS = ([(c, (0, 0, "auto")) for c in range(len(CASES))] + [(c, v) for v in VARIANTS for c in VARIANT_CASES]
         + [(c, (0, 0, "token")) for c in FUSED_TOKEN_ORDER])
 TOL = 1e-5
@@ -65,7 +57,7 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
         os.environ["SSD_TRITON_TILE_ORDER"] = order
         case, opts = CASES[c]
         kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny + (down_variant,),
-                             wgrad=tiny + (chunk,), mlp=tiny, mlp_glu=tiny, mlp_bwd=tiny)
+                             wgrad=tiny + (chunk,), mlp=tiny, mlp_glu=tiny)
         opts = dict(opts)
         inp = make_inputs(dtype=torch.float32, **case)
         if opts.pop("column_view_w2", False):
@@ -92,7 +84,7 @@ def _compile_results(kernels, tiny):
     autograd.Function, all grads came back zero on the GPU)."""
     from backend_cases import Compiled, compare, make_inputs, run, run_router
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny, mlp_bwd=tiny)
+    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny)
     out = []
     for c in COMPILE_CASES:
         case, opts = CASES[c]
@@ -186,8 +178,7 @@ def _opcheck_results():
 # two chunks of 32), both ways to fold dW1's part
 FOLD_RUNS = [(0, 0, 32, "epilogue"), (1, 1, 32, "epilogue"), (2, 3, 0, "epilogue"), (3, 0, 32, "epilogue"),
              (4, 0, 0, "epilogue"), (5, 3, 32, "epilogue"), (0, 0, 32, "rows"), (1, 1, 32, "rows"),
-             (3, 0, 32, "rows"), (4, 0, 0, "rows"), (10, 0, 32, "epilogue"), (16, 0, 32, "epilogue"),
-             (18, 0, 32, "rows"), (20, 0, 0, "epilogue")]
+             (3, 0, 32, "rows"), (4, 0, 0, "rows"), (10, 0, 32, "epilogue")]
 
 
 def _fold_layer_result(kernels, tiny):
@@ -197,7 +188,7 @@ def _fold_layer_result(kernels, tiny):
 
     from backend_cases import expert_major_sparse_ffn, rel_err
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny, mlp_bwd=tiny)
+    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny)
     ffn = expert_major_sparse_ffn(24, 64, "swiglu", 4, 2)
     x = torch.randn(29, 24)
     res = {}
@@ -221,7 +212,7 @@ def _fold_bench_result(kernels, tiny):
     from backend_cases import rel_err
     from ssd_megatron.bench.ffn import Layer
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny, mlp_bwd=tiny)
+    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny)
     layer = Layer("tiny", "relu", torch.device("cpu"), torch.float32, seed=0)
     x = torch.randn(33, layer.D)
     res = {}
@@ -248,7 +239,7 @@ def _fold_results(kernels, tiny):
     for c, down_variant, chunk, mode in FOLD_RUNS:
         case, opts = CASES[c]
         kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny + (down_variant,),
-                             wgrad=tiny + (chunk,), mlp=tiny, mlp_glu=tiny, mlp_bwd=tiny)
+                             wgrad=tiny + (chunk,), mlp=tiny, mlp_glu=tiny)
         opts = {k: v for k, v in opts.items() if k != "column_view_w2"}
         inp = make_inputs(dtype=torch.float32, **case)
         try:

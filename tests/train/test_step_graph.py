@@ -158,16 +158,16 @@ def test_ssd_graphed_run_takes_the_eager_runs_steps(tiny_data, tmp_path, monkeyp
     assert phases == [ref[s]["phase"] for s in sorted(ref)]
     sparse_runs = sum(1 for a, b in zip(["dense"] + phases, phases) if (a, b) == ("dense", "sparse"))
     assert sparse_runs >= 2, phases
-    # bf16 + compile: graph and eager runs differ by rounding, and a re-clustering of slightly different
-    # weights may pick other experts; so from the second sparse phase on only a loose match is asserted
-    # (fp32 is the strict check: the deterministic runs agree to the last digit, H200; an H100 run with a
-    # stale expert layout was off by 1e-3 at step 23).
-    starts = [s for prev, s in zip(["dense"] + phases, sorted(recs)) if (prev, recs[s]["phase"]) == ("dense", "sparse")]
-    second_sparse = starts[1]
+    # fp32 is the strict check: the deterministic eager and graphed runs agree to the last digit (H200); an
+    # H100 run with a stale expert layout was off by 1e-3 at step 23. bf16 + compile only guards against
+    # gross breakage: the two runs' losses differ by 3e-5 at step 0 already, deterministic algorithms or
+    # not, and the difference grows to 6.5e-3 by step 20 (H200, session 18), more once a re-clustering of
+    # slightly different weights picks other experts; a replay that dropped the update would be off by far
+    # more (the loss falls from 6.1 to 3.4 over these 40 steps).
     diffs = [(s, recs[s]["phase"], abs(recs[s]["loss"] / ref[s]["loss"] - 1)) for s in sorted(ref)]
     table = " ".join(f"{s}:{phase[0]}:{d:.1e}" for s, phase, d in diffs)  # step:phase:relative difference
+    tol = 1e-6 if precision == "fp32" else 3e-2
     for s, phase, d in diffs:
-        tol = 1e-6 if precision == "fp32" else (2e-3 if s < second_sparse else 3e-2)
         assert d <= tol, f"step {s} ({phase}): {d:.1e} > {tol}; all steps: {table}"
 
 

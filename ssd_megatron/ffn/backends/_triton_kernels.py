@@ -14,9 +14,8 @@ plan instead of from materialised copies (ScatterMoE's idea; the code here is ou
           bwd: A = dh, W = w1 (no scale)     -> dx = buf.view(T, K, D).sum(1)
   wgrad   dW[e] = sum_{r in e} L[r]^T R[token[r]]       (grouped weight gradients; R gathered in-kernel
           dW2: L = ga, R = dy;  dW1: L = dh, R = x     or pre-gathered, see TritonBackend(wgrad=...))
-  mlp     y[token[r]] += gate * act(X[token[r]] @ W1[e]^T + b1) @ W2[e]   (fused forward: up and down per
-          M-tile, `a` kept on chip; `kernels/mlp.py`, TritonBackend(fused_forward=...)); its backward
-          twin runs up (bwd) and the dx down per M-tile, dh kept on chip (TritonBackend(fused_backward=...))
+  mlp     y[token[r]] += gate * act(X[token[r]] @ W1[e]^T + b1) @ W2[e]   (opt-in fused forward: up and
+          down per M-tile, `a` kept on chip; `kernels/mlp.py`, TritonBackend(fused_forward=True))
 
 The routing plan itself (the pairs sorted by expert) is a counting sort in three small kernels
 (`kernels/routing_plan.py`). Expert e owns sorted rows offsets[e]:offsets[e+1]. The M-tiles of `up`/`down` never straddle two
@@ -33,7 +32,7 @@ import triton
 
 from .kernels.common import ACT_CODES
 from .kernels.down import _down_kernel, _down_tma_kernel
-from .kernels.mlp import _mlp_bwd_kernel, _mlp_kernel
+from .kernels.mlp import _mlp_kernel
 from .kernels.routing_plan import fill_args
 from .kernels.up import _up_kernel
 from .kernels.wgrad import _wgrad_kernel
@@ -55,7 +54,6 @@ DEFAULTS = {
     "wgrad_mat": (128, 128, 64, 8, 3),
     "mlp": (128, 64, 64, 8, 3),           # BM, BN = output columns per step, BK; the expert's E in one tile
     "mlp_glu": (64, 64, 64, 8, 3),
-    "mlp_bwd": (64, 64, 64, 8, 3),        # BM 64 over 8 warps: the only tiles that do not spill on sm_90
 }
 CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=1 (see docs/kernels.md)
     "up": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4)],
@@ -69,7 +67,6 @@ CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=
     "wgrad_mat": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)],
     "mlp": [(128, 64, 64, 8, 3), (64, 64, 64, 4, 2), (128, 128, 64, 8, 2), (128, 32, 64, 8, 3)],
     "mlp_glu": [(64, 64, 64, 8, 3), (64, 32, 64, 8, 3), (64, 64, 64, 8, 2)],
-    "mlp_bwd": [(64, 64, 64, 8, 3), (64, 64, 64, 8, 2), (64, 128, 64, 8, 2), (64, 32, 64, 8, 3)],
 }
 _FORCED: dict = {}
 _TUNED: dict = {}
@@ -457,45 +454,6 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
 
     launch(_pick("mlp_glu" if glu else "mlp", (D, E, Dout, str(x.dtype)), launch))
     return _combined(buf, atomic, T, K, x.dtype, out_bias), (h if save_h else None)
-
-
-def mlp_backward(dy, w1, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: bool, combine: str,
-                 rank1=None):
-    """(dx, dh, dgate [T*K] fp32, ga or None, db1 fp32 or None): up_backward and the dx down_scatter fused
-    per M-tile (`kernels/mlp.py`'s `_mlp_bwd_kernel`), the same function; activations without a gate only.
-    dx starts from zeros set before the launch (a program cannot initialise what others add into).
-    rank1 = (None, centroids [N, D]): dx's rows also get dgate * c_e (the folded router's input gradient)."""
-    act, glu = ACT_CODES[activation]
-    if glu:
-        raise ValueError("mlp_backward: activations without a gate only (one dh tile per row)")
-    M, N, T, K = plan.num_rows, plan.num_experts, plan.num_tokens, plan.top_k
-    E, Dout, D = w2.shape[1], w2.shape[2], w1.shape[2]
-    buf, atomic, _ = _target(dy, plan, D, combine, None, None)
-    dh = torch.empty(M, E, device=dy.device, dtype=dy.dtype)
-    dgate = torch.empty(M, device=dy.device, dtype=torch.float32)
-    ga = torch.empty(M, E, device=dy.device, dtype=dy.dtype) if need_ga else dh
-    db = torch.empty(N, E, device=dy.device, dtype=torch.float32) if need_db else dh
-    c = rank1[1].to(dy.dtype).contiguous() if rank1 is not None else buf
-    be, be2 = _split_width(E)
-
-    def launch(cfg):
-        BM, BN, BK, nw, ns = cfg[:5]
-        if atomic:
-            buf.zero_()
-        if need_db:
-            db.zero_()
-        tiles, sched = _tiles(plan, BM, dy.numel() * dy.element_size())
-        _mlp_bwd_kernel[(triton.cdiv(M, BM) + N,)](
-            dy, dy.stride(0), w2, w2.stride(0), w2.stride(1), w2.stride(2), w1, w1.stride(0), w1.stride(1),
-            w1.stride(2), plan.token, plan.order, gate_flat, plan.offsets, tiles, h, h.stride(0), dh, dh.stride(0),
-            dgate, ga, ga.stride(0), db, db.stride(0), buf, buf.stride(0), c, c.stride(0), N, D, E, Dout,
-            ACT=act, STORE_GA=need_ga, HAS_DB=need_db, ATOMIC=atomic, RANK1=rank1 is not None, EVEN_K=Dout % BK == 0,
-            PREC=_prec(dy), SCHED=sched, SPLIT=be2 > 0, BM=BM, BE=be, BE2=max(be2, 16), BK=BK, BN=BN, NP2=_np2(N),
-            num_warps=nw, num_stages=ns)
-
-    launch(_pick("mlp_bwd", (Dout, E, D, str(dy.dtype)), launch, _hopper(dy)))
-    return (_combined(buf, atomic, T, K, dy.dtype, None), dh, dgate, (ga if need_ga else None),
-            (db if need_db else None))
 
 
 _FOLD_CODES = {None: 0, "rows": 1, "expert": 2}  # kernels/wgrad.py's FOLD

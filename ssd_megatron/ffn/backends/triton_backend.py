@@ -30,13 +30,7 @@ no launch of its own and no pass over y after. The bias's gradient is dy's colum
 Fused forward (option fused_forward): one kernel per M-tile computes the up GEMM over all of the
 expert's columns, the activation, and the down GEMM block by block into y, so `a` never goes to memory
 and is not re-read once per output column block; y is then initialised by the routing plan's first
-kernel. The backward needs h, which the fused kernel saves.
-
-Fused backward (option fused_backward): the same shape of kernel for the backward's first two launches:
-da = dy[token] @ W2^T over all of the expert's columns, its epilogue (dh, gate * a, the bias-grad sums
-and the row's whole dgate), then dx += dh @ W1 block by block, with the folded router's dgate * c_e. dh
-still goes to memory for the dW1 GEMM, but the dx GEMM no longer re-reads it per output column block,
-and dx is zeroed by a fill before the launch.
+kernel. The backward is unchanged (it needs h, which the fused kernel saves).
 """
 from __future__ import annotations
 
@@ -87,8 +81,7 @@ def triton_runs_on(t: torch.Tensor) -> bool:
 def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                 gate_flat: torch.Tensor, topk_idx: torch.Tensor, activation: str, combine: str, wgrad: str,
                 save: bool, centroids: Optional[torch.Tensor] = None, fold: str = "epilogue",
-                b2: Optional[torch.Tensor] = None, init_in_up: bool = True, fused: bool = False,
-                fused_backward: bool = False
+                b2: Optional[torch.Tensor] = None, init_in_up: bool = True, fused: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                            torch.Tensor]:
     """(y, h or an empty tensor, the plan's order, token, offsets, w1 and w2 cast to x's dtype or empty
@@ -97,8 +90,7 @@ def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
     returned for the backward only when `save` (an output may not alias an input, hence empty otherwise).
     b2: the output bias, y's initial value; `init_in_up`: y (when the combine adds into it) is initialised
     by the up kernel's programs (with `fused`, by the routing plan's) instead of by a fill launch of its
-    own; `fused`: one launch for up, activation and down; `fused_backward`: the backward's up GEMM and its
-    dx GEMM as one launch (both in the module docstring; the second is only read by the backward)."""
+    own; `fused`: one launch for up, activation and down (module docstring)."""
     k = _kernels()
     w1c, w2c, b1c = _cast(w1, x.dtype), _cast(w2, x.dtype), _cast(b1, x.dtype)
     T, K = topk_idx.shape
@@ -116,7 +108,7 @@ def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
 
 @_experts_op.register_fake
 def _experts_fake(x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids=None,
-                  fold="epilogue", b2=None, init_in_up=True, fused=False, fused_backward=False):
+                  fold="epilogue", b2=None, init_in_up=True, fused=False):
     T, K = topk_idx.shape
     rows = torch.empty(T * K, dtype=torch.int32, device=x.device)
     kept = [_empty_like_strided(w, x.dtype) if save and w.dtype != x.dtype else x.new_empty(0) for w in (w1, w2)]
@@ -131,15 +123,14 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
                          wgrad: str, needs: list[bool], centroids: Optional[torch.Tensor] = None,
                          fold: str = "epilogue", w1c: Optional[torch.Tensor] = None,
                          w2c: Optional[torch.Tensor] = None, b2: Optional[torch.Tensor] = None,
-                         init_in_up: bool = True, fused: bool = False
+                         init_in_up: bool = True
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                     torch.Tensor]:
     """(dx, dw1, db1, dw2, dgate flat, db2); a gradient not in `needs` (x, w1, b1, w2, gate, b2) is an empty
     tensor. With `centroids`, dx and dw1 include the folded router gradient (module docstring). w1c, w2c:
     the forward's casts of master weights w1, w2 (computed with; the weight grads keep w1's and w2's
     dtypes). b2: the output bias (its gradient takes its dtype); init_in_up: dx, when the combine adds into
-    it, is zeroed by the up_bwd kernel's programs; `fused`: up_bwd and the dx GEMM in one launch where dx is
-    needed (`_triton_kernels.mlp_backward`; activations without a gate)."""
+    it, is zeroed by the up_bwd kernel's programs."""
     k = _kernels()
     need_x, need_w1, need_b1, need_w2, need_gate, need_b2 = needs
     dy = dy.to(x.dtype).contiguous()
@@ -148,17 +139,11 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
         return (*(x.new_empty(0) for _ in range(5)), db2)
     plan = _Plan(w1.shape[0], top_k, x.shape[0], order, token, offsets)
     w1c, w2c = (w1 if w1c is None else w1c), (w2 if w2c is None else w2c)
+    dx0 = k.atomic_output(x, x.shape[0], top_k, x.shape[1], combine) if need_x and init_in_up else None
+    dh, dgate, ga, db32 = k.up_backward(dy, w2c, h, gate_flat, plan, activation,
+                                        need_ga=need_w2, need_db=has_bias and need_b1,
+                                        fill=None if dx0 is None else (dx0, None))
     split = combine != "buffer"  # "buffer" = deterministic sums: no atomics in the weight grads either
-    fused = fused and need_x
-    if fused:
-        dx, dh, dgate, ga, db32 = k.mlp_backward(dy, w1c, w2c, h, gate_flat, plan, activation, need_ga=need_w2,
-                                                 need_db=has_bias and need_b1, combine=combine,
-                                                 rank1=None if centroids is None else (None, centroids))
-    else:
-        dx0 = k.atomic_output(x, x.shape[0], top_k, x.shape[1], combine) if need_x and init_in_up else None
-        dh, dgate, ga, db32 = k.up_backward(dy, w2c, h, gate_flat, plan, activation,
-                                            need_ga=need_w2, need_db=has_bias and need_b1,
-                                            fill=None if dx0 is None else (dx0, None))
     rank1 = wfold = None
     if centroids is not None:
         E = w2.shape[1]
@@ -166,9 +151,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
         if need_w1:
             wfold = (("rows", (dgate / E).index_select(0, order.long()), E) if fold == "rows"
                      else ("expert", _router_centroid_grad(dgate, x, plan) / E, E))
-    if not fused:
-        dx = k.down_scatter(dh, w1c, plan, None, combine, rank1=rank1, out=dx0) if need_x else x.new_empty(0)
-    return (dx,
+    return (k.down_scatter(dh, w1c, plan, None, combine, rank1=rank1, out=dx0) if need_x else x.new_empty(0),
             _weight_grad(k, dh, x, plan, w1, wgrad, split, wfold) if need_w1 else x.new_empty(0),
             db32.to(w1.dtype) if db32 is not None else x.new_empty(0),
             _weight_grad(k, ga, dy, plan, w2, wgrad, split) if need_w2 else x.new_empty(0),
@@ -178,7 +161,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
 @_experts_backward_op.register_fake
 def _experts_backward_fake(dy, x, w1, w2, gate_flat, h, order, token, offsets, top_k, activation, has_bias,
                            combine, wgrad, needs, centroids=None, fold="epilogue", w1c=None, w2c=None, b2=None,
-                           init_in_up=True, fused=False):
+                           init_in_up=True):
     need_x, need_w1, need_b1, need_w2, need_gate, need_b2 = needs
     return (x.new_empty(x.shape) if need_x else x.new_empty(0),
             _empty_like_strided(w1) if need_w1 else x.new_empty(0),
@@ -189,25 +172,24 @@ def _experts_backward_fake(dy, x, w1, w2, gate_flat, h, order, token, offsets, t
 
 
 def _setup(ctx, inputs, output):
-    (x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids, fold, b2, init_in_up, _,
-     fused_backward) = inputs
+    x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids, fold, b2, init_in_up, _ = inputs
     _, h, order, token, offsets, w1c, w2c = output
     # the casts of master weights (else empty): the backward computes with them; b2 for its dtype and shape
     ctx.save_for_backward(x, w1, w2, gate_flat, h, order, token, offsets, centroids,
                           w1c if w1c.numel() else None, w2c if w2c.numel() else None, b2)
-    ctx.meta = (topk_idx.shape[1], activation, b1 is not None, combine, wgrad, fold, init_in_up, fused_backward)
+    ctx.meta = (topk_idx.shape[1], activation, b1 is not None, combine, wgrad, fold, init_in_up)
 
 
 def _backward(ctx, dy, *_):
     x, w1, w2, gate_flat, h, order, token, offsets, centroids, w1c, w2c, b2 = ctx.saved_tensors
-    top_k, activation, has_bias, combine, wgrad, fold, init_in_up, fused_backward = ctx.meta
+    top_k, activation, has_bias, combine, wgrad, fold, init_in_up = ctx.meta
     # (trailing arguments left at their defaults are not counted in needs_input_grad: b2 may be missing)
     nig = tuple(ctx.needs_input_grad) + (False,) * 15
     needs = [bool(n) for n in nig[:5] + nig[12:13]]
     grads = _experts_backward_op(dy, x, w1, w2, gate_flat, h, order, token, offsets, top_k, activation, has_bias,
-                                 combine, wgrad, needs, centroids, fold, w1c, w2c, b2, init_in_up, fused_backward)
+                                 combine, wgrad, needs, centroids, fold, w1c, w2c, b2, init_in_up)
     g = [gr if n else None for gr, n in zip(grads, needs)]
-    return (*g[:5], None, None, None, None, None, None, None, g[5], None, None, None)
+    return (*g[:5], None, None, None, None, None, None, None, g[5], None, None)
 
 
 def _router_centroid_grad(dgate: torch.Tensor, x: torch.Tensor, plan) -> torch.Tensor:
@@ -295,28 +277,23 @@ class TritonBackend:
     3.03 -> 2.60 ms; the graphed sparse step 31.17 -> 30.98 ms; SwiGLU slower, 0.286 -> 0.396 ms at base
     and 4.58 -> 7.01 ms at 8B; docs/kernels.md v12). Not fused before Hopper (untimed there) nor in the
     interpreter.
-    fused_backward: the backward's up GEMM (dy @ W2^T and its epilogue) and the dx GEMM as one kernel per
-    M-tile (dh kept on chip for dx; module docstring); activations without a gate only (a GLU activation
-    runs the two launches whatever the option). False (default: not yet timed), True, or "auto" (as
-    fused_forward's).
     """
 
     name = "triton"
 
     def __init__(self, combine: str = None, wgrad: str = "triton", fold_router: str = "epilogue",
-                 master_weights: bool = True, fold_output="auto", fused_forward="auto", fused_backward=False):
+                 master_weights: bool = True, fold_output="auto", fused_forward="auto"):
         if combine is not None and combine not in COMBINES:
             raise ValueError(f"combine={combine!r}; accepted: {', '.join(COMBINES)}")
         if wgrad not in WGRADS:
             raise ValueError(f"wgrad={wgrad!r}; accepted: {', '.join(WGRADS)}")
         if fold_router not in FOLDS:
             raise ValueError(f"fold_router={fold_router!r}; accepted: {', '.join(FOLDS)}")
-        for key, val in (("fold_output", fold_output), ("fused_forward", fused_forward),
-                         ("fused_backward", fused_backward)):
+        for key, val in (("fold_output", fold_output), ("fused_forward", fused_forward)):
             if not (isinstance(val, bool) or val == "auto"):
                 raise ValueError(f"{key}={val!r}; accepted: True, False, 'auto'")
         self.combine, self.wgrad, self.fold_router, self.master_weights = combine, wgrad, fold_router, master_weights
-        self.fold_output, self.fused_forward, self.fused_backward = fold_output, fused_forward, fused_backward
+        self.fold_output, self.fused_forward = fold_output, fused_forward
         if os.environ.get("SSD_TRITON_CONFIG"):
             _kernels().env_configs()  # a malformed value fails here, not inside a compiled step
         if os.environ.get("SSD_TRITON_TILE_ORDER"):
@@ -366,15 +343,12 @@ class TritonBackend:
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, gate_flat))
         # inference (no grad): no pre-activation saved
         return _experts_op(x, w1, b1, w2, gate_flat, topk_idx, activation, self._combine(x), self.wgrad, save, c,
-                           self.fold_router, b2, fold_output, self._fused(self.fused_forward, x, activation),
-                           self._fused(self.fused_backward, x, activation) and not is_glu(activation))[0]
+                           self.fold_router, b2, fold_output, self._fused(x, activation))[0]
 
-    @staticmethod
-    def _fused(option, x: torch.Tensor, activation: str) -> bool:
-        """Whether this call runs a fused kernel under `option` (fused_forward or fused_backward, class
-        docstring): True, False, or "auto" (activations without a gate, on a Hopper GPU)."""
-        if option != "auto":
-            return option
+    def _fused(self, x: torch.Tensor, activation: str) -> bool:
+        """Whether this call's forward is the fused kernel (fused_forward, class docstring)."""
+        if self.fused_forward != "auto":
+            return self.fused_forward
         return not is_glu(activation) and x.is_cuda and _kernels()._hopper(x)
 
     def _combine(self, x: torch.Tensor) -> str:

@@ -1,5 +1,4 @@
-"""The fused expert MLP: up GEMM, activation and down GEMM of one M-tile in one program (forward), and
-the backward's up GEMM (dy @ W2^T), its epilogue and the dx GEMM the same way (`_mlp_bwd_kernel`).
+"""The fused expert MLP forward: up GEMM, activation and down GEMM of one M-tile in one program.
 
 Per M-tile (BM sorted rows of one expert e): h = X[token] @ W1[e]^T over all of the expert's E (GLU: 2E)
 columns at once, the up kernel's epilogue (bias, activation; h stored when the backward needs it), then,
@@ -10,19 +9,13 @@ E is covered by a power-of-two tile of BE columns plus, with SPLIT, a second one
 128 + 64, where one 256-wide tile would multiply 64 masked columns in both GEMMs); the rest is masked.
 y must hold its initial value (the output bias or zeros) before the launch: the routing plan's first
 kernel sets it (`routing_plan`'s fill).
-
-Backward, per M-tile: da = dY[token] @ W2[e]^T over all E columns, the up_bwd epilogue (a recomputed from
-the saved h; dh, gate * a and the bias-grad sums stored for the weight gradients; the row's whole dgate,
-as the program holds all of its columns), then dx += dh @ W1[e] block by block, with the router's rank-1
-term dgate * c_e when folded. dh is read back by nobody but the dW1 GEMM: the dx GEMM takes it from
-registers instead of re-reading it once per output column block. Without GLU only (one dh tile).
 """
 import triton
 import triton.language as tl
 
 from .common import _grid_tile
 from .down import _down_rows, _down_store
-from .up import _gather_gemm, _up_act, _up_bwd_cols
+from .up import _gather_gemm, _up_act
 
 
 @triton.jit
@@ -73,57 +66,3 @@ def _mlp_kernel(
             _down_store(out, OUT, stride_o, OUT, 0, e, rmask, tok, pair, g, cols, cmask, True, ATOMIC, False)
             w2p += BN * stride_w2n
             w2p2 += BN * stride_w2n
-
-
-@triton.jit
-def _mlp_bwd_kernel(
-    DY, stride_dy,                           # [T, Dout] output gradient
-    W2, stride_w2e, stride_w2k, stride_w2n,  # [N, E, Dout]
-    W1, stride_w1e, stride_w1f, stride_w1k,  # [N, E, D]
-    TOK, ORDER, GATE, OFFS, TILES,           # plan; TILES: the M-tile schedule (common._grid_tile)
-    H, stride_h,                             # [M, E] the forward's pre-activation
-    DH, stride_dh,                           # [M, E] out: dh (the dW1 GEMM's operand)
-    DGATE,                                   # [T*K] fp32 out, by flat pair
-    GA, stride_ga,                           # STORE_GA: [M, E] gate * a (the dW2 GEMM's operand)
-    DB, stride_db,                           # HAS_DB: [N, E] fp32 bias-grad sums, zeroed
-    DX, stride_dx,                           # ATOMIC: [T, D] zeroed; else [T*K, D] by pair
-    C, stride_c,                             # RANK1: [N, D] the router's centroids
-    N, D, E, Dout,
-    ACT: tl.constexpr, STORE_GA: tl.constexpr, HAS_DB: tl.constexpr, ATOMIC: tl.constexpr, RANK1: tl.constexpr,
-    EVEN_K: tl.constexpr, PREC: tl.constexpr, SCHED: tl.constexpr, SPLIT: tl.constexpr,
-    BM: tl.constexpr, BE: tl.constexpr, BE2: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, NP2: tl.constexpr,
-):
-    e, _, row0, rows, rmask, live = _grid_tile(OFFS, TILES, 1, N, BM, NP2, SCHED)
-    if live:
-        pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, True)
-        rows64 = rows.to(tl.int64)
-        fcols = tl.arange(0, BE)
-        fmask = fcols < E
-        fcols2 = BE + tl.arange(0, BE2)
-        fmask2 = fcols2 < E
-        acc, unused, accb, unused2 = _gather_gemm(DY, stride_dy, tok, W2, stride_w2e, stride_w2k, stride_w2n, e,
-                                                  fcols, fmask, fcols2, fmask2, Dout, E, False, SPLIT, EVEN_K, False,
-                                                  PREC, BM, BE, BE2, BK)
-        dt = DY.dtype.element_ty
-        dh, dgate = _up_bwd_cols(acc, e, rows64, rmask, fcols, fmask, g, H, stride_h, DH, stride_dh, GA, stride_ga,
-                                 DB, stride_db, E, dt, ACT, False, STORE_GA, HAS_DB)
-        if SPLIT:
-            dh2, dgate2 = _up_bwd_cols(accb, e, rows64, rmask, fcols2, fmask2, g, H, stride_h, DH, stride_dh, GA,
-                                       stride_ga, DB, stride_db, E, dt, ACT, False, STORE_GA, HAS_DB)
-            dgate += dgate2
-        tl.store(DGATE + pair, dgate, mask=rmask)
-        # masked columns (E..) hold dh = 0 and multiply W1 rows loaded as zeros
-        ns = tl.arange(0, BN)
-        w1e = W1 + e.to(tl.int64) * stride_w1e + ns[None, :] * stride_w1k
-        w1p = w1e + fcols[:, None] * stride_w1f
-        w1p2 = w1e + fcols2[:, None] * stride_w1f
-        for n0 in range(0, D, BN):
-            cols = n0 + ns
-            cmask = cols < D
-            out = tl.dot(dh, tl.load(w1p, mask=fmask[:, None] & cmask[None, :], other=0.0), input_precision=PREC)
-            if SPLIT:
-                out = tl.dot(dh2, tl.load(w1p2, mask=fmask2[:, None] & cmask[None, :], other=0.0), out,
-                             input_precision=PREC)
-            _down_store(out, DX, stride_dx, C, stride_c, e, rmask, tok, pair, dgate, cols, cmask, False, ATOMIC, RANK1)
-            w1p += BN * stride_w1k
-            w1p2 += BN * stride_w1k

@@ -70,42 +70,6 @@ def _up_act(acc, acc2, e, cols, cmask, B, stride_be, E, dt, hp, hmask, ACT: tl.c
 
 
 @triton.jit
-def _up_bwd_cols(acc, e, rows64, rmask, cols, cmask, g, H, stride_h, OUT, stride_o, GA, stride_ga, DB, stride_db,
-                 E, dt, ACT: tl.constexpr, GLU: tl.constexpr, STORE_GA: tl.constexpr, HAS_DB: tl.constexpr):
-    """The backward epilogue of one column block: acc = da (the gradient w.r.t. a, before the gate); a is
-    recomputed from the saved h. Stores dh (GLU: its gate and up halves), gate * a when STORE_GA, and adds
-    dh's column sums into DB (fp32 atomics) when HAS_DB. Returns (dh in `dt`, GLU: its gate half; the
-    rows' sums of da * a, this block's share of dgate)."""
-    omask = rmask[:, None] & cmask[None, :]
-    hp = H + rows64[:, None] * stride_h + cols[None, :]
-    h = tl.load(hp, mask=omask, other=0.0).to(tl.float32)
-    fa = _act(h, ACT)
-    if GLU:
-        hu = tl.load(hp + E, mask=omask, other=0.0).to(tl.float32)
-        a = fa.to(dt).to(tl.float32) * hu
-    else:
-        a = fa
-    a = a.to(dt).to(tl.float32)
-    if STORE_GA:
-        tl.store(GA + rows64[:, None] * stride_ga + cols[None, :], (a * g[:, None]).to(dt), mask=omask)
-    dact = acc * g[:, None]
-    dp = OUT + rows64[:, None] * stride_o + cols[None, :]
-    dbp = DB + e.to(tl.int64) * stride_db + cols
-    if GLU:
-        dh = (dact * hu * _act_grad(h, ACT)).to(dt)
-        dhu = (dact * fa).to(dt)
-        tl.store(dp + E, dhu, mask=omask)
-        if HAS_DB:
-            tl.atomic_add(dbp + E, tl.sum(tl.where(omask, dhu.to(tl.float32), 0.0), 0), mask=cmask, sem="relaxed")
-    else:
-        dh = (dact * _act_grad(h, ACT)).to(dt)
-    tl.store(dp, dh, mask=omask)
-    if HAS_DB:
-        tl.atomic_add(dbp, tl.sum(tl.where(omask, dh.to(tl.float32), 0.0), 0), mask=cmask, sem="relaxed")
-    return dh, tl.sum(acc * a, 1)
-
-
-@triton.jit
 def _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT, stride_o,
                  DGP, GA, stride_ga, DB, stride_db, M, E,
                  BWD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -114,17 +78,43 @@ def _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, OR
     and a; backward dgate partials, gate * a, dh (from the saved h) and the bias-grad column sums."""
     rows64 = rows.to(tl.int64)
     omask = rmask[:, None] & cmask[None, :]
+    hp = H + rows64[:, None] * stride_h + cols[None, :]
     dt = OUT.dtype.element_ty
     if not BWD:
-        hp = H + rows64[:, None] * stride_h + cols[None, :]
         act = _up_act(acc, acc2, e, cols, cmask, B, stride_be, E, dt, hp, omask, ACT, GLU, HAS_BIAS, SAVE_H)
         tl.store(OUT + rows64[:, None] * stride_o + cols[None, :], act.to(dt), mask=omask)
     else:
+        # acc = da (gradient w.r.t. a, before the gate); recompute a from the saved h
         pair = tl.load(ORDER + rows, mask=rmask, other=0).to(tl.int64)
         g = tl.load(GATE + pair, mask=rmask, other=0.0).to(tl.float32)
-        _, dgp = _up_bwd_cols(acc, e, rows64, rmask, cols, cmask, g, H, stride_h, OUT, stride_o, GA, stride_ga, DB,
-                              stride_db, E, dt, ACT, GLU, STORE_GA, HAS_DB)
-        tl.store(DGP + pid_n * M + pair, dgp, mask=rmask)
+        h = tl.load(hp, mask=omask, other=0.0).to(tl.float32)
+        fa = _act(h, ACT)
+        if GLU:
+            hu = tl.load(hp + E, mask=omask, other=0.0).to(tl.float32)
+            a = fa.to(dt).to(tl.float32) * hu
+        else:
+            a = fa
+        a = a.to(dt).to(tl.float32)
+        tl.store(DGP + pid_n * M + pair, tl.sum(acc * a, 1), mask=rmask)
+        if STORE_GA:
+            tl.store(GA + rows64[:, None] * stride_ga + cols[None, :], (a * g[:, None]).to(dt), mask=omask)
+        dact = acc * g[:, None]
+        dp = OUT + rows64[:, None] * stride_o + cols[None, :]
+        dbp = DB + e.to(tl.int64) * stride_db + cols
+        if GLU:
+            dhg = (dact * hu * _act_grad(h, ACT)).to(dt)
+            dhu = (dact * fa).to(dt)
+            tl.store(dp, dhg, mask=omask)
+            tl.store(dp + E, dhu, mask=omask)
+            if HAS_DB:
+                tl.atomic_add(dbp, tl.sum(tl.where(omask, dhg.to(tl.float32), 0.0), 0), mask=cmask, sem="relaxed")
+                tl.atomic_add(dbp + E, tl.sum(tl.where(omask, dhu.to(tl.float32), 0.0), 0), mask=cmask,
+                              sem="relaxed")
+        else:
+            dh = (dact * _act_grad(h, ACT)).to(dt)
+            tl.store(dp, dh, mask=omask)
+            if HAS_DB:
+                tl.atomic_add(dbp, tl.sum(tl.where(omask, dh.to(tl.float32), 0.0), 0), mask=cmask, sem="relaxed")
 
 
 @triton.jit
