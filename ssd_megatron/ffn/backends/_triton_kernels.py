@@ -14,8 +14,9 @@ plan instead of from materialised copies (ScatterMoE's idea; the code here is ou
           bwd: A = dh, W = w1 (no scale)     -> dx = buf.view(T, K, D).sum(1)
   wgrad   dW[e] = sum_{r in e} L[r]^T R[token[r]]       (grouped weight gradients; R gathered in-kernel
           dW2: L = ga, R = dy;  dW1: L = dh, R = x     or pre-gathered, see TritonBackend(wgrad=...))
-  mlp     y[token[r]] += gate * act(X[token[r]] @ W1[e]^T + b1) @ W2[e]   (opt-in fused forward: up and
-          down per M-tile, `a` kept on chip; `kernels/mlp.py`, TritonBackend(fused_forward=True))
+  mlp     y[token[r]] += gate * act(X[token[r]] @ W1[e]^T + b1) @ W2[e]   (the fused forward: up and down
+          per M-tile, `a` kept on chip; `kernels/mlp.py`; TritonBackend(fused_forward=...), on by default for
+          activations without a gate on Hopper)
 
 The routing plan itself (the pairs sorted by expert) is a counting sort in three small kernels
 (`kernels/routing_plan.py`). Expert e owns sorted rows offsets[e]:offsets[e+1]. The M-tiles of `up`/`down` never straddle two
