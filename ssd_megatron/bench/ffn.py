@@ -7,7 +7,8 @@ folded into the backend's kernels, as SwitchableFFN does; `--triton-variants fol
 router's own backward instead, `fold_router=rows` the other way to fold it), the backend, and the output
 bias (with `triton`: in the inference forward y's initial value inside its kernels, while training added
 after, with a zero fill before the combine, as `TritonBackend(fold_output="auto")` does;
-`--triton-variants fold_output=true` or `=false` forces either). `--weight-gather` says where the expert weights come from:
+`--triton-variants fold_output=true` or `=false` forces either). `--weight-gather` says where the expert
+weights come from:
 - `none` (default; what an SSD sparse phase runs since the parameters are stored expert-major there,
   ffn/expert_layout.py): views of parameters laid out in expert order, no gather;
 - `permute`: `ffn.backends.weights.gather_expert_weights` through the clustering permutation from
