@@ -141,3 +141,19 @@ def test_gather_expert_weights_matches_index_select(glu):
     assert torch.equal(w1, w_in[rows].view(N, -1, D)) and torch.equal(b1, b_in[rows].view(N, -1))
     assert torch.equal(w2, w_out.t()[perm].view(N, E, D))
     torch.autograd.gradcheck(lambda a, b, c: gather_expert_weights(a, b, c, perm, N, glu), (w_in, b_in, w_out))
+
+
+def test_device_capability_lookup_compiles_without_a_warning(monkeypatch):
+    """The per-device capability cache is read inside compiled sparse layers: torch.compile warned about
+    the functools.lru_cache it used to be ("silent incorrectness is a potential risk") in every run."""
+    import warnings
+
+    from ssd_megatron.ffn import backends
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(backends, "_MAJOR", {})
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = torch.compile(lambda x: x * 2 if backends._sm90(0) else x, backend="eager", fullgraph=True)(torch.ones(2))
+    assert torch.equal(y, torch.full((2,), 2.0))
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]

@@ -14,7 +14,6 @@ Importing this package never needs CUDA, triton or megablocks: those are importe
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -26,9 +25,13 @@ from .reference import ReferenceBackend
 BACKEND_NAMES = ("auto", "reference", "grouped_mm", "triton", "megablocks")
 
 
-@functools.lru_cache(maxsize=None)
+_MAJOR: dict = {}  # device index -> compute capability major (a dict: torch.compile warns on lru_cache)
+
+
 def _major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+    if index not in _MAJOR:
+        _MAJOR[index] = torch.cuda.get_device_capability(index)[0]
+    return _MAJOR[index]
 
 
 def _sm90(index: int) -> bool:
