@@ -31,10 +31,9 @@ import os
 import torch
 import triton
 
-from .kernels.common import ACT_CODES
+from .kernels.common import ACT_CODES, fill_args
 from .kernels.down import _down_kernel, _down_tma_kernel
 from .kernels.mlp import _mlp_kernel
-from .kernels.routing_plan import fill_args
 from .kernels.up import _up_kernel
 from .kernels.wgrad import _wgrad_kernel
 from .routing import initialise
@@ -359,12 +358,13 @@ def _target(a_like, plan, Dout: int, combine: str, out, out_bias):
             raise ValueError("`out` is the atomic combines' target (atomic_output), not the buffer's")
         return a_like.new_empty(M, Dout), False, None
     buf = out if out is not None else atomic_output(a_like, T, K, Dout, combine)
-    fresh = [out is not None]
+    fresh = out is not None
 
     def init():
-        if not fresh[0]:
+        nonlocal fresh
+        if not fresh:
             initialise(buf, out_bias)
-        fresh[0] = False
+        fresh = False
     return buf, True, init
 
 

@@ -1,6 +1,6 @@
 """Device helpers shared by the expert kernels: activations and their derivatives, where an M-tile of
 the expert-sorted rows starts (tiles never straddle two experts), and a program's share of initialising
-the output that a later kernel adds into."""
+the output that a later kernel adds into (with `fill_args`, its launch arguments)."""
 import triton
 import triton.language as tl
 
@@ -108,3 +108,17 @@ def _fill_share(FILL, ROW, numel, width, chunk, HAS_ROW: tl.constexpr, BLOCK: tl
         else:
             v = tl.zeros((BLOCK,), dtype=FILL.dtype.element_ty)
         tl.store(FILL + idx, v, mask=m)
+
+
+FILL_BLOCK = 1024  # elements per store step of an output initialisation inside another kernel
+
+
+def fill_args(fill, programs: int, dummy):
+    """(kernel arguments, constexprs) of `_fill_share` for a launch of `programs` programs that
+    also initialises fill = (out, row or None), or of none (`dummy`: any tensor, unused)."""
+    if fill is None:
+        return (dummy, dummy, 0, 1, 0), dict(HAS_FILL=False, HAS_FILL_ROW=False, FILL_BLOCK=FILL_BLOCK)
+    out, row = fill
+    chunk = triton.cdiv(triton.cdiv(out.numel(), programs), FILL_BLOCK) * FILL_BLOCK
+    return ((out, out if row is None else row, out.numel(), out.shape[1], chunk),
+            dict(HAS_FILL=True, HAS_FILL_ROW=row is not None, FILL_BLOCK=FILL_BLOCK))

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from ..routing import initialise
-from .common import _fill_share
+from .common import _fill_share, fill_args
 
 
 @triton.jit
@@ -92,16 +92,3 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
             initialise(*fill)
     return order, token, sexp, offsets
 
-
-FILL_BLOCK = 1024  # elements per store step of an output initialisation inside another kernel
-
-
-def fill_args(fill, programs: int, dummy: torch.Tensor):
-    """(kernel arguments, constexprs) of `common._fill_share` for a launch of `programs` programs that
-    also initialises fill = (out, row or None), or of none (`dummy`: any tensor, unused)."""
-    if fill is None:
-        return (dummy, dummy, 0, 1, 0), dict(HAS_FILL=False, HAS_FILL_ROW=False, FILL_BLOCK=FILL_BLOCK)
-    out, row = fill
-    chunk = triton.cdiv(triton.cdiv(out.numel(), programs), FILL_BLOCK) * FILL_BLOCK
-    return ((out, out if row is None else row, out.numel(), out.shape[1], chunk),
-            dict(HAS_FILL=True, HAS_FILL_ROW=row is not None, FILL_BLOCK=FILL_BLOCK))
