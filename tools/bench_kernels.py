@@ -32,7 +32,8 @@ from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
 from ssd_megatron.ffn.backends.routing import initialise, make_plan  # noqa: E402
 
 # kernel -> the tile configurations timed besides the default (BM|BP, BN|BQ, BK, warps, stages[, variant]);
-# variant: down 1 = one program loops over all output columns (ROWLOOP), 3 = TMA descriptors; wgrad n = each
+# variant: down 1 = one program loops over all output columns (ROWLOOP), 3 = TMA descriptors, 4 = STAGED
+# (ROWLOOP from A rows loaded once, kernels/down.py; BK unused); wgrad n = each
 # expert's reduction split into chunks of n rows (fp32 atomic sums). Session 14's H200 sweep of these is
 # benchmarks/results/kernels_h200_2026-12-04_s14.json (docs/kernels.md v8).
 VARIANTS = {
@@ -41,7 +42,8 @@ VARIANTS = {
     "up_bwd": [(64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 64, 8, 3)],
     "up_bwd_glu": [(128, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 128, 64, 8, 3)],
     "down": [(128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (64, 128, 64, 4, 3, 1), (128, 128, 64, 8, 3),
-             (128, 128, 64, 8, 3, 3), (128, 128, 64, 4, 3, 3), (128, 256, 64, 8, 3, 3), (64, 128, 64, 4, 3, 3)],
+             (128, 128, 64, 8, 3, 3), (128, 128, 64, 4, 3, 3), (128, 256, 64, 8, 3, 3), (64, 128, 64, 4, 3, 3),
+             (128, 128, 64, 8, 2, 4), (128, 64, 64, 8, 3, 4), (64, 64, 64, 4, 2, 4), (64, 32, 64, 4, 3, 4)],
     "wgrad": [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
               (64, 128, 128, 4, 3, 1024), (64, 128, 64, 4, 4, 1024), (128, 128, 64, 8, 3, 2048)],
     "mlp": [(64, 64, 64, 4, 2), (128, 128, 64, 8, 2), (128, 64, 64, 8, 2), (128, 32, 64, 8, 3)],  # 1st: 2 CTAs/SM

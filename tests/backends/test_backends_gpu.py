@@ -68,6 +68,7 @@ KERNEL_VARIANTS = {  # forced tile configs of the non-default kernel variants (s
     "down-rowloop": {"down": (128, 128, 64, 4, 3, 1)},
     "down-plain": {"down": (128, 128, 64, 8, 3)},
     "down-tma": {"down": (128, 128, 64, 8, 3, 3)},
+    "down-staged": {"down": (64, 64, 64, 4, 2, 4)},
     "up-small": {"up": (64, 64, 64, 4, 4), "up_glu": (64, 64, 64, 4, 4), "up_bwd": (64, 64, 64, 4, 4),
                  "up_bwd_glu": (128, 64, 64, 4, 4)},
     "wgrad-split": {"wgrad": (64, 128, 128, 4, 3, 256)},
@@ -78,7 +79,7 @@ KERNEL_VARIANTS = {  # forced tile configs of the non-default kernel variants (s
 @pytest.mark.parametrize("case", [CASES[0], CASES[8], CASES[11], CASES[12]], ids=[IDS[0], IDS[8], IDS[11], IDS[12]])
 @pytest.mark.parametrize("variant", list(KERNEL_VARIANTS))
 def test_triton_kernel_variants_bf16(case, variant):
-    """The kernel variants (plain, ROWLOOP and TMA down, other up/up_bwd tiles, the row-chunk split wgrad;
+    """The kernel variants (plain, ROWLOOP, TMA and STAGED down, other up/up_bwd tiles, the row-chunk split wgrad;
     compiled, bf16) against the reference."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
@@ -92,7 +93,7 @@ def test_triton_kernel_variants_bf16(case, variant):
         kernels.force_config()
 
 
-@pytest.mark.parametrize("down", ["pointer", "rowloop", "tma"])
+@pytest.mark.parametrize("down", ["pointer", "rowloop", "tma", "staged"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[8], CASES[12]], ids=[IDS[0], IDS[4], IDS[8], IDS[12]])
 def test_triton_token_window_order_bf16(case, down, monkeypatch):
     """The up, up_bwd and down M-tiles from the token-window schedule (SSD_TRITON_TILE_ORDER=token; the
@@ -104,7 +105,8 @@ def test_triton_token_window_order_bf16(case, down, monkeypatch):
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "token")
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
     kernels.force_config(down={"pointer": (128, 128, 64, 8, 3), "rowloop": (128, 128, 64, 4, 3, kernels.ROWLOOP),
-                               "tma": (128, 128, 64, 8, 3, kernels.TMA)}[down])
+                               "tma": (128, 128, 64, 8, 3, kernels.TMA),
+                               "staged": (64, 64, 64, 4, 2, kernels.STAGED)}[down])
     try:
         compare(run(TritonBackend(), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
     finally:

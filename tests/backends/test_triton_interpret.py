@@ -36,13 +36,15 @@ CASES = [  # (inputs, TritonBackend options)
 ]
 # the same checks with the kernels' variants, as (down variant, wgrad row chunk, M-tile order): wgrad
 # reductions split into chunks of 32 rows (fp32 atomic sums; experts of 0, 1 and several chunks), the down
-# GEMM as ROWLOOP (1: a program covers all output columns) or with TMA descriptors (3), and the up/down
-# M-tiles in token-window order (SSD_TRITON_TILE_ORDER=token; empty experts, K = N, GLU)
+# GEMM as ROWLOOP (1: a program covers all output columns), with TMA descriptors (3) or STAGED (4: A rows
+# loaded once; also case 4, whose reductions of 24 and 48 columns take two tiles, 16 + 16 and 32 + 16),
+# and the up/down M-tiles in token-window order (SSD_TRITON_TILE_ORDER=token; empty experts, K = N, GLU)
 VARIANT_CASES = [0, 1, 2, 3, 5]
-VARIANTS = [(1, 32, "auto"), (3, 0, "auto"), (0, 0, "token"), (1, 0, "token"), (3, 32, "token")]
+VARIANTS = [(1, 32, "auto"), (3, 0, "auto"), (0, 0, "token"), (1, 0, "token"), (3, 32, "token"), (4, 0, "auto"),
+            (4, 32, "token")]
 FUSED_TOKEN_ORDER = [8, 10]  # the fused forward's M-tiles from the token-window schedule
 RUNS = ([(c, (0, 0, "auto")) for c in range(len(CASES))] + [(c, v) for v in VARIANTS for c in VARIANT_CASES]
-        + [(c, (0, 0, "token")) for c in FUSED_TOKEN_ORDER])
+        + [(c, (0, 0, "token")) for c in FUSED_TOKEN_ORDER] + [(4, (4, 0, "auto"))])
 TOL = 1e-5
 
 
@@ -178,7 +180,8 @@ def _opcheck_results():
 # two chunks of 32), both ways to fold dW1's part
 FOLD_RUNS = [(0, 0, 32, "epilogue"), (1, 1, 32, "epilogue"), (2, 3, 0, "epilogue"), (3, 0, 32, "epilogue"),
              (4, 0, 0, "epilogue"), (5, 3, 32, "epilogue"), (0, 0, 32, "rows"), (1, 1, 32, "rows"),
-             (3, 0, 32, "rows"), (4, 0, 0, "rows"), (10, 0, 32, "epilogue")]
+             (3, 0, 32, "rows"), (4, 0, 0, "rows"), (10, 0, 32, "epilogue"), (2, 4, 0, "epilogue"),
+             (4, 4, 32, "rows")]
 
 
 def _fold_layer_result(kernels, tiny):

@@ -40,10 +40,10 @@ from .routing import initialise
 
 
 # (BM|BP, BN|BQ, BK, num_warps, num_stages[, variant]). variant: down 1 = ROWLOOP (a program covers all
-# output columns), 3 = TMA (descriptor loads); wgrad n = split each expert's reduction into chunks of
-# n rows (0 = none). Defaults are chosen per kernel from the sweeps recorded in docs/kernels.md;
+# output columns), 3 = TMA (descriptor loads), 4 = STAGED (ROWLOOP from A rows loaded once; BK unused);
+# wgrad n = split each expert's reduction into chunks of n rows (0 = none). Defaults are chosen per kernel from the sweeps recorded in docs/kernels.md;
 # `SSD_TRITON_TUNE=1` times the candidates once per shape key instead.
-ROWLOOP, TMA = 1, 3  # down variants (2 was PERSISTENT, measured slower and removed: docs/kernels.md v8)
+ROWLOOP, TMA, STAGED = 1, 3, 4  # down variants (2 was PERSISTENT, measured slower and removed: docs/kernels.md v8)
 DEFAULTS = {
     "up": (128, 256, 64, 8, 3),
     "up_glu": (128, 64, 64, 8, 3),
@@ -61,7 +61,8 @@ CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=
     "up_bwd": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 4), (64, 64, 64, 4, 4)],
     "up_bwd_glu": [(64, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 128, 64, 8, 3), (128, 64, 64, 4, 4)],
     "down": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3),
-             (128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 3), (128, 128, 64, 4, 3, 3)],
+             (128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 3), (128, 128, 64, 4, 3, 3),
+             (128, 64, 64, 8, 3, 4), (64, 64, 64, 4, 2, 4)],
     "wgrad": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
               (64, 128, 128, 4, 3, 1024), (128, 128, 64, 8, 3, 2048)],
     "wgrad_mat": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)],
@@ -115,14 +116,14 @@ def _parse_configs(text: str) -> dict:
         if len(cfg) not in (5, 6) or any(v < 1 or v & (v - 1) for v in cfg[:4]) or cfg[4] < 1:
             raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
         if len(cfg) == 6 and not _variant_ok(kind.split(":")[0], cfg[5]):
-            raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP) or 3 (TMA); for wgrad, "
-                            f"a row chunk >= 0")
+            raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA) or 4 (STAGED); for "
+                            f"wgrad, a row chunk >= 0")
         out[kind] = cfg
     return out
 
 
 def _variant_ok(base: str, variant: int) -> bool:
-    return variant == 0 or (base == "down" and variant in (ROWLOOP, TMA)) or (base == "wgrad" and variant > 0)
+    return variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED)) or (base == "wgrad" and variant > 0)
 
 
 def _default(base: str, key: tuple, hopper: bool = True):
@@ -402,9 +403,11 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
         if descs is not None:
             _down_tma_kernel[(m_tiles * num_n,)](*descs[:2], *rest, num_n, W_KROWS=descs[2], **meta)
             return
-        num_n = 1 if variant == ROWLOOP else num_n
+        num_n = 1 if variant in (ROWLOOP, STAGED) else num_n
+        be, be2 = _split_width(Ein)
         _down_kernel[(m_tiles * num_n,)](*operands, *rest, num_n, EVEN_K=Ein % BK == 0, EVEN_N=Dout % BN == 0,
-                                         ROWLOOP=variant == ROWLOOP, **meta)
+                                         ROWLOOP=variant == ROWLOOP, STAGED=variant == STAGED, SPLIT=be2 > 0, BE=be,
+                                         BE2=max(be2, 16), **meta)
 
     launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)), launch, _hopper(a)))
     return _combined(buf, atomic, T, K, a.dtype, out_bias)

@@ -1,6 +1,12 @@
 """The down GEMM: (scale *) A[r] @ W[e], the K-way combine fused into the store (atomic adds into y or dx,
-or a scatter to the (t, k) row of a buffer). Per-tile, ROWLOOP and TMA variants. RANK1 (dx only) adds
-coef[r] * C[e] to each row first: the router's input gradient dgate * c_e (ffn/backends/triton_backend.py)."""
+or a scatter to the (t, k) row of a buffer). Per-tile, ROWLOOP, TMA and STAGED variants. RANK1 (dx only)
+adds coef[r] * C[e] to each row first: the router's input gradient dgate * c_e (ffn/backends/triton_backend.py).
+
+STAGED: a program loads its M-tile's whole A rows (all Ein columns) once and then sweeps every block of
+output columns with one product per block, as the fused forward's down half does with the `a` it keeps
+on chip (`_staged_blocks`, shared with kernels/mlp.py). ROWLOOP instead re-reads its A tile, BK columns at
+a time, for each output block: at 8B's Dout = 4096 that is 32 reads of each tile (from L2), which is
+where the down and dx launches lose against the up kernel (~310 against ~550 TF/s, docs/kernels.md v12)."""
 import triton
 import triton.language as tl
 
@@ -46,6 +52,29 @@ def _down_store(acc, OUT, stride_o, C, stride_c, e, rmask, tok, pair, g, cols, c
                       mask=omask, sem="relaxed")
     else:
         tl.store(OUT + pair[:, None] * stride_o + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _staged_blocks(a_tile, a_tile2, W, stride_wk, stride_wn, fcols, fmask, fcols2, fmask2, OUT, stride_o, C, stride_c,
+                   e, rmask, tok, pair, g, Dout, SPLIT: tl.constexpr, SCALE: tl.constexpr, ATOMIC: tl.constexpr,
+                   RANK1: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr):
+    """Every block of BN output columns of an M-tile whose A rows are on chip: a_tile ([BM, BE], the
+    reduction's columns fcols) @ W[fcols, block] (+ a_tile2 @ W[fcols2, block] with SPLIT, for a reduction
+    that is not one power of two, e.g. 192 = 128 + 64), each block stored by the down epilogue. W: this
+    expert's [Ein, Dout] weight (any strides); masked reduction columns multiply W rows loaded as zeros."""
+    ns = tl.arange(0, BN)
+    wp = W + fcols[:, None] * stride_wk + ns[None, :] * stride_wn
+    wp2 = W + fcols2[:, None] * stride_wk + ns[None, :] * stride_wn
+    for n0 in range(0, Dout, BN):
+        cols = n0 + ns
+        cmask = cols < Dout
+        out = tl.dot(a_tile, tl.load(wp, mask=fmask[:, None] & cmask[None, :], other=0.0), input_precision=PREC)
+        if SPLIT:
+            out = tl.dot(a_tile2, tl.load(wp2, mask=fmask2[:, None] & cmask[None, :], other=0.0), out,
+                         input_precision=PREC)
+        _down_store(out, OUT, stride_o, C, stride_c, e, rmask, tok, pair, g, cols, cmask, SCALE, ATOMIC, RANK1)
+        wp += BN * stride_wn
+        wp2 += BN * stride_wn
 
 
 @triton.jit
@@ -96,17 +125,30 @@ def _down_kernel(
     C, stride_c,                 # RANK1: [N, Dout]
     N, Ein, Dout, num_n,
     SCALE: tl.constexpr, ATOMIC: tl.constexpr, RANK1: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    PREC: tl.constexpr, SCHED: tl.constexpr,
-    ROWLOOP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
+    PREC: tl.constexpr, SCHED: tl.constexpr, ROWLOOP: tl.constexpr, STAGED: tl.constexpr, SPLIT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr, BE2: tl.constexpr, NP2: tl.constexpr,
 ):
     """A program owns an M-tile and BN output columns, or with ROWLOOP all Dout columns in BN steps
-    (the A tile is then fetched from L2 once and re-read from L1, and the routing metadata once)."""
+    (the A tile is then fetched from L2 once and re-read from L1, and the routing metadata once), or with
+    STAGED all Dout columns from A rows loaded once (module docstring; Ein as BE + BE2 columns)."""
     e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, TILES, num_n, N, BM, NP2, SCHED)
     if live:
         rows64 = rows.to(tl.int64)
         pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE or RANK1)
         we = W + e.to(tl.int64) * stride_we
-        if ROWLOOP:
+        if STAGED:
+            fcols = tl.arange(0, BE)
+            fmask = fcols < Ein
+            fcols2 = BE + tl.arange(0, BE2)
+            fmask2 = fcols2 < Ein
+            ap = A + rows64[:, None] * stride_a
+            a_tile = tl.load(ap + fcols[None, :], mask=rmask[:, None] & fmask[None, :], other=0.0)
+            a_tile2 = a_tile
+            if SPLIT:
+                a_tile2 = tl.load(ap + fcols2[None, :], mask=rmask[:, None] & fmask2[None, :], other=0.0)
+            _staged_blocks(a_tile, a_tile2, we, stride_wk, stride_wn, fcols, fmask, fcols2, fmask2, OUT, stride_o, C,
+                           stride_c, e, rmask, tok, pair, g, Dout, SPLIT, SCALE, ATOMIC, RANK1, PREC, BN)
+        elif ROWLOOP:
             for n0 in range(0, Dout, BN):
                 _down_cols(A, stride_a, we, stride_wk, stride_wn, OUT, stride_o, C, stride_c, e, rows64, rmask, tok,
                            pair, g, n0, Ein, Dout, SCALE, ATOMIC, RANK1, EVEN_K, EVEN_N, PREC, BM, BN, BK)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .common import _grid_tile
-from .down import _down_rows, _down_store
+from .down import _down_rows, _staged_blocks
 from .up import _gather_gemm, _up_act
 
 
@@ -52,17 +52,8 @@ def _mlp_kernel(
             act2 = _up_act(accb, accb2, e, fcols2, fmask2, B1, stride_b1e, E, dt, hp + fcols2[None, :],
                            rmask[:, None] & fmask2[None, :], ACT, GLU, HAS_BIAS, SAVE_H)
             a_tile2 = act2.to(dt)
-        ns = tl.arange(0, BN)
-        w2e = W2 + e.to(tl.int64) * stride_w2e + ns[None, :] * stride_w2n
-        w2p = w2e + fcols[:, None] * stride_w2k
-        w2p2 = w2e + fcols2[:, None] * stride_w2k
-        for n0 in range(0, Dout, BN):
-            cols = n0 + ns
-            cmask = cols < Dout
-            out = tl.dot(a_tile, tl.load(w2p, mask=fmask[:, None] & cmask[None, :], other=0.0), input_precision=PREC)
-            if SPLIT:
-                out = tl.dot(a_tile2, tl.load(w2p2, mask=fmask2[:, None] & cmask[None, :], other=0.0), out,
-                             input_precision=PREC)
-            _down_store(out, OUT, stride_o, OUT, 0, e, rmask, tok, pair, g, cols, cmask, True, ATOMIC, False)
-            w2p += BN * stride_w2n
-            w2p2 += BN * stride_w2n
+        else:
+            a_tile2 = a_tile
+        _staged_blocks(a_tile, a_tile2, W2 + e.to(tl.int64) * stride_w2e, stride_w2k, stride_w2n, fcols, fmask,
+                       fcols2, fmask2, OUT, stride_o, OUT, 0, e, rmask, tok, pair, g, Dout, SPLIT, True, ATOMIC, False,
+                       PREC, BN)
