@@ -72,6 +72,8 @@ KERNEL_VARIANTS = {  # forced tile configs of the non-default kernel variants (s
     "up-small": {"up": (64, 64, 64, 4, 4), "up_glu": (64, 64, 64, 4, 4), "up_bwd": (64, 64, 64, 4, 4),
                  "up_bwd_glu": (128, 64, 64, 4, 4)},
     "wgrad-split": {"wgrad": (64, 128, 128, 4, 3, 256)},
+    "wgrad-whole-p": {"wgrad": (256, 128, 64, 8, 3)},  # BP >= P: all of P per program (192 = 128 + 64)
+    "wgrad-whole-p-split": {"wgrad": (256, 64, 64, 8, 3, 256)},
     "both-small": {"down": (64, 64, 32, 4, 2, 1), "wgrad": (64, 64, 32, 4, 2, 64)},
 }
 
@@ -79,8 +81,8 @@ KERNEL_VARIANTS = {  # forced tile configs of the non-default kernel variants (s
 @pytest.mark.parametrize("case", [CASES[0], CASES[8], CASES[11], CASES[12]], ids=[IDS[0], IDS[8], IDS[11], IDS[12]])
 @pytest.mark.parametrize("variant", list(KERNEL_VARIANTS))
 def test_triton_kernel_variants_bf16(case, variant):
-    """The kernel variants (plain, ROWLOOP, TMA and STAGED down, other up/up_bwd tiles, the row-chunk split wgrad;
-    compiled, bf16) against the reference."""
+    """The kernel variants (plain, ROWLOOP, TMA and STAGED down, other up/up_bwd tiles, the row-chunk split
+    and whole-P wgrad; compiled, bf16) against the reference."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
     from ssd_megatron.ffn.backends import _triton_kernels as kernels

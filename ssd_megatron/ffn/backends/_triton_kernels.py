@@ -41,7 +41,8 @@ from .routing import initialise
 
 # (BM|BP, BN|BQ, BK, num_warps, num_stages[, variant]). variant: down 1 = ROWLOOP (a program covers all
 # output columns), 3 = TMA (descriptor loads), 4 = STAGED (ROWLOOP from A rows loaded once; BK unused);
-# wgrad n = split each expert's reduction into chunks of n rows (0 = none). Defaults are chosen per kernel from the sweeps recorded in docs/kernels.md;
+# wgrad n = split each expert's reduction into chunks of n rows (0 = none); a wgrad BP >= P makes each
+# program cover all of P (kernels/wgrad.py). Defaults are chosen per kernel from the sweeps recorded in docs/kernels.md;
 # `SSD_TRITON_TUNE=1` times the candidates once per shape key instead.
 ROWLOOP, TMA, STAGED = 1, 3, 4  # down variants (2 was PERSISTENT, measured slower and removed: docs/kernels.md v8)
 DEFAULTS = {
@@ -64,7 +65,7 @@ CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=
              (128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 3), (128, 128, 64, 4, 3, 3),
              (128, 64, 64, 8, 3, 4), (64, 64, 64, 4, 2, 4)],
     "wgrad": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
-              (64, 128, 128, 4, 3, 1024), (128, 128, 64, 8, 3, 2048)],
+              (64, 128, 128, 4, 3, 1024), (128, 128, 64, 8, 3, 2048), (256, 128, 64, 8, 3), (256, 128, 64, 8, 3, 2048)],
     "wgrad_mat": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)],
     "mlp": [(128, 64, 64, 8, 3), (64, 64, 64, 4, 2), (128, 128, 64, 8, 2), (128, 32, 64, 8, 3)],
     "mlp_glu": [(64, 64, 64, 8, 3), (64, 32, 64, 8, 3), (64, 64, 64, 8, 2)],
@@ -482,6 +483,8 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
     def launch(cfg):
         BP, BQ, BK, nw, ns = cfg[:5]
         ch = cfg[5] if split and len(cfg) > 5 else 0
+        # a tile as tall as P: all of P per program, as one or two power-of-two tiles (kernels/wgrad.py)
+        bp, bp2 = _split_width(P) if BP >= P else (BP, 0)
         num_p, num_q = triton.cdiv(P, BP), triton.cdiv(Q, BQ)
         # with chunks, the grid is an upper bound on the (expert, chunk) pairs, as for the M-tiles
         num_t = triton.cdiv(plan.num_rows, ch) + N if ch else N
@@ -492,8 +495,8 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
         _wgrad_kernel[(num_t * num_p * num_q,)](
             lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets, coef, fold_p,
             out, out.stride(0), out.stride(1), out.stride(2), N, P, Q, num_p, num_q,
-            GATHER=not gathered, PREC=_prec(lhs), SPLIT=bool(ch), FOLD=_FOLD_CODES[fold_kind], BP=BP, BQ=BQ, BK=BK,
-            CH=max(ch, BK), NP2=_np2(N), num_warps=nw, num_stages=ns)
+            GATHER=not gathered, PREC=_prec(lhs), SPLIT=bool(ch), FOLD=_FOLD_CODES[fold_kind], SPLIT_P=bp2 > 0,
+            BP=bp, BP2=max(bp2, 16), BQ=BQ, BK=BK, CH=max(ch, BK), NP2=_np2(N), num_warps=nw, num_stages=ns)
         state["out"] = out
 
     launch(_pick("wgrad" if not gathered else "wgrad_mat", (P, Q, str(lhs.dtype)), launch))

@@ -2,11 +2,46 @@
 kernel, or pre-gathered), optionally split into equal row chunks summed by fp32 atomics. FOLD adds the
 router's weight gradient to the first fold_p rows of dW1 (the gate rows; ffn/backends/triton_backend.py):
 1 = COEF[r] (dgate / E per sorted row) added to L's first fold_p columns as they are loaded; 2 = the
-precomputed COEF[e] ([N, Q] fp32) added to those rows in the epilogue."""
+precomputed COEF[e] ([N, Q] fp32) added to those rows in the epilogue.
+
+A program's dW block is BP rows of P by BQ columns of Q; with SPLIT_P it covers all of P (the expert's
+width, <= 2 tiles: 192 = 128 + 64) with a second accumulator of BP2 rows, so each gathered R tile is read
+once per column block instead of once per P block. Per BK-row step a 128 x 128 block moves 32 kB for
+2.1 MFLOP (64 FLOP/B), the 64 x 128 x 128 block of the base default 48 kB for 2.1 MFLOP (44 FLOP/B), and a
+whole-P 256 x 128 block 48 kB for 4.2 MFLOP (87 FLOP/B): at 8B the wgrad kernels run at ~380 TF/s and at
+base at ~224, about what the L2 can feed at those intensities (docs/kernels.md v13)."""
 import triton
 import triton.language as tl
 
 from .common import _tile_of
+
+
+@triton.jit
+def _lhs_t(L, stride_l, rows, rm, pc, pm, COEF, fold_p, FOLD: tl.constexpr):
+    """The [BP, BK] tile L[rows, pc]^T, loaded transposed by address arithmetic (contiguous along P); with
+    FOLD 1 the rows' COEF added to the columns before fold_p."""
+    lt = tl.load(L + rows.to(tl.int64)[None, :] * stride_l + pc[:, None], mask=rm[None, :] & pm[:, None], other=0.0)
+    if FOLD == 1:
+        coef = tl.load(COEF + rows, mask=rm, other=0.0)
+        lt = (lt.to(tl.float32) + tl.where(pc[:, None] < fold_p, coef[None, :], 0.0)).to(lt.dtype)
+    return lt
+
+
+@triton.jit
+def _dw_store(acc, DW, stride_de, stride_dp, stride_dq, e, pc, pm, qc, qm, COEF, fold_p, Q, first,
+              SPLIT: tl.constexpr, FOLD: tl.constexpr):
+    """A program's dW[e, pc, qc] block: FOLD 2's COEF[e] added by the expert's first program (`first`),
+    then a store, or with SPLIT an fp32 atomic add of the partial sum."""
+    if FOLD == 2:
+        if first:
+            v = tl.load(COEF + e.to(tl.int64) * Q + qc, mask=qm, other=0.0)
+            acc += tl.where(pc[:, None] < fold_p, v[None, :], 0.0)
+    dwp = DW + e.to(tl.int64) * stride_de + pc[:, None] * stride_dp + qc[None, :] * stride_dq
+    omask = pm[:, None] & qm[None, :]
+    if SPLIT:
+        tl.atomic_add(dwp, acc, mask=omask, sem="relaxed")
+    else:
+        tl.store(dwp, acc.to(DW.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -17,13 +52,13 @@ def _wgrad_kernel(
     COEF, fold_p,                # FOLD 1: L[r, :fold_p] += COEF[r]; 2: dW[e, :fold_p] += COEF[e] (module doc)
     DW, stride_de, stride_dp, stride_dq,  # [N, P, Q], any strides (laid out like the weight it grads)
     N, P, Q, num_p, num_q,
-    GATHER: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr,
-    BP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr, NP2: tl.constexpr,
+    GATHER: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, SPLIT_P: tl.constexpr,
+    BP: tl.constexpr, BP2: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr, NP2: tl.constexpr,
 ):
-    """A program owns dW[e, p-block, q-block] over all of expert e's rows; with SPLIT, over one chunk of
-    at most CH of them (chunks never straddle two experts), adding its partial sum into a zeroed fp32
-    DW with atomics. Equal chunks keep every program the same length whatever the expert loads: without
-    them, a heavy expert's programs run last and alone (the grid's tail)."""
+    """A program owns dW[e, p-block, q-block] (SPLIT_P: all of P, module docstring) over all of expert e's
+    rows; with SPLIT, over one chunk of at most CH of them (chunks never straddle two experts), adding its
+    partial sum into a zeroed fp32 DW with atomics. Equal chunks keep every program the same length
+    whatever the expert loads: without them, a heavy expert's programs run last and alone (the grid's tail)."""
     pid = tl.program_id(0)
     per_t = num_p * num_q
     t = pid // per_t
@@ -38,33 +73,28 @@ def _wgrad_kernel(
         start = tl.load(OFFS + e)
         end = tl.load(OFFS + e + 1)
     pc = pb * BP + tl.arange(0, BP)
-    qc = qb * BQ + tl.arange(0, BQ)
     pm = pc < P
+    pc2 = BP + tl.arange(0, BP2)
+    pm2 = pc2 < P
+    qc = qb * BQ + tl.arange(0, BQ)
     qm = qc < Q
     ks = tl.arange(0, BK)
     acc = tl.zeros((BP, BQ), dtype=tl.float32)
+    acc2 = tl.zeros((BP2, BQ), dtype=tl.float32)
     for r0 in range(start, end, BK):
         rows = r0 + ks
         rm = rows < end
-        # L^T tile loaded transposed by address arithmetic ([BP, BK], contiguous along P)
-        lt = tl.load(L + rows.to(tl.int64)[None, :] * stride_l + pc[:, None], mask=rm[None, :] & pm[:, None], other=0.0)
-        if FOLD == 1:
-            coef = tl.load(COEF + rows, mask=rm, other=0.0)
-            lt = (lt.to(tl.float32) + tl.where(pc[:, None] < fold_p, coef[None, :], 0.0)).to(lt.dtype)
         if GATHER:
             src = tl.load(TOK + rows, mask=rm, other=0).to(tl.int64)
         else:
             src = rows.to(tl.int64)
         r = tl.load(R + src[:, None] * stride_r + qc[None, :], mask=rm[:, None] & qm[None, :], other=0.0)
-        acc = tl.dot(lt, r, acc, input_precision=PREC)
-    if FOLD == 2:  # once per expert: by its first chunk when split
-        if (not SPLIT) or start == tl.load(OFFS + e):
-            v = tl.load(COEF + e.to(tl.int64) * Q + qc, mask=qm, other=0.0)
-            acc += tl.where(pc[:, None] < fold_p, v[None, :], 0.0)
-    dwp = DW + e.to(tl.int64) * stride_de + pc[:, None] * stride_dp + qc[None, :] * stride_dq
-    omask = pm[:, None] & qm[None, :]
-    if SPLIT:
-        if start < end:
-            tl.atomic_add(dwp, acc, mask=omask, sem="relaxed")
-    else:
-        tl.store(dwp, acc.to(DW.dtype.element_ty), mask=omask)
+        acc = tl.dot(_lhs_t(L, stride_l, rows, rm, pc, pm, COEF, fold_p, FOLD), r, acc, input_precision=PREC)
+        if SPLIT_P:
+            acc2 = tl.dot(_lhs_t(L, stride_l, rows, rm, pc2, pm2, COEF, fold_p, FOLD), r, acc2, input_precision=PREC)
+    if (not SPLIT) or start < end:
+        first = (not SPLIT) or start == tl.load(OFFS + e)  # FOLD 2's term: once per expert
+        _dw_store(acc, DW, stride_de, stride_dp, stride_dq, e, pc, pm, qc, qm, COEF, fold_p, Q, first, SPLIT, FOLD)
+        if SPLIT_P:
+            _dw_store(acc2, DW, stride_de, stride_dp, stride_dq, e, pc2, pm2, qc, qm, COEF, fold_p, Q, first, SPLIT,
+                      FOLD)
