@@ -69,8 +69,11 @@ KERNEL_VARIANTS = {  # forced tile configs of the non-default kernel variants (s
     "down-plain": {"down": (128, 128, 64, 8, 3)},
     "down-tma": {"down": (128, 128, 64, 8, 3, 3)},
     "down-staged": {"down": (64, 64, 64, 4, 2, 4)},
+    # "backend": TritonBackend options (the up kernels run in the forward only when it is not fused)
     "up-small": {"up": (64, 64, 64, 4, 4), "up_glu": (64, 64, 64, 4, 4), "up_bwd": (64, 64, 64, 4, 4),
-                 "up_bwd_glu": (128, 64, 64, 4, 4)},
+                 "up_bwd_glu": (128, 64, 64, 4, 4), "backend": {"fused_forward": False}},
+    "up-whole-e": {"up": (128, 256, 64, 8, 3), "up_bwd": (64, 256, 64, 8, 3), "up_bwd_glu": (64, 256, 64, 8, 3),
+                   "backend": {"fused_forward": False}},  # BN >= E: all of E per program (192 = 128 + 64)
     "wgrad-split": {"wgrad": (64, 128, 128, 4, 3, 256)},
     "wgrad-whole-p": {"wgrad": (256, 128, 64, 8, 3)},  # BP >= P: all of P per program (192 = 128 + 64)
     "wgrad-whole-p-split": {"wgrad": (256, 64, 64, 8, 3, 256)},
@@ -88,9 +91,11 @@ def test_triton_kernel_variants_bf16(case, variant):
     from ssd_megatron.ffn.backends import _triton_kernels as kernels
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
-    kernels.force_config(**KERNEL_VARIANTS[variant])
+    cfgs = dict(KERNEL_VARIANTS[variant])
+    opts = cfgs.pop("backend", {})
+    kernels.force_config(**cfgs)
     try:
-        compare(run(TritonBackend(), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
+        compare(run(TritonBackend(**opts), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
     finally:
         kernels.force_config()
 

@@ -35,10 +35,11 @@ CASES = [  # (inputs, TritonBackend options)
     (dict(activation="relu", T=31, E=48, K=3), {"fused_forward": True}),   # the same without GLU
 ]
 # the same checks with the kernels' variants, as (down variant, wgrad row chunk, M-tile order, wgrad tile
-# height BP; BP >= P: whole-P programs, P as two tiles where it is not a power of two): wgrad
+# height BP and up/up_bwd tile width BN; >= P or E: whole-P wgrad and whole-E up programs, two tiles where
+# the width is not a power of two): wgrad
 # reductions split into chunks of 32 rows (fp32 atomic sums; experts of 0, 1 and several chunks), the down
 # GEMM as ROWLOOP (1: a program covers all output columns), with TMA descriptors (3) or STAGED (4: A rows
-# loaded once; with whole-P wgrad programs; also case 4, whose reductions and wgrad tiles of 24 and 48
+# loaded once; with whole-P/E programs; also case 4, whose reductions and wgrad and up tiles of 24 and 48
 # columns take two tiles, 16 + 16 and 32 + 16),
 # and the up/down M-tiles in token-window order (SSD_TRITON_TILE_ORDER=token; empty experts, K = N, GLU)
 VARIANT_CASES = [0, 1, 2, 3, 5]
@@ -60,7 +61,8 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
     for c, (down_variant, chunk, order, bp) in RUNS:
         os.environ["SSD_TRITON_TILE_ORDER"] = order
         case, opts = CASES[c]
-        kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny + (down_variant,),
+        up = (16, bp, 16, 1, 1)  # bp >= E: whole-E up programs too
+        kernels.force_config(up=up, up_glu=up, up_bwd=up, up_bwd_glu=up, down=tiny + (down_variant,),
                              wgrad=(bp,) + tiny[1:] + (chunk,), mlp=tiny, mlp_glu=tiny)
         opts = dict(opts)
         inp = make_inputs(dtype=torch.float32, **case)
@@ -177,7 +179,7 @@ def _opcheck_results():
 
 
 # SSD's router gradient folded into the kernels (router_centroids) against autograd through the router on
-# the reference: (case index, down variant, wgrad row chunk, fold_router, wgrad BP); GLU, K = 1, K = N, empty
+# the reference: (case index, down variant, wgrad row chunk, fold_router, wgrad BP = up BN); GLU, K = 1, K = N, empty
 # experts, the gmm and pre-gathered weight gradients, ROWLOOP/TMA/STAGED dx and split dW1 (case 0: experts of
 # 37 rows, so two chunks of 32), both ways to fold dW1's part, also into whole-P dW1 blocks of two tiles (case
 # 12: P = 48 = 32 + 16, all gate rows; case 4: GLU, P = 48, the gate rows 0..23)
@@ -245,7 +247,8 @@ def _fold_results(kernels, tiny):
     out = [_fold_layer_result(kernels, tiny), _fold_bench_result(kernels, tiny)]
     for c, down_variant, chunk, mode, bp in FOLD_RUNS:
         case, opts = CASES[c]
-        kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny + (down_variant,),
+        up = (16, bp, 16, 1, 1)  # bp >= E: whole-E up programs too
+        kernels.force_config(up=up, up_glu=up, up_bwd=up, up_bwd_glu=up, down=tiny + (down_variant,),
                              wgrad=(bp,) + tiny[1:] + (chunk,), mlp=tiny, mlp_glu=tiny)
         opts = {k: v for k, v in opts.items() if k != "column_view_w2"}
         inp = make_inputs(dtype=torch.float32, **case)

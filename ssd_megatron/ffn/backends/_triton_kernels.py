@@ -46,7 +46,7 @@ from .routing import initialise
 # `SSD_TRITON_TUNE=1` times the candidates once per shape key instead.
 ROWLOOP, TMA, STAGED = 1, 3, 4  # down variants (2 was PERSISTENT, measured slower and removed: docs/kernels.md v8)
 DEFAULTS = {
-    "up": (128, 256, 64, 8, 3),
+    "up": (128, 256, 64, 8, 3),           # BN >= E: all of E per program (base: 128 + 64 columns, `_up_columns`)
     "up_glu": (128, 64, 64, 8, 3),
     "up_bwd": (128, 64, 64, 4, 4),
     "up_bwd_glu": (64, 64, 64, 4, 4),
@@ -59,7 +59,8 @@ DEFAULTS = {
 CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=1 (see docs/kernels.md)
     "up": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4)],
     "up_glu": [(128, 64, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (256, 64, 64, 8, 3)],
-    "up_bwd": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 4), (64, 64, 64, 4, 4)],
+    "up_bwd": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 4), (64, 64, 64, 4, 4),
+               (64, 256, 64, 8, 3)],
     "up_bwd_glu": [(64, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 128, 64, 8, 3), (128, 64, 64, 4, 4)],
     "down": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3),
              (128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 3), (128, 128, 64, 4, 3, 3),
@@ -226,19 +227,30 @@ def _np2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _up_columns(E: int, BN: int):
+    """(BN, BN2, column blocks per M-tile, rows of up_bwd's dgate partials) of an up launch whose config asks
+    for BN columns: a BN >= E makes each program cover all E columns, as one or two power-of-two tiles
+    (192 = 128 + 64, `_split_width`), so the gathered rows are read once and no masked column is multiplied."""
+    if BN >= E:
+        bn, bn2 = _split_width(E)
+        return bn, bn2, 1, 2 if bn2 else 1
+    return BN, 0, triton.cdiv(E, BN), triton.cdiv(E, BN)
+
+
 def _launch_up(head, tail, plan, meta, cfg, M, N, Din, E, fill=None):
     """One `_up_kernel` launch: a program per (M-tile, column block); `head` and `tail` are the kernel's
     arguments before and after TILES (head[0]: the gathered [T, Din] operand). fill = (out, row or None):
     the programs also initialise the contiguous `out` ([T, Dout], the next down launch's atomic target)
     to `row` broadcast over its rows, or to zeros."""
     BM, BN, BK, nw, ns = cfg[:5]
-    num_n = triton.cdiv(E, BN)
+    bn, bn2, num_n, _ = _up_columns(E, BN)
     tiles, sched = _tiles(plan, BM, head[0].numel() * head[0].element_size())
     programs = (triton.cdiv(M, BM) + N) * num_n
     fills, fill_meta = fill_args(fill, programs, head[0])
     _up_kernel[(programs,)](
-        *head, tiles, *tail, *fills, N, M, Din, E, num_n, EVEN_K=Din % BK == 0, EVEN_N=E % BN == 0, SCHED=sched,
-        BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns, **fill_meta, **meta)
+        *head, tiles, *tail, *fills, N, M, Din, E, num_n, EVEN_K=Din % BK == 0, EVEN_N=bn2 > 0 or E % bn == 0,
+        SCHED=sched, SPLIT=bn2 > 0, BM=BM, BN=bn, BN2=max(bn2, 16), BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns,
+        **fill_meta, **meta)
 
 
 def up_forward(x, w1, b1, plan, activation, save_h: bool, fill=None):
@@ -278,7 +290,7 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
     state = {}
 
     def launch(cfg):
-        dgp = torch.empty(triton.cdiv(E, cfg[1]), M, device=dy.device, dtype=torch.float32)
+        dgp = torch.empty(_up_columns(E, cfg[1])[3], M, device=dy.device, dtype=torch.float32)
         if need_db:
             db.zero_()
         head = (dy, dy.stride(0), w2, w2.stride(0), w2.stride(1), w2.stride(2), dh, 0,

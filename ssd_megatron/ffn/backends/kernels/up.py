@@ -133,10 +133,13 @@ def _up_kernel(
     N, M, Din, E, num_n,
     BWD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
     SAVE_H: tl.constexpr, STORE_GA: tl.constexpr, HAS_DB: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, SCHED: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, SCHED: tl.constexpr, SPLIT: tl.constexpr,
     HAS_FILL: tl.constexpr, HAS_FILL_ROW: tl.constexpr, FILL_BLOCK: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
 ):
+    """A program per (M-tile, block of BN columns of E); with SPLIT all of E per M-tile, as BN + BN2 columns
+    (e.g. 192 = 128 + 64) computed from the same gathered A tiles, the second block's dgate partials in
+    DGP's row 1."""
     if HAS_FILL:  # every program, live tile or not: the grid covers the whole output
         _fill_share(FILL, FILL_ROW, fill_numel, fill_width, fill_chunk, HAS_FILL_ROW, FILL_BLOCK)
     e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, TILES, num_n, N, BM, NP2, SCHED)
@@ -144,8 +147,15 @@ def _up_kernel(
         tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
         cols = pid_n * BN + tl.arange(0, BN)
         cmask = cols < E
-        acc, acc2, _, _ = _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols, cmask, cols,
-                                       cmask, Din, E, GLU and not BWD, False, EVEN_K, EVEN_N, PREC, BM, BN, BN, BK)
+        cols2 = BN + tl.arange(0, BN2)
+        cmask2 = cols2 < E
+        acc, acc2, accb, accb2 = _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols, cmask,
+                                              cols2, cmask2, Din, E, GLU and not BWD, SPLIT, EVEN_K, EVEN_N, PREC, BM,
+                                              BN, BN2, BK)
         _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT,
                      stride_o, DGP, GA, stride_ga, DB, stride_db, M, E,
                      BWD, ACT, GLU, HAS_BIAS, SAVE_H, STORE_GA, HAS_DB)
+        if SPLIT:
+            _up_epilogue(accb, accb2, e, rows, rmask, cols2, cmask2, 1, B, stride_be, ORDER, GATE, H, stride_h, OUT,
+                         stride_o, DGP, GA, stride_ga, DB, stride_db, M, E,
+                         BWD, ACT, GLU, HAS_BIAS, SAVE_H, STORE_GA, HAS_DB)
