@@ -121,6 +121,21 @@ def setup(shape, activation, tokens, device="cuda"):
     }
 
 
+def parse_configs(text: str) -> dict:
+    """--configs: {kind: [config, ...]}, each config checked as SSD_TRITON_CONFIG's are."""
+    from ssd_megatron.errors import UserError
+
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        kind, _, values = item.partition("=")
+        kind = kind.strip()
+        try:
+            out[kind] = [K._parse_configs(f"{kind}={v}")[kind] for v in values.split("|")]
+        except UserError as exc:
+            raise SystemExit(f"error: --configs (configs as in SSD_TRITON_CONFIG, '|' between them): {exc}") from None
+    return out
+
+
 def add_case_args(ap, activations="relu,swiglu"):
     """The layer cases' options, shared with tools/compile_report.py."""
     ap.add_argument("--shapes", default="base,8b")
@@ -159,8 +174,12 @@ def main() -> int:
     ap.add_argument("--once", action="store_true", help="run each default launch once inside cudaProfilerStart/Stop")
     ap.add_argument("--orders", default="auto", help="comma list of M-tile orders to time every config in "
                     "(SSD_TRITON_TILE_ORDER: auto, expert, token), e.g. expert,token")
+    ap.add_argument("--configs", default="", help="the configs to time besides the default, per kind, instead "
+                    "of VARIANTS': KIND=BM,BN,BK,WARPS,STAGES[,VARIANT]|...;KIND=..., e.g. "
+                    "'down=64,64,64,4,2,4|128,64,64,8,3,4;wgrad=256,128,64,8,3'")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    variants = {**VARIANTS, **parse_configs(args.configs)}
     if not torch.cuda.is_available():
         print("error: tools/bench_kernels.py times CUDA kernels and needs a GPU (run it through the device tool)",
               file=sys.stderr)
@@ -186,7 +205,7 @@ def main() -> int:
             K.force_config()
             os.environ.pop("SSD_TRITON_TILE_ORDER", None)
             ref = _first(fn()).clone()
-            for order, cfg in itertools.product(args.orders.split(","), [None] + VARIANTS.get(kind, [])):
+            for order, cfg in itertools.product(args.orders.split(","), [None] + variants.get(kind, [])):
                 os.environ["SSD_TRITON_TILE_ORDER"] = order
                 K.force_config(**({kind: cfg} if cfg else {}))
                 try:

@@ -35,6 +35,7 @@ def test_forced_configs_win_over_the_environment(monkeypatch):
     ("wgrad=64,96,128,4,3", "powers of two"),
     ("down=128,128,64,8,0", "STAGES >= 1"),
     ("down=128,128,64,8,3,2", "VARIANT must be"),      # 2 was PERSISTENT, removed
+    ("down=128,128,64,8,3,5", "4 (STAGED)"),
     ("up=128,128,64,8,3,1", "VARIANT must be"),
     ("wgrad=64,128,128,4,3,-1", "VARIANT must be"),
 ])
@@ -44,6 +45,34 @@ def test_bad_env_config_is_a_one_line_error_naming_the_variable(monkeypatch, tex
         K._pick("wgrad", (192, 768, "torch.bfloat16"), None)
     msg = str(err.value)
     assert msg.startswith("SSD_TRITON_CONFIG: ") and says in msg and "\n" not in msg, msg
+
+
+def test_staged_down_variant_is_accepted(monkeypatch):
+    monkeypatch.setenv("SSD_TRITON_CONFIG", "down=64,64,64,4,2,4")
+    assert K._pick("down:atomic16", (256, 4096, "torch.bfloat16"), None) == (64, 64, 64, 4, 2, K.STAGED)
+
+
+@pytest.mark.parametrize("E, BN, want", [
+    (192, 256, (128, 64, 1, 2)),   # whole E as 128 + 64 columns; dgate partials of both blocks
+    (256, 256, (256, 0, 1, 1)),    # a power of two: one tile
+    (192, 64, (64, 0, 3, 3)),      # narrower than E: column blocks, as before
+    (24, 16, (16, 0, 2, 2)),
+    (24, 32, (16, 16, 1, 2)),
+])
+def test_up_columns_cover_e_once(E, BN, want):
+    assert K._up_columns(E, BN) == want
+
+
+def test_bench_kernels_configs_option():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+    import bench_kernels
+
+    assert bench_kernels.parse_configs("down=64,64,64,4,2,4|128,64,64,8,3,4; wgrad=256,128,64,8,3") == {
+        "down": [(64, 64, 64, 4, 2, 4), (128, 64, 64, 8, 3, 4)], "wgrad": [(256, 128, 64, 8, 3)]}
+    with pytest.raises(SystemExit, match="--configs .*VARIANT must be"):
+        bench_kernels.parse_configs("down=64,64,64,4,2,4|64,64,64,4,2,7")
 
 
 def test_bad_env_config_fails_when_the_backend_is_built(monkeypatch):
