@@ -100,14 +100,14 @@ def test_token_window_tiles_cover_every_tile_once_in_relative_position_order():
 
 def test_tile_order_from_the_environment(monkeypatch):
     monkeypatch.delenv("SSD_TRITON_TILE_ORDER", raising=False)
-    assert not K._token_order(25 << 20) and K._token_order(134 << 20)  # auto: base x 25 MB, 8B x 134 MB
+    assert not K._token_order()  # auto: expert order (token windows lost at 8B, docs/kernels.md v12)
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "expert")
-    assert not K._token_order(134 << 20)
+    assert not K._token_order()
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "token")
-    assert K._token_order(1)
+    assert K._token_order()
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "windows")
     with pytest.raises(UserError, match="SSD_TRITON_TILE_ORDER: 'windows'; accepted: auto, expert, token"):
-        K._token_order(1)
+        K._token_order()
 
 
 def test_default_combine_follows_the_gpus_atomics(monkeypatch):

@@ -41,10 +41,13 @@ from .routing import initialise
 
 # (BM|BP, BN|BQ, BK, num_warps, num_stages[, variant]). variant: down 1 = ROWLOOP (a program covers all
 # output columns), 3 = TMA (descriptor loads), 4 = STAGED (ROWLOOP from A rows loaded once; BK unused);
+# up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE);
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none); a wgrad BP >= P makes each
 # program cover all of P (kernels/wgrad.py). Defaults are chosen per kernel from the sweeps recorded in docs/kernels.md;
 # `SSD_TRITON_TUNE=1` times the candidates once per shape key instead.
 ROWLOOP, TMA, STAGED = 1, 3, 4  # down variants (2 was PERSISTENT, measured slower and removed: docs/kernels.md v8)
+TWO_PASS = 1  # up_bwd variant: the GEMM, then its epilogue in a second launch (kernels/up.py)
+EPILOGUE_TILE = (64, 64, 16, 4, 1)  # that second launch's (BM, BN, -, warps, stages): elementwise work
 DEFAULTS = {
     "up": (128, 256, 64, 8, 3),           # BN >= E: all of E per program (base: 128 + 64 columns, `_up_columns`)
     "up_glu": (128, 64, 64, 8, 3),
@@ -119,13 +122,14 @@ def _parse_configs(text: str) -> dict:
             raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
         if len(cfg) == 6 and not _variant_ok(kind.split(":")[0], cfg[5]):
             raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA) or 4 (STAGED); for "
-                            f"wgrad, a row chunk >= 0")
+                            f"up_bwd[_glu], 1 (TWO_PASS); for wgrad, a row chunk >= 0")
         out[kind] = cfg
     return out
 
 
 def _variant_ok(base: str, variant: int) -> bool:
-    return variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED)) or (base == "wgrad" and variant > 0)
+    return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED)) or (base == "wgrad" and variant > 0)
+            or (base.startswith("up_bwd") and variant == TWO_PASS))
 
 
 def _default(base: str, key: tuple, hopper: bool = True):
@@ -177,17 +181,19 @@ def _pick(kind: str, key: tuple, launch, hopper: bool = True):
 # is gathered, or atomically added, through DRAM again. Token-window order sorts the tiles by their
 # relative position in their expert's token-sorted rows, so that the ~2 tiles per expert resident at
 # once cover one window of ~T/16 tokens of every expert, whose rows stay in L2 across the K visits.
+# Timed at 8B (H200, docs/kernels.md v12) it lost in every launch (down for dx 1.77 -> 1.95 ms, the fused
+# forward 2.55 -> 2.69), so `auto` is expert order at every size; SSD_TRITON_TILE_ORDER=token asks for it.
 TILE_ORDERS = ("auto", "expert", "token")
-TOKEN_ORDER_BYTES = 32 << 20  # auto: token windows once the [T, width] operand outgrows ~2/3 of the L2
 
 
-def _token_order(nbytes: int) -> bool:
+def _token_order() -> bool:
+    """Whether the launches take their M-tiles in token-window order (SSD_TRITON_TILE_ORDER=token)."""
     from ...errors import UserError
 
     mode = os.environ.get("SSD_TRITON_TILE_ORDER", "auto")
     if mode not in TILE_ORDERS:
         raise UserError(f"SSD_TRITON_TILE_ORDER: {mode!r}; accepted: {', '.join(TILE_ORDERS)}")
-    return mode == "token" or (mode == "auto" and nbytes > TOKEN_ORDER_BYTES)
+    return mode == "token"
 
 
 def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int) -> torch.Tensor:
@@ -208,10 +214,10 @@ def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int) -> torch.
     return torch.stack([e, row0], 1).to(torch.int32).contiguous()
 
 
-def _tiles(plan, BM: int, nbytes: int):
-    """(TILES, SCHED) of a launch whose token-indexed operand has `nbytes`: the token-window schedule,
-    built once per plan and tile height, or expert order (TILES unused)."""
-    if not _token_order(nbytes):
+def _tiles(plan, BM: int):
+    """(TILES, SCHED) of a launch: the token-window schedule, built once per plan and tile height, or
+    expert order (TILES unused)."""
+    if not _token_order():
         return plan.offsets, False
     cache = plan.__dict__.setdefault("_tiles", {})
     if BM not in cache:
@@ -244,7 +250,7 @@ def _launch_up(head, tail, plan, meta, cfg, M, N, Din, E, fill=None):
     to `row` broadcast over its rows, or to zeros."""
     BM, BN, BK, nw, ns = cfg[:5]
     bn, bn2, num_n, _ = _up_columns(E, BN)
-    tiles, sched = _tiles(plan, BM, head[0].numel() * head[0].element_size())
+    tiles, sched = _tiles(plan, BM)
     programs = (triton.cdiv(M, BM) + N) * num_n
     fills, fill_meta = fill_args(fill, programs, head[0])
     _up_kernel[(programs,)](
@@ -266,7 +272,7 @@ def up_forward(x, w1, b1, plan, activation, save_h: bool, fill=None):
             plan.token, plan.order, a, plan.offsets)
     tail = (h, h.stride(0), a, a.stride(0), a, a, 0, a, 0)
     meta = dict(BWD=False, ACT=act, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=save_h, STORE_GA=False, HAS_DB=False,
-                PREC=_prec(x))
+                PREC=_prec(x), PASS=0)
 
     def launch(cfg):
         _launch_up(head, tail, plan, meta, cfg, M, N, D, E, fill)
@@ -290,13 +296,20 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
     state = {}
 
     def launch(cfg):
-        dgp = torch.empty(_up_columns(E, cfg[1])[3], M, device=dy.device, dtype=torch.float32)
+        two = len(cfg) > 5 and cfg[5] == TWO_PASS
+        dgp = torch.empty(_up_columns(E, (EPILOGUE_TILE if two else cfg)[1])[3], M, device=dy.device,
+                          dtype=torch.float32)
         if need_db:
             db.zero_()
         head = (dy, dy.stride(0), w2, w2.stride(0), w2.stride(1), w2.stride(2), dh, 0,
                 plan.token, plan.order, gate_flat, plan.offsets)
         tail = (h, h.stride(0), dh, dh.stride(0), dgp, ga, ga.stride(0), db, db.stride(0))
-        _launch_up(head, tail, plan, meta, cfg, M, N, D, E, fill)
+        if two:  # the GEMM into da, then the epilogue from da (kernels/up.py)
+            da = torch.empty(M, E, device=dy.device, dtype=dy.dtype)
+            _launch_up(head, (h, 0, da, da.stride(0)) + tail[4:], plan, dict(meta, PASS=1), cfg, M, N, D, E, fill)
+            _launch_up((da, da.stride(0)) + head[2:], tail, plan, dict(meta, PASS=2), EPILOGUE_TILE, M, N, D, E)
+        else:
+            _launch_up(head, tail, plan, dict(meta, PASS=0), cfg, M, N, D, E, fill)
         state["dgp"] = dgp
 
     launch(_pick("up_bwd_glu" if glu else "up_bwd", (D, E, str(dy.dtype)), launch))
@@ -406,7 +419,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
         if init:
             init()
         operands = (a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2))
-        tiles, sched = _tiles(plan, BM, T * Dout * a.element_size())  # by the [T, Dout] combine target
+        tiles, sched = _tiles(plan, BM)
         rest = (plan.order, plan.token, gate, plan.offsets, tiles, buf, buf.stride(0), c, c.stride(0), N, Ein, Dout)
         meta = dict(SCALE=gate_flat is not None, ATOMIC=atomic, RANK1=rank1 is not None, PREC=_prec(a), SCHED=sched,
                     BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
@@ -460,7 +473,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
         BM, BN, BK, nw, ns = cfg[:5]
         if init:
             init()
-        tiles, sched = _tiles(plan, BM, x.numel() * x.element_size())
+        tiles, sched = _tiles(plan, BM)
         _mlp_kernel[(triton.cdiv(M, BM) + N,)](
             x, x.stride(0), w1, w1.stride(0), w1.stride(1), w1.stride(2), bias, bias.stride(0),
             w2, w2.stride(0), w2.stride(1), w2.stride(2), plan.token, plan.order, gate_flat, plan.offsets, tiles,
