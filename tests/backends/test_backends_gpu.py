@@ -74,6 +74,7 @@ KERNEL_VARIANTS = {  # forced tile configs of the non-default kernel variants (s
                  "up_bwd_glu": (128, 64, 64, 4, 4), "backend": {"fused_forward": False}},
     "up-whole-e": {"up": (128, 256, 64, 8, 3), "up_bwd": (64, 256, 64, 8, 3), "up_bwd_glu": (64, 256, 64, 8, 3),
                    "backend": {"fused_forward": False}},  # BN >= E: all of E per program (192 = 128 + 64)
+    "up-bwd-two-pass": {"up_bwd": (128, 256, 64, 8, 3, 1), "up_bwd_glu": (128, 128, 64, 8, 3, 1)},
     "wgrad-split": {"wgrad": (64, 128, 128, 4, 3, 256)},
     "wgrad-whole-p": {"wgrad": (256, 128, 64, 8, 3)},  # BP >= P: all of P per program (192 = 128 + 64)
     "wgrad-whole-p-split": {"wgrad": (256, 64, 64, 8, 3, 256)},

@@ -34,20 +34,20 @@ CASES = [  # (inputs, TritonBackend options)
     (dict(activation="geglu", T=23, E=48, K=2), {"fused_forward": True, "fold_output": True}),  # E = 32 + 16
     (dict(activation="relu", T=31, E=48, K=3), {"fused_forward": True}),   # the same without GLU
 ]
-# the same checks with the kernels' variants, as (down variant, wgrad row chunk, M-tile order, wgrad tile
-# height BP and up/up_bwd tile width BN; >= P or E: whole-P wgrad and whole-E up programs, two tiles where
-# the width is not a power of two): wgrad
-# reductions split into chunks of 32 rows (fp32 atomic sums; experts of 0, 1 and several chunks), the down
-# GEMM as ROWLOOP (1: a program covers all output columns), with TMA descriptors (3) or STAGED (4: A rows
-# loaded once; with whole-P/E programs; also case 4, whose reductions and wgrad and up tiles of 24 and 48
-# columns take two tiles, 16 + 16 and 32 + 16),
-# and the up/down M-tiles in token-window order (SSD_TRITON_TILE_ORDER=token; empty experts, K = N, GLU)
+# the same checks with the kernels' variants, as (down variant, wgrad row chunk, M-tile order, wgrad BP =
+# up BN, up_bwd in two passes): wgrad reductions split into chunks of 32 rows (fp32 atomic sums; experts
+# of 0, 1 and several chunks); the down GEMM as ROWLOOP (1: a program covers all output columns), with TMA
+# descriptors (3) or STAGED (4: A rows loaded once); BP/BN 64 >= P, E: whole-P wgrad and whole-E up
+# programs (case 4: widths 24 and 48 as 16 + 16 and 32 + 16); up_bwd as the GEMM, then its epilogue; and
+# the up/down M-tiles in token-window order (SSD_TRITON_TILE_ORDER=token; empty experts, K = N, GLU)
 VARIANT_CASES = [0, 1, 2, 3, 5]
-VARIANTS = [(1, 32, "auto", 16), (3, 0, "auto", 16), (0, 0, "token", 16), (1, 0, "token", 16), (3, 32, "token", 16),
-            (4, 0, "auto", 64), (4, 32, "token", 64)]
+VARIANTS = [(1, 32, "auto", 16, 0), (3, 0, "auto", 16, 0), (0, 0, "token", 16, 0), (1, 0, "token", 16, 0),
+            (3, 32, "token", 16, 0), (4, 0, "auto", 64, 0), (4, 32, "token", 64, 0), (0, 0, "auto", 16, 1),
+            (1, 32, "token", 64, 1)]
 FUSED_TOKEN_ORDER = [8, 10]  # the fused forward's M-tiles from the token-window schedule
-RUNS = ([(c, (0, 0, "auto", 16)) for c in range(len(CASES))] + [(c, v) for v in VARIANTS for c in VARIANT_CASES]
-        + [(c, (0, 0, "token", 16)) for c in FUSED_TOKEN_ORDER] + [(4, (4, 0, "auto", 64)), (4, (4, 32, "auto", 64))])
+RUNS = ([(c, (0, 0, "auto", 16, 0)) for c in range(len(CASES))] + [(c, v) for v in VARIANTS for c in VARIANT_CASES]
+        + [(c, (0, 0, "token", 16, 0)) for c in FUSED_TOKEN_ORDER]
+        + [(4, (4, 0, "auto", 64, 0)), (4, (4, 32, "auto", 64, 1))])
 TOL = 1e-5
 
 
@@ -58,11 +58,12 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     tiny = (16, 16, 16, 1, 1)
     results = []
-    for c, (down_variant, chunk, order, bp) in RUNS:
+    for c, (down_variant, chunk, order, bp, two) in RUNS:
         os.environ["SSD_TRITON_TILE_ORDER"] = order
         case, opts = CASES[c]
         up = (16, bp, 16, 1, 1)  # bp >= E: whole-E up programs too
-        kernels.force_config(up=up, up_glu=up, up_bwd=up, up_bwd_glu=up, down=tiny + (down_variant,),
+        up_bwd = up + (kernels.TWO_PASS,) if two else up
+        kernels.force_config(up=up, up_glu=up, up_bwd=up_bwd, up_bwd_glu=up_bwd, down=tiny + (down_variant,),
                              wgrad=(bp,) + tiny[1:] + (chunk,), mlp=tiny, mlp_glu=tiny)
         opts = dict(opts)
         inp = make_inputs(dtype=torch.float32, **case)
@@ -179,15 +180,17 @@ def _opcheck_results():
 
 
 # SSD's router gradient folded into the kernels (router_centroids) against autograd through the router on
-# the reference: (case index, down variant, wgrad row chunk, fold_router, wgrad BP = up BN); GLU, K = 1, K = N, empty
-# experts, the gmm and pre-gathered weight gradients, ROWLOOP/TMA/STAGED dx and split dW1 (case 0: experts of
-# 37 rows, so two chunks of 32), both ways to fold dW1's part, also into whole-P dW1 blocks of two tiles (case
-# 12: P = 48 = 32 + 16, all gate rows; case 4: GLU, P = 48, the gate rows 0..23)
-FOLD_RUNS = [(0, 0, 32, "epilogue", 16), (1, 1, 32, "epilogue", 16), (2, 3, 0, "epilogue", 16),
-             (3, 0, 32, "epilogue", 16), (4, 0, 0, "epilogue", 16), (5, 3, 32, "epilogue", 16),
-             (0, 0, 32, "rows", 16), (1, 1, 32, "rows", 16), (3, 0, 32, "rows", 16), (4, 0, 0, "rows", 16),
-             (10, 0, 32, "epilogue", 16), (2, 4, 0, "epilogue", 16), (4, 4, 32, "rows", 64),
-             (12, 0, 32, "epilogue", 64), (12, 4, 0, "rows", 64)]
+# the reference: (case index, down variant, wgrad row chunk, fold_router, wgrad BP = up BN, up_bwd in two
+# passes); GLU, K = 1, K = N, empty experts, the gmm and pre-gathered weight gradients, ROWLOOP/TMA/STAGED
+# dx and split dW1 (case 0: experts of 37 rows, so two chunks of 32), both ways to fold dW1's part, also
+# into whole-P dW1 blocks of two tiles (case 12: P = 48 = 32 + 16, all gate rows; case 4: GLU, P = 48, the
+# gate rows 0..23), and the dgate of a two-pass up_bwd
+FOLD_RUNS = [(0, 0, 32, "epilogue", 16, 0), (1, 1, 32, "epilogue", 16, 0), (2, 3, 0, "epilogue", 16, 0),
+             (3, 0, 32, "epilogue", 16, 0), (4, 0, 0, "epilogue", 16, 0), (5, 3, 32, "epilogue", 16, 0),
+             (0, 0, 32, "rows", 16, 0), (1, 1, 32, "rows", 16, 0), (3, 0, 32, "rows", 16, 0),
+             (4, 0, 0, "rows", 16, 0), (10, 0, 32, "epilogue", 16, 0), (2, 4, 0, "epilogue", 16, 0),
+             (4, 4, 32, "rows", 64, 0), (12, 0, 32, "epilogue", 64, 0), (12, 4, 0, "rows", 64, 0),
+             (3, 0, 32, "epilogue", 16, 1), (12, 4, 32, "rows", 64, 1)]
 
 
 def _fold_layer_result(kernels, tiny):
@@ -245,10 +248,11 @@ def _fold_results(kernels, tiny):
     from ssd_megatron.ffn.backends import ReferenceBackend
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     out = [_fold_layer_result(kernels, tiny), _fold_bench_result(kernels, tiny)]
-    for c, down_variant, chunk, mode, bp in FOLD_RUNS:
+    for c, down_variant, chunk, mode, bp, two in FOLD_RUNS:
         case, opts = CASES[c]
         up = (16, bp, 16, 1, 1)  # bp >= E: whole-E up programs too
-        kernels.force_config(up=up, up_glu=up, up_bwd=up, up_bwd_glu=up, down=tiny + (down_variant,),
+        up_bwd = up + (kernels.TWO_PASS,) if two else up
+        kernels.force_config(up=up, up_glu=up, up_bwd=up_bwd, up_bwd_glu=up_bwd, down=tiny + (down_variant,),
                              wgrad=(bp,) + tiny[1:] + (chunk,), mlp=tiny, mlp_glu=tiny)
         opts = {k: v for k, v in opts.items() if k != "column_view_w2"}
         inp = make_inputs(dtype=torch.float32, **case)
@@ -288,7 +292,7 @@ def test_triton_interpret_matches_reference(interpret_results, i):
 
 @pytest.mark.parametrize("i", range(len(CASES), len(RUNS)),
                          ids=[f"{CASES[c][0]['activation']}-{'fused' if CASES[c][1].get('fused_forward') else ''}"
-                              f"down{v[0]}-chunk{v[1]}-{v[2]}-bp{v[3]}" for c, v in RUNS[len(CASES):]])
+                              f"down{v[0]}-chunk{v[1]}-{v[2]}-bp{v[3]}{'-2pass' * v[4]}" for c, v in RUNS[len(CASES):]])
 def test_triton_interpret_kernel_variants(interpret_results, i):
     res = interpret_results[0][i]
     assert "exception" not in res, res.get("exception")
@@ -321,7 +325,8 @@ def test_triton_custom_ops_pass_opcheck(interpret_results, i):
 
 @pytest.mark.parametrize("i", range(len(FOLD_RUNS) + 2),
                          ids=["switchable-ffn", "bench-layer"]
-                         + [f"{CASES[c][0]['activation']}-down{d}-chunk{ch}-{m}-bp{bp}" for c, d, ch, m, bp in FOLD_RUNS])
+                         + [f"{CASES[c][0]['activation']}-down{d}-chunk{ch}-{m}-bp{bp}{'-2pass' * two}"
+                            for c, d, ch, m, bp, two in FOLD_RUNS])
 def test_triton_router_fold_matches_autograd_router(interpret_results, i):
     res = interpret_results[4][i]
     assert "exception" not in res, res.get("exception")

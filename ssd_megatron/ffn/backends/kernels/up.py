@@ -2,7 +2,13 @@
 Forward: X = x, W = w1, epilogue = bias, h (pre-activation) saved, a = act(h). Backward: X = dy, W = w2,
 epilogue = dgate partials, dh = gate * da * act'(h), ga = gate * a, db1 column sums.
 With HAS_FILL the programs also initialise the [T, Dout] output the next launch (down) adds into: y with
-the output bias, or dx with zeros (common._fill_share)."""
+the output bias, or dx with zeros (common._fill_share).
+
+The backward may also run as two launches (PASS 1, 2): the GEMM with nothing but a store of da, then the
+epilogue alone reading da back. The epilogue (h reloaded, and for GLU h's up half too, dh's two halves,
+gate * a, the dgate and bias sums) needs so many registers that the one-pass kernel runs on narrow tiles
+(GLU: 64 x 64, 32 FLOP per byte of operand tiles); without it the GEMM takes the forward's wide tiles, for
+a [M, E] write and read of da (docs/kernels.md v13)."""
 import triton
 import triton.language as tl
 
@@ -134,28 +140,50 @@ def _up_kernel(
     BWD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
     SAVE_H: tl.constexpr, STORE_GA: tl.constexpr, HAS_DB: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, SCHED: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_FILL: tl.constexpr, HAS_FILL_ROW: tl.constexpr, FILL_BLOCK: tl.constexpr,
+    PASS: tl.constexpr, HAS_FILL: tl.constexpr, HAS_FILL_ROW: tl.constexpr, FILL_BLOCK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
 ):
     """A program per (M-tile, block of BN columns of E); with SPLIT all of E per M-tile, as BN + BN2 columns
     (e.g. 192 = 128 + 64) computed from the same gathered A tiles, the second block's dgate partials in
-    DGP's row 1."""
+    DGP's row 1. PASS 0: the GEMM and its epilogue; the backward in two launches (module docstring): PASS 1
+    the GEMM alone, its product (da) stored to OUT's sorted rows; PASS 2 the epilogue alone, on X = da."""
     if HAS_FILL:  # every program, live tile or not: the grid covers the whole output
         _fill_share(FILL, FILL_ROW, fill_numel, fill_width, fill_chunk, HAS_FILL_ROW, FILL_BLOCK)
     e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, TILES, num_n, N, BM, NP2, SCHED)
     if live:
-        tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
         cols = pid_n * BN + tl.arange(0, BN)
         cmask = cols < E
         cols2 = BN + tl.arange(0, BN2)
         cmask2 = cols2 < E
-        acc, acc2, accb, accb2 = _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols, cmask,
-                                              cols2, cmask2, Din, E, GLU and not BWD, SPLIT, EVEN_K, EVEN_N, PREC, BM,
-                                              BN, BN2, BK)
-        _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT,
-                     stride_o, DGP, GA, stride_ga, DB, stride_db, M, E,
-                     BWD, ACT, GLU, HAS_BIAS, SAVE_H, STORE_GA, HAS_DB)
-        if SPLIT:
-            _up_epilogue(accb, accb2, e, rows, rmask, cols2, cmask2, 1, B, stride_be, ORDER, GATE, H, stride_h, OUT,
+        if PASS == 2:
+            acc = _row_tile(X, stride_x, rows, rmask, cols, cmask)
+            acc2 = acc  # (unused in the backward)
+            accb = acc
+            if SPLIT:
+                accb = _row_tile(X, stride_x, rows, rmask, cols2, cmask2)
+            accb2 = accb
+        else:
+            tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
+            acc, acc2, accb, accb2 = _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols,
+                                                  cmask, cols2, cmask2, Din, E, GLU and not BWD, SPLIT, EVEN_K, EVEN_N,
+                                                  PREC, BM, BN, BN2, BK)
+        if PASS == 1:
+            op = OUT + rows.to(tl.int64)[:, None] * stride_o
+            tl.store(op + cols[None, :], acc.to(OUT.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+            if SPLIT:
+                tl.store(op + cols2[None, :], accb.to(OUT.dtype.element_ty), mask=rmask[:, None] & cmask2[None, :])
+        else:
+            _up_epilogue(acc, acc2, e, rows, rmask, cols, cmask, pid_n, B, stride_be, ORDER, GATE, H, stride_h, OUT,
                          stride_o, DGP, GA, stride_ga, DB, stride_db, M, E,
                          BWD, ACT, GLU, HAS_BIAS, SAVE_H, STORE_GA, HAS_DB)
+            if SPLIT:
+                _up_epilogue(accb, accb2, e, rows, rmask, cols2, cmask2, 1, B, stride_be, ORDER, GATE, H, stride_h,
+                             OUT, stride_o, DGP, GA, stride_ga, DB, stride_db, M, E,
+                             BWD, ACT, GLU, HAS_BIAS, SAVE_H, STORE_GA, HAS_DB)
+
+
+@triton.jit
+def _row_tile(X, stride_x, rows, rmask, cols, cmask):
+    """X[rows, cols] of a row-major matrix, in fp32 (PASS 2's da)."""
+    p = X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :]
+    return tl.load(p, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
