@@ -121,9 +121,12 @@ def _(x, centroids, k):
 def _setup(ctx, inputs, output):
     x, centroids, _ = inputs
     ctx.save_for_backward(x, centroids, output[1])
+    ctx.set_materialize_grads(False)  # the expert ids take no gradient: none is zero-filled for them
 
 
 def _backward(ctx, d_scores, _):
+    if d_scores is None:
+        return None, None, None
     x, centroids, idx = ctx.saved_tensors
     full = torch.zeros(x.shape[0], centroids.shape[0], device=x.device, dtype=x.dtype)
     full.scatter_(1, idx, d_scores.to(x.dtype))

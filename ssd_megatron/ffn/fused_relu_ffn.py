@@ -52,6 +52,8 @@ def _setup_context(ctx, inputs, output):
     x, w_in, _, w_out, _ = inputs[:5]
     ctx.master_dtypes = tuple(None if m is None else m.dtype for m in inputs[5:9])  # None: no master
     ctx.save_for_backward(x, w_in, w_out, output[1])
+    # h is returned for the backward only: no zero-filled [tokens, d_ff] gradient for it
+    ctx.set_materialize_grads(False)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -74,6 +76,8 @@ def _masked_grad(dy, w_out, h, col_sum: bool):
 
 
 def _backward(ctx, grad_y, _grad_h):
+    if grad_y is None:
+        return (None,) * 9  # x, the four parameters, their four masters
     x, w_in, w_out, h = ctx.saved_tensors
     needs = ctx.needs_input_grad
     # Each parameter's gradient goes to its master when one was given (in the master's dtype), else to it.

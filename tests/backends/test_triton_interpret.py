@@ -80,6 +80,7 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
     print("COMPILE " + json.dumps(_compile_results(kernels, tiny)))
     print("OPCHECK " + json.dumps(_opcheck_results()))
     print("FOLD " + json.dumps(_fold_results(kernels, tiny)))
+    print("ZEROS " + json.dumps(_zero_fills_in_backward(kernels, tiny)))
 
 
 COMPILE_CASES = [0, 3]
@@ -265,6 +266,36 @@ def _fold_results(kernels, tiny):
     return out
 
 
+def _zero_fills_in_backward(kernels, tiny):
+    """The aten.zeros calls of one backward through the backend's custom op, and through the router's
+    (centroid_topk): autograd zero-fills the gradient of every output the loss does not use (h alone is
+    [T*K, F1]) unless told not to."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from backend_cases import make_inputs
+    from ssd_megatron.ffn.backends import expert_ffn
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    from ssd_megatron.ffn.centroid_router import centroid_topk
+
+    class Ops(TorchDispatchMode):
+        names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith("aten.zeros."):
+                self.names.append(list(args[0]))
+            return func(*args, **(kwargs or {}))
+
+    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny, mlp=tiny,
+                         mlp_glu=tiny)
+    inp = make_inputs(dtype=torch.float32)
+    y = expert_ffn(TritonBackend(), inp["x"], inp["w1"], inp["b1"], inp["w2"], inp["topk_idx"], inp["gate"], "relu")
+    scores, _ = centroid_topk(inp["x"], inp["w1"][:, 0], 2)
+    with Ops() as ops:
+        y.backward(inp["dy"])
+        scores.sum().backward()
+    return ops.names  # the shapes zero-filled
+
+
 @pytest.fixture(scope="module")
 def interpret_results():
     pytest.importorskip("triton")
@@ -274,12 +305,12 @@ def interpret_results():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=900)
     lines = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.stdout.splitlines() if " " in ln}
-    assert out.returncode == 0 and {"RESULTS", "PLANS", "COMPILE", "OPCHECK", "FOLD"} <= set(lines), (
+    assert out.returncode == 0 and {"RESULTS", "PLANS", "COMPILE", "OPCHECK", "FOLD", "ZEROS"} <= set(lines), (
         out.stderr[-4000:] + out.stdout[-2000:])
     return (json.loads(lines["RESULTS"]), json.loads(lines["PLANS"]), json.loads(lines["COMPILE"]),
-            json.loads(lines["OPCHECK"]), json.loads(lines["FOLD"]))
+            json.loads(lines["OPCHECK"]), json.loads(lines["FOLD"]), json.loads(lines["ZEROS"]))
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[c["activation"] for c, _ in CASES])
@@ -303,6 +334,10 @@ def test_triton_interpret_kernel_variants(interpret_results, i):
 @pytest.mark.parametrize("i", range(len(PLAN_CASES)), ids=[f"T{c[0]}-N{c[1]}-K{c[2]}-{c[3]}" for c in PLAN_CASES])
 def test_counting_sort_plan_equals_torch_sort(interpret_results, i):
     assert interpret_results[1][i], PLAN_CASES[i]
+
+
+def test_backward_zero_fills_no_unused_output_gradient(interpret_results):
+    assert interpret_results[5] == [[37, 4]], interpret_results[5]  # the router's own [T, N] scatter target
 
 
 if __name__ == "__main__":

@@ -72,6 +72,24 @@ def test_zero_preactivation_has_zero_gradient():
     assert torch.equal(b_out.grad, torch.full_like(b_out, 4.0))
 
 
+def test_backward_zero_fills_no_gradient_for_h():
+    """h is the op's second output for the backward only; autograd would zero-fill a [tokens, d_ff]
+    gradient for it in every backward unless told not to (set_materialize_grads)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    y = relu_ffn(*_inputs(torch.float32, shape=(4, 8), d_ff=5))
+    with Ops() as ops:
+        y.sum().backward()
+    assert "aten.mm.default" in ops.names and not [n for n in ops.names if n.startswith("aten.zeros.")], ops.names
+
+
 def test_autocast_casts_like_linears():
     inputs = _inputs(torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -178,9 +178,13 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, w1, w2, gate_flat, h, order, token, offsets, centroids,
                           w1c if w1c.numel() else None, w2c if w2c.numel() else None, b2)
     ctx.meta = (topk_idx.shape[1], activation, b1 is not None, combine, wgrad, fold, init_in_up)
+    # only y carries a gradient: no zero-filled gradients for h or the weight casts (h alone is [T*K, F1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, *_):
+    if dy is None:  # y unused by the loss (gradients are not materialised, _setup)
+        return (None,) * 15
     x, w1, w2, gate_flat, h, order, token, offsets, centroids, w1c, w2c, b2 = ctx.saved_tensors
     top_k, activation, has_bias, combine, wgrad, fold, init_in_up = ctx.meta
     # (trailing arguments left at their defaults are not counted in needs_input_grad: b2 may be missing)
