@@ -162,7 +162,7 @@ def _opcheck_results():
                                   fwd + (None, "epilogue", b2, True, True))
             y, h, order, token, offsets, _, _ = torch.ops.ssd_megatron.triton_experts(*fwd)
             bwd = (inp["dy"], x.detach(), w1.detach(), w2.detach(), gate_flat.detach(), h, order, token, offsets,
-                   gate.shape[1], case["activation"], b1 is not None, "atomic32", "triton", [True] * 5 + [False])
+                   inp["topk_idx"], case["activation"], b1 is not None, "atomic32", "triton", [True] * 5 + [False])
             # (not differentiable itself: no double backward, so no aot_dispatch check)
             torch.library.opcheck(torch.ops.ssd_megatron.triton_experts_backward.default, bwd,
                                   test_utils=("test_schema", "test_faketensor"))

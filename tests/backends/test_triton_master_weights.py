@@ -105,7 +105,7 @@ def opcheck_results():
         y, h, order, token, offsets, w1c, w2c = torch.ops.ssd_megatron.triton_experts(*fwd)
         out.append([str(w1c.dtype), list(w1c.shape), str(w2c.dtype), list(w2c.stride()) == list(w2.stride())])
         bwd = (inp["dy"], x.detach(), w1.detach(), w2.detach(), gate_flat.detach(), h, order, token, offsets,
-               gate.shape[1], "swiglu", True, "atomic32", "triton", [True] * 6, None, "epilogue", w1c, w2c,
+               inp["topk_idx"], "swiglu", True, "atomic32", "triton", [True] * 6, None, "epilogue", w1c, w2c,
                inp["b2"].detach())
         torch.library.opcheck(torch.ops.ssd_megatron.triton_experts_backward.default, bwd,
                               test_utils=("test_schema", "test_faketensor"))

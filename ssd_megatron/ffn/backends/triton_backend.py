@@ -119,7 +119,7 @@ def _experts_fake(x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad
 @torch.library.custom_op("ssd_megatron::triton_experts_backward", mutates_args=())
 def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                          gate_flat: torch.Tensor, h: torch.Tensor, order: torch.Tensor, token: torch.Tensor,
-                         offsets: torch.Tensor, top_k: int, activation: str, has_bias: bool, combine: str,
+                         offsets: torch.Tensor, topk_idx: torch.Tensor, activation: str, has_bias: bool, combine: str,
                          wgrad: str, needs: list[bool], centroids: Optional[torch.Tensor] = None,
                          fold: str = "epilogue", w1c: Optional[torch.Tensor] = None,
                          w2c: Optional[torch.Tensor] = None, b2: Optional[torch.Tensor] = None,
@@ -137,6 +137,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
     db2 = dy.sum(0, dtype=b2.dtype) if need_b2 else x.new_empty(0)
     if not any(needs[:5]):  # only the output bias trains (nothing saved for the rest: h may be empty)
         return (*(x.new_empty(0) for _ in range(5)), db2)
+    top_k = topk_idx.shape[1]
     plan = _Plan(w1.shape[0], top_k, x.shape[0], order, token, offsets)
     w1c, w2c = (w1 if w1c is None else w1c), (w2 if w2c is None else w2c)
     dx0 = k.atomic_output(x, x.shape[0], top_k, x.shape[1], combine) if need_x and init_in_up else None
@@ -150,7 +151,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
         rank1 = (dgate, centroids)
         if need_w1:
             wfold = (("rows", (dgate / E).index_select(0, order.long()), E) if fold == "rows"
-                     else ("expert", _router_centroid_grad(dgate, x, plan) / E, E))
+                     else ("expert", _router_centroid_grad(dgate, x, topk_idx, w1.shape[0]) / E, E))
     return (k.down_scatter(dh, w1c, plan, None, combine, rank1=rank1, out=dx0) if need_x else x.new_empty(0),
             _weight_grad(k, dh, x, plan, w1, wgrad, split, wfold) if need_w1 else x.new_empty(0),
             db32.to(w1.dtype) if db32 is not None else x.new_empty(0),
@@ -159,7 +160,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
 
 
 @_experts_backward_op.register_fake
-def _experts_backward_fake(dy, x, w1, w2, gate_flat, h, order, token, offsets, top_k, activation, has_bias,
+def _experts_backward_fake(dy, x, w1, w2, gate_flat, h, order, token, offsets, topk_idx, activation, has_bias,
                            combine, wgrad, needs, centroids=None, fold="epilogue", w1c=None, w2c=None, b2=None,
                            init_in_up=True):
     need_x, need_w1, need_b1, need_w2, need_gate, need_b2 = needs
@@ -175,9 +176,9 @@ def _setup(ctx, inputs, output):
     x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids, fold, b2, init_in_up, _ = inputs
     _, h, order, token, offsets, w1c, w2c = output
     # the casts of master weights (else empty): the backward computes with them; b2 for its dtype and shape
-    ctx.save_for_backward(x, w1, w2, gate_flat, h, order, token, offsets, centroids,
+    ctx.save_for_backward(x, w1, w2, gate_flat, h, order, token, offsets, topk_idx, centroids,
                           w1c if w1c.numel() else None, w2c if w2c.numel() else None, b2)
-    ctx.meta = (topk_idx.shape[1], activation, b1 is not None, combine, wgrad, fold, init_in_up)
+    ctx.meta = (activation, b1 is not None, combine, wgrad, fold, init_in_up)
     # only y carries a gradient: no zero-filled gradients for h or the weight casts (h alone is [T*K, F1])
     ctx.set_materialize_grads(False)
 
@@ -185,26 +186,23 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy, *_):
     if dy is None:  # y unused by the loss (gradients are not materialised, _setup)
         return (None,) * 15
-    x, w1, w2, gate_flat, h, order, token, offsets, centroids, w1c, w2c, b2 = ctx.saved_tensors
-    top_k, activation, has_bias, combine, wgrad, fold, init_in_up = ctx.meta
+    x, w1, w2, gate_flat, h, order, token, offsets, topk_idx, centroids, w1c, w2c, b2 = ctx.saved_tensors
+    activation, has_bias, combine, wgrad, fold, init_in_up = ctx.meta
     # (trailing arguments left at their defaults are not counted in needs_input_grad: b2 may be missing)
     nig = tuple(ctx.needs_input_grad) + (False,) * 15
     needs = [bool(n) for n in nig[:5] + nig[12:13]]
-    grads = _experts_backward_op(dy, x, w1, w2, gate_flat, h, order, token, offsets, top_k, activation, has_bias,
+    grads = _experts_backward_op(dy, x, w1, w2, gate_flat, h, order, token, offsets, topk_idx, activation, has_bias,
                                  combine, wgrad, needs, centroids, fold, w1c, w2c, b2, init_in_up)
     g = [gr if n else None for gr, n in zip(grads, needs)]
     return (*g[:5], None, None, None, None, None, None, None, g[5], None, None)
 
 
-def _router_centroid_grad(dgate: torch.Tensor, x: torch.Tensor, plan) -> torch.Tensor:
+def _router_centroid_grad(dgate: torch.Tensor, x: torch.Tensor, topk_idx: torch.Tensor, N: int) -> torch.Tensor:
     """[N, D] fp32: sum over the (t, k) pairs routed to expert e of dgate * x[t] (dS^T x, dS the gate
-    gradients scattered into a [T, N] matrix in x's dtype, as the router's own backward has it)."""
-    M, N, K = plan.num_rows, plan.num_experts, plan.top_k
-    rows = torch.arange(M, device=x.device, dtype=plan.offsets.dtype)
-    expert = torch.searchsorted(plan.offsets[1:], rows, right=True)
-    pair = plan.order.long()
-    ds = x.new_zeros(x.shape[0], N)
-    ds[pair // K, expert] = dgate.index_select(0, pair).to(x.dtype)
+    gradients scattered into a [T, N] matrix in x's dtype, as the router's own backward has it; dgate is
+    indexed by flat pair t * K + k, as topk_idx's entries)."""
+    T, K = topk_idx.shape
+    ds = x.new_zeros(T, N).scatter_(1, topk_idx, dgate.view(T, K).to(x.dtype))
     return (ds.t() @ x).float()
 
 
