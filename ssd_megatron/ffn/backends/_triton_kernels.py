@@ -43,8 +43,9 @@ from .routing import initialise
 # output columns), 3 = TMA (descriptor loads), 4 = STAGED (ROWLOOP from A rows loaded once; BK unused);
 # up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE);
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none); a wgrad BP >= P makes each
-# program cover all of P (kernels/wgrad.py). Defaults are chosen per kernel from the sweeps recorded in docs/kernels.md;
-# `SSD_TRITON_TUNE=1` times the candidates once per shape key instead.
+# program cover all of P (kernels/wgrad.py), an up BN >= E all of E (`_up_columns`). Defaults are chosen per
+# kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per
+# shape key instead.
 ROWLOOP, TMA, STAGED = 1, 3, 4  # down variants (2 was PERSISTENT, measured slower and removed: docs/kernels.md v8)
 TWO_PASS = 1  # up_bwd variant: the GEMM, then its epilogue in a second launch (kernels/up.py)
 EPILOGUE_TILE = (64, 64, 16, 4, 1)  # that second launch's (BM, BN, -, warps, stages): elementwise work
@@ -246,7 +247,8 @@ def _up_columns(E: int, BN: int):
 
 def _launch_up(head, tail, plan, meta, cfg, M, N, Din, E, fill=None):
     """One `_up_kernel` launch: a program per (M-tile, column block); `head` and `tail` are the kernel's
-    arguments before and after TILES (head[0]: the gathered [T, Din] operand). fill = (out, row or None):
+    arguments before and after TILES (head[0]: the gathered [T, Din] operand, or da for meta's PASS 2;
+    kernels/up.py). fill = (out, row or None):
     the programs also initialise the contiguous `out` ([T, Dout], the next down launch's atomic target)
     to `row` broadcast over its rows, or to zeros."""
     BM, BN, BK, nw, ns = cfg[:5]

@@ -6,10 +6,10 @@ precomputed COEF[e] ([N, Q] fp32) added to those rows in the epilogue.
 
 A program's dW block is BP rows of P by BQ columns of Q; with SPLIT_P it covers all of P (the expert's
 width, <= 2 tiles: 192 = 128 + 64) with a second accumulator of BP2 rows, so each gathered R tile is read
-once per column block instead of once per P block. Per BK-row step a 128 x 128 block moves 32 kB for
-2.1 MFLOP (64 FLOP/B), the 64 x 128 x 128 block of the base default 48 kB for 2.1 MFLOP (44 FLOP/B), and a
-whole-P 256 x 128 block 48 kB for 4.2 MFLOP (87 FLOP/B): at 8B the wgrad kernels run at ~380 TF/s and at
-base at ~224, about what the L2 can feed at those intensities (docs/kernels.md v13)."""
+once per column block instead of once per P block. Per BK-row step a 128 x 128 block moves 32 kB of
+operand tiles for 2.1 MFLOP (64 FLOP/B), the base default's 64 x 128 block (BK 128) 48 kB for 2.1 MFLOP
+(43 FLOP/B), and a whole-P 256 x 128 block 48 kB for 4.2 MFLOP (85 FLOP/B). The kernels run at ~380 TF/s
+at 8B and ~224 at base; that intensity bounds them is the hypothesis docs/kernels.md v13 sets out to test."""
 import triton
 import triton.language as tl
 
