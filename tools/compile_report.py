@@ -15,7 +15,7 @@ machine's. For the H200 image (triton 3.6.0):
     PYTHONPATH=/tmp/t36:. python tools/compile_report.py [--shapes base,8b] [--activations relu,swiglu] [--variants all]
 
 --variants all|one also compiles the candidates of tools/bench_kernels.py's sweep (one: the first of each
-variant); the exit code is 1 if any config fails to compile.
+variant), --configs the given ones (bench_kernels' syntax); the exit code is 1 if any config fails to compile.
 """
 import argparse
 import os
@@ -108,7 +108,10 @@ def main() -> int:
                     help="also the candidates of tools/bench_kernels.py: all, or one per kernel variant")
     ap.add_argument("--arch", type=int, choices=sorted(SM), default=90,
                     help="compute capability: 90 H100/H200, 80 A100")
+    ap.add_argument("--configs", default="", help="configs to compile besides the default, per kind, as "
+                    "tools/bench_kernels.py's --configs (instead of --variants for those kinds)")
     args = ap.parse_args()
+    chosen = bk.parse_configs(args.configs)
     ARCH[0] = args.arch
     _driver.set_active(_TargetDriver())
     JITFunction.run = _compile_only
@@ -122,7 +125,8 @@ def main() -> int:
     for shape, act in bk.cases(args):
         _, launches = bk.setup(shape, act, args.tokens, device="cpu")
         for label, (kind, _, fn) in bk.selected(launches, args).items():
-            for cfg in [None] + _candidates(bk.VARIANTS.get(kind, []), args.variants):
+            extra = chosen[kind] if kind in chosen else _candidates(bk.VARIANTS.get(kind, []), args.variants)
+            for cfg in [None] + extra:
                 K.force_config(**({kind: cfg} if cfg else {}))
                 LAUNCHES.clear()
                 try:

@@ -27,7 +27,8 @@ def _report(*args, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.update(env_extra or {})
-    out = subprocess.run([sys.executable, TOOL, "--shapes", "tiny", "--tokens", "512", *args], env=env,
+    shapes = () if "--shapes" in args else ("--shapes", "tiny")
+    out = subprocess.run([sys.executable, TOOL, *shapes, "--tokens", "512", *args], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     header = [i for i, ln in enumerate(out.stdout.splitlines()) if ln.startswith("shape")][0]
@@ -57,6 +58,18 @@ def _check(rows, expect_launches, mma="64x"):
 def test_relu_launches_and_variants_compile_for_sm90():
     kernels = _check(_report("--activations", "relu", "--variants", "one"), LAUNCHES)
     assert kernels == {"_up_kernel", "_down_kernel", "_down_tma_kernel", "_wgrad_kernel", "_mlp_kernel"}
+
+
+def test_wide_programs_compile_for_sm90():
+    """Session 19's wider programs where E = 192 is not a power of two (base shape): whole-E up and up_bwd
+    (128 + 64 columns), the two-pass up_bwd, whole-P wgrad (two accumulators) and STAGED down over a
+    192-deep (128 + 64) reduction."""
+    rows = _report("--shapes", "base", "--launches", "up,up_bwd,down_dx,wgrad_dw1", "--configs",
+                   "up_bwd=64,256,64,8,3|128,256,64,8,3,1;wgrad=256,128,64,8,3;down=64,64,64,4,2,4")
+    kernels = _check(rows, ["up", "up_bwd", "down_dx", "wgrad_dw1"])
+    assert kernels == {"_up_kernel", "_down_kernel", "_down_tma_kernel", "_wgrad_kernel"}
+    two_tile = [r for r in rows if r[-1] == "64x128x16,64x64x16" or r[-1] == "64x32x16,64x64x16"]
+    assert {r[2] for r in two_tile} >= {"up", "wgrad_dw1"}, rows  # two accumulators, 128 + 64 wide
 
 
 def test_glu_gather_gemm_compiles_for_sm90():
