@@ -40,15 +40,13 @@ from .routing import initialise
 
 
 # (BM|BP, BN|BQ, BK, num_warps, num_stages[, variant]). variant: down 1 = ROWLOOP (a program covers all
-# output columns), 3 = TMA (descriptor loads), 4 = STAGED (ROWLOOP from A rows loaded once; BK unused),
-# 5 = WS (STAGED as a warp-specialised Gluon kernel, kernels/down_gluon.py; STAGES = its W ring; STAGED where
-# it does not serve);
+# output columns), 3 = TMA (descriptor loads), 4 = STAGED (ROWLOOP from A rows loaded once; BK unused);
 # up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE);
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none); a wgrad BP >= P makes each
 # program cover all of P (kernels/wgrad.py), an up BN >= E all of E (`_up_columns`). Defaults are chosen per
 # kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per
 # shape key instead.
-ROWLOOP, TMA, STAGED, WS = 1, 3, 4, 5  # down variants (2 was PERSISTENT, measured slower and removed: docs/kernels.md v8)
+ROWLOOP, TMA, STAGED = 1, 3, 4  # down variants (2 was PERSISTENT, measured slower and removed: docs/kernels.md v8)
 TWO_PASS = 1  # up_bwd variant: the GEMM, then its epilogue in a second launch (kernels/up.py)
 EPILOGUE_TILE = (64, 64, 16, 4, 1)  # that second launch's (BM, BN, -, warps, stages): elementwise work
 DEFAULTS = {
@@ -125,14 +123,14 @@ def _parse_configs(text: str) -> dict:
         if len(cfg) not in (5, 6) or any(v < 1 or v & (v - 1) for v in cfg[:4]) or cfg[4] < 1:
             raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
         if len(cfg) == 6 and not _variant_ok(kind.split(":")[0], cfg[5]):
-            raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA), 4 (STAGED) or 5 (WS); for "
+            raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA) or 4 (STAGED); for "
                             f"up_bwd[_glu], 1 (TWO_PASS); for wgrad, a row chunk >= 0")
         out[kind] = cfg
     return out
 
 
 def _variant_ok(base: str, variant: int) -> bool:
-    return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED, WS)) or (base == "wgrad" and variant > 0)
+    return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED)) or (base == "wgrad" and variant > 0)
             or (base.startswith("up_bwd") and variant == TWO_PASS))
 
 
@@ -200,36 +198,22 @@ def _token_order() -> bool:
     return mode == "token"
 
 
-def _tile_index(offsets: torch.Tensor, M: int, N: int, BM: int):
-    """(expert, index within the expert, the expert's tile count, whether real) of the M-tiles j = 0 ..
-    cdiv(M, BM) + N - 1 in expert order (an upper bound: the tail is not real). Device ops, no host sync."""
+def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int) -> torch.Tensor:
+    """[cdiv(M, BM) + N, 2] int32 (expert, first row) of every M-tile, ordered by the tile's relative
+    position (i + 1/2) / tiles_e within its expert (ties: expert order); the unused tail of this upper
+    bound holds empty tiles (first row M). Device ops only, no host sync."""
     counts = (offsets[1:] - offsets[:-1]).long()
     nt = (counts + BM - 1) // BM
     cum = nt.cumsum(0)
     j = torch.arange(triton.cdiv(M, BM) + N, device=offsets.device)
     e = torch.searchsorted(cum, j, right=True).clamp_max(N - 1)
-    return e, j - (cum[e] - nt[e]), nt[e], j < cum[-1]
-
-
-def _tile_table(offsets: torch.Tensor, M: int, BM: int, e, i, valid) -> torch.Tensor:
+    i = j - (cum[e] - nt[e])
+    valid = j < cum[-1]
+    key = torch.where(valid, (i.double() + 0.5) / nt[e].clamp_min(1).double(), float("inf"))
+    order = torch.argsort(key, stable=True)
+    e, i, valid = e[order], i[order], valid[order]
     row0 = torch.where(valid, offsets.long()[e] + i * BM, M)
     return torch.stack([e, row0], 1).to(torch.int32).contiguous()
-
-
-def expert_tiles(offsets: torch.Tensor, M: int, N: int, BM: int) -> torch.Tensor:
-    """[cdiv(M, BM) + N, 2] int32 (expert, first row) of every M-tile in expert order; the unused tail of
-    this upper bound holds empty tiles (first row M). The Gluon down kernel's work list."""
-    e, i, _, valid = _tile_index(offsets, M, N, BM)
-    return _tile_table(offsets, M, BM, e, i, valid)
-
-
-def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int) -> torch.Tensor:
-    """`expert_tiles` ordered by the tile's relative position (i + 1/2) / tiles_e within its expert (ties:
-    expert order), empty tiles last."""
-    e, i, nt, valid = _tile_index(offsets, M, N, BM)
-    key = torch.where(valid, (i.double() + 0.5) / nt.clamp_min(1).double(), float("inf"))
-    order = torch.argsort(key, stable=True)
-    return _tile_table(offsets, M, BM, e[order], i[order], valid[order])
 
 
 def _tiles(plan, BM: int):
@@ -241,14 +225,6 @@ def _tiles(plan, BM: int):
     if BM not in cache:
         cache[BM] = token_window_tiles(plan.offsets, plan.num_rows, plan.num_experts, BM)
     return cache[BM], True
-
-
-def _expert_tiles(plan, BM: int) -> torch.Tensor:
-    """`expert_tiles` of the plan, built once per plan and tile height."""
-    cache = plan.__dict__.setdefault("_tiles", {})
-    if ("expert", BM) not in cache:
-        cache[("expert", BM)] = expert_tiles(plan.offsets, plan.num_rows, plan.num_experts, BM)
-    return cache[("expert", BM)]
 
 
 def _prec(t: torch.Tensor) -> str:
@@ -452,13 +428,6 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
                     BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
         m_tiles = triton.cdiv(M, BM) + N
         num_n = triton.cdiv(Dout, BN)
-        if variant == WS:
-            from .kernels import down_gluon
-            if down_gluon.serves(a, w, BM, BN, ns):
-                down_gluon.launch(a, w, _expert_tiles(plan, BM), plan.offsets, plan.order, plan.token, gate, buf, c,
-                                  M, gate_flat is not None, atomic, rank1 is not None, BM, BN, ns)
-                return
-            variant = STAGED
         descs = _down_descriptors(a, w, BM, BN, BK) if variant == TMA and Ein % BK == 0 and _hopper(a) else None
         if descs is not None:
             _down_tma_kernel[(m_tiles * num_n,)](*descs[:2], *rest, num_n, W_KROWS=descs[2], **meta)
