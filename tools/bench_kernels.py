@@ -10,6 +10,7 @@ against the default configuration's output. This is where kernel variants are co
 becomes a default (docs/kernels.md); `ssd-bench ffn` times the whole layer.
 
     python tools/bench_kernels.py [--shapes base,8b] [--activations relu,swiglu] [--launches a,b] [--out F.json]
+        [--configs "down=64,64,64,4,2,4|128,64,64,8,3,4;wgrad=256,128,64,8,3"]   # instead of VARIANTS' lists
     ncu --profile-from-start off ... python tools/bench_kernels.py --once   # each default launch once
 
 Inputs: bench.ffn's layer (clustered weights, realistic routing), bf16, 16 384 tokens. The same
