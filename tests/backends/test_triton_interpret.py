@@ -61,10 +61,7 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
     for c, (down_variant, chunk, order, bp, two) in RUNS:
         os.environ["SSD_TRITON_TILE_ORDER"] = order
         case, opts = CASES[c]
-        up = (16, bp, 16, 1, 1)  # bp >= E: whole-E up programs too
-        up_bwd = up + (kernels.TWO_PASS,) if two else up
-        kernels.force_config(up=up, up_glu=up, up_bwd=up_bwd, up_bwd_glu=up_bwd, down=tiny + (down_variant,),
-                             wgrad=(bp,) + tiny[1:] + (chunk,), mlp=tiny, mlp_glu=tiny)
+        _force_variant(kernels, tiny, down_variant, chunk, bp, two)
         opts = dict(opts)
         inp = make_inputs(dtype=torch.float32, **case)
         if opts.pop("column_view_w2", False):
@@ -81,6 +78,15 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
     print("OPCHECK " + json.dumps(_opcheck_results()))
     print("FOLD " + json.dumps(_fold_results(kernels, tiny)))
     print("ZEROS " + json.dumps(_zero_fills_in_backward(kernels, tiny)))
+
+
+def _force_variant(kernels, tiny, down_variant, chunk, bp, two):
+    """Tiny tiles with the given down variant and wgrad row chunk; wgrad BP and up/up_bwd BN = bp (whole P
+    and E where bp >= them); up_bwd in two passes when `two`."""
+    up = (16, bp, 16, 1, 1)
+    up_bwd = up + (kernels.TWO_PASS,) if two else up
+    kernels.force_config(up=up, up_glu=up, up_bwd=up_bwd, up_bwd_glu=up_bwd, down=tiny + (down_variant,),
+                         wgrad=(bp,) + tiny[1:] + (chunk,), mlp=tiny, mlp_glu=tiny)
 
 
 COMPILE_CASES = [0, 3]
@@ -251,10 +257,7 @@ def _fold_results(kernels, tiny):
     out = [_fold_layer_result(kernels, tiny), _fold_bench_result(kernels, tiny)]
     for c, down_variant, chunk, mode, bp, two in FOLD_RUNS:
         case, opts = CASES[c]
-        up = (16, bp, 16, 1, 1)  # bp >= E: whole-E up programs too
-        up_bwd = up + (kernels.TWO_PASS,) if two else up
-        kernels.force_config(up=up, up_glu=up, up_bwd=up_bwd, up_bwd_glu=up_bwd, down=tiny + (down_variant,),
-                             wgrad=(bp,) + tiny[1:] + (chunk,), mlp=tiny, mlp_glu=tiny)
+        _force_variant(kernels, tiny, down_variant, chunk, bp, two)
         opts = {k: v for k, v in opts.items() if k != "column_view_w2"}
         inp = make_inputs(dtype=torch.float32, **case)
         try:
