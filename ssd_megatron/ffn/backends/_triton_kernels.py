@@ -433,7 +433,8 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
             _down_tma_kernel[(m_tiles * num_n,)](*descs[:2], *rest, num_n, W_KROWS=descs[2], **meta)
             return
         num_n = 1 if variant in (ROWLOOP, STAGED) else num_n
-        be, be2 = _split_width(Ein)
+        # STAGED's reduction tiles; fixed for the other variants, which do not read them (no extra compiles)
+        be, be2 = _split_width(Ein) if variant == STAGED else (16, 0)
         _down_kernel[(m_tiles * num_n,)](*operands, *rest, num_n, EVEN_K=Ein % BK == 0, EVEN_N=Dout % BN == 0,
                                          ROWLOOP=variant == ROWLOOP, STAGED=variant == STAGED, SPLIT=be2 > 0, BE=be,
                                          BE2=max(be2, 16), **meta)
