@@ -139,6 +139,10 @@ def _default(base: str, key: tuple, hopper: bool = True):
     Before Hopper (A100: mma.sync keeps operand fragments in registers, no wgmma) the wide 8B tiles below
     spill 104-400 bytes per thread; there the nearest tiles that compile without spilling (offline sm_80
     compile, docs/kernels.md v11; not timed)."""
+    if base.startswith("up_bwd") and hopper and (key[0] >= 2048 or base == "up_bwd_glu"):
+        # TWO_PASS: the GEMM on wide tiles, its epilogue in a second launch (H100 sweep 2026-12-05, kernels.md
+        # v14: 8B ReLU 1.49 -> 1.09 ms, 8B SwiGLU 2.28 -> 1.34, base SwiGLU 0.240 -> 0.195; base ReLU even)
+        return (128, 256 if key[0] >= 2048 else 128, 64, 8, 3, TWO_PASS)
     if base in ("up_bwd", "up_glu") and key[0] >= 2048:   # long reduction (D): wider tiles
         return (128, 128, 64, 8, 3) if hopper or base == "up_bwd" else DEFAULTS[base]
     if base == "down" and key[1] >= 2048:                  # wide output (8B's D = 4096): ROWLOOP, H200 2026-12-04
@@ -315,7 +319,7 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
             _launch_up(head, tail, plan, dict(meta, PASS=0), cfg, M, N, D, E, fill)
         state["dgp"] = dgp
 
-    launch(_pick("up_bwd_glu" if glu else "up_bwd", (D, E, str(dy.dtype)), launch))
+    launch(_pick("up_bwd_glu" if glu else "up_bwd", (D, E, str(dy.dtype)), launch, _hopper(dy)))
     return dh, state["dgp"].sum(0), (ga if need_ga else None), (db if need_db else None)
 
 
