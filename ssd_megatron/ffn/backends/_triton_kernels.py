@@ -66,7 +66,7 @@ CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=
     "up_bwd": [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 4), (64, 64, 64, 4, 4),
                (64, 256, 64, 8, 3), (128, 256, 64, 8, 3, 1)],
     "up_bwd_glu": [(64, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 128, 64, 8, 3), (128, 64, 64, 4, 4),
-                   (128, 256, 64, 8, 3, 1)],
+                   (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 1)],
     "down": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3),
              (128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 3), (128, 128, 64, 4, 3, 3),
              (128, 64, 64, 8, 3, 4), (64, 64, 64, 4, 2, 4)],
@@ -135,7 +135,7 @@ def _variant_ok(base: str, variant: int) -> bool:
 
 
 def _default(base: str, key: tuple, hopper: bool = True):
-    """Untuned choice: the winners of the sweeps (docs/kernels.md: H100 run 4, H200 v7-v8) by problem size.
+    """Untuned choice: the winners of the sweeps (docs/kernels.md: H100 run 4, H200 v7-v8, H100 v14) by problem size.
     Before Hopper (A100: mma.sync keeps operand fragments in registers, no wgmma) the wide 8B tiles below
     spill 104-400 bytes per thread; there the nearest tiles that compile without spilling (offline sm_80
     compile, docs/kernels.md v11; not timed)."""
