@@ -178,7 +178,7 @@ def main() -> int:
     add_case_args(ap)
     ap.add_argument("--once", action="store_true", help="run each default launch once inside cudaProfilerStart/Stop")
     ap.add_argument("--orders", default="auto", help="comma list of M-tile orders to time every config in "
-                    "(SSD_TRITON_TILE_ORDER: auto, expert, token), e.g. expert,token")
+                    "(SSD_TRITON_TILE_ORDER: auto, expert, token, token:G), e.g. expert,token:16")
     ap.add_argument("--configs", default="", help="the configs to time besides the default, per kind, instead "
                     "of VARIANTS': KIND=BM,BN,BK,WARPS,STAGES[,VARIANT]|...;KIND=..., e.g. "
                     "'down=64,64,64,4,2,4|128,64,64,8,3,4;wgrad=256,128,64,8,3'")

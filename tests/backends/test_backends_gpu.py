@@ -101,16 +101,17 @@ def test_triton_kernel_variants_bf16(case, variant):
         kernels.force_config()
 
 
+@pytest.mark.parametrize("order", ["token", "token:3"])
 @pytest.mark.parametrize("down", ["pointer", "rowloop", "tma", "staged"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[8], CASES[12]], ids=[IDS[0], IDS[4], IDS[8], IDS[12]])
-def test_triton_token_window_order_bf16(case, down, monkeypatch):
-    """The up, up_bwd and down M-tiles from the token-window schedule (SSD_TRITON_TILE_ORDER=token; the
-    default at the 8B shape only) against the reference, with each down kernel."""
+def test_triton_token_window_order_bf16(case, down, order, monkeypatch):
+    """The up, up_bwd and down M-tiles from the token-window schedule (SSD_TRITON_TILE_ORDER=token, and
+    token:3, windows within groups of 3 experts) against the reference, with each down kernel."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
     from ssd_megatron.ffn.backends import _triton_kernels as kernels
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "token")
+    monkeypatch.setenv("SSD_TRITON_TILE_ORDER", order)
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
     kernels.force_config(down={"pointer": (128, 128, 64, 8, 3), "rowloop": (128, 128, 64, 4, 3, kernels.ROWLOOP),
                                "tma": (128, 128, 64, 8, 3, kernels.TMA),
@@ -121,7 +122,7 @@ def test_triton_token_window_order_bf16(case, down, monkeypatch):
         kernels.force_config()
 
 
-@pytest.mark.parametrize("order", ["auto", "token"])
+@pytest.mark.parametrize("order", ["auto", "token", "token:3"])
 @pytest.mark.parametrize("opts", [{}, {"combine": "atomic32"}, {"combine": "buffer"}, {"fold_output": True}],
                          ids=["default", "atomic32", "buffer", "output-fold"])
 @pytest.mark.parametrize("case", [CASES[i] for i in (0, 4, 6, 8, 9, 10, 11, 12)],

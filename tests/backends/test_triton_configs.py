@@ -82,32 +82,43 @@ def test_bad_env_config_fails_when_the_backend_is_built(monkeypatch):
         TritonBackend()
 
 
-def test_token_window_tiles_cover_every_tile_once_in_relative_position_order():
+@pytest.mark.parametrize("group", [0, 1, 2, 4, 6])
+def test_token_window_tiles_cover_every_tile_once_in_relative_position_order(group):
+    """Every M-tile exactly once; expert groups one after the other (group 0: one group of all, token order);
+    within a group, tiles by their relative position in their expert's rows."""
     import torch
 
     counts = torch.tensor([300, 0, 17, 129, 1000, 64])  # an empty expert, partial tiles
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
     M, N, BM = int(counts.sum()), len(counts), 64
-    tiles = K.token_window_tiles(offsets, M, N, BM)
+    tiles = K.token_window_tiles(offsets, M, N, BM, group)
     assert tiles.shape == ((M + BM - 1) // BM + N, 2) and tiles.dtype == torch.int32
     real = [(int(e), int(r)) for e, r in tiles if int(r) < M]
     want = {(e, int(offsets[e]) + i * BM) for e in range(N) for i in range((int(counts[e]) + BM - 1) // BM)}
     assert len(real) == len(want) and set(real) == want               # each tile exactly once
     assert all(int(r) == M for _, r in tiles[len(real):])              # then the empty tail
+    groups = [e // group if group else 0 for e, _ in real]
     pos = [((r - int(offsets[e])) // BM + 0.5) / ((int(counts[e]) + BM - 1) // BM) for e, r in real]
-    assert pos == sorted(pos)                                          # windows of relative position
+    assert groups == sorted(groups)                                    # one expert group after the other
+    assert list(zip(groups, pos)) == sorted(zip(groups, pos))          # windows of relative position in each
+    if group == 1:  # groups of one expert: expert order
+        assert real == sorted(want)
 
 
 def test_tile_order_from_the_environment(monkeypatch):
     monkeypatch.delenv("SSD_TRITON_TILE_ORDER", raising=False)
-    assert not K._token_order()  # auto: expert order (token windows lost at 8B, docs/kernels.md v12)
+    assert K._tile_groups() is None  # auto: expert order (token windows lost at 8B, docs/kernels.md v12, v14)
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "expert")
-    assert not K._token_order()
+    assert K._tile_groups() is None
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "token")
-    assert K._token_order()
-    monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "windows")
-    with pytest.raises(UserError, match="SSD_TRITON_TILE_ORDER: 'windows'; accepted: auto, expert, token"):
-        K._token_order()
+    assert K._tile_groups() == 0
+    monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "token:16")
+    assert K._tile_groups() == 16
+    for bad in ("windows", "token:0", "token:", "token:x", "expert:4"):
+        monkeypatch.setenv("SSD_TRITON_TILE_ORDER", bad)
+        with pytest.raises(UserError, match=f"SSD_TRITON_TILE_ORDER: '{bad}'; accepted: auto, expert, token, or "
+                                            f"token:G with G >= 1 experts per group"):
+            K._tile_groups()
 
 
 def test_default_combine_follows_the_gpus_atomics(monkeypatch):

@@ -39,11 +39,12 @@ CASES = [  # (inputs, TritonBackend options)
 # of 0, 1 and several chunks); the down GEMM as ROWLOOP (1: a program covers all output columns), with TMA
 # descriptors (3) or STAGED (4: A rows loaded once); BP/BN 64 >= P, E: whole-P wgrad and whole-E up
 # programs (case 4: widths 24 and 48 as 16 + 16 and 32 + 16); up_bwd as the GEMM, then its epilogue; and
-# the up/down M-tiles in token-window order (SSD_TRITON_TILE_ORDER=token; empty experts, K = N, GLU)
+# the up/down M-tiles in token-window order (SSD_TRITON_TILE_ORDER=token, and token:2 within groups of two
+# experts; empty experts, K = N, GLU)
 VARIANT_CASES = [0, 1, 2, 3, 5]
 VARIANTS = [(1, 32, "auto", 16, 0), (3, 0, "auto", 16, 0), (0, 0, "token", 16, 0), (1, 0, "token", 16, 0),
             (3, 32, "token", 16, 0), (4, 0, "auto", 64, 0), (4, 32, "token", 64, 0), (0, 0, "auto", 16, 1),
-            (1, 32, "token", 64, 1)]
+            (1, 32, "token", 64, 1), (1, 0, "token:2", 16, 0)]
 FUSED_TOKEN_ORDER = [8, 10]  # the fused forward's M-tiles from the token-window schedule
 RUNS = ([(c, (0, 0, "auto", 16, 0)) for c in range(len(CASES))] + [(c, v) for v in VARIANTS for c in VARIANT_CASES]
         + [(c, (0, 0, "token", 16, 0)) for c in FUSED_TOKEN_ORDER]

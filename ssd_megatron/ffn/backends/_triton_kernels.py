@@ -188,24 +188,38 @@ def _pick(kind: str, key: tuple, launch, hopper: bool = True):
 # relative position in their expert's token-sorted rows, so that the ~2 tiles per expert resident at
 # once cover one window of ~T/16 tokens of every expert, whose rows stay in L2 across the K visits.
 # Timed at 8B (H200, docs/kernels.md v12) it lost in every launch (down for dx 1.77 -> 1.95 ms, the fused
-# forward 2.55 -> 2.69), so `auto` is expert order at every size; SSD_TRITON_TILE_ORDER=token asks for it.
-TILE_ORDERS = ("auto", "expert", "token")
+# forward 2.55 -> 2.69), and in the H100 layer by 1.24 ms (v14), so `auto` is expert order at every size;
+# SSD_TRITON_TILE_ORDER=token asks for it. Nsight Compute (v14) shows both sides of the trade: in expert
+# order the 8B dx launch moves ~4 GB through DRAM (its K = 16 atomic adds per dx row mostly miss L2), in
+# token order the weights do (L2 hit rate 79% -> 41%: every expert's W is in flight at once). Grouped
+# windows, SSD_TRITON_TILE_ORDER=token:G, sit between: experts in groups of G, one group after the other,
+# token windows within each group, so fewer weights are in flight and each dx row is revisited from DRAM
+# once per group rather than once per visit (untimed).
+TILE_ORDERS = ("auto", "expert", "token", "token:G")
 
 
-def _token_order() -> bool:
-    """Whether the launches take their M-tiles in token-window order (SSD_TRITON_TILE_ORDER=token)."""
+def _tile_groups():
+    """How the launches take their M-tiles (SSD_TRITON_TILE_ORDER): None for expert order, else the size of
+    the expert groups of token-window order (0: one group of all experts, `token`)."""
     from ...errors import UserError
 
     mode = os.environ.get("SSD_TRITON_TILE_ORDER", "auto")
-    if mode not in TILE_ORDERS:
-        raise UserError(f"SSD_TRITON_TILE_ORDER: {mode!r}; accepted: {', '.join(TILE_ORDERS)}")
-    return mode == "token"
+    if mode in ("auto", "expert"):
+        return None
+    if mode == "token":
+        return 0
+    name, _, group = mode.partition(":")
+    if name != "token" or not group.isdigit() or int(group) < 1:
+        raise UserError(f"SSD_TRITON_TILE_ORDER: {mode!r}; accepted: auto, expert, token, or token:G with G >= 1 "
+                        f"experts per group")
+    return int(group)
 
 
-def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int) -> torch.Tensor:
+def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int, group: int = 0) -> torch.Tensor:
     """[cdiv(M, BM) + N, 2] int32 (expert, first row) of every M-tile, ordered by the tile's relative
-    position (i + 1/2) / tiles_e within its expert (ties: expert order); the unused tail of this upper
-    bound holds empty tiles (first row M). Device ops only, no host sync."""
+    position (i + 1/2) / tiles_e within its expert (ties: expert order), within groups of `group`
+    consecutive experts taken one after the other (0: all experts in one group); the unused tail of this
+    upper bound holds empty tiles (first row M). Device ops only, no host sync."""
     counts = (offsets[1:] - offsets[:-1]).long()
     nt = (counts + BM - 1) // BM
     cum = nt.cumsum(0)
@@ -213,7 +227,8 @@ def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int) -> torch.
     e = torch.searchsorted(cum, j, right=True).clamp_max(N - 1)
     i = j - (cum[e] - nt[e])
     valid = j < cum[-1]
-    key = torch.where(valid, (i.double() + 0.5) / nt[e].clamp_min(1).double(), float("inf"))
+    pos = (i.double() + 0.5) / nt[e].clamp_min(1).double()   # in (0, 1): the group index is the major key
+    key = torch.where(valid, pos + (e // group if group else 0), float("inf"))
     order = torch.argsort(key, stable=True)
     e, i, valid = e[order], i[order], valid[order]
     row0 = torch.where(valid, offsets.long()[e] + i * BM, M)
@@ -221,14 +236,15 @@ def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int) -> torch.
 
 
 def _tiles(plan, BM: int):
-    """(TILES, SCHED) of a launch: the token-window schedule, built once per plan and tile height, or
-    expert order (TILES unused)."""
-    if not _token_order():
+    """(TILES, SCHED) of a launch: the token-window schedule, built once per plan, tile height and expert
+    grouping, or expert order (TILES unused)."""
+    group = _tile_groups()
+    if group is None:
         return plan.offsets, False
     cache = plan.__dict__.setdefault("_tiles", {})
-    if BM not in cache:
-        cache[BM] = token_window_tiles(plan.offsets, plan.num_rows, plan.num_experts, BM)
-    return cache[BM], True
+    if (BM, group) not in cache:
+        cache[BM, group] = token_window_tiles(plan.offsets, plan.num_rows, plan.num_experts, BM, group)
+    return cache[BM, group], True
 
 
 def _prec(t: torch.Tensor) -> str:

@@ -299,7 +299,7 @@ class TritonBackend:
         if os.environ.get("SSD_TRITON_CONFIG"):
             _kernels().env_configs()  # a malformed value fails here, not inside a compiled step
         if os.environ.get("SSD_TRITON_TILE_ORDER"):
-            _kernels()._token_order()  # likewise
+            _kernels()._tile_groups()  # likewise
 
     def folds_router(self, x: torch.Tensor) -> bool:
         """Whether a call on `x` runs our kernels, which can take `router_centroids` (module docstring)."""
