@@ -195,7 +195,6 @@ def _pick(kind: str, key: tuple, launch, hopper: bool = True):
 # windows, SSD_TRITON_TILE_ORDER=token:G, sit between: experts in groups of G, one group after the other,
 # token windows within each group, so fewer weights are in flight and each dx row is revisited from DRAM
 # once per group rather than once per visit (untimed).
-TILE_ORDERS = ("auto", "expert", "token", "token:G")
 
 
 def _tile_groups():
