@@ -5,8 +5,9 @@ adds coef[r] * C[e] to each row first: the router's input gradient dgate * c_e (
 STAGED: a program loads its M-tile's whole A rows (all Ein columns) once and then sweeps every block of
 output columns with one product per block, as the fused forward's down half does with the `a` it keeps
 on chip (`_staged_blocks`, shared with kernels/mlp.py). ROWLOOP instead re-reads its A tile, BK columns at
-a time, for each output block: at 8B's Dout = 4096 that is 32 reads of each tile (from L2), which is
-where the down and dx launches lose against the up kernel (~310 against ~550 TF/s, docs/kernels.md v12)."""
+a time, for each output block: at 8B's Dout = 4096 that is 32 reads of each tile (from L2). STAGED was
+built to remove those reads and lost when timed (H100, docs/kernels.md v14: 8B dx 2.22 -> 2.30 ms at best,
+SwiGLU 2x slower): what bounds the dx launch is its combine's DRAM round trips, not these reads. Opt-in."""
 import triton
 import triton.language as tl
 

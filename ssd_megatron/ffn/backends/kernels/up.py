@@ -8,7 +8,8 @@ The backward may also run as two launches (PASS 1, 2): the GEMM with nothing but
 epilogue alone reading da back. The epilogue (h reloaded, and for GLU h's up half too, dh's two halves,
 gate * a, the dgate and bias sums) needs so many registers that the one-pass kernel runs on narrow tiles
 (GLU: 64 x 64, 32 FLOP per byte of operand tiles); without it the GEMM takes the forward's wide tiles, for
-a [M, E] write and read of da (docs/kernels.md v13)."""
+a [M, E] write and read of da. The default on Hopper at 8B and for GLU (docs/kernels.md v14: 8B ReLU
+1.49 -> 1.09 ms, 8B SwiGLU 2.28 -> 1.34)."""
 import triton
 import triton.language as tl
 

@@ -9,7 +9,8 @@ width, <= 2 tiles: 192 = 128 + 64) with a second accumulator of BP2 rows, so eac
 once per column block instead of once per P block. Per BK-row step a 128 x 128 block moves 32 kB of
 operand tiles for 2.1 MFLOP (64 FLOP/B), the base default's 64 x 128 block (BK 128) 48 kB for 2.1 MFLOP
 (43 FLOP/B), and a whole-P 256 x 128 block 48 kB for 4.2 MFLOP (85 FLOP/B). The kernels run at ~380 TF/s
-at 8B and ~224 at base; that intensity bounds them is the hypothesis docs/kernels.md v13 sets out to test."""
+at 8B and ~224 at base. Whole-P programs were built to test whether that intensity bounds them; they
+lost at 8B and tied at best at base (H100, docs/kernels.md v14), so it does not. Opt-in."""
 import triton
 import triton.language as tl
 
