@@ -182,9 +182,10 @@ def main() -> int:
     ap.add_argument("--configs", default="", help="the configs to time besides the default, per kind, instead "
                     "of VARIANTS': KIND=BM,BN,BK,WARPS,STAGES[,VARIANT]|...;KIND=..., e.g. "
                     "'down=64,64,64,4,2,4|128,64,64,8,3,4;wgrad=256,128,64,8,3'")
+    ap.add_argument("--no-variants", action="store_true", help="time the defaults (and --configs) only, not VARIANTS")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    variants = {**VARIANTS, **parse_configs(args.configs)}
+    variants = {**({} if args.no_variants else VARIANTS), **parse_configs(args.configs)}
     if not torch.cuda.is_available():
         print("error: tools/bench_kernels.py times CUDA kernels and needs a GPU (run it through the device tool)",
               file=sys.stderr)

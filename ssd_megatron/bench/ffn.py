@@ -336,7 +336,7 @@ def _profile(case, backend, label, out):
         case.clear(i)
         run(i)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for i in range(5):
             case.clear(i)
             run(i)
@@ -344,7 +344,11 @@ def _profile(case, backend, label, out):
     ka = prof.key_averages()
     gpu = ka.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
     cpu = ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
-    text = f"\n#### {label}: 5 x fwd+bwd\n## by GPU time\n{gpu}\n## by host time\n{cpu}\n"
+    # the same ops split by their operands' shapes: names the small copies, fills and reductions
+    shapes = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=40,
+                                                                  max_name_column_width=40, max_shapes_column_width=90)
+    text = (f"\n#### {label}: 5 x fwd+bwd\n## by GPU time\n{gpu}\n## by GPU time and input shapes\n{shapes}\n"
+            f"## by host time\n{cpu}\n")
     if out:
         with open(os.path.join(os.path.dirname(os.path.abspath(out)), "profile.txt"), "a") as fh:
             fh.write(text)
