@@ -140,13 +140,20 @@ def test_triton_fused_forward_bf16(case, opts, order, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[12]], ids=[IDS[0], IDS[4], IDS[12]])
-@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
+@pytest.mark.parametrize("backend", ["grouped_mm", "triton", "triton-wgrad-split"])
 def test_w2_as_column_view(backend, case):
-    """w2 as weights.gather_expert_weights passes it (a strided view of W_out's columns), grads included."""
-    if backend not in AVAILABLE:
-        pytest.skip(f"{backend} not available here")
+    """w2 as weights.gather_expert_weights passes it (a strided view of W_out's columns), grads included;
+    with the row-chunk split, dW2's fp32 buffer takes that view's strides and is copied into it."""
+    name = backend.split("-")[0]
+    if name not in AVAILABLE:
+        pytest.skip(f"{name} not available here")
+    from ssd_megatron.ffn.backends import _triton_kernels as kernels
     inp = with_column_view_w2(make_inputs(device="cuda", dtype=torch.bfloat16, **case))
-    compare(run(get_backend(backend), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
+    kernels.force_config(**({"wgrad": KERNEL_VARIANTS["wgrad-split"]["wgrad"]} if name != backend else {}))
+    try:
+        compare(run(get_backend(name), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
+    finally:
+        kernels.force_config()
 
 
 @pytest.mark.parametrize("backend", ["grouped_mm", "triton"])

@@ -538,8 +538,11 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
         num_t = triton.cdiv(plan.num_rows, ch) + N if ch else N
         out = dw
         if ch:
-            out = dw.zero_() if dw.dtype == torch.float32 else torch.zeros(like.shape, device=lhs.device,
-                                                                          dtype=torch.float32)
+            # the fp32 buffer takes dW's strides: its copy into a strided dW (W_out's [N, E, D] view) is then
+            # one dense, vectorised pass, not an elementwise one (40 us of the GPT-base layer in bf16, v15)
+            out = dw if dw.dtype == torch.float32 else torch.empty_strided(
+                dw.shape, dw.stride(), device=dw.device, dtype=torch.float32)
+            out.zero_()
         _wgrad_kernel[(num_t * num_p * num_q,)](
             lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets, coef, fold_p,
             out, out.stride(0), out.stride(1), out.stride(2), N, P, Q, num_p, num_q,
