@@ -107,13 +107,15 @@ def test_token_window_tiles_cover_every_tile_once_in_relative_position_order(gro
 
 def test_tile_order_from_the_environment(monkeypatch):
     monkeypatch.delenv("SSD_TRITON_TILE_ORDER", raising=False)
-    assert K._tile_groups() is None  # auto: expert order (token windows lost at 8B, docs/kernels.md v12, v14)
+    assert K._tile_groups() is None and K._tile_groups(16) == 16  # auto: the launch's own order
+    monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "auto")
+    assert K._tile_groups(16) == 16
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "expert")
-    assert K._tile_groups() is None
+    assert K._tile_groups(16) is None  # a forced order wins over the launch's
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "token")
-    assert K._tile_groups() == 0
-    monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "token:16")
-    assert K._tile_groups() == 16
+    assert K._tile_groups(16) == 0
+    monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "token:4")
+    assert K._tile_groups(16) == 4 and K._tile_groups() == 4
     for bad in ("windows", "token:0", "token:", "token:x", "expert:4"):
         monkeypatch.setenv("SSD_TRITON_TILE_ORDER", bad)
         with pytest.raises(UserError, match=f"SSD_TRITON_TILE_ORDER: '{bad}'; accepted: auto, expert, token, or "
@@ -155,6 +157,11 @@ def test_pre_hopper_defaults_differ_only_where_the_hopper_tiles_spill():
             assert (base.startswith("up_bwd") and h100[5:] == (K.TWO_PASS,)) == ((base, key) in two_pass), key
     # the 8B ROWLOOP stays ROWLOOP, with half the rows per tile or twice the warps
     assert K._default("down", (256, 4096, bf16), hopper=False)[5] == K.ROWLOOP
+    # down for dx (key "dx") has its own 8B tile on Hopper only (64 columns per step, v15)
+    assert K._default("down", (256, 4096, bf16, "dx")) == (128, 64, 64, 4, 3, K.ROWLOOP)
+    assert K._default("down", (256, 4096, bf16, "dx"), hopper=False) == K._default("down", (256, 4096, bf16), False)
+    assert K._default("down", (512, 4096, bf16, "dx")) == K._default("down", (512, 4096, bf16))
+    assert K._default("down", (192, 768, bf16, "dx")) == K._default("down", (192, 768, bf16))
 
 
 def test_auto_options_resolve_per_call():

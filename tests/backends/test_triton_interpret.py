@@ -79,6 +79,44 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
     print("OPCHECK " + json.dumps(_opcheck_results()))
     print("FOLD " + json.dumps(_fold_results(kernels, tiny)))
     print("ZEROS " + json.dumps(_zero_fills_in_backward(kernels, tiny)))
+    print("ORDERS " + json.dumps(_order_results(kernels, tiny)))
+
+
+# `auto`'s M-tile order per launch (SSD_TRITON_TILE_ORDER unset): (inputs, TritonBackend options, the
+# launches' `auto` orders in call order); grouped windows for the fused forward without a gate, up_bwd and
+# down for dx where the rows are 2048 wide, expert order (None) for the unfused forward and narrow rows
+ORDER_CASES = [(dict(activation="relu", T=9, D=2048, N=4, K=2), {"fused_forward": True}, [16, 16, 16]),
+               (dict(activation="swiglu", T=9, D=2048, N=4, K=2), {}, [None, None, 16, 16]),
+               (dict(activation="relu", T=9, D=2048, N=4, K=2), {"fused_forward": False}, [None, None, 16, 16]),
+               (dict(activation="relu", T=9, D=64, N=4, K=2), {"fused_forward": True}, [None, None, None])]
+
+
+def _order_results(kernels, tiny):
+    """Each ORDER_CASES run against the reference, with the orders the launches asked `_tiles` for."""
+    from backend_cases import compare, make_inputs, run, upcast
+    from ssd_megatron.ffn.backends import ReferenceBackend
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny, mlp=tiny,
+                         mlp_glu=tiny)
+    tiles, asked, out = kernels._tiles, [], []
+
+    def recording(plan, BM, auto=None):
+        asked.append(auto)
+        return tiles(plan, BM, auto)
+
+    kernels._tiles = recording
+    try:
+        for case, opts, _ in ORDER_CASES:
+            asked.clear()
+            inp = make_inputs(dtype=torch.float32, **case)
+            try:
+                errs = compare(run(TritonBackend(**opts), inp), run(ReferenceBackend(), upcast(inp)), tol=float("inf"))
+                out.append({"errors": errs, "orders": list(asked)})
+            except Exception as exc:
+                out.append({"exception": f"{type(exc).__name__}: {exc}"[:2000]})
+    finally:
+        kernels._tiles = tiles
+    return out
 
 
 def _force_variant(kernels, tiny, down_variant, chunk, bp, two):
@@ -311,10 +349,9 @@ def interpret_results():
     out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
                          timeout=900)
     lines = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.stdout.splitlines() if " " in ln}
-    assert out.returncode == 0 and {"RESULTS", "PLANS", "COMPILE", "OPCHECK", "FOLD", "ZEROS"} <= set(lines), (
-        out.stderr[-4000:] + out.stdout[-2000:])
-    return (json.loads(lines["RESULTS"]), json.loads(lines["PLANS"]), json.loads(lines["COMPILE"]),
-            json.loads(lines["OPCHECK"]), json.loads(lines["FOLD"]), json.loads(lines["ZEROS"]))
+    keys = ("RESULTS", "PLANS", "COMPILE", "OPCHECK", "FOLD", "ZEROS", "ORDERS")
+    assert out.returncode == 0 and set(keys) <= set(lines), out.stderr[-4000:] + out.stdout[-2000:]
+    return tuple(json.loads(lines[k]) for k in keys)
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[c["activation"] for c, _ in CASES])
@@ -342,6 +379,17 @@ def test_counting_sort_plan_equals_torch_sort(interpret_results, i):
 
 def test_backward_zero_fills_no_unused_output_gradient(interpret_results):
     assert interpret_results[5] == [[37, 4]], interpret_results[5]  # the router's own [T, N] scatter target
+
+
+@pytest.mark.parametrize("i", range(len(ORDER_CASES)),
+                         ids=[f"{c['activation']}-D{c['D']}-{'fused' if o.get('fused_forward') else 'unfused'}"
+                              for c, o, _ in ORDER_CASES])
+def test_auto_tile_order_per_launch(interpret_results, i):
+    res = interpret_results[6][i]
+    assert "exception" not in res, res.get("exception")
+    assert res["orders"] == ORDER_CASES[i][2]
+    bad = {k: v for k, v in res["errors"].items() if not v <= TOL}
+    assert not bad, f"auto tile orders, run {i}: errors above {TOL}: {res['errors']}"
 
 
 if __name__ == "__main__":

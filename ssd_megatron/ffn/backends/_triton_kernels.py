@@ -148,7 +148,12 @@ def _default(base: str, key: tuple, hopper: bool = True):
     if base == "down" and key[1] >= 2048:                  # wide output (8B's D = 4096): ROWLOOP, H200 2026-12-04
         if not hopper:
             return (128, 128, 64, 8, 3, ROWLOOP) if key[0] >= 512 else (64, 128, 64, 4, 3, ROWLOOP)
-        return (128, 256, 64, 8, 3, ROWLOOP) if key[0] >= 512 else (128, 128, 64, 4, 3, ROWLOOP)
+        if key[0] >= 512:
+            return (128, 256, 64, 8, 3, ROWLOOP)
+        # dx's launch (key[3] "dx") with its 256-wide reduction: 64 columns per step, H100 2026-12-05 (v14,
+        # v15: 2.22 -> 2.16 ms in expert order, 2.20 -> 2.05 in auto's grouped windows; SwiGLU's 512-wide one
+        # is 2x slower so)
+        return (128, 64, 64, 4, 3, ROWLOOP) if key[3:] == ("dx",) else (128, 128, 64, 4, 3, ROWLOOP)
     if base == "wgrad" and key[1] <= 1024:                # few (expert, tile) programs: smaller P tiles
         # base's thin experts (P <= 256): rows split in chunks of 2048, so that the step's skewed expert
         # loads do not leave a long grid tail (sparse GPT-base step 32.1 -> 31.3 ms, H200 v8)
@@ -185,25 +190,31 @@ def _pick(kind: str, key: tuple, launch, hopper: bool = True):
 # run at the same time cover every token: fine while the token-indexed operand (the gathered x or dy, the
 # atomically combined y or dx) fits in L2, but at the 8B shape it is 134 MB, so each of a token's K rows
 # is gathered, or atomically added, through DRAM again. Token-window order sorts the tiles by their
-# relative position in their expert's token-sorted rows, so that the ~2 tiles per expert resident at
-# once cover one window of ~T/16 tokens of every expert, whose rows stay in L2 across the K visits.
-# Timed at 8B (H200, docs/kernels.md v12) it lost in every launch (down for dx 1.77 -> 1.95 ms, the fused
-# forward 2.55 -> 2.69), and in the H100 layer by 1.24 ms (v14), so `auto` is expert order at every size;
-# SSD_TRITON_TILE_ORDER=token asks for it. Nsight Compute (v14) shows both sides of the trade: in expert
-# order the 8B dx launch moves ~4 GB through DRAM (its K = 16 atomic adds per dx row mostly miss L2), in
-# token order the weights do (L2 hit rate 79% -> 41%: every expert's W is in flight at once). Grouped
-# windows, SSD_TRITON_TILE_ORDER=token:G, sit between: experts in groups of G, one group after the other,
-# token windows within each group, so fewer weights are in flight and each dx row is revisited from DRAM
-# once per group rather than once per visit (untimed).
+# relative position in their expert's token-sorted rows, so that the tiles resident at once cover one
+# window of tokens of every expert, whose rows stay in L2 across the K visits; but then every expert's W
+# is in flight at once and the weights miss L2 (Nsight Compute, docs/kernels.md v14: the 8B dx launch
+# moves ~4 GB through DRAM in expert order, L2 hit rate 79% -> 41% in token order). Token order over all
+# experts lost everywhere (v12, v14: +1.24 ms in the H100 8B layer). Grouped windows (`token:G`) take
+# the experts in groups of G, one group after the other, with token windows within each group: fewer
+# weights in flight, fewer DRAM round trips per dx row. With G = 16 they won at 8B (H100, v15) in the
+# fused forward without a gate (2.84 -> 2.73 ms training, layer inference forward 2.88 -> 2.58), down
+# for dx (2.20 -> 2.05 ms with its ReLU tile, SwiGLU 2.85 -> 2.72) and up_bwd (1.16 -> 1.13, SwiGLU 1.35
+# -> 1.29), and lost in the unfused GLU forward (layer forward 3.95 -> 4.17 ms); so `auto` takes them
+# for those three launches on Hopper where the token-indexed rows are wide (D >= 2048, `_wide_group`),
+# and expert order elsewhere. SSD_TRITON_TILE_ORDER=expert|token|token:G forces one order everywhere.
+AUTO_GROUP = 16
 
 
-def _tile_groups():
-    """How the launches take their M-tiles (SSD_TRITON_TILE_ORDER): None for expert order, else the size of
-    the expert groups of token-window order (0: one group of all experts, `token`)."""
+def _tile_groups(auto=None):
+    """How a launch takes its M-tiles (SSD_TRITON_TILE_ORDER): None for expert order, else the size of the
+    expert groups of token-window order (0: one group of all experts, `token`); `auto` is the launch's own
+    choice, taken when the variable is unset or `auto` (`_wide_group`)."""
     from ...errors import UserError
 
     mode = os.environ.get("SSD_TRITON_TILE_ORDER", "auto")
-    if mode in ("auto", "expert"):
+    if mode == "auto":
+        return auto
+    if mode == "expert":
         return None
     if mode == "token":
         return 0
@@ -212,6 +223,13 @@ def _tile_groups():
         raise UserError(f"SSD_TRITON_TILE_ORDER: {mode!r}; accepted: auto, expert, token, or token:G with G >= 1 "
                         f"experts per group")
     return int(group)
+
+
+def _wide_group(width: int, t: torch.Tensor):
+    """`auto`'s M-tile order for the launches that won with grouped token windows (the fused forward without
+    a gate, down for dx, up_bwd; comment above): AUTO_GROUP on Hopper when the token-indexed rows are
+    `width` >= 2048 wide (x and dx do not fit L2), else None (expert order)."""
+    return AUTO_GROUP if width >= 2048 and _hopper(t) else None
 
 
 def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int, group: int = 0) -> torch.Tensor:
@@ -234,10 +252,10 @@ def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int, group: in
     return torch.stack([e, row0], 1).to(torch.int32).contiguous()
 
 
-def _tiles(plan, BM: int):
+def _tiles(plan, BM: int, auto=None):
     """(TILES, SCHED) of a launch: the token-window schedule, built once per plan, tile height and expert
-    grouping, or expert order (TILES unused)."""
-    group = _tile_groups()
+    grouping, or expert order (TILES unused); `auto`: the launch's own order (`_tile_groups`)."""
+    group = _tile_groups(auto)
     if group is None:
         return plan.offsets, False
     cache = plan.__dict__.setdefault("_tiles", {})
@@ -264,15 +282,15 @@ def _up_columns(E: int, BN: int):
     return BN, 0, triton.cdiv(E, BN), triton.cdiv(E, BN)
 
 
-def _launch_up(head, tail, plan, meta, cfg, M, N, Din, E, fill=None):
+def _launch_up(head, tail, plan, meta, cfg, M, N, Din, E, fill=None, order=None):
     """One `_up_kernel` launch: a program per (M-tile, column block); `head` and `tail` are the kernel's
     arguments before and after TILES (head[0]: the gathered [T, Din] operand, or da for meta's PASS 2;
     kernels/up.py). fill = (out, row or None):
     the programs also initialise the contiguous `out` ([T, Dout], the next down launch's atomic target)
-    to `row` broadcast over its rows, or to zeros."""
+    to `row` broadcast over its rows, or to zeros. order: the launch's `auto` M-tile order (`_tiles`)."""
     BM, BN, BK, nw, ns = cfg[:5]
     bn, bn2, num_n, _ = _up_columns(E, BN)
-    tiles, sched = _tiles(plan, BM)
+    tiles, sched = _tiles(plan, BM, order)
     programs = (triton.cdiv(M, BM) + N) * num_n
     fills, fill_meta = fill_args(fill, programs, head[0])
     _up_kernel[(programs,)](
@@ -315,6 +333,7 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
     db = torch.empty(N, F1, device=dy.device, dtype=torch.float32) if need_db else dh
     meta = dict(BWD=True, ACT=act, GLU=glu, HAS_BIAS=False, SAVE_H=False, STORE_GA=need_ga, HAS_DB=need_db,
                 PREC=_prec(dy))
+    order = _wide_group(D, dy)
     state = {}
 
     def launch(cfg):
@@ -328,10 +347,12 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
         tail = (h, h.stride(0), dh, dh.stride(0), dgp, ga, ga.stride(0), db, db.stride(0))
         if two:  # the GEMM into da, then the epilogue from da (kernels/up.py)
             da = torch.empty(M, E, device=dy.device, dtype=dy.dtype)
-            _launch_up(head, (h, 0, da, da.stride(0)) + tail[4:], plan, dict(meta, PASS=1), cfg, M, N, D, E, fill)
-            _launch_up((da, da.stride(0)) + head[2:], tail, plan, dict(meta, PASS=2), EPILOGUE_TILE, M, N, D, E)
+            _launch_up(head, (h, 0, da, da.stride(0)) + tail[4:], plan, dict(meta, PASS=1), cfg, M, N, D, E, fill,
+                       order)
+            _launch_up((da, da.stride(0)) + head[2:], tail, plan, dict(meta, PASS=2), EPILOGUE_TILE, M, N, D, E,
+                       order=order)
         else:
-            _launch_up(head, tail, plan, dict(meta, PASS=0), cfg, M, N, D, E, fill)
+            _launch_up(head, tail, plan, dict(meta, PASS=0), cfg, M, N, D, E, fill, order)
         state["dgp"] = dgp
 
     launch(_pick("up_bwd_glu" if glu else "up_bwd", (D, E, str(dy.dtype)), launch, _hopper(dy)))
@@ -434,6 +455,8 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
         raise ValueError("down_scatter: rank1 goes with an unscaled product (gate_flat=None)")
     gate = gate_flat if gate_flat is not None else (rank1[0] if rank1 is not None else buf)
     c = rank1[1].to(a.dtype).contiguous() if rank1 is not None else buf
+    dx = gate_flat is None  # the backward's launch (the forward's scales by the gates): its own order and tiles
+    order = _wide_group(Dout, a) if dx else None
 
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg[:5]
@@ -441,7 +464,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
         if init:
             init()
         operands = (a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2))
-        tiles, sched = _tiles(plan, BM)
+        tiles, sched = _tiles(plan, BM, order)
         rest = (plan.order, plan.token, gate, plan.offsets, tiles, buf, buf.stride(0), c, c.stride(0), N, Ein, Dout)
         meta = dict(SCALE=gate_flat is not None, ATOMIC=atomic, RANK1=rank1 is not None, PREC=_prec(a), SCHED=sched,
                     BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
@@ -458,7 +481,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
                                          ROWLOOP=variant == ROWLOOP, STAGED=variant == STAGED, SPLIT=be2 > 0, BE=be,
                                          BE2=max(be2, 16), **meta)
 
-    launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)), launch, _hopper(a)))
+    launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)) + (("dx",) if dx else ()), launch, _hopper(a)))
     return _combined(buf, atomic, T, K, a.dtype, out_bias)
 
 
@@ -491,12 +514,13 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
     h = torch.empty(M, F1, device=x.device, dtype=x.dtype) if save_h else buf
     bias = b1 if b1 is not None else buf
     be, be2 = _split_width(E)
+    order = None if glu else _wide_group(Dout, x)
 
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg[:5]
         if init:
             init()
-        tiles, sched = _tiles(plan, BM)
+        tiles, sched = _tiles(plan, BM, order)
         _mlp_kernel[(triton.cdiv(M, BM) + N,)](
             x, x.stride(0), w1, w1.stride(0), w1.stride(1), w1.stride(2), bias, bias.stride(0),
             w2, w2.stride(0), w2.stride(1), w2.stride(2), plan.token, plan.order, gate_flat, plan.offsets, tiles,
