@@ -25,7 +25,7 @@ CASES = [dict(activation=a, **SMALL) for a in ACTIVATIONS] + [
     dict(activation="relu", T=1, D=64, E=32, N=4, K=2),                    # one token
     dict(activation="squared_relu", T=2048, D=768, E=192, N=32, K=6, routing="skewed"),  # base-like
     dict(activation="swiglu", T=1024, D=768, E=192, N=32, K=6),
-    # rows 2048 wide: `auto` takes grouped token windows for the fused forward, up_bwd and down for dx
+    # rows 2048 wide: `auto` takes grouped token windows for the fused forward (non-GLU, Hopper)
     dict(activation="relu", T=1024, D=2048, E=256, N=24, K=6, routing="skewed"),
     dict(activation="swiglu", T=512, D=2048, E=128, N=16, K=4),
 ]

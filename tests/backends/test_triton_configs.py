@@ -157,11 +157,6 @@ def test_pre_hopper_defaults_differ_only_where_the_hopper_tiles_spill():
             assert (base.startswith("up_bwd") and h100[5:] == (K.TWO_PASS,)) == ((base, key) in two_pass), key
     # the 8B ROWLOOP stays ROWLOOP, with half the rows per tile or twice the warps
     assert K._default("down", (256, 4096, bf16), hopper=False)[5] == K.ROWLOOP
-    # down for dx (key "dx") has its own 8B tile on Hopper only (64 columns per step, v15)
-    assert K._default("down", (256, 4096, bf16, "dx")) == (128, 64, 64, 4, 3, K.ROWLOOP)
-    assert K._default("down", (256, 4096, bf16, "dx"), hopper=False) == K._default("down", (256, 4096, bf16), False)
-    assert K._default("down", (512, 4096, bf16, "dx")) == K._default("down", (512, 4096, bf16))
-    assert K._default("down", (192, 768, bf16, "dx")) == K._default("down", (192, 768, bf16))
 
 
 def test_auto_options_resolve_per_call():

@@ -148,12 +148,7 @@ def _default(base: str, key: tuple, hopper: bool = True):
     if base == "down" and key[1] >= 2048:                  # wide output (8B's D = 4096): ROWLOOP, H200 2026-12-04
         if not hopper:
             return (128, 128, 64, 8, 3, ROWLOOP) if key[0] >= 512 else (64, 128, 64, 4, 3, ROWLOOP)
-        if key[0] >= 512:
-            return (128, 256, 64, 8, 3, ROWLOOP)
-        # dx's launch (key[3] "dx") with its 256-wide reduction: 64 columns per step, H100 2026-12-05 (v14,
-        # v15: 2.22 -> 2.16 ms in expert order, 2.20 -> 2.05 in auto's grouped windows; SwiGLU's 512-wide one
-        # is 2x slower so)
-        return (128, 64, 64, 4, 3, ROWLOOP) if key[3:] == ("dx",) else (128, 128, 64, 4, 3, ROWLOOP)
+        return (128, 256, 64, 8, 3, ROWLOOP) if key[0] >= 512 else (128, 128, 64, 4, 3, ROWLOOP)
     if base == "wgrad" and key[1] <= 1024:                # few (expert, tile) programs: smaller P tiles
         # base's thin experts (P <= 256): rows split in chunks of 2048, so that the step's skewed expert
         # loads do not leave a long grid tail (sparse GPT-base step 32.1 -> 31.3 ms, H200 v8)
@@ -196,12 +191,13 @@ def _pick(kind: str, key: tuple, launch, hopper: bool = True):
 # moves ~4 GB through DRAM in expert order, L2 hit rate 79% -> 41% in token order). Token order over all
 # experts lost everywhere (v12, v14: +1.24 ms in the H100 8B layer). Grouped windows (`token:G`) take
 # the experts in groups of G, one group after the other, with token windows within each group: fewer
-# weights in flight, fewer DRAM round trips per dx row. With G = 16 they won at 8B (H100, v15) in the
-# fused forward without a gate (2.84 -> 2.73 ms training, layer inference forward 2.88 -> 2.58), down
-# for dx (2.20 -> 2.05 ms with its ReLU tile, SwiGLU 2.85 -> 2.72) and up_bwd (1.16 -> 1.13, SwiGLU 1.35
-# -> 1.29), and lost in the unfused GLU forward (layer forward 3.95 -> 4.17 ms); so `auto` takes them
-# for those three launches on Hopper where the token-indexed rows are wide (D >= 2048, `_wide_group`),
-# and expert order elsewhere. SSD_TRITON_TILE_ORDER=expert|token|token:G forces one order everywhere.
+# weights in flight, fewer DRAM round trips per dx row. Timed at 8B (H100, v15), G = 16 won in the layer
+# for the fused forward without a gate only: inference forward 2.88 -> 2.55 ms (two A/B runs), training
+# fwd+bwd even (9.59 -> 9.56 / 9.54 with the backward launches grouped too). Alone, down for dx, up_bwd
+# and the fused forward each looked 2-8% faster grouped, but in the layer the backward's gains did not show
+# (SwiGLU fwd+bwd 13.09 -> 13.11 / 13.58), and the unfused GLU forward lost (3.95 -> 4.17 ms). So `auto` is
+# grouped windows for the fused forward on Hopper where the token rows are >= 2048 wide (`_wide_group`),
+# expert order for every other launch; SSD_TRITON_TILE_ORDER=expert|token|token:G forces one order.
 AUTO_GROUP = 16
 
 
@@ -226,9 +222,9 @@ def _tile_groups(auto=None):
 
 
 def _wide_group(width: int, t: torch.Tensor):
-    """`auto`'s M-tile order for the launches that won with grouped token windows (the fused forward without
-    a gate, down for dx, up_bwd; comment above): AUTO_GROUP on Hopper when the token-indexed rows are
-    `width` >= 2048 wide (x and dx do not fit L2), else None (expert order)."""
+    """`auto`'s M-tile order for the launch that won with grouped token windows (the fused forward without a
+    gate; comment above): AUTO_GROUP on Hopper when the token-indexed rows are `width` >= 2048 wide (x and y
+    do not fit L2), else None (expert order)."""
     return AUTO_GROUP if width >= 2048 and _hopper(t) else None
 
 
@@ -282,15 +278,15 @@ def _up_columns(E: int, BN: int):
     return BN, 0, triton.cdiv(E, BN), triton.cdiv(E, BN)
 
 
-def _launch_up(head, tail, plan, meta, cfg, M, N, Din, E, fill=None, order=None):
+def _launch_up(head, tail, plan, meta, cfg, M, N, Din, E, fill=None):
     """One `_up_kernel` launch: a program per (M-tile, column block); `head` and `tail` are the kernel's
     arguments before and after TILES (head[0]: the gathered [T, Din] operand, or da for meta's PASS 2;
     kernels/up.py). fill = (out, row or None):
     the programs also initialise the contiguous `out` ([T, Dout], the next down launch's atomic target)
-    to `row` broadcast over its rows, or to zeros. order: the launch's `auto` M-tile order (`_tiles`)."""
+    to `row` broadcast over its rows, or to zeros."""
     BM, BN, BK, nw, ns = cfg[:5]
     bn, bn2, num_n, _ = _up_columns(E, BN)
-    tiles, sched = _tiles(plan, BM, order)
+    tiles, sched = _tiles(plan, BM)
     programs = (triton.cdiv(M, BM) + N) * num_n
     fills, fill_meta = fill_args(fill, programs, head[0])
     _up_kernel[(programs,)](
@@ -333,7 +329,6 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
     db = torch.empty(N, F1, device=dy.device, dtype=torch.float32) if need_db else dh
     meta = dict(BWD=True, ACT=act, GLU=glu, HAS_BIAS=False, SAVE_H=False, STORE_GA=need_ga, HAS_DB=need_db,
                 PREC=_prec(dy))
-    order = _wide_group(D, dy)
     state = {}
 
     def launch(cfg):
@@ -347,12 +342,10 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
         tail = (h, h.stride(0), dh, dh.stride(0), dgp, ga, ga.stride(0), db, db.stride(0))
         if two:  # the GEMM into da, then the epilogue from da (kernels/up.py)
             da = torch.empty(M, E, device=dy.device, dtype=dy.dtype)
-            _launch_up(head, (h, 0, da, da.stride(0)) + tail[4:], plan, dict(meta, PASS=1), cfg, M, N, D, E, fill,
-                       order)
-            _launch_up((da, da.stride(0)) + head[2:], tail, plan, dict(meta, PASS=2), EPILOGUE_TILE, M, N, D, E,
-                       order=order)
+            _launch_up(head, (h, 0, da, da.stride(0)) + tail[4:], plan, dict(meta, PASS=1), cfg, M, N, D, E, fill)
+            _launch_up((da, da.stride(0)) + head[2:], tail, plan, dict(meta, PASS=2), EPILOGUE_TILE, M, N, D, E)
         else:
-            _launch_up(head, tail, plan, dict(meta, PASS=0), cfg, M, N, D, E, fill, order)
+            _launch_up(head, tail, plan, dict(meta, PASS=0), cfg, M, N, D, E, fill)
         state["dgp"] = dgp
 
     launch(_pick("up_bwd_glu" if glu else "up_bwd", (D, E, str(dy.dtype)), launch, _hopper(dy)))
@@ -455,8 +448,6 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
         raise ValueError("down_scatter: rank1 goes with an unscaled product (gate_flat=None)")
     gate = gate_flat if gate_flat is not None else (rank1[0] if rank1 is not None else buf)
     c = rank1[1].to(a.dtype).contiguous() if rank1 is not None else buf
-    dx = gate_flat is None  # the backward's launch (the forward's scales by the gates): its own order and tiles
-    order = _wide_group(Dout, a) if dx else None
 
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg[:5]
@@ -464,7 +455,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
         if init:
             init()
         operands = (a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2))
-        tiles, sched = _tiles(plan, BM, order)
+        tiles, sched = _tiles(plan, BM)
         rest = (plan.order, plan.token, gate, plan.offsets, tiles, buf, buf.stride(0), c, c.stride(0), N, Ein, Dout)
         meta = dict(SCALE=gate_flat is not None, ATOMIC=atomic, RANK1=rank1 is not None, PREC=_prec(a), SCHED=sched,
                     BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
@@ -481,7 +472,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
                                          ROWLOOP=variant == ROWLOOP, STAGED=variant == STAGED, SPLIT=be2 > 0, BE=be,
                                          BE2=max(be2, 16), **meta)
 
-    launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)) + (("dx",) if dx else ()), launch, _hopper(a)))
+    launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)), launch, _hopper(a)))
     return _combined(buf, atomic, T, K, a.dtype, out_bias)
 
 
