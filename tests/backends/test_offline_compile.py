@@ -80,7 +80,7 @@ def test_glu_gather_gemm_compiles_for_sm90():
 
 def test_token_window_tile_order_compiles_for_sm90():
     """The M-tiles of up, up_bwd, both down launches and the fused forward from a schedule (SSD_TRITON_TILE_ORDER=token; `auto`
-    takes grouped windows for some launches at the 8B shape)."""
+    takes grouped windows for the fused forward at the 8B shape)."""
     kernels = _check(_report("--activations", "relu", "--launches", "up,down,up_bwd,down_dx,fwd_fused",
                              env_extra={"SSD_TRITON_TILE_ORDER": "token"}),
                      ["up", "down", "up_bwd", "down_dx", "fwd_fused"])
