@@ -16,6 +16,8 @@ machine's. For the H200 image (triton 3.6.0):
 
 --variants all|one also compiles the candidates of tools/bench_kernels.py's sweep (one: the first of each
 variant), --configs the given ones (bench_kernels' syntax); the exit code is 1 if any config fails to compile.
+Down variant 5 (e.g. --launches down_dx --configs "down=64,64,64,4,3,5") compiles the warp-specialised Gluon
+kernel (kernels/down_gluon.py; Triton >= 3.9) where it serves, STAGED where not: the kernel column says which.
 """
 import argparse
 import os
@@ -63,8 +65,24 @@ _ORIG_RUN = JITFunction.run
 
 def _compile_only(self, *args, grid, warmup, **kwargs):
     kernel = _ORIG_RUN(self, *args, grid=grid, warmup=True, **kwargs)
-    LAUNCHES.append((self.fn.__name__, kernel, kwargs.get("num_warps", 4)))
+    # all of a warp-specialised kernel's warps (its partitions' too: the metadata's total)
+    LAUNCHES.append((self.fn.__name__, kernel, getattr(kernel.metadata, "num_warps", kwargs.get("num_warps", 4))))
     return kernel
+
+
+def offline(arch: int) -> None:
+    """From here on, kernel launches compile for sm_`arch` without running (LAUNCHES records them), and the
+    launchers' own device tests answer for that target: CPU tensors of the real shapes then specialise each
+    kernel as on the GPU."""
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import down_gluon
+
+    ARCH[0] = arch
+    _driver.set_active(_TargetDriver())
+    JITFunction.run = _compile_only
+    K._hopper = lambda t: arch >= 90
+    down_gluon._sm90 = lambda t: arch == 90
+    down_gluon._sms = lambda device: 132  # an H100 SXM's SMs: the persistent grid's size (not compiled in)
 
 
 def _bin(name):
@@ -112,10 +130,7 @@ def main() -> int:
                     "tools/bench_kernels.py's --configs (instead of --variants for those kinds)")
     args = ap.parse_args()
     chosen = bk.parse_configs(args.configs)
-    ARCH[0] = args.arch
-    _driver.set_active(_TargetDriver())
-    JITFunction.run = _compile_only
-    K._hopper = lambda t: args.arch >= 90  # the launchers' own test reads the (absent) device
+    offline(args.arch)
 
     print(f"triton {triton.__version__}, target sm_{args.arch}; per launch: registers/thread, stack bytes (spills), shared "
           f"memory, CTAs per SM those allow", flush=True)

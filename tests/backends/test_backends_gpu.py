@@ -104,6 +104,65 @@ def test_triton_kernel_variants_bf16(case, variant):
         kernels.force_config()
 
 
+# down variant 5 (WS, kernels/down_gluon.py: Gluon, sm_90, Triton >= 3.9) where it serves: Ein (E for the
+# forward's down, F1 for dx) a power of two <= 256, contiguous bf16 weights. Skewed loads, experts with no
+# tokens, M = T * K not a multiple of the 64-row tile, D not a multiple of the 64-column block (200), one token
+DOWN_WS = (64, 64, 64, 4, 3, 5)
+WS_CASES = [dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewed"),
+            dict(activation="relu", T=333, D=200, E=64, N=8, K=2, routing="empty"),
+            dict(activation="relu", T=1000, D=512, E=256, N=16, K=4, routing="skewed"),  # 8B's E = 256
+            dict(activation="relu", T=1, D=128, E=64, N=4, K=2),
+            dict(activation="swiglu", T=257, D=256, E=128, N=8, K=2, routing="skewed")]  # dx's Ein = 2E = 256
+WS_IDS = [f"{c['activation']}-T{c['T']}-D{c['D']}-E{c['E']}-N{c['N']}K{c['K']}-{c.get('routing', 'random')}"
+          for c in WS_CASES]
+# TritonBackend options: the unfused forward (its down launch takes the WS kernel too), the combines
+# (bf16 atomic adds, fp32 ones, the (t, k) rows stored), y initialised by the up kernel, the router folded
+# into dx (the rank-1 term)
+WS_OPTS = {"atomic16": {"combine": "atomic16"}, "atomic32": {"combine": "atomic32"}, "buffer": {"combine": "buffer"},
+           "fold-output": {"combine": "atomic16", "fold_output": True}, "router-fold": {"combine": "atomic16"}}
+
+
+@pytest.mark.parametrize("opts", list(WS_OPTS))
+@pytest.mark.parametrize("case", WS_CASES, ids=WS_IDS)
+def test_triton_down_ws_bf16(case, opts, monkeypatch):
+    """The warp-specialised Gluon down kernel (down variant 5) in the forward's down and dx against the
+    reference, forward and every grad; each launch is checked to have taken it (not the STAGED fallback)."""
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    from ssd_megatron.ffn.backends import _triton_kernels as kernels
+    from ssd_megatron.ffn.backends.kernels import down_gluon
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    probe = torch.zeros(64, 64, device="cuda", dtype=torch.bfloat16)
+    if not down_gluon.serves(probe, torch.zeros(2, 64, 64, device="cuda", dtype=torch.bfloat16), *DOWN_WS[:2],
+                             DOWN_WS[4]):
+        pytest.skip("the WS down kernel does not serve here (needs sm_90 and Triton >= 3.9's Gluon): "
+                    "variant 5 falls back to STAGED")
+    launches = []
+    real = down_gluon.launch
+
+    def counted(*args, **kwargs):
+        launches.append(args[10:13])  # (scale, atomic, rank1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(down_gluon, "launch", counted)
+    inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
+    be = TritonBackend(fused_forward=False, **WS_OPTS[opts])
+    kernels.force_config(down=DOWN_WS)
+    try:
+        if opts == "router-fold":
+            got = run_router(be, inp, fold=True)
+            want = run_router(ReferenceBackend(), upcast(inp), fold=False)
+        else:
+            got, want = run(be, inp), run(ReferenceBackend(), upcast(inp))
+        errs = compare(got, want, 3e-2)
+    finally:
+        kernels.force_config()
+    atomic = opts != "buffer"  # (K > 1 in every case)
+    # the forward's down (scaled by the gate; with the router folded, a gate of ones), then dx
+    assert launches == [(True, atomic, False), (False, atomic, opts == "router-fold")], launches
+    print("down ws", case, opts, {k: f"{v:.1e}" for k, v in errs.items()})
+
+
 @pytest.mark.parametrize("order", ["token", "token:3"])
 @pytest.mark.parametrize("down", ["pointer", "rowloop", "tma", "staged"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[8], CASES[12]], ids=[IDS[0], IDS[4], IDS[8], IDS[12]])

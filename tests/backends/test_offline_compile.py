@@ -4,8 +4,11 @@ tools/compile_report.py runs the real launchers on CPU tensors with a stand-in d
 the interpreter cannot (layouts, register allocation, Hopper's wgmma/TMA lowering, A100's mma.sync and
 which atomics it has). The device image's own Triton version is used for the numbers
 in benchmarks/results; here it is whatever CI installed, so only compilation and the Hopper instructions
-are checked, never register or spill counts.
+are checked, never register or spill counts. The opt-in warp-specialised Gluon down kernel (down variant 5)
+is compiled where the installed Triton's Gluon builds it (>= 3.9), and its launcher's fallback to STAGED
+is checked without compiling.
 """
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TOOL = os.path.join(ROOT, "tools", "compile_report.py")
 
 
-def _report(*args, env_extra=None):
+def _compile_env(env_extra=None) -> dict:
+    """The environment of a subprocess that compiles offline; skips where that cannot or need not run."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the kernels are compiled and run by test_backends_gpu.py")
@@ -27,6 +31,11 @@ def _report(*args, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.update(env_extra or {})
+    return env
+
+
+def _report(*args, env_extra=None):
+    env = _compile_env(env_extra)
     shapes = () if "--shapes" in args else ("--shapes", "tiny")
     out = subprocess.run([sys.executable, TOOL, *shapes, "--tokens", "512", *args], env=env,
                          capture_output=True, text=True, timeout=600)
@@ -94,3 +103,157 @@ def test_default_launches_compile_for_sm80(act):
     ones: `default_combine`)."""
     kernels = _check(_report("--arch", "80", "--activations", act), LAUNCHES, mma="16816")
     assert kernels == {"_up_kernel", "_down_kernel", "_wgrad_kernel", "_mlp_kernel"}
+
+
+# The warp-specialised Gluon down kernel (down variant 5, WS: kernels/down_gluon.py), opt-in. Gluon has no
+# interpreter, so on CPU: its offline compile for sm_90 through the real launcher, and the launcher's choice
+# (the kernel where it serves, STAGED elsewhere). test_backends_gpu.py (`down_ws`) checks its results.
+DOWN_WS = (64, 64, 64, 4, 3, 5)
+# name -> (Ein, dtype, combine, gate scale, rank-1 term): dx (bf16 adds, with the router's rank-1 term), the
+# forward's down (scaled; fp32 adds, the (t, k) rows stored), 8B's Ein = 256 in fp16
+WS_LAUNCHES = {"dx": (64, "bfloat16", "atomic16", False, False),
+               "dx-fold": (64, "bfloat16", "atomic16", False, True),
+               "fwd-atomic32": (64, "bfloat16", "atomic32", True, False),
+               "fwd-buffer": (64, "bfloat16", "buffer", True, False),
+               "dx-256-fp16": (256, "float16", "atomic16", False, False)}
+
+
+def _down_case(Ein, dtype, T=100, D=128, N=8, K=2):
+    """(A [T*K, Ein], W [N, Ein, D], plan, gate [T*K], rank-1 coefficient and c) on CPU, skewed loads and
+    experts 6 and 7 empty."""
+    from ssd_megatron.ffn.backends.routing import make_plan
+    g = torch.Generator().manual_seed(0)
+    idx = (torch.rand(T, N, generator=g)[:, :6] + torch.linspace(2, 0, 6)).topk(K, dim=1).indices
+    a = torch.randn(T * K, Ein, generator=g).to(dtype)
+    w = torch.randn(N, Ein, D, generator=g).to(dtype)
+    return a, w, make_plan(idx, N), torch.rand(T * K, generator=g), (torch.randn(T * K), torch.randn(N, D))
+
+
+def _ws_compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/compile_report.py's driver)
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import compile_report as cr
+
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    cr.offline(90)
+    K.force_config(down=DOWN_WS)
+    out = {}
+    for name, (Ein, dtype, combine, scale, rank1) in WS_LAUNCHES.items():
+        a, w, plan, gate, r1 = _down_case(Ein, getattr(torch, dtype))
+        cr.LAUNCHES.clear()
+        try:
+            K.down_scatter(a, w, plan, gate if scale else None, combine, rank1=r1 if rank1 else None)
+            out[name] = [[kname, cr.report(kernel, nw)] for kname, kernel, nw in cr.LAUNCHES]
+        except Exception as exc:
+            out[name] = f"{type(exc).__name__}: {cr._last_line(exc)}"[:2000]
+    print("WS " + json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def ws_compiled():
+    """{WS_LAUNCHES name: [[kernel name, compile_report's resources], ...] or the compile error}."""
+    env = _compile_env()
+    from ssd_megatron.ffn.backends.kernels import down_gluon
+    if down_gluon._build_once() is None:
+        pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon the WS down kernel builds with "
+                    f"(needs >= {'.'.join(map(str, down_gluon.MIN_TRITON))})")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("WS ")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(lines[-1][3:])
+
+
+@pytest.mark.parametrize("name", list(WS_LAUNCHES))
+def test_ws_down_compiles_for_sm90(ws_compiled, name):
+    """Each of the kernel's specialisations (the combines, gate scale, rank-1 term, Ein = 64 and 256, bf16
+    and fp16) compiles for sm_90 as a warp-specialised kernel: TMA loads, wgmma, and native vector atomics
+    where it adds (no compare-and-swap loop); the launcher took it, not STAGED."""
+    res = ws_compiled[name]
+    assert not isinstance(res, str), res
+    assert [kname for kname, _ in res] == ["down_ws_kernel"], res
+    r = res[0][1]
+    assert r["warps"] > 4 and r["utmaldg"] > 0 and r["ldgsts"] == 0 and r["mma"].startswith("64x"), r
+    assert r["cas"] == 0 and (r["atom"] > 0) == (WS_LAUNCHES[name][2] != "buffer"), r
+    assert r["smem_kb"] * 1024 <= 227 * 1024, r
+
+
+def test_ws_down_variant_is_accepted(monkeypatch):
+    pytest.importorskip("triton")
+    from ssd_megatron.errors import UserError
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    monkeypatch.setenv("SSD_TRITON_CONFIG", "down=64,64,64,4,3,5")
+    assert K._pick("down:atomic16", (256, 4096, "torch.bfloat16"), None) == (64, 64, 64, 4, 3, K.WS)
+    assert K._parse_configs("down:buffer=128,64,64,4,2,5") == {"down:buffer": (128, 64, 64, 4, 2, K.WS)}
+    for other in ("up", "up_bwd", "mlp"):  # the variant is down's only
+        with pytest.raises(UserError, match="5 \\(WS\\)"):
+            K._parse_configs(f"{other}=64,64,64,4,3,5")
+
+
+class _Recorder:
+    """Stands in for a kernel (`kernel[grid](...)`) or a launch function: records which ran, with what."""
+
+    def __init__(self, calls, name):
+        self.calls, self.name = calls, name
+
+    def __getitem__(self, grid):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((self.name, args, kwargs))
+
+
+def _ws_operands(why):
+    """(A, W, plan, gate, (BM, BN, STAGES)) of a launch the WS kernel does not serve for reason `why`, or of
+    one it serves ("served": 8B's Ein = 256 at 64 x 64 with three W stages)."""
+    a, w, plan, gate, _ = _down_case({"served": 256, "smem": 256, "ein": 192}.get(why, 64), torch.bfloat16)
+    if why == "fp32":
+        a, w = a.float(), w.float()
+    if why == "column-view":  # W_out's [N, E, D] view (unit stride along E)
+        w = w.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    return a, w, plan, gate, {"smem": (128, 64, 3), "stages": (64, 64, 1), "bm": (32, 64, 3)}.get(why, (64, 64, 3))
+
+
+WS_NOT_SERVED = ["cpu", "older-triton", "ein", "fp32", "column-view", "smem", "stages", "bm"]
+
+
+@pytest.mark.parametrize("why", WS_NOT_SERVED + ["served"])
+def test_ws_down_falls_back_to_staged(monkeypatch, why):
+    """Down variant 5 launches the Gluon kernel over the expert-ordered M-tile table where it serves, and
+    STAGED (the Triton kernel with STAGED=True) otherwise: not sm_90 (here: CPU), a Triton without the Gluon
+    it is written for, Ein not a power of two <= 256, fp32, W not one row-major [N * Ein, Dout] matrix,
+    too much shared memory (128 x 64 with three W stages of 256 rows), a ring of one W slot, BM < 64."""
+    pytest.importorskip("triton")
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import down_gluon
+    calls = []
+    monkeypatch.setattr(K, "_down_kernel", _Recorder(calls, "triton"))
+    monkeypatch.setattr(K, "_down_tma_kernel", _Recorder(calls, "tma"))
+    monkeypatch.setattr(down_gluon, "launch", _Recorder(calls, "ws"))
+    if why != "cpu":
+        monkeypatch.setattr(down_gluon, "_sm90", lambda t: True)
+    if why == "older-triton":
+        monkeypatch.setitem(down_gluon._STATE, "build", False)
+    a, w, plan, gate, (BM, BN, stages) = _ws_operands(why)
+    K.force_config(down=(BM, BN, 64, 4, stages, K.WS))
+    try:
+        K.down_scatter(a, w, plan, gate, "atomic16")
+    finally:
+        K.force_config()
+    assert len(calls) == 1, calls
+    name, args, kwargs = calls[0]
+    if why == "served" and down_gluon._build_once() is not None:
+        assert name == "ws", (name, kwargs)
+        M, N = plan.num_rows, plan.num_experts
+        e = torch.repeat_interleave(torch.arange(N), (plan.offsets.diff() + BM - 1) // BM)
+        starts = torch.cat([torch.arange(plan.offsets[i], plan.offsets[i + 1], BM) for i in range(N)])
+        want = torch.full((-(-M // BM) + N, 2), M, dtype=torch.int32)  # the upper bound cdiv(M, BM) + N
+        want[:, 0] = N - 1
+        want[: len(e), 0], want[: len(e), 1] = e, starts
+        assert torch.equal(args[2], want), (args[2], want)  # the expert-ordered tiles, empty ones (row M) last
+        assert args[10:] == (True, True, False, BM, BN, stages)  # scale, atomic, rank-1, the tile
+    else:  # (served, but this Triton has no Gluon that builds it: STAGED too)
+        assert name == "triton" and kwargs["STAGED"] and not kwargs["ROWLOOP"], (name, kwargs)
+
+
+if __name__ == "__main__":
+    _ws_compile_main()

@@ -40,13 +40,15 @@ from .routing import initialise
 
 
 # (BM|BP, BN|BQ, BK, num_warps, num_stages[, variant]). variant: down 1 = ROWLOOP (a program covers all
-# output columns), 3 = TMA (descriptor loads), 4 = STAGED (ROWLOOP from A rows loaded once; BK unused);
+# output columns), 3 = TMA (descriptor loads), 4 = STAGED (ROWLOOP from A rows loaded once; BK unused),
+# 5 = WS (STAGED as a warp-specialised Gluon kernel, kernels/down_gluon.py: opt-in, untimed; BK and WARPS
+# unused, STAGES = its W ring; STAGED where it does not serve);
 # up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE);
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none); a wgrad BP >= P makes each
 # program cover all of P (kernels/wgrad.py), an up BN >= E all of E (`_up_columns`). Defaults are chosen per
 # kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per
 # shape key instead.
-ROWLOOP, TMA, STAGED = 1, 3, 4  # down variants (2 was PERSISTENT, measured slower and removed: docs/kernels.md v8)
+ROWLOOP, TMA, STAGED, WS = 1, 3, 4, 5  # down variants (2 was PERSISTENT, slower and removed: docs/kernels.md v8)
 TWO_PASS = 1  # up_bwd variant: the GEMM, then its epilogue in a second launch (kernels/up.py)
 EPILOGUE_TILE = (64, 64, 16, 4, 1)  # that second launch's (BM, BN, -, warps, stages): elementwise work
 DEFAULTS = {
@@ -123,15 +125,15 @@ def _parse_configs(text: str) -> dict:
         if len(cfg) not in (5, 6) or any(v < 1 or v & (v - 1) for v in cfg[:4]) or cfg[4] < 1:
             raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
         if len(cfg) == 6 and not _variant_ok(kind.split(":")[0], cfg[5]):
-            raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA) or 4 (STAGED); for "
-                            f"up_bwd[_glu], 1 (TWO_PASS); for wgrad, a row chunk >= 0")
+            raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA), 4 (STAGED) or 5 (WS); "
+                            f"for up_bwd[_glu], 1 (TWO_PASS); for wgrad, a row chunk >= 0")
         out[kind] = cfg
     return out
 
 
 def _variant_ok(base: str, variant: int) -> bool:
-    return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED)) or (base == "wgrad" and variant > 0)
-            or (base.startswith("up_bwd") and variant == TWO_PASS))
+    return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED, WS))
+            or (base == "wgrad" and variant > 0) or (base.startswith("up_bwd") and variant == TWO_PASS))
 
 
 def _default(base: str, key: tuple, hopper: bool = True):
@@ -228,24 +230,50 @@ def _wide_group(width: int, t: torch.Tensor):
     return AUTO_GROUP if width >= 2048 and _hopper(t) else None
 
 
-def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int, group: int = 0) -> torch.Tensor:
-    """[cdiv(M, BM) + N, 2] int32 (expert, first row) of every M-tile, ordered by the tile's relative
-    position (i + 1/2) / tiles_e within its expert (ties: expert order), within groups of `group`
-    consecutive experts taken one after the other (0: all experts in one group); the unused tail of this
-    upper bound holds empty tiles (first row M). Device ops only, no host sync."""
+def _tile_index(offsets: torch.Tensor, M: int, N: int, BM: int):
+    """(expert, index within the expert, the expert's tile count, whether real) of the M-tiles j = 0 ..
+    cdiv(M, BM) + N - 1 in expert order (an upper bound: the tail is not real). Device ops, no host sync."""
     counts = (offsets[1:] - offsets[:-1]).long()
     nt = (counts + BM - 1) // BM
     cum = nt.cumsum(0)
     j = torch.arange(triton.cdiv(M, BM) + N, device=offsets.device)
     e = torch.searchsorted(cum, j, right=True).clamp_max(N - 1)
-    i = j - (cum[e] - nt[e])
-    valid = j < cum[-1]
-    pos = (i.double() + 0.5) / nt[e].clamp_min(1).double()   # in (0, 1): the group index is the major key
-    key = torch.where(valid, pos + (e // group if group else 0), float("inf"))
-    order = torch.argsort(key, stable=True)
-    e, i, valid = e[order], i[order], valid[order]
+    return e, j - (cum[e] - nt[e]), nt[e], j < cum[-1]
+
+
+def _tile_table(offsets: torch.Tensor, M: int, BM: int, e, i, valid) -> torch.Tensor:
+    """[n, 2] int32 (expert, first row) of the tiles (e, i); first row M where not `valid` (empty)."""
     row0 = torch.where(valid, offsets.long()[e] + i * BM, M)
     return torch.stack([e, row0], 1).to(torch.int32).contiguous()
+
+
+def expert_tiles(offsets: torch.Tensor, M: int, N: int, BM: int) -> torch.Tensor:
+    """[cdiv(M, BM) + N, 2] int32 (expert, first row) of every M-tile in expert order; the unused tail of
+    this upper bound holds empty tiles (first row M). The work list of the Gluon down kernel (WS)."""
+    e, i, _, valid = _tile_index(offsets, M, N, BM)
+    return _tile_table(offsets, M, BM, e, i, valid)
+
+
+def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int, group: int = 0) -> torch.Tensor:
+    """`expert_tiles` ordered by the tile's relative position (i + 1/2) / tiles_e within its expert (ties:
+    expert order), within groups of `group` consecutive experts taken one after the other (0: all experts
+    in one group); empty tiles last. Device ops only, no host sync."""
+    e, i, nt, valid = _tile_index(offsets, M, N, BM)
+    pos = (i.double() + 0.5) / nt.clamp_min(1).double()   # in (0, 1): the group index is the major key
+    key = torch.where(valid, pos + (e // group if group else 0), float("inf"))
+    order = torch.argsort(key, stable=True)
+    return _tile_table(offsets, M, BM, e[order], i[order], valid[order])
+
+
+def _tile_list(plan, BM: int, group):
+    """The plan's M-tile table at tile height BM, built once per plan, height and order: expert order
+    (group None, `expert_tiles`) or token windows within groups of `group` experts (`token_window_tiles`)."""
+    cache = plan.__dict__.setdefault("_tiles", {})
+    if (BM, group) not in cache:
+        M, N = plan.num_rows, plan.num_experts
+        cache[BM, group] = (expert_tiles(plan.offsets, M, N, BM) if group is None
+                            else token_window_tiles(plan.offsets, M, N, BM, group))
+    return cache[BM, group]
 
 
 def _tiles(plan, BM: int, auto=None):
@@ -254,10 +282,7 @@ def _tiles(plan, BM: int, auto=None):
     group = _tile_groups(auto)
     if group is None:
         return plan.offsets, False
-    cache = plan.__dict__.setdefault("_tiles", {})
-    if (BM, group) not in cache:
-        cache[BM, group] = token_window_tiles(plan.offsets, plan.num_rows, plan.num_experts, BM, group)
-    return cache[BM, group], True
+    return _tile_list(plan, BM, group), True
 
 
 def _prec(t: torch.Tensor) -> str:
@@ -461,6 +486,13 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
                     BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
         m_tiles = triton.cdiv(M, BM) + N
         num_n = triton.cdiv(Dout, BN)
+        if variant == WS:  # the Gluon kernel where it serves (kernels/down_gluon.py), else STAGED
+            from .kernels import down_gluon
+            if down_gluon.serves(a, w, BM, BN, ns):
+                down_gluon.launch(a, w, _tile_list(plan, BM, None), plan.offsets, plan.order, plan.token, gate, buf,
+                                  c, M, gate_flat is not None, atomic, rank1 is not None, BM, BN, ns)
+                return
+            variant = STAGED
         descs = _down_descriptors(a, w, BM, BN, BK) if variant == TMA and Ein % BK == 0 and _hopper(a) else None
         if descs is not None:
             _down_tma_kernel[(m_tiles * num_n,)](*descs[:2], *rest, num_n, W_KROWS=descs[2], **meta)

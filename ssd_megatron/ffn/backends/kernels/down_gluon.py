@@ -1,0 +1,243 @@
+"""The down GEMM with STAGED's schedule as a warp-specialised Gluon kernel (Hopper; down variant 5, WS).
+
+Opt-in and untimed: a config string names it (e.g. SSD_TRITON_CONFIG="down=64,64,64,4,3,5"; BK and WARPS
+are not read, STAGES is the depth of the W ring); no default uses it until a GPU timing says it wins.
+
+STAGED (kernels/down.py) keeps an M-tile's A rows on chip and sweeps the output column blocks, but in
+Triton each block's product is waited for at once and its epilogue (gate scale, the router's rank-1 term,
+atomic adds into the scattered token rows) runs while the tensor cores idle: Triton 3.6 makes a wgmma
+asynchronous only when its result feeds the next dot (docs/kernels.md v13). Here the schedule of
+ffn/relu_mask_gemm_gluon.py's "ping-pong" GEMM (the pattern of CUTLASS's Hopper ping-pong kernels):
+
+- one **loader** warp issues every TMA load: an M-tile's A rows ([BM, Ein], all of the reduction) into one
+  of two buffers (the next tile's while the current one is in use), and the W tile of every (M-tile,
+  column block) work item into a ring of STAGES slots;
+- two **consumer** warpgroups take alternate work items. Their products are issued in turn (the `order`
+  barriers), so that one's epilogue runs while the other's wgmma chain keeps the tensor cores busy. The
+  epilogue is `_down_store`'s: gate scale (SCALE) or the rank-1 term g * C[e] (RANK1), then relaxed
+  atomic adds into the token rows (ATOMIC) or plain stores into the (t, k) rows.
+
+Persistent programs (one per SM) walk the expert-ordered table of M-tiles (`_triton_kernels.expert_tiles`);
+rows of A past the expert's end are loaded (they belong to the next expert, or are TMA's zero fill) and
+masked at the store. Serves (`serves`) a power-of-two Ein from 16 to 256 (one TMA box) with W as one
+[N * Ein, Dout] row-major matrix, bf16/fp16, BM 64, 128 or 256, BN 16 to 256 and two or more W stages, on
+sm_90: of the layer's launches, the 8B ReLU dx (dh [M, 256] @ w1, w1 a view of W_in); the forward's down
+too where w2 is a contiguous [N, E, D] tensor (the tests' inputs), but not W_out's column view that the
+layer passes. The launcher falls back to STAGED otherwise (base's E = 192, SwiGLU's 512, the column view,
+fp32, shared memory: e.g. 128 x 64 with three W stages of 256 rows).
+
+Needs Triton >= 3.9 (`MIN_TRITON`): Triton 3.6's LLVM lowering asserts when a warp_specialize partition
+holds gl.atomic_add (commit 923b111, docs/kernels.md v13), and 3.9's Gluon names the TMA load `async_load`;
+with an older Triton the launcher falls back to STAGED. Gluon has no interpreter: on CPU only the offline
+compile (tools/compile_report.py, tests/backends/test_offline_compile.py) and the launcher's choice are
+tested; the GPU tests (tests/backends/test_backends_gpu.py, `down-ws`) check the results.
+"""
+from __future__ import annotations
+
+import torch
+
+MIN_TRITON = (3, 9)
+CONSUMER_REGS, LOADER_REGS, MAX_REGS = 232, 40, 168  # 3 warpgroups x 128 threads x 168 <= 64 K registers
+SMEM_LIMIT = 227 * 1024  # an sm_90 block's shared memory: the A buffers, the W ring, the epilogue's scratch
+_STATE: dict = {"build": None}
+
+
+def _build():
+    import inspect
+
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < MIN_TRITON:
+        raise ImportError(f"triton {triton.__version__}: the WS down kernel needs {MIN_TRITON}")
+    if not hasattr(tma, "async_load") or "functions_and_args" not in inspect.signature(gl.warp_specialize).parameters:
+        raise ImportError("this Gluon's TMA load or warp_specialize differs from the one this kernel is written for")
+
+    @gluon.jit
+    def loader(a_desc, w_desc, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, TILES, M, Dout, n_tiles):
+        Ein: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = w_desc.block_type.shape[1]
+        NS: gl.constexpr = b_bufs.type.shape[0]
+        num_n = gl.cdiv(Dout, BN)
+        it = 0  # work items (M-tile, column block) of this program so far, in order
+        j = 0   # live M-tiles of this program so far
+        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            e = gl.load(TILES + 2 * t)
+            row0 = gl.load(TILES + 2 * t + 1)
+            if row0 < M:
+                ta = j % 2
+                mbarrier.wait(a_empty.index(ta), ((j // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
+                mbarrier.expect(a_full.index(ta), a_desc.block_type.nbytes)
+                tma.async_load(a_desc, [row0, 0], a_full.index(ta), a_bufs.index(ta))
+                for n in range(num_n):
+                    s = it % NS
+                    mbarrier.wait(b_empty.index(s), ((it // NS) & 1) ^ 1)
+                    mbarrier.expect(b_full.index(s), w_desc.block_type.nbytes)
+                    tma.async_load(w_desc, [e * Ein, n * BN], b_full.index(s), b_bufs.index(s))
+                    it += 1
+                j += 1
+
+    @gluon.jit
+    def consumer(a_desc, w_desc, TILES, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, order, OFFS, ORDER, TOK,
+                 GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, which, SCALE: gl.constexpr,
+                 ATOMIC: gl.constexpr, RANK1: gl.constexpr):
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BN: gl.constexpr = w_desc.block_type.shape[1]
+        NS: gl.constexpr = b_bufs.type.shape[0]
+        mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BN, 16])
+        # the epilogue's layout: 8 consecutive columns per thread (16-byte vector atomics)
+        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (BN // 8), BN // 8],
+                                                warps_per_cta=[4, 1], order=[1, 0])
+        row_l: gl.constexpr = gl.SliceLayout(1, layout)
+        col_l: gl.constexpr = gl.SliceLayout(0, layout)
+        num_n = gl.cdiv(Dout, BN)
+        it = 0
+        j = 0
+        turn = 0  # this consumer's work items so far: its products alternate with the other's
+        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            e = gl.load(TILES + 2 * t)
+            row0 = gl.load(TILES + 2 * t + 1)
+            if row0 < M:
+                ta = j % 2
+                rows = row0 + gl.arange(0, BM, layout=row_l)
+                rmask = rows < gl.load(OFFS + e + 1)
+                pair = gl.load(ORDER + rows, mask=rmask, other=0)
+                if SCALE or RANK1:
+                    g = gl.load(GATE + pair, mask=rmask, other=0.0).to(gl.float32)
+                else:
+                    g = gl.zeros((BM, ), dtype=gl.float32, layout=row_l)
+                # the output row of each A row: its token's (atomic adds), else its (t, k) pair's
+                if ATOMIC:
+                    dst = gl.load(TOK + rows, mask=rmask, other=0).to(gl.int64) * stride_o
+                else:
+                    dst = pair.to(gl.int64) * stride_o
+                mbarrier.wait(a_full.index(ta), (j // 2) & 1)
+                for n in range(num_n):
+                    if it % 2 == which:
+                        s = it % NS
+                        mbarrier.wait(b_full.index(s), (it // NS) & 1)
+                        mbarrier.wait(order.index(which), (turn & 1) ^ (1 - which))  # consumer 0 goes first
+                        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma_l)
+                        acc = warpgroup_mma(a_bufs.index(ta), b_bufs.index(s), acc, is_async=True)
+                        mbarrier.arrive(order.index(1 - which), count=1)  # the other may issue its chain now
+                        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                        mbarrier.arrive(b_empty.index(s), count=1)
+                        acc = gl.convert_layout(acc, layout)
+                        cols = n * BN + gl.arange(0, BN, layout=col_l)
+                        cmask = cols < Dout
+                        if SCALE:
+                            acc = acc * g[:, None]
+                        if RANK1:
+                            c = gl.load(C + e.to(gl.int64) * stride_c + cols, mask=cmask, other=0.0).to(gl.float32)
+                            acc = acc + g[:, None] * c[None, :]
+                        omask = rmask[:, None] & cmask[None, :]
+                        if ATOMIC:  # the K rows of a token come from different work items: add them in place
+                            gl.atomic_add(OUT + dst[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty),
+                                          mask=omask, sem="relaxed")
+                        else:
+                            gl.store(OUT + dst[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
+                        turn += 1
+                    it += 1
+                mbarrier.arrive(a_empty.index(ta), count=1)  # both consumers arrive: count 2
+                j += 1
+
+    @gluon.jit
+    def down_ws_kernel(a_desc, w_desc, TILES, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles,
+                       SCALE: gl.constexpr, ATOMIC: gl.constexpr, RANK1: gl.constexpr, STAGES: gl.constexpr,
+                       CREGS: gl.constexpr, LREGS: gl.constexpr, num_warps: gl.constexpr):
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        Ein: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = w_desc.block_type.shape[1]
+        dtype: gl.constexpr = a_desc.dtype
+        a_bufs = gl.allocate_shared_memory(dtype, [2, BM, Ein], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [STAGES, Ein, BN], w_desc.layout)
+        a_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        a_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        b_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        b_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(a_full.index(i), count=1)
+            mbarrier.init(a_empty.index(i), count=2)
+            mbarrier.init(order.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(b_full.index(i), count=1)
+            mbarrier.init(b_empty.index(i), count=1)
+        shared = (a_desc, w_desc, TILES, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, order, OFFS, ORDER, TOK,
+                  GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles)
+        first = shared + (0, SCALE, ATOMIC, RANK1)  # (bound to names first: an int literal inline is not lowered)
+        second = shared + (1, SCALE, ATOMIC, RANK1)
+        loads = (a_desc, w_desc, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, TILES, M, Dout, n_tiles)
+        gl.warp_specialize([(consumer, first), (consumer, second), (loader, loads)], [4, 1], [CREGS, LREGS])
+
+    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+    def descriptors(a, w2d, BM, BN):
+        g = gl_dtype[a.dtype]
+        Ein = a.shape[1]
+        return (TensorDescriptor.from_tensor(a, [BM, Ein], gl.NVMMASharedLayout.get_default_for([BM, Ein], g)),
+                TensorDescriptor.from_tensor(w2d, [Ein, BN], gl.NVMMASharedLayout.get_default_for([Ein, BN], g)))
+
+    return down_ws_kernel, descriptors
+
+
+def smem_bytes(BM: int, BN: int, Ein: int, stages: int, element_size: int = 2) -> int:
+    """Shared memory of one program: two A buffers, the W ring, and at most 16 kB for the epilogue's layout
+    conversion and the barriers (Triton 3.9, sm_90: 16.1 kB at BN >= 64, 8.1 kB at BN = 32)."""
+    return (2 * BM * Ein + stages * Ein * BN) * element_size + 17 * 1024
+
+
+def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int) -> bool:
+    """Whether this kernel takes A [M, Ein] and W [N, Ein, Dout] with this tile: sm_90, bf16/fp16, A's rows
+    contiguous, W one row-major [N * Ein, Dout] matrix, Ein a power of two from 16 to 256 (one TMA box and
+    shared-memory tile), 16-byte aligned, BM 64, 128 or 256 (whole warpgroup MMAs), BN 16..256, a W ring of
+    two or more slots (with one, a consumer's wait for its item's W could pass on the other consumer's item:
+    a barrier's phase parity cannot tell them apart), the buffers within shared memory, and a Triton whose
+    Gluon builds the kernel (`_build`)."""
+    N, Ein, Dout = w.shape
+    es = a.element_size()
+    if not _sm90(a) or a.dtype not in (torch.bfloat16, torch.float16) or w.dtype != a.dtype:
+        return False
+    if BM not in (64, 128, 256) or not 16 <= BN <= 256 or stages < 2 or a.shape[0] == 0 or Dout == 0:
+        return False
+    if Ein & (Ein - 1) or not 16 <= Ein <= 256 or a.shape[1] != Ein or a.stride(1) != 1 or (a.stride(0) * es) % 16:
+        return False
+    if w.stride() != (Ein * Dout, Dout, 1) or (Dout * es) % 16 or (a.data_ptr() % 16) or (w.data_ptr() % 16):
+        return False
+    return smem_bytes(BM, BN, Ein, stages, es) <= SMEM_LIMIT and _build_once() is not None
+
+
+def _sm90(t: torch.Tensor) -> bool:
+    """Whether `t` is on a compute capability 9.0 GPU (wgmma, warp specialisation as built here)."""
+    return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device) == (9, 0)
+
+
+def _build_once():
+    if _STATE["build"] is None:
+        try:
+            _STATE["build"] = _build()
+        except Exception:  # no Gluon, an older Triton or another API: the launcher falls back to STAGED
+            _STATE["build"] = False
+    return _STATE["build"] or None
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch(a, w, tiles, offsets, order, token, gate, out, c, M, scale: bool, atomic: bool, rank1: bool,
+           BM: int, BN: int, stages: int):
+    """The kernel over `tiles` ([n, 2] int32 (expert, first row), first row M = empty) with persistent
+    programs, one per SM. The caller checked `serves`."""
+    kernel, descriptors = _build_once()
+    N, Ein, Dout = w.shape
+    a_desc, w_desc = descriptors(a, w.reshape(N * Ein, Dout), BM, BN)
+    n_tiles = tiles.shape[0]
+    grid = (max(1, min(n_tiles, _sms(a.device))),)
+    kernel[grid](a_desc, w_desc, tiles, offsets, order, token, gate, out, out.stride(0), c, c.stride(0), M, Dout,
+                 n_tiles, SCALE=scale, ATOMIC=atomic, RANK1=rank1, STAGES=stages, CREGS=CONSUMER_REGS,
+                 LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS)
