@@ -50,6 +50,9 @@ def _build():
 
     if "functions_and_args" not in inspect.signature(gl.warp_specialize).parameters:
         raise ImportError("this Gluon's warp_specialize has the older signature")
+    # Triton 3.9 renamed the TMA copies (the old names raise there); 3.6 has only the old ones
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
     @gluon.jit
     def tile_origin(tile, num_m, num_n, TM: gl.constexpr, TN: gl.constexpr, GM: gl.constexpr):
@@ -78,12 +81,12 @@ def _build():
                 if ki == h_at:
                     mbarrier.wait(h_empty.index(c), ((j // 2) & 1) ^ 1)
                     mbarrier.expect(h_full.index(c), h_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(h_desc, [om, on], h_full.index(c), hc.index(c))
+                    tma_load(h_desc, [om, on], h_full.index(c), hc.index(c))
                 s = it % NS
                 mbarrier.wait(empty.index(s), ((it // NS) & 1) ^ 1)
                 mbarrier.expect(full.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(a_desc, [om, ki * TK], full.index(s), a_bufs.index(s))
-                tma.async_copy_global_to_shared(b_desc, [ki * TK, on], full.index(s), b_bufs.index(s))
+                tma_load(a_desc, [om, ki * TK], full.index(s), a_bufs.index(s))
+                tma_load(b_desc, [ki * TK, on], full.index(s), b_bufs.index(s))
                 it += 1
             j += 1
 
@@ -124,7 +127,7 @@ def _build():
             c = gl.where(h > 0, acc, 0.0).to(dtype)
             buf.store(c)  # each thread rewrites only what it read
             fence_async_shared()
-            tma.async_copy_shared_to_global(c_desc, [om, on], buf)
+            tma_store(c_desc, [om, on], buf)
             # This tile's column sums while the store drains (h past M is zero-filled: those rows add 0).
             cols = on + gl.arange(0, TN, layout=gl.SliceLayout(0, layout))
             gl.store(P + (om // TM) * N + cols, gl.sum(c.to(gl.float32), axis=0), mask=cols < N)

@@ -255,5 +255,34 @@ def test_ws_down_falls_back_to_staged(monkeypatch, why):
         assert name == "triton" and kwargs["STAGED"] and not kwargs["ROWLOOP"], (name, kwargs)
 
 
+MASKED_GEMM = """
+import json, sys
+sys.path.insert(0, {tools!r})
+import torch
+import compile_report as cr
+from ssd_megatron.ffn import relu_mask_gemm_gluon as g
+cr.offline(90)
+g._sms = lambda device: 132
+M, K, N = 256, 128, 256
+a, b, h = torch.randn(M, K).bfloat16(), torch.randn(K, N).bfloat16(), torch.randn(M, N).bfloat16()
+g._build()(a, b, h, torch.empty_like(h), torch.empty(2, N))
+print("MG " + json.dumps([[name, cr.report(kernel, nw)] for name, kernel, nw in cr.LAUNCHES]))
+"""
+
+
+def test_gluon_masked_gemm_compiles_for_sm90():
+    """The dense ReLU FFN's Gluon masked GEMM (ffn/relu_mask_gemm_gluon.py, the default on H100/H200)
+    compiles with the installed Triton: Triton 3.9 removed the TMA copy names 3.6 has (its old names raise
+    at compile time), which its launch would otherwise hit only on a GPU."""
+    env = _compile_env()
+    out = subprocess.run([sys.executable, "-c", MASKED_GEMM.format(tools=os.path.join(ROOT, "tools"))], env=env,
+                         capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("MG ")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    (name, r), = json.loads(lines[-1][3:])
+    assert name == "relu_mask_gemm_pingpong_kernel" and r["warps"] == 12, (name, r)
+    assert r["utmaldg"] > 0 and r["ldgsts"] == 0 and r["mma"].startswith("64x"), r
+
+
 if __name__ == "__main__":
     _ws_compile_main()
