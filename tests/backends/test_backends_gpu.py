@@ -107,7 +107,7 @@ def test_triton_kernel_variants_bf16(case, variant):
 # down variant 5 (WS, kernels/down_gluon.py: Gluon, sm_90, Triton >= 3.9) where it serves: Ein (E for the
 # forward's down, F1 for dx) a power of two <= 256, contiguous bf16 weights. Skewed loads, experts with no
 # tokens, M = T * K not a multiple of the 64-row tile, D not a multiple of the 64-column block (200), one token
-DOWN_WS = (64, 64, 64, 4, 3, 5)
+DOWN_WS_TILES = {"64x64x3": (64, 64, 64, 4, 3, 5), "128x64x2": (128, 64, 64, 4, 2, 5)}  # (the second: auto's, Triton >= 3.9)
 WS_CASES = [dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewed"),
             dict(activation="relu", T=333, D=200, E=64, N=8, K=2, routing="empty"),
             dict(activation="relu", T=1000, D=512, E=256, N=16, K=4, routing="skewed"),  # 8B's E = 256
@@ -122,11 +122,14 @@ WS_OPTS = {"atomic16": {"combine": "atomic16"}, "atomic32": {"combine": "atomic3
            "fold-output": {"combine": "atomic16", "fold_output": True}, "router-fold": {"combine": "atomic16"}}
 
 
+@pytest.mark.parametrize("tile", list(DOWN_WS_TILES))
 @pytest.mark.parametrize("opts", list(WS_OPTS))
 @pytest.mark.parametrize("case", WS_CASES, ids=WS_IDS)
-def test_triton_down_ws_bf16(case, opts, monkeypatch):
+def test_triton_down_ws_bf16(case, opts, tile, monkeypatch):
     """The warp-specialised Gluon down kernel (down variant 5) in the forward's down and dx against the
-    reference, forward and every grad; each launch is checked to have taken it (not the STAGED fallback)."""
+    reference, forward and every grad, at each tile; each launch is checked to have taken it (not the STAGED
+    fallback)."""
+    DOWN_WS = DOWN_WS_TILES[tile]
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
     from ssd_megatron.ffn.backends import _triton_kernels as kernels

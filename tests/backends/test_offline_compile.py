@@ -4,7 +4,7 @@ tools/compile_report.py runs the real launchers on CPU tensors with a stand-in d
 the interpreter cannot (layouts, register allocation, Hopper's wgmma/TMA lowering, A100's mma.sync and
 which atomics it has). The device image's own Triton version is used for the numbers
 in benchmarks/results; here it is whatever CI installed, so only compilation and the Hopper instructions
-are checked, never register or spill counts. The opt-in warp-specialised Gluon down kernel (down variant 5)
+are checked, never register or spill counts. The warp-specialised Gluon down kernel (down variant 5)
 is compiled where the installed Triton's Gluon builds it (>= 3.9), and its launcher's fallback to STAGED
 is checked without compiling.
 """
@@ -105,9 +105,9 @@ def test_default_launches_compile_for_sm80(act):
     assert kernels == {"_up_kernel", "_down_kernel", "_wgrad_kernel", "_mlp_kernel"}
 
 
-# The warp-specialised Gluon down kernel (down variant 5, WS: kernels/down_gluon.py), opt-in. Gluon has no
-# interpreter, so on CPU: its offline compile for sm_90 through the real launcher, and the launcher's choice
-# (the kernel where it serves, STAGED elsewhere). test_backends_gpu.py (`down_ws`) checks its results.
+# The warp-specialised Gluon down kernel (down variant 5, WS: kernels/down_gluon.py; `auto`'s for 8B's dx
+# under Triton >= 3.9). Gluon has no interpreter, so on CPU: its offline compile for sm_90 through the real
+# launcher, and the launcher's choice (the kernel where it serves, STAGED elsewhere). test_backends_gpu.py (`down_ws`) checks its results.
 DOWN_WS = (64, 64, 64, 4, 3, 5)
 # name -> (Ein, dtype, combine, gate scale, rank-1 term): dx (bf16 adds, with the router's rank-1 term), the
 # forward's down (scaled; fp32 adds, the (t, k) rows stored), 8B's Ein = 256 in fp16
@@ -253,6 +253,39 @@ def test_ws_down_falls_back_to_staged(monkeypatch, why):
         assert args[10:] == (True, True, False, BM, BN, stages)  # scale, atomic, rank-1, the tile
     else:  # (served, but this Triton has no Gluon that builds it: STAGED too)
         assert name == "triton" and kwargs["STAGED"] and not kwargs["ROWLOOP"], (name, kwargs)
+
+
+@pytest.mark.parametrize("why", ["served", "not-served", "buffer", "narrow", "forced", "env"])
+def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
+    """`auto` launches the Gluon down kernel at AUTO_WS for an atomic combine into rows >= 2048 wide (8B's
+    dx) where it serves, and the usual default everywhere else: where it does not serve (e.g. Triton < 3.9),
+    for the (t, k) buffer, for narrower rows, or when a forced or environment config names down."""
+    pytest.importorskip("triton")
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import down_gluon
+    calls, served = [], []
+    monkeypatch.setattr(K, "_down_kernel", _Recorder(calls, "triton"))
+    monkeypatch.setattr(K, "_down_tma_kernel", _Recorder(calls, "tma"))
+    monkeypatch.setattr(down_gluon, "launch", _Recorder(calls, "ws"))
+    monkeypatch.setattr(down_gluon, "serves", lambda *args: served.append(args[2:]) or why != "not-served")
+    monkeypatch.delenv("SSD_TRITON_TUNE", raising=False)
+    if why == "env":
+        monkeypatch.setenv("SSD_TRITON_CONFIG", "down=64,128,64,4,3,1")
+    else:
+        monkeypatch.delenv("SSD_TRITON_CONFIG", raising=False)
+    a, w, plan, gate, _ = _down_case(64, torch.bfloat16, D=64 if why == "narrow" else 2048)
+    if why == "forced":
+        K.force_config(down=(64, 128, 64, 4, 3, K.ROWLOOP))
+    try:
+        K.down_scatter(a, w, plan, None, "buffer" if why == "buffer" else "atomic16")
+    finally:
+        K.force_config()
+    assert len(calls) == 1, calls
+    name, args, kwargs = calls[0]
+    if why == "served":
+        assert name == "ws" and set(served) == {K.AUTO_WS[:2] + K.AUTO_WS[4:5]} and args[-3:] == (128, 64, 2), args
+    else:  # the default tile (a Triton kernel, TMA or not), never the STAGED fallback
+        assert name in ("triton", "tma") and not kwargs.get("STAGED"), (name, kwargs)
 
 
 MASKED_GEMM = """

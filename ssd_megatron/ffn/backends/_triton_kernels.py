@@ -41,8 +41,8 @@ from .routing import initialise
 
 # (BM|BP, BN|BQ, BK, num_warps, num_stages[, variant]). variant: down 1 = ROWLOOP (a program covers all
 # output columns), 3 = TMA (descriptor loads), 4 = STAGED (ROWLOOP from A rows loaded once; BK unused),
-# 5 = WS (STAGED as a warp-specialised Gluon kernel, kernels/down_gluon.py: opt-in, untimed; BK and WARPS
-# unused, STAGES = its W ring; STAGED where it does not serve);
+# 5 = WS (STAGED as a warp-specialised Gluon kernel, kernels/down_gluon.py: `auto`'s for 8B's dx with
+# Triton >= 3.9, AUTO_WS; BK and WARPS unused, STAGES = its W ring; STAGED where a forced WS does not serve);
 # up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE);
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none); a wgrad BP >= P makes each
 # program cover all of P (kernels/wgrad.py), an up BN >= E all of E (`_up_columns`). Defaults are chosen per
@@ -156,6 +156,28 @@ def _default(base: str, key: tuple, hopper: bool = True):
         # loads do not leave a long grid tail (sparse GPT-base step 32.1 -> 31.3 ms, H200 v8)
         return (64, 128, 128, 4, 3, 2048) if key[0] <= 256 else (64, 128, 64, 4, 4)
     return DEFAULTS[base]
+
+
+# auto's down for a wide atomic combine (8B's dx) where the warp-specialised Gluon kernel serves (Triton >=
+# 3.9, sm_90, Ein a power of two <= 256: 8B ReLU). H100, docs/kernels.md v16: the dx launch 2.21 ms with 3.6's
+# ROWLOOP default, 2.66 with the same kernel under 3.9 (it spills more), 1.87 with WS at 128 x 64 and two W
+# stages (2.22 at 64 x 64 x 3); in the 8B ReLU layer 9.17 / 9.19 ms (3.6) against 8.995 / 8.990 (3.9 + WS).
+AUTO_WS = (128, 64, 64, 4, 2, WS)
+
+
+def _configured(kind: str) -> bool:
+    """Whether a forced or environment config, or tuning, decides `kind`'s config rather than the defaults."""
+    base = kind.split(":")[0]
+    return _tuning() or any(kind in table or base in table for table in (_FORCED, env_configs()))
+
+
+def _auto_down_ws(kind: str, a: torch.Tensor, w: torch.Tensor, atomic: bool):
+    """AUTO_WS where `auto` takes the Gluon down kernel for this launch, else None (the defaults serve)."""
+    if not atomic or w.shape[2] < 2048 or _configured(kind):
+        return None
+    from .kernels import down_gluon
+    BM, BN, _, _, stages, _ = AUTO_WS
+    return AUTO_WS if down_gluon.serves(a, w, BM, BN, stages) else None
 
 
 def _pick(kind: str, key: tuple, launch, hopper: bool = True):
@@ -504,7 +526,8 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
                                          ROWLOOP=variant == ROWLOOP, STAGED=variant == STAGED, SPLIT=be2 > 0, BE=be,
                                          BE2=max(be2, 16), **meta)
 
-    launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)), launch, _hopper(a)))
+    kind = f"down:{combine}"
+    launch(_auto_down_ws(kind, a, w, atomic) or _pick(kind, (Ein, Dout, str(a.dtype)), launch, _hopper(a)))
     return _combined(buf, atomic, T, K, a.dtype, out_bias)
 
 

@@ -1,7 +1,10 @@
 """The down GEMM with STAGED's schedule as a warp-specialised Gluon kernel (Hopper; down variant 5, WS).
 
-Opt-in and untimed: a config string names it (e.g. SSD_TRITON_CONFIG="down=64,64,64,4,3,5"; BK and WARPS
-are not read, STAGES is the depth of the W ring); no default uses it until a GPU timing says it wins.
+`auto` takes it (`_triton_kernels.AUTO_WS`: 128 x 64, two W stages) for the atomic combines into rows
+>= 2048 wide where it serves: of the layer's launches, the 8B ReLU dx. H100 (docs/kernels.md v16): that launch
+1.87 ms against 2.21 for 3.6's ROWLOOP default (2.66 for the same under 3.9), the 8B ReLU layer 9.17-9.19 ->
+8.99 ms. A config string names it elsewhere (e.g. SSD_TRITON_CONFIG="down=64,64,64,4,3,5"; BK and WARPS are not
+read, STAGES is the depth of the W ring).
 
 STAGED (kernels/down.py) keeps an M-tile's A rows on chip and sweeps the output column blocks, but in
 Triton each block's product is waited for at once and its epilogue (gate scale, the router's rank-1 term,
