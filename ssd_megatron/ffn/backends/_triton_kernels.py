@@ -165,30 +165,24 @@ def _default(base: str, key: tuple, hopper: bool = True):
 AUTO_WS = (128, 64, 64, 4, 2, WS)
 
 
-def _configured(kind: str) -> bool:
-    """Whether a forced or environment config, or tuning, decides `kind`'s config rather than the defaults."""
-    base = kind.split(":")[0]
-    return _tuning() or any(kind in table or base in table for table in (_FORCED, env_configs()))
-
-
-def _auto_down_ws(kind: str, a: torch.Tensor, w: torch.Tensor, atomic: bool):
+def _auto_down_ws(a: torch.Tensor, w: torch.Tensor, atomic: bool):
     """AUTO_WS where `auto` takes the Gluon down kernel for this launch, else None (the defaults serve)."""
-    if not atomic or w.shape[2] < 2048 or _configured(kind):
+    if not atomic or w.shape[2] < 2048:
         return None
     from .kernels import down_gluon
     BM, BN, _, _, stages, _ = AUTO_WS
     return AUTO_WS if down_gluon.serves(a, w, BM, BN, stages) else None
 
 
-def _pick(kind: str, key: tuple, launch, hopper: bool = True):
+def _pick(kind: str, key: tuple, launch, hopper: bool = True, auto=None):
     """The config for `kind` at `key` (on a Hopper GPU or not); when tuning, time each candidate once with
-    `launch(cfg)`."""
+    `launch(cfg)`. `auto()`: a default that depends on the operands (None where the table's serves)."""
     base = kind.split(":")[0]
     for table in (_FORCED, env_configs()):
         if kind in table or base in table:
             return table.get(kind, table.get(base))
     if not _tuning() or os.environ.get("TRITON_INTERPRET") == "1":
-        return _default(base, key, hopper)
+        return (auto and auto()) or _default(base, key, hopper)
     k = (kind,) + key
     if k not in _TUNED:
         from triton.testing import do_bench
@@ -526,8 +520,8 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
                                          ROWLOOP=variant == ROWLOOP, STAGED=variant == STAGED, SPLIT=be2 > 0, BE=be,
                                          BE2=max(be2, 16), **meta)
 
-    kind = f"down:{combine}"
-    launch(_auto_down_ws(kind, a, w, atomic) or _pick(kind, (Ein, Dout, str(a.dtype)), launch, _hopper(a)))
+    launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)), launch, _hopper(a),
+                 auto=lambda: _auto_down_ws(a, w, atomic)))
     return _combined(buf, atomic, T, K, a.dtype, out_bias)
 
 
