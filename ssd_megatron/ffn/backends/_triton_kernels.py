@@ -521,7 +521,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
                                          BE2=max(be2, 16), **meta)
 
     launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)), launch, _hopper(a),
-                 auto=lambda: _auto_down_ws(a, w, atomic)))
+                 lambda: _auto_down_ws(a, w, atomic)))  # (positional: tests stand in for _pick with *more)
     return _combined(buf, atomic, T, K, a.dtype, out_bias)
 
 
