@@ -350,3 +350,29 @@ def test_sparse_layer_with_triton_under_torch_compile():
     compiled = torch.autograd.grad((torch.compile(ffn)(x) * w).sum(), [x, *ffn.parameters()])
     for a, b in zip(compiled, eager):
         assert ((a - b).norm() / b.norm()).item() < 1e-4
+
+
+# (T, N, K, skew, max_blocks): the counting-sort plan at the layer benchmark's sizes (base: two sub-blocks per
+# block; 8B: eight), a skewed load, a tail block, and several sub-blocks per block at a small size
+PLAN_SIZES = [(16384, 32, 6, False, 256), (16384, 64, 16, False, 256), (16384, 32, 6, True, 256),
+              (5001, 16, 4, True, 256), (3000, 32, 6, False, 5)]
+
+
+@pytest.mark.parametrize("size", PLAN_SIZES, ids=[f"T{s[0]}-N{s[1]}K{s[2]}{'-skew' * s[3]}-B{s[4]}" for s in PLAN_SIZES])
+def test_counting_sort_plan_equals_torch_sort_on_cuda(size):
+    """The two plan kernels (kernels/routing_plan.py) give torch's stable sort exactly, and initialise
+    the fused forward's output to the bias."""
+    from ssd_megatron.ffn.backends.kernels.routing_plan import routing_plan
+    from ssd_megatron.ffn.backends.routing import sort_plan
+    T, N, K, skew, max_blocks = size
+    g = torch.Generator(device="cuda").manual_seed(T)
+    scores = torch.rand(T, N, generator=g, device="cuda")
+    if skew:  # a few experts take most pairs; some take none
+        scores = scores * torch.linspace(0.01, 3.0, N, device="cuda") ** 4
+    idx = scores.topk(K, dim=-1).indices
+    y, row = torch.full((T, 96), float("nan"), device="cuda", dtype=torch.bfloat16), torch.randn(96, device="cuda")
+    got = routing_plan(idx.reshape(-1), N, K, fill=(y, row), max_blocks=max_blocks)
+    want = sort_plan(idx.reshape(-1), N, K)
+    for name, a, b in zip(("order", "token", "sorted expert", "offsets"), got, want):
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), name
+    assert torch.equal(y, row.to(y.dtype).expand(T, 96))

@@ -160,10 +160,12 @@ def _compile_results(kernels, tiny):
     return out
 
 
-# (T, N, K, routing): the counting-sort plan kernels against torch's sort; M not a block multiple,
-# N = 64 (wider one-hot, shorter blocks), empty experts, every pair on one expert, T = 0
-PLAN_CASES = [(1000, 32, 6, "random"), (333, 64, 16, "random"), (77, 3, 1, "random"), (500, 16, 4, "empty"),
-              (129, 8, 2, "one"), (0, 8, 2, "random")]
+# (T, N, K, routing, max_blocks): the counting-sort plan kernels against torch's sort; M not a block multiple,
+# N = 64 (wider one-hot, shorter blocks), empty experts, every pair on one expert, T = 0; a small max_blocks
+# makes each block span several sub-blocks (and some blocks of the first kernel only initialise `fill`)
+PLAN_CASES = [(1000, 32, 6, "random", 256), (333, 64, 16, "random", 256), (77, 3, 1, "random", 256),
+              (500, 16, 4, "empty", 256), (129, 8, 2, "one", 256), (0, 8, 2, "random", 256),
+              (1000, 32, 6, "random", 3), (333, 64, 16, "random", 7), (500, 16, 4, "empty", 2)]
 
 
 def _plan_results():
@@ -171,15 +173,18 @@ def _plan_results():
     from ssd_megatron.ffn.backends.routing import sort_plan
     g = torch.Generator().manual_seed(0)
     out = []
-    for T, N, K, routing in PLAN_CASES:
+    for T, N, K, routing, max_blocks in PLAN_CASES:
         if routing == "one":
             idx = torch.zeros(T, K, dtype=torch.long)
             idx[:, 1:] = torch.arange(1, K)
         else:
             n = N // 2 if routing == "empty" else N
             idx = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K).long()
-        got, want = routing_plan(idx.reshape(-1), N, K), sort_plan(idx.reshape(-1), N, K)
-        out.append(all(a.dtype == b.dtype == torch.int32 and torch.equal(a, b) for a, b in zip(got, want)))
+        y, row = torch.full((T, 5), float("nan")), torch.randn(5, generator=g)  # the output the plan initialises
+        got = routing_plan(idx.reshape(-1), N, K, fill=(y, row), max_blocks=max_blocks)
+        want = sort_plan(idx.reshape(-1), N, K)
+        out.append(all(a.dtype == b.dtype == torch.int32 and torch.equal(a, b) for a, b in zip(got, want))
+                   and torch.equal(y, row.expand(T, 5)))
     return out
 
 
@@ -370,7 +375,7 @@ def test_triton_interpret_kernel_variants(interpret_results, i):
     assert not bad, f"variant run {RUNS[i]}: errors above {TOL}: {res['errors']}"
 
 
-@pytest.mark.parametrize("i", range(len(PLAN_CASES)), ids=[f"T{c[0]}-N{c[1]}-K{c[2]}-{c[3]}" for c in PLAN_CASES])
+@pytest.mark.parametrize("i", range(len(PLAN_CASES)), ids=[f"T{c[0]}-N{c[1]}-K{c[2]}-{c[3]}-B{c[4]}" for c in PLAN_CASES])
 def test_counting_sort_plan_equals_torch_sort(interpret_results, i):
     assert interpret_results[1][i], PLAN_CASES[i]
 
