@@ -157,10 +157,11 @@ def test_pre_hopper_defaults_differ_only_where_the_hopper_tiles_spill():
             assert (base.startswith("up_bwd") and h100[5:] == (K.TWO_PASS,)) == ((base, key) in two_pass), key
     # the 8B ROWLOOP stays ROWLOOP, with half the rows per tile or twice the warps
     assert K._default("down", (256, 4096, bf16), hopper=False)[5] == K.ROWLOOP
-    # the fused forward's fourth stage: base's (D, E) on Hopper only (timed there; 160 kB of shared memory)
+    # the fused forward's tiles: base's (D, E) and 8B's on Hopper only (timed there; docs/kernels.md v17)
     base_mlp, wide_mlp = (768, 192, 768, bf16), (4096, 256, 4096, bf16)
     assert K._default("mlp", base_mlp) == (128, 64, 64, 8, 4)
-    assert K._default("mlp", base_mlp, hopper=False) == K._default("mlp", wide_mlp) == K.DEFAULTS["mlp"]
+    assert K._default("mlp", wide_mlp) == (128, 128, 64, 8, 3, K.TMA)  # and 8B's weights by TMA
+    assert K._default("mlp", base_mlp, hopper=False) == K._default("mlp", wide_mlp, hopper=False) == K.DEFAULTS["mlp"]
 
 
 def test_auto_options_resolve_per_call():

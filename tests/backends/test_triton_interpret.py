@@ -46,9 +46,13 @@ VARIANTS = [(1, 32, "auto", 16, 0), (3, 0, "auto", 16, 0), (0, 0, "token", 16, 0
             (3, 32, "token", 16, 0), (4, 0, "auto", 64, 0), (4, 32, "token", 64, 0), (0, 0, "auto", 16, 1),
             (1, 32, "token", 64, 1), (1, 0, "token:2", 16, 0)]
 FUSED_TOKEN_ORDER = [8, 10]  # the fused forward's M-tiles from the token-window schedule
+# the fused forward with its weights by TMA (mlp variant 3, with down's): E = 16 (one tile; empty experts), W_out's
+# column view, E = 48 = 32 + 16; and a gated activation, which keeps the pointer loads
+FUSED_TMA = [8, 13, 15, 11]
 RUNS = ([(c, (0, 0, "auto", 16, 0)) for c in range(len(CASES))] + [(c, v) for v in VARIANTS for c in VARIANT_CASES]
         + [(c, (0, 0, "token", 16, 0)) for c in FUSED_TOKEN_ORDER]
-        + [(4, (4, 0, "auto", 64, 0)), (4, (4, 32, "auto", 64, 1))])
+        + [(4, (4, 0, "auto", 64, 0)), (4, (4, 32, "auto", 64, 1))]
+        + [(c, (3, 0, "auto", 16, 0)) for c in FUSED_TMA])
 TOL = 1e-5
 
 
@@ -123,7 +127,8 @@ def _force_variant(kernels, tiny, down_variant, chunk, bp, two):
     up = (16, bp, 16, 1, 1)
     up_bwd = up + (kernels.TWO_PASS,) if two else up
     kernels.force_config(up=up, up_glu=up, up_bwd=up_bwd, up_bwd_glu=up_bwd, down=tiny + (down_variant,),
-                         wgrad=(bp,) + tiny[1:] + (chunk,), mlp=tiny, mlp_glu=tiny)
+                         wgrad=(bp,) + tiny[1:] + (chunk,), mlp=tiny + ((kernels.TMA,) if down_variant == kernels.TMA else ()),
+                         mlp_glu=tiny)
 
 
 COMPILE_CASES = [0, 3]

@@ -43,6 +43,7 @@ from .routing import initialise
 # output columns), 3 = TMA (descriptor loads), 4 = STAGED (ROWLOOP from A rows loaded once; BK unused),
 # 5 = WS (STAGED as a warp-specialised Gluon kernel, kernels/down_gluon.py: `auto`'s for 8B's dx with
 # Triton >= 3.9, AUTO_WS; BK and WARPS unused, STAGES = its W ring; STAGED where a forced WS does not serve);
+# mlp 3 = TMA (the weights' tiles by TMA where the descriptors serve, `_mlp_descriptors`);
 # up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE);
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none); a wgrad BP >= P makes each
 # program cover all of P (kernels/wgrad.py), an up BN >= E all of E (`_up_columns`). Defaults are chosen per
@@ -75,8 +76,8 @@ CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=
     "wgrad": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
               (64, 128, 128, 4, 3, 1024), (128, 128, 64, 8, 3, 2048), (256, 128, 64, 8, 3), (256, 128, 64, 8, 3, 2048)],
     "wgrad_mat": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)],
-    "mlp": [(128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 4), (64, 64, 64, 4, 2), (128, 128, 64, 8, 2),
-            (128, 32, 64, 8, 3)],
+    "mlp": [(128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3, TMA), (64, 64, 64, 4, 2),
+            (128, 128, 64, 8, 2), (128, 32, 64, 8, 3)],
     "mlp_glu": [(64, 64, 64, 8, 3), (64, 32, 64, 8, 3), (64, 64, 64, 8, 2)],
 }
 _FORCED: dict = {}
@@ -127,13 +128,13 @@ def _parse_configs(text: str) -> dict:
             raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
         if len(cfg) == 6 and not _variant_ok(kind.split(":")[0], cfg[5]):
             raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA), 4 (STAGED) or 5 (WS); "
-                            f"for up_bwd[_glu], 1 (TWO_PASS); for wgrad, a row chunk >= 0")
+                            f"for mlp, 3 (TMA); for up_bwd[_glu], 1 (TWO_PASS); for wgrad, a row chunk >= 0")
         out[kind] = cfg
     return out
 
 
 def _variant_ok(base: str, variant: int) -> bool:
-    return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED, WS))
+    return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED, WS)) or (base == "mlp" and variant == TMA)
             or (base == "wgrad" and variant > 0) or (base.startswith("up_bwd") and variant == TWO_PASS))
 
 
@@ -152,6 +153,10 @@ def _default(base: str, key: tuple, hopper: bool = True):
         if not hopper:
             return (128, 128, 64, 8, 3, ROWLOOP) if key[0] >= 512 else (64, 128, 64, 4, 3, ROWLOOP)
         return (128, 256, 64, 8, 3, ROWLOOP) if key[0] >= 512 else (128, 128, 64, 4, 3, ROWLOOP)
+    if base == "mlp" and hopper and key[0] >= 2048 and key[1] <= 256:  # 8B's (D, E): weights by TMA, 128 columns
+        # per down step (224 kB of shared memory at E = 256). H100, docs/kernels.md v17, 8B ReLU, four A/B rounds:
+        # inference forward 2.50-2.57 -> 2.44-2.53 ms, fwd+bwd 9.20-9.35 -> 9.04-9.22 (without TMA: no gain)
+        return (128, 128, 64, 8, 3, TMA)
     if base == "mlp" and hopper and key[0] <= 1024 and key[1] <= 192:  # base's (D, E): a fourth operand stage
         # (160 kB of shared memory at E = 192) keeps more loads in flight: H100, docs/kernels.md v17, base ReLU
         # inference forward 0.2067 / 0.2053 -> 0.2019 / 0.2015 ms, fwd+bwd 0.888 -> 0.878 ms
@@ -547,6 +552,34 @@ def _split_width(E: int):
     return be, (0 if rest <= 0 else _np2(rest))
 
 
+def _mlp_descriptors(w1, w2, BN, BK, be, be2):
+    """(W1, W1's second tile, W2, W2's second tile, W2_KROWS) TMA descriptors for the fused forward (variant
+    TMA, kernels/mlp.py), or None where they cannot serve: all experts' w1 as one [N * F1, D] matrix, w2 as
+    one [N * E, Dout] (KROWS) or [Dout, N * E] matrix (W_out's column view), 16-byte aligned, and E exactly
+    the one or two column tiles (be + be2), so that no box reaches into the next expert's rows."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    N, F1, D = w1.shape
+    E, Dout = w2.shape[1], w2.shape[2]
+    es = w1.element_size()
+    s0, s1, s2 = w2.stride()
+    if (be + be2 != E or F1 != E or w1.stride(2) != 1 or w1.stride(0) != F1 * w1.stride(1)
+            or (w1.stride(1) * es) % 16 or w1.data_ptr() % 16 or w2.data_ptr() % 16):
+        return None
+    b2 = be2 or be
+    w1_2d = w1.flatten(0, 1)
+    up = (TensorDescriptor.from_tensor(w1_2d, [be, BK]), TensorDescriptor.from_tensor(w1_2d, [b2, BK]))
+    if s2 == 1 and s0 == E * s1 and (s1 * es) % 16 == 0:        # [N*E, Dout]: rows are the reduction's
+        w2_2d, krows = w2.flatten(0, 1), True
+        boxes = ([be, BN], [b2, BN])
+    elif s1 == 1 and s0 == E and (s2 * es) % 16 == 0:           # [Dout, N*E]: W_out's column view
+        w2_2d, krows = w2.permute(2, 0, 1).flatten(1, 2), False
+        boxes = ([BN, be], [BN, b2])
+    else:
+        return None
+    return up + tuple(TensorDescriptor.from_tensor(w2_2d, b) for b in boxes) + (krows,)
+
+
 def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combine: str, out=None, out_bias=None):
     """(y, h when save_h): up GEMM, activation and down GEMM fused per M-tile (`kernels/mlp.py`), the same
     function as up_forward + down_scatter. `out`/`out_bias` as down_scatter's (`out`: initialised by the
@@ -563,16 +596,18 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
 
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg[:5]
+        tma = cfg[5:] == (TMA,) and not glu and _hopper(x)
+        descs = _mlp_descriptors(w1, w2, BN, BK, be, be2) if tma else None
         if init:
             init()
         tiles, sched = _tiles(plan, BM, order)
         _mlp_kernel[(triton.cdiv(M, BM) + N,)](
             x, x.stride(0), w1, w1.stride(0), w1.stride(1), w1.stride(2), bias, bias.stride(0),
             w2, w2.stride(0), w2.stride(1), w2.stride(2), plan.token, plan.order, gate_flat, plan.offsets, tiles,
-            h, h.stride(0), buf, buf.stride(0), N, D, E, Dout,
+            h, h.stride(0), buf, buf.stride(0), *(descs[:4] if descs else (None,) * 4), N, D, E, Dout,
             ACT=act, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=save_h, ATOMIC=atomic, EVEN_K=D % BK == 0,
-            PREC=_prec(x), SCHED=sched, SPLIT=be2 > 0, BM=BM, BE=be, BE2=max(be2, 16), BK=BK, BN=BN, NP2=_np2(N),
-            num_warps=nw, num_stages=ns)
+            PREC=_prec(x), SCHED=sched, SPLIT=be2 > 0, WTMA=descs is not None, W2_KROWS=bool(descs and descs[4]),
+            BM=BM, BE=be, BE2=max(be2, 16), BK=BK, BN=BN, NP2=_np2(N), num_warps=nw, num_stages=ns)
 
     launch(_pick("mlp_glu" if glu else "mlp", (D, E, Dout, str(x.dtype)), launch, _hopper(x)))
     return _combined(buf, atomic, T, K, x.dtype, out_bias), (h if save_h else None)

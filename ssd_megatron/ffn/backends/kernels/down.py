@@ -79,6 +79,28 @@ def _staged_blocks(a_tile, a_tile2, W, stride_wk, stride_wn, fcols, fmask, fcols
 
 
 @triton.jit
+def _staged_blocks_tma(a_tile, a_tile2, WD, WD2, Ein, OUT, stride_o, e, rmask, tok, pair, g, Dout, SPLIT: tl.constexpr,
+                       KROWS: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr,
+                       BE: tl.constexpr):
+    """`_staged_blocks` (gate scale, no rank-1 term) with the W tiles fetched by TMA: WD (WD2) describe all
+    experts' W as one [N * Ein, Dout] matrix (KROWS) in boxes of [BE, BN] ([BE2, BN]), or as one [Dout, N * Ein]
+    matrix (W_out's column view) in boxes of [BN, BE] ([BN, BE2]). The two tiles must cover exactly Ein
+    (TMA cannot mask the next expert's rows); past Dout the boxes are TMA's zeros."""
+    k0 = e * Ein
+    for n0 in range(0, Dout, BN):
+        cols = n0 + tl.arange(0, BN)
+        if KROWS:
+            out = tl.dot(a_tile, WD.load([k0, n0]), input_precision=PREC)
+            if SPLIT:
+                out = tl.dot(a_tile2, WD2.load([k0 + BE, n0]), out, input_precision=PREC)
+        else:
+            out = tl.dot(a_tile, WD.load([n0, k0]).T, input_precision=PREC)
+            if SPLIT:
+                out = tl.dot(a_tile2, WD2.load([n0, k0 + BE]).T, out, input_precision=PREC)
+        _down_store(out, OUT, stride_o, OUT, 0, e, rmask, tok, pair, g, cols, cols < Dout, True, ATOMIC, False)
+
+
+@triton.jit
 def _down_rows(ORDER, TOK, GATE, rows, rmask, LOAD_G: tl.constexpr):
     """Routing metadata of an M-tile's rows: (flat pair, token, GATE[pair]) as int64, int64, fp32."""
     pair = tl.load(ORDER + rows, mask=rmask, other=0).to(tl.int64)

@@ -9,13 +9,18 @@ E is covered by a power-of-two tile of BE columns plus, with SPLIT, a second one
 128 + 64, where one 256-wide tile would multiply 64 masked columns in both GEMMs); the rest is masked.
 y must hold its initial value (the output bias or zeros) before the launch: the routing plan's first
 kernel sets it (`routing_plan`'s fill).
+
+WTMA (mlp variant 3, `_triton_kernels.mlp_forward`): both weights' tiles come from TMA descriptors instead of
+per-thread pointer loads (the gathered x rows stay pointer loads), where the layouts allow it, the
+activation has no gate, and E is exactly the one or two power-of-two tiles (the descriptors cannot mask
+the next expert's rows).
 """
 import triton
 import triton.language as tl
 
 from .common import _grid_tile
-from .down import _down_rows, _staged_blocks
-from .up import _gather_gemm, _up_act
+from .down import _down_rows, _staged_blocks, _staged_blocks_tma
+from .up import _gather_gemm, _gather_gemm_tma, _up_act
 
 
 @triton.jit
@@ -27,9 +32,11 @@ def _mlp_kernel(
     TOK, ORDER, GATE, OFFS, TILES,           # plan; TILES: the M-tile schedule (common._grid_tile)
     H, stride_h,                             # SAVE_H: [M, F1] pre-activation, for the backward
     OUT, stride_o,                           # ATOMIC: y [T, Dout], initialised; else [T*K, Dout] by pair
+    W1D, W1D2, W2D, W2D2,                    # WTMA: TMA descriptors of W1 and W2 (module docstring)
     N, D, E, Dout,
     ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_H: tl.constexpr, ATOMIC: tl.constexpr,
-    EVEN_K: tl.constexpr, PREC: tl.constexpr, SCHED: tl.constexpr, SPLIT: tl.constexpr,
+    EVEN_K: tl.constexpr, PREC: tl.constexpr, SCHED: tl.constexpr, SPLIT: tl.constexpr, WTMA: tl.constexpr,
+    W2_KROWS: tl.constexpr,
     BM: tl.constexpr, BE: tl.constexpr, BE2: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, NP2: tl.constexpr,
 ):
     e, _, row0, rows, rmask, live = _grid_tile(OFFS, TILES, 1, N, BM, NP2, SCHED)
@@ -39,9 +46,14 @@ def _mlp_kernel(
         fmask = fcols < E
         fcols2 = BE + tl.arange(0, BE2)
         fmask2 = fcols2 < E
-        acc, acc2, accb, accb2 = _gather_gemm(X, stride_x, tok, W1, stride_w1e, stride_w1f, stride_w1k, e, fcols,
-                                              fmask, fcols2, fmask2, D, E, GLU, SPLIT, EVEN_K, False, PREC, BM, BE,
-                                              BE2, BK)
+        if WTMA:
+            acc, accb = _gather_gemm_tma(X, stride_x, tok, W1D, W1D2, e, stride_w1e // stride_w1f, D, SPLIT, EVEN_K,
+                                         PREC, BM, BE, BE2, BK)
+            acc2, accb2 = acc, accb
+        else:
+            acc, acc2, accb, accb2 = _gather_gemm(X, stride_x, tok, W1, stride_w1e, stride_w1f, stride_w1k, e, fcols,
+                                                  fmask, fcols2, fmask2, D, E, GLU, SPLIT, EVEN_K, False, PREC, BM, BE,
+                                                  BE2, BK)
         dt = X.dtype.element_ty
         hp = H + rows.to(tl.int64)[:, None] * stride_h
         act = _up_act(acc, acc2, e, fcols, fmask, B1, stride_b1e, E, dt, hp + fcols[None, :],
@@ -54,6 +66,10 @@ def _mlp_kernel(
             a_tile2 = act2.to(dt)
         else:
             a_tile2 = a_tile
-        _staged_blocks(a_tile, a_tile2, W2 + e.to(tl.int64) * stride_w2e, stride_w2k, stride_w2n, fcols, fmask,
-                       fcols2, fmask2, OUT, stride_o, OUT, 0, e, rmask, tok, pair, g, Dout, SPLIT, True, ATOMIC, False,
-                       PREC, BN)
+        if WTMA:
+            _staged_blocks_tma(a_tile, a_tile2, W2D, W2D2, E, OUT, stride_o, e, rmask, tok, pair, g, Dout, SPLIT,
+                               W2_KROWS, ATOMIC, PREC, BN, BE)
+        else:
+            _staged_blocks(a_tile, a_tile2, W2 + e.to(tl.int64) * stride_w2e, stride_w2k, stride_w2n, fcols, fmask,
+                           fcols2, fmask2, OUT, stride_o, OUT, 0, e, rmask, tok, pair, g, Dout, SPLIT, True, ATOMIC,
+                           False, PREC, BN)

@@ -54,6 +54,30 @@ def _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols, 
 
 
 @triton.jit
+def _gather_gemm_tma(X, stride_x, tok, WD, WD2, e, F1, Din, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+                     PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr):
+    """`_gather_gemm` (no GLU half) with the weight tiles fetched by TMA: WD (and WD2 with SPLIT) describe all
+    experts' W as one [N * F1, Din] matrix in boxes of [BN, BK] ([BN2, BK]); expert e's columns are its rows
+    e * F1 .. e * F1 + BN (+ BN2), which must be all of its E (the caller checks BN + BN2 == E: TMA cannot mask
+    the next expert's rows). Past Din the boxes are TMA's zeros. Returns (acc, acc of the second tile)."""
+    ks = tl.arange(0, BK)
+    xp = X + tok[:, None] * stride_x + ks[None, :]
+    r0 = e * F1
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    accb = tl.zeros((BM, BN2), dtype=tl.float32)
+    for k0 in range(0, Din, BK):
+        if EVEN_K:
+            a = tl.load(xp)
+        else:
+            a = tl.load(xp, mask=((k0 + ks) < Din)[None, :], other=0.0)
+        acc = tl.dot(a, WD.load([r0, k0]).T, acc, input_precision=PREC)
+        if SPLIT:
+            accb = tl.dot(a, WD2.load([r0 + BN, k0]).T, accb, input_precision=PREC)
+        xp += BK
+    return acc, accb
+
+
+@triton.jit
 def _up_act(acc, acc2, e, cols, cmask, B, stride_be, E, dt, hp, hmask, ACT: tl.constexpr, GLU: tl.constexpr,
             HAS_BIAS: tl.constexpr, SAVE_H: tl.constexpr):
     """The forward epilogue: bias, h (and the GLU up half) stored at hp when SAVE_H, as soon as each is
