@@ -30,7 +30,9 @@ def test_forced_configs_win_over_the_environment(monkeypatch):
 @pytest.mark.parametrize("text, says", [
     ("wgrad:64,128,128,4,3", "expected KIND="),
     ("gemm=64,128,128,4,3", "KIND one of up, up_glu"),
-    ("wgrad=64,128,x,4,3", "5 or 6 integers"),
+    ("wgrad=64,128,x,4,3", "5 to 7 integers"),
+    ("down=128,128,64,8,3,3,1", "a seventh value is wgrad's only"),
+    ("wgrad=64,128,128,4,3,2048,2", "a seventh value is wgrad's only"),
     ("wgrad=64,128,128,4", "powers of two"),
     ("wgrad=64,96,128,4,3", "powers of two"),
     ("down=128,128,64,8,0", "STAGES >= 1"),
@@ -143,8 +145,8 @@ def test_default_combine_follows_the_gpus_atomics(monkeypatch):
 
 def test_pre_hopper_defaults_differ_only_where_the_hopper_tiles_spill():
     """Before Hopper the 8B down (ROWLOOP) and GLU up defaults change to tiles that compile without spilling
-    on sm_80 (docs/kernels.md v11), and up_bwd keeps one pass (its two-pass defaults were timed on Hopper
-    only, v14); every other default is the same."""
+    on sm_80 (docs/kernels.md v11), up_bwd keeps one pass (its two-pass defaults were timed on Hopper
+    only, v14), and wgrad loads its left operand without TMA (v17); every other default is the same."""
     bf16 = "torch.bfloat16"
     keys = [(192, 768, bf16), (768, 192, bf16), (256, 4096, bf16), (512, 4096, bf16), (4096, 256, bf16),
             (384, 768, bf16)]
@@ -153,6 +155,9 @@ def test_pre_hopper_defaults_differ_only_where_the_hopper_tiles_spill():
     for key in keys:
         for base in ("up", "up_glu", "up_bwd", "up_bwd_glu", "down", "wgrad"):
             a100, h100 = K._default(base, key, hopper=False), K._default(base, key, hopper=True)
+            if base == "wgrad":  # Hopper's wgrad loads its left operand by TMA (a seventh entry of 1), same tiles
+                assert h100[6:] == (1,) and h100[:5] == a100[:5] and h100[5] == (a100[5] if len(a100) > 5 else 0)
+                continue
             assert (a100 != h100) == ((base, key) in changed), (base, key, a100, h100)
             assert (base.startswith("up_bwd") and h100[5:] == (K.TWO_PASS,)) == ((base, key) in two_pass), key
     # the 8B ROWLOOP stays ROWLOOP, with half the rows per tile or twice the warps

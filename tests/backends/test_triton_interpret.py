@@ -123,12 +123,13 @@ def _order_results(kernels, tiny):
 
 def _force_variant(kernels, tiny, down_variant, chunk, bp, two):
     """Tiny tiles with the given down variant and wgrad row chunk; wgrad BP and up/up_bwd BN = bp (whole P
-    and E where bp >= them); up_bwd in two passes when `two`."""
+    and E where bp >= them); up_bwd in two passes when `two`. With down's TMA variant, the fused forward's
+    weights and the wgrad's left operand come by TMA too."""
+    tma = down_variant == kernels.TMA
     up = (16, bp, 16, 1, 1)
     up_bwd = up + (kernels.TWO_PASS,) if two else up
     kernels.force_config(up=up, up_glu=up, up_bwd=up_bwd, up_bwd_glu=up_bwd, down=tiny + (down_variant,),
-                         wgrad=(bp,) + tiny[1:] + (chunk,), mlp=tiny + ((kernels.TMA,) if down_variant == kernels.TMA else ()),
-                         mlp_glu=tiny)
+                         wgrad=(bp,) + tiny[1:] + (chunk, int(tma)), mlp=tiny + ((kernels.TMA,) if tma else ()), mlp_glu=tiny)
 
 
 COMPILE_CASES = [0, 3]

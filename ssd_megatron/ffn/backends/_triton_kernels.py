@@ -45,7 +45,8 @@ from .routing import initialise
 # Triton >= 3.9, AUTO_WS; BK and WARPS unused, STAGES = its W ring; STAGED where a forced WS does not serve);
 # mlp 3 = TMA (the weights' tiles by TMA where the descriptors serve, `_mlp_descriptors`);
 # up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE);
-# wgrad n = split each expert's reduction into chunks of n rows (0 = none); a wgrad BP >= P makes each
+# wgrad n = split each expert's reduction into chunks of n rows (0 = none), and a seventh entry of 1 = its
+# left operand by TMA (Hopper's default); a wgrad BP >= P makes each
 # program cover all of P (kernels/wgrad.py), an up BN >= E all of E (`_up_columns`). Defaults are chosen per
 # kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per
 # shape key instead.
@@ -74,7 +75,8 @@ CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=
              (128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 3), (128, 128, 64, 4, 3, 3),
              (128, 64, 64, 8, 3, 4), (64, 64, 64, 4, 2, 4)],
     "wgrad": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
-              (64, 128, 128, 4, 3, 1024), (128, 128, 64, 8, 3, 2048), (256, 128, 64, 8, 3), (256, 128, 64, 8, 3, 2048)],
+              (64, 128, 128, 4, 3, 1024), (128, 128, 64, 8, 3, 2048), (256, 128, 64, 8, 3), (256, 128, 64, 8, 3, 2048),
+              (128, 128, 64, 8, 3, 0, 1), (64, 128, 128, 4, 3, 2048, 1)],
     "wgrad_mat": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)],
     "mlp": [(128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3, TMA), (64, 64, 64, 4, 2),
             (128, 128, 64, 8, 2), (128, 32, 64, 8, 3)],
@@ -123,10 +125,12 @@ def _parse_configs(text: str) -> dict:
         try:
             cfg = tuple(int(v) for v in values.split(","))
         except ValueError:
-            raise UserError(f"{bad}: the values must be 5 or 6 integers, e.g. 128,128,64,8,3") from None
-        if len(cfg) not in (5, 6) or any(v < 1 or v & (v - 1) for v in cfg[:4]) or cfg[4] < 1:
+            raise UserError(f"{bad}: the values must be 5 to 7 integers, e.g. 128,128,64,8,3") from None
+        if len(cfg) not in (5, 6, 7) or any(v < 1 or v & (v - 1) for v in cfg[:4]) or cfg[4] < 1:
             raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
-        if len(cfg) == 6 and not _variant_ok(kind.split(":")[0], cfg[5]):
+        if len(cfg) == 7 and (kind.split(":")[0] != "wgrad" or cfg[6] not in (0, 1)):
+            raise UserError(f"{bad}: a seventh value is wgrad's only: 1 loads its left operand by TMA, else 0")
+        if len(cfg) >= 6 and not _variant_ok(kind.split(":")[0], cfg[5]):
             raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA), 4 (STAGED) or 5 (WS); "
                             f"for mlp, 3 (TMA); for up_bwd[_glu], 1 (TWO_PASS); for wgrad, a row chunk >= 0")
         out[kind] = cfg
@@ -161,10 +165,16 @@ def _default(base: str, key: tuple, hopper: bool = True):
         # (160 kB of shared memory at E = 192) keeps more loads in flight: H100, docs/kernels.md v17, base ReLU
         # inference forward 0.2067 / 0.2053 -> 0.2019 / 0.2015 ms, fwd+bwd 0.888 -> 0.878 ms
         return (128, 64, 64, 8, 4)
-    if base == "wgrad" and key[1] <= 1024:                # few (expert, tile) programs: smaller P tiles
-        # base's thin experts (P <= 256): rows split in chunks of 2048, so that the step's skewed expert
-        # loads do not leave a long grid tail (sparse GPT-base step 32.1 -> 31.3 ms, H200 v8)
-        return (64, 128, 128, 4, 3, 2048) if key[0] <= 256 else (64, 128, 64, 4, 4)
+    if base == "wgrad":
+        cfg = DEFAULTS[base]
+        if key[1] <= 1024:                                # few (expert, tile) programs: smaller P tiles
+            # base's thin experts (P <= 256): rows split in chunks of 2048, so that the step's skewed expert
+            # loads do not leave a long grid tail (sparse GPT-base step 32.1 -> 31.3 ms, H200 v8)
+            cfg = (64, 128, 128, 4, 3, 2048) if key[0] <= 256 else (64, 128, 64, 4, 4)
+        # on Hopper the left operand by TMA (kernels/wgrad.py, LTMA). H100, docs/kernels.md v17, layer fwd+bwd in
+        # three A/B rounds: base ReLU 0.879 -> 0.861 ms, 8B ReLU 9.10 -> 8.99, 8B SwiGLU (two) 12.75 / 13.08 ->
+        # 12.55 / 12.61
+        return cfg[:5] + (cfg[5] if len(cfg) > 5 else 0, 1) if hopper else cfg
     return DEFAULTS[base]
 
 
@@ -557,27 +567,31 @@ def _mlp_descriptors(w1, w2, BN, BK, be, be2):
     TMA, kernels/mlp.py), or None where they cannot serve: all experts' w1 as one [N * F1, D] matrix, w2 as
     one [N * E, Dout] (KROWS) or [Dout, N * E] matrix (W_out's column view), 16-byte aligned, and E exactly
     the one or two column tiles (be + be2), so that no box reaches into the next expert's rows."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     N, F1, D = w1.shape
-    E, Dout = w2.shape[1], w2.shape[2]
-    es = w1.element_size()
+    E = w2.shape[1]
     s0, s1, s2 = w2.stride()
-    if (be + be2 != E or F1 != E or w1.stride(2) != 1 or w1.stride(0) != F1 * w1.stride(1)
-            or (w1.stride(1) * es) % 16 or w1.data_ptr() % 16 or w2.data_ptr() % 16):
+    if be + be2 != E or F1 != E or w1.stride(0) != F1 * w1.stride(1):
         return None
     b2 = be2 or be
-    w1_2d = w1.flatten(0, 1)
-    up = (TensorDescriptor.from_tensor(w1_2d, [be, BK]), TensorDescriptor.from_tensor(w1_2d, [b2, BK]))
-    if s2 == 1 and s0 == E * s1 and (s1 * es) % 16 == 0:        # [N*E, Dout]: rows are the reduction's
-        w2_2d, krows = w2.flatten(0, 1), True
-        boxes = ([be, BN], [b2, BN])
-    elif s1 == 1 and s0 == E and (s2 * es) % 16 == 0:           # [Dout, N*E]: W_out's column view
-        w2_2d, krows = w2.permute(2, 0, 1).flatten(1, 2), False
-        boxes = ([BN, be], [BN, b2])
+    if s2 == 1 and s0 == E * s1:          # [N*E, Dout]: rows are the reduction's
+        w2_2d, krows, boxes = w2.flatten(0, 1), True, ([be, BN], [b2, BN])
+    elif s1 == 1 and s0 == E:             # [Dout, N*E]: W_out's column view
+        w2_2d, krows, boxes = w2.permute(2, 0, 1).flatten(1, 2), False, ([BN, be], [BN, b2])
     else:
         return None
-    return up + tuple(TensorDescriptor.from_tensor(w2_2d, b) for b in boxes) + (krows,)
+    up, down = _tma_descriptors(w1.flatten(0, 1), ([be, BK], [b2, BK])), _tma_descriptors(w2_2d, boxes)
+    return None if up is None or down is None else up + down + (krows,)
+
+
+def _tma_descriptors(t, boxes):
+    """TMA descriptors of the 2-D `t` in each box of `boxes`, or None where its rows are not contiguous and
+    16-byte aligned."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    es = t.element_size()
+    if t.stride(1) != 1 or (t.stride(0) * es) % 16 or t.data_ptr() % 16:
+        return None
+    return tuple(TensorDescriptor.from_tensor(t, list(b)) for b in boxes)
 
 
 def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combine: str, out=None, out_bias=None):
@@ -621,7 +635,8 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
     is False (the kernel gathers), else rhs is already in sorted-row order. dW gets the strides of the
     weight `like` (e.g. the [N, E, D] view of W_out's columns): its grad then flows back without a copy.
     dW's dtype is `like`'s (the fp32 master weight's under autocast: no rounding to bf16 and no cast after).
-    split: let the config's row chunks (6th entry, 0 = none) split each expert's reduction, summed by
+    split: let the config's row chunks (6th entry, 0 = none; a 7th of 1 loads lhs by TMA, kernels/wgrad.py) split
+    each expert's reduction, summed by
     fp32 atomics (not bitwise reproducible: callers pass False under deterministic algorithms), into dW
     itself when it is fp32, else into an fp32 buffer copied to dW.
     fold = ("rows", coef [M] fp32 per sorted row, p): lhs rows get coef added to their first p columns as
@@ -647,14 +662,18 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
             out = dw if dw.dtype == torch.float32 else torch.empty_strided(
                 dw.shape, dw.stride(), device=dw.device, dtype=torch.float32)
             out.zero_()
+        descs = None
+        if cfg[6:] == (1,) and fold_kind != "rows" and _hopper(lhs):
+            descs = _tma_descriptors(lhs, ([BK, bp], [BK, max(bp2, 16)]))
         _wgrad_kernel[(num_t * num_p * num_q,)](
             lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets, coef, fold_p,
-            out, out.stride(0), out.stride(1), out.stride(2), N, P, Q, num_p, num_q,
+            out, out.stride(0), out.stride(1), out.stride(2), N, P, Q, num_p, num_q, *(descs or (None, None)),
             GATHER=not gathered, PREC=_prec(lhs), SPLIT=bool(ch), FOLD=_FOLD_CODES[fold_kind], SPLIT_P=bp2 > 0,
-            BP=bp, BP2=max(bp2, 16), BQ=BQ, BK=BK, CH=max(ch, BK), NP2=_np2(N), num_warps=nw, num_stages=ns)
+            LTMA=descs is not None, BP=bp, BP2=max(bp2, 16), BQ=BQ, BK=BK, CH=max(ch, BK), NP2=_np2(N),
+            num_warps=nw, num_stages=ns)
         state["out"] = out
 
-    launch(_pick("wgrad" if not gathered else "wgrad_mat", (P, Q, str(lhs.dtype)), launch))
+    launch(_pick("wgrad" if not gathered else "wgrad_mat", (P, Q, str(lhs.dtype)), launch, _hopper(lhs)))
     if state["out"] is not dw:
         dw.copy_(state["out"])
     return dw

@@ -10,7 +10,12 @@ once per column block instead of once per P block. Per BK-row step a 128 x 128 b
 operand tiles for 2.1 MFLOP (64 FLOP/B), the base default's 64 x 128 block (BK 128) 48 kB for 2.1 MFLOP
 (43 FLOP/B), and a whole-P 256 x 128 block 48 kB for 4.2 MFLOP (85 FLOP/B). The kernels run at ~380 TF/s
 at 8B and ~224 at base. Whole-P programs were built to test whether that intensity bounds them; they
-lost at 8B and tied at best at base (H100, docs/kernels.md v14), so it does not. Opt-in."""
+lost at 8B and tied at best at base (H100, docs/kernels.md v14), so it does not. Opt-in.
+
+LTMA (a seventh config entry of 1, `_triton_kernels.wgrad`): L's tiles by TMA descriptors instead of the
+transposing pointer loads, where L's rows are contiguous and 16-byte aligned and FOLD is not 1 (which adds to
+L as it is loaded). A tile's rows past the expert's (or chunk's) end are then the next rows of L, not zeros;
+R's rows there are masked to zero, so they add nothing."""
 import triton
 import triton.language as tl
 
@@ -53,7 +58,9 @@ def _wgrad_kernel(
     COEF, fold_p,                # FOLD 1: L[r, :fold_p] += COEF[r]; 2: dW[e, :fold_p] += COEF[e] (module doc)
     DW, stride_de, stride_dp, stride_dq,  # [N, P, Q], any strides (laid out like the weight it grads)
     N, P, Q, num_p, num_q,
+    LD, LD2,                     # LTMA: TMA descriptors of L in [BK, BP] and [BK, BP2] boxes
     GATHER: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, SPLIT_P: tl.constexpr,
+    LTMA: tl.constexpr,
     BP: tl.constexpr, BP2: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr, NP2: tl.constexpr,
 ):
     """A program owns dW[e, p-block, q-block] (SPLIT_P: all of P, module docstring) over all of expert e's
@@ -90,9 +97,15 @@ def _wgrad_kernel(
         else:
             src = rows.to(tl.int64)
         r = tl.load(R + src[:, None] * stride_r + qc[None, :], mask=rm[:, None] & qm[None, :], other=0.0)
-        acc = tl.dot(_lhs_t(L, stride_l, rows, rm, pc, pm, COEF, fold_p, FOLD), r, acc, input_precision=PREC)
-        if SPLIT_P:
-            acc2 = tl.dot(_lhs_t(L, stride_l, rows, rm, pc2, pm2, COEF, fold_p, FOLD), r, acc2, input_precision=PREC)
+        if LTMA:  # rows past `end` come in too (the next expert's): they meet R's zeroed rows
+            acc = tl.dot(LD.load([r0, pb * BP]).T, r, acc, input_precision=PREC)
+            if SPLIT_P:
+                acc2 = tl.dot(LD2.load([r0, BP]).T, r, acc2, input_precision=PREC)
+        else:
+            acc = tl.dot(_lhs_t(L, stride_l, rows, rm, pc, pm, COEF, fold_p, FOLD), r, acc, input_precision=PREC)
+            if SPLIT_P:
+                acc2 = tl.dot(_lhs_t(L, stride_l, rows, rm, pc2, pm2, COEF, fold_p, FOLD), r, acc2,
+                              input_precision=PREC)
     if (not SPLIT) or start < end:
         first = (not SPLIT) or start == tl.load(OFFS + e)  # FOLD 2's term: once per expert
         _dw_store(acc, DW, stride_de, stride_dp, stride_dq, e, pc, pm, qc, qm, COEF, fold_p, Q, first, SPLIT, FOLD)
