@@ -46,8 +46,8 @@ from .routing import initialise
 # mlp 3 = TMA (the weights' tiles by TMA where the descriptors serve, `_mlp_descriptors`);
 # up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE);
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none), and a seventh entry of 1 = its
-# left operand by TMA (Hopper's default); a wgrad BP >= P makes each
-# program cover all of P (kernels/wgrad.py), an up BN >= E all of E (`_up_columns`). Defaults are chosen per
+# left operand by TMA (Hopper's default); a wgrad BP >= P makes each program cover all of P (kernels/wgrad.py),
+# an up BN >= E all of E (`_up_columns`). Defaults are chosen per
 # kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per
 # shape key instead.
 ROWLOOP, TMA, STAGED, WS = 1, 3, 4, 5  # down variants (2 was PERSISTENT, slower and removed: docs/kernels.md v8)
@@ -635,10 +635,9 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
     is False (the kernel gathers), else rhs is already in sorted-row order. dW gets the strides of the
     weight `like` (e.g. the [N, E, D] view of W_out's columns): its grad then flows back without a copy.
     dW's dtype is `like`'s (the fp32 master weight's under autocast: no rounding to bf16 and no cast after).
-    split: let the config's row chunks (6th entry, 0 = none; a 7th of 1 loads lhs by TMA, kernels/wgrad.py) split
-    each expert's reduction, summed by
-    fp32 atomics (not bitwise reproducible: callers pass False under deterministic algorithms), into dW
-    itself when it is fp32, else into an fp32 buffer copied to dW.
+    split: let the config's row chunks (6th entry, 0 = none) split each expert's reduction, summed by fp32
+    atomics (not bitwise reproducible: callers pass False under deterministic algorithms), into dW itself when
+    it is fp32, else into an fp32 buffer copied to dW. A 7th config entry of 1 loads lhs by TMA (kernels/wgrad.py).
     fold = ("rows", coef [M] fp32 per sorted row, p): lhs rows get coef added to their first p columns as
     loaded; ("expert", v [N, Q] fp32, p): dW[e, :p] += v[e] in the epilogue."""
     N = plan.num_experts

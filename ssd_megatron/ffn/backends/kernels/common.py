@@ -81,6 +81,17 @@ def _grid_tile(OFFS, TILES, num_n, N, BM: tl.constexpr, NP2: tl.constexpr, SCHED
 
 
 @triton.jit
+def _load_a(ap, k0, ks, K, EVEN_K: tl.constexpr):
+    """A [BM, BK] operand tile at k0 of a K-long reduction (rows gathered by the caller's pointers), masked only
+    where K is ragged."""
+    if EVEN_K:
+        a = tl.load(ap)
+    else:
+        a = tl.load(ap, mask=((k0 + ks) < K)[None, :], other=0.0)
+    return a
+
+
+@triton.jit
 def _load_w(wp, k0, ks, K, cmask, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
     """A [BK, BN] weight tile at k0 of a K-long reduction, masked only where K or the columns are ragged."""
     if EVEN_K:

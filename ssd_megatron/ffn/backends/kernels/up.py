@@ -13,7 +13,7 @@ a [M, E] write and read of da. The default on Hopper at 8B and for GLU (docs/ker
 import triton
 import triton.language as tl
 
-from .common import _act, _act_grad, _fill_share, _grid_tile, _load_w
+from .common import _act, _act_grad, _fill_share, _grid_tile, _load_a, _load_w
 
 
 @triton.jit
@@ -35,10 +35,7 @@ def _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols, 
     accb = tl.zeros((BM, BN2), dtype=tl.float32)
     accb2 = tl.zeros((BM, BN2), dtype=tl.float32)
     for k0 in range(0, Din, BK):
-        if EVEN_K:
-            a = tl.load(xp)
-        else:
-            a = tl.load(xp, mask=((k0 + ks) < Din)[None, :], other=0.0)
+        a = _load_a(xp, k0, ks, Din, EVEN_K)
         acc = tl.dot(a, _load_w(wp, k0, ks, Din, cmask, EVEN_K, EVEN_N), acc, input_precision=PREC)
         if TWO:
             acc2 = tl.dot(a, _load_w(wp + up_off, k0, ks, Din, cmask, EVEN_K, EVEN_N), acc2, input_precision=PREC)
@@ -66,10 +63,7 @@ def _gather_gemm_tma(X, stride_x, tok, WD, WD2, e, F1, Din, SPLIT: tl.constexpr,
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     accb = tl.zeros((BM, BN2), dtype=tl.float32)
     for k0 in range(0, Din, BK):
-        if EVEN_K:
-            a = tl.load(xp)
-        else:
-            a = tl.load(xp, mask=((k0 + ks) < Din)[None, :], other=0.0)
+        a = _load_a(xp, k0, ks, Din, EVEN_K)
         acc = tl.dot(a, WD.load([r0, k0]).T, acc, input_precision=PREC)
         if SPLIT:
             accb = tl.dot(a, WD2.load([r0 + BN, k0]).T, accb, input_precision=PREC)
