@@ -123,11 +123,11 @@ def _order_results(kernels, tiny):
 
 def _force_variant(kernels, tiny, down_variant, chunk, bp, two):
     """Tiny tiles with the given down variant and wgrad row chunk; wgrad BP and up/up_bwd BN = bp (whole P
-    and E where bp >= them); up_bwd in two passes when `two`. With down's TMA variant, the fused forward's
-    weights and the wgrad's left operand come by TMA too."""
+    and E where bp >= them); up_bwd in two passes when `two`. With down's TMA variant, the up kernels' and the
+    fused forward's weights and the wgrad's left operand come by TMA too."""
     tma = down_variant == kernels.TMA
-    up = (16, bp, 16, 1, 1)
-    up_bwd = up + (kernels.TWO_PASS,) if two else up
+    up = (16, bp, 16, 1, 1) + ((0, 1) if tma else ())
+    up_bwd = up[:5] + (kernels.TWO_PASS if two else 0,) + up[6:] if two or tma else up
     kernels.force_config(up=up, up_glu=up, up_bwd=up_bwd, up_bwd_glu=up_bwd, down=tiny + (down_variant,),
                          wgrad=(bp,) + tiny[1:] + (chunk, int(tma)), mlp=tiny + ((kernels.TMA,) if tma else ()), mlp_glu=tiny)
 

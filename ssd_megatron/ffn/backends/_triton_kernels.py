@@ -44,13 +44,15 @@ from .routing import initialise
 # 5 = WS (STAGED as a warp-specialised Gluon kernel, kernels/down_gluon.py: `auto`'s for 8B's dx with
 # Triton >= 3.9, AUTO_WS; BK and WARPS unused, STAGES = its W ring; STAGED where a forced WS does not serve);
 # mlp 3 = TMA (the weights' tiles by TMA where the descriptors serve, `_mlp_descriptors`);
-# up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE);
+# up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE); a seventh entry of 1
+# (up kinds, untimed: opt-in) = their weights' tiles by TMA;
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none), and a seventh entry of 1 = its
 # left operand by TMA (Hopper's default); a wgrad BP >= P makes each program cover all of P (kernels/wgrad.py),
 # an up BN >= E all of E (`_up_columns`). Defaults are chosen per
 # kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per
 # shape key instead.
 ROWLOOP, TMA, STAGED, WS = 1, 3, 4, 5  # down variants (2 was PERSISTENT, slower and removed: docs/kernels.md v8)
+TMA_OPERAND = ("up", "up_glu", "up_bwd", "up_bwd_glu", "wgrad")  # kinds whose configs take a seventh entry
 TWO_PASS = 1  # up_bwd variant: the GEMM, then its epilogue in a second launch (kernels/up.py)
 EPILOGUE_TILE = (64, 64, 16, 4, 1)  # that second launch's (BM, BN, -, warps, stages): elementwise work
 DEFAULTS = {
@@ -128,8 +130,9 @@ def _parse_configs(text: str) -> dict:
             raise UserError(f"{bad}: the values must be 5 to 7 integers, e.g. 128,128,64,8,3") from None
         if len(cfg) not in (5, 6, 7) or any(v < 1 or v & (v - 1) for v in cfg[:4]) or cfg[4] < 1:
             raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
-        if len(cfg) == 7 and (kind.split(":")[0] != "wgrad" or cfg[6] not in (0, 1)):
-            raise UserError(f"{bad}: a seventh value is wgrad's only: 1 loads its left operand by TMA, else 0")
+        if len(cfg) == 7 and (kind.split(":")[0] not in TMA_OPERAND or cfg[6] not in (0, 1)):
+            raise UserError(f"{bad}: a seventh value is for {', '.join(TMA_OPERAND)} only: 1 loads the operand that "
+                            f"is not gathered (the weights; wgrad's left one) by TMA, else 0")
         if len(cfg) >= 6 and not _variant_ok(kind.split(":")[0], cfg[5]):
             raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA), 4 (STAGED) or 5 (WS); "
                             f"for mlp, 3 (TMA); for up_bwd[_glu], 1 (TWO_PASS); for wgrad, a row chunk >= 0")
@@ -350,8 +353,12 @@ def _launch_up(head, tail, plan, meta, cfg, M, N, Din, E, fill=None):
     tiles, sched = _tiles(plan, BM)
     programs = (triton.cdiv(M, BM) + N) * num_n
     fills, fill_meta = fill_args(fill, programs, head[0])
+    descs = None  # a seventh config entry of 1: W's tiles by TMA (kernels/up.py `_gather_gemm`, WTMA)
+    if cfg[6:] == (1,) and meta["PASS"] != 2 and _hopper(head[2]):
+        descs = _expert_descriptors(head[2], (bn, max(bn2, 16)), BK)
     _up_kernel[(programs,)](
-        *head, tiles, *tail, *fills, N, M, Din, E, num_n, EVEN_K=Din % BK == 0, EVEN_N=bn2 > 0 or E % bn == 0,
+        *head, tiles, *tail, *fills, *(descs[:2] if descs else (None, None)), N, M, Din, E, num_n,
+        WTMA=descs is not None, W_RC=bool(descs and descs[2]), EVEN_K=Din % BK == 0, EVEN_N=bn2 > 0 or E % bn == 0,
         SCHED=sched, SPLIT=bn2 > 0, BM=BM, BN=bn, BN2=max(bn2, 16), BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns,
         **fill_meta, **meta)
 
@@ -424,25 +431,39 @@ def _hopper(t: torch.Tensor) -> bool:
 
 
 def _down_descriptors(a, w, BM, BN, BK):
-    """(A, W, W_KROWS) TMA descriptors for `_down_tma_kernel`, or None where the layouts do not allow one:
-    rows of `a` contiguous, and all experts' W as one 2-D matrix with a contiguous last dim (16-byte
-    alignment is checked on the storage offsets: the allocator's blocks are 512-byte aligned). Dynamo
-    cannot trace these host-side descriptors (torch 2.11), one reason the backend is an opaque custom op."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
+    """(A, W, W's RC) TMA descriptors for `_down_tma_kernel`, or None where the layouts do not allow one: rows
+    of `a` contiguous, and all experts' W as one 2-D matrix (`_expert_descriptors`). Dynamo cannot trace these
+    host-side descriptors (torch 2.11), one reason the backend is an opaque custom op."""
+    wd = _expert_descriptors(w, (BK,), BN)
+    ad = _tma_descriptors(a, ([BM, BK],)) if a.shape[1] == w.shape[1] else None
+    return None if wd is None or ad is None else (ad[0], wd[0], wd[1])
 
-    N, Ein, Dout = w.shape
+
+def _expert_descriptors(w, row_boxes, cols: int):
+    """TMA descriptors of all experts' weights w [N, R, C] as one 2-D matrix, one per box height in `row_boxes`,
+    and the layout flag RC of `kernels.common._expert_tile`: [N * R, C] in [r, cols] boxes (RC: C contiguous),
+    or [C, N * R] in [cols, r] boxes (R contiguous, e.g. W_out's column view); None for any other layout or a
+    misaligned one."""
+    N, R, C = w.shape
     s0, s1, s2 = w.stride()
-    es = a.element_size()
-    if (a.shape[1] != Ein or a.stride(1) != 1 or (a.stride(0) * es) % 16 or (a.storage_offset() * es) % 16
-            or (w.storage_offset() * es) % 16):
-        return None
-    if s2 == 1 and s0 == Ein * s1 and (s1 * es) % 16 == 0:      # [N*Ein, Dout]: rows are k
-        w2d, krows = TensorDescriptor.from_tensor(w.flatten(0, 1), [BK, BN]), True
-    elif s1 == 1 and s0 == Ein and (s2 * es) % 16 == 0:         # [Dout, N*Ein]: e.g. W_out's column view
-        w2d, krows = TensorDescriptor.from_tensor(w.permute(2, 0, 1).flatten(1, 2), [BN, BK]), False
+    if s2 == 1 and s0 == R * s1:
+        d, rc = _tma_descriptors(w.flatten(0, 1), [[r, cols] for r in row_boxes]), True
+    elif s1 == 1 and s0 == R:
+        d, rc = _tma_descriptors(w.permute(2, 0, 1).flatten(1, 2), [[cols, r] for r in row_boxes]), False
     else:
         return None
-    return TensorDescriptor.from_tensor(a, [BM, BK]), w2d, krows
+    return None if d is None else d + (rc,)
+
+
+def _tma_descriptors(t, boxes):
+    """TMA descriptors of the 2-D `t` in each box of `boxes`, or None where its rows are not contiguous and
+    16-byte aligned."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    es = t.element_size()
+    if t.stride(1) != 1 or (t.stride(0) * es) % 16 or t.data_ptr() % 16:
+        return None
+    return tuple(TensorDescriptor.from_tensor(t, list(b)) for b in boxes)
 
 
 def default_combine(x: torch.Tensor) -> str:
@@ -563,35 +584,15 @@ def _split_width(E: int):
 
 
 def _mlp_descriptors(w1, w2, BN, BK, be, be2):
-    """(W1, W1's second tile, W2, W2's second tile, W2_KROWS) TMA descriptors for the fused forward (variant
-    TMA, kernels/mlp.py), or None where they cannot serve: all experts' w1 as one [N * F1, D] matrix, w2 as
-    one [N * E, Dout] (KROWS) or [Dout, N * E] matrix (W_out's column view), 16-byte aligned, and E exactly
-    the one or two column tiles (be + be2), so that no box reaches into the next expert's rows."""
-    N, F1, D = w1.shape
-    E = w2.shape[1]
-    s0, s1, s2 = w2.stride()
-    if be + be2 != E or F1 != E or w1.stride(0) != F1 * w1.stride(1):
+    """(W1 and its second tile, W1's RC, W2 and its second tile, W2's RC) TMA descriptors for the fused forward
+    (variant TMA, kernels/mlp.py; `_expert_descriptors`), or None where they cannot serve: E must be exactly the
+    one or two column tiles (be + be2), so that no box reaches into the next expert's rows, and w1 without a
+    gate half (F1 = E)."""
+    if be + be2 != w2.shape[1] or w1.shape[1] != w2.shape[1]:
         return None
-    b2 = be2 or be
-    if s2 == 1 and s0 == E * s1:          # [N*E, Dout]: rows are the reduction's
-        w2_2d, krows, boxes = w2.flatten(0, 1), True, ([be, BN], [b2, BN])
-    elif s1 == 1 and s0 == E:             # [Dout, N*E]: W_out's column view
-        w2_2d, krows, boxes = w2.permute(2, 0, 1).flatten(1, 2), False, ([BN, be], [BN, b2])
-    else:
-        return None
-    up, down = _tma_descriptors(w1.flatten(0, 1), ([be, BK], [b2, BK])), _tma_descriptors(w2_2d, boxes)
-    return None if up is None or down is None else up + down + (krows,)
-
-
-def _tma_descriptors(t, boxes):
-    """TMA descriptors of the 2-D `t` in each box of `boxes`, or None where its rows are not contiguous and
-    16-byte aligned."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    es = t.element_size()
-    if t.stride(1) != 1 or (t.stride(0) * es) % 16 or t.data_ptr() % 16:
-        return None
-    return tuple(TensorDescriptor.from_tensor(t, list(b)) for b in boxes)
+    boxes = (be, be2 or be)
+    up, down = _expert_descriptors(w1, boxes, BK), _expert_descriptors(w2, boxes, BN)
+    return None if up is None or down is None else up + down
 
 
 def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combine: str, out=None, out_bias=None):
@@ -618,9 +619,10 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
         _mlp_kernel[(triton.cdiv(M, BM) + N,)](
             x, x.stride(0), w1, w1.stride(0), w1.stride(1), w1.stride(2), bias, bias.stride(0),
             w2, w2.stride(0), w2.stride(1), w2.stride(2), plan.token, plan.order, gate_flat, plan.offsets, tiles,
-            h, h.stride(0), buf, buf.stride(0), *(descs[:4] if descs else (None,) * 4), N, D, E, Dout,
+            h, h.stride(0), buf, buf.stride(0), *(descs[:2] + descs[3:5] if descs else (None,) * 4), N, D, E, Dout,
             ACT=act, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=save_h, ATOMIC=atomic, EVEN_K=D % BK == 0,
-            PREC=_prec(x), SCHED=sched, SPLIT=be2 > 0, WTMA=descs is not None, W2_KROWS=bool(descs and descs[4]),
+            PREC=_prec(x), SCHED=sched, SPLIT=be2 > 0, WTMA=descs is not None, W1_RC=bool(descs and descs[2]),
+            W2_RC=bool(descs and descs[5]),
             BM=BM, BE=be, BE2=max(be2, 16), BK=BK, BN=BN, NP2=_np2(N), num_warps=nw, num_stages=ns)
 
     launch(_pick("mlp_glu" if glu else "mlp", (D, E, Dout, str(x.dtype)), launch, _hopper(x)))

@@ -81,6 +81,18 @@ def _grid_tile(OFFS, TILES, num_n, N, BM: tl.constexpr, NP2: tl.constexpr, SCHED
 
 
 @triton.jit
+def _expert_tile(WD, r0, c0, RC: tl.constexpr):
+    """The [r, c] tile at row r0 (of all experts' N * R rows) and column c0 of expert weights w [N, R, C], by TMA:
+    WD describes them as one [N * R, C] matrix (RC) in [r, c] boxes, or as one [C, N * R] matrix (e.g. W_out's
+    column view) in [c, r] boxes (`_triton_kernels._expert_descriptors`). Past the matrix, TMA's zeros."""
+    if RC:
+        t = WD.load([r0, c0])
+    else:
+        t = WD.load([c0, r0]).T
+    return t
+
+
+@triton.jit
 def _load_a(ap, k0, ks, K, EVEN_K: tl.constexpr):
     """A [BM, BK] operand tile at k0 of a K-long reduction (rows gathered by the caller's pointers), masked only
     where K is ragged."""

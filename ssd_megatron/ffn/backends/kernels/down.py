@@ -11,7 +11,7 @@ SwiGLU 2x slower): what bounds the dx launch is its combine's DRAM round trips, 
 import triton
 import triton.language as tl
 
-from .common import _grid_tile, _load_w
+from .common import _expert_tile, _grid_tile, _load_w
 
 
 @triton.jit
@@ -80,23 +80,17 @@ def _staged_blocks(a_tile, a_tile2, W, stride_wk, stride_wn, fcols, fmask, fcols
 
 @triton.jit
 def _staged_blocks_tma(a_tile, a_tile2, WD, WD2, Ein, OUT, stride_o, e, rmask, tok, pair, g, Dout, SPLIT: tl.constexpr,
-                       KROWS: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr,
+                       RC: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr,
                        BE: tl.constexpr):
-    """`_staged_blocks` (gate scale, no rank-1 term) with the W tiles fetched by TMA: WD (WD2) describe all
-    experts' W as one [N * Ein, Dout] matrix (KROWS) in boxes of [BE, BN] ([BE2, BN]), or as one [Dout, N * Ein]
-    matrix (W_out's column view) in boxes of [BN, BE] ([BN, BE2]). The two tiles must cover exactly Ein
-    (TMA cannot mask the next expert's rows); past Dout the boxes are TMA's zeros."""
+    """`_staged_blocks` (gate scale, no rank-1 term) with the W tiles fetched by TMA (`common._expert_tile`; WD2:
+    the second tile's boxes). The two tiles must cover exactly Ein (TMA cannot mask the next expert's rows);
+    past Dout the boxes are TMA's zeros."""
     k0 = e * Ein
     for n0 in range(0, Dout, BN):
+        out = tl.dot(a_tile, _expert_tile(WD, k0, n0, RC), input_precision=PREC)
+        if SPLIT:
+            out = tl.dot(a_tile2, _expert_tile(WD2, k0 + BE, n0, RC), out, input_precision=PREC)
         cols = n0 + tl.arange(0, BN)
-        if KROWS:
-            out = tl.dot(a_tile, WD.load([k0, n0]), input_precision=PREC)
-            if SPLIT:
-                out = tl.dot(a_tile2, WD2.load([k0 + BE, n0]), out, input_precision=PREC)
-        else:
-            out = tl.dot(a_tile, WD.load([n0, k0]).T, input_precision=PREC)
-            if SPLIT:
-                out = tl.dot(a_tile2, WD2.load([n0, k0 + BE]).T, out, input_precision=PREC)
         _down_store(out, OUT, stride_o, OUT, 0, e, rmask, tok, pair, g, cols, cols < Dout, True, ATOMIC, False)
 
 
@@ -129,11 +123,7 @@ def _down_tma_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, Ein, BK):
             a = A_desc.load([row0, k0])
-            if W_KROWS:
-                b = W_desc.load([e * Ein + k0, n0])
-            else:
-                b = W_desc.load([n0, e * Ein + k0]).T
-            acc = tl.dot(a, b, acc, input_precision=PREC)
+            acc = tl.dot(a, _expert_tile(W_desc, e * Ein + k0, n0, W_KROWS), acc, input_precision=PREC)
         cols = n0 + tl.arange(0, BN)
         _down_store(acc, OUT, stride_o, C, stride_c, e, rmask, tok, pair, g, cols, cols < Dout, SCALE, ATOMIC, RANK1)
 

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .common import _grid_tile
 from .down import _down_rows, _staged_blocks, _staged_blocks_tma
-from .up import _gather_gemm, _gather_gemm_tma, _up_act
+from .up import _gather_gemm, _up_act
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _mlp_kernel(
     N, D, E, Dout,
     ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_H: tl.constexpr, ATOMIC: tl.constexpr,
     EVEN_K: tl.constexpr, PREC: tl.constexpr, SCHED: tl.constexpr, SPLIT: tl.constexpr, WTMA: tl.constexpr,
-    W2_KROWS: tl.constexpr,
+    W1_RC: tl.constexpr, W2_RC: tl.constexpr,
     BM: tl.constexpr, BE: tl.constexpr, BE2: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, NP2: tl.constexpr,
 ):
     e, _, row0, rows, rmask, live = _grid_tile(OFFS, TILES, 1, N, BM, NP2, SCHED)
@@ -46,14 +46,9 @@ def _mlp_kernel(
         fmask = fcols < E
         fcols2 = BE + tl.arange(0, BE2)
         fmask2 = fcols2 < E
-        if WTMA:
-            acc, accb = _gather_gemm_tma(X, stride_x, tok, W1D, W1D2, e, stride_w1e // stride_w1f, D, SPLIT, EVEN_K,
-                                         PREC, BM, BE, BE2, BK)
-            acc2, accb2 = acc, accb
-        else:
-            acc, acc2, accb, accb2 = _gather_gemm(X, stride_x, tok, W1, stride_w1e, stride_w1f, stride_w1k, e, fcols,
-                                                  fmask, fcols2, fmask2, D, E, GLU, SPLIT, EVEN_K, False, PREC, BM, BE,
-                                                  BE2, BK)
+        acc, acc2, accb, accb2 = _gather_gemm(X, stride_x, tok, W1, stride_w1e, stride_w1f, stride_w1k, e, fcols,
+                                              fmask, fcols2, fmask2, D, E, W1D, W1D2, e * (stride_w1e // stride_w1f),
+                                              GLU, SPLIT, EVEN_K, False, WTMA, W1_RC, PREC, BM, BE, BE2, BK)
         dt = X.dtype.element_ty
         hp = H + rows.to(tl.int64)[:, None] * stride_h
         act = _up_act(acc, acc2, e, fcols, fmask, B1, stride_b1e, E, dt, hp + fcols[None, :],
@@ -68,7 +63,7 @@ def _mlp_kernel(
             a_tile2 = a_tile
         if WTMA:
             _staged_blocks_tma(a_tile, a_tile2, W2D, W2D2, E, OUT, stride_o, e, rmask, tok, pair, g, Dout, SPLIT,
-                               W2_KROWS, ATOMIC, PREC, BN, BE)
+                               W2_RC, ATOMIC, PREC, BN, BE)
         else:
             _staged_blocks(a_tile, a_tile2, W2 + e.to(tl.int64) * stride_w2e, stride_w2k, stride_w2n, fcols, fmask,
                            fcols2, fmask2, OUT, stride_o, OUT, 0, e, rmask, tok, pair, g, Dout, SPLIT, True, ATOMIC,

@@ -13,17 +13,22 @@ a [M, E] write and read of da. The default on Hopper at 8B and for GLU (docs/ker
 import triton
 import triton.language as tl
 
-from .common import _act, _act_grad, _fill_share, _grid_tile, _load_a, _load_w
+from .common import _act, _act_grad, _expert_tile, _fill_share, _grid_tile, _load_a, _load_w
 
 
 @triton.jit
 def _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols, cmask, cols2, cmask2, Din, E,
-                 TWO: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                 PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr):
+                 WD, WD2, f0, TWO: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                 WTMA: tl.constexpr, RC: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BN2: tl.constexpr, BK: tl.constexpr):
     """X[tok] @ W[e][cols]^T as [BM, BN] fp32, the token gather fused into the A-operand loads; with TWO the
     same for the GLU up half W[e][E + cols]; with SPLIT both also for a second column set cols2 ([BM, BN2],
     e.g. E = 192 as 128 + 64 columns instead of one 256-wide tile), from the same A tiles. Returns
-    (acc, up acc, acc of cols2, up acc of cols2); the unused ones are never computed."""
+    (acc, up acc, acc of cols2, up acc of cols2); the unused ones are never computed.
+    WTMA: W's tiles by TMA (`common._expert_tile`; WD2: the second tile's boxes) instead of pointer loads, f0
+    being the tile's first row of all experts' N * F weight rows (e * F + cols[0]). Rows past the tile's
+    columns then belong to the next columns or expert: their products land in masked columns, which the caller
+    must not reduce over (the fused forward's down GEMM does: it takes WTMA only where the tiles cover E)."""
     ks = tl.arange(0, BK)
     xp = X + tok[:, None] * stride_x + ks[None, :]
     we = W + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk
@@ -36,14 +41,16 @@ def _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols, 
     accb2 = tl.zeros((BM, BN2), dtype=tl.float32)
     for k0 in range(0, Din, BK):
         a = _load_a(xp, k0, ks, Din, EVEN_K)
-        acc = tl.dot(a, _load_w(wp, k0, ks, Din, cmask, EVEN_K, EVEN_N), acc, input_precision=PREC)
+        acc = tl.dot(a, _w_tile(wp, k0, ks, Din, cmask, WD, f0, EVEN_K, EVEN_N, WTMA, RC), acc, input_precision=PREC)
         if TWO:
-            acc2 = tl.dot(a, _load_w(wp + up_off, k0, ks, Din, cmask, EVEN_K, EVEN_N), acc2, input_precision=PREC)
+            acc2 = tl.dot(a, _w_tile(wp + up_off, k0, ks, Din, cmask, WD, f0 + E, EVEN_K, EVEN_N, WTMA, RC), acc2,
+                          input_precision=PREC)
         if SPLIT:
-            accb = tl.dot(a, _load_w(wp2, k0, ks, Din, cmask2, EVEN_K, False), accb, input_precision=PREC)
+            accb = tl.dot(a, _w_tile(wp2, k0, ks, Din, cmask2, WD2, f0 + BN, EVEN_K, False, WTMA, RC), accb,
+                          input_precision=PREC)
             if TWO:
-                accb2 = tl.dot(a, _load_w(wp2 + up_off, k0, ks, Din, cmask2, EVEN_K, False), accb2,
-                               input_precision=PREC)
+                accb2 = tl.dot(a, _w_tile(wp2 + up_off, k0, ks, Din, cmask2, WD2, f0 + BN + E, EVEN_K, False, WTMA,
+                                          RC), accb2, input_precision=PREC)
         xp += BK
         wp += BK * stride_wk
         wp2 += BK * stride_wk
@@ -51,24 +58,14 @@ def _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols, 
 
 
 @triton.jit
-def _gather_gemm_tma(X, stride_x, tok, WD, WD2, e, F1, Din, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-                     PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BN2: tl.constexpr, BK: tl.constexpr):
-    """`_gather_gemm` (no GLU half) with the weight tiles fetched by TMA: WD (and WD2 with SPLIT) describe all
-    experts' W as one [N * F1, Din] matrix in boxes of [BN, BK] ([BN2, BK]); expert e's columns are its rows
-    e * F1 .. e * F1 + BN (+ BN2), which must be all of its E (the caller checks BN + BN2 == E: TMA cannot mask
-    the next expert's rows). Past Din the boxes are TMA's zeros. Returns (acc, acc of the second tile)."""
-    ks = tl.arange(0, BK)
-    xp = X + tok[:, None] * stride_x + ks[None, :]
-    r0 = e * F1
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    accb = tl.zeros((BM, BN2), dtype=tl.float32)
-    for k0 in range(0, Din, BK):
-        a = _load_a(xp, k0, ks, Din, EVEN_K)
-        acc = tl.dot(a, WD.load([r0, k0]).T, acc, input_precision=PREC)
-        if SPLIT:
-            accb = tl.dot(a, WD2.load([r0 + BN, k0]).T, accb, input_precision=PREC)
-        xp += BK
-    return acc, accb
+def _w_tile(wp, k0, ks, Din, cmask, WD, f0, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, WTMA: tl.constexpr,
+            RC: tl.constexpr):
+    """The [BK, BN] weight tile at k0: by TMA (rows f0.. of all experts' weights) or from the pointers wp."""
+    if WTMA:
+        w = _expert_tile(WD, f0, k0, RC).T
+    else:
+        w = _load_w(wp, k0, ks, Din, cmask, EVEN_K, EVEN_N)
+    return w
 
 
 @triton.jit
@@ -155,7 +152,9 @@ def _up_kernel(
     GA, stride_ga,               # bwd: [M, E] gate * a (operand of dW2)
     DB, stride_db,               # bwd: [N, F1] fp32 bias grad (atomic column sums of dh)
     FILL, FILL_ROW, fill_numel, fill_width, fill_chunk,  # HAS_FILL: the down launch's output, initialised here
+    WD, WD2,                     # WTMA: TMA descriptors of W (the first and the SPLIT column tile)
     N, M, Din, E, num_n,
+    WTMA: tl.constexpr, W_RC: tl.constexpr,
     BWD: tl.constexpr, ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
     SAVE_H: tl.constexpr, STORE_GA: tl.constexpr, HAS_DB: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, SCHED: tl.constexpr, SPLIT: tl.constexpr,
@@ -184,8 +183,9 @@ def _up_kernel(
         else:
             tok = tl.load(TOK + rows, mask=rmask, other=0).to(tl.int64)
             acc, acc2, accb, accb2 = _gather_gemm(X, stride_x, tok, W, stride_we, stride_wf, stride_wk, e, cols,
-                                                  cmask, cols2, cmask2, Din, E, GLU and not BWD, SPLIT, EVEN_K, EVEN_N,
-                                                  PREC, BM, BN, BN2, BK)
+                                                  cmask, cols2, cmask2, Din, E, WD, WD2,
+                                                  e * (stride_we // stride_wf) + pid_n * BN, GLU and not BWD, SPLIT,
+                                                  EVEN_K, EVEN_N, WTMA, W_RC, PREC, BM, BN, BN2, BK)
         if PASS == 1:
             op = OUT + rows.to(tl.int64)[:, None] * stride_o
             tl.store(op + cols[None, :], acc.to(OUT.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
