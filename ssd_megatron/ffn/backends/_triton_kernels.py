@@ -354,7 +354,7 @@ def _launch_up(head, tail, plan, meta, cfg, M, N, Din, E, fill=None):
     programs = (triton.cdiv(M, BM) + N) * num_n
     fills, fill_meta = fill_args(fill, programs, head[0])
     descs = None  # a seventh config entry of 1: W's tiles by TMA (kernels/up.py `_gather_gemm`, WTMA)
-    if cfg[6:] == (1,) and meta["PASS"] != 2 and _hopper(head[2]):
+    if meta["PASS"] != 2 and _operand_tma(cfg, head[2]):
         descs = _expert_descriptors(head[2], (bn, max(bn2, 16)), BK)
     _up_kernel[(programs,)](
         *head, tiles, *tail, *fills, *(descs[:2] if descs else (None, None)), N, M, Din, E, num_n,
@@ -428,6 +428,12 @@ def _hopper(t: torch.Tensor) -> bool:
     if t.device.type != "cuda":
         return True
     return _sm90(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def _operand_tma(cfg, t: torch.Tensor) -> bool:
+    """Whether a config's seventh entry asks for its non-gathered operand by TMA (TMA_OPERAND) and `t`'s device
+    has TMA."""
+    return cfg[6:] == (1,) and _hopper(t)
 
 
 def _down_descriptors(a, w, BM, BN, BK):
@@ -611,8 +617,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
 
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg[:5]
-        tma = cfg[5:] == (TMA,) and not glu and _hopper(x)
-        descs = _mlp_descriptors(w1, w2, BN, BK, be, be2) if tma else None
+        descs = _mlp_descriptors(w1, w2, BN, BK, be, be2) if cfg[5:] == (TMA,) and _hopper(x) else None
         if init:
             init()
         tiles, sched = _tiles(plan, BM, order)
@@ -664,7 +669,7 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
                 dw.shape, dw.stride(), device=dw.device, dtype=torch.float32)
             out.zero_()
         descs = None
-        if cfg[6:] == (1,) and fold_kind != "rows" and _hopper(lhs):
+        if fold_kind != "rows" and _operand_tma(cfg, lhs):
             descs = _tma_descriptors(lhs, ([BK, bp], [BK, max(bp2, 16)]))
         _wgrad_kernel[(num_t * num_p * num_q,)](
             lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets, coef, fold_p,

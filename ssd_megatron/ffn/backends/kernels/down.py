@@ -57,41 +57,36 @@ def _down_store(acc, OUT, stride_o, C, stride_c, e, rmask, tok, pair, g, cols, c
 
 @triton.jit
 def _staged_blocks(a_tile, a_tile2, W, stride_wk, stride_wn, fcols, fmask, fcols2, fmask2, OUT, stride_o, C, stride_c,
-                   e, rmask, tok, pair, g, Dout, SPLIT: tl.constexpr, SCALE: tl.constexpr, ATOMIC: tl.constexpr,
-                   RANK1: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr):
+                   e, rmask, tok, pair, g, Dout, WD, WD2, r0, SPLIT: tl.constexpr, SCALE: tl.constexpr,
+                   ATOMIC: tl.constexpr, RANK1: tl.constexpr, WTMA: tl.constexpr, RC: tl.constexpr, PREC: tl.constexpr,
+                   BN: tl.constexpr, BE: tl.constexpr):
     """Every block of BN output columns of an M-tile whose A rows are on chip: a_tile ([BM, BE], the
     reduction's columns fcols) @ W[fcols, block] (+ a_tile2 @ W[fcols2, block] with SPLIT, for a reduction
     that is not one power of two, e.g. 192 = 128 + 64), each block stored by the down epilogue. W: this
-    expert's [Ein, Dout] weight (any strides); masked reduction columns multiply W rows loaded as zeros."""
+    expert's [Ein, Dout] weight (any strides); masked reduction columns multiply W rows loaded as zeros.
+    WTMA: W's tiles by TMA instead (`common._expert_tile`, rows r0.. of all experts' weight rows; WD2: the
+    second tile's boxes), which cannot mask the next expert's rows: the two tiles must cover Ein exactly;
+    past Dout the boxes are TMA's zeros."""
     ns = tl.arange(0, BN)
     wp = W + fcols[:, None] * stride_wk + ns[None, :] * stride_wn
     wp2 = W + fcols2[:, None] * stride_wk + ns[None, :] * stride_wn
     for n0 in range(0, Dout, BN):
         cols = n0 + ns
         cmask = cols < Dout
-        out = tl.dot(a_tile, tl.load(wp, mask=fmask[:, None] & cmask[None, :], other=0.0), input_precision=PREC)
+        if WTMA:
+            w = _expert_tile(WD, r0, n0, RC)
+        else:
+            w = tl.load(wp, mask=fmask[:, None] & cmask[None, :], other=0.0)
+        out = tl.dot(a_tile, w, input_precision=PREC)
         if SPLIT:
-            out = tl.dot(a_tile2, tl.load(wp2, mask=fmask2[:, None] & cmask[None, :], other=0.0), out,
-                         input_precision=PREC)
+            if WTMA:
+                w2 = _expert_tile(WD2, r0 + BE, n0, RC)
+            else:
+                w2 = tl.load(wp2, mask=fmask2[:, None] & cmask[None, :], other=0.0)
+            out = tl.dot(a_tile2, w2, out, input_precision=PREC)
         _down_store(out, OUT, stride_o, C, stride_c, e, rmask, tok, pair, g, cols, cmask, SCALE, ATOMIC, RANK1)
         wp += BN * stride_wn
         wp2 += BN * stride_wn
-
-
-@triton.jit
-def _staged_blocks_tma(a_tile, a_tile2, WD, WD2, Ein, OUT, stride_o, e, rmask, tok, pair, g, Dout, SPLIT: tl.constexpr,
-                       RC: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr,
-                       BE: tl.constexpr):
-    """`_staged_blocks` (gate scale, no rank-1 term) with the W tiles fetched by TMA (`common._expert_tile`; WD2:
-    the second tile's boxes). The two tiles must cover exactly Ein (TMA cannot mask the next expert's rows);
-    past Dout the boxes are TMA's zeros."""
-    k0 = e * Ein
-    for n0 in range(0, Dout, BN):
-        out = tl.dot(a_tile, _expert_tile(WD, k0, n0, RC), input_precision=PREC)
-        if SPLIT:
-            out = tl.dot(a_tile2, _expert_tile(WD2, k0 + BE, n0, RC), out, input_precision=PREC)
-        cols = n0 + tl.arange(0, BN)
-        _down_store(out, OUT, stride_o, OUT, 0, e, rmask, tok, pair, g, cols, cols < Dout, True, ATOMIC, False)
 
 
 @triton.jit
@@ -160,7 +155,8 @@ def _down_kernel(
             if SPLIT:
                 a_tile2 = tl.load(ap + fcols2[None, :], mask=rmask[:, None] & fmask2[None, :], other=0.0)
             _staged_blocks(a_tile, a_tile2, we, stride_wk, stride_wn, fcols, fmask, fcols2, fmask2, OUT, stride_o, C,
-                           stride_c, e, rmask, tok, pair, g, Dout, SPLIT, SCALE, ATOMIC, RANK1, PREC, BN)
+                           stride_c, e, rmask, tok, pair, g, Dout, None, None, 0, SPLIT, SCALE, ATOMIC, RANK1, False,
+                           True, PREC, BN, BE)
         elif ROWLOOP:
             for n0 in range(0, Dout, BN):
                 _down_cols(A, stride_a, we, stride_wk, stride_wn, OUT, stride_o, C, stride_c, e, rows64, rmask, tok,

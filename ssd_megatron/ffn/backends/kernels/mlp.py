@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .common import _grid_tile
-from .down import _down_rows, _staged_blocks, _staged_blocks_tma
+from .down import _down_rows, _staged_blocks
 from .up import _gather_gemm, _up_act
 
 
@@ -61,10 +61,6 @@ def _mlp_kernel(
             a_tile2 = act2.to(dt)
         else:
             a_tile2 = a_tile
-        if WTMA:
-            _staged_blocks_tma(a_tile, a_tile2, W2D, W2D2, E, OUT, stride_o, e, rmask, tok, pair, g, Dout, SPLIT,
-                               W2_RC, ATOMIC, PREC, BN, BE)
-        else:
-            _staged_blocks(a_tile, a_tile2, W2 + e.to(tl.int64) * stride_w2e, stride_w2k, stride_w2n, fcols, fmask,
-                           fcols2, fmask2, OUT, stride_o, OUT, 0, e, rmask, tok, pair, g, Dout, SPLIT, True, ATOMIC,
-                           False, PREC, BN)
+        _staged_blocks(a_tile, a_tile2, W2 + e.to(tl.int64) * stride_w2e, stride_w2k, stride_w2n, fcols, fmask,
+                       fcols2, fmask2, OUT, stride_o, OUT, 0, e, rmask, tok, pair, g, Dout, W2D, W2D2, e * E, SPLIT,
+                       True, ATOMIC, False, WTMA, W2_RC, PREC, BN, BE)
