@@ -159,7 +159,9 @@ def test_pre_hopper_defaults_differ_only_where_the_hopper_tiles_spill():
                 assert h100[6:] == (1,) and h100[:5] == a100[:5] and h100[5] == (a100[5] if len(a100) > 5 else 0)
                 continue
             assert (a100 != h100) == ((base, key) in changed), (base, key, a100, h100)
-            assert (base.startswith("up_bwd") and h100[5:] == (K.TWO_PASS,)) == ((base, key) in two_pass), key
+            assert (base.startswith("up_bwd") and h100[5:6] == (K.TWO_PASS,)) == ((base, key) in two_pass), key
+            # 8B's GLU up kinds take their weights by TMA on Hopper (docs/kernels.md v18)
+            assert (h100[6:] == (1,)) == (base in ("up_glu", "up_bwd_glu") and key[0] >= 2048), (base, key, h100)
     # the 8B ROWLOOP stays ROWLOOP, with half the rows per tile or twice the warps
     assert K._default("down", (256, 4096, bf16), hopper=False)[5] == K.ROWLOOP
     # the fused forward's tiles: base's (D, E) and 8B's on Hopper only (timed there; docs/kernels.md v17)

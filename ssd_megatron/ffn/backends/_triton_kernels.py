@@ -45,7 +45,7 @@ from .routing import initialise
 # Triton >= 3.9, AUTO_WS; BK and WARPS unused, STAGES = its W ring; STAGED where a forced WS does not serve);
 # mlp 3 = TMA (the weights' tiles by TMA where the descriptors serve, `_mlp_descriptors`);
 # up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE); a seventh entry of 1
-# (up kinds, untimed: opt-in) = their weights' tiles by TMA;
+# (up kinds: 8B's GLU ones by default on Hopper, elsewhere opt-in) = their weights' tiles by TMA;
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none), and a seventh entry of 1 = its
 # left operand by TMA (Hopper's default); a wgrad BP >= P makes each program cover all of P (kernels/wgrad.py),
 # an up BN >= E all of E (`_up_columns`). Defaults are chosen per
@@ -150,12 +150,16 @@ def _default(base: str, key: tuple, hopper: bool = True):
     Before Hopper (A100: mma.sync keeps operand fragments in registers, no wgmma) the wide 8B tiles below
     spill 104-400 bytes per thread; there the nearest tiles that compile without spilling (offline sm_80
     compile, docs/kernels.md v11; not timed)."""
+    # the GLU up kinds at 8B on Hopper take their weights by TMA (a seventh entry of 1). H100, docs/kernels.md v18,
+    # 8B SwiGLU layer, three A/B rounds: fwd+bwd 12.68 / 12.69 / 12.76 -> 12.49 / 12.58 / 12.65 ms, forward
+    # 3.92 / 3.91 / 4.20 -> 3.76 / 3.88 / 4.01 (8B ReLU's up_bwd and base's: even, so they stay pointer loads)
+    wtma = (1,) if hopper and base in ("up_glu", "up_bwd_glu") and key[0] >= 2048 else ()
     if base.startswith("up_bwd") and hopper and (key[0] >= 2048 or base == "up_bwd_glu"):
         # TWO_PASS: the GEMM on wide tiles, its epilogue in a second launch (H100 sweep 2026-12-05, kernels.md
         # v14: 8B ReLU 1.49 -> 1.09 ms, 8B SwiGLU 2.28 -> 1.34, base SwiGLU 0.240 -> 0.195; base ReLU even)
-        return (128, 256 if key[0] >= 2048 else 128, 64, 8, 3, TWO_PASS)
+        return (128, 256 if key[0] >= 2048 else 128, 64, 8, 3, TWO_PASS) + wtma
     if base in ("up_bwd", "up_glu") and key[0] >= 2048:   # long reduction (D): wider tiles
-        return (128, 128, 64, 8, 3) if hopper or base == "up_bwd" else DEFAULTS[base]
+        return (128, 128, 64, 8, 3, 0) + wtma if hopper else (128, 128, 64, 8, 3) if base == "up_bwd" else DEFAULTS[base]
     if base == "down" and key[1] >= 2048:                  # wide output (8B's D = 4096): ROWLOOP, H200 2026-12-04
         if not hopper:
             return (128, 128, 64, 8, 3, ROWLOOP) if key[0] >= 512 else (64, 128, 64, 4, 3, ROWLOOP)
