@@ -166,6 +166,62 @@ def test_triton_down_ws_bf16(case, opts, tile, monkeypatch):
     print("down ws", case, opts, {k: f"{v:.1e}" for k, v in errs.items()})
 
 
+# mlp variant 5 (WS, kernels/mlp_gluon.py: the fused forward in Gluon, sm_90, Triton >= 3.9) where it serves: E
+# exactly one or two power-of-two tiles (64; 192 = 128 + 64; 256), D a multiple of BK, no gate. Skewed loads,
+# experts with no tokens, M not a multiple of the 128-row tile, Dout not a multiple of a 128-column block (192),
+# one token; W_out's column view and contiguous weights; the activations without a gate
+MLP_WS_TILES = {"64-cols": (128, 64, 64, 3, 3, 5), "128-cols": (128, 128, 64, 2, 2, 5)}
+MLP_WS_CASES = [dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewed"),
+                dict(activation="relu", T=333, D=192, E=192, N=8, K=2, routing="empty"),  # base's E = 128 + 64
+                dict(activation="relu", T=1000, D=512, E=256, N=16, K=4, routing="skewed"),  # 8B's E = 256
+                dict(activation="relu", T=1, D=128, E=64, N=4, K=2),
+                dict(activation="gelu", T=257, D=256, E=192, N=8, K=2, routing="skewed"),
+                dict(activation="squared_relu", T=129, D=64, E=64, N=4, K=3),
+                dict(activation="gelu_tanh", T=200, D=128, E=128, N=8, K=2, bias=False)]
+MLP_WS_IDS = [f"{c['activation']}-T{c['T']}-D{c['D']}-E{c['E']}-N{c['N']}K{c['K']}-{c.get('routing', 'random')}"
+              for c in MLP_WS_CASES]
+
+
+@pytest.mark.parametrize("w2", ["column-view", "contiguous"])
+@pytest.mark.parametrize("tile", list(MLP_WS_TILES))
+@pytest.mark.parametrize("combine", ["atomic16", "atomic32", "buffer"])
+@pytest.mark.parametrize("case", MLP_WS_CASES, ids=MLP_WS_IDS)
+def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
+    """The warp-specialised Gluon fused forward (mlp variant 5) against the reference, forward and every grad
+    (the backward reads the h it stored), at each tile, combine and W2 layout; each forward is checked to have
+    taken it (not kernels/mlp.py)."""
+    cfg = MLP_WS_TILES[tile]
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    from ssd_megatron.ffn.backends import _triton_kernels as kernels
+    from ssd_megatron.ffn.backends.kernels import mlp_gluon
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    if mlp_gluon._build_once() is None or not mlp_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
+        pytest.skip("the WS fused forward does not serve here (needs sm_90 and Triton >= 3.9's Gluon): "
+                    "variant 5 falls back to kernels/mlp.py")
+    if mlp_gluon.smem_bytes(*cfg[:3], case["E"], cfg[4], cfg[3]) > mlp_gluon.SMEM_LIMIT:
+        pytest.skip("this tile's buffers exceed shared memory at this E: variant 5 falls back to kernels/mlp.py")
+    launches = []
+    real = mlp_gluon.launch
+
+    def counted(*args, **kwargs):
+        launches.append(args[11:13])  # (act, atomic)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlp_gluon, "launch", counted)
+    inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
+    if w2 == "column-view":
+        inp = with_column_view_w2(inp)
+    kernels.force_config(mlp=cfg)
+    try:
+        got, want = run(TritonBackend(combine=combine, fused_forward=True), inp), run(ReferenceBackend(), upcast(inp))
+        errs = compare(got, want, 3e-2)
+    finally:
+        kernels.force_config()
+    assert len(launches) == 1 and launches[0][1] == (combine != "buffer"), launches
+    print("mlp ws", case, combine, tile, w2, {k: f"{v:.1e}" for k, v in errs.items()})
+
+
 @pytest.mark.parametrize("order", ["token", "token:3"])
 @pytest.mark.parametrize("down", ["pointer", "rowloop", "tma", "staged"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[8], CASES[12]], ids=[IDS[0], IDS[4], IDS[8], IDS[12]])

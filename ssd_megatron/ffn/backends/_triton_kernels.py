@@ -31,7 +31,7 @@ import os
 import torch
 import triton
 
-from .kernels.common import ACT_CODES, fill_args
+from .kernels.common import ACT_CODES, expert_matrix, fill_args
 from .kernels.down import _down_kernel, _down_tma_kernel
 from .kernels.mlp import _mlp_kernel
 from .kernels.up import _up_kernel
@@ -128,20 +128,21 @@ def _parse_configs(text: str) -> dict:
             cfg = tuple(int(v) for v in values.split(","))
         except ValueError:
             raise UserError(f"{bad}: the values must be 5 to 7 integers, e.g. 128,128,64,8,3") from None
-        if len(cfg) not in (5, 6, 7) or any(v < 1 or v & (v - 1) for v in cfg[:4]) or cfg[4] < 1:
+        ring = kind == "mlp" and cfg[5:] == (WS,)  # the fourth entry: the W2 ring's depth (kernels/mlp_gluon.py)
+        if len(cfg) not in (5, 6, 7) or any(v < 1 or v & (v - 1) for v in cfg[:3 if ring else 4]) or min(cfg[3:5]) < 1:
             raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
         if len(cfg) == 7 and (kind.split(":")[0] not in TMA_OPERAND or cfg[6] not in (0, 1)):
             raise UserError(f"{bad}: a seventh value is for {', '.join(TMA_OPERAND)} only: 1 loads the operand that "
                             f"is not gathered (the weights; wgrad's left one) by TMA, else 0")
         if len(cfg) >= 6 and not _variant_ok(kind.split(":")[0], cfg[5]):
             raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA), 4 (STAGED) or 5 (WS); "
-                            f"for mlp, 3 (TMA); for up_bwd[_glu], 1 (TWO_PASS); for wgrad, a row chunk >= 0")
+                            f"for mlp, 3 (TMA) or 5 (WS); for up_bwd[_glu], 1 (TWO_PASS); for wgrad, a row chunk >= 0")
         out[kind] = cfg
     return out
 
 
 def _variant_ok(base: str, variant: int) -> bool:
-    return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED, WS)) or (base == "mlp" and variant == TMA)
+    return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED, WS)) or (base == "mlp" and variant in (TMA, WS))
             or (base == "wgrad" and variant > 0) or (base.startswith("up_bwd") and variant == TWO_PASS))
 
 
@@ -454,14 +455,11 @@ def _expert_descriptors(w, row_boxes, cols: int):
     and the layout flag RC of `kernels.common._expert_tile`: [N * R, C] in [r, cols] boxes (RC: C contiguous),
     or [C, N * R] in [cols, r] boxes (R contiguous, e.g. W_out's column view); None for any other layout or a
     misaligned one."""
-    N, R, C = w.shape
-    s0, s1, s2 = w.stride()
-    if s2 == 1 and s0 == R * s1:
-        d, rc = _tma_descriptors(w.flatten(0, 1), [[r, cols] for r in row_boxes]), True
-    elif s1 == 1 and s0 == R:
-        d, rc = _tma_descriptors(w.permute(2, 0, 1).flatten(1, 2), [[cols, r] for r in row_boxes]), False
-    else:
+    matrix = expert_matrix(w)
+    if matrix is None:
         return None
+    w2d, rc = matrix
+    d = _tma_descriptors(w2d, [[r, cols] if rc else [cols, r] for r in row_boxes])
     return None if d is None else d + (rc,)
 
 
@@ -621,9 +619,15 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
 
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg[:5]
-        descs = _mlp_descriptors(w1, w2, BN, BK, be, be2) if cfg[5:] == (TMA,) and _hopper(x) else None
         if init:
             init()
+        if cfg[5:] == (WS,):  # the Gluon kernel where it serves (kernels/mlp_gluon.py), else the pointer loads
+            from .kernels import mlp_gluon
+            if mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, nw, ns, be, be2):  # (nw: the W2 ring's depth)
+                mlp_gluon.launch(x, w1, b1, w2, _tile_list(plan, BM, _tile_groups(order)), plan.offsets, plan.order, plan.token,
+                                 gate_flat, h if save_h else None, buf, act, atomic, BM, BN, BK, nw, ns, be, be2)
+                return
+        descs = _mlp_descriptors(w1, w2, BN, BK, be, be2) if cfg[5:] == (TMA,) and _hopper(x) else None
         tiles, sched = _tiles(plan, BM, order)
         _mlp_kernel[(triton.cdiv(M, BM) + N,)](
             x, x.stride(0), w1, w1.stride(0), w1.stride(1), w1.stride(2), bias, bias.stride(0),

@@ -1,6 +1,7 @@
 """Device helpers shared by the expert kernels: activations and their derivatives, where an M-tile of
 the expert-sorted rows starts (tiles never straddle two experts), and a program's share of initialising
-the output that a later kernel adds into (with `fill_args`, its launch arguments)."""
+the output that a later kernel adds into (with `fill_args`, its launch arguments), and all experts' weights as
+one 2-D matrix for TMA (`expert_matrix`)."""
 import triton
 import triton.language as tl
 
@@ -145,3 +146,16 @@ def fill_args(fill, programs: int, dummy):
     chunk = triton.cdiv(triton.cdiv(out.numel(), programs), FILL_BLOCK) * FILL_BLOCK
     return ((out, out if row is None else row, out.numel(), out.shape[1], chunk),
             dict(HAS_FILL=True, HAS_FILL_ROW=row is not None, FILL_BLOCK=FILL_BLOCK))
+
+
+def expert_matrix(w):
+    """All experts' weights w [N, R, C] as one 2-D matrix for TMA, and RC (`_expert_tile`'s layout flag): the
+    [N * R, C] view where C is contiguous (RC), the [C, N * R] view where R is (e.g. W_out's column view), or
+    None for any other layout."""
+    N, R, C = w.shape
+    s0, s1, s2 = w.stride()
+    if s2 == 1 and s0 == R * s1:
+        return w.flatten(0, 1), True
+    if s1 == 1 and s0 == R:
+        return w.permute(2, 0, 1).flatten(1, 2), False
+    return None

@@ -1,0 +1,397 @@
+"""The fused expert MLP forward (kernels/mlp.py's function) as a warp-specialised Gluon kernel (Hopper; mlp
+variant 5, WS).
+
+kernels/mlp.py runs, per M-tile, the up GEMM, the activation, then the down GEMM with its atomic adds, one after
+the other in one CTA per SM; Nsight Compute at base (docs/kernels.md v17) found it latency-bound: tensor pipe
+39%, 30% of the stalls at barriers, nothing loading while the epilogues run. Here the work of one persistent
+program per SM is split between warps:
+
+- a **loader** warpgroup gathers the tile's x rows (`X[token]`, [BM, BK] per reduction step) with cp.async,
+  whose completion arrives on the step's barrier (`async_copy.mbarrier_arrive`, one arrival per thread), and
+  issues the TMA loads of W1's [E, BK] and W2's [E, BN] tiles of the tile's expert into two rings. It runs
+  ahead across tiles: the next tile's x rows and W1 tiles load while the consumers finish this one's down GEMM.
+- two **consumer** warpgroups each take half of the tile's rows (BM / 2) and share every W tile. The up GEMM
+  keeps one reduction step of wgmma in flight; its epilogue (bias, h stored when the backward needs it,
+  activation) leaves a = act(h) in registers as the down GEMM's A operand; each output column block's wgmma is
+  issued before the previous block's epilogue (gate scale, 16-byte atomic adds into the token rows or stores
+  into the (t, k) rows), so that the adds run under the tensor cores' next product.
+
+E is one power-of-two tile of BE columns plus, with SPLIT, a second of BE2 (base's 192 = 128 + 64), and must
+be exactly that (a TMA box cannot mask the next expert's rows). Serves (`serves`) activations without a gate,
+bf16/fp16, sm_90, E = BE + BE2 with BE <= 256, D a multiple of BK, both weights as one 2-D matrix in either
+layout (`_triton_kernels._expert_descriptors`: rows [N * E, C] or W_out's column view [C, N * E]), and the
+buffers within shared memory; the launcher (`_triton_kernels.mlp_forward`) takes kernels/mlp.py elsewhere.
+
+Needs Triton >= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the offline compile for sm_90
+(tests/backends/test_offline_compile.py) and the launcher's choice are tested; tests/backends/test_backends_gpu.py
+(`mlp_ws`) checks the results on the GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import down_gluon  # MIN_TRITON, and _sm90 / _sms (one place for tests and tools to stand in)
+
+LOADER_WARPS = 4
+# registers per thread: the two consumer warpgroups, the x loader's warpgroup, the W2 loader's warp (a warpgroup's
+# worth: 16 warps in all, MAX_REGS at launch): 2 x 128 x 224 + 128 x 40 + 128 x 24 = 64 K
+CONSUMER_REGS, LOADER_REGS, W2_LOADER_REGS, MAX_REGS = 224, 40, 24, 128
+SMEM_LIMIT = 227 * 1024
+ACTS = (0, 1, 2, 4)  # kernels/common.ACT_CODES without a gate: relu, gelu, squared_relu, gelu_tanh
+_STATE: dict = {"build": None}
+
+
+def _build():
+    # module-global: Gluon resolves the helpers' `gl.constexpr` annotations in the module's globals
+    global gl
+    import inspect
+
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < down_gluon.MIN_TRITON:
+        raise ImportError(f"triton {triton.__version__}: the WS fused forward needs {down_gluon.MIN_TRITON}")
+    if not hasattr(tma, "async_load") or not hasattr(async_copy, "mbarrier_arrive") or \
+            "functions_and_args" not in inspect.signature(gl.warp_specialize).parameters:
+        raise ImportError("this Gluon's TMA load, cp.async or warp_specialize differs from the one this kernel uses")
+
+    @gluon.jit
+    def _w_tile(desc, r0, c0, bar, buf, RC: gl.constexpr):
+        """TMA load of the [r, c] tile at (row r0 of all experts' rows, column c0): boxes [r, c] of the [N * E, C]
+        matrix (RC), else [c, r] boxes of the [C, N * E] column view."""
+        if RC:
+            tma.async_load(desc, [r0, c0], bar, buf)
+        else:
+            tma.async_load(desc, [c0, r0], bar, buf)
+
+    @gluon.jit
+    def _b_operand(buf, RC: gl.constexpr):
+        """The wgmma B operand [K, N] of a W tile stored [K, N] (RC) or [N, K]."""
+        if RC:
+            out = buf
+        else:
+            out = buf.permute((1, 0))
+        return out
+
+    @gluon.jit
+    def x_loader(X, stride_x, w1_desc, w1_desc2, x_bufs, w1_bufs, w1_bufs2, x_full, w1_full, xw_empty, TILES, OFFS, TOK,
+                 M, D, E, n_tiles, SPLIT: gl.constexpr, W1_RC: gl.constexpr, BE: gl.constexpr, LW: gl.constexpr):
+        """The up GEMM's operands of every tile: the gathered x rows by cp.async, W1's tiles by TMA."""
+        XS: gl.constexpr = x_bufs.type.shape[0]
+        BM: gl.constexpr = x_bufs.type.shape[1]
+        BK: gl.constexpr = x_bufs.type.shape[2]
+        # 16 bytes per thread and copy: BK / 8 threads along a row
+        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (BK // 8), BK // 8],
+                                                warps_per_cta=[LW, 1], order=[1, 0])
+        w1_bytes: gl.constexpr = w1_desc.block_type.nbytes + (w1_desc2.block_type.nbytes if SPLIT else 0)
+        cols = gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
+        kc = 0  # reduction steps loaded so far (the x / W1 ring)
+        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            e = gl.load(TILES + 2 * t)
+            row0 = gl.load(TILES + 2 * t + 1)
+            if row0 < M:
+                rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+                rmask = rows < gl.load(OFFS + e + 1)
+                tok = gl.load(TOK + rows, mask=rmask, other=0)
+                xrow = X + tok.to(gl.int64)[:, None] * stride_x
+                for k in range(0, D, BK):
+                    s = kc % XS
+                    mbarrier.wait(xw_empty.index(s), ((kc // XS) & 1) ^ 1)  # a fresh barrier passes phase 1
+                    async_copy.async_load(x_bufs.index(s), xrow + (k + cols)[None, :], mask=rmask[:, None])
+                    async_copy.mbarrier_arrive(x_full.index(s), increment_count=False)
+                    mbarrier.expect(w1_full.index(s), w1_bytes)
+                    _w_tile(w1_desc, e * E, k, w1_full.index(s), w1_bufs.index(s), W1_RC)
+                    if SPLIT:
+                        _w_tile(w1_desc2, e * E + BE, k, w1_full.index(s), w1_bufs2.index(s), W1_RC)
+                    kc += 1
+
+    @gluon.jit
+    def w2_loader(w2_desc, w2_desc2, w2_bufs, w2_bufs2, w2_full, w2_empty, TILES, M, Dout, E, n_tiles,
+                  SPLIT: gl.constexpr, W2_RC: gl.constexpr, BE: gl.constexpr, BN: gl.constexpr):
+        """The down GEMM's W2 tiles of every tile by TMA, in a ring of their own: they run ahead of the x rows'
+        loads, and those of the next tile start while this tile's down GEMM runs."""
+        W2S: gl.constexpr = w2_bufs.type.shape[0]
+        w2_bytes: gl.constexpr = w2_desc.block_type.nbytes + (w2_desc2.block_type.nbytes if SPLIT else 0)
+        nc = 0  # W2 column blocks loaded so far (the W2 ring)
+        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            e = gl.load(TILES + 2 * t)
+            row0 = gl.load(TILES + 2 * t + 1)
+            if row0 < M:
+                for n in range(0, Dout, BN):
+                    s2 = nc % W2S
+                    mbarrier.wait(w2_empty.index(s2), ((nc // W2S) & 1) ^ 1)
+                    mbarrier.expect(w2_full.index(s2), w2_bytes)
+                    _w_tile(w2_desc, e * E, n, w2_full.index(s2), w2_bufs.index(s2), W2_RC)
+                    if SPLIT:
+                        _w_tile(w2_desc2, e * E + BE, n, w2_full.index(s2), w2_bufs2.index(s2), W2_RC)
+                    nc += 1
+
+    @gluon.jit
+    def _activation(acc, cols, cmask, rows, rmask, e, B1, stride_b1, H, stride_h, dtype: gl.constexpr,
+                    ACT: gl.constexpr, HAS_BIAS: gl.constexpr, SAVE_H: gl.constexpr):
+        """kernels/up.py `_up_act` without a gate: bias, h rounded to the storage dtype (stored when SAVE_H), then
+        act(h) in fp32."""
+        if HAS_BIAS:
+            acc += gl.load(B1 + e.to(gl.int64) * stride_b1 + cols, mask=cmask, other=0.0).to(gl.float32)[None, :]
+        h = acc.to(dtype)
+        if SAVE_H:
+            gl.store(H + rows.to(gl.int64)[:, None] * stride_h + cols[None, :], h,
+                     mask=rmask[:, None] & cmask[None, :])
+        v = h.to(gl.float32)
+        if ACT == 0:
+            out = gl.maximum(v, 0.0)
+        elif ACT == 1:
+            out = 0.5 * v * (1.0 + gl.erf(v * 0.7071067811865476))
+        elif ACT == 2:
+            r = gl.maximum(v, 0.0)
+            out = r * r
+        else:  # 4: tanh-approximate GELU, tanh(u) = 2 sigmoid(2u) - 1
+            u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+            out = v / (1.0 + gl.exp(-2.0 * u))
+        return out
+
+    @gluon.jit
+    def _store_block(acc, n, rmask, dst, g, OUT, Dout, BN: gl.constexpr, layout: gl.constexpr,
+                     SCALE: gl.constexpr, ATOMIC: gl.constexpr):
+        """One output column block's epilogue: gate scale, then atomic adds into the token rows or stores into the
+        (t, k) rows (`dst`: each row's offset)."""
+        acc = gl.convert_layout(acc, layout)
+        cols = n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+        if SCALE:
+            acc = acc * g[:, None]
+        omask = rmask[:, None] & (cols < Dout)[None, :]
+        if ATOMIC:  # a token's K rows come from different tiles
+            gl.atomic_add(OUT + dst[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask, sem="relaxed")
+        else:
+            gl.store(OUT + dst[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
+
+    @gluon.jit
+    def consumer(x_bufs, w1_bufs, w1_bufs2, w2_bufs, w2_bufs2, x_full, w1_full, xw_empty, w2_full, w2_empty, TILES,
+                 OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E, n_tiles, which: gl.constexpr,
+                 ACT: gl.constexpr, HAS_BIAS: gl.constexpr, SAVE_H: gl.constexpr, SCALE: gl.constexpr,
+                 ATOMIC: gl.constexpr, SPLIT: gl.constexpr, W1_RC: gl.constexpr, W2_RC: gl.constexpr,
+                 BE: gl.constexpr, BE2: gl.constexpr, BN: gl.constexpr):
+        XS: gl.constexpr = x_bufs.type.shape[0]
+        BM: gl.constexpr = x_bufs.type.shape[1]
+        BK: gl.constexpr = x_bufs.type.shape[2]
+        W2S: gl.constexpr = w2_bufs.type.shape[0]
+        HM: gl.constexpr = BM // 2  # this warpgroup's rows of the tile
+        dtype: gl.constexpr = x_bufs.dtype
+        up_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BE, 16])
+        up_l2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BE2, 16])
+        dn_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dn_l, k_width=2)
+        # the epilogue's layout: 8 consecutive columns per thread (16-byte vector atomics)
+        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (BN // 8), BN // 8],
+                                                warps_per_cta=[4, 1], order=[1, 0])
+        row_l: gl.constexpr = gl.SliceLayout(1, layout)
+        kc = 0
+        nc = 0
+        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            e = gl.load(TILES + 2 * t)
+            row0 = gl.load(TILES + 2 * t + 1)
+            if row0 < M:
+                r0 = row0 + which * HM
+                end = gl.load(OFFS + e + 1)
+                # ---- up GEMM: h [HM, E] = x rows @ W1[e]^T, one reduction step of wgmma in flight
+                acc = gl.zeros((HM, BE), dtype=gl.float32, layout=up_l)
+                acc2 = gl.zeros((HM, BE2), dtype=gl.float32, layout=up_l2)
+                for k in range(0, D, BK):
+                    s = kc % XS
+                    mbarrier.wait(x_full.index(s), (kc // XS) & 1)
+                    mbarrier.wait(w1_full.index(s), (kc // XS) & 1)
+                    fence_async_shared()  # the cp.async writes (generic proxy) before wgmma's reads (async proxy)
+                    xa = x_bufs.index(s).slice(which * HM, HM)
+                    acc = warpgroup_mma(xa, _b_operand(w1_bufs.index(s), not W1_RC), acc, is_async=True)
+                    if SPLIT:
+                        acc2 = warpgroup_mma(xa, _b_operand(w1_bufs2.index(s), not W1_RC), acc2, is_async=True)
+                        acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
+                    else:
+                        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                    if k > 0:  # the previous step's products are done: its stage may be refilled
+                        mbarrier.arrive(xw_empty.index((kc + XS - 1) % XS), count=1)
+                    kc += 1
+                if SPLIT:
+                    acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
+                else:
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                mbarrier.arrive(xw_empty.index((kc + XS - 1) % XS), count=1)
+                # ---- bias, h, activation: a = act(h) stays in registers as the down GEMM's A operand
+                rows_u = r0 + gl.arange(0, HM, layout=gl.SliceLayout(1, up_l))
+                cols_u = gl.arange(0, BE, layout=gl.SliceLayout(0, up_l))
+                a1 = _activation(acc, cols_u, cols_u < E, rows_u, rows_u < end, e, B1, stride_b1, H, stride_h, dtype,
+                                 ACT, HAS_BIAS, SAVE_H)
+                a1 = gl.convert_layout(a1.to(dtype), a_l)
+                if SPLIT:
+                    rows_u2 = r0 + gl.arange(0, HM, layout=gl.SliceLayout(1, up_l2))
+                    cols_u2 = BE + gl.arange(0, BE2, layout=gl.SliceLayout(0, up_l2))
+                    a2 = _activation(acc2, cols_u2, cols_u2 < E, rows_u2, rows_u2 < end, e, B1, stride_b1, H, stride_h,
+                                     dtype, ACT, HAS_BIAS, SAVE_H)
+                    a2 = gl.convert_layout(a2.to(dtype), a_l)
+                else:
+                    a2 = a1
+                # ---- down GEMM by column blocks, each block's epilogue under the next block's wgmma
+                rows = r0 + gl.arange(0, HM, layout=row_l)
+                rmask = rows < end
+                pair = gl.load(ORDER + rows, mask=rmask, other=0)
+                if SCALE:
+                    g = gl.load(GATE + pair, mask=rmask, other=0.0).to(gl.float32)
+                else:
+                    g = gl.zeros((HM, ), dtype=gl.float32, layout=row_l)
+                if ATOMIC:
+                    dst = gl.load(TOK + rows, mask=rmask, other=0).to(gl.int64) * stride_o
+                else:
+                    dst = pair.to(gl.int64) * stride_o
+                zero = gl.zeros((HM, BN), dtype=gl.float32, layout=dn_l)
+                s2 = nc % W2S
+                mbarrier.wait(w2_full.index(s2), (nc // W2S) & 1)
+                cur = warpgroup_mma(a1, _b_operand(w2_bufs.index(s2), W2_RC), zero, use_acc=False, is_async=True)
+                if SPLIT:
+                    cur = warpgroup_mma(a2, _b_operand(w2_bufs2.index(s2), W2_RC), cur, is_async=True)
+                cur = warpgroup_mma_wait(num_outstanding=0, deps=(cur, a1, a2))[0]
+                mbarrier.arrive(w2_empty.index(s2), count=1)
+                nc += 1
+                num_n = gl.cdiv(Dout, BN)
+                for n in range(1, num_n):
+                    s2 = nc % W2S
+                    mbarrier.wait(w2_full.index(s2), (nc // W2S) & 1)
+                    nxt = warpgroup_mma(a1, _b_operand(w2_bufs.index(s2), W2_RC), zero, use_acc=False, is_async=True)
+                    if SPLIT:
+                        nxt = warpgroup_mma(a2, _b_operand(w2_bufs2.index(s2), W2_RC), nxt, is_async=True)
+                    _store_block(cur, n - 1, rmask, dst, g, OUT, Dout, BN, layout, SCALE, ATOMIC)
+                    cur = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, a1, a2))[0]
+                    mbarrier.arrive(w2_empty.index(s2), count=1)
+                    nc += 1
+                _store_block(cur, num_n - 1, rmask, dst, g, OUT, Dout, BN, layout, SCALE, ATOMIC)
+
+    @gluon.jit
+    def mlp_ws_kernel(X, stride_x, w1_desc, w1_desc2, w2_desc, w2_desc2, TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1,
+                      H, stride_h, OUT, stride_o, M, D, Dout, E, n_tiles,
+                      ACT: gl.constexpr, HAS_BIAS: gl.constexpr, SAVE_H: gl.constexpr, SCALE: gl.constexpr,
+                      ATOMIC: gl.constexpr, SPLIT: gl.constexpr, W1_RC: gl.constexpr, W2_RC: gl.constexpr,
+                      BM: gl.constexpr, BK: gl.constexpr, BE: gl.constexpr, BE2: gl.constexpr, BN: gl.constexpr,
+                      XS: gl.constexpr, W2S: gl.constexpr, LW: gl.constexpr,
+                      CREGS: gl.constexpr, LREGS: gl.constexpr, W2_LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        dtype: gl.constexpr = w1_desc.dtype
+        x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], dtype)
+        x_bufs = gl.allocate_shared_memory(dtype, [XS, BM, BK], x_layout)
+        w1_bufs = gl.allocate_shared_memory(dtype, [XS] + w1_desc.block_type.shape, w1_desc.layout)
+        w1_bufs2 = gl.allocate_shared_memory(dtype, [XS] + w1_desc2.block_type.shape, w1_desc2.layout)
+        w2_bufs = gl.allocate_shared_memory(dtype, [W2S] + w2_desc.block_type.shape, w2_desc.layout)
+        w2_bufs2 = gl.allocate_shared_memory(dtype, [W2S] + w2_desc2.block_type.shape, w2_desc2.layout)
+        x_full = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
+        w1_full = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
+        xw_empty = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
+        w2_full = gl.allocate_shared_memory(gl.int64, [W2S, 1], mbarrier.MBarrierLayout())
+        w2_empty = gl.allocate_shared_memory(gl.int64, [W2S, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(XS):
+            mbarrier.init(x_full.index(i), count=32 * LW)  # every loader thread's cp.async arrival
+            mbarrier.init(w1_full.index(i), count=1)
+            mbarrier.init(xw_empty.index(i), count=2)  # both consumers
+        for i in gl.static_range(W2S):
+            mbarrier.init(w2_full.index(i), count=1)
+            mbarrier.init(w2_empty.index(i), count=2)
+        # the tuples inline: a constexpr bound to a name first would become a tensor (the partitions' flags must
+        # stay compile-time constants)
+        gl.warp_specialize([
+            (consumer, (x_bufs, w1_bufs, w1_bufs2, w2_bufs, w2_bufs2, x_full, w1_full, xw_empty, w2_full, w2_empty,
+                        TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E, n_tiles,
+                        0, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN)),
+            (consumer, (x_bufs, w1_bufs, w1_bufs2, w2_bufs, w2_bufs2, x_full, w1_full, xw_empty, w2_full, w2_empty,
+                        TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E, n_tiles,
+                        1, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN)),
+            (x_loader, (X, stride_x, w1_desc, w1_desc2, x_bufs, w1_bufs, w1_bufs2, x_full, w1_full, xw_empty, TILES,
+                        OFFS, TOK, M, D, E, n_tiles, SPLIT, W1_RC, BE, LW)),
+            (w2_loader, (w2_desc, w2_desc2, w2_bufs, w2_bufs2, w2_full, w2_empty, TILES, M, Dout, E, n_tiles, SPLIT,
+                         W2_RC, BE, BN)),
+        ], [4, LW, 1], [CREGS, LREGS, W2_LOADER_REGS])
+
+    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+    def descriptors(w2d, boxes, dtype):
+        """TMA descriptors of the 2-D weight matrix `w2d` in each box shape of `boxes`."""
+        g = gl_dtype[dtype]
+        return tuple(TensorDescriptor.from_tensor(w2d, list(b), gl.NVMMASharedLayout.get_default_for(list(b), g))
+                     for b in boxes)
+
+    return mlp_ws_kernel, descriptors
+
+
+
+def smem_bytes(BM: int, BN: int, BK: int, E: int, stages: int, w2_stages: int, element_size: int = 2) -> int:
+    """Shared memory of one program: the x / W1 ring, the W2 ring, and at most 17 kB for the epilogues' layout
+    conversion and the barriers (Triton 3.9, sm_90: 16.1 kB at base with 64-column blocks)."""
+    return (stages * (BM + E) * BK + w2_stages * E * BN) * element_size + 17 * 1024
+
+
+def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: bool, BM: int, BN: int, BK: int,
+           w2_stages: int, stages: int, be: int, be2: int) -> bool:
+    """Whether this kernel takes tokens x [T, D], W1 [N, E, D] and W2 [N, E, Dout] with this tile: sm_90, bf16 or
+    fp16, an activation without a gate, BM = 128 (two warpgroups of 64 rows), BN 16..256 and BK 16..128 powers of
+    two, D a multiple of BK, E exactly the column tiles be + be2 (be <= 256), both weights one 2-D matrix
+    (`common.expert_matrix`) with 16-byte aligned rows, x's rows contiguous, two or more stages, the buffers
+    within shared memory, and a Triton whose Gluon builds the kernel."""
+    from .common import expert_matrix
+
+    N, E, D = w1.shape
+    es = x.element_size()
+    if not down_gluon._sm90(x) or x.dtype not in (torch.bfloat16, torch.float16) or w1.dtype != x.dtype or w2.dtype != x.dtype:
+        return False
+    if glu or act not in ACTS or BM != 128 or min(stages, w2_stages) < 2 or x.shape[0] == 0 or w2.shape[1] != E:
+        return False
+    if any(v & (v - 1) for v in (BN, BK)) or not 16 <= BN <= 256 or not 16 <= BK <= 128 or D % BK:
+        return False
+    if be + be2 != E or be > 256 or x.stride(1) != 1 or (x.stride(0) * es) % 16 or x.data_ptr() % 16:
+        return False
+    for w in (w1, w2):
+        matrix = expert_matrix(w)
+        if matrix is None or (matrix[0].stride(0) * es) % 16 or w.data_ptr() % 16:
+            return False
+    return smem_bytes(BM, BN, BK, E, stages, w2_stages, es) <= SMEM_LIMIT and _build_once() is not None
+
+
+def _build_once():
+    if _STATE["build"] is None:
+        try:
+            _STATE["build"] = _build()
+        except Exception:  # no Gluon, an older Triton or another API: the launcher takes kernels/mlp.py
+            _STATE["build"] = False
+    return _STATE["build"] or None
+
+
+def _boxes(w, rows, cols: int):
+    """(the 2-D weight matrix, RC, its box shapes): [r, cols] boxes of the [N * E, C] matrix, else [cols, r] of
+    the column view, one per height in `rows` (an unused second tile: a 16 x 16 box)."""
+    from .common import expert_matrix
+
+    w2d, rc = expert_matrix(w)
+    return w2d, rc, [[16, 16] if not r else [r, cols] if rc else [cols, r] for r in rows]
+
+
+def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, atomic: bool, BM: int, BN: int,
+           BK: int, w2_stages: int, stages: int, be: int, be2: int):
+    """The kernel over `tiles` ([n, 2] int32 (expert, first row), first row M = empty) with persistent programs,
+    one per SM. h: the pre-activation [M, E] to store (the backward's), or None. The caller checked `serves`."""
+    kernel, descriptors = _build_once()
+    N, E, D = w1.shape
+    M = order.shape[0]
+    w1d, rc1, boxes1 = _boxes(w1, (be, be2), BK)
+    w2d, rc2, boxes2 = _boxes(w2, (be, be2), BN)
+    d1, d1b = descriptors(w1d, boxes1, x.dtype)
+    d2, d2b = descriptors(w2d, boxes2, x.dtype)
+    n_tiles = tiles.shape[0]
+    grid = (max(1, min(n_tiles, down_gluon._sms(x.device))),)
+    hh = h if h is not None else out
+    bias = b1 if b1 is not None else out
+    kernel[grid](x, x.stride(0), d1, d1b, d2, d2b, tiles, offsets, order, token, gate if gate is not None else out,
+                 bias, bias.stride(0), hh, hh.stride(0), out, out.stride(0), M, D, w2.shape[2], E, n_tiles,
+                 ACT=act, HAS_BIAS=b1 is not None, SAVE_H=h is not None, SCALE=gate is not None, ATOMIC=atomic,
+                 SPLIT=be2 > 0, W1_RC=rc1, W2_RC=rc2, BM=BM, BK=BK, BE=be, BE2=max(be2, 16), BN=BN, XS=stages, W2S=w2_stages, LW=LOADER_WARPS,
+                 CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, W2_LOADER_REGS=W2_LOADER_REGS, num_warps=4,
+                 maxnreg=MAX_REGS)

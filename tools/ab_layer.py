@@ -1,0 +1,93 @@
+"""A/B of the `triton` backend's tile configs and M-tile orders in the whole sparse layer (graphed, as `ssd-bench ffn`
+times it): each arm forces configs in SSD_TRITON_CONFIG's syntax and, optionally, a tile order; the arms alternate
+for --rounds rounds in one process, against the graphed dense layer timed once. Per-launch sweeps no longer predict
+the layer to within 5% (docs/kernels.md v15), so candidate defaults are timed this way before they are adopted.
+
+    python tools/ab_layer.py --shape 8b --activation swiglu \\
+        --arm default= --arm "tma=up_glu=128,128,64,8,3,0,1;up_bwd_glu=128,256,64,8,3,1,1" --out ab.json
+    python tools/ab_layer.py --shape base --forward-only --arm default= --arm "ws=mlp=128,64,64,2,4,5" \\
+        --arm "token16=@token:16"
+
+An arm is NAME=CONFIGS[@ORDER]: CONFIGS as SSD_TRITON_CONFIG (empty: the defaults), ORDER as SSD_TRITON_TILE_ORDER.
+Prints a line per measurement; --out writes JSON (gpu, date, torch, triton, and per arm the forward and fwd+bwd
+medians of each round, with the dense times).
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ssd_megatron.bench.ffn import Case, Layer, _graphed  # noqa: E402
+from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
+from ssd_megatron.ffn.backends import get_backend  # noqa: E402
+
+
+def parse_arm(text: str):
+    """NAME=CONFIGS[@ORDER] -> (name, {kind: config}, order or None)."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"error: --arm {text!r}: expected NAME=CONFIGS[@ORDER], e.g. ws=mlp=128,64,64,2,4,5")
+    configs, _, order = rest.partition("@")
+    return name, K._parse_configs(configs), order or None
+
+
+def main() -> int:
+    import triton
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="base", choices=("base", "8b"))
+    ap.add_argument("--activation", default="relu")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--routing", default="realistic")
+    ap.add_argument("--arm", action="append", required=True, help="NAME=CONFIGS[@ORDER]; repeat for each arm")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=0, help="graph replays per timing (default: 60 base, 20 8B)")
+    ap.add_argument("--forward-only", action="store_true", help="time the inference forward only")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    arms = [parse_arm(a) for a in args.arm]
+    iters = args.iters or (60 if args.shape == "base" else 20)
+    backend = get_backend("triton")
+    sparse = lambda layer, x: layer.sparse(x, backend)  # noqa: E731
+    case = Case(args.shape, args.activation, args.tokens, 3, torch.device("cuda"), torch.bfloat16)
+    case.set_routing(args.routing)
+    dense = {"fwd": _graphed(case, Layer.dense, iters, True)["median"]}
+    if not args.forward_only:
+        dense["fwd_bwd"] = _graphed(case, Layer.dense, iters, False)["median"]
+    print(f"{args.shape} {args.activation} dense {dense} (triton {triton.__version__}, {torch.cuda.get_device_name(0)})",
+          flush=True)
+    res = {"gpu": torch.cuda.get_device_name(0), "date": str(datetime.date.today()), "torch": torch.__version__,
+           "triton": triton.__version__, "shape": args.shape, "activation": args.activation, "tokens": args.tokens,
+           "dense": dense, "arms": {name: {"configs": {k: list(v) for k, v in cfg.items()}, "order": order,
+                                           "rounds": []} for name, cfg, order in arms}}
+    saved_order = os.environ.get("SSD_TRITON_TILE_ORDER")
+    try:
+        for r in range(args.rounds):
+            for name, cfg, order in arms:
+                K.force_config(**cfg)
+                os.environ["SSD_TRITON_TILE_ORDER"] = order or "auto"
+                t = {"fwd": _graphed(case, sparse, iters, True)["median"]}
+                if not args.forward_only:
+                    t["fwd_bwd"] = _graphed(case, sparse, iters, False)["median"]
+                res["arms"][name]["rounds"].append(t)
+                ratios = "  ".join(f"{k} {v:.4f} ms ({dense[k] / v:.3f}x)" for k, v in t.items())
+                print(f"round {r} {name:12s} {ratios}", flush=True)
+    finally:
+        K.force_config()
+        if saved_order is None:
+            os.environ.pop("SSD_TRITON_TILE_ORDER", None)
+        else:
+            os.environ["SSD_TRITON_TILE_ORDER"] = saved_order
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Which part bounds the warp-specialised fused forward (kernels/mlp_gluon.py, mlp variant 5): the base ReLU layer's
+inference forward (graphed) with the kernel rebuilt with parts of its work removed: the gathered x rows' cp.async
+copies, W1's or W2's TMA loads (their barriers arrive at once instead), the atomic adds into y (masked off by a
+condition the compiler cannot fold), or all loads. The results are wrong by design; only the times count. Against
+kernels/mlp.py's default in the same process (docs/kernels.md v18).
+
+    python tools/probe_mlp_ws.py [--config 128,64,64,2,4,5] [--rounds 2] [--out probe.json]   (Triton >= 3.9, sm_90)
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import types
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ssd_megatron.ffn.backends.kernels import mlp_gluon  # noqa: E402
+
+X = [("async_copy.async_load(x_bufs.index(s), xrow + (k + cols)[None, :], mask=rmask[:, None])", "pass")]
+W1 = [("mbarrier.expect(w1_full.index(s), w1_bytes)", "mbarrier.arrive(w1_full.index(s), count=1)"),
+      ("_w_tile(w1_desc, e * E, k, w1_full.index(s), w1_bufs.index(s), W1_RC)", "pass"),
+      ("_w_tile(w1_desc2, e * E + BE, k, w1_full.index(s), w1_bufs2.index(s), W1_RC)", "pass")]
+W2 = [("mbarrier.expect(w2_full.index(s2), w2_bytes)", "mbarrier.arrive(w2_full.index(s2), count=1)"),
+      ("_w_tile(w2_desc, e * E, n, w2_full.index(s2), w2_bufs.index(s2), W2_RC)", "pass"),
+      ("_w_tile(w2_desc2, e * E + BE, n, w2_full.index(s2), w2_bufs2.index(s2), W2_RC)", "pass")]
+ADDS = [("omask = rmask[:, None] & (cols < Dout)[None, :]", "omask = (rmask & (dst < 0))[:, None] & (cols < Dout)[None, :]")]
+PROBES = {"whole": [], "no-atomics": ADDS, "no-x": X, "no-w1": W1, "no-w2": W2, "no-loads": X + W1 + W2,
+          "no-loads-no-atomics": X + W1 + W2 + ADDS}
+
+
+def probe_build(name: str):
+    """kernels/mlp_gluon.py's `_build()` from its source with PROBES[name]'s substitutions."""
+    src = open(mlp_gluon.__file__).read()
+    for old, new in PROBES[name]:
+        if old not in src:
+            raise SystemExit(f"error: kernels/mlp_gluon.py no longer contains {old!r}: update this probe")
+        src = src.replace(old, new)
+    tag = name.replace("-", "_")
+    mod = types.ModuleType(f"{mlp_gluon.__package__}.probe_{tag}")
+    mod.__package__ = mlp_gluon.__package__
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mlp_gluon_probe_{tag}.py")  # Gluon reads the source
+    with open(path, "w") as fh:
+        fh.write(src)
+    mod.__file__ = path
+    exec(compile(src, path, "exec"), mod.__dict__)
+    sys.modules[mod.__name__] = mod
+    return mod._build()
+
+
+def main() -> int:
+    import triton
+
+    from ssd_megatron.bench.ffn import Case, _graphed
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends import get_backend
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="128,64,64,2,4,5", help="the mlp config (variant 5)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    cfg = K._parse_configs(f"mlp={args.config}")["mlp"]
+    backend = get_backend("triton")
+    sparse = lambda layer, x: layer.sparse(x, backend)  # noqa: E731
+    case = Case("base", "relu", 16384, 3, torch.device("cuda"), torch.bfloat16)
+    case.set_routing("realistic")
+    res = {"gpu": torch.cuda.get_device_name(0), "date": str(datetime.date.today()), "torch": torch.__version__,
+           "triton": triton.__version__, "config": list(cfg),
+           "what": "base ReLU layer, inference forward (graphed) ms, the WS fused forward with parts removed"}
+    K.force_config()
+    res["kernels/mlp.py"] = _graphed(case, sparse, 60, True)["median"]
+    print(f"kernels/mlp.py (default) fwd {res['kernels/mlp.py']:.4f} ms", flush=True)
+    try:
+        for _ in range(args.rounds):
+            for name in PROBES:
+                mlp_gluon._STATE["build"] = probe_build(name)
+                K.force_config(mlp=cfg)
+                t = _graphed(case, sparse, 60, True)["median"]
+                res.setdefault(name, []).append(t)
+                print(f"WS {name:20s} fwd {t:.4f} ms", flush=True)
+    finally:
+        K.force_config()
+        mlp_gluon._STATE["build"] = None
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
