@@ -141,3 +141,16 @@ def expert_major_sparse_ffn(d_model, d_ff, activation, num_experts, top_k, devic
     to_expert_major(ffn)
     ffn.set_mode("sparse")
     return ffn
+
+
+class Recorder:
+    """Stands in for a kernel (`kernel[grid](...)`) or a launch function: records which ran, with what."""
+
+    def __init__(self, calls, name):
+        self.calls, self.name = calls, name
+
+    def __getitem__(self, grid):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((self.name, args, kwargs))

@@ -173,7 +173,7 @@ def test_triton_down_ws_bf16(case, opts, tile, monkeypatch):
 MLP_WS_TILES = {"64-cols": (128, 64, 64, 3, 3, 5), "128-cols": (128, 128, 64, 2, 2, 5)}
 MLP_WS_CASES = [dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewed"),
                 dict(activation="relu", T=333, D=192, E=192, N=8, K=2, routing="empty"),  # base's E = 128 + 64
-                dict(activation="relu", T=1000, D=512, E=256, N=16, K=4, routing="skewed"),  # 8B's E = 256
+                dict(activation="relu", T=1000, D=512, E=256, N=16, K=4, routing="skewed"),  # 8B's: not served
                 dict(activation="relu", T=1, D=128, E=64, N=4, K=2),
                 dict(activation="gelu", T=257, D=256, E=192, N=8, K=2, routing="skewed"),
                 dict(activation="squared_relu", T=129, D=64, E=64, N=4, K=3),
@@ -195,12 +195,18 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
         pytest.skip("triton not available here")
     from ssd_megatron.ffn.backends import _triton_kernels as kernels
     from ssd_megatron.ffn.backends.kernels import mlp_gluon
+    from ssd_megatron.ffn.backends.kernels.common import ACT_CODES
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     if mlp_gluon._build_once() is None or not mlp_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
         pytest.skip("the WS fused forward does not serve here (needs sm_90 and Triton >= 3.9's Gluon): "
                     "variant 5 falls back to kernels/mlp.py")
-    if mlp_gluon.smem_bytes(*cfg[:3], case["E"], cfg[4], cfg[3]) > mlp_gluon.SMEM_LIMIT:
-        pytest.skip("this tile's buffers exceed shared memory at this E: variant 5 falls back to kernels/mlp.py")
+    inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
+    if w2 == "column-view":
+        inp = with_column_view_w2(inp)
+    act = ACT_CODES[case["activation"]][0]
+    if not mlp_gluon.serves(inp["x"], inp["w1"], inp["w2"], act, False, *cfg[:5], *kernels._split_width(case["E"])):
+        pytest.skip("variant 5 falls back to kernels/mlp.py here: a first E tile wider than 128 (8B's 256) or "
+                    "buffers beyond shared memory")
     launches = []
     real = mlp_gluon.launch
 
@@ -209,9 +215,6 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mlp_gluon, "launch", counted)
-    inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
-    if w2 == "column-view":
-        inp = with_column_view_w2(inp)
     kernels.force_config(mlp=cfg)
     try:
         got, want = run(TritonBackend(combine=combine, fused_forward=True), inp), run(ReferenceBackend(), upcast(inp))

@@ -16,6 +16,11 @@ import sys
 import pytest
 import torch
 
+try:
+    from .backend_cases import Recorder
+except ImportError:  # run as a script: the compile subprocess, which does not need it
+    Recorder = None
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "compile_report.py")
 
@@ -184,22 +189,9 @@ def test_ws_down_variant_is_accepted(monkeypatch):
     monkeypatch.setenv("SSD_TRITON_CONFIG", "down=64,64,64,4,3,5")
     assert K._pick("down:atomic16", (256, 4096, "torch.bfloat16"), None) == (64, 64, 64, 4, 3, K.WS)
     assert K._parse_configs("down:buffer=128,64,64,4,2,5") == {"down:buffer": (128, 64, 64, 4, 2, K.WS)}
-    for other in ("up", "up_bwd", "mlp"):  # the variant is down's only
+    for other in ("up", "up_bwd"):  # the variant is down's and mlp's only
         with pytest.raises(UserError, match="5 \\(WS\\)"):
             K._parse_configs(f"{other}=64,64,64,4,3,5")
-
-
-class _Recorder:
-    """Stands in for a kernel (`kernel[grid](...)`) or a launch function: records which ran, with what."""
-
-    def __init__(self, calls, name):
-        self.calls, self.name = calls, name
-
-    def __getitem__(self, grid):
-        return self
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append((self.name, args, kwargs))
 
 
 def _ws_operands(why):
@@ -226,9 +218,9 @@ def test_ws_down_falls_back_to_staged(monkeypatch, why):
     from ssd_megatron.ffn.backends import _triton_kernels as K
     from ssd_megatron.ffn.backends.kernels import down_gluon
     calls = []
-    monkeypatch.setattr(K, "_down_kernel", _Recorder(calls, "triton"))
-    monkeypatch.setattr(K, "_down_tma_kernel", _Recorder(calls, "tma"))
-    monkeypatch.setattr(down_gluon, "launch", _Recorder(calls, "ws"))
+    monkeypatch.setattr(K, "_down_kernel", Recorder(calls, "triton"))
+    monkeypatch.setattr(K, "_down_tma_kernel", Recorder(calls, "tma"))
+    monkeypatch.setattr(down_gluon, "launch", Recorder(calls, "ws"))
     if why != "cpu":
         monkeypatch.setattr(down_gluon, "_sm90", lambda t: True)
     if why == "older-triton":
@@ -264,9 +256,9 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     from ssd_megatron.ffn.backends import _triton_kernels as K
     from ssd_megatron.ffn.backends.kernels import down_gluon
     calls, served = [], []
-    monkeypatch.setattr(K, "_down_kernel", _Recorder(calls, "triton"))
-    monkeypatch.setattr(K, "_down_tma_kernel", _Recorder(calls, "tma"))
-    monkeypatch.setattr(down_gluon, "launch", _Recorder(calls, "ws"))
+    monkeypatch.setattr(K, "_down_kernel", Recorder(calls, "triton"))
+    monkeypatch.setattr(K, "_down_tma_kernel", Recorder(calls, "tma"))
+    monkeypatch.setattr(down_gluon, "launch", Recorder(calls, "ws"))
     monkeypatch.setattr(down_gluon, "serves", lambda *args: served.append(args[2:]) or why != "not-served")
     monkeypatch.delenv("SSD_TRITON_TUNE", raising=False)
     if why == "env":

@@ -18,7 +18,7 @@ program per SM is split between warps:
 
 E is one power-of-two tile of BE columns plus, with SPLIT, a second of BE2 (base's 192 = 128 + 64), and must
 be exactly that (a TMA box cannot mask the next expert's rows). Serves (`serves`) activations without a gate,
-bf16/fp16, sm_90, E = BE + BE2 with BE <= 256, D a multiple of BK, both weights as one 2-D matrix in either
+bf16/fp16, sm_90, E = BE + BE2 with BE <= 128, D a multiple of BK, both weights as one 2-D matrix in either
 layout (`_triton_kernels._expert_descriptors`: rows [N * E, C] or W_out's column view [C, N * E]), and the
 buffers within shared memory; the launcher (`_triton_kernels.mlp_forward`) takes kernels/mlp.py elsewhere.
 
@@ -334,7 +334,8 @@ def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: b
            w2_stages: int, stages: int, be: int, be2: int) -> bool:
     """Whether this kernel takes tokens x [T, D], W1 [N, E, D] and W2 [N, E, Dout] with this tile: sm_90, bf16 or
     fp16, an activation without a gate, BM = 128 (two warpgroups of 64 rows), BN 16..256 and BK 16..128 powers of
-    two, D a multiple of BK, E exactly the column tiles be + be2 (be <= 256), both weights one 2-D matrix
+    two, D a multiple of BK, E exactly the column tiles be + be2 with be <= 128 (MAX_REGS bounds ptxas for the whole
+    kernel, and 8B's one m64n256 wgmma needs more than 128 registers), both weights one 2-D matrix
     (`common.expert_matrix`) with 16-byte aligned rows, x's rows contiguous, two or more stages, the buffers
     within shared memory, and a Triton whose Gluon builds the kernel."""
     from .common import expert_matrix
@@ -347,7 +348,7 @@ def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: b
         return False
     if any(v & (v - 1) for v in (BN, BK)) or not 16 <= BN <= 256 or not 16 <= BK <= 128 or D % BK:
         return False
-    if be + be2 != E or be > 256 or x.stride(1) != 1 or (x.stride(0) * es) % 16 or x.data_ptr() % 16:
+    if be + be2 != E or be > 128 or x.stride(1) != 1 or (x.stride(0) * es) % 16 or x.data_ptr() % 16:
         return False
     for w in (w1, w2):
         matrix = expert_matrix(w)

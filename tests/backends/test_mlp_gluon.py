@@ -1,0 +1,153 @@
+"""The warp-specialised Gluon fused forward (mlp variant 5, kernels/mlp_gluon.py) on a machine without a GPU: its
+offline compile for sm_90 through the real launcher (where the installed Triton's Gluon builds it, >= 3.9), and the
+launcher's choice, the Gluon kernel where it serves and kernels/mlp.py elsewhere. Gluon has no interpreter:
+test_backends_gpu.py (`mlp_ws`) checks its results on the GPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+try:
+    from .backend_cases import Recorder
+    from .test_offline_compile import _compile_env
+except ImportError:  # run as a script: the compile subprocess, which needs neither
+    Recorder = _compile_env = None
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WS = (128, 64, 64, 2, 3, 5)  # BM, BN, BK, the W2 ring's depth, the x / W1 ring's, variant 5
+# name -> (activation, E, dtype, combine, W2 as W_out's column view, h saved): base's split E = 128 + 64 in the
+# inference forward (bf16 adds, the layer's column view), a training forward storing h (gelu, the (t, k) rows),
+# fp16 with fp32 adds, squared ReLU without a bias
+LAUNCHES = {"base-inference": ("relu", 192, "bfloat16", "atomic16", True, False),
+            "train-buffer": ("gelu", 64, "bfloat16", "buffer", False, True),
+            "fp16-atomic32": ("relu", 192, "float16", "atomic32", True, True),
+            "squared-relu-no-bias": ("squared_relu", 128, "bfloat16", "atomic16", False, False)}
+
+
+def _case(activation, E, dtype, column_view=False, T=100, D=128, N=8, K=2, bias=True):
+    """(x, w1, b1, w2, plan, gate) on CPU: skewed loads, experts 6 and 7 empty."""
+    from ssd_megatron.ffn.backends.routing import make_plan
+    g = torch.Generator().manual_seed(0)
+    idx = (torch.rand(T, N, generator=g)[:, :6] + torch.linspace(2, 0, 6)).topk(K, dim=1).indices
+    x = torch.randn(T, D, generator=g).to(dtype)
+    w1 = torch.randn(N, E, D, generator=g).to(dtype)
+    b1 = torch.randn(N, E, generator=g).to(dtype) if bias else None
+    w2 = torch.randn(N, E, D, generator=g).to(dtype)
+    if column_view:  # W_out's [N, E, D] view of a [D, N * E] matrix (unit stride along E)
+        w2 = w2.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    return x, w1, b1, w2, make_plan(idx, N), torch.rand(T * K, generator=g)
+
+
+def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/compile_report.py's driver)
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import compile_report as cr
+
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    cr.offline(90)
+    K.force_config(mlp=WS)
+    out = {}
+    for name, (act, E, dtype, combine, column_view, save_h) in LAUNCHES.items():
+        x, w1, b1, w2, plan, gate = _case(act, E, getattr(torch, dtype), column_view, bias=name != "squared-relu-no-bias")
+        cr.LAUNCHES.clear()
+        try:
+            K.mlp_forward(x, w1, b1, w2, plan, gate, act, save_h, combine)
+            out[name] = [[kname, cr.report(kernel, nw)] for kname, kernel, nw in cr.LAUNCHES]
+        except Exception as exc:
+            out[name] = f"{type(exc).__name__}: {cr._last_line(exc)}"[:2000]
+    print("MLPWS " + json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """{LAUNCHES name: [[kernel name, compile_report's resources], ...] or the compile error}."""
+    env = _compile_env()
+    from ssd_megatron.ffn.backends.kernels import mlp_gluon
+    if mlp_gluon._build_once() is None:
+        pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon the WS fused forward builds with")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                         timeout=900)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("MLPWS ")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(lines[-1][6:])
+
+
+@pytest.mark.parametrize("name", list(LAUNCHES))
+def test_ws_fused_forward_compiles_for_sm90(compiled, name):
+    """Each specialisation (activation, split or single E tile, combine, W2 layout, h stored, bias, bf16 and fp16)
+    compiles for sm_90 as one warp-specialised kernel: cp.async gathers of x, TMA loads of the weights, wgmma, and
+    native vector atomics where it adds (no compare-and-swap loop); the launcher took it, not kernels/mlp.py."""
+    res = compiled[name]
+    assert not isinstance(res, str), res
+    assert [kname for kname, _ in res] == ["mlp_ws_kernel"], res
+    r = res[0][1]
+    assert r["warps"] == 16 and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
+    assert r["cas"] == 0 and (r["atom"] > 0) == (LAUNCHES[name][3] != "buffer"), r
+    assert r["smem_kb"] * 1024 <= 227 * 1024, r
+
+
+# why the launcher does not take the Gluon kernel -> (activation, E, D, dtype, config)
+NOT_SERVED = {"cpu": ("relu", 192, 128, torch.bfloat16, WS),
+              "older-triton": ("relu", 192, 128, torch.bfloat16, WS),
+              "glu": ("swiglu", 64, 128, torch.bfloat16, WS),
+              "ragged-e": ("relu", 24, 128, torch.bfloat16, WS),       # 16 + 16 columns would reach the next expert
+              "ragged-d": ("relu", 64, 96, torch.bfloat16, WS),        # D not a multiple of BK
+              "fp32": ("relu", 64, 128, torch.float32, WS),
+              "smem": ("relu", 192, 128, torch.bfloat16, (128, 128, 64, 2, 4, 5)),
+              "wide-e": ("relu", 256, 128, torch.bfloat16, (128, 64, 64, 2, 2, 5)),  # one 256-column tile
+              "one-slot-ring": ("relu", 64, 128, torch.bfloat16, (128, 64, 64, 1, 3, 5)),
+              "bm": ("relu", 64, 128, torch.bfloat16, (64, 64, 64, 2, 3, 5))}
+
+
+@pytest.mark.parametrize("why", list(NOT_SERVED) + ["served"])
+def test_ws_fused_forward_falls_back(monkeypatch, why):
+    """mlp variant 5 launches the Gluon kernel over the M-tile table where it serves, with the tile, activation and
+    combine asked for; kernels/mlp.py (pointer loads) otherwise: not sm_90 (here: CPU), a Triton without the Gluon
+    it is written for, a gated activation, E not exactly one or two power-of-two tiles or a first tile wider than
+    128, D not a multiple of BK, fp32, too much shared memory, a W2 ring of one slot, BM other than 128."""
+    pytest.importorskip("triton")
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import down_gluon, mlp_gluon
+    calls = []
+    monkeypatch.setattr(K, "_mlp_kernel", Recorder(calls, "triton"))
+    monkeypatch.setattr(mlp_gluon, "launch", Recorder(calls, "ws"))
+    if why != "cpu":
+        monkeypatch.setattr(down_gluon, "_sm90", lambda t: True)
+    if why == "older-triton":
+        monkeypatch.setitem(mlp_gluon._STATE, "build", False)
+    act, E, D, dtype, cfg = NOT_SERVED.get(why, ("relu", 192, 128, torch.bfloat16, WS))
+    x, w1, b1, w2, plan, gate = _case(act, E, dtype, D=D)
+    if act == "swiglu":
+        w1 = torch.cat([w1, w1], 1)
+    K.force_config(mlp_glu=cfg, mlp=cfg)
+    try:
+        K.mlp_forward(x, w1, b1, w2, plan, gate, act, False, "atomic16")
+    finally:
+        K.force_config()
+    assert len(calls) == 1, calls
+    name, args, kwargs = calls[0]
+    if why == "served" and mlp_gluon._build_once() is not None:
+        assert name == "ws", (name, kwargs)
+        assert torch.equal(args[4], K.expert_tiles(plan.offsets, plan.num_rows, plan.num_experts, 128))
+        assert args[11:] == (0, True, 128, 64, 64, 2, 3, 128, 64), args[11:]  # relu, atomic, the tile, E's two tiles
+    else:  # (served, but this Triton has no Gluon that builds it: kernels/mlp.py too)
+        assert name == "triton" and kwargs["BM"] == cfg[0], (name, kwargs)
+
+
+def test_ws_fused_forward_config():
+    """mlp=...,5 is accepted, its fourth entry (the W2 ring's depth) need not be a power of two; for other kinds
+    the fourth entry (warps) still must be."""
+    pytest.importorskip("triton")
+    from ssd_megatron.errors import UserError
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    assert K._parse_configs("mlp=128,64,64,3,3,5") == {"mlp": (128, 64, 64, 3, 3, K.WS)}
+    with pytest.raises(UserError, match="powers of two"):
+        K._parse_configs("mlp=128,64,64,3,3")
+    with pytest.raises(UserError, match="powers of two"):
+        K._parse_configs("down=128,64,64,3,3,5")
+
+
+if __name__ == "__main__":
+    _compile_main()
