@@ -59,9 +59,9 @@ def main() -> int:
     dense = {"fwd": _graphed(case, Layer.dense, iters, True)["median"]}
     if not args.forward_only:
         dense["fwd_bwd"] = _graphed(case, Layer.dense, iters, False)["median"]
-    print(f"{args.shape} {args.activation} dense {dense} (triton {triton.__version__}, {torch.cuda.get_device_name(0)})",
-          flush=True)
-    res = {"gpu": torch.cuda.get_device_name(0), "date": str(datetime.date.today()), "torch": torch.__version__,
+    gpu = torch.cuda.get_device_name(0)
+    print(f"{args.shape} {args.activation} dense {dense} (triton {triton.__version__}, {gpu})", flush=True)
+    res = {"gpu": gpu, "date": str(datetime.date.today()), "torch": torch.__version__,
            "triton": triton.__version__, "shape": args.shape, "activation": args.activation, "tokens": args.tokens,
            "dense": dense, "arms": {name: {"configs": {k: list(v) for k, v in cfg.items()}, "order": order,
                                            "rounds": []} for name, cfg, order in arms}}

@@ -26,7 +26,8 @@ W1 = [("mbarrier.expect(w1_full.index(s), w1_bytes)", "mbarrier.arrive(w1_full.i
 W2 = [("mbarrier.expect(w2_full.index(s2), w2_bytes)", "mbarrier.arrive(w2_full.index(s2), count=1)"),
       ("_w_tile(w2_desc, e * E, n, w2_full.index(s2), w2_bufs.index(s2), W2_RC)", "pass"),
       ("_w_tile(w2_desc2, e * E + BE, n, w2_full.index(s2), w2_bufs2.index(s2), W2_RC)", "pass")]
-ADDS = [("omask = rmask[:, None] & (cols < Dout)[None, :]", "omask = (rmask & (dst < 0))[:, None] & (cols < Dout)[None, :]")]
+ADDS = [("omask = rmask[:, None] & (cols < Dout)[None, :]",
+         "omask = (rmask & (dst < 0))[:, None] & (cols < Dout)[None, :]")]
 PROBES = {"whole": [], "no-atomics": ADDS, "no-x": X, "no-w1": W1, "no-w2": W2, "no-loads": X + W1 + W2,
           "no-loads-no-atomics": X + W1 + W2 + ADDS}
 

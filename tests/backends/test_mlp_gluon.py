@@ -50,7 +50,8 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
     K.force_config(mlp=WS)
     out = {}
     for name, (act, E, dtype, combine, column_view, save_h) in LAUNCHES.items():
-        x, w1, b1, w2, plan, gate = _case(act, E, getattr(torch, dtype), column_view, bias=name != "squared-relu-no-bias")
+        bias = name != "squared-relu-no-bias"
+        x, w1, b1, w2, plan, gate = _case(act, E, getattr(torch, dtype), column_view, bias=bias)
         cr.LAUNCHES.clear()
         try:
             K.mlp_forward(x, w1, b1, w2, plan, gate, act, save_h, combine)

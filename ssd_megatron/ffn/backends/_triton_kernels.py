@@ -160,7 +160,9 @@ def _default(base: str, key: tuple, hopper: bool = True):
         # v14: 8B ReLU 1.49 -> 1.09 ms, 8B SwiGLU 2.28 -> 1.34, base SwiGLU 0.240 -> 0.195; base ReLU even)
         return (128, 256 if key[0] >= 2048 else 128, 64, 8, 3, TWO_PASS) + wtma
     if base in ("up_bwd", "up_glu") and key[0] >= 2048:   # long reduction (D): wider tiles
-        return (128, 128, 64, 8, 3, 0) + wtma if hopper else (128, 128, 64, 8, 3) if base == "up_bwd" else DEFAULTS[base]
+        if hopper:
+            return (128, 128, 64, 8, 3, 0) + wtma
+        return (128, 128, 64, 8, 3) if base == "up_bwd" else DEFAULTS[base]
     if base == "down" and key[1] >= 2048:                  # wide output (8B's D = 4096): ROWLOOP, H200 2026-12-04
         if not hopper:
             return (128, 128, 64, 8, 3, ROWLOOP) if key[0] >= 512 else (64, 128, 64, 4, 3, ROWLOOP)
@@ -624,8 +626,9 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
         if cfg[5:] == (WS,):  # the Gluon kernel where it serves (kernels/mlp_gluon.py), else the pointer loads
             from .kernels import mlp_gluon
             if mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, nw, ns, be, be2):  # (nw: the W2 ring's depth)
-                mlp_gluon.launch(x, w1, b1, w2, _tile_list(plan, BM, _tile_groups(order)), plan.offsets, plan.order, plan.token,
-                                 gate_flat, h if save_h else None, buf, act, atomic, BM, BN, BK, nw, ns, be, be2)
+                tiles = _tile_list(plan, BM, _tile_groups(order))
+                mlp_gluon.launch(x, w1, b1, w2, tiles, plan.offsets, plan.order, plan.token, gate_flat,
+                                 h if save_h else None, buf, act, atomic, BM, BN, BK, nw, ns, be, be2)
                 return
         descs = _mlp_descriptors(w1, w2, BN, BK, be, be2) if cfg[5:] == (TMA,) and _hopper(x) else None
         tiles, sched = _tiles(plan, BM, order)

@@ -172,7 +172,8 @@ def _build():
 
     @gluon.jit
     def consumer(x_bufs, w1_bufs, w1_bufs2, w2_bufs, w2_bufs2, x_full, w1_full, xw_empty, w2_full, w2_empty, TILES,
-                 OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E, n_tiles, which: gl.constexpr,
+                 OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E, n_tiles,
+                 which: gl.constexpr,
                  ACT: gl.constexpr, HAS_BIAS: gl.constexpr, SAVE_H: gl.constexpr, SCALE: gl.constexpr,
                  ATOMIC: gl.constexpr, SPLIT: gl.constexpr, W1_RC: gl.constexpr, W2_RC: gl.constexpr,
                  BE: gl.constexpr, BE2: gl.constexpr, BN: gl.constexpr):
@@ -301,11 +302,11 @@ def _build():
         # stay compile-time constants)
         gl.warp_specialize([
             (consumer, (x_bufs, w1_bufs, w1_bufs2, w2_bufs, w2_bufs2, x_full, w1_full, xw_empty, w2_full, w2_empty,
-                        TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E, n_tiles,
-                        0, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN)),
+                        TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E,
+                        n_tiles, 0, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN)),
             (consumer, (x_bufs, w1_bufs, w1_bufs2, w2_bufs, w2_bufs2, x_full, w1_full, xw_empty, w2_full, w2_empty,
-                        TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E, n_tiles,
-                        1, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN)),
+                        TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E,
+                        n_tiles, 1, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN)),
             (x_loader, (X, stride_x, w1_desc, w1_desc2, x_bufs, w1_bufs, w1_bufs2, x_full, w1_full, xw_empty, TILES,
                         OFFS, TOK, M, D, E, n_tiles, SPLIT, W1_RC, BE, LW)),
             (w2_loader, (w2_desc, w2_desc2, w2_bufs, w2_bufs2, w2_full, w2_empty, TILES, M, Dout, E, n_tiles, SPLIT,
@@ -342,7 +343,7 @@ def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: b
 
     N, E, D = w1.shape
     es = x.element_size()
-    if not down_gluon._sm90(x) or x.dtype not in (torch.bfloat16, torch.float16) or w1.dtype != x.dtype or w2.dtype != x.dtype:
+    if not down_gluon._sm90(x) or x.dtype not in (torch.bfloat16, torch.float16) or {w1.dtype, w2.dtype} != {x.dtype}:
         return False
     if glu or act not in ACTS or BM != 128 or min(stages, w2_stages) < 2 or x.shape[0] == 0 or w2.shape[1] != E:
         return False
@@ -393,6 +394,7 @@ def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, 
     kernel[grid](x, x.stride(0), d1, d1b, d2, d2b, tiles, offsets, order, token, gate if gate is not None else out,
                  bias, bias.stride(0), hh, hh.stride(0), out, out.stride(0), M, D, w2.shape[2], E, n_tiles,
                  ACT=act, HAS_BIAS=b1 is not None, SAVE_H=h is not None, SCALE=gate is not None, ATOMIC=atomic,
-                 SPLIT=be2 > 0, W1_RC=rc1, W2_RC=rc2, BM=BM, BK=BK, BE=be, BE2=max(be2, 16), BN=BN, XS=stages, W2S=w2_stages, LW=LOADER_WARPS,
+                 SPLIT=be2 > 0, W1_RC=rc1, W2_RC=rc2, BM=BM, BK=BK, BE=be, BE2=max(be2, 16), BN=BN, XS=stages,
+                 W2S=w2_stages, LW=LOADER_WARPS,
                  CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, W2_LOADER_REGS=W2_LOADER_REGS, num_warps=4,
                  maxnreg=MAX_REGS)
