@@ -110,6 +110,19 @@ def report(kernel, num_warps) -> dict:
             "cas": len(re.findall(r"\bATOMG?\.\S*CAS", sass))}  # compare-and-swap: an atomic the GPU lacks
 
 
+def compile_each(launches: dict) -> dict:
+    """{name: [[kernel name, `report`], ...] of what `launches[name]()` compiled, or its error} (after `offline`)."""
+    out = {}
+    for name, launch in launches.items():
+        LAUNCHES.clear()
+        try:
+            launch()
+            out[name] = [[kname, report(kernel, nw)] for kname, kernel, nw in LAUNCHES]
+        except Exception as exc:
+            out[name] = f"{type(exc).__name__}: {_last_line(exc)}"[:2000]
+    return out
+
+
 def _last_line(exc) -> str:
     """A compile error's cause: Triton puts the source excerpt first and the reason on the last line."""
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]

@@ -4,7 +4,6 @@ launcher's choice, the Gluon kernel where it serves and kernels/mlp.py elsewhere
 test_backends_gpu.py (`mlp_ws`) checks its results on the GPU."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -12,9 +11,9 @@ import torch
 
 try:
     from .backend_cases import Recorder
-    from .test_offline_compile import _compile_env
-except ImportError:  # run as a script: the compile subprocess, which needs neither
-    Recorder = _compile_env = None
+    from .test_offline_compile import _compile_env, compiled_in_subprocess
+except ImportError:  # run as a script: the compile subprocess, which needs none of them
+    Recorder = _compile_env = compiled_in_subprocess = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WS = (128, 64, 64, 2, 3, 5)  # BM, BN, BK, the W2 ring's depth, the x / W1 ring's, variant 5
@@ -48,31 +47,22 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
     from ssd_megatron.ffn.backends import _triton_kernels as K
     cr.offline(90)
     K.force_config(mlp=WS)
-    out = {}
-    for name, (act, E, dtype, combine, column_view, save_h) in LAUNCHES.items():
-        bias = name != "squared-relu-no-bias"
-        x, w1, b1, w2, plan, gate = _case(act, E, getattr(torch, dtype), column_view, bias=bias)
-        cr.LAUNCHES.clear()
-        try:
-            K.mlp_forward(x, w1, b1, w2, plan, gate, act, save_h, combine)
-            out[name] = [[kname, cr.report(kernel, nw)] for kname, kernel, nw in cr.LAUNCHES]
-        except Exception as exc:
-            out[name] = f"{type(exc).__name__}: {cr._last_line(exc)}"[:2000]
-    print("MLPWS " + json.dumps(out))
+
+    def launch(name, act, E, dtype, combine, column_view, save_h):
+        x, w1, b1, w2, plan, gate = _case(act, E, getattr(torch, dtype), column_view,
+                                          bias=name != "squared-relu-no-bias")
+        return lambda: K.mlp_forward(x, w1, b1, w2, plan, gate, act, save_h, combine)
+    print("MLPWS " + json.dumps(cr.compile_each({name: launch(name, *c) for name, c in LAUNCHES.items()})))
 
 
 @pytest.fixture(scope="module")
 def compiled():
     """{LAUNCHES name: [[kernel name, compile_report's resources], ...] or the compile error}."""
-    env = _compile_env()
+    _compile_env()
     from ssd_megatron.ffn.backends.kernels import mlp_gluon
     if mlp_gluon._build_once() is None:
         pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon the WS fused forward builds with")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                         timeout=900)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("MLPWS ")]
-    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads(lines[-1][6:])
+    return compiled_in_subprocess(os.path.abspath(__file__), "MLPWS", timeout=900)
 
 
 @pytest.mark.parametrize("name", list(LAUNCHES))

@@ -141,31 +141,31 @@ def _ws_compile_main():  # in a subprocess: compile-only launches for sm_90 (too
     from ssd_megatron.ffn.backends import _triton_kernels as K
     cr.offline(90)
     K.force_config(down=DOWN_WS)
-    out = {}
-    for name, (Ein, dtype, combine, scale, rank1) in WS_LAUNCHES.items():
+
+    def launch(Ein, dtype, combine, scale, rank1):
         a, w, plan, gate, r1 = _down_case(Ein, getattr(torch, dtype))
-        cr.LAUNCHES.clear()
-        try:
-            K.down_scatter(a, w, plan, gate if scale else None, combine, rank1=r1 if rank1 else None)
-            out[name] = [[kname, cr.report(kernel, nw)] for kname, kernel, nw in cr.LAUNCHES]
-        except Exception as exc:
-            out[name] = f"{type(exc).__name__}: {cr._last_line(exc)}"[:2000]
-    print("WS " + json.dumps(out))
+        return lambda: K.down_scatter(a, w, plan, gate if scale else None, combine, rank1=r1 if rank1 else None)
+    print("WS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in WS_LAUNCHES.items()})))
+
+
+def compiled_in_subprocess(script: str, tag: str, timeout: int = 600) -> dict:
+    """The JSON that `script` (a test module run as a program: its compile-only launches) prints after `tag`."""
+    out = subprocess.run([sys.executable, script], env=_compile_env(), capture_output=True, text=True,
+                         timeout=timeout)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(tag + " ")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(lines[-1][len(tag) + 1:])
 
 
 @pytest.fixture(scope="module")
 def ws_compiled():
     """{WS_LAUNCHES name: [[kernel name, compile_report's resources], ...] or the compile error}."""
-    env = _compile_env()
+    _compile_env()
     from ssd_megatron.ffn.backends.kernels import down_gluon
     if down_gluon._build_once() is None:
         pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon the WS down kernel builds with "
                     f"(needs >= {'.'.join(map(str, down_gluon.MIN_TRITON))})")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                         timeout=600)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("WS ")]
-    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads(lines[-1][3:])
+    return compiled_in_subprocess(os.path.abspath(__file__), "WS")
 
 
 @pytest.mark.parametrize("name", list(WS_LAUNCHES))
