@@ -131,7 +131,8 @@ def _parse_configs(text: str) -> dict:
         except ValueError:
             raise UserError(f"{bad}: the values must be 5 to 7 integers, e.g. 128,128,64,8,3") from None
         ring = kind == "mlp" and cfg[5:] == (WS,)  # the fourth entry: the W2 ring's depth (kernels/mlp_gluon.py)
-        if len(cfg) not in (5, 6, 7) or any(v < 1 or v & (v - 1) for v in cfg[:3 if ring else 4]) or min(cfg[3:5]) < 1:
+        pow2 = cfg[:3 if ring else 4]
+        if len(cfg) not in (5, 6, 7) or any(v < 1 or v & (v - 1) for v in pow2) or min(cfg[3:5]) < 1:
             raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
         if len(cfg) == 7 and (kind.split(":")[0] not in TMA_OPERAND or cfg[6] not in (0, 1)):
             raise UserError(f"{bad}: a seventh value is for {', '.join(TMA_OPERAND)} only: 1 loads the operand that "
@@ -144,8 +145,9 @@ def _parse_configs(text: str) -> dict:
 
 
 def _variant_ok(base: str, variant: int) -> bool:
-    return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED, WS)) or (base == "mlp" and variant in (TMA, WS))
-            or (base == "wgrad" and variant > 0) or (base.startswith("up_bwd") and variant == TWO_PASS))
+    return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED, WS))
+            or (base == "mlp" and variant in (TMA, WS)) or (base == "wgrad" and variant > 0)
+            or (base.startswith("up_bwd") and variant == TWO_PASS))
 
 
 def _default(base: str, key: tuple, hopper: bool = True):

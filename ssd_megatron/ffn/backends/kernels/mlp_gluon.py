@@ -6,15 +6,21 @@ the other in one CTA per SM; Nsight Compute at base (docs/kernels.md v17) found 
 39%, 30% of the stalls at barriers, nothing loading while the epilogues run. Here the work of one persistent
 program per SM is split between warps:
 
-- a **loader** warpgroup gathers the tile's x rows (`X[token]`, [BM, BK] per reduction step) with cp.async,
+- an **x loader** warpgroup gathers the tile's x rows (`X[token]`, [BM, BK] per reduction step) with cp.async,
   whose completion arrives on the step's barrier (`async_copy.mbarrier_arrive`, one arrival per thread), and
-  issues the TMA loads of W1's [E, BK] and W2's [E, BN] tiles of the tile's expert into two rings. It runs
-  ahead across tiles: the next tile's x rows and W1 tiles load while the consumers finish this one's down GEMM.
+  issues the TMA loads of W1's [E, BK] tiles of the tile's expert;
+- a **W2 loader** warp issues the TMA loads of W2's [E, BN] tiles into a ring of their own, so that the next
+  tile's x rows and W1 tiles load while the consumers finish this one's down GEMM;
 - two **consumer** warpgroups each take half of the tile's rows (BM / 2) and share every W tile. The up GEMM
   keeps one reduction step of wgmma in flight; its epilogue (bias, h stored when the backward needs it,
   activation) leaves a = act(h) in registers as the down GEMM's A operand; each output column block's wgmma is
   issued before the previous block's epilogue (gate scale, 16-byte atomic adds into the token rows or stores
   into the (t, k) rows), so that the adds run under the tensor cores' next product.
+
+Opt-in (SSD_TRITON_CONFIG="mlp=128,64,64,2,4,5": the fourth entry is the W2 ring's depth, the fifth the x / W1
+ring's): on an H100 it is slower than kernels/mlp.py (base ReLU inference forward 0.238 against 0.211 ms under
+Triton 3.9), and tools/probe_mlp_ws.py finds its consumers the bound, ≈ 148 µs with no memory traffic at all
+(docs/kernels.md v18). Its 16 warps launch at MAX_REGS = 128, which ptxas applies to the whole kernel.
 
 E is one power-of-two tile of BE columns plus, with SPLIT, a second of BE2 (base's 192 = 128 + 64), and must
 be exactly that (a TMA box cannot mask the next expert's rows). Serves (`serves`) activations without a gate,
@@ -22,9 +28,9 @@ bf16/fp16, sm_90, E = BE + BE2 with BE <= 128, D a multiple of BK, both weights 
 layout (`_triton_kernels._expert_descriptors`: rows [N * E, C] or W_out's column view [C, N * E]), and the
 buffers within shared memory; the launcher (`_triton_kernels.mlp_forward`) takes kernels/mlp.py elsewhere.
 
-Needs Triton >= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the offline compile for sm_90
-(tests/backends/test_offline_compile.py) and the launcher's choice are tested; tests/backends/test_backends_gpu.py
-(`mlp_ws`) checks the results on the GPU.
+Needs Triton >= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the offline compile for sm_90 and
+the launcher's choice are tested (tests/backends/test_mlp_gluon.py); tests/backends/test_backends_gpu.py (`mlp_ws`)
+checks the results on the GPU.
 """
 from __future__ import annotations
 
@@ -34,7 +40,8 @@ from . import down_gluon  # MIN_TRITON, and _sm90 / _sms (one place for tests an
 
 LOADER_WARPS = 4
 # registers per thread: the two consumer warpgroups, the x loader's warpgroup, the W2 loader's warp (a warpgroup's
-# worth: 16 warps in all, MAX_REGS at launch): 2 x 128 x 224 + 128 x 40 + 128 x 24 = 64 K
+# worth: 16 warps in all, MAX_REGS at launch, also ptxas's bound for the whole kernel, hence `serves`'s E tile of
+# at most 128 columns): 2 x 128 x 224 + 128 x 40 + 128 x 24 = 64 K
 CONSUMER_REGS, LOADER_REGS, W2_LOADER_REGS, MAX_REGS = 224, 40, 24, 128
 SMEM_LIMIT = 227 * 1024
 ACTS = (0, 1, 2, 4)  # kernels/common.ACT_CODES without a gate: relu, gelu, squared_relu, gelu_tanh
