@@ -47,6 +47,7 @@ from ..errors import UserError
 from ..ffn.activations import ACTIVATIONS, apply_activation, is_glu
 from ..ffn.backends import call_router_folded, expert_ffn, router_fold_offered, weights_for
 from ..ffn.centroid_router import CentroidCache, centroid_topk, expert_centroids
+from ..ffn.switchable_ffn import straight_through_gate
 
 SHAPES = {  # name: (d_model, d_ff, num_experts, top_k)
     "base": (768, 6144, 32, 6),
@@ -136,7 +137,7 @@ class Layer:
 
     def route(self, x, w1, k):
         top, idx = self.select(x, self.centroids(x, w1, inference=not torch.is_grad_enabled()), k)
-        return idx, (top - top.detach()) + 1
+        return idx, straight_through_gate(top)
 
     def sparse(self, x, backend):
         # as SwitchableFFN: fp32 weights as they are to a backend that takes them, else cast

@@ -45,8 +45,11 @@ def straight_through_gate(scores: torch.Tensor) -> torch.Tensor:
     """Value exactly 1, gradient that of `scores` (paper appendix A).
 
     Written as (s - s.detach()) + 1: the paper's `1 + s - s.detach()` evaluates as (1 + s) - s, which
-    rounds away from 1 for a sizeable fraction of elements in bf16 and fp32, breaking K=N == dense.
+    rounds away from 1 for a sizeable fraction of elements in bf16 and fp32, breaking K=N == dense. Without a
+    gradient to carry (inference, or the router's gradient off), ones: one fill instead of two elementwise ops.
     """
+    if not scores.requires_grad:
+        return torch.ones_like(scores)
     return (scores - scores.detach()) + 1
 
 

@@ -37,9 +37,15 @@ def test_k_equals_n_forward_low_precision(dtype, tol):
 
 
 def test_straight_through_gate_is_exactly_one():
+    """Value exactly 1 with and without a gradient to carry; with one, d gate / d s = 1."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         s = torch.randn(10000, dtype=dtype) * 100
-        assert bool((straight_through_gate(s) == 1).all())
+        for needs_grad in (True, False):
+            s.requires_grad_(needs_grad)
+            gate = straight_through_gate(s)
+            assert gate.dtype == dtype and bool((gate == 1).all()) and gate.requires_grad == needs_grad
+        (grad,) = torch.autograd.grad(straight_through_gate(s.requires_grad_()).sum(), s)
+        assert bool((grad == 1).all())
 
 
 @pytest.mark.parametrize("act", ["relu", "swiglu"])
