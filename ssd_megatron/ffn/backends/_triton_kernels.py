@@ -31,7 +31,7 @@ import os
 import torch
 import triton
 
-from .kernels.common import ACT_CODES, expert_matrix, fill_args
+from .kernels.common import ACT_CODES, expert_boxes, expert_matrix, fill_args
 from .kernels.down import _down_kernel, _down_tma_kernel
 from .kernels.mlp import _mlp_kernel
 from .kernels.up import _up_kernel
@@ -465,7 +465,7 @@ def _expert_descriptors(w, row_boxes, cols: int):
     if matrix is None:
         return None
     w2d, rc = matrix
-    d = _tma_descriptors(w2d, [[r, cols] if rc else [cols, r] for r in row_boxes])
+    d = _tma_descriptors(w2d, expert_boxes(rc, row_boxes, cols))
     return None if d is None else d + (rc,)
 
 

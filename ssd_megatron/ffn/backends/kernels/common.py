@@ -159,3 +159,9 @@ def expert_matrix(w):
     if s1 == 1 and s0 == R:
         return w.permute(2, 0, 1).flatten(1, 2), False
     return None
+
+
+def expert_boxes(rc: bool, rows, cols: int) -> list:
+    """TMA box shapes over `expert_matrix`'s view, one per tile height r in `rows`: [r, cols] (RC) or [cols, r];
+    a height of 0 (an unused second tile) gets a 16 x 16 box."""
+    return [[16, 16] if not r else [r, cols] if rc else [cols, r] for r in rows]

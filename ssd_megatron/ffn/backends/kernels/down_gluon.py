@@ -219,13 +219,19 @@ def _sm90(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device) == (9, 0)
 
 
-def _build_once():
-    if _STATE["build"] is None:
+def built_once(state: dict, build):
+    """`build()`'s kernels, built on first use and kept in state["build"]; None where they cannot be built (no
+    Gluon, an older Triton or another API: the launchers fall back to their Triton kernels)."""
+    if state["build"] is None:
         try:
-            _STATE["build"] = _build()
-        except Exception:  # no Gluon, an older Triton or another API: the launcher falls back to STAGED
-            _STATE["build"] = False
-    return _STATE["build"] or None
+            state["build"] = build()
+        except Exception:
+            state["build"] = False
+    return state["build"] or None
+
+
+def _build_once():
+    return built_once(_STATE, _build)
 
 
 def _sms(device: torch.device) -> int:

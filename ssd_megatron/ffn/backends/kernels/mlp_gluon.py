@@ -366,21 +366,15 @@ def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: b
 
 
 def _build_once():
-    if _STATE["build"] is None:
-        try:
-            _STATE["build"] = _build()
-        except Exception:  # no Gluon, an older Triton or another API: the launcher takes kernels/mlp.py
-            _STATE["build"] = False
-    return _STATE["build"] or None
+    return down_gluon.built_once(_STATE, _build)
 
 
 def _boxes(w, rows, cols: int):
-    """(the 2-D weight matrix, RC, its box shapes): [r, cols] boxes of the [N * E, C] matrix, else [cols, r] of
-    the column view, one per height in `rows` (an unused second tile: a 16 x 16 box)."""
-    from .common import expert_matrix
+    """(the 2-D weight matrix, RC, its box shapes: `common.expert_boxes`)."""
+    from .common import expert_boxes, expert_matrix
 
     w2d, rc = expert_matrix(w)
-    return w2d, rc, [[16, 16] if not r else [r, cols] if rc else [cols, r] for r in rows]
+    return w2d, rc, expert_boxes(rc, rows, cols)
 
 
 def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, atomic: bool, BM: int, BN: int,
