@@ -6,9 +6,10 @@ the layer to within 5% (docs/kernels.md v15), so candidate defaults are timed th
     python tools/ab_layer.py --shape 8b --activation swiglu \\
         --arm default= --arm "tma=up_glu=128,128,64,8,3,0,1;up_bwd_glu=128,256,64,8,3,1,1" --out ab.json
     python tools/ab_layer.py --shape base --forward-only --arm default= --arm "ws=mlp=128,64,64,2,4,5" \\
-        --arm "token16=@token:16"
+        --arm "token16=@token:16" --arm "side64=+SSD_TRITON_SIDE_FILL=64"
 
-An arm is NAME=CONFIGS[@ORDER]: CONFIGS as SSD_TRITON_CONFIG (empty: the defaults), ORDER as SSD_TRITON_TILE_ORDER.
+An arm is NAME=CONFIGS[@ORDER][+VAR=VALUE...]: CONFIGS as SSD_TRITON_CONFIG (empty: the defaults), ORDER as
+SSD_TRITON_TILE_ORDER, then SSD_* environment variables set for that arm only.
 Prints a line per measurement; --out writes JSON (gpu, date, torch, triton, and per arm the forward and fwd+bwd
 medians of each round, with the dense times).
 """
@@ -28,12 +29,15 @@ from ssd_megatron.ffn.backends import get_backend  # noqa: E402
 
 
 def parse_arm(text: str):
-    """NAME=CONFIGS[@ORDER] -> (name, {kind: config}, order or None)."""
+    """NAME=CONFIGS[@ORDER][+VAR=VALUE...] -> (name, {kind: config}, order or None, {VAR: VALUE})."""
     name, sep, rest = text.partition("=")
-    if not sep or not name:
-        raise SystemExit(f"error: --arm {text!r}: expected NAME=CONFIGS[@ORDER], e.g. ws=mlp=128,64,64,2,4,5")
+    rest, *assignments = rest.split("+")
+    env = dict(a.partition("=")[::2] for a in assignments)
+    if not sep or not name or any(not k.startswith("SSD_") or not v for k, v in env.items()):
+        raise SystemExit(f"error: --arm {text!r}: expected NAME=CONFIGS[@ORDER][+SSD_VAR=VALUE...], e.g. "
+                         f"ws=mlp=128,64,64,2,4,5 or side=+SSD_TRITON_SIDE_FILL=64")
     configs, _, order = rest.partition("@")
-    return name, K._parse_configs(configs), order or None
+    return name, K._parse_configs(configs), order or None, env
 
 
 def main() -> int:
@@ -63,14 +67,15 @@ def main() -> int:
     print(f"{args.shape} {args.activation} dense {dense} (triton {triton.__version__}, {gpu})", flush=True)
     res = {"gpu": gpu, "date": str(datetime.date.today()), "torch": torch.__version__,
            "triton": triton.__version__, "shape": args.shape, "activation": args.activation, "tokens": args.tokens,
-           "dense": dense, "arms": {name: {"configs": {k: list(v) for k, v in cfg.items()}, "order": order,
-                                           "rounds": []} for name, cfg, order in arms}}
-    saved_order = os.environ.get("SSD_TRITON_TILE_ORDER")
+           "dense": dense, "arms": {name: {"configs": {k: list(v) for k, v in cfg.items()}, "order": order, "env": env,
+                                           "rounds": []} for name, cfg, order, env in arms}}
+    touched = {"SSD_TRITON_TILE_ORDER"} | {k for *_, env in arms for k in env}
+    saved = {k: os.environ.get(k) for k in touched}
     try:
         for r in range(args.rounds):
-            for name, cfg, order in arms:
+            for name, cfg, order, env in arms:
                 K.force_config(**cfg)
-                os.environ["SSD_TRITON_TILE_ORDER"] = order or "auto"
+                _set_env(saved, dict(env, SSD_TRITON_TILE_ORDER=order or "auto"))
                 t = {"fwd": _graphed(case, sparse, iters, True)["median"]}
                 if not args.forward_only:
                     t["fwd_bwd"] = _graphed(case, sparse, iters, False)["median"]
@@ -79,14 +84,21 @@ def main() -> int:
                 print(f"round {r} {name:12s} {ratios}", flush=True)
     finally:
         K.force_config()
-        if saved_order is None:
-            os.environ.pop("SSD_TRITON_TILE_ORDER", None)
-        else:
-            os.environ["SSD_TRITON_TILE_ORDER"] = saved_order
+        _set_env(saved, {})
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)
     return 0
+
+
+def _set_env(saved: dict, values: dict) -> None:
+    """Each variable of `saved` ({name: value before the run, or None}) to `values`' value, else back to saved."""
+    for k, v in saved.items():
+        v = values.get(k, v)
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 if __name__ == "__main__":

@@ -170,10 +170,11 @@ def test_triton_down_ws_bf16(case, opts, tile, monkeypatch):
 # exactly one or two power-of-two tiles (64; 192 = 128 + 64; 256), D a multiple of BK, no gate. Skewed loads,
 # experts with no tokens, M not a multiple of the 128-row tile, Dout not a multiple of a 128-column block (192),
 # one token; W_out's column view and contiguous weights; the activations without a gate
-MLP_WS_TILES = {"64-cols": (128, 64, 64, 3, 3, 5), "128-cols": (128, 128, 64, 2, 2, 5)}
+MLP_WS_TILES = {"64-cols": (128, 64, 64, 3, 3, 5), "128-cols": (128, 128, 64, 2, 2, 5),
+                "12w-64-cols": (128, 64, 64, 2, 2, 5, 12)}  # the 12-warp layout (8B's E = 256 served)
 MLP_WS_CASES = [dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewed"),
                 dict(activation="relu", T=333, D=192, E=192, N=8, K=2, routing="empty"),  # base's E = 128 + 64
-                dict(activation="relu", T=1000, D=512, E=256, N=16, K=4, routing="skewed"),  # 8B's: not served
+                dict(activation="relu", T=1000, D=512, E=256, N=16, K=4, routing="skewed"),  # 8B's: 12 warps only
                 dict(activation="relu", T=1, D=128, E=64, N=4, K=2),
                 dict(activation="gelu", T=257, D=256, E=192, N=8, K=2, routing="skewed"),
                 dict(activation="squared_relu", T=129, D=64, E=64, N=4, K=3),
@@ -204,9 +205,10 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
     if w2 == "column-view":
         inp = with_column_view_w2(inp)
     act = ACT_CODES[case["activation"]][0]
-    if not mlp_gluon.serves(inp["x"], inp["w1"], inp["w2"], act, False, *cfg[:5], *kernels._split_width(case["E"])):
-        pytest.skip("variant 5 falls back to kernels/mlp.py here: a first E tile wider than 128 (8B's 256) or "
-                    "buffers beyond shared memory")
+    if not mlp_gluon.serves(inp["x"], inp["w1"], inp["w2"], act, False, *cfg[:5], *kernels._split_width(case["E"]),
+                            *cfg[6:]):
+        pytest.skip("variant 5 falls back to kernels/mlp.py here: a first E tile wider than the layout compiles "
+                    "(16 warps: 128) or buffers beyond shared memory")
     launches = []
     real = mlp_gluon.launch
 
@@ -417,12 +419,14 @@ PLAN_SIZES = [(16384, 32, 6, False, 256), (16384, 64, 16, False, 256), (16384, 3
               (5001, 16, 4, True, 256), (3000, 32, 6, False, 5)]
 
 
+@pytest.mark.parametrize("side", [0, 64], ids=["fill-in-count", "side-fill"])
 @pytest.mark.parametrize("size", PLAN_SIZES, ids=[f"T{s[0]}-N{s[1]}K{s[2]}{'-skew' * s[3]}-B{s[4]}" for s in PLAN_SIZES])
-def test_counting_sort_plan_equals_torch_sort_on_cuda(size):
+def test_counting_sort_plan_equals_torch_sort_on_cuda(size, side, monkeypatch):
     """The two plan kernels (kernels/routing_plan.py) give torch's stable sort exactly, and initialise
-    the fused forward's output to the bias."""
+    the fused forward's output to the bias: inside the count kernel, or on the side stream (joined back)."""
     from ssd_megatron.ffn.backends.kernels.routing_plan import routing_plan
     from ssd_megatron.ffn.backends.routing import sort_plan
+    monkeypatch.setenv("SSD_TRITON_SIDE_FILL", str(side))
     T, N, K, skew, max_blocks = size
     g = torch.Generator(device="cuda").manual_seed(T)
     scores = torch.rand(T, N, generator=g, device="cuda")

@@ -77,10 +77,36 @@ def test_bench_kernels_configs_option():
         bench_kernels.parse_configs("down=64,64,64,4,2,4|64,64,64,4,2,7")
 
 
+def test_ab_layer_arms():
+    """tools/ab_layer.py's arms: configs, a tile order and SSD_* variables, each part optional."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+    import ab_layer
+
+    assert ab_layer.parse_arm("default=") == ("default", {}, None, {})
+    assert ab_layer.parse_arm("ws12=mlp=128,64,64,2,2,5,12@token:16+SSD_TRITON_SIDE_FILL=64") == (
+        "ws12", {"mlp": (128, 64, 64, 2, 2, 5, 12)}, "token:16", {"SSD_TRITON_SIDE_FILL": "64"})
+    for bad in ("=mlp=128,64,64,8,3", "side=+SIDE_FILL=64", "side=+SSD_TRITON_SIDE_FILL="):
+        with pytest.raises(SystemExit, match="expected NAME=CONFIGS"):
+            ab_layer.parse_arm(bad)
+
+
 def test_bad_env_config_fails_when_the_backend_is_built(monkeypatch):
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     monkeypatch.setenv("SSD_TRITON_CONFIG", "wgrad=1,2,3")
     with pytest.raises(UserError, match="SSD_TRITON_CONFIG"):
+        TritonBackend()
+
+
+@pytest.mark.parametrize("bad", ["-1", "64x", "yes"])
+def test_bad_side_fill_fails_when_the_backend_is_built(monkeypatch, bad):
+    from ssd_megatron.ffn.backends.kernels.routing_plan import side_fill_programs
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    monkeypatch.setenv("SSD_TRITON_SIDE_FILL", "64")
+    assert side_fill_programs() == 64
+    monkeypatch.setenv("SSD_TRITON_SIDE_FILL", bad)
+    with pytest.raises(UserError, match=f"SSD_TRITON_SIDE_FILL='{bad}': expected an integer >= 0"):
         TritonBackend()
 
 

@@ -191,6 +191,22 @@ def _plan_results():
         want = sort_plan(idx.reshape(-1), N, K)
         out.append(all(a.dtype == b.dtype == torch.int32 and torch.equal(a, b) for a, b in zip(got, want))
                    and torch.equal(y, row.expand(T, 5)))
+    return out + _side_fill_results(g)
+
+
+# (T, W, bias, programs): the side stream's fill kernel alone (on CUDA it runs beside the plan kernels): rows and
+# columns not multiples of its blocks, more programs than row blocks, zeros without a bias, bf16 from an fp32 row
+SIDE_FILL_CASES = [(70, 300, True, 2), (1, 5, False, 4), (100, 512, True, 1)]
+
+
+def _side_fill_results(g):
+    from ssd_megatron.ffn.backends.kernels.routing_plan import _fill_rows_kernel
+    out = []
+    for T, W, bias, programs in SIDE_FILL_CASES:
+        y = torch.full((T, W), float("nan"), dtype=torch.bfloat16)
+        row = torch.randn(W, generator=g).to(y.dtype).float()  # exact in bf16: the interpreter's rounding differs
+        _fill_rows_kernel[(programs,)](y, row, T, W, HAS_ROW=bias, BR=32, BC=256, num_warps=8)
+        out.append(torch.equal(y, (row if bias else torch.zeros(W)).to(y.dtype).expand(T, W)))
     return out
 
 
@@ -384,6 +400,13 @@ def test_triton_interpret_kernel_variants(interpret_results, i):
 @pytest.mark.parametrize("i", range(len(PLAN_CASES)), ids=[f"T{c[0]}-N{c[1]}-K{c[2]}-{c[3]}-B{c[4]}" for c in PLAN_CASES])
 def test_counting_sort_plan_equals_torch_sort(interpret_results, i):
     assert interpret_results[1][i], PLAN_CASES[i]
+
+
+@pytest.mark.parametrize("i", range(len(SIDE_FILL_CASES)), ids=[str(c) for c in SIDE_FILL_CASES])
+def test_side_fill_kernel_sets_every_row(interpret_results, i):
+    """The fill the routing plan runs on a side stream (kernels/routing_plan.py) sets every element to the bias
+    broadcast over the rows, or zeros, for any grid."""
+    assert interpret_results[1][len(PLAN_CASES) + i], SIDE_FILL_CASES[i]
 
 
 def test_backward_zero_fills_no_unused_output_gradient(interpret_results):

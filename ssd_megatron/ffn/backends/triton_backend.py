@@ -300,6 +300,9 @@ class TritonBackend:
             _kernels().env_configs()  # a malformed value fails here, not inside a compiled step
         if os.environ.get("SSD_TRITON_TILE_ORDER"):
             _kernels()._tile_groups()  # likewise
+        if os.environ.get("SSD_TRITON_SIDE_FILL"):
+            from .kernels.routing_plan import side_fill_programs
+            side_fill_programs()
 
     def folds_router(self, x: torch.Tensor) -> bool:
         """Whether a call on `x` runs our kernels, which can take `router_centroids` (module docstring)."""
