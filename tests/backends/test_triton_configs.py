@@ -110,6 +110,18 @@ def test_bad_side_fill_fails_when_the_backend_is_built(monkeypatch, bad):
         TritonBackend()
 
 
+def test_bad_bias_grad_mode_fails_when_the_backend_is_built(monkeypatch):
+    from ssd_megatron.ffn.backends.kernels.column_sums import bias_grad_mode
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    monkeypatch.delenv("SSD_TRITON_BIAS_GRAD", raising=False)
+    assert bias_grad_mode() == "torch"
+    monkeypatch.setenv("SSD_TRITON_BIAS_GRAD", "triton")
+    assert bias_grad_mode() == "triton"
+    monkeypatch.setenv("SSD_TRITON_BIAS_GRAD", "cuda")
+    with pytest.raises(UserError, match="SSD_TRITON_BIAS_GRAD='cuda'; accepted: torch .*, triton"):
+        TritonBackend()
+
+
 @pytest.mark.parametrize("group", [0, 1, 2, 4, 6])
 def test_token_window_tiles_cover_every_tile_once_in_relative_position_order(group):
     """Every M-tile exactly once; expert groups one after the other (group 0: one group of all, token order);

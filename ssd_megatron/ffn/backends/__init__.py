@@ -127,7 +127,7 @@ def call_router_folded(backend, x, w1, b1, w2, top_idx, activation, centroids, o
 def tuning_env() -> dict:
     """The environment variables that change the triton backend's kernels (recorded with benchmark results)."""
     return {k: os.environ[k] for k in ("SSD_TRITON_CONFIG", "SSD_TRITON_TILE_ORDER", "SSD_TRITON_TUNE",
-                                       "SSD_TRITON_SIDE_FILL") if k in os.environ}
+                                       "SSD_TRITON_SIDE_FILL", "SSD_TRITON_BIAS_GRAD") if k in os.environ}
 
 
 def available_backends(device=None) -> list:

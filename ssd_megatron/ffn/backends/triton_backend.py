@@ -134,7 +134,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
     k = _kernels()
     need_x, need_w1, need_b1, need_w2, need_gate, need_b2 = needs
     dy = dy.to(x.dtype).contiguous()
-    db2 = dy.sum(0, dtype=b2.dtype) if need_b2 else x.new_empty(0)
+    db2 = _bias_grad(dy, b2.dtype) if need_b2 else x.new_empty(0)
     if not any(needs[:5]):  # only the output bias trains (nothing saved for the rest: h may be empty)
         return (*(x.new_empty(0) for _ in range(5)), db2)
     top_k = topk_idx.shape[1]
@@ -195,6 +195,13 @@ def _backward(ctx, dy, *_):
                                  combine, wgrad, needs, centroids, fold, w1c, w2c, b2, init_in_up)
     g = [gr if n else None for gr, n in zip(grads, needs)]
     return (*g[:5], None, None, None, None, None, None, None, g[5], None, None)
+
+
+def _bias_grad(dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The output bias's gradient dy.sum(0) in `dtype`: torch's reduction, or (SSD_TRITON_BIAS_GRAD=triton)
+    kernels/column_sums.py's."""
+    from .kernels.column_sums import bias_grad_mode, column_sums
+    return column_sums(dy, dtype) if bias_grad_mode() == "triton" else dy.sum(0, dtype=dtype)
 
 
 def _router_centroid_grad(dgate: torch.Tensor, x: torch.Tensor, topk_idx: torch.Tensor, N: int) -> torch.Tensor:
@@ -303,6 +310,9 @@ class TritonBackend:
         if os.environ.get("SSD_TRITON_SIDE_FILL"):
             from .kernels.routing_plan import side_fill_programs
             side_fill_programs()
+        if os.environ.get("SSD_TRITON_BIAS_GRAD"):
+            from .kernels.column_sums import bias_grad_mode
+            bias_grad_mode()
 
     def folds_router(self, x: torch.Tensor) -> bool:
         """Whether a call on `x` runs our kernels, which can take `router_centroids` (module docstring)."""
