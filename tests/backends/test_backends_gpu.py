@@ -265,6 +265,31 @@ def test_triton_fused_forward_bf16(case, opts, order, monkeypatch):
     print("fused forward", case, opts, order, {k: f"{v:.1e}" for k, v in errs.items()})
 
 
+@pytest.mark.parametrize("opts", [{}, {"combine": "atomic32"}, {"fused_forward": False}],
+                         ids=["default", "atomic32", "unfused"])
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 4, 8, 12)], ids=[IDS[i] for i in (0, 4, 8, 12)])
+def test_triton_side_fill_and_column_sums_bf16(case, opts, monkeypatch):
+    """The opt-in side stream fill of y (SSD_TRITON_SIDE_FILL, beside the routing plan) and the output bias's
+    column-sum kernel (SSD_TRITON_BIAS_GRAD=triton) against the reference, forward and every grad."""
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    monkeypatch.setenv("SSD_TRITON_SIDE_FILL", "16")
+    monkeypatch.setenv("SSD_TRITON_BIAS_GRAD", "triton")
+    inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
+    errs = compare(run(TritonBackend(**opts), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
+    print("side fill, column sums", case, opts, {k: f"{v:.1e}" for k, v in errs.items()})
+
+
+@pytest.mark.parametrize("shape", [(16384, 768), (16384, 4096), (5001, 96), (1, 768)])
+def test_column_sums_on_cuda(shape):
+    """kernels/column_sums.py at the layer benchmark's sizes (base, 8B) and odd ones, against an fp64 sum."""
+    from ssd_megatron.ffn.backends.kernels.column_sums import column_sums
+    x = torch.randn(*shape, device="cuda").to(torch.bfloat16)
+    got, want = column_sums(x, torch.float32).double(), x.double().sum(0)
+    assert (got - want).abs().max().item() <= 1e-6 * shape[0] ** 0.5 * 8
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[12]], ids=[IDS[0], IDS[4], IDS[12]])
 @pytest.mark.parametrize("backend", ["grouped_mm", "triton", "triton-wgrad-split"])
 def test_w2_as_column_view(backend, case):

@@ -81,7 +81,8 @@ def test_ws_fused_forward_compiles_for_sm90(compiled, name):
     assert not isinstance(res, str), res
     assert [kname for kname, _ in res] == ["mlp_ws_kernel"], res
     r = res[0][1]
-    assert r["warps"] == (LAUNCHES[name][6][6:] or (16,))[0] and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
+    warps = (LAUNCHES[name][6][6:] or (16,))[0]
+    assert r["warps"] == warps and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
     assert r["cas"] == 0 and (r["atom"] > 0) == (LAUNCHES[name][3] != "buffer"), r
     assert r["smem_kb"] * 1024 <= 227 * 1024, r
     if LAUNCHES[name][1] == 256:  # one m64n256 wgmma: only the 12-warp layout's consumers have the registers

@@ -309,5 +309,37 @@ def test_gluon_masked_gemm_compiles_for_sm90():
     assert r["utmaldg"] > 0 and r["ldgsts"] == 0 and r["mma"].startswith("64x"), r
 
 
+SMALL_KERNELS = """
+import json, sys
+sys.path.insert(0, {tools!r})
+import torch
+import compile_report as cr
+from ssd_megatron.ffn.backends.kernels.column_sums import column_sums
+from ssd_megatron.ffn.backends.kernels.routing_plan import _fill_rows_kernel
+cr.offline(90)
+y, row = torch.empty(16384, 768, dtype=torch.bfloat16), torch.randn(768)
+out = cr.compile_each({{"side_fill": lambda: _fill_rows_kernel[(64,)](y, row, 16384, 768, HAS_ROW=True, BR=32, BC=256,
+                                                                    num_warps=8),
+                       "column_sums": lambda: column_sums(y, torch.float32)}})
+print("SMALL " + json.dumps(out))
+"""
+
+
+def test_side_fill_and_column_sum_kernels_compile_for_sm90():
+    """The opt-in small kernels built without a GPU (session 25), the routing plan's side stream fill
+    (SSD_TRITON_SIDE_FILL) and the output bias's column sums (SSD_TRITON_BIAS_GRAD=triton), compile for sm_90 at
+    the base layer's size, without spilling."""
+    env = _compile_env()
+    out = subprocess.run([sys.executable, "-c", SMALL_KERNELS.format(tools=os.path.join(ROOT, "tools"))], env=env,
+                         capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("SMALL ")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.loads(lines[-1][6:])
+    for name, kernel in (("side_fill", "_fill_rows_kernel"), ("column_sums", "_column_sums_kernel")):
+        assert not isinstance(res[name], str), res[name]
+        (kname, r), = res[name]
+        assert kname == kernel and r["stack"] == 0 and r["atom"] == 0, (kname, r)
+
+
 if __name__ == "__main__":
     _ws_compile_main()
