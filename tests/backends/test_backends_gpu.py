@@ -265,20 +265,77 @@ def test_triton_fused_forward_bf16(case, opts, order, monkeypatch):
     print("fused forward", case, opts, order, {k: f"{v:.1e}" for k, v in errs.items()})
 
 
+# the opt-in levers of docs/kernels.md v19, alone and together
+OPT_IN = {"side-fill": {"SSD_TRITON_SIDE_FILL": "16"}, "column-sums": {"SSD_TRITON_BIAS_GRAD": "triton"},
+          "pdl": {"SSD_TRITON_PDL": "1"},
+          "all": {"SSD_TRITON_SIDE_FILL": "16", "SSD_TRITON_BIAS_GRAD": "triton", "SSD_TRITON_PDL": "1"}}
+
+
+@pytest.mark.parametrize("env", list(OPT_IN))
 @pytest.mark.parametrize("opts", [{}, {"combine": "atomic32"}, {"fused_forward": False}],
                          ids=["default", "atomic32", "unfused"])
 @pytest.mark.parametrize("case", [CASES[i] for i in (0, 4, 8, 12)], ids=[IDS[i] for i in (0, 4, 8, 12)])
-def test_triton_side_fill_and_column_sums_bf16(case, opts, monkeypatch):
-    """The opt-in side stream fill of y (SSD_TRITON_SIDE_FILL, beside the routing plan) and the output bias's
-    column-sum kernel (SSD_TRITON_BIAS_GRAD=triton) against the reference, forward and every grad."""
+def test_triton_opt_in_levers_bf16(case, opts, env, monkeypatch):
+    """The side stream fill of y (SSD_TRITON_SIDE_FILL, beside the routing plan), the output bias's column-sum
+    kernel (SSD_TRITON_BIAS_GRAD=triton) and programmatic dependent launch of the forward's chain (SSD_TRITON_PDL)
+    against the reference, forward and every grad, with SSD's router in front (its kernel is in the chain)."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    monkeypatch.setenv("SSD_TRITON_SIDE_FILL", "16")
-    monkeypatch.setenv("SSD_TRITON_BIAS_GRAD", "triton")
+    for k, v in OPT_IN[env].items():
+        monkeypatch.setenv(k, v)
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
     errs = compare(run(TritonBackend(**opts), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
-    print("side fill, column sums", case, opts, {k: f"{v:.1e}" for k, v in errs.items()})
+    print("opt-in", env, case, opts, {k: f"{v:.1e}" for k, v in errs.items()})
+
+
+@pytest.mark.parametrize("env", list(OPT_IN))
+def test_triton_opt_in_levers_under_cuda_graphs(env, monkeypatch):
+    """The same levers in the layer benchmark's base ReLU layer (SSD's router kernel in front), eager and captured
+    in CUDA graphs (the side stream's fork and join, the programmatic edges), the inference forward and a fwd+bwd:
+    eager runs equal the defaults' and graph replays on new inputs equal eager runs, within bf16 atomics' order."""
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    from ssd_megatron.bench.ffn import Layer
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    layer, backend = Layer("base", "relu", torch.device("cuda"), torch.bfloat16, 0), TritonBackend()
+    params = layer.params()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, dy, x2 = (torch.randn(2048, layer.D, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
+    x.requires_grad_()
+
+    def fwd():
+        with torch.no_grad():
+            return (layer.sparse(x, backend),)
+
+    def fwd_bwd():
+        return torch.autograd.grad(layer.sparse(x, backend), params + [x], dy, allow_unused=True)
+
+    def close(got, want, what):
+        for a, b in zip(got, want):
+            if b is not None:
+                assert torch.allclose(a.float(), b.float(), rtol=0, atol=2e-2 * b.float().abs().max().item()), what
+    x0 = x.detach().clone()
+    defaults = {f: f() for f in (fwd, fwd_bwd)}
+    for k, v in OPT_IN[env].items():
+        monkeypatch.setenv(k, v)
+    for f in (fwd, fwd_bwd):
+        with torch.no_grad():
+            x.copy_(x0)
+        close(f(), defaults[f], f"{f.__name__}: eager with {env} against the defaults")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            f()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = f()
+        with torch.no_grad():
+            x.copy_(x2)
+        graph.replay()
+        torch.cuda.synchronize()
+        close(out, f(), f"{f.__name__}: graph replay with {env} against eager")
 
 
 @pytest.mark.parametrize("shape", [(16384, 768), (16384, 4096), (5001, 96), (1, 768)])

@@ -341,5 +341,48 @@ def test_side_fill_and_column_sum_kernels_compile_for_sm90():
         assert kname == kernel and r["stack"] == 0 and r["atom"] == 0, (kname, r)
 
 
+PDL_CHAIN = """
+import json, sys
+sys.path.insert(0, {tools!r})
+import torch
+import compile_report as cr
+from ssd_megatron.bench.ffn import Layer
+from ssd_megatron.ffn import centroid_router
+from ssd_megatron.ffn.backends import _triton_kernels as K
+from ssd_megatron.ffn.backends.kernels import pdl, routing_plan
+from ssd_megatron.ffn.backends.routing import make_plan
+cr.offline(90)
+on = lambda t: {{"PDL": True, "launch_pdl": True}}  # SSD_TRITON_PDL=1 on a GPU
+pdl.pdl_args = K.pdl_args = routing_plan.pdl_args = on
+layer = Layer("base", "relu", torch.device("cpu"), torch.bfloat16, 0)
+x = torch.randn(512, layer.D).to(torch.bfloat16)
+w1, b1, w2 = layer.expert_weights()
+idx = torch.randint(0, layer.N, (512, layer.K))
+y = torch.empty(512, layer.D, dtype=torch.bfloat16)
+centroid_router._topk_launch(x, w1[:, 0], layer.K)
+routing_plan.routing_plan(idx.reshape(-1), layer.N, layer.K, fill=(y, layer.b_out.detach()))
+plan = make_plan(idx, layer.N)  # (torch's sort on CPU: the fused launch needs a valid plan to specialise on)
+K.mlp_forward(x, w1, b1, w2, plan, torch.ones(512 * layer.K, dtype=x.dtype), "relu", False, "atomic16", out=y)
+print("PDL " + json.dumps([[name, kernel.asm["ptx"].count("griddepcontrol.wait"),
+                            kernel.asm["ptx"].count("griddepcontrol.launch_dependents"),
+                            bool(kernel.metadata.launch_pdl)] for name, kernel, _ in cr.LAUNCHES]))
+"""
+
+
+def test_pdl_chain_compiles_for_sm90():
+    """SSD_TRITON_PDL=1 (kernels/pdl.py): the forward's chain, router, plan count and scatter, fused forward,
+    compiles for sm_90 at the base layer's shape with each kernel waiting for its producer and signalling its
+    dependents (PTX griddepcontrol), launched with Triton's launch_pdl."""
+    env = _compile_env()
+    out = subprocess.run([sys.executable, "-c", PDL_CHAIN.format(tools=os.path.join(ROOT, "tools"))], env=env,
+                         capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("PDL ")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    got = json.loads(lines[-1][4:])
+    assert [name for name, *_ in got] == ["centroid_topk_kernel", "_plan_count_kernel", "_plan_scatter_kernel",
+                                          "_mlp_kernel"], got
+    assert all(wait >= 1 and signal >= 1 and launch for _, wait, signal, launch in got), got
+
+
 if __name__ == "__main__":
     _ws_compile_main()

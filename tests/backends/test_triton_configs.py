@@ -110,6 +110,20 @@ def test_bad_side_fill_fails_when_the_backend_is_built(monkeypatch, bad):
         TritonBackend()
 
 
+def test_bad_pdl_value_fails_when_the_backend_is_built(monkeypatch):
+    import torch
+
+    from ssd_megatron.ffn.backends.kernels.pdl import pdl_args, pdl_enabled
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    monkeypatch.delenv("SSD_TRITON_PDL", raising=False)
+    assert not pdl_enabled()
+    monkeypatch.setenv("SSD_TRITON_PDL", "1")
+    assert pdl_enabled() and pdl_args(torch.zeros(1)) == {"PDL": False}  # CPU tensors: no PDL launch
+    monkeypatch.setenv("SSD_TRITON_PDL", "on")
+    with pytest.raises(UserError, match="SSD_TRITON_PDL='on'; accepted: 0 .* or 1"):
+        TritonBackend()
+
+
 def test_bad_bias_grad_mode_fails_when_the_backend_is_built(monkeypatch):
     from ssd_megatron.ffn.backends.kernels.column_sums import bias_grad_mode
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend

@@ -34,6 +34,7 @@ import triton
 from .kernels.common import ACT_CODES, expert_boxes, expert_matrix, fill_args
 from .kernels.down import _down_kernel, _down_tma_kernel
 from .kernels.mlp import _mlp_kernel
+from .kernels.pdl import pdl_args
 from .kernels.up import _up_kernel
 from .kernels.wgrad import _wgrad_kernel
 from .routing import initialise
@@ -649,7 +650,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
             ACT=act, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=save_h, ATOMIC=atomic, EVEN_K=D % BK == 0,
             PREC=_prec(x), SCHED=sched, SPLIT=be2 > 0, WTMA=descs is not None, W1_RC=bool(descs and descs[2]),
             W2_RC=bool(descs and descs[5]),
-            BM=BM, BE=be, BE2=max(be2, 16), BK=BK, BN=BN, NP2=_np2(N), num_warps=nw, num_stages=ns)
+            BM=BM, BE=be, BE2=max(be2, 16), BK=BK, BN=BN, NP2=_np2(N), num_warps=nw, num_stages=ns, **pdl_args(x))
 
     launch(_pick("mlp_glu" if glu else "mlp", (D, E, Dout, str(x.dtype)), launch, _hopper(x)))
     return _combined(buf, atomic, T, K, x.dtype, out_bias), (h if save_h else None)

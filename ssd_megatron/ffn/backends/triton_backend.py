@@ -197,6 +197,23 @@ def _backward(ctx, dy, *_):
     return (*g[:5], None, None, None, None, None, None, None, g[5], None, None)
 
 
+# the environment variables that change the kernels (recorded with benchmark results: backends.tuning_env);
+# SSD_TRITON_TUNE is read where the tuner runs
+TUNING_VARS = ("SSD_TRITON_CONFIG", "SSD_TRITON_TILE_ORDER", "SSD_TRITON_TUNE", "SSD_TRITON_SIDE_FILL",
+               "SSD_TRITON_BIAS_GRAD", "SSD_TRITON_PDL")
+
+
+def _env_checks():
+    """(variable, the call that reads it and raises UserError on a malformed value) of TUNING_VARS."""
+    from .kernels.column_sums import bias_grad_mode
+    from .kernels.pdl import pdl_enabled
+    from .kernels.routing_plan import side_fill_programs
+    k = _kernels()
+    return (("SSD_TRITON_CONFIG", k.env_configs), ("SSD_TRITON_TILE_ORDER", k._tile_groups),
+            ("SSD_TRITON_SIDE_FILL", side_fill_programs), ("SSD_TRITON_BIAS_GRAD", bias_grad_mode),
+            ("SSD_TRITON_PDL", pdl_enabled))
+
+
 def _bias_grad(dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The output bias's gradient dy.sum(0) in `dtype`: torch's reduction, or (SSD_TRITON_BIAS_GRAD=triton)
     kernels/column_sums.py's."""
@@ -303,16 +320,10 @@ class TritonBackend:
                 raise ValueError(f"{key}={val!r}; accepted: True, False, 'auto'")
         self.combine, self.wgrad, self.fold_router, self.master_weights = combine, wgrad, fold_router, master_weights
         self.fold_output, self.fused_forward = fold_output, fused_forward
-        if os.environ.get("SSD_TRITON_CONFIG"):
-            _kernels().env_configs()  # a malformed value fails here, not inside a compiled step
-        if os.environ.get("SSD_TRITON_TILE_ORDER"):
-            _kernels()._tile_groups()  # likewise
-        if os.environ.get("SSD_TRITON_SIDE_FILL"):
-            from .kernels.routing_plan import side_fill_programs
-            side_fill_programs()
-        if os.environ.get("SSD_TRITON_BIAS_GRAD"):
-            from .kernels.column_sums import bias_grad_mode
-            bias_grad_mode()
+        if any(os.environ.get(var) for var in TUNING_VARS):  # a malformed value fails here, not in a compiled step
+            for var, check in _env_checks():
+                if os.environ.get(var):
+                    check()
 
     def folds_router(self, x: torch.Tensor) -> bool:
         """Whether a call on `x` runs our kernels, which can take `router_centroids` (module docstring)."""

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ..routing import initialise
 from .common import _fill_share, fill_args
+from .pdl import _pdl_start, pdl_args
 
 MAX_BLOCKS = 256     # blocks of pairs (programs of each kernel)
 FILL_PROGRAMS = 384  # programs of the first kernel when it also initialises an output
@@ -40,8 +41,9 @@ def _block_onehot(IDX, b, M, BLK: tl.constexpr, NP2: tl.constexpr):
 @triton.jit
 def _plan_count_kernel(IDX, COUNTS, M, NB, STEPS, FILL, FILL_ROW, fill_numel, fill_width, fill_chunk,
                        SUB: tl.constexpr, NP2: tl.constexpr, HAS_FILL: tl.constexpr, HAS_FILL_ROW: tl.constexpr,
-                       FILL_BLOCK: tl.constexpr):
+                       FILL_BLOCK: tl.constexpr, PDL: tl.constexpr):
     """COUNTS[b, e] = pairs of block b routed to expert e (programs past NB only fill)."""
+    _pdl_start(PDL)
     if HAS_FILL:
         _fill_share(FILL, FILL_ROW, fill_numel, fill_width, fill_chunk, HAS_FILL_ROW, FILL_BLOCK)
     b = tl.program_id(0)
@@ -73,10 +75,11 @@ def _fill_rows_kernel(OUT, ROW, T, W, HAS_ROW: tl.constexpr, BR: tl.constexpr, B
 
 @triton.jit
 def _plan_scatter_kernel(IDX, COUNTS, OFFS, ORDER, TOK, SEXP, M, K, N, NB, STEPS,
-                         SUB: tl.constexpr, NP2: tl.constexpr, CH: tl.constexpr):
+                         SUB: tl.constexpr, NP2: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr):
     """Each pair's sorted row = where its expert's rows start (the experts' exclusive total sums, OFFS) +
     its expert's pairs in blocks before this one + its rank among this block's pairs of that expert: a
     stable counting sort (within an expert, pairs keep increasing order). Program 0 stores OFFS [N+1]."""
+    _pdl_start(PDL)
     b = tl.program_id(0)
     cols = tl.arange(0, NP2)
     chunk = tl.arange(0, CH)
@@ -125,10 +128,12 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
             fill = None
         grid = nb if fill is None else max(nb, FILL_PROGRAMS)
         fills, meta = fill_args(fill, grid, counts)
-        _plan_count_kernel[(grid,)](flat_idx, counts, M, nb, steps, *fills, SUB=sub, NP2=np2, num_warps=4, **meta)
+        pdl = pdl_args(flat_idx)
+        _plan_count_kernel[(grid,)](flat_idx, counts, M, nb, steps, *fills, SUB=sub, NP2=np2, num_warps=4, **meta,
+                                    **pdl)
         ch = min(triton.next_power_of_2(nb), max(1, 4096 // np2))
         _plan_scatter_kernel[(nb,)](flat_idx, counts, offsets, order, token, sexp, M, top_k, N, nb, steps,
-                                    SUB=sub, NP2=np2, CH=ch, num_warps=4)
+                                    SUB=sub, NP2=np2, CH=ch, num_warps=4, **pdl)
         if side is not None:
             torch.cuda.current_stream(dev).wait_stream(side)  # the fill is done before the caller's next launch
     else:
