@@ -148,6 +148,15 @@ def _ws_compile_main():  # in a subprocess: compile-only launches for sm_90 (too
     print("WS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in WS_LAUNCHES.items()})))
 
 
+def compiled_by_snippet(snippet: str, tag: str):
+    """The JSON that a compile-only `snippet` (its {tools} formatted to tools/) prints after `tag`."""
+    out = subprocess.run([sys.executable, "-c", snippet.format(tools=os.path.join(ROOT, "tools"))], env=_compile_env(),
+                         capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(tag + " ")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(lines[-1][len(tag) + 1:])
+
+
 def compiled_in_subprocess(script: str, tag: str, timeout: int = 600) -> dict:
     """The JSON that `script` (a test module run as a program: its compile-only launches) prints after `tag`."""
     out = subprocess.run([sys.executable, script], env=_compile_env(), capture_output=True, text=True,
@@ -299,12 +308,7 @@ def test_gluon_masked_gemm_compiles_for_sm90():
     """The dense ReLU FFN's Gluon masked GEMM (ffn/relu_mask_gemm_gluon.py, the default on H100/H200)
     compiles with the installed Triton: Triton 3.9 removed the TMA copy names 3.6 has (its old names raise
     at compile time), which its launch would otherwise hit only on a GPU."""
-    env = _compile_env()
-    out = subprocess.run([sys.executable, "-c", MASKED_GEMM.format(tools=os.path.join(ROOT, "tools"))], env=env,
-                         capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("MG ")]
-    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
-    (name, r), = json.loads(lines[-1][3:])
+    (name, r), = compiled_by_snippet(MASKED_GEMM, "MG")
     assert name == "relu_mask_gemm_pingpong_kernel" and r["warps"] == 12, (name, r)
     assert r["utmaldg"] > 0 and r["ldgsts"] == 0 and r["mma"].startswith("64x"), r
 
@@ -329,12 +333,7 @@ def test_side_fill_and_column_sum_kernels_compile_for_sm90():
     """The opt-in small kernels built without a GPU (session 25), the routing plan's side stream fill
     (SSD_TRITON_SIDE_FILL) and the output bias's column sums (SSD_TRITON_BIAS_GRAD=triton), compile for sm_90 at
     the base layer's size, without spilling."""
-    env = _compile_env()
-    out = subprocess.run([sys.executable, "-c", SMALL_KERNELS.format(tools=os.path.join(ROOT, "tools"))], env=env,
-                         capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("SMALL ")]
-    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
-    res = json.loads(lines[-1][6:])
+    res = compiled_by_snippet(SMALL_KERNELS, "SMALL")
     for name, kernel in (("side_fill", "_fill_rows_kernel"), ("column_sums", "_column_sums_kernel")):
         assert not isinstance(res[name], str), res[name]
         (kname, r), = res[name]
@@ -373,12 +372,7 @@ def test_pdl_chain_compiles_for_sm90():
     """SSD_TRITON_PDL=1 (kernels/pdl.py): the forward's chain, router, plan count and scatter, fused forward,
     compiles for sm_90 at the base layer's shape with each kernel waiting for its producer and signalling its
     dependents (PTX griddepcontrol), launched with Triton's launch_pdl."""
-    env = _compile_env()
-    out = subprocess.run([sys.executable, "-c", PDL_CHAIN.format(tools=os.path.join(ROOT, "tools"))], env=env,
-                         capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("PDL ")]
-    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
-    got = json.loads(lines[-1][4:])
+    got = compiled_by_snippet(PDL_CHAIN, "PDL")
     assert [name for name, *_ in got] == ["centroid_topk_kernel", "_plan_count_kernel", "_plan_scatter_kernel",
                                           "_mlp_kernel"], got
     assert all(wait >= 1 and signal >= 1 and launch for _, wait, signal, launch in got), got
