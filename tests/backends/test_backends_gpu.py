@@ -276,9 +276,9 @@ OPT_IN = {"side-fill": {"SSD_TRITON_SIDE_FILL": "16"}, "column-sums": {"SSD_TRIT
                          ids=["default", "atomic32", "unfused"])
 @pytest.mark.parametrize("case", [CASES[i] for i in (0, 4, 8, 12)], ids=[IDS[i] for i in (0, 4, 8, 12)])
 def test_triton_opt_in_levers_bf16(case, opts, env, monkeypatch):
-    """The side stream fill of y (SSD_TRITON_SIDE_FILL, beside the routing plan), the output bias's column-sum
-    kernel (SSD_TRITON_BIAS_GRAD=triton) and programmatic dependent launch of the forward's chain (SSD_TRITON_PDL)
-    against the reference, forward and every grad, with SSD's router in front (its kernel is in the chain)."""
+    """The side stream fills (SSD_TRITON_SIDE_FILL: y beside the routing plan, dx beside up_bwd), the output bias's
+    column-sum kernel (SSD_TRITON_BIAS_GRAD=triton) and programmatic dependent launch of the forward's chain
+    (SSD_TRITON_PDL) against the reference, forward and every grad."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend

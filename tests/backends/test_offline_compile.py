@@ -319,7 +319,7 @@ sys.path.insert(0, {tools!r})
 import torch
 import compile_report as cr
 from ssd_megatron.ffn.backends.kernels.column_sums import column_sums
-from ssd_megatron.ffn.backends.kernels.routing_plan import _fill_rows_kernel
+from ssd_megatron.ffn.backends.kernels.side_fill import _fill_rows_kernel
 cr.offline(90)
 y, row = torch.empty(16384, 768, dtype=torch.bfloat16), torch.randn(768)
 out = cr.compile_each({{"side_fill": lambda: _fill_rows_kernel[(64,)](y, row, 16384, 768, HAS_ROW=True, BR=32, BC=256,

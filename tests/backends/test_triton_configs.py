@@ -101,7 +101,7 @@ def test_bad_env_config_fails_when_the_backend_is_built(monkeypatch):
 
 @pytest.mark.parametrize("bad", ["-1", "64x", "yes"])
 def test_bad_side_fill_fails_when_the_backend_is_built(monkeypatch, bad):
-    from ssd_megatron.ffn.backends.kernels.routing_plan import side_fill_programs
+    from ssd_megatron.ffn.backends.kernels.side_fill import side_fill_programs
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     monkeypatch.setenv("SSD_TRITON_SIDE_FILL", "64")
     assert side_fill_programs() == 64

@@ -209,7 +209,7 @@ COLUMN_SUM_CASES = [(1000, 300, "bfloat16"), (1, 5, "float32"), (4097, 64, "floa
 def _small_kernel_results():
     """{"side_fill": [exact], "column_sums": [max error against an fp64 sum]}"""
     from ssd_megatron.ffn.backends.kernels.column_sums import column_sums
-    from ssd_megatron.ffn.backends.kernels.routing_plan import _fill_rows_kernel
+    from ssd_megatron.ffn.backends.kernels.side_fill import _fill_rows_kernel
     g = torch.Generator().manual_seed(0)
     fills = []
     for T, W, bias, programs in SIDE_FILL_CASES:

@@ -140,10 +140,17 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
     top_k = topk_idx.shape[1]
     plan = _Plan(w1.shape[0], top_k, x.shape[0], order, token, offsets)
     w1c, w2c = (w1 if w1c is None else w1c), (w2 if w2c is None else w2c)
-    dx0 = k.atomic_output(x, x.shape[0], top_k, x.shape[1], combine) if need_x and init_in_up else None
+    # dx's zeros: inside the up_bwd programs (init_in_up), on the side stream beside up_bwd (SSD_TRITON_SIDE_FILL),
+    # or by down_scatter's own fill launch
+    from .kernels.side_fill import side_fill, side_fill_programs
+    programs = side_fill_programs() if need_x and not init_in_up and x.is_cuda else 0
+    dx0 = k.atomic_output(x, x.shape[0], top_k, x.shape[1], combine) if need_x and (init_in_up or programs) else None
+    side = side_fill((dx0, None), programs) if dx0 is not None and programs else None
     dh, dgate, ga, db32 = k.up_backward(dy, w2c, h, gate_flat, plan, activation,
                                         need_ga=need_w2, need_db=has_bias and need_b1,
-                                        fill=None if dx0 is None else (dx0, None))
+                                        fill=(dx0, None) if dx0 is not None and init_in_up else None)
+    if side is not None:
+        torch.cuda.current_stream(x.device).wait_stream(side)
     split = combine != "buffer"  # "buffer" = deterministic sums: no atomics in the weight grads either
     rank1 = wfold = None
     if centroids is not None:
@@ -207,7 +214,7 @@ def _env_checks():
     """(variable, the call that reads it and raises UserError on a malformed value) of TUNING_VARS."""
     from .kernels.column_sums import bias_grad_mode
     from .kernels.pdl import pdl_enabled
-    from .kernels.routing_plan import side_fill_programs
+    from .kernels.side_fill import side_fill_programs
     k = _kernels()
     return (("SSD_TRITON_CONFIG", k.env_configs), ("SSD_TRITON_TILE_ORDER", k._tile_groups),
             ("SSD_TRITON_SIDE_FILL", side_fill_programs), ("SSD_TRITON_BIAS_GRAD", bias_grad_mode),

@@ -9,12 +9,9 @@ scatter program repeats for its own block (a few hundred 16-wide rows from L2), 
 scan launch between the two kernels (docs/kernels.md v17).
 
 The output's initialisation (`fill`) is bandwidth work (25 MB at base: ≈ 7 of the count kernel's 9.3 µs, H100,
-docs/kernels.md v17) and the two plan kernels are latency work (a few hundred small programs). With
-SSD_TRITON_SIDE_FILL=P (P > 0) the fill runs on a side stream beside them instead, by P programs (a share of the
-SMs; the plan's programs take the rest), joined before the caller's next launch. Built without a GPU (session 25),
-untimed: the default, 0, keeps the fill inside the count kernel (docs/kernels.md v19)."""
-import os
-
+docs/kernels.md v17) and the two plan kernels are latency work (a few hundred small programs): with
+SSD_TRITON_SIDE_FILL=P the fill runs beside them on a side stream instead (`side_fill.py`), joined before the
+caller's next launch."""
 import torch
 import triton
 import triton.language as tl
@@ -22,10 +19,10 @@ import triton.language as tl
 from ..routing import initialise
 from .common import _fill_share, fill_args
 from .pdl import _pdl_start, pdl_args
+from .side_fill import side_fill, side_fill_programs
 
 MAX_BLOCKS = 256     # blocks of pairs (programs of each kernel)
 FILL_PROGRAMS = 384  # programs of the first kernel when it also initialises an output
-_SIDE: dict = {}     # device index -> the side stream of SSD_TRITON_SIDE_FILL
 
 
 @triton.jit
@@ -53,24 +50,6 @@ def _plan_count_kernel(IDX, COUNTS, M, NB, STEPS, FILL, FILL_ROW, fill_numel, fi
             _, _, _, onehot = _block_onehot(IDX, b * STEPS + s, M, SUB, NP2)
             total += tl.sum(onehot, 0)
         tl.store(COUNTS + b * NP2 + tl.arange(0, NP2), total)
-
-
-@triton.jit
-def _fill_rows_kernel(OUT, ROW, T, W, HAS_ROW: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """OUT [T, W] (rows contiguous) := ROW [W] broadcast over its rows, or zeros: each program takes every
-    num_programs-th block of BR rows, column block by column block (the row's block loaded once)."""
-    rows = tl.arange(0, BR)
-    for c0 in range(0, W, BC):
-        cols = c0 + tl.arange(0, BC)
-        cm = cols < W
-        if HAS_ROW:
-            v = tl.load(ROW + cols, mask=cm, other=0.0).to(OUT.dtype.element_ty)
-        else:
-            v = tl.zeros((BC,), dtype=OUT.dtype.element_ty)
-        tile = tl.broadcast_to(v[None, :], (BR, BC))
-        for r0 in range(tl.program_id(0) * BR, T, tl.num_programs(0) * BR):
-            r = r0 + rows
-            tl.store(OUT + r.to(tl.int64)[:, None] * W + cols[None, :], tile, mask=(r < T)[:, None] & cm[None, :])
 
 
 @triton.jit
@@ -109,8 +88,9 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
     """(order, token, sorted expert, offsets), all int32: the stable sort of the flat pairs by expert
     as two small kernels (counts per block; starts and scatter) instead of a radix sort + searchsorted.
     fill = (out, row or None): the first kernel's programs also set the contiguous [T, W] `out` to `row`
-    broadcast over its rows, or to zeros. max_blocks: at most this many blocks (tests make it small, so
-    that a block spans several sub-blocks)."""
+    broadcast over its rows, or to zeros (with SSD_TRITON_SIDE_FILL, programs on a side stream beside the two
+    kernels: side_fill.py). max_blocks: at most this many blocks (tests make it small, so that a block spans
+    several sub-blocks)."""
     M, N = flat_idx.numel(), num_experts
     dev = flat_idx.device
     np2 = max(16, triton.next_power_of_2(N))
@@ -123,7 +103,7 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
     order, token, sexp = (torch.empty(M, device=dev, dtype=torch.int32) for _ in range(3))
     if M:
         programs = side_fill_programs() if fill is not None and dev.type == "cuda" else 0
-        side = _side_fill(fill, programs) if programs else None
+        side = side_fill(fill, programs) if programs else None
         if side is not None:
             fill = None
         grid = nb if fill is None else max(nb, FILL_PROGRAMS)
@@ -141,33 +121,3 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
         if fill is not None:
             initialise(*fill)
     return order, token, sexp, offsets
-
-
-def side_fill_programs() -> int:
-    """SSD_TRITON_SIDE_FILL: the programs of the output's initialisation on a side stream (0, the default: inside
-    the count kernel; module docstring)."""
-    text = os.environ.get("SSD_TRITON_SIDE_FILL", "0").strip()
-    if not text.isdigit():
-        from ....errors import UserError
-        raise UserError(f"SSD_TRITON_SIDE_FILL={text!r}: expected an integer >= 0, the side stream fill's programs "
-                        f"(0: the fill inside the routing plan's count kernel)")
-    return int(text)
-
-
-def _side_fill(fill, programs: int):
-    """Launch the initialisation fill = (out, row or None) by `programs` programs on the device's side stream,
-    after the work queued so far on the current stream; returns the side stream, which the caller's stream must
-    wait for before using `out` (allocated on the current stream and used there after that wait: no record_stream
-    needed)."""
-    out = fill[0]
-    dev = out.device
-    side = _SIDE.get(dev.index)
-    if side is None:
-        side = _SIDE[dev.index] = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    row = fill[1]
-    T, W = out.shape
-    with torch.cuda.stream(side):
-        _fill_rows_kernel[(programs,)](out, out if row is None else row, T, W, HAS_ROW=row is not None,
-                                       BR=32, BC=256, num_warps=8)
-    return side
