@@ -136,10 +136,8 @@ class Layer:
         return self.centroid_cache.get(key, lambda: expert_centroids(w1, self.E, x.dtype))
 
     def route(self, x, w1, k):
-        # as SwitchableFFN.route: without autograd the gate's ones are made before the router's launch
-        ones = None if torch.is_grad_enabled() else x.new_ones(x.shape[0], k)
-        top, idx = self.select(x, self.centroids(x, w1, inference=ones is not None), k)
-        return idx, ones if ones is not None else straight_through_gate(top)
+        top, idx = self.select(x, self.centroids(x, w1, inference=not torch.is_grad_enabled()), k)
+        return idx, straight_through_gate(top)
 
     def sparse(self, x, backend):
         # as SwitchableFFN: fp32 weights as they are to a backend that takes them, else cast

@@ -21,18 +21,15 @@ _KERNEL = None
 
 
 def _kernel():
-    global _KERNEL, _pdl_start  # module-global: Triton resolves a kernel's helpers in its module's globals
+    global _KERNEL
     if _KERNEL is None:
         import triton
         import triton.language as tl
 
-        from .backends.kernels.pdl import _pdl_start
-
         @triton.jit
         def centroid_topk_kernel(X, stride_x, C, stride_c, S, I, T, D, N,
                                  K: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, NP2: tl.constexpr,
-                                 PREC: tl.constexpr, PDL: tl.constexpr):
-            _pdl_start(PDL)  # (backends/kernels/pdl.py: SSD_TRITON_PDL)
+                                 PREC: tl.constexpr):
             rows = tl.program_id(0) * BT + tl.arange(0, BT)
             rmask = rows < T
             rows64 = rows.to(tl.int64)
@@ -106,9 +103,8 @@ def _topk_launch(x: torch.Tensor, centroids: torch.Tensor, k: int):
     np2 = max(16, 1 << (N - 1).bit_length())
     bt = 64 if np2 <= 64 else 32
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    from .backends.kernels.pdl import pdl_args
     _kernel()[((T + bt - 1) // bt,)](x, x.stride(0), c, c.stride(0), scores, idx, T, D, N,
-                                     K=k, BT=bt, BD=64, NP2=np2, PREC=prec, num_warps=4, **pdl_args(x))
+                                     K=k, BT=bt, BD=64, NP2=np2, PREC=prec, num_warps=4)
     return scores, idx
 
 

@@ -230,11 +230,8 @@ class SwitchableFFN(nn.Module):
             # No gradient path through the router at all (neither into W_i nor into x): the sparse
             # layer's gradients are then exactly the dense layer's restricted to the chosen experts.
             centroids, x2 = centroids.detach(), x2.detach()
-        # without autograd the gate is ones, made before the router's launch: the router's kernel and the routing
-        # plan's then follow each other in the stream (programmatic dependent launch, backends/kernels/pdl.py)
-        ones = None if torch.is_grad_enabled() else x2.new_ones(x2.shape[0], k)
         top_scores, top_idx = centroid_topk(x2, centroids, k)
-        gate = ones if ones is not None else straight_through_gate(top_scores)
+        gate = straight_through_gate(top_scores)
         if self.dynamic_drop_ratio > 0 and not self.training:
             gate = gate * _dynamic_keep_mask(top_scores, self.dynamic_drop_ratio)
         return top_idx, gate

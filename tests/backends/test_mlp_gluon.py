@@ -17,17 +17,13 @@ except ImportError:  # run as a script: the compile subprocess, which needs none
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WS = (128, 64, 64, 2, 3, 5)  # BM, BN, BK, the W2 ring's depth, the x / W1 ring's, variant 5
-# name -> (activation, E, dtype, combine, W2 as W_out's column view, h saved, config): base's split E = 128 + 64 in
-# the inference forward (bf16 adds, the layer's column view), a training forward storing h (gelu, the (t, k) rows),
-# fp16 with fp32 adds, squared ReLU without a bias; the 12-warp layout (a seventh entry) at base, and with 8B's
-# E = 256 in one tile (two x / W1 stages: shared memory)
-WS12 = WS + (12,)
-LAUNCHES = {"base-inference": ("relu", 192, "bfloat16", "atomic16", True, False, WS),
-            "train-buffer": ("gelu", 64, "bfloat16", "buffer", False, True, WS),
-            "fp16-atomic32": ("relu", 192, "float16", "atomic32", True, True, WS),
-            "squared-relu-no-bias": ("squared_relu", 128, "bfloat16", "atomic16", False, False, WS),
-            "base-inference-12w": ("relu", 192, "bfloat16", "atomic16", True, False, WS12),
-            "wide-e-12w": ("relu", 256, "bfloat16", "atomic16", True, True, (128, 64, 64, 2, 2, 5, 12))}
+# name -> (activation, E, dtype, combine, W2 as W_out's column view, h saved): base's split E = 128 + 64 in the
+# inference forward (bf16 adds, the layer's column view), a training forward storing h (gelu, the (t, k) rows),
+# fp16 with fp32 adds, squared ReLU without a bias
+LAUNCHES = {"base-inference": ("relu", 192, "bfloat16", "atomic16", True, False),
+            "train-buffer": ("gelu", 64, "bfloat16", "buffer", False, True),
+            "fp16-atomic32": ("relu", 192, "float16", "atomic32", True, True),
+            "squared-relu-no-bias": ("squared_relu", 128, "bfloat16", "atomic16", False, False)}
 
 
 def _case(activation, E, dtype, column_view=False, T=100, D=128, N=8, K=2, bias=True):
@@ -50,15 +46,12 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
 
     from ssd_megatron.ffn.backends import _triton_kernels as K
     cr.offline(90)
+    K.force_config(mlp=WS)
 
-    def launch(name, act, E, dtype, combine, column_view, save_h, cfg):
+    def launch(name, act, E, dtype, combine, column_view, save_h):
         x, w1, b1, w2, plan, gate = _case(act, E, getattr(torch, dtype), column_view,
                                           bias=name != "squared-relu-no-bias")
-
-        def run():
-            K.force_config(mlp=cfg)
-            K.mlp_forward(x, w1, b1, w2, plan, gate, act, save_h, combine)
-        return run
+        return lambda: K.mlp_forward(x, w1, b1, w2, plan, gate, act, save_h, combine)
     print("MLPWS " + json.dumps(cr.compile_each({name: launch(name, *c) for name, c in LAUNCHES.items()})))
 
 
@@ -81,12 +74,9 @@ def test_ws_fused_forward_compiles_for_sm90(compiled, name):
     assert not isinstance(res, str), res
     assert [kname for kname, _ in res] == ["mlp_ws_kernel"], res
     r = res[0][1]
-    warps = (LAUNCHES[name][6][6:] or (16,))[0]
-    assert r["warps"] == warps and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
+    assert r["warps"] == 16 and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
     assert r["cas"] == 0 and (r["atom"] > 0) == (LAUNCHES[name][3] != "buffer"), r
     assert r["smem_kb"] * 1024 <= 227 * 1024, r
-    if LAUNCHES[name][1] == 256:  # one m64n256 wgmma: only the 12-warp layout's consumers have the registers
-        assert "64x256x16" in r["mma"], r
 
 
 # why the launcher does not take the Gluon kernel -> (activation, E, D, dtype, config)
@@ -97,17 +87,12 @@ NOT_SERVED = {"cpu": ("relu", 192, 128, torch.bfloat16, WS),
               "ragged-d": ("relu", 64, 96, torch.bfloat16, WS),        # D not a multiple of BK
               "fp32": ("relu", 64, 128, torch.float32, WS),
               "smem": ("relu", 192, 128, torch.bfloat16, (128, 128, 64, 2, 4, 5)),
-              "wide-e": ("relu", 256, 128, torch.bfloat16, (128, 64, 64, 2, 2, 5)),  # one 256-column tile, 16 warps
+              "wide-e": ("relu", 256, 128, torch.bfloat16, (128, 64, 64, 2, 2, 5)),  # one 256-column tile
               "one-slot-ring": ("relu", 64, 128, torch.bfloat16, (128, 64, 64, 1, 3, 5)),
               "bm": ("relu", 64, 128, torch.bfloat16, (64, 64, 64, 2, 3, 5))}
 
 
-SERVED = {"served": ("relu", 192, 128, torch.bfloat16, WS, (0, True, 128, 64, 64, 2, 3, 128, 64, 16)),
-          "served-12w-wide-e": ("relu", 256, 128, torch.bfloat16, (128, 64, 64, 2, 2, 5, 12),
-                                (0, True, 128, 64, 64, 2, 2, 256, 0, 12))}
-
-
-@pytest.mark.parametrize("why", list(NOT_SERVED) + list(SERVED))
+@pytest.mark.parametrize("why", list(NOT_SERVED) + ["served"])
 def test_ws_fused_forward_falls_back(monkeypatch, why):
     """mlp variant 5 launches the Gluon kernel over the M-tile table where it serves, with the tile, activation and
     combine asked for; kernels/mlp.py (pointer loads) otherwise: not sm_90 (here: CPU), a Triton without the Gluon
@@ -123,7 +108,7 @@ def test_ws_fused_forward_falls_back(monkeypatch, why):
         monkeypatch.setattr(down_gluon, "_sm90", lambda t: True)
     if why == "older-triton":
         monkeypatch.setitem(mlp_gluon._STATE, "build", False)
-    act, E, D, dtype, cfg = NOT_SERVED[why] if why in NOT_SERVED else SERVED[why][:5]
+    act, E, D, dtype, cfg = NOT_SERVED.get(why, ("relu", 192, 128, torch.bfloat16, WS))
     x, w1, b1, w2, plan, gate = _case(act, E, dtype, D=D)
     if act == "swiglu":
         w1 = torch.cat([w1, w1], 1)
@@ -134,17 +119,17 @@ def test_ws_fused_forward_falls_back(monkeypatch, why):
         K.force_config()
     assert len(calls) == 1, calls
     name, args, kwargs = calls[0]
-    if why in SERVED and mlp_gluon._build_once() is not None:
+    if why == "served" and mlp_gluon._build_once() is not None:
         assert name == "ws", (name, kwargs)
         assert torch.equal(args[4], K.expert_tiles(plan.offsets, plan.num_rows, plan.num_experts, 128))
-        assert args[11:] == SERVED[why][5], args[11:]  # relu, atomic, the tile, E's tiles, the warps
+        assert args[11:] == (0, True, 128, 64, 64, 2, 3, 128, 64), args[11:]  # relu, atomic, the tile, E's two tiles
     else:  # (served, but this Triton has no Gluon that builds it: kernels/mlp.py too)
         assert name == "triton" and kwargs["BM"] == cfg[0], (name, kwargs)
 
 
 def test_ws_fused_forward_config():
     """mlp=...,5 is accepted, its fourth entry (the W2 ring's depth) need not be a power of two; for other kinds
-    the fourth entry (warps) still must be. A seventh entry picks its layout's warps (12 or 16), only for variant 5."""
+    the fourth entry (warps) still must be."""
     pytest.importorskip("triton")
     from ssd_megatron.errors import UserError
     from ssd_megatron.ffn.backends import _triton_kernels as K
@@ -153,11 +138,6 @@ def test_ws_fused_forward_config():
         K._parse_configs("mlp=128,64,64,3,3")
     with pytest.raises(UserError, match="powers of two"):
         K._parse_configs("down=128,64,64,3,3,5")
-    assert K._parse_configs("mlp=128,64,64,2,2,5,12") == {"mlp": (128, 64, 64, 2, 2, K.WS, 12)}  # the 12-warp layout
-    with pytest.raises(UserError, match="its warps: one of \\[12, 16\\]"):
-        K._parse_configs("mlp=128,64,64,2,2,5,8")
-    with pytest.raises(UserError, match="seventh value is for"):
-        K._parse_configs("mlp=128,64,64,8,3,0,12")
 
 
 if __name__ == "__main__":

@@ -148,15 +148,6 @@ def _ws_compile_main():  # in a subprocess: compile-only launches for sm_90 (too
     print("WS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in WS_LAUNCHES.items()})))
 
 
-def compiled_by_snippet(snippet: str, tag: str):
-    """The JSON that a compile-only `snippet` (its {tools} formatted to tools/) prints after `tag`."""
-    out = subprocess.run([sys.executable, "-c", snippet.format(tools=os.path.join(ROOT, "tools"))], env=_compile_env(),
-                         capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(tag + " ")]
-    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads(lines[-1][len(tag) + 1:])
-
-
 def compiled_in_subprocess(script: str, tag: str, timeout: int = 600) -> dict:
     """The JSON that `script` (a test module run as a program: its compile-only launches) prints after `tag`."""
     out = subprocess.run([sys.executable, script], env=_compile_env(), capture_output=True, text=True,
@@ -308,74 +299,14 @@ def test_gluon_masked_gemm_compiles_for_sm90():
     """The dense ReLU FFN's Gluon masked GEMM (ffn/relu_mask_gemm_gluon.py, the default on H100/H200)
     compiles with the installed Triton: Triton 3.9 removed the TMA copy names 3.6 has (its old names raise
     at compile time), which its launch would otherwise hit only on a GPU."""
-    (name, r), = compiled_by_snippet(MASKED_GEMM, "MG")
+    env = _compile_env()
+    out = subprocess.run([sys.executable, "-c", MASKED_GEMM.format(tools=os.path.join(ROOT, "tools"))], env=env,
+                         capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("MG ")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    (name, r), = json.loads(lines[-1][3:])
     assert name == "relu_mask_gemm_pingpong_kernel" and r["warps"] == 12, (name, r)
     assert r["utmaldg"] > 0 and r["ldgsts"] == 0 and r["mma"].startswith("64x"), r
-
-
-SMALL_KERNELS = """
-import json, sys
-sys.path.insert(0, {tools!r})
-import torch
-import compile_report as cr
-from ssd_megatron.ffn.backends.kernels.column_sums import column_sums
-from ssd_megatron.ffn.backends.kernels.side_fill import _fill_rows_kernel
-cr.offline(90)
-y, row = torch.empty(16384, 768, dtype=torch.bfloat16), torch.randn(768)
-out = cr.compile_each({{"side_fill": lambda: _fill_rows_kernel[(64,)](y, row, 16384, 768, HAS_ROW=True, BR=32, BC=256,
-                                                                    num_warps=8),
-                       "column_sums": lambda: column_sums(y, torch.float32)}})
-print("SMALL " + json.dumps(out))
-"""
-
-
-def test_side_fill_and_column_sum_kernels_compile_for_sm90():
-    """The opt-in small kernels built without a GPU (session 25), the routing plan's side stream fill
-    (SSD_TRITON_SIDE_FILL) and the output bias's column sums (SSD_TRITON_BIAS_GRAD=triton), compile for sm_90 at
-    the base layer's size, without spilling."""
-    res = compiled_by_snippet(SMALL_KERNELS, "SMALL")
-    for name, kernel in (("side_fill", "_fill_rows_kernel"), ("column_sums", "_column_sums_kernel")):
-        assert not isinstance(res[name], str), res[name]
-        (kname, r), = res[name]
-        assert kname == kernel and r["stack"] == 0 and r["atom"] == 0, (kname, r)
-
-
-PDL_CHAIN = """
-import json, sys
-sys.path.insert(0, {tools!r})
-import torch
-import compile_report as cr
-from ssd_megatron.bench.ffn import Layer
-from ssd_megatron.ffn import centroid_router
-from ssd_megatron.ffn.backends import _triton_kernels as K
-from ssd_megatron.ffn.backends.kernels import pdl, routing_plan
-from ssd_megatron.ffn.backends.routing import make_plan
-cr.offline(90)
-on = lambda t: {{"PDL": True, "launch_pdl": True}}  # SSD_TRITON_PDL=1 on a GPU
-pdl.pdl_args = K.pdl_args = routing_plan.pdl_args = on
-layer = Layer("base", "relu", torch.device("cpu"), torch.bfloat16, 0)
-x = torch.randn(512, layer.D).to(torch.bfloat16)
-w1, b1, w2 = layer.expert_weights()
-idx = torch.randint(0, layer.N, (512, layer.K))
-y = torch.empty(512, layer.D, dtype=torch.bfloat16)
-centroid_router._topk_launch(x, w1[:, 0], layer.K)
-routing_plan.routing_plan(idx.reshape(-1), layer.N, layer.K, fill=(y, layer.b_out.detach()))
-plan = make_plan(idx, layer.N)  # (torch's sort on CPU: the fused launch needs a valid plan to specialise on)
-K.mlp_forward(x, w1, b1, w2, plan, torch.ones(512 * layer.K, dtype=x.dtype), "relu", False, "atomic16", out=y)
-print("PDL " + json.dumps([[name, kernel.asm["ptx"].count("griddepcontrol.wait"),
-                            kernel.asm["ptx"].count("griddepcontrol.launch_dependents"),
-                            bool(kernel.metadata.launch_pdl)] for name, kernel, _ in cr.LAUNCHES]))
-"""
-
-
-def test_pdl_chain_compiles_for_sm90():
-    """SSD_TRITON_PDL=1 (kernels/pdl.py): the forward's chain, router, plan count and scatter, fused forward,
-    compiles for sm_90 at the base layer's shape with each kernel waiting for its producer and signalling its
-    dependents (PTX griddepcontrol), launched with Triton's launch_pdl."""
-    got = compiled_by_snippet(PDL_CHAIN, "PDL")
-    assert [name for name, *_ in got] == ["centroid_topk_kernel", "_plan_count_kernel", "_plan_scatter_kernel",
-                                          "_mlp_kernel"], got
-    assert all(wait >= 1 and signal >= 1 and launch for _, wait, signal, launch in got), got
 
 
 if __name__ == "__main__":

@@ -126,8 +126,8 @@ def call_router_folded(backend, x, w1, b1, w2, top_idx, activation, centroids, o
 
 def tuning_env() -> dict:
     """The environment variables that change the triton backend's kernels (recorded with benchmark results)."""
-    from .triton_backend import TUNING_VARS
-    return {k: os.environ[k] for k in TUNING_VARS if k in os.environ}
+    return {k: os.environ[k] for k in ("SSD_TRITON_CONFIG", "SSD_TRITON_TILE_ORDER", "SSD_TRITON_TUNE")
+            if k in os.environ}
 
 
 def available_backends(device=None) -> list:

@@ -34,7 +34,6 @@ import triton
 from .kernels.common import ACT_CODES, expert_boxes, expert_matrix, fill_args
 from .kernels.down import _down_kernel, _down_tma_kernel
 from .kernels.mlp import _mlp_kernel
-from .kernels.pdl import pdl_args
 from .kernels.up import _up_kernel
 from .kernels.wgrad import _wgrad_kernel
 from .routing import initialise
@@ -46,8 +45,7 @@ from .routing import initialise
 # Triton >= 3.9, AUTO_WS; BK and WARPS unused, STAGES = its W ring; STAGED where a forced WS does not serve);
 # mlp 3 = TMA (the weights' tiles by TMA where the descriptors serve, `_mlp_descriptors`), 5 = WS (the fused
 # forward as a warp-specialised Gluon kernel, kernels/mlp_gluon.py: opt-in, slower than the default (docs/kernels.md
-# v18); WARPS is then the depth of its W2 ring, STAGES its x / W1 ring's, a seventh entry its warps, 16 or 12
-# (WS_WARPS, kernels/mlp_gluon.LAYOUTS; 16 without one); kernels/mlp.py where it does not serve);
+# v18); WARPS is then the depth of its W2 ring, STAGES its x / W1 ring's; kernels/mlp.py where it does not serve);
 # up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE); a seventh entry of 1
 # (up kinds: 8B's GLU ones by default on Hopper, elsewhere opt-in) = their weights' tiles by TMA;
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none), and a seventh entry of 1 = its
@@ -56,7 +54,6 @@ from .routing import initialise
 # kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per
 # shape key instead.
 ROWLOOP, TMA, STAGED, WS = 1, 3, 4, 5  # down variants (2 was PERSISTENT, slower and removed: docs/kernels.md v8)
-WS_WARPS = (16, 12)  # mlp WS's layouts (kernels/mlp_gluon.LAYOUTS), the first without a seventh entry
 TMA_OPERAND = ("up", "up_glu", "up_bwd", "up_bwd_glu", "wgrad")  # kinds whose configs take a seventh entry
 TWO_PASS = 1  # up_bwd variant: the GEMM, then its epilogue in a second launch (kernels/up.py)
 EPILOGUE_TILE = (64, 64, 16, 4, 1)  # that second launch's (BM, BN, -, warps, stages): elementwise work
@@ -133,16 +130,13 @@ def _parse_configs(text: str) -> dict:
             cfg = tuple(int(v) for v in values.split(","))
         except ValueError:
             raise UserError(f"{bad}: the values must be 5 to 7 integers, e.g. 128,128,64,8,3") from None
-        ring = kind == "mlp" and cfg[5:6] == (WS,)  # the fourth entry: the W2 ring's depth (kernels/mlp_gluon.py)
+        ring = kind == "mlp" and cfg[5:] == (WS,)  # the fourth entry: the W2 ring's depth (kernels/mlp_gluon.py)
         pow2 = cfg[:3 if ring else 4]
         if len(cfg) not in (5, 6, 7) or any(v < 1 or v & (v - 1) for v in pow2) or min(cfg[3:5]) < 1:
             raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
-        if len(cfg) == 7 and ring and cfg[6] not in WS_WARPS:
-            raise UserError(f"{bad}: the seventh value of mlp's variant 5 is its warps: one of {sorted(WS_WARPS)}")
-        if len(cfg) == 7 and not ring and (kind.split(":")[0] not in TMA_OPERAND or cfg[6] not in (0, 1)):
+        if len(cfg) == 7 and (kind.split(":")[0] not in TMA_OPERAND or cfg[6] not in (0, 1)):
             raise UserError(f"{bad}: a seventh value is for {', '.join(TMA_OPERAND)} only: 1 loads the operand that "
-                            f"is not gathered (the weights; wgrad's left one) by TMA, else 0 (and for mlp's variant "
-                            f"5: its warps)")
+                            f"is not gathered (the weights; wgrad's left one) by TMA, else 0")
         if len(cfg) >= 6 and not _variant_ok(kind.split(":")[0], cfg[5]):
             raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA), 4 (STAGED) or 5 (WS); "
                             f"for mlp, 3 (TMA) or 5 (WS); for up_bwd[_glu], 1 (TWO_PASS); for wgrad, a row chunk >= 0")
@@ -633,13 +627,12 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
         BM, BN, BK, nw, ns = cfg[:5]
         if init:
             init()
-        if cfg[5:6] == (WS,):  # the Gluon kernel where it serves (kernels/mlp_gluon.py), else the pointer loads
+        if cfg[5:] == (WS,):  # the Gluon kernel where it serves (kernels/mlp_gluon.py), else the pointer loads
             from .kernels import mlp_gluon
-            warps = cfg[6] if len(cfg) > 6 else WS_WARPS[0]
-            if mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, nw, ns, be, be2, warps):  # (nw: the W2 ring's depth)
+            if mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, nw, ns, be, be2):  # (nw: the W2 ring's depth)
                 tiles = _tile_list(plan, BM, _tile_groups(order))
                 mlp_gluon.launch(x, w1, b1, w2, tiles, plan.offsets, plan.order, plan.token, gate_flat,
-                                 h if save_h else None, buf, act, atomic, BM, BN, BK, nw, ns, be, be2, warps)
+                                 h if save_h else None, buf, act, atomic, BM, BN, BK, nw, ns, be, be2)
                 return
         descs = _mlp_descriptors(w1, w2, BN, BK, be, be2) if cfg[5:] == (TMA,) and _hopper(x) else None
         tiles, sched = _tiles(plan, BM, order)
@@ -650,7 +643,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
             ACT=act, GLU=glu, HAS_BIAS=b1 is not None, SAVE_H=save_h, ATOMIC=atomic, EVEN_K=D % BK == 0,
             PREC=_prec(x), SCHED=sched, SPLIT=be2 > 0, WTMA=descs is not None, W1_RC=bool(descs and descs[2]),
             W2_RC=bool(descs and descs[5]),
-            BM=BM, BE=be, BE2=max(be2, 16), BK=BK, BN=BN, NP2=_np2(N), num_warps=nw, num_stages=ns, **pdl_args(x))
+            BM=BM, BE=be, BE2=max(be2, 16), BK=BK, BN=BN, NP2=_np2(N), num_warps=nw, num_stages=ns)
 
     launch(_pick("mlp_glu" if glu else "mlp", (D, E, Dout, str(x.dtype)), launch, _hopper(x)))
     return _combined(buf, atomic, T, K, x.dtype, out_bias), (h if save_h else None)

@@ -134,23 +134,16 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
     k = _kernels()
     need_x, need_w1, need_b1, need_w2, need_gate, need_b2 = needs
     dy = dy.to(x.dtype).contiguous()
-    db2 = _bias_grad(dy, b2.dtype) if need_b2 else x.new_empty(0)
+    db2 = dy.sum(0, dtype=b2.dtype) if need_b2 else x.new_empty(0)
     if not any(needs[:5]):  # only the output bias trains (nothing saved for the rest: h may be empty)
         return (*(x.new_empty(0) for _ in range(5)), db2)
     top_k = topk_idx.shape[1]
     plan = _Plan(w1.shape[0], top_k, x.shape[0], order, token, offsets)
     w1c, w2c = (w1 if w1c is None else w1c), (w2 if w2c is None else w2c)
-    # dx's zeros: inside the up_bwd programs (init_in_up), on the side stream beside up_bwd (SSD_TRITON_SIDE_FILL),
-    # or by down_scatter's own fill launch
-    from .kernels.side_fill import side_fill, side_fill_programs
-    programs = side_fill_programs() if need_x and not init_in_up and x.is_cuda else 0
-    dx0 = k.atomic_output(x, x.shape[0], top_k, x.shape[1], combine) if need_x and (init_in_up or programs) else None
-    side = side_fill((dx0, None), programs) if dx0 is not None and programs else None
+    dx0 = k.atomic_output(x, x.shape[0], top_k, x.shape[1], combine) if need_x and init_in_up else None
     dh, dgate, ga, db32 = k.up_backward(dy, w2c, h, gate_flat, plan, activation,
                                         need_ga=need_w2, need_db=has_bias and need_b1,
-                                        fill=(dx0, None) if dx0 is not None and init_in_up else None)
-    if side is not None:
-        torch.cuda.current_stream(x.device).wait_stream(side)
+                                        fill=None if dx0 is None else (dx0, None))
     split = combine != "buffer"  # "buffer" = deterministic sums: no atomics in the weight grads either
     rank1 = wfold = None
     if centroids is not None:
@@ -202,30 +195,6 @@ def _backward(ctx, dy, *_):
                                  combine, wgrad, needs, centroids, fold, w1c, w2c, b2, init_in_up)
     g = [gr if n else None for gr, n in zip(grads, needs)]
     return (*g[:5], None, None, None, None, None, None, None, g[5], None, None)
-
-
-# the environment variables that change the kernels (recorded with benchmark results: backends.tuning_env);
-# SSD_TRITON_TUNE is read where the tuner runs
-TUNING_VARS = ("SSD_TRITON_CONFIG", "SSD_TRITON_TILE_ORDER", "SSD_TRITON_TUNE", "SSD_TRITON_SIDE_FILL",
-               "SSD_TRITON_BIAS_GRAD", "SSD_TRITON_PDL")
-
-
-def _env_checks():
-    """(variable, the call that reads it and raises UserError on a malformed value) of TUNING_VARS."""
-    from .kernels.column_sums import bias_grad_mode
-    from .kernels.pdl import pdl_enabled
-    from .kernels.side_fill import side_fill_programs
-    k = _kernels()
-    return (("SSD_TRITON_CONFIG", k.env_configs), ("SSD_TRITON_TILE_ORDER", k._tile_groups),
-            ("SSD_TRITON_SIDE_FILL", side_fill_programs), ("SSD_TRITON_BIAS_GRAD", bias_grad_mode),
-            ("SSD_TRITON_PDL", pdl_enabled))
-
-
-def _bias_grad(dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The output bias's gradient dy.sum(0) in `dtype`: torch's reduction, or (SSD_TRITON_BIAS_GRAD=triton)
-    kernels/column_sums.py's."""
-    from .kernels.column_sums import bias_grad_mode, column_sums
-    return column_sums(dy, dtype) if bias_grad_mode() == "triton" else dy.sum(0, dtype=dtype)
 
 
 def _router_centroid_grad(dgate: torch.Tensor, x: torch.Tensor, topk_idx: torch.Tensor, N: int) -> torch.Tensor:
@@ -327,10 +296,10 @@ class TritonBackend:
                 raise ValueError(f"{key}={val!r}; accepted: True, False, 'auto'")
         self.combine, self.wgrad, self.fold_router, self.master_weights = combine, wgrad, fold_router, master_weights
         self.fold_output, self.fused_forward = fold_output, fused_forward
-        if any(os.environ.get(var) for var in TUNING_VARS):  # a malformed value fails here, not in a compiled step
-            for var, check in _env_checks():
-                if os.environ.get(var):
-                    check()
+        if os.environ.get("SSD_TRITON_CONFIG"):
+            _kernels().env_configs()  # a malformed value fails here, not inside a compiled step
+        if os.environ.get("SSD_TRITON_TILE_ORDER"):
+            _kernels()._tile_groups()  # likewise
 
     def folds_router(self, x: torch.Tensor) -> bool:
         """Whether a call on `x` runs our kernels, which can take `router_centroids` (module docstring)."""

@@ -20,7 +20,6 @@ import triton.language as tl
 
 from .common import _grid_tile
 from .down import _down_rows, _staged_blocks
-from .pdl import _pdl_start
 from .up import _gather_gemm, _up_act
 
 
@@ -39,9 +38,7 @@ def _mlp_kernel(
     EVEN_K: tl.constexpr, PREC: tl.constexpr, SCHED: tl.constexpr, SPLIT: tl.constexpr, WTMA: tl.constexpr,
     W1_RC: tl.constexpr, W2_RC: tl.constexpr,
     BM: tl.constexpr, BE: tl.constexpr, BE2: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, NP2: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    _pdl_start(PDL)  # (kernels/pdl.py: SSD_TRITON_PDL)
     e, _, row0, rows, rmask, live = _grid_tile(OFFS, TILES, 1, N, BM, NP2, SCHED)
     if live:
         pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, True)

@@ -18,12 +18,9 @@ program per SM is split between warps:
   into the (t, k) rows), so that the adds run under the tensor cores' next product.
 
 Opt-in (SSD_TRITON_CONFIG="mlp=128,64,64,2,4,5": the fourth entry is the W2 ring's depth, the fifth the x / W1
-ring's, an optional seventh the warps, 16 or 12: LAYOUTS): on an H100 the 16-warp layout is slower than
-kernels/mlp.py (base ReLU inference forward 0.238 against 0.211 ms under Triton 3.9), and tools/probe_mlp_ws.py
-finds its consumers the bound, ≈ 148 µs with no memory traffic at all (docs/kernels.md v18). Its warps launch at
-128 registers, which ptxas applies to the whole kernel, consumers included. The 12-warp layout gives them 168
-(offline, sm_90: 8 bytes of stack at base against 16, and 8B's E = 256 in one m64n256 tile); built in session 25
-without a GPU, it is untimed and its GPU tests have not run (docs/kernels.md v19).
+ring's): on an H100 it is slower than kernels/mlp.py (base ReLU inference forward 0.238 against 0.211 ms under
+Triton 3.9), and tools/probe_mlp_ws.py finds its consumers the bound, ≈ 148 µs with no memory traffic at all
+(docs/kernels.md v18). Its 16 warps launch at MAX_REGS = 128, which ptxas applies to the whole kernel.
 
 E is one power-of-two tile of BE columns plus, with SPLIT, a second of BE2 (base's 192 = 128 + 64), and must
 be exactly that (a TMA box cannot mask the next expert's rows). Serves (`serves`) activations without a gate,
@@ -41,13 +38,11 @@ import torch
 
 from . import down_gluon  # MIN_TRITON, and _sm90 / _sms (one place for tests and tools to stand in)
 
-# The warps and registers per thread (setmaxnreg) of each partition: (x loader warps, consumer, x loader, W2 loader
-# registers, MAX_REGS). MAX_REGS is the launch's, and also ptxas's bound for the whole kernel, consumers included.
-# 16 warps: an x-loader warpgroup and the W2 loader's warp (a warpgroup's worth), 2 x 128 x 224 + 128 x 40 + 128 x 24
-# = 64 K, but the consumers compile within 128 registers (16 bytes of stack at base, and no m64n256 wgmma: E tiles
-# of at most 128 columns). 12 warps: two x-loader warps (a 64-row half each) and the W2 loader share one warpgroup
-# at 64 registers (setmaxnreg is per warpgroup), 2 x 128 x 224 + 128 x 64 = 64 K, and ptxas has 168 per thread.
-LAYOUTS = {16: (4, 224, 40, 24, 128), 12: (2, 224, 64, 64, 168)}
+LOADER_WARPS = 4
+# registers per thread: the two consumer warpgroups, the x loader's warpgroup, the W2 loader's warp (a warpgroup's
+# worth: 16 warps in all, MAX_REGS at launch, also ptxas's bound for the whole kernel, hence `serves`'s E tile of
+# at most 128 columns): 2 x 128 x 224 + 128 x 40 + 128 x 24 = 64 K
+CONSUMER_REGS, LOADER_REGS, W2_LOADER_REGS, MAX_REGS = 224, 40, 24, 128
 SMEM_LIMIT = 227 * 1024
 ACTS = (0, 1, 2, 4)  # kernels/common.ACT_CODES without a gate: relu, gelu, squared_relu, gelu_tanh
 _STATE: dict = {"build": None}
@@ -344,11 +339,11 @@ def smem_bytes(BM: int, BN: int, BK: int, E: int, stages: int, w2_stages: int, e
 
 
 def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: bool, BM: int, BN: int, BK: int,
-           w2_stages: int, stages: int, be: int, be2: int, warps: int = 16) -> bool:
+           w2_stages: int, stages: int, be: int, be2: int) -> bool:
     """Whether this kernel takes tokens x [T, D], W1 [N, E, D] and W2 [N, E, Dout] with this tile: sm_90, bf16 or
     fp16, an activation without a gate, BM = 128 (two warpgroups of 64 rows), BN 16..256 and BK 16..128 powers of
-    two, D a multiple of BK, E exactly the column tiles be + be2 with be at most `max_e_tile` of the layout of
-    `warps` (LAYOUTS), both weights one 2-D matrix
+    two, D a multiple of BK, E exactly the column tiles be + be2 with be <= 128 (MAX_REGS bounds ptxas for the whole
+    kernel, and 8B's one m64n256 wgmma needs more than 128 registers), both weights one 2-D matrix
     (`common.expert_matrix`) with 16-byte aligned rows, x's rows contiguous, two or more stages, the buffers
     within shared memory, and a Triton whose Gluon builds the kernel."""
     from .common import expert_matrix
@@ -361,18 +356,13 @@ def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: b
         return False
     if any(v & (v - 1) for v in (BN, BK)) or not 16 <= BN <= 256 or not 16 <= BK <= 128 or D % BK:
         return False
-    if be + be2 != E or be > max_e_tile(warps) or x.stride(1) != 1 or (x.stride(0) * es) % 16 or x.data_ptr() % 16:
+    if be + be2 != E or be > 128 or x.stride(1) != 1 or (x.stride(0) * es) % 16 or x.data_ptr() % 16:
         return False
     for w in (w1, w2):
         matrix = expert_matrix(w)
         if matrix is None or (matrix[0].stride(0) * es) % 16 or w.data_ptr() % 16:
             return False
     return smem_bytes(BM, BN, BK, E, stages, w2_stages, es) <= SMEM_LIMIT and _build_once() is not None
-
-
-def max_e_tile(warps: int) -> int:
-    """The widest first E tile a layout's consumers compile: 8B's m64n256 wgmma needs more than 128 registers."""
-    return 128 if LAYOUTS[warps][4] <= 128 else 256
 
 
 def _build_once():
@@ -388,10 +378,9 @@ def _boxes(w, rows, cols: int):
 
 
 def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, atomic: bool, BM: int, BN: int,
-           BK: int, w2_stages: int, stages: int, be: int, be2: int, warps: int = 16):
+           BK: int, w2_stages: int, stages: int, be: int, be2: int):
     """The kernel over `tiles` ([n, 2] int32 (expert, first row), first row M = empty) with persistent programs,
-    one per SM, in the layout of `warps` (LAYOUTS). h: the pre-activation [M, E] to store (the backward's), or None.
-    The caller checked `serves`."""
+    one per SM. h: the pre-activation [M, E] to store (the backward's), or None. The caller checked `serves`."""
     kernel, descriptors = _build_once()
     N, E, D = w1.shape
     M = order.shape[0]
@@ -403,10 +392,10 @@ def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, 
     grid = (max(1, min(n_tiles, down_gluon._sms(x.device))),)
     hh = h if h is not None else out
     bias = b1 if b1 is not None else out
-    lw, cregs, lregs, w2regs, max_regs = LAYOUTS[warps]
     kernel[grid](x, x.stride(0), d1, d1b, d2, d2b, tiles, offsets, order, token, gate if gate is not None else out,
                  bias, bias.stride(0), hh, hh.stride(0), out, out.stride(0), M, D, w2.shape[2], E, n_tiles,
                  ACT=act, HAS_BIAS=b1 is not None, SAVE_H=h is not None, SCALE=gate is not None, ATOMIC=atomic,
                  SPLIT=be2 > 0, W1_RC=rc1, W2_RC=rc2, BM=BM, BK=BK, BE=be, BE2=max(be2, 16), BN=BN, XS=stages,
-                 W2S=w2_stages, LW=lw, CREGS=cregs, LREGS=lregs, W2_LOADER_REGS=w2regs, num_warps=4,
-                 maxnreg=max_regs)
+                 W2S=w2_stages, LW=LOADER_WARPS,
+                 CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, W2_LOADER_REGS=W2_LOADER_REGS, num_warps=4,
+                 maxnreg=MAX_REGS)

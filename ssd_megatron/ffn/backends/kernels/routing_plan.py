@@ -6,20 +6,13 @@ later launch adds into (the fused expert MLP's y: `common._fill_share`).
 A block is STEPS consecutive sub-blocks of SUB pairs (a one-hot tile of SUB x NP2 entries each), so that
 there are at most MAX_BLOCKS blocks and the count table stays a few kB. The scan over it, which every
 scatter program repeats for its own block (a few hundred 16-wide rows from L2), replaced a one-program
-scan launch between the two kernels (docs/kernels.md v17).
-
-The output's initialisation (`fill`) is bandwidth work (25 MB at base: ≈ 7 of the count kernel's 9.3 µs, H100,
-docs/kernels.md v17) and the two plan kernels are latency work (a few hundred small programs): with
-SSD_TRITON_SIDE_FILL=P the fill runs beside them on a side stream instead (`side_fill.py`), joined before the
-caller's next launch."""
+scan launch between the two kernels (docs/kernels.md v17)."""
 import torch
 import triton
 import triton.language as tl
 
 from ..routing import initialise
 from .common import _fill_share, fill_args
-from .pdl import _pdl_start, pdl_args
-from .side_fill import side_fill, side_fill_programs
 
 MAX_BLOCKS = 256     # blocks of pairs (programs of each kernel)
 FILL_PROGRAMS = 384  # programs of the first kernel when it also initialises an output
@@ -38,9 +31,8 @@ def _block_onehot(IDX, b, M, BLK: tl.constexpr, NP2: tl.constexpr):
 @triton.jit
 def _plan_count_kernel(IDX, COUNTS, M, NB, STEPS, FILL, FILL_ROW, fill_numel, fill_width, fill_chunk,
                        SUB: tl.constexpr, NP2: tl.constexpr, HAS_FILL: tl.constexpr, HAS_FILL_ROW: tl.constexpr,
-                       FILL_BLOCK: tl.constexpr, PDL: tl.constexpr):
+                       FILL_BLOCK: tl.constexpr):
     """COUNTS[b, e] = pairs of block b routed to expert e (programs past NB only fill)."""
-    _pdl_start(PDL)
     if HAS_FILL:
         _fill_share(FILL, FILL_ROW, fill_numel, fill_width, fill_chunk, HAS_FILL_ROW, FILL_BLOCK)
     b = tl.program_id(0)
@@ -54,11 +46,10 @@ def _plan_count_kernel(IDX, COUNTS, M, NB, STEPS, FILL, FILL_ROW, fill_numel, fi
 
 @triton.jit
 def _plan_scatter_kernel(IDX, COUNTS, OFFS, ORDER, TOK, SEXP, M, K, N, NB, STEPS,
-                         SUB: tl.constexpr, NP2: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr):
+                         SUB: tl.constexpr, NP2: tl.constexpr, CH: tl.constexpr):
     """Each pair's sorted row = where its expert's rows start (the experts' exclusive total sums, OFFS) +
     its expert's pairs in blocks before this one + its rank among this block's pairs of that expert: a
     stable counting sort (within an expert, pairs keep increasing order). Program 0 stores OFFS [N+1]."""
-    _pdl_start(PDL)
     b = tl.program_id(0)
     cols = tl.arange(0, NP2)
     chunk = tl.arange(0, CH)
@@ -88,9 +79,8 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
     """(order, token, sorted expert, offsets), all int32: the stable sort of the flat pairs by expert
     as two small kernels (counts per block; starts and scatter) instead of a radix sort + searchsorted.
     fill = (out, row or None): the first kernel's programs also set the contiguous [T, W] `out` to `row`
-    broadcast over its rows, or to zeros (with SSD_TRITON_SIDE_FILL, programs on a side stream beside the two
-    kernels: side_fill.py). max_blocks: at most this many blocks (tests make it small, so that a block spans
-    several sub-blocks)."""
+    broadcast over its rows, or to zeros. max_blocks: at most this many blocks (tests make it small, so
+    that a block spans several sub-blocks)."""
     M, N = flat_idx.numel(), num_experts
     dev = flat_idx.device
     np2 = max(16, triton.next_power_of_2(N))
@@ -102,20 +92,12 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
     offsets = torch.empty(N + 1, device=dev, dtype=torch.int32)
     order, token, sexp = (torch.empty(M, device=dev, dtype=torch.int32) for _ in range(3))
     if M:
-        programs = side_fill_programs() if fill is not None and dev.type == "cuda" else 0
-        side = side_fill(fill, programs) if programs else None
-        if side is not None:
-            fill = None
         grid = nb if fill is None else max(nb, FILL_PROGRAMS)
         fills, meta = fill_args(fill, grid, counts)
-        pdl = pdl_args(flat_idx)
-        _plan_count_kernel[(grid,)](flat_idx, counts, M, nb, steps, *fills, SUB=sub, NP2=np2, num_warps=4, **meta,
-                                    **pdl)
+        _plan_count_kernel[(grid,)](flat_idx, counts, M, nb, steps, *fills, SUB=sub, NP2=np2, num_warps=4, **meta)
         ch = min(triton.next_power_of_2(nb), max(1, 4096 // np2))
         _plan_scatter_kernel[(nb,)](flat_idx, counts, offsets, order, token, sexp, M, top_k, N, nb, steps,
-                                    SUB=sub, NP2=np2, CH=ch, num_warps=4, **pdl)
-        if side is not None:
-            torch.cuda.current_stream(dev).wait_stream(side)  # the fill is done before the caller's next launch
+                                    SUB=sub, NP2=np2, CH=ch, num_warps=4)
     else:
         offsets.zero_()
         if fill is not None:
