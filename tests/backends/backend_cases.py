@@ -143,6 +143,16 @@ def expert_major_sparse_ffn(d_model, d_ff, activation, num_experts, top_k, devic
     return ffn
 
 
+def gluon_stand_in(monkeypatch, module, why: str) -> None:
+    """For the Gluon launchers' fallback tests: the device counts as sm_90 unless `why` is "cpu", and `module`'s
+    kernel (kernels/down_gluon.py or mlp_gluon.py) as not buildable when `why` is "older-triton"."""
+    from ssd_megatron.ffn.backends.kernels import down_gluon  # (one sm_90 check for both kernels)
+    if why != "cpu":
+        monkeypatch.setattr(down_gluon, "_sm90", lambda t: True)
+    if why == "older-triton":
+        monkeypatch.setitem(module._STATE, "build", False)
+
+
 class Recorder:
     """Stands in for a kernel (`kernel[grid](...)`) or a launch function: records which ran, with what."""
 

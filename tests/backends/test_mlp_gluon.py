@@ -10,10 +10,10 @@ import pytest
 import torch
 
 try:
-    from .backend_cases import Recorder
+    from .backend_cases import Recorder, gluon_stand_in
     from .test_offline_compile import _compile_env, compiled_in_subprocess
 except ImportError:  # run as a script: the compile subprocess, which needs none of them
-    Recorder = _compile_env = compiled_in_subprocess = None
+    Recorder = gluon_stand_in = _compile_env = compiled_in_subprocess = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WS = (128, 64, 64, 2, 3, 5)  # BM, BN, BK, the W2 ring's depth, the x / W1 ring's, variant 5
@@ -100,14 +100,11 @@ def test_ws_fused_forward_falls_back(monkeypatch, why):
     128, D not a multiple of BK, fp32, too much shared memory, a W2 ring of one slot, BM other than 128."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K
-    from ssd_megatron.ffn.backends.kernels import down_gluon, mlp_gluon
+    from ssd_megatron.ffn.backends.kernels import mlp_gluon
     calls = []
     monkeypatch.setattr(K, "_mlp_kernel", Recorder(calls, "triton"))
     monkeypatch.setattr(mlp_gluon, "launch", Recorder(calls, "ws"))
-    if why != "cpu":
-        monkeypatch.setattr(down_gluon, "_sm90", lambda t: True)
-    if why == "older-triton":
-        monkeypatch.setitem(mlp_gluon._STATE, "build", False)
+    gluon_stand_in(monkeypatch, mlp_gluon, why)
     act, E, D, dtype, cfg = NOT_SERVED.get(why, ("relu", 192, 128, torch.bfloat16, WS))
     x, w1, b1, w2, plan, gate = _case(act, E, dtype, D=D)
     if act == "swiglu":

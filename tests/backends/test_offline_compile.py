@@ -17,9 +17,9 @@ import pytest
 import torch
 
 try:
-    from .backend_cases import Recorder
-except ImportError:  # run as a script: the compile subprocess, which does not need it
-    Recorder = None
+    from .backend_cases import Recorder, gluon_stand_in
+except ImportError:  # run as a script: the compile subprocess, which does not need them
+    Recorder = gluon_stand_in = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "compile_report.py")
@@ -221,10 +221,7 @@ def test_ws_down_falls_back_to_staged(monkeypatch, why):
     monkeypatch.setattr(K, "_down_kernel", Recorder(calls, "triton"))
     monkeypatch.setattr(K, "_down_tma_kernel", Recorder(calls, "tma"))
     monkeypatch.setattr(down_gluon, "launch", Recorder(calls, "ws"))
-    if why != "cpu":
-        monkeypatch.setattr(down_gluon, "_sm90", lambda t: True)
-    if why == "older-triton":
-        monkeypatch.setitem(down_gluon._STATE, "build", False)
+    gluon_stand_in(monkeypatch, down_gluon, why)
     a, w, plan, gate, (BM, BN, stages) = _ws_operands(why)
     K.force_config(down=(BM, BN, 64, 4, stages, K.WS))
     try:
