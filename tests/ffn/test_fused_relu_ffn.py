@@ -247,10 +247,14 @@ def test_cuda_fused_matches_unfused(dtype, monkeypatch):
 @pytest.mark.parametrize("shape", [(1000, 256, 1000), (16384, 768, 6144), (77, 64, 130)])
 def test_cuda_masked_gemm_kernel(shape):
     M, K, N = shape
+    torch.manual_seed(0)
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(N, K, device="cuda", dtype=torch.bfloat16).t()  # W_out as stored: a strided [K, N] view
     h = torch.relu(torch.randn(M, N, device="cuda", dtype=torch.bfloat16))
     c = relu_mask_matmul(a, b, h)
     ref = torch.where(h > 0, (a.float() @ b.float()), 0.0)
-    assert torch.equal(c == 0, (h == 0) | (ref.to(torch.bfloat16) == 0))
+    # the mask exactly: zeros wherever h is. Where h > 0 a product may still round to an exact zero in one
+    # summation order and not the other (a sum of 768 products cancelling to ~1e-6: H100, session 26), so
+    # there only closeness is asked.
+    assert not c[h == 0].any()
     torch.testing.assert_close(c.float(), ref, rtol=2e-2, atol=2e-2 * K ** 0.5)

@@ -34,6 +34,7 @@ import triton
 from .kernels.common import ACT_CODES, expert_boxes, expert_matrix, fill_args
 from .kernels.down import _down_kernel, _down_tma_kernel
 from .kernels.mlp import _mlp_kernel
+from .kernels.tile_table import expert_tile_table
 from .kernels.up import _up_kernel
 from .kernels.wgrad import _wgrad_kernel
 from .routing import initialise
@@ -299,9 +300,9 @@ def _tile_table(offsets: torch.Tensor, M: int, BM: int, e, i, valid) -> torch.Te
 
 def expert_tiles(offsets: torch.Tensor, M: int, N: int, BM: int) -> torch.Tensor:
     """[cdiv(M, BM) + N, 2] int32 (expert, first row) of every M-tile in expert order; the unused tail of
-    this upper bound holds empty tiles (first row M). The work list of the Gluon down kernel (WS)."""
-    e, i, _, valid = _tile_index(offsets, M, N, BM)
-    return _tile_table(offsets, M, BM, e, i, valid)
+    this upper bound holds empty tiles (first row M). The work list of the Gluon kernels (WS): one launch,
+    `kernels/tile_table.py`."""
+    return expert_tile_table(offsets, M, N, BM)
 
 
 def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int, group: int = 0) -> torch.Tensor:
