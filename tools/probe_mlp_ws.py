@@ -4,7 +4,7 @@ copies, W1's or W2's TMA loads (their barriers arrive at once instead), the atom
 condition the compiler cannot fold), or all loads. The results are wrong by design; only the times count. Against
 kernels/mlp.py's default in the same process (docs/kernels.md v18).
 
-    python tools/probe_mlp_ws.py [--config 128,64,64,2,4,5] [--rounds 2] [--out probe.json]   (Triton >= 3.9, sm_90)
+    python tools/probe_mlp_ws.py [--config 128,64,64,6,4,5] [--rounds 2] [--out probe.json]   (Triton >= 3.9, sm_90)
 """
 import argparse
 import datetime
@@ -20,12 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ssd_megatron.ffn.backends.kernels import mlp_gluon  # noqa: E402
 
 X = [("async_copy.async_load(x_bufs.index(s), xrow + (k + cols)[None, :], mask=rmask[:, None])", "pass")]
-W1 = [("mbarrier.expect(w1_full.index(s), w1_bytes)", "mbarrier.arrive(w1_full.index(s), count=1)"),
-      ("_w_tile(w1_desc, e * E, k, w1_full.index(s), w1_bufs.index(s), W1_RC)", "pass"),
-      ("_w_tile(w1_desc2, e * E + BE, k, w1_full.index(s), w1_bufs2.index(s), W1_RC)", "pass")]
-W2 = [("mbarrier.expect(w2_full.index(s2), w2_bytes)", "mbarrier.arrive(w2_full.index(s2), count=1)"),
-      ("_w_tile(w2_desc, e * E, n, w2_full.index(s2), w2_bufs.index(s2), W2_RC)", "pass"),
-      ("_w_tile(w2_desc2, e * E + BE, n, w2_full.index(s2), w2_bufs2.index(s2), W2_RC)", "pass")]
+W1 = [("""_w_load(w1_desc, w1_desc2, e * E, k, w_full.index(s), w_bufs.index(s), w_bufs2.index(s), SPLIT,
+                            W1_RC, BE)""", "mbarrier.arrive(w_full.index(s), count=1)")]
+W2 = [("""_w_load(w2_desc, w2_desc2, e * E, n, w_full.index(s), w_bufs.index(s), w_bufs2.index(s), SPLIT,
+                            W2_RC, BE)""", "mbarrier.arrive(w_full.index(s), count=1)")]
 ADDS = [("omask = rmask[:, None] & (cols < Dout)[None, :]",
          "omask = (rmask & (dst < 0))[:, None] & (cols < Dout)[None, :]")]
 PROBES = {"whole": [], "no-atomics": ADDS, "no-x": X, "no-w1": W1, "no-w2": W2, "no-loads": X + W1 + W2,
@@ -59,7 +57,7 @@ def main() -> int:
     from ssd_megatron.ffn.backends import get_backend
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="128,64,64,2,4,5", help="the mlp config (variant 5)")
+    ap.add_argument("--config", default="128,64,64,6,4,5", help="the mlp config (variant 5)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="")
     args = ap.parse_args()

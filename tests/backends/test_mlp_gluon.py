@@ -16,7 +16,7 @@ except ImportError:  # run as a script: the compile subprocess, which needs none
     Recorder = gluon_stand_in = _compile_env = compiled_in_subprocess = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WS = (128, 64, 64, 2, 3, 5)  # BM, BN, BK, the W2 ring's depth, the x / W1 ring's, variant 5
+WS = (128, 64, 64, 2, 3, 5)  # BM, BN, BK, the weight ring's depth, the x ring's, variant 5
 # name -> (activation, E, dtype, combine, W2 as W_out's column view, h saved): base's split E = 128 + 64 in the
 # inference forward (bf16 adds, the layer's column view), a training forward storing h (gelu, the (t, k) rows),
 # fp16 with fp32 adds, squared ReLU without a bias
@@ -86,7 +86,8 @@ NOT_SERVED = {"cpu": ("relu", 192, 128, torch.bfloat16, WS),
               "ragged-e": ("relu", 24, 128, torch.bfloat16, WS),       # 16 + 16 columns would reach the next expert
               "ragged-d": ("relu", 64, 96, torch.bfloat16, WS),        # D not a multiple of BK
               "fp32": ("relu", 64, 128, torch.float32, WS),
-              "smem": ("relu", 192, 128, torch.bfloat16, (128, 128, 64, 2, 4, 5)),
+              "smem": ("relu", 192, 128, torch.bfloat16, (128, 64, 64, 8, 4, 5)),
+              "bn-not-bk": ("relu", 64, 128, torch.bfloat16, (128, 128, 64, 2, 2, 5)),  # W1, W2 tiles share slots
               "wide-e": ("relu", 256, 128, torch.bfloat16, (128, 64, 64, 2, 2, 5)),  # one 256-column tile
               "one-slot-ring": ("relu", 64, 128, torch.bfloat16, (128, 64, 64, 1, 3, 5)),
               "bm": ("relu", 64, 128, torch.bfloat16, (64, 64, 64, 2, 3, 5))}
@@ -97,7 +98,8 @@ def test_ws_fused_forward_falls_back(monkeypatch, why):
     """mlp variant 5 launches the Gluon kernel over the M-tile table where it serves, with the tile, activation and
     combine asked for; kernels/mlp.py (pointer loads) otherwise: not sm_90 (here: CPU), a Triton without the Gluon
     it is written for, a gated activation, E not exactly one or two power-of-two tiles or a first tile wider than
-    128, D not a multiple of BK, fp32, too much shared memory, a W2 ring of one slot, BM other than 128."""
+    128, D not a multiple of BK, fp32, too much shared memory, a weight ring of one slot, BN other than BK, BM other
+    than 128."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K
     from ssd_megatron.ffn.backends.kernels import mlp_gluon
@@ -125,7 +127,7 @@ def test_ws_fused_forward_falls_back(monkeypatch, why):
 
 
 def test_ws_fused_forward_config():
-    """mlp=...,5 is accepted, its fourth entry (the W2 ring's depth) need not be a power of two; for other kinds
+    """mlp=...,5 is accepted, its fourth entry (the weight ring's depth) need not be a power of two; for other kinds
     the fourth entry (warps) still must be."""
     pytest.importorskip("triton")
     from ssd_megatron.errors import UserError
@@ -139,3 +141,14 @@ def test_ws_fused_forward_config():
 
 if __name__ == "__main__":
     _compile_main()
+
+
+def test_probe_tool_substitutions_match_the_kernel_source():
+    """tools/probe_mlp_ws.py removes parts of the kernel by replacing source lines: each must still be there."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import probe_mlp_ws
+
+    from ssd_megatron.ffn.backends.kernels import mlp_gluon
+    src = open(mlp_gluon.__file__).read()
+    missing = [(name, old) for name, subs in probe_mlp_ws.PROBES.items() for old, _ in subs if old not in src]
+    assert not missing, missing

@@ -46,7 +46,7 @@ from .routing import initialise
 # Triton >= 3.9, AUTO_WS; BK and WARPS unused, STAGES = its W ring; STAGED where a forced WS does not serve);
 # mlp 3 = TMA (the weights' tiles by TMA where the descriptors serve, `_mlp_descriptors`), 5 = WS (the fused
 # forward as a warp-specialised Gluon kernel, kernels/mlp_gluon.py: opt-in, slower than the default (docs/kernels.md
-# v18); WARPS is then the depth of its W2 ring, STAGES its x / W1 ring's; kernels/mlp.py where it does not serve);
+# v18); WARPS is then the depth of its weight ring (W1's and W2's tiles), STAGES its x ring's; kernels/mlp.py where it does not serve);
 # up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE); a seventh entry of 1
 # (up kinds: 8B's GLU ones by default on Hopper, elsewhere opt-in) = their weights' tiles by TMA;
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none), and a seventh entry of 1 = its
@@ -131,7 +131,7 @@ def _parse_configs(text: str) -> dict:
             cfg = tuple(int(v) for v in values.split(","))
         except ValueError:
             raise UserError(f"{bad}: the values must be 5 to 7 integers, e.g. 128,128,64,8,3") from None
-        ring = kind == "mlp" and cfg[5:] == (WS,)  # the fourth entry: the W2 ring's depth (kernels/mlp_gluon.py)
+        ring = kind == "mlp" and cfg[5:] == (WS,)  # the fourth entry: the weight ring's depth (kernels/mlp_gluon.py)
         pow2 = cfg[:3 if ring else 4]
         if len(cfg) not in (5, 6, 7) or any(v < 1 or v & (v - 1) for v in pow2) or min(cfg[3:5]) < 1:
             raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
@@ -301,8 +301,11 @@ def _tile_table(offsets: torch.Tensor, M: int, BM: int, e, i, valid) -> torch.Te
 def expert_tiles(offsets: torch.Tensor, M: int, N: int, BM: int) -> torch.Tensor:
     """[cdiv(M, BM) + N, 2] int32 (expert, first row) of every M-tile in expert order; the unused tail of
     this upper bound holds empty tiles (first row M). The work list of the Gluon kernels (WS): one launch,
-    `kernels/tile_table.py`."""
-    return expert_tile_table(offsets, M, N, BM)
+    `kernels/tile_table.py`, where Triton runs (else torch ops, as `token_window_tiles`)."""
+    if offsets.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return expert_tile_table(offsets, M, N, BM)
+    e, i, _, valid = _tile_index(offsets, M, N, BM)
+    return _tile_table(offsets, M, BM, e, i, valid)
 
 
 def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int, group: int = 0) -> torch.Tensor:
@@ -630,7 +633,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
             init()
         if cfg[5:] == (WS,):  # the Gluon kernel where it serves (kernels/mlp_gluon.py), else the pointer loads
             from .kernels import mlp_gluon
-            if mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, nw, ns, be, be2):  # (nw: the W2 ring's depth)
+            if mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, nw, ns, be, be2):  # (nw: the weight ring's depth)
                 tiles = _tile_list(plan, BM, _tile_groups(order))
                 mlp_gluon.launch(x, w1, b1, w2, tiles, plan.offsets, plan.order, plan.token, gate_flat,
                                  h if save_h else None, buf, act, atomic, BM, BN, BK, nw, ns, be, be2)

@@ -7,10 +7,11 @@ the other in one CTA per SM; Nsight Compute at base (docs/kernels.md v17) found 
 program per SM is split between warps:
 
 - an **x loader** warpgroup gathers the tile's x rows (`X[token]`, [BM, BK] per reduction step) with cp.async,
-  whose completion arrives on the step's barrier (`async_copy.mbarrier_arrive`, one arrival per thread), and
-  issues the TMA loads of W1's [E, BK] tiles of the tile's expert;
-- a **W2 loader** warp issues the TMA loads of W2's [E, BN] tiles into a ring of their own, so that the next
-  tile's x rows and W1 tiles load while the consumers finish this one's down GEMM;
+  whose completion arrives on the step's barrier (`async_copy.mbarrier_arrive`, one arrival per thread);
+- a **weight loader** warp issues every weight tile's TMA load into one ring, in the order the consumers take
+  them: the tile's W1 tiles ([E, BK], one per reduction step), its W2 tiles ([E, BN], one per output column
+  block), then the next tile's. So each GEMM has the whole ring ahead of it: the next tile's W1 tiles load
+  during this tile's down GEMM and its W2 tiles during the up GEMM (BN = BK: the two kinds share the slots);
 - two **consumer** warpgroups each take half of the tile's rows (BM / 2) and share every W tile. The up GEMM
   keeps one reduction step of wgmma in flight; its epilogue (bias, h stored when the backward needs it,
   activation) leaves a = act(h) in registers as the down GEMM's A operand; each output column block's wgmma is
@@ -39,10 +40,10 @@ import torch
 from . import down_gluon  # MIN_TRITON, and _sm90 / _sms (one place for tests and tools to stand in)
 
 LOADER_WARPS = 4
-# registers per thread: the two consumer warpgroups, the x loader's warpgroup, the W2 loader's warp (a warpgroup's
-# worth: 16 warps in all, MAX_REGS at launch, also ptxas's bound for the whole kernel, hence `serves`'s E tile of
-# at most 128 columns): 2 x 128 x 224 + 128 x 40 + 128 x 24 = 64 K
-CONSUMER_REGS, LOADER_REGS, W2_LOADER_REGS, MAX_REGS = 224, 40, 24, 128
+# registers per thread: the two consumer warpgroups, the x loader's warpgroup, the weight loader's warp (a
+# warpgroup's worth: 16 warps in all, MAX_REGS at launch, also ptxas's bound for the whole kernel, hence `serves`'s
+# E tile of at most 128 columns): 2 x 128 x 224 + 128 x 40 + 128 x 24 = 64 K
+CONSUMER_REGS, LOADER_REGS, W_LOADER_REGS, MAX_REGS = 224, 40, 24, 128
 SMEM_LIMIT = 227 * 1024
 ACTS = (0, 1, 2, 4)  # kernels/common.ACT_CODES without a gate: relu, gelu, squared_relu, gelu_tanh
 _STATE: dict = {"build": None}
@@ -77,6 +78,11 @@ def _build():
             tma.async_load(desc, [c0, r0], bar, buf)
 
     @gluon.jit
+    def _as_box(buf, desc):
+        """A ring slot viewed as `desc`'s box (W1's [E, BK] and W2's [BN, E] boxes share the slots)."""
+        return buf.reinterpret(shape=desc.block_type.shape, layout=desc.layout)
+
+    @gluon.jit
     def _b_operand(buf, RC: gl.constexpr):
         """The wgmma B operand [K, N] of a W tile stored [K, N] (RC) or [N, K]."""
         if RC:
@@ -86,18 +92,16 @@ def _build():
         return out
 
     @gluon.jit
-    def x_loader(X, stride_x, w1_desc, w1_desc2, x_bufs, w1_bufs, w1_bufs2, x_full, w1_full, xw_empty, TILES, OFFS, TOK,
-                 M, D, E, n_tiles, SPLIT: gl.constexpr, W1_RC: gl.constexpr, BE: gl.constexpr, LW: gl.constexpr):
-        """The up GEMM's operands of every tile: the gathered x rows by cp.async, W1's tiles by TMA."""
+    def x_loader(X, stride_x, x_bufs, x_full, x_empty, TILES, OFFS, TOK, M, D, n_tiles, LW: gl.constexpr):
+        """The up GEMM's A operand of every tile: the gathered x rows by cp.async."""
         XS: gl.constexpr = x_bufs.type.shape[0]
         BM: gl.constexpr = x_bufs.type.shape[1]
         BK: gl.constexpr = x_bufs.type.shape[2]
         # 16 bytes per thread and copy: BK / 8 threads along a row
         layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (BK // 8), BK // 8],
                                                 warps_per_cta=[LW, 1], order=[1, 0])
-        w1_bytes: gl.constexpr = w1_desc.block_type.nbytes + (w1_desc2.block_type.nbytes if SPLIT else 0)
         cols = gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
-        kc = 0  # reduction steps loaded so far (the x / W1 ring)
+        kc = 0  # reduction steps loaded so far (the x ring)
         for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
             e = gl.load(TILES + 2 * t)
             row0 = gl.load(TILES + 2 * t + 1)
@@ -108,35 +112,47 @@ def _build():
                 xrow = X + tok.to(gl.int64)[:, None] * stride_x
                 for k in range(0, D, BK):
                     s = kc % XS
-                    mbarrier.wait(xw_empty.index(s), ((kc // XS) & 1) ^ 1)  # a fresh barrier passes phase 1
+                    mbarrier.wait(x_empty.index(s), ((kc // XS) & 1) ^ 1)  # a fresh barrier passes phase 1
                     async_copy.async_load(x_bufs.index(s), xrow + (k + cols)[None, :], mask=rmask[:, None])
                     async_copy.mbarrier_arrive(x_full.index(s), increment_count=False)
-                    mbarrier.expect(w1_full.index(s), w1_bytes)
-                    _w_tile(w1_desc, e * E, k, w1_full.index(s), w1_bufs.index(s), W1_RC)
-                    if SPLIT:
-                        _w_tile(w1_desc2, e * E + BE, k, w1_full.index(s), w1_bufs2.index(s), W1_RC)
                     kc += 1
 
     @gluon.jit
-    def w2_loader(w2_desc, w2_desc2, w2_bufs, w2_bufs2, w2_full, w2_empty, TILES, M, Dout, E, n_tiles,
-                  SPLIT: gl.constexpr, W2_RC: gl.constexpr, BE: gl.constexpr, BN: gl.constexpr):
-        """The down GEMM's W2 tiles of every tile by TMA, in a ring of their own: they run ahead of the x rows'
-        loads, and those of the next tile start while this tile's down GEMM runs."""
-        W2S: gl.constexpr = w2_bufs.type.shape[0]
-        w2_bytes: gl.constexpr = w2_desc.block_type.nbytes + (w2_desc2.block_type.nbytes if SPLIT else 0)
-        nc = 0  # W2 column blocks loaded so far (the W2 ring)
+    def _w_load(desc, desc2, r0, c0, bar, buf, buf2, SPLIT: gl.constexpr, RC: gl.constexpr, BE: gl.constexpr):
+        """One weight tile (both of E's column tiles with SPLIT) into a ring slot, arriving on `bar`."""
+        nbytes: gl.constexpr = desc.block_type.nbytes + (desc2.block_type.nbytes if SPLIT else 0)
+        mbarrier.expect(bar, nbytes)
+        _w_tile(desc, r0, c0, bar, _as_box(buf, desc), RC)
+        if SPLIT:
+            _w_tile(desc2, r0 + BE, c0, bar, _as_box(buf2, desc2), RC)
+
+    @gluon.jit
+    def w_loader(w1_desc, w1_desc2, w2_desc, w2_desc2, w_bufs, w_bufs2, w_full, w_empty, TILES, M, D, Dout, E,
+                 n_tiles, SPLIT: gl.constexpr, W1_RC: gl.constexpr, W2_RC: gl.constexpr, BE: gl.constexpr,
+                 BK: gl.constexpr):
+        """Every weight tile by TMA, in the order the consumers take them: a tile's W1 tiles (one per reduction
+        step), then its W2 tiles (one per output column block), then the next tile's. One ring serves both
+        GEMMs, so each has the ring's whole depth: the next tile's W1 tiles load during this tile's down GEMM,
+        and W2's during its up GEMM (two rings of their own had left the consumers waiting on W2 tiles for
+        10% of their samples, Nsight Compute, docs/kernels.md v20)."""
+        WS: gl.constexpr = w_bufs.type.shape[0]
+        wc = 0  # weight tiles loaded so far (the weight ring)
         for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
             e = gl.load(TILES + 2 * t)
             row0 = gl.load(TILES + 2 * t + 1)
             if row0 < M:
-                for n in range(0, Dout, BN):
-                    s2 = nc % W2S
-                    mbarrier.wait(w2_empty.index(s2), ((nc // W2S) & 1) ^ 1)
-                    mbarrier.expect(w2_full.index(s2), w2_bytes)
-                    _w_tile(w2_desc, e * E, n, w2_full.index(s2), w2_bufs.index(s2), W2_RC)
-                    if SPLIT:
-                        _w_tile(w2_desc2, e * E + BE, n, w2_full.index(s2), w2_bufs2.index(s2), W2_RC)
-                    nc += 1
+                for k in range(0, D, BK):
+                    s = wc % WS
+                    mbarrier.wait(w_empty.index(s), ((wc // WS) & 1) ^ 1)
+                    _w_load(w1_desc, w1_desc2, e * E, k, w_full.index(s), w_bufs.index(s), w_bufs2.index(s), SPLIT,
+                            W1_RC, BE)
+                    wc += 1
+                for n in range(0, Dout, BK):  # (BN = BK: a W2 tile fills a slot as a W1 tile does)
+                    s = wc % WS
+                    mbarrier.wait(w_empty.index(s), ((wc // WS) & 1) ^ 1)
+                    _w_load(w2_desc, w2_desc2, e * E, n, w_full.index(s), w_bufs.index(s), w_bufs2.index(s), SPLIT,
+                            W2_RC, BE)
+                    wc += 1
 
     @gluon.jit
     def _activation(acc, cols, cmask, rows, rmask, e, B1, stride_b1, H, stride_h, dtype: gl.constexpr,
@@ -178,8 +194,8 @@ def _build():
             gl.store(OUT + dst[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
 
     @gluon.jit
-    def consumer(x_bufs, w1_bufs, w1_bufs2, w2_bufs, w2_bufs2, x_full, w1_full, xw_empty, w2_full, w2_empty, TILES,
-                 OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E, n_tiles,
+    def consumer(x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w1_desc, w1_desc2, w2_desc, w2_desc2,
+                 TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E, n_tiles,
                  which: gl.constexpr,
                  ACT: gl.constexpr, HAS_BIAS: gl.constexpr, SAVE_H: gl.constexpr, SCALE: gl.constexpr,
                  ATOMIC: gl.constexpr, SPLIT: gl.constexpr, W1_RC: gl.constexpr, W2_RC: gl.constexpr,
@@ -187,7 +203,7 @@ def _build():
         XS: gl.constexpr = x_bufs.type.shape[0]
         BM: gl.constexpr = x_bufs.type.shape[1]
         BK: gl.constexpr = x_bufs.type.shape[2]
-        W2S: gl.constexpr = w2_bufs.type.shape[0]
+        WS: gl.constexpr = w_bufs.type.shape[0]
         HM: gl.constexpr = BM // 2  # this warpgroup's rows of the tile
         dtype: gl.constexpr = x_bufs.dtype
         up_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BE, 16])
@@ -199,8 +215,8 @@ def _build():
         layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (BN // 8), BN // 8],
                                                 warps_per_cta=[4, 1], order=[1, 0])
         row_l: gl.constexpr = gl.SliceLayout(1, layout)
-        kc = 0
-        nc = 0
+        kc = 0  # x ring steps taken
+        wc = 0  # weight ring tiles taken (W1's and W2's, in w_loader's order)
         for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
             e = gl.load(TILES + 2 * t)
             row0 = gl.load(TILES + 2 * t + 1)
@@ -212,24 +228,30 @@ def _build():
                 acc2 = gl.zeros((HM, BE2), dtype=gl.float32, layout=up_l2)
                 for k in range(0, D, BK):
                     s = kc % XS
+                    sw = wc % WS
                     mbarrier.wait(x_full.index(s), (kc // XS) & 1)
-                    mbarrier.wait(w1_full.index(s), (kc // XS) & 1)
+                    mbarrier.wait(w_full.index(sw), (wc // WS) & 1)
                     fence_async_shared()  # the cp.async writes (generic proxy) before wgmma's reads (async proxy)
                     xa = x_bufs.index(s).slice(which * HM, HM)
-                    acc = warpgroup_mma(xa, _b_operand(w1_bufs.index(s), not W1_RC), acc, is_async=True)
+                    acc = warpgroup_mma(xa, _b_operand(_as_box(w_bufs.index(sw), w1_desc), not W1_RC), acc,
+                                        is_async=True)
                     if SPLIT:
-                        acc2 = warpgroup_mma(xa, _b_operand(w1_bufs2.index(s), not W1_RC), acc2, is_async=True)
+                        acc2 = warpgroup_mma(xa, _b_operand(_as_box(w_bufs2.index(sw), w1_desc2), not W1_RC), acc2,
+                                             is_async=True)
                         acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
                     else:
                         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-                    if k > 0:  # the previous step's products are done: its stage may be refilled
-                        mbarrier.arrive(xw_empty.index((kc + XS - 1) % XS), count=1)
+                    if k > 0:  # the previous step's products are done: its slots may be refilled
+                        mbarrier.arrive(x_empty.index((kc + XS - 1) % XS), count=1)
+                        mbarrier.arrive(w_empty.index((wc + WS - 1) % WS), count=1)
                     kc += 1
+                    wc += 1
                 if SPLIT:
                     acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
                 else:
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(xw_empty.index((kc + XS - 1) % XS), count=1)
+                mbarrier.arrive(x_empty.index((kc + XS - 1) % XS), count=1)
+                mbarrier.arrive(w_empty.index((wc + WS - 1) % WS), count=1)
                 # ---- bias, h, activation: a = act(h) stays in registers as the down GEMM's A operand
                 rows_u = r0 + gl.arange(0, HM, layout=gl.SliceLayout(1, up_l))
                 cols_u = gl.arange(0, BE, layout=gl.SliceLayout(0, up_l))
@@ -257,25 +279,29 @@ def _build():
                 else:
                     dst = pair.to(gl.int64) * stride_o
                 zero = gl.zeros((HM, BN), dtype=gl.float32, layout=dn_l)
-                s2 = nc % W2S
-                mbarrier.wait(w2_full.index(s2), (nc // W2S) & 1)
-                cur = warpgroup_mma(a1, _b_operand(w2_bufs.index(s2), W2_RC), zero, use_acc=False, is_async=True)
+                sw = wc % WS
+                mbarrier.wait(w_full.index(sw), (wc // WS) & 1)
+                cur = warpgroup_mma(a1, _b_operand(_as_box(w_bufs.index(sw), w2_desc), W2_RC), zero, use_acc=False,
+                                    is_async=True)
                 if SPLIT:
-                    cur = warpgroup_mma(a2, _b_operand(w2_bufs2.index(s2), W2_RC), cur, is_async=True)
+                    cur = warpgroup_mma(a2, _b_operand(_as_box(w_bufs2.index(sw), w2_desc2), W2_RC), cur,
+                                        is_async=True)
                 cur = warpgroup_mma_wait(num_outstanding=0, deps=(cur, a1, a2))[0]
-                mbarrier.arrive(w2_empty.index(s2), count=1)
-                nc += 1
+                mbarrier.arrive(w_empty.index(sw), count=1)
+                wc += 1
                 num_n = gl.cdiv(Dout, BN)
                 for n in range(1, num_n):
-                    s2 = nc % W2S
-                    mbarrier.wait(w2_full.index(s2), (nc // W2S) & 1)
-                    nxt = warpgroup_mma(a1, _b_operand(w2_bufs.index(s2), W2_RC), zero, use_acc=False, is_async=True)
+                    sw = wc % WS
+                    mbarrier.wait(w_full.index(sw), (wc // WS) & 1)
+                    nxt = warpgroup_mma(a1, _b_operand(_as_box(w_bufs.index(sw), w2_desc), W2_RC), zero,
+                                        use_acc=False, is_async=True)
                     if SPLIT:
-                        nxt = warpgroup_mma(a2, _b_operand(w2_bufs2.index(s2), W2_RC), nxt, is_async=True)
+                        nxt = warpgroup_mma(a2, _b_operand(_as_box(w_bufs2.index(sw), w2_desc2), W2_RC), nxt,
+                                            is_async=True)
                     _store_block(cur, n - 1, rmask, dst, g, OUT, Dout, BN, layout, SCALE, ATOMIC)
                     cur = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, a1, a2))[0]
-                    mbarrier.arrive(w2_empty.index(s2), count=1)
-                    nc += 1
+                    mbarrier.arrive(w_empty.index(sw), count=1)
+                    wc += 1
                 _store_block(cur, num_n - 1, rmask, dst, g, OUT, Dout, BN, layout, SCALE, ATOMIC)
 
     @gluon.jit
@@ -284,41 +310,37 @@ def _build():
                       ACT: gl.constexpr, HAS_BIAS: gl.constexpr, SAVE_H: gl.constexpr, SCALE: gl.constexpr,
                       ATOMIC: gl.constexpr, SPLIT: gl.constexpr, W1_RC: gl.constexpr, W2_RC: gl.constexpr,
                       BM: gl.constexpr, BK: gl.constexpr, BE: gl.constexpr, BE2: gl.constexpr, BN: gl.constexpr,
-                      XS: gl.constexpr, W2S: gl.constexpr, LW: gl.constexpr,
-                      CREGS: gl.constexpr, LREGS: gl.constexpr, W2_LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                      XS: gl.constexpr, WS: gl.constexpr, LW: gl.constexpr,
+                      CREGS: gl.constexpr, LREGS: gl.constexpr, W_LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = w1_desc.dtype
         x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], dtype)
         x_bufs = gl.allocate_shared_memory(dtype, [XS, BM, BK], x_layout)
-        w1_bufs = gl.allocate_shared_memory(dtype, [XS] + w1_desc.block_type.shape, w1_desc.layout)
-        w1_bufs2 = gl.allocate_shared_memory(dtype, [XS] + w1_desc2.block_type.shape, w1_desc2.layout)
-        w2_bufs = gl.allocate_shared_memory(dtype, [W2S] + w2_desc.block_type.shape, w2_desc.layout)
-        w2_bufs2 = gl.allocate_shared_memory(dtype, [W2S] + w2_desc2.block_type.shape, w2_desc2.layout)
+        # the weight ring's slots, in W1's box shapes and layouts; W2's tiles use them through `_as_box`
+        w_bufs = gl.allocate_shared_memory(dtype, [WS] + w1_desc.block_type.shape, w1_desc.layout)
+        w_bufs2 = gl.allocate_shared_memory(dtype, [WS] + w1_desc2.block_type.shape, w1_desc2.layout)
         x_full = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
-        w1_full = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
-        xw_empty = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
-        w2_full = gl.allocate_shared_memory(gl.int64, [W2S, 1], mbarrier.MBarrierLayout())
-        w2_empty = gl.allocate_shared_memory(gl.int64, [W2S, 1], mbarrier.MBarrierLayout())
+        x_empty = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
+        w_full = gl.allocate_shared_memory(gl.int64, [WS, 1], mbarrier.MBarrierLayout())
+        w_empty = gl.allocate_shared_memory(gl.int64, [WS, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(XS):
             mbarrier.init(x_full.index(i), count=32 * LW)  # every loader thread's cp.async arrival
-            mbarrier.init(w1_full.index(i), count=1)
-            mbarrier.init(xw_empty.index(i), count=2)  # both consumers
-        for i in gl.static_range(W2S):
-            mbarrier.init(w2_full.index(i), count=1)
-            mbarrier.init(w2_empty.index(i), count=2)
+            mbarrier.init(x_empty.index(i), count=2)  # both consumers
+        for i in gl.static_range(WS):
+            mbarrier.init(w_full.index(i), count=1)
+            mbarrier.init(w_empty.index(i), count=2)
         # the tuples inline: a constexpr bound to a name first would become a tensor (the partitions' flags must
         # stay compile-time constants)
         gl.warp_specialize([
-            (consumer, (x_bufs, w1_bufs, w1_bufs2, w2_bufs, w2_bufs2, x_full, w1_full, xw_empty, w2_full, w2_empty,
+            (consumer, (x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w1_desc, w1_desc2, w2_desc, w2_desc2,
                         TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E,
                         n_tiles, 0, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN)),
-            (consumer, (x_bufs, w1_bufs, w1_bufs2, w2_bufs, w2_bufs2, x_full, w1_full, xw_empty, w2_full, w2_empty,
+            (consumer, (x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w1_desc, w1_desc2, w2_desc, w2_desc2,
                         TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E,
                         n_tiles, 1, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN)),
-            (x_loader, (X, stride_x, w1_desc, w1_desc2, x_bufs, w1_bufs, w1_bufs2, x_full, w1_full, xw_empty, TILES,
-                        OFFS, TOK, M, D, E, n_tiles, SPLIT, W1_RC, BE, LW)),
-            (w2_loader, (w2_desc, w2_desc2, w2_bufs, w2_bufs2, w2_full, w2_empty, TILES, M, Dout, E, n_tiles, SPLIT,
-                         W2_RC, BE, BN)),
-        ], [4, LW, 1], [CREGS, LREGS, W2_LOADER_REGS])
+            (x_loader, (X, stride_x, x_bufs, x_full, x_empty, TILES, OFFS, TOK, M, D, n_tiles, LW)),
+            (w_loader, (w1_desc, w1_desc2, w2_desc, w2_desc2, w_bufs, w_bufs2, w_full, w_empty, TILES, M, D, Dout, E,
+                        n_tiles, SPLIT, W1_RC, W2_RC, BE, BK)),
+        ], [4, LW, 1], [CREGS, LREGS, W_LOADER_REGS])
 
     gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
@@ -332,17 +354,17 @@ def _build():
 
 
 
-def smem_bytes(BM: int, BN: int, BK: int, E: int, stages: int, w2_stages: int, element_size: int = 2) -> int:
-    """Shared memory of one program: the x / W1 ring, the W2 ring, and at most 17 kB for the epilogues' layout
-    conversion and the barriers (Triton 3.9, sm_90: 16.1 kB at base with 64-column blocks)."""
-    return (stages * (BM + E) * BK + w2_stages * E * BN) * element_size + 17 * 1024
+def smem_bytes(BM: int, BK: int, E: int, stages: int, w_stages: int, element_size: int = 2) -> int:
+    """Shared memory of one program: the x ring, the weight ring (slots of E x BK), and at most 17 kB for the
+    epilogues' layout conversion and the barriers (Triton 3.9, sm_90: 16.1 kB at base with 64-column blocks)."""
+    return (stages * BM * BK + w_stages * E * BK) * element_size + 17 * 1024
 
 
 def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: bool, BM: int, BN: int, BK: int,
-           w2_stages: int, stages: int, be: int, be2: int) -> bool:
+           w_stages: int, stages: int, be: int, be2: int) -> bool:
     """Whether this kernel takes tokens x [T, D], W1 [N, E, D] and W2 [N, E, Dout] with this tile: sm_90, bf16 or
-    fp16, an activation without a gate, BM = 128 (two warpgroups of 64 rows), BN 16..256 and BK 16..128 powers of
-    two, D a multiple of BK, E exactly the column tiles be + be2 with be <= 128 (MAX_REGS bounds ptxas for the whole
+    fp16, an activation without a gate, BM = 128 (two warpgroups of 64 rows), BN = BK (W1's and W2's tiles share
+    the weight ring's slots) a power of two in 16..128, D a multiple of BK, E exactly the column tiles be + be2 with be <= 128 (MAX_REGS bounds ptxas for the whole
     kernel, and 8B's one m64n256 wgmma needs more than 128 registers), both weights one 2-D matrix
     (`common.expert_matrix`) with 16-byte aligned rows, x's rows contiguous, two or more stages, the buffers
     within shared memory, and a Triton whose Gluon builds the kernel."""
@@ -352,9 +374,9 @@ def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: b
     es = x.element_size()
     if not down_gluon._sm90(x) or x.dtype not in (torch.bfloat16, torch.float16) or {w1.dtype, w2.dtype} != {x.dtype}:
         return False
-    if glu or act not in ACTS or BM != 128 or min(stages, w2_stages) < 2 or x.shape[0] == 0 or w2.shape[1] != E:
+    if glu or act not in ACTS or BM != 128 or min(stages, w_stages) < 2 or x.shape[0] == 0 or w2.shape[1] != E:
         return False
-    if any(v & (v - 1) for v in (BN, BK)) or not 16 <= BN <= 256 or not 16 <= BK <= 128 or D % BK:
+    if BN != BK or BK & (BK - 1) or not 16 <= BK <= 128 or D % BK:
         return False
     if be + be2 != E or be > 128 or x.stride(1) != 1 or (x.stride(0) * es) % 16 or x.data_ptr() % 16:
         return False
@@ -362,7 +384,7 @@ def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: b
         matrix = expert_matrix(w)
         if matrix is None or (matrix[0].stride(0) * es) % 16 or w.data_ptr() % 16:
             return False
-    return smem_bytes(BM, BN, BK, E, stages, w2_stages, es) <= SMEM_LIMIT and _build_once() is not None
+    return smem_bytes(BM, BK, E, stages, w_stages, es) <= SMEM_LIMIT and _build_once() is not None
 
 
 def _build_once():
@@ -378,7 +400,7 @@ def _boxes(w, rows, cols: int):
 
 
 def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, atomic: bool, BM: int, BN: int,
-           BK: int, w2_stages: int, stages: int, be: int, be2: int):
+           BK: int, w_stages: int, stages: int, be: int, be2: int):
     """The kernel over `tiles` ([n, 2] int32 (expert, first row), first row M = empty) with persistent programs,
     one per SM. h: the pre-activation [M, E] to store (the backward's), or None. The caller checked `serves`."""
     kernel, descriptors = _build_once()
@@ -396,6 +418,6 @@ def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, 
                  bias, bias.stride(0), hh, hh.stride(0), out, out.stride(0), M, D, w2.shape[2], E, n_tiles,
                  ACT=act, HAS_BIAS=b1 is not None, SAVE_H=h is not None, SCALE=gate is not None, ATOMIC=atomic,
                  SPLIT=be2 > 0, W1_RC=rc1, W2_RC=rc2, BM=BM, BK=BK, BE=be, BE2=max(be2, 16), BN=BN, XS=stages,
-                 W2S=w2_stages, LW=LOADER_WARPS,
-                 CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, W2_LOADER_REGS=W2_LOADER_REGS, num_warps=4,
+                 WS=w_stages, LW=LOADER_WARPS,
+                 CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, W_LOADER_REGS=W_LOADER_REGS, num_warps=4,
                  maxnreg=MAX_REGS)
