@@ -152,33 +152,3 @@ def test_probe_tool_substitutions_match_the_kernel_source():
     src = open(mlp_gluon.__file__).read()
     missing = [(name, old) for name, subs in probe_mlp_ws.PROBES.items() for old, _ in subs if old not in src]
     assert not missing, missing
-
-
-# (why, activation, E, D, h saved) -> whether `auto` takes the Gluon kernel (its AUTO_MLP_WS tile)
-AUTO_CASES = {"inference-base": ("relu", 192, 128, False, True), "training": ("relu", 192, 128, True, False),
-              "wide-d": ("relu", 192, 2048, False, False), "older-triton": ("relu", 192, 128, False, False),
-              "cpu": ("relu", 192, 128, False, False), "gelu": ("gelu", 64, 256, False, True)}
-
-
-@pytest.mark.parametrize("why", list(AUTO_CASES))
-def test_auto_takes_the_ws_fused_forward_in_inference(monkeypatch, why):
-    """With no config forced, the fused forward takes the Gluon kernel with AUTO_MLP_WS where it serves, without
-    autograd (no h stored) and at base-like shapes (D <= 1024, E <= 192); kernels/mlp.py otherwise."""
-    pytest.importorskip("triton")
-    from ssd_megatron.ffn.backends import _triton_kernels as K
-    from ssd_megatron.ffn.backends.kernels import mlp_gluon
-    calls = []
-    monkeypatch.setattr(K, "_mlp_kernel", Recorder(calls, "triton"))
-    monkeypatch.setattr(mlp_gluon, "launch", Recorder(calls, "ws"))
-    monkeypatch.delenv("SSD_TRITON_CONFIG", raising=False)
-    gluon_stand_in(monkeypatch, mlp_gluon, why)
-    act, E, D, save_h, takes = AUTO_CASES[why]
-    x, w1, b1, w2, plan, gate = _case(act, E, torch.bfloat16, D=D)
-    K.force_config()
-    K.mlp_forward(x, w1, b1, w2, plan, gate, act, save_h, "atomic16")
-    assert len(calls) == 1, calls
-    name, args, kwargs = calls[0]
-    if takes and mlp_gluon._build_once() is not None:
-        assert name == "ws" and args[13:18] == K.AUTO_MLP_WS[:5], args  # BM, BN, BK, the two rings
-    else:
-        assert name == "triton", (name, kwargs)

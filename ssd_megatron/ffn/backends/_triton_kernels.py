@@ -209,26 +209,6 @@ def _auto_down_ws(a: torch.Tensor, w: torch.Tensor, atomic: bool):
     return AUTO_WS if down_gluon.serves(a, w, BM, BN, stages) else None
 
 
-# auto's fused forward without autograd (inference) at base-like shapes (D <= 1024, E <= 192) where the
-# warp-specialised Gluon kernel serves (Triton >= 3.9, sm_90): its one weight ring of 6 slots, 4 of x.
-# H100, docs/kernels.md v20, base ReLU layer (graphed) inference forward, two rounds: 0.1836 / 0.1839 ms against
-# 0.2083 for kernels/mlp.py in the same Triton 3.9 process (0.196-0.202 under 3.6), dense 0.5559: 3.02-3.03x.
-# Training (h stored) was even in the layer (fwd+bwd 0.847 / 0.849 against 0.852 / 0.855) and is not timed in
-# the step, so it keeps kernels/mlp.py.
-AUTO_MLP_WS = (128, 64, 64, 6, 4, WS)
-
-
-def _auto_mlp_ws(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: bool, save_h: bool):
-    """AUTO_MLP_WS where `auto` takes the Gluon fused forward for this launch, else None (the defaults serve)."""
-    N, E, D = w1.shape
-    if save_h or glu or D > 1024 or E > 192:
-        return None
-    from .kernels import mlp_gluon
-    BM, BN, BK, w_stages, stages, _ = AUTO_MLP_WS
-    ok = mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, w_stages, stages, *_split_width(E))
-    return AUTO_MLP_WS if ok else None
-
-
 def _pick(kind: str, key: tuple, launch, hopper: bool = True, auto=None):
     """The config for `kind` at `key` (on a Hopper GPU or not); when tuning, time each candidate once with
     `launch(cfg)`. `auto()`: a default that depends on the operands (None where the table's serves)."""
@@ -669,8 +649,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
             W2_RC=bool(descs and descs[5]),
             BM=BM, BE=be, BE2=max(be2, 16), BK=BK, BN=BN, NP2=_np2(N), num_warps=nw, num_stages=ns)
 
-    launch(_pick("mlp_glu" if glu else "mlp", (D, E, Dout, str(x.dtype)), launch, _hopper(x),
-                 lambda: _auto_mlp_ws(x, w1, w2, act, glu, save_h)))
+    launch(_pick("mlp_glu" if glu else "mlp", (D, E, Dout, str(x.dtype)), launch, _hopper(x)))
     return _combined(buf, atomic, T, K, x.dtype, out_bias), (h if save_h else None)
 
 
