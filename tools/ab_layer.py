@@ -5,7 +5,7 @@ the layer to within 5% (docs/kernels.md v15), so candidate defaults are timed th
 
     python tools/ab_layer.py --shape 8b --activation swiglu \\
         --arm default= --arm "tma=up_glu=128,128,64,8,3,0,1;up_bwd_glu=128,256,64,8,3,1,1" --out ab.json
-    python tools/ab_layer.py --shape base --forward-only --arm default= --arm "ws=mlp=128,64,64,2,4,5" \\
+    python tools/ab_layer.py --shape base --forward-only --arm default= --arm "ws=mlp=128,64,64,6,4,5" \\
         --arm "token16=@token:16" --arm "tuned=+SSD_TRITON_TUNE=1"
 
 An arm is NAME=CONFIGS[@ORDER][+VAR=VALUE...]: CONFIGS as SSD_TRITON_CONFIG (empty: the defaults), ORDER as
@@ -35,7 +35,7 @@ def parse_arm(text: str):
     env = dict(a.partition("=")[::2] for a in assignments)
     if not sep or not name or any(not k.startswith("SSD_") or not v for k, v in env.items()):
         raise SystemExit(f"error: --arm {text!r}: expected NAME=CONFIGS[@ORDER][+SSD_VAR=VALUE...], e.g. "
-                         f"ws=mlp=128,64,64,2,4,5 or tuned=+SSD_TRITON_TUNE=1")
+                         f"ws=mlp=128,64,64,6,4,5 or tuned=+SSD_TRITON_TUNE=1")
     configs, _, order = rest.partition("@")
     return name, K._parse_configs(configs), order or None, env
 

@@ -85,8 +85,8 @@ def test_ab_layer_arms():
     import ab_layer
 
     assert ab_layer.parse_arm("default=") == ("default", {}, None, {})
-    assert ab_layer.parse_arm("ws=mlp=128,64,64,2,4,5@token:16+SSD_TRITON_TUNE=1") == (
-        "ws", {"mlp": (128, 64, 64, 2, 4, 5)}, "token:16", {"SSD_TRITON_TUNE": "1"})
+    assert ab_layer.parse_arm("ws=mlp=128,64,64,6,4,5@token:16+SSD_TRITON_TUNE=1") == (
+        "ws", {"mlp": (128, 64, 64, 6, 4, 5)}, "token:16", {"SSD_TRITON_TUNE": "1"})
     for bad in ("=mlp=128,64,64,8,3", "tune=+TUNE=1", "tune=+SSD_TRITON_TUNE="):
         with pytest.raises(SystemExit, match="expected NAME=CONFIGS"):
             ab_layer.parse_arm(bad)

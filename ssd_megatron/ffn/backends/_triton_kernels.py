@@ -45,8 +45,9 @@ from .routing import initialise
 # 5 = WS (STAGED as a warp-specialised Gluon kernel, kernels/down_gluon.py: `auto`'s for 8B's dx with
 # Triton >= 3.9, AUTO_WS; BK and WARPS unused, STAGES = its W ring; STAGED where a forced WS does not serve);
 # mlp 3 = TMA (the weights' tiles by TMA where the descriptors serve, `_mlp_descriptors`), 5 = WS (the fused
-# forward as a warp-specialised Gluon kernel, kernels/mlp_gluon.py: opt-in, slower than the default (docs/kernels.md
-# v18); WARPS is then the depth of its weight ring (W1's and W2's tiles), STAGES its x ring's; kernels/mlp.py where it does not serve);
+# forward as a warp-specialised Gluon kernel, kernels/mlp_gluon.py: opt-in, faster in graphed inference but not in
+# eager forwards, docs/kernels.md v20; WARPS is then the depth of its weight ring (W1's and W2's tiles), STAGES its x
+# ring's; kernels/mlp.py where it does not serve);
 # up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE); a seventh entry of 1
 # (up kinds: 8B's GLU ones by default on Hopper, elsewhere opt-in) = their weights' tiles by TMA;
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none), and a seventh entry of 1 = its

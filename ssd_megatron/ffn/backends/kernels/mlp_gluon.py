@@ -18,10 +18,12 @@ program per SM is split between warps:
   issued before the previous block's epilogue (gate scale, 16-byte atomic adds into the token rows or stores
   into the (t, k) rows), so that the adds run under the tensor cores' next product.
 
-Opt-in (SSD_TRITON_CONFIG="mlp=128,64,64,2,4,5": the fourth entry is the W2 ring's depth, the fifth the x / W1
-ring's): on an H100 it is slower than kernels/mlp.py (base ReLU inference forward 0.238 against 0.211 ms under
-Triton 3.9), and tools/probe_mlp_ws.py finds its consumers the bound, ≈ 148 µs with no memory traffic at all
-(docs/kernels.md v18). Its 16 warps launch at MAX_REGS = 128, which ptxas applies to the whole kernel.
+Opt-in (SSD_TRITON_CONFIG="mlp=128,64,64,6,4,5": the fourth entry is the weight ring's depth, the fifth the x
+ring's), for graphed inference: on an H100 under Triton 3.9 the base ReLU layer's graphed inference forward takes
+0.1836 / 0.1839 ms with it against 0.2083 with kernels/mlp.py, 3.02-3.03x dense (docs/kernels.md v20). It is not
+`auto`'s choice: its launch adds ~0.35 ms of host time to an eager forward, and a first launch inside a CUDA-graph
+capture would load its module there, which CUDA refuses. Its 16 warps launch at MAX_REGS = 128, which ptxas
+applies to the whole kernel.
 
 E is one power-of-two tile of BE columns plus, with SPLIT, a second of BE2 (base's 192 = 128 + 64), and must
 be exactly that (a TMA box cannot mask the next expert's rows). Serves (`serves`) activations without a gate,
