@@ -168,9 +168,10 @@ def test_triton_down_ws_bf16(case, opts, tile, monkeypatch):
 
 # mlp variant 5 (WS, kernels/mlp_gluon.py: the fused forward in Gluon, sm_90, Triton >= 3.9) where it serves: E
 # exactly one or two power-of-two tiles (64; 192 = 128 + 64; 256), D a multiple of BK, no gate. Skewed loads,
-# experts with no tokens, M not a multiple of the 128-row tile, Dout not a multiple of a 128-column block (192),
-# one token; W_out's column view and contiguous weights; the activations without a gate
-MLP_WS_TILES = {"64-cols": (128, 64, 64, 6, 4, 5), "128-cols": (128, 128, 128, 2, 2, 5)}  # BN = BK (shared slots)
+# experts with no tokens, M not a multiple of the 128-row tile, D = 192 and 64 (which the 128-column tile, BN = BK
+# = 128, does not serve), one token; W_out's column view and contiguous weights; the activations without a gate.
+# BN = BK: W1's and W2's tiles share the weight ring's slots; the 64-column tile is the opt-in one (v20)
+MLP_WS_TILES = {"64-cols": (128, 64, 64, 6, 4, 5), "128-cols": (128, 128, 128, 2, 2, 5)}
 MLP_WS_CASES = [dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewed"),
                 dict(activation="relu", T=333, D=192, E=192, N=8, K=2, routing="empty"),  # base's E = 128 + 64
                 dict(activation="relu", T=1000, D=512, E=256, N=16, K=4, routing="skewed"),  # 8B's: not served
