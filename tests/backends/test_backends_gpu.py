@@ -7,8 +7,8 @@ fp32 1e-4.
 import pytest
 import torch
 
-from .backend_cases import (Compiled, compare, expert_major_sparse_ffn, make_inputs, run, run_router, upcast,
-                            with_column_view_w2)
+from .backend_cases import (Compiled, compare, expert_major_sparse_ffn, make_inputs, rel_err, run, run_router,
+                            upcast, with_column_view_w2)
 from ssd_megatron.ffn.activations import ACTIVATIONS
 from ssd_megatron.ffn.backends import ReferenceBackend, available_backends, get_backend
 
@@ -224,6 +224,45 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
         kernels.force_config()
     assert len(launches) == 1 and launches[0][1] == (combine != "buffer"), launches
     print("mlp ws", case, combine, tile, w2, {k: f"{v:.1e}" for k, v in errs.items()})
+
+
+def test_triton_auto_ws_forward_in_captured_inference(monkeypatch):
+    """`auto` in inference at a base-like shape: the first eager forward takes the Gluon WS fused forward (which
+    loads its module), the next eager one kernels/mlp.py, and a CUDA graph captured after them the WS forward again
+    (no module load inside the capture); every output, the replay's included, matches the reference."""
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    from ssd_megatron.ffn.backends import expert_ffn
+    from ssd_megatron.ffn.backends.kernels import mlp_gluon
+    if mlp_gluon._build_once() is None or not mlp_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
+        pytest.skip("the WS fused forward does not serve here (needs sm_90 and Triton >= 3.9's Gluon)")
+    inp = make_inputs(device="cuda", dtype=torch.bfloat16, activation="relu", T=2048, D=768, E=192, N=32, K=6,
+                      routing="skewed")
+    want = run(ReferenceBackend(), upcast(inp))[0]
+    launches, real = [], mlp_gluon.launch
+
+    def counted(*args, **kwargs):
+        launches.append(mlp_gluon.capturing(args[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlp_gluon, "launch", counted)
+    backend = get_backend("triton")
+
+    def forward():
+        return expert_ffn(backend, inp["x"], inp["w1"], inp["b1"], inp["w2"], inp["topk_idx"], inp["gate"], "relu",
+                          inp.get("b2"))
+
+    with torch.no_grad():
+        eager = [forward(), forward()]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = forward()
+        graph.replay()
+        torch.cuda.synchronize()
+    assert launches == [False, True], launches  # eager WS (the module loaded), eager kernels/mlp.py, captured WS
+    errs = [rel_err(y, want) for y in eager + [captured]]
+    assert max(errs) <= 3e-2, errs
+    print("auto ws captured", [f"{e:.1e}" for e in errs])
 
 
 @pytest.mark.parametrize("order", ["token", "token:3"])

@@ -126,6 +126,42 @@ def test_ws_fused_forward_falls_back(monkeypatch, why):
         assert name == "triton" and kwargs["BM"] == cfg[0], (name, kwargs)
 
 
+def test_ws_fused_forward_auto_in_captured_inference(monkeypatch):
+    """`auto` (no config forced) takes the Gluon forward at base-like shapes for an inference forward launched while
+    a CUDA graph is captured, once an eager launch with the same launch key has loaded its module; it is that eager
+    launch itself the first time (the warm-up before a capture), then kernels/mlp.py for later eager forwards, for a
+    capture of a launch never run eagerly (CUDA refuses to load a module while capturing), and for every training
+    forward (h saved)."""
+    pytest.importorskip("triton")
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import mlp_gluon
+    if mlp_gluon._build_once() is None:
+        pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon the WS fused forward builds with")
+    calls, state = [], {"capturing": False}
+    monkeypatch.setattr(K, "_mlp_kernel", Recorder(calls, "triton"))
+    monkeypatch.setattr(mlp_gluon, "launch", Recorder(calls, "ws"))
+    monkeypatch.setattr(mlp_gluon, "_LAUNCHED", set())
+    monkeypatch.setattr(mlp_gluon, "capturing", lambda t: state["capturing"])
+    gluon_stand_in(monkeypatch, mlp_gluon, "served")
+    x, w1, b1, w2, plan, gate = _case("relu", 192, torch.bfloat16, column_view=True)
+    x2, *_ = _case("relu", 192, torch.bfloat16, column_view=True, T=64)
+    plan2 = _case("relu", 192, torch.bfloat16, T=64)[4]
+
+    def forward(capturing, x=x, plan=plan, save_h=False):
+        state["capturing"] = capturing
+        calls.clear()
+        K.mlp_forward(x, w1, b1, w2, plan, gate[:x.shape[0] * 2], "relu", save_h, "atomic16")
+        (name, args, kwargs), = calls
+        return name, (args[13:18] if name == "ws" else kwargs["BM"])
+
+    assert forward(True) == ("triton", 128)          # captured before any eager launch: kernels/mlp.py
+    assert forward(False) == ("ws", K.AUTO_MLP_WS[:5])  # the first eager launch loads the Gluon kernel
+    assert forward(False)[0] == "triton"             # later eager forwards: less host time per launch
+    assert forward(True) == ("ws", K.AUTO_MLP_WS[:5])   # captured: the loaded kernel
+    assert forward(True, x2, plan2)[0] == "triton"   # another launch key (fewer tokens), never launched eagerly
+    assert forward(False, save_h=True)[0] == forward(True, save_h=True)[0] == "triton"  # training: kernels/mlp.py
+
+
 def test_ws_fused_forward_config():
     """mlp=...,5 is accepted, its fourth entry (the weight ring's depth) need not be a power of two; for other kinds
     the fourth entry (warps) still must be."""

@@ -45,9 +45,9 @@ from .routing import initialise
 # 5 = WS (STAGED as a warp-specialised Gluon kernel, kernels/down_gluon.py: `auto`'s for 8B's dx with
 # Triton >= 3.9, AUTO_WS; BK and WARPS unused, STAGES = its W ring; STAGED where a forced WS does not serve);
 # mlp 3 = TMA (the weights' tiles by TMA where the descriptors serve, `_mlp_descriptors`), 5 = WS (the fused
-# forward as a warp-specialised Gluon kernel, kernels/mlp_gluon.py: opt-in, faster in graphed inference but not in
-# eager forwards, docs/kernels.md v20; WARPS is then the depth of its weight ring (W1's and W2's tiles), STAGES its x
-# ring's; kernels/mlp.py where it does not serve);
+# forward as a warp-specialised Gluon kernel, kernels/mlp_gluon.py: `auto`'s for captured inference forwards at
+# base-like shapes with Triton >= 3.9, AUTO_MLP_WS; WARPS is then the depth of its weight ring (W1's and W2's
+# tiles), STAGES its x ring's; kernels/mlp.py where it does not serve);
 # up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE); a seventh entry of 1
 # (up kinds: 8B's GLU ones by default on Hopper, elsewhere opt-in) = their weights' tiles by TMA;
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none), and a seventh entry of 1 = its
@@ -199,6 +199,30 @@ def _default(base: str, key: tuple, hopper: bool = True):
 # ROWLOOP default, 2.66 with the same kernel under 3.9 (it spills more), 1.87 with WS at 128 x 64 and two W
 # stages (2.22 at 64 x 64 x 3); in the 8B ReLU layer 9.17 / 9.19 ms (3.6) against 8.995 / 8.990 (3.9 + WS).
 AUTO_WS = (128, 64, 64, 4, 2, WS)
+
+
+# auto's fused inference forward while a CUDA graph is captured, where the Gluon WS kernel serves (Triton >= 3.9,
+# sm_90) at base-like shapes (D <= 1024, E <= 192: the measured ones). H100, docs/kernels.md v20, base ReLU graphed
+# inference forward 0.2083 ms (kernels/mlp.py) -> 0.1836 / 0.1839; eager forwards 0.39-0.43 -> 0.73-1.06 ms (its
+# launch's host time), hence kernels/mlp.py for eager forwards once the module is loaded (`_auto_mlp_ws`).
+AUTO_MLP_WS = (128, 64, 64, 6, 4, WS)
+
+
+def _auto_mlp_ws(x, w1, w2, act: int, glu: bool, be: int, be2: int, save_h: bool, key):
+    """AUTO_MLP_WS where `auto` takes the Gluon fused forward for this launch, else None (the defaults serve):
+    an inference forward (training's fwd+bwd is even with it, v20) at a measured shape where the kernel serves,
+    either while a CUDA graph is captured, if an eager launch with this launch key `key(cfg)` loaded its module,
+    or as the eager launch that loads it (the warm-up before a capture). Later eager forwards keep kernels/mlp.py,
+    whose launch costs less host time; a capture whose key was never launched eagerly too (CUDA refuses a module
+    load while capturing)."""
+    D, E = w1.shape[2], w2.shape[1]
+    if save_h or glu or D > 1024 or E > 192 or not _hopper(x):
+        return None
+    from .kernels import mlp_gluon
+    BM, BN, BK, wring, ring, _ = AUTO_MLP_WS
+    if not mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, wring, ring, be, be2):
+        return None
+    return AUTO_MLP_WS if mlp_gluon.launched(key(AUTO_MLP_WS)) == mlp_gluon.capturing(x) else None
 
 
 def _auto_down_ws(a: torch.Tensor, w: torch.Tensor, atomic: bool):
@@ -628,6 +652,11 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
     be, be2 = _split_width(E)
     order = None if glu else _wide_group(Dout, x)
 
+    def ws_key(cfg):  # kernels/mlp_gluon.launch_key of this launch with tile `cfg`
+        from .kernels import mlp_gluon
+        return mlp_gluon.launch_key((x, w1, b1, w2, plan.offsets, plan.order, plan.token, gate_flat,
+                                     h if save_h else None, buf), act, atomic, _tile_groups(order), cfg)
+
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg[:5]
         if init:
@@ -638,6 +667,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
                 tiles = _tile_list(plan, BM, _tile_groups(order))
                 mlp_gluon.launch(x, w1, b1, w2, tiles, plan.offsets, plan.order, plan.token, gate_flat,
                                  h if save_h else None, buf, act, atomic, BM, BN, BK, nw, ns, be, be2)
+                mlp_gluon.note_launch(ws_key(cfg), x)
                 return
         descs = _mlp_descriptors(w1, w2, BN, BK, be, be2) if cfg[5:] == (TMA,) and _hopper(x) else None
         tiles, sched = _tiles(plan, BM, order)
@@ -650,7 +680,8 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
             W2_RC=bool(descs and descs[5]),
             BM=BM, BE=be, BE2=max(be2, 16), BK=BK, BN=BN, NP2=_np2(N), num_warps=nw, num_stages=ns)
 
-    launch(_pick("mlp_glu" if glu else "mlp", (D, E, Dout, str(x.dtype)), launch, _hopper(x)))
+    launch(_pick("mlp_glu" if glu else "mlp", (D, E, Dout, str(x.dtype)), launch, _hopper(x),
+                 auto=lambda: _auto_mlp_ws(x, w1, w2, act, glu, be, be2, save_h, ws_key)))
     return _combined(buf, atomic, T, K, x.dtype, out_bias), (h if save_h else None)
 
 

@@ -18,11 +18,13 @@ program per SM is split between warps:
   issued before the previous block's epilogue (gate scale, 16-byte atomic adds into the token rows or stores
   into the (t, k) rows), so that the adds run under the tensor cores' next product.
 
-Opt-in (SSD_TRITON_CONFIG="mlp=128,64,64,6,4,5": the fourth entry is the weight ring's depth, the fifth the x
-ring's), for graphed inference: on an H100 under Triton 3.9 the base ReLU layer's graphed inference forward takes
-0.1836 / 0.1839 ms with it against 0.2083 with kernels/mlp.py, 3.02-3.03x dense (docs/kernels.md v20). It is not
-`auto`'s choice: its launch adds ~0.35 ms of host time to an eager forward, and a first launch inside a CUDA-graph
-capture would load its module there, which CUDA refuses. Its 16 warps launch at MAX_REGS = 128, which ptxas
+Config "mlp=128,64,64,6,4,5" (the fourth entry is the weight ring's depth, the fifth the x ring's). On an H100 under
+Triton 3.9 the base ReLU layer's graphed inference forward takes 0.1836 / 0.1839 ms with it against 0.2083 with
+kernels/mlp.py, 3.02-3.03x dense (docs/kernels.md v20); but its launch adds ~0.35 ms of host time to an eager
+forward, and a first launch inside a CUDA-graph capture would load its module there, which CUDA refuses. So `auto`
+takes it for inference forwards while a CUDA graph is captured, once an eager launch with the same launch key
+(`launch_key`) has loaded it, and for that first eager launch itself (the warm-up every capture needs); other eager
+forwards keep kernels/mlp.py (`_triton_kernels._auto_mlp_ws`). Its 16 warps launch at MAX_REGS = 128, which ptxas
 applies to the whole kernel.
 
 E is one power-of-two tile of BE columns plus, with SPLIT, a second of BE2 (base's 192 = 128 + 64), and must
@@ -49,6 +51,7 @@ CONSUMER_REGS, LOADER_REGS, W_LOADER_REGS, MAX_REGS = 224, 40, 24, 128
 SMEM_LIMIT = 227 * 1024
 ACTS = (0, 1, 2, 4)  # kernels/common.ACT_CODES without a gate: relu, gelu, squared_relu, gelu_tanh
 _STATE: dict = {"build": None}
+_LAUNCHED: set = set()  # launch keys launched outside a CUDA-graph capture in this process (`launch_key`)
 
 
 def _build():
@@ -424,3 +427,30 @@ def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, 
                  WS=w_stages, LW=LOADER_WARPS,
                  CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, W_LOADER_REGS=W_LOADER_REGS, num_warps=4,
                  maxnreg=MAX_REGS)
+
+
+def _spec(t):
+    return None if t is None else (t.device, t.dtype, tuple(t.shape), t.stride(), t.data_ptr() % 16 == 0)
+
+
+def launch_key(tensors, *flags) -> tuple:
+    """A launch's key: each tensor's device, dtype, shape, strides and 16-byte alignment, and the launch's flags and
+    tile. It is finer than Triton's own specialisation key (which sees integers only as 1, multiples of 16 or
+    other, pointers only as 16-byte aligned or not), so a launch whose key was recorded (`note_launch`) finds its
+    compiled kernel and loaded module in Triton's cache."""
+    return tuple(_spec(t) for t in tensors) + flags
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Whether `t`'s device's current stream is capturing a CUDA graph."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def note_launch(key: tuple, t: torch.Tensor) -> None:
+    """Record `key` as launched (its module loaded) when the launch ran outside a capture."""
+    if not capturing(t):
+        _LAUNCHED.add(key)
+
+
+def launched(key: tuple) -> bool:
+    return key in _LAUNCHED
