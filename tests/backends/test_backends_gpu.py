@@ -226,6 +226,71 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
     print("mlp ws", case, combine, tile, w2, {k: f"{v:.1e}" for k, v in errs.items()})
 
 
+# wgrad's seventh entry 5 (WS, kernels/wgrad_gluon.py: Gluon, sm_90, Triton >= 3.9) where it serves: P = E (dW2) or
+# F1 (dW1; 2E with a gate) of 64, 128, 192 = 128 + 64 or 256, Q (D) a multiple of 16. Row chunks not a multiple of BK
+# (96 = 64 + 32, 40), skewed loads, experts with no tokens, Q not a multiple of the column block (208), one token,
+# SwiGLU's dW1 (P = 2E = 128), the router's term in dW1's epilogue; fp32 master weights (dW written in place) and
+# bf16 weights (an fp32 buffer, copied)
+WGRAD_WS_TILES = {"128x64x4x4": (64, 128, 64, 4, 4, 96, 5), "64x32x2x3": (64, 64, 32, 2, 3, 40, 5)}
+WGRAD_WS_CASES = [dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewed"),
+                  dict(activation="relu", T=333, D=208, E=192, N=8, K=2, routing="empty"),  # base's P = 128 + 64
+                  dict(activation="relu", T=1000, D=512, E=256, N=16, K=4, routing="skewed"),  # 8B's P = 256
+                  dict(activation="relu", T=1, D=128, E=64, N=4, K=2),
+                  dict(activation="swiglu", T=257, D=256, E=64, N=8, K=2, routing="skewed")]
+WGRAD_WS_IDS = [f"{c['activation']}-T{c['T']}-D{c['D']}-E{c['E']}-N{c['N']}K{c['K']}-{c.get('routing', 'random')}"
+                for c in WGRAD_WS_CASES]
+
+
+@pytest.mark.parametrize("weights", ["bf16", "fp32-master"])
+@pytest.mark.parametrize("tile", list(WGRAD_WS_TILES))
+@pytest.mark.parametrize("fold", ["none", "router"])
+@pytest.mark.parametrize("case", WGRAD_WS_CASES, ids=WGRAD_WS_IDS)
+def test_triton_wgrad_ws_bf16(case, fold, tile, weights, monkeypatch):
+    """The warp-specialised Gluon weight gradients (wgrad variant 5) against the reference, forward and every grad,
+    at each tile, with and without the router's term folded into dW1, into bf16 weights' grads and fp32 master
+    weights'; both weight gradients are checked to have taken it (not kernels/wgrad.py)."""
+    cfg = WGRAD_WS_TILES[tile]
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    from ssd_megatron.ffn.backends import _triton_kernels as kernels
+    from ssd_megatron.ffn.backends.kernels import wgrad_gluon
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    if wgrad_gluon._build_once() is None or not wgrad_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
+        pytest.skip("the WS wgrad does not serve here (needs sm_90 and Triton >= 3.9's Gluon): variant 5 falls back "
+                    "to kernels/wgrad.py")
+    launches = []
+    real = wgrad_gluon.launch
+
+    def counted(*args, **kwargs):
+        launches.append((args[0].shape[1], args[8]))  # (P, FOLD)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wgrad_gluon, "launch", counted)
+    master = weights == "fp32-master"
+    inp = make_inputs(device="cuda", dtype=torch.float32 if master else torch.bfloat16, **case)
+    ref = upcast(inp)
+    if master:  # as test_triton_master_weights_bf16: bf16 tokens, the reference on the weights' bf16 casts
+        for k in ("x", "gate"):
+            inp[k] = inp[k].detach().bfloat16().requires_grad_()
+        inp["dy"] = inp["dy"].bfloat16()
+        ref = upcast({**inp, **{k: inp[k].detach().bfloat16().requires_grad_()
+                                for k in ("w1", "b1", "w2", "b2") if inp[k] is not None}})
+    be = TritonBackend(combine="atomic16")
+    kernels.force_config(wgrad=cfg)
+    try:
+        if fold == "router":
+            got, want = run_router(be, inp, fold=True), run_router(ReferenceBackend(), ref, fold=False)
+        else:
+            got, want = run(be, inp), run(ReferenceBackend(), ref)
+        errs = compare(got, want, 3e-2)
+    finally:
+        kernels.force_config()
+    assert not master or all(g.dtype == torch.float32 for k, g in got[1].items() if k in ("w1", "w2")), got[1]
+    F1 = case["E"] * (2 if case["activation"] == "swiglu" else 1)
+    assert sorted(launches) == sorted([(F1, 2 if fold == "router" else 0), (case["E"], 0)]), launches
+    print("wgrad ws", case, fold, tile, weights, {k: f"{v:.1e}" for k, v in errs.items()})
+
+
 def test_triton_auto_ws_forward_in_captured_inference(monkeypatch):
     """`auto` in inference at a base-like shape: the first eager forward takes the Gluon WS fused forward (which
     loads its module), the next eager one kernels/mlp.py, and a CUDA graph captured after them the WS forward again

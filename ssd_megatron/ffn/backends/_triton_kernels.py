@@ -51,7 +51,9 @@ from .routing import initialise
 # up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE); a seventh entry of 1
 # (up kinds: 8B's GLU ones by default on Hopper, elsewhere opt-in) = their weights' tiles by TMA;
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none), and a seventh entry of 1 = its
-# left operand by TMA (Hopper's default); a wgrad BP >= P makes each program cover all of P (kernels/wgrad.py),
+# left operand by TMA (Hopper's default) or 5 = WS (the chunks as a warp-specialised Gluon kernel,
+# kernels/wgrad_gluon.py, Triton >= 3.9: opt-in; BP unused, WARPS and STAGES the depths of its L and R rings;
+# LTMA where it does not serve); a wgrad BP >= P makes each program cover all of P (kernels/wgrad.py),
 # an up BN >= E all of E (`_up_columns`). Defaults are chosen per
 # kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per
 # shape key instead.
@@ -132,14 +134,16 @@ def _parse_configs(text: str) -> dict:
             cfg = tuple(int(v) for v in values.split(","))
         except ValueError:
             raise UserError(f"{bad}: the values must be 5 to 7 integers, e.g. 128,128,64,8,3") from None
-        ring = kind == "mlp" and cfg[5:] == (WS,)  # the fourth entry: the weight ring's depth (kernels/mlp_gluon.py)
+        base = kind.split(":")[0]
+        # the fourth entry: a ring's depth (the weight ring, kernels/mlp_gluon.py; the L ring, kernels/wgrad_gluon.py)
+        ring = (base == "mlp" and cfg[5:] == (WS,)) or (base == "wgrad" and cfg[6:] == (WS,))
         pow2 = cfg[:3 if ring else 4]
         if len(cfg) not in (5, 6, 7) or any(v < 1 or v & (v - 1) for v in pow2) or min(cfg[3:5]) < 1:
             raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
-        if len(cfg) == 7 and (kind.split(":")[0] not in TMA_OPERAND or cfg[6] not in (0, 1)):
+        if len(cfg) == 7 and (base not in TMA_OPERAND or cfg[6] not in ((0, 1, WS) if base == "wgrad" else (0, 1))):
             raise UserError(f"{bad}: a seventh value is for {', '.join(TMA_OPERAND)} only: 1 loads the operand that "
-                            f"is not gathered (the weights; wgrad's left one) by TMA, else 0")
-        if len(cfg) >= 6 and not _variant_ok(kind.split(":")[0], cfg[5]):
+                            f"is not gathered (the weights; wgrad's left one) by TMA, else 0; for wgrad, 5 (WS)")
+        if len(cfg) >= 6 and not _variant_ok(base, cfg[5]):
             raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA), 4 (STAGED) or 5 (WS); "
                             f"for mlp, 3 (TMA) or 5 (WS); for up_bwd[_glu], 1 (TWO_PASS); for wgrad, a row chunk >= 0")
         out[kind] = cfg
@@ -688,6 +692,24 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
 _FOLD_CODES = {None: 0, "rows": 1, "expert": 2}  # kernels/wgrad.py's FOLD
 
 
+def _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p: int, ch: int, BQ: int, BK: int, l_stages: int,
+              r_stages: int, state: dict) -> bool:
+    """The warp-specialised Gluon wgrad (kernels/wgrad_gluon.py) into a zeroed fp32 dW (dW itself when fp32, else
+    a buffer with its strides, copied by the caller) over the plan's ch-row chunks, if it serves; True if launched."""
+    from .kernels import wgrad_gluon
+    be, be2 = _split_width(lhs.shape[1])
+    out = dw if dw.dtype == torch.float32 else torch.empty_strided(dw.shape, dw.stride(), device=dw.device,
+                                                                  dtype=torch.float32)
+    fold = _FOLD_CODES[fold_kind]
+    if not wgrad_gluon.serves(lhs, rhs, out, fold, BQ, BK, l_stages, r_stages, be, be2):
+        return False
+    out.zero_()
+    wgrad_gluon.launch(lhs, rhs, _tile_list(plan, ch, None), plan.offsets, plan.token, coef, fold_p, out, fold, ch,
+                       BQ, BK, l_stages, r_stages, be, be2)
+    state["out"] = out
+    return True
+
+
 def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
     """dW [N, P, Q] = per expert lhs_rows^T @ rhs_rows; rhs rows are rhs[token[r]] when `gathered`
     is False (the kernel gathers), else rhs is already in sorted-row order. dW gets the strides of the
@@ -707,6 +729,10 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
     def launch(cfg):
         BP, BQ, BK, nw, ns = cfg[:5]
         ch = cfg[5] if split and len(cfg) > 5 else 0
+        if cfg[6:] == (WS,):  # the Gluon kernel where it serves (kernels/wgrad_gluon.py), else LTMA's pointer loads
+            if ch and not gathered and _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p, ch, BQ, BK, nw, ns, state):
+                return
+            cfg = cfg[:6] + (1,)
         # a tile as tall as P: all of P per program, as one or two power-of-two tiles (kernels/wgrad.py)
         bp, bp2 = _split_width(P) if BP >= P else (BP, 0)
         num_p, num_q = triton.cdiv(P, BP), triton.cdiv(Q, BQ)

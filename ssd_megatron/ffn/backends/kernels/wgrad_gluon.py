@@ -1,0 +1,276 @@
+"""The grouped weight gradients with row chunks (kernels/wgrad.py's SPLIT function) as a warp-specialised Gluon
+kernel (Hopper; wgrad variant 5 in the config's seventh entry, WS).
+
+kernels/wgrad.py runs each (row chunk, column block) program's loads and wgmma in one instruction stream, two CTAs
+per SM; Nsight Compute found its launches latency-bound (tensor pipe ≈ 15%, L2 40-55% busy, docs/kernels.md v7),
+≈ 224 TF/s at base and ≈ 390 at 8B. Here the work of one persistent program per SM is split between warps:
+
+- an **R loader** warpgroup gathers each reduction step's right-operand rows (`R[token[r]]`: x for dW1, dy for
+  dW2; [BK, BQ] as two [BK, BQ / 2] halves) with cp.async. Rows past the chunk's end are masked, and a masked
+  cp.async writes zeros;
+- an **L loader** warp loads the step's left-operand rows ([BK, P]: dh for dW1, the gate-scaled activations for
+  dW2; contiguous rows) by TMA, as one or two power-of-two column boxes (base's 192 = 128 + 64). Rows past the
+  chunk's end are loaded too (the next expert's, or TMA's zero fill past M): they meet R's zero rows;
+- two **consumer** warpgroups each own half of the column block and all of P, so both read every L tile: per step
+  acc[P, BQ / 2] += L^T R with L^T as wgmma's A operand straight from shared memory (transposed), one step of
+  wgmma in flight. At a chunk's end each adds its fp32 sums into the zeroed fp32 dW with relaxed atomics (FOLD 2:
+  the expert's first chunk adds the router's term COEF[e] to the first fold_p rows, as kernels/wgrad.py does).
+
+The work list is the table of CH-row chunks in expert order (`_triton_kernels.expert_tiles` at height CH) times the
+column blocks, chunk-major, walked by the persistent programs. Serves (`serves`) bf16/fp16 operands, sm_90, P of
+64, 128, 192 or 256 (one or two boxes of 64 or more rows: wgmma's M), P * BQ / 2 <= 16384 (the consumers'
+accumulators), rows of L contiguous and 16-byte aligned, R's rows gathered in the kernel with Q a multiple of 16
+(Triton then proves the copies 16 bytes wide), an fp32 dW, FOLD 0 or 2, and the buffers within shared memory; the launcher (`_triton_kernels.wgrad`) takes kernels/wgrad.py elsewhere. Needs Triton
+>= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the offline compile for sm_90 and the launcher's
+choice are tested (tests/backends/test_wgrad_gluon.py); tests/backends/test_backends_gpu.py (`wgrad_ws`) checks the
+results on the GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import down_gluon  # MIN_TRITON, built_once, and _sm90 / _sms (one place for tests and tools to stand in)
+
+R_LOADER_WARPS = 4
+# registers per thread: the two consumer warpgroups, the R loader's warpgroup, the L loader's warp (16 warps at
+# MAX_REGS when launched): 2 x 128 x 224 + 128 x 40 + 128 x 24 = 64 K
+CONSUMER_REGS, LOADER_REGS, L_LOADER_REGS, MAX_REGS = 224, 40, 24, 128
+MAX_ACC = 256 * 64  # a consumer's accumulator elements, P x BQ / 2 (128 fp32 registers per thread)
+SMEM_LIMIT = 227 * 1024
+_STATE: dict = {"build": None}
+
+
+def _build():
+    # module-global: Gluon resolves the helpers' `gl.constexpr` annotations in the module's globals
+    global gl
+    import inspect
+
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < down_gluon.MIN_TRITON:
+        raise ImportError(f"triton {triton.__version__}: the WS wgrad needs {down_gluon.MIN_TRITON}")
+    if not hasattr(tma, "async_load") or not hasattr(async_copy, "mbarrier_arrive") or \
+            "functions_and_args" not in inspect.signature(gl.warp_specialize).parameters:
+        raise ImportError("this Gluon's TMA load, cp.async or warp_specialize differs from the one this kernel uses")
+
+    @gluon.jit
+    def _chunk(TILES, OFFS, w, num_q, CH):
+        """Work item w's (expert, first row, end row, first column of its block); an empty chunk has end <= row0."""
+        c = w // num_q
+        e = gl.load(TILES + 2 * c)
+        row0 = gl.load(TILES + 2 * c + 1)
+        end = gl.minimum(row0 + CH, gl.load(OFFS + e + 1))
+        return e, row0, end, w % num_q
+
+    @gluon.jit
+    def r_loader(R, stride_r, r_bufs, r_bufs2, r_full, r_empty, TILES, OFFS, TOK, Q, n_items, num_q, CH,
+                 LW: gl.constexpr):
+        """Every step's gathered R rows by cp.async, both halves of the column block, arriving on r_full."""
+        RS: gl.constexpr = r_bufs.type.shape[0]
+        BK: gl.constexpr = r_bufs.type.shape[1]
+        BH: gl.constexpr = r_bufs.type.shape[2]
+        # 16 bytes per thread and copy: BH / 8 threads along a row
+        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (BH // 8), BH // 8],
+                                                warps_per_cta=[LW, 1], order=[1, 0])
+        cols = gl.arange(0, BH, layout=gl.SliceLayout(0, layout))
+        ks = gl.arange(0, BK, layout=gl.SliceLayout(1, layout))
+        rc = 0  # steps loaded so far (the R ring)
+        for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            e, row0, end, qb = _chunk(TILES, OFFS, w, num_q, CH)
+            c1 = qb * 2 * BH + cols
+            c2 = c1 + BH
+            for r in range(row0, end, BK):
+                rows = r + ks
+                rmask = rows < end
+                tok = gl.load(TOK + rows, mask=rmask, other=0)
+                rrow = R + tok.to(gl.int64)[:, None] * stride_r
+                s = rc % RS
+                mbarrier.wait(r_empty.index(s), ((rc // RS) & 1) ^ 1)  # a fresh barrier passes phase 1
+                async_copy.async_load(r_bufs.index(s), rrow + c1[None, :], mask=rmask[:, None] & (c1 < Q)[None, :])
+                async_copy.async_load(r_bufs2.index(s), rrow + c2[None, :], mask=rmask[:, None] & (c2 < Q)[None, :])
+                async_copy.mbarrier_arrive(r_full.index(s), increment_count=False)
+                rc += 1
+
+    @gluon.jit
+    def l_loader(l_desc, l_desc2, l_bufs, l_bufs2, l_full, l_empty, TILES, OFFS, n_items, num_q, CH,
+                 SPLIT: gl.constexpr):
+        """Every step's L rows by TMA (both column boxes with SPLIT), arriving on l_full."""
+        LS: gl.constexpr = l_bufs.type.shape[0]
+        BK: gl.constexpr = l_bufs.type.shape[1]
+        BP: gl.constexpr = l_bufs.type.shape[2]
+        nbytes: gl.constexpr = l_desc.block_type.nbytes + (l_desc2.block_type.nbytes if SPLIT else 0)
+        lc = 0  # steps loaded so far (the L ring)
+        for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            e, row0, end, qb = _chunk(TILES, OFFS, w, num_q, CH)
+            for r in range(row0, end, BK):
+                s = lc % LS
+                mbarrier.wait(l_empty.index(s), ((lc // LS) & 1) ^ 1)
+                mbarrier.expect(l_full.index(s), nbytes)
+                tma.async_load(l_desc, [r, 0], l_full.index(s), l_bufs.index(s))
+                if SPLIT:
+                    tma.async_load(l_desc2, [r, BP], l_full.index(s), l_bufs2.index(s))
+                lc += 1
+
+    @gluon.jit
+    def _dw_add(acc, DW, stride_de, stride_dp, stride_dq, e, pc, qc, P, Q, COEF, fold_p, first, FOLD: gl.constexpr):
+        """A consumer's partial dW[e, pc, qc] into the fp32 dW by relaxed atomic adds; FOLD 2's COEF[e] added to
+        the rows before fold_p by the expert's first chunk (`first`)."""
+        if FOLD == 2:
+            if first:
+                v = gl.load(COEF + e.to(gl.int64) * Q + qc, mask=qc < Q, other=0.0)
+                acc += gl.where(pc[:, None] < fold_p, v[None, :], 0.0)
+        ptrs = DW + e.to(gl.int64) * stride_de + pc[:, None] * stride_dp + qc[None, :] * stride_dq
+        gl.atomic_add(ptrs, acc, mask=(pc < P)[:, None] & (qc < Q)[None, :], sem="relaxed")
+
+    @gluon.jit
+    def consumer(l_bufs, l_bufs2, r_bufs, l_full, l_empty, r_full, r_empty, TILES, OFFS, COEF, fold_p, DW,
+                 stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, CH, which: gl.constexpr,
+                 FOLD: gl.constexpr, SPLIT: gl.constexpr):
+        LS: gl.constexpr = l_bufs.type.shape[0]
+        BK: gl.constexpr = l_bufs.type.shape[1]
+        BP: gl.constexpr = l_bufs.type.shape[2]
+        BP2: gl.constexpr = l_bufs2.type.shape[2]
+        RS: gl.constexpr = r_bufs.type.shape[0]
+        BH: gl.constexpr = r_bufs.type.shape[2]
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BH, 16])
+        lc = 0  # L ring steps taken
+        rc = 0  # R ring steps taken
+        for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            e, row0, end, qb = _chunk(TILES, OFFS, w, num_q, CH)
+            if row0 < end:
+                acc = gl.zeros((BP, BH), dtype=gl.float32, layout=acc_l)
+                acc2 = gl.zeros((BP2, BH), dtype=gl.float32, layout=acc_l)
+                for r in range(row0, end, BK):
+                    s = rc % RS
+                    sl = lc % LS
+                    mbarrier.wait(r_full.index(s), (rc // RS) & 1)
+                    mbarrier.wait(l_full.index(sl), (lc // LS) & 1)
+                    fence_async_shared()  # the cp.async writes (generic proxy) before wgmma's reads (async proxy)
+                    b = r_bufs.index(s)
+                    acc = warpgroup_mma(l_bufs.index(sl).permute((1, 0)), b, acc, is_async=True)
+                    if SPLIT:
+                        acc2 = warpgroup_mma(l_bufs2.index(sl).permute((1, 0)), b, acc2, is_async=True)
+                        acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
+                    else:
+                        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                    if r > row0:  # the previous step's products are done: its slots may be refilled
+                        mbarrier.arrive(r_empty.index((rc + RS - 1) % RS), count=1)
+                        mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
+                    rc += 1
+                    lc += 1
+                if SPLIT:
+                    acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
+                else:
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                mbarrier.arrive(r_empty.index((rc + RS - 1) % RS), count=1)
+                mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
+                first = row0 == gl.load(OFFS + e)
+                qc = qb * 2 * BH + which * BH + gl.arange(0, BH, layout=gl.SliceLayout(0, acc_l))
+                pc = gl.arange(0, BP, layout=gl.SliceLayout(1, acc_l))
+                _dw_add(acc, DW, stride_de, stride_dp, stride_dq, e, pc, qc, P, Q, COEF, fold_p, first, FOLD)
+                if SPLIT:
+                    pc2 = BP + gl.arange(0, BP2, layout=gl.SliceLayout(1, acc_l))
+                    _dw_add(acc2, DW, stride_de, stride_dp, stride_dq, e, pc2, qc, P, Q, COEF, fold_p, first, FOLD)
+
+    @gluon.jit
+    def wgrad_ws_kernel(R, stride_r, l_desc, l_desc2, TILES, OFFS, TOK, COEF, fold_p, DW, stride_de, stride_dp,
+                        stride_dq, P, Q, n_items, num_q, CH,
+                        FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr, LS: gl.constexpr,
+                        RS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr,
+                        L_LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        dtype: gl.constexpr = l_desc.dtype
+        BK: gl.constexpr = l_desc.block_type.shape[0]
+        r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BK, BH], dtype)
+        r_bufs = gl.allocate_shared_memory(dtype, [RS, BK, BH], r_layout)
+        r_bufs2 = gl.allocate_shared_memory(dtype, [RS, BK, BH], r_layout)
+        l_bufs = gl.allocate_shared_memory(dtype, [LS] + l_desc.block_type.shape, l_desc.layout)
+        l_bufs2 = gl.allocate_shared_memory(dtype, [LS] + l_desc2.block_type.shape, l_desc2.layout)
+        r_full = gl.allocate_shared_memory(gl.int64, [RS, 1], mbarrier.MBarrierLayout())
+        r_empty = gl.allocate_shared_memory(gl.int64, [RS, 1], mbarrier.MBarrierLayout())
+        l_full = gl.allocate_shared_memory(gl.int64, [LS, 1], mbarrier.MBarrierLayout())
+        l_empty = gl.allocate_shared_memory(gl.int64, [LS, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(RS):
+            mbarrier.init(r_full.index(i), count=32 * LW)  # every loader thread's cp.async arrival
+            mbarrier.init(r_empty.index(i), count=2)  # both consumers
+        for i in gl.static_range(LS):
+            mbarrier.init(l_full.index(i), count=1)
+            mbarrier.init(l_empty.index(i), count=2)
+        # the tuples inline: a constexpr bound to a name first would become a tensor (the partitions' flags must
+        # stay compile-time constants)
+        gl.warp_specialize([
+            (consumer, (l_bufs, l_bufs2, r_bufs, l_full, l_empty, r_full, r_empty, TILES, OFFS, COEF, fold_p, DW,
+                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, CH, 0, FOLD, SPLIT)),
+            (consumer, (l_bufs, l_bufs2, r_bufs2, l_full, l_empty, r_full, r_empty, TILES, OFFS, COEF, fold_p, DW,
+                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, CH, 1, FOLD, SPLIT)),
+            (r_loader, (R, stride_r, r_bufs, r_bufs2, r_full, r_empty, TILES, OFFS, TOK, Q, n_items, num_q, CH, LW)),
+            (l_loader, (l_desc, l_desc2, l_bufs, l_bufs2, l_full, l_empty, TILES, OFFS, n_items, num_q, CH, SPLIT)),
+        ], [4, LW, 1], [CREGS, LREGS, L_LOADER_REGS])
+
+    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+    def descriptors(lhs, boxes):
+        """TMA descriptors of the [M, P] left operand in each box shape of `boxes`."""
+        g = gl_dtype[lhs.dtype]
+        return tuple(TensorDescriptor.from_tensor(lhs, list(b), gl.NVMMASharedLayout.get_default_for(list(b), g))
+                     for b in boxes)
+
+    return wgrad_ws_kernel, descriptors
+
+
+def smem_bytes(BK: int, BQ: int, P2: int, l_stages: int, r_stages: int, element_size: int = 2) -> int:
+    """Shared memory of one program: the L ring (slots of BK x P2, P2 = P's boxes), the R ring (BK x BQ), and the
+    barriers."""
+    return (l_stages * BK * P2 + r_stages * BK * BQ) * element_size + 1024
+
+
+def serves(lhs: torch.Tensor, rhs: torch.Tensor, out: torch.Tensor, fold: int, BQ: int, BK: int, l_stages: int,
+           r_stages: int, be: int, be2: int) -> bool:
+    """Whether this kernel takes the left operand lhs [M, P] (rows in expert order), the token-major right operand
+    rhs [T, Q] (gathered in the kernel) and the fp32 dW `out` with this tile: sm_90, bf16 or fp16 operands, P = be
+    + be2 (its power-of-two boxes, each a multiple of 64 rows: wgmma's M) <= 256, BQ / 2 and BK powers of two in
+    16..128, P * BQ / 2 <= MAX_ACC, lhs's rows contiguous and 16-byte aligned, rhs's rows contiguous with Q a
+    multiple of 16 (Triton's specialisation then proves the copies 16 bytes wide, as cp.async needs), FOLD 0 or 2,
+    two or more slots in each ring, the buffers within shared memory, and a Triton whose Gluon builds the
+    kernel."""
+    M, P = lhs.shape
+    es = lhs.element_size()
+    if not down_gluon._sm90(lhs) or lhs.dtype not in (torch.bfloat16, torch.float16) or rhs.dtype != lhs.dtype:
+        return False
+    if out.dtype != torch.float32 or fold not in (0, 2) or min(l_stages, r_stages) < 2 or M == 0:
+        return False
+    BH = BQ // 2
+    if BH * 2 != BQ or BH & (BH - 1) or not 16 <= BH <= 128 or BK & (BK - 1) or not 16 <= BK <= 128:
+        return False
+    if be + be2 != P or P > 256 or be % 64 or be2 % 64 or P * BH > MAX_ACC or lhs.stride(1) != 1 or (lhs.stride(0) * es) % 16:
+        return False
+    Q = rhs.shape[1]
+    if rhs.stride(1) != 1 or (rhs.stride(0) * es) % 16 or Q % 16 or lhs.data_ptr() % 16 or rhs.data_ptr() % 16:
+        return False
+    return smem_bytes(BK, BQ, be + max(be2, 16), l_stages, r_stages, es) <= SMEM_LIMIT and _build_once() is not None
+
+
+def _build_once():
+    return down_gluon.built_once(_STATE, _build)
+
+
+def launch(lhs, rhs, chunks, offsets, token, coef, fold_p: int, out, fold: int, CH: int, BQ: int, BK: int,
+           l_stages: int, r_stages: int, be: int, be2: int):
+    """The kernel over `chunks` ([n, 2] int32 (expert, first row) of every CH-row chunk, first row M = empty) times
+    the column blocks of BQ, adding into the zeroed fp32 `out` [N, P, Q] (any strides). The caller checked
+    `serves`."""
+    kernel, descriptors = _build_once()
+    Q = rhs.shape[1]
+    num_q = -(-Q // BQ)
+    l_desc, l_desc2 = descriptors(lhs, ([BK, be], [BK, be2 or 16]))
+    n_items = chunks.shape[0] * num_q
+    grid = (max(1, min(n_items, down_gluon._sms(lhs.device))),)
+    kernel[grid](rhs, rhs.stride(0), l_desc, l_desc2, chunks, offsets, token, coef, fold_p, out, out.stride(0),
+                 out.stride(1), out.stride(2), lhs.shape[1], Q, n_items, num_q, CH, FOLD=fold, SPLIT=be2 > 0,
+                 BH=BQ // 2, LS=l_stages, RS=r_stages, LW=R_LOADER_WARPS, CREGS=CONSUMER_REGS, LREGS=LOADER_REGS,
+                 L_LOADER_REGS=L_LOADER_REGS, num_warps=4, maxnreg=MAX_REGS)

@@ -1,0 +1,145 @@
+"""The warp-specialised Gluon weight gradients (wgrad seventh entry 5, kernels/wgrad_gluon.py) on a machine without a
+GPU: its offline compile for sm_90 through the real launcher (where the installed Triton's Gluon builds it, >= 3.9),
+the launcher's choice (the Gluon kernel where it serves, kernels/wgrad.py with its left operand by TMA elsewhere),
+and its config. Gluon has no interpreter: test_backends_gpu.py (`wgrad_ws`) checks its results on the GPU."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+try:
+    from .backend_cases import Recorder, gluon_stand_in
+    from .test_offline_compile import _compile_env, compiled_in_subprocess
+except ImportError:  # run as a script: the compile subprocess, which needs none of them
+    Recorder = gluon_stand_in = _compile_env = compiled_in_subprocess = None
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WS = (64, 128, 64, 4, 4, 96, 5)  # BP (unused), BQ, BK, the L ring's depth, the R ring's, row chunk, variant 5
+# name -> (P, Q, dtype, router term, dW's dtype): base's P = 128 + 64 (dW1 with the router's term in the epilogue,
+# bf16 weights: an fp32 buffer), 8B's P = 256 in one box (fp32 master weights), a thin fp16 expert with Q not a
+# multiple of the column block
+LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16"),
+            "8b-dw2-fp32": (256, 512, "bfloat16", False, "float32"),
+            "fp16-ragged-q": (64, 208, "float16", False, "float32")}
+
+
+def _case(P, Q, dtype=torch.bfloat16, fold=False, dw_dtype=torch.float32, T=100, N=8, K=2):
+    """(lhs [M, P], rhs [T, Q], plan, like, fold) on CPU: skewed loads, experts 6 and 7 empty."""
+    from ssd_megatron.ffn.backends.routing import make_plan
+    g = torch.Generator().manual_seed(0)
+    idx = (torch.rand(T, N, generator=g)[:, :6] + torch.linspace(2, 0, 6)).topk(K, dim=1).indices
+    plan = make_plan(idx, N)
+    lhs = torch.randn(plan.num_rows, P, generator=g).to(dtype)
+    rhs = torch.randn(T, Q, generator=g).to(dtype)
+    like = torch.empty(N, P, Q, dtype=dw_dtype)
+    return lhs, rhs, plan, like, (("expert", torch.randn(N, Q, generator=g), P // 2) if fold else None)
+
+
+def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/compile_report.py's driver)
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import compile_report as cr
+
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    cr.offline(90)
+    K.force_config(wgrad=WS)
+
+    def launch(P, Q, dtype, fold, dw_dtype):
+        lhs, rhs, plan, like, f = _case(P, Q, getattr(torch, dtype), fold, getattr(torch, dw_dtype))
+        return lambda: K.wgrad(lhs, rhs, plan, like, gathered=False, fold=f)
+    print("WGRADWS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in LAUNCHES.items()})))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """{LAUNCHES name: [[kernel name, compile_report's resources], ...] or the compile error}."""
+    _compile_env()
+    from ssd_megatron.ffn.backends.kernels import wgrad_gluon
+    if wgrad_gluon._build_once() is None:
+        pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon the WS wgrad builds with")
+    return compiled_in_subprocess(os.path.abspath(__file__), "WGRADWS", timeout=900)
+
+
+@pytest.mark.parametrize("name", list(LAUNCHES))
+def test_ws_wgrad_compiles_for_sm90(compiled, name):
+    """Each specialisation (P as two boxes or one, the router's term, bf16 and fp16, Q ragged) compiles for sm_90 as
+    one warp-specialised kernel: cp.async gathers of R, TMA loads of L, wgmma, fp32 atomic adds (no compare-and-swap
+    loop), no spills; the launcher took it, not kernels/wgrad.py."""
+    res = compiled[name]
+    assert not isinstance(res, str), res
+    assert [kname for kname, _ in res] == ["wgrad_ws_kernel"], res
+    r = res[0][1]
+    assert r["warps"] == 16 and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
+    assert r["cas"] == 0 and r["atom"] > 0 and r["stack"] == 0, r
+    assert r["smem_kb"] * 1024 <= 227 * 1024, r
+
+
+# why the launcher does not take the Gluon kernel -> (P, Q, dtype, fold kind, config, split, gathered)
+NOT_SERVED = {"cpu": (192, 256, torch.bfloat16, None, WS, True, False),
+              "older-triton": (192, 256, torch.bfloat16, None, WS, True, False),
+              "rows-fold": (192, 256, torch.bfloat16, "rows", WS, True, False),  # adds to L as it is loaded
+              "no-split": (192, 256, torch.bfloat16, None, WS, False, False),   # deterministic sums
+              "no-chunk": (192, 256, torch.bfloat16, None, WS[:5] + (0, 5), True, False),
+              "pre-gathered": (192, 256, torch.bfloat16, None, WS, True, True),
+              "wide-p": (512, 256, torch.bfloat16, None, WS, True, False),       # SwiGLU's 8B dW1: 2E = 512
+              "ragged-p": (96, 256, torch.bfloat16, None, WS, True, False),      # 64 + 32: wgmma's M is 64
+              "thin-p": (32, 256, torch.bfloat16, None, WS, True, False),
+              "fp32": (64, 256, torch.float32, None, WS, True, False),
+              "odd-q": (64, 200, torch.bfloat16, None, WS, True, False),         # Q not a multiple of 16
+              "one-slot-ring": (64, 256, torch.bfloat16, None, (64, 128, 64, 1, 4, 96, 5), True, False),
+              "acc": (256, 256, torch.bfloat16, None, (64, 256, 64, 2, 2, 96, 5), True, False),  # 256 x 128 fp32
+              "smem": (256, 256, torch.bfloat16, None, (64, 128, 128, 4, 4, 96, 5), True, False)}
+
+
+@pytest.mark.parametrize("why", list(NOT_SERVED) + ["served"])
+def test_ws_wgrad_falls_back(monkeypatch, why):
+    """wgrad's seventh entry 5 launches the Gluon kernel over the plan's row chunks where it serves, with the tile
+    asked for; kernels/wgrad.py with its left operand by TMA otherwise: not sm_90 (here: CPU), a Triton without the
+    Gluon it is written for, the router's term folded into L's rows, no row chunks or no split (deterministic sums),
+    R pre-gathered, P wider than 256 or not one or two power-of-two boxes of 64 or more, fp32, Q not a multiple of 16, a ring of
+    one slot, accumulators beyond a consumer's registers, too much shared memory."""
+    pytest.importorskip("triton")
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import wgrad_gluon
+    calls = []
+    monkeypatch.setattr(K, "_wgrad_kernel", Recorder(calls, "triton"))
+    monkeypatch.setattr(wgrad_gluon, "launch", Recorder(calls, "ws"))
+    monkeypatch.setattr(K, "_tma_descriptors", lambda t, boxes: ("L", "L2"))  # (CPU tensors: no real descriptors)
+    gluon_stand_in(monkeypatch, wgrad_gluon, why)
+    P, Q, dtype, fold_kind, cfg, split, gathered = NOT_SERVED.get(why, (192, 256, torch.bfloat16, None, WS, True,
+                                                                        False))
+    lhs, rhs, plan, like, _ = _case(P, Q, dtype)
+    fold = None if fold_kind is None else (fold_kind, torch.zeros(plan.num_rows), P)
+    if gathered:
+        rhs = rhs.index_select(0, plan.token)
+    K.force_config(wgrad=cfg, wgrad_mat=cfg)
+    try:
+        K.wgrad(lhs, rhs, plan, like, gathered=gathered, split=split, fold=fold)
+    finally:
+        K.force_config()
+    assert len(calls) == 1, calls
+    name, args, kwargs = calls[0]
+    if why == "served" and wgrad_gluon._build_once() is not None:
+        assert name == "ws", (name, kwargs)
+        assert torch.equal(args[2], K.expert_tiles(plan.offsets, plan.num_rows, plan.num_experts, 96))
+        assert args[7].dtype == torch.float32 and args[8:] == (0, 96, 128, 64, 4, 4, 128, 64), args[8:]
+    else:  # (served, but this Triton has no Gluon that builds it: kernels/wgrad.py too)
+        assert name == "triton" and kwargs["LTMA"] == (fold_kind != "rows"), (name, kwargs)
+
+
+def test_ws_wgrad_config():
+    """wgrad=...,5 in the seventh entry is accepted, its fourth entry (the L ring's depth) need not be a power of two;
+    the seventh entry of other kinds stays 0 or 1."""
+    pytest.importorskip("triton")
+    from ssd_megatron.errors import UserError
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    assert K._parse_configs("wgrad=64,128,64,3,4,2048,5") == {"wgrad": (64, 128, 64, 3, 4, 2048, K.WS)}
+    with pytest.raises(UserError, match="powers of two"):
+        K._parse_configs("wgrad=64,128,64,3,4,2048,1")
+    with pytest.raises(UserError, match="seventh value"):
+        K._parse_configs("up=128,128,64,8,3,0,5")
+
+
+if __name__ == "__main__":
+    _compile_main()
