@@ -141,6 +141,7 @@ def test_ws_fused_forward_auto_in_captured_inference(monkeypatch):
     monkeypatch.setattr(K, "_mlp_kernel", Recorder(calls, "triton"))
     monkeypatch.setattr(mlp_gluon, "launch", Recorder(calls, "ws"))
     monkeypatch.setattr(mlp_gluon, "_LAUNCHED", set())
+    monkeypatch.setattr(mlp_gluon, "_EAGER", set())
     monkeypatch.setattr(mlp_gluon, "capturing", lambda t: state["capturing"])
     gluon_stand_in(monkeypatch, mlp_gluon, "served")
     x, w1, b1, w2, plan, gate = _case("relu", 192, torch.bfloat16, column_view=True)

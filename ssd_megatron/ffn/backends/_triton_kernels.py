@@ -212,21 +212,24 @@ AUTO_WS = (128, 64, 64, 4, 2, WS)
 AUTO_MLP_WS = (128, 64, 64, 6, 4, WS)
 
 
-def _auto_mlp_ws(x, w1, w2, act: int, glu: bool, be: int, be2: int, save_h: bool, key):
+def _auto_mlp_ws(x, w1, w2, act: int, glu: bool, be: int, be2: int, save_h: bool, eager_key: tuple, key):
     """AUTO_MLP_WS where `auto` takes the Gluon fused forward for this launch, else None (the defaults serve):
     an inference forward (training's fwd+bwd is even with it, v20) at a measured shape where the kernel serves,
     either while a CUDA graph is captured, if an eager launch with this launch key `key(cfg)` loaded its module,
-    or as the eager launch that loads it (the warm-up before a capture). Later eager forwards keep kernels/mlp.py,
-    whose launch costs less host time; a capture whose key was never launched eagerly too (CUDA refuses a module
-    load while capturing)."""
+    or as the first eager forward of its `eager_key` (shapes: the warm-up before a capture). Later eager forwards
+    keep kernels/mlp.py, whose launch costs less host time (they check only the cheap eager key); so does a capture
+    whose launch key never ran eagerly (CUDA refuses a module load while capturing)."""
     D, E = w1.shape[2], w2.shape[1]
     if save_h or glu or D > 1024 or E > 192 or not _hopper(x):
         return None
     from .kernels import mlp_gluon
-    BM, BN, BK, wring, ring, _ = AUTO_MLP_WS
-    if not mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, wring, ring, be, be2):
+    if mlp_gluon.capturing(x):
+        if not mlp_gluon.launched(key(AUTO_MLP_WS)):
+            return None
+    elif mlp_gluon.launched_eagerly(eager_key):
         return None
-    return AUTO_MLP_WS if mlp_gluon.launched(key(AUTO_MLP_WS)) == mlp_gluon.capturing(x) else None
+    BM, BN, BK, wring, ring, _ = AUTO_MLP_WS
+    return AUTO_MLP_WS if mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, wring, ring, be, be2) else None
 
 
 def _auto_down_ws(a: torch.Tensor, w: torch.Tensor, atomic: bool):
@@ -656,6 +659,8 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
     be, be2 = _split_width(E)
     order = None if glu else _wide_group(Dout, x)
 
+    eager_key = (x.device, x.dtype, tuple(x.shape), M, tuple(w1.shape), tuple(w2.shape), act, atomic)
+
     def ws_key(cfg):  # kernels/mlp_gluon.launch_key of this launch with tile `cfg`
         from .kernels import mlp_gluon
         return mlp_gluon.launch_key((x, w1, b1, w2, plan.offsets, plan.order, plan.token, gate_flat,
@@ -671,7 +676,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
                 tiles = _tile_list(plan, BM, _tile_groups(order))
                 mlp_gluon.launch(x, w1, b1, w2, tiles, plan.offsets, plan.order, plan.token, gate_flat,
                                  h if save_h else None, buf, act, atomic, BM, BN, BK, nw, ns, be, be2)
-                mlp_gluon.note_launch(ws_key(cfg), x)
+                mlp_gluon.note_launch(ws_key(cfg), eager_key, x)
                 return
         descs = _mlp_descriptors(w1, w2, BN, BK, be, be2) if cfg[5:] == (TMA,) and _hopper(x) else None
         tiles, sched = _tiles(plan, BM, order)
@@ -685,7 +690,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
             BM=BM, BE=be, BE2=max(be2, 16), BK=BK, BN=BN, NP2=_np2(N), num_warps=nw, num_stages=ns)
 
     launch(_pick("mlp_glu" if glu else "mlp", (D, E, Dout, str(x.dtype)), launch, _hopper(x),
-                 auto=lambda: _auto_mlp_ws(x, w1, w2, act, glu, be, be2, save_h, ws_key)))
+                 auto=lambda: _auto_mlp_ws(x, w1, w2, act, glu, be, be2, save_h, eager_key, ws_key)))
     return _combined(buf, atomic, T, K, x.dtype, out_bias), (h if save_h else None)
 
 
