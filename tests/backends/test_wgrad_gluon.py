@@ -17,12 +17,13 @@ except ImportError:  # run as a script: the compile subprocess, which needs none
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WS = (64, 128, 64, 4, 4, 96, 5)  # BP (unused), BQ, BK, the L ring's depth, the R ring's, row chunk, variant 5
-# name -> (P, Q, dtype, router term, dW's dtype): base's P = 128 + 64 (dW1 with the router's term in the epilogue,
-# bf16 weights: an fp32 buffer), 8B's P = 256 in one box (fp32 master weights), a thin fp16 expert with Q not a
-# multiple of the column block
-LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16"),
-            "8b-dw2-fp32": (256, 512, "bfloat16", False, "float32"),
-            "fp16-ragged-q": (64, 208, "float16", False, "float32")}
+# name -> (P, Q, dtype, router term, dW's dtype, row chunk): base's P = 128 + 64 (dW1 with the router's term in the
+# epilogue, bf16 weights: an fp32 buffer), 8B's P = 256 in one box (fp32 master weights), whole experts stored into
+# bf16, a thin fp16 expert with Q not a multiple of the column block
+LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96),
+            "8b-dw2-fp32": (256, 512, "bfloat16", False, "float32", 96),
+            "whole-experts-bf16": (192, 256, "bfloat16", True, "bfloat16", 0),
+            "fp16-ragged-q": (64, 208, "float16", False, "float32", 96)}
 
 
 def _case(P, Q, dtype=torch.bfloat16, fold=False, dw_dtype=torch.float32, T=100, N=8, K=2):
@@ -43,11 +44,14 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
 
     from ssd_megatron.ffn.backends import _triton_kernels as K
     cr.offline(90)
-    K.force_config(wgrad=WS)
 
-    def launch(P, Q, dtype, fold, dw_dtype):
+    def launch(P, Q, dtype, fold, dw_dtype, chunk):
         lhs, rhs, plan, like, f = _case(P, Q, getattr(torch, dtype), fold, getattr(torch, dw_dtype))
-        return lambda: K.wgrad(lhs, rhs, plan, like, gathered=False, fold=f)
+
+        def run():
+            K.force_config(wgrad=WS[:5] + (chunk, 5))
+            K.wgrad(lhs, rhs, plan, like, gathered=False, fold=f)
+        return run
     print("WGRADWS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in LAUNCHES.items()})))
 
 
@@ -63,42 +67,40 @@ def compiled():
 
 @pytest.mark.parametrize("name", list(LAUNCHES))
 def test_ws_wgrad_compiles_for_sm90(compiled, name):
-    """Each specialisation (P as two boxes or one, the router's term, bf16 and fp16, Q ragged) compiles for sm_90 as
-    one warp-specialised kernel: cp.async gathers of R, TMA loads of L, wgmma, fp32 atomic adds (no compare-and-swap
-    loop), no spills; the launcher took it, not kernels/wgrad.py."""
+    """Each specialisation (P as two boxes or one, the router's term, bf16 and fp16, Q ragged, row chunks or whole
+    experts) compiles for sm_90 as one warp-specialised kernel of 12 warps: cp.async gathers of R, TMA loads of L,
+    wgmma, fp32 atomic adds for chunks (no compare-and-swap loop), stores for whole experts; the launcher took it,
+    not kernels/wgrad.py."""
     res = compiled[name]
     assert not isinstance(res, str), res
     assert [kname for kname, _ in res] == ["wgrad_ws_kernel"], res
     r = res[0][1]
-    assert r["warps"] == 16 and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
-    assert r["cas"] == 0 and r["atom"] > 0 and r["stack"] == 0, r
+    assert r["warps"] == 12 and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
+    assert r["cas"] == 0 and (r["atom"] > 0) == (LAUNCHES[name][5] > 0), r
     assert r["smem_kb"] * 1024 <= 227 * 1024, r
 
 
-# why the launcher does not take the Gluon kernel -> (P, Q, dtype, fold kind, config, split, gathered)
-NOT_SERVED = {"cpu": (192, 256, torch.bfloat16, None, WS, True, False),
-              "older-triton": (192, 256, torch.bfloat16, None, WS, True, False),
-              "rows-fold": (192, 256, torch.bfloat16, "rows", WS, True, False),  # adds to L as it is loaded
-              "no-split": (192, 256, torch.bfloat16, None, WS, False, False),   # deterministic sums
-              "no-chunk": (192, 256, torch.bfloat16, None, WS[:5] + (0, 5), True, False),
-              "pre-gathered": (192, 256, torch.bfloat16, None, WS, True, True),
-              "wide-p": (512, 256, torch.bfloat16, None, WS, True, False),       # SwiGLU's 8B dW1: 2E = 512
-              "ragged-p": (96, 256, torch.bfloat16, None, WS, True, False),      # 64 + 32: wgmma's M is 64
-              "thin-p": (32, 256, torch.bfloat16, None, WS, True, False),
-              "fp32": (64, 256, torch.float32, None, WS, True, False),
-              "odd-q": (64, 200, torch.bfloat16, None, WS, True, False),         # Q not a multiple of 16
-              "one-slot-ring": (64, 256, torch.bfloat16, None, (64, 128, 64, 1, 4, 96, 5), True, False),
-              "acc": (256, 256, torch.bfloat16, None, (64, 256, 64, 2, 2, 96, 5), True, False),  # 256 x 128 fp32
-              "smem": (256, 256, torch.bfloat16, None, (64, 128, 128, 4, 4, 96, 5), True, False)}
+# why the launcher does not take the Gluon kernel -> (P, Q, dtype, fold kind, config, gathered)
+NOT_SERVED = {"cpu": (192, 256, torch.bfloat16, None, WS, False),
+              "older-triton": (192, 256, torch.bfloat16, None, WS, False),
+              "rows-fold": (192, 256, torch.bfloat16, "rows", WS, False),  # adds to L as it is loaded
+              "pre-gathered": (192, 256, torch.bfloat16, None, WS, True),
+              "wide-p": (512, 256, torch.bfloat16, None, WS, False),       # SwiGLU's 8B dW1: 2E = 512
+              "fp32": (64, 256, torch.float32, None, WS, False),
+              "odd-q": (64, 200, torch.bfloat16, None, WS, False),         # Q not a multiple of 16
+              "bq": (64, 256, torch.bfloat16, None, (64, 64, 64, 4, 4, 96, 5), False),  # one 64-row wgmma each
+              "one-slot-ring": (64, 256, torch.bfloat16, None, (64, 128, 64, 1, 4, 96, 5), False),
+              "smem": (256, 256, torch.bfloat16, None, (64, 128, 128, 4, 4, 96, 5), False)}
 
 
-@pytest.mark.parametrize("why", list(NOT_SERVED) + ["served"])
+@pytest.mark.parametrize("why", list(NOT_SERVED) + ["served", "served-whole-experts"])
 def test_ws_wgrad_falls_back(monkeypatch, why):
-    """wgrad's seventh entry 5 launches the Gluon kernel over the plan's row chunks where it serves, with the tile
-    asked for; kernels/wgrad.py with its left operand by TMA otherwise: not sm_90 (here: CPU), a Triton without the
-    Gluon it is written for, the router's term folded into L's rows, no row chunks or no split (deterministic sums),
-    R pre-gathered, P wider than 256 or not one or two power-of-two boxes of 64 or more, fp32, Q not a multiple of 16, a ring of
-    one slot, accumulators beyond a consumer's registers, too much shared memory."""
+    """wgrad's seventh entry 5 launches the Gluon kernel where it serves, over the plan's row chunks (atomic adds
+    into an fp32 buffer) or, without chunks or split (deterministic sums), over whole experts (stores into dW), with
+    the tile asked for; kernels/wgrad.py with its left operand by TMA otherwise: not sm_90 (here: CPU), a Triton
+    without the Gluon it is written for, the router's term folded into L's rows, R pre-gathered, P wider than 256
+    (accumulators beyond a consumer's registers), fp32, Q not a multiple of 16, a column block other than 128, a
+    ring of one slot, too much shared memory."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K
     from ssd_megatron.ffn.backends.kernels import wgrad_gluon
@@ -107,8 +109,8 @@ def test_ws_wgrad_falls_back(monkeypatch, why):
     monkeypatch.setattr(wgrad_gluon, "launch", Recorder(calls, "ws"))
     monkeypatch.setattr(K, "_tma_descriptors", lambda t, boxes: ("L", "L2"))  # (CPU tensors: no real descriptors)
     gluon_stand_in(monkeypatch, wgrad_gluon, why)
-    P, Q, dtype, fold_kind, cfg, split, gathered = NOT_SERVED.get(why, (192, 256, torch.bfloat16, None, WS, True,
-                                                                        False))
+    P, Q, dtype, fold_kind, cfg, gathered = NOT_SERVED.get(why, (192, 256, torch.bfloat16, None, WS, False))
+    split = why != "served-whole-experts"
     lhs, rhs, plan, like, _ = _case(P, Q, dtype)
     fold = None if fold_kind is None else (fold_kind, torch.zeros(plan.num_rows), P)
     if gathered:
@@ -120,10 +122,14 @@ def test_ws_wgrad_falls_back(monkeypatch, why):
         K.force_config()
     assert len(calls) == 1, calls
     name, args, kwargs = calls[0]
-    if why == "served" and wgrad_gluon._build_once() is not None:
+    if why.startswith("served") and wgrad_gluon._build_once() is not None:
         assert name == "ws", (name, kwargs)
-        assert torch.equal(args[2], K.expert_tiles(plan.offsets, plan.num_rows, plan.num_experts, 96))
-        assert args[7].dtype == torch.float32 and args[8:] == (0, 96, 128, 64, 4, 4, 128, 64), args[8:]
+        if split:  # 96-row chunks: atomic adds into the fp32 dW
+            assert torch.equal(args[2], K.expert_tiles(plan.offsets, plan.num_rows, plan.num_experts, 96))
+            assert args[8:] == (0, 96, 64, 4, 4, 128, 64), args[8:]
+        else:  # whole experts, stored into dW
+            assert args[2] is None and args[8:] == (0, 0, 64, 4, 4, 128, 64), args[8:]
+        assert args[7] is not like and args[7].shape == like.shape and args[7].dtype == torch.float32
     else:  # (served, but this Triton has no Gluon that builds it: kernels/wgrad.py too)
         assert name == "triton" and kwargs["LTMA"] == (fold_kind != "rows"), (name, kwargs)
 

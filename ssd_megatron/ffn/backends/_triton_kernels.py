@@ -51,9 +51,9 @@ from .routing import initialise
 # up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE); a seventh entry of 1
 # (up kinds: 8B's GLU ones by default on Hopper, elsewhere opt-in) = their weights' tiles by TMA;
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none), and a seventh entry of 1 = its
-# left operand by TMA (Hopper's default) or 5 = WS (the chunks as a warp-specialised Gluon kernel,
-# kernels/wgrad_gluon.py, Triton >= 3.9: opt-in; BP unused, WARPS and STAGES the depths of its L and R rings;
-# LTMA where it does not serve); a wgrad BP >= P makes each program cover all of P (kernels/wgrad.py),
+# left operand by TMA (Hopper's default) or 5 = WS (a warp-specialised Gluon kernel, kernels/wgrad_gluon.py,
+# Triton >= 3.9: opt-in; BP unused, BQ 128, WARPS and STAGES the depths of its L and R rings; LTMA where it does
+# not serve); a wgrad BP >= P makes each program cover all of P (kernels/wgrad.py),
 # an up BN >= E all of E (`_up_columns`). Defaults are chosen per
 # kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per
 # shape key instead.
@@ -699,18 +699,20 @@ _FOLD_CODES = {None: 0, "rows": 1, "expert": 2}  # kernels/wgrad.py's FOLD
 
 def _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p: int, ch: int, BQ: int, BK: int, l_stages: int,
               r_stages: int, state: dict) -> bool:
-    """The warp-specialised Gluon wgrad (kernels/wgrad_gluon.py) into a zeroed fp32 dW (dW itself when fp32, else
-    a buffer with its strides, copied by the caller) over the plan's ch-row chunks, if it serves; True if launched."""
+    """The warp-specialised Gluon wgrad (kernels/wgrad_gluon.py), if it serves; True if launched. With row chunks
+    (ch > 0) into a zeroed fp32 dW (dW itself when fp32, else a buffer with its strides, copied by the caller),
+    else each expert's rows per program, stored into dW."""
     from .kernels import wgrad_gluon
-    be, be2 = _split_width(lhs.shape[1])
-    out = dw if dw.dtype == torch.float32 else torch.empty_strided(dw.shape, dw.stride(), device=dw.device,
-                                                                  dtype=torch.float32)
+    out = dw if dw.dtype == torch.float32 or not ch else torch.empty_strided(
+        dw.shape, dw.stride(), device=dw.device, dtype=torch.float32)
     fold = _FOLD_CODES[fold_kind]
-    if not wgrad_gluon.serves(lhs, rhs, out, fold, BQ, BK, l_stages, r_stages, be, be2):
+    be, be2 = _split_width(lhs.shape[1])
+    if not wgrad_gluon.serves(lhs, rhs, out, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2):
         return False
-    out.zero_()
-    wgrad_gluon.launch(lhs, rhs, _tile_list(plan, ch, None), plan.offsets, plan.token, coef, fold_p, out, fold, ch,
-                       BQ, BK, l_stages, r_stages, be, be2)
+    if ch:
+        out.zero_()
+    wgrad_gluon.launch(lhs, rhs, _tile_list(plan, ch, None) if ch else None, plan.offsets, plan.token, coef, fold_p,
+                       out, fold, ch, BK, l_stages, r_stages, be, be2)
     state["out"] = out
     return True
 
@@ -735,7 +737,7 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
         BP, BQ, BK, nw, ns = cfg[:5]
         ch = cfg[5] if split and len(cfg) > 5 else 0
         if cfg[6:] == (WS,):  # the Gluon kernel where it serves (kernels/wgrad_gluon.py), else LTMA's pointer loads
-            if ch and not gathered and _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p, ch, BQ, BK, nw, ns, state):
+            if not gathered and _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p, ch, BQ, BK, nw, ns, state):
                 return
             cfg = cfg[:6] + (1,)
         # a tile as tall as P: all of P per program, as one or two power-of-two tiles (kernels/wgrad.py)

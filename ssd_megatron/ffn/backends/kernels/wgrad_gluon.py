@@ -31,11 +31,11 @@ import torch
 
 from . import down_gluon  # MIN_TRITON, built_once, and _sm90 / _sms (one place for tests and tools to stand in)
 
-R_LOADER_WARPS = 4
-# registers per thread: the two consumer warpgroups, the R loader's warpgroup, the L loader's warp (16 warps at
-# MAX_REGS when launched): 2 x 128 x 224 + 128 x 40 + 128 x 24 = 64 K
-CONSUMER_REGS, LOADER_REGS, L_LOADER_REGS, MAX_REGS = 224, 40, 24, 128
-MAX_ACC = 256 * 64  # a consumer's accumulator elements, P x BQ / 2 (128 fp32 registers per thread)
+R_LOADER_WARPS = 2
+# registers per thread: the two consumer warpgroups (a 64 x 256 fp32 accumulator at 8B's P = 256 is 128 of them)
+# and one warpgroup for the R loader's two warps and the L loader's one (12 warps at MAX_REGS when launched):
+# 2 x 128 x 232 + 128 x 40 <= 64 K
+CONSUMER_REGS, LOADER_REGS, MAX_REGS = 232, 40, 168
 SMEM_LIMIT = 227 * 1024
 _STATE: dict = {"build": None}
 
@@ -60,17 +60,23 @@ def _build():
         raise ImportError("this Gluon's TMA load, cp.async or warp_specialize differs from the one this kernel uses")
 
     @gluon.jit
-    def _chunk(TILES, OFFS, w, num_q, CH):
-        """Work item w's (expert, first row, end row, first column of its block); an empty chunk has end <= row0."""
-        c = w // num_q
-        e = gl.load(TILES + 2 * c)
-        row0 = gl.load(TILES + 2 * c + 1)
-        end = gl.minimum(row0 + CH, gl.load(OFFS + e + 1))
+    def _item(TILES, OFFS, w, num_q, CH, CHUNKED: gl.constexpr):
+        """Work item w's (expert, first row, end row, column block): a CH-row chunk of the table (CHUNKED), else
+        all of expert w // num_q's rows. An empty item has end <= row0."""
+        if CHUNKED:
+            c = w // num_q
+            e = gl.load(TILES + 2 * c)
+            row0 = gl.load(TILES + 2 * c + 1)
+            end = gl.minimum(row0 + CH, gl.load(OFFS + e + 1))
+        else:
+            e = w // num_q
+            row0 = gl.load(OFFS + e)
+            end = gl.load(OFFS + e + 1)
         return e, row0, end, w % num_q
 
     @gluon.jit
     def r_loader(R, stride_r, r_bufs, r_bufs2, r_full, r_empty, TILES, OFFS, TOK, Q, n_items, num_q, CH,
-                 LW: gl.constexpr):
+                 CHUNKED: gl.constexpr, LW: gl.constexpr):
         """Every step's gathered R rows by cp.async, both halves of the column block, arriving on r_full."""
         RS: gl.constexpr = r_bufs.type.shape[0]
         BK: gl.constexpr = r_bufs.type.shape[1]
@@ -82,7 +88,7 @@ def _build():
         ks = gl.arange(0, BK, layout=gl.SliceLayout(1, layout))
         rc = 0  # steps loaded so far (the R ring)
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            e, row0, end, qb = _chunk(TILES, OFFS, w, num_q, CH)
+            e, row0, end, qb = _item(TILES, OFFS, w, num_q, CH, CHUNKED)
             c1 = qb * 2 * BH + cols
             c2 = c1 + BH
             for r in range(row0, end, BK):
@@ -99,63 +105,71 @@ def _build():
 
     @gluon.jit
     def l_loader(l_desc, l_desc2, l_bufs, l_bufs2, l_full, l_empty, TILES, OFFS, n_items, num_q, CH,
-                 SPLIT: gl.constexpr):
-        """Every step's L rows by TMA (both column boxes with SPLIT), arriving on l_full."""
+                 CHUNKED: gl.constexpr, SPLIT: gl.constexpr):
+        """Every step's L rows [BK, P] by TMA (P's second box with SPLIT), arriving on l_full."""
         LS: gl.constexpr = l_bufs.type.shape[0]
         BK: gl.constexpr = l_bufs.type.shape[1]
-        BP: gl.constexpr = l_bufs.type.shape[2]
+        BE: gl.constexpr = l_bufs.type.shape[2]
         nbytes: gl.constexpr = l_desc.block_type.nbytes + (l_desc2.block_type.nbytes if SPLIT else 0)
         lc = 0  # steps loaded so far (the L ring)
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            e, row0, end, qb = _chunk(TILES, OFFS, w, num_q, CH)
+            e, row0, end, qb = _item(TILES, OFFS, w, num_q, CH, CHUNKED)
             for r in range(row0, end, BK):
                 s = lc % LS
                 mbarrier.wait(l_empty.index(s), ((lc // LS) & 1) ^ 1)
                 mbarrier.expect(l_full.index(s), nbytes)
                 tma.async_load(l_desc, [r, 0], l_full.index(s), l_bufs.index(s))
                 if SPLIT:
-                    tma.async_load(l_desc2, [r, BP], l_full.index(s), l_bufs2.index(s))
+                    tma.async_load(l_desc2, [r, BE], l_full.index(s), l_bufs2.index(s))
                 lc += 1
 
     @gluon.jit
-    def _dw_add(acc, DW, stride_de, stride_dp, stride_dq, e, pc, qc, P, Q, COEF, fold_p, first, FOLD: gl.constexpr):
-        """A consumer's partial dW[e, pc, qc] into the fp32 dW by relaxed atomic adds; FOLD 2's COEF[e] added to
-        the rows before fold_p by the expert's first chunk (`first`)."""
+    def _dw_out(acc, pc, qc, e, row0, OFFS, COEF, fold_p, DW, stride_de, stride_dp, stride_dq, P, Q,
+                CHUNKED: gl.constexpr, FOLD: gl.constexpr):
+        """A consumer's block of dW[e]^T ([q, p]: rows qc, columns pc) into dW: FOLD 2's COEF[e] added to the
+        columns before fold_p by the expert's first item, then relaxed fp32 atomic adds (CHUNKED) or stores."""
         if FOLD == 2:
-            if first:
+            if row0 == gl.load(OFFS + e):
                 v = gl.load(COEF + e.to(gl.int64) * Q + qc, mask=qc < Q, other=0.0)
-                acc += gl.where(pc[:, None] < fold_p, v[None, :], 0.0)
-        ptrs = DW + e.to(gl.int64) * stride_de + pc[:, None] * stride_dp + qc[None, :] * stride_dq
-        gl.atomic_add(ptrs, acc, mask=(pc < P)[:, None] & (qc < Q)[None, :], sem="relaxed")
+                acc += gl.where(pc[None, :] < fold_p, v[:, None], 0.0)
+        ptrs = DW + e.to(gl.int64) * stride_de + pc[None, :] * stride_dp + qc[:, None] * stride_dq
+        omask = (pc < P)[None, :] & (qc < Q)[:, None]
+        if CHUNKED:
+            gl.atomic_add(ptrs, acc, mask=omask, sem="relaxed")
+        else:
+            gl.store(ptrs, acc.to(DW.dtype.element_ty), mask=omask)
 
     @gluon.jit
     def consumer(l_bufs, l_bufs2, r_bufs, l_full, l_empty, r_full, r_empty, TILES, OFFS, COEF, fold_p, DW,
                  stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, CH, which: gl.constexpr,
-                 FOLD: gl.constexpr, SPLIT: gl.constexpr):
+                 CHUNKED: gl.constexpr, FOLD: gl.constexpr, SPLIT: gl.constexpr):
         LS: gl.constexpr = l_bufs.type.shape[0]
         BK: gl.constexpr = l_bufs.type.shape[1]
-        BP: gl.constexpr = l_bufs.type.shape[2]
-        BP2: gl.constexpr = l_bufs2.type.shape[2]
+        BE: gl.constexpr = l_bufs.type.shape[2]
+        BE2: gl.constexpr = l_bufs2.type.shape[2]
         RS: gl.constexpr = r_bufs.type.shape[0]
         BH: gl.constexpr = r_bufs.type.shape[2]
-        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BH, 16])
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BE, 16])
+        acc_l2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BE2, 16])
         lc = 0  # L ring steps taken
         rc = 0  # R ring steps taken
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            e, row0, end, qb = _chunk(TILES, OFFS, w, num_q, CH)
+            e, row0, end, qb = _item(TILES, OFFS, w, num_q, CH, CHUNKED)
             if row0 < end:
-                acc = gl.zeros((BP, BH), dtype=gl.float32, layout=acc_l)
-                acc2 = gl.zeros((BP2, BH), dtype=gl.float32, layout=acc_l)
+                # dW[e]^T's [BH, P] block: R^T (this consumer's columns of R) @ L, one step of wgmma in flight
+                acc = gl.zeros((BH, BE), dtype=gl.float32, layout=acc_l)
+                acc2 = gl.zeros((BH, BE2), dtype=gl.float32, layout=acc_l2)
                 for r in range(row0, end, BK):
                     s = rc % RS
                     sl = lc % LS
                     mbarrier.wait(r_full.index(s), (rc // RS) & 1)
                     mbarrier.wait(l_full.index(sl), (lc // LS) & 1)
                     fence_async_shared()  # the cp.async writes (generic proxy) before wgmma's reads (async proxy)
-                    b = r_bufs.index(s)
-                    acc = warpgroup_mma(l_bufs.index(sl).permute((1, 0)), b, acc, is_async=True)
+                    rt = r_bufs.index(s).permute((1, 0))
+                    acc = warpgroup_mma(rt, l_bufs.index(sl), acc, is_async=True)
                     if SPLIT:
-                        acc2 = warpgroup_mma(l_bufs2.index(sl).permute((1, 0)), b, acc2, is_async=True)
+                        acc2 = warpgroup_mma(rt, l_bufs2.index(sl), acc2, is_async=True)
                         acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
                     else:
                         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
@@ -170,20 +184,21 @@ def _build():
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(r_empty.index((rc + RS - 1) % RS), count=1)
                 mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
-                first = row0 == gl.load(OFFS + e)
-                qc = qb * 2 * BH + which * BH + gl.arange(0, BH, layout=gl.SliceLayout(0, acc_l))
-                pc = gl.arange(0, BP, layout=gl.SliceLayout(1, acc_l))
-                _dw_add(acc, DW, stride_de, stride_dp, stride_dq, e, pc, qc, P, Q, COEF, fold_p, first, FOLD)
+                q0 = qb * 2 * BH + which * BH
+                _dw_out(acc, gl.arange(0, BE, layout=gl.SliceLayout(0, acc_l)),
+                        q0 + gl.arange(0, BH, layout=gl.SliceLayout(1, acc_l)), e, row0, OFFS, COEF, fold_p, DW,
+                        stride_de, stride_dp, stride_dq, P, Q, CHUNKED, FOLD)
                 if SPLIT:
-                    pc2 = BP + gl.arange(0, BP2, layout=gl.SliceLayout(1, acc_l))
-                    _dw_add(acc2, DW, stride_de, stride_dp, stride_dq, e, pc2, qc, P, Q, COEF, fold_p, first, FOLD)
+                    _dw_out(acc2, BE + gl.arange(0, BE2, layout=gl.SliceLayout(0, acc_l2)),
+                            q0 + gl.arange(0, BH, layout=gl.SliceLayout(1, acc_l2)), e, row0, OFFS, COEF, fold_p,
+                            DW, stride_de, stride_dp, stride_dq, P, Q, CHUNKED, FOLD)
 
     @gluon.jit
     def wgrad_ws_kernel(R, stride_r, l_desc, l_desc2, TILES, OFFS, TOK, COEF, fold_p, DW, stride_de, stride_dp,
                         stride_dq, P, Q, n_items, num_q, CH,
-                        FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr, LS: gl.constexpr,
+                        CHUNKED: gl.constexpr, FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr, LS: gl.constexpr,
                         RS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr,
-                        L_LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                        num_warps: gl.constexpr):
         dtype: gl.constexpr = l_desc.dtype
         BK: gl.constexpr = l_desc.block_type.shape[0]
         r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BK, BH], dtype)
@@ -205,12 +220,14 @@ def _build():
         # stay compile-time constants)
         gl.warp_specialize([
             (consumer, (l_bufs, l_bufs2, r_bufs, l_full, l_empty, r_full, r_empty, TILES, OFFS, COEF, fold_p, DW,
-                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, CH, 0, FOLD, SPLIT)),
+                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, CH, 0, CHUNKED, FOLD, SPLIT)),
             (consumer, (l_bufs, l_bufs2, r_bufs2, l_full, l_empty, r_full, r_empty, TILES, OFFS, COEF, fold_p, DW,
-                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, CH, 1, FOLD, SPLIT)),
-            (r_loader, (R, stride_r, r_bufs, r_bufs2, r_full, r_empty, TILES, OFFS, TOK, Q, n_items, num_q, CH, LW)),
-            (l_loader, (l_desc, l_desc2, l_bufs, l_bufs2, l_full, l_empty, TILES, OFFS, n_items, num_q, CH, SPLIT)),
-        ], [4, LW, 1], [CREGS, LREGS, L_LOADER_REGS])
+                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, CH, 1, CHUNKED, FOLD, SPLIT)),
+            (r_loader, (R, stride_r, r_bufs, r_bufs2, r_full, r_empty, TILES, OFFS, TOK, Q, n_items, num_q, CH,
+                        CHUNKED, LW)),
+            (l_loader, (l_desc, l_desc2, l_bufs, l_bufs2, l_full, l_empty, TILES, OFFS, n_items, num_q, CH, CHUNKED,
+                        SPLIT)),
+        ], [4, LW, 1], [CREGS, LREGS, LREGS])
 
     gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
@@ -229,28 +246,28 @@ def smem_bytes(BK: int, BQ: int, P2: int, l_stages: int, r_stages: int, element_
     return (l_stages * BK * P2 + r_stages * BK * BQ) * element_size + 1024
 
 
-def serves(lhs: torch.Tensor, rhs: torch.Tensor, out: torch.Tensor, fold: int, BQ: int, BK: int, l_stages: int,
-           r_stages: int, be: int, be2: int) -> bool:
+def serves(lhs: torch.Tensor, rhs: torch.Tensor, out: torch.Tensor, fold: int, chunked: bool, BQ: int, BK: int,
+           l_stages: int, r_stages: int, be: int, be2: int) -> bool:
     """Whether this kernel takes the left operand lhs [M, P] (rows in expert order), the token-major right operand
-    rhs [T, Q] (gathered in the kernel) and the fp32 dW `out` with this tile: sm_90, bf16 or fp16 operands, P = be
-    + be2 (its power-of-two boxes, each a multiple of 64 rows: wgmma's M) <= 256, BQ / 2 and BK powers of two in
-    16..128, P * BQ / 2 <= MAX_ACC, lhs's rows contiguous and 16-byte aligned, rhs's rows contiguous with Q a
-    multiple of 16 (Triton's specialisation then proves the copies 16 bytes wide, as cp.async needs), FOLD 0 or 2,
-    two or more slots in each ring, the buffers within shared memory, and a Triton whose Gluon builds the
-    kernel."""
+    rhs [T, Q] (gathered in the kernel) and dW `out` [N, P, Q] with this tile: sm_90, bf16 or fp16 operands, P's
+    boxes be + be2 (powers of two, wgmma's N; `_triton_kernels._split_width`) at most 256 (the consumers'
+    accumulators), BQ = 128 (a 64-row wgmma per consumer), BK a power of two in 16..128, lhs's rows contiguous and
+    16-byte aligned, rhs's rows contiguous with Q a multiple of 16 (Triton's specialisation then proves the copies
+    16 bytes wide, as cp.async needs), an fp32 `out` for the chunks' atomic adds (`chunked`; else fp32, bf16 or
+    fp16, stored), FOLD 0 or 2, two or more slots in each ring, the buffers within shared memory, and a Triton whose
+    Gluon builds the kernel."""
     M, P = lhs.shape
     es = lhs.element_size()
     if not down_gluon._sm90(lhs) or lhs.dtype not in (torch.bfloat16, torch.float16) or rhs.dtype != lhs.dtype:
         return False
-    if out.dtype != torch.float32 or fold not in (0, 2) or min(l_stages, r_stages) < 2 or M == 0:
+    if out.dtype not in ((torch.float32, ) if chunked else (torch.float32, torch.bfloat16, torch.float16)):
         return False
-    BH = BQ // 2
-    if BH * 2 != BQ or BH & (BH - 1) or not 16 <= BH <= 128 or BK & (BK - 1) or not 16 <= BK <= 128:
+    if fold not in (0, 2) or min(l_stages, r_stages) < 2 or M == 0 or BQ != 128 or BK & (BK - 1) or not 16 <= BK <= 128:
         return False
-    if be + be2 != P or P > 256 or be % 64 or be2 % 64 or P * BH > MAX_ACC or lhs.stride(1) != 1 or (lhs.stride(0) * es) % 16:
+    if be + be2 > 256 or lhs.stride(1) != 1 or (lhs.stride(0) * es) % 16 or lhs.data_ptr() % 16:
         return False
     Q = rhs.shape[1]
-    if rhs.stride(1) != 1 or (rhs.stride(0) * es) % 16 or Q % 16 or lhs.data_ptr() % 16 or rhs.data_ptr() % 16:
+    if rhs.stride(1) != 1 or (rhs.stride(0) * es) % 16 or Q % 16 or rhs.data_ptr() % 16:
         return False
     return smem_bytes(BK, BQ, be + max(be2, 16), l_stages, r_stages, es) <= SMEM_LIMIT and _build_once() is not None
 
@@ -259,18 +276,19 @@ def _build_once():
     return down_gluon.built_once(_STATE, _build)
 
 
-def launch(lhs, rhs, chunks, offsets, token, coef, fold_p: int, out, fold: int, CH: int, BQ: int, BK: int,
-           l_stages: int, r_stages: int, be: int, be2: int):
-    """The kernel over `chunks` ([n, 2] int32 (expert, first row) of every CH-row chunk, first row M = empty) times
-    the column blocks of BQ, adding into the zeroed fp32 `out` [N, P, Q] (any strides). The caller checked
-    `serves`."""
+def launch(lhs, rhs, chunks, offsets, token, coef, fold_p: int, out, fold: int, CH: int, BK: int, l_stages: int,
+           r_stages: int, be: int, be2: int):
+    """The kernel over the items (a CH-row chunk of `chunks`, [n, 2] int32 (expert, first row), first row M =
+    empty; or with `chunks` None each expert's rows) times the 128-column blocks: atomic adds into the zeroed fp32
+    `out` [N, P, Q] (any strides) for chunks, else stores. P's columns in boxes of be and be2 (0: one box). The
+    caller checked `serves`."""
     kernel, descriptors = _build_once()
     Q = rhs.shape[1]
-    num_q = -(-Q // BQ)
+    num_q = -(-Q // 128)
     l_desc, l_desc2 = descriptors(lhs, ([BK, be], [BK, be2 or 16]))
-    n_items = chunks.shape[0] * num_q
+    n_items = (chunks.shape[0] if chunks is not None else out.shape[0]) * num_q
     grid = (max(1, min(n_items, down_gluon._sms(lhs.device))),)
-    kernel[grid](rhs, rhs.stride(0), l_desc, l_desc2, chunks, offsets, token, coef, fold_p, out, out.stride(0),
-                 out.stride(1), out.stride(2), lhs.shape[1], Q, n_items, num_q, CH, FOLD=fold, SPLIT=be2 > 0,
-                 BH=BQ // 2, LS=l_stages, RS=r_stages, LW=R_LOADER_WARPS, CREGS=CONSUMER_REGS, LREGS=LOADER_REGS,
-                 L_LOADER_REGS=L_LOADER_REGS, num_warps=4, maxnreg=MAX_REGS)
+    kernel[grid](rhs, rhs.stride(0), l_desc, l_desc2, chunks if chunks is not None else offsets, offsets, token, coef,
+                 fold_p, out, out.stride(0), out.stride(1), out.stride(2), lhs.shape[1], Q, n_items, num_q, CH,
+                 CHUNKED=chunks is not None, FOLD=fold, SPLIT=be2 > 0, BH=64, LS=l_stages, RS=r_stages,
+                 LW=R_LOADER_WARPS, CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS)
