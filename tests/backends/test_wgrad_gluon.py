@@ -68,14 +68,14 @@ def compiled():
 @pytest.mark.parametrize("name", list(LAUNCHES))
 def test_ws_wgrad_compiles_for_sm90(compiled, name):
     """Each specialisation (P as two boxes or one, the router's term, bf16 and fp16, Q ragged, row chunks or whole
-    experts) compiles for sm_90 as one warp-specialised kernel of 12 warps: cp.async gathers of R, TMA loads of L,
-    wgmma, fp32 atomic adds for chunks (no compare-and-swap loop), stores for whole experts; the launcher took it,
-    not kernels/wgrad.py."""
+    experts) compiles for sm_90 as one warp-specialised kernel (12 warps for a 256-column box, else 16): cp.async
+    gathers of R, TMA loads of L, wgmma, fp32 atomic adds for chunks (no compare-and-swap loop), stores for whole
+    experts; the launcher took it, not kernels/wgrad.py."""
     res = compiled[name]
     assert not isinstance(res, str), res
     assert [kname for kname, _ in res] == ["wgrad_ws_kernel"], res
     r = res[0][1]
-    assert r["warps"] == 12 and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
+    assert r["warps"] == (12 if LAUNCHES[name][0] > 128 + 64 else 16) and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
     assert r["cas"] == 0 and (r["atom"] > 0) == (LAUNCHES[name][5] > 0), r
     assert r["smem_kb"] * 1024 <= 227 * 1024, r
 

@@ -31,11 +31,13 @@ import torch
 
 from . import down_gluon  # MIN_TRITON, built_once, and _sm90 / _sms (one place for tests and tools to stand in)
 
-R_LOADER_WARPS = 2
-# registers per thread: the two consumer warpgroups (a 64 x 256 fp32 accumulator at 8B's P = 256 is 128 of them)
-# and one warpgroup for the R loader's two warps and the L loader's one (12 warps at MAX_REGS when launched):
-# 2 x 128 x 232 + 128 x 40 <= 64 K
-CONSUMER_REGS, LOADER_REGS, MAX_REGS = 232, 40, 168
+# The warps and registers per thread (MAX_REGS at launch, ptxas's bound for the whole kernel; the partitions then
+# set theirs): (R loader warps, consumer, R loader and L loader registers, MAX_REGS). Where P's first box is at most
+# 128 columns, 16 warps: four R loader warps, the L loader's one in a warpgroup of its own (2 x 128 x 224 + 128 x 40
+# + 128 x 24 = 64 K); a 256-column box (8B: a 64 x 256 fp32 accumulator, 128 registers, in one m64n256 wgmma that
+# ptxas will not fit in 128) takes 12: two R loader warps beside the L loader's (2 x 128 x 232 + 128 x 40 <= 64 K).
+WARPS_NARROW = (4, 224, 40, 24, 128)
+WARPS_WIDE = (2, 232, 40, 40, 168)
 SMEM_LIMIT = 227 * 1024
 _STATE: dict = {"build": None}
 
@@ -156,7 +158,7 @@ def _build():
         rc = 0  # R ring steps taken
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
             e, row0, end, qb = _item(TILES, OFFS, w, num_q, CH, CHUNKED)
-            if row0 < end:
+            if (row0 < end) or (not CHUNKED):  # (whole experts: an empty one's zeros are stored too)
                 # dW[e]^T's [BH, P] block: R^T (this consumer's columns of R) @ L, one step of wgmma in flight
                 acc = gl.zeros((BH, BE), dtype=gl.float32, layout=acc_l)
                 acc2 = gl.zeros((BH, BE2), dtype=gl.float32, layout=acc_l2)
@@ -182,8 +184,9 @@ def _build():
                     acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
                 else:
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(r_empty.index((rc + RS - 1) % RS), count=1)
-                mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
+                if row0 < end:
+                    mbarrier.arrive(r_empty.index((rc + RS - 1) % RS), count=1)
+                    mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
                 q0 = qb * 2 * BH + which * BH
                 _dw_out(acc, gl.arange(0, BE, layout=gl.SliceLayout(0, acc_l)),
                         q0 + gl.arange(0, BH, layout=gl.SliceLayout(1, acc_l)), e, row0, OFFS, COEF, fold_p, DW,
@@ -198,7 +201,7 @@ def _build():
                         stride_dq, P, Q, n_items, num_q, CH,
                         CHUNKED: gl.constexpr, FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr, LS: gl.constexpr,
                         RS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr,
-                        num_warps: gl.constexpr):
+                        L_REGS: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = l_desc.dtype
         BK: gl.constexpr = l_desc.block_type.shape[0]
         r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BK, BH], dtype)
@@ -227,7 +230,7 @@ def _build():
                         CHUNKED, LW)),
             (l_loader, (l_desc, l_desc2, l_bufs, l_bufs2, l_full, l_empty, TILES, OFFS, n_items, num_q, CH, CHUNKED,
                         SPLIT)),
-        ], [4, LW, 1], [CREGS, LREGS, LREGS])
+        ], [4, LW, 1], [CREGS, LREGS, L_REGS])
 
     gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
@@ -288,7 +291,8 @@ def launch(lhs, rhs, chunks, offsets, token, coef, fold_p: int, out, fold: int, 
     l_desc, l_desc2 = descriptors(lhs, ([BK, be], [BK, be2 or 16]))
     n_items = (chunks.shape[0] if chunks is not None else out.shape[0]) * num_q
     grid = (max(1, min(n_items, down_gluon._sms(lhs.device))),)
+    lw, cregs, lregs, l_regs, max_regs = WARPS_WIDE if be > 128 else WARPS_NARROW
     kernel[grid](rhs, rhs.stride(0), l_desc, l_desc2, chunks if chunks is not None else offsets, offsets, token, coef,
                  fold_p, out, out.stride(0), out.stride(1), out.stride(2), lhs.shape[1], Q, n_items, num_q, CH,
-                 CHUNKED=chunks is not None, FOLD=fold, SPLIT=be2 > 0, BH=64, LS=l_stages, RS=r_stages,
-                 LW=R_LOADER_WARPS, CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS)
+                 CHUNKED=chunks is not None, FOLD=fold, SPLIT=be2 > 0, BH=64, LS=l_stages, RS=r_stages, LW=lw,
+                 CREGS=cregs, LREGS=lregs, L_REGS=l_regs, num_warps=4, maxnreg=max_regs)
