@@ -45,19 +45,31 @@ SMEM_LIMIT = 227 * 1024  # an sm_90 block's shared memory: the A buffers, the W 
 _STATE: dict = {"build": None}
 
 
-def _build():
+def require_gluon(kernel: str, cp_async: bool = False) -> None:
+    """Raise ImportError unless this Triton's Gluon is the one the warp-specialised kernels are written for:
+    Triton >= MIN_TRITON, the TMA load named `async_load`, warp_specialize taking (function, args) pairs, and with
+    `cp_async` the cp.async copies' barrier arrival."""
     import inspect
 
     import triton
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import tma
+
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < MIN_TRITON:
+        raise ImportError(f"triton {triton.__version__}: the {kernel} needs {MIN_TRITON}")
+    if not hasattr(tma, "async_load") or (cp_async and not hasattr(async_copy, "mbarrier_arrive")) or \
+            "functions_and_args" not in inspect.signature(gl.warp_specialize).parameters:
+        raise ImportError(f"this Gluon's TMA load, cp.async or warp_specialize differs from the one the {kernel} uses")
+
+
+def _build():
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < MIN_TRITON:
-        raise ImportError(f"triton {triton.__version__}: the WS down kernel needs {MIN_TRITON}")
-    if not hasattr(tma, "async_load") or "functions_and_args" not in inspect.signature(gl.warp_specialize).parameters:
-        raise ImportError("this Gluon's TMA load or warp_specialize differs from the one this kernel is written for")
+    require_gluon("WS down kernel")
 
     @gluon.jit
     def loader(a_desc, w_desc, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, TILES, M, Dout, n_tiles):

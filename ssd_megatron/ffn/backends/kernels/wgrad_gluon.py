@@ -45,9 +45,6 @@ _STATE: dict = {"build": None}
 def _build():
     # module-global: Gluon resolves the helpers' `gl.constexpr` annotations in the module's globals
     global gl
-    import inspect
-
-    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
@@ -55,11 +52,7 @@ def _build():
                                                                    warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < down_gluon.MIN_TRITON:
-        raise ImportError(f"triton {triton.__version__}: the WS wgrad needs {down_gluon.MIN_TRITON}")
-    if not hasattr(tma, "async_load") or not hasattr(async_copy, "mbarrier_arrive") or \
-            "functions_and_args" not in inspect.signature(gl.warp_specialize).parameters:
-        raise ImportError("this Gluon's TMA load, cp.async or warp_specialize differs from the one this kernel uses")
+    down_gluon.require_gluon("WS wgrad", cp_async=True)
 
     @gluon.jit
     def _item(TILES, OFFS, w, num_q, CH, CHUNKED: gl.constexpr):
