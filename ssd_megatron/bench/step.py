@@ -525,6 +525,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "transformers": _version("transformers"),
+        "triton": _triton_version(),
         "shape": shape, "bf16": bf16, "compile": compile_model, "backend": args.backend, "peak_flops": peak,
         "inductor_options": inductor, "env": tuning_env(),
         "records": records,
@@ -625,6 +626,16 @@ def _reset(device, compiled: bool) -> None:
         torch._dynamo.reset()  # a variant's graphs (and its SDPA choice) must not serve the next one
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _triton_version():
+    """The imported Triton's version (a Triton put on the path, e.g. tools/carry_triton.sh's, has no metadata)."""
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
 
 
 def _version(pkg: str):

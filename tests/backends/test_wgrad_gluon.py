@@ -75,7 +75,8 @@ def test_ws_wgrad_compiles_for_sm90(compiled, name):
     assert not isinstance(res, str), res
     assert [kname for kname, _ in res] == ["wgrad_ws_kernel"], res
     r = res[0][1]
-    assert r["warps"] == (12 if LAUNCHES[name][0] > 128 + 64 else 16) and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
+    assert r["warps"] == (12 if LAUNCHES[name][0] > 128 + 64 else 16), r  # (a 256-column box: 12)
+    assert r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
     assert r["cas"] == 0 and (r["atom"] > 0) == (LAUNCHES[name][5] > 0), r
     assert r["smem_kb"] * 1024 <= 227 * 1024, r
 

@@ -1,29 +1,36 @@
-"""The grouped weight gradients with row chunks (kernels/wgrad.py's SPLIT function) as a warp-specialised Gluon
-kernel (Hopper; wgrad variant 5 in the config's seventh entry, WS).
+"""The grouped weight gradients (kernels/wgrad.py's function) as a warp-specialised Gluon kernel (Hopper; a seventh
+wgrad config entry of 5, WS). Opt-in: it wins the base layer and loses in the training step (below).
 
-kernels/wgrad.py runs each (row chunk, column block) program's loads and wgmma in one instruction stream, two CTAs
-per SM; Nsight Compute found its launches latency-bound (tensor pipe ≈ 15%, L2 40-55% busy, docs/kernels.md v7),
-≈ 224 TF/s at base and ≈ 390 at 8B. Here the work of one persistent program per SM is split between warps:
+kernels/wgrad.py runs each program's loads and wgmma in one instruction stream, two CTAs per SM; Nsight Compute
+found its launches latency-bound (tensor pipe ≈ 15%, L2 40-55% busy, docs/kernels.md v7), ≈ 224 TF/s at base and
+≈ 390 at 8B. Here one persistent program per SM splits the work between warps:
 
-- an **R loader** warpgroup gathers each reduction step's right-operand rows (`R[token[r]]`: x for dW1, dy for
-  dW2; [BK, BQ] as two [BK, BQ / 2] halves) with cp.async. Rows past the chunk's end are masked, and a masked
-  cp.async writes zeros;
+- an **R loader** (four warps; two at 8B's P = 256, see WARPS_WIDE) gathers each reduction step's right-operand rows
+  (`R[token[r]]`: x for dW1, dy for dW2; [BK, 128] as two [BK, 64] halves) with cp.async. Rows past the item's end
+  are masked, and a masked cp.async writes zeros;
 - an **L loader** warp loads the step's left-operand rows ([BK, P]: dh for dW1, the gate-scaled activations for
   dW2; contiguous rows) by TMA, as one or two power-of-two column boxes (base's 192 = 128 + 64). Rows past the
-  chunk's end are loaded too (the next expert's, or TMA's zero fill past M): they meet R's zero rows;
-- two **consumer** warpgroups each own half of the column block and all of P, so both read every L tile: per step
-  acc[P, BQ / 2] += L^T R with L^T as wgmma's A operand straight from shared memory (transposed), one step of
-  wgmma in flight. At a chunk's end each adds its fp32 sums into the zeroed fp32 dW with relaxed atomics (FOLD 2:
-  the expert's first chunk adds the router's term COEF[e] to the first fold_p rows, as kernels/wgrad.py does).
+  item's end come in too (the next expert's, or TMA's zero fill past M) and meet R's zero rows;
+- two **consumer** warpgroups each own 64 of the block's 128 columns of Q and all of P: per step
+  acc[64, P] += R_half^T L, dW^T's block, with R^T as wgmma's A and L as its B straight from shared memory (both
+  transposed), so that each product is m64nP (N = 128 + 64 at base, 256 at 8B; N = 64 had put an earlier version
+  at shared memory's bandwidth), one step of wgmma in flight.
 
-The work list is the table of CH-row chunks in expert order (`_triton_kernels.expert_tiles` at height CH) times the
-column blocks, chunk-major, walked by the persistent programs. Serves (`serves`) bf16/fp16 operands, sm_90, P of
-64, 128, 192 or 256 (one or two boxes of 64 or more rows: wgmma's M), P * BQ / 2 <= 16384 (the consumers'
-accumulators), rows of L contiguous and 16-byte aligned, R's rows gathered in the kernel with Q a multiple of 16
-(Triton then proves the copies 16 bytes wide), an fp32 dW, FOLD 0 or 2, and the buffers within shared memory; the launcher (`_triton_kernels.wgrad`) takes kernels/wgrad.py elsewhere. Needs Triton
->= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the offline compile for sm_90 and the launcher's
-choice are tested (tests/backends/test_wgrad_gluon.py); tests/backends/test_backends_gpu.py (`wgrad_ws`) checks the
-results on the GPU.
+Work items: CH-row chunks of one expert (the expert-ordered table `_triton_kernels.expert_tiles` at height CH),
+whose fp32 partial sums are added into a zeroed fp32 dW with relaxed atomics; or, with CH = 0, all of an expert's
+rows, stored into dW (deterministic; empty experts store zeros). Each times the 128-column blocks. FOLD 2: the
+expert's first item adds the router's term COEF[e] to the first fold_p rows, as kernels/wgrad.py does.
+
+H100, Triton 3.9, docs/kernels.md v21: base ReLU layer fwd+bwd 0.856 -> 0.793-0.800 ms over whole experts (chunks:
+0.865-0.871), 8B 8.65 -> 9.48-9.51 ms; the graphed GPT-base sparse step 33.55-33.60 -> 35.82-36.02 ms (its expert
+loads are skewed: whole experts leave a grid tail). So `auto` keeps kernels/wgrad.py.
+
+Serves (`serves`) bf16/fp16 operands on sm_90, P's boxes up to 256 columns, rows of L contiguous and 16-byte
+aligned, R gathered in the kernel with Q a multiple of 16 (Triton then proves the copies 16 bytes wide), FOLD 0
+or 2, and the buffers within shared memory; the launcher (`_triton_kernels.wgrad`) takes kernels/wgrad.py
+elsewhere. Needs Triton >= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the offline compile for
+sm_90 and the launcher's choice are tested (tests/backends/test_wgrad_gluon.py); tests/backends/test_backends_gpu.py
+(`wgrad_ws`) checks the results on the GPU.
 """
 from __future__ import annotations
 
@@ -192,8 +199,8 @@ def _build():
     @gluon.jit
     def wgrad_ws_kernel(R, stride_r, l_desc, l_desc2, TILES, OFFS, TOK, COEF, fold_p, DW, stride_de, stride_dp,
                         stride_dq, P, Q, n_items, num_q, CH,
-                        CHUNKED: gl.constexpr, FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr, LS: gl.constexpr,
-                        RS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr,
+                        CHUNKED: gl.constexpr, FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr,
+                        LS: gl.constexpr, RS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr,
                         L_REGS: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = l_desc.dtype
         BK: gl.constexpr = l_desc.block_type.shape[0]
@@ -258,7 +265,9 @@ def serves(lhs: torch.Tensor, rhs: torch.Tensor, out: torch.Tensor, fold: int, c
         return False
     if out.dtype not in ((torch.float32, ) if chunked else (torch.float32, torch.bfloat16, torch.float16)):
         return False
-    if fold not in (0, 2) or min(l_stages, r_stages) < 2 or M == 0 or BQ != 128 or BK & (BK - 1) or not 16 <= BK <= 128:
+    if fold not in (0, 2) or min(l_stages, r_stages) < 2 or M == 0 or BQ != 128:
+        return False
+    if BK & (BK - 1) or not 16 <= BK <= 128:
         return False
     if be + be2 > 256 or lhs.stride(1) != 1 or (lhs.stride(0) * es) % 16 or lhs.data_ptr() % 16:
         return False
