@@ -208,7 +208,8 @@ AUTO_WS = (128, 64, 64, 4, 2, WS)
 # auto's fused inference forward while a CUDA graph is captured, where the Gluon WS kernel serves (Triton >= 3.9,
 # sm_90) at base-like shapes (D <= 1024, E <= 192: the measured ones). H100, docs/kernels.md v20, base ReLU graphed
 # inference forward 0.2083 ms (kernels/mlp.py) -> 0.1836 / 0.1839; eager forwards 0.39-0.43 -> 0.73-1.06 ms (its
-# launch's host time), hence kernels/mlp.py for eager forwards once the module is loaded (`_auto_mlp_ws`).
+# launch's host time), hence kernels/mlp.py for eager forwards once the module is loaded (`_auto_mlp_ws`). v21, with
+# this policy: graphed 0.182-0.185 ms (2.99-3.03x dense); eager 0.404 / 0.413 ms against 0.398 / 0.393 forced mlp.py.
 AUTO_MLP_WS = (128, 64, 64, 6, 4, WS)
 
 
