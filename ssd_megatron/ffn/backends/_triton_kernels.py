@@ -213,11 +213,11 @@ AUTO_WS = (128, 64, 64, 4, 2, WS)
 AUTO_MLP_WS = (128, 64, 64, 6, 4, WS)
 
 
-def _auto_mlp_ws(x, w1, w2, act: int, glu: bool, be: int, be2: int, save_h: bool, eager_key: tuple, key):
+def _auto_mlp_ws(x, w1, w2, act: int, glu: bool, be: int, be2: int, save_h: bool, eager_key, key):
     """AUTO_MLP_WS where `auto` takes the Gluon fused forward for this launch, else None (the defaults serve):
     an inference forward (training's fwd+bwd is even with it, v20) at a measured shape where the kernel serves,
     either while a CUDA graph is captured, if an eager launch with this launch key `key(cfg)` loaded its module,
-    or as the first eager forward of its `eager_key` (shapes: the warm-up before a capture). Later eager forwards
+    or as the first eager forward of its `eager_key()` (shapes: the warm-up before a capture). Later eager forwards
     keep kernels/mlp.py, whose launch costs less host time (they check only the cheap eager key); so does a capture
     whose launch key never ran eagerly (CUDA refuses a module load while capturing)."""
     D, E = w1.shape[2], w2.shape[1]
@@ -227,7 +227,7 @@ def _auto_mlp_ws(x, w1, w2, act: int, glu: bool, be: int, be2: int, save_h: bool
     if mlp_gluon.capturing(x):
         if not mlp_gluon.launched(key(AUTO_MLP_WS)):
             return None
-    elif mlp_gluon.launched_eagerly(eager_key):
+    elif mlp_gluon.launched_eagerly(eager_key()):
         return None
     BM, BN, BK, wring, ring, _ = AUTO_MLP_WS
     return AUTO_MLP_WS if mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, wring, ring, be, be2) else None
@@ -660,7 +660,8 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
     be, be2 = _split_width(E)
     order = None if glu else _wide_group(Dout, x)
 
-    eager_key = (x.device, x.dtype, tuple(x.shape), M, tuple(w1.shape), tuple(w2.shape), act, atomic)
+    def eager_key():  # `_auto_mlp_ws`'s cheap key of this launch (shapes), built only where `auto` consults it
+        return x.device, x.dtype, tuple(x.shape), M, tuple(w1.shape), tuple(w2.shape), act, atomic
 
     def ws_key(cfg):  # kernels/mlp_gluon.launch_key of this launch with tile `cfg`
         from .kernels import mlp_gluon
@@ -677,7 +678,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
                 tiles = _tile_list(plan, BM, _tile_groups(order))
                 mlp_gluon.launch(x, w1, b1, w2, tiles, plan.offsets, plan.order, plan.token, gate_flat,
                                  h if save_h else None, buf, act, atomic, BM, BN, BK, nw, ns, be, be2)
-                mlp_gluon.note_launch(ws_key(cfg), eager_key, x)
+                mlp_gluon.note_launch(ws_key(cfg), eager_key(), x)
                 return
         descs = _mlp_descriptors(w1, w2, BN, BK, be, be2) if cfg[5:] == (TMA,) and _hopper(x) else None
         tiles, sched = _tiles(plan, BM, order)
@@ -698,20 +699,26 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
 _FOLD_CODES = {None: 0, "rows": 1, "expert": 2}  # kernels/wgrad.py's FOLD
 
 
+def _zeroed_fp32(dw: torch.Tensor) -> torch.Tensor:
+    """The zeroed fp32 target of a weight gradient's atomic partial sums: dW itself when fp32, else a buffer with
+    dW's strides, so that its copy into a strided dW (W_out's [N, E, D] view) is one dense, vectorised pass, not an
+    elementwise one (40 us of the GPT-base layer in bf16, v15)."""
+    out = dw if dw.dtype == torch.float32 else torch.empty_strided(dw.shape, dw.stride(), device=dw.device,
+                                                                  dtype=torch.float32)
+    return out.zero_()
+
+
 def _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p: int, ch: int, BQ: int, BK: int, l_stages: int,
               r_stages: int, state: dict) -> bool:
     """The warp-specialised Gluon wgrad (kernels/wgrad_gluon.py), if it serves; True if launched. With row chunks
     (ch > 0) into a zeroed fp32 dW (dW itself when fp32, else a buffer with its strides, copied by the caller),
     else each expert's rows per program, stored into dW."""
     from .kernels import wgrad_gluon
-    out = dw if dw.dtype == torch.float32 or not ch else torch.empty_strided(
-        dw.shape, dw.stride(), device=dw.device, dtype=torch.float32)
     fold = _FOLD_CODES[fold_kind]
     be, be2 = _split_width(lhs.shape[1])
-    if not wgrad_gluon.serves(lhs, rhs, out, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2):
+    if not wgrad_gluon.serves(lhs, rhs, dw.dtype, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2):
         return False
-    if ch:
-        out.zero_()
+    out = _zeroed_fp32(dw) if ch else dw
     wgrad_gluon.launch(lhs, rhs, _tile_list(plan, ch, None) if ch else None, plan.offsets, plan.token, coef, fold_p,
                        out, fold, ch, BK, l_stages, r_stages, be, be2)
     state["out"] = out
@@ -746,13 +753,7 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
         num_p, num_q = triton.cdiv(P, BP), triton.cdiv(Q, BQ)
         # with chunks, the grid is an upper bound on the (expert, chunk) pairs, as for the M-tiles
         num_t = triton.cdiv(plan.num_rows, ch) + N if ch else N
-        out = dw
-        if ch:
-            # the fp32 buffer takes dW's strides: its copy into a strided dW (W_out's [N, E, D] view) is then
-            # one dense, vectorised pass, not an elementwise one (40 us of the GPT-base layer in bf16, v15)
-            out = dw if dw.dtype == torch.float32 else torch.empty_strided(
-                dw.shape, dw.stride(), device=dw.device, dtype=torch.float32)
-            out.zero_()
+        out = _zeroed_fp32(dw) if ch else dw
         descs = None
         if fold_kind != "rows" and _operand_tma(cfg, lhs):
             descs = _tma_descriptors(lhs, ([BK, bp], [BK, max(bp2, 16)]))

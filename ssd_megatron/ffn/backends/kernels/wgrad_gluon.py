@@ -249,21 +249,21 @@ def smem_bytes(BK: int, BQ: int, P2: int, l_stages: int, r_stages: int, element_
     return (l_stages * BK * P2 + r_stages * BK * BQ) * element_size + 1024
 
 
-def serves(lhs: torch.Tensor, rhs: torch.Tensor, out: torch.Tensor, fold: int, chunked: bool, BQ: int, BK: int,
+def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: int, chunked: bool, BQ: int, BK: int,
            l_stages: int, r_stages: int, be: int, be2: int) -> bool:
     """Whether this kernel takes the left operand lhs [M, P] (rows in expert order), the token-major right operand
-    rhs [T, Q] (gathered in the kernel) and dW `out` [N, P, Q] with this tile: sm_90, bf16 or fp16 operands, P's
+    rhs [T, Q] (gathered in the kernel) and a dW of `dw_dtype` with this tile: sm_90, bf16 or fp16 operands, P's
     boxes be + be2 (powers of two, wgmma's N; `_triton_kernels._split_width`) at most 256 (the consumers'
     accumulators), BQ = 128 (a 64-row wgmma per consumer), BK a power of two in 16..128, lhs's rows contiguous and
     16-byte aligned, rhs's rows contiguous with Q a multiple of 16 (Triton's specialisation then proves the copies
-    16 bytes wide, as cp.async needs), an fp32 `out` for the chunks' atomic adds (`chunked`; else fp32, bf16 or
-    fp16, stored), FOLD 0 or 2, two or more slots in each ring, the buffers within shared memory, and a Triton whose
-    Gluon builds the kernel."""
+    16 bytes wide, as cp.async needs), for whole experts (not `chunked`) a dW of fp32, bf16 or fp16 to store into
+    (chunks add into an fp32 buffer, or dW itself when fp32), FOLD 0 or 2, two or more slots in each ring, the
+    buffers within shared memory, and a Triton whose Gluon builds the kernel."""
     M, P = lhs.shape
     es = lhs.element_size()
     if not down_gluon._sm90(lhs) or lhs.dtype not in (torch.bfloat16, torch.float16) or rhs.dtype != lhs.dtype:
         return False
-    if out.dtype not in ((torch.float32, ) if chunked else (torch.float32, torch.bfloat16, torch.float16)):
+    if not chunked and dw_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if fold not in (0, 2) or min(l_stages, r_stages) < 2 or M == 0 or BQ != 128:
         return False
