@@ -16,8 +16,9 @@ except ImportError:  # run as a script: the compile subprocess, which needs none
     Recorder = gluon_stand_in = _compile_env = compiled_in_subprocess = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WS = (64, 128, 64, 4, 4, 96, 5)  # BP (unused), BQ, BK, the L ring's depth, the R ring's, row chunk, variant 5
-# name -> (P, Q, dtype, router term, dW's dtype, row chunk): base's P = 128 + 64 (dW1 with the router's term in the
+WS = (64, 128, 64, 4, 4, 96, 5)  # BP (unused), BQ, BK, the L ring's depth, the R ring's, balanced (segments >= 96
+# rows; 0: whole experts), variant 5
+# name -> (P, Q, dtype, router term, dW's dtype, balanced items' least rows or 0): base's P = 128 + 64 (dW1 with the router's term in the
 # epilogue, bf16 weights: an fp32 buffer), 8B's P = 256 in one box (fp32 master weights), whole experts stored into
 # bf16, a thin fp16 expert with Q not a multiple of the column block
 LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96),
@@ -69,8 +70,8 @@ def compiled():
 def test_ws_wgrad_compiles_for_sm90(compiled, name):
     """Each specialisation (P as two boxes or one, the router's term, bf16 and fp16, Q ragged, row chunks or whole
     experts) compiles for sm_90 as one warp-specialised kernel (12 warps for a 256-column box, else 16): cp.async
-    gathers of R, TMA loads of L, wgmma, fp32 atomic adds for chunks (no compare-and-swap loop), stores for whole
-    experts; the launcher took it, not kernels/wgrad.py."""
+    gathers of R, TMA loads of L, wgmma, fp32 atomic adds for balanced items (no compare-and-swap loop), stores for
+    whole experts; the launcher took it, not kernels/wgrad.py."""
     res = compiled[name]
     assert not isinstance(res, str), res
     assert [kname for kname, _ in res] == ["wgrad_ws_kernel"], res
@@ -96,7 +97,7 @@ NOT_SERVED = {"cpu": (192, 256, torch.bfloat16, None, WS, False),
 
 @pytest.mark.parametrize("why", list(NOT_SERVED) + ["served", "served-whole-experts"])
 def test_ws_wgrad_falls_back(monkeypatch, why):
-    """wgrad's seventh entry 5 launches the Gluon kernel where it serves, over the plan's row chunks (atomic adds
+    """wgrad's seventh entry 5 launches the Gluon kernel where it serves, over balanced row segments (atomic adds
     into an fp32 buffer) or, without chunks or split (deterministic sums), over whole experts (stores into dW), with
     the tile asked for; kernels/wgrad.py with its left operand by TMA otherwise: not sm_90 (here: CPU), a Triton
     without the Gluon it is written for, the router's term folded into L's rows, R pre-gathered, P wider than 256
@@ -125,12 +126,9 @@ def test_ws_wgrad_falls_back(monkeypatch, why):
     name, args, kwargs = calls[0]
     if why.startswith("served") and wgrad_gluon._build_once() is not None:
         assert name == "ws", (name, kwargs)
-        if split:  # 96-row chunks: atomic adds into the fp32 dW
-            assert torch.equal(args[2], K.expert_tiles(plan.offsets, plan.num_rows, plan.num_experts, 96))
-            assert args[8:] == (0, 96, 64, 4, 4, 128, 64), args[8:]
-        else:  # whole experts, stored into dW
-            assert args[2] is None and args[8:] == (0, 0, 64, 4, 4, 128, 64), args[8:]
-        assert args[7] is not like and args[7].shape == like.shape and args[7].dtype == torch.float32
+        # (fold, the balanced segments' least rows (0: whole experts, stored into dW), BK, ring depths, P's boxes)
+        assert args[2] is plan.offsets and args[7:] == (0, 96 if split else 0, 64, 4, 4, 128, 64), args[7:]
+        assert args[6] is not like and args[6].shape == like.shape and args[6].dtype == torch.float32
     else:  # (served, but this Triton has no Gluon that builds it: kernels/wgrad.py too)
         assert name == "triton" and kwargs["LTMA"] == (fold_kind != "rows"), (name, kwargs)
 

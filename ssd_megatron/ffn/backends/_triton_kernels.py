@@ -52,8 +52,8 @@ from .routing import initialise
 # (up kinds: 8B's GLU ones by default on Hopper, elsewhere opt-in) = their weights' tiles by TMA;
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none), and a seventh entry of 1 = its
 # left operand by TMA (Hopper's default) or 5 = WS (a warp-specialised Gluon kernel, kernels/wgrad_gluon.py,
-# Triton >= 3.9: opt-in; BP unused, BQ 128, WARPS and STAGES the depths of its L and R rings; LTMA where it does
-# not serve); a wgrad BP >= P makes each program cover all of P (kernels/wgrad.py),
+# Triton >= 3.9: opt-in; BP unused, BQ 128, WARPS and STAGES the depths of its L and R rings, n > 0 its balanced
+# items (equal row segments of all experts' rows, each at least n rows); LTMA where it does not serve); a wgrad BP >= P makes each program cover all of P (kernels/wgrad.py),
 # an up BN >= E all of E (`_up_columns`). Defaults are chosen per
 # kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per
 # shape key instead.
@@ -710,17 +710,17 @@ def _zeroed_fp32(dw: torch.Tensor) -> torch.Tensor:
 
 def _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p: int, ch: int, BQ: int, BK: int, l_stages: int,
               r_stages: int, state: dict) -> bool:
-    """The warp-specialised Gluon wgrad (kernels/wgrad_gluon.py), if it serves; True if launched. With row chunks
-    (ch > 0) into a zeroed fp32 dW (dW itself when fp32, else a buffer with its strides, copied by the caller),
-    else each expert's rows per program, stored into dW."""
+    """The warp-specialised Gluon wgrad (kernels/wgrad_gluon.py), if it serves; True if launched. With ch > 0 its
+    balanced items (equal row segments of at least ch rows) add into a zeroed fp32 dW (dW itself when fp32, else a
+    buffer with its strides, copied by the caller); else each expert's rows per program, stored into dW."""
     from .kernels import wgrad_gluon
     fold = _FOLD_CODES[fold_kind]
     be, be2 = _split_width(lhs.shape[1])
     if not wgrad_gluon.serves(lhs, rhs, dw.dtype, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2):
         return False
     out = _zeroed_fp32(dw) if ch else dw
-    wgrad_gluon.launch(lhs, rhs, _tile_list(plan, ch, None) if ch else None, plan.offsets, plan.token, coef, fold_p,
-                       out, fold, ch, BK, l_stages, r_stages, be, be2)
+    wgrad_gluon.launch(lhs, rhs, plan.offsets, plan.token, coef, fold_p, out, fold, ch, BK, l_stages, r_stages, be,
+                       be2)
     state["out"] = out
     return True
 

@@ -16,10 +16,14 @@ found its launches latency-bound (tensor pipe ≈ 15%, L2 40-55% busy, docs/kern
   transposed), so that each product is m64nP (N = 128 + 64 at base, 256 at 8B; N = 64 had put an earlier version
   at shared memory's bandwidth), one step of wgmma in flight.
 
-Work items: CH-row chunks of one expert (the expert-ordered table `_triton_kernels.expert_tiles` at height CH),
-whose fp32 partial sums are added into a zeroed fp32 dW with relaxed atomics; or, with CH = 0, all of an expert's
-rows, stored into dW (deterministic; empty experts store zeros). Each times the 128-column blocks. FOLD 2: the
-expert's first item adds the router's term COEF[e] to the first fold_p rows, as kernels/wgrad.py does.
+Work items, each for one 128-column block: all of an expert's rows, stored into dW (deterministic; empty experts
+store zeros), taken round-robin by the persistent programs; or **balanced** items (a sixth config entry n > 0):
+one program per (row segment, column block), the segments S equal cuts of all experts' rows in expert order
+(`segments`: one item per SM, none shorter than n rows). An item's pieces are its rows of each expert it meets; each
+piece's fp32 partial sum is added into a zeroed fp32 dW with relaxed atomics. So every program has the same number
+of rows whatever the expert loads, which whole experts do not (a heavy expert's items run last and alone). FOLD 2:
+the piece holding an expert's first row adds the router's term COEF[e] to the first fold_p rows, as kernels/wgrad.py
+does (an expert without rows has none to add: its term is a sum over its tokens).
 
 H100, Triton 3.9, docs/kernels.md v21: base ReLU layer fwd+bwd 0.856 -> 0.793-0.800 ms over whole experts (chunks:
 0.865-0.871), 8B 8.65 -> 9.48-9.51 ms; the graphed GPT-base sparse step 33.55-33.60 -> 35.82-36.02 ms (its expert
@@ -62,23 +66,34 @@ def _build():
     down_gluon.require_gluon("WS wgrad", cp_async=True)
 
     @gluon.jit
-    def _item(TILES, OFFS, w, num_q, CH, CHUNKED: gl.constexpr):
-        """Work item w's (expert, first row, end row, column block): a CH-row chunk of the table (CHUNKED), else
-        all of expert w // num_q's rows. An empty item has end <= row0."""
-        if CHUNKED:
-            c = w // num_q
-            e = gl.load(TILES + 2 * c)
-            row0 = gl.load(TILES + 2 * c + 1)
-            end = gl.minimum(row0 + CH, gl.load(OFFS + e + 1))
+    def _range(OFFS, w, num_q, S, N, NP2: gl.constexpr, NW: gl.constexpr, BALANCED: gl.constexpr):
+        """Work item w's (column block, first row, end row, first expert, end expert): with BALANCED, row segment
+        w // num_q of S equal segments of all experts' rows (the experts it meets: NW warps count them), else all
+        of expert w // num_q's rows. Its pieces are its rows of each expert in [first expert, end expert)."""
+        qb = w % num_q
+        if BALANCED:
+            M = gl.load(OFFS + N)
+            lo = (w // num_q) * M // S
+            hi = (w // num_q + 1) * M // S
+            i = gl.arange(0, NP2, layout=gl.BlockedLayout([1], [32], [NW], [0]))
+            ends = gl.load(OFFS + 1 + i, mask=i < N, other=M + 1)
+            e0 = gl.sum((ends <= lo).to(gl.int32), axis=0)
+            e1 = gl.maximum(e0, gl.sum((ends < hi).to(gl.int32), axis=0) + 1)
         else:
-            e = w // num_q
-            row0 = gl.load(OFFS + e)
-            end = gl.load(OFFS + e + 1)
-        return e, row0, end, w % num_q
+            e0 = w // num_q
+            e1 = e0 + 1
+            lo = gl.load(OFFS + e0)
+            hi = gl.load(OFFS + e1)
+        return qb, lo, hi, e0, e1
 
     @gluon.jit
-    def r_loader(R, stride_r, r_bufs, r_bufs2, r_full, r_empty, TILES, OFFS, TOK, Q, n_items, num_q, CH,
-                 CHUNKED: gl.constexpr, LW: gl.constexpr):
+    def _piece(OFFS, e, lo, hi):
+        """Expert e's rows within [lo, hi): (first row, end row); empty where end <= first."""
+        return gl.maximum(lo, gl.load(OFFS + e)), gl.minimum(hi, gl.load(OFFS + e + 1))
+
+    @gluon.jit
+    def r_loader(R, stride_r, r_bufs, r_bufs2, r_full, r_empty, OFFS, TOK, Q, n_items, num_q, S, N,
+                 BALANCED: gl.constexpr, NP2: gl.constexpr, LW: gl.constexpr):
         """Every step's gathered R rows by cp.async, both halves of the column block, arriving on r_full."""
         RS: gl.constexpr = r_bufs.type.shape[0]
         BK: gl.constexpr = r_bufs.type.shape[1]
@@ -90,24 +105,28 @@ def _build():
         ks = gl.arange(0, BK, layout=gl.SliceLayout(1, layout))
         rc = 0  # steps loaded so far (the R ring)
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            e, row0, end, qb = _item(TILES, OFFS, w, num_q, CH, CHUNKED)
+            qb, lo, hi, e0, e1 = _range(OFFS, w, num_q, S, N, NP2, LW, BALANCED)
             c1 = qb * 2 * BH + cols
             c2 = c1 + BH
-            for r in range(row0, end, BK):
-                rows = r + ks
-                rmask = rows < end
-                tok = gl.load(TOK + rows, mask=rmask, other=0)
-                rrow = R + tok.to(gl.int64)[:, None] * stride_r
-                s = rc % RS
-                mbarrier.wait(r_empty.index(s), ((rc // RS) & 1) ^ 1)  # a fresh barrier passes phase 1
-                async_copy.async_load(r_bufs.index(s), rrow + c1[None, :], mask=rmask[:, None] & (c1 < Q)[None, :])
-                async_copy.async_load(r_bufs2.index(s), rrow + c2[None, :], mask=rmask[:, None] & (c2 < Q)[None, :])
-                async_copy.mbarrier_arrive(r_full.index(s), increment_count=False)
-                rc += 1
+            for e in range(e0, e1):
+                row0, end = _piece(OFFS, e, lo, hi)
+                for r in range(row0, end, BK):
+                    rows = r + ks
+                    rmask = rows < end
+                    tok = gl.load(TOK + rows, mask=rmask, other=0)
+                    rrow = R + tok.to(gl.int64)[:, None] * stride_r
+                    s = rc % RS
+                    mbarrier.wait(r_empty.index(s), ((rc // RS) & 1) ^ 1)  # a fresh barrier passes phase 1
+                    async_copy.async_load(r_bufs.index(s), rrow + c1[None, :],
+                                          mask=rmask[:, None] & (c1 < Q)[None, :])
+                    async_copy.async_load(r_bufs2.index(s), rrow + c2[None, :],
+                                          mask=rmask[:, None] & (c2 < Q)[None, :])
+                    async_copy.mbarrier_arrive(r_full.index(s), increment_count=False)
+                    rc += 1
 
     @gluon.jit
-    def l_loader(l_desc, l_desc2, l_bufs, l_bufs2, l_full, l_empty, TILES, OFFS, n_items, num_q, CH,
-                 CHUNKED: gl.constexpr, SPLIT: gl.constexpr):
+    def l_loader(l_desc, l_desc2, l_bufs, l_bufs2, l_full, l_empty, OFFS, n_items, num_q, S, N,
+                 BALANCED: gl.constexpr, NP2: gl.constexpr, SPLIT: gl.constexpr):
         """Every step's L rows [BK, P] by TMA (P's second box with SPLIT), arriving on l_full."""
         LS: gl.constexpr = l_bufs.type.shape[0]
         BK: gl.constexpr = l_bufs.type.shape[1]
@@ -115,36 +134,39 @@ def _build():
         nbytes: gl.constexpr = l_desc.block_type.nbytes + (l_desc2.block_type.nbytes if SPLIT else 0)
         lc = 0  # steps loaded so far (the L ring)
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            e, row0, end, qb = _item(TILES, OFFS, w, num_q, CH, CHUNKED)
-            for r in range(row0, end, BK):
-                s = lc % LS
-                mbarrier.wait(l_empty.index(s), ((lc // LS) & 1) ^ 1)
-                mbarrier.expect(l_full.index(s), nbytes)
-                tma.async_load(l_desc, [r, 0], l_full.index(s), l_bufs.index(s))
-                if SPLIT:
-                    tma.async_load(l_desc2, [r, BE], l_full.index(s), l_bufs2.index(s))
-                lc += 1
+            qb, lo, hi, e0, e1 = _range(OFFS, w, num_q, S, N, NP2, 1, BALANCED)
+            for e in range(e0, e1):
+                row0, end = _piece(OFFS, e, lo, hi)
+                for r in range(row0, end, BK):
+                    s = lc % LS
+                    mbarrier.wait(l_empty.index(s), ((lc // LS) & 1) ^ 1)
+                    mbarrier.expect(l_full.index(s), nbytes)
+                    tma.async_load(l_desc, [r, 0], l_full.index(s), l_bufs.index(s))
+                    if SPLIT:
+                        tma.async_load(l_desc2, [r, BE], l_full.index(s), l_bufs2.index(s))
+                    lc += 1
 
     @gluon.jit
     def _dw_out(acc, pc, qc, e, row0, OFFS, COEF, fold_p, DW, stride_de, stride_dp, stride_dq, P, Q,
-                CHUNKED: gl.constexpr, FOLD: gl.constexpr):
+                BALANCED: gl.constexpr, FOLD: gl.constexpr):
         """A consumer's block of dW[e]^T ([q, p]: rows qc, columns pc) into dW: FOLD 2's COEF[e] added to the
-        columns before fold_p by the expert's first item, then relaxed fp32 atomic adds (CHUNKED) or stores."""
+        columns before fold_p by the piece holding the expert's first row, then relaxed fp32 atomic adds (BALANCED)
+        or stores."""
         if FOLD == 2:
             if row0 == gl.load(OFFS + e):
                 v = gl.load(COEF + e.to(gl.int64) * Q + qc, mask=qc < Q, other=0.0)
                 acc += gl.where(pc[None, :] < fold_p, v[:, None], 0.0)
         ptrs = DW + e.to(gl.int64) * stride_de + pc[None, :] * stride_dp + qc[:, None] * stride_dq
         omask = (pc < P)[None, :] & (qc < Q)[:, None]
-        if CHUNKED:
+        if BALANCED:
             gl.atomic_add(ptrs, acc, mask=omask, sem="relaxed")
         else:
             gl.store(ptrs, acc.to(DW.dtype.element_ty), mask=omask)
 
     @gluon.jit
-    def consumer(l_bufs, l_bufs2, r_bufs, l_full, l_empty, r_full, r_empty, TILES, OFFS, COEF, fold_p, DW,
-                 stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, CH, which: gl.constexpr,
-                 CHUNKED: gl.constexpr, FOLD: gl.constexpr, SPLIT: gl.constexpr):
+    def consumer(l_bufs, l_bufs2, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, DW,
+                 stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, which: gl.constexpr,
+                 BALANCED: gl.constexpr, NP2: gl.constexpr, FOLD: gl.constexpr, SPLIT: gl.constexpr):
         LS: gl.constexpr = l_bufs.type.shape[0]
         BK: gl.constexpr = l_bufs.type.shape[1]
         BE: gl.constexpr = l_bufs.type.shape[2]
@@ -157,49 +179,51 @@ def _build():
         lc = 0  # L ring steps taken
         rc = 0  # R ring steps taken
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            e, row0, end, qb = _item(TILES, OFFS, w, num_q, CH, CHUNKED)
-            if (row0 < end) or (not CHUNKED):  # (whole experts: an empty one's zeros are stored too)
-                # dW[e]^T's [BH, P] block: R^T (this consumer's columns of R) @ L, one step of wgmma in flight
-                acc = gl.zeros((BH, BE), dtype=gl.float32, layout=acc_l)
-                acc2 = gl.zeros((BH, BE2), dtype=gl.float32, layout=acc_l2)
-                for r in range(row0, end, BK):
-                    s = rc % RS
-                    sl = lc % LS
-                    mbarrier.wait(r_full.index(s), (rc // RS) & 1)
-                    mbarrier.wait(l_full.index(sl), (lc // LS) & 1)
-                    fence_async_shared()  # the cp.async writes (generic proxy) before wgmma's reads (async proxy)
-                    rt = r_bufs.index(s).permute((1, 0))
-                    acc = warpgroup_mma(rt, l_bufs.index(sl), acc, is_async=True)
+            qb, lo, hi, e0, e1 = _range(OFFS, w, num_q, S, N, NP2, 4, BALANCED)
+            q0 = qb * 2 * BH + which * BH
+            for e in range(e0, e1):
+                row0, end = _piece(OFFS, e, lo, hi)
+                if (row0 < end) or (not BALANCED):  # (whole experts: an empty one's zeros are stored too)
+                    # dW[e]^T's [BH, P] block: R^T (this consumer's columns of R) @ L, one step of wgmma in flight
+                    acc = gl.zeros((BH, BE), dtype=gl.float32, layout=acc_l)
+                    acc2 = gl.zeros((BH, BE2), dtype=gl.float32, layout=acc_l2)
+                    for r in range(row0, end, BK):
+                        s = rc % RS
+                        sl = lc % LS
+                        mbarrier.wait(r_full.index(s), (rc // RS) & 1)
+                        mbarrier.wait(l_full.index(sl), (lc // LS) & 1)
+                        fence_async_shared()  # the cp.async writes (generic proxy) before wgmma's reads (async proxy)
+                        rt = r_bufs.index(s).permute((1, 0))
+                        acc = warpgroup_mma(rt, l_bufs.index(sl), acc, is_async=True)
+                        if SPLIT:
+                            acc2 = warpgroup_mma(rt, l_bufs2.index(sl), acc2, is_async=True)
+                            acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
+                        else:
+                            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                        if r > row0:  # the previous step's products are done: its slots may be refilled
+                            mbarrier.arrive(r_empty.index((rc + RS - 1) % RS), count=1)
+                            mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
+                        rc += 1
+                        lc += 1
                     if SPLIT:
-                        acc2 = warpgroup_mma(rt, l_bufs2.index(sl), acc2, is_async=True)
-                        acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
+                        acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
                     else:
-                        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-                    if r > row0:  # the previous step's products are done: its slots may be refilled
+                        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                    if row0 < end:
                         mbarrier.arrive(r_empty.index((rc + RS - 1) % RS), count=1)
                         mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
-                    rc += 1
-                    lc += 1
-                if SPLIT:
-                    acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
-                else:
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                if row0 < end:
-                    mbarrier.arrive(r_empty.index((rc + RS - 1) % RS), count=1)
-                    mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
-                q0 = qb * 2 * BH + which * BH
-                _dw_out(acc, gl.arange(0, BE, layout=gl.SliceLayout(0, acc_l)),
-                        q0 + gl.arange(0, BH, layout=gl.SliceLayout(1, acc_l)), e, row0, OFFS, COEF, fold_p, DW,
-                        stride_de, stride_dp, stride_dq, P, Q, CHUNKED, FOLD)
-                if SPLIT:
-                    _dw_out(acc2, BE + gl.arange(0, BE2, layout=gl.SliceLayout(0, acc_l2)),
-                            q0 + gl.arange(0, BH, layout=gl.SliceLayout(1, acc_l2)), e, row0, OFFS, COEF, fold_p,
-                            DW, stride_de, stride_dp, stride_dq, P, Q, CHUNKED, FOLD)
+                    _dw_out(acc, gl.arange(0, BE, layout=gl.SliceLayout(0, acc_l)),
+                            q0 + gl.arange(0, BH, layout=gl.SliceLayout(1, acc_l)), e, row0, OFFS, COEF, fold_p, DW,
+                            stride_de, stride_dp, stride_dq, P, Q, BALANCED, FOLD)
+                    if SPLIT:
+                        _dw_out(acc2, BE + gl.arange(0, BE2, layout=gl.SliceLayout(0, acc_l2)),
+                                q0 + gl.arange(0, BH, layout=gl.SliceLayout(1, acc_l2)), e, row0, OFFS, COEF,
+                                fold_p, DW, stride_de, stride_dp, stride_dq, P, Q, BALANCED, FOLD)
 
     @gluon.jit
-    def wgrad_ws_kernel(R, stride_r, l_desc, l_desc2, TILES, OFFS, TOK, COEF, fold_p, DW, stride_de, stride_dp,
-                        stride_dq, P, Q, n_items, num_q, CH,
-                        CHUNKED: gl.constexpr, FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr,
+    def wgrad_ws_kernel(R, stride_r, l_desc, l_desc2, OFFS, TOK, COEF, fold_p, DW, stride_de, stride_dp,
+                        stride_dq, P, Q, n_items, num_q, S, N,
+                        BALANCED: gl.constexpr, NP2: gl.constexpr, FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr,
                         LS: gl.constexpr, RS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr,
                         L_REGS: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = l_desc.dtype
@@ -222,13 +246,13 @@ def _build():
         # the tuples inline: a constexpr bound to a name first would become a tensor (the partitions' flags must
         # stay compile-time constants)
         gl.warp_specialize([
-            (consumer, (l_bufs, l_bufs2, r_bufs, l_full, l_empty, r_full, r_empty, TILES, OFFS, COEF, fold_p, DW,
-                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, CH, 0, CHUNKED, FOLD, SPLIT)),
-            (consumer, (l_bufs, l_bufs2, r_bufs2, l_full, l_empty, r_full, r_empty, TILES, OFFS, COEF, fold_p, DW,
-                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, CH, 1, CHUNKED, FOLD, SPLIT)),
-            (r_loader, (R, stride_r, r_bufs, r_bufs2, r_full, r_empty, TILES, OFFS, TOK, Q, n_items, num_q, CH,
-                        CHUNKED, LW)),
-            (l_loader, (l_desc, l_desc2, l_bufs, l_bufs2, l_full, l_empty, TILES, OFFS, n_items, num_q, CH, CHUNKED,
+            (consumer, (l_bufs, l_bufs2, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, DW,
+                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, 0, BALANCED, NP2, FOLD, SPLIT)),
+            (consumer, (l_bufs, l_bufs2, r_bufs2, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, DW,
+                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, 1, BALANCED, NP2, FOLD, SPLIT)),
+            (r_loader, (R, stride_r, r_bufs, r_bufs2, r_full, r_empty, OFFS, TOK, Q, n_items, num_q, S, N,
+                        BALANCED, NP2, LW)),
+            (l_loader, (l_desc, l_desc2, l_bufs, l_bufs2, l_full, l_empty, OFFS, n_items, num_q, S, N, BALANCED, NP2,
                         SPLIT)),
         ], [4, LW, 1], [CREGS, LREGS, L_REGS])
 
@@ -249,21 +273,21 @@ def smem_bytes(BK: int, BQ: int, P2: int, l_stages: int, r_stages: int, element_
     return (l_stages * BK * P2 + r_stages * BK * BQ) * element_size + 1024
 
 
-def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: int, chunked: bool, BQ: int, BK: int,
+def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: int, balanced: bool, BQ: int, BK: int,
            l_stages: int, r_stages: int, be: int, be2: int) -> bool:
     """Whether this kernel takes the left operand lhs [M, P] (rows in expert order), the token-major right operand
     rhs [T, Q] (gathered in the kernel) and a dW of `dw_dtype` with this tile: sm_90, bf16 or fp16 operands, P's
     boxes be + be2 (powers of two, wgmma's N; `_triton_kernels._split_width`) at most 256 (the consumers'
     accumulators), BQ = 128 (a 64-row wgmma per consumer), BK a power of two in 16..128, lhs's rows contiguous and
     16-byte aligned, rhs's rows contiguous with Q a multiple of 16 (Triton's specialisation then proves the copies
-    16 bytes wide, as cp.async needs), for whole experts (not `chunked`) a dW of fp32, bf16 or fp16 to store into
-    (chunks add into an fp32 buffer, or dW itself when fp32), FOLD 0 or 2, two or more slots in each ring, the
+    16 bytes wide, as cp.async needs), for whole experts (not `balanced`) a dW of fp32, bf16 or fp16 to store into
+    (balanced items add into an fp32 buffer, or dW itself when fp32), FOLD 0 or 2, two or more slots in each ring, the
     buffers within shared memory, and a Triton whose Gluon builds the kernel."""
     M, P = lhs.shape
     es = lhs.element_size()
     if not down_gluon._sm90(lhs) or lhs.dtype not in (torch.bfloat16, torch.float16) or rhs.dtype != lhs.dtype:
         return False
-    if not chunked and dw_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if not balanced and dw_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if fold not in (0, 2) or min(l_stages, r_stages) < 2 or M == 0 or BQ != 128:
         return False
@@ -281,20 +305,27 @@ def _build_once():
     return down_gluon.built_once(_STATE, _build)
 
 
-def launch(lhs, rhs, chunks, offsets, token, coef, fold_p: int, out, fold: int, CH: int, BK: int, l_stages: int,
+def segments(M: int, num_q: int, min_rows: int, sms: int) -> int:
+    """How many equal row segments the balanced items cut all experts' M rows into: enough for one item per SM
+    (times the num_q column blocks), none shorter than min_rows."""
+    return max(1, min(sms // num_q, M // min_rows))
+
+
+def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows: int, BK: int, l_stages: int,
            r_stages: int, be: int, be2: int):
-    """The kernel over the items (a CH-row chunk of `chunks`, [n, 2] int32 (expert, first row), first row M =
-    empty; or with `chunks` None each expert's rows) times the 128-column blocks: atomic adds into the zeroed fp32
-    `out` [N, P, Q] (any strides) for chunks, else stores. P's columns in boxes of be and be2 (0: one box). The
-    caller checked `serves`."""
+    """The kernel, for each 128-column block, over balanced items (min_rows > 0: equal row segments of all experts'
+    rows, `segments`; atomic adds into the zeroed fp32 `out` [N, P, Q], any strides) or whole experts (stores into
+    `out`). P's columns in boxes of be and be2 (0: one box). The caller checked `serves`."""
     kernel, descriptors = _build_once()
-    Q = rhs.shape[1]
+    (M, P), Q, N = lhs.shape, rhs.shape[1], out.shape[0]
     num_q = -(-Q // 128)
+    sms = down_gluon._sms(lhs.device)
     l_desc, l_desc2 = descriptors(lhs, ([BK, be], [BK, be2 or 16]))
-    n_items = (chunks.shape[0] if chunks is not None else out.shape[0]) * num_q
-    grid = (max(1, min(n_items, down_gluon._sms(lhs.device))),)
+    S = segments(M, num_q, min_rows, sms) if min_rows else 1
+    n_items = S * num_q if min_rows else N * num_q
+    grid = (n_items if min_rows else max(1, min(n_items, sms)),)
     lw, cregs, lregs, l_regs, max_regs = WARPS_WIDE if be > 128 else WARPS_NARROW
-    kernel[grid](rhs, rhs.stride(0), l_desc, l_desc2, chunks if chunks is not None else offsets, offsets, token, coef,
-                 fold_p, out, out.stride(0), out.stride(1), out.stride(2), lhs.shape[1], Q, n_items, num_q, CH,
-                 CHUNKED=chunks is not None, FOLD=fold, SPLIT=be2 > 0, BH=64, LS=l_stages, RS=r_stages, LW=lw,
-                 CREGS=cregs, LREGS=lregs, L_REGS=l_regs, num_warps=4, maxnreg=max_regs)
+    kernel[grid](rhs, rhs.stride(0), l_desc, l_desc2, offsets, token, coef, fold_p, out, out.stride(0), out.stride(1),
+                 out.stride(2), P, Q, n_items, num_q, S, N, BALANCED=min_rows > 0, NP2=1 << (N - 1).bit_length(),
+                 FOLD=fold, SPLIT=be2 > 0, BH=64, LS=l_stages, RS=r_stages, LW=lw, CREGS=cregs, LREGS=lregs,
+                 L_REGS=l_regs, num_warps=4, maxnreg=max_regs)
