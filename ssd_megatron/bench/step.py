@@ -288,6 +288,10 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
 
 # Kernel name -> category, first match wins (lower-case substrings).
 _CATEGORIES = (
+    # the sparse phase's own kernels (ffn/backends/kernels, ssd's router) before the generic names below
+    ("sparse FFN: expert kernels", ("_mlp_kernel", "_up_kernel", "_down_kernel", "_down_tma_kernel", "_wgrad_kernel",
+                                    "_ws_kernel")),
+    ("sparse FFN: routing", ("centroid_topk", "_plan_count", "_plan_scatter", "_expert_tiles")),
     ("loss (fused CE)", ("ce_rows_kernel",)),
     ("attention", ("flash", "fmha", "sdpa", "attention", "cudnn")),
     ("layernorm (fused by inductor)", ("layer_norm",)),

@@ -77,3 +77,17 @@ def test_sparse_only_variant_skips_the_dense_phase(tmp_path):
     assert [r["expert_backend"] for r in res["records"] if r["phase"] == "sparse"] == ["reference"]
     assert set(res["failed"]) == set(SPARSE_ONLY)  # each was accepted, run for the sparse phase only, and refused
     assert all("needs the triton expert backend, not reference" in m for m in res["failed"].values())
+
+
+def test_profile_categories_name_the_sparse_phase_kernels():
+    """The profile's categories put the expert kernels (Triton and Gluon) and the routing kernels of the sparse
+    phase in their own rows, cuBLAS's GEMMs and the dense FFN's masked GEMM under gemm, inductor's under fused."""
+    from ssd_megatron.bench.step import _category
+    for name in ("_mlp_kernel", "_wgrad_kernel", "wgrad_ws_kernel", "mlp_ws_kernel", "_down_tma_kernel", "_up_kernel"):
+        assert _category(name) == "sparse FFN: expert kernels", name
+    for name in ("centroid_topk_kernel", "_plan_count_kernel", "_plan_scatter_kernel", "_expert_tiles_kernel"):
+        assert _category(name) == "sparse FFN: routing", name
+    assert _category("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "gemm"
+    assert _category("relu_mask_gemm_pingpong_kernel") == "gemm"
+    assert _category("triton_per_fused__to_copy_add_native_layer_norm_0") == "layernorm (fused by inductor)"
+    assert _category("triton_poi_fused_add_view_8") == "fused elementwise (inductor)"
