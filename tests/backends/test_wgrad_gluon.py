@@ -126,8 +126,9 @@ def test_ws_wgrad_falls_back(monkeypatch, why):
     name, args, kwargs = calls[0]
     if why.startswith("served") and wgrad_gluon._build_once() is not None:
         assert name == "ws", (name, kwargs)
-        # (fold, the balanced segments' least rows (0: whole experts, stored into dW), BK, ring depths, P's boxes)
-        assert args[2] is plan.offsets and args[7:] == (0, 96 if split else 0, 64, 4, 4, 128, 64), args[7:]
+        # (fold, the balanced segments' least rows (0: whole experts, stored into dW), BK, ring depths, P's boxes,
+        # TMA reduces: off unless asked for)
+        assert args[2] is plan.offsets and args[7:] == (0, 96 if split else 0, 64, 4, 4, 128, 64, False), args[7:]
         assert args[6] is not like and args[6].shape == like.shape and args[6].dtype == torch.float32
     else:  # (served, but this Triton has no Gluon that builds it: kernels/wgrad.py too)
         assert name == "triton" and kwargs["LTMA"] == (fold_kind != "rows"), (name, kwargs)

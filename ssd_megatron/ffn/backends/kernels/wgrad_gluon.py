@@ -164,9 +164,30 @@ def _build():
             gl.store(ptrs, acc.to(DW.dtype.element_ty), mask=omask)
 
     @gluon.jit
+    def _dw_reduce(acc, o_smem, o_desc, c0, q0, pc, qc, e, row0, OFFS, COEF, fold_p, P, Q, FOLD: gl.constexpr,
+                   OUT_T: gl.constexpr, PENDING: gl.constexpr):
+        """_dw_out's block added by a TMA reduce from shared memory (TMA_OUT), P's columns c0.. of it: once the
+        reduce issued PENDING + 1 blocks ago has read o_smem, the block goes there (transposed with OUT_T, for a dW
+        whose Q is contiguous) and one thread issues its add; the consumer moves on while it runs."""
+        if FOLD == 2:
+            if row0 == gl.load(OFFS + e):
+                v = gl.load(COEF + e.to(gl.int64) * Q + qc, mask=qc < Q, other=0.0)
+                acc += gl.where(pc[None, :] < fold_p, v[:, None], 0.0)
+        tma.store_wait(PENDING)
+        if OUT_T:
+            o_smem.store(gl.permute(acc, (1, 0)))
+            fence_async_shared()
+            tma.async_atomic_add(o_desc, [e * P + c0, q0], o_smem)
+        else:
+            o_smem.store(acc)
+            fence_async_shared()
+            tma.async_atomic_add(o_desc, [q0, e * P + c0], o_smem)
+
+    @gluon.jit
     def consumer(l_bufs, l_bufs2, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, DW,
-                 stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, which: gl.constexpr,
-                 BALANCED: gl.constexpr, NP2: gl.constexpr, FOLD: gl.constexpr, SPLIT: gl.constexpr):
+                 stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, o_smem, o_smem2, o_desc, o_desc2,
+                 which: gl.constexpr, BALANCED: gl.constexpr, NP2: gl.constexpr, FOLD: gl.constexpr,
+                 SPLIT: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr):
         LS: gl.constexpr = l_bufs.type.shape[0]
         BK: gl.constexpr = l_bufs.type.shape[1]
         BE: gl.constexpr = l_bufs.type.shape[2]
@@ -212,18 +233,29 @@ def _build():
                     if row0 < end:
                         mbarrier.arrive(r_empty.index((rc + RS - 1) % RS), count=1)
                         mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
-                    _dw_out(acc, gl.arange(0, BE, layout=gl.SliceLayout(0, acc_l)),
-                            q0 + gl.arange(0, BH, layout=gl.SliceLayout(1, acc_l)), e, row0, OFFS, COEF, fold_p, DW,
-                            stride_de, stride_dp, stride_dq, P, Q, BALANCED, FOLD)
-                    if SPLIT:
-                        _dw_out(acc2, BE + gl.arange(0, BE2, layout=gl.SliceLayout(0, acc_l2)),
-                                q0 + gl.arange(0, BH, layout=gl.SliceLayout(1, acc_l2)), e, row0, OFFS, COEF,
-                                fold_p, DW, stride_de, stride_dp, stride_dq, P, Q, BALANCED, FOLD)
+                    pc = gl.arange(0, BE, layout=gl.SliceLayout(0, acc_l))
+                    qc = q0 + gl.arange(0, BH, layout=gl.SliceLayout(1, acc_l))
+                    pc2 = BE + gl.arange(0, BE2, layout=gl.SliceLayout(0, acc_l2))
+                    qc2 = q0 + gl.arange(0, BH, layout=gl.SliceLayout(1, acc_l2))
+                    if TMA_OUT:
+                        _dw_reduce(acc, o_smem, o_desc, 0, q0, pc, qc, e, row0, OFFS, COEF, fold_p, P, Q, FOLD, OUT_T,
+                                   1 if SPLIT else 0)
+                        if SPLIT:
+                            _dw_reduce(acc2, o_smem2, o_desc2, BE, q0, pc2, qc2, e, row0, OFFS, COEF, fold_p, P, Q,
+                                       FOLD, OUT_T, 1)
+                    else:
+                        _dw_out(acc, pc, qc, e, row0, OFFS, COEF, fold_p, DW, stride_de, stride_dp, stride_dq, P, Q,
+                                BALANCED, FOLD)
+                        if SPLIT:
+                            _dw_out(acc2, pc2, qc2, e, row0, OFFS, COEF, fold_p, DW, stride_de, stride_dp, stride_dq,
+                                    P, Q, BALANCED, FOLD)
+        if TMA_OUT:
+            tma.store_wait(0)  # the reduces have read o_smem before the program ends
 
     @gluon.jit
     def wgrad_ws_kernel(R, stride_r, l_desc, l_desc2, OFFS, TOK, COEF, fold_p, DW, stride_de, stride_dp,
-                        stride_dq, P, Q, n_items, num_q, S, N,
-                        BALANCED: gl.constexpr, NP2: gl.constexpr, FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr,
+                        stride_dq, P, Q, n_items, num_q, S, N, o_desc, o_desc2,
+                        BALANCED: gl.constexpr, NP2: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr, FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr,
                         LS: gl.constexpr, RS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr,
                         L_REGS: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = l_desc.dtype
@@ -237,6 +269,14 @@ def _build():
         r_empty = gl.allocate_shared_memory(gl.int64, [RS, 1], mbarrier.MBarrierLayout())
         l_full = gl.allocate_shared_memory(gl.int64, [LS, 1], mbarrier.MBarrierLayout())
         l_empty = gl.allocate_shared_memory(gl.int64, [LS, 1], mbarrier.MBarrierLayout())
+        # each consumer's staging of its dW blocks for the TMA reduce (TMA_OUT; a token buffer otherwise)
+        OB: gl.constexpr = o_desc.block_type.shape if TMA_OUT else [16, 16]
+        OB2: gl.constexpr = o_desc2.block_type.shape if TMA_OUT else [16, 16]
+        o_layout: gl.constexpr = o_desc.layout if TMA_OUT else gl.NVMMASharedLayout.get_default_for([16, 16], gl.float32)
+        o_a = gl.allocate_shared_memory(gl.float32, OB, o_layout)
+        o_a2 = gl.allocate_shared_memory(gl.float32, OB2, o_layout)
+        o_b = gl.allocate_shared_memory(gl.float32, OB, o_layout)
+        o_b2 = gl.allocate_shared_memory(gl.float32, OB2, o_layout)
         for i in gl.static_range(RS):
             mbarrier.init(r_full.index(i), count=32 * LW)  # every loader thread's cp.async arrival
             mbarrier.init(r_empty.index(i), count=2)  # both consumers
@@ -247,9 +287,11 @@ def _build():
         # stay compile-time constants)
         gl.warp_specialize([
             (consumer, (l_bufs, l_bufs2, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, DW,
-                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, 0, BALANCED, NP2, FOLD, SPLIT)),
+                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, o_a, o_a2, o_desc, o_desc2, 0,
+                        BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
             (consumer, (l_bufs, l_bufs2, r_bufs2, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, DW,
-                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, 1, BALANCED, NP2, FOLD, SPLIT)),
+                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, o_b, o_b2, o_desc, o_desc2, 1,
+                        BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
             (r_loader, (R, stride_r, r_bufs, r_bufs2, r_full, r_empty, OFFS, TOK, Q, n_items, num_q, S, N,
                         BALANCED, NP2, LW)),
             (l_loader, (l_desc, l_desc2, l_bufs, l_bufs2, l_full, l_empty, OFFS, n_items, num_q, S, N, BALANCED, NP2,
@@ -264,17 +306,39 @@ def _build():
         return tuple(TensorDescriptor.from_tensor(lhs, list(b), gl.NVMMASharedLayout.get_default_for(list(b), g))
                      for b in boxes)
 
-    return wgrad_ws_kernel, descriptors
+    def out_descriptors(out2d, boxes):
+        """TMA descriptors of dW's 2-D view (`out_view`) in each box shape of `boxes`, unswizzled fp32 (a box's
+        inner dimension is up to 128 columns, past the 128-byte swizzles)."""
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+        return tuple(TensorDescriptor.from_tensor(out2d, list(b), layout) for b in boxes)
+
+    return wgrad_ws_kernel, descriptors, out_descriptors
 
 
-def smem_bytes(BK: int, BQ: int, P2: int, l_stages: int, r_stages: int, element_size: int = 2) -> int:
-    """Shared memory of one program: the L ring (slots of BK x P2, P2 = P's boxes), the R ring (BK x BQ), and the
-    barriers."""
-    return (l_stages * BK * P2 + r_stages * BK * BQ) * element_size + 1024
+def smem_bytes(BK: int, BQ: int, P2: int, l_stages: int, r_stages: int, element_size: int = 2,
+               tma_out: bool = False) -> int:
+    """Shared memory of one program: the L ring (slots of BK x P2, P2 = P's boxes), the R ring (BK x BQ), with
+    tma_out the consumers' fp32 staging of their dW blocks (BQ x P2 in all), and the barriers."""
+    return (l_stages * BK * P2 + r_stages * BK * BQ) * element_size + (BQ * P2 * 4 if tma_out else 0) + 1024
+
+
+def out_view(dw: torch.Tensor, P: int):
+    """(dW [N, P, Q] as a 2-D matrix a TMA reduce can address, whether Q is its contiguous dimension) or None:
+    P contiguous with experts side by side (W_out's [N, E, D] column view: [Q, N * P]), or Q contiguous with
+    experts stacked ([N * P, Q]); rows 16-byte aligned in fp32 (the reduce's target is fp32 with dW's strides)."""
+    N, _, Q = dw.shape
+    if dw.dtype == torch.float32 and dw.data_ptr() % 16:  # (else the target is a fresh fp32 buffer)
+        return None
+    sde, sdp, sdq = dw.stride()
+    if sdp == 1 and sde == P and sdq % 4 == 0:
+        return dw.as_strided((Q, N * P), (sdq, 1)), False
+    if sdq == 1 and sde == P * sdp and sdp % 4 == 0:
+        return dw.as_strided((N * P, Q), (sdp, 1)), True
+    return None
 
 
 def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: int, balanced: bool, BQ: int, BK: int,
-           l_stages: int, r_stages: int, be: int, be2: int) -> bool:
+           l_stages: int, r_stages: int, be: int, be2: int, tma_out: bool = False) -> bool:
     """Whether this kernel takes the left operand lhs [M, P] (rows in expert order), the token-major right operand
     rhs [T, Q] (gathered in the kernel) and a dW of `dw_dtype` with this tile: sm_90, bf16 or fp16 operands, P's
     boxes be + be2 (powers of two, wgmma's N; `_triton_kernels._split_width`) at most 256 (the consumers'
@@ -298,7 +362,10 @@ def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: in
     Q = rhs.shape[1]
     if rhs.stride(1) != 1 or (rhs.stride(0) * es) % 16 or Q % 16 or rhs.data_ptr() % 16:
         return False
-    return smem_bytes(BK, BQ, be + max(be2, 16), l_stages, r_stages, es) <= SMEM_LIMIT and _build_once() is not None
+    if tma_out and (not balanced or be + be2 != P):
+        return False
+    return (smem_bytes(BK, BQ, be + max(be2, 16), l_stages, r_stages, es, tma_out) <= SMEM_LIMIT
+            and _build_once() is not None)
 
 
 def _build_once():
@@ -312,20 +379,28 @@ def segments(M: int, num_q: int, min_rows: int, sms: int) -> int:
 
 
 def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows: int, BK: int, l_stages: int,
-           r_stages: int, be: int, be2: int):
+           r_stages: int, be: int, be2: int, tma_out: bool = False):
     """The kernel, for each 128-column block, over balanced items (min_rows > 0: equal row segments of all experts'
-    rows, `segments`; atomic adds into the zeroed fp32 `out` [N, P, Q], any strides) or whole experts (stores into
-    `out`). P's columns in boxes of be and be2 (0: one box). The caller checked `serves`."""
-    kernel, descriptors = _build_once()
+    rows, `segments`; adds into the zeroed fp32 `out` [N, P, Q], any strides: relaxed atomics, or with tma_out TMA
+    reduces through `out_view`) or whole experts (stores into `out`). P's columns in boxes of be and be2 (0: one box).
+    The caller checked `serves`."""
+    kernel, descriptors, out_descriptors = _build_once()
     (M, P), Q, N = lhs.shape, rhs.shape[1], out.shape[0]
     num_q = -(-Q // 128)
     sms = down_gluon._sms(lhs.device)
     l_desc, l_desc2 = descriptors(lhs, ([BK, be], [BK, be2 or 16]))
+    o_desc = o_desc2 = None
+    out_t = False
+    if tma_out:
+        out2d, out_t = out_view(out, P)
+        boxes = [(c, 64) if out_t else (64, c) for c in (be, be2 or 16)]
+        o_desc, o_desc2 = out_descriptors(out2d, boxes)
     S = segments(M, num_q, min_rows, sms) if min_rows else 1
     n_items = S * num_q if min_rows else N * num_q
     grid = (n_items if min_rows else max(1, min(n_items, sms)),)
     lw, cregs, lregs, l_regs, max_regs = WARPS_WIDE if be > 128 else WARPS_NARROW
     kernel[grid](rhs, rhs.stride(0), l_desc, l_desc2, offsets, token, coef, fold_p, out, out.stride(0), out.stride(1),
-                 out.stride(2), P, Q, n_items, num_q, S, N, BALANCED=min_rows > 0, NP2=1 << (N - 1).bit_length(),
-                 FOLD=fold, SPLIT=be2 > 0, BH=64, LS=l_stages, RS=r_stages, LW=lw, CREGS=cregs, LREGS=lregs,
-                 L_REGS=l_regs, num_warps=4, maxnreg=max_regs)
+                 out.stride(2), P, Q, n_items, num_q, S, N, o_desc, o_desc2, BALANCED=min_rows > 0,
+                 NP2=1 << (N - 1).bit_length(), TMA_OUT=tma_out, OUT_T=out_t, FOLD=fold, SPLIT=be2 > 0, BH=64,
+                 LS=l_stages, RS=r_stages, LW=lw, CREGS=cregs, LREGS=lregs, L_REGS=l_regs, num_warps=4,
+                 maxnreg=max_regs)
