@@ -106,7 +106,8 @@ def report(kernel, num_warps) -> dict:
     mma = sorted(set(re.findall(r"\b(HGMMA\.\w+|HMMA\.\w+)", sass)))
     return {"regs": regs, "stack": stack, "smem_kb": round(smem / 1024, 1), "warps": num_warps, "ctas_per_sm": ctas,
             "mma": ",".join(m.split(".", 1)[1] for m in mma) or "-", "ldgsts": sass.count("LDGSTS"),
-            "utmaldg": sass.count("UTMALDG"), "atom": len(re.findall(r"\b(?:REDG|RED|ATOMG|ATOM)\.", sass)),
+            "utmaldg": sass.count("UTMALDG"), "utmaredg": sass.count("UTMAREDG"),  # (TMA loads, TMA reduces)
+            "atom": len(re.findall(r"\b(?:REDG|RED|ATOMG|ATOM)\.", sass)),
             "cas": len(re.findall(r"\bATOMG?\.\S*CAS", sass))}  # compare-and-swap: an atomic the GPU lacks
 
 

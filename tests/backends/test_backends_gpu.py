@@ -310,7 +310,7 @@ def test_triton_auto_ws_forward_in_captured_inference(monkeypatch):
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
     from ssd_megatron.ffn.backends import expert_ffn
-    from ssd_megatron.ffn.backends.kernels import mlp_gluon
+    from ssd_megatron.ffn.backends.kernels import gluon_launches, mlp_gluon
     if mlp_gluon._build_once() is None or not mlp_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
         pytest.skip("the WS fused forward does not serve here (needs sm_90 and Triton >= 3.9's Gluon)")
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, activation="relu", T=2048, D=768, E=192, N=32, K=6,
@@ -319,7 +319,7 @@ def test_triton_auto_ws_forward_in_captured_inference(monkeypatch):
     launches, real = [], mlp_gluon.launch
 
     def counted(*args, **kwargs):
-        launches.append(mlp_gluon.capturing(args[0]))
+        launches.append(gluon_launches.capturing(args[0]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mlp_gluon, "launch", counted)
@@ -340,6 +340,60 @@ def test_triton_auto_ws_forward_in_captured_inference(monkeypatch):
     errs = [rel_err(y, want) for y in eager + [captured]]
     assert max(errs) <= 3e-2, errs
     print("auto ws captured", [f"{e:.1e}" for e in errs])
+
+
+def test_triton_auto_ws_wgrad_in_captured_training(monkeypatch):
+    """`auto` in training at a base-like shape: the first eager fwd+bwd takes the Gluon WS wgrad with balanced items
+    and TMA reduces for both weight gradients (dW1 with Q contiguous, dW2 as W_out's column view with P contiguous),
+    the next eager one kernels/wgrad.py, and a fwd+bwd captured in a CUDA graph after them the WS wgrad again (its
+    module already loaded); the eager and replayed gradients match the reference."""
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    from ssd_megatron.ffn.backends import expert_ffn
+    from ssd_megatron.ffn.backends.kernels import gluon_launches, wgrad_gluon
+    if wgrad_gluon._build_once() is None or not wgrad_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
+        pytest.skip("the WS wgrad does not serve here (needs sm_90 and Triton >= 3.9's Gluon)")
+    inp = with_column_view_w2(make_inputs(device="cuda", dtype=torch.bfloat16, activation="relu", T=2048, D=768,
+                                          E=192, N=32, K=6, routing="skewed"))
+    want = run(ReferenceBackend(), upcast(inp))[1]
+    launches, real = [], wgrad_gluon.launch
+
+    def counted(*args, **kwargs):
+        launches.append((gluon_launches.capturing(args[0]), args[14]))  # (capturing, TMA reduces)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wgrad_gluon, "launch", counted)
+    backend = get_backend("triton")
+    leaves = {k: inp[k] for k in ("x", "w1", "b1", "gate", "b2") if inp.get(k) is not None}
+    leaves["w2"] = inp["w2_leaf"]
+
+    def fwd_bwd():
+        for t in leaves.values():
+            t.grad = None
+        y = expert_ffn(backend, inp["x"], inp["w1"], inp["b1"], inp["w2"], inp["topk_idx"], inp["gate"], "relu",
+                       inp.get("b2"))
+        y.backward(inp["dy"])
+        return {k: (t.grad.permute(1, 2, 0) if k == "w2" else t.grad).clone() for k, t in leaves.items()}
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = [fwd_bwd(), fwd_bwd()]
+    torch.cuda.current_stream().wait_stream(side)
+    for t in leaves.values():
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = expert_ffn(backend, inp["x"], inp["w1"], inp["b1"], inp["w2"], inp["topk_idx"], inp["gate"], "relu",
+                       inp.get("b2"))
+        y.backward(inp["dy"])
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = {k: (t.grad.permute(1, 2, 0) if k == "w2" else t.grad) for k, t in leaves.items()}
+    assert launches == [(False, True)] * 2 + [(True, True)] * 2, launches  # eager WS, eager wgrad.py, captured WS
+    errs = {f"{i}:{k}": rel_err(g[k], want[k]) for i, g in enumerate(eager + [replayed]) for k in ("w1", "w2")}
+    assert max(errs.values()) <= 3e-2, errs
+    print("auto ws wgrad captured", {k: f"{v:.1e}" for k, v in errs.items()})
 
 
 @pytest.mark.parametrize("order", ["token", "token:3"])

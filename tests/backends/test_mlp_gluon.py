@@ -134,15 +134,15 @@ def test_ws_fused_forward_auto_in_captured_inference(monkeypatch):
     forward (h saved)."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K
-    from ssd_megatron.ffn.backends.kernels import mlp_gluon
+    from ssd_megatron.ffn.backends.kernels import gluon_launches, mlp_gluon
     if mlp_gluon._build_once() is None:
         pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon the WS fused forward builds with")
     calls, state = [], {"capturing": False}
     monkeypatch.setattr(K, "_mlp_kernel", Recorder(calls, "triton"))
     monkeypatch.setattr(mlp_gluon, "launch", Recorder(calls, "ws"))
-    monkeypatch.setattr(mlp_gluon, "_LAUNCHED", set())
-    monkeypatch.setattr(mlp_gluon, "_EAGER", set())
-    monkeypatch.setattr(mlp_gluon, "capturing", lambda t: state["capturing"])
+    monkeypatch.setattr(gluon_launches, "_LAUNCHED", set())
+    monkeypatch.setattr(gluon_launches, "_EAGER", set())
+    monkeypatch.setattr(gluon_launches, "capturing", lambda t: state["capturing"])
     gluon_stand_in(monkeypatch, mlp_gluon, "served")
     x, w1, b1, w2, plan, gate = _case("relu", 192, torch.bfloat16, column_view=True)
     x2, *_ = _case("relu", 192, torch.bfloat16, column_view=True, T=64)

@@ -18,24 +18,29 @@ except ImportError:  # run as a script: the compile subprocess, which needs none
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WS = (64, 128, 64, 4, 4, 96, 5)  # BP (unused), BQ, BK, the L ring's depth, the R ring's, balanced (segments >= 96
 # rows; 0: whole experts), variant 5
-# name -> (P, Q, dtype, router term, dW's dtype, balanced items' least rows or 0): base's P = 128 + 64 (dW1 with the router's term in the
-# epilogue, bf16 weights: an fp32 buffer), 8B's P = 256 in one box (fp32 master weights), whole experts stored into
-# bf16, a thin fp16 expert with Q not a multiple of the column block
-LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96),
-            "8b-dw2-fp32": (256, 512, "bfloat16", False, "float32", 96),
-            "whole-experts-bf16": (192, 256, "bfloat16", True, "bfloat16", 0),
-            "fp16-ragged-q": (64, 208, "float16", False, "float32", 96)}
+# name -> (P, Q, dtype, router term, dW's dtype, balanced items' least rows or 0, the epilogue expected, the rings'
+# depths, dW as W_out's column view): base's P = 128 + 64 (dW1 with the router's term, bf16 weights: an fp32 buffer;
+# four-slot rings leave no room for the TMA reduces' staging: atomics), 8B's P = 256 in one box (fp32 master weights:
+# atomics), whole experts stored into bf16, a thin fp16 expert with Q not a multiple of the column block (TMA
+# reduces, Q contiguous), base's dW2 with three-slot rings (TMA reduces, P contiguous)
+LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96, "atomic", 4, False),
+            "8b-dw2-fp32": (256, 512, "bfloat16", False, "float32", 96, "atomic", 4, False),
+            "whole-experts-bf16": (192, 256, "bfloat16", True, "bfloat16", 0, "store", 4, False),
+            "fp16-ragged-q": (64, 208, "float16", False, "float32", 96, "reduce", 4, False),
+            "base-dw2-column-view": (192, 768, "bfloat16", False, "float32", 96, "reduce", 3, True)}
 
 
-def _case(P, Q, dtype=torch.bfloat16, fold=False, dw_dtype=torch.float32, T=100, N=8, K=2):
-    """(lhs [M, P], rhs [T, Q], plan, like, fold) on CPU: skewed loads, experts 6 and 7 empty."""
+def _case(P, Q, dtype=torch.bfloat16, fold=False, dw_dtype=torch.float32, T=100, N=8, K=2, column_view=False):
+    """(lhs [M, P], rhs [T, Q], plan, like, fold) on CPU: skewed loads, experts 6 and 7 empty; `like` [N, P, Q] with
+    Q contiguous, or with `column_view` the [N, E, D] view of a [D, N * E] W_out (P contiguous)."""
     from ssd_megatron.ffn.backends.routing import make_plan
     g = torch.Generator().manual_seed(0)
     idx = (torch.rand(T, N, generator=g)[:, :6] + torch.linspace(2, 0, 6)).topk(K, dim=1).indices
     plan = make_plan(idx, N)
     lhs = torch.randn(plan.num_rows, P, generator=g).to(dtype)
     rhs = torch.randn(T, Q, generator=g).to(dtype)
-    like = torch.empty(N, P, Q, dtype=dw_dtype)
+    like = torch.empty(N, P, Q, dtype=dw_dtype) if not column_view else \
+        torch.empty(Q, N * P, dtype=dw_dtype).as_strided((N, P, Q), (P, 1, N * P))
     return lhs, rhs, plan, like, (("expert", torch.randn(N, Q, generator=g), P // 2) if fold else None)
 
 
@@ -46,11 +51,12 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
     from ssd_megatron.ffn.backends import _triton_kernels as K
     cr.offline(90)
 
-    def launch(P, Q, dtype, fold, dw_dtype, chunk):
-        lhs, rhs, plan, like, f = _case(P, Q, getattr(torch, dtype), fold, getattr(torch, dw_dtype))
+    def launch(P, Q, dtype, fold, dw_dtype, chunk, epilogue, rings, column_view):
+        lhs, rhs, plan, like, f = _case(P, Q, getattr(torch, dtype), fold, getattr(torch, dw_dtype),
+                                        column_view=column_view)
 
         def run():
-            K.force_config(wgrad=WS[:5] + (chunk, 5))
+            K.force_config(wgrad=WS[:3] + (rings, rings, chunk, 5))
             K.wgrad(lhs, rhs, plan, like, gathered=False, fold=f)
         return run
     print("WGRADWS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in LAUNCHES.items()})))
@@ -69,16 +75,19 @@ def compiled():
 @pytest.mark.parametrize("name", list(LAUNCHES))
 def test_ws_wgrad_compiles_for_sm90(compiled, name):
     """Each specialisation (P as two boxes or one, the router's term, bf16 and fp16, Q ragged, row chunks or whole
-    experts) compiles for sm_90 as one warp-specialised kernel (12 warps for a 256-column box, else 16): cp.async
-    gathers of R, TMA loads of L, wgmma, fp32 atomic adds for balanced items (no compare-and-swap loop), stores for
-    whole experts; the launcher took it, not kernels/wgrad.py."""
+    experts, dW's two layouts) compiles for sm_90 as one warp-specialised kernel (12 warps for a 256-column box, else
+    16): cp.async gathers of R, TMA loads of L, wgmma, for balanced items TMA reduces where their staging fits in
+    shared memory, else fp32 atomic adds (no compare-and-swap loop), stores for whole experts; the launcher took it,
+    not kernels/wgrad.py."""
     res = compiled[name]
     assert not isinstance(res, str), res
     assert [kname for kname, _ in res] == ["wgrad_ws_kernel"], res
     r = res[0][1]
     assert r["warps"] == (12 if LAUNCHES[name][0] > 128 + 64 else 16), r  # (a 256-column box: 12)
     assert r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
-    assert r["cas"] == 0 and (r["atom"] > 0) == (LAUNCHES[name][5] > 0), r
+    epilogue = LAUNCHES[name][6]
+    assert r["cas"] == 0 and (r["atom"] > 0) == (epilogue == "atomic"), r
+    assert (r["utmaredg"] > 0) == (epilogue == "reduce"), r
     assert r["smem_kb"] * 1024 <= 227 * 1024, r
 
 
@@ -132,6 +141,47 @@ def test_ws_wgrad_falls_back(monkeypatch, why):
         assert args[6] is not like and args[6].shape == like.shape and args[6].dtype == torch.float32
     else:  # (served, but this Triton has no Gluon that builds it: kernels/wgrad.py too)
         assert name == "triton" and kwargs["LTMA"] == (fold_kind != "rows"), (name, kwargs)
+
+
+def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
+    """`auto` (no config forced) takes the Gluon wgrad with balanced items and TMA reduces at base's P = 128 + 64,
+    by kernels/gluon_launches.py's rule: not in a capture before an eager launch with the same launch key (which
+    would load its module there), the first eager launch of a shape, not later eager ones (host time), then in a
+    capture; kernels/wgrad.py for deterministic sums (split=False), pre-gathered R, 8B's one 256-column box (it lost
+    there), and a dW layout the reduces cannot address."""
+    pytest.importorskip("triton")
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import gluon_launches, wgrad_gluon
+    if wgrad_gluon._build_once() is None:
+        pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon the WS wgrad builds with")
+    calls, state = [], {"capturing": False}
+    monkeypatch.setattr(K, "_wgrad_kernel", Recorder(calls, "triton"))
+    monkeypatch.setattr(wgrad_gluon, "launch", Recorder(calls, "ws"))
+    monkeypatch.setattr(K, "_tma_descriptors", lambda t, boxes: ("L", "L2"))
+    monkeypatch.setattr(gluon_launches, "_LAUNCHED", set())
+    monkeypatch.setattr(gluon_launches, "_EAGER", set())
+    monkeypatch.setattr(gluon_launches, "capturing", lambda t: state["capturing"])
+    gluon_stand_in(monkeypatch, wgrad_gluon, "served")
+
+    def grad(capturing, P=192, T=100, split=True, gathered=False, like=None):
+        state["capturing"] = capturing
+        calls.clear()
+        lhs, rhs, plan, like0, _ = _case(P, 768, torch.bfloat16, T=T)
+        if gathered:
+            rhs = rhs.index_select(0, plan.token)
+        K.wgrad(lhs, rhs, plan, like0 if like is None else like, gathered=gathered, split=split)
+        (name, args, kwargs), = calls
+        return name, (args[8:] if name == "ws" else None)
+
+    ws = ("ws", (K.AUTO_WGRAD_WS[5], K.AUTO_WGRAD_WS[2], *K.AUTO_WGRAD_WS[3:5], 128, 64, True))
+    assert grad(True)[0] == "triton"     # captured before any eager launch: kernels/wgrad.py
+    assert grad(False) == ws             # the first eager launch loads the Gluon kernel: balanced, TMA reduces
+    assert grad(False)[0] == "triton"    # later eager launches: less host time
+    assert grad(True) == ws              # captured: the loaded kernel
+    assert grad(True, T=64)[0] == "triton"  # another launch key (fewer rows), never launched eagerly
+    assert grad(False, split=False)[0] == grad(False, gathered=True)[0] == grad(False, P=256)[0] == "triton"
+    odd = torch.empty(8, 200, 768)[:, :192]  # experts 200 rows apart: no 2-D view for the reduces
+    assert grad(False, T=80, like=odd)[0] == "triton"
 
 
 def test_ws_wgrad_config():

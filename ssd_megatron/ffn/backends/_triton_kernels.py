@@ -52,8 +52,9 @@ from .routing import initialise
 # (up kinds: 8B's GLU ones by default on Hopper, elsewhere opt-in) = their weights' tiles by TMA;
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none), and a seventh entry of 1 = its
 # left operand by TMA (Hopper's default) or 5 = WS (a warp-specialised Gluon kernel, kernels/wgrad_gluon.py,
-# Triton >= 3.9: opt-in; BP unused, BQ 128, WARPS and STAGES the depths of its L and R rings, n > 0 its balanced
-# items (equal row segments of all experts' rows, each at least n rows); LTMA where it does not serve); a wgrad BP >= P makes each program cover all of P (kernels/wgrad.py),
+# Triton >= 3.9: `auto`'s choice at base, `_auto_wgrad_ws`; BP unused, BQ 128, WARPS and STAGES the depths of its L
+# and R rings, n > 0 its balanced items (equal row segments of all experts' rows, each at least n rows); LTMA where
+# it does not serve); a wgrad BP >= P makes each program cover all of P (kernels/wgrad.py),
 # an up BN >= E all of E (`_up_columns`). Defaults are chosen per
 # kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per
 # shape key instead.
@@ -213,24 +214,47 @@ AUTO_WS = (128, 64, 64, 4, 2, WS)
 AUTO_MLP_WS = (128, 64, 64, 6, 4, WS)
 
 
+# auto's weight gradients where the Gluon WS wgrad serves with balanced items and TMA reduces (Triton >= 3.9, sm_90,
+# P's first box <= 128 columns: base), under kernels/gluon_launches.py's rule. H200, docs/kernels.md v22, base ReLU
+# layer fwd+bwd (graphed, two rounds): 0.7982 / 0.7955 ms (kernels/wgrad.py) -> 0.7325 / 0.7320; whole experts
+# 0.7545 / 0.7544, balanced items with atomic adds 0.7743 / 0.7746. Graphed sparse GPT-base step 30.45 / 30.38 ->
+# 29.65 / 29.69 ms. 8B (one 256-column box, 12 warps) lost: 8.03 -> 9.55 ms (atomics: the reduces do not fit).
+AUTO_WGRAD_WS = (64, 128, 64, 3, 3, 512, WS)
+
+
 def _auto_mlp_ws(x, w1, w2, act: int, glu: bool, be: int, be2: int, save_h: bool, eager_key, key):
     """AUTO_MLP_WS where `auto` takes the Gluon fused forward for this launch, else None (the defaults serve):
     an inference forward (training's fwd+bwd is even with it, v20) at a measured shape where the kernel serves,
-    either while a CUDA graph is captured, if an eager launch with this launch key `key(cfg)` loaded its module,
-    or as the first eager forward of its `eager_key()` (shapes: the warm-up before a capture). Later eager forwards
-    keep kernels/mlp.py, whose launch costs less host time (they check only the cheap eager key); so does a capture
-    whose launch key never ran eagerly (CUDA refuses a module load while capturing)."""
+    by kernels/gluon_launches.py's rule (in a capture once an eager launch with this launch key `key(cfg)` loaded its
+    module; the first eager forward of its `eager_key()`; later eager forwards keep kernels/mlp.py)."""
     D, E = w1.shape[2], w2.shape[1]
     if save_h or glu or D > 1024 or E > 192 or not _hopper(x):
         return None
-    from .kernels import mlp_gluon
-    if mlp_gluon.capturing(x):
-        if not mlp_gluon.launched(key(AUTO_MLP_WS)):
-            return None
-    elif mlp_gluon.launched_eagerly(eager_key()):
+    from .kernels import gluon_launches, mlp_gluon
+    if not gluon_launches.take(x, lambda: key(AUTO_MLP_WS), eager_key):
         return None
     BM, BN, BK, wring, ring, _ = AUTO_MLP_WS
     return AUTO_MLP_WS if mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, wring, ring, be, be2) else None
+
+
+def _auto_wgrad_ws(lhs, rhs, dw, fold_kind, split: bool, gathered: bool, eager_key, key):
+    """AUTO_WGRAD_WS where `auto` takes the Gluon wgrad for this launch, else None (the defaults serve): its balanced
+    items with TMA reduces (row segments: no grid tail whatever the expert loads), where they serve, split sums are
+    allowed (not under deterministic algorithms) and P's first box is at most 128 columns (8B's one 256-column box
+    lost, v22), by kernels/gluon_launches.py's rule (in a capture once an eager launch with this launch key loaded
+    the module; the first eager launch of its `eager_key()`; later eager launches keep kernels/wgrad.py)."""
+    if not split or gathered or fold_kind == "rows" or not _hopper(lhs):
+        return None
+    be, be2 = _split_width(lhs.shape[1])
+    from .kernels import gluon_launches, wgrad_gluon
+    if be > 128 or wgrad_gluon.out_view(dw, lhs.shape[1]) is None:
+        return None
+    if not gluon_launches.take(lhs, lambda: key(AUTO_WGRAD_WS), eager_key):
+        return None
+    _, BQ, BK, l_stages, r_stages, _, _ = AUTO_WGRAD_WS
+    fold = _FOLD_CODES[fold_kind]
+    served = wgrad_gluon.serves(lhs, rhs, dw.dtype, fold, True, BQ, BK, l_stages, r_stages, be, be2, True)
+    return AUTO_WGRAD_WS if served else None
 
 
 def _auto_down_ws(a: torch.Tensor, w: torch.Tensor, atomic: bool):
@@ -663,9 +687,9 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
     def eager_key():  # `_auto_mlp_ws`'s cheap key of this launch (shapes), built only where `auto` consults it
         return x.device, x.dtype, tuple(x.shape), M, tuple(w1.shape), tuple(w2.shape), act, atomic
 
-    def ws_key(cfg):  # kernels/mlp_gluon.launch_key of this launch with tile `cfg`
-        from .kernels import mlp_gluon
-        return mlp_gluon.launch_key((x, w1, b1, w2, plan.offsets, plan.order, plan.token, gate_flat,
+    def ws_key(cfg):  # kernels/gluon_launches.key of this launch with tile `cfg`
+        from .kernels import gluon_launches
+        return gluon_launches.key((x, w1, b1, w2, plan.offsets, plan.order, plan.token, gate_flat,
                                      h if save_h else None, buf), act, atomic, _tile_groups(order), cfg)
 
     def launch(cfg):
@@ -673,12 +697,12 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
         if init:
             init()
         if cfg[5:] == (WS,):  # the Gluon kernel where it serves (kernels/mlp_gluon.py), else the pointer loads
-            from .kernels import mlp_gluon
+            from .kernels import gluon_launches, mlp_gluon
             if mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, nw, ns, be, be2):  # (nw: the weight ring's depth)
                 tiles = _tile_list(plan, BM, _tile_groups(order))
                 mlp_gluon.launch(x, w1, b1, w2, tiles, plan.offsets, plan.order, plan.token, gate_flat,
                                  h if save_h else None, buf, act, atomic, BM, BN, BK, nw, ns, be, be2)
-                mlp_gluon.note_launch(ws_key(cfg), eager_key(), x)
+                gluon_launches.note(ws_key(cfg), eager_key(), x)
                 return
         descs = _mlp_descriptors(w1, w2, BN, BK, be, be2) if cfg[5:] == (TMA,) and _hopper(x) else None
         tiles, sched = _tiles(plan, BM, order)
@@ -716,8 +740,9 @@ def _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p: int, ch: int, BQ: int
     from .kernels import wgrad_gluon
     fold = _FOLD_CODES[fold_kind]
     be, be2 = _split_width(lhs.shape[1])
-    # (experimental, for an A/B: the balanced items' adds as TMA reduces where dW's layout and shared memory allow)
-    tma_out = (ch > 0 and os.environ.get("SSD_WGRAD_TMA_OUT") == "1" and wgrad_gluon.out_view(dw, lhs.shape[1])
+    # the balanced items' adds as TMA reduces where dW's layout and shared memory allow (SSD_WGRAD_TMA_OUT=0: fp32
+    # atomics instead, for A/Bs and tests)
+    tma_out = (ch > 0 and os.environ.get("SSD_WGRAD_TMA_OUT", "1") != "0" and wgrad_gluon.out_view(dw, lhs.shape[1])
                is not None and wgrad_gluon.serves(lhs, rhs, dw.dtype, fold, True, BQ, BK, l_stages, r_stages, be, be2,
                                                   True))
     if not tma_out and not wgrad_gluon.serves(lhs, rhs, dw.dtype, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2):
@@ -745,13 +770,23 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
     fold_kind, coef, fold_p = fold if fold is not None else (None, lhs, 0)
     state = {}
 
+    def eager_key():  # `_auto_wgrad_ws`'s cheap key of this launch (shapes), built only where `auto` consults it
+        return (lhs.device, lhs.dtype, tuple(lhs.shape), tuple(rhs.shape), tuple(dw.shape), dw.stride(), dw.dtype,
+                fold_kind)
+
+    def ws_key(cfg):  # kernels/gluon_launches.key of this launch with tile `cfg`
+        from .kernels import gluon_launches
+        return gluon_launches.key((lhs, rhs, plan.offsets, plan.token, coef, dw), fold_kind, fold_p, split, cfg)
+
     def launch(cfg):
         BP, BQ, BK, nw, ns = cfg[:5]
         ch = cfg[5] if split and len(cfg) > 5 else 0
         if cfg[6:] == (WS,):  # the Gluon kernel where it serves (kernels/wgrad_gluon.py), else LTMA's pointer loads
             if not gathered and _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p, ch, BQ, BK, nw, ns, state):
+                from .kernels import gluon_launches
+                gluon_launches.note(ws_key(cfg), eager_key(), lhs)
                 return
-            cfg = cfg[:6] + (1,)
+            cfg = cfg[:3] + (4,) + cfg[4:6] + (1,)  # (the L ring's depth is no warp count: kernels/wgrad.py's 4)
         # a tile as tall as P: all of P per program, as one or two power-of-two tiles (kernels/wgrad.py)
         bp, bp2 = _split_width(P) if BP >= P else (BP, 0)
         num_p, num_q = triton.cdiv(P, BP), triton.cdiv(Q, BQ)
@@ -769,7 +804,8 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
             num_warps=nw, num_stages=ns)
         state["out"] = out
 
-    launch(_pick("wgrad" if not gathered else "wgrad_mat", (P, Q, str(lhs.dtype)), launch, _hopper(lhs)))
+    launch(_pick("wgrad" if not gathered else "wgrad_mat", (P, Q, str(lhs.dtype)), launch, _hopper(lhs),
+                 auto=lambda: _auto_wgrad_ws(lhs, rhs, dw, fold_kind, split, gathered, eager_key, ws_key)))
     if state["out"] is not dw:
         dw.copy_(state["out"])
     return dw

@@ -22,11 +22,10 @@ Config "mlp=128,64,64,6,4,5" (the fourth entry is the weight ring's depth, the f
 Triton 3.9 the base ReLU layer's graphed inference forward takes 0.1836 / 0.1839 ms with it against 0.2083 with
 kernels/mlp.py, 3.02-3.03x dense (docs/kernels.md v20); but its launch adds ~0.35 ms of host time to an eager
 forward, and a first launch inside a CUDA-graph capture would load its module there, which CUDA refuses. So `auto`
-takes it for inference forwards while a CUDA graph is captured, once an eager launch with the same launch key
-(`launch_key`) has loaded it, and for the first eager forward of each shape (the warm-up every capture needs); other
-eager forwards keep kernels/mlp.py (`_triton_kernels._auto_mlp_ws`), and decide that from a cheap key of shapes, not
-from the launch key, whose cost an eager forward would notice. Its 16 warps launch at MAX_REGS = 128, which ptxas
-applies to the whole kernel.
+takes it for inference forwards by kernels/gluon_launches.py's rule: while a CUDA graph is captured, once an eager
+launch with the same launch key has loaded it, and for the first eager forward of each shape (the warm-up every
+capture needs); other eager forwards keep kernels/mlp.py (`_triton_kernels._auto_mlp_ws`). Its 16 warps launch at
+MAX_REGS = 128, which ptxas applies to the whole kernel.
 
 E is one power-of-two tile of BE columns plus, with SPLIT, a second of BE2 (base's 192 = 128 + 64), and must
 be exactly that (a TMA box cannot mask the next expert's rows). Serves (`serves`) activations without a gate,
@@ -52,10 +51,6 @@ CONSUMER_REGS, LOADER_REGS, W_LOADER_REGS, MAX_REGS = 224, 40, 24, 128
 SMEM_LIMIT = 227 * 1024
 ACTS = (0, 1, 2, 4)  # kernels/common.ACT_CODES without a gate: relu, gelu, squared_relu, gelu_tanh
 _STATE: dict = {"build": None}
-# what ran outside a CUDA-graph capture in this process: the launch keys (`launch_key`) and the callers' cheaper
-# eager keys (`_triton_kernels.mlp_forward`: shapes, dtype, activation, combine)
-_LAUNCHED: set = set()
-_EAGER: set = set()
 
 
 def _build():
@@ -424,35 +419,3 @@ def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, 
                  WS=w_stages, LW=LOADER_WARPS,
                  CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, W_LOADER_REGS=W_LOADER_REGS, num_warps=4,
                  maxnreg=MAX_REGS)
-
-
-def _spec(t):
-    return None if t is None else (t.device, t.dtype, tuple(t.shape), t.stride(), t.data_ptr() % 16 == 0)
-
-
-def launch_key(tensors, *flags) -> tuple:
-    """A launch's key: each tensor's device, dtype, shape, strides and 16-byte alignment, and the launch's flags and
-    tile. It is finer than Triton's own specialisation key (which sees integers only as 1, multiples of 16 or
-    other, pointers only as 16-byte aligned or not), so a launch whose key was recorded (`note_launch`) finds its
-    compiled kernel and loaded module in Triton's cache."""
-    return tuple(_spec(t) for t in tensors) + flags
-
-
-def capturing(t: torch.Tensor) -> bool:
-    """Whether `t`'s device's current stream is capturing a CUDA graph."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def note_launch(key: tuple, eager_key: tuple, t: torch.Tensor) -> None:
-    """Record a launch's `key` (its module loaded) and the caller's `eager_key` when it ran outside a capture."""
-    if not capturing(t):
-        _LAUNCHED.add(key)
-        _EAGER.add(eager_key)
-
-
-def launched(key: tuple) -> bool:
-    return key in _LAUNCHED
-
-
-def launched_eagerly(eager_key: tuple) -> bool:
-    return eager_key in _EAGER

@@ -255,7 +255,8 @@ def _build():
     @gluon.jit
     def wgrad_ws_kernel(R, stride_r, l_desc, l_desc2, OFFS, TOK, COEF, fold_p, DW, stride_de, stride_dp,
                         stride_dq, P, Q, n_items, num_q, S, N, o_desc, o_desc2,
-                        BALANCED: gl.constexpr, NP2: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr, FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr,
+                        BALANCED: gl.constexpr, NP2: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr,
+                        FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr,
                         LS: gl.constexpr, RS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr,
                         L_REGS: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = l_desc.dtype
@@ -272,7 +273,8 @@ def _build():
         # each consumer's staging of its dW blocks for the TMA reduce (TMA_OUT; a token buffer otherwise)
         OB: gl.constexpr = o_desc.block_type.shape if TMA_OUT else [16, 16]
         OB2: gl.constexpr = o_desc2.block_type.shape if TMA_OUT else [16, 16]
-        o_layout: gl.constexpr = o_desc.layout if TMA_OUT else gl.NVMMASharedLayout.get_default_for([16, 16], gl.float32)
+        o_layout: gl.constexpr = (o_desc.layout if TMA_OUT
+                                  else gl.NVMMASharedLayout.get_default_for([16, 16], gl.float32))
         o_a = gl.allocate_shared_memory(gl.float32, OB, o_layout)
         o_a2 = gl.allocate_shared_memory(gl.float32, OB2, o_layout)
         o_b = gl.allocate_shared_memory(gl.float32, OB, o_layout)

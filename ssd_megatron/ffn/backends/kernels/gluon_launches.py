@@ -1,0 +1,50 @@
+"""Which launches of the Gluon kernels have loaded their modules in this process, and `auto`'s rule for taking them.
+
+A Gluon launch costs more host time than a Triton kernel's (TMA descriptors built per call, a heavier launch path:
+≈ 0.35 ms more per eager forward for the WS fused forward, docs/kernels.md v20), which eager steps, host-bound,
+would pay in full; under a CUDA graph that cost is paid once, at capture. But the first launch of a kernel loads
+its module, and CUDA refuses a module load while a stream captures. So `auto` takes a Gluon kernel (`take`):
+- outside a capture, for the first launch of each cheap eager key (shapes): that launch loads the module, during the
+  warm-up every capture needs; later eager launches keep the Triton kernel;
+- while capturing, only if an eager launch with the same launch key (`key`) ran before: the key holds each tensor's
+  shape, strides and 16-byte alignment and the launch's flags, finer than Triton's own specialisation key, so a
+  recorded key means a compiled kernel and a loaded module.
+"""
+from __future__ import annotations
+
+import torch
+
+# what ran outside a CUDA-graph capture in this process: the launch keys (`key`) and the callers' eager keys
+_LAUNCHED: set = set()
+_EAGER: set = set()
+
+
+def _spec(t):
+    return None if t is None else (t.device, t.dtype, tuple(t.shape), t.stride(), t.data_ptr() % 16 == 0)
+
+
+def key(tensors, *flags) -> tuple:
+    """A launch's key: each tensor's device, dtype, shape, strides and 16-byte alignment, then the launch's flags and
+    tile (module docstring)."""
+    return tuple(_spec(t) for t in tensors) + flags
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Whether `t`'s device's current stream is capturing a CUDA graph."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def note(launch_key: tuple, eager_key: tuple, t: torch.Tensor) -> None:
+    """Record a launch's key (its module loaded) and the caller's eager key when it ran outside a capture."""
+    if not capturing(t):
+        _LAUNCHED.add(launch_key)
+        _EAGER.add(eager_key)
+
+
+def take(t: torch.Tensor, launch_key, eager_key) -> bool:
+    """Whether `auto` takes the Gluon kernel for this launch (module docstring): while capturing, if `launch_key()`
+    ran eagerly before; otherwise if no eager launch with `eager_key()` has. (Both are callables: an eager launch
+    builds only the cheap key.)"""
+    if capturing(t):
+        return launch_key() in _LAUNCHED
+    return eager_key() not in _EAGER
