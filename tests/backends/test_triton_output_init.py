@@ -61,8 +61,8 @@ def retune_results():
         once = run(TritonBackend(combine=combine, fold_output=True), inp)
         pick = K._pick
 
-        def tuner(kind, key, launch, *more):
-            cfg = pick(kind, key, launch, *more)
+        def tuner(kind, key, launch, *more, **kw):
+            cfg = pick(kind, key, launch, *more, **kw)
             if kind.startswith("down"):
                 for _ in range(3):  # candidates timed into the same target
                     launch(cfg)
