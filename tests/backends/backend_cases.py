@@ -153,6 +153,17 @@ def gluon_stand_in(monkeypatch, module, why: str) -> None:
         monkeypatch.setitem(module._STATE, "build", False)
 
 
+def capture_stand_in(monkeypatch) -> dict:
+    """kernels/gluon_launches.py with no launch recorded, and a CUDA-graph capture state the test sets through the
+    returned dict's "capturing" (for `auto`'s rule on CPU)."""
+    from ssd_megatron.ffn.backends.kernels import gluon_launches
+    state = {"capturing": False}
+    monkeypatch.setattr(gluon_launches, "_LAUNCHED", set())
+    monkeypatch.setattr(gluon_launches, "_EAGER", set())
+    monkeypatch.setattr(gluon_launches, "capturing", lambda t: state["capturing"])
+    return state
+
+
 class Recorder:
     """Stands in for a kernel (`kernel[grid](...)`) or a launch function: records which ran, with what."""
 

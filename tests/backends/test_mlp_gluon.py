@@ -10,10 +10,10 @@ import pytest
 import torch
 
 try:
-    from .backend_cases import Recorder, gluon_stand_in
+    from .backend_cases import Recorder, capture_stand_in, gluon_stand_in
     from .test_offline_compile import _compile_env, compiled_in_subprocess
 except ImportError:  # run as a script: the compile subprocess, which needs none of them
-    Recorder = gluon_stand_in = _compile_env = compiled_in_subprocess = None
+    Recorder = capture_stand_in = gluon_stand_in = _compile_env = compiled_in_subprocess = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WS = (128, 64, 64, 2, 3, 5)  # BM, BN, BK, the weight ring's depth, the x ring's, variant 5
@@ -134,15 +134,12 @@ def test_ws_fused_forward_auto_in_captured_inference(monkeypatch):
     forward (h saved)."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K
-    from ssd_megatron.ffn.backends.kernels import gluon_launches, mlp_gluon
+    from ssd_megatron.ffn.backends.kernels import mlp_gluon
     if mlp_gluon._build_once() is None:
         pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon the WS fused forward builds with")
-    calls, state = [], {"capturing": False}
+    calls, state = [], capture_stand_in(monkeypatch)
     monkeypatch.setattr(K, "_mlp_kernel", Recorder(calls, "triton"))
     monkeypatch.setattr(mlp_gluon, "launch", Recorder(calls, "ws"))
-    monkeypatch.setattr(gluon_launches, "_LAUNCHED", set())
-    monkeypatch.setattr(gluon_launches, "_EAGER", set())
-    monkeypatch.setattr(gluon_launches, "capturing", lambda t: state["capturing"])
     gluon_stand_in(monkeypatch, mlp_gluon, "served")
     x, w1, b1, w2, plan, gate = _case("relu", 192, torch.bfloat16, column_view=True)
     x2, *_ = _case("relu", 192, torch.bfloat16, column_view=True, T=64)
