@@ -740,12 +740,12 @@ def _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p: int, ch: int, BQ: int
     from .kernels import wgrad_gluon
     fold = _FOLD_CODES[fold_kind]
     be, be2 = _split_width(lhs.shape[1])
+    tile = (lhs, rhs, dw.dtype, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2)
     # the balanced items' adds as TMA reduces where dW's layout and shared memory allow (SSD_WGRAD_TMA_OUT=0: fp32
     # atomics instead, for A/Bs and tests)
-    tma_out = (ch > 0 and os.environ.get("SSD_WGRAD_TMA_OUT", "1") != "0" and wgrad_gluon.out_view(dw, lhs.shape[1])
-               is not None and wgrad_gluon.serves(lhs, rhs, dw.dtype, fold, True, BQ, BK, l_stages, r_stages, be, be2,
-                                                  True))
-    if not tma_out and not wgrad_gluon.serves(lhs, rhs, dw.dtype, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2):
+    tma_out = (ch > 0 and os.environ.get("SSD_WGRAD_TMA_OUT", "1") != "0"
+               and wgrad_gluon.out_view(dw, lhs.shape[1]) is not None and wgrad_gluon.serves(*tile, True))
+    if not tma_out and not wgrad_gluon.serves(*tile):
         return False
     out = _zeroed_fp32(dw) if ch else dw
     wgrad_gluon.launch(lhs, rhs, plan.offsets, plan.token, coef, fold_p, out, fold, ch, BK, l_stages, r_stages, be,

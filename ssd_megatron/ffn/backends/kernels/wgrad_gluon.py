@@ -1,5 +1,5 @@
 """The grouped weight gradients (kernels/wgrad.py's function) as a warp-specialised Gluon kernel (Hopper; a seventh
-wgrad config entry of 5, WS). Opt-in: it wins the base layer and loses in the training step (below).
+wgrad config entry of 5, WS). `auto`'s choice at base with balanced items and TMA reduces (below).
 
 kernels/wgrad.py runs each program's loads and wgmma in one instruction stream, two CTAs per SM; Nsight Compute
 found its launches latency-bound (tensor pipe ≈ 15%, L2 40-55% busy, docs/kernels.md v7), ≈ 224 TF/s at base and
@@ -20,14 +20,19 @@ Work items, each for one 128-column block: all of an expert's rows, stored into 
 store zeros), taken round-robin by the persistent programs; or **balanced** items (a sixth config entry n > 0):
 one program per (row segment, column block), the segments S equal cuts of all experts' rows in expert order
 (`segments`: one item per SM, none shorter than n rows). An item's pieces are its rows of each expert it meets; each
-piece's fp32 partial sum is added into a zeroed fp32 dW with relaxed atomics. So every program has the same number
-of rows whatever the expert loads, which whole experts do not (a heavy expert's items run last and alone). FOLD 2:
+piece's fp32 partial sum is added into a zeroed fp32 dW: by a TMA reduce (TMA_OUT, where dW has a 2-D view,
+`out_view`, and the staging fits in shared memory: each consumer stores its block there and one thread issues the
+add, which runs while the consumer goes on), else by per-element relaxed atomics. So every program has the same
+number of rows whatever the expert loads, which whole experts do not (a heavy expert's items run last and alone).
+FOLD 2:
 the piece holding an expert's first row adds the router's term COEF[e] to the first fold_p rows, as kernels/wgrad.py
 does (an expert without rows has none to add: its term is a sum over its tokens).
 
-H100, Triton 3.9, docs/kernels.md v21: base ReLU layer fwd+bwd 0.856 -> 0.793-0.800 ms over whole experts (chunks:
-0.865-0.871), 8B 8.65 -> 9.48-9.51 ms; the graphed GPT-base sparse step 33.55-33.60 -> 35.82-36.02 ms (its expert
-loads are skewed: whole experts leave a grid tail). So `auto` keeps kernels/wgrad.py.
+H200, Triton 3.9, docs/kernels.md v22, base ReLU layer fwd+bwd: kernels/wgrad.py 0.796-0.798 ms, whole experts
+0.754, balanced with atomics 0.774, balanced with TMA reduces 0.732; graphed GPT-base sparse step 30.38-30.45 ->
+29.65-29.69 ms (v21, H100: whole experts lost the step, whose expert loads are skewed). So `auto` takes the balanced
+items with TMA reduces at base (`_triton_kernels._auto_wgrad_ws`), under kernels/gluon_launches.py's rule for
+captures. At 8B (P = 256 in one box, 12 warps, no room for the staging) every form lost: kernels/wgrad.py stays.
 
 Serves (`serves`) bf16/fp16 operands on sm_90, P's boxes up to 256 columns, rows of L contiguous and 16-byte
 aligned, R gathered in the kernel with Q a multiple of 16 (Triton then proves the copies 16 bytes wide), FOLD 0
