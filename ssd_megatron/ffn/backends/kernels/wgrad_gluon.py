@@ -353,7 +353,8 @@ def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: in
     16-byte aligned, rhs's rows contiguous with Q a multiple of 16 (Triton's specialisation then proves the copies
     16 bytes wide, as cp.async needs), for whole experts (not `balanced`) a dW of fp32, bf16 or fp16 to store into
     (balanced items add into an fp32 buffer, or dW itself when fp32), FOLD 0 or 2, two or more slots in each ring, the
-    buffers within shared memory, and a Triton whose Gluon builds the kernel."""
+    buffers within shared memory (with `tma_out`, for balanced items only, the reduces' staging too, and P exactly
+    its boxes: a box must not reach into the next expert's rows), and a Triton whose Gluon builds the kernel."""
     M, P = lhs.shape
     es = lhs.element_size()
     if not down_gluon._sm90(lhs) or lhs.dtype not in (torch.bfloat16, torch.float16) or rhs.dtype != lhs.dtype:
