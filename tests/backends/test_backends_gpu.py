@@ -233,7 +233,7 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
 # token, K = 1, SwiGLU's dW1 (P = 2E = 128), the router's term in dW1's epilogue; fp32 master weights (dW written in
 # place) and bf16 weights (an fp32 buffer, copied; or stored straight into dW for whole experts)
 WGRAD_WS_TILES = {"balanced96": (64, 128, 64, 4, 4, 96, 5), "balanced40-bk32": (64, 128, 32, 2, 3, 40, 5),
-                  "balanced96-tmaout": (64, 128, 64, 3, 3, 96, 5),  # the adds as TMA reduces (SSD_WGRAD_TMA_OUT)
+                  "balanced96-tmaout": (64, 128, 64, 3, 3, 96, 5),  # TMA reduces (the others: SSD_WGRAD_TMA_OUT=0)
                   "experts": (64, 128, 64, 3, 4, 0, 5)}
 WGRAD_WS_CASES = [dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewed"),
                   dict(activation="relu", T=333, D=208, E=192, N=8, K=2, routing="empty"),  # base's P = 128 + 64
@@ -272,8 +272,8 @@ def test_triton_wgrad_ws_bf16(case, fold, tile, weights, monkeypatch):
 
     reduces = []
     monkeypatch.setattr(wgrad_gluon, "launch", counted)
-    if tile.endswith("tmaout"):
-        monkeypatch.setenv("SSD_WGRAD_TMA_OUT", "1")
+    if not tile.endswith("tmaout"):  # the balanced items' fp32 atomics, not the TMA reduces they take where they fit
+        monkeypatch.setenv("SSD_WGRAD_TMA_OUT", "0")
     master = weights == "fp32-master"
     inp = make_inputs(device="cuda", dtype=torch.float32 if master else torch.bfloat16, **case)
     ref = upcast(inp)
