@@ -181,6 +181,17 @@ def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
     assert grad(False, T=80, like=odd)[0] == "triton"
 
 
+def test_balanced_segments():
+    """The balanced items' row segments: one item per SM at base (22 segments x 6 column blocks on 132 SMs), fewer
+    where segments would be shorter than the least rows asked for, at least one, and S * M within int32."""
+    from ssd_megatron.ffn.backends.kernels.wgrad_gluon import segments
+    assert segments(16384 * 6, 6, 512, 132) == 22
+    assert segments(16384 * 16, 32, 512, 132) == 4      # 8B: 4 x 32 = 128 programs
+    assert segments(900, 1, 96, 132) == 9 and segments(50, 1, 96, 132) == 1
+    M = 2 ** 28
+    assert segments(M, 1, 1, 132) == 7 and 7 * M < 2 ** 31
+
+
 def test_ws_wgrad_config():
     """wgrad=...,5 in the seventh entry is accepted, its fourth entry (the L ring's depth) need not be a power of two;
     the seventh entry of other kinds stays 0 or 1."""

@@ -382,8 +382,9 @@ def _build_once():
 
 def segments(M: int, num_q: int, min_rows: int, sms: int) -> int:
     """How many equal row segments the balanced items cut all experts' M rows into: enough for one item per SM
-    (times the num_q column blocks), none shorter than min_rows."""
-    return max(1, min(sms // num_q, M // min_rows))
+    (times the num_q column blocks), none shorter than min_rows, and S * M within int32 (the kernel's segment bounds
+    s * M // S)."""
+    return max(1, min(sms // num_q, M // min_rows, (2 ** 31 - 1) // max(M, 1)))
 
 
 def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows: int, BK: int, l_stages: int,
