@@ -246,15 +246,19 @@ def _auto_wgrad_ws(lhs, rhs, dw, fold_kind, split: bool, gathered: bool, eager_k
     if not split or gathered or fold_kind == "rows" or not _hopper(lhs):
         return None
     be, be2 = _split_width(lhs.shape[1])
-    from .kernels import gluon_launches, wgrad_gluon
-    if be > 128 or wgrad_gluon.out_view(dw, lhs.shape[1]) is None:
-        return None
-    if not gluon_launches.take(lhs, lambda: key(AUTO_WGRAD_WS), eager_key):
+    from .kernels import gluon_launches
+    if be > 128 or not gluon_launches.take(lhs, lambda: key(AUTO_WGRAD_WS), eager_key):
         return None
     _, BQ, BK, l_stages, r_stages, _, _ = AUTO_WGRAD_WS
-    fold = _FOLD_CODES[fold_kind]
-    served = wgrad_gluon.serves(lhs, rhs, dw.dtype, fold, True, BQ, BK, l_stages, r_stages, be, be2, True)
-    return AUTO_WGRAD_WS if served else None
+    tile = (lhs, rhs, dw.dtype, _FOLD_CODES[fold_kind], True, BQ, BK, l_stages, r_stages, be, be2)
+    return AUTO_WGRAD_WS if _ws_reduces(dw, tile) else None
+
+
+def _ws_reduces(dw, tile) -> bool:
+    """Whether the WS wgrad's balanced items, at `tile` (wgrad_gluon.serves' arguments after dW), can add their
+    partial sums as TMA reduces: dW has a 2-D view for them, and their staging fits beside the rings."""
+    from .kernels import wgrad_gluon
+    return wgrad_gluon.out_view(dw, tile[0].shape[1]) is not None and wgrad_gluon.serves(*tile, True)
 
 
 def _auto_down_ws(a: torch.Tensor, w: torch.Tensor, atomic: bool):
@@ -743,8 +747,7 @@ def _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p: int, ch: int, BQ: int
     tile = (lhs, rhs, dw.dtype, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2)
     # the balanced items' adds as TMA reduces where dW's layout and shared memory allow (SSD_WGRAD_TMA_OUT=0: fp32
     # atomics instead, for A/Bs and tests)
-    tma_out = (ch > 0 and os.environ.get("SSD_WGRAD_TMA_OUT", "1") != "0"
-               and wgrad_gluon.out_view(dw, lhs.shape[1]) is not None and wgrad_gluon.serves(*tile, True))
+    tma_out = ch > 0 and os.environ.get("SSD_WGRAD_TMA_OUT", "1") != "0" and _ws_reduces(dw, tile)
     if not tma_out and not wgrad_gluon.serves(*tile):
         return False
     out = _zeroed_fp32(dw) if ch else dw

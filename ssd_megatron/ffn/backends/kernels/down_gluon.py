@@ -41,7 +41,7 @@ import torch
 
 MIN_TRITON = (3, 9)
 CONSUMER_REGS, LOADER_REGS, MAX_REGS = 232, 40, 168  # 3 warpgroups x 128 threads x 168 <= 64 K registers
-SMEM_LIMIT = 227 * 1024  # an sm_90 block's shared memory: the A buffers, the W ring, the epilogue's scratch
+SMEM_LIMIT = 227 * 1024  # an sm_90 block's shared memory: the bound of all three WS kernels' buffers
 _STATE: dict = {"build": None}
 
 

@@ -41,14 +41,13 @@ from __future__ import annotations
 
 import torch
 
-from . import down_gluon  # MIN_TRITON, and _sm90 / _sms (one place for tests and tools to stand in)
+from . import down_gluon  # MIN_TRITON, SMEM_LIMIT, and _sm90 / _sms (one place for tests and tools to stand in)
 
 LOADER_WARPS = 4
 # registers per thread: the two consumer warpgroups, the x loader's warpgroup, the weight loader's warp (a
 # warpgroup's worth: 16 warps in all, MAX_REGS at launch, also ptxas's bound for the whole kernel, hence `serves`'s
 # E tile of at most 128 columns): 2 x 128 x 224 + 128 x 40 + 128 x 24 = 64 K
 CONSUMER_REGS, LOADER_REGS, W_LOADER_REGS, MAX_REGS = 224, 40, 24, 128
-SMEM_LIMIT = 227 * 1024
 ACTS = (0, 1, 2, 4)  # kernels/common.ACT_CODES without a gate: relu, gelu, squared_relu, gelu_tanh
 _STATE: dict = {"build": None}
 
@@ -382,7 +381,7 @@ def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: b
         matrix = expert_matrix(w)
         if matrix is None or (matrix[0].stride(0) * es) % 16 or w.data_ptr() % 16:
             return False
-    return smem_bytes(BM, BK, E, stages, w_stages, es) <= SMEM_LIMIT and _build_once() is not None
+    return smem_bytes(BM, BK, E, stages, w_stages, es) <= down_gluon.SMEM_LIMIT and _build_once() is not None
 
 
 def _build_once():

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from . import down_gluon  # MIN_TRITON, built_once, and _sm90 / _sms (one place for tests and tools to stand in)
+from . import down_gluon  # MIN_TRITON, SMEM_LIMIT, built_once, _sm90 / _sms (one place for tests and tools to stand in)
 
 # The warps and registers per thread (MAX_REGS at launch, ptxas's bound for the whole kernel; the partitions then
 # set theirs): (R loader warps, consumer, R loader and L loader registers, MAX_REGS). Where P's first box is at most
@@ -54,7 +54,6 @@ from . import down_gluon  # MIN_TRITON, built_once, and _sm90 / _sms (one place 
 # ptxas will not fit in 128) takes 12: two R loader warps beside the L loader's (2 x 128 x 232 + 128 x 40 <= 64 K).
 WARPS_NARROW = (4, 224, 40, 24, 128)
 WARPS_WIDE = (2, 232, 40, 40, 168)
-SMEM_LIMIT = 227 * 1024
 _STATE: dict = {"build": None}
 
 
@@ -372,7 +371,7 @@ def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: in
         return False
     if tma_out and (not balanced or be + be2 != P):
         return False
-    return (smem_bytes(BK, BQ, be + max(be2, 16), l_stages, r_stages, es, tma_out) <= SMEM_LIMIT
+    return (smem_bytes(BK, BQ, be + max(be2, 16), l_stages, r_stages, es, tma_out) <= down_gluon.SMEM_LIMIT
             and _build_once() is not None)
 
 
