@@ -368,25 +368,30 @@ def test_triton_auto_ws_wgrad_in_captured_training(monkeypatch):
     leaves["w2"] = inp["w2_leaf"]
 
     def fwd_bwd():
-        for t in leaves.values():
-            t.grad = None
-        y = expert_ffn(backend, inp["x"], inp["w1"], inp["b1"], inp["w2"], inp["topk_idx"], inp["gate"], "relu",
-                       inp.get("b2"))
+        # W_out's [N, E, D] view taken here, as the model takes it in its forward: a view node made outside would
+        # keep the default stream, which a captured backward may not touch
+        y = expert_ffn(backend, inp["x"], inp["w1"], inp["b1"], leaves["w2"].permute(1, 2, 0), inp["topk_idx"],
+                       inp["gate"], "relu", inp.get("b2"))
         y.backward(inp["dy"])
+
+    def grads():
         return {k: (t.grad.permute(1, 2, 0) if k == "w2" else t.grad).clone() for k, t in leaves.items()}
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
+    eager = []
     with torch.cuda.stream(side):
-        eager = [fwd_bwd(), fwd_bwd()]
+        for _ in range(2):
+            for t in leaves.values():
+                t.grad = None
+            fwd_bwd()
+            eager.append(grads())
     torch.cuda.current_stream().wait_stream(side)
     for t in leaves.values():
         t.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = expert_ffn(backend, inp["x"], inp["w1"], inp["b1"], inp["w2"], inp["topk_idx"], inp["gate"], "relu",
-                       inp.get("b2"))
-        y.backward(inp["dy"])
+        fwd_bwd()
     graph.replay()
     torch.cuda.synchronize()
     replayed = {k: (t.grad.permute(1, 2, 0) if k == "w2" else t.grad) for k, t in leaves.items()}

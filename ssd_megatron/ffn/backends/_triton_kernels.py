@@ -736,6 +736,12 @@ def _zeroed_fp32(dw: torch.Tensor) -> torch.Tensor:
     return out.zero_()
 
 
+def _reduces_allowed() -> bool:
+    """Whether the WS wgrad's balanced items may add by TMA reduces (SSD_WGRAD_TMA_OUT=0: fp32 atomics instead, for
+    A/Bs and tests); part of its launch key, as it picks the kernel's specialisation."""
+    return os.environ.get("SSD_WGRAD_TMA_OUT", "1") != "0"
+
+
 def _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p: int, ch: int, BQ: int, BK: int, l_stages: int,
               r_stages: int, state: dict) -> bool:
     """The warp-specialised Gluon wgrad (kernels/wgrad_gluon.py), if it serves; True if launched. With ch > 0 its
@@ -745,9 +751,8 @@ def _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p: int, ch: int, BQ: int
     fold = _FOLD_CODES[fold_kind]
     be, be2 = _split_width(lhs.shape[1])
     tile = (lhs, rhs, dw.dtype, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2)
-    # the balanced items' adds as TMA reduces where dW's layout and shared memory allow (SSD_WGRAD_TMA_OUT=0: fp32
-    # atomics instead, for A/Bs and tests)
-    tma_out = ch > 0 and os.environ.get("SSD_WGRAD_TMA_OUT", "1") != "0" and _ws_reduces(dw, tile)
+    # the balanced items' adds as TMA reduces where allowed and dW's layout and shared memory serve
+    tma_out = ch > 0 and _reduces_allowed() and _ws_reduces(dw, tile)
     if not tma_out and not wgrad_gluon.serves(*tile):
         return False
     out = _zeroed_fp32(dw) if ch else dw
@@ -779,7 +784,8 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
 
     def ws_key(cfg):  # kernels/gluon_launches.key of this launch with tile `cfg`
         from .kernels import gluon_launches
-        return gluon_launches.key((lhs, rhs, plan.offsets, plan.token, coef, dw), fold_kind, fold_p, split, cfg)
+        return gluon_launches.key((lhs, rhs, plan.offsets, plan.token, coef, dw), fold_kind, fold_p, split, cfg,
+                                  _reduces_allowed())
 
     def launch(cfg):
         BP, BQ, BK, nw, ns = cfg[:5]
