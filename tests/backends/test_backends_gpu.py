@@ -420,36 +420,27 @@ def test_triton_auto_ws_wgrad_in_captured_training(monkeypatch):
     monkeypatch.setattr(wgrad_gluon, "launch", counted)
     backend = get_backend("triton")
     leaves = {k: inp[k] for k in ("x", "w1", "b1", "gate", "b2") if inp.get(k) is not None}
-    leaves["w2"] = inp["w2_leaf"]
+    # a fresh W_out leaf: with_column_view_w2's view made the original's gradient node on the default stream, which
+    # a captured backward may not touch
+    leaves["w2"] = inp["w2_leaf"].detach().requires_grad_()
+    names = list(leaves)
 
-    def fwd_bwd():
-        # W_out's [N, E, D] view taken here, as the model takes it in its forward: a view node made outside would
-        # keep the default stream, which a captured backward may not touch
+    def fwd_bwd():  # as `ssd-bench ffn` captures the layer: autograd.grad, W_out's [N, E, D] view taken inside
         y = expert_ffn(backend, inp["x"], inp["w1"], inp["b1"], leaves["w2"].permute(1, 2, 0), inp["topk_idx"],
                        inp["gate"], "relu", inp.get("b2"))
-        y.backward(inp["dy"])
-
-    def grads():
-        return {k: (t.grad.permute(1, 2, 0) if k == "w2" else t.grad).clone() for k, t in leaves.items()}
+        grads = torch.autograd.grad(y, [leaves[k] for k in names], inp["dy"])
+        return {k: (g.permute(1, 2, 0) if k == "w2" else g) for k, g in zip(names, grads)}
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    eager = []
     with torch.cuda.stream(side):
-        for _ in range(2):
-            for t in leaves.values():
-                t.grad = None
-            fwd_bwd()
-            eager.append(grads())
+        eager = [{k: g.clone() for k, g in fwd_bwd().items()} for _ in range(2)]
     torch.cuda.current_stream().wait_stream(side)
-    for t in leaves.values():
-        t.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fwd_bwd()
+        replayed = fwd_bwd()
     graph.replay()
     torch.cuda.synchronize()
-    replayed = {k: (t.grad.permute(1, 2, 0) if k == "w2" else t.grad) for k, t in leaves.items()}
     assert launches == [(False, True)] * 2 + [(True, True)] * 2, launches  # eager WS, eager wgrad.py, captured WS
     errs = {f"{i}:{k}": rel_err(g[k], want[k]) for i, g in enumerate(eager + [replayed]) for k in ("w1", "w2")}
     assert max(errs.values()) <= 3e-2, errs
