@@ -113,11 +113,9 @@ def run_router(backend, inp, fold: bool):
     of ones, and must add the router's gradient itself; else autograd differentiates the router."""
     from ssd_megatron.ffn.backends import call_router_folded, expert_ffn
     x, w1 = inp["x"], inp["w1"]
-    leaf = inp.get("w2_leaf")  # (w2 as its view: `with_column_view_w2`)
-    names = [k for k in ("x", "w1", "b1", "w2", "b2") if inp.get(k) is not None and inp[k].is_leaf]
-    for t in [inp[k] for k in names] + [leaf]:
-        if t is not None:
-            t.grad = None
+    names = [k for k in ("x", "w1", "b1", "w2", "b2") if inp.get(k) is not None]
+    for k in names:
+        inp[k].grad = None
     E = inp["w2"].shape[1]
     idx = inp["topk_idx"]
     if fold:
@@ -129,10 +127,7 @@ def run_router(backend, inp, fold: bool):
         y = expert_ffn(backend, x, w1, inp["b1"], inp["w2"], idx, (s - s.detach()) + 1, inp["activation"],
                        inp.get("b2"))
     y.backward(inp["dy"])
-    grads = {k: inp[k].grad.detach().clone() for k in names}
-    if leaf is not None:
-        grads["w2"] = leaf.grad.permute(1, 2, 0).detach().clone()
-    return y.detach(), grads
+    return y.detach(), {k: inp[k].grad.detach().clone() for k in names}
 
 
 def expert_major_sparse_ffn(d_model, d_ff, activation, num_experts, top_k, device="cpu", bias=True):

@@ -226,61 +226,6 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
     print("mlp ws", case, combine, tile, w2, {k: f"{v:.1e}" for k, v in errs.items()})
 
 
-# mlp_bwd variant 5 (WS, kernels/mlp_gluon.py with its backward epilogue: up_bwd and down for dx in one launch)
-# where it serves: the fused forward's cases (its weights in the other roles: W2 as the up GEMM's, W1 as the down
-# GEMM's), with and without the router's term in dx, the output and input biases' grads, fp32 master weights
-MLP_BWD_WS_CASES = [c for c in MLP_WS_CASES if c["E"] <= 192] + [
-    dict(activation="relu", T=2048, D=768, E=192, N=32, K=6, routing="skewed")]  # base-like
-MLP_BWD_WS_IDS = [f"{c['activation']}-T{c['T']}-D{c['D']}-E{c['E']}-N{c['N']}K{c['K']}-{c.get('routing', 'random')}"
-                  for c in MLP_BWD_WS_CASES]
-
-
-@pytest.mark.parametrize("weights", ["bf16", "fp32-master"])
-@pytest.mark.parametrize("fold", ["none", "router"])
-@pytest.mark.parametrize("combine", ["atomic16", "atomic32"])
-@pytest.mark.parametrize("case", MLP_BWD_WS_CASES, ids=MLP_BWD_WS_IDS)
-def test_triton_mlp_bwd_ws_bf16(case, combine, fold, weights, monkeypatch):
-    """The fused Gluon backward (mlp_bwd variant 5) against the reference, forward and every grad, with W_out's
-    column view as the layer passes it, with and without SSD's router folded (its term in dx's epilogue), into
-    bf16 weights and fp32 master weights; each backward is checked to have taken it."""
-    if "triton" not in AVAILABLE:
-        pytest.skip("triton not available here")
-    from ssd_megatron.ffn.backends import _triton_kernels as kernels
-    from ssd_megatron.ffn.backends.kernels import mlp_gluon
-    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    if mlp_gluon._build_once() is None or not mlp_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
-        pytest.skip("the fused backward does not serve here (needs sm_90 and Triton >= 3.9's Gluon)")
-    launches = []
-    real = mlp_gluon.launch_backward
-
-    def counted(*args, **kwargs):
-        launches.append((args[11] is not None, args[13] is not None, args[14] is not None))  # ga, db, c
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mlp_gluon, "launch_backward", counted)
-    master = weights == "fp32-master"
-    inp = with_column_view_w2(make_inputs(device="cuda", dtype=torch.float32 if master else torch.bfloat16, **case))
-    ref = upcast(inp)
-    if master:  # as test_triton_master_weights_bf16: bf16 tokens, the reference on the weights' bf16 casts
-        for k in ("x", "gate"):
-            inp[k] = inp[k].detach().bfloat16().requires_grad_()
-        inp["dy"] = inp["dy"].bfloat16()
-        ref = upcast({**inp, **{k: inp[k].detach().bfloat16().requires_grad_()
-                                for k in ("w1", "b1", "w2", "b2") if inp[k] is not None}})
-    kernels.force_config(mlp_bwd=kernels.AUTO_MLP_BWD_WS)
-    be = TritonBackend(combine=combine)
-    try:
-        if fold == "router":
-            got, want = run_router(be, inp, fold=True), run_router(ReferenceBackend(), ref, fold=False)
-        else:
-            got, want = run(be, inp), run(ReferenceBackend(), ref)
-        errs = compare(got, want, 3e-2)
-    finally:
-        kernels.force_config()
-    assert launches == [(True, case.get("bias", True), fold == "router")], launches
-    print("mlp bwd ws", case, combine, fold, weights, {k: f"{v:.1e}" for k, v in errs.items()})
-
-
 # wgrad's seventh entry 5 (WS, kernels/wgrad_gluon.py: Gluon, sm_90, Triton >= 3.9) where it serves: P = E (dW2) or
 # F1 (dW1; 2E with a gate) up to 256 as one or two power-of-two boxes (48 = 32 + 16, 192 = 128 + 64), Q (D) a
 # multiple of 16. Balanced items (row segments of at least 96 or 40 rows, crossing experts; atomic adds, or TMA

@@ -40,41 +40,19 @@ def _case(activation, E, dtype, column_view=False, T=100, D=128, N=8, K=2, bias=
     return x, w1, b1, w2, make_plan(idx, N), torch.rand(T * K, generator=g)
 
 
-# the fused backward (mlp_bwd variant 5): name -> (activation, E, dtype, combine, W2 as W_out's column view, ga and
-# db1 wanted, the router's term): base's as the layer runs it, GELU on one 128-column tile with fp32 adds and without
-# the router, fp16 tanh-GELU without db1
-BWD_LAUNCHES = {"bwd-base": ("relu", 192, "bfloat16", "atomic16", True, True, True),
-                "bwd-gelu-atomic32": ("gelu", 128, "bfloat16", "atomic32", False, True, False),
-                "bwd-fp16-gelu-tanh": ("gelu_tanh", 192, "float16", "atomic16", True, False, True)}
-
-
-def _bwd_case(activation, E, dtype, column_view=False, T=100, D=128):
-    """(dy, w1, w2, h, plan, gate, centroids) on CPU for mlp_backward, from `_case`."""
-    x, w1, _, w2, plan, gate = _case(activation, E, dtype, column_view, T=T, D=D)
-    g = torch.Generator().manual_seed(1)
-    h = torch.randn(plan.num_rows, E, generator=g).to(dtype)
-    return torch.randn(x.shape, generator=g).to(dtype), w1, w2, h, plan, gate, w1.float().mean(1)
-
-
 def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/compile_report.py's driver)
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import compile_report as cr
 
     from ssd_megatron.ffn.backends import _triton_kernels as K
     cr.offline(90)
-    K.force_config(mlp=WS, mlp_bwd=WS)
+    K.force_config(mlp=WS)
 
     def launch(name, act, E, dtype, combine, column_view, save_h):
         x, w1, b1, w2, plan, gate = _case(act, E, getattr(torch, dtype), column_view,
                                           bias=name != "squared-relu-no-bias")
         return lambda: K.mlp_forward(x, w1, b1, w2, plan, gate, act, save_h, combine)
-
-    def backward(act, E, dtype, combine, column_view, grads, router):
-        dy, w1, w2, h, plan, gate, c = _bwd_case(act, E, getattr(torch, dtype), column_view)
-        return lambda: K.mlp_backward(dy, w1, w2, h, gate, plan, act, combine, grads, grads, c if router else None)
-    launches = {name: launch(name, *c) for name, c in LAUNCHES.items()}
-    launches.update({name: backward(*c) for name, c in BWD_LAUNCHES.items()})
-    print("MLPWS " + json.dumps(cr.compile_each(launches)))
+    print("MLPWS " + json.dumps(cr.compile_each({name: launch(name, *c) for name, c in LAUNCHES.items()})))
 
 
 @pytest.fixture(scope="module")
@@ -99,19 +77,6 @@ def test_ws_fused_forward_compiles_for_sm90(compiled, name):
     assert r["warps"] == 16 and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
     assert r["cas"] == 0 and (r["atom"] > 0) == (LAUNCHES[name][3] != "buffer"), r
     assert r["smem_kb"] * 1024 <= 227 * 1024, r
-
-
-@pytest.mark.parametrize("name", list(BWD_LAUNCHES))
-def test_fused_backward_compiles_for_sm90(compiled, name):
-    """The fused backward's specialisations (activation, split or single E tile, bf16 adds or fp32, W2 as W_out's
-    column view, gate * a and db1, the router's term) compile for sm_90 as the same warp-specialised kernel with
-    its backward epilogue: cp.async gathers of dy, TMA loads of the weights, wgmma, native atomics into dx."""
-    res = compiled[name]
-    assert not isinstance(res, str), res
-    assert [kname for kname, _ in res] == ["mlp_ws_kernel"], res
-    r = res[0][1]
-    assert r["warps"] == 16 and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
-    assert r["cas"] == 0 and r["atom"] > 0 and r["smem_kb"] * 1024 <= 227 * 1024, r
 
 
 # why the launcher does not take the Gluon kernel -> (activation, E, D, dtype, config)
@@ -195,81 +160,6 @@ def test_ws_fused_forward_auto_in_captured_inference(monkeypatch):
     assert forward(False, save_h=True)[0] == forward(True, save_h=True)[0] == "triton"  # training: kernels/mlp.py
 
 
-# why the fused backward is not taken -> (activation, E, combine, K)
-BWD_NOT_SERVED = {"cpu": ("relu", 192, "atomic16", 2), "older-triton": ("relu", 192, "atomic16", 2),
-                  "glu": ("swiglu", 64, "atomic16", 2), "buffer": ("relu", 192, "buffer", 2),
-                  "one-expert-per-token": ("relu", 192, "atomic16", 1), "wide-e": ("relu", 256, "atomic16", 2)}
-
-
-@pytest.mark.parametrize("why", list(BWD_NOT_SERVED) + ["served"])
-def test_fused_backward_falls_back(monkeypatch, why):
-    """mlp_bwd=...,5 launches the fused backward where it serves, with dy as the tokens, W2 as the up GEMM's
-    weight and W1 as the down GEMM's, the saved h, a zeroed dx and every output; elsewhere mlp_backward returns
-    None and the backend launches up_bwd and down for dx: not sm_90, no Gluon that builds it, a gated activation,
-    deterministic sums ("buffer"), one expert per token (no K-way adds), a first E tile wider than 128."""
-    pytest.importorskip("triton")
-    from ssd_megatron.ffn.backends import _triton_kernels as K
-    from ssd_megatron.ffn.backends.kernels import mlp_gluon
-    calls = []
-    monkeypatch.setattr(mlp_gluon, "launch_backward", Recorder(calls, "ws"))
-    gluon_stand_in(monkeypatch, mlp_gluon, why)
-    act, E, combine, K_ = BWD_NOT_SERVED.get(why, ("relu", 192, "atomic16", 2))
-    dy, w1, w2, h, plan, gate, c = _bwd_case(act, E, torch.bfloat16, column_view=True)
-    if K_ == 1:  # 200 tokens routed to one expert each: as many rows as the K = 2 case's 100 tokens
-        from ssd_megatron.ffn.backends.routing import make_plan
-        plan = make_plan(torch.arange(200).remainder(8)[:, None], 8)
-        dy = dy.repeat(2, 1)
-    if act == "swiglu":
-        h = torch.cat([h, h], 1)
-    K.force_config(mlp_bwd=WS)
-    try:
-        out = K.mlp_backward(dy, w1, w2, h, gate, plan, act, combine, True, True, c)
-    finally:
-        K.force_config()
-    if why == "served" and mlp_gluon._build_once() is not None:
-        (name, args, kwargs), = calls
-        dx, dh, dgate, ga, db = out
-        assert dx.shape == dy.shape and dh.shape == ga.shape == h.shape and dgate.shape == (plan.num_rows,)
-        assert args[0] is dy and args[1] is w1 and args[2] is w2 and args[8] is h and args[9].abs().sum() == 0
-        assert torch.equal(args[3], K.expert_tiles(plan.offsets, plan.num_rows, plan.num_experts, 128))
-        assert torch.equal(args[14], c.to(dy.dtype)) and db.dtype == torch.float32 and not db.any()
-        assert args[15:] == (0, 128, 64, 64, 2, 3, 128, 64), args[15:]  # relu, the tile (WS), E's two tiles
-    else:
-        assert out is None and calls == [], (out, calls)
-
-
-def test_fused_backward_auto_in_captured_training(monkeypatch):
-    """`auto` (no config forced) takes the fused backward at base-like shapes by kernels/gluon_launches.py's rule:
-    the first eager backward of a shape (its module loads), then up_bwd and down for dx for later eager ones, the
-    fused kernel in a capture once an eager launch with the same launch key ran, and not for a capture of a key
-    never launched eagerly."""
-    pytest.importorskip("triton")
-    from ssd_megatron.ffn.backends import _triton_kernels as K
-    from ssd_megatron.ffn.backends.kernels import mlp_gluon
-    if mlp_gluon._build_once() is None:
-        pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon the fused backward builds with")
-    calls, state = [], capture_stand_in(monkeypatch)
-    monkeypatch.setattr(K, "AUTO_FUSED_BACKWARD", True)
-    monkeypatch.setattr(mlp_gluon, "launch_backward", Recorder(calls, "ws"))
-    gluon_stand_in(monkeypatch, mlp_gluon, "served")
-    big = _bwd_case("relu", 192, torch.bfloat16, column_view=True)
-    small = _bwd_case("relu", 192, torch.bfloat16, column_view=True, T=64)
-
-    def backward(capturing, case=big):
-        dy, w1, w2, h, plan, gate, c = case
-        state["capturing"] = capturing
-        calls.clear()
-        out = K.mlp_backward(dy, w1, w2, h, gate, plan, "relu", "atomic16", True, True, c)
-        assert (out is None) == (calls == []), (out, calls)
-        return out is not None
-
-    assert not backward(True)              # captured before any eager launch: up_bwd and down
-    assert backward(False)                 # the first eager launch loads the fused kernel
-    assert not backward(False)             # later eager backwards: less host time per launch
-    assert backward(True)                  # captured: the loaded kernel
-    assert not backward(True, small)       # another launch key, never launched eagerly
-
-
 def test_ws_fused_forward_config():
     """mlp=...,5 is accepted, its fourth entry (the weight ring's depth) need not be a power of two; for other kinds
     the fourth entry (warps) still must be."""
@@ -277,7 +167,6 @@ def test_ws_fused_forward_config():
     from ssd_megatron.errors import UserError
     from ssd_megatron.ffn.backends import _triton_kernels as K
     assert K._parse_configs("mlp=128,64,64,3,3,5") == {"mlp": (128, 64, 64, 3, 3, K.WS)}
-    assert K._parse_configs("mlp_bwd=128,64,64,6,4,5") == {"mlp_bwd": (128, 64, 64, 6, 4, K.WS)}
     with pytest.raises(UserError, match="powers of two"):
         K._parse_configs("mlp=128,64,64,3,3")
     with pytest.raises(UserError, match="powers of two"):

@@ -72,7 +72,6 @@ DEFAULTS = {
     "wgrad_mat": (128, 128, 64, 8, 3),
     "mlp": (128, 64, 64, 8, 3),           # BM, BN = output columns per step, BK; the expert's E in one tile
     "mlp_glu": (64, 64, 64, 8, 3),
-    "mlp_bwd": (128, 64, 64, 6, 4, 0),    # variant 0: up_bwd and down for dx as their own launches; 5 (WS) fused
 }
 CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=1 (see docs/kernels.md)
     "up": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4)],
@@ -138,7 +137,7 @@ def _parse_configs(text: str) -> dict:
             raise UserError(f"{bad}: the values must be 5 to 7 integers, e.g. 128,128,64,8,3") from None
         base = kind.split(":")[0]
         # the fourth entry: a ring's depth (the weight ring, kernels/mlp_gluon.py; the L ring, kernels/wgrad_gluon.py)
-        ring = (base in ("mlp", "mlp_bwd") and cfg[5:] == (WS,)) or (base == "wgrad" and cfg[6:] == (WS,))
+        ring = (base == "mlp" and cfg[5:] == (WS,)) or (base == "wgrad" and cfg[6:] == (WS,))
         pow2 = cfg[:3 if ring else 4]
         if len(cfg) not in (5, 6, 7) or any(v < 1 or v & (v - 1) for v in pow2) or min(cfg[3:5]) < 1:
             raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
@@ -147,16 +146,14 @@ def _parse_configs(text: str) -> dict:
                             f"is not gathered (the weights; wgrad's left one) by TMA, else 0; for wgrad, 5 (WS)")
         if len(cfg) >= 6 and not _variant_ok(base, cfg[5]):
             raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA), 4 (STAGED) or 5 (WS); "
-                            f"for mlp, 3 (TMA) or 5 (WS); for mlp_bwd, 5 (WS); for up_bwd[_glu], 1 (TWO_PASS); "
-                            f"for wgrad, a row chunk >= 0")
+                            f"for mlp, 3 (TMA) or 5 (WS); for up_bwd[_glu], 1 (TWO_PASS); for wgrad, a row chunk >= 0")
         out[kind] = cfg
     return out
 
 
 def _variant_ok(base: str, variant: int) -> bool:
     return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED, WS))
-            or (base == "mlp" and variant in (TMA, WS)) or (base == "mlp_bwd" and variant == WS)
-            or (base == "wgrad" and variant > 0)
+            or (base == "mlp" and variant in (TMA, WS)) or (base == "wgrad" and variant > 0)
             or (base.startswith("up_bwd") and variant == TWO_PASS))
 
 
@@ -240,25 +237,6 @@ def _auto_mlp_ws(x, w1, w2, act: int, glu: bool, be: int, be2: int, save_h: bool
     return AUTO_MLP_WS if mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, wring, ring, be, be2) else None
 
 
-# auto's fused backward (kernels/mlp_gluon.py's kernel with its backward epilogue: up_bwd and down for dx in one
-# launch) where it serves (Triton >= 3.9, sm_90) at base-like shapes, under kernels/gluon_launches.py's rule.
-AUTO_MLP_BWD_WS = (128, 64, 64, 6, 4, WS)
-AUTO_FUSED_BACKWARD = False  # opt-in (mlp_bwd=128,64,64,6,4,5) until its GPU tests and timings are in
-
-
-def _auto_mlp_bwd_ws(dy, w1, w2, act: int, be: int, be2: int, eager_key, key):
-    """AUTO_MLP_BWD_WS where `auto` takes the fused backward for this launch, else None (up_bwd and down for dx):
-    at a base-like shape (D <= 1024, E <= 192) where the kernel serves, by kernels/gluon_launches.py's rule."""
-    D, E = w1.shape[2], w1.shape[1]
-    if not AUTO_FUSED_BACKWARD or D > 1024 or E > 192 or not _hopper(dy):
-        return None
-    from .kernels import gluon_launches, mlp_gluon
-    if not gluon_launches.take(dy, lambda: key(AUTO_MLP_BWD_WS), eager_key):
-        return None
-    BM, BN, BK, wring, ring, _ = AUTO_MLP_BWD_WS
-    return AUTO_MLP_BWD_WS if mlp_gluon.serves(dy, w2, w1, act, False, BM, BN, BK, wring, ring, be, be2) else None
-
-
 def _auto_wgrad_ws(lhs, rhs, dw, fold_kind, split: bool, gathered: bool, eager_key, key):
     """AUTO_WGRAD_WS where `auto` takes the Gluon wgrad for this launch, else None (the defaults serve): its balanced
     items with TMA reduces (row segments: no grid tail whatever the expert loads), where they serve, split sums are
@@ -292,22 +270,13 @@ def _auto_down_ws(a: torch.Tensor, w: torch.Tensor, atomic: bool):
     return AUTO_WS if down_gluon.serves(a, w, BM, BN, stages) else None
 
 
-def _override(kind: str):
-    """The config forced for `kind` (force_config, then SSD_TRITON_CONFIG), or None."""
-    base = kind.split(":")[0]
-    for table in (_FORCED, env_configs()):
-        if kind in table or base in table:
-            return table.get(kind, table.get(base))
-    return None
-
-
 def _pick(kind: str, key: tuple, launch, hopper: bool = True, auto=None):
     """The config for `kind` at `key` (on a Hopper GPU or not); when tuning, time each candidate once with
     `launch(cfg)`. `auto()`: a default that depends on the operands (None where the table's serves)."""
     base = kind.split(":")[0]
-    forced = _override(kind)
-    if forced is not None:
-        return forced
+    for table in (_FORCED, env_configs()):
+        if kind in table or base in table:
+            return table.get(kind, table.get(base))
     if not _tuning() or os.environ.get("TRITON_INTERPRET") == "1":
         return (auto and auto()) or _default(base, key, hopper)
     k = (kind,) + key
@@ -753,50 +722,6 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
     launch(_pick("mlp_glu" if glu else "mlp", (D, E, Dout, str(x.dtype)), launch, _hopper(x),
                  auto=lambda: _auto_mlp_ws(x, w1, w2, act, glu, be, be2, save_h, eager_key, ws_key)))
     return _combined(buf, atomic, T, K, x.dtype, out_bias), (h if save_h else None)
-
-
-def mlp_backward(dy, w1, w2, h, gate_flat, plan, activation, combine: str, need_ga: bool, need_db: bool,
-                 centroids=None):
-    """(dx, dh, dgate, ga, db1) as up_backward + down_scatter compute them (dx with the router's term dgate * c[e]
-    where `centroids` c are given), from one launch of the fused backward (kernels/mlp_gluon.py, `launch_backward`)
-    where config "mlp_bwd" (forced, or `auto`'s: `_auto_mlp_bwd_ws`) is WS and the kernel serves: an activation
-    without a gate, dx combined by atomic adds, h [M, E] with contiguous rows; else None (the caller launches
-    those two). dx is zeroed first (a fill launch: no earlier launch of the backward could initialise it)."""
-    act, glu = ACT_CODES[activation]
-    M, N, T, K = plan.num_rows, plan.num_experts, plan.num_tokens, plan.top_k
-    E, D = w1.shape[1], w1.shape[2]
-    if glu or not _adds(combine, K) or h.stride(1) != 1 or h.shape[1] != E:
-        return None
-    be, be2 = _split_width(E)
-    group = _tile_groups(None)  # expert order (token windows did not help the backward's launches, comment above)
-
-    def eager_key():  # `_auto_mlp_bwd_ws`'s cheap key of this launch (shapes)
-        return dy.device, dy.dtype, tuple(dy.shape), M, tuple(w1.shape), tuple(w2.shape), act, "backward"
-
-    def ws_key(cfg):  # kernels/gluon_launches.key of this launch with tile `cfg` (its outputs are allocated here)
-        from .kernels import gluon_launches
-        return gluon_launches.key((dy, w1, w2, h, plan.offsets, plan.order, plan.token, gate_flat), act, combine,
-                                  need_ga, need_db, centroids is not None, group, cfg)
-
-    cfg = _override("mlp_bwd")
-    if cfg is None and os.environ.get("TRITON_INTERPRET") != "1":
-        cfg = _auto_mlp_bwd_ws(dy, w1, w2, act, be, be2, eager_key, ws_key)
-    if cfg is None or cfg[5:] != (WS,):
-        return None
-    from .kernels import gluon_launches, mlp_gluon
-    BM, BN, BK, wring, ring = cfg[:5]
-    if not mlp_gluon.serves(dy, w2, w1, act, False, BM, BN, BK, wring, ring, be, be2):
-        return None
-    dx = atomic_output(dy, T, K, D, combine).zero_()
-    dh = torch.empty(M, E, device=dy.device, dtype=dy.dtype)
-    ga = torch.empty(M, E, device=dy.device, dtype=dy.dtype) if need_ga else None
-    db = torch.zeros(N, E, device=dy.device, dtype=torch.float32) if need_db else None
-    dgate = torch.empty(M, device=dy.device, dtype=torch.float32)
-    c = centroids.to(dy.dtype).contiguous() if centroids is not None else None
-    mlp_gluon.launch_backward(dy, w1, w2, _tile_list(plan, BM, group), plan.offsets, plan.order, plan.token,
-                              gate_flat, h, dx, dh, ga, dgate, db, c, act, BM, BN, BK, wring, ring, be, be2)
-    gluon_launches.note(ws_key(cfg), eager_key(), dy)
-    return _combined(dx, True, T, K, dy.dtype, None), dh, dgate, ga, db
 
 
 _FOLD_CODES = {None: 0, "rows": 1, "expert": 2}  # kernels/wgrad.py's FOLD

@@ -140,16 +140,10 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
     top_k = topk_idx.shape[1]
     plan = _Plan(w1.shape[0], top_k, x.shape[0], order, token, offsets)
     w1c, w2c = (w1 if w1c is None else w1c), (w2 if w2c is None else w2c)
-    # up_bwd and down for dx as one fused launch where it is chosen and serves, else as two
-    fused = k.mlp_backward(dy, w1c, w2c, h, gate_flat, plan, activation, combine, need_ga=need_w2,
-                           need_db=has_bias and need_b1, centroids=centroids) if need_x else None
-    if fused is not None:
-        dx, dh, dgate, ga, db32 = fused
-    else:
-        dx0 = k.atomic_output(x, x.shape[0], top_k, x.shape[1], combine) if need_x and init_in_up else None
-        dh, dgate, ga, db32 = k.up_backward(dy, w2c, h, gate_flat, plan, activation,
-                                            need_ga=need_w2, need_db=has_bias and need_b1,
-                                            fill=None if dx0 is None else (dx0, None))
+    dx0 = k.atomic_output(x, x.shape[0], top_k, x.shape[1], combine) if need_x and init_in_up else None
+    dh, dgate, ga, db32 = k.up_backward(dy, w2c, h, gate_flat, plan, activation,
+                                        need_ga=need_w2, need_db=has_bias and need_b1,
+                                        fill=None if dx0 is None else (dx0, None))
     split = combine != "buffer"  # "buffer" = deterministic sums: no atomics in the weight grads either
     rank1 = wfold = None
     if centroids is not None:
@@ -158,9 +152,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
         if need_w1:
             wfold = (("rows", (dgate / E).index_select(0, order.long()), E) if fold == "rows"
                      else ("expert", _router_centroid_grad(dgate, x, topk_idx, w1.shape[0]) / E, E))
-    if need_x and fused is None:
-        dx = k.down_scatter(dh, w1c, plan, None, combine, rank1=rank1, out=dx0)
-    return (dx if need_x else x.new_empty(0),
+    return (k.down_scatter(dh, w1c, plan, None, combine, rank1=rank1, out=dx0) if need_x else x.new_empty(0),
             _weight_grad(k, dh, x, plan, w1, wgrad, split, wfold) if need_w1 else x.new_empty(0),
             db32.to(w1.dtype) if db32 is not None else x.new_empty(0),
             _weight_grad(k, ga, dy, plan, w2, wgrad, split) if need_w2 else x.new_empty(0),

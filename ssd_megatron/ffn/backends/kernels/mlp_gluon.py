@@ -151,8 +151,17 @@ def _build():
                     wc += 1
 
     @gluon.jit
-    def _act(v, ACT: gl.constexpr):
-        """kernels/common.py `_act` (the activations without a gate) in fp32."""
+    def _activation(acc, cols, cmask, rows, rmask, e, B1, stride_b1, H, stride_h, dtype: gl.constexpr,
+                    ACT: gl.constexpr, HAS_BIAS: gl.constexpr, SAVE_H: gl.constexpr):
+        """kernels/up.py `_up_act` without a gate: bias, h rounded to the storage dtype (stored when SAVE_H), then
+        act(h) in fp32."""
+        if HAS_BIAS:
+            acc += gl.load(B1 + e.to(gl.int64) * stride_b1 + cols, mask=cmask, other=0.0).to(gl.float32)[None, :]
+        h = acc.to(dtype)
+        if SAVE_H:
+            gl.store(H + rows.to(gl.int64)[:, None] * stride_h + cols[None, :], h,
+                     mask=rmask[:, None] & cmask[None, :])
+        v = h.to(gl.float32)
         if ACT == 0:
             out = gl.maximum(v, 0.0)
         elif ACT == 1:
@@ -166,66 +175,14 @@ def _build():
         return out
 
     @gluon.jit
-    def _act_grad(v, ACT: gl.constexpr):
-        """kernels/common.py `_act_grad` (the activations without a gate) in fp32."""
-        if ACT == 0:
-            out = (v > 0.0).to(gl.float32)
-        elif ACT == 1:
-            out = 0.5 * (1.0 + gl.erf(v * 0.7071067811865476)) + v * gl.exp(-0.5 * v * v) * 0.3989422804014327
-        elif ACT == 2:
-            out = 2.0 * gl.maximum(v, 0.0)
-        else:  # 4
-            u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
-            t = 2.0 / (1.0 + gl.exp(-2.0 * u)) - 1.0
-            out = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * v * v)
-        return out
-
-    @gluon.jit
-    def _activation(acc, cols, cmask, rows, rmask, e, B1, stride_b1, H, stride_h, dtype: gl.constexpr,
-                    ACT: gl.constexpr, HAS_BIAS: gl.constexpr, SAVE_H: gl.constexpr):
-        """kernels/up.py `_up_act` without a gate: bias, h rounded to the storage dtype (stored when SAVE_H), then
-        act(h) in fp32."""
-        if HAS_BIAS:
-            acc += gl.load(B1 + e.to(gl.int64) * stride_b1 + cols, mask=cmask, other=0.0).to(gl.float32)[None, :]
-        h = acc.to(dtype)
-        if SAVE_H:
-            gl.store(H + rows.to(gl.int64)[:, None] * stride_h + cols[None, :], h,
-                     mask=rmask[:, None] & cmask[None, :])
-        return _act(h.to(gl.float32), ACT)
-
-    @gluon.jit
-    def _dh_block(da, cols, cmask, rows, rmask, g, e, H, stride_h, DH, stride_dh, GA, stride_ga, DB, stride_db,
-                  dtype: gl.constexpr, ACT: gl.constexpr, STORE_GA: gl.constexpr, HAS_DB: gl.constexpr):
-        """The backward's middle epilogue on one column tile of da (kernels/up.py `_up_epilogue` without a gate
-        half): a = act(h) from the saved h, rounded to `dtype`; gate * a stored (dW2's operand) when STORE_GA;
-        dh = gate * da * act'(h) stored (dW1's) and returned in `dtype` (the down GEMM's A operand), its column
-        sums added into db1 when HAS_DB; also returns this tile's share of the gate gradient, sum(da * a)."""
-        rows64 = rows.to(gl.int64)[:, None]
-        omask = rmask[:, None] & cmask[None, :]
-        h = gl.load(H + rows64 * stride_h + cols[None, :], mask=omask, other=0.0).to(gl.float32)
-        a = _act(h, ACT).to(dtype).to(gl.float32)
-        dg = gl.sum(da * a, 1)
-        if STORE_GA:
-            gl.store(GA + rows64 * stride_ga + cols[None, :], (a * g[:, None]).to(dtype), mask=omask)
-        dh = (da * g[:, None] * _act_grad(h, ACT)).to(dtype)
-        gl.store(DH + rows64 * stride_dh + cols[None, :], dh, mask=omask)
-        if HAS_DB:
-            gl.atomic_add(DB + e.to(gl.int64) * stride_db + cols, gl.sum(gl.where(omask, dh.to(gl.float32), 0.0), 0),
-                          mask=cmask, sem="relaxed")
-        return dh, dg
-
-    @gluon.jit
-    def _store_block(acc, n, rmask, dst, g, e, C, stride_c, OUT, Dout, BN: gl.constexpr, layout: gl.constexpr,
-                     SCALE: gl.constexpr, RANK1: gl.constexpr, ATOMIC: gl.constexpr):
-        """One output column block's epilogue: gate scale (or, RANK1, the router's term g * C[e] added), then
-        atomic adds into the token rows or stores into the (t, k) rows (`dst`: each row's offset)."""
+    def _store_block(acc, n, rmask, dst, g, OUT, Dout, BN: gl.constexpr, layout: gl.constexpr,
+                     SCALE: gl.constexpr, ATOMIC: gl.constexpr):
+        """One output column block's epilogue: gate scale, then atomic adds into the token rows or stores into the
+        (t, k) rows (`dst`: each row's offset)."""
         acc = gl.convert_layout(acc, layout)
         cols = n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
         if SCALE:
             acc = acc * g[:, None]
-        if RANK1:
-            c = gl.load(C + e.to(gl.int64) * stride_c + cols, mask=cols < Dout, other=0.0).to(gl.float32)
-            acc = acc + g[:, None] * c[None, :]
         omask = rmask[:, None] & (cols < Dout)[None, :]
         if ATOMIC:  # a token's K rows come from different tiles
             gl.atomic_add(OUT + dst[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask, sem="relaxed")
@@ -234,13 +191,11 @@ def _build():
 
     @gluon.jit
     def consumer(x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w1_desc, w1_desc2, w2_desc, w2_desc2,
-                 TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o,
-                 DH, stride_dh, GA, stride_ga, DG, DB, stride_db, C, stride_c, M, D, Dout, E, n_tiles,
+                 TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E, n_tiles,
                  which: gl.constexpr,
                  ACT: gl.constexpr, HAS_BIAS: gl.constexpr, SAVE_H: gl.constexpr, SCALE: gl.constexpr,
                  ATOMIC: gl.constexpr, SPLIT: gl.constexpr, W1_RC: gl.constexpr, W2_RC: gl.constexpr,
-                 BE: gl.constexpr, BE2: gl.constexpr, BN: gl.constexpr, BWD: gl.constexpr, STORE_GA: gl.constexpr,
-                 HAS_DB: gl.constexpr, RANK1: gl.constexpr):
+                 BE: gl.constexpr, BE2: gl.constexpr, BN: gl.constexpr):
         XS: gl.constexpr = x_bufs.type.shape[0]
         BM: gl.constexpr = x_bufs.type.shape[1]
         BK: gl.constexpr = x_bufs.type.shape[2]
@@ -293,44 +248,25 @@ def _build():
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(x_empty.index((kc + XS - 1) % XS), count=1)
                 mbarrier.arrive(w_empty.index((wc + WS - 1) % WS), count=1)
+                # ---- bias, h, activation: a = act(h) stays in registers as the down GEMM's A operand
                 rows_u = r0 + gl.arange(0, HM, layout=gl.SliceLayout(1, up_l))
                 cols_u = gl.arange(0, BE, layout=gl.SliceLayout(0, up_l))
-                rows_u2 = r0 + gl.arange(0, HM, layout=gl.SliceLayout(1, up_l2))
-                cols_u2 = BE + gl.arange(0, BE2, layout=gl.SliceLayout(0, up_l2))
-                if BWD:
-                    # ---- da -> dh (the down GEMM's A operand, in registers), gate * a, dgate, db1
-                    pair_u = gl.load(ORDER + rows_u, mask=rows_u < end, other=0)
-                    g_u = gl.load(GATE + pair_u, mask=rows_u < end, other=0.0).to(gl.float32)
-                    a1, dg = _dh_block(acc, cols_u, cols_u < E, rows_u, rows_u < end, g_u, e, H, stride_h, DH,
-                                       stride_dh, GA, stride_ga, DB, stride_db, dtype, ACT, STORE_GA, HAS_DB)
-                    a1 = gl.convert_layout(a1, a_l)
-                    if SPLIT:
-                        a2, dg2 = _dh_block(acc2, cols_u2, cols_u2 < E, rows_u2, rows_u2 < end,
-                                            gl.convert_layout(g_u, gl.SliceLayout(1, up_l2)), e, H, stride_h, DH,
-                                            stride_dh, GA, stride_ga, DB, stride_db, dtype, ACT, STORE_GA, HAS_DB)
-                        a2 = gl.convert_layout(a2, a_l)
-                        dg = dg + gl.convert_layout(dg2, gl.SliceLayout(1, up_l))
-                    else:
-                        a2 = a1
-                    gl.store(DG + pair_u, dg, mask=rows_u < end)
-                else:
-                    # ---- bias, h, activation: a = act(h) stays in registers as the down GEMM's A operand
-                    a1 = _activation(acc, cols_u, cols_u < E, rows_u, rows_u < end, e, B1, stride_b1, H, stride_h,
+                a1 = _activation(acc, cols_u, cols_u < E, rows_u, rows_u < end, e, B1, stride_b1, H, stride_h, dtype,
+                                 ACT, HAS_BIAS, SAVE_H)
+                a1 = gl.convert_layout(a1.to(dtype), a_l)
+                if SPLIT:
+                    rows_u2 = r0 + gl.arange(0, HM, layout=gl.SliceLayout(1, up_l2))
+                    cols_u2 = BE + gl.arange(0, BE2, layout=gl.SliceLayout(0, up_l2))
+                    a2 = _activation(acc2, cols_u2, cols_u2 < E, rows_u2, rows_u2 < end, e, B1, stride_b1, H, stride_h,
                                      dtype, ACT, HAS_BIAS, SAVE_H)
-                    a1 = gl.convert_layout(a1.to(dtype), a_l)
-                    if SPLIT:
-                        a2 = _activation(acc2, cols_u2, cols_u2 < E, rows_u2, rows_u2 < end, e, B1, stride_b1, H,
-                                         stride_h, dtype, ACT, HAS_BIAS, SAVE_H)
-                        a2 = gl.convert_layout(a2.to(dtype), a_l)
-                    else:
-                        a2 = a1
+                    a2 = gl.convert_layout(a2.to(dtype), a_l)
+                else:
+                    a2 = a1
                 # ---- down GEMM by column blocks, each block's epilogue under the next block's wgmma
                 rows = r0 + gl.arange(0, HM, layout=row_l)
                 rmask = rows < end
                 pair = gl.load(ORDER + rows, mask=rmask, other=0)
-                if BWD:  # the gate gradient, for the router's term (RANK1)
-                    g = gl.convert_layout(dg, row_l)
-                elif SCALE:
+                if SCALE:
                     g = gl.load(GATE + pair, mask=rmask, other=0.0).to(gl.float32)
                 else:
                     g = gl.zeros((HM, ), dtype=gl.float32, layout=row_l)
@@ -358,20 +294,17 @@ def _build():
                     if SPLIT:
                         nxt = warpgroup_mma(a2, _b_operand(_as_box(w_bufs2.index(sw), w2_desc2), W2_RC), nxt,
                                             is_async=True)
-                    _store_block(cur, n - 1, rmask, dst, g, e, C, stride_c, OUT, Dout, BN, layout, SCALE, RANK1, ATOMIC)
+                    _store_block(cur, n - 1, rmask, dst, g, OUT, Dout, BN, layout, SCALE, ATOMIC)
                     cur = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, a1, a2))[0]
                     mbarrier.arrive(w_empty.index(sw), count=1)
                     wc += 1
-                _store_block(cur, num_n - 1, rmask, dst, g, e, C, stride_c, OUT, Dout, BN, layout, SCALE, RANK1,
-                             ATOMIC)
+                _store_block(cur, num_n - 1, rmask, dst, g, OUT, Dout, BN, layout, SCALE, ATOMIC)
 
     @gluon.jit
     def mlp_ws_kernel(X, stride_x, w1_desc, w1_desc2, w2_desc, w2_desc2, TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1,
-                      H, stride_h, OUT, stride_o, DH, stride_dh, GA, stride_ga, DG, DB, stride_db, C, stride_c,
-                      M, D, Dout, E, n_tiles,
+                      H, stride_h, OUT, stride_o, M, D, Dout, E, n_tiles,
                       ACT: gl.constexpr, HAS_BIAS: gl.constexpr, SAVE_H: gl.constexpr, SCALE: gl.constexpr,
                       ATOMIC: gl.constexpr, SPLIT: gl.constexpr, W1_RC: gl.constexpr, W2_RC: gl.constexpr,
-                      BWD: gl.constexpr, STORE_GA: gl.constexpr, HAS_DB: gl.constexpr, RANK1: gl.constexpr,
                       BM: gl.constexpr, BK: gl.constexpr, BE: gl.constexpr, BE2: gl.constexpr, BN: gl.constexpr,
                       XS: gl.constexpr, WS: gl.constexpr, LW: gl.constexpr,
                       CREGS: gl.constexpr, LREGS: gl.constexpr, W_LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
@@ -395,13 +328,11 @@ def _build():
         # stay compile-time constants)
         gl.warp_specialize([
             (consumer, (x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w1_desc, w1_desc2, w2_desc, w2_desc2,
-                        TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, DH, stride_dh, GA,
-                        stride_ga, DG, DB, stride_db, C, stride_c, M, D, Dout, E, n_tiles, 0, ACT, HAS_BIAS, SAVE_H,
-                        SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN, BWD, STORE_GA, HAS_DB, RANK1)),
+                        TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E,
+                        n_tiles, 0, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN)),
             (consumer, (x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w1_desc, w1_desc2, w2_desc, w2_desc2,
-                        TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, DH, stride_dh, GA,
-                        stride_ga, DG, DB, stride_db, C, stride_c, M, D, Dout, E, n_tiles, 1, ACT, HAS_BIAS, SAVE_H,
-                        SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN, BWD, STORE_GA, HAS_DB, RANK1)),
+                        TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E,
+                        n_tiles, 1, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN)),
             (x_loader, (X, stride_x, x_bufs, x_full, x_empty, TILES, OFFS, TOK, M, D, n_tiles, LW)),
             (w_loader, (w1_desc, w1_desc2, w2_desc, w2_desc2, w_bufs, w_bufs2, w_full, w_empty, TILES, M, D, Dout, E,
                         n_tiles, SPLIT, W1_RC, W2_RC, BE, BK)),
@@ -466,10 +397,9 @@ def _boxes(w, rows, cols: int):
 
 
 def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, atomic: bool, BM: int, BN: int,
-           BK: int, w_stages: int, stages: int, be: int, be2: int, backward=None):
+           BK: int, w_stages: int, stages: int, be: int, be2: int):
     """The kernel over `tiles` ([n, 2] int32 (expert, first row), first row M = empty) with persistent programs,
-    one per SM. h: the pre-activation [M, E] to store (the backward's), or None. The caller checked `serves`.
-    backward = (dh, ga or None, dgate, db or None, c or None): the fused backward instead (`launch_backward`)."""
+    one per SM. h: the pre-activation [M, E] to store (the backward's), or None. The caller checked `serves`."""
     kernel, descriptors = _build_once()
     N, E, D = w1.shape
     M = order.shape[0]
@@ -479,26 +409,12 @@ def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, 
     d2, d2b = descriptors(w2d, boxes2, x.dtype)
     n_tiles = tiles.shape[0]
     grid = (max(1, min(n_tiles, down_gluon._sms(x.device))),)
-    dh, ga, dgate, db, c = backward if backward is not None else (None,) * 5
-    bwd = backward is not None
-    hh, bias, gg, gaa, dbb, cc, dhh = (t if t is not None else out for t in (h, b1, gate, ga, db, c, dh))
-    kernel[grid](x, x.stride(0), d1, d1b, d2, d2b, tiles, offsets, order, token, gg, bias, bias.stride(0),
-                 hh, hh.stride(0), out, out.stride(0), dhh, dhh.stride(0), gaa, gaa.stride(0),
-                 dgate if bwd else out, dbb, dbb.stride(0), cc, cc.stride(0), M, D, w2.shape[2], E, n_tiles,
-                 ACT=act, HAS_BIAS=b1 is not None and not bwd, SAVE_H=h is not None and not bwd,
-                 SCALE=gate is not None and not bwd, ATOMIC=atomic, SPLIT=be2 > 0, W1_RC=rc1, W2_RC=rc2,
-                 BWD=bwd, STORE_GA=ga is not None, HAS_DB=db is not None, RANK1=c is not None,
-                 BM=BM, BK=BK, BE=be, BE2=max(be2, 16), BN=BN, XS=stages, WS=w_stages, LW=LOADER_WARPS,
+    hh = h if h is not None else out
+    bias = b1 if b1 is not None else out
+    kernel[grid](x, x.stride(0), d1, d1b, d2, d2b, tiles, offsets, order, token, gate if gate is not None else out,
+                 bias, bias.stride(0), hh, hh.stride(0), out, out.stride(0), M, D, w2.shape[2], E, n_tiles,
+                 ACT=act, HAS_BIAS=b1 is not None, SAVE_H=h is not None, SCALE=gate is not None, ATOMIC=atomic,
+                 SPLIT=be2 > 0, W1_RC=rc1, W2_RC=rc2, BM=BM, BK=BK, BE=be, BE2=max(be2, 16), BN=BN, XS=stages,
+                 WS=w_stages, LW=LOADER_WARPS,
                  CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, W_LOADER_REGS=W_LOADER_REGS, num_warps=4,
                  maxnreg=MAX_REGS)
-
-
-def launch_backward(dy, w1, w2, tiles, offsets, order, token, gate, h, dx, dh, ga, dgate, db, c, act: int, BM: int,
-                    BN: int, BK: int, w_stages: int, stages: int, be: int, be2: int):
-    """The fused backward (module docstring) over `tiles`: da = dy[token] @ W2[e]^T; dh = gate * da * act'(h) into
-    `dh`, gate * act(h) into `ga` (or None), sum(da * act(h)) into `dgate` [M] (fp32, by flat pair), dh's column
-    sums added into `db` [N, E] (fp32, or None); dx [T, D] += dh @ W1[e] (+ dgate * c[e] with the router's
-    centroids `c` [N, D], or None), added atomically into the zeroed `dx`. The caller checked `serves` with dy
-    as the tokens, W2 as the up weight and W1 as the down weight."""
-    launch(dy, w2, None, w1, tiles, offsets, order, token, gate, h, dx, act, True, BM, BN, BK, w_stages, stages, be,
-           be2, backward=(dh, ga, dgate, db, c))
