@@ -343,26 +343,32 @@ def test_triton_auto_ws_forward_in_captured_inference(monkeypatch):
 
 
 def test_triton_auto_ws_wgrad_in_captured_training(monkeypatch):
-    """`auto` in training at a base-like shape: the first eager fwd+bwd takes the Gluon WS wgrad with balanced items
-    and TMA reduces for both weight gradients (dW1 with Q contiguous, dW2 as W_out's column view with P contiguous),
-    the next eager one kernels/wgrad.py, and a fwd+bwd captured in a CUDA graph after them the WS wgrad again (its
-    module already loaded); the eager and replayed gradients match the reference."""
+    """`auto` in training at a base-like shape: the first eager fwd+bwd takes the Gluon WS fused forward (h stored)
+    and the WS wgrad with balanced items and TMA reduces for both weight gradients (dW1 with Q contiguous, dW2 as
+    W_out's column view with P contiguous), the next eager one kernels/mlp.py and kernels/wgrad.py, and a fwd+bwd
+    captured in a CUDA graph after them the Gluon kernels again (their modules already loaded); the eager and
+    replayed gradients match the reference."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
     from ssd_megatron.ffn.backends import expert_ffn
-    from ssd_megatron.ffn.backends.kernels import gluon_launches, wgrad_gluon
+    from ssd_megatron.ffn.backends.kernels import gluon_launches, mlp_gluon, wgrad_gluon
     if wgrad_gluon._build_once() is None or not wgrad_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
         pytest.skip("the WS wgrad does not serve here (needs sm_90 and Triton >= 3.9's Gluon)")
     inp = with_column_view_w2(make_inputs(device="cuda", dtype=torch.bfloat16, activation="relu", T=2048, D=768,
                                           E=192, N=32, K=6, routing="skewed"))
     want = run(ReferenceBackend(), upcast(inp))[1]
-    launches, real = [], wgrad_gluon.launch
+    launches, forwards, real, real_fwd = [], [], wgrad_gluon.launch, mlp_gluon.launch
 
     def counted(*args, **kwargs):
         launches.append((gluon_launches.capturing(args[0]), args[14]))  # (capturing, TMA reduces)
         return real(*args, **kwargs)
 
+    def counted_fwd(*args, **kwargs):
+        forwards.append((gluon_launches.capturing(args[0]), args[9] is not None))  # (capturing, h stored)
+        return real_fwd(*args, **kwargs)
+
     monkeypatch.setattr(wgrad_gluon, "launch", counted)
+    monkeypatch.setattr(mlp_gluon, "launch", counted_fwd)
     backend = get_backend("triton")
     leaves = {k: inp[k] for k in ("x", "w1", "b1", "gate", "b2") if inp.get(k) is not None}
     # a fresh W_out leaf: with_column_view_w2's view made the original's gradient node on the default stream, which
@@ -387,6 +393,7 @@ def test_triton_auto_ws_wgrad_in_captured_training(monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert launches == [(False, True)] * 2 + [(True, True)] * 2, launches  # eager WS, eager wgrad.py, captured WS
+    assert forwards == [(False, True), (True, True)], forwards  # eager WS, eager mlp.py, captured WS
     errs = {f"{i}:{k}": rel_err(g[k], want[k]) for i, g in enumerate(eager + [replayed]) for k in ("w1", "w2")}
     assert max(errs.values()) <= 3e-2, errs
     print("auto ws wgrad captured", {k: f"{v:.1e}" for k, v in errs.items()})

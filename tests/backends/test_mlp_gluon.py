@@ -126,12 +126,12 @@ def test_ws_fused_forward_falls_back(monkeypatch, why):
         assert name == "triton" and kwargs["BM"] == cfg[0], (name, kwargs)
 
 
-def test_ws_fused_forward_auto_in_captured_inference(monkeypatch):
+def test_ws_fused_forward_auto_under_capture(monkeypatch):
     """`auto` (no config forced) takes the Gluon forward at base-like shapes for an inference forward launched while
     a CUDA graph is captured, once an eager launch with the same launch key has loaded its module; it is that eager
-    launch itself the first time (the warm-up before a capture), then kernels/mlp.py for later eager forwards, for a
-    capture of a launch never run eagerly (CUDA refuses to load a module while capturing), and for every training
-    forward (h saved)."""
+    launch itself the first time (the warm-up before a capture), then kernels/mlp.py for later eager forwards and for a
+    capture of a launch never run eagerly (CUDA refuses to load a module while capturing); training forwards (h
+    saved) by the same rule, with keys of their own."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K
     from ssd_megatron.ffn.backends.kernels import mlp_gluon
@@ -157,7 +157,11 @@ def test_ws_fused_forward_auto_in_captured_inference(monkeypatch):
     assert forward(False)[0] == "triton"             # later eager forwards: less host time per launch
     assert forward(True) == ("ws", K.AUTO_MLP_WS[:5])   # captured: the loaded kernel
     assert forward(True, x2, plan2)[0] == "triton"   # another launch key (fewer tokens), never launched eagerly
-    assert forward(False, save_h=True)[0] == forward(True, save_h=True)[0] == "triton"  # training: kernels/mlp.py
+    # training (h stored): its own keys, the same rule
+    assert forward(True, save_h=True)[0] == "triton"
+    assert forward(False, save_h=True) == ("ws", K.AUTO_MLP_WS[:5])
+    assert forward(False, save_h=True)[0] == "triton"
+    assert forward(True, save_h=True) == ("ws", K.AUTO_MLP_WS[:5])
 
 
 def test_ws_fused_forward_config():

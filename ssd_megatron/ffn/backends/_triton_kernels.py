@@ -206,11 +206,13 @@ def _default(base: str, key: tuple, hopper: bool = True):
 AUTO_WS = (128, 64, 64, 4, 2, WS)
 
 
-# auto's fused inference forward while a CUDA graph is captured, where the Gluon WS kernel serves (Triton >= 3.9,
-# sm_90) at base-like shapes (D <= 1024, E <= 192: the measured ones). H100, docs/kernels.md v20, base ReLU graphed
-# inference forward 0.2083 ms (kernels/mlp.py) -> 0.1836 / 0.1839; eager forwards 0.39-0.43 -> 0.73-1.06 ms (its
-# launch's host time), hence kernels/mlp.py for eager forwards once the module is loaded (`_auto_mlp_ws`). v21, with
-# this policy: graphed 0.182-0.185 ms (2.99-3.03x dense); eager 0.404 / 0.413 ms against 0.398 / 0.393 forced mlp.py.
+# auto's fused forward while a CUDA graph is captured, where the Gluon WS kernel serves (Triton >= 3.9, sm_90) at
+# base-like shapes (D <= 1024, E <= 192: the measured ones). H100, docs/kernels.md v20, base ReLU graphed inference
+# forward 0.2083 ms (kernels/mlp.py) -> 0.1836 / 0.1839; eager forwards 0.39-0.43 -> 0.73-1.06 ms (its launch's host
+# time), hence kernels/mlp.py for eager forwards once the module is loaded (`_auto_mlp_ws`). v21, with this policy:
+# graphed 0.182-0.185 ms (2.99-3.03x dense); eager 0.404 / 0.413 ms against 0.398 / 0.393 forced mlp.py. v23, in
+# training (h stored) too: graphed sparse GPT-base step 32.70 / 32.69 -> 32.48 / 32.44 ms, layer fwd+bwd 0.784-0.792
+# -> 0.785-0.787 (three A/B rounds).
 AUTO_MLP_WS = (128, 64, 64, 6, 4, WS)
 
 
@@ -222,13 +224,14 @@ AUTO_MLP_WS = (128, 64, 64, 6, 4, WS)
 AUTO_WGRAD_WS = (64, 128, 64, 3, 3, 512, WS)
 
 
-def _auto_mlp_ws(x, w1, w2, act: int, glu: bool, be: int, be2: int, save_h: bool, eager_key, key):
+def _auto_mlp_ws(x, w1, w2, act: int, glu: bool, be: int, be2: int, eager_key, key):
     """AUTO_MLP_WS where `auto` takes the Gluon fused forward for this launch, else None (the defaults serve):
-    an inference forward (training's fwd+bwd is even with it, v20) at a measured shape where the kernel serves,
-    by kernels/gluon_launches.py's rule (in a capture once an eager launch with this launch key `key(cfg)` loaded its
-    module; the first eager forward of its `eager_key()`; later eager forwards keep kernels/mlp.py)."""
+    inference and training forwards at a measured shape where the kernel serves, by kernels/gluon_launches.py's
+    rule (in a capture once an eager launch with this launch key `key(cfg)` loaded its module; the first eager
+    forward of its `eager_key()`, which tells training's from inference's; later eager forwards keep
+    kernels/mlp.py)."""
     D, E = w1.shape[2], w2.shape[1]
-    if save_h or glu or D > 1024 or E > 192 or not _hopper(x):
+    if glu or D > 1024 or E > 192 or not _hopper(x):
         return None
     from .kernels import gluon_launches, mlp_gluon
     if not gluon_launches.take(x, lambda: key(AUTO_MLP_WS), eager_key):
@@ -689,7 +692,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
     order = None if glu else _wide_group(Dout, x)
 
     def eager_key():  # `_auto_mlp_ws`'s cheap key of this launch (shapes), built only where `auto` consults it
-        return x.device, x.dtype, tuple(x.shape), M, tuple(w1.shape), tuple(w2.shape), act, atomic
+        return x.device, x.dtype, tuple(x.shape), M, tuple(w1.shape), tuple(w2.shape), act, atomic, save_h
 
     def ws_key(cfg):  # kernels/gluon_launches.key of this launch with tile `cfg`
         from .kernels import gluon_launches
@@ -720,7 +723,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
             BM=BM, BE=be, BE2=max(be2, 16), BK=BK, BN=BN, NP2=_np2(N), num_warps=nw, num_stages=ns)
 
     launch(_pick("mlp_glu" if glu else "mlp", (D, E, Dout, str(x.dtype)), launch, _hopper(x),
-                 auto=lambda: _auto_mlp_ws(x, w1, w2, act, glu, be, be2, save_h, eager_key, ws_key)))
+                 auto=lambda: _auto_mlp_ws(x, w1, w2, act, glu, be, be2, eager_key, ws_key)))
     return _combined(buf, atomic, T, K, x.dtype, out_bias), (h if save_h else None)
 
 

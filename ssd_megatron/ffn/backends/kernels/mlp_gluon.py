@@ -22,9 +22,10 @@ Config "mlp=128,64,64,6,4,5" (the fourth entry is the weight ring's depth, the f
 Triton 3.9 the base ReLU layer's graphed inference forward takes 0.1836 / 0.1839 ms with it against 0.2083 with
 kernels/mlp.py, 3.02-3.03x dense (docs/kernels.md v20); but its launch adds ~0.35 ms of host time to an eager
 forward, and a first launch inside a CUDA-graph capture would load its module there, which CUDA refuses. So `auto`
-takes it for inference forwards by kernels/gluon_launches.py's rule: while a CUDA graph is captured, once an eager
-launch with the same launch key has loaded it, and for the first eager forward of each shape (the warm-up every
-capture needs); other eager forwards keep kernels/mlp.py (`_triton_kernels._auto_mlp_ws`). Its 16 warps launch at
+takes it, for inference and training forwards, by kernels/gluon_launches.py's rule: while a CUDA graph is captured,
+once an eager launch with the same launch key has loaded it, and for the first eager forward of each shape (the
+warm-up every capture needs); other eager forwards keep kernels/mlp.py (`_triton_kernels._auto_mlp_ws`). In training
+(h stored) it took 0.2 ms off the graphed GPT-base sparse step (H100, docs/kernels.md v23). Its 16 warps launch at
 MAX_REGS = 128, which ptxas applies to the whole kernel.
 
 E is one power-of-two tile of BE columns plus, with SPLIT, a second of BE2 (base's 192 = 128 + 64), and must
