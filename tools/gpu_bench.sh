@@ -14,6 +14,9 @@
 # .whl/ (git-ignored) holds the prebuilt wheels for the device image (Python 3.12, torch 2.11+cu130):
 #   mkdir -p .whl && cp ../shared/wheels/gpu-cp312-torch2.11-cu130/*.whl .whl/
 # Other machines: build them with tools/build_megablocks.sh.
+# .triton/ (git-ignored, tools/carry_triton.sh pack 3.9.0; carry [".whl", ".triton"]): everything then runs under
+# that Triton instead of the image's 3.6, which the warp-specialised Gluon kernels need (`auto` takes them at base
+# with Triton >= 3.9: docs/kernels.md v20-v23); CARRIED_TRITON=0 keeps the image's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ssd_gpu_bench}
@@ -25,6 +28,15 @@ PY=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site" || echo "WARNING: wheel install failed; megablocks will be skipped"
+fi
+
+if [ "${CARRIED_TRITON:-1}" = "1" ] && [ -f .triton/rest.tar.xz ]; then
+  if eval "$(bash tools/carry_triton.sh unpack 2>"$OUT/carry_triton.log")" && [ -n "${TRITON_ENV:-}" ]; then
+    # (TRITON_ENV sets PYTHONPATH to the carried Triton and the repository: the wheels' /tmp/site goes after them)
+    PY="$TRITON_ENV PYTHONPATH=/tmp/carried_triton:$PYTHONPATH $PY"
+  else
+    echo "WARNING: the carried Triton did not install (see $OUT/carry_triton.log); running the image's"
+  fi
 fi
 
 {
