@@ -164,6 +164,34 @@ def test_ws_fused_forward_auto_under_capture(monkeypatch):
     assert forward(True, save_h=True) == ("ws", K.AUTO_MLP_WS[:5])
 
 
+def test_gluon_launch_records_are_bounded(monkeypatch):
+    """Once kernels/gluon_launches.py's records hold MAX_KEYS entries (shapes that keep changing: a run no CUDA graph
+    captures), eager forwards of new shapes keep kernels/mlp.py instead of paying the Gluon launch's host time, the
+    records stop growing, and captures still take the Gluon kernel for the keys recorded before."""
+    pytest.importorskip("triton")
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import gluon_launches, mlp_gluon
+    if mlp_gluon._build_once() is None:
+        pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon the WS fused forward builds with")
+    calls, state = [], capture_stand_in(monkeypatch)
+    monkeypatch.setattr(gluon_launches, "MAX_KEYS", 2)
+    monkeypatch.setattr(K, "_mlp_kernel", Recorder(calls, "triton"))
+    monkeypatch.setattr(mlp_gluon, "launch", Recorder(calls, "ws"))
+    gluon_stand_in(monkeypatch, mlp_gluon, "served")
+    cases = [_case("relu", 192, torch.bfloat16, column_view=True, T=T) for T in (100, 64, 32)]
+
+    def forward(capturing, i):
+        x, w1, b1, w2, plan, gate = cases[i]
+        state["capturing"] = capturing
+        calls.clear()
+        K.mlp_forward(x, w1, b1, w2, plan, gate, "relu", False, "atomic16")
+        return calls[0][0]
+
+    assert [forward(False, i) for i in range(3)] == ["ws", "ws", "triton"]  # the third shape finds the records full
+    assert len(gluon_launches._EAGER) == len(gluon_launches._LAUNCHED) == 2
+    assert [forward(True, i) for i in range(3)] == ["ws", "ws", "triton"]
+
+
 def test_ws_fused_forward_config():
     """mlp=...,5 is accepted, its fourth entry (the weight ring's depth) need not be a power of two; for other kinds
     the fourth entry (warps) still must be."""

@@ -9,6 +9,10 @@ its module, and CUDA refuses a module load while a stream captures. So `auto` ta
 - while capturing, only if an eager launch with the same launch key (`key`) ran before: the key holds each tensor's
   shape, strides and 16-byte alignment and the launch's flags, finer than Triton's own specialisation key, so a
   recorded key means a compiled kernel and a loaded module.
+Both records stop at MAX_KEYS entries: a run whose shapes keep changing (e.g. batches padded to their longest
+sequence) is not one a CUDA graph can capture, and would otherwise pay the Gluon launch's host time for every new
+shape and grow the records without bound. Past the bound, eager launches keep the Triton kernels, and captures take
+the Gluon kernels only for the keys recorded before.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 # what ran outside a CUDA-graph capture in this process: the launch keys (`key`) and the callers' eager keys
 _LAUNCHED: set = set()
 _EAGER: set = set()
+MAX_KEYS = 64  # entries of each record (module docstring)
 
 
 def _spec(t):
@@ -37,14 +42,15 @@ def capturing(t: torch.Tensor) -> bool:
 def note(launch_key: tuple, eager_key: tuple, t: torch.Tensor) -> None:
     """Record a launch's key (its module loaded) and the caller's eager key when it ran outside a capture."""
     if not capturing(t):
-        _LAUNCHED.add(launch_key)
-        _EAGER.add(eager_key)
+        for record, k in ((_LAUNCHED, launch_key), (_EAGER, eager_key)):
+            if len(record) < MAX_KEYS:
+                record.add(k)
 
 
 def take(t: torch.Tensor, launch_key, eager_key) -> bool:
     """Whether `auto` takes the Gluon kernel for this launch (module docstring): while capturing, if `launch_key()`
-    ran eagerly before; otherwise if no eager launch with `eager_key()` has. (Both are callables: an eager launch
-    builds only the cheap key.)"""
+    ran eagerly before; otherwise if no eager launch with `eager_key()` has and the record is not full. (Both are
+    callables: an eager launch builds only the cheap key.)"""
     if capturing(t):
         return launch_key() in _LAUNCHED
-    return eager_key() not in _EAGER
+    return len(_EAGER) < MAX_KEYS and eager_key() not in _EAGER
