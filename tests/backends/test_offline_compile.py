@@ -8,6 +8,7 @@ are checked, never register or spill counts. The warp-specialised Gluon down ker
 is compiled where the installed Triton's Gluon builds it (>= 3.9), and its launcher's fallback to STAGED
 is checked without compiling.
 """
+import importlib
 import json
 import os
 import subprocess
@@ -69,23 +70,17 @@ def _check(rows, expect_launches, mma="64x"):
     return {r[-11] for r in rows}
 
 
-def _ws_wgrad() -> set:
-    """The WS wgrad's kernel name where the installed Triton's Gluon builds it: `auto`'s base weight gradients."""
-    from ssd_megatron.ffn.backends.kernels import wgrad_gluon
-    return {"wgrad_ws_kernel"} if wgrad_gluon._build_once() is not None else set()
-
-
-def _ws_mlp() -> set:
-    """The WS fused forward's kernel name where the installed Triton's Gluon builds it (`auto`'s base forward, in
-    training too, for the first eager launch of a shape), else kernels/mlp.py's."""
-    from ssd_megatron.ffn.backends.kernels import mlp_gluon
-    return {"mlp_ws_kernel"} if mlp_gluon._build_once() is not None else {"_mlp_kernel"}
+def _gluon(kernel: str, module: str, otherwise: frozenset = frozenset()) -> set:
+    """{kernel} where the installed Triton's Gluon builds kernels/`module`.py (`auto`'s base forward, also in
+    training for the first eager launch of a shape, and its base weight gradients), else `otherwise`."""
+    built = importlib.import_module(f"ssd_megatron.ffn.backends.kernels.{module}")._build_once() is not None
+    return {kernel} if built else set(otherwise)
 
 
 def test_relu_launches_and_variants_compile_for_sm90():
     kernels = _check(_report("--activations", "relu", "--variants", "one"), LAUNCHES)
     assert kernels == ({"_up_kernel", "_down_kernel", "_down_tma_kernel", "_wgrad_kernel", "_mlp_kernel"}
-                       | _ws_wgrad() | _ws_mlp())
+                       | _gluon("wgrad_ws_kernel", "wgrad_gluon") | _gluon("mlp_ws_kernel", "mlp_gluon"))
 
 
 def test_wide_programs_compile_for_sm90():
@@ -95,7 +90,8 @@ def test_wide_programs_compile_for_sm90():
     rows = _report("--shapes", "base", "--launches", "up,up_bwd,down_dx,wgrad_dw1", "--configs",
                    "up_bwd=64,256,64,8,3|128,256,64,8,3,1;wgrad=256,128,64,8,3;down=64,64,64,4,2,4")
     kernels = _check(rows, ["up", "up_bwd", "down_dx", "wgrad_dw1"])
-    assert kernels == {"_up_kernel", "_down_kernel", "_down_tma_kernel", "_wgrad_kernel"} | _ws_wgrad()
+    expected = {"_up_kernel", "_down_kernel", "_down_tma_kernel", "_wgrad_kernel"}
+    assert kernels == expected | _gluon("wgrad_ws_kernel", "wgrad_gluon")
     two_tile = [r for r in rows if r[-1] == "64x128x16,64x64x16" or r[-1] == "64x32x16,64x64x16"]
     assert {r[2] for r in two_tile} >= {"up", "wgrad_dw1"}, rows  # two accumulators, 128 + 64 wide
 
@@ -112,7 +108,7 @@ def test_token_window_tile_order_compiles_for_sm90():
     kernels = _check(_report("--activations", "relu", "--launches", "up,down,up_bwd,down_dx,fwd_fused",
                              env_extra={"SSD_TRITON_TILE_ORDER": "token"}),
                      ["up", "down", "up_bwd", "down_dx", "fwd_fused"])
-    assert kernels == {"_up_kernel", "_down_tma_kernel"} | _ws_mlp()
+    assert kernels == {"_up_kernel", "_down_tma_kernel"} | _gluon("mlp_ws_kernel", "mlp_gluon", {"_mlp_kernel"})
 
 
 @pytest.mark.parametrize("act", ["relu", "swiglu"])
