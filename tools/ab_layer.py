@@ -1,6 +1,7 @@
 """A/B of the `triton` backend's tile configs and M-tile orders in the whole sparse layer (graphed, as `ssd-bench ffn`
 times it): each arm forces configs in SSD_TRITON_CONFIG's syntax and, optionally, a tile order; the arms alternate
-for --rounds rounds in one process, against the graphed dense layer timed once. Per-launch sweeps no longer predict
+for --rounds rounds in one process, each round also timing the graphed dense layer, against which that round's ratios
+are taken (a dense time taken once had drifted by up to 8% between runs, session 29). Per-launch sweeps no longer predict
 the layer to within 5% (docs/kernels.md v15), so candidate defaults are timed this way before they are adopted.
 
     python tools/ab_layer.py --shape 8b --activation swiglu \\
@@ -11,7 +12,7 @@ the layer to within 5% (docs/kernels.md v15), so candidate defaults are timed th
 An arm is NAME=CONFIGS[@ORDER][+VAR=VALUE...]: CONFIGS as SSD_TRITON_CONFIG (empty: the defaults), ORDER as
 SSD_TRITON_TILE_ORDER, then SSD_* environment variables set for that arm only.
 Prints a line per measurement; --out writes JSON (gpu, date, torch, triton, and per arm the forward and fwd+bwd
-medians of each round, with the dense times).
+medians of each round, with each round's dense times).
 """
 import argparse
 import datetime
@@ -60,25 +61,31 @@ def main() -> int:
     sparse = lambda layer, x: layer.sparse(x, backend)  # noqa: E731
     case = Case(args.shape, args.activation, args.tokens, 3, torch.device("cuda"), torch.bfloat16)
     case.set_routing(args.routing)
-    dense = {"fwd": _graphed(case, Layer.dense, iters, True)["median"]}
-    if not args.forward_only:
-        dense["fwd_bwd"] = _graphed(case, Layer.dense, iters, False)["median"]
+
+    def timed(f):
+        t = {"fwd": _graphed(case, f, iters, True)["median"]}
+        if not args.forward_only:
+            t["fwd_bwd"] = _graphed(case, f, iters, False)["median"]
+        return t
+
     gpu = torch.cuda.get_device_name(0)
-    print(f"{args.shape} {args.activation} dense {dense} (triton {triton.__version__}, {gpu})", flush=True)
+    print(f"{args.shape} {args.activation} (triton {triton.__version__}, {gpu})", flush=True)
     res = {"gpu": gpu, "date": str(datetime.date.today()), "torch": torch.__version__,
            "triton": triton.__version__, "shape": args.shape, "activation": args.activation, "tokens": args.tokens,
-           "dense": dense, "arms": {name: {"configs": {k: list(v) for k, v in cfg.items()}, "order": order, "env": env,
-                                           "rounds": []} for name, cfg, order, env in arms}}
+           "dense_rounds": [], "arms": {name: {"configs": {k: list(v) for k, v in cfg.items()}, "order": order,
+                                               "env": env, "rounds": []} for name, cfg, order, env in arms}}
     touched = {"SSD_TRITON_TILE_ORDER"} | {k for *_, env in arms for k in env}
     saved = {k: os.environ.get(k) for k in touched}
     try:
         for r in range(args.rounds):
+            dense = timed(Layer.dense)
+            res["dense_rounds"].append(dense)
+            res.setdefault("dense", dense)  # (the first round's: the key earlier results carry)
+            print(f"round {r} {'dense':12s} " + "  ".join(f"{k} {v:.4f} ms" for k, v in dense.items()), flush=True)
             for name, cfg, order, env in arms:
                 K.force_config(**cfg)
                 _set_env(saved, dict(env, SSD_TRITON_TILE_ORDER=order or "auto"))
-                t = {"fwd": _graphed(case, sparse, iters, True)["median"]}
-                if not args.forward_only:
-                    t["fwd_bwd"] = _graphed(case, sparse, iters, False)["median"]
+                t = timed(sparse)
                 res["arms"][name]["rounds"].append(t)
                 ratios = "  ".join(f"{k} {v:.4f} ms ({dense[k] / v:.3f}x)" for k, v in t.items())
                 print(f"round {r} {name:12s} {ratios}", flush=True)
