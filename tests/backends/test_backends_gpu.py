@@ -593,9 +593,10 @@ PLAN_SIZES = [(16384, 32, 6, False, 256), (16384, 64, 16, False, 256), (16384, 3
 
 @pytest.mark.parametrize("size", PLAN_SIZES, ids=[f"T{s[0]}-N{s[1]}K{s[2]}{'-skew' * s[3]}-B{s[4]}" for s in PLAN_SIZES])
 def test_counting_sort_plan_equals_torch_sort_on_cuda(size):
-    """The two plan kernels (kernels/routing_plan.py) give torch's stable sort exactly, and initialise
-    the fused forward's output to the bias."""
-    from ssd_megatron.ffn.backends.kernels.routing_plan import routing_plan
+    """The two plan kernels (kernels/routing_plan.py) give torch's stable sort exactly, initialise the fused
+    forward's output to the bias, and write the Gluon kernels' M-tile table as the table's own launch does."""
+    from ssd_megatron.ffn.backends._triton_kernels import expert_tiles
+    from ssd_megatron.ffn.backends.kernels.routing_plan import TILE_BM, routing_plan
     from ssd_megatron.ffn.backends.routing import sort_plan
     T, N, K, skew, max_blocks = size
     g = torch.Generator(device="cuda").manual_seed(T)
@@ -609,3 +610,4 @@ def test_counting_sort_plan_equals_torch_sort_on_cuda(size):
     for name, a, b in zip(("order", "token", "sorted expert", "offsets"), got, want):
         assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), name
     assert torch.equal(y, row.to(y.dtype).expand(T, 96))
+    assert torch.equal(got[4], expert_tiles(want[3], T * K, N, TILE_BM))

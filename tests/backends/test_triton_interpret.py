@@ -175,10 +175,11 @@ PLAN_CASES = [(1000, 32, 6, "random", 256), (333, 64, 16, "random", 256), (77, 3
 
 
 def _plan_results():
-    """Per case: the plan equals torch's sort, and its M-tile table (the Gluon kernels' work list, one launch)
-    equals the torch-built one in expert order (token windows of one expert each) at three tile heights."""
+    """Per case: the plan equals torch's sort; the M-tile table its scatter kernel writes (the Gluon kernels' work
+    list at their tile height) and the table's own launch both equal the torch-built one in expert order (token
+    windows of one expert each), the latter at three tile heights."""
     from ssd_megatron.ffn.backends._triton_kernels import expert_tiles, token_window_tiles
-    from ssd_megatron.ffn.backends.kernels.routing_plan import routing_plan
+    from ssd_megatron.ffn.backends.kernels.routing_plan import TILE_BM, routing_plan
     from ssd_megatron.ffn.backends.routing import sort_plan
     g = torch.Generator().manual_seed(0)
     out = []
@@ -193,8 +194,10 @@ def _plan_results():
         got = routing_plan(idx.reshape(-1), N, K, fill=(y, row), max_blocks=max_blocks)
         want = sort_plan(idx.reshape(-1), N, K)
         offsets, M = got[3], T * K
-        out.append(all(a.dtype == b.dtype == torch.int32 and torch.equal(a, b) for a, b in zip(got, want))
+        table = got[4]
+        out.append(all(a.dtype == b.dtype == torch.int32 and torch.equal(a, b) for a, b in zip(got[:4], want))
                    and torch.equal(y, row.expand(T, 5))
+                   and (table is None if M == 0 else torch.equal(table, token_window_tiles(offsets, M, N, TILE_BM, 1)))
                    and all(torch.equal(expert_tiles(offsets, M, N, bm), token_window_tiles(offsets, M, N, bm, 1))
                            for bm in (16, 64, 128)))
     return out

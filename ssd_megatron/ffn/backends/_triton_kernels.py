@@ -18,7 +18,7 @@ plan instead of from materialised copies (ScatterMoE's idea; the code here is ou
           per M-tile, `a` kept on chip; `kernels/mlp.py`; TritonBackend(fused_forward=...), on by default for
           activations without a gate on Hopper)
 
-The routing plan itself (the pairs sorted by expert) is a counting sort in three small kernels
+The routing plan itself (the pairs sorted by expert) is a counting sort in two small kernels
 (`kernels/routing_plan.py`). Expert e owns sorted rows offsets[e]:offsets[e+1]. The M-tiles of `up`/`down` never straddle two
 experts: every program finds its (expert, first row) from the offsets with a vectorised cumsum over
 the per-expert tile counts, so the grid is a host-side upper bound (cdiv(M, BM) + N tiles) and no
@@ -384,9 +384,10 @@ def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int, group: in
 
 
 def _tile_list(plan, BM: int, group):
-    """The plan's M-tile table at tile height BM, built once per plan, height and order: expert order
-    (group None, `expert_tiles`) or token windows within groups of `group` experts (`token_window_tiles`)."""
-    cache = plan.__dict__.setdefault("_tiles", {})
+    """The plan's M-tile table at tile height BM, built once per plan, height and order (unless the plan's
+    counting sort wrote it: `plan.tiles`): expert order (group None, `expert_tiles`) or token windows within
+    groups of `group` experts (`token_window_tiles`)."""
+    cache = plan.tiles
     if (BM, group) not in cache:
         M, N = plan.num_rows, plan.num_experts
         cache[BM, group] = (expert_tiles(plan.offsets, M, N, BM) if group is None

@@ -5,13 +5,13 @@ topk_idx[t, k]. A stable sort by expert gives `order` (sorted position r -> pair
 expert e are the contiguous range offsets[e]:offsets[e+1] of the sorted order, and within an expert
 the tokens stay in increasing order (good for the gathers' locality and deterministic sums).
 
-Everything here is a handful of device ops (sort, searchsorted, casts; on CUDA a counting sort in three
+Everything here is a handful of device ops (sort, searchsorted, casts; on CUDA a counting sort in two
 Triton kernels): no `.item()`, `.tolist()` or `bincount` (which syncs to size its output), so a training
 step never waits on the host.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,9 @@ class RoutingPlan:
     token: torch.Tensor          # [M] int32: sorted row r -> token t
     sorted_expert32: torch.Tensor  # [M] int32: expert of sorted row r (non-decreasing)
     offsets: torch.Tensor        # [N+1] int32: expert e owns sorted rows offsets[e]:offsets[e+1]
+    # M-tile tables by (tile height, order): the Gluon kernels' work lists (`_triton_kernels._tile_list`); the
+    # counting sort writes the expert-order one at their height, the others are built on first use
+    tiles: dict = field(default_factory=dict)
 
     @property
     def sorted_expert(self) -> torch.Tensor:
@@ -49,16 +52,18 @@ def make_plan(topk_idx: torch.Tensor, num_experts: int, fill=None) -> RoutingPla
     flat = topk_idx.reshape(-1)
     from .triton_backend import triton_runs_on  # (triton_backend imports this module)
 
-    if triton_runs_on(flat):  # a counting sort in three small Triton kernels (the same result)
-        from .kernels.routing_plan import routing_plan
+    if triton_runs_on(flat):  # a counting sort in two small Triton kernels (the same result)
+        from .kernels.routing_plan import TILE_BM, routing_plan
 
-        order, token, sorted_expert, offsets = routing_plan(flat.contiguous(), num_experts, K, fill)
+        order, token, sorted_expert, offsets, table = routing_plan(flat.contiguous(), num_experts, K, fill)
+        tiles = {} if table is None else {(TILE_BM, None): table}
     else:
         order, token, sorted_expert, offsets = sort_plan(flat, num_experts, K)
+        tiles = {}
         if fill is not None:
             initialise(*fill)
     return RoutingPlan(num_experts=num_experts, top_k=K, num_tokens=T, order=order, token=token,
-                       sorted_expert32=sorted_expert, offsets=offsets)
+                       sorted_expert32=sorted_expert, offsets=offsets, tiles=tiles)
 
 
 def initialise(out: torch.Tensor, row=None) -> None:

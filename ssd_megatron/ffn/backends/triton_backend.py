@@ -245,6 +245,7 @@ class _Plan:
         self.num_experts, self.top_k, self.num_tokens = N, K, T
         self.order, self.token, self.offsets = order, token, offsets
         self.num_rows = T * K
+        self.tiles = {}  # M-tile tables, built on first use (`_triton_kernels._tile_list`)
 
 
 def _inner_contiguous(w: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,15 @@
 """The routing plan (the (token, k) pairs sorted by expert) as a stable counting sort in two small
 kernels: per-block expert counts, then a scatter by in-block rank whose programs each derive their own
-starts from the whole (small) table of block counts. The first kernel can also initialise the output a
+starts from the whole (small) table of block counts; the scatter's programs also write the Gluon kernels'
+M-tile table, which had been a launch of its own (kernels/tile_table.py). The first kernel can also initialise the output a
 later launch adds into (the fused expert MLP's y: `common._fill_share`).
 
 A block is STEPS consecutive sub-blocks of SUB pairs (a one-hot tile of SUB x NP2 entries each), so that
 there are at most MAX_BLOCKS blocks and the count table stays a few kB. The scan over it, which every
 scatter program repeats for its own block (a few hundred 16-wide rows from L2), replaced a one-program
 scan launch between the two kernels (docs/kernels.md v17)."""
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -16,6 +19,8 @@ from .common import _fill_share, fill_args
 
 MAX_BLOCKS = 256     # blocks of pairs (programs of each kernel)
 FILL_PROGRAMS = 384  # programs of the first kernel when it also initialises an output
+TILE_BM = 128        # the Gluon kernels' M-tile height: the scatter kernel also writes their tile table at it
+TILE_CHUNK = 64      # table entries per program and step
 
 
 @triton.jit
@@ -45,11 +50,30 @@ def _plan_count_kernel(IDX, COUNTS, M, NB, STEPS, FILL, FILL_ROW, fill_numel, fi
 
 
 @triton.jit
-def _plan_scatter_kernel(IDX, COUNTS, OFFS, ORDER, TOK, SEXP, M, K, N, NB, STEPS,
-                         SUB: tl.constexpr, NP2: tl.constexpr, CH: tl.constexpr):
+def _tile_table_share(TILES, n_tiles, start, total, cols, b, NB, M, N, TBM: tl.constexpr, TCH: tl.constexpr):
+    """Program b's entries of the expert-order M-tile table at height TBM (kernels/tile_table.py's, from the
+    experts' starts and row counts this program already holds): (expert, first row); past the real tiles
+    (expert N - 1, first row M)."""
+    nt = (total + TBM - 1) // TBM
+    cum = tl.cumsum(nt, 0)
+    for j0 in range(b * TCH, n_tiles, NB * TCH):
+        j = j0 + tl.arange(0, TCH)
+        e = tl.sum((cum[None, :] <= j[:, None]).to(tl.int32), 1)  # experts whose tiles all come before tile j
+        sel = cols[None, :] == e[:, None]
+        row0 = tl.sum(tl.where(sel, start[None, :] - (cum - nt)[None, :] * TBM, 0), 1) + j * TBM
+        jm = j < n_tiles
+        tl.store(TILES + 2 * j, tl.minimum(e, N - 1), mask=jm)
+        tl.store(TILES + 2 * j + 1, tl.where(e < N, row0, M), mask=jm)
+
+
+@triton.jit
+def _plan_scatter_kernel(IDX, COUNTS, OFFS, ORDER, TOK, SEXP, TILES, n_tiles, M, K, N, NB, STEPS,
+                         SUB: tl.constexpr, NP2: tl.constexpr, CH: tl.constexpr, HAS_TILES: tl.constexpr,
+                         TBM: tl.constexpr, TCH: tl.constexpr):
     """Each pair's sorted row = where its expert's rows start (the experts' exclusive total sums, OFFS) +
     its expert's pairs in blocks before this one + its rank among this block's pairs of that expert: a
-    stable counting sort (within an expert, pairs keep increasing order). Program 0 stores OFFS [N+1]."""
+    stable counting sort (within an expert, pairs keep increasing order). Program 0 stores OFFS [N+1]; with
+    HAS_TILES the programs also write the M-tile table TILES (`_tile_table_share`)."""
     b = tl.program_id(0)
     cols = tl.arange(0, NP2)
     chunk = tl.arange(0, CH)
@@ -64,6 +88,8 @@ def _plan_scatter_kernel(IDX, COUNTS, OFFS, ORDER, TOK, SEXP, M, K, N, NB, STEPS
     if b == 0:
         tl.store(OFFS + cols, start, mask=cols < N)
         tl.store(OFFS + N, tl.sum(total, 0))
+    if HAS_TILES:
+        _tile_table_share(TILES, n_tiles, start, total, cols, b, NB, M, N, TBM, TCH)
     base = start + before
     for s in range(STEPS):
         p, pm, e, onehot = _block_onehot(IDX, b * STEPS + s, M, SUB, NP2)
@@ -76,8 +102,10 @@ def _plan_scatter_kernel(IDX, COUNTS, OFFS, ORDER, TOK, SEXP, M, K, N, NB, STEPS
 
 
 def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None, max_blocks: int = MAX_BLOCKS):
-    """(order, token, sorted expert, offsets), all int32: the stable sort of the flat pairs by expert
-    as two small kernels (counts per block; starts and scatter) instead of a radix sort + searchsorted.
+    """(order, token, sorted expert, offsets), all int32, and the expert-order M-tile table at TILE_BM rows
+    (`_triton_kernels.expert_tiles`'s; None without pairs): the stable sort of the flat pairs by expert
+    as two small kernels (counts per block; starts and scatter) instead of a radix sort + searchsorted. The
+    table, the Gluon kernels' work list, comes out of the second kernel rather than a launch of its own.
     fill = (out, row or None): the first kernel's programs also set the contiguous [T, W] `out` to `row`
     broadcast over its rows, or to zeros. max_blocks: at most this many blocks (tests make it small, so
     that a block spans several sub-blocks)."""
@@ -91,15 +119,21 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
     counts = torch.empty(max(nb, 1), np2, device=dev, dtype=torch.int32)
     offsets = torch.empty(N + 1, device=dev, dtype=torch.int32)
     order, token, sexp = (torch.empty(M, device=dev, dtype=torch.int32) for _ in range(3))
+    tiles = None
     if M:
         grid = nb if fill is None else max(nb, FILL_PROGRAMS)
         fills, meta = fill_args(fill, grid, counts)
         _plan_count_kernel[(grid,)](flat_idx, counts, M, nb, steps, *fills, SUB=sub, NP2=np2, num_warps=4, **meta)
         ch = min(triton.next_power_of_2(nb), max(1, 4096 // np2))
-        _plan_scatter_kernel[(nb,)](flat_idx, counts, offsets, order, token, sexp, M, top_k, N, nb, steps,
-                                    SUB=sub, NP2=np2, CH=ch, num_warps=4)
+        n_tiles = triton.cdiv(M, TILE_BM) + N
+        # (SSD_PLAN_TILES=0: no table here, the launchers build it with its own launch: for A/Bs)
+        if os.environ.get("SSD_PLAN_TILES", "1") != "0":
+            tiles = torch.empty(n_tiles, 2, device=dev, dtype=torch.int32)
+        _plan_scatter_kernel[(nb,)](flat_idx, counts, offsets, order, token, sexp, tiles, n_tiles, M, top_k, N, nb,
+                                    steps, SUB=sub, NP2=np2, CH=ch, HAS_TILES=tiles is not None, TBM=TILE_BM,
+                                    TCH=TILE_CHUNK, num_warps=4)
     else:
         offsets.zero_()
         if fill is not None:
             initialise(*fill)
-    return order, token, sexp, offsets
+    return order, token, sexp, offsets, tiles
