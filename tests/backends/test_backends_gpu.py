@@ -605,7 +605,7 @@ def test_counting_sort_plan_equals_torch_sort_on_cuda(size):
         scores = scores * torch.linspace(0.01, 3.0, N, device="cuda") ** 4
     idx = scores.topk(K, dim=-1).indices
     y, row = torch.full((T, 96), float("nan"), device="cuda", dtype=torch.bfloat16), torch.randn(96, device="cuda")
-    got = routing_plan(idx.reshape(-1), N, K, fill=(y, row), max_blocks=max_blocks)
+    got = routing_plan(idx.reshape(-1), N, K, fill=(y, row), max_blocks=max_blocks, tile_table=True)
     want = sort_plan(idx.reshape(-1), N, K)
     for name, a, b in zip(("order", "token", "sorted expert", "offsets"), got, want):
         assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), name

@@ -177,10 +177,11 @@ PLAN_CASES = [(1000, 32, 6, "random", 256), (333, 64, 16, "random", 256), (77, 3
 def _plan_results():
     """Per case: the plan equals torch's sort; the M-tile table its scatter kernel writes (the Gluon kernels' work
     list at their tile height) and the table's own launch both equal the torch-built one in expert order (token
-    windows of one expert each), the latter at three tile heights."""
-    from ssd_megatron.ffn.backends._triton_kernels import expert_tiles, token_window_tiles
+    windows of one expert each), the latter at three tile heights; with SSD_PLAN_TILES=1 `make_plan` carries the
+    written table and the launchers take it from there."""
+    from ssd_megatron.ffn.backends._triton_kernels import _tile_list, expert_tiles, token_window_tiles
     from ssd_megatron.ffn.backends.kernels.routing_plan import TILE_BM, routing_plan
-    from ssd_megatron.ffn.backends.routing import sort_plan
+    from ssd_megatron.ffn.backends.routing import make_plan, sort_plan
     g = torch.Generator().manual_seed(0)
     out = []
     for T, N, K, routing, max_blocks in PLAN_CASES:
@@ -191,12 +192,19 @@ def _plan_results():
             n = N // 2 if routing == "empty" else N
             idx = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K).long()
         y, row = torch.full((T, 5), float("nan")), torch.randn(5, generator=g)  # the output the plan initialises
-        got = routing_plan(idx.reshape(-1), N, K, fill=(y, row), max_blocks=max_blocks)
+        got = routing_plan(idx.reshape(-1), N, K, fill=(y, row), max_blocks=max_blocks, tile_table=True)
         want = sort_plan(idx.reshape(-1), N, K)
         offsets, M = got[3], T * K
         table = got[4]
-        out.append(all(a.dtype == b.dtype == torch.int32 and torch.equal(a, b) for a, b in zip(got[:4], want))
-                   and torch.equal(y, row.expand(T, 5))
+        os.environ["SSD_PLAN_TILES"] = "1"
+        try:
+            plan = make_plan(idx, N)
+        finally:
+            del os.environ["SSD_PLAN_TILES"]
+        carried = M == 0 or (_tile_list(plan, TILE_BM, None) is plan.tiles[TILE_BM, None]
+                             and torch.equal(plan.tiles[TILE_BM, None], table))
+        same = all(a.dtype == b.dtype == torch.int32 and torch.equal(a, b) for a, b in zip(got[:4], want))
+        out.append(same and carried and torch.equal(y, row.expand(T, 5))
                    and (table is None if M == 0 else torch.equal(table, token_window_tiles(offsets, M, N, TILE_BM, 1)))
                    and all(torch.equal(expert_tiles(offsets, M, N, bm), token_window_tiles(offsets, M, N, bm, 1))
                            for bm in (16, 64, 128)))

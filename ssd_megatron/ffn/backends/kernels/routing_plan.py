@@ -1,8 +1,8 @@
 """The routing plan (the (token, k) pairs sorted by expert) as a stable counting sort in two small
 kernels: per-block expert counts, then a scatter by in-block rank whose programs each derive their own
-starts from the whole (small) table of block counts; the scatter's programs also write the Gluon kernels'
-M-tile table, which had been a launch of its own (kernels/tile_table.py). The first kernel can also initialise the output a
-later launch adds into (the fused expert MLP's y: `common._fill_share`).
+starts from the whole (small) table of block counts; the scatter's programs can also write the Gluon kernels'
+M-tile table, otherwise a launch of its own (kernels/tile_table.py; `plan_tiles_default`). The first kernel can
+also initialise the output a later launch adds into (the fused expert MLP's y: `common._fill_share`).
 
 A block is STEPS consecutive sub-blocks of SUB pairs (a one-hot tile of SUB x NP2 entries each), so that
 there are at most MAX_BLOCKS blocks and the count table stays a few kB. The scan over it, which every
@@ -101,11 +101,20 @@ def _plan_scatter_kernel(IDX, COUNTS, OFFS, ORDER, TOK, SEXP, TILES, n_tiles, M,
         base += tl.sum(onehot, 0)
 
 
-def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None, max_blocks: int = MAX_BLOCKS):
+def plan_tiles_default() -> bool:
+    """Whether routing plans write the Gluon kernels' tile table (SSD_PLAN_TILES=1). Off until its CUDA test and
+    A/B have run (docs/kernels.md v23: checked under the interpreter and compiled for sm_90 only); the launchers
+    then build the table with its own launch, as before."""
+    return os.environ.get("SSD_PLAN_TILES", "0") == "1"
+
+
+def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None, max_blocks: int = MAX_BLOCKS,
+                 tile_table=None):
     """(order, token, sorted expert, offsets), all int32, and the expert-order M-tile table at TILE_BM rows
-    (`_triton_kernels.expert_tiles`'s; None without pairs): the stable sort of the flat pairs by expert
-    as two small kernels (counts per block; starts and scatter) instead of a radix sort + searchsorted. The
-    table, the Gluon kernels' work list, comes out of the second kernel rather than a launch of its own.
+    (`_triton_kernels.expert_tiles`'s) where `tile_table` (default `plan_tiles_default()`), else None (also
+    without pairs): the stable sort of the flat pairs by expert as two small kernels (counts per block; starts
+    and scatter) instead of a radix sort + searchsorted. The table, the Gluon kernels' work list, then comes out
+    of the second kernel rather than a launch of its own.
     fill = (out, row or None): the first kernel's programs also set the contiguous [T, W] `out` to `row`
     broadcast over its rows, or to zeros. max_blocks: at most this many blocks (tests make it small, so
     that a block spans several sub-blocks)."""
@@ -126,8 +135,7 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
         _plan_count_kernel[(grid,)](flat_idx, counts, M, nb, steps, *fills, SUB=sub, NP2=np2, num_warps=4, **meta)
         ch = min(triton.next_power_of_2(nb), max(1, 4096 // np2))
         n_tiles = triton.cdiv(M, TILE_BM) + N
-        # (SSD_PLAN_TILES=0: no table here, the launchers build it with its own launch: for A/Bs)
-        if os.environ.get("SSD_PLAN_TILES", "1") != "0":
+        if (plan_tiles_default() if tile_table is None else tile_table):
             tiles = torch.empty(n_tiles, 2, device=dev, dtype=torch.int32)
         _plan_scatter_kernel[(nb,)](flat_idx, counts, offsets, order, token, sexp, tiles, n_tiles, M, top_k, N, nb,
                                     steps, SUB=sub, NP2=np2, CH=ch, HAS_TILES=tiles is not None, TBM=TILE_BM,
