@@ -1,6 +1,7 @@
 """Shared input builders and comparison helpers for the expert-backend tests (CPU and GPU)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ssd_megatron.ffn.activations import is_glu
@@ -153,15 +154,28 @@ def gluon_stand_in(monkeypatch, module, why: str) -> None:
         monkeypatch.setitem(module._STATE, "build", False)
 
 
-def capture_stand_in(monkeypatch) -> dict:
-    """kernels/gluon_launches.py with no launch recorded, and a CUDA-graph capture state the test sets through the
-    returned dict's "capturing" (for `auto`'s rule on CPU)."""
+def auto_stand_in(monkeypatch, module_name: str, triton_kernel: str):
+    """For `auto`'s policy tests of a Gluon kernel on CPU: skips where this Triton's Gluon does not build
+    kernels/`module_name`.py; the device counts as sm_90 (`gluon_stand_in`); kernels/gluon_launches.py starts with
+    no launch recorded and takes its CUDA-graph capture state from the returned dict's "capturing"; the module's
+    `launch` and `_triton_kernels`' `triton_kernel` record into the returned list as "ws" and "triton". Returns
+    (_triton_kernels, the Gluon module, calls, state)."""
+    import importlib
+
+    pytest.importorskip("triton")
+    from ssd_megatron.ffn.backends import _triton_kernels
     from ssd_megatron.ffn.backends.kernels import gluon_launches
-    state = {"capturing": False}
+    module = importlib.import_module(f"ssd_megatron.ffn.backends.kernels.{module_name}")
+    if module._build_once() is None:
+        pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon that builds {module_name}")
+    calls, state = [], {"capturing": False}
     monkeypatch.setattr(gluon_launches, "_LAUNCHED", set())
     monkeypatch.setattr(gluon_launches, "_EAGER", set())
     monkeypatch.setattr(gluon_launches, "capturing", lambda t: state["capturing"])
-    return state
+    monkeypatch.setattr(_triton_kernels, triton_kernel, Recorder(calls, "triton"))
+    monkeypatch.setattr(module, "launch", Recorder(calls, "ws"))
+    gluon_stand_in(monkeypatch, module, "served")
+    return _triton_kernels, module, calls, state
 
 
 class Recorder:

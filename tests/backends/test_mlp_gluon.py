@@ -10,10 +10,10 @@ import pytest
 import torch
 
 try:
-    from .backend_cases import Recorder, capture_stand_in, gluon_stand_in
+    from .backend_cases import Recorder, auto_stand_in, gluon_stand_in
     from .test_offline_compile import _compile_env, compiled_in_subprocess
 except ImportError:  # run as a script: the compile subprocess, which needs none of them
-    Recorder = capture_stand_in = gluon_stand_in = _compile_env = compiled_in_subprocess = None
+    Recorder = auto_stand_in = gluon_stand_in = _compile_env = compiled_in_subprocess = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WS = (128, 64, 64, 2, 3, 5)  # BM, BN, BK, the weight ring's depth, the x ring's, variant 5
@@ -132,15 +132,7 @@ def test_ws_fused_forward_auto_under_capture(monkeypatch):
     launch itself the first time (the warm-up before a capture), then kernels/mlp.py for later eager forwards and for a
     capture of a launch never run eagerly (CUDA refuses to load a module while capturing); training forwards (h
     saved) by the same rule, with keys of their own."""
-    pytest.importorskip("triton")
-    from ssd_megatron.ffn.backends import _triton_kernels as K
-    from ssd_megatron.ffn.backends.kernels import mlp_gluon
-    if mlp_gluon._build_once() is None:
-        pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon the WS fused forward builds with")
-    calls, state = [], capture_stand_in(monkeypatch)
-    monkeypatch.setattr(K, "_mlp_kernel", Recorder(calls, "triton"))
-    monkeypatch.setattr(mlp_gluon, "launch", Recorder(calls, "ws"))
-    gluon_stand_in(monkeypatch, mlp_gluon, "served")
+    K, _, calls, state = auto_stand_in(monkeypatch, "mlp_gluon", "_mlp_kernel")
     x, w1, b1, w2, plan, gate = _case("relu", 192, torch.bfloat16, column_view=True)
     x2, *_ = _case("relu", 192, torch.bfloat16, column_view=True, T=64)
     plan2 = _case("relu", 192, torch.bfloat16, T=64)[4]
@@ -168,16 +160,9 @@ def test_gluon_launch_records_are_bounded(monkeypatch):
     """Once kernels/gluon_launches.py's records hold MAX_KEYS entries (shapes that keep changing: a run no CUDA graph
     captures), eager forwards of new shapes keep kernels/mlp.py instead of paying the Gluon launch's host time, the
     records stop growing, and captures still take the Gluon kernel for the keys recorded before."""
-    pytest.importorskip("triton")
-    from ssd_megatron.ffn.backends import _triton_kernels as K
-    from ssd_megatron.ffn.backends.kernels import gluon_launches, mlp_gluon
-    if mlp_gluon._build_once() is None:
-        pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon the WS fused forward builds with")
-    calls, state = [], capture_stand_in(monkeypatch)
+    K, _, calls, state = auto_stand_in(monkeypatch, "mlp_gluon", "_mlp_kernel")
+    from ssd_megatron.ffn.backends.kernels import gluon_launches
     monkeypatch.setattr(gluon_launches, "MAX_KEYS", 2)
-    monkeypatch.setattr(K, "_mlp_kernel", Recorder(calls, "triton"))
-    monkeypatch.setattr(mlp_gluon, "launch", Recorder(calls, "ws"))
-    gluon_stand_in(monkeypatch, mlp_gluon, "served")
     cases = [_case("relu", 192, torch.bfloat16, column_view=True, T=T) for T in (100, 64, 32)]
 
     def forward(capturing, i):

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 try:
-    from .backend_cases import Recorder, capture_stand_in, gluon_stand_in
+    from .backend_cases import Recorder, auto_stand_in, gluon_stand_in
     from .test_offline_compile import _compile_env, compiled_in_subprocess
 except ImportError:  # run as a script: the compile subprocess, which needs none of them
-    Recorder = capture_stand_in = gluon_stand_in = _compile_env = compiled_in_subprocess = None
+    Recorder = auto_stand_in = gluon_stand_in = _compile_env = compiled_in_subprocess = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WS = (64, 128, 64, 4, 4, 96, 5)  # BP (unused), BQ, BK, the L ring's depth, the R ring's, balanced (segments >= 96
@@ -149,16 +149,8 @@ def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
     would load its module there), the first eager launch of a shape, not later eager ones (host time), then in a
     capture; kernels/wgrad.py for deterministic sums (split=False), pre-gathered R, 8B's one 256-column box (it lost
     there), and a dW layout the reduces cannot address."""
-    pytest.importorskip("triton")
-    from ssd_megatron.ffn.backends import _triton_kernels as K
-    from ssd_megatron.ffn.backends.kernels import wgrad_gluon
-    if wgrad_gluon._build_once() is None:
-        pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon the WS wgrad builds with")
-    calls, state = [], capture_stand_in(monkeypatch)
-    monkeypatch.setattr(K, "_wgrad_kernel", Recorder(calls, "triton"))
-    monkeypatch.setattr(wgrad_gluon, "launch", Recorder(calls, "ws"))
+    K, _, calls, state = auto_stand_in(monkeypatch, "wgrad_gluon", "_wgrad_kernel")
     monkeypatch.setattr(K, "_tma_descriptors", lambda t, boxes: ("L", "L2"))
-    gluon_stand_in(monkeypatch, wgrad_gluon, "served")
 
     def grad(capturing, P=192, T=100, split=True, gathered=False, like=None):
         state["capturing"] = capturing

@@ -134,9 +134,9 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
         fills, meta = fill_args(fill, grid, counts)
         _plan_count_kernel[(grid,)](flat_idx, counts, M, nb, steps, *fills, SUB=sub, NP2=np2, num_warps=4, **meta)
         ch = min(triton.next_power_of_2(nb), max(1, 4096 // np2))
-        n_tiles = triton.cdiv(M, TILE_BM) + N
         if (plan_tiles_default() if tile_table is None else tile_table):
-            tiles = torch.empty(n_tiles, 2, device=dev, dtype=torch.int32)
+            tiles = torch.empty(triton.cdiv(M, TILE_BM) + N, 2, device=dev, dtype=torch.int32)
+        n_tiles = 0 if tiles is None else tiles.shape[0]
         _plan_scatter_kernel[(nb,)](flat_idx, counts, offsets, order, token, sexp, tiles, n_tiles, M, top_k, N, nb,
                                     steps, SUB=sub, NP2=np2, CH=ch, HAS_TILES=tiles is not None, TBM=TILE_BM,
                                     TCH=TILE_CHUNK, num_warps=4)
