@@ -604,10 +604,12 @@ def test_counting_sort_plan_equals_torch_sort_on_cuda(size):
     if skew:  # a few experts take most pairs; some take none
         scores = scores * torch.linspace(0.01, 3.0, N, device="cuda") ** 4
     idx = scores.topk(K, dim=-1).indices
-    y, row = torch.full((T, 96), float("nan"), device="cuda", dtype=torch.bfloat16), torch.randn(96, device="cuda")
-    got = routing_plan(idx.reshape(-1), N, K, fill=(y, row), max_blocks=max_blocks, tile_table=True)
     want = sort_plan(idx.reshape(-1), N, K)
-    for name, a, b in zip(("order", "token", "sorted expert", "offsets"), got, want):
-        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), name
-    assert torch.equal(y, row.to(y.dtype).expand(T, 96))
+    for late in (False, True):  # the output's initialisation in the count kernel, then in the scatter kernel
+        y, row = torch.full((T, 96), float("nan"), device="cuda", dtype=torch.bfloat16), torch.randn(96, device="cuda")
+        got = routing_plan(idx.reshape(-1), N, K, fill=(y, row), max_blocks=max_blocks, tile_table=True,
+                           fill_in_scatter=late)
+        for name, a, b in zip(("order", "token", "sorted expert", "offsets"), got, want):
+            assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), (name, late)
+        assert torch.equal(y, row.to(y.dtype).expand(T, 96)), late
     assert torch.equal(got[4], expert_tiles(want[3], T * K, N, TILE_BM))

@@ -68,13 +68,20 @@ def _tile_table_share(TILES, n_tiles, start, total, cols, b, NB, M, N, TBM: tl.c
 
 @triton.jit
 def _plan_scatter_kernel(IDX, COUNTS, OFFS, ORDER, TOK, SEXP, TILES, n_tiles, M, K, N, NB, STEPS,
+                         FILL, FILL_ROW, fill_numel, fill_width, fill_chunk,
                          SUB: tl.constexpr, NP2: tl.constexpr, CH: tl.constexpr, HAS_TILES: tl.constexpr,
-                         TBM: tl.constexpr, TCH: tl.constexpr):
+                         TBM: tl.constexpr, TCH: tl.constexpr, HAS_FILL: tl.constexpr, HAS_FILL_ROW: tl.constexpr,
+                         FILL_BLOCK: tl.constexpr):
     """Each pair's sorted row = where its expert's rows start (the experts' exclusive total sums, OFFS) +
     its expert's pairs in blocks before this one + its rank among this block's pairs of that expert: a
     stable counting sort (within an expert, pairs keep increasing order). Program 0 stores OFFS [N+1]; with
-    HAS_TILES the programs also write the M-tile table TILES (`_tile_table_share`)."""
+    HAS_TILES the programs also write the M-tile table TILES (`_tile_table_share`); with HAS_FILL they first
+    initialise the output (programs past NB only fill), whose stores then drain under the scatter's loads."""
+    if HAS_FILL:
+        _fill_share(FILL, FILL_ROW, fill_numel, fill_width, fill_chunk, HAS_FILL_ROW, FILL_BLOCK)
     b = tl.program_id(0)
+    if b >= NB:
+        return
     cols = tl.arange(0, NP2)
     chunk = tl.arange(0, CH)
     total = tl.zeros((NP2,), dtype=tl.int32)
@@ -101,6 +108,12 @@ def _plan_scatter_kernel(IDX, COUNTS, OFFS, ORDER, TOK, SEXP, TILES, n_tiles, M,
         base += tl.sum(onehot, 0)
 
 
+def fill_in_scatter_default() -> bool:
+    """Whether the output's initialisation goes in the scatter kernel (SSD_PLAN_FILL=scatter) rather than the count
+    kernel: there its stores can drain while the scatter waits on its loads (docs/kernels.md v24; not yet timed)."""
+    return os.environ.get("SSD_PLAN_FILL", "count") == "scatter"
+
+
 def plan_tiles_default() -> bool:
     """Whether routing plans write the Gluon kernels' tile table (SSD_PLAN_TILES=1). Off until its CUDA test and
     A/B have run (docs/kernels.md v23: checked under the interpreter and compiled for sm_90 only); the launchers
@@ -109,15 +122,15 @@ def plan_tiles_default() -> bool:
 
 
 def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None, max_blocks: int = MAX_BLOCKS,
-                 tile_table=None):
+                 tile_table=None, fill_in_scatter=None):
     """(order, token, sorted expert, offsets), all int32, and the expert-order M-tile table at TILE_BM rows
     (`_triton_kernels.expert_tiles`'s) where `tile_table` (default `plan_tiles_default()`), else None (also
     without pairs): the stable sort of the flat pairs by expert as two small kernels (counts per block; starts
     and scatter) instead of a radix sort + searchsorted. The table, the Gluon kernels' work list, then comes out
     of the second kernel rather than a launch of its own.
-    fill = (out, row or None): the first kernel's programs also set the contiguous [T, W] `out` to `row`
-    broadcast over its rows, or to zeros. max_blocks: at most this many blocks (tests make it small, so
-    that a block spans several sub-blocks)."""
+    fill = (out, row or None): the first kernel's programs (the second's with `fill_in_scatter`, default
+    `fill_in_scatter_default()`) also set the contiguous [T, W] `out` to `row` broadcast over its rows, or to
+    zeros. max_blocks: at most this many blocks (tests make it small, so that a block spans several sub-blocks)."""
     M, N = flat_idx.numel(), num_experts
     dev = flat_idx.device
     np2 = max(16, triton.next_power_of_2(N))
@@ -130,16 +143,20 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
     order, token, sexp = (torch.empty(M, device=dev, dtype=torch.int32) for _ in range(3))
     tiles = None
     if M:
+        late = fill_in_scatter_default() if fill_in_scatter is None else fill_in_scatter
         grid = nb if fill is None else max(nb, FILL_PROGRAMS)
         fills, meta = fill_args(fill, grid, counts)
-        _plan_count_kernel[(grid,)](flat_idx, counts, M, nb, steps, *fills, SUB=sub, NP2=np2, num_warps=4, **meta)
+        nofill, nometa = fill_args(None, nb, counts)
+        _plan_count_kernel[(nb if late else grid,)](flat_idx, counts, M, nb, steps, *(nofill if late else fills),
+                                                    SUB=sub, NP2=np2, num_warps=4, **(nometa if late else meta))
         ch = min(triton.next_power_of_2(nb), max(1, 4096 // np2))
         if (plan_tiles_default() if tile_table is None else tile_table):
             tiles = torch.empty(triton.cdiv(M, TILE_BM) + N, 2, device=dev, dtype=torch.int32)
         n_tiles = 0 if tiles is None else tiles.shape[0]
-        _plan_scatter_kernel[(nb,)](flat_idx, counts, offsets, order, token, sexp, tiles, n_tiles, M, top_k, N, nb,
-                                    steps, SUB=sub, NP2=np2, CH=ch, HAS_TILES=tiles is not None, TBM=TILE_BM,
-                                    TCH=TILE_CHUNK, num_warps=4)
+        _plan_scatter_kernel[(grid if late else nb,)](
+            flat_idx, counts, offsets, order, token, sexp, tiles, n_tiles, M, top_k, N, nb, steps,
+            *(fills if late else nofill), SUB=sub, NP2=np2, CH=ch, HAS_TILES=tiles is not None, TBM=TILE_BM,
+            TCH=TILE_CHUNK, num_warps=4, **(meta if late else nometa))
     else:
         offsets.zero_()
         if fill is not None:
