@@ -177,11 +177,11 @@ PLAN_CASES = [(1000, 32, 6, "random", 256), (333, 64, 16, "random", 256), (77, 3
 def _plan_results():
     """Per case: the plan equals torch's sort; the M-tile table its scatter kernel writes (the Gluon kernels' work
     list at their tile height) and the table's own launch both equal the torch-built one in expert order (token
-    windows of one expert each), the latter at three tile heights; with SSD_PLAN_TILES=1 `make_plan` carries the
-    written table and the launchers take it from there. The output is initialised by the count kernel in even
+    windows of one expert each), the latter at three tile heights; where `plan_tiles_default` writes it (Triton >=
+    3.9), `make_plan` carries the written table and the launchers take it from there. The output is initialised by the count kernel in even
     cases and by the scatter kernel in odd ones."""
     from ssd_megatron.ffn.backends._triton_kernels import _tile_list, expert_tiles, token_window_tiles
-    from ssd_megatron.ffn.backends.kernels.routing_plan import TILE_BM, routing_plan
+    from ssd_megatron.ffn.backends.kernels.routing_plan import TILE_BM, plan_tiles_default, routing_plan
     from ssd_megatron.ffn.backends.routing import make_plan, sort_plan
     g = torch.Generator().manual_seed(0)
     out = []
@@ -199,13 +199,10 @@ def _plan_results():
         want = sort_plan(idx.reshape(-1), N, K)
         offsets, M = got[3], T * K
         table = got[4]
-        os.environ["SSD_PLAN_TILES"] = "1"
-        try:
-            plan = make_plan(idx, N)
-        finally:
-            del os.environ["SSD_PLAN_TILES"]
-        carried = M == 0 or (_tile_list(plan, TILE_BM, None) is plan.tiles[TILE_BM, None]
-                             and torch.equal(plan.tiles[TILE_BM, None], table))
+        plan, written = make_plan(idx, N), plan_tiles_default(idx)
+        carried = M == 0 or ((TILE_BM, None) in plan.tiles) == written and (
+            not written or (_tile_list(plan, TILE_BM, None) is plan.tiles[TILE_BM, None]
+                            and torch.equal(plan.tiles[TILE_BM, None], table)))
         same = all(a.dtype == b.dtype == torch.int32 and torch.equal(a, b) for a, b in zip(got[:4], want))
         out.append(same and carried and torch.equal(y, row.expand(T, 5))
                    and (table is None if M == 0 else torch.equal(table, token_window_tiles(offsets, M, N, TILE_BM, 1)))

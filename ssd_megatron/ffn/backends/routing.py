@@ -28,7 +28,7 @@ class RoutingPlan:
     sorted_expert32: torch.Tensor  # [M] int32: expert of sorted row r (non-decreasing)
     offsets: torch.Tensor        # [N+1] int32: expert e owns sorted rows offsets[e]:offsets[e+1]
     # M-tile tables by (tile height, order): the Gluon kernels' work lists (`_triton_kernels._tile_list`), built on
-    # first use, except the expert-order one at their height where the counting sort writes it (SSD_PLAN_TILES=1)
+    # first use, except the expert-order one at their height where the counting sort writes it (`plan_tiles_default`)
     tiles: dict = field(default_factory=dict)
 
     @property

@@ -1,10 +1,10 @@
 """The routing plan (the (token, k) pairs sorted by expert) as a stable counting sort in two small
 kernels: per-block expert counts, then a scatter by in-block rank whose programs each derive their own
-starts from the whole (small) table of block counts; the scatter's programs can also write the Gluon kernels'
-M-tile table, otherwise a launch of its own (kernels/tile_table.py; `plan_tiles_default`). The first kernel can
-also initialise the output a later launch adds into (the fused expert MLP's y: `common._fill_share`).
+starts from the whole (small) table of block counts; the scatter's programs also write the Gluon kernels'
+M-tile table (or a launch of its own does: kernels/tile_table.py; `plan_tiles_default`) and initialise the output
+a later launch adds into (the fused expert MLP's y: `common._fill_share`; or the first kernel does).
 
-A block is STEPS consecutive sub-blocks of SUB pairs (a one-hot tile of SUB x NP2 entries each), so that
+A block is STEPS consecutive sub-blocks of SUB pairs (a one-hot tile of NP2 x SUB entries each), so that
 there are at most MAX_BLOCKS blocks and the count table stays a few kB. The scan over it, which every
 scatter program repeats for its own block (a few hundred 16-wide rows from L2), replaced a one-program
 scan launch between the two kernels (docs/kernels.md v17)."""
@@ -25,11 +25,13 @@ TILE_CHUNK = 64      # table entries per program and step
 
 @triton.jit
 def _block_onehot(IDX, b, M, BLK: tl.constexpr, NP2: tl.constexpr):
-    """Pairs b*BLK.. of the flat expert ids: (pair ids, mask, expert ids, one-hot [BLK, NP2] int32)."""
+    """Pairs b*BLK.. of the flat expert ids: (pair ids, mask, expert ids, one-hot [NP2, BLK] int32). Experts run
+    down the rows and pairs along the contiguous axis, so the scatter's in-block ranks are scans along that axis
+    (2.9 µs faster per base plan than along the other, H100, docs/kernels.md v24)."""
     p = b * BLK + tl.arange(0, BLK)
     pm = p < M
     e = tl.load(IDX + p, mask=pm, other=0).to(tl.int32)
-    onehot = ((e[:, None] == tl.arange(0, NP2)[None, :]) & pm[:, None]).to(tl.int32)
+    onehot = ((tl.arange(0, NP2)[:, None] == e[None, :]) & pm[None, :]).to(tl.int32)
     return p, pm, e, onehot
 
 
@@ -45,7 +47,7 @@ def _plan_count_kernel(IDX, COUNTS, M, NB, STEPS, FILL, FILL_ROW, fill_numel, fi
         total = tl.zeros((NP2,), dtype=tl.int32)
         for s in range(STEPS):
             _, _, _, onehot = _block_onehot(IDX, b * STEPS + s, M, SUB, NP2)
-            total += tl.sum(onehot, 0)
+            total += tl.sum(onehot, 1)
         tl.store(COUNTS + b * NP2 + tl.arange(0, NP2), total)
 
 
@@ -100,31 +102,36 @@ def _plan_scatter_kernel(IDX, COUNTS, OFFS, ORDER, TOK, SEXP, TILES, n_tiles, M,
     base = start + before
     for s in range(STEPS):
         p, pm, e, onehot = _block_onehot(IDX, b * STEPS + s, M, SUB, NP2)
-        rank = tl.sum(onehot * (tl.cumsum(onehot, 0) - 1), 1)
-        row = tl.sum(onehot * base[None, :], 1) + rank
+        rank = tl.sum(onehot * tl.cumsum(onehot, 1), 0) - 1
+        row = tl.sum(onehot * base[:, None], 0) + rank
         tl.store(ORDER + row, p, mask=pm)
         tl.store(TOK + row, p // K, mask=pm)
         tl.store(SEXP + row, e, mask=pm)
-        base += tl.sum(onehot, 0)
+        base += tl.sum(onehot, 1)
 
 
 def fill_in_scatter_default() -> bool:
-    """Whether the output's initialisation goes in the scatter kernel (SSD_PLAN_FILL=scatter) rather than the count
-    kernel: there its stores can drain while the scatter waits on its loads (docs/kernels.md v24; not yet timed)."""
-    return os.environ.get("SSD_PLAN_FILL", "count") == "scatter"
+    """Whether the output's initialisation goes in the scatter kernel (default; SSD_PLAN_FILL=count puts it in the
+    count kernel): there its stores drain while the scatter waits on its loads (base inference forward −3.7 µs,
+    H100, docs/kernels.md v24)."""
+    return os.environ.get("SSD_PLAN_FILL", "scatter") != "count"
 
 
-def plan_tiles_default() -> bool:
-    """Whether routing plans write the Gluon kernels' tile table (SSD_PLAN_TILES=1). Off until its CUDA test and
-    A/B have run (docs/kernels.md v23: checked under the interpreter and compiled for sm_90 only); the launchers
-    then build the table with its own launch, as before."""
-    return os.environ.get("SSD_PLAN_TILES", "0") == "1"
+def plan_tiles_default(t: torch.Tensor) -> bool:
+    """Whether routing plans of `t`'s device write the Gluon kernels' tile table: where those kernels can run
+    (Hopper, Triton >= 3.9), unless SSD_PLAN_TILES=0 leaves it to a launch of its own. With the fill in the scatter
+    kernel, 1.8 µs more off the base inference forward (mean of three rounds, H100, docs/kernels.md v24)."""
+    from .._triton_kernels import _hopper
+    from .down_gluon import MIN_TRITON
+
+    return (os.environ.get("SSD_PLAN_TILES", "1") != "0" and _hopper(t)
+            and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= MIN_TRITON)
 
 
 def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None, max_blocks: int = MAX_BLOCKS,
                  tile_table=None, fill_in_scatter=None):
     """(order, token, sorted expert, offsets), all int32, and the expert-order M-tile table at TILE_BM rows
-    (`_triton_kernels.expert_tiles`'s) where `tile_table` (default `plan_tiles_default()`), else None (also
+    (`_triton_kernels.expert_tiles`'s) where `tile_table` (default `plan_tiles_default`), else None (also
     without pairs): the stable sort of the flat pairs by expert as two small kernels (counts per block; starts
     and scatter) instead of a radix sort + searchsorted. The table, the Gluon kernels' work list, then comes out
     of the second kernel rather than a launch of its own.
@@ -134,7 +141,7 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
     M, N = flat_idx.numel(), num_experts
     dev = flat_idx.device
     np2 = max(16, triton.next_power_of_2(N))
-    sub = max(64, 8192 // np2)  # one-hot tile of 8192 entries per step
+    sub = max(64, 8192 // max(np2, 64))  # pairs per one-hot tile: 128 up to 64 experts (base: 128 beat 256, v24)
     nsub = triton.cdiv(M, sub)
     steps = max(1, triton.cdiv(nsub, max_blocks))
     nb = triton.cdiv(nsub, steps)  # every block holds pairs
@@ -150,7 +157,7 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
         _plan_count_kernel[(nb if late else grid,)](flat_idx, counts, M, nb, steps, *(nofill if late else fills),
                                                     SUB=sub, NP2=np2, num_warps=4, **(nometa if late else meta))
         ch = min(triton.next_power_of_2(nb), max(1, 4096 // np2))
-        if (plan_tiles_default() if tile_table is None else tile_table):
+        if (plan_tiles_default(flat_idx) if tile_table is None else tile_table):
             tiles = torch.empty(triton.cdiv(M, TILE_BM) + N, 2, device=dev, dtype=torch.int32)
         n_tiles = 0 if tiles is None else tiles.shape[0]
         _plan_scatter_kernel[(grid if late else nb,)](

@@ -5,8 +5,8 @@ One program per table entry finds its tile as every expert kernel's program find
 The table has the host-side upper bound of cdiv(M, BM) + N entries; those past the real tiles get first row M
 (empty). It replaced about twenty torch ops (a cumsum, a searchsorted, index and stack ops: ≈ 2 µs each under
 CUDA graphs), which had cost the Gluon fused forward ≈ 45 µs of its 0.236 ms at base (H100, docs/kernels.md
-v20). With SSD_PLAN_TILES=1 (v23, opt-in until timed) the routing plan's scatter kernel writes the forward's table
-itself (`routing_plan.TILE_BM`); this launch serves every other case."""
+v20). Since v24 the routing plan's scatter kernel writes the forward's table itself where the Gluon kernels run
+(`routing_plan.plan_tiles_default`, TILE_BM); this launch serves every other case."""
 import torch
 import triton
 import triton.language as tl
