@@ -21,24 +21,28 @@ MAX_BLOCKS = 256     # blocks of pairs (programs of each kernel)
 FILL_PROGRAMS = 384  # programs of the first kernel when it also initialises an output
 TILE_BM = 128        # the Gluon kernels' M-tile height: the scatter kernel also writes their tile table at it
 TILE_CHUNK = 64      # table entries per program and step
+# the one-hot tiles have the experts on their rows (the ranks' scans along the contiguous axis) up to this many
+# experts (base, 32: 1.9 µs faster per plan on the H200), else the pairs (8B, 64: 17 µs faster), docs/kernels.md v24
+EXPERT_ROWS_MAX = 32
 
 
 @triton.jit
-def _block_onehot(IDX, b, M, BLK: tl.constexpr, NP2: tl.constexpr):
-    """Pairs b*BLK.. of the flat expert ids: (pair ids, mask, expert ids, one-hot [NP2, BLK] int32). Experts run
-    down the rows and pairs along the contiguous axis, so the scatter's in-block ranks are scans along that axis
-    (2.9 µs faster per base plan than along the other, H100, docs/kernels.md v24)."""
+def _block_onehot(IDX, b, M, BLK: tl.constexpr, NP2: tl.constexpr, PAIR_AXIS: tl.constexpr):
+    """Pairs b*BLK.. of the flat expert ids: (pair ids, mask, expert ids, one-hot int32 with the pairs along axis
+    PAIR_AXIS: [NP2, BLK] when 1, [BLK, NP2] when 0). The scatter's in-block ranks are scans along that axis, and
+    which is faster depends on the expert count (`EXPERT_ROWS_MAX`)."""
     p = b * BLK + tl.arange(0, BLK)
     pm = p < M
     e = tl.load(IDX + p, mask=pm, other=0).to(tl.int32)
-    onehot = ((tl.arange(0, NP2)[:, None] == e[None, :]) & pm[None, :]).to(tl.int32)
+    experts = tl.expand_dims(tl.arange(0, NP2), PAIR_AXIS)
+    onehot = ((experts == tl.expand_dims(e, 1 - PAIR_AXIS)) & tl.expand_dims(pm, 1 - PAIR_AXIS)).to(tl.int32)
     return p, pm, e, onehot
 
 
 @triton.jit
 def _plan_count_kernel(IDX, COUNTS, M, NB, STEPS, FILL, FILL_ROW, fill_numel, fill_width, fill_chunk,
-                       SUB: tl.constexpr, NP2: tl.constexpr, HAS_FILL: tl.constexpr, HAS_FILL_ROW: tl.constexpr,
-                       FILL_BLOCK: tl.constexpr):
+                       SUB: tl.constexpr, NP2: tl.constexpr, PAIR_AXIS: tl.constexpr, HAS_FILL: tl.constexpr,
+                       HAS_FILL_ROW: tl.constexpr, FILL_BLOCK: tl.constexpr):
     """COUNTS[b, e] = pairs of block b routed to expert e (programs past NB only fill)."""
     if HAS_FILL:
         _fill_share(FILL, FILL_ROW, fill_numel, fill_width, fill_chunk, HAS_FILL_ROW, FILL_BLOCK)
@@ -46,8 +50,8 @@ def _plan_count_kernel(IDX, COUNTS, M, NB, STEPS, FILL, FILL_ROW, fill_numel, fi
     if b < NB:
         total = tl.zeros((NP2,), dtype=tl.int32)
         for s in range(STEPS):
-            _, _, _, onehot = _block_onehot(IDX, b * STEPS + s, M, SUB, NP2)
-            total += tl.sum(onehot, 1)
+            _, _, _, onehot = _block_onehot(IDX, b * STEPS + s, M, SUB, NP2, PAIR_AXIS)
+            total += tl.sum(onehot, PAIR_AXIS)
         tl.store(COUNTS + b * NP2 + tl.arange(0, NP2), total)
 
 
@@ -71,7 +75,8 @@ def _tile_table_share(TILES, n_tiles, start, total, cols, b, NB, M, N, TBM: tl.c
 @triton.jit
 def _plan_scatter_kernel(IDX, COUNTS, OFFS, ORDER, TOK, SEXP, TILES, n_tiles, M, K, N, NB, STEPS,
                          FILL, FILL_ROW, fill_numel, fill_width, fill_chunk,
-                         SUB: tl.constexpr, NP2: tl.constexpr, CH: tl.constexpr, HAS_TILES: tl.constexpr,
+                         SUB: tl.constexpr, NP2: tl.constexpr, PAIR_AXIS: tl.constexpr, CH: tl.constexpr,
+                         HAS_TILES: tl.constexpr,
                          TBM: tl.constexpr, TCH: tl.constexpr, HAS_FILL: tl.constexpr, HAS_FILL_ROW: tl.constexpr,
                          FILL_BLOCK: tl.constexpr):
     """Each pair's sorted row = where its expert's rows start (the experts' exclusive total sums, OFFS) +
@@ -101,20 +106,23 @@ def _plan_scatter_kernel(IDX, COUNTS, OFFS, ORDER, TOK, SEXP, TILES, n_tiles, M,
         _tile_table_share(TILES, n_tiles, start, total, cols, b, NB, M, N, TBM, TCH)
     base = start + before
     for s in range(STEPS):
-        p, pm, e, onehot = _block_onehot(IDX, b * STEPS + s, M, SUB, NP2)
-        rank = tl.sum(onehot * tl.cumsum(onehot, 1), 0) - 1
-        row = tl.sum(onehot * base[:, None], 0) + rank
+        p, pm, e, onehot = _block_onehot(IDX, b * STEPS + s, M, SUB, NP2, PAIR_AXIS)
+        rank = tl.sum(onehot * tl.cumsum(onehot, PAIR_AXIS), 1 - PAIR_AXIS) - 1
+        row = tl.sum(onehot * tl.expand_dims(base, PAIR_AXIS), 1 - PAIR_AXIS) + rank
         tl.store(ORDER + row, p, mask=pm)
         tl.store(TOK + row, p // K, mask=pm)
         tl.store(SEXP + row, e, mask=pm)
-        base += tl.sum(onehot, 1)
+        base += tl.sum(onehot, PAIR_AXIS)
 
 
-def fill_in_scatter_default() -> bool:
-    """Whether the output's initialisation goes in the scatter kernel (default; SSD_PLAN_FILL=count puts it in the
-    count kernel): there its stores drain while the scatter waits on its loads (base inference forward −3.7 µs,
-    H100, docs/kernels.md v24)."""
-    return os.environ.get("SSD_PLAN_FILL", "scatter") != "count"
+def fill_in_scatter_default(np2: int) -> bool:
+    """Whether the output's initialisation goes in the scatter kernel rather than the count kernel: up to
+    EXPERT_ROWS_MAX experts, where its stores drain while the scatter waits on its loads (base plan −1.8 µs on the
+    H200, inference forward −3.7 µs on the H100); beyond, in the count kernel (8B: the 134 MB fill took 16 µs longer
+    in the scatter kernel, whose registers keep its fill-only programs queued). SSD_PLAN_FILL=count|scatter forces
+    one (docs/kernels.md v24)."""
+    forced = os.environ.get("SSD_PLAN_FILL")
+    return forced == "scatter" if forced else np2 <= EXPERT_ROWS_MAX
 
 
 def plan_tiles_default(t: torch.Tensor) -> bool:
@@ -136,7 +144,7 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
     and scatter) instead of a radix sort + searchsorted. The table, the Gluon kernels' work list, then comes out
     of the second kernel rather than a launch of its own.
     fill = (out, row or None): the first kernel's programs (the second's with `fill_in_scatter`, default
-    `fill_in_scatter_default()`) also set the contiguous [T, W] `out` to `row` broadcast over its rows, or to
+    `fill_in_scatter_default`) also set the contiguous [T, W] `out` to `row` broadcast over its rows, or to
     zeros. max_blocks: at most this many blocks (tests make it small, so that a block spans several sub-blocks)."""
     M, N = flat_idx.numel(), num_experts
     dev = flat_idx.device
@@ -150,20 +158,22 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
     order, token, sexp = (torch.empty(M, device=dev, dtype=torch.int32) for _ in range(3))
     tiles = None
     if M:
-        late = fill_in_scatter_default() if fill_in_scatter is None else fill_in_scatter
+        late = fill_in_scatter_default(np2) if fill_in_scatter is None else fill_in_scatter
+        axis = 1 if np2 <= EXPERT_ROWS_MAX else 0
         grid = nb if fill is None else max(nb, FILL_PROGRAMS)
         fills, meta = fill_args(fill, grid, counts)
         nofill, nometa = fill_args(None, nb, counts)
         _plan_count_kernel[(nb if late else grid,)](flat_idx, counts, M, nb, steps, *(nofill if late else fills),
-                                                    SUB=sub, NP2=np2, num_warps=4, **(nometa if late else meta))
+                                                    SUB=sub, NP2=np2, PAIR_AXIS=axis, num_warps=4,
+                                                    **(nometa if late else meta))
         ch = min(triton.next_power_of_2(nb), max(1, 4096 // np2))
         if (plan_tiles_default(flat_idx) if tile_table is None else tile_table):
             tiles = torch.empty(triton.cdiv(M, TILE_BM) + N, 2, device=dev, dtype=torch.int32)
         n_tiles = 0 if tiles is None else tiles.shape[0]
         _plan_scatter_kernel[(grid if late else nb,)](
             flat_idx, counts, offsets, order, token, sexp, tiles, n_tiles, M, top_k, N, nb, steps,
-            *(fills if late else nofill), SUB=sub, NP2=np2, CH=ch, HAS_TILES=tiles is not None, TBM=TILE_BM,
-            TCH=TILE_CHUNK, num_warps=4, **(meta if late else nometa))
+            *(fills if late else nofill), SUB=sub, NP2=np2, PAIR_AXIS=axis, CH=ch, HAS_TILES=tiles is not None,
+            TBM=TILE_BM, TCH=TILE_CHUNK, num_warps=4, **(meta if late else nometa))
     else:
         offsets.zero_()
         if fill is not None:

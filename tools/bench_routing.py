@@ -1,0 +1,97 @@
+"""Micro-benchmark of the sparse forward's routing on its own (docs/kernels.md v24): SSD's router (scores and top-K,
+ffn/centroid_router.py), y's initialisation as a fill launch, and the routing plan (kernels/routing_plan.py) with its
+placements: the output's fill in the count or the scatter kernel, the Gluon kernels' tile table from the scatter kernel
+or not written. Each timing is one CUDA graph of 8 launches over rotating inputs (x 25 MB at base: the reads come from
+DRAM, as in the layer), replayed 20 times; median of 5, in µs per launch. What the layer gains is
+`tools/ab_layer.py`'s to say: these parts overlap nothing, but a few µs are within the layer's spread.
+
+    python tools/bench_routing.py [--shapes base,8b] [--out routing.json]
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ssd_megatron.ffn import centroid_router as CR  # noqa: E402
+from ssd_megatron.ffn.backends.kernels.routing_plan import routing_plan  # noqa: E402
+
+SHAPES = {"base": (16384, 768, 32, 6, 192), "8b": (16384, 4096, 64, 16, 256)}  # T, D, N, K, E
+SETS, REPLAYS = 8, 20
+
+
+def graphed_us(fn) -> float:
+    """µs per call of fn(i), i over SETS input sets, from CUDA-graph replays."""
+    for i in range(SETS):
+        fn(i)
+    torch.cuda.synchronize()
+    g, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(side), torch.cuda.graph(g):
+        for i in range(SETS):
+            fn(i)
+    g.replay()
+    ts = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(REPLAYS):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        ts.append(start.elapsed_time(end) * 1000 / (REPLAYS * SETS))
+    return statistics.median(ts)
+
+
+def bench_shape(shape: str) -> list:
+    T, D, N, K, E = SHAPES[shape]
+    dev = torch.device("cuda")
+    xs = [torch.randn(T, D, device=dev, dtype=torch.bfloat16) for _ in range(SETS)]
+    c = CR.expert_centroids(torch.randn(N, E, D, device=dev, dtype=torch.bfloat16) * 0.05, E, torch.bfloat16)
+    ys = [torch.empty(T, D, device=dev, dtype=torch.bfloat16) for _ in range(SETS)]
+    flats = [CR.centroid_topk(x, c, K)[1].reshape(-1) for x in xs]
+    cases = {"router (scores and top-K)": lambda i: CR.centroid_topk(xs[i], c, K),
+             "y fill launch": lambda i: ys[i].zero_(),
+             "plan, no fill, no table": lambda i: routing_plan(flats[i], N, K, tile_table=False)}
+    for late in (False, True):
+        for table in (False, True):
+            name = f"plan, fill in the {'scatter' if late else 'count'} kernel, {'with' if table else 'no'} table"
+            cases[name] = (lambda i, late=late, table=table:
+                           routing_plan(flats[i], N, K, fill=(ys[i], None), tile_table=table, fill_in_scatter=late))
+    cases["router + plan (defaults)"] = lambda i: routing_plan(CR.centroid_topk(xs[i], c, K)[1].reshape(-1), N, K,
+                                                               fill=(ys[i], None))
+    out = []
+    for name, fn in cases.items():
+        us = graphed_us(fn)
+        print(f"{shape:5s} {name:55s} {us:7.2f} us", flush=True)
+        out.append({"shape": shape, "name": name, "us": us})
+    return out
+
+
+def main() -> int:
+    import triton
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="base,8b")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: tools/bench_routing.py times CUDA kernels; no GPU is visible")
+    res = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+           "triton": triton.__version__, "records": []}
+    for shape in args.shapes.split(","):
+        if shape not in SHAPES:
+            sys.exit(f"error: --shapes: {shape!r}; accepted: {', '.join(SHAPES)}")
+        res["records"] += bench_shape(shape)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
