@@ -1,7 +1,7 @@
 """Micro-benchmark of the sparse forward's routing on its own (docs/kernels.md v24): SSD's router (scores and top-K,
 ffn/centroid_router.py), y's initialisation as a fill launch, and the routing plan (kernels/routing_plan.py) with its
-placements: the output's fill in the count or the scatter kernel, the Gluon kernels' tile table from the scatter kernel
-or not written. Each timing is one CUDA graph of 8 launches over rotating inputs (x 25 MB at base: the reads come from
+placements: the output's fill in each of its places (`FILL_PLACES`), the Gluon kernels' tile table from the scatter
+kernel or not written. Each timing is one CUDA graph of 8 launches over rotating inputs (x 25 MB at base: the reads come from
 DRAM, as in the layer), replayed 20 times; median of 5, in µs per launch. What the layer gains is
 `tools/ab_layer.py`'s to say: these parts overlap nothing, but a few µs are within the layer's spread.
 
@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ssd_megatron.ffn import centroid_router as CR  # noqa: E402
-from ssd_megatron.ffn.backends.kernels.routing_plan import routing_plan  # noqa: E402
+from ssd_megatron.ffn.backends.kernels.routing_plan import FILL_PLACES, routing_plan  # noqa: E402
 
 SHAPES = {"base": (16384, 768, 32, 6, 192), "8b": (16384, 4096, 64, 16, 256)}  # T, D, N, K, E
 SETS, REPLAYS = 8, 20
@@ -57,11 +57,11 @@ def bench_shape(shape: str) -> list:
     cases = {"router (scores and top-K)": lambda i: CR.centroid_topk(xs[i], c, K),
              "y fill launch": lambda i: ys[i].zero_(),
              "plan, no fill, no table": lambda i: routing_plan(flats[i], N, K, tile_table=False)}
-    for late in (False, True):
+    for place in FILL_PLACES:
         for table in (False, True):
-            name = f"plan, fill in the {'scatter' if late else 'count'} kernel, {'with' if table else 'no'} table"
-            cases[name] = (lambda i, late=late, table=table:
-                           routing_plan(flats[i], N, K, fill=(ys[i], None), tile_table=table, fill_in_scatter=late))
+            name = f"plan, fill: {place}, {'with' if table else 'no'} table"
+            cases[name] = (lambda i, place=place, table=table:
+                           routing_plan(flats[i], N, K, fill=(ys[i], None), tile_table=table, fill_in=place))
     cases["router + plan (defaults)"] = lambda i: routing_plan(CR.centroid_topk(xs[i], c, K)[1].reshape(-1), N, K,
                                                                fill=(ys[i], None))
     out = []

@@ -596,7 +596,7 @@ def test_counting_sort_plan_equals_torch_sort_on_cuda(size):
     """The two plan kernels (kernels/routing_plan.py) give torch's stable sort exactly, initialise the fused
     forward's output to the bias, and write the Gluon kernels' M-tile table as the table's own launch does."""
     from ssd_megatron.ffn.backends._triton_kernels import expert_tiles
-    from ssd_megatron.ffn.backends.kernels.routing_plan import TILE_BM, routing_plan
+    from ssd_megatron.ffn.backends.kernels.routing_plan import FILL_PLACES, TILE_BM, routing_plan
     from ssd_megatron.ffn.backends.routing import sort_plan
     T, N, K, skew, max_blocks = size
     g = torch.Generator(device="cuda").manual_seed(T)
@@ -605,11 +605,10 @@ def test_counting_sort_plan_equals_torch_sort_on_cuda(size):
         scores = scores * torch.linspace(0.01, 3.0, N, device="cuda") ** 4
     idx = scores.topk(K, dim=-1).indices
     want = sort_plan(idx.reshape(-1), N, K)
-    for late in (False, True):  # the output's initialisation in the count kernel, then in the scatter kernel
+    for place in FILL_PLACES:  # the output's initialisation in each kernel, or in programs of its own
         y, row = torch.full((T, 96), float("nan"), device="cuda", dtype=torch.bfloat16), torch.randn(96, device="cuda")
-        got = routing_plan(idx.reshape(-1), N, K, fill=(y, row), max_blocks=max_blocks, tile_table=True,
-                           fill_in_scatter=late)
+        got = routing_plan(idx.reshape(-1), N, K, fill=(y, row), max_blocks=max_blocks, tile_table=True, fill_in=place)
         for name, a, b in zip(("order", "token", "sorted expert", "offsets"), got, want):
-            assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), (name, late)
-        assert torch.equal(y, row.to(y.dtype).expand(T, 96)), late
+            assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), (name, place)
+        assert torch.equal(y, row.to(y.dtype).expand(T, 96)), place
     assert torch.equal(got[4], expert_tiles(want[3], T * K, N, TILE_BM))

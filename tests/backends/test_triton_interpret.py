@@ -178,10 +178,10 @@ def _plan_results():
     """Per case: the plan equals torch's sort; the M-tile table its scatter kernel writes (the Gluon kernels' work
     list at their tile height) and the table's own launch both equal the torch-built one in expert order (token
     windows of one expert each), the latter at three tile heights; where `plan_tiles_default` writes it (Triton >=
-    3.9), `make_plan` carries the written table and the launchers take it from there. The output is initialised by the count kernel in even
-    cases and by the scatter kernel in odd ones."""
+    3.9), `make_plan` carries the written table and the launchers take it from there. The cases take the output's
+    initialisation's places (FILL_PLACES) in turn."""
     from ssd_megatron.ffn.backends._triton_kernels import _tile_list, expert_tiles, token_window_tiles
-    from ssd_megatron.ffn.backends.kernels.routing_plan import TILE_BM, plan_tiles_default, routing_plan
+    from ssd_megatron.ffn.backends.kernels.routing_plan import FILL_PLACES, TILE_BM, plan_tiles_default, routing_plan
     from ssd_megatron.ffn.backends.routing import make_plan, sort_plan
     g = torch.Generator().manual_seed(0)
     out = []
@@ -193,9 +193,8 @@ def _plan_results():
             n = N // 2 if routing == "empty" else N
             idx = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K).long()
         y, row = torch.full((T, 5), float("nan")), torch.randn(5, generator=g)  # the output the plan initialises
-        late = len(out) % 2 == 1  # the initialisation in the count kernel, then in the scatter kernel
         got = routing_plan(idx.reshape(-1), N, K, fill=(y, row), max_blocks=max_blocks, tile_table=True,
-                           fill_in_scatter=late)
+                           fill_in=FILL_PLACES[len(out) % len(FILL_PLACES)])  # each place in turn
         want = sort_plan(idx.reshape(-1), N, K)
         offsets, M = got[3], T * K
         table = got[4]

@@ -118,11 +118,11 @@ def _load_w(wp, k0, ks, K, cmask, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
 
 
 @triton.jit
-def _fill_share(FILL, ROW, numel, width, chunk, HAS_ROW: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's share of initialising a row-major [numel / width, width] output that a later launch
-    adds into with atomics: elements [pid * chunk, (pid + 1) * chunk) get ROW[column] (the output bias) or 0.
+def _fill_share(FILL, ROW, numel, width, chunk, pid, HAS_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """Share `pid` (usually the program's id) of initialising a row-major [numel / width, width] output that a later
+    launch adds into with atomics: elements [pid * chunk, (pid + 1) * chunk) get ROW[column] (the output bias) or 0.
     Done inside a kernel that runs anyway, instead of a fill launch of its own (docs/kernels.md v11)."""
-    start = tl.program_id(0).to(tl.int64) * chunk
+    start = pid.to(tl.int64) * chunk
     end = tl.minimum(start + chunk, numel)
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)

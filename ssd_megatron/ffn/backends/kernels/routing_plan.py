@@ -24,6 +24,11 @@ TILE_CHUNK = 64      # table entries per program and step
 # the one-hot tiles have the experts on their rows (the ranks' scans along the contiguous axis) up to this many
 # experts (base, 32: 1.9 µs faster per plan on the H200), else the pairs (8B, 64: 17 µs faster), docs/kernels.md v24
 EXPERT_ROWS_MAX = 32
+# where the output's initialisation goes (`fill_place`): every count program's share; every scatter program's share,
+# before its scatter work; or programs of their own beside the scatter's, APART_PROGRAMS of them (not yet timed: the
+# shares in the scatter programs do not overlap their stores with the scatter, 24.8 µs against 15.4 + 9.1 apart, v24)
+FILL_PLACES = ("count", "scatter", "apart")
+APART_PROGRAMS = 256
 
 
 @triton.jit
@@ -44,9 +49,9 @@ def _plan_count_kernel(IDX, COUNTS, M, NB, STEPS, FILL, FILL_ROW, fill_numel, fi
                        SUB: tl.constexpr, NP2: tl.constexpr, PAIR_AXIS: tl.constexpr, HAS_FILL: tl.constexpr,
                        HAS_FILL_ROW: tl.constexpr, FILL_BLOCK: tl.constexpr):
     """COUNTS[b, e] = pairs of block b routed to expert e (programs past NB only fill)."""
-    if HAS_FILL:
-        _fill_share(FILL, FILL_ROW, fill_numel, fill_width, fill_chunk, HAS_FILL_ROW, FILL_BLOCK)
     b = tl.program_id(0)
+    if HAS_FILL:
+        _fill_share(FILL, FILL_ROW, fill_numel, fill_width, fill_chunk, b, HAS_FILL_ROW, FILL_BLOCK)
     if b < NB:
         total = tl.zeros((NP2,), dtype=tl.int32)
         for s in range(STEPS):
@@ -78,15 +83,19 @@ def _plan_scatter_kernel(IDX, COUNTS, OFFS, ORDER, TOK, SEXP, TILES, n_tiles, M,
                          SUB: tl.constexpr, NP2: tl.constexpr, PAIR_AXIS: tl.constexpr, CH: tl.constexpr,
                          HAS_TILES: tl.constexpr,
                          TBM: tl.constexpr, TCH: tl.constexpr, HAS_FILL: tl.constexpr, HAS_FILL_ROW: tl.constexpr,
-                         FILL_BLOCK: tl.constexpr):
+                         FILL_BLOCK: tl.constexpr, FILL_APART: tl.constexpr):
     """Each pair's sorted row = where its expert's rows start (the experts' exclusive total sums, OFFS) +
     its expert's pairs in blocks before this one + its rank among this block's pairs of that expert: a
     stable counting sort (within an expert, pairs keep increasing order). Program 0 stores OFFS [N+1]; with
-    HAS_TILES the programs also write the M-tile table TILES (`_tile_table_share`); with HAS_FILL they first
-    initialise the output (programs past NB only fill), whose stores then drain under the scatter's loads."""
-    if HAS_FILL:
-        _fill_share(FILL, FILL_ROW, fill_numel, fill_width, fill_chunk, HAS_FILL_ROW, FILL_BLOCK)
+    HAS_TILES the programs also write the M-tile table TILES (`_tile_table_share`). HAS_FILL: the programs also
+    initialise the output (those past NB only that): every program a share before its scatter work, or with
+    FILL_APART only the programs past NB, which then run beside the scatter's (`FILL_PLACES`)."""
     b = tl.program_id(0)
+    if HAS_FILL:
+        if not FILL_APART:
+            _fill_share(FILL, FILL_ROW, fill_numel, fill_width, fill_chunk, b, HAS_FILL_ROW, FILL_BLOCK)
+        elif b >= NB:
+            _fill_share(FILL, FILL_ROW, fill_numel, fill_width, fill_chunk, b - NB, HAS_FILL_ROW, FILL_BLOCK)
     if b >= NB:
         return
     cols = tl.arange(0, NP2)
@@ -115,14 +124,16 @@ def _plan_scatter_kernel(IDX, COUNTS, OFFS, ORDER, TOK, SEXP, TILES, n_tiles, M,
         base += tl.sum(onehot, PAIR_AXIS)
 
 
-def fill_in_scatter_default(np2: int) -> bool:
-    """Whether the output's initialisation goes in the scatter kernel rather than the count kernel: up to
-    EXPERT_ROWS_MAX experts, where its stores drain while the scatter waits on its loads (base plan −1.8 µs on the
-    H200, inference forward −3.7 µs on the H100); beyond, in the count kernel (8B: the 134 MB fill took 16 µs longer
-    in the scatter kernel, whose registers keep its fill-only programs queued). SSD_PLAN_FILL=count|scatter forces
-    one (docs/kernels.md v24)."""
+def fill_place(np2: int) -> str:
+    """Which kernel initialises the output, one of FILL_PLACES: "scatter" up to EXPERT_ROWS_MAX experts, where its
+    stores drain while the scatter waits on its loads (base plan −1.8 µs on the H200, inference forward −3.7 µs on
+    the H100); "count" beyond (8B: the 134 MB fill took 16 µs longer in the scatter kernel, whose registers keep
+    its fill-only programs queued); SSD_PLAN_FILL names one (docs/kernels.md v24)."""
     forced = os.environ.get("SSD_PLAN_FILL")
-    return forced == "scatter" if forced else np2 <= EXPERT_ROWS_MAX
+    if forced and forced not in FILL_PLACES:
+        from ....errors import UserError
+        raise UserError(f"SSD_PLAN_FILL={forced!r}: accepted: {', '.join(FILL_PLACES)}")
+    return forced or ("scatter" if np2 <= EXPERT_ROWS_MAX else "count")
 
 
 def plan_tiles_default(t: torch.Tensor) -> bool:
@@ -137,15 +148,15 @@ def plan_tiles_default(t: torch.Tensor) -> bool:
 
 
 def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None, max_blocks: int = MAX_BLOCKS,
-                 tile_table=None, fill_in_scatter=None):
+                 tile_table=None, fill_in=None):
     """(order, token, sorted expert, offsets), all int32, and the expert-order M-tile table at TILE_BM rows
     (`_triton_kernels.expert_tiles`'s) where `tile_table` (default `plan_tiles_default`), else None (also
     without pairs): the stable sort of the flat pairs by expert as two small kernels (counts per block; starts
     and scatter) instead of a radix sort + searchsorted. The table, the Gluon kernels' work list, then comes out
     of the second kernel rather than a launch of its own.
-    fill = (out, row or None): the first kernel's programs (the second's with `fill_in_scatter`, default
-    `fill_in_scatter_default`) also set the contiguous [T, W] `out` to `row` broadcast over its rows, or to
-    zeros. max_blocks: at most this many blocks (tests make it small, so that a block spans several sub-blocks)."""
+    fill = (out, row or None): the plan's kernels also set the contiguous [T, W] `out` to `row` broadcast over its
+    rows, or to zeros, where `fill_in` (one of FILL_PLACES; default `fill_place`) says. max_blocks: at most this
+    many blocks (tests make it small, so that a block spans several sub-blocks)."""
     M, N = flat_idx.numel(), num_experts
     dev = flat_idx.device
     np2 = max(16, triton.next_power_of_2(N))
@@ -158,22 +169,23 @@ def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None
     order, token, sexp = (torch.empty(M, device=dev, dtype=torch.int32) for _ in range(3))
     tiles = None
     if M:
-        late = fill_in_scatter_default(np2) if fill_in_scatter is None else fill_in_scatter
+        place = None if fill is None else fill_place(np2) if fill_in is None else fill_in
         axis = 1 if np2 <= EXPERT_ROWS_MAX else 0
-        grid = nb if fill is None else max(nb, FILL_PROGRAMS)
-        fills, meta = fill_args(fill, grid, counts)
-        nofill, nometa = fill_args(None, nb, counts)
-        _plan_count_kernel[(nb if late else grid,)](flat_idx, counts, M, nb, steps, *(nofill if late else fills),
-                                                    SUB=sub, NP2=np2, PAIR_AXIS=axis, num_warps=4,
-                                                    **(nometa if late else meta))
+        count_grid = max(nb, FILL_PROGRAMS) if place == "count" else nb
+        fills, meta = fill_args(fill if place == "count" else None, count_grid, counts)
+        _plan_count_kernel[(count_grid,)](flat_idx, counts, M, nb, steps, *fills, SUB=sub, NP2=np2, PAIR_AXIS=axis,
+                                          num_warps=4, **meta)
         ch = min(triton.next_power_of_2(nb), max(1, 4096 // np2))
         if (plan_tiles_default(flat_idx) if tile_table is None else tile_table):
             tiles = torch.empty(triton.cdiv(M, TILE_BM) + N, 2, device=dev, dtype=torch.int32)
         n_tiles = 0 if tiles is None else tiles.shape[0]
-        _plan_scatter_kernel[(grid if late else nb,)](
-            flat_idx, counts, offsets, order, token, sexp, tiles, n_tiles, M, top_k, N, nb, steps,
-            *(fills if late else nofill), SUB=sub, NP2=np2, PAIR_AXIS=axis, CH=ch, HAS_TILES=tiles is not None,
-            TBM=TILE_BM, TCH=TILE_CHUNK, num_warps=4, **(meta if late else nometa))
+        grid = {"scatter": max(nb, FILL_PROGRAMS), "apart": nb + APART_PROGRAMS}.get(place, nb)
+        fills, meta = fill_args(fill if place in ("scatter", "apart") else None,
+                                APART_PROGRAMS if place == "apart" else grid, counts)
+        _plan_scatter_kernel[(grid,)](flat_idx, counts, offsets, order, token, sexp, tiles, n_tiles, M, top_k, N, nb,
+                                      steps, *fills, SUB=sub, NP2=np2, PAIR_AXIS=axis, CH=ch,
+                                      HAS_TILES=tiles is not None, TBM=TILE_BM, TCH=TILE_CHUNK, num_warps=4,
+                                      FILL_APART=place == "apart", **meta)
     else:
         offsets.zero_()
         if fill is not None:
