@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import os
+import pathlib
 import statistics
 import sys
 
@@ -88,8 +89,7 @@ def main() -> int:
             sys.exit(f"error: --shapes: {shape!r}; accepted: {', '.join(SHAPES)}")
         res["records"] += bench_shape(shape)
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+        pathlib.Path(args.out).write_text(json.dumps(res, indent=1))
     return 0
 
 
