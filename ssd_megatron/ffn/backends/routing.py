@@ -47,7 +47,7 @@ class RoutingPlan:
 
 def make_plan(topk_idx: torch.Tensor, num_experts: int, fill=None) -> RoutingPlan:
     """The plan of `topk_idx`; fill = (out, row or None): also set `out` [T', W] to `row` broadcast over its
-    rows (or zeros), inside the counting sort's first kernel where it runs (the fused expert MLP's y)."""
+    rows (or zeros), inside the counting sort's kernels where they run (the fused expert MLP's y)."""
     T, K = topk_idx.shape
     flat = topk_idx.reshape(-1)
     from .triton_backend import triton_runs_on  # (triton_backend imports this module)

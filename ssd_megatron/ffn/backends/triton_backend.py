@@ -29,8 +29,8 @@ no launch of its own and no pass over y after. The bias's gradient is dy's colum
 
 Fused forward (option fused_forward): one kernel per M-tile computes the up GEMM over all of the
 expert's columns, the activation, and the down GEMM block by block into y, so `a` never goes to memory
-and is not re-read once per output column block; y is then initialised by the routing plan's first
-kernel. The backward is unchanged (it needs h, which the fused kernel saves).
+and is not re-read once per output column block; y is then initialised by the routing plan's kernels
+(`routing_plan.fill_place`). The backward is unchanged (it needs h, which the fused kernel saves).
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ atomic add into y or a store of the (t, k) row). `a` stays on chip: no [T*K, E] 
 memory, no second launch, and none of the down kernel's re-reads of an a-tile per output column block.
 E is covered by a power-of-two tile of BE columns plus, with SPLIT, a second one of BE2 (E = 192 as
 128 + 64, where one 256-wide tile would multiply 64 masked columns in both GEMMs); the rest is masked.
-y must hold its initial value (the output bias or zeros) before the launch: the routing plan's first
-kernel sets it (`routing_plan`'s fill).
+y must hold its initial value (the output bias or zeros) before the launch: the routing plan's kernels
+set it (`routing_plan`'s fill).
 
 WTMA (mlp variant 3, `_triton_kernels.mlp_forward`): both weights' tiles come from TMA descriptors instead of
 per-thread pointer loads (the gathered x rows stay pointer loads), where the layouts allow it, the

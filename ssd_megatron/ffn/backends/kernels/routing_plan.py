@@ -1,10 +1,10 @@
 """The routing plan (the (token, k) pairs sorted by expert) as a stable counting sort in two small
 kernels: per-block expert counts, then a scatter by in-block rank whose programs each derive their own
-starts from the whole (small) table of block counts; the scatter's programs also write the Gluon kernels'
-M-tile table (or a launch of its own does: kernels/tile_table.py; `plan_tiles_default`) and initialise the output
-a later launch adds into (the fused expert MLP's y: `common._fill_share`; or the first kernel does).
+starts from the whole (small) table of block counts. The scatter's programs also write the Gluon kernels' M-tile
+table (`plan_tiles_default`; otherwise kernels/tile_table.py's launch does), and one of the two kernels initialises
+the output that a later launch adds into (the fused expert MLP's y: `common._fill_share`, where `fill_place` says).
 
-A block is STEPS consecutive sub-blocks of SUB pairs (a one-hot tile of NP2 x SUB entries each), so that
+A block is STEPS consecutive sub-blocks of SUB pairs (a one-hot tile of SUB x NP2 entries each), so that
 there are at most MAX_BLOCKS blocks and the count table stays a few kB. The scan over it, which every
 scatter program repeats for its own block (a few hundred 16-wide rows from L2), replaced a one-program
 scan launch between the two kernels (docs/kernels.md v17)."""
@@ -18,7 +18,7 @@ from ..routing import initialise
 from .common import _fill_share, fill_args
 
 MAX_BLOCKS = 256     # blocks of pairs (programs of each kernel)
-FILL_PROGRAMS = 384  # programs of the first kernel when it also initialises an output
+FILL_PROGRAMS = 384  # programs of the kernel that initialises an output in its programs' shares
 TILE_BM = 128        # the Gluon kernels' M-tile height: the scatter kernel also writes their tile table at it
 TILE_CHUNK = 64      # table entries per program and step
 # the one-hot tiles have the experts on their rows (the ranks' scans along the contiguous axis) up to this many
