@@ -37,12 +37,22 @@ tested; the GPU tests (tests/backends/test_backends_gpu.py, `down-ws`) check the
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 MIN_TRITON = (3, 9)
 CONSUMER_REGS, LOADER_REGS, MAX_REGS = 232, 40, 168  # 3 warpgroups x 128 threads x 168 <= 64 K registers
 SMEM_LIMIT = 227 * 1024  # an sm_90 block's shared memory: the bound of all three WS kernels' buffers
 _STATE: dict = {"build": None}
+
+
+@functools.lru_cache(maxsize=None)
+def new_enough_triton() -> bool:
+    """Whether the installed Triton is at least MIN_TRITON."""
+    import triton
+
+    return tuple(int(v) for v in triton.__version__.split(".")[:2]) >= MIN_TRITON
 
 
 def require_gluon(kernel: str, cp_async: bool = False) -> None:
@@ -56,7 +66,7 @@ def require_gluon(kernel: str, cp_async: bool = False) -> None:
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import tma
 
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < MIN_TRITON:
+    if not new_enough_triton():
         raise ImportError(f"triton {triton.__version__}: the {kernel} needs {MIN_TRITON}")
     if not hasattr(tma, "async_load") or (cp_async and not hasattr(async_copy, "mbarrier_arrive")) or \
             "functions_and_args" not in inspect.signature(gl.warp_specialize).parameters:

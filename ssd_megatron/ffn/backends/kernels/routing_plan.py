@@ -141,10 +141,9 @@ def plan_tiles_default(t: torch.Tensor) -> bool:
     (Hopper, Triton >= 3.9), unless SSD_PLAN_TILES=0 leaves it to a launch of its own. With the fill in the scatter
     kernel, 1.8 µs more off the base inference forward (mean of three rounds, H100, docs/kernels.md v24)."""
     from .._triton_kernels import _hopper
-    from .down_gluon import MIN_TRITON
+    from .down_gluon import new_enough_triton
 
-    return (os.environ.get("SSD_PLAN_TILES", "1") != "0" and _hopper(t)
-            and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= MIN_TRITON)
+    return os.environ.get("SSD_PLAN_TILES", "1") != "0" and new_enough_triton() and _hopper(t)
 
 
 def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None, max_blocks: int = MAX_BLOCKS,
