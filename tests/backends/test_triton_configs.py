@@ -1,4 +1,7 @@
-"""SSD_TRITON_CONFIG: tile configs from the environment, and its one-line errors."""
+"""The triton backend's environment variables: SSD_TRITON_CONFIG's tile configs and one-line errors, SSD_PLAN_FILL,
+and what the benchmarks record of them."""
+import os
+
 import pytest
 
 pytest.importorskip("triton")
@@ -217,3 +220,16 @@ def test_routing_plan_fill_place_by_expert_count_and_from_the_environment(monkey
     monkeypatch.setenv("SSD_PLAN_FILL", "router")
     with pytest.raises(UserError, match="SSD_PLAN_FILL='router': accepted: " + ", ".join(FILL_PLACES)):
         fill_place(32)
+
+
+def test_benchmarks_record_every_variable_that_changes_the_kernels(monkeypatch):
+    """tuning_env, which `ssd-bench ffn` and `ssd-bench step` write into their JSON: the tile configs, the routing
+    plan's placements and the WS wgrad's epilogue switch, not the other SSD_* variables."""
+    from ssd_megatron.ffn.backends import tuning_env
+    for k in [k for k in os.environ if k.startswith("SSD_")]:
+        monkeypatch.delenv(k)
+    for k, v in {"SSD_TRITON_CONFIG": "up=64,64,64,4,3", "SSD_PLAN_FILL": "apart", "SSD_PLAN_TILES": "0",
+                 "SSD_WGRAD_TMA_OUT": "0", "SSD_MEGATRON_CACHE": "/tmp/x"}.items():
+        monkeypatch.setenv(k, v)
+    assert tuning_env() == {"SSD_PLAN_FILL": "apart", "SSD_PLAN_TILES": "0", "SSD_TRITON_CONFIG": "up=64,64,64,4,3",
+                            "SSD_WGRAD_TMA_OUT": "0"}

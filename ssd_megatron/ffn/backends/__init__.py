@@ -124,10 +124,13 @@ def call_router_folded(backend, x, w1, b1, w2, top_idx, activation, centroids, o
     return expert_ffn(backend, x, w1, b1, w2, top_idx, gate, activation, out_bias, router_centroids=centroids)
 
 
+TUNING_PREFIXES = ("SSD_TRITON_", "SSD_PLAN_", "SSD_WGRAD_")  # the tile configs and orders, the routing plan's
+# placements (kernels/routing_plan.py), the WS weight gradient's epilogue
+
+
 def tuning_env() -> dict:
     """The environment variables that change the triton backend's kernels (recorded with benchmark results)."""
-    return {k: os.environ[k] for k in ("SSD_TRITON_CONFIG", "SSD_TRITON_TILE_ORDER", "SSD_TRITON_TUNE")
-            if k in os.environ}
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(TUNING_PREFIXES)}
 
 
 def available_backends(device=None) -> list:
