@@ -1,9 +1,9 @@
 """Micro-benchmark of the sparse forward's routing on its own (docs/kernels.md v24): SSD's router (scores and top-K,
 ffn/centroid_router.py), y's initialisation as a fill launch, and the routing plan (kernels/routing_plan.py) with its
 placements: the output's fill in each of its places (`FILL_PLACES`), the Gluon kernels' tile table from the scatter
-kernel or not written. Each timing is one CUDA graph of 8 launches over rotating inputs (x 25 MB at base: the reads come from
-DRAM, as in the layer), replayed 20 times; median of 5, in µs per launch. What the layer gains is
-`tools/ab_layer.py`'s to say: these parts overlap nothing, but a few µs are within the layer's spread.
+kernel or not written. Each timing is one CUDA graph of 8 launches over rotating inputs (x 25 MB at base: the reads
+come from DRAM, as in the layer), replayed 100 times (`bench.ffn.time_calls`); the median, in µs per launch. What the
+layer gains is `tools/ab_layer.py`'s to say: these parts overlap nothing, but a few µs are within the layer's spread.
 
     python tools/bench_routing.py [--shapes base,8b] [--out routing.json]
 """
@@ -12,18 +12,18 @@ import datetime
 import json
 import os
 import pathlib
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ssd_megatron.bench.ffn import time_calls  # noqa: E402
 from ssd_megatron.ffn import centroid_router as CR  # noqa: E402
 from ssd_megatron.ffn.backends.kernels.routing_plan import FILL_PLACES, routing_plan  # noqa: E402
 
 SHAPES = {"base": (16384, 768, 32, 6, 192), "8b": (16384, 4096, 64, 16, 256)}  # T, D, N, K, E
-SETS, REPLAYS = 8, 20
+SETS, REPLAYS = 8, 100
 
 
 def graphed_us(fn) -> float:
@@ -35,17 +35,7 @@ def graphed_us(fn) -> float:
     with torch.cuda.stream(side), torch.cuda.graph(g):
         for i in range(SETS):
             fn(i)
-    g.replay()
-    ts = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(REPLAYS):
-            g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        ts.append(start.elapsed_time(end) * 1000 / (REPLAYS * SETS))
-    return statistics.median(ts)
+    return time_calls(lambda _: g.replay(), REPLAYS, 3)["median"] * 1000 / SETS  # CUDA events, ms per replay
 
 
 def bench_shape(shape: str) -> list:
