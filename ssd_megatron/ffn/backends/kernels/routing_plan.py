@@ -25,8 +25,9 @@ TILE_CHUNK = 64      # table entries per program and step
 # experts (base, 32: 1.9 µs faster per plan on the H200), else the pairs (8B, 64: 17 µs faster), docs/kernels.md v24
 EXPERT_ROWS_MAX = 32
 # where the output's initialisation goes (`fill_place`): every count program's share; every scatter program's share,
-# before its scatter work; or programs of their own beside the scatter's, APART_PROGRAMS of them (not yet timed: the
-# shares in the scatter programs do not overlap their stores with the scatter, 24.8 µs against 15.4 + 9.1 apart, v24)
+# before its scatter work; or programs of their own beside the scatter's, APART_PROGRAMS of them, so that the
+# bandwidth-bound fill runs under the latency-bound scatter (the shares in the scatter programs did not overlap it:
+# 24.8 µs against 15.4 + 9.1 apart, v24; apart 23.4 µs, v25)
 FILL_PLACES = ("count", "scatter", "apart")
 APART_PROGRAMS = 256
 
@@ -125,15 +126,16 @@ def _plan_scatter_kernel(IDX, COUNTS, OFFS, ORDER, TOK, SEXP, TILES, n_tiles, M,
 
 
 def fill_place(np2: int) -> str:
-    """Which kernel initialises the output, one of FILL_PLACES: "scatter" up to EXPERT_ROWS_MAX experts, where its
-    stores drain while the scatter waits on its loads (base plan −1.8 µs on the H200, inference forward −3.7 µs on
-    the H100); "count" beyond (8B: the 134 MB fill took 16 µs longer in the scatter kernel, whose registers keep
-    its fill-only programs queued); SSD_PLAN_FILL names one (docs/kernels.md v24)."""
+    """Which kernel initialises the output, one of FILL_PLACES: "apart" up to EXPERT_ROWS_MAX experts, programs of
+    the scatter launch's own beside its scatter programs (base inference forward, H100, four rounds: 0.1779–0.1813
+    against 0.1823–0.1871 ms with the fill in each scatter program, v25; that had been −3.7 µs against the count
+    kernel, v24); "count" beyond (8B: the 134 MB fill took 16 µs longer in the scatter kernel, whose 212-register
+    programs keep fill-only ones queued); SSD_PLAN_FILL names one (docs/kernels.md v24, v25)."""
     forced = os.environ.get("SSD_PLAN_FILL")
     if forced and forced not in FILL_PLACES:
         from ....errors import UserError
         raise UserError(f"SSD_PLAN_FILL={forced!r}: accepted: {', '.join(FILL_PLACES)}")
-    return forced or ("scatter" if np2 <= EXPERT_ROWS_MAX else "count")
+    return forced or ("apart" if np2 <= EXPERT_ROWS_MAX else "count")
 
 
 def plan_tiles_default(t: torch.Tensor) -> bool:
