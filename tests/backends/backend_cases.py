@@ -154,6 +154,14 @@ def gluon_stand_in(monkeypatch, module, why: str) -> None:
         monkeypatch.setitem(module._STATE, "build", False)
 
 
+def fresh_gluon_records(monkeypatch):
+    """Empty kernels/gluon_launches.py records for one test: `auto`'s choices depend on what ran before in the process,
+    and a test session's other Gluon launches (each shape and tile a key) can fill them to MAX_KEYS."""
+    from ssd_megatron.ffn.backends.kernels import gluon_launches
+    monkeypatch.setattr(gluon_launches, "_LAUNCHED", set())
+    monkeypatch.setattr(gluon_launches, "_EAGER", set())
+
+
 def auto_stand_in(monkeypatch, module_name: str, triton_kernel: str):
     """For `auto`'s policy tests of a Gluon kernel on CPU: skips where this Triton's Gluon does not build
     kernels/`module_name`.py; the device counts as sm_90 (`gluon_stand_in`); kernels/gluon_launches.py starts with
@@ -169,8 +177,7 @@ def auto_stand_in(monkeypatch, module_name: str, triton_kernel: str):
     if module._build_once() is None:
         pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon that builds {module_name}")
     calls, state = [], {"capturing": False}
-    monkeypatch.setattr(gluon_launches, "_LAUNCHED", set())
-    monkeypatch.setattr(gluon_launches, "_EAGER", set())
+    fresh_gluon_records(monkeypatch)
     monkeypatch.setattr(gluon_launches, "capturing", lambda t: state["capturing"])
     monkeypatch.setattr(_triton_kernels, triton_kernel, Recorder(calls, "triton"))
     monkeypatch.setattr(module, "launch", Recorder(calls, "ws"))

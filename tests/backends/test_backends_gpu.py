@@ -7,8 +7,8 @@ fp32 1e-4.
 import pytest
 import torch
 
-from .backend_cases import (Compiled, compare, expert_major_sparse_ffn, make_inputs, rel_err, run, run_router,
-                            upcast, with_column_view_w2)
+from .backend_cases import (Compiled, compare, expert_major_sparse_ffn, fresh_gluon_records, make_inputs, rel_err, run,
+                            run_router, upcast, with_column_view_w2)
 from ssd_megatron.ffn.activations import ACTIVATIONS
 from ssd_megatron.ffn.backends import ReferenceBackend, available_backends, get_backend
 

@@ -175,6 +175,10 @@ def test_gluon_launch_records_are_bounded(monkeypatch):
     assert [forward(False, i) for i in range(3)] == ["ws", "ws", "triton"]  # the third shape finds the records full
     assert len(gluon_launches._EAGER) == len(gluon_launches._LAUNCHED) == 2
     assert [forward(True, i) for i in range(3)] == ["ws", "ws", "triton"]
+    # the launch keys' record full alone (other launches of the same shapes: tiles, flags) also ends eager WS launches,
+    # which could no longer make a capture take the kernel
+    gluon_launches._EAGER.clear()
+    assert forward(False, 2) == "triton"
 
 
 def test_ws_fused_forward_config():

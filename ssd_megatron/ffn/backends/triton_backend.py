@@ -134,7 +134,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
     k = _kernels()
     need_x, need_w1, need_b1, need_w2, need_gate, need_b2 = needs
     dy = dy.to(x.dtype).contiguous()
-    db2 = dy.sum(0, dtype=b2.dtype) if need_b2 else x.new_empty(0)
+    db2 = _bias_grad(dy, b2.dtype) if need_b2 else x.new_empty(0)
     if not any(needs[:5]):  # only the output bias trains (nothing saved for the rest: h may be empty)
         return (*(x.new_empty(0) for _ in range(5)), db2)
     top_k = topk_idx.shape[1]
@@ -150,8 +150,9 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
         E = w2.shape[1]
         rank1 = (dgate, centroids)
         if need_w1:
+            from .kernels.centroid_grad import centroid_grad
             wfold = (("rows", (dgate / E).index_select(0, order.long()), E) if fold == "rows"
-                     else ("expert", _router_centroid_grad(dgate, x, topk_idx, w1.shape[0]) / E, E))
+                     else ("expert", centroid_grad(dgate, x, topk_idx, w1.shape[0], E), E))  # (dSᵀ x / E)
     return (k.down_scatter(dh, w1c, plan, None, combine, rank1=rank1, out=dx0) if need_x else x.new_empty(0),
             _weight_grad(k, dh, x, plan, w1, wgrad, split, wfold) if need_w1 else x.new_empty(0),
             db32.to(w1.dtype) if db32 is not None else x.new_empty(0),
@@ -197,13 +198,11 @@ def _backward(ctx, dy, *_):
     return (*g[:5], None, None, None, None, None, None, None, g[5], None, None)
 
 
-def _router_centroid_grad(dgate: torch.Tensor, x: torch.Tensor, topk_idx: torch.Tensor, N: int) -> torch.Tensor:
-    """[N, D] fp32: sum over the (t, k) pairs routed to expert e of dgate * x[t] (dS^T x, dS the gate
-    gradients scattered into a [T, N] matrix in x's dtype, as the router's own backward has it; dgate is
-    indexed by flat pair t * K + k, as topk_idx's entries)."""
-    T, K = topk_idx.shape
-    ds = x.new_zeros(T, N).scatter_(1, topk_idx, dgate.view(T, K).to(x.dtype))
-    return (ds.t() @ x).float()
+def _bias_grad(dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The output bias's gradient dy.sum(0) in `dtype`: kernels/column_sums.py's (≈ 4× torch's reduction on an H100,
+    docs/kernels.md v25) where it serves, else torch's."""
+    from .kernels import column_sums
+    return column_sums.column_sums(dy, dtype) if column_sums.serves(dy) else dy.sum(0, dtype=dtype)
 
 
 _experts_op.register_autograd(_backward, setup_context=_setup)

@@ -49,8 +49,9 @@ def note(launch_key: tuple, eager_key: tuple, t: torch.Tensor) -> None:
 
 def take(t: torch.Tensor, launch_key, eager_key) -> bool:
     """Whether `auto` takes the Gluon kernel for this launch (module docstring): while capturing, if `launch_key()`
-    ran eagerly before; otherwise if no eager launch with `eager_key()` has and the record is not full. (Both are
-    callables: an eager launch builds only the cheap key.)"""
+    ran eagerly before; otherwise if no eager launch with `eager_key()` has and neither record is full (with the
+    launch keys' full, the eager launch could not make a capture take the kernel, and would only pay its host time).
+    (Both are callables: an eager launch builds only the cheap key.)"""
     if capturing(t):
         return launch_key() in _LAUNCHED
-    return len(_EAGER) < MAX_KEYS and eager_key() not in _EAGER
+    return len(_EAGER) < MAX_KEYS and len(_LAUNCHED) < MAX_KEYS and eager_key() not in _EAGER

@@ -1,0 +1,68 @@
+"""kernels/column_sums.py (the output bias's gradient, the centroids) and kernels/centroid_grad.py (the router's
+centroid gradient dSᵀ x / E) against float64 torch: interpreted on CPU (TRITON_INTERPRET=1 in a subprocess),
+compiled on the GPU (bf16 included)."""
+import pytest
+import torch
+
+from ..interpreted import run_interpreted
+
+# (T, D): rows not a multiple of the 32-row steps, columns not of the 256-wide blocks, one row, many chunks
+SUM_CASES = [(37, 40), (1, 5), (300, 300), (2049, 64)]
+# (N, F, E, D): the centroids' segments (E of F rows per expert: GLU's gate half), D past one column block
+MEAN_CASES = [(4, 40, 16, 24), (3, 96, 48, 300), (1, 8, 8, 8)]
+# (T, D, N, K, routing): K = N, N not a power of two, experts without tokens, T = 0, chunks of several steps
+GRAD_CASES = [(37, 40, 8, 2, "random"), (9, 24, 4, 4, "random"), (70, 130, 5, 2, "empty"), (0, 16, 4, 2, "random"),
+              (600, 48, 32, 6, "random")]
+
+
+def _errors(dtype, device, generator):
+    """Max relative errors of each kernel's cases against float64 (relative to the reference's largest entry)."""
+    from ssd_megatron.ffn.backends.kernels.centroid_grad import centroid_grad
+    from ssd_megatron.ffn.backends.kernels.column_sums import column_sums, segment_means
+
+    def rel(a, b):
+        return float((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
+
+    out = []
+    for T, D in SUM_CASES:
+        x = torch.randn(T, D + 3, generator=generator).to(device, dtype)[:, 3:]  # rows strided, columns unit
+        out.append(rel(column_sums(x, torch.float32), x.double().sum(0)))
+    for N, F, E, D in MEAN_CASES:
+        w = torch.randn(N, F, D, generator=generator).to(device, dtype)
+        out.append(rel(segment_means(w, E, torch.float32), w[:, :E].double().mean(1)))
+    for T, D, N, K, routing in GRAD_CASES:
+        x = torch.randn(T, D, generator=generator).to(device, dtype)
+        scores = torch.randn(T, N, generator=generator)
+        if routing == "empty":  # the last two experts never chosen
+            scores[:, N - 2:] = -1e9
+        idx = scores.topk(K, dim=1).indices.to(device)
+        dgate = torch.randn(T * K, generator=generator).to(device)
+        ds = torch.zeros(T, N, dtype=torch.float64, device=device)
+        ds.scatter_(1, idx, dgate.view(T, K).to(dtype).double())  # rounded to x's dtype, as the kernel's
+        want = ds.t() @ x.double() / (D // 2 + 1)
+        out.append(rel(centroid_grad(dgate, x, idx, N, D // 2 + 1), want))
+    return out
+
+
+def _interpreted_main():  # runs in a subprocess with TRITON_INTERPRET=1 set before triton loads
+    import json
+    print(json.dumps(_errors(torch.float32, "cpu", torch.Generator().manual_seed(0))))
+
+
+def test_interpreted_kernels_match_float64():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the kernels are checked compiled")
+    errors = run_interpreted(__file__, "_interpreted_main")
+    assert len(errors) == len(SUM_CASES) + len(MEAN_CASES) + len(GRAD_CASES)
+    assert max(errors) < 1e-6, errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run via tools/gpu_bench.sh)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernels_match_float64(dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    errors = _errors(dtype, "cuda", torch.Generator().manual_seed(1))
+    # bf16 inputs are exact in float64; the kernels sum in fp32 (the centroid gradient's products on the tensor
+    # cores with fp32 accumulation), and the means are rounded to fp32 here
+    assert max(errors) < 1e-5, errors
