@@ -15,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .column_sums import _launch
+from .column_sums import _sums
 
 PROGRAMS = 264  # about two per SM of an H100
-BT, BC = 64, 128  # tokens and columns of one step's x tile
+BT, BC, WARPS, STAGES = 64, 128, 4, 3  # tokens and columns of one step's x tile; warps; software pipeline stages
 
 
 @triton.jit
@@ -62,5 +62,5 @@ def centroid_grad(dgate: torch.Tensor, x: torch.Tensor, topk_idx: torch.Tensor, 
     _centroid_grad_kernel[(chunks, col_blocks)](
         x, x.stride(0), topk_idx.contiguous(), dgate.contiguous(), part, T, D, N, tokens, K=K,
         NP2=max(16, triton.next_power_of_2(N)), PREC="ieee" if x.dtype == torch.float32 else "tf32", BT=BT, BC=BC,
-        num_warps=4)
-    return _launch(part.view(chunks, N * D), 1, 0, chunks, torch.float32, float(E), 1).view(N, D)
+        num_warps=WARPS, num_stages=STAGES)
+    return _sums(part.view(chunks, N * D), 1, 0, chunks, torch.float32, float(E)).view(N, D)
