@@ -5,9 +5,9 @@ SSD sparse phase): the expert weights, the centroids (mean of each expert's W_in
 scores `x @ c.T`, top-k, the straight-through gate `(s - s.detach()) + 1` (with `triton`, its gradient
 folded into the backend's kernels, as SwitchableFFN does; `--triton-variants fold_router=off` times the
 router's own backward instead, `fold_router=rows` the other way to fold it), the backend, and the output
-bias (with `triton`: in the inference forward y's initial value inside its kernels, while training added
-after, with a zero fill before the combine, as `TritonBackend(fold_output="auto")` does;
-`--triton-variants fold_output=true` or `=false` forces either). `--weight-gather` says where the expert
+bias (with `triton`: y's initial value inside its kernels, its gradient from the backend, as
+`TritonBackend(fold_output="auto")` does; `--triton-variants fold_output=false` adds it after, with a zero fill
+before the combine). `--weight-gather` says where the expert
 weights come from:
 - `none` (default; what an SSD sparse phase runs since the parameters are stored expert-major there,
   ffn/expert_layout.py): views of parameters laid out in expert order, no gather;

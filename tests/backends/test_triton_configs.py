@@ -190,13 +190,13 @@ def test_pre_hopper_defaults_differ_only_where_the_hopper_tiles_spill():
 
 
 def test_auto_options_resolve_per_call():
-    """fold_output="auto" folds in forwards without autograd only; fused_forward="auto" fuses non-GLU
-    activations on Hopper GPUs only (never on CPU tensors, the interpreter's); bad values are refused."""
+    """fold_output="auto" folds, in training too; fused_forward="auto" fuses non-GLU activations on Hopper GPUs
+    only (never on CPU tensors, the interpreter's); bad values are refused."""
     import torch
 
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     be, x = TritonBackend(), torch.zeros(2, 8)
-    assert be._folds_output() is False  # autograd on: training
+    assert be._folds_output() is True  # autograd on: training
     with torch.no_grad():
         assert be._folds_output() is True
     assert TritonBackend(fold_output=True)._folds_output() and not TritonBackend(fold_output=False)._folds_output()

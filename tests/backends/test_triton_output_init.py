@@ -1,5 +1,5 @@
 """The output initialisation folded into the up kernels (TritonBackend(fold_output=True); "auto", the
-default, folds it in forwards without autograd):
+default, folds it too):
 the up launch's programs set the [T, Dout] target of the down launch's atomic adds to the output bias (y)
 or to zeros (dx), each program its slice, so no fill launch runs and no bias is added after.
 

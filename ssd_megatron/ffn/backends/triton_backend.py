@@ -25,7 +25,9 @@ Output initialisation (`folds_output_bias`, option fold_output): the down kernel
 into y (and, backward, into dx) with atomics, so y must first hold zeros, and the FFN then adds its output
 bias: a fill launch and an add (a read and a write of y) per forward. Instead, the up kernel's programs,
 which run just before, each initialise a slice of y to the output bias (of dx to zeros) as they start:
-no launch of its own and no pass over y after. The bias's gradient is dy's column sum, as autograd's.
+no launch of its own and no pass over y after. The bias's gradient is dy's column sum, as autograd's, by
+kernels/column_sums.py (torch's reduction took 31 µs at base against 13, H100: with it the fold went from costing
+the graphed GPT-base step 0.13 ms to saving 0.11 ms, docs/kernels.md v19, v25).
 
 Fused forward (option fused_forward): one kernel per M-tile computes the up GEMM over all of the
 expert's columns, the activation, and the down GEMM block by block into y, so `a` never goes to memory
@@ -150,9 +152,8 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
         E = w2.shape[1]
         rank1 = (dgate, centroids)
         if need_w1:
-            from .kernels.centroid_grad import centroid_grad
             wfold = (("rows", (dgate / E).index_select(0, order.long()), E) if fold == "rows"
-                     else ("expert", centroid_grad(dgate, x, topk_idx, w1.shape[0], E), E))  # (dSᵀ x / E)
+                     else ("expert", _router_centroid_grad(dgate, x, topk_idx, w1.shape[0]) / E, E))
     return (k.down_scatter(dh, w1c, plan, None, combine, rank1=rank1, out=dx0) if need_x else x.new_empty(0),
             _weight_grad(k, dh, x, plan, w1, wgrad, split, wfold) if need_w1 else x.new_empty(0),
             db32.to(w1.dtype) if db32 is not None else x.new_empty(0),
@@ -203,6 +204,17 @@ def _bias_grad(dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     docs/kernels.md v25) where it serves, else torch's."""
     from .kernels import column_sums
     return column_sums.column_sums(dy, dtype) if column_sums.serves(dy) else dy.sum(0, dtype=dtype)
+
+
+def _router_centroid_grad(dgate: torch.Tensor, x: torch.Tensor, topk_idx: torch.Tensor, N: int) -> torch.Tensor:
+    """[N, D] fp32: sum over the (t, k) pairs routed to expert e of dgate * x[t] (dS^T x, dS the gate
+    gradients scattered into a [T, N] matrix in x's dtype, as the router's own backward has it; dgate is
+    indexed by flat pair t * K + k, as topk_idx's entries). (A Triton kernel that built dS's rows in registers
+    and multiplied them into x's tiles took 21 against these ops' 27 µs at base, and 260-770 against 67 µs at 8B,
+    where building the rows of 64 experts from 16 ids each dominates: docs/kernels.md v25.)"""
+    T, K = topk_idx.shape
+    ds = x.new_zeros(T, N).scatter_(1, topk_idx, dgate.view(T, K).to(x.dtype))
+    return (ds.t() @ x).float()
 
 
 _experts_op.register_autograd(_backward, setup_context=_setup)
@@ -270,9 +282,9 @@ class TritonBackend:
     fold_output: offer to take the output bias (`folds_output_bias`), and initialise the outputs that the
     down kernel adds into (y with that bias, dx with zeros) inside the up kernels, not by fill launches
     (module docstring). False: the bias is the caller's, and each atomic output gets a fill launch. "auto"
-    (default): folded in forwards without autograd (inference; H200 GPT-base ReLU layer forward 0.251 ->
-    0.236 ms), not while training: the graphed GPT-base sparse step was 0.04-0.35 ms faster without it in
-    three A/B pairs (there inductor fuses the bias add into the residual add anyway; docs/kernels.md v12).
+    (default): folded (H200 GPT-base ReLU layer forward 0.251 -> 0.236 ms, v12; H100 base ReLU layer fwd+bwd
+    0.775 -> 0.728 ms and the graphed sparse GPT-base step 32.43 -> 32.32 ms once its bias gradient was our column
+    sums, v25: until then the step had been 0.04-0.35 ms faster without it in training, v12, v19).
     fused_forward: the forward's up GEMM, activation and down GEMM as one kernel per M-tile (`a` kept on
     chip; module docstring): True, False, or "auto" (default): fused for the activations without a gate on
     Hopper GPUs, where it was measured faster (H200: GPT-base ReLU layer forward 0.236 -> 0.196 ms, 8B
@@ -316,8 +328,8 @@ class TritonBackend:
         return self._folds_output() and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_runs_on(x)
 
     def _folds_output(self) -> bool:
-        """fold_output for this call ("auto": in forwards without autograd, class docstring)."""
-        return (not torch.is_grad_enabled()) if self.fold_output == "auto" else self.fold_output
+        """fold_output for this call ("auto": folded, class docstring)."""
+        return self.fold_output in ("auto", True)
 
     def __call__(self, x, w1, b1, w2, topk_idx, gate, activation, router_centroids=None, out_bias=None):
         if activation not in ACTIVATIONS:
@@ -339,8 +351,7 @@ class TritonBackend:
         c = None if router_centroids is None else router_centroids.detach().to(x.dtype).contiguous()
         fold_output = self._folds_output()
         if out_bias is not None and not fold_output:
-            raise ValueError("out_bias: not offered here (fold_output=False, or 'auto' with autograd on); the "
-                             "caller adds the bias")
+            raise ValueError("out_bias: not offered here (fold_output=False); the caller adds the bias")
         b2 = None if out_bias is None else out_bias.contiguous()
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, gate_flat))
         # inference (no grad): no pre-activation saved
