@@ -465,9 +465,10 @@ def up_forward(x, w1, b1, plan, activation, save_h: bool, fill=None):
     return a, (h if save_h else None)
 
 
-def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: bool, fill=None):
-    """dh [M, F1], the per-pair gate gradient [T*K] (fp32), ga = gate*a [M, E], db1 [N, F1] (fp32); `fill`
-    as `_launch_up`'s."""
+def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: bool, fill=None,
+                partials: bool = False):
+    """dh [M, F1], the per-pair gate gradient [T*K] (fp32; with `partials`, its [P, T*K] per-column-block
+    partials unsummed), ga = gate*a [M, E], db1 [N, F1] (fp32); `fill` as `_launch_up`'s."""
     act, glu = ACT_CODES[activation]
     M, N = plan.num_rows, plan.num_experts
     E, D = w2.shape[1], w2.shape[2]
@@ -497,7 +498,8 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
         state["dgp"] = dgp
 
     launch(_pick("up_bwd_glu" if glu else "up_bwd", (D, E, str(dy.dtype)), launch, _hopper(dy)))
-    return dh, state["dgp"].sum(0), (ga if need_ga else None), (db if need_db else None)
+    dgate = state["dgp"] if partials else state["dgp"].sum(0)
+    return dh, dgate, (ga if need_ga else None), (db if need_db else None)
 
 
 def _hopper(t: torch.Tensor) -> bool:

@@ -143,9 +143,14 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
     plan = _Plan(w1.shape[0], top_k, x.shape[0], order, token, offsets)
     w1c, w2c = (w1 if w1c is None else w1c), (w2 if w2c is None else w2c)
     dx0 = k.atomic_output(x, x.shape[0], top_k, x.shape[1], combine) if need_x and init_in_up else None
+    from .kernels import score_grad
+    ds_kernel = centroids is not None and need_w1 and fold != "rows" and score_grad.enabled()
     dh, dgate, ga, db32 = k.up_backward(dy, w2c, h, gate_flat, plan, activation,
                                         need_ga=need_w2, need_db=has_bias and need_b1,
-                                        fill=None if dx0 is None else (dx0, None))
+                                        fill=None if dx0 is None else (dx0, None), partials=ds_kernel)
+    ds = None
+    if ds_kernel:  # the partials summed and dS built in one launch (kernels/score_grad.py)
+        dgate, ds = score_grad.score_grad(dgate, topk_idx, w1.shape[0], x.dtype)
     split = combine != "buffer"  # "buffer" = deterministic sums: no atomics in the weight grads either
     rank1 = wfold = None
     if centroids is not None:
@@ -153,7 +158,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
         rank1 = (dgate, centroids)
         if need_w1:
             wfold = (("rows", (dgate / E).index_select(0, order.long()), E) if fold == "rows"
-                     else ("expert", _router_centroid_grad(dgate, x, topk_idx, w1.shape[0]) / E, E))
+                     else ("expert", _router_centroid_grad(dgate, x, topk_idx, w1.shape[0], ds) / E, E))
     return (k.down_scatter(dh, w1c, plan, None, combine, rank1=rank1, out=dx0) if need_x else x.new_empty(0),
             _weight_grad(k, dh, x, plan, w1, wgrad, split, wfold) if need_w1 else x.new_empty(0),
             db32.to(w1.dtype) if db32 is not None else x.new_empty(0),
@@ -206,14 +211,17 @@ def _bias_grad(dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return column_sums.column_sums(dy, dtype) if column_sums.serves(dy) else dy.sum(0, dtype=dtype)
 
 
-def _router_centroid_grad(dgate: torch.Tensor, x: torch.Tensor, topk_idx: torch.Tensor, N: int) -> torch.Tensor:
+def _router_centroid_grad(dgate: torch.Tensor, x: torch.Tensor, topk_idx: torch.Tensor, N: int,
+                          ds: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[N, D] fp32: sum over the (t, k) pairs routed to expert e of dgate * x[t] (dS^T x, dS the gate
     gradients scattered into a [T, N] matrix in x's dtype, as the router's own backward has it; dgate is
-    indexed by flat pair t * K + k, as topk_idx's entries). (A Triton kernel that built dS's rows in registers
-    and multiplied them into x's tiles took 21 against these ops' 27 µs at base, and 260-770 against 67 µs at 8B,
-    where building the rows of 64 experts from 16 ids each dominates: docs/kernels.md v25.)"""
-    T, K = topk_idx.shape
-    ds = x.new_zeros(T, N).scatter_(1, topk_idx, dgate.view(T, K).to(x.dtype))
+    indexed by flat pair t * K + k, as topk_idx's entries); `ds`: that matrix, when kernels/score_grad.py built
+    it. (A Triton kernel that built dS's rows in registers and multiplied them into x's tiles took 21 against
+    these ops' 27 µs at base, and 260-770 against 67 µs at 8B, where building the rows of 64 experts from 16 ids
+    each dominates: docs/kernels.md v25.)"""
+    if ds is None:
+        T, K = topk_idx.shape
+        ds = x.new_zeros(T, N).scatter_(1, topk_idx, dgate.view(T, K).to(x.dtype))
     return (ds.t() @ x).float()
 
 
@@ -312,6 +320,9 @@ class TritonBackend:
             _kernels().env_configs()  # a malformed value fails here, not inside a compiled step
         if os.environ.get("SSD_TRITON_TILE_ORDER"):
             _kernels()._tile_groups()  # likewise
+        if os.environ.get("SSD_TRITON_SCORE_GRAD"):
+            from .kernels import score_grad
+            score_grad.enabled()  # likewise
 
     def folds_router(self, x: torch.Tensor) -> bool:
         """Whether a call on `x` runs our kernels, which can take `router_centroids` (module docstring)."""

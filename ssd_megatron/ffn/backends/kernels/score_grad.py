@@ -1,0 +1,63 @@
+"""The router's score gradient in the folded backward (triton_backend's module docstring): from up_bwd's per-column-
+block partials of the gate gradients, dgate [T * K] (their fp32 sum, by flat pair t * K + k) and dS [T, N] (each
+token's K gate gradients at its experts' columns, rounded to x's dtype as the router's own backward has them, zeros
+elsewhere), from which the centroid gradient dSᵀ x / E is one GEMM.
+
+As torch ops that is the partials' sum, a zero fill of dS and a scatter into it: ≈ 17 µs of the base layer's fwd+bwd
+on an H100 (5 + 4.5 + 7.6, the eager profile of docs/kernels.md v25). Here one launch: a program per BT tokens
+sums its pairs' partials, stores dgate, and writes its rows of dS whole (1 MB at base). Opt-in
+(SSD_TRITON_SCORE_GRAD=1) until timed.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BT = 64  # tokens per program
+
+
+@triton.jit
+def _score_grad_kernel(DGP, IDX, DGATE, DS, T, N, M, P: tl.constexpr, K: tl.constexpr, NP2: tl.constexpr,
+                       BT: tl.constexpr):
+    """DGATE[t * K + k] = sum over j < P of DGP[j, t * K + k]; DS[t, IDX[t, k]] = that sum in DS's dtype, DS[t, e]
+    = 0 for the other experts; program: BT tokens."""
+    tok = tl.program_id(0) * BT + tl.arange(0, BT)
+    tmask = tok < T
+    tok64 = tok.to(tl.int64)
+    experts = tl.arange(0, NP2)
+    ds = tl.zeros((BT, NP2), dtype=tl.float32)
+    for k in tl.static_range(K):
+        pair = tok64 * K + k
+        g = tl.zeros((BT,), dtype=tl.float32)
+        for j in tl.static_range(P):
+            g += tl.load(DGP + j * M + pair, mask=tmask, other=0.0)
+        tl.store(DGATE + pair, g, mask=tmask)
+        e = tl.load(IDX + pair, mask=tmask, other=NP2)
+        ds += tl.where(e[:, None] == experts[None, :], g.to(DS.dtype.element_ty).to(tl.float32)[:, None], 0.0)
+    tl.store(DS + tok64[:, None] * N + experts[None, :], ds.to(DS.dtype.element_ty),
+             mask=tmask[:, None] & (experts < N)[None, :])
+
+
+def score_grad(dgp: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, dtype: torch.dtype):
+    """(dgate [T * K] fp32, dS [T, N] in `dtype`) from up_bwd's partials dgp [P, T * K] (module docstring)."""
+    T, K = topk_idx.shape
+    dgate = torch.empty(T * K, device=dgp.device, dtype=torch.float32)
+    ds = torch.empty(T, num_experts, device=dgp.device, dtype=dtype)
+    if T:
+        _score_grad_kernel[(triton.cdiv(T, BT),)](
+            dgp, topk_idx.contiguous(), dgate, ds, T, num_experts, T * K, P=dgp.shape[0], K=K,
+            NP2=max(16, triton.next_power_of_2(num_experts)), BT=BT, num_warps=4)
+    return dgate, ds
+
+
+def enabled() -> bool:
+    """SSD_TRITON_SCORE_GRAD=1: the folded backward's score gradient by this kernel (module docstring); 0 (the
+    default until timed): by torch ops."""
+    value = os.environ.get("SSD_TRITON_SCORE_GRAD", "0")
+    if value not in ("0", "1"):
+        from ....errors import UserError
+        raise UserError(f"SSD_TRITON_SCORE_GRAD={value!r}: accepted: 0 (torch ops, the default), 1 (one kernel)")
+    return value == "1"
