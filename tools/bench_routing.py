@@ -55,23 +55,26 @@ def bench_shape(shape: str) -> list:
                            routing_plan(flats[i], N, K, fill=(ys[i], None), tile_table=table, fill_in=place))
     cases["router + plan (defaults)"] = lambda i: routing_plan(CR.centroid_topk(xs[i], c, K)[1].reshape(-1), N, K,
                                                                fill=(ys[i], None))
+    return time_cases(shape, cases)
+
+
+def time_cases(shape: str, cases: dict) -> list:
+    """Records {shape, name, us} of each named fn(i) of `cases` (`graphed_us`), printed as they come."""
     out = []
     for name, fn in cases.items():
         us = graphed_us(fn)
-        print(f"{shape:5s} {name:55s} {us:7.2f} us", flush=True)
+        print(f"{shape:5s} {name:60s} {us:7.2f} us", flush=True)
         out.append({"shape": shape, "name": name, "us": us})
     return out
 
 
-def main() -> int:
+def run(tool: str, bench_shape, args) -> int:
+    """Time `bench_shape(shape)` for each of args.shapes (SHAPES' names) and write the records, with the GPU, date
+    and versions, to args.out if given."""
     import triton
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="base,8b")
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("error: tools/bench_routing.py times CUDA kernels; no GPU is visible")
+        sys.exit(f"error: {tool} times CUDA kernels; no GPU is visible")
     res = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
            "triton": triton.__version__, "records": []}
     for shape in args.shapes.split(","):
@@ -81,6 +84,13 @@ def main() -> int:
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(res, indent=1))
     return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="base,8b")
+    ap.add_argument("--out", default="")
+    return run("tools/bench_routing.py", bench_shape, ap.parse_args())
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ import torch
 
 from ..interpreted import run_interpreted
 
-# (T, D): rows not a multiple of the 32-row steps, columns not of the 256-wide blocks, one row, many chunks
-SUM_CASES = [(37, 40), (1, 5), (300, 300), (2049, 64), (70000, 8)]  # the last: partial rows summed twice more
+# (T, D): rows within one 256-row tile and past it, columns not a multiple of the 128-wide blocks, one row, and the
+# partial rows summed once (2049) and twice (70000) more
+SUM_CASES = [(37, 40), (1, 5), (300, 300), (2049, 64), (70000, 8)]
 # (N, F, E, D): the centroids' segments (E of F rows per expert: GLU's gate half), D past one column block
 MEAN_CASES = [(4, 40, 16, 24), (3, 96, 48, 300), (1, 8, 8, 8)]
 
@@ -45,7 +46,6 @@ def test_interpreted_kernels_match_float64():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run via tools/gpu_bench.sh)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_kernels_match_float64(dtype):
-    torch.backends.cuda.matmul.allow_tf32 = False
     errors = _errors(dtype, "cuda", torch.Generator().manual_seed(1))
     # bf16 inputs are exact in float64; the kernel sums in fp32, and the means are rounded to fp32 here
     assert max(errors) < 1e-5, errors

@@ -205,8 +205,8 @@ def _backward(ctx, dy, *_):
 
 
 def _bias_grad(dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The output bias's gradient dy.sum(0) in `dtype`: kernels/column_sums.py's (≈ 4× torch's reduction on an H100,
-    docs/kernels.md v25) where it serves, else torch's."""
+    """The output bias's gradient dy.sum(0) in `dtype`: kernels/column_sums.py's where it serves (base, H100: 13.6
+    against torch's 30.8 µs, docs/kernels.md v25), else torch's."""
     from .kernels import column_sums
     return column_sums.column_sums(dy, dtype) if column_sums.serves(dy) else dy.sum(0, dtype=dtype)
 

@@ -2,8 +2,9 @@
 expert's mean over its gate rows of W1).
 
 torch reduces a [T, D] matrix over its rows at ≈ 0.7 TB/s on an H100: dy.sum(0) of the base layer ([16384, 768] bf16,
-25 MB) took 36 µs of its ≈ 0.79 ms fwd+bwd, where reading 25 MB takes ≈ 8 µs; the centroids' mean over [32, 192,
-768] took 12 µs (docs/kernels.md v25). Here each program loads one tile of up to BR_MAX rows and BC columns of one
+25 MB) took 36 µs of its ≈ 0.79 ms eager fwd+bwd, where reading 25 MB takes ≈ 8 µs; the centroids' mean over [32,
+192, 768] took 12 µs (docs/kernels.md v25). Timed alone under CUDA graphs (tools/bench_reductions.py): 30.8 -> 13.6
+and 9.2 -> 6.2 µs. Here each program loads one tile of up to BR_MAX rows and BC columns of one
 segment at once and stores its fp32 column sums; where a segment spans several tiles, the same kernel then sums
 those partial rows. The order of the additions is fixed: the result is deterministic, as torch's is.
 """
