@@ -1,8 +1,9 @@
 """A/B of the `triton` backend's tile configs and M-tile orders in the whole sparse layer (graphed, as `ssd-bench ffn`
 times it): each arm forces configs in SSD_TRITON_CONFIG's syntax and, optionally, a tile order; the arms alternate
 for --rounds rounds in one process, each round also timing the graphed dense layer, against which that round's ratios
-are taken (a dense time taken once had drifted by up to 8% between runs, session 29). Per-launch sweeps no longer predict
-the layer to within 5% (docs/kernels.md v15), so candidate defaults are timed this way before they are adopted.
+are taken (a dense time taken once had drifted by up to 8% between runs, session 29). Per-launch sweeps no longer
+predict the layer to within 5% (docs/kernels.md v15), so candidate defaults are timed this way before they are
+adopted.
 
     python tools/ab_layer.py --shape 8b --activation swiglu \\
         --arm default= --arm "tma=up_glu=128,128,64,8,3,0,1;up_bwd_glu=128,256,64,8,3,1,1" --out ab.json

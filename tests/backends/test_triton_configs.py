@@ -211,7 +211,8 @@ def test_auto_options_resolve_per_call():
 
 def test_routing_plan_fill_place_by_expert_count_and_from_the_environment(monkeypatch):
     """SSD_PLAN_FILL: the output's initialisation in programs of the scatter launch's own up to 32 experts and in the
-    count kernel beyond (docs/kernels.md v24, v25), a named place wins, and a bad value is a one-line error naming the accepted ones."""
+    count kernel beyond (docs/kernels.md v24, v25), a named place wins, and a bad value is a one-line error naming
+    the accepted ones."""
     from ssd_megatron.ffn.backends.kernels.routing_plan import FILL_PLACES, fill_place
     monkeypatch.delenv("SSD_PLAN_FILL", raising=False)
     assert (fill_place(32), fill_place(64)) == ("apart", "count")
