@@ -231,9 +231,11 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
 # multiple of 16. Balanced items (row segments of at least 96 or 40 rows, crossing experts; atomic adds, or TMA
 # reduces through either 2-D view of dW) and whole experts (0: stores), skewed loads, experts with no tokens, Q not a multiple of the column block (208, 96), one
 # token, K = 1, SwiGLU's dW1 (P = 2E = 128), the router's term in dW1's epilogue; fp32 master weights (dW written in
-# place) and bf16 weights (an fp32 buffer, copied; or stored straight into dW for whole experts)
+# place) and bf16 weights (an fp32 buffer, copied; or stored straight into dW for whole experts; with half sums,
+# TMA reduces into bf16 dW itself)
 WGRAD_WS_TILES = {"balanced96": (64, 128, 64, 4, 4, 96, 5), "balanced40-bk32": (64, 128, 32, 2, 3, 40, 5),
                   "balanced96-tmaout": (64, 128, 64, 3, 3, 96, 5),  # TMA reduces (the others: SSD_WGRAD_TMA_OUT=0)
+                  "balanced96-tmaout-half": (64, 128, 64, 3, 3, 96, 5),  # into bf16 dW itself (SSD_WGRAD_HALF_SUMS=1)
                   "experts": (64, 128, 64, 3, 4, 0, 5)}
 WGRAD_WS_CASES = [dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewed"),
                   dict(activation="relu", T=333, D=208, E=192, N=8, K=2, routing="empty"),  # base's P = 128 + 64
@@ -272,8 +274,10 @@ def test_triton_wgrad_ws_bf16(case, fold, tile, weights, monkeypatch):
 
     reduces = []
     monkeypatch.setattr(wgrad_gluon, "launch", counted)
-    if not tile.endswith("tmaout"):  # the balanced items' fp32 atomics, not the TMA reduces they take where they fit
+    tma_out, half = "tmaout" in tile, tile.endswith("half")
+    if not tma_out:  # the balanced items' fp32 atomics, not the TMA reduces they take where they fit
         monkeypatch.setenv("SSD_WGRAD_TMA_OUT", "0")
+    monkeypatch.setenv("SSD_WGRAD_HALF_SUMS", str(int(half)))
     master = weights == "fp32-master"
     inp = make_inputs(device="cuda", dtype=torch.float32 if master else torch.bfloat16, **case)
     ref = upcast(inp)
@@ -283,7 +287,7 @@ def test_triton_wgrad_ws_bf16(case, fold, tile, weights, monkeypatch):
         inp["dy"] = inp["dy"].bfloat16()
         ref = upcast({**inp, **{k: inp[k].detach().bfloat16().requires_grad_()
                                 for k in ("w1", "b1", "w2", "b2") if inp[k] is not None}})
-    if tile.endswith("tmaout") and not master and fold == "none":  # dW2 with P contiguous: the other 2-D view
+    if tma_out and not master and fold == "none":  # dW2 with P contiguous: the other 2-D view
         inp = with_column_view_w2(inp)
         ref = upcast(inp)
     be = TritonBackend(combine="atomic16")
@@ -299,7 +303,8 @@ def test_triton_wgrad_ws_bf16(case, fold, tile, weights, monkeypatch):
     assert not master or all(g.dtype == torch.float32 for k, g in got[1].items() if k in ("w1", "w2")), got[1]
     F1 = case["E"] * (2 if case["activation"] == "swiglu" else 1)
     assert sorted(launches) == sorted([(F1, 2 if fold == "router" else 0), (case["E"], 0)]), launches
-    assert any(reduces) == (tile.endswith("tmaout") and case["E"] <= 192), reduces  # (8B's P = 256: shared memory)
+    # (8B's P = 256: the staging fits in shared memory in bf16, not in fp32)
+    assert any(reduces) == (tma_out and (case["E"] <= 192 or (half and not master))), reduces
     print("wgrad ws", case, fold, tile, weights, reduces, {k: f"{v:.1e}" for k, v in errs.items()})
 
 

@@ -1,4 +1,4 @@
-"""kernels/score_grad.py (the folded backward's dgate and dS in one launch, opt-in: SSD_TRITON_SCORE_GRAD=1) against
+"""kernels/score_grad.py (the folded backward's dgate and dS in one launch; SSD_TRITON_SCORE_GRAD=0: torch's ops) against
 torch's sum and scatter, and the triton backend with it against autograd through SSD's router on the float64
 reference: interpreted on CPU (TRITON_INTERPRET=1 in a subprocess), compiled on the GPU."""
 import pytest
@@ -78,9 +78,9 @@ def test_switch_is_checked(monkeypatch):
     from ssd_megatron.errors import UserError
     from ssd_megatron.ffn.backends.kernels.score_grad import enabled
     monkeypatch.delenv("SSD_TRITON_SCORE_GRAD", raising=False)
-    assert enabled() is False
-    monkeypatch.setenv("SSD_TRITON_SCORE_GRAD", "1")
     assert enabled() is True
+    monkeypatch.setenv("SSD_TRITON_SCORE_GRAD", "0")
+    assert enabled() is False
     monkeypatch.setenv("SSD_TRITON_SCORE_GRAD", "yes")
-    with pytest.raises(UserError, match="SSD_TRITON_SCORE_GRAD='yes': accepted: 0"):
+    with pytest.raises(UserError, match="SSD_TRITON_SCORE_GRAD='yes': accepted: 1"):
         enabled()

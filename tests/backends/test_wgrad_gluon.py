@@ -22,12 +22,17 @@ WS = (64, 128, 64, 4, 4, 96, 5)  # BP (unused), BQ, BK, the L ring's depth, the 
 # depths, dW as W_out's column view): base's P = 128 + 64 (dW1 with the router's term, bf16 weights: an fp32 buffer;
 # four-slot rings leave no room for the TMA reduces' staging: atomics), 8B's P = 256 in one box (fp32 master weights:
 # atomics), whole experts stored into bf16, a thin fp16 expert with Q not a multiple of the column block (TMA
-# reduces, Q contiguous), base's dW2 with three-slot rings (TMA reduces, P contiguous)
-LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96, "atomic", 4, False),
-            "8b-dw2-fp32": (256, 512, "bfloat16", False, "float32", 96, "atomic", 4, False),
-            "whole-experts-bf16": (192, 256, "bfloat16", True, "bfloat16", 0, "store", 4, False),
-            "fp16-ragged-q": (64, 208, "float16", False, "float32", 96, "reduce", 4, False),
-            "base-dw2-column-view": (192, 768, "bfloat16", False, "float32", 96, "reduce", 3, True)}
+# reduces, Q contiguous), base's dW2 with three-slot rings (TMA reduces, P contiguous); with half sums (the last
+# entry: SSD_WGRAD_HALF_SUMS=1) base's dW1 and dW2 and 8B's dW2 by TMA reduces into bf16 dW itself (8B's 256-column
+# box has room for the staging in bf16, not in fp32)
+LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96, "atomic", 4, False, False),
+            "8b-dw2-fp32": (256, 512, "bfloat16", False, "float32", 96, "atomic", 4, False, False),
+            "whole-experts-bf16": (192, 256, "bfloat16", True, "bfloat16", 0, "store", 4, False, False),
+            "fp16-ragged-q": (64, 208, "float16", False, "float32", 96, "reduce", 4, False, False),
+            "base-dw2-column-view": (192, 768, "bfloat16", False, "float32", 96, "reduce", 3, True, False),
+            "half-base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96, "reduce", 3, False, True),
+            "half-base-dw2-column-view": (192, 768, "bfloat16", False, "bfloat16", 96, "reduce", 3, True, True),
+            "half-8b-dw2": (256, 512, "bfloat16", False, "bfloat16", 96, "reduce", 3, False, True)}
 
 
 def _case(P, Q, dtype=torch.bfloat16, fold=False, dw_dtype=torch.float32, T=100, N=8, K=2, column_view=False):
@@ -51,12 +56,13 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
     from ssd_megatron.ffn.backends import _triton_kernels as K
     cr.offline(90)
 
-    def launch(P, Q, dtype, fold, dw_dtype, chunk, epilogue, rings, column_view):
+    def launch(P, Q, dtype, fold, dw_dtype, chunk, epilogue, rings, column_view, half):
         lhs, rhs, plan, like, f = _case(P, Q, getattr(torch, dtype), fold, getattr(torch, dw_dtype),
                                         column_view=column_view)
 
         def run():
             K.force_config(wgrad=WS[:3] + (rings, rings, chunk, 5))
+            os.environ["SSD_WGRAD_HALF_SUMS"] = str(int(half))
             K.wgrad(lhs, rhs, plan, like, gathered=False, fold=f)
         return run
     print("WGRADWS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in LAUNCHES.items()})))
@@ -141,6 +147,39 @@ def test_ws_wgrad_falls_back(monkeypatch, why):
         assert args[6] is not like and args[6].shape == like.shape and args[6].dtype == torch.float32
     else:  # (served, but this Triton has no Gluon that builds it: kernels/wgrad.py too)
         assert name == "triton" and kwargs["LTMA"] == (fold_kind != "rows"), (name, kwargs)
+
+
+@pytest.mark.parametrize("dw_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("reduces", [True, False])
+def test_half_sums_add_into_dw_itself(monkeypatch, dw_dtype, reduces):
+    """SSD_WGRAD_HALF_SUMS=1: the balanced items' TMA reduces add into a bf16 dW itself (zeroed; no fp32 buffer, no
+    copy after); fp32 master weights' dW is the target either way; without TMA reduces (SSD_WGRAD_TMA_OUT=0) the
+    relaxed atomics keep their fp32 buffer. A malformed value is a one-line error."""
+    pytest.importorskip("triton")
+    from ssd_megatron.errors import UserError
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import wgrad_gluon
+    if wgrad_gluon._build_once() is None:
+        pytest.skip("this Triton's Gluon does not build the WS wgrad")
+    calls = []
+    monkeypatch.setattr(wgrad_gluon, "launch", Recorder(calls, "ws"))
+    gluon_stand_in(monkeypatch, wgrad_gluon, "served")
+    monkeypatch.setenv("SSD_WGRAD_HALF_SUMS", "1")
+    monkeypatch.setenv("SSD_WGRAD_TMA_OUT", str(int(reduces)))
+    lhs, rhs, plan, like, _ = _case(192, 256, dw_dtype=getattr(torch, dw_dtype))
+    K.force_config(wgrad=WS[:3] + (3, 3, 96, 5))
+    try:
+        dw = K.wgrad(lhs, rhs, plan, like, gathered=False)
+    finally:
+        K.force_config()
+    (name, args, _), = calls
+    out, tma_out = args[6], args[14]
+    assert name == "ws" and tma_out == reduces, (name, tma_out)
+    assert (out is dw) == (reduces or dw_dtype == "float32"), (out.dtype, dw.dtype)
+    assert out.dtype == (dw.dtype if reduces else torch.float32) and not out.any()
+    monkeypatch.setenv("SSD_WGRAD_HALF_SUMS", "bf16")
+    with pytest.raises(UserError, match="SSD_WGRAD_HALF_SUMS='bf16': accepted: 0"):
+        K._half_sums()
 
 
 def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):

@@ -253,15 +253,16 @@ def _auto_wgrad_ws(lhs, rhs, dw, fold_kind, split: bool, gathered: bool, eager_k
     if be > 128 or not gluon_launches.take(lhs, lambda: key(AUTO_WGRAD_WS), eager_key):
         return None
     _, BQ, BK, l_stages, r_stages, _, _ = AUTO_WGRAD_WS
-    tile = (lhs, rhs, dw.dtype, _FOLD_CODES[fold_kind], True, BQ, BK, l_stages, r_stages, be, be2)
+    tile = (lhs, rhs, _sums_dtype(dw), _FOLD_CODES[fold_kind], True, BQ, BK, l_stages, r_stages, be, be2)
     return AUTO_WGRAD_WS if _ws_reduces(dw, tile) else None
 
 
 def _ws_reduces(dw, tile) -> bool:
     """Whether the WS wgrad's balanced items, at `tile` (wgrad_gluon.serves' arguments after dW), can add their
-    partial sums as TMA reduces: dW has a 2-D view for them, and their staging fits beside the rings."""
+    partial sums as TMA reduces in tile[2]'s dtype: dW has a 2-D view for them, and their staging fits beside the
+    rings."""
     from .kernels import wgrad_gluon
-    return wgrad_gluon.out_view(dw, tile[0].shape[1]) is not None and wgrad_gluon.serves(*tile, True)
+    return wgrad_gluon.out_view(dw, tile[0].shape[1], tile[2]) is not None and wgrad_gluon.serves(*tile, True)
 
 
 def _auto_down_ws(a: torch.Tensor, w: torch.Tensor, atomic: bool):
@@ -733,12 +734,11 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
 _FOLD_CODES = {None: 0, "rows": 1, "expert": 2}  # kernels/wgrad.py's FOLD
 
 
-def _zeroed_fp32(dw: torch.Tensor) -> torch.Tensor:
-    """The zeroed fp32 target of a weight gradient's atomic partial sums: dW itself when fp32, else a buffer with
-    dW's strides, so that its copy into a strided dW (W_out's [N, E, D] view) is one dense, vectorised pass, not an
-    elementwise one (40 us of the GPT-base layer in bf16, v15)."""
-    out = dw if dw.dtype == torch.float32 else torch.empty_strided(dw.shape, dw.stride(), device=dw.device,
-                                                                  dtype=torch.float32)
+def _zeroed(dw: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The zeroed target of a weight gradient's partial sums in `dtype`: dW itself when of that dtype, else a buffer
+    with dW's strides, so that its copy into a strided dW (W_out's [N, E, D] view) is one dense, vectorised pass,
+    not an elementwise one (40 us of the GPT-base layer in bf16, v15)."""
+    out = dw if dw.dtype == dtype else torch.empty_strided(dw.shape, dw.stride(), device=dw.device, dtype=dtype)
     return out.zero_()
 
 
@@ -748,20 +748,43 @@ def _reduces_allowed() -> bool:
     return os.environ.get("SSD_WGRAD_TMA_OUT", "1") != "0"
 
 
+def _half_sums() -> bool:
+    """SSD_WGRAD_HALF_SUMS=1: the WS wgrad's TMA reduces add into a bf16/fp16 dW itself (kernels/wgrad_gluon.py's
+    half sums); 0 (the default until timed): into an fp32 buffer, cast after. Part of its launch key."""
+    value = os.environ.get("SSD_WGRAD_HALF_SUMS", "0")
+    if value not in ("0", "1"):
+        from ...errors import UserError
+        raise UserError(f"SSD_WGRAD_HALF_SUMS={value!r}: accepted: 0 (fp32 sums, the default), 1 (in dW's bf16/fp16)")
+    return value == "1"
+
+
+def _sums_dtype(dw: torch.Tensor) -> torch.dtype:
+    """The dtype the WS wgrad's balanced items add their partial sums in by TMA reduces: dW's own with half sums
+    and a bf16/fp16 dW, else fp32 (dW itself when fp32, else a buffer)."""
+    return dw.dtype if dw.dtype in (torch.bfloat16, torch.float16) and _half_sums() else torch.float32
+
+
 def _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p: int, ch: int, BQ: int, BK: int, l_stages: int,
               r_stages: int, state: dict) -> bool:
     """The warp-specialised Gluon wgrad (kernels/wgrad_gluon.py), if it serves; True if launched. With ch > 0 its
-    balanced items (equal row segments of at least ch rows) add into a zeroed fp32 dW (dW itself when fp32, else a
-    buffer with its strides, copied by the caller); else each expert's rows per program, stored into dW."""
+    balanced items (equal row segments of at least ch rows) add into a zeroed dW (by TMA reduces in `_sums_dtype`,
+    else by fp32 atomics: dW itself when of that dtype, else a buffer with its strides, copied by the caller);
+    else each expert's rows per program, stored into dW."""
     from .kernels import wgrad_gluon
     fold = _FOLD_CODES[fold_kind]
     be, be2 = _split_width(lhs.shape[1])
-    tile = (lhs, rhs, dw.dtype, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2)
+
+    def tile(target):
+        return lhs, rhs, target, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2
+
+    sums = _sums_dtype(dw) if ch else dw.dtype
     # the balanced items' adds as TMA reduces where allowed and dW's layout and shared memory serve
-    tma_out = ch > 0 and _reduces_allowed() and _ws_reduces(dw, tile)
-    if not tma_out and not wgrad_gluon.serves(*tile):
+    tma_out = ch > 0 and _reduces_allowed() and _ws_reduces(dw, tile(sums))
+    if ch and not tma_out:
+        sums = torch.float32  # (relaxed atomics add in fp32)
+    if not tma_out and not wgrad_gluon.serves(*tile(sums)):
         return False
-    out = _zeroed_fp32(dw) if ch else dw
+    out = _zeroed(dw, sums) if ch else dw
     wgrad_gluon.launch(lhs, rhs, plan.offsets, plan.token, coef, fold_p, out, fold, ch, BK, l_stages, r_stages, be,
                        be2, tma_out)
     state["out"] = out
@@ -791,7 +814,7 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
     def ws_key(cfg):  # kernels/gluon_launches.key of this launch with tile `cfg`
         from .kernels import gluon_launches
         return gluon_launches.key((lhs, rhs, plan.offsets, plan.token, coef, dw), fold_kind, fold_p, split, cfg,
-                                  _reduces_allowed())
+                                  _reduces_allowed(), _half_sums())
 
     def launch(cfg):
         BP, BQ, BK, nw, ns = cfg[:5]
@@ -807,7 +830,7 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
         num_p, num_q = triton.cdiv(P, BP), triton.cdiv(Q, BQ)
         # with chunks, the grid is an upper bound on the (expert, chunk) pairs, as for the M-tiles
         num_t = triton.cdiv(plan.num_rows, ch) + N if ch else N
-        out = _zeroed_fp32(dw) if ch else dw
+        out = _zeroed(dw) if ch else dw
         descs = None
         if fold_kind != "rows" and _operand_tma(cfg, lhs):
             descs = _tma_descriptors(lhs, ([BK, bp], [BK, max(bp2, 16)]))

@@ -24,6 +24,10 @@ piece's fp32 partial sum is added into a zeroed fp32 dW: by a TMA reduce (TMA_OU
 `out_view`, and the staging fits in shared memory: each consumer stores its block there and one thread issues the
 add, which runs while the consumer goes on), else by per-element relaxed atomics. So every program has the same
 number of rows whatever the expert loads, which whole experts do not (a heavy expert's items run last and alone).
+**Half sums** (`_triton_kernels._sums_dtype`): a bf16/fp16 dW takes the TMA reduces itself, each piece's sum
+rounded to dW's dtype and added there (the reduce rounds again), instead of an fp32 buffer zeroed before and cast
+after (at base 2 x (5.8 + 8.4) us of fill and cast launches per layer, docs/kernels.md v25); an expert cut into n
+pieces then takes n + 1 roundings instead of one, as the bf16 combines' adds do.
 FOLD 2:
 the piece holding an expert's first row adds the router's term COEF[e] to the first fold_p rows, as kernels/wgrad.py
 does (an expert without rows has none to add: its term is a sum over its tokens).
@@ -179,11 +183,11 @@ def _build():
                 acc += gl.where(pc[None, :] < fold_p, v[:, None], 0.0)
         tma.store_wait(PENDING)
         if OUT_T:
-            o_smem.store(gl.permute(acc, (1, 0)))
+            o_smem.store(gl.permute(acc, (1, 0)).to(o_smem.dtype))
             fence_async_shared()
             tma.async_atomic_add(o_desc, [e * P + c0, q0], o_smem)
         else:
-            o_smem.store(acc)
+            o_smem.store(acc.to(o_smem.dtype))
             fence_async_shared()
             tma.async_atomic_add(o_desc, [q0, e * P + c0], o_smem)
 
@@ -277,12 +281,13 @@ def _build():
         # each consumer's staging of its dW blocks for the TMA reduce (TMA_OUT; a token buffer otherwise)
         OB: gl.constexpr = o_desc.block_type.shape if TMA_OUT else [16, 16]
         OB2: gl.constexpr = o_desc2.block_type.shape if TMA_OUT else [16, 16]
+        o_dtype: gl.constexpr = o_desc.dtype if TMA_OUT else gl.float32  # the reduces' target: fp32, or dW's half
         o_layout: gl.constexpr = (o_desc.layout if TMA_OUT
                                   else gl.NVMMASharedLayout.get_default_for([16, 16], gl.float32))
-        o_a = gl.allocate_shared_memory(gl.float32, OB, o_layout)
-        o_a2 = gl.allocate_shared_memory(gl.float32, OB2, o_layout)
-        o_b = gl.allocate_shared_memory(gl.float32, OB, o_layout)
-        o_b2 = gl.allocate_shared_memory(gl.float32, OB2, o_layout)
+        o_a = gl.allocate_shared_memory(o_dtype, OB, o_layout)
+        o_a2 = gl.allocate_shared_memory(o_dtype, OB2, o_layout)
+        o_b = gl.allocate_shared_memory(o_dtype, OB, o_layout)
+        o_b2 = gl.allocate_shared_memory(o_dtype, OB2, o_layout)
         for i in gl.static_range(RS):
             mbarrier.init(r_full.index(i), count=32 * LW)  # every loader thread's cp.async arrival
             mbarrier.init(r_empty.index(i), count=2)  # both consumers
@@ -313,32 +318,34 @@ def _build():
                      for b in boxes)
 
     def out_descriptors(out2d, boxes):
-        """TMA descriptors of dW's 2-D view (`out_view`) in each box shape of `boxes`, unswizzled fp32 (a box's
-        inner dimension is up to 128 columns, past the 128-byte swizzles)."""
-        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+        """TMA descriptors of dW's 2-D view (`out_view`, fp32 or dW's bf16/fp16) in each box shape of `boxes`,
+        unswizzled (a box's inner dimension is up to 128 columns, past the 128-byte swizzles)."""
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * out2d.element_size(), rank=2)
         return tuple(TensorDescriptor.from_tensor(out2d, list(b), layout) for b in boxes)
 
     return wgrad_ws_kernel, descriptors, out_descriptors
 
 
 def smem_bytes(BK: int, BQ: int, P2: int, l_stages: int, r_stages: int, element_size: int = 2,
-               tma_out: bool = False) -> int:
+               tma_out: bool = False, out_size: int = 4) -> int:
     """Shared memory of one program: the L ring (slots of BK x P2, P2 = P's boxes), the R ring (BK x BQ), with
-    tma_out the consumers' fp32 staging of their dW blocks (BQ x P2 in all), and the barriers."""
-    return (l_stages * BK * P2 + r_stages * BK * BQ) * element_size + (BQ * P2 * 4 if tma_out else 0) + 1024
+    tma_out the consumers' staging of their dW blocks (BQ x P2 in all, out_size bytes each), and the barriers."""
+    return (l_stages * BK * P2 + r_stages * BK * BQ) * element_size + (BQ * P2 * out_size if tma_out else 0) + 1024
 
 
-def out_view(dw: torch.Tensor, P: int):
+def out_view(dw: torch.Tensor, P: int, target: torch.dtype = torch.float32):
     """(dW [N, P, Q] as a 2-D matrix a TMA reduce can address, whether Q is its contiguous dimension) or None:
     P contiguous with experts side by side (W_out's [N, E, D] column view: [Q, N * P]), or Q contiguous with
-    experts stacked ([N * P, Q]); rows 16-byte aligned in fp32 (the reduce's target is fp32 with dW's strides)."""
+    experts stacked ([N * P, Q]); rows 16-byte aligned in the reduces' `target` dtype (dW itself when of that
+    dtype, else a fresh buffer with dW's strides)."""
     N, _, Q = dw.shape
-    if dw.dtype == torch.float32 and dw.data_ptr() % 16:  # (else the target is a fresh fp32 buffer)
+    if dw.dtype == target and dw.data_ptr() % 16:
         return None
+    align = 16 // target.itemsize
     sde, sdp, sdq = dw.stride()
-    if sdp == 1 and sde == P and sdq % 4 == 0:
+    if sdp == 1 and sde == P and sdq % align == 0:
         return dw.as_strided((Q, N * P), (sdq, 1)), False
-    if sdq == 1 and sde == P * sdp and sdp % 4 == 0:
+    if sdq == 1 and sde == P * sdp and sdp % align == 0:
         return dw.as_strided((N * P, Q), (sdp, 1)), True
     return None
 
@@ -350,15 +357,19 @@ def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: in
     boxes be + be2 (powers of two, wgmma's N; `_triton_kernels._split_width`) at most 256 (the consumers'
     accumulators), BQ = 128 (a 64-row wgmma per consumer), BK a power of two in 16..128, lhs's rows contiguous and
     16-byte aligned, rhs's rows contiguous with Q a multiple of 16 (Triton's specialisation then proves the copies
-    16 bytes wide, as cp.async needs), for whole experts (not `balanced`) a dW of fp32, bf16 or fp16 to store into
-    (balanced items add into an fp32 buffer, or dW itself when fp32), FOLD 0 or 2, two or more slots in each ring, the
-    buffers within shared memory (with `tma_out`, for balanced items only, the reduces' staging too, and P exactly
-    its boxes: a box must not reach into the next expert's rows), and a Triton whose Gluon builds the kernel."""
+    16 bytes wide, as cp.async needs), for whole experts (not `balanced`) a dW of fp32, bf16 or fp16 to store into;
+    balanced items add into an fp32 buffer (or dW itself when fp32; dw_dtype is then the target of their adds), or
+    with `tma_out` into a bf16/fp16 dW itself (`_triton_kernels._sums_dtype`); FOLD 0 or 2, two or more slots in
+    each ring, the buffers within shared memory (with `tma_out`, for balanced items only, the reduces' staging too,
+    and P exactly its boxes: a box must not reach into the next expert's rows), and a Triton whose Gluon builds the
+    kernel."""
     M, P = lhs.shape
     es = lhs.element_size()
     if not down_gluon._sm90(lhs) or lhs.dtype not in (torch.bfloat16, torch.float16) or rhs.dtype != lhs.dtype:
         return False
-    if not balanced and dw_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if dw_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if balanced and dw_dtype != torch.float32 and not tma_out:  # (relaxed atomics add in fp32 only)
         return False
     if fold not in (0, 2) or min(l_stages, r_stages) < 2 or M == 0 or BQ != 128:
         return False
@@ -371,7 +382,8 @@ def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: in
         return False
     if tma_out and (not balanced or be + be2 != P):
         return False
-    return (smem_bytes(BK, BQ, be + max(be2, 16), l_stages, r_stages, es, tma_out) <= down_gluon.SMEM_LIMIT
+    return (smem_bytes(BK, BQ, be + max(be2, 16), l_stages, r_stages, es, tma_out, dw_dtype.itemsize)
+            <= down_gluon.SMEM_LIMIT
             and _build_once() is not None)
 
 
@@ -389,8 +401,8 @@ def segments(M: int, num_q: int, min_rows: int, sms: int) -> int:
 def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows: int, BK: int, l_stages: int,
            r_stages: int, be: int, be2: int, tma_out: bool = False):
     """The kernel, for each 128-column block, over balanced items (min_rows > 0: equal row segments of all experts'
-    rows, `segments`; adds into the zeroed fp32 `out` [N, P, Q], any strides: relaxed atomics, or with tma_out TMA
-    reduces through `out_view`) or whole experts (stores into `out`). P's columns in boxes of be and be2 (0: one box).
+    rows, `segments`; adds into the zeroed `out` [N, P, Q], any strides: relaxed fp32 atomics, or with tma_out TMA
+    reduces in out's dtype through `out_view`) or whole experts (stores into `out`). P's columns in boxes of be and be2 (0: one box).
     The caller checked `serves`."""
     kernel, descriptors, out_descriptors = _build_once()
     (M, P), Q, N = lhs.shape, rhs.shape[1], out.shape[0]
@@ -400,7 +412,7 @@ def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows
     o_desc = o_desc2 = None
     out_t = False
     if tma_out:
-        out2d, out_t = out_view(out, P)
+        out2d, out_t = out_view(out, P, out.dtype)
         boxes = [(c, 64) if out_t else (64, c) for c in (be, be2 or 16)]
         o_desc, o_desc2 = out_descriptors(out2d, boxes)
     S = segments(M, num_q, min_rows, sms) if min_rows else 1
