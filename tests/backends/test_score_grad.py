@@ -1,4 +1,4 @@
-"""kernels/score_grad.py (the folded backward's dgate and dS in one launch; SSD_TRITON_SCORE_GRAD=0: torch's ops) against
+"""kernels/score_grad.py (the folded backward's dgate and dS in one launch; SSD_TRITON_SCORE_GRAD=0: torch's) against
 torch's sum and scatter, and the triton backend with it against autograd through SSD's router on the float64
 reference: interpreted on CPU (TRITON_INTERPRET=1 in a subprocess), compiled on the GPU."""
 import pytest
@@ -78,9 +78,11 @@ def test_switch_is_checked(monkeypatch):
     from ssd_megatron.errors import UserError
     from ssd_megatron.ffn.backends.kernels.score_grad import enabled
     monkeypatch.delenv("SSD_TRITON_SCORE_GRAD", raising=False)
-    assert enabled() is True
+    assert enabled(32) is True and enabled(64) is False  # auto: up to 32 experts (8B's 64: no gain measured)
+    monkeypatch.setenv("SSD_TRITON_SCORE_GRAD", "1")
+    assert enabled(64) is True
     monkeypatch.setenv("SSD_TRITON_SCORE_GRAD", "0")
-    assert enabled() is False
+    assert enabled(8) is False
     monkeypatch.setenv("SSD_TRITON_SCORE_GRAD", "yes")
-    with pytest.raises(UserError, match="SSD_TRITON_SCORE_GRAD='yes': accepted: 1"):
-        enabled()
+    with pytest.raises(UserError, match="SSD_TRITON_SCORE_GRAD='yes': accepted: auto"):
+        enabled(8)

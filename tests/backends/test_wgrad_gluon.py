@@ -187,7 +187,7 @@ def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
     by kernels/gluon_launches.py's rule: not in a capture before an eager launch with the same launch key (which
     would load its module there), the first eager launch of a shape, not later eager ones (host time), then in a
     capture; kernels/wgrad.py for deterministic sums (split=False), pre-gathered R, 8B's one 256-column box (it lost
-    there), and a dW layout the reduces cannot address."""
+    there), and a dW layout the reduces cannot address; a switch of the kernel's specialisation is a new eager key."""
     K, _, calls, state = auto_stand_in(monkeypatch, "wgrad_gluon", "_wgrad_kernel")
     monkeypatch.setattr(K, "_tma_descriptors", lambda t, boxes: ("L", "L2"))
 
@@ -210,6 +210,9 @@ def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
     assert grad(False, split=False)[0] == grad(False, gathered=True)[0] == grad(False, P=256)[0] == "triton"
     odd = torch.empty(8, 200, 768)[:, :192]  # experts 200 rows apart: no 2-D view for the reduces
     assert grad(False, T=80, like=odd)[0] == "triton"
+    # a switch that picks another specialisation (an A/B arm): its own first eager launch loads it, then captures
+    monkeypatch.setenv("SSD_WGRAD_HALF_SUMS", "1")
+    assert grad(False)[0] == grad(True)[0] == "ws"
 
 
 def test_balanced_segments():

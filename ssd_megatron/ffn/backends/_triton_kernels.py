@@ -807,9 +807,11 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
     fold_kind, coef, fold_p = fold if fold is not None else (None, lhs, 0)
     state = {}
 
-    def eager_key():  # `_auto_wgrad_ws`'s cheap key of this launch (shapes), built only where `auto` consults it
+    def eager_key():  # `_auto_wgrad_ws`'s cheap key of this launch (shapes and the switches that pick the kernel's
+        # specialisation: an A/B arm that flips one needs its own eager launch to load that module), built only where
+        # `auto` consults it
         return (lhs.device, lhs.dtype, tuple(lhs.shape), tuple(rhs.shape), tuple(dw.shape), dw.stride(), dw.dtype,
-                fold_kind)
+                fold_kind, _reduces_allowed(), _half_sums())
 
     def ws_key(cfg):  # kernels/gluon_launches.key of this launch with tile `cfg`
         from .kernels import gluon_launches

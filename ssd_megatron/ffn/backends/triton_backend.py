@@ -144,7 +144,7 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
     w1c, w2c = (w1 if w1c is None else w1c), (w2 if w2c is None else w2c)
     dx0 = k.atomic_output(x, x.shape[0], top_k, x.shape[1], combine) if need_x and init_in_up else None
     from .kernels import score_grad
-    ds_kernel = centroids is not None and need_w1 and fold != "rows" and score_grad.enabled()
+    ds_kernel = centroids is not None and need_w1 and fold != "rows" and score_grad.enabled(w1.shape[0])
     dh, dgate, ga, db32 = k.up_backward(dy, w2c, h, gate_flat, plan, activation,
                                         need_ga=need_w2, need_db=has_bias and need_b1,
                                         fill=None if dx0 is None else (dx0, None), partials=ds_kernel)
@@ -322,7 +322,7 @@ class TritonBackend:
             _kernels()._tile_groups()  # likewise
         if os.environ.get("SSD_TRITON_SCORE_GRAD"):
             from .kernels import score_grad
-            score_grad.enabled()  # likewise
+            score_grad.enabled(0)  # likewise
 
     def folds_router(self, x: torch.Tensor) -> bool:
         """Whether a call on `x` runs our kernels, which can take `router_centroids` (module docstring)."""

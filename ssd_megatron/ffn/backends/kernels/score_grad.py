@@ -5,9 +5,10 @@ elsewhere), from which the centroid gradient dSᵀ x / E is one GEMM.
 
 As torch ops that is the partials' sum, a zero fill of dS and a scatter into it: ≈ 17 µs of the base layer's fwd+bwd
 on an H100 (5 + 4.5 + 7.6, the eager profile of docs/kernels.md v25). Here one launch: a program per BT tokens
-sums its pairs' partials, stores dgate, and writes its rows of dS whole (1 MB at base). The default
-(SSD_TRITON_SCORE_GRAD=0: torch's ops, for A/Bs): H100, base ReLU layer fwd+bwd graphed, four alternating rounds
-0.7141-0.7181 ms against 0.7244-0.7344 (docs/kernels.md v26).
+sums its pairs' partials, stores dgate, and writes its rows of dS whole (1 MB at base). The default up to
+MAX_AUTO_EXPERTS experts (SSD_TRITON_SCORE_GRAD: auto; 1 always, 0 never, for A/Bs): H100, base ReLU layer fwd+bwd
+graphed, four alternating rounds 0.7141-0.7181 ms against torch's 0.7244-0.7344; at 8B (64 experts x 16 ids per
+token unrolled: 254 registers) 8.390 / 8.416 against 8.382 / 8.396, no gain (docs/kernels.md v26).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import triton
 import triton.language as tl
 
 BT = 64  # tokens per program
+MAX_AUTO_EXPERTS = 32  # `auto` takes the kernel up to this many experts (module docstring)
 
 
 @triton.jit
@@ -54,11 +56,12 @@ def score_grad(dgp: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, dtyp
     return dgate, ds
 
 
-def enabled() -> bool:
-    """SSD_TRITON_SCORE_GRAD=1 (the default): the folded backward's score gradient by this kernel (module
-    docstring); 0: by torch ops."""
-    value = os.environ.get("SSD_TRITON_SCORE_GRAD", "1")
-    if value not in ("0", "1"):
+def enabled(num_experts: int) -> bool:
+    """Whether the folded backward's score gradient over `num_experts` experts is this kernel's (module docstring):
+    SSD_TRITON_SCORE_GRAD=auto (the default) up to MAX_AUTO_EXPERTS, 1 always, 0 never (torch's ops)."""
+    value = os.environ.get("SSD_TRITON_SCORE_GRAD", "auto")
+    if value not in ("auto", "0", "1"):
         from ....errors import UserError
-        raise UserError(f"SSD_TRITON_SCORE_GRAD={value!r}: accepted: 1 (one kernel, the default), 0 (torch ops)")
-    return value == "1"
+        raise UserError(f"SSD_TRITON_SCORE_GRAD={value!r}: accepted: auto (the kernel up to {MAX_AUTO_EXPERTS} "
+                        "experts, the default), 1 (always), 0 (torch's ops)")
+    return value == "1" or (value == "auto" and num_experts <= MAX_AUTO_EXPERTS)
