@@ -749,12 +749,14 @@ def _reduces_allowed() -> bool:
 
 
 def _half_sums() -> bool:
-    """SSD_WGRAD_HALF_SUMS=1: the WS wgrad's TMA reduces add into a bf16/fp16 dW itself (kernels/wgrad_gluon.py's
-    half sums); 0 (the default until timed): into an fp32 buffer, cast after. Part of its launch key."""
-    value = os.environ.get("SSD_WGRAD_HALF_SUMS", "0")
+    """SSD_WGRAD_HALF_SUMS=1 (the default): the WS wgrad's TMA reduces add into a bf16/fp16 dW itself
+    (kernels/wgrad_gluon.py's half sums; H100, base ReLU layer fwd+bwd with the WS wgrad in both arms, three
+    rounds: 0.7096 / 0.7189 / 0.7182 -> 0.6784 / 0.6790 / 0.6789 ms, docs/kernels.md v26); 0: into an fp32
+    buffer, cast after. Part of its launch keys."""
+    value = os.environ.get("SSD_WGRAD_HALF_SUMS", "1")
     if value not in ("0", "1"):
         from ...errors import UserError
-        raise UserError(f"SSD_WGRAD_HALF_SUMS={value!r}: accepted: 0 (fp32 sums, the default), 1 (in dW's bf16/fp16)")
+        raise UserError(f"SSD_WGRAD_HALF_SUMS={value!r}: accepted: 1 (in dW's bf16/fp16, the default), 0 (fp32 sums)")
     return value == "1"
 
 

@@ -20,6 +20,8 @@ Master weights (`takes_master_weights`): under autocast the caller may pass the 
 with x in bf16/fp16. The forward op casts them to x's dtype (the copies the caller's own casts would
 make, kept for the backward), and the weight gradients come back in fp32 straight from the wgrad kernel:
 no rounding to bf16, no fp32 buffer to copy from when the reduction is split, and no cast back by autograd.
+With bf16/fp16 weights instead, the Gluon wgrad's split sums add into their bf16/fp16 gradients themselves
+(kernels/wgrad_gluon.py's half sums: no fp32 buffer either, at a few more roundings).
 
 Output initialisation (`folds_output_bias`, option fold_output): the down kernel adds each token's K rows
 into y (and, backward, into dx) with atomics, so y must first hold zeros, and the FFN then adds its output

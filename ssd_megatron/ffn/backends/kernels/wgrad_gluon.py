@@ -24,10 +24,13 @@ piece's fp32 partial sum is added into a zeroed fp32 dW: by a TMA reduce (TMA_OU
 `out_view`, and the staging fits in shared memory: each consumer stores its block there and one thread issues the
 add, which runs while the consumer goes on), else by per-element relaxed atomics. So every program has the same
 number of rows whatever the expert loads, which whole experts do not (a heavy expert's items run last and alone).
-**Half sums** (`_triton_kernels._sums_dtype`): a bf16/fp16 dW takes the TMA reduces itself, each piece's sum
-rounded to dW's dtype and added there (the reduce rounds again), instead of an fp32 buffer zeroed before and cast
-after (at base 2 x (5.8 + 8.4) us of fill and cast launches per layer, docs/kernels.md v25); an expert cut into n
-pieces then takes n + 1 roundings instead of one, as the bf16 combines' adds do.
+**Half sums** (`_triton_kernels._sums_dtype`, the default; SSD_WGRAD_HALF_SUMS=0 turns them off): a bf16/fp16 dW
+takes the TMA reduces itself, each piece's sum rounded to dW's dtype and added there (the reduce rounds again),
+instead of an fp32 buffer zeroed before and cast after (fill and cast launches of 2 x (5.8 + 8.4) us per base
+layer, docs/kernels.md v25); an expert cut into n pieces then takes up to 2n - 1 roundings instead of one, as the
+bf16 combines' adds do (fp32 master weights' dW is fp32: unchanged). H100, base ReLU layer fwd+bwd, the WS wgrad
+forced in both arms, three rounds: 0.7096 / 0.7189 / 0.7182 -> 0.6784 / 0.6790 / 0.6789 ms (v26), beyond the fill
+and cast saved: the bf16 staging and reduces move half the bytes.
 FOLD 2:
 the piece holding an expert's first row adds the router's term COEF[e] to the first fold_p rows, as kernels/wgrad.py
 does (an expert without rows has none to add: its term is a sum over its tokens).
