@@ -328,6 +328,7 @@ def test_triton_auto_ws_forward_in_captured_inference(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mlp_gluon, "launch", counted)
+    fresh_gluon_records(monkeypatch)  # (what earlier tests launched at these shapes would decide the eager choices)
     backend = get_backend("triton")
 
     def forward():
@@ -374,6 +375,7 @@ def test_triton_auto_ws_wgrad_in_captured_training(monkeypatch):
 
     monkeypatch.setattr(wgrad_gluon, "launch", counted)
     monkeypatch.setattr(mlp_gluon, "launch", counted_fwd)
+    fresh_gluon_records(monkeypatch)
     backend = get_backend("triton")
     leaves = {k: inp[k] for k in ("x", "w1", "b1", "gate", "b2") if inp.get(k) is not None}
     # a fresh W_out leaf: with_column_view_w2's view made the original's gradient node on the default stream, which
