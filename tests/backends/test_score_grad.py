@@ -1,6 +1,7 @@
 """kernels/score_grad.py (the folded backward's dgate and dS in one launch; SSD_TRITON_SCORE_GRAD=0: torch's) against
-torch's sum and scatter, and the triton backend with it against autograd through SSD's router on the float64
-reference: interpreted on CPU (TRITON_INTERPRET=1 in a subprocess), compiled on the GPU."""
+torch's sum and scatter, its gradient matrix for the Gluon dW1 kernel against a gather, and the triton backend with
+it against autograd through SSD's router on the float64 reference: interpreted on CPU (TRITON_INTERPRET=1 in a
+subprocess), compiled on the GPU."""
 import pytest
 import torch
 
@@ -15,8 +16,9 @@ BACKEND_CASES = [(dict(activation="relu", T=37, E=48), 16), (dict(activation="re
 
 
 def _kernel_errors(device, dtype, generator):
-    """Max abs errors of dgate and dS against torch's sum and scatter, per case."""
-    from ssd_megatron.ffn.backends.kernels.score_grad import score_grad
+    """Max abs errors of dgate and dS against torch's sum and scatter, and of the gradient matrix (`row_matrix`,
+    sorted rows in a random order) against a gather, per case."""
+    from ssd_megatron.ffn.backends.kernels.score_grad import ROW_WIDTH, row_matrix, score_grad
     out = []
     for T, N, K, P in CASES:
         idx = torch.rand(T, N, generator=generator).topk(K, dim=1).indices.to(device)
@@ -24,8 +26,13 @@ def _kernel_errors(device, dtype, generator):
         dgate, ds = score_grad(dgp, idx, N, dtype)
         want = dgp.sum(0)
         ds_want = torch.zeros(T, N, device=device, dtype=dtype).scatter_(1, idx, want.view(T, K).to(dtype))
+        order = torch.randperm(T * K, generator=generator).to(device=device, dtype=torch.int32)
+        rows = row_matrix(want, order, dtype)
+        rows_want = torch.zeros(T * K, ROW_WIDTH, device=device, dtype=dtype)
+        rows_want[:, 0] = want[order.long()].to(dtype)
         out.append(max(float((dgate - want).abs().max()) if T else 0.0,
-                       float((ds.float() - ds_want.float()).abs().max()) if T else 0.0))
+                       float((ds.float() - ds_want.float()).abs().max()) if T else 0.0,
+                       float((rows.float() - rows_want.float()).abs().max()) if T else 0.0))
     return out
 
 

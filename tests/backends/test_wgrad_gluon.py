@@ -32,7 +32,13 @@ LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96, "atomi
             "base-dw2-column-view": (192, 768, "bfloat16", False, "float32", 96, "reduce", 3, True, False),
             "half-base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96, "reduce", 3, False, True),
             "half-base-dw2-column-view": (192, 768, "bfloat16", False, "bfloat16", 96, "reduce", 3, True, True),
-            "half-8b-dw2": (256, 512, "bfloat16", False, "bfloat16", 96, "reduce", 3, False, True)}
+            "half-8b-dw2": (256, 512, "bfloat16", False, "bfloat16", 96, "reduce", 3, False, True),
+            # the router's term summed in the kernel (fold "pairs", FOLD 3: a third, 16-column wgmma per step): base's
+            # dW1 by half-sum reduces, by fp32 atomics into master weights' dW, whole experts, 8B's one box
+            "pairs-base-dw1-half": (192, 768, "bfloat16", "pairs", "bfloat16", 96, "reduce", 3, False, True),
+            "pairs-base-dw1-fp32": (192, 768, "bfloat16", "pairs", "float32", 96, "atomic", 4, False, False),
+            "pairs-whole-experts": (192, 256, "bfloat16", "pairs", "bfloat16", 0, "store", 4, False, False),
+            "pairs-8b-dw1-fp32": (256, 512, "bfloat16", "pairs", "float32", 96, "atomic", 4, False, False)}
 
 
 def _case(P, Q, dtype=torch.bfloat16, fold=False, dw_dtype=torch.float32, T=100, N=8, K=2, column_view=False):
@@ -46,7 +52,10 @@ def _case(P, Q, dtype=torch.bfloat16, fold=False, dw_dtype=torch.float32, T=100,
     rhs = torch.randn(T, Q, generator=g).to(dtype)
     like = torch.empty(N, P, Q, dtype=dw_dtype) if not column_view else \
         torch.empty(Q, N * P, dtype=dw_dtype).as_strided((N, P, Q), (P, 1, N * P))
-    return lhs, rhs, plan, like, (("expert", torch.randn(N, Q, generator=g), P // 2) if fold else None)
+    v = torch.randn(N, Q, generator=g)
+    if fold == "pairs":  # the router's term from per-pair gradients (FOLD 3 where the Gluon kernel serves)
+        return lhs, rhs, plan, like, ("pairs", (torch.randn(T * K, generator=g), 0.5, lambda: v), P // 2)
+    return lhs, rhs, plan, like, (("expert", v, P // 2) if fold else None)
 
 
 def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/compile_report.py's driver)
@@ -80,17 +89,20 @@ def compiled():
 
 @pytest.mark.parametrize("name", list(LAUNCHES))
 def test_ws_wgrad_compiles_for_sm90(compiled, name):
-    """Each specialisation (P as two boxes or one, the router's term, bf16 and fp16, Q ragged, row chunks or whole
-    experts, dW's two layouts) compiles for sm_90 as one warp-specialised kernel (12 warps for a 256-column box, else
-    16): cp.async gathers of R, TMA loads of L, wgmma, for balanced items TMA reduces where their staging fits in
-    shared memory, else fp32 atomic adds (no compare-and-swap loop), stores for whole experts; the launcher took it,
-    not kernels/wgrad.py."""
+    """Each specialisation (P as two boxes or one, the router's term per expert or summed in the kernel, bf16 and
+    fp16, Q ragged, row chunks or whole experts, dW's two layouts) compiles for sm_90 as one warp-specialised kernel
+    (12 warps for a 256-column box, else 16): cp.async gathers of R, TMA loads of L, wgmma (a 16-column one more for
+    the summed term, after the small kernel that writes its gradient matrix), for balanced items TMA reduces where
+    their staging fits in shared memory, else fp32 atomic adds (no compare-and-swap loop), stores for whole experts;
+    the launcher took it, not kernels/wgrad.py."""
     res = compiled[name]
     assert not isinstance(res, str), res
-    assert [kname for kname, _ in res] == ["wgrad_ws_kernel"], res
-    r = res[0][1]
+    pairs = LAUNCHES[name][3] == "pairs"  # (the gradient matrix's own small kernel first)
+    assert [kname for kname, _ in res] == ["_row_matrix_kernel"] * pairs + ["wgrad_ws_kernel"], res
+    r = res[-1][1]
     assert r["warps"] == (12 if LAUNCHES[name][0] > 128 + 64 else 16), r  # (a 256-column box: 12)
     assert r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
+    assert ("64x16x16" in r["mma"].split(",")) == pairs, r  # FOLD 3's third product
     epilogue = LAUNCHES[name][6]
     assert r["cas"] == 0 and (r["atom"] > 0) == (epilogue == "atomic"), r
     assert (r["utmaredg"] > 0) == (epilogue == "reduce"), r
@@ -147,6 +159,49 @@ def test_ws_wgrad_falls_back(monkeypatch, why):
         assert args[6] is not like and args[6].shape == like.shape and args[6].dtype == torch.float32
     else:  # (served, but this Triton has no Gluon that builds it: kernels/wgrad.py too)
         assert name == "triton" and kwargs["LTMA"] == (fold_kind != "rows"), (name, kwargs)
+
+
+@pytest.mark.parametrize("how", ["served", "switched-off", "not-served"])
+def test_pairs_term_summed_in_the_kernel(monkeypatch, how):
+    """The router's term from per-pair gradients ("pairs"): where the Gluon kernel serves, it takes FOLD 3 with the
+    gradient matrix of the sorted rows (kernels/score_grad.row_matrix: in lhs's dtype, by the plan's order) and the
+    scale, and torch's term() never runs; with SSD_WGRAD_ROUTER_SUMS=0 it adds term() per expert (FOLD 2), as
+    kernels/wgrad.py does elsewhere (here: a Triton without the Gluon it needs), computed once. A malformed switch
+    is a one-line error."""
+    served = how != "not-served"
+    pytest.importorskip("triton")
+    from ssd_megatron.errors import UserError
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import score_grad, wgrad_gluon
+    if served and wgrad_gluon._build_once() is None:
+        pytest.skip("this Triton's Gluon does not build the WS wgrad")
+    calls, terms = [], []
+    monkeypatch.setattr(K, "_wgrad_kernel", Recorder(calls, "triton"))
+    monkeypatch.setattr(wgrad_gluon, "launch", Recorder(calls, "ws"))
+    monkeypatch.setattr(K, "_tma_descriptors", lambda t, boxes: ("L", "L2"))
+    monkeypatch.setattr(score_grad, "row_matrix", lambda g, order, dtype: ("matrix", g, order, dtype))
+    gluon_stand_in(monkeypatch, wgrad_gluon, "served" if served else "older-triton")
+    monkeypatch.setenv("SSD_WGRAD_ROUTER_SUMS", "0" if how == "switched-off" else "1")
+    lhs, rhs, plan, like, (kind, (g, scale, _), p) = _case(192, 256, fold="pairs")
+    v = torch.randn(8, 256)
+    K.force_config(wgrad=WS)
+    try:
+        K.wgrad(lhs, rhs, plan, like, gathered=False, fold=(kind, (g, scale, lambda: terms.append(1) or v), p))
+    finally:
+        K.force_config()
+    (name, args, kwargs), = calls
+    if how == "served":
+        assert name == "ws" and args[5] == p and args[7] == 3 and kwargs["scale"] == scale and not terms, args[5:8]
+        assert kwargs["rows"][0] == "matrix" and kwargs["rows"][1] is g and kwargs["rows"][2] is plan.order
+        assert kwargs["rows"][3] == lhs.dtype
+    elif how == "switched-off":
+        assert name == "ws" and args[4] is v and args[5:8] == (p, args[6], 2) and "rows" not in kwargs, args[4:8]
+        assert terms == [1]
+        monkeypatch.setenv("SSD_WGRAD_ROUTER_SUMS", "yes")
+        with pytest.raises(UserError, match="SSD_WGRAD_ROUTER_SUMS='yes': accepted: 1"):
+            K._router_sums()
+    else:
+        assert name == "triton" and kwargs["FOLD"] == 2 and args[6] is v and args[7] == p and terms == [1], kwargs
 
 
 @pytest.mark.parametrize("dw_dtype", ["bfloat16", "float32"])

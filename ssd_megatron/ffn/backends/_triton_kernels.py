@@ -26,6 +26,7 @@ count ever travels to the host.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -731,7 +732,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
     return _combined(buf, atomic, T, K, x.dtype, out_bias), (h if save_h else None)
 
 
-_FOLD_CODES = {None: 0, "rows": 1, "expert": 2}  # kernels/wgrad.py's FOLD
+_FOLD_CODES = {None: 0, "rows": 1, "expert": 2, "pairs": 3}  # kernels/wgrad.py's FOLD (3: kernels/wgrad_gluon.py's)
 
 
 def _zeroed(dw: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -760,6 +761,17 @@ def _half_sums() -> bool:
     return value == "1"
 
 
+def _router_sums() -> bool:
+    """SSD_WGRAD_ROUTER_SUMS=1 (the default): a "pairs" router term is summed in the Gluon dW1 kernel where it serves
+    (`wgrad`'s fold; kernels/wgrad_gluon.py's FOLD 3); 0: torch's GEMM, added per expert, as elsewhere."""
+    value = os.environ.get("SSD_WGRAD_ROUTER_SUMS", "1")
+    if value not in ("0", "1"):
+        from ...errors import UserError
+        raise UserError(f"SSD_WGRAD_ROUTER_SUMS={value!r}: accepted: 1 (in the Gluon kernel, the default), 0 (torch's "
+                        "GEMM)")
+    return value == "1"
+
+
 def _sums_dtype(dw: torch.Tensor) -> torch.dtype:
     """The dtype the WS wgrad's balanced items add their partial sums in by TMA reduces: dW's own with half sums
     and a bf16/fp16 dW, else fp32 (dW itself when fp32, else a buffer)."""
@@ -772,25 +784,44 @@ def _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p: int, ch: int, BQ: int
     balanced items (equal row segments of at least ch rows) add into a zeroed dW (by TMA reduces in `_sums_dtype`,
     else by fp32 atomics: dW itself when of that dtype, else a buffer with its strides, copied by the caller);
     else each expert's rows per program, stored into dW."""
-    from .kernels import wgrad_gluon
-    fold = _FOLD_CODES[fold_kind]
+    from .kernels import score_grad, wgrad_gluon
     be, be2 = _split_width(lhs.shape[1])
+    # a "pairs" term summed in the kernel (FOLD 3) where that fits, else added per expert (FOLD 2)
+    for kind in ((fold_kind, "expert") if fold_kind == "pairs" else (fold_kind,)):
+        fold = _FOLD_CODES[kind]
 
-    def tile(target):
-        return lhs, rhs, target, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2
+        def tile(target):
+            return lhs, rhs, target, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2
 
-    sums = _sums_dtype(dw) if ch else dw.dtype
-    # the balanced items' adds as TMA reduces where allowed and dW's layout and shared memory serve
-    tma_out = ch > 0 and _reduces_allowed() and _ws_reduces(dw, tile(sums))
-    if ch and not tma_out:
-        sums = torch.float32  # (relaxed atomics add in fp32)
-    if not tma_out and not wgrad_gluon.serves(*tile(sums)):
+        sums = _sums_dtype(dw) if ch else dw.dtype
+        # the balanced items' adds as TMA reduces where allowed and dW's layout and shared memory serve
+        tma_out = ch > 0 and _reduces_allowed() and _ws_reduces(dw, tile(sums))
+        if ch and not tma_out:
+            sums = torch.float32  # (relaxed atomics add in fp32)
+        if tma_out or wgrad_gluon.serves(*tile(sums)):
+            break
+    else:
         return False
+    extra = {}
+    if kind == "pairs":
+        dgate, scale, _ = coef
+        extra = dict(rows=score_grad.row_matrix(dgate, plan.order, lhs.dtype), scale=scale)
+        coef = lhs  # (FOLD 3 reads no COEF)
+    elif fold_kind == "pairs":
+        coef = coef[2]()
     out = _zeroed(dw, sums) if ch else dw
     wgrad_gluon.launch(lhs, rhs, plan.offsets, plan.token, coef, fold_p, out, fold, ch, BK, l_stages, r_stages, be,
-                       be2, tma_out)
+                       be2, tma_out, **extra)
     state["out"] = out
     return True
+
+
+def expert_fold(fold):
+    """`wgrad`'s fold with a "pairs" term as ("expert", that term by torch, p), for the kernels that add the router's
+    term per expert (kernels/wgrad.py, torch's GEMMs); other folds as they are."""
+    if fold is None or fold[0] != "pairs":
+        return fold
+    return "expert", fold[1][2](), fold[2]
 
 
 def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
@@ -802,10 +833,16 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
     atomics (not bitwise reproducible: callers pass False under deterministic algorithms), into dW itself when
     it is fp32, else into an fp32 buffer copied to dW. A 7th config entry of 1 loads lhs by TMA (kernels/wgrad.py).
     fold = ("rows", coef [M] fp32 per sorted row, p): lhs rows get coef added to their first p columns as
-    loaded; ("expert", v [N, Q] fp32, p): dW[e, :p] += v[e] in the epilogue."""
+    loaded; ("expert", v [N, Q] fp32, p): dW[e, :p] += v[e] in the epilogue; ("pairs", (g, scale, term), p): the
+    same with v = scale * sum over e's rows r of g[order[r]] * rhs's row, g [T * K] fp32 by flat pair (dS's
+    entries, rounded to lhs's dtype): the Gluon kernel sums it itself where it serves (kernels/wgrad_gluon.py's
+    FOLD 3, from kernels/score_grad.row_matrix), the others add term() ([N, Q] fp32, torch's) per expert."""
     N = plan.num_experts
     P, Q = lhs.shape[1], rhs.shape[1]
     dw = torch.empty_strided(like.shape, like.stride(), device=lhs.device, dtype=like.dtype)
+    if fold is not None and fold[0] == "pairs":  # term() at most once (tuning launches each candidate)
+        fold = ("pairs", fold[1][:2] + (functools.lru_cache(None)(fold[1][2]),), fold[2])
+        fold = fold if _router_sums() else expert_fold(fold)
     fold_kind, coef, fold_p = fold if fold is not None else (None, lhs, 0)
     state = {}
 
@@ -817,8 +854,8 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
 
     def ws_key(cfg):  # kernels/gluon_launches.key of this launch with tile `cfg`
         from .kernels import gluon_launches
-        return gluon_launches.key((lhs, rhs, plan.offsets, plan.token, coef, dw), fold_kind, fold_p, split, cfg,
-                                  _reduces_allowed(), _half_sums())
+        return gluon_launches.key((lhs, rhs, plan.offsets, plan.token, coef[0] if fold_kind == "pairs" else coef, dw),
+                                  fold_kind, fold_p, split, cfg, _reduces_allowed(), _half_sums())
 
     def launch(cfg):
         BP, BQ, BK, nw, ns = cfg[:5]
@@ -829,6 +866,7 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
                 gluon_launches.note(ws_key(cfg), eager_key(), lhs)
                 return
             cfg = cfg[:3] + (4,) + cfg[4:6] + (1,)  # (the L ring's depth is no warp count: kernels/wgrad.py's 4)
+        kind, c, _ = expert_fold((fold_kind, coef, fold_p))
         # a tile as tall as P: all of P per program, as one or two power-of-two tiles (kernels/wgrad.py)
         bp, bp2 = _split_width(P) if BP >= P else (BP, 0)
         num_p, num_q = triton.cdiv(P, BP), triton.cdiv(Q, BQ)
@@ -836,12 +874,12 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
         num_t = triton.cdiv(plan.num_rows, ch) + N if ch else N
         out = _zeroed(dw) if ch else dw
         descs = None
-        if fold_kind != "rows" and _operand_tma(cfg, lhs):
+        if kind != "rows" and _operand_tma(cfg, lhs):
             descs = _tma_descriptors(lhs, ([BK, bp], [BK, max(bp2, 16)]))
         _wgrad_kernel[(num_t * num_p * num_q,)](
-            lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets, coef, fold_p,
+            lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets, c, fold_p,
             out, out.stride(0), out.stride(1), out.stride(2), N, P, Q, num_p, num_q, *(descs or (None, None)),
-            GATHER=not gathered, PREC=_prec(lhs), SPLIT=bool(ch), FOLD=_FOLD_CODES[fold_kind], SPLIT_P=bp2 > 0,
+            GATHER=not gathered, PREC=_prec(lhs), SPLIT=bool(ch), FOLD=_FOLD_CODES[kind], SPLIT_P=bp2 > 0,
             LTMA=descs is not None, BP=bp, BP2=max(bp2, 16), BQ=BQ, BK=BK, CH=max(ch, BK), NP2=_np2(N),
             num_warps=nw, num_stages=ns)
         state["out"] = out

@@ -159,8 +159,10 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
         E = w2.shape[1]
         rank1 = (dgate, centroids)
         if need_w1:
+            # "pairs": the Gluon dW1 kernel sums dS^T x itself where it serves, else torch's GEMM (`_triton_kernels.wgrad`)
             wfold = (("rows", (dgate / E).index_select(0, order.long()), E) if fold == "rows"
-                     else ("expert", _router_centroid_grad(dgate, x, topk_idx, w1.shape[0], ds) / E, E))
+                     else ("pairs", (dgate, 1.0 / E,
+                                     lambda: _router_centroid_grad(dgate, x, topk_idx, w1.shape[0], ds) / E), E))
     return (k.down_scatter(dh, w1c, plan, None, combine, rank1=rank1, out=dx0) if need_x else x.new_empty(0),
             _weight_grad(k, dh, x, plan, w1, wgrad, split, wfold) if need_w1 else x.new_empty(0),
             db32.to(w1.dtype) if db32 is not None else x.new_empty(0),
@@ -249,7 +251,7 @@ def _weight_grad(k, lhs, rhs_tokens, plan, weight, mode, split, fold=None):
     rhs = rhs_tokens.index_select(0, plan.token)
     if mode == "triton_mat":
         return k.wgrad(lhs, rhs, plan, weight, gathered=True, split=split, fold=fold)
-    kind, coef, p = fold if fold is not None else (None, None, 0)
+    kind, coef, p = k.expert_fold(fold) if fold is not None else (None, None, 0)
     if kind == "rows":
         lhs = lhs.clone()
         lhs[:, :p] += coef.to(lhs.dtype)[:, None]

@@ -20,6 +20,7 @@ import triton.language as tl
 
 BT = 64  # tokens per program
 MAX_AUTO_EXPERTS = 32  # `auto` takes the kernel up to this many experts (module docstring)
+ROW_WIDTH = 16  # `row_matrix`'s columns
 
 
 @triton.jit
@@ -42,6 +43,29 @@ def _score_grad_kernel(DGP, IDX, DGATE, DS, T, N, M, P: tl.constexpr, K: tl.cons
         ds += tl.where(e[:, None] == experts[None, :], g.to(DS.dtype.element_ty).to(tl.float32)[:, None], 0.0)
     tl.store(DS + tok64[:, None] * N + experts[None, :], ds.to(DS.dtype.element_ty),
              mask=tmask[:, None] & (experts < N)[None, :])
+
+
+@triton.jit
+def _row_matrix_kernel(DGATE, ORDER, OUT, M, BR: tl.constexpr, W: tl.constexpr):
+    """OUT[r, 0] = DGATE[ORDER[r]] in OUT's dtype, OUT[r, 1:W] = 0; program: BR sorted rows."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = r < M
+    g = tl.load(DGATE + tl.load(ORDER + r, mask=rmask, other=0), mask=rmask, other=0.0)
+    cols = tl.arange(0, W)
+    tl.store(OUT + r.to(tl.int64)[:, None] * W + cols[None, :],
+             tl.where(cols[None, :] == 0, g[:, None], 0.0).to(OUT.dtype.element_ty), mask=rmask[:, None])
+
+
+def row_matrix(dgate: torch.Tensor, order: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[M, ROW_WIDTH] in `dtype`: column 0 the gate gradient of each sorted row's pair (dgate [T * K] fp32 by flat
+    pair, `order` [M] sorted row -> pair), rounded as dS's entries are, zeros beside it: the extra left operand
+    with which the Gluon dW1 kernel sums the router's term itself (kernels/wgrad_gluon.py's FOLD 3; a box of
+    ROW_WIDTH columns is one wgmma of the smallest width, 32-byte rows for TMA)."""
+    M = order.shape[0]
+    out = torch.empty(M, ROW_WIDTH, device=dgate.device, dtype=dtype)
+    if M:
+        _row_matrix_kernel[(triton.cdiv(M, 512),)](dgate, order, out, M, BR=512, W=ROW_WIDTH, num_warps=4)
+    return out
 
 
 def score_grad(dgp: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, dtype: torch.dtype):

@@ -53,6 +53,7 @@ from __future__ import annotations
 import torch
 
 from . import down_gluon  # MIN_TRITON, SMEM_LIMIT, built_once, _sm90 / _sms (one place for tests and tools to stand in)
+from . import score_grad  # ROW_WIDTH: FOLD 3's gradient matrix
 
 # The warps and registers per thread (MAX_REGS at launch, ptxas's bound for the whole kernel; the partitions then
 # set theirs): (R loader warps, consumer, R loader and L loader registers, MAX_REGS). Where P's first box is at most
@@ -136,13 +137,15 @@ def _build():
                     rc += 1
 
     @gluon.jit
-    def l_loader(l_desc, l_desc2, l_bufs, l_bufs2, l_full, l_empty, OFFS, n_items, num_q, S, N,
-                 BALANCED: gl.constexpr, NP2: gl.constexpr, SPLIT: gl.constexpr):
-        """Every step's L rows [BK, P] by TMA (P's second box with SPLIT), arriving on l_full."""
+    def l_loader(l_desc, l_desc2, c_desc, l_bufs, l_bufs2, c_bufs, l_full, l_empty, OFFS, n_items, num_q, S, N,
+                 BALANCED: gl.constexpr, NP2: gl.constexpr, SPLIT: gl.constexpr, FOLD: gl.constexpr):
+        """Every step's L rows [BK, P] by TMA (P's second box with SPLIT; with FOLD 3 the rows of the router's
+        gradient matrix too), arriving on l_full."""
         LS: gl.constexpr = l_bufs.type.shape[0]
         BK: gl.constexpr = l_bufs.type.shape[1]
         BE: gl.constexpr = l_bufs.type.shape[2]
-        nbytes: gl.constexpr = l_desc.block_type.nbytes + (l_desc2.block_type.nbytes if SPLIT else 0)
+        nbytes: gl.constexpr = (l_desc.block_type.nbytes + (l_desc2.block_type.nbytes if SPLIT else 0)
+                                + (c_desc.block_type.nbytes if FOLD == 3 else 0))
         lc = 0  # steps loaded so far (the L ring)
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
             qb, lo, hi, e0, e1 = _range(OFFS, w, num_q, S, N, NP2, 1, BALANCED)
@@ -155,7 +158,18 @@ def _build():
                     tma.async_load(l_desc, [r, 0], l_full.index(s), l_bufs.index(s))
                     if SPLIT:
                         tma.async_load(l_desc2, [r, BE], l_full.index(s), l_bufs2.index(s))
+                    if FOLD == 3:
+                        tma.async_load(c_desc, [r, 0], l_full.index(s), c_bufs.index(s))
                     lc += 1
+
+    @gluon.jit
+    def _router_sums(acc, acc3, pc, fold_p, scale):
+        """FOLD 3: acc plus the piece's router term, column 0 of acc3 (R^T times the gradient matrix: the sum over
+        the piece's rows of the gate gradient times R's row) times scale, on its columns before fold_p."""
+        c3 = gl.arange(0, acc3.type.shape[1], layout=gl.SliceLayout(0, acc3.type.layout))
+        v = gl.sum(gl.where(c3[None, :] == 0, acc3, 0.0), axis=1) * scale
+        v = gl.convert_layout(v, gl.SliceLayout(1, acc.type.layout))
+        return acc + gl.where(pc[None, :] < fold_p, v[:, None], 0.0)
 
     @gluon.jit
     def _dw_out(acc, pc, qc, e, row0, OFFS, COEF, fold_p, DW, stride_de, stride_dp, stride_dq, P, Q,
@@ -195,7 +209,7 @@ def _build():
             tma.async_atomic_add(o_desc, [q0, e * P + c0], o_smem)
 
     @gluon.jit
-    def consumer(l_bufs, l_bufs2, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, DW,
+    def consumer(l_bufs, l_bufs2, c_bufs, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, scale, DW,
                  stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, o_smem, o_smem2, o_desc, o_desc2,
                  which: gl.constexpr, BALANCED: gl.constexpr, NP2: gl.constexpr, FOLD: gl.constexpr,
                  SPLIT: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr):
@@ -208,6 +222,9 @@ def _build():
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BE, 16])
         acc_l2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BE2, 16])
+        BC: gl.constexpr = c_bufs.type.shape[2]
+        acc_l3: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BC, 16])
         lc = 0  # L ring steps taken
         rc = 0  # R ring steps taken
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
@@ -219,6 +236,7 @@ def _build():
                     # dW[e]^T's [BH, P] block: R^T (this consumer's columns of R) @ L, one step of wgmma in flight
                     acc = gl.zeros((BH, BE), dtype=gl.float32, layout=acc_l)
                     acc2 = gl.zeros((BH, BE2), dtype=gl.float32, layout=acc_l2)
+                    acc3 = gl.zeros((BH, BC), dtype=gl.float32, layout=acc_l3)  # FOLD 3's router sums
                     for r in range(row0, end, BK):
                         s = rc % RS
                         sl = lc % LS
@@ -229,7 +247,14 @@ def _build():
                         acc = warpgroup_mma(rt, l_bufs.index(sl), acc, is_async=True)
                         if SPLIT:
                             acc2 = warpgroup_mma(rt, l_bufs2.index(sl), acc2, is_async=True)
+                        if FOLD == 3:
+                            acc3 = warpgroup_mma(rt, c_bufs.index(sl), acc3, is_async=True)
+                        if SPLIT and FOLD == 3:
+                            acc, acc2, acc3 = warpgroup_mma_wait(num_outstanding=3, deps=(acc, acc2, acc3))
+                        elif SPLIT:
                             acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
+                        elif FOLD == 3:
+                            acc, acc3 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc3))
                         else:
                             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
                         if r > row0:  # the previous step's products are done: its slots may be refilled
@@ -237,8 +262,12 @@ def _build():
                             mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
                         rc += 1
                         lc += 1
-                    if SPLIT:
+                    if SPLIT and FOLD == 3:
+                        acc, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2, acc3))
+                    elif SPLIT:
                         acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
+                    elif FOLD == 3:
+                        acc, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc3))
                     else:
                         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                     if row0 < end:
@@ -248,6 +277,10 @@ def _build():
                     qc = q0 + gl.arange(0, BH, layout=gl.SliceLayout(1, acc_l))
                     pc2 = BE + gl.arange(0, BE2, layout=gl.SliceLayout(0, acc_l2))
                     qc2 = q0 + gl.arange(0, BH, layout=gl.SliceLayout(1, acc_l2))
+                    if FOLD == 3:  # every piece adds its own rows' share of the router's term
+                        acc = _router_sums(acc, acc3, pc, fold_p, scale)
+                        if SPLIT:
+                            acc2 = _router_sums(acc2, acc3, pc2, fold_p, scale)
                     if TMA_OUT:
                         _dw_reduce(acc, o_smem, o_desc, 0, q0, pc, qc, e, row0, OFFS, COEF, fold_p, P, Q, FOLD, OUT_T,
                                    1 if SPLIT else 0)
@@ -264,8 +297,8 @@ def _build():
             tma.store_wait(0)  # the reduces have read o_smem before the program ends
 
     @gluon.jit
-    def wgrad_ws_kernel(R, stride_r, l_desc, l_desc2, OFFS, TOK, COEF, fold_p, DW, stride_de, stride_dp,
-                        stride_dq, P, Q, n_items, num_q, S, N, o_desc, o_desc2,
+    def wgrad_ws_kernel(R, stride_r, l_desc, l_desc2, c_desc, OFFS, TOK, COEF, fold_p, scale, DW, stride_de,
+                        stride_dp, stride_dq, P, Q, n_items, num_q, S, N, o_desc, o_desc2,
                         BALANCED: gl.constexpr, NP2: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr,
                         FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr,
                         LS: gl.constexpr, RS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr,
@@ -277,6 +310,10 @@ def _build():
         r_bufs2 = gl.allocate_shared_memory(dtype, [RS, BK, BH], r_layout)
         l_bufs = gl.allocate_shared_memory(dtype, [LS] + l_desc.block_type.shape, l_desc.layout)
         l_bufs2 = gl.allocate_shared_memory(dtype, [LS] + l_desc2.block_type.shape, l_desc2.layout)
+        # FOLD 3: the router's gradient matrix's rows beside L's (a token buffer otherwise)
+        CB: gl.constexpr = c_desc.block_type.shape if FOLD == 3 else [16, 16]
+        c_layout: gl.constexpr = c_desc.layout if FOLD == 3 else gl.NVMMASharedLayout.get_default_for([16, 16], dtype)
+        c_bufs = gl.allocate_shared_memory(dtype, [LS if FOLD == 3 else 1] + CB, c_layout)
         r_full = gl.allocate_shared_memory(gl.int64, [RS, 1], mbarrier.MBarrierLayout())
         r_empty = gl.allocate_shared_memory(gl.int64, [RS, 1], mbarrier.MBarrierLayout())
         l_full = gl.allocate_shared_memory(gl.int64, [LS, 1], mbarrier.MBarrierLayout())
@@ -300,16 +337,16 @@ def _build():
         # the tuples inline: a constexpr bound to a name first would become a tensor (the partitions' flags must
         # stay compile-time constants)
         gl.warp_specialize([
-            (consumer, (l_bufs, l_bufs2, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, DW,
-                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, o_a, o_a2, o_desc, o_desc2, 0,
+            (consumer, (l_bufs, l_bufs2, c_bufs, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, scale,
+                        DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, o_a, o_a2, o_desc, o_desc2, 0,
                         BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
-            (consumer, (l_bufs, l_bufs2, r_bufs2, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, DW,
-                        stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, o_b, o_b2, o_desc, o_desc2, 1,
-                        BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
+            (consumer, (l_bufs, l_bufs2, c_bufs, r_bufs2, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p,
+                        scale, DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, o_b, o_b2, o_desc,
+                        o_desc2, 1, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
             (r_loader, (R, stride_r, r_bufs, r_bufs2, r_full, r_empty, OFFS, TOK, Q, n_items, num_q, S, N,
                         BALANCED, NP2, LW)),
-            (l_loader, (l_desc, l_desc2, l_bufs, l_bufs2, l_full, l_empty, OFFS, n_items, num_q, S, N, BALANCED, NP2,
-                        SPLIT)),
+            (l_loader, (l_desc, l_desc2, c_desc, l_bufs, l_bufs2, c_bufs, l_full, l_empty, OFFS, n_items, num_q, S, N,
+                        BALANCED, NP2, SPLIT, FOLD)),
         ], [4, LW, 1], [CREGS, LREGS, L_REGS])
 
     gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -330,10 +367,12 @@ def _build():
 
 
 def smem_bytes(BK: int, BQ: int, P2: int, l_stages: int, r_stages: int, element_size: int = 2,
-               tma_out: bool = False, out_size: int = 4) -> int:
-    """Shared memory of one program: the L ring (slots of BK x P2, P2 = P's boxes), the R ring (BK x BQ), with
-    tma_out the consumers' staging of their dW blocks (BQ x P2 in all, out_size bytes each), and the barriers."""
-    return (l_stages * BK * P2 + r_stages * BK * BQ) * element_size + (BQ * P2 * out_size if tma_out else 0) + 1024
+               tma_out: bool = False, out_size: int = 4, fold_cols: int = 0) -> int:
+    """Shared memory of one program: the L ring (slots of BK x P2, P2 = P's boxes, plus fold_cols: FOLD 3's
+    gradient matrix), the R ring (BK x BQ), with tma_out the consumers' staging of their dW blocks (BQ x P2 in all,
+    out_size bytes each), and the barriers."""
+    return ((l_stages * BK * (P2 + fold_cols) + r_stages * BK * BQ) * element_size
+            + (BQ * P2 * out_size if tma_out else 0) + 1024)
 
 
 def out_view(dw: torch.Tensor, P: int, target: torch.dtype = torch.float32):
@@ -362,7 +401,7 @@ def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: in
     16-byte aligned, rhs's rows contiguous with Q a multiple of 16 (Triton's specialisation then proves the copies
     16 bytes wide, as cp.async needs), for whole experts (not `balanced`) a dW of fp32, bf16 or fp16 to store into;
     balanced items add into an fp32 buffer (or dW itself when fp32; dw_dtype is then the target of their adds), or
-    with `tma_out` into a bf16/fp16 dW itself (`_triton_kernels._sums_dtype`); FOLD 0 or 2, two or more slots in
+    with `tma_out` into a bf16/fp16 dW itself (`_triton_kernels._sums_dtype`); FOLD 0, 2 or 3, two or more slots in
     each ring, the buffers within shared memory (with `tma_out`, for balanced items only, the reduces' staging too,
     and P exactly its boxes: a box must not reach into the next expert's rows), and a Triton whose Gluon builds the
     kernel."""
@@ -374,7 +413,7 @@ def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: in
         return False
     if balanced and dw_dtype != torch.float32 and not tma_out:  # (relaxed atomics add in fp32 only)
         return False
-    if fold not in (0, 2) or min(l_stages, r_stages) < 2 or M == 0 or BQ != 128:
+    if fold not in (0, 2, 3) or min(l_stages, r_stages) < 2 or M == 0 or BQ != 128:
         return False
     if BK & (BK - 1) or not 16 <= BK <= 128:
         return False
@@ -385,7 +424,8 @@ def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: in
         return False
     if tma_out and (not balanced or be + be2 != P):
         return False
-    return (smem_bytes(BK, BQ, be + max(be2, 16), l_stages, r_stages, es, tma_out, dw_dtype.itemsize)
+    fold_cols = score_grad.ROW_WIDTH if fold == 3 else 0
+    return (smem_bytes(BK, BQ, be + max(be2, 16), l_stages, r_stages, es, tma_out, dw_dtype.itemsize, fold_cols)
             <= down_gluon.SMEM_LIMIT
             and _build_once() is not None)
 
@@ -402,16 +442,19 @@ def segments(M: int, num_q: int, min_rows: int, sms: int) -> int:
 
 
 def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows: int, BK: int, l_stages: int,
-           r_stages: int, be: int, be2: int, tma_out: bool = False):
+           r_stages: int, be: int, be2: int, tma_out: bool = False, rows=None, scale: float = 1.0):
     """The kernel, for each 128-column block, over balanced items (min_rows > 0: equal row segments of all experts'
     rows, `segments`; adds into the zeroed `out` [N, P, Q], any strides: relaxed fp32 atomics, or with tma_out TMA
-    reduces in out's dtype through `out_view`) or whole experts (stores into `out`). P's columns in boxes of be and be2 (0: one box).
-    The caller checked `serves`."""
+    reduces in out's dtype through `out_view`) or whole experts (stores into `out`). P's columns in boxes of be and
+    be2 (0: one box). FOLD 2: coef [N, Q] fp32, the router's term per expert; FOLD 3: `rows`, the router's gradient
+    matrix (kernels/score_grad.row_matrix, [M, ROW_WIDTH] in lhs's dtype), whose first column's products with R the
+    kernel sums, times `scale`. The caller checked `serves`."""
     kernel, descriptors, out_descriptors = _build_once()
     (M, P), Q, N = lhs.shape, rhs.shape[1], out.shape[0]
     num_q = -(-Q // 128)
     sms = down_gluon._sms(lhs.device)
     l_desc, l_desc2 = descriptors(lhs, ([BK, be], [BK, be2 or 16]))
+    c_desc = descriptors(rows, ([BK, rows.shape[1]],))[0] if fold == 3 else None
     o_desc = o_desc2 = None
     out_t = False
     if tma_out:
@@ -422,8 +465,9 @@ def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows
     n_items = S * num_q if min_rows else N * num_q
     grid = (n_items if min_rows else max(1, min(n_items, sms)),)
     lw, cregs, lregs, l_regs, max_regs = WARPS_WIDE if be > 128 else WARPS_NARROW
-    kernel[grid](rhs, rhs.stride(0), l_desc, l_desc2, offsets, token, coef, fold_p, out, out.stride(0), out.stride(1),
-                 out.stride(2), P, Q, n_items, num_q, S, N, o_desc, o_desc2, BALANCED=min_rows > 0,
+    kernel[grid](rhs, rhs.stride(0), l_desc, l_desc2, c_desc, offsets, token, coef, fold_p, float(scale), out,
+                 out.stride(0), out.stride(1), out.stride(2), P, Q, n_items, num_q, S, N, o_desc, o_desc2,
+                 BALANCED=min_rows > 0,
                  NP2=1 << (N - 1).bit_length(), TMA_OUT=tma_out, OUT_T=out_t, FOLD=fold, SPLIT=be2 > 0, BH=64,
                  LS=l_stages, RS=r_stages, LW=lw, CREGS=cregs, LREGS=lregs, L_REGS=l_regs, num_warps=4,
                  maxnreg=max_regs)
