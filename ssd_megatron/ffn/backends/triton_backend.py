@@ -10,9 +10,10 @@ gate rows for GLU; the gate passed is then 1 and takes no gradient): the gradien
 gate (s - s.detach()) + 1 with s[t, k] = x[t] . c[e] is added inside the backward kernels instead of by
 the router's own backward. Per (t, k) row with gate gradient dg: dx[t] += dg * c[e], an epilogue term of
 the dx down kernel; dW1[e][j] += dg * x[t] / E for the E gate rows j, either as one [N, D] term
-dc = dS^T x / E (dS: the gate gradients as a [T, N] matrix, one small GEMM) added in the dW1 kernel's
-epilogue (`fold_router="epilogue"`), or as dg / E added to dh's gate columns while the dW1 kernel loads
-them (`"rows"`: no GEMM, but work and registers in its main loop). db1 stays dh's. That replaces the
+dc = dS^T x / E (dS: the gate gradients as a [T, N] matrix) added in the dW1 kernel's epilogue
+(`fold_router="epilogue"`: summed by the Gluon dW1 kernel itself from the x rows it gathers, where it serves,
+else one small GEMM; kernels/wgrad_gluon.py's FOLD 3), or as dg / E added to dh's gate columns while the dW1
+kernel loads them (`"rows"`: no GEMM, but work and registers in its main loop). db1 stays dh's. That replaces the
 router's backward: a [T, N] scatter, two small GEMMs, the centroid mean's backward and two gradient
 additions ([T, D] and [N, F1, D]).
 

@@ -1,7 +1,8 @@
 """The router's score gradient in the folded backward (triton_backend's module docstring): from up_bwd's per-column-
 block partials of the gate gradients, dgate [T * K] (their fp32 sum, by flat pair t * K + k) and dS [T, N] (each
 token's K gate gradients at its experts' columns, rounded to x's dtype as the router's own backward has them, zeros
-elsewhere), from which the centroid gradient dSᵀ x / E is one GEMM.
+elsewhere), from which the centroid gradient dSᵀ x / E is one GEMM; and `row_matrix`, the same gradients per
+sorted row, with which the Gluon dW1 kernel sums that product itself (kernels/wgrad_gluon.py's FOLD 3).
 
 As torch ops that is the partials' sum, a zero fill of dS and a scatter into it: ≈ 17 µs of the base layer's fwd+bwd
 on an H100 (5 + 4.5 + 7.6, the eager profile of docs/kernels.md v25). Here one launch: a program per BT tokens

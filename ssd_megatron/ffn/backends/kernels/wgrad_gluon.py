@@ -31,9 +31,15 @@ layer, docs/kernels.md v25); an expert cut into n pieces then takes up to 2n - 1
 bf16 combines' adds do (fp32 master weights' dW is fp32: unchanged). H100, base ReLU layer fwd+bwd, the WS wgrad
 forced in both arms, three rounds: 0.7096 / 0.7189 / 0.7182 -> 0.6784 / 0.6790 / 0.6789 ms (v26), beyond the fill
 and cast saved: the bf16 staging and reduces move half the bytes.
-FOLD 2:
-the piece holding an expert's first row adds the router's term COEF[e] to the first fold_p rows, as kernels/wgrad.py
-does (an expert without rows has none to add: its term is a sum over its tokens).
+
+The router's term (dW1 only): FOLD 2, the piece holding an expert's first row adds COEF[e] (torch's dS^T x / E) to
+the first fold_p rows, as kernels/wgrad.py does (an expert without rows has none to add: its term is a sum over its
+tokens). FOLD 3 (`_triton_kernels.wgrad`'s "pairs", the default where this kernel serves): the kernel sums the term
+itself from the rows it already streams. A gradient matrix of 16 columns per sorted row (kernels/score_grad.
+row_matrix: the row's dS in column 0, zeros beside) comes in by TMA with L, each step issues one more wgmma (R^T
+times it, m64n16), and every piece adds column 0 of that accumulator, times 1/E, to its block's first fold_p rows
+before its store or reduce. That replaces a cuBLAS GEMM, its split-K reduce, a cast and a division (≈ 18 us of the
+graphed base layer; H100, three rounds: 0.6597 / 0.6667 / 0.6753 ms against 0.6756 / 0.6782 / 0.6762, v26).
 
 H200, Triton 3.9, docs/kernels.md v22, base ReLU layer fwd+bwd: kernels/wgrad.py 0.796-0.798 ms, whole experts
 0.754, balanced with atomics 0.774, balanced with TMA reduces 0.732; graphed GPT-base sparse step 30.38-30.45 ->
@@ -42,8 +48,8 @@ items with TMA reduces at base (`_triton_kernels._auto_wgrad_ws`), under kernels
 captures. At 8B (P = 256 in one box, 12 warps, no room for the staging) every form lost: kernels/wgrad.py stays.
 
 Serves (`serves`) bf16/fp16 operands on sm_90, P's boxes up to 256 columns, rows of L contiguous and 16-byte
-aligned, R gathered in the kernel with Q a multiple of 16 (Triton then proves the copies 16 bytes wide), FOLD 0
-or 2, and the buffers within shared memory; the launcher (`_triton_kernels.wgrad`) takes kernels/wgrad.py
+aligned, R gathered in the kernel with Q a multiple of 16 (Triton then proves the copies 16 bytes wide), FOLD 0,
+2 or 3, and the buffers within shared memory; the launcher (`_triton_kernels.wgrad`) takes kernels/wgrad.py
 elsewhere. Needs Triton >= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the offline compile for
 sm_90 and the launcher's choice are tested (tests/backends/test_wgrad_gluon.py); tests/backends/test_backends_gpu.py
 (`wgrad_ws`) checks the results on the GPU.
