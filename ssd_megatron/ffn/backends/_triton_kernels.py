@@ -786,19 +786,18 @@ def _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p: int, ch: int, BQ: int
     else each expert's rows per program, stored into dW."""
     from .kernels import score_grad, wgrad_gluon
     be, be2 = _split_width(lhs.shape[1])
+    def tile(target, fold):
+        return lhs, rhs, target, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2
+
     # a "pairs" term summed in the kernel (FOLD 3) where that fits, else added per expert (FOLD 2)
     for kind in ((fold_kind, "expert") if fold_kind == "pairs" else (fold_kind,)):
         fold = _FOLD_CODES[kind]
-
-        def tile(target):
-            return lhs, rhs, target, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2
-
         sums = _sums_dtype(dw) if ch else dw.dtype
         # the balanced items' adds as TMA reduces where allowed and dW's layout and shared memory serve
-        tma_out = ch > 0 and _reduces_allowed() and _ws_reduces(dw, tile(sums))
+        tma_out = ch > 0 and _reduces_allowed() and _ws_reduces(dw, tile(sums, fold))
         if ch and not tma_out:
             sums = torch.float32  # (relaxed atomics add in fp32)
-        if tma_out or wgrad_gluon.serves(*tile(sums)):
+        if tma_out or wgrad_gluon.serves(*tile(sums, fold)):
             break
     else:
         return False
@@ -831,7 +830,8 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
     dW's dtype is `like`'s (the fp32 master weight's under autocast: no rounding to bf16 and no cast after).
     split: let the config's row chunks (6th entry, 0 = none) split each expert's reduction, summed by fp32
     atomics (not bitwise reproducible: callers pass False under deterministic algorithms), into dW itself when
-    it is fp32, else into an fp32 buffer copied to dW. A 7th config entry of 1 loads lhs by TMA (kernels/wgrad.py).
+    it is fp32, else into an fp32 buffer copied to dW (the Gluon kernel's TMA reduces: into a bf16/fp16 dW itself,
+    `_sums_dtype`). A 7th config entry of 1 loads lhs by TMA (kernels/wgrad.py).
     fold = ("rows", coef [M] fp32 per sorted row, p): lhs rows get coef added to their first p columns as
     loaded; ("expert", v [N, Q] fp32, p): dW[e, :p] += v[e] in the epilogue; ("pairs", (g, scale, term), p): the
     same with v = scale * sum over e's rows r of g[order[r]] * rhs's row, g [T * K] fp32 by flat pair (dS's

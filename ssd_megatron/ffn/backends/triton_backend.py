@@ -160,7 +160,8 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
         E = w2.shape[1]
         rank1 = (dgate, centroids)
         if need_w1:
-            # "pairs": the Gluon dW1 kernel sums dS^T x itself where it serves, else torch's GEMM (`_triton_kernels.wgrad`)
+            # "pairs": the Gluon dW1 kernel sums dS^T x itself where it serves, else torch's GEMM
+            # (`_triton_kernels.wgrad`)
             wfold = (("rows", (dgate / E).index_select(0, order.long()), E) if fold == "rows"
                      else ("pairs", (dgate, 1.0 / E,
                                      lambda: _router_centroid_grad(dgate, x, topk_idx, w1.shape[0], ds) / E), E))

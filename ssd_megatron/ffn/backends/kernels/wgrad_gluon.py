@@ -45,7 +45,8 @@ H200, Triton 3.9, docs/kernels.md v22, base ReLU layer fwd+bwd: kernels/wgrad.py
 0.754, balanced with atomics 0.774, balanced with TMA reduces 0.732; graphed GPT-base sparse step 30.38-30.45 ->
 29.65-29.69 ms (v21, H100: whole experts lost the step, whose expert loads are skewed). So `auto` takes the balanced
 items with TMA reduces at base (`_triton_kernels._auto_wgrad_ws`), under kernels/gluon_launches.py's rule for
-captures. At 8B (P = 256 in one box, 12 warps, no room for the staging) every form lost: kernels/wgrad.py stays.
+captures. At 8B (P = 256 in one box, 12 warps, no room for the fp32 staging) every form lost: kernels/wgrad.py stays
+(half sums' bf16 staging fits, and lost too: 8B ReLU fwd+bwd 9.47 / 9.49 against 8.39 / 8.42 ms, v26).
 
 Serves (`serves`) bf16/fp16 operands on sm_90, P's boxes up to 256 columns, rows of L contiguous and 16-byte
 aligned, R gathered in the kernel with Q a multiple of 16 (Triton then proves the copies 16 bytes wide), FOLD 0,
@@ -473,7 +474,7 @@ def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows
     lw, cregs, lregs, l_regs, max_regs = WARPS_WIDE if be > 128 else WARPS_NARROW
     kernel[grid](rhs, rhs.stride(0), l_desc, l_desc2, c_desc, offsets, token, coef, fold_p, float(scale), out,
                  out.stride(0), out.stride(1), out.stride(2), P, Q, n_items, num_q, S, N, o_desc, o_desc2,
-                 BALANCED=min_rows > 0,
-                 NP2=1 << (N - 1).bit_length(), TMA_OUT=tma_out, OUT_T=out_t, FOLD=fold, SPLIT=be2 > 0, BH=64,
+                 BALANCED=min_rows > 0, NP2=1 << (N - 1).bit_length(), TMA_OUT=tma_out, OUT_T=out_t, FOLD=fold,
+                 SPLIT=be2 > 0, BH=64,
                  LS=l_stages, RS=r_stages, LW=lw, CREGS=cregs, LREGS=lregs, L_REGS=l_regs, num_warps=4,
                  maxnreg=max_regs)
