@@ -61,7 +61,8 @@ if [ "${GPU_TESTS:-1}" = "1" ]; then
   echo "== GPU correctness tests (tests/backends)"
   # shellcheck disable=SC2086
   timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -rs -n "${TEST_WORKERS:-8}" -p no:cacheprovider tests/backends/test_backends_gpu.py \
-      tests/backends/test_reference_cpu.py ${GPU_TESTS_EXTRA:-} 2>&1 | tee "$OUT/gpu_tests.log"
+      tests/backends/test_reference_cpu.py tests/backends/test_column_sums.py tests/backends/test_score_grad.py \
+      ${GPU_TESTS_EXTRA:-} 2>&1 | tee "$OUT/gpu_tests.log"
   status=${PIPESTATUS[0]}
   tail -n 3 "$OUT/gpu_tests.log" > "$OUT/gpu_tests_summary.txt"
 fi
