@@ -102,6 +102,20 @@ def test_bad_env_config_fails_when_the_backend_is_built(monkeypatch):
         TritonBackend()
 
 
+@pytest.mark.parametrize("var", ["SSD_WGRAD_HALF_SUMS", "SSD_WGRAD_ROUTER_SUMS", "SSD_TRITON_SCORE_GRAD",
+                                 "SSD_PLAN_FILL", "SSD_TRITON_TILE_ORDER"])
+def test_every_bad_switch_fails_when_the_backend_is_built(monkeypatch, var):
+    """Each kernel switch's malformed value is a one-line error naming it when the backend is built (not inside a
+    compiled step); well-formed values pass."""
+    pytest.importorskip("triton")
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    monkeypatch.setenv(var, "bogus")
+    with pytest.raises(UserError, match=var):
+        TritonBackend()
+    monkeypatch.setenv(var, {"SSD_PLAN_FILL": "apart", "SSD_TRITON_TILE_ORDER": "token"}.get(var, "1"))
+    TritonBackend()
+
+
 @pytest.mark.parametrize("group", [0, 1, 2, 4, 6])
 def test_token_window_tiles_cover_every_tile_once_in_relative_position_order(group):
     """Every M-tile exactly once; expert groups one after the other (group 0: one group of all, token order);

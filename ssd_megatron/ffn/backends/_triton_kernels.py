@@ -772,6 +772,20 @@ def _router_sums() -> bool:
     return value == "1"
 
 
+def check_switches() -> None:
+    """Parse every SSD_* switch of these kernels that is set, so that a malformed value fails where the backend is
+    built, not inside a compiled step (each raises a one-line UserError naming the variable)."""
+    from .kernels import routing_plan, score_grad
+    if os.environ.get("SSD_TRITON_CONFIG"):
+        env_configs()
+    if os.environ.get("SSD_TRITON_TILE_ORDER"):
+        _tile_groups()
+    _half_sums()
+    _router_sums()
+    score_grad.enabled(0)
+    routing_plan.fill_place(0)
+
+
 def _sums_dtype(dw: torch.Tensor) -> torch.dtype:
     """The dtype the WS wgrad's balanced items add their partial sums in by TMA reduces: dW's own with half sums
     and a bf16/fp16 dW, else fp32 (dW itself when fp32, else a buffer)."""

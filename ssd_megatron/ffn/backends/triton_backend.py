@@ -46,6 +46,7 @@ import torch
 
 from ...errors import UserError
 from ..activations import ACTIVATIONS, is_glu
+from . import TUNING_PREFIXES
 from .grouped_mm import _grouped_mm
 from .reference import ReferenceBackend
 from .routing import make_plan
@@ -253,7 +254,7 @@ def _weight_grad(k, lhs, rhs_tokens, plan, weight, mode, split, fold=None):
     rhs = rhs_tokens.index_select(0, plan.token)
     if mode == "triton_mat":
         return k.wgrad(lhs, rhs, plan, weight, gathered=True, split=split, fold=fold)
-    kind, coef, p = k.expert_fold(fold) if fold is not None else (None, None, 0)
+    kind, coef, p = k.expert_fold(fold) or (None, None, 0)
     if kind == "rows":
         lhs = lhs.clone()
         lhs[:, :p] += coef.to(lhs.dtype)[:, None]
@@ -322,13 +323,8 @@ class TritonBackend:
                 raise ValueError(f"{key}={val!r}; accepted: True, False, 'auto'")
         self.combine, self.wgrad, self.fold_router, self.master_weights = combine, wgrad, fold_router, master_weights
         self.fold_output, self.fused_forward = fold_output, fused_forward
-        if os.environ.get("SSD_TRITON_CONFIG"):
-            _kernels().env_configs()  # a malformed value fails here, not inside a compiled step
-        if os.environ.get("SSD_TRITON_TILE_ORDER"):
-            _kernels()._tile_groups()  # likewise
-        if os.environ.get("SSD_TRITON_SCORE_GRAD"):
-            from .kernels import score_grad
-            score_grad.enabled(0)  # likewise
+        if any(k.startswith(TUNING_PREFIXES) for k in os.environ):
+            _kernels().check_switches()  # a malformed value fails here, not inside a compiled step
 
     def folds_router(self, x: torch.Tensor) -> bool:
         """Whether a call on `x` runs our kernels, which can take `router_centroids` (module docstring)."""
