@@ -49,7 +49,9 @@ from .routing import initialise
 # forward as a warp-specialised Gluon kernel, kernels/mlp_gluon.py: `auto`'s for captured inference forwards at
 # base-like shapes with Triton >= 3.9, AUTO_MLP_WS; WARPS is then the depth of its weight ring (W1's and W2's
 # tiles), STAGES its x ring's; kernels/mlp.py where it does not serve);
-# up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE); a seventh entry of 1
+# up_bwd[_glu] 1 = TWO_PASS (the GEMM, then its epilogue in a launch of EPILOGUE_TILE); up_bwd 5 = WS (a
+# warp-specialised Gluon kernel, kernels/up_bwd_gluon.py, Triton >= 3.9, no gate: BN unused, WARPS and STAGES the
+# depths of its W2 and dy rings; the default tile where it does not serve); a seventh entry of 1
 # (up kinds: 8B's GLU ones by default on Hopper, elsewhere opt-in) = their weights' tiles by TMA;
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none), and a seventh entry of 1 = its
 # left operand by TMA (Hopper's default) or 5 = WS (a warp-specialised Gluon kernel, kernels/wgrad_gluon.py,
@@ -138,7 +140,7 @@ def _parse_configs(text: str) -> dict:
             raise UserError(f"{bad}: the values must be 5 to 7 integers, e.g. 128,128,64,8,3") from None
         base = kind.split(":")[0]
         # the fourth entry: a ring's depth (the weight ring, kernels/mlp_gluon.py; the L ring, kernels/wgrad_gluon.py)
-        ring = (base == "mlp" and cfg[5:] == (WS,)) or (base == "wgrad" and cfg[6:] == (WS,))
+        ring = (base in ("mlp", "up_bwd") and cfg[5:] == (WS,)) or (base == "wgrad" and cfg[6:] == (WS,))
         pow2 = cfg[:3 if ring else 4]
         if len(cfg) not in (5, 6, 7) or any(v < 1 or v & (v - 1) for v in pow2) or min(cfg[3:5]) < 1:
             raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
@@ -147,7 +149,8 @@ def _parse_configs(text: str) -> dict:
                             f"is not gathered (the weights; wgrad's left one) by TMA, else 0; for wgrad, 5 (WS)")
         if len(cfg) >= 6 and not _variant_ok(base, cfg[5]):
             raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA), 4 (STAGED) or 5 (WS); "
-                            f"for mlp, 3 (TMA) or 5 (WS); for up_bwd[_glu], 1 (TWO_PASS); for wgrad, a row chunk >= 0")
+                            f"for mlp, 3 (TMA) or 5 (WS); for up_bwd[_glu], 1 (TWO_PASS), and for up_bwd 5 (WS); "
+                            f"for wgrad, a row chunk >= 0")
         out[kind] = cfg
     return out
 
@@ -155,7 +158,7 @@ def _parse_configs(text: str) -> dict:
 def _variant_ok(base: str, variant: int) -> bool:
     return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED, WS))
             or (base == "mlp" and variant in (TMA, WS)) or (base == "wgrad" and variant > 0)
-            or (base.startswith("up_bwd") and variant == TWO_PASS))
+            or (base.startswith("up_bwd") and variant == TWO_PASS) or (base == "up_bwd" and variant == WS))
 
 
 def _default(base: str, key: tuple, hopper: bool = True):
@@ -483,6 +486,12 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
     state = {}
 
     def launch(cfg):
+        if cfg[5:] == (WS,):  # the Gluon kernel where it serves (kernels/up_bwd_gluon.py), else kernels/up.py's default
+            state["dgp"] = _up_bwd_ws(dy, w2, h, gate_flat, plan, act, glu, dh, ga if need_ga else None,
+                                      db if need_db else None, fill, cfg)
+            if state["dgp"] is not None:
+                return
+            cfg = _default("up_bwd_glu" if glu else "up_bwd", (D, E, str(dy.dtype)), _hopper(dy))
         two = len(cfg) > 5 and cfg[5] == TWO_PASS
         dgp = torch.empty(_up_columns(E, (EPILOGUE_TILE if two else cfg)[1])[3], M, device=dy.device,
                           dtype=torch.float32)
@@ -502,6 +511,28 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
     launch(_pick("up_bwd_glu" if glu else "up_bwd", (D, E, str(dy.dtype)), launch, _hopper(dy)))
     dgate = state["dgp"] if partials else state["dgp"].sum(0)
     return dh, dgate, (ga if need_ga else None), (db if need_db else None)
+
+
+def _up_bwd_ws(dy, w2, h, gate_flat, plan, act: int, glu: bool, dh, ga, db, fill, cfg):
+    """up_bwd variant 5 (WS): kernels/up_bwd_gluon.py where it serves (`fill` only with zeros), which writes dh, ga and
+    db (when not None) and returns the gate gradient's one row of partials [1, M]; else None."""
+    from .kernels import gluon_launches, up_bwd_gluon
+    BM, _, BK, w_ring, ring = cfg[:5]
+    be, be2 = _split_width(w2.shape[1])
+    zeros = fill[0] if fill is not None and fill[1] is None else None
+    if (fill is not None and zeros is None) or not up_bwd_gluon.serves(dy, w2, h, act, glu, zeros, BM, BK, w_ring,
+                                                                        ring, be, be2):
+        return None
+    dgp = torch.empty(1, plan.num_rows, device=dy.device, dtype=torch.float32)
+    if db is not None:
+        db.zero_()
+    up_bwd_gluon.launch(dy, w2, h, _tile_list(plan, BM, None), plan.offsets, plan.order, plan.token, gate_flat, dh, ga,
+                        dgp, db, zeros, act, BM, BK, w_ring, ring, be, be2)
+    gluon_launches.note(gluon_launches.key((dy, w2, h, plan.offsets, plan.order, plan.token, gate_flat, dh, ga, db,
+                                            zeros), act, cfg),
+                        (dy.device, dy.dtype, tuple(dy.shape), tuple(w2.shape), tuple(h.shape), act, ga is not None,
+                         db is not None, zeros is not None), dy)
+    return dgp
 
 
 def _hopper(t: torch.Tensor) -> bool:

@@ -40,6 +40,8 @@ checks the results on the GPU.
 """
 from __future__ import annotations
 
+import types
+
 import torch
 
 from . import down_gluon  # MIN_TRITON, SMEM_LIMIT, and _sm90 / _sms (one place for tests and tools to stand in)
@@ -162,7 +164,11 @@ def _build():
         if SAVE_H:
             gl.store(H + rows.to(gl.int64)[:, None] * stride_h + cols[None, :], h,
                      mask=rmask[:, None] & cmask[None, :])
-        v = h.to(gl.float32)
+        return _act(h.to(gl.float32), ACT)
+
+    @gluon.jit
+    def _act(v, ACT: gl.constexpr):
+        """act(v) in fp32 (kernels/common.py `_act` for the activations without a gate, ACTS)."""
         if ACT == 0:
             out = gl.maximum(v, 0.0)
         elif ACT == 1:
@@ -191,15 +197,54 @@ def _build():
             gl.store(OUT + dst[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
 
     @gluon.jit
+    def _up_gemm(x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w_desc, w_desc2, D, kc, wc,
+                 which: gl.constexpr, up_l: gl.constexpr, up_l2: gl.constexpr, SPLIT: gl.constexpr,
+                 W_RC: gl.constexpr, BE: gl.constexpr, BE2: gl.constexpr):
+        """This consumer's half of an M-tile's up GEMM, X rows [BM / 2, D] @ W[e]^T ([BE] and, with SPLIT, [BE2]
+        columns in fp32, layouts up_l and up_l2), from the x ring and the weight ring at their counts kc and wc:
+        one reduction step of wgmma in flight, each step's slots released once the next step's products are
+        issued. Returns (acc, acc2, kc, wc), the counts past the tile's steps."""
+        XS: gl.constexpr = x_bufs.type.shape[0]
+        HM: gl.constexpr = x_bufs.type.shape[1] // 2
+        BK: gl.constexpr = x_bufs.type.shape[2]
+        WS: gl.constexpr = w_bufs.type.shape[0]
+        acc = gl.zeros((HM, BE), dtype=gl.float32, layout=up_l)
+        acc2 = gl.zeros((HM, BE2), dtype=gl.float32, layout=up_l2)
+        for k in range(0, D, BK):
+            s = kc % XS
+            sw = wc % WS
+            mbarrier.wait(x_full.index(s), (kc // XS) & 1)
+            mbarrier.wait(w_full.index(sw), (wc // WS) & 1)
+            fence_async_shared()  # the cp.async writes (generic proxy) before wgmma's reads (async proxy)
+            xa = x_bufs.index(s).slice(which * HM, HM)
+            acc = warpgroup_mma(xa, _b_operand(_as_box(w_bufs.index(sw), w_desc), not W_RC), acc, is_async=True)
+            if SPLIT:
+                acc2 = warpgroup_mma(xa, _b_operand(_as_box(w_bufs2.index(sw), w_desc2), not W_RC), acc2,
+                                     is_async=True)
+                acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
+            else:
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            if k > 0:  # the previous step's products are done: its slots may be refilled
+                mbarrier.arrive(x_empty.index((kc + XS - 1) % XS), count=1)
+                mbarrier.arrive(w_empty.index((wc + WS - 1) % WS), count=1)
+            kc += 1
+            wc += 1
+        if SPLIT:
+            acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(x_empty.index((kc + XS - 1) % XS), count=1)
+        mbarrier.arrive(w_empty.index((wc + WS - 1) % WS), count=1)
+        return acc, acc2, kc, wc
+
+    @gluon.jit
     def consumer(x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w1_desc, w1_desc2, w2_desc, w2_desc2,
                  TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E, n_tiles,
                  which: gl.constexpr,
                  ACT: gl.constexpr, HAS_BIAS: gl.constexpr, SAVE_H: gl.constexpr, SCALE: gl.constexpr,
                  ATOMIC: gl.constexpr, SPLIT: gl.constexpr, W1_RC: gl.constexpr, W2_RC: gl.constexpr,
                  BE: gl.constexpr, BE2: gl.constexpr, BN: gl.constexpr):
-        XS: gl.constexpr = x_bufs.type.shape[0]
         BM: gl.constexpr = x_bufs.type.shape[1]
-        BK: gl.constexpr = x_bufs.type.shape[2]
         WS: gl.constexpr = w_bufs.type.shape[0]
         HM: gl.constexpr = BM // 2  # this warpgroup's rows of the tile
         dtype: gl.constexpr = x_bufs.dtype
@@ -220,35 +265,9 @@ def _build():
             if row0 < M:
                 r0 = row0 + which * HM
                 end = gl.load(OFFS + e + 1)
-                # ---- up GEMM: h [HM, E] = x rows @ W1[e]^T, one reduction step of wgmma in flight
-                acc = gl.zeros((HM, BE), dtype=gl.float32, layout=up_l)
-                acc2 = gl.zeros((HM, BE2), dtype=gl.float32, layout=up_l2)
-                for k in range(0, D, BK):
-                    s = kc % XS
-                    sw = wc % WS
-                    mbarrier.wait(x_full.index(s), (kc // XS) & 1)
-                    mbarrier.wait(w_full.index(sw), (wc // WS) & 1)
-                    fence_async_shared()  # the cp.async writes (generic proxy) before wgmma's reads (async proxy)
-                    xa = x_bufs.index(s).slice(which * HM, HM)
-                    acc = warpgroup_mma(xa, _b_operand(_as_box(w_bufs.index(sw), w1_desc), not W1_RC), acc,
-                                        is_async=True)
-                    if SPLIT:
-                        acc2 = warpgroup_mma(xa, _b_operand(_as_box(w_bufs2.index(sw), w1_desc2), not W1_RC), acc2,
-                                             is_async=True)
-                        acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
-                    else:
-                        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-                    if k > 0:  # the previous step's products are done: its slots may be refilled
-                        mbarrier.arrive(x_empty.index((kc + XS - 1) % XS), count=1)
-                        mbarrier.arrive(w_empty.index((wc + WS - 1) % WS), count=1)
-                    kc += 1
-                    wc += 1
-                if SPLIT:
-                    acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
-                else:
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(x_empty.index((kc + XS - 1) % XS), count=1)
-                mbarrier.arrive(w_empty.index((wc + WS - 1) % WS), count=1)
+                # ---- up GEMM: h [HM, E] = x rows @ W1[e]^T
+                acc, acc2, kc, wc = _up_gemm(x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w1_desc,
+                                             w1_desc2, D, kc, wc, which, up_l, up_l2, SPLIT, W1_RC, BE, BE2)
                 # ---- bias, h, activation: a = act(h) stays in registers as the down GEMM's A operand
                 rows_u = r0 + gl.arange(0, HM, layout=gl.SliceLayout(1, up_l))
                 cols_u = gl.arange(0, BE, layout=gl.SliceLayout(0, up_l))
@@ -347,7 +366,9 @@ def _build():
         return tuple(TensorDescriptor.from_tensor(w2d, list(b), gl.NVMMASharedLayout.get_default_for(list(b), g))
                      for b in boxes)
 
-    return mlp_ws_kernel, descriptors
+    # the parts kernels/up_bwd_gluon.py's kernel shares
+    parts = types.SimpleNamespace(x_loader=x_loader, w_load=_w_load, up_gemm=_up_gemm, act=_act)
+    return mlp_ws_kernel, descriptors, parts
 
 
 
@@ -401,7 +422,7 @@ def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, 
            BK: int, w_stages: int, stages: int, be: int, be2: int):
     """The kernel over `tiles` ([n, 2] int32 (expert, first row), first row M = empty) with persistent programs,
     one per SM. h: the pre-activation [M, E] to store (the backward's), or None. The caller checked `serves`."""
-    kernel, descriptors = _build_once()
+    kernel, descriptors, _ = _build_once()
     N, E, D = w1.shape
     M = order.shape[0]
     w1d, rc1, boxes1 = _boxes(w1, (be, be2), BK)
