@@ -226,6 +226,58 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
     print("mlp ws", case, combine, tile, w2, {k: f"{v:.1e}" for k, v in errs.items()})
 
 
+# up_bwd variant 5 (WS, kernels/up_bwd_gluon.py: Gluon, sm_90, Triton >= 3.9) where it serves, as the fused forward's:
+# E exactly one or two power-of-two tiles (64; 192 = 128 + 64; 128), D a multiple of BK, no gate. Skewed loads,
+# experts with no tokens, M not a multiple of the 128-row tile, one token, K = 1, the activations without a gate,
+# no bias (no db1 sums), W2 as W_out's column view and contiguous, the dx zeros written by the kernel (atomic
+# combines) or none (the buffer combine); rings of (W2, dy) slots 3 + 4 and 2 + 2
+UP_BWD_WS_TILES = {"3w-4x": (128, 64, 64, 3, 4, 5), "2w-2x-bk128": (128, 128, 128, 2, 2, 5)}
+UP_BWD_WS_CASES = MLP_WS_CASES + [dict(activation="relu", T=257, D=128, E=192, N=8, K=1, routing="skewed")]
+UP_BWD_WS_IDS = [f"{c['activation']}-T{c['T']}-D{c['D']}-E{c['E']}-N{c['N']}K{c['K']}-{c.get('routing', 'random')}"
+                 f"{'' if c.get('bias', True) else '-nobias'}" for c in UP_BWD_WS_CASES]
+
+
+@pytest.mark.parametrize("w2", ["column-view", "contiguous"])
+@pytest.mark.parametrize("tile", list(UP_BWD_WS_TILES))
+@pytest.mark.parametrize("combine", ["atomic16", "buffer"])
+@pytest.mark.parametrize("case", UP_BWD_WS_CASES, ids=UP_BWD_WS_IDS)
+def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
+    """The warp-specialised Gluon up_bwd (variant 5) against the reference, forward and every grad, at each tile,
+    combine and W2 layout; each backward is checked to have taken it (not kernels/up.py), with the dx zeros for
+    the atomic combine."""
+    cfg = UP_BWD_WS_TILES[tile]
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    from ssd_megatron.ffn.backends import _triton_kernels as kernels
+    from ssd_megatron.ffn.backends.kernels import up_bwd_gluon
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    if up_bwd_gluon._build_once() is None or not up_bwd_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
+        pytest.skip("the WS up_bwd does not serve here (needs sm_90 and Triton >= 3.9's Gluon): variant 5 falls back "
+                    "to kernels/up.py")
+    if cfg[2] > case["D"] or case["D"] % cfg[2] or case["E"] > 192 or (cfg[2] == 128 and case["E"] > 128):
+        pytest.skip("variant 5 falls back to kernels/up.py here: D not a multiple of BK, a first E tile wider than "
+                    "128 (8B's 256), or buffers beyond shared memory")
+    launches = []
+    real = up_bwd_gluon.launch
+
+    def counted(*args, **kwargs):
+        launches.append((args[9] is not None, args[11] is not None, args[12] is not None))  # (ga, db, fill)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(up_bwd_gluon, "launch", counted)
+    inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
+    if w2 == "column-view":
+        inp = with_column_view_w2(inp)
+    kernels.force_config(up_bwd=cfg)
+    try:
+        got, want = run(TritonBackend(combine=combine), inp), run(ReferenceBackend(), upcast(inp))
+        errs = compare(got, want, 3e-2)
+    finally:
+        kernels.force_config()
+    assert launches == [(True, case.get("bias", True), combine != "buffer")], launches
+    print("up_bwd ws", case, combine, tile, w2, {k: f"{v:.1e}" for k, v in errs.items()})
+
+
 # wgrad's seventh entry 5 (WS, kernels/wgrad_gluon.py: Gluon, sm_90, Triton >= 3.9) where it serves: P = E (dW2) or
 # F1 (dW1; 2E with a gate) up to 256 as one or two power-of-two boxes (48 = 32 + 16, 192 = 128 + 64), Q (D) a
 # multiple of 16. Balanced items (row segments of at least 96 or 40 rows, crossing experts; atomic adds, or TMA

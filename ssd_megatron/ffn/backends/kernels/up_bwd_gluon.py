@@ -26,6 +26,11 @@ Serves activations without a gate, bf16/fp16, sm_90, E = BE + BE2 with BE <= 128
 of BK, W2 as one 2-D matrix in either layout (`common.expert_matrix`), h one contiguous [M, E] matrix, and the
 buffers within shared memory (`serves`); `_triton_kernels.up_backward` takes kernels/up.py elsewhere.
 
+ptxas compiles every partition within the launch's 128 registers per thread (mlp_gluon.MAX_REGS), and the
+consumers hold both of E's accumulators (96 at base) into the epilogue: at base with ReLU 8 bytes of stack (the
+fused forward's), with squared ReLU without db1 168, with GELU 448 (erf, for act and act' both). Opt-in for those
+until timed.
+
 Needs Triton >= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the offline compile for sm_90 and the
 launcher's choice are tested (tests/backends/test_up_bwd_gluon.py); tests/backends/test_backends_gpu.py
 (`up_bwd_ws`) checks the results on the GPU.
