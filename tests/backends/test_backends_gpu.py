@@ -274,7 +274,7 @@ def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
         errs = compare(got, want, 3e-2)
     finally:
         kernels.force_config()
-    assert launches == [(True, case.get("bias", True), combine != "buffer")], launches
+    assert launches == [(True, case.get("bias", True), combine != "buffer" and case["K"] > 1)], launches
     print("up_bwd ws", case, combine, tile, w2, {k: f"{v:.1e}" for k, v in errs.items()})
 
 
