@@ -121,18 +121,18 @@ def _build():
                     _w_load(w_desc, w_desc2, e * E, k, w_full.index(s), w_bufs.index(s), w_bufs2.index(s), SPLIT,
                             W_RC, BE)
                     wc += 1
-                    if i == h_at:  # the consumers are done with the last tile's reduction; its epilogue reads h
-                        mbarrier.wait(h_empty.index(0), (j & 1) ^ 1)
-                        mbarrier.expect(h_full.index(0), h_bytes)
-                        tma.async_load(h_desc, [row0, 0], h_full.index(0), h_buf)
-                        if SPLIT:
-                            tma.async_load(h_desc2, [row0, BE], h_full.index(0), h_buf2)
-                        if HAS_FILL:
+                    if i == h_at:  # the consumers are done with the last tile's reduction, and in its epilogue
+                        if HAS_FILL:  # (while they finish it)
                             nxt = done + fill_chunk
                             if nxt > hi:
                                 nxt = hi
                             _zeros(FILL, done, nxt)
                             done = nxt
+                        mbarrier.wait(h_empty.index(0), (j & 1) ^ 1)
+                        mbarrier.expect(h_full.index(0), h_bytes)
+                        tma.async_load(h_desc, [row0, 0], h_full.index(0), h_buf)
+                        if SPLIT:
+                            tma.async_load(h_desc2, [row0, BE], h_full.index(0), h_buf2)
                     i += 1
                 j += 1
         if HAS_FILL:
