@@ -199,7 +199,7 @@ def test_ws_down_variant_is_accepted(monkeypatch):
     monkeypatch.setenv("SSD_TRITON_CONFIG", "down=64,64,64,4,3,5")
     assert K._pick("down:atomic16", (256, 4096, "torch.bfloat16"), None) == (64, 64, 64, 4, 3, K.WS)
     assert K._parse_configs("down:buffer=128,64,64,4,2,5") == {"down:buffer": (128, 64, 64, 4, 2, K.WS)}
-    for other in ("up", "up_bwd"):  # the variant is down's and mlp's only
+    for other in ("up", "up_bwd_glu"):  # the variant is down's, mlp's, up_bwd's and wgrad's only
         with pytest.raises(UserError, match="5 \\(WS\\)"):
             K._parse_configs(f"{other}=64,64,64,4,3,5")
 
