@@ -197,6 +197,27 @@ def _build():
             gl.store(OUT + dst[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
 
     @gluon.jit
+    def _rings(w_desc, w_desc2, BM: gl.constexpr, BK: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr,
+               LW: gl.constexpr):
+        """The x ring ([XS, BM, BK]), the weight ring (WS slots of `w_desc`'s and `w_desc2`'s boxes) and their
+        barriers, initialised: (x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty)."""
+        dtype: gl.constexpr = w_desc.dtype
+        x_bufs = gl.allocate_shared_memory(dtype, [XS, BM, BK], gl.NVMMASharedLayout.get_default_for([BM, BK], dtype))
+        w_bufs = gl.allocate_shared_memory(dtype, [WS] + w_desc.block_type.shape, w_desc.layout)
+        w_bufs2 = gl.allocate_shared_memory(dtype, [WS] + w_desc2.block_type.shape, w_desc2.layout)
+        x_full = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
+        x_empty = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
+        w_full = gl.allocate_shared_memory(gl.int64, [WS, 1], mbarrier.MBarrierLayout())
+        w_empty = gl.allocate_shared_memory(gl.int64, [WS, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(XS):
+            mbarrier.init(x_full.index(i), count=32 * LW)  # every loader thread's cp.async arrival
+            mbarrier.init(x_empty.index(i), count=2)  # both consumers
+        for i in gl.static_range(WS):
+            mbarrier.init(w_full.index(i), count=1)
+            mbarrier.init(w_empty.index(i), count=2)
+        return x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty
+
+    @gluon.jit
     def _up_gemm(x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w_desc, w_desc2, D, kc, wc,
                  which: gl.constexpr, up_l: gl.constexpr, up_l2: gl.constexpr, SPLIT: gl.constexpr,
                  W_RC: gl.constexpr, BE: gl.constexpr, BE2: gl.constexpr):
@@ -328,22 +349,8 @@ def _build():
                       BM: gl.constexpr, BK: gl.constexpr, BE: gl.constexpr, BE2: gl.constexpr, BN: gl.constexpr,
                       XS: gl.constexpr, WS: gl.constexpr, LW: gl.constexpr,
                       CREGS: gl.constexpr, LREGS: gl.constexpr, W_LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
-        dtype: gl.constexpr = w1_desc.dtype
-        x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], dtype)
-        x_bufs = gl.allocate_shared_memory(dtype, [XS, BM, BK], x_layout)
         # the weight ring's slots, in W1's box shapes and layouts; W2's tiles use them through `_as_box`
-        w_bufs = gl.allocate_shared_memory(dtype, [WS] + w1_desc.block_type.shape, w1_desc.layout)
-        w_bufs2 = gl.allocate_shared_memory(dtype, [WS] + w1_desc2.block_type.shape, w1_desc2.layout)
-        x_full = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
-        x_empty = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
-        w_full = gl.allocate_shared_memory(gl.int64, [WS, 1], mbarrier.MBarrierLayout())
-        w_empty = gl.allocate_shared_memory(gl.int64, [WS, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(XS):
-            mbarrier.init(x_full.index(i), count=32 * LW)  # every loader thread's cp.async arrival
-            mbarrier.init(x_empty.index(i), count=2)  # both consumers
-        for i in gl.static_range(WS):
-            mbarrier.init(w_full.index(i), count=1)
-            mbarrier.init(w_empty.index(i), count=2)
+        x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty = _rings(w1_desc, w1_desc2, BM, BK, XS, WS, LW)
         # the tuples inline: a constexpr bound to a name first would become a tensor (the partitions' flags must
         # stay compile-time constants)
         gl.warp_specialize([
@@ -367,7 +374,7 @@ def _build():
                      for b in boxes)
 
     # the parts kernels/up_bwd_gluon.py's kernel shares
-    parts = types.SimpleNamespace(x_loader=x_loader, w_load=_w_load, up_gemm=_up_gemm, act=_act)
+    parts = types.SimpleNamespace(x_loader=x_loader, w_load=_w_load, up_gemm=_up_gemm, act=_act, rings=_rings)
     return mlp_ws_kernel, descriptors, parts
 
 

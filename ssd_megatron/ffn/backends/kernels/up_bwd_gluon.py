@@ -63,7 +63,8 @@ def _build():
     if forward is None:
         raise ImportError("the WS fused forward's parts, which this kernel shares, do not build here")
     _, descriptors, parts = forward
-    x_loader, _w_load, _up_gemm, _act = parts.x_loader, parts.w_load, parts.up_gemm, parts.act
+    x_loader, _w_load, _up_gemm, _act, _rings = (parts.x_loader, parts.w_load, parts.up_gemm, parts.act,
+                                                 parts.rings)
 
     @gluon.jit
     def _act_grad(v, ACT: gl.constexpr):
@@ -254,24 +255,11 @@ def _build():
                          CREGS: gl.constexpr, LREGS: gl.constexpr, W_LOADER_REGS: gl.constexpr,
                          num_warps: gl.constexpr):
         dtype: gl.constexpr = w_desc.dtype
-        x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], dtype)
-        x_bufs = gl.allocate_shared_memory(dtype, [XS, BM, BK], x_layout)
-        w_bufs = gl.allocate_shared_memory(dtype, [WS] + w_desc.block_type.shape, w_desc.layout)
-        w_bufs2 = gl.allocate_shared_memory(dtype, [WS] + w_desc2.block_type.shape, w_desc2.layout)
+        x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty = _rings(w_desc, w_desc2, BM, BK, XS, WS, LW)
         h_buf = gl.allocate_shared_memory(dtype, h_desc.block_type.shape, h_desc.layout)
         h_buf2 = gl.allocate_shared_memory(dtype, h_desc2.block_type.shape, h_desc2.layout)
-        x_full = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
-        x_empty = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
-        w_full = gl.allocate_shared_memory(gl.int64, [WS, 1], mbarrier.MBarrierLayout())
-        w_empty = gl.allocate_shared_memory(gl.int64, [WS, 1], mbarrier.MBarrierLayout())
         h_full = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
         h_empty = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(XS):
-            mbarrier.init(x_full.index(i), count=32 * LW)  # every loader thread's cp.async arrival
-            mbarrier.init(x_empty.index(i), count=2)  # both consumers
-        for i in gl.static_range(WS):
-            mbarrier.init(w_full.index(i), count=1)
-            mbarrier.init(w_empty.index(i), count=2)
         mbarrier.init(h_full.index(0), count=1)
         mbarrier.init(h_empty.index(0), count=2)
         # the tuples inline: a constexpr bound to a name first would become a tensor (the partitions' flags must
