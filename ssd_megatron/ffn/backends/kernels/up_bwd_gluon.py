@@ -246,7 +246,8 @@ def _build():
                 j += 1
 
     @gluon.jit
-    def up_bwd_ws_kernel(X, stride_x, w_desc, w_desc2, h_desc, h_desc2, dh_desc, dh_desc2, ga_desc, ga_desc2, TILES, OFFS, ORDER, TOK, GATE, OUT, stride_o,
+    def up_bwd_ws_kernel(X, stride_x, w_desc, w_desc2, h_desc, h_desc2, dh_desc, dh_desc2, ga_desc, ga_desc2, TILES,
+                         OFFS, ORDER, TOK, GATE, OUT, stride_o,
                          GA, stride_ga, DGP, DB, stride_db, FILL, fill_numel, fill_share, fill_chunk, M, D, E, n_tiles,
                          ACT: gl.constexpr, STORE_GA: gl.constexpr, HAS_DB: gl.constexpr, HAS_FILL: gl.constexpr,
                          SPLIT: gl.constexpr, W_RC: gl.constexpr, VEC: gl.constexpr, TMA_OUT: gl.constexpr,
@@ -336,6 +337,7 @@ def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill,
     kernel[(grid,)](dy, dy.stride(0), d, d2, hd, hd2, *outs, tiles, offsets, order, token, gate, dh, dh.stride(0), ga_,
                     ga_.stride(0), dgp, db_, db_.stride(0), fill if fill is not None else dh, numel, share, chunk, M,
                     D, E, n_tiles, ACT=act, STORE_GA=ga is not None, HAS_DB=db is not None, HAS_FILL=fill is not None,
-                    SPLIT=be2 > 0, W_RC=rc, VEC=VEC_STORES, TMA_OUT=TMA_STORES, BM=BM, BK=BK, BE=be, BE2=max(be2, 16), XS=stages, WS=w_stages,
+                    SPLIT=be2 > 0, W_RC=rc, VEC=VEC_STORES, TMA_OUT=TMA_STORES, BM=BM, BK=BK, BE=be, BE2=max(be2, 16),
+                    XS=stages, WS=w_stages,
                     LW=mlp_gluon.LOADER_WARPS, CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, W_LOADER_REGS=W_LOADER_REGS,
                     num_warps=4, maxnreg=mlp_gluon.MAX_REGS)
