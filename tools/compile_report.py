@@ -107,6 +107,7 @@ def report(kernel, num_warps) -> dict:
     return {"regs": regs, "stack": stack, "smem_kb": round(smem / 1024, 1), "warps": num_warps, "ctas_per_sm": ctas,
             "mma": ",".join(m.split(".", 1)[1] for m in mma) or "-", "ldgsts": sass.count("LDGSTS"),
             "utmaldg": sass.count("UTMALDG"), "utmaredg": sass.count("UTMAREDG"),  # (TMA loads, TMA reduces)
+            "utmastg": sass.count("UTMASTG"),  # (TMA stores)
             "atom": len(re.findall(r"\b(?:REDG|RED|ATOMG|ATOM)\.", sass)),
             "cas": len(re.findall(r"\bATOMG?\.\S*CAS", sass))}  # compare-and-swap: an atomic the GPU lacks
 

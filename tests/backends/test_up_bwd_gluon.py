@@ -20,11 +20,12 @@ except ImportError:  # run as a script: the compile subprocess
 WS = (128, 64, 64, 3, 4, 5)  # BM, BN (unused), BK, the W2 ring's depth, the dy ring's, variant 5
 # name -> (activation, E, dtype, W2 as W_out's column view, the dx zeros, gate * a stored, db1 summed): base's
 # training backward (E = 128 + 64, the layer's column view, every output), gelu without the dx zeros or gate * a,
-# fp16 with tanh-GELU and contiguous W2, squared ReLU without a bias
+# fp16 with tanh-GELU and contiguous W2, squared ReLU without a bias, base's with TMA stores
 LAUNCHES = {"base-train": ("relu", 192, "bfloat16", True, True, True, True),
             "gelu-e64-bare": ("gelu", 64, "bfloat16", False, False, False, True),
             "fp16-gelu-tanh": ("gelu_tanh", 128, "float16", False, True, True, True),
-            "squared-relu-no-bias": ("squared_relu", 192, "bfloat16", True, True, True, False)}
+            "squared-relu-no-bias": ("squared_relu", 192, "bfloat16", True, True, True, False),
+            "base-train-tma-stores": ("relu", 192, "bfloat16", True, True, True, True)}  # (the switch set)
 
 
 def _backward_case(activation, E, dtype, column_view=True, D=128, fill=True):
@@ -44,10 +45,14 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
     cr.offline(90)
     K.force_config(up_bwd=WS)
 
-    def launch(act, E, dtype, column_view, fill, ga, db):
+    def launch(name, act, E, dtype, column_view, fill, ga, db):
         dy, w2, h, gate, plan, f = _backward_case(act, E, getattr(torch, dtype), column_view, fill=fill)
-        return lambda: K.up_backward(dy, w2, h, gate, plan, act, ga, db, fill=f, partials=True)
-    print("UPBWDWS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in LAUNCHES.items()})))
+
+        def run():
+            os.environ["SSD_TRITON_UP_BWD_TMA_STORES"] = str(int(name.endswith("tma-stores")))
+            K.up_backward(dy, w2, h, gate, plan, act, ga, db, fill=f, partials=True)
+        return run
+    print("UPBWDWS " + json.dumps(cr.compile_each({name: launch(name, *c) for name, c in LAUNCHES.items()})))
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +78,7 @@ def test_ws_up_bwd_compiles_for_sm90(compiled, name):
     assert r["warps"] == 16 and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
     assert r["cas"] == 0 and (r["atom"] > 0) == LAUNCHES[name][6], r
     assert (name != "base-train" or r["stack"] <= 8) and r["smem_kb"] * 1024 <= 227 * 1024, r
+    assert (r["utmastg"] > 0) == name.endswith("tma-stores"), r  # TMA stores of dh and gate * a
 
 
 # why the launcher does not take the Gluon kernel -> (activation, E, D, dtype, config, fill with a bias row)
@@ -122,7 +128,8 @@ def test_ws_up_bwd_falls_back(monkeypatch, why):
         assert torch.equal(args[3], K.expert_tiles(plan.offsets, plan.num_rows, plan.num_experts, 128))
         assert args[8] is dh and args[9] is ga and args[11] is db and args[12] is fill[0], args[8:13]
         assert args[10] is dgate and dgate.shape == (1, plan.num_rows), dgate.shape  # one row of partials
-        assert args[13:] == (0, 128, 64, 3, 4, 128, 64), args[13:]  # relu, the tile, the rings, E's two tiles
+        # relu, the tile, the rings, E's two tiles, pointer stores (SSD_TRITON_UP_BWD_TMA_STORES unset)
+        assert args[13:] == (0, 128, 64, 3, 4, 128, 64, False), args[13:]
     else:  # (served, but this Triton has no Gluon that builds it: kernels/up.py too)
         assert name == "triton" and kwargs["BM"] == default[0] and kwargs["BWD"], (name, kwargs)
 

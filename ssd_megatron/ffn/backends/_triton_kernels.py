@@ -526,10 +526,11 @@ def _up_bwd_ws(dy, w2, h, gate_flat, plan, act: int, glu: bool, dh, ga, db, fill
     dgp = torch.empty(1, plan.num_rows, device=dy.device, dtype=torch.float32)
     if db is not None:
         db.zero_()
+    tma_stores = _up_bwd_tma_stores()
     up_bwd_gluon.launch(dy, w2, h, _tile_list(plan, BM, None), plan.offsets, plan.order, plan.token, gate_flat, dh, ga,
-                        dgp, db, zeros, act, BM, BK, w_ring, ring, be, be2)
+                        dgp, db, zeros, act, BM, BK, w_ring, ring, be, be2, tma_stores)
     gluon_launches.note(gluon_launches.key((dy, w2, h, plan.offsets, plan.order, plan.token, gate_flat, dh, ga, db,
-                                            zeros), act, cfg),
+                                            zeros), act, tma_stores, cfg),
                         (dy.device, dy.dtype, tuple(dy.shape), tuple(w2.shape), tuple(h.shape), act, ga is not None,
                          db is not None, zeros is not None), dy)
     return dgp
@@ -803,6 +804,18 @@ def _router_sums() -> bool:
     return value == "1"
 
 
+def _up_bwd_tma_stores() -> bool:
+    """SSD_TRITON_UP_BWD_TMA_STORES=1: the WS up_bwd stores dh and gate * a by TMA from h's shared-memory slots
+    (kernels/up_bwd_gluon.py `_put`); 0 (the default until timed): 4-byte stores from the accumulator's layout. Part
+    of its launch key."""
+    value = os.environ.get("SSD_TRITON_UP_BWD_TMA_STORES", "0")
+    if value not in ("0", "1"):
+        from ...errors import UserError
+        raise UserError(f"SSD_TRITON_UP_BWD_TMA_STORES={value!r}: accepted: 0 (pointer stores, the default), 1 (TMA "
+                        "stores)")
+    return value == "1"
+
+
 def check_switches() -> None:
     """Parse every SSD_* switch of these kernels that is set, so that a malformed value fails where the backend is
     built, not inside a compiled step (each raises a one-line UserError naming the variable)."""
@@ -813,6 +826,7 @@ def check_switches() -> None:
         _tile_groups()
     _half_sums()
     _router_sums()
+    _up_bwd_tma_stores()
     score_grad.enabled(0)
     routing_plan.fill_place(0)
 

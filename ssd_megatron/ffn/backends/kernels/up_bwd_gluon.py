@@ -45,8 +45,6 @@ from . import down_gluon, mlp_gluon
 # registers per thread: as the fused forward's (mlp_gluon), but 32 for the weight loader's warp, which also fills
 # (2 x 128 x 224 + 128 x 40 + 32 x 32 <= 64 K)
 CONSUMER_REGS, LOADER_REGS, W_LOADER_REGS = mlp_gluon.CONSUMER_REGS, mlp_gluon.LOADER_REGS, 32
-TMA_STORES = False  # dh and gate * a stored by TMA where a warpgroup's rows are all its expert's (`_put`)
-VEC_STORES = False  # dh and gate * a stored by 16-byte vectors (`_store_rows`)
 FILL_BLOCK = 256  # elements per store of the fill (one warp, 16 bytes per thread)
 _STATE: dict = {"build": None}
 
@@ -140,25 +138,14 @@ def _build():
             _zeros(FILL, done, hi)
 
     @gluon.jit
-    def _store_rows(P, stride, rows, rmask, c0, E, t, lay: gl.constexpr, VEC: gl.constexpr):
-        """P[rows, c0 + j] = t[:, j] (rows masked, columns below E): from t's layout `lay` (4-byte stores: the
-        accumulator's column pairs), or with VEC through a layout of 8 consecutive columns per thread (16-byte
-        stores; the conversion passes through shared memory)."""
-        BC: gl.constexpr = t.type.shape[1]
-        if VEC:
-            blk: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (BC // 8), BC // 8],
-                                                 warps_per_cta=[4, 1], order=[1, 0])
-            t = gl.convert_layout(t, blk)
-            rows = gl.convert_layout(rows, gl.SliceLayout(1, blk))
-            rmask = gl.convert_layout(rmask, gl.SliceLayout(1, blk))
-            cols = c0 + gl.arange(0, BC, layout=gl.SliceLayout(0, blk))
-        else:
-            cols = c0 + gl.arange(0, BC, layout=gl.SliceLayout(0, lay))
+    def _store_rows(P, stride, rows, rmask, c0, E, t, lay: gl.constexpr):
+        """P[rows, c0 + j] = t[:, j] (rows masked, columns below E) from t's layout `lay`: 4-byte stores of the
+        accumulator layout's column pairs."""
+        cols = c0 + gl.arange(0, t.type.shape[1], layout=gl.SliceLayout(0, lay))
         gl.store(P + rows.to(gl.int64)[:, None] * stride + cols[None, :], t, mask=rmask[:, None] & (cols < E)[None, :])
 
     @gluon.jit
-    def _put(P, stride, rows, rmask, c0, E, t, slot, desc, r0, full, lay: gl.constexpr, VEC: gl.constexpr,
-             TMA_OUT: gl.constexpr):
+    def _put(P, stride, rows, rmask, c0, E, t, slot, desc, r0, full, lay: gl.constexpr, TMA_OUT: gl.constexpr):
         """P[rows, c0 + j] = t[:, j]: with TMA_OUT, where this warpgroup's rows all belong to the tile's expert
         (`full`), by a TMA store from the shared-memory slot of h's rows (read already); else `_store_rows`."""
         if TMA_OUT:
@@ -167,14 +154,14 @@ def _build():
                 fence_async_shared()
                 tma.async_store(desc, [r0, c0], slot)
             else:
-                _store_rows(P, stride, rows, rmask, c0, E, t, lay, VEC)
+                _store_rows(P, stride, rows, rmask, c0, E, t, lay)
         else:
-            _store_rows(P, stride, rows, rmask, c0, E, t, lay, VEC)
+            _store_rows(P, stride, rows, rmask, c0, E, t, lay)
 
     @gluon.jit
     def _epilogue(acc, h_tile, rows, rmask, g, e, c0, E, OUT, stride_o, GA, stride_ga, DB, stride_db, dh_desc,
                   ga_desc, r0, full, lay: gl.constexpr, ACT: gl.constexpr, STORE_GA: gl.constexpr,
-                  HAS_DB: gl.constexpr, VEC: gl.constexpr, TMA_OUT: gl.constexpr):
+                  HAS_DB: gl.constexpr, TMA_OUT: gl.constexpr):
         """One column tile's epilogue (kernels/up.py `_up_epilogue`'s backward without a gate), from the accumulator
         da [HM, BC] in layout `lay` and h's rows in shared memory: dh and gate · a stored, db1's column sums added;
         returns the tile's share of each row's gate gradient Σ_j da · a."""
@@ -188,7 +175,7 @@ def _build():
         a = _act(h.to(gl.float32), ACT).to(dtype).to(gl.float32)  # rounded where a torch matmul + activation would
         dg = gl.sum(acc * a, 1)
         dh = (acc * g[:, None] * _act_grad(h.to(gl.float32), ACT)).to(dtype)
-        _put(OUT, stride_o, rows, rmask, c0, E, dh, h_tile, dh_desc, r0, full, lay, VEC, TMA_OUT)
+        _put(OUT, stride_o, rows, rmask, c0, E, dh, h_tile, dh_desc, r0, full, lay, TMA_OUT)
         if HAS_DB:
             gl.atomic_add(DB + e.to(gl.int64) * stride_db + cols, gl.sum(gl.where(omask, dh.to(gl.float32), 0.0), 0),
                           mask=cmask, sem="relaxed")
@@ -196,7 +183,7 @@ def _build():
             a = _act(h.to(gl.float32), ACT).to(dtype).to(gl.float32)
             if TMA_OUT:
                 tma.store_wait(0)  # dh's store has read the slot
-            _put(GA, stride_ga, rows, rmask, c0, E, (a * g[:, None]).to(dtype), h_tile, ga_desc, r0, full, lay, VEC,
+            _put(GA, stride_ga, rows, rmask, c0, E, (a * g[:, None]).to(dtype), h_tile, ga_desc, r0, full, lay,
                  TMA_OUT)
         return dg
 
@@ -205,7 +192,7 @@ def _build():
                  w_desc2, dh_desc, dh_desc2, ga_desc, ga_desc2, TILES, OFFS, ORDER, GATE, OUT, stride_o, GA, stride_ga,
                  DGP, DB, stride_db, M, D, E, n_tiles, which: gl.constexpr, ACT: gl.constexpr,
                  STORE_GA: gl.constexpr, HAS_DB: gl.constexpr, SPLIT: gl.constexpr, W_RC: gl.constexpr,
-                 BE: gl.constexpr, BE2: gl.constexpr, VEC: gl.constexpr, TMA_OUT: gl.constexpr):
+                 BE: gl.constexpr, BE2: gl.constexpr, TMA_OUT: gl.constexpr):
         HM: gl.constexpr = x_bufs.type.shape[1] // 2  # this warpgroup's rows of the tile
         up_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BE, 16])
         up_l2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -233,9 +220,9 @@ def _build():
                     dg2 = _epilogue(acc2, h_buf2.slice(which * HM, HM), gl.convert_layout(rows, row_l2),
                                     gl.convert_layout(rmask, row_l2), gl.convert_layout(g, row_l2), e, BE, E, OUT,
                                     stride_o, GA, stride_ga, DB, stride_db, dh_desc2, ga_desc2, r0, full, up_l2, ACT,
-                                    STORE_GA, HAS_DB, VEC, TMA_OUT)
+                                    STORE_GA, HAS_DB, TMA_OUT)
                 dg = _epilogue(acc, h_buf.slice(which * HM, HM), rows, rmask, g, e, 0, E, OUT, stride_o, GA,
-                               stride_ga, DB, stride_db, dh_desc, ga_desc, r0, full, up_l, ACT, STORE_GA, HAS_DB, VEC,
+                               stride_ga, DB, stride_db, dh_desc, ga_desc, r0, full, up_l, ACT, STORE_GA, HAS_DB,
                                TMA_OUT)
                 if SPLIT:
                     dg += gl.convert_layout(dg2, row_l)
@@ -250,7 +237,7 @@ def _build():
                          OFFS, ORDER, TOK, GATE, OUT, stride_o,
                          GA, stride_ga, DGP, DB, stride_db, FILL, fill_numel, fill_share, fill_chunk, M, D, E, n_tiles,
                          ACT: gl.constexpr, STORE_GA: gl.constexpr, HAS_DB: gl.constexpr, HAS_FILL: gl.constexpr,
-                         SPLIT: gl.constexpr, W_RC: gl.constexpr, VEC: gl.constexpr, TMA_OUT: gl.constexpr,
+                         SPLIT: gl.constexpr, W_RC: gl.constexpr, TMA_OUT: gl.constexpr,
                          BM: gl.constexpr, BK: gl.constexpr,
                          BE: gl.constexpr, BE2: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr, LW: gl.constexpr,
                          CREGS: gl.constexpr, LREGS: gl.constexpr, W_LOADER_REGS: gl.constexpr,
@@ -269,11 +256,11 @@ def _build():
             (consumer, (x_bufs, w_bufs, w_bufs2, h_buf, h_buf2, x_full, x_empty, w_full, w_empty, h_full, h_empty,
                         w_desc, w_desc2, dh_desc, dh_desc2, ga_desc, ga_desc2, TILES, OFFS, ORDER, GATE, OUT,
                         stride_o, GA, stride_ga, DGP, DB, stride_db, M, D, E, n_tiles, 0, ACT, STORE_GA, HAS_DB, SPLIT,
-                        W_RC, BE, BE2, VEC, TMA_OUT)),
+                        W_RC, BE, BE2, TMA_OUT)),
             (consumer, (x_bufs, w_bufs, w_bufs2, h_buf, h_buf2, x_full, x_empty, w_full, w_empty, h_full, h_empty,
                         w_desc, w_desc2, dh_desc, dh_desc2, ga_desc, ga_desc2, TILES, OFFS, ORDER, GATE, OUT,
                         stride_o, GA, stride_ga, DGP, DB, stride_db, M, D, E, n_tiles, 1, ACT, STORE_GA, HAS_DB, SPLIT,
-                        W_RC, BE, BE2, VEC, TMA_OUT)),
+                        W_RC, BE, BE2, TMA_OUT)),
             (x_loader, (X, stride_x, x_bufs, x_full, x_empty, TILES, OFFS, TOK, M, D, n_tiles, LW)),
             (w_loader, (w_desc, w_desc2, h_desc, h_desc2, w_bufs, w_bufs2, h_buf, h_buf2, w_full, w_empty, h_full,
                         h_empty, TILES, M, D, E, n_tiles, FILL, fill_numel, fill_share, fill_chunk, SPLIT, W_RC,
@@ -311,10 +298,11 @@ def _build_once():
 
 
 def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill, act: int, BM: int, BK: int,
-           w_stages: int, stages: int, be: int, be2: int):
+           w_stages: int, stages: int, be: int, be2: int, tma_stores: bool = False):
     """The kernel over `tiles` ([n, 2] int32 (expert, first row), first row M = empty) with persistent programs,
     one per SM: dh, ga (or None), the gate gradient's one row of partials dgp [1, M] (by pair), db1's fp32 sums db
-    (zeroed; or None) and `fill` (or None) zeroed. The caller checked `serves`."""
+    (zeroed; or None) and `fill` (or None) zeroed; dh and gate * a by TMA stores where a consumer's rows are all
+    its tile's expert's with `tma_stores` (`_put`). The caller checked `serves`."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     kernel, descriptors = _build_once()
@@ -323,7 +311,7 @@ def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill,
     w2d, rc, boxes = mlp_gluon._boxes(w2, (be, be2), BK)
     d, d2 = descriptors(w2d, boxes, dy.dtype)
     hd, hd2 = descriptors(h, ([BM, be], [BM, max(be2, 16)]), dy.dtype)
-    # dh's and gate * a's stores from h's slots (TMA_STORES): half a tile's rows per box, h's layouts
+    # dh's and gate * a's TMA stores from h's slots: half a tile's rows per box, h's layouts
     half = ([BM // 2, be], [BM // 2, max(be2, 16)])
     ga_ = ga if ga is not None else dh
     outs = [TensorDescriptor.from_tensor(t, b, d.layout) for t in (dh, ga_) for b, d in zip(half, (hd, hd2))]
@@ -337,7 +325,7 @@ def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill,
     kernel[(grid,)](dy, dy.stride(0), d, d2, hd, hd2, *outs, tiles, offsets, order, token, gate, dh, dh.stride(0), ga_,
                     ga_.stride(0), dgp, db_, db_.stride(0), fill if fill is not None else dh, numel, share, chunk, M,
                     D, E, n_tiles, ACT=act, STORE_GA=ga is not None, HAS_DB=db is not None, HAS_FILL=fill is not None,
-                    SPLIT=be2 > 0, W_RC=rc, VEC=VEC_STORES, TMA_OUT=TMA_STORES, BM=BM, BK=BK, BE=be, BE2=max(be2, 16),
+                    SPLIT=be2 > 0, W_RC=rc, TMA_OUT=tma_stores, BM=BM, BK=BK, BE=be, BE2=max(be2, 16),
                     XS=stages, WS=w_stages,
                     LW=mlp_gluon.LOADER_WARPS, CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, W_LOADER_REGS=W_LOADER_REGS,
                     num_warps=4, maxnreg=mlp_gluon.MAX_REGS)
