@@ -16,11 +16,16 @@ and share its parts:
 - a **weight loader** warp issues W2's tiles ([E, BK] per reduction step, both of E's column tiles) into a ring
   by TMA, and once per M-tile the tile's rows of h ([BM, E], contiguous sorted rows) into a buffer of their own:
   after the tile's first ring-depth W tiles, i.e. once the consumers have left the previous tile's reduction, so
-  h is in shared memory when the epilogue starts. Between tiles it also writes its program's share of the zeros
-  the next launch (down for dx) adds into (`fill`), a chunk per tile, under the consumers' GEMMs;
+  h is in shared memory when the epilogue starts. Just before that, while the consumers finish the previous tile,
+  it writes a chunk of its program's share of the zeros the next launch (down for dx) adds into (`fill`);
 - two **consumer** warpgroups each take half of the tile's rows and share every W tile (`mlp_gluon`'s up GEMM, one
   reduction step of wgmma in flight), then run the epilogue from the accumulator's layout with h read from
-  shared memory.
+  shared memory. dh and gate · a leave by 4-byte stores of the accumulator's column pairs, or with
+  SSD_TRITON_UP_BWD_TMA_STORES=1 by TMA stores from h's slot (`_put`).
+
+Opt-in (a forced config). On the H100 at base ReLU it took 144.5 µs against kernels/up.py's 142.3, the layer 0.671
+against 0.665 ms (docs/kernels.md v27): the reduction runs at the fused forward's pace, and the epilogue, which both
+consumers run at once on the same tile, leaves the tensor cores idle. The TMA stores are not timed yet.
 
 Serves activations without a gate, bf16/fp16, sm_90, E = BE + BE2 with BE <= 128 (192 = 128 + 64), D a multiple
 of BK, W2 as one 2-D matrix in either layout (`common.expert_matrix`), h one contiguous [M, E] matrix, and the
@@ -28,8 +33,7 @@ buffers within shared memory (`serves`); `_triton_kernels.up_backward` takes ker
 
 ptxas compiles every partition within the launch's 128 registers per thread (mlp_gluon.MAX_REGS), and the
 consumers hold both of E's accumulators (96 at base) into the epilogue: at base with ReLU 8 bytes of stack (the
-fused forward's), with squared ReLU without db1 168, with GELU 448 (erf, for act and act' both). Opt-in for those
-until timed.
+fused forward's), with squared ReLU without db1 168, with GELU 448 (erf, for act and act' both).
 
 Needs Triton >= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the offline compile for sm_90 and the
 launcher's choice are tested (tests/backends/test_up_bwd_gluon.py); tests/backends/test_backends_gpu.py
