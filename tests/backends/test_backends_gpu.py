@@ -245,8 +245,8 @@ UP_BWD_WS_IDS = [f"{c['activation']}-T{c['T']}-D{c['D']}-E{c['E']}-N{c['N']}K{c[
 @pytest.mark.parametrize("case", UP_BWD_WS_CASES, ids=UP_BWD_WS_IDS)
 def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
     """The warp-specialised Gluon up_bwd (variant 5) against the reference, forward and every grad, at each tile,
-    store kind, combine and W2 layout; each backward is checked to have taken it (not kernels/up.py), with the dx zeros for
-    the atomic combine."""
+    store kind, combine and W2 layout; each backward is checked to have taken it (not kernels/up.py), with the dx
+    zeros for the atomic combine."""
     cfg = UP_BWD_WS_TILES[tile]
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
@@ -254,8 +254,8 @@ def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
     from ssd_megatron.ffn.backends.kernels import up_bwd_gluon
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     if up_bwd_gluon._build_once() is None or not up_bwd_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
-        pytest.skip("the WS up_bwd does not serve here (needs sm_90 and Triton >= 3.9's Gluon): variant 5 falls back "
-                    "to kernels/up.py")
+        pytest.skip("the WS up_bwd does not serve here (needs sm_90 and Triton >= 3.9's Gluon): variant 5 falls "
+                    "back to kernels/up.py")
     if cfg[2] > case["D"] or case["D"] % cfg[2] or case["E"] > 192 or (cfg[2] == 128 and case["E"] > 128):
         pytest.skip("variant 5 falls back to kernels/up.py here: D not a multiple of BK, a first E tile wider than "
                     "128 (8B's 256), or buffers beyond shared memory")
