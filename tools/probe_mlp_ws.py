@@ -30,23 +30,30 @@ PROBES = {"whole": [], "no-atomics": ADDS, "no-x": X, "no-w1": W1, "no-w2": W2, 
           "no-loads-no-atomics": X + W1 + W2 + ADDS}
 
 
-def probe_build(name: str):
-    """kernels/mlp_gluon.py's `_build()` from its source with PROBES[name]'s substitutions."""
-    src = open(mlp_gluon.__file__).read()
-    for old, new in PROBES[name]:
+def load_variant(module, subs, tag: str):
+    """`module` (a kernels/*_gluon.py) executed again from its source with the substitutions `subs` ((old, new) pairs,
+    each of which must be there) as a module of its own, named after `tag`; Gluon reads the source from its file."""
+    name = module.__name__.rsplit(".", 1)[1]
+    src = open(module.__file__).read()
+    for old, new in subs:
         if old not in src:
-            raise SystemExit(f"error: kernels/mlp_gluon.py no longer contains {old!r}: update this probe")
+            raise SystemExit(f"error: kernels/{name}.py no longer contains {old!r}: update this probe")
         src = src.replace(old, new)
-    tag = name.replace("-", "_")
-    mod = types.ModuleType(f"{mlp_gluon.__package__}.probe_{tag}")
-    mod.__package__ = mlp_gluon.__package__
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mlp_gluon_probe_{tag}.py")  # Gluon reads the source
+    tag = tag.replace("-", "_")
+    mod = types.ModuleType(f"{module.__package__}.probe_{name}_{tag}")
+    mod.__package__ = module.__package__
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"{name}_probe_{tag}.py")
     with open(path, "w") as fh:
         fh.write(src)
     mod.__file__ = path
     exec(compile(src, path, "exec"), mod.__dict__)
     sys.modules[mod.__name__] = mod
-    return mod._build()
+    return mod
+
+
+def probe_build(name: str):
+    """kernels/mlp_gluon.py's `_build()` from its source with PROBES[name]'s substitutions."""
+    return load_variant(mlp_gluon, PROBES[name], name)._build()
 
 
 def main() -> int:

@@ -147,3 +147,27 @@ def test_ws_up_bwd_config():
 
 if __name__ == "__main__":
     _compile_main()
+
+
+def test_probe_tool_substitutions_match_the_kernel_sources():
+    """tools/probe_up_bwd.py removes parts of the kernel by replacing source lines: each must still be there, and
+    each variant must still build where this Triton's Gluon builds the kernel."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                    "tools"))
+    import probe_up_bwd as probe
+
+    from ssd_megatron.ffn.backends.kernels import mlp_gluon, up_bwd_gluon
+    sources = {mlp_gluon: open(mlp_gluon.__file__).read(), up_bwd_gluon: open(up_bwd_gluon.__file__).read()}
+    for name, (msubs, usubs, _) in probe.PROBES.items():
+        for module, subs in ((mlp_gluon, msubs), (up_bwd_gluon, probe.substitutions(usubs, sources[up_bwd_gluon]))):
+            assert all(old in sources[module] for old, _ in subs), (name, module.__name__)
+    if up_bwd_gluon._build_once() is None:
+        return
+    real = mlp_gluon._STATE["build"]
+    try:
+        for name, (msubs, usubs, _) in probe.PROBES.items():
+            mlp_gluon._STATE["build"] = probe.load_variant(mlp_gluon, msubs, name)._build()
+            variant = probe.load_variant(up_bwd_gluon, probe.substitutions(usubs, sources[up_bwd_gluon]), name)
+            assert variant._build() is not None, name
+    finally:
+        mlp_gluon._STATE["build"] = real
