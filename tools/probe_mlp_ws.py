@@ -51,6 +51,19 @@ def load_variant(module, subs, tag: str):
     return mod
 
 
+def probe_args(doc: str, kind: str, config: str):
+    """(arguments, the forced config of `kind`) of a probe tool whose docstring is `doc`: --config (SSD_TRITON_CONFIG's
+    values for `kind`, default `config`), --rounds, --out."""
+    from ssd_megatron.ffn.backends import _triton_kernels as K
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--config", default=config, help=f"the {kind} config (variant 5)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    return args, K._parse_configs(f"{kind}={args.config}")[kind]
+
+
 def probe_build(name: str):
     """kernels/mlp_gluon.py's `_build()` from its source with PROBES[name]'s substitutions."""
     return load_variant(mlp_gluon, PROBES[name], name)._build()
@@ -63,12 +76,7 @@ def main() -> int:
     from ssd_megatron.ffn.backends import _triton_kernels as K
     from ssd_megatron.ffn.backends import get_backend
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="128,64,64,6,4,5", help="the mlp config (variant 5)")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
-    cfg = K._parse_configs(f"mlp={args.config}")["mlp"]
+    args, cfg = probe_args(__doc__, "mlp", "128,64,64,6,4,5")
     backend = get_backend("triton")
     sparse = lambda layer, x: layer.sparse(x, backend)  # noqa: E731
     case = Case("base", "relu", 16384, 3, torch.device("cuda"), torch.bfloat16)

@@ -9,7 +9,6 @@ A/B is tools/ab_layer.py's (`--arm "ws-tma=up_bwd=128,64,64,3,4,5+SSD_TRITON_UP_
 
     python tools/probe_up_bwd.py [--config 128,64,64,3,4,5] [--rounds 2] [--out probe.json]   (Triton >= 3.9, sm_90)
 """
-import argparse
 import datetime
 import json
 import os
@@ -20,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from probe_mlp_ws import load_variant  # noqa: E402
+from probe_mlp_ws import load_variant, probe_args  # noqa: E402
 
 from ssd_megatron.ffn.backends.kernels import mlp_gluon, up_bwd_gluon  # noqa: E402
 
@@ -52,12 +51,7 @@ def main() -> int:
     from ssd_megatron.ffn.backends import _triton_kernels as K
     from ssd_megatron.ffn.backends.routing import make_plan
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="128,64,64,3,4,5", help="the up_bwd config (variant 5)")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
-    cfg = K._parse_configs(f"up_bwd={args.config}")["up_bwd"]
+    args, cfg = probe_args(__doc__, "up_bwd", "128,64,64,3,4,5")
     dev = torch.device("cuda")
     T, D, N, top_k, E = 16384, 768, 32, 6, 192
     g = torch.Generator(device=dev).manual_seed(0)
