@@ -516,7 +516,7 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
 def _up_bwd_ws(dy, w2, h, gate_flat, plan, act: int, glu: bool, dh, ga, db, fill, cfg):
     """up_bwd variant 5 (WS): kernels/up_bwd_gluon.py where it serves (`fill` only with zeros), which writes dh, ga and
     db (when not None) and returns the gate gradient's one row of partials [1, M]; else None."""
-    from .kernels import gluon_launches, up_bwd_gluon
+    from .kernels import up_bwd_gluon
     BM, _, BK, w_ring, ring = cfg[:5]
     be, be2 = _split_width(w2.shape[1])
     zeros = fill[0] if fill is not None and fill[1] is None else None
@@ -526,13 +526,9 @@ def _up_bwd_ws(dy, w2, h, gate_flat, plan, act: int, glu: bool, dh, ga, db, fill
     dgp = torch.empty(1, plan.num_rows, device=dy.device, dtype=torch.float32)
     if db is not None:
         db.zero_()
-    tma_stores = _up_bwd_tma_stores()
+    # (no kernels/gluon_launches.py record: no `auto` rule takes this kernel, and the records are bounded and shared)
     up_bwd_gluon.launch(dy, w2, h, _tile_list(plan, BM, None), plan.offsets, plan.order, plan.token, gate_flat, dh, ga,
-                        dgp, db, zeros, act, BM, BK, w_ring, ring, be, be2, tma_stores)
-    gluon_launches.note(gluon_launches.key((dy, w2, h, plan.offsets, plan.order, plan.token, gate_flat, dh, ga, db,
-                                            zeros), act, tma_stores, cfg),
-                        (dy.device, dy.dtype, tuple(dy.shape), tuple(w2.shape), tuple(h.shape), act, ga is not None,
-                         db is not None, zeros is not None), dy)
+                        dgp, db, zeros, act, BM, BK, w_ring, ring, be, be2, _up_bwd_tma_stores())
     return dgp
 
 
@@ -781,39 +777,35 @@ def _reduces_allowed() -> bool:
     return os.environ.get("SSD_WGRAD_TMA_OUT", "1") != "0"
 
 
+def _switch(name: str, default: str, on: str, off: str) -> bool:
+    """A 0/1 kernel switch's value (`default` when unset); any other value is a one-line UserError naming the variable
+    and what 1 (`on`) and 0 (`off`) mean."""
+    value = os.environ.get(name, default)
+    if value not in ("0", "1"):
+        from ...errors import UserError
+        mark = {v: ", the default" if v == default else "" for v in ("0", "1")}
+        raise UserError(f"{name}={value!r}: accepted: 1 ({on}{mark['1']}), 0 ({off}{mark['0']})")
+    return value == "1"
+
+
 def _half_sums() -> bool:
     """SSD_WGRAD_HALF_SUMS=1 (the default): the WS wgrad's TMA reduces add into a bf16/fp16 dW itself
     (kernels/wgrad_gluon.py's half sums; H100, base ReLU layer fwd+bwd with the WS wgrad in both arms, three
     rounds: 0.7096 / 0.7189 / 0.7182 -> 0.6784 / 0.6790 / 0.6789 ms, docs/kernels.md v26); 0: into an fp32
     buffer, cast after. Part of its launch keys."""
-    value = os.environ.get("SSD_WGRAD_HALF_SUMS", "1")
-    if value not in ("0", "1"):
-        from ...errors import UserError
-        raise UserError(f"SSD_WGRAD_HALF_SUMS={value!r}: accepted: 1 (in dW's bf16/fp16, the default), 0 (fp32 sums)")
-    return value == "1"
+    return _switch("SSD_WGRAD_HALF_SUMS", "1", "in dW's bf16/fp16", "fp32 sums")
 
 
 def _router_sums() -> bool:
     """SSD_WGRAD_ROUTER_SUMS=1 (the default): a "pairs" router term is summed in the Gluon dW1 kernel where it serves
     (`wgrad`'s fold; kernels/wgrad_gluon.py's FOLD 3); 0: torch's GEMM, added per expert, as elsewhere."""
-    value = os.environ.get("SSD_WGRAD_ROUTER_SUMS", "1")
-    if value not in ("0", "1"):
-        from ...errors import UserError
-        raise UserError(f"SSD_WGRAD_ROUTER_SUMS={value!r}: accepted: 1 (in the Gluon kernel, the default), 0 (torch's "
-                        "GEMM)")
-    return value == "1"
+    return _switch("SSD_WGRAD_ROUTER_SUMS", "1", "in the Gluon kernel", "torch's GEMM")
 
 
 def _up_bwd_tma_stores() -> bool:
     """SSD_TRITON_UP_BWD_TMA_STORES=1: the WS up_bwd stores dh and gate * a by TMA from h's shared-memory slots
-    (kernels/up_bwd_gluon.py `_put`); 0 (the default until timed): 4-byte stores from the accumulator's layout. Part
-    of its launch key."""
-    value = os.environ.get("SSD_TRITON_UP_BWD_TMA_STORES", "0")
-    if value not in ("0", "1"):
-        from ...errors import UserError
-        raise UserError(f"SSD_TRITON_UP_BWD_TMA_STORES={value!r}: accepted: 0 (pointer stores, the default), 1 (TMA "
-                        "stores)")
-    return value == "1"
+    (kernels/up_bwd_gluon.py `_put`); 0 (the default until timed): 4-byte stores from the accumulator's layout."""
+    return _switch("SSD_TRITON_UP_BWD_TMA_STORES", "0", "TMA stores", "pointer stores")
 
 
 def check_switches() -> None:
