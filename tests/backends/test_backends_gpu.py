@@ -227,14 +227,15 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
 
 
 # up_bwd variant 5 (WS, kernels/up_bwd_gluon.py: Gluon, sm_90, Triton >= 3.9) where it serves, as the fused forward's:
-# E exactly one or two power-of-two tiles (64; 192 = 128 + 64; 128), D a multiple of BK, no gate. Skewed loads,
+# E exactly one or two power-of-two tiles (64; 192 = 128 + 64; 128; 80 = 64 + 16: the epilogue's narrow layout), D a
+# multiple of BK, no gate. Skewed loads,
 # experts with no tokens, M not a multiple of the 128-row tile, one token, K = 1, the activations without a gate,
 # no bias (no db1 sums), W2 as W_out's column view and contiguous, the dx zeros written by the kernel (atomic
-# combines) or none (the buffer combine); rings of (W2, dy) slots 3 + 4 and 2 + 2; dh and gate * a by TMA stores
-# (SSD_TRITON_UP_BWD_TMA_STORES=1) or pointer stores
-UP_BWD_WS_TILES = {"3w-4x": (128, 64, 64, 3, 4, 5), "3w-4x-tma": (128, 64, 64, 3, 4, 5),
+# combines) or none (the buffer combine); rings of (W2, dy) slots 3 + 4, 4 + 3 and 2 + 2 (BK 128)
+UP_BWD_WS_TILES = {"3w-4x": (128, 64, 64, 3, 4, 5), "4w-3x": (128, 64, 64, 4, 3, 5),
                    "2w-2x-bk128": (128, 128, 128, 2, 2, 5)}
-UP_BWD_WS_CASES = MLP_WS_CASES + [dict(activation="relu", T=257, D=128, E=192, N=8, K=1, routing="skewed")]
+UP_BWD_WS_CASES = MLP_WS_CASES + [dict(activation="relu", T=257, D=128, E=192, N=8, K=1, routing="skewed"),
+                                  dict(activation="relu", T=200, D=128, E=80, N=8, K=2, routing="skewed")]  # 64 + 16
 UP_BWD_WS_IDS = [f"{c['activation']}-T{c['T']}-D{c['D']}-E{c['E']}-N{c['N']}K{c['K']}-{c.get('routing', 'random')}"
                  f"{'' if c.get('bias', True) else '-nobias'}" for c in UP_BWD_WS_CASES]
 
@@ -244,8 +245,8 @@ UP_BWD_WS_IDS = [f"{c['activation']}-T{c['T']}-D{c['D']}-E{c['E']}-N{c['N']}K{c[
 @pytest.mark.parametrize("combine", ["atomic16", "buffer"])
 @pytest.mark.parametrize("case", UP_BWD_WS_CASES, ids=UP_BWD_WS_IDS)
 def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
-    """The warp-specialised Gluon up_bwd (variant 5) against the reference, forward and every grad, at each tile,
-    store kind, combine and W2 layout; each backward is checked to have taken it (not kernels/up.py), with the dx
+    """The warp-specialised Gluon up_bwd (variant 5) against the reference, forward and every grad, at each tile
+    (ring depths), combine and W2 layout; each backward is checked to have taken it (not kernels/up.py), with the dx
     zeros for the atomic combine."""
     cfg = UP_BWD_WS_TILES[tile]
     if "triton" not in AVAILABLE:
@@ -267,7 +268,6 @@ def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(up_bwd_gluon, "launch", counted)
-    monkeypatch.setenv("SSD_TRITON_UP_BWD_TMA_STORES", str(int(tile.endswith("tma"))))
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
     if w2 == "column-view":
         inp = with_column_view_w2(inp)

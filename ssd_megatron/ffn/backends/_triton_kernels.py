@@ -528,7 +528,7 @@ def _up_bwd_ws(dy, w2, h, gate_flat, plan, act: int, glu: bool, dh, ga, db, fill
         db.zero_()
     # (no kernels/gluon_launches.py record: no `auto` rule takes this kernel, and the records are bounded and shared)
     up_bwd_gluon.launch(dy, w2, h, _tile_list(plan, BM, None), plan.offsets, plan.order, plan.token, gate_flat, dh, ga,
-                        dgp, db, zeros, act, BM, BK, w_ring, ring, be, be2, _up_bwd_tma_stores())
+                        dgp, db, zeros, act, BM, BK, w_ring, ring, be, be2)
     return dgp
 
 
@@ -802,12 +802,6 @@ def _router_sums() -> bool:
     return _switch("SSD_WGRAD_ROUTER_SUMS", "1", "in the Gluon kernel", "torch's GEMM")
 
 
-def _up_bwd_tma_stores() -> bool:
-    """SSD_TRITON_UP_BWD_TMA_STORES=1: the WS up_bwd stores dh and gate * a by TMA from h's shared-memory slots
-    (kernels/up_bwd_gluon.py `_put`); 0 (the default until timed): 4-byte stores from the accumulator's layout."""
-    return _switch("SSD_TRITON_UP_BWD_TMA_STORES", "0", "TMA stores", "pointer stores")
-
-
 def check_switches() -> None:
     """Parse every SSD_* switch of these kernels that is set, so that a malformed value fails where the backend is
     built, not inside a compiled step (each raises a one-line UserError naming the variable)."""
@@ -818,7 +812,6 @@ def check_switches() -> None:
         _tile_groups()
     _half_sums()
     _router_sums()
-    _up_bwd_tma_stores()
     score_grad.enabled(0)
     routing_plan.fill_place(0)
 
