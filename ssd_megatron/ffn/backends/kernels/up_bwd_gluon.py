@@ -47,9 +47,9 @@ import triton
 from . import down_gluon, mlp_gluon
 
 # registers per thread (setmaxnreg): the worker consumer, the loader warpgroup (dy gathers and W2's TMA), the
-# epilogue warpgroup (its four unrolled row steps: at 128 registers it spilled 464 bytes, offline sm_90); the default
-# partition (the other consumer) gets the rest of the 64 K, 512 - 128 - 56 - 200 = 128
-CONSUMER_REGS, LOADER_REGS, EPILOGUE_REGS = 128, 56, 200
+# epilogue warpgroup (its four unrolled row steps: at 128 registers it spilled 320 bytes, offline sm_90); the default
+# partition (the other consumer) gets the rest of the 64 K, 512 - 128 - 40 - 216 = 128
+CONSUMER_REGS, LOADER_REGS, EPILOGUE_REGS = 128, 40, 216
 FILL_BLOCK = 1024  # elements per store of the fill (one warpgroup, 16 bytes per thread)
 _STATE: dict = {"build": None}
 
@@ -59,7 +59,7 @@ def _build():
     global gl
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
     down_gluon.require_gluon("WS up_bwd", cp_async=True)
     forward = mlp_gluon._build_once()
@@ -151,62 +151,46 @@ def _build():
 
     @gluon.jit
     def _rows(ORDER, GATE, r0, end, RC: gl.constexpr, lay: gl.constexpr):
-        """Rows r0 .. r0 + RC of the tile: (rows, the mask of those that are the tile's expert's, their pairs, their
-        gates in fp32), in the row slice of `lay`."""
+        """Rows r0 .. r0 + RC of the tile, in the row slice of `lay`: (rows, the mask of those that are the tile's
+        expert's, their pairs, their gates in fp32)."""
         rows = r0 + gl.arange(0, RC, layout=gl.SliceLayout(1, lay))
         rmask = rows < end
         pair = gl.load(ORDER + rows, mask=rmask, other=0)
         return rows, rmask, pair, gl.load(GATE + pair, mask=rmask, other=0.0).to(gl.float32)
 
     @gluon.jit
-    def _box(da_s, h_s, rows, rmask, g, c0, E, OUT, stride_o, GA, stride_ga, full, lay: gl.constexpr,
+    def _box(da_s, H, stride_h, rows, rmask, g, c0, OUT, stride_o, GA, stride_ga, lay: gl.constexpr,
              ACT: gl.constexpr, STORE_GA: gl.constexpr):
-        """One column box of RC rows (kernels/up.py `_up_epilogue`'s backward without a gate) from da and h in shared
-        memory: dh, and gate * a, written over da's and h's rows there for the tile's TMA stores (`full`) or stored
-        from registers (rows masked); returns (the rows' share of the gate gradient sum_j da * a, db1's column sums
-        of dh)."""
+        """One column box of RC rows (kernels/up.py `_up_epilogue`'s backward without a gate) from da in shared memory
+        and h's rows: dh, and gate * a, stored (16 bytes per thread, rows masked); returns (the rows' share of the
+        gate gradient sum_j da * a, db1's column sums of dh)."""
         BC: gl.constexpr = da_s.type.shape[1]
         dtype: gl.constexpr = da_s.dtype
-        da = da_s.load(lay).to(gl.float32)
-        hv = h_s.load(lay).to(gl.float32)
-        a = _act(hv, ACT).to(dtype).to(gl.float32)  # rounded where a torch matmul + activation would
-        dg = gl.sum(da * a, 1)
-        dh = (da * g[:, None] * _act_grad(hv, ACT)).to(dtype)
-        ga = (a * g[:, None]).to(dtype)
         cols = c0 + gl.arange(0, BC, layout=gl.SliceLayout(0, lay))
-        if full:
-            da_s.store(dh)
-            if STORE_GA:
-                h_s.store(ga)
-        else:
-            omask = rmask[:, None] & (cols < E)[None, :]
-            r64 = rows.to(gl.int64)[:, None]
-            gl.store(OUT + r64 * stride_o + cols[None, :], dh, mask=omask)
-            if STORE_GA:
-                gl.store(GA + r64 * stride_ga + cols[None, :], ga, mask=omask)
+        r64 = rows.to(gl.int64)[:, None]
+        hf = gl.load(H + r64 * stride_h + cols[None, :], mask=rmask[:, None], other=0.0).to(gl.float32)
+        da = da_s.load(lay).to(gl.float32)
+        a = _act(hf, ACT).to(dtype).to(gl.float32)  # rounded where a torch matmul + activation would
+        dg = gl.sum(da * a, 1)
+        dh = (da * g[:, None] * _act_grad(hf, ACT)).to(dtype)
+        gl.store(OUT + r64 * stride_o + cols[None, :], dh, mask=rmask[:, None])
+        if STORE_GA:
+            gl.store(GA + r64 * stride_ga + cols[None, :], (a * g[:, None]).to(dtype), mask=rmask[:, None])
         return dg, gl.sum(gl.where(rmask[:, None], dh.to(gl.float32), 0.0), 0)
 
     @gluon.jit
-    def _tma_out(desc, desc2, r0, buf, buf2, SPLIT: gl.constexpr):
-        tma.async_store(desc, [r0, 0], buf)
-        if SPLIT:
-            tma.async_store(desc2, [r0, buf.type.shape[1]], buf2)
-
-    @gluon.jit
-    def epilogue(da_buf, da_buf2, h_buf, h_buf2, da_full, da_empty, h_full, h_desc, h_desc2, dh_desc, dh_desc2,
-                 ga_desc, ga_desc2, TILES, OFFS, ORDER, GATE, OUT, stride_o, GA, stride_ga, DGP, DB, stride_db, FILL,
-                 fill_numel, fill_share, fill_chunk, M, E, n_tiles, ACT: gl.constexpr, STORE_GA: gl.constexpr,
-                 HAS_DB: gl.constexpr, HAS_FILL: gl.constexpr, SPLIT: gl.constexpr, BE: gl.constexpr,
-                 BE2: gl.constexpr, TPC: gl.constexpr, RC: gl.constexpr):
-        """Each M-tile's epilogue while the consumers run the next tile's GEMM: h's rows loaded by TMA (as soon as
-        the previous tile's stores have read h's slot), then per RC rows both column boxes (`_box`), the gate
-        gradient's partials stored by pair; dh and gate * a leave by TMA stores where the whole tile is its expert's;
-        db1's sums by one fp32 atomic per column and tile; then a chunk of this program's share of the fill."""
+    def epilogue(da_buf, da_buf2, da_full, da_empty, TILES, OFFS, ORDER, GATE, H, stride_h, OUT, stride_o, GA,
+                 stride_ga, DGP, DB, stride_db, FILL, fill_numel, fill_share, fill_chunk, M, E, n_tiles,
+                 ACT: gl.constexpr, STORE_GA: gl.constexpr, HAS_DB: gl.constexpr, HAS_FILL: gl.constexpr,
+                 SPLIT: gl.constexpr, BE: gl.constexpr, BE2: gl.constexpr, TPC: gl.constexpr, RC: gl.constexpr):
+        """Each M-tile's epilogue while the consumers run the next tile's GEMM: per RC rows, h's rows loaded (the
+        next rows' in flight during this step's work), both column boxes (`_box`), the gate gradient's partials
+        stored by pair; da's tile released once read; db1's sums by one fp32 atomic per column and tile; then a
+        chunk of this program's share of the fill."""
         BM: gl.constexpr = da_buf.type.shape[0]
         # one layout for both boxes (16 bytes per thread along a row, TPC threads), so that their row sums add
         lay: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // TPC, TPC],
                                              warps_per_cta=[4, 1], order=[1, 0])
-        h_bytes: gl.constexpr = h_desc.block_type.nbytes + (h_desc2.block_type.nbytes if SPLIT else 0)
         done = gl.program_id(0) * fill_share  # the fill: this program's share [its start, hi), written up to `done`
         hi = done + fill_share
         if hi > fill_numel:
@@ -216,75 +200,56 @@ def _build():
             e = gl.load(TILES + 2 * t)
             row0 = gl.load(TILES + 2 * t + 1)
             if row0 < M:
-                mbarrier.expect(h_full.index(0), h_bytes)
-                tma.async_load(h_desc, [row0, 0], h_full.index(0), h_buf)
-                if SPLIT:
-                    tma.async_load(h_desc2, [row0, BE], h_full.index(0), h_buf2)
                 end = gl.load(OFFS + e + 1)
-                full = row0 + BM <= end
                 rows, rmask, pair, g = _rows(ORDER, GATE, row0, end, RC, lay)
                 db = gl.zeros((BE, ), dtype=gl.float32, layout=gl.SliceLayout(0, lay))
                 db2 = gl.zeros((BE2, ), dtype=gl.float32, layout=gl.SliceLayout(0, lay))
-                mbarrier.wait(h_full.index(0), j & 1)
                 mbarrier.wait(da_full.index(0), j & 1)
                 for c in gl.static_range(0, BM, RC):
                     if c + RC < BM:  # the next rows' pairs and gates in flight during this step
-                        rows_n, rmask_n, pair_n, g_n = _rows(ORDER, GATE, row0 + c + RC, end, RC, lay)
-                    dg, s = _box(da_buf.slice(c, RC), h_buf.slice(c, RC), rows, rmask, g, 0, E, OUT, stride_o, GA,
-                                 stride_ga, full, lay, ACT, STORE_GA)
+                        nxt = _rows(ORDER, GATE, row0 + c + RC, end, RC, lay)
+                    dg, s = _box(da_buf.slice(c, RC), H, stride_h, rows, rmask, g, 0, OUT, stride_o, GA, stride_ga, lay, ACT,
+                                 STORE_GA)
                     db += s
                     if SPLIT:
-                        dg2, s2 = _box(da_buf2.slice(c, RC), h_buf2.slice(c, RC), rows, rmask, g, BE, E, OUT,
-                                       stride_o, GA, stride_ga, full, lay, ACT, STORE_GA)
+                        dg2, s2 = _box(da_buf2.slice(c, RC), H, stride_h, rows, rmask, g, BE, OUT, stride_o, GA, stride_ga,
+                                       lay, ACT, STORE_GA)
                         dg += dg2
                         db2 += s2
                     gl.store(DGP + pair, dg, mask=rmask)
                     if c + RC < BM:
-                        rows, rmask, pair, g = rows_n, rmask_n, pair_n, g_n
-                if full:
-                    fence_async_shared()  # the generic writes of dh and gate * a before the TMA stores read them
-                    _tma_out(dh_desc, dh_desc2, row0, da_buf, da_buf2, SPLIT)
-                    if STORE_GA:
-                        _tma_out(ga_desc, ga_desc2, row0, h_buf, h_buf2, SPLIT)
+                        rows, rmask, pair, g = nxt
+                mbarrier.arrive(da_empty.index(0), count=1)  # da read: the consumers may write the next tile's
                 if HAS_DB:
                     dst = DB + e.to(gl.int64) * stride_db
-                    cols = gl.arange(0, BE, layout=gl.SliceLayout(0, lay))
-                    gl.atomic_add(dst + cols, db, sem="relaxed")
+                    gl.atomic_add(dst + gl.arange(0, BE, layout=gl.SliceLayout(0, lay)), db, sem="relaxed")
                     if SPLIT:
-                        cols2 = BE + gl.arange(0, BE2, layout=gl.SliceLayout(0, lay))
-                        gl.atomic_add(dst + cols2, db2, mask=cols2 < E, sem="relaxed")
-                tma.store_wait(0)  # the stores have read da's and h's slots
-                mbarrier.arrive(da_empty.index(0), count=1)
+                        gl.atomic_add(dst + BE + gl.arange(0, BE2, layout=gl.SliceLayout(0, lay)), db2, sem="relaxed")
                 if HAS_FILL:
-                    nxt = done + fill_chunk
-                    if nxt > hi:
-                        nxt = hi
-                    _zeros(FILL, done, nxt)
-                    done = nxt
+                    stop = done + fill_chunk
+                    if stop > hi:
+                        stop = hi
+                    _zeros(FILL, done, stop)
+                    done = stop
                 j += 1
         if HAS_FILL:
             _zeros(FILL, done, hi)
 
     @gluon.jit
-    def up_bwd_ws_kernel(X, stride_x, w_desc, w_desc2, h_desc, h_desc2, dh_desc, dh_desc2, ga_desc, ga_desc2, TILES,
-                         OFFS, ORDER, TOK, GATE, OUT, stride_o, GA, stride_ga, DGP, DB, stride_db, FILL, fill_numel,
-                         fill_share, fill_chunk, M, D, E, n_tiles,
+    def up_bwd_ws_kernel(X, stride_x, w_desc, w_desc2, TILES, OFFS, ORDER, TOK, GATE, H, stride_h, OUT, stride_o, GA,
+                         stride_ga, DGP, DB, stride_db, FILL, fill_numel, fill_share, fill_chunk, M, D, E, n_tiles,
                          ACT: gl.constexpr, STORE_GA: gl.constexpr, HAS_DB: gl.constexpr, HAS_FILL: gl.constexpr,
                          SPLIT: gl.constexpr, W_RC: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
                          BE: gl.constexpr, BE2: gl.constexpr, TPC: gl.constexpr, RC: gl.constexpr,
-                         XS: gl.constexpr, WS: gl.constexpr,
-                         LW: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr, EREGS: gl.constexpr,
-                         num_warps: gl.constexpr):
+                         XS: gl.constexpr, WS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr,
+                         LREGS: gl.constexpr, EREGS: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = w_desc.dtype
         x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty = _rings(w_desc, w_desc2, BM, BK, XS, WS, LW)
-        h_buf = gl.allocate_shared_memory(dtype, h_desc.block_type.shape, h_desc.layout)
-        h_buf2 = gl.allocate_shared_memory(dtype, h_desc2.block_type.shape, h_desc2.layout)
-        da_buf = gl.allocate_shared_memory(dtype, h_desc.block_type.shape, h_desc.layout)
-        da_buf2 = gl.allocate_shared_memory(dtype, h_desc2.block_type.shape, h_desc2.layout)
-        h_full = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        # da's M-tile, one box per E tile (the second at least 16 columns), in the layouts TMA would use
+        da_buf = gl.allocate_shared_memory(dtype, [BM, BE], gl.NVMMASharedLayout.get_default_for([BM, BE], dtype))
+        da_buf2 = gl.allocate_shared_memory(dtype, [BM, BE2], gl.NVMMASharedLayout.get_default_for([BM, BE2], dtype))
         da_full = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
         da_empty = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(h_full.index(0), count=1)
         mbarrier.init(da_full.index(0), count=2)
         mbarrier.init(da_empty.index(0), count=1)
         # the tuples inline: a constexpr bound to a name first would become a tensor (the partitions' flags must
@@ -296,21 +261,18 @@ def _build():
                         w_desc, w_desc2, TILES, M, D, n_tiles, 1, SPLIT, W_RC, BE, BE2)),
             (loader, (X, stride_x, w_desc, w_desc2, x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, TILES,
                       OFFS, TOK, M, D, E, n_tiles, SPLIT, W_RC, BE, LW)),
-            (epilogue, (da_buf, da_buf2, h_buf, h_buf2, da_full, da_empty, h_full, h_desc, h_desc2, dh_desc, dh_desc2,
-                        ga_desc, ga_desc2, TILES, OFFS, ORDER, GATE, OUT, stride_o, GA, stride_ga, DGP, DB, stride_db,
-                        FILL, fill_numel, fill_share, fill_chunk, M, E, n_tiles, ACT, STORE_GA, HAS_DB, HAS_FILL,
-                        SPLIT, BE, BE2, TPC, RC)),
+            (epilogue, (da_buf, da_buf2, da_full, da_empty, TILES, OFFS, ORDER, GATE, H, stride_h, OUT, stride_o, GA,
+                        stride_ga, DGP, DB, stride_db, FILL, fill_numel, fill_share, fill_chunk, M, E, n_tiles, ACT,
+                        STORE_GA, HAS_DB, HAS_FILL, SPLIT, BE, BE2, TPC, RC)),
         ], [4, LW, 4], [CREGS, LREGS, EREGS])
 
     return up_bwd_ws_kernel, descriptors
 
 
 def smem_bytes(BM: int, BK: int, be: int, be2: int, stages: int, w_stages: int, element_size: int = 2) -> int:
-    """Shared memory of one program: the x ring, the weight ring (slots of E x BK), the da and h tiles (a second box
-    of at least 16 columns each) and 4 kB for the epilogue's column sums and the barriers."""
-    E = be + be2
-    tiles = 2 * BM * (be + max(be2, 16))
-    return (stages * BM * BK + w_stages * E * BK + tiles) * element_size + 4 * 1024
+    """Shared memory of one program: the x ring, the weight ring (slots of E x BK), the da tile (a second box of at
+    least 16 columns) and 4 kB for the epilogue's column sums and the barriers."""
+    return (stages * BM * BK + w_stages * (be + be2) * BK + BM * (be + max(be2, 16))) * element_size + 4 * 1024
 
 
 def serves(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, act: int, glu: bool, fill, BM: int, BK: int,
@@ -344,9 +306,6 @@ def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill,
     M = h.shape[0]
     w2d, rc, boxes = mlp_gluon._boxes(w2, (be, be2), BK)
     d, d2 = descriptors(w2d, boxes, dy.dtype)
-    tile = ([BM, be], [BM, max(be2, 16)])  # h's, da's, dh's and gate * a's boxes: one M-tile
-    ga_ = ga if ga is not None else dh
-    hd, hd2, dhd, dhd2, gad, gad2 = (x for t in (h, dh, ga_) for x in descriptors(t, tile, dy.dtype))
     n_tiles = tiles.shape[0]
     grid = max(1, min(n_tiles, down_gluon._sms(dy.device)))
     numel = fill.numel() if fill is not None else 0
@@ -356,10 +315,11 @@ def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill,
     # the epilogue's threads along a row: 16 bytes each, no more than the narrower box holds; RC rows per step, at
     # least one layout's worth
     tpc = min(8, min(be, be2 or be) // 8)
+    ga_ = ga if ga is not None else dh
     db_ = db if db is not None else dgp
-    kernel[(grid,)](dy, dy.stride(0), d, d2, hd, hd2, dhd, dhd2, gad, gad2, tiles, offsets, order, token, gate, dh,
-                    dh.stride(0), ga_, ga_.stride(0), dgp, db_, db_.stride(0), fill if fill is not None else dh, numel,
-                    share, chunk, M, D, E, n_tiles, ACT=act, STORE_GA=ga is not None, HAS_DB=db is not None,
+    kernel[(grid,)](dy, dy.stride(0), d, d2, tiles, offsets, order, token, gate, h, h.stride(0), dh, dh.stride(0),
+                    ga_, ga_.stride(0), dgp, db_, db_.stride(0), fill if fill is not None else dh, numel, share, chunk,
+                    M, D, E, n_tiles, ACT=act, STORE_GA=ga is not None, HAS_DB=db is not None,
                     HAS_FILL=fill is not None, SPLIT=be2 > 0, W_RC=rc, BM=BM, BK=BK, BE=be, BE2=max(be2, 16),
                     TPC=tpc, RC=max(32, 128 // tpc), XS=stages, WS=w_stages, LW=mlp_gluon.LOADER_WARPS,
                     CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, EREGS=EPILOGUE_REGS, num_warps=4,
