@@ -1,11 +1,11 @@
 """Which part bounds the warp-specialised up_bwd (kernels/up_bwd_gluon.py, up_bwd variant 5): up_backward alone at the
 base shape (16 384 tokens, D 768, 32 experts, K 6, E 192, ReLU, W2 as W_out's column view, the dx zeros written),
 graphed, against kernels/up.py's default in the same process, with the kernel rebuilt with parts of its work
-removed: the dx zeros, the epilogue warpgroup's work (no h or da read, nothing computed, no dh or gate * a stored),
-or the dy gathers (their barriers arrive at once). Before timing, the whole kernel's outputs are checked
-against kernels/up.py's (relative norms of dh, the gate gradient, gate * a and db1; the dx zeros). The removed-part
-variants' results are wrong by design; only their times count (docs/kernels.md v27-v28). The layer's A/B is
-tools/ab_layer.py's (`--arm "ws=up_bwd=128,64,64,3,4,5"`).
+removed: the dx zeros, the epilogue (no h read, nothing stored), or the dy gathers (their barriers arrive at once);
+and with its TMA stores (SSD_TRITON_UP_BWD_TMA_STORES=1). Before timing, the variants that keep every output are
+checked against kernels/up.py's outputs (relative norms of dh, the gate gradient, gate * a and db1; the dx zeros).
+The removed-part variants' results are wrong by design; only their times count (docs/kernels.md v27). The layer's
+A/B is tools/ab_layer.py's (`--arm "ws-tma=up_bwd=128,64,64,3,4,5+SSD_TRITON_UP_BWD_TMA_STORES=1"`).
 
     python tools/probe_up_bwd.py [--config 128,64,64,3,4,5] [--rounds 2] [--out probe.json]   (Triton >= 3.9, sm_90)
 """
@@ -23,26 +23,24 @@ from probe_mlp_ws import load_variant, probe_args  # noqa: E402
 
 from ssd_megatron.ffn.backends.kernels import mlp_gluon, up_bwd_gluon  # noqa: E402
 
-EPILOGUE = ("        hf = gl.load(H", "(a * g[:, None]).to(dtype), mask=rmask[:, None])\n")  # `_box`'s body
+EPILOGUE = ("        h = h_tile.load(lay)", "        return dg\n")  # the epilogue's body, replaced by "no-epilogue"
 GATHERS = ("async_copy.async_load(x_bufs.index(s), xrow + (k + cols)[None, :], mask=rmask[:, None])", "pass")
 NO_FILL = ("HAS_FILL=fill is not None", "HAS_FILL=False")
-# name -> (mlp_gluon's substitutions (its dy gathers), up_bwd_gluon's)
-PROBES = {"whole": ([], []), "no-fill": ([], [NO_FILL]), "no-epilogue": ([], [EPILOGUE]),
-          "no-gathers": ([GATHERS], [])}
-CHECKED = ("whole", )  # the variants that keep every output
+# name -> (mlp_gluon's substitutions (its dy gathers), up_bwd_gluon's, SSD_TRITON_UP_BWD_TMA_STORES)
+PROBES = {"whole": ([], [], "0"), "tma-stores": ([], [], "1"), "no-fill": ([], [NO_FILL], "0"),
+          "no-epilogue": ([], [EPILOGUE], "0"), "no-gathers": ([GATHERS], [], "0")}
+CHECKED = ("whole", "tma-stores")  # the variants that keep every output
 
 
 def substitutions(subs, src: str):
-    """`subs` with the EPILOGUE marker spelled out against up_bwd_gluon's source `src`: `_box`'s body from h's load to
-    its last store, replaced by zeros (nothing read, computed or stored but the gate gradient's partials and db1's
-    sums, of zeros)."""
+    """`subs` with the EPILOGUE marker spelled out against up_bwd_gluon's source `src`: the body from its first line
+    to its return, replaced by the gate gradient's partials from the accumulator alone."""
     out = []
     for sub in subs:
         if sub is EPILOGUE:
             start = src.index(EPILOGUE[0])
             sub = (src[start:src.index(EPILOGUE[1], start) + len(EPILOGUE[1])],
-                   "        z = gl.zeros(da_s.type.shape, dtype=gl.float32, layout=lay)\n"
-                   "        dg, dh = gl.sum(z, 1), z\n")
+                   "        return gl.sum(acc, 1)\n")
         out.append(sub)
     return out
 
@@ -69,16 +67,17 @@ def main() -> int:
 
     real = (mlp_gluon._build_once(), up_bwd_gluon._build_once(), up_bwd_gluon.launch)
     variants = {}
-    for name, (msubs, usubs) in PROBES.items():
+    for name, (msubs, usubs, stores) in PROBES.items():
         mlp_gluon._STATE["build"] = load_variant(mlp_gluon, msubs, name)._build()  # (the up_bwd build takes its parts)
         mod = load_variant(up_bwd_gluon, substitutions(usubs, open(up_bwd_gluon.__file__).read()), name)
-        variants[name] = (mlp_gluon._STATE["build"], mod._build(), mod.launch)
+        variants[name] = (mlp_gluon._STATE["build"], mod._build(), mod.launch, stores)
 
     def arm(name):
         """Force the WS up_bwd with variant `name`'s kernels (None: kernels/up.py's default)."""
-        mlp_build, build, launch = real if name is None else variants[name]
+        mlp_build, build, launch, stores = real + ("0",) if name is None else variants[name]
         mlp_gluon._STATE["build"], up_bwd_gluon._STATE["build"], up_bwd_gluon.launch = mlp_build, build, launch
         sys.modules[launch.__module__]._STATE["build"] = build
+        os.environ["SSD_TRITON_UP_BWD_TMA_STORES"] = stores
         K.force_config(**({} if name is None else {"up_bwd": cfg}))
 
     def timed(reps=10):
@@ -128,6 +127,7 @@ def main() -> int:
             print("  ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
     finally:
         arm(None)
+        os.environ.pop("SSD_TRITON_UP_BWD_TMA_STORES", None)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)

@@ -227,15 +227,14 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
 
 
 # up_bwd variant 5 (WS, kernels/up_bwd_gluon.py: Gluon, sm_90, Triton >= 3.9) where it serves, as the fused forward's:
-# E exactly one or two power-of-two tiles (64; 192 = 128 + 64; 128; 80 = 64 + 16: the epilogue's narrow layout), D a
-# multiple of BK, no gate. Skewed loads,
+# E exactly one or two power-of-two tiles (64; 192 = 128 + 64; 128), D a multiple of BK, no gate. Skewed loads,
 # experts with no tokens, M not a multiple of the 128-row tile, one token, K = 1, the activations without a gate,
 # no bias (no db1 sums), W2 as W_out's column view and contiguous, the dx zeros written by the kernel (atomic
-# combines) or none (the buffer combine); rings of (W2, dy) slots 3 + 4, 4 + 3 and 2 + 2 (BK 128)
-UP_BWD_WS_TILES = {"3w-4x": (128, 64, 64, 3, 4, 5), "4w-3x": (128, 64, 64, 4, 3, 5),
+# combines) or none (the buffer combine); rings of (W2, dy) slots 3 + 4 and 2 + 2; dh and gate * a by TMA stores
+# (SSD_TRITON_UP_BWD_TMA_STORES=1, the default) or pointer stores ("-ptr")
+UP_BWD_WS_TILES = {"3w-4x": (128, 64, 64, 3, 4, 5), "3w-4x-ptr": (128, 64, 64, 3, 4, 5),
                    "2w-2x-bk128": (128, 128, 128, 2, 2, 5)}
-UP_BWD_WS_CASES = MLP_WS_CASES + [dict(activation="relu", T=257, D=128, E=192, N=8, K=1, routing="skewed"),
-                                  dict(activation="relu", T=200, D=128, E=80, N=8, K=2, routing="skewed")]  # 64 + 16
+UP_BWD_WS_CASES = MLP_WS_CASES + [dict(activation="relu", T=257, D=128, E=192, N=8, K=1, routing="skewed")]
 UP_BWD_WS_IDS = [f"{c['activation']}-T{c['T']}-D{c['D']}-E{c['E']}-N{c['N']}K{c['K']}-{c.get('routing', 'random')}"
                  f"{'' if c.get('bias', True) else '-nobias'}" for c in UP_BWD_WS_CASES]
 
@@ -245,8 +244,8 @@ UP_BWD_WS_IDS = [f"{c['activation']}-T{c['T']}-D{c['D']}-E{c['E']}-N{c['N']}K{c[
 @pytest.mark.parametrize("combine", ["atomic16", "buffer"])
 @pytest.mark.parametrize("case", UP_BWD_WS_CASES, ids=UP_BWD_WS_IDS)
 def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
-    """The warp-specialised Gluon up_bwd (variant 5) against the reference, forward and every grad, at each tile
-    (ring depths), combine and W2 layout; each backward is checked to have taken it (not kernels/up.py), with the dx
+    """The warp-specialised Gluon up_bwd (variant 5) against the reference, forward and every grad, at each tile,
+    store kind, combine and W2 layout; each backward is checked to have taken it (not kernels/up.py), with the dx
     zeros for the atomic combine."""
     cfg = UP_BWD_WS_TILES[tile]
     if "triton" not in AVAILABLE:
@@ -268,6 +267,7 @@ def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(up_bwd_gluon, "launch", counted)
+    monkeypatch.setenv("SSD_TRITON_UP_BWD_TMA_STORES", "0" if tile.endswith("ptr") else "1")
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
     if w2 == "column-view":
         inp = with_column_view_w2(inp)
@@ -407,19 +407,20 @@ def test_triton_auto_ws_forward_in_captured_inference(monkeypatch):
 def test_triton_auto_ws_wgrad_in_captured_training(monkeypatch):
     """`auto` in training at a base-like shape: the first eager fwd+bwd takes the Gluon WS fused forward (h stored)
     and the WS wgrad with balanced items and TMA reduces for both weight gradients (dW1 with Q contiguous, dW2 as
-    W_out's column view with P contiguous), the next eager one kernels/mlp.py and kernels/wgrad.py, and a fwd+bwd
-    captured in a CUDA graph after them the Gluon kernels again (their modules already loaded); the eager and
-    replayed gradients match the reference."""
+    W_out's column view with P contiguous), and the WS up_bwd with TMA stores; the next eager one kernels/mlp.py,
+    kernels/wgrad.py and kernels/up.py, and a fwd+bwd captured in a CUDA graph after them the Gluon kernels again
+    (their modules already loaded); the eager and replayed gradients match the reference."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
     from ssd_megatron.ffn.backends import expert_ffn
-    from ssd_megatron.ffn.backends.kernels import gluon_launches, mlp_gluon, wgrad_gluon
+    from ssd_megatron.ffn.backends.kernels import gluon_launches, mlp_gluon, up_bwd_gluon, wgrad_gluon
     if wgrad_gluon._build_once() is None or not wgrad_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
         pytest.skip("the WS wgrad does not serve here (needs sm_90 and Triton >= 3.9's Gluon)")
     inp = with_column_view_w2(make_inputs(device="cuda", dtype=torch.bfloat16, activation="relu", T=2048, D=768,
                                           E=192, N=32, K=6, routing="skewed"))
     want = run(ReferenceBackend(), upcast(inp))[1]
-    launches, forwards, real, real_fwd = [], [], wgrad_gluon.launch, mlp_gluon.launch
+    launches, forwards, ups, real, real_fwd, real_up = [], [], [], wgrad_gluon.launch, mlp_gluon.launch, \
+        up_bwd_gluon.launch
 
     def counted(*args, **kwargs):
         launches.append((gluon_launches.capturing(args[0]), args[14]))  # (capturing, TMA reduces)
@@ -429,8 +430,13 @@ def test_triton_auto_ws_wgrad_in_captured_training(monkeypatch):
         forwards.append((gluon_launches.capturing(args[0]), args[9] is not None))  # (capturing, h stored)
         return real_fwd(*args, **kwargs)
 
+    def counted_up(*args, **kwargs):
+        ups.append((gluon_launches.capturing(args[0]), args[-1]))  # (capturing, TMA stores)
+        return real_up(*args, **kwargs)
+
     monkeypatch.setattr(wgrad_gluon, "launch", counted)
     monkeypatch.setattr(mlp_gluon, "launch", counted_fwd)
+    monkeypatch.setattr(up_bwd_gluon, "launch", counted_up)
     fresh_gluon_records(monkeypatch)
     backend = get_backend("triton")
     leaves = {k: inp[k] for k in ("x", "w1", "b1", "gate", "b2") if inp.get(k) is not None}
@@ -457,7 +463,8 @@ def test_triton_auto_ws_wgrad_in_captured_training(monkeypatch):
     torch.cuda.synchronize()
     assert launches == [(False, True)] * 2 + [(True, True)] * 2, launches  # eager WS, eager wgrad.py, captured WS
     assert forwards == [(False, True), (True, True)], forwards  # eager WS, eager mlp.py, captured WS
-    errs = {f"{i}:{k}": rel_err(g[k], want[k]) for i, g in enumerate(eager + [replayed]) for k in ("w1", "w2")}
+    assert ups == [(False, True), (True, True)], ups  # eager WS, eager up.py, captured WS
+    errs = {f"{i}:{k}": rel_err(g[k], want[k]) for i, g in enumerate(eager + [replayed]) for k in ("x", "w1", "w2")}
     assert max(errs.values()) <= 3e-2, errs
     print("auto ws wgrad captured", {k: f"{v:.1e}" for k, v in errs.items()})
 

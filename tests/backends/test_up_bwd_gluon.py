@@ -10,21 +10,22 @@ import pytest
 import torch
 
 try:
-    from .backend_cases import Recorder, gluon_stand_in
+    from .backend_cases import Recorder, auto_stand_in, gluon_stand_in
     from .test_mlp_gluon import _case
     from .test_offline_compile import _compile_env, compiled_in_subprocess
 except ImportError:  # run as a script: the compile subprocess
-    Recorder = gluon_stand_in = _compile_env = compiled_in_subprocess = None
+    Recorder = auto_stand_in = gluon_stand_in = _compile_env = compiled_in_subprocess = None
     from test_mlp_gluon import _case
 
-WS = (128, 64, 64, 3, 3, 5)  # BM, BN (unused), BK, the W2 ring's depth, the dy ring's, variant 5
+WS = (128, 64, 64, 3, 4, 5)  # BM, BN (unused), BK, the W2 ring's depth, the dy ring's, variant 5
 # name -> (activation, E, dtype, W2 as W_out's column view, the dx zeros, gate * a stored, db1 summed): base's
 # training backward (E = 128 + 64, the layer's column view, every output), gelu without the dx zeros or gate * a,
-# fp16 with tanh-GELU and contiguous W2, squared ReLU without a bias
+# fp16 with tanh-GELU and contiguous W2, squared ReLU without a bias, base's with TMA stores
 LAUNCHES = {"base-train": ("relu", 192, "bfloat16", True, True, True, True),
             "gelu-e64-bare": ("gelu", 64, "bfloat16", False, False, False, True),
             "fp16-gelu-tanh": ("gelu_tanh", 128, "float16", False, True, True, True),
-            "squared-relu-no-bias": ("squared_relu", 192, "bfloat16", True, True, True, False)}
+            "squared-relu-no-bias": ("squared_relu", 192, "bfloat16", True, True, True, False),
+            "base-train-tma-stores": ("relu", 192, "bfloat16", True, True, True, True)}  # (the switch set)
 
 
 def _backward_case(activation, E, dtype, column_view=True, D=128, fill=True):
@@ -48,6 +49,7 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
         dy, w2, h, gate, plan, f = _backward_case(act, E, getattr(torch, dtype), column_view, fill=fill)
 
         def run():
+            os.environ["SSD_TRITON_UP_BWD_TMA_STORES"] = str(int(name.endswith("tma-stores")))
             K.up_backward(dy, w2, h, gate, plan, act, ga, db, fill=f, partials=True)
         return run
     print("UPBWDWS " + json.dumps(cr.compile_each({name: launch(name, *c) for name, c in LAUNCHES.items()})))
@@ -66,17 +68,17 @@ def compiled():
 @pytest.mark.parametrize("name", list(LAUNCHES))
 def test_ws_up_bwd_compiles_for_sm90(compiled, name):
     """Each specialisation (activation, split or single E tile, W2 layout, the dx zeros, gate * a, db1's sums, bf16
-    and fp16) compiles for sm_90 as one warp-specialised kernel: cp.async gathers of dy, TMA loads of W2 and h, TMA
-    stores of dh and gate * a, wgmma, fp32 atomics only where db1 is summed, and at base (ReLU) at most 24 bytes of
-    stack (GELU's epilogue spills more: module docstring); the launcher took it, not kernels/up.py."""
+    and fp16) compiles for sm_90 as one warp-specialised kernel: cp.async gathers of dy, TMA loads of W2 and h,
+    wgmma, fp32 atomics only where db1 is summed, and at base (ReLU) at most the fused forward's 8 bytes of stack
+    (the other activations' epilogues spill: module docstring); the launcher took it, not kernels/up.py."""
     res = compiled[name]
     assert not isinstance(res, str), res
     assert [kname for kname, _ in res] == ["up_bwd_ws_kernel"], res
     r = res[0][1]
     assert r["warps"] == 16 and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
     assert r["cas"] == 0 and (r["atom"] > 0) == LAUNCHES[name][6], r
-    assert (name != "base-train" or r["stack"] <= 24) and r["smem_kb"] * 1024 <= 227 * 1024, r
-    assert r["utmastg"] > 0, r
+    assert (name != "base-train" or r["stack"] <= 8) and r["smem_kb"] * 1024 <= 227 * 1024, r
+    assert (r["utmastg"] > 0) == name.endswith("tma-stores"), r  # TMA stores of dh and gate * a
 
 
 # why the launcher does not take the Gluon kernel -> (activation, E, D, dtype, config, fill with a bias row)
@@ -126,9 +128,40 @@ def test_ws_up_bwd_falls_back(monkeypatch, why):
         assert torch.equal(args[3], K.expert_tiles(plan.offsets, plan.num_rows, plan.num_experts, 128))
         assert args[8] is dh and args[9] is ga and args[11] is db and args[12] is fill[0], args[8:13]
         assert args[10] is dgate and dgate.shape == (1, plan.num_rows), dgate.shape  # one row of partials
-        assert args[13:] == (0, 128, 64, 3, 3, 128, 64), args[13:]  # relu, the tile, the rings, E's two tiles
+        # relu, the tile, the rings, E's two tiles, TMA stores (SSD_TRITON_UP_BWD_TMA_STORES unset: the default)
+        assert args[13:] == (0, 128, 64, 3, 4, 128, 64, True), args[13:]
     else:  # (served, but this Triton has no Gluon that builds it: kernels/up.py too)
         assert name == "triton" and kwargs["BM"] == default[0] and kwargs["BWD"], (name, kwargs)
+
+
+def test_ws_up_bwd_auto_under_capture(monkeypatch):
+    """`auto` (no config forced) takes the Gluon up_bwd with TMA stores for ReLU at base-like shapes by
+    kernels/gluon_launches.py's rule: the first eager launch of a shape (which loads its module), then kernels/up.py
+    for later eager launches and for a capture of a launch key never run eagerly, the Gluon kernel in a capture after
+    the eager launch; not for GELU (its epilogue spills, untimed) nor where the TMA-store switch is off without an
+    eager launch of its own key."""
+    K, _, calls, state = auto_stand_in(monkeypatch, "up_bwd_gluon", "_up_kernel")
+
+    def backward(capturing, act="relu", T=None):
+        dy, w2, h, gate, plan, fill = _backward_case(act, 192, torch.bfloat16)
+        if T is not None:
+            dy, w2, h, gate, plan, fill = _backward_case(act, 192, torch.bfloat16, D=256)
+        state["capturing"] = capturing
+        calls.clear()
+        K.up_backward(dy, w2, h, gate, plan, act, True, True, fill=fill, partials=True)
+        name, args, kwargs = calls[0]
+        return name, (args[14:19] if name == "ws" else kwargs["BM"])
+
+    ws = ("ws", (K.AUTO_UP_BWD_WS[0], K.AUTO_UP_BWD_WS[2], *K.AUTO_UP_BWD_WS[3:5], 128))
+    default = K._default("up_bwd", (128, 192, "torch.bfloat16"))[0]
+    assert backward(True) == ("triton", default)  # captured before any eager launch: kernels/up.py
+    assert backward(False) == ws                  # the first eager launch loads the Gluon kernel
+    assert backward(False)[0] == "triton"         # later eager launches: less host time per launch
+    assert backward(True) == ws                   # captured: the loaded kernel
+    assert backward(True, T=1)[0] == "triton"     # another launch key (D = 256), never launched eagerly
+    assert backward(False, act="gelu")[0] == "triton"  # GELU: not taken
+    monkeypatch.setenv("SSD_TRITON_UP_BWD_TMA_STORES", "0")
+    assert backward(True)[0] == "triton"          # the switch is part of the keys: this one never ran eagerly
 
 
 def test_ws_up_bwd_config():
@@ -155,14 +188,14 @@ def test_probe_tool_substitutions_match_the_kernel_sources():
 
     from ssd_megatron.ffn.backends.kernels import mlp_gluon, up_bwd_gluon
     sources = {mlp_gluon: open(mlp_gluon.__file__).read(), up_bwd_gluon: open(up_bwd_gluon.__file__).read()}
-    for name, (msubs, usubs) in probe.PROBES.items():
+    for name, (msubs, usubs, _) in probe.PROBES.items():
         for module, subs in ((mlp_gluon, msubs), (up_bwd_gluon, probe.substitutions(usubs, sources[up_bwd_gluon]))):
             assert all(old in sources[module] for old, _ in subs), (name, module.__name__)
     if up_bwd_gluon._build_once() is None:
         return
     real = mlp_gluon._STATE["build"]
     try:
-        for name, (msubs, usubs) in probe.PROBES.items():
+        for name, (msubs, usubs, _) in probe.PROBES.items():
             mlp_gluon._STATE["build"] = probe.load_variant(mlp_gluon, msubs, name)._build()
             variant = probe.load_variant(up_bwd_gluon, probe.substitutions(usubs, sources[up_bwd_gluon]), name)
             assert variant._build() is not None, name

@@ -261,6 +261,25 @@ def _auto_wgrad_ws(lhs, rhs, dw, fold_kind, split: bool, gathered: bool, eager_k
     return AUTO_WGRAD_WS if _ws_reduces(dw, tile) else None
 
 
+# auto's up_bwd where the Gluon WS kernel serves with its TMA stores (Triton >= 3.9, sm_90), for ReLU at base-like
+# shapes (D <= 1024, E <= 192: the measured ones; its GELU epilogue spills), under kernels/gluon_launches.py's rule.
+# H100, docs/kernels.md v28, base ReLU layer fwd+bwd (graphed, three A/B rounds): 0.6600 / 0.6642 / 0.6661 ms
+# (kernels/up.py) -> 0.6496 / 0.6507 / 0.6507; up_backward alone 144.3 -> 123.8 us.
+AUTO_UP_BWD_WS = (128, 64, 64, 3, 4, WS)
+
+
+def _auto_up_bwd_ws(dy, w2, act: int, glu: bool, eager_key, key):
+    """AUTO_UP_BWD_WS where `auto` takes the Gluon up_bwd for this launch, else None (the defaults serve): ReLU at a
+    measured shape, by kernels/gluon_launches.py's rule (in a capture once an eager launch with this launch key
+    loaded the module; the first eager launch of its `eager_key()`; later eager launches keep kernels/up.py). Where
+    the kernel does not serve, the launch falls back to kernels/up.py's default (`_up_bwd_ws`)."""
+    D, E = w2.shape[2], w2.shape[1]
+    if glu or act != 0 or D > 1024 or E > 192 or not _hopper(dy):
+        return None
+    from .kernels import gluon_launches
+    return AUTO_UP_BWD_WS if gluon_launches.take(dy, lambda: key(AUTO_UP_BWD_WS), eager_key) else None
+
+
 def _ws_reduces(dw, tile) -> bool:
     """Whether the WS wgrad's balanced items, at `tile` (wgrad_gluon.serves' arguments after dW), can add their
     partial sums as TMA reduces in tile[2]'s dtype: dW has a 2-D view for them, and their staging fits beside the
@@ -485,11 +504,23 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
                 PREC=_prec(dy))
     state = {}
 
+    def eager_key():  # `_auto_up_bwd_ws`'s cheap key of this launch (shapes, outputs, the store switch)
+        return (dy.device, dy.dtype, tuple(dy.shape), M, tuple(w2.shape), w2.stride(), act, need_ga, need_db,
+                fill is not None, _up_bwd_tma_stores())
+
+    def ws_key(cfg):  # kernels/gluon_launches.key of this launch with tile `cfg`
+        from .kernels import gluon_launches
+        return gluon_launches.key((dy, w2, h, plan.offsets, plan.order, plan.token, gate_flat,
+                                   fill[0] if fill is not None else None), act, need_ga, need_db, cfg,
+                                  _up_bwd_tma_stores())
+
     def launch(cfg):
         if cfg[5:] == (WS,):  # the Gluon kernel where it serves (kernels/up_bwd_gluon.py), else kernels/up.py's default
             state["dgp"] = _up_bwd_ws(dy, w2, h, gate_flat, plan, act, glu, dh, ga if need_ga else None,
                                       db if need_db else None, fill, cfg)
             if state["dgp"] is not None:
+                from .kernels import gluon_launches
+                gluon_launches.note(ws_key(cfg), eager_key(), dy)
                 return
             cfg = _default("up_bwd_glu" if glu else "up_bwd", (D, E, str(dy.dtype)), _hopper(dy))
         two = len(cfg) > 5 and cfg[5] == TWO_PASS
@@ -508,7 +539,8 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
             _launch_up(head, tail, plan, dict(meta, PASS=0), cfg, M, N, D, E, fill)
         state["dgp"] = dgp
 
-    launch(_pick("up_bwd_glu" if glu else "up_bwd", (D, E, str(dy.dtype)), launch, _hopper(dy)))
+    launch(_pick("up_bwd_glu" if glu else "up_bwd", (D, E, str(dy.dtype)), launch, _hopper(dy),
+                 auto=lambda: _auto_up_bwd_ws(dy, w2, act, glu, eager_key, ws_key)))
     dgate = state["dgp"] if partials else state["dgp"].sum(0)
     return dh, dgate, (ga if need_ga else None), (db if need_db else None)
 
@@ -526,9 +558,8 @@ def _up_bwd_ws(dy, w2, h, gate_flat, plan, act: int, glu: bool, dh, ga, db, fill
     dgp = torch.empty(1, plan.num_rows, device=dy.device, dtype=torch.float32)
     if db is not None:
         db.zero_()
-    # (no kernels/gluon_launches.py record: no `auto` rule takes this kernel, and the records are bounded and shared)
     up_bwd_gluon.launch(dy, w2, h, _tile_list(plan, BM, None), plan.offsets, plan.order, plan.token, gate_flat, dh, ga,
-                        dgp, db, zeros, act, BM, BK, w_ring, ring, be, be2)
+                        dgp, db, zeros, act, BM, BK, w_ring, ring, be, be2, _up_bwd_tma_stores())
     return dgp
 
 
@@ -802,6 +833,14 @@ def _router_sums() -> bool:
     return _switch("SSD_WGRAD_ROUTER_SUMS", "1", "in the Gluon kernel", "torch's GEMM")
 
 
+def _up_bwd_tma_stores() -> bool:
+    """SSD_TRITON_UP_BWD_TMA_STORES=1 (the default): the WS up_bwd stores dh and gate * a by TMA from h's
+    shared-memory slots (kernels/up_bwd_gluon.py `_put`; H100, docs/kernels.md v28, base ReLU up_backward alone
+    123.8 / 123.4 us against 143.9 / 142.6 with 0); 0: 4-byte stores from the accumulator's layout. Part of its
+    launch keys."""
+    return _switch("SSD_TRITON_UP_BWD_TMA_STORES", "1", "TMA stores", "pointer stores")
+
+
 def check_switches() -> None:
     """Parse every SSD_* switch of these kernels that is set, so that a malformed value fails where the backend is
     built, not inside a compiled step (each raises a one-line UserError naming the variable)."""
@@ -812,6 +851,7 @@ def check_switches() -> None:
         _tile_groups()
     _half_sums()
     _router_sums()
+    _up_bwd_tma_stores()
     score_grad.enabled(0)
     routing_plan.fill_place(0)
 

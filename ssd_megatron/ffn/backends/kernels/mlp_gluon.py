@@ -90,46 +90,30 @@ def _build():
             out = buf.permute((1, 0))
         return out
 
-    @gluon.constexpr_function
-    def _x_layout(BK, LW):
-        """The gathers' layout: 16 bytes per thread and copy, BK / 8 threads along a row, LW warps."""
-        return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (BK // 8), BK // 8],
-                                warps_per_cta=[LW, 1], order=[1, 0])
-
-    @gluon.jit
-    def _x_rows(X, stride_x, OFFS, TOK, e, row0, BM: gl.constexpr, layout: gl.constexpr):
-        """An M-tile's gathered rows: (their x row pointers, the mask of the rows that are expert e's)."""
-        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-        rmask = rows < gl.load(OFFS + e + 1)
-        tok = gl.load(TOK + rows, mask=rmask, other=0)
-        return X + tok.to(gl.int64)[:, None] * stride_x, rmask
-
-    @gluon.jit
-    def _x_step(x_bufs, x_full, x_empty, kc, xrow, rmask, k, layout: gl.constexpr):
-        """Reduction step k's [BM, BK] slice of the tile's rows into the x ring's slot kc % XS by cp.async, whose
-        completion arrives on the slot's barrier (one arrival per thread)."""
-        XS: gl.constexpr = x_bufs.type.shape[0]
-        BK: gl.constexpr = x_bufs.type.shape[2]
-        cols = gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
-        s = kc % XS
-        mbarrier.wait(x_empty.index(s), ((kc // XS) & 1) ^ 1)  # a fresh barrier passes phase 1
-        async_copy.async_load(x_bufs.index(s), xrow + (k + cols)[None, :], mask=rmask[:, None])
-        async_copy.mbarrier_arrive(x_full.index(s), increment_count=False)
-
     @gluon.jit
     def x_loader(X, stride_x, x_bufs, x_full, x_empty, TILES, OFFS, TOK, M, D, n_tiles, LW: gl.constexpr):
         """The up GEMM's A operand of every tile: the gathered x rows by cp.async."""
+        XS: gl.constexpr = x_bufs.type.shape[0]
         BM: gl.constexpr = x_bufs.type.shape[1]
         BK: gl.constexpr = x_bufs.type.shape[2]
-        layout: gl.constexpr = _x_layout(BK, LW)
+        # 16 bytes per thread and copy: BK / 8 threads along a row
+        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (BK // 8), BK // 8],
+                                                warps_per_cta=[LW, 1], order=[1, 0])
+        cols = gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
         kc = 0  # reduction steps loaded so far (the x ring)
         for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
             e = gl.load(TILES + 2 * t)
             row0 = gl.load(TILES + 2 * t + 1)
             if row0 < M:
-                xrow, rmask = _x_rows(X, stride_x, OFFS, TOK, e, row0, BM, layout)
+                rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+                rmask = rows < gl.load(OFFS + e + 1)
+                tok = gl.load(TOK + rows, mask=rmask, other=0)
+                xrow = X + tok.to(gl.int64)[:, None] * stride_x
                 for k in range(0, D, BK):
-                    _x_step(x_bufs, x_full, x_empty, kc, xrow, rmask, k, layout)
+                    s = kc % XS
+                    mbarrier.wait(x_empty.index(s), ((kc // XS) & 1) ^ 1)  # a fresh barrier passes phase 1
+                    async_copy.async_load(x_bufs.index(s), xrow + (k + cols)[None, :], mask=rmask[:, None])
+                    async_copy.mbarrier_arrive(x_full.index(s), increment_count=False)
                     kc += 1
 
     @gluon.jit
@@ -390,8 +374,7 @@ def _build():
                      for b in boxes)
 
     # the parts kernels/up_bwd_gluon.py's kernel shares
-    parts = types.SimpleNamespace(x_loader=x_loader, x_layout=_x_layout, x_rows=_x_rows, x_step=_x_step,
-                                    w_load=_w_load, up_gemm=_up_gemm, act=_act, rings=_rings)
+    parts = types.SimpleNamespace(x_loader=x_loader, w_load=_w_load, up_gemm=_up_gemm, act=_act, rings=_rings)
     return mlp_ws_kernel, descriptors, parts
 
 

@@ -46,11 +46,10 @@ import triton
 
 from . import down_gluon, mlp_gluon
 
-# registers per thread (setmaxnreg): the worker consumer, the loader warpgroup (dy gathers and W2's TMA), the
-# epilogue warpgroup (its four unrolled row steps: at 128 registers it spilled 320 bytes, offline sm_90); the default
-# partition (the other consumer) gets the rest of the 64 K, 512 - 128 - 40 - 216 = 128
-CONSUMER_REGS, LOADER_REGS, EPILOGUE_REGS = 128, 40, 216
-FILL_BLOCK = 1024  # elements per store of the fill (one warpgroup, 16 bytes per thread)
+# registers per thread: as the fused forward's (mlp_gluon), but 32 for the weight loader's warp, which also fills
+# (2 x 128 x 224 + 128 x 40 + 32 x 32 <= 64 K)
+CONSUMER_REGS, LOADER_REGS, W_LOADER_REGS = mlp_gluon.CONSUMER_REGS, mlp_gluon.LOADER_REGS, 32
+FILL_BLOCK = 256  # elements per store of the fill (one warp, 16 bytes per thread)
 _STATE: dict = {"build": None}
 
 
@@ -59,15 +58,15 @@ def _build():
     global gl
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
     down_gluon.require_gluon("WS up_bwd", cp_async=True)
     forward = mlp_gluon._build_once()
     if forward is None:
         raise ImportError("the WS fused forward's parts, which this kernel shares, do not build here")
     _, descriptors, parts = forward
-    _x_layout, _x_rows, _x_step, _w_load, _up_gemm, _act, _rings = (
-        parts.x_layout, parts.x_rows, parts.x_step, parts.w_load, parts.up_gemm, parts.act, parts.rings)
+    x_loader, _w_load, _up_gemm, _act, _rings = (parts.x_loader, parts.w_load, parts.up_gemm, parts.act,
+                                                 parts.rings)
 
     @gluon.jit
     def _act_grad(v, ACT: gl.constexpr):
@@ -87,192 +86,198 @@ def _build():
 
     @gluon.jit
     def _zeros(FILL, lo, hi):
-        """FILL[lo:hi] = 0 from one warpgroup, 16 bytes per thread and store (FILL_BLOCK elements)."""
-        BLOCK: gl.constexpr = 1024
-        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[BLOCK // 128], threads_per_warp=[32],
-                                                warps_per_cta=[4], order=[0])
+        """FILL[lo:hi] = 0 from one warp, 16 bytes per thread and store (FILL_BLOCK elements)."""
+        BLOCK: gl.constexpr = 256
+        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[BLOCK // 32], threads_per_warp=[32],
+                                                warps_per_cta=[1], order=[0])
         offs = gl.arange(0, BLOCK, layout=layout)
         zero = gl.zeros((BLOCK, ), dtype=FILL.dtype.element_ty, layout=layout)
         for i in range(lo, hi, BLOCK):
             gl.store(FILL + i + offs, zero, mask=i + offs < hi)
 
     @gluon.jit
-    def loader(X, stride_x, w_desc, w_desc2, x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, TILES, OFFS,
-               TOK, M, D, E, n_tiles, SPLIT: gl.constexpr, W_RC: gl.constexpr, BE: gl.constexpr,
-               LW: gl.constexpr):
-        """Both rings, in the consumers' order: per reduction step W2's tile [E, BK] by TMA, then the tile's dy rows
-        [BM, BK] gathered by cp.async (`mlp_gluon`'s x loader and weight loader as one warpgroup: the epilogue
-        warpgroup needs the fourth)."""
-        XS: gl.constexpr = x_bufs.type.shape[0]
-        BM: gl.constexpr = x_bufs.type.shape[1]
-        BK: gl.constexpr = x_bufs.type.shape[2]
+    def w_loader(w_desc, w_desc2, h_desc, h_desc2, w_bufs, w_bufs2, h_buf, h_buf2, w_full, w_empty, h_full, h_empty,
+                 TILES, M, D, E, n_tiles, FILL, fill_numel, fill_share, fill_chunk, SPLIT: gl.constexpr,
+                 W_RC: gl.constexpr, HAS_FILL: gl.constexpr, BE: gl.constexpr, BK: gl.constexpr):
+        """W2's tiles by TMA in the consumers' order (a tile's reduction steps, then the next tile's), the tile's h rows
+        after its first ring-depth W tiles (module docstring), and this program's share of the fill, a chunk per
+        tile and the rest after the last."""
         WS: gl.constexpr = w_bufs.type.shape[0]
-        layout: gl.constexpr = _x_layout(BK, LW)
-        kc = 0  # reduction steps loaded so far (both rings)
-        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            e = gl.load(TILES + 2 * t)
-            row0 = gl.load(TILES + 2 * t + 1)
-            if row0 < M:
-                xrow, rmask = _x_rows(X, stride_x, OFFS, TOK, e, row0, BM, layout)
-                for k in range(0, D, BK):
-                    s = kc % WS
-                    mbarrier.wait(w_empty.index(s), ((kc // WS) & 1) ^ 1)  # a fresh barrier passes phase 1
-                    _w_load(w_desc, w_desc2, e * E, k, w_full.index(s), w_bufs.index(s), w_bufs2.index(s), SPLIT,
-                            W_RC, BE)
-                    _x_step(x_bufs, x_full, x_empty, kc, xrow, rmask, k, layout)
-                    kc += 1
-
-    @gluon.jit
-    def consumer(x_bufs, w_bufs, w_bufs2, da_buf, da_buf2, x_full, x_empty, w_full, w_empty, da_full, da_empty,
-                 w_desc, w_desc2, TILES, M, D, n_tiles, which: gl.constexpr, SPLIT: gl.constexpr,
-                 W_RC: gl.constexpr, BE: gl.constexpr, BE2: gl.constexpr):
-        """Half of each M-tile's rows: da = dy rows @ W2[e]^T (`mlp_gluon`'s up GEMM over both of E's tiles, sharing
-        every W2 tile with the other consumer), rounded to dy's dtype into the shared da tile once the epilogue
-        warpgroup has finished the previous tile's; then straight on to the next tile's GEMM."""
-        HM: gl.constexpr = x_bufs.type.shape[1] // 2
-        dtype: gl.constexpr = da_buf.dtype
-        up_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BE, 16])
-        up_l2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BE2, 16])
-        kc = 0  # x ring steps taken
-        wc = 0  # weight ring tiles taken
-        j = 0   # live M-tiles taken (the da tile's phase)
-        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            row0 = gl.load(TILES + 2 * t + 1)
-            if row0 < M:
-                acc, acc2, kc, wc = _up_gemm(x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w_desc,
-                                             w_desc2, D, kc, wc, which, up_l, up_l2, SPLIT, W_RC, BE, BE2)
-                mbarrier.wait(da_empty.index(0), (j & 1) ^ 1)
-                da_buf.slice(which * HM, HM).store(acc.to(dtype))
-                if SPLIT:
-                    da_buf2.slice(which * HM, HM).store(acc2.to(dtype))
-                mbarrier.arrive(da_full.index(0), count=1)  # both consumers arrive: count 2
-                j += 1
-
-    @gluon.jit
-    def _rows(ORDER, GATE, r0, end, RC: gl.constexpr, lay: gl.constexpr):
-        """Rows r0 .. r0 + RC of the tile, in the row slice of `lay`: (rows, the mask of those that are the tile's
-        expert's, their pairs, their gates in fp32)."""
-        rows = r0 + gl.arange(0, RC, layout=gl.SliceLayout(1, lay))
-        rmask = rows < end
-        pair = gl.load(ORDER + rows, mask=rmask, other=0)
-        return rows, rmask, pair, gl.load(GATE + pair, mask=rmask, other=0.0).to(gl.float32)
-
-    @gluon.jit
-    def _box(da_s, H, stride_h, rows, rmask, g, c0, OUT, stride_o, GA, stride_ga, lay: gl.constexpr,
-             ACT: gl.constexpr, STORE_GA: gl.constexpr):
-        """One column box of RC rows (kernels/up.py `_up_epilogue`'s backward without a gate) from da in shared memory
-        and h's rows: dh, and gate * a, stored (16 bytes per thread, rows masked); returns (the rows' share of the
-        gate gradient sum_j da * a, db1's column sums of dh)."""
-        BC: gl.constexpr = da_s.type.shape[1]
-        dtype: gl.constexpr = da_s.dtype
-        cols = c0 + gl.arange(0, BC, layout=gl.SliceLayout(0, lay))
-        r64 = rows.to(gl.int64)[:, None]
-        hf = gl.load(H + r64 * stride_h + cols[None, :], mask=rmask[:, None], other=0.0).to(gl.float32)
-        da = da_s.load(lay).to(gl.float32)
-        a = _act(hf, ACT).to(dtype).to(gl.float32)  # rounded where a torch matmul + activation would
-        dg = gl.sum(da * a, 1)
-        dh = (da * g[:, None] * _act_grad(hf, ACT)).to(dtype)
-        gl.store(OUT + r64 * stride_o + cols[None, :], dh, mask=rmask[:, None])
-        if STORE_GA:
-            gl.store(GA + r64 * stride_ga + cols[None, :], (a * g[:, None]).to(dtype), mask=rmask[:, None])
-        return dg, gl.sum(gl.where(rmask[:, None], dh.to(gl.float32), 0.0), 0)
-
-    @gluon.jit
-    def epilogue(da_buf, da_buf2, da_full, da_empty, TILES, OFFS, ORDER, GATE, H, stride_h, OUT, stride_o, GA,
-                 stride_ga, DGP, DB, stride_db, FILL, fill_numel, fill_share, fill_chunk, M, E, n_tiles,
-                 ACT: gl.constexpr, STORE_GA: gl.constexpr, HAS_DB: gl.constexpr, HAS_FILL: gl.constexpr,
-                 SPLIT: gl.constexpr, BE: gl.constexpr, BE2: gl.constexpr, TPC: gl.constexpr, RC: gl.constexpr):
-        """Each M-tile's epilogue while the consumers run the next tile's GEMM: per RC rows, h's rows loaded (the
-        next rows' in flight during this step's work), both column boxes (`_box`), the gate gradient's partials
-        stored by pair; da's tile released once read; db1's sums by one fp32 atomic per column and tile; then a
-        chunk of this program's share of the fill."""
-        BM: gl.constexpr = da_buf.type.shape[0]
-        # one layout for both boxes (16 bytes per thread along a row, TPC threads), so that their row sums add
-        lay: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // TPC, TPC],
-                                             warps_per_cta=[4, 1], order=[1, 0])
+        h_bytes: gl.constexpr = h_desc.block_type.nbytes + (h_desc2.block_type.nbytes if SPLIT else 0)
+        h_at = D // BK - 1
+        if h_at > WS - 1:
+            h_at = WS - 1
         done = gl.program_id(0) * fill_share  # the fill: this program's share [its start, hi), written up to `done`
         hi = done + fill_share
         if hi > fill_numel:
             hi = fill_numel
-        j = 0  # live M-tiles so far (the barriers' phase)
+        wc = 0  # weight tiles loaded so far (the ring)
+        j = 0   # live M-tiles so far (the h buffer's uses)
         for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
             e = gl.load(TILES + 2 * t)
             row0 = gl.load(TILES + 2 * t + 1)
             if row0 < M:
-                end = gl.load(OFFS + e + 1)
-                rows, rmask, pair, g = _rows(ORDER, GATE, row0, end, RC, lay)
-                db = gl.zeros((BE, ), dtype=gl.float32, layout=gl.SliceLayout(0, lay))
-                db2 = gl.zeros((BE2, ), dtype=gl.float32, layout=gl.SliceLayout(0, lay))
-                mbarrier.wait(da_full.index(0), j & 1)
-                for c in gl.static_range(0, BM, RC):
-                    if c + RC < BM:  # the next rows' pairs and gates in flight during this step
-                        nxt = _rows(ORDER, GATE, row0 + c + RC, end, RC, lay)
-                    dg, s = _box(da_buf.slice(c, RC), H, stride_h, rows, rmask, g, 0, OUT, stride_o, GA, stride_ga, lay, ACT,
-                                 STORE_GA)
-                    db += s
-                    if SPLIT:
-                        dg2, s2 = _box(da_buf2.slice(c, RC), H, stride_h, rows, rmask, g, BE, OUT, stride_o, GA, stride_ga,
-                                       lay, ACT, STORE_GA)
-                        dg += dg2
-                        db2 += s2
-                    gl.store(DGP + pair, dg, mask=rmask)
-                    if c + RC < BM:
-                        rows, rmask, pair, g = nxt
-                mbarrier.arrive(da_empty.index(0), count=1)  # da read: the consumers may write the next tile's
-                if HAS_DB:
-                    dst = DB + e.to(gl.int64) * stride_db
-                    gl.atomic_add(dst + gl.arange(0, BE, layout=gl.SliceLayout(0, lay)), db, sem="relaxed")
-                    if SPLIT:
-                        gl.atomic_add(dst + BE + gl.arange(0, BE2, layout=gl.SliceLayout(0, lay)), db2, sem="relaxed")
-                if HAS_FILL:
-                    stop = done + fill_chunk
-                    if stop > hi:
-                        stop = hi
-                    _zeros(FILL, done, stop)
-                    done = stop
+                i = 0
+                for k in range(0, D, BK):
+                    s = wc % WS
+                    mbarrier.wait(w_empty.index(s), ((wc // WS) & 1) ^ 1)  # a fresh barrier passes phase 1
+                    _w_load(w_desc, w_desc2, e * E, k, w_full.index(s), w_bufs.index(s), w_bufs2.index(s), SPLIT,
+                            W_RC, BE)
+                    wc += 1
+                    if i == h_at:  # the consumers are done with the last tile's reduction, and in its epilogue
+                        if HAS_FILL:  # (while they finish it)
+                            nxt = done + fill_chunk
+                            if nxt > hi:
+                                nxt = hi
+                            _zeros(FILL, done, nxt)
+                            done = nxt
+                        mbarrier.wait(h_empty.index(0), (j & 1) ^ 1)
+                        mbarrier.expect(h_full.index(0), h_bytes)
+                        tma.async_load(h_desc, [row0, 0], h_full.index(0), h_buf)
+                        if SPLIT:
+                            tma.async_load(h_desc2, [row0, BE], h_full.index(0), h_buf2)
+                    i += 1
                 j += 1
         if HAS_FILL:
             _zeros(FILL, done, hi)
 
     @gluon.jit
-    def up_bwd_ws_kernel(X, stride_x, w_desc, w_desc2, TILES, OFFS, ORDER, TOK, GATE, H, stride_h, OUT, stride_o, GA,
-                         stride_ga, DGP, DB, stride_db, FILL, fill_numel, fill_share, fill_chunk, M, D, E, n_tiles,
+    def _store_rows(P, stride, rows, rmask, c0, E, t, lay: gl.constexpr):
+        """P[rows, c0 + j] = t[:, j] (rows masked, columns below E) from t's layout `lay`: 4-byte stores of the
+        accumulator layout's column pairs."""
+        cols = c0 + gl.arange(0, t.type.shape[1], layout=gl.SliceLayout(0, lay))
+        gl.store(P + rows.to(gl.int64)[:, None] * stride + cols[None, :], t, mask=rmask[:, None] & (cols < E)[None, :])
+
+    @gluon.jit
+    def _put(P, stride, rows, rmask, c0, E, t, slot, desc, r0, full, lay: gl.constexpr, TMA_OUT: gl.constexpr):
+        """P[rows, c0 + j] = t[:, j]: with TMA_OUT, where this warpgroup's rows all belong to the tile's expert
+        (`full`), by a TMA store from the shared-memory slot of h's rows (read already); else `_store_rows`."""
+        if TMA_OUT:
+            if full:
+                slot.store(t)
+                fence_async_shared()
+                tma.async_store(desc, [r0, c0], slot)
+            else:
+                _store_rows(P, stride, rows, rmask, c0, E, t, lay)
+        else:
+            _store_rows(P, stride, rows, rmask, c0, E, t, lay)
+
+    @gluon.jit
+    def _epilogue(acc, h_tile, rows, rmask, g, e, c0, E, OUT, stride_o, GA, stride_ga, DB, stride_db, dh_desc,
+                  ga_desc, r0, full, lay: gl.constexpr, ACT: gl.constexpr, STORE_GA: gl.constexpr,
+                  HAS_DB: gl.constexpr, TMA_OUT: gl.constexpr):
+        """One column tile's epilogue (kernels/up.py `_up_epilogue`'s backward without a gate), from the accumulator
+        da [HM, BC] in layout `lay` and h's rows in shared memory: dh and gate · a stored, db1's column sums added;
+        returns the tile's share of each row's gate gradient Σ_j da · a."""
+        BC: gl.constexpr = acc.type.shape[1]
+        dtype: gl.constexpr = OUT.dtype.element_ty
+        cols = c0 + gl.arange(0, BC, layout=gl.SliceLayout(0, lay))
+        cmask = cols < E
+        omask = rmask[:, None] & cmask[None, :]
+        h = h_tile.load(lay)  # (kept in h's dtype: the accumulator and a second [HM, BC] fp32 tile use up the
+        # registers that ptxas allots the whole kernel, mlp_gluon.MAX_REGS)
+        a = _act(h.to(gl.float32), ACT).to(dtype).to(gl.float32)  # rounded where a torch matmul + activation would
+        dg = gl.sum(acc * a, 1)
+        dh = (acc * g[:, None] * _act_grad(h.to(gl.float32), ACT)).to(dtype)
+        _put(OUT, stride_o, rows, rmask, c0, E, dh, h_tile, dh_desc, r0, full, lay, TMA_OUT)
+        if HAS_DB:
+            gl.atomic_add(DB + e.to(gl.int64) * stride_db + cols, gl.sum(gl.where(omask, dh.to(gl.float32), 0.0), 0),
+                          mask=cmask, sem="relaxed")
+        if STORE_GA:  # a again from h, after the accumulator's last use
+            a = _act(h.to(gl.float32), ACT).to(dtype).to(gl.float32)
+            if TMA_OUT:
+                tma.store_wait(0)  # dh's store has read the slot
+            _put(GA, stride_ga, rows, rmask, c0, E, (a * g[:, None]).to(dtype), h_tile, ga_desc, r0, full, lay,
+                 TMA_OUT)
+        return dg
+
+    @gluon.jit
+    def consumer(x_bufs, w_bufs, w_bufs2, h_buf, h_buf2, x_full, x_empty, w_full, w_empty, h_full, h_empty, w_desc,
+                 w_desc2, dh_desc, dh_desc2, ga_desc, ga_desc2, TILES, OFFS, ORDER, GATE, OUT, stride_o, GA, stride_ga,
+                 DGP, DB, stride_db, M, D, E, n_tiles, which: gl.constexpr, ACT: gl.constexpr,
+                 STORE_GA: gl.constexpr, HAS_DB: gl.constexpr, SPLIT: gl.constexpr, W_RC: gl.constexpr,
+                 BE: gl.constexpr, BE2: gl.constexpr, TMA_OUT: gl.constexpr):
+        HM: gl.constexpr = x_bufs.type.shape[1] // 2  # this warpgroup's rows of the tile
+        up_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BE, 16])
+        up_l2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BE2, 16])
+        row_l: gl.constexpr = gl.SliceLayout(1, up_l)
+        row_l2: gl.constexpr = gl.SliceLayout(1, up_l2)
+        kc = 0  # x ring steps taken
+        wc = 0  # weight ring tiles taken
+        j = 0   # live M-tiles taken (the h buffer's phase)
+        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            e = gl.load(TILES + 2 * t)
+            row0 = gl.load(TILES + 2 * t + 1)
+            if row0 < M:
+                acc, acc2, kc, wc = _up_gemm(x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w_desc,
+                                             w_desc2, D, kc, wc, which, up_l, up_l2, SPLIT, W_RC, BE, BE2)
+                r0 = row0 + which * HM
+                end = gl.load(OFFS + e + 1)
+                full = r0 + HM <= end
+                rows = r0 + gl.arange(0, HM, layout=row_l)
+                rmask = rows < end
+                pair = gl.load(ORDER + rows, mask=rmask, other=0)
+                g = gl.load(GATE + pair, mask=rmask, other=0.0).to(gl.float32)
+                mbarrier.wait(h_full.index(0), j & 1)
+                if SPLIT:  # the narrow tile first: fewer registers live beside the wide tile's accumulator
+                    dg2 = _epilogue(acc2, h_buf2.slice(which * HM, HM), gl.convert_layout(rows, row_l2),
+                                    gl.convert_layout(rmask, row_l2), gl.convert_layout(g, row_l2), e, BE, E, OUT,
+                                    stride_o, GA, stride_ga, DB, stride_db, dh_desc2, ga_desc2, r0, full, up_l2, ACT,
+                                    STORE_GA, HAS_DB, TMA_OUT)
+                dg = _epilogue(acc, h_buf.slice(which * HM, HM), rows, rmask, g, e, 0, E, OUT, stride_o, GA,
+                               stride_ga, DB, stride_db, dh_desc, ga_desc, r0, full, up_l, ACT, STORE_GA, HAS_DB,
+                               TMA_OUT)
+                if SPLIT:
+                    dg += gl.convert_layout(dg2, row_l)
+                if TMA_OUT:
+                    tma.store_wait(0)  # the stores have read h's slots before the loader refills them
+                mbarrier.arrive(h_empty.index(0), count=1)  # both consumers arrive: count 2
+                gl.store(DGP + pair, dg, mask=rmask)
+                j += 1
+
+    @gluon.jit
+    def up_bwd_ws_kernel(X, stride_x, w_desc, w_desc2, h_desc, h_desc2, dh_desc, dh_desc2, ga_desc, ga_desc2, TILES,
+                         OFFS, ORDER, TOK, GATE, OUT, stride_o,
+                         GA, stride_ga, DGP, DB, stride_db, FILL, fill_numel, fill_share, fill_chunk, M, D, E, n_tiles,
                          ACT: gl.constexpr, STORE_GA: gl.constexpr, HAS_DB: gl.constexpr, HAS_FILL: gl.constexpr,
-                         SPLIT: gl.constexpr, W_RC: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
-                         BE: gl.constexpr, BE2: gl.constexpr, TPC: gl.constexpr, RC: gl.constexpr,
-                         XS: gl.constexpr, WS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr,
-                         LREGS: gl.constexpr, EREGS: gl.constexpr, num_warps: gl.constexpr):
+                         SPLIT: gl.constexpr, W_RC: gl.constexpr, TMA_OUT: gl.constexpr,
+                         BM: gl.constexpr, BK: gl.constexpr,
+                         BE: gl.constexpr, BE2: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr, LW: gl.constexpr,
+                         CREGS: gl.constexpr, LREGS: gl.constexpr, W_LOADER_REGS: gl.constexpr,
+                         num_warps: gl.constexpr):
         dtype: gl.constexpr = w_desc.dtype
         x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty = _rings(w_desc, w_desc2, BM, BK, XS, WS, LW)
-        # da's M-tile, one box per E tile (the second at least 16 columns), in the layouts TMA would use
-        da_buf = gl.allocate_shared_memory(dtype, [BM, BE], gl.NVMMASharedLayout.get_default_for([BM, BE], dtype))
-        da_buf2 = gl.allocate_shared_memory(dtype, [BM, BE2], gl.NVMMASharedLayout.get_default_for([BM, BE2], dtype))
-        da_full = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-        da_empty = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(da_full.index(0), count=2)
-        mbarrier.init(da_empty.index(0), count=1)
+        h_buf = gl.allocate_shared_memory(dtype, h_desc.block_type.shape, h_desc.layout)
+        h_buf2 = gl.allocate_shared_memory(dtype, h_desc2.block_type.shape, h_desc2.layout)
+        h_full = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        h_empty = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(h_full.index(0), count=1)
+        mbarrier.init(h_empty.index(0), count=2)
         # the tuples inline: a constexpr bound to a name first would become a tensor (the partitions' flags must
         # stay compile-time constants)
         gl.warp_specialize([
-            (consumer, (x_bufs, w_bufs, w_bufs2, da_buf, da_buf2, x_full, x_empty, w_full, w_empty, da_full, da_empty,
-                        w_desc, w_desc2, TILES, M, D, n_tiles, 0, SPLIT, W_RC, BE, BE2)),
-            (consumer, (x_bufs, w_bufs, w_bufs2, da_buf, da_buf2, x_full, x_empty, w_full, w_empty, da_full, da_empty,
-                        w_desc, w_desc2, TILES, M, D, n_tiles, 1, SPLIT, W_RC, BE, BE2)),
-            (loader, (X, stride_x, w_desc, w_desc2, x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, TILES,
-                      OFFS, TOK, M, D, E, n_tiles, SPLIT, W_RC, BE, LW)),
-            (epilogue, (da_buf, da_buf2, da_full, da_empty, TILES, OFFS, ORDER, GATE, H, stride_h, OUT, stride_o, GA,
-                        stride_ga, DGP, DB, stride_db, FILL, fill_numel, fill_share, fill_chunk, M, E, n_tiles, ACT,
-                        STORE_GA, HAS_DB, HAS_FILL, SPLIT, BE, BE2, TPC, RC)),
-        ], [4, LW, 4], [CREGS, LREGS, EREGS])
+            (consumer, (x_bufs, w_bufs, w_bufs2, h_buf, h_buf2, x_full, x_empty, w_full, w_empty, h_full, h_empty,
+                        w_desc, w_desc2, dh_desc, dh_desc2, ga_desc, ga_desc2, TILES, OFFS, ORDER, GATE, OUT,
+                        stride_o, GA, stride_ga, DGP, DB, stride_db, M, D, E, n_tiles, 0, ACT, STORE_GA, HAS_DB, SPLIT,
+                        W_RC, BE, BE2, TMA_OUT)),
+            (consumer, (x_bufs, w_bufs, w_bufs2, h_buf, h_buf2, x_full, x_empty, w_full, w_empty, h_full, h_empty,
+                        w_desc, w_desc2, dh_desc, dh_desc2, ga_desc, ga_desc2, TILES, OFFS, ORDER, GATE, OUT,
+                        stride_o, GA, stride_ga, DGP, DB, stride_db, M, D, E, n_tiles, 1, ACT, STORE_GA, HAS_DB, SPLIT,
+                        W_RC, BE, BE2, TMA_OUT)),
+            (x_loader, (X, stride_x, x_bufs, x_full, x_empty, TILES, OFFS, TOK, M, D, n_tiles, LW)),
+            (w_loader, (w_desc, w_desc2, h_desc, h_desc2, w_bufs, w_bufs2, h_buf, h_buf2, w_full, w_empty, h_full,
+                        h_empty, TILES, M, D, E, n_tiles, FILL, fill_numel, fill_share, fill_chunk, SPLIT, W_RC,
+                        HAS_FILL, BE, BK)),
+        ], [4, LW, 1], [CREGS, LREGS, W_LOADER_REGS])
 
     return up_bwd_ws_kernel, descriptors
 
 
-def smem_bytes(BM: int, BK: int, be: int, be2: int, stages: int, w_stages: int, element_size: int = 2) -> int:
-    """Shared memory of one program: the x ring, the weight ring (slots of E x BK), the da tile (a second box of at
-    least 16 columns) and 4 kB for the epilogue's column sums and the barriers."""
-    return (stages * BM * BK + w_stages * (be + be2) * BK + BM * (be + max(be2, 16))) * element_size + 4 * 1024
+def smem_bytes(BM: int, BK: int, E: int, stages: int, w_stages: int, element_size: int = 2) -> int:
+    """Shared memory of one program: the fused forward's rings (`mlp_gluon.smem_bytes`) and one M-tile of h (with
+    at most 16 columns of an unused second box)."""
+    return mlp_gluon.smem_bytes(BM, BK, E, stages, w_stages, element_size) + BM * (E + 16) * element_size
 
 
 def serves(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, act: int, glu: bool, fill, BM: int, BK: int,
@@ -288,7 +293,7 @@ def serves(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, act: int, glu: b
         return False
     if not mlp_gluon.serves(dy, w2, w2, act, glu, BM, BK, BK, w_stages, stages, be, be2):
         return False
-    return smem_bytes(BM, BK, be, be2, stages, w_stages, dy.element_size()) <= down_gluon.SMEM_LIMIT \
+    return smem_bytes(BM, BK, w2.shape[1], stages, w_stages, dy.element_size()) <= down_gluon.SMEM_LIMIT \
         and _build_once() is not None
 
 
@@ -297,30 +302,34 @@ def _build_once():
 
 
 def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill, act: int, BM: int, BK: int,
-           w_stages: int, stages: int, be: int, be2: int):
+           w_stages: int, stages: int, be: int, be2: int, tma_stores: bool = False):
     """The kernel over `tiles` ([n, 2] int32 (expert, first row), first row M = empty) with persistent programs,
     one per SM: dh, ga (or None), the gate gradient's one row of partials dgp [1, M] (by pair), db1's fp32 sums db
-    (zeroed; or None) and `fill` (or None) zeroed. The caller checked `serves`."""
+    (zeroed; or None) and `fill` (or None) zeroed; dh and gate * a by TMA stores where a consumer's rows are all
+    its tile's expert's with `tma_stores` (`_put`). The caller checked `serves`."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
     kernel, descriptors = _build_once()
     N, E, D = w2.shape
     M = h.shape[0]
     w2d, rc, boxes = mlp_gluon._boxes(w2, (be, be2), BK)
     d, d2 = descriptors(w2d, boxes, dy.dtype)
+    hd, hd2 = descriptors(h, ([BM, be], [BM, max(be2, 16)]), dy.dtype)
+    # dh's and gate * a's TMA stores from h's slots: half a tile's rows per box, h's layouts
+    half = ([BM // 2, be], [BM // 2, max(be2, 16)])
+    ga_ = ga if ga is not None else dh
+    outs = [TensorDescriptor.from_tensor(t, b, d.layout) for t in (dh, ga_) for b, d in zip(half, (hd, hd2))]
     n_tiles = tiles.shape[0]
     grid = max(1, min(n_tiles, down_gluon._sms(dy.device)))
     numel = fill.numel() if fill is not None else 0
     # each program zeroes `share` elements (a multiple of the fill's block), `chunk` of them per M-tile
     share = triton.cdiv(triton.cdiv(numel, grid), FILL_BLOCK) * FILL_BLOCK
     chunk = triton.cdiv(triton.cdiv(share, max(1, triton.cdiv(M, BM) // grid)), FILL_BLOCK) * FILL_BLOCK
-    # the epilogue's threads along a row: 16 bytes each, no more than the narrower box holds; RC rows per step, at
-    # least one layout's worth
-    tpc = min(8, min(be, be2 or be) // 8)
-    ga_ = ga if ga is not None else dh
     db_ = db if db is not None else dgp
-    kernel[(grid,)](dy, dy.stride(0), d, d2, tiles, offsets, order, token, gate, h, h.stride(0), dh, dh.stride(0),
-                    ga_, ga_.stride(0), dgp, db_, db_.stride(0), fill if fill is not None else dh, numel, share, chunk,
-                    M, D, E, n_tiles, ACT=act, STORE_GA=ga is not None, HAS_DB=db is not None,
-                    HAS_FILL=fill is not None, SPLIT=be2 > 0, W_RC=rc, BM=BM, BK=BK, BE=be, BE2=max(be2, 16),
-                    TPC=tpc, RC=max(32, 128 // tpc), XS=stages, WS=w_stages, LW=mlp_gluon.LOADER_WARPS,
-                    CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, EREGS=EPILOGUE_REGS, num_warps=4,
-                    maxnreg=mlp_gluon.MAX_REGS)
+    kernel[(grid,)](dy, dy.stride(0), d, d2, hd, hd2, *outs, tiles, offsets, order, token, gate, dh, dh.stride(0), ga_,
+                    ga_.stride(0), dgp, db_, db_.stride(0), fill if fill is not None else dh, numel, share, chunk, M,
+                    D, E, n_tiles, ACT=act, STORE_GA=ga is not None, HAS_DB=db is not None, HAS_FILL=fill is not None,
+                    SPLIT=be2 > 0, W_RC=rc, TMA_OUT=tma_stores, BM=BM, BK=BK, BE=be, BE2=max(be2, 16),
+                    XS=stages, WS=w_stages,
+                    LW=mlp_gluon.LOADER_WARPS, CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, W_LOADER_REGS=W_LOADER_REGS,
+                    num_warps=4, maxnreg=mlp_gluon.MAX_REGS)
