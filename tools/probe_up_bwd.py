@@ -4,8 +4,8 @@ graphed, against kernels/up.py's default in the same process, with the kernel re
 removed: the dx zeros, the epilogue (no h read, nothing stored), or the dy gathers (their barriers arrive at once);
 and with its TMA stores (SSD_TRITON_UP_BWD_TMA_STORES=1). Before timing, the variants that keep every output are
 checked against kernels/up.py's outputs (relative norms of dh, the gate gradient, gate * a and db1; the dx zeros).
-The removed-part variants' results are wrong by design; only their times count (docs/kernels.md v27). The layer's
-A/B is tools/ab_layer.py's (`--arm "ws-tma=up_bwd=128,64,64,3,4,5+SSD_TRITON_UP_BWD_TMA_STORES=1"`).
+The removed-part variants' results are wrong by design; only their times count (docs/kernels.md v27, v28). The
+layer's A/B is tools/ab_layer.py's (`--arm auto= --arm "ptr=+SSD_TRITON_UP_BWD_TMA_STORES=0"`).
 
     python tools/probe_up_bwd.py [--config 128,64,64,3,4,5] [--rounds 2] [--out probe.json]   (Triton >= 3.9, sm_90)
 """

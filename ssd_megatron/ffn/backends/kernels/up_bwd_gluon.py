@@ -20,12 +20,14 @@ and share its parts:
   it writes a chunk of its program's share of the zeros the next launch (down for dx) adds into (`fill`);
 - two **consumer** warpgroups each take half of the tile's rows and share every W tile (`mlp_gluon`'s up GEMM, one
   reduction step of wgmma in flight), then run the epilogue from the accumulator's layout with h read from
-  shared memory. dh and gate · a leave by 4-byte stores of the accumulator's column pairs, or with
-  SSD_TRITON_UP_BWD_TMA_STORES=1 by TMA stores from h's slot (`_put`).
+  shared memory. dh and gate · a leave by TMA stores from h's slot once read (`_put`; rows past the tile's expert
+  by pointer stores), or with SSD_TRITON_UP_BWD_TMA_STORES=0 by 4-byte stores of the accumulator's column pairs.
 
-Opt-in (a forced config). On the H100 at base ReLU it took 144.5 µs against kernels/up.py's 142.3, the layer 0.671
-against 0.665 ms (docs/kernels.md v27): the reduction runs at the fused forward's pace, and the epilogue, which both
-consumers run at once on the same tile, leaves the tensor cores idle. The TMA stores are not timed yet.
+On the H100 at base ReLU it takes 123.8 µs against kernels/up.py's 144.3 (143.9 with pointer stores), the layer's
+fwd+bwd 0.650 against 0.660-0.666 ms (docs/kernels.md v28), so `auto` takes it for ReLU at base-like shapes under
+kernels/gluon_launches.py's rule (`_triton_kernels._auto_up_bwd_ws`). The epilogue, which both consumers run at
+once on the same tile, still leaves the tensor cores idle (75 µs without it); handing it to a warpgroup of its own
+(v28) did not win: the tiles it needs in shared memory leave too little for the rings.
 
 Serves activations without a gate, bf16/fp16, sm_90, E = BE + BE2 with BE <= 128 (192 = 128 + 64), D a multiple
 of BK, W2 as one 2-D matrix in either layout (`common.expert_matrix`), h one contiguous [M, E] matrix, and the
