@@ -72,7 +72,8 @@ def _check(rows, expect_launches, mma="64x"):
 
 def _gluon(kernel: str, module: str, otherwise: frozenset = frozenset()) -> set:
     """{kernel} where the installed Triton's Gluon builds kernels/`module`.py (`auto`'s base forward, also in
-    training for the first eager launch of a shape, and its base weight gradients), else `otherwise`."""
+    training for the first eager launch of a shape, its base weight gradients and ReLU's up_bwd), else
+    `otherwise`."""
     built = importlib.import_module(f"ssd_megatron.ffn.backends.kernels.{module}")._build_once() is not None
     return {kernel} if built else set(otherwise)
 
@@ -80,7 +81,8 @@ def _gluon(kernel: str, module: str, otherwise: frozenset = frozenset()) -> set:
 def test_relu_launches_and_variants_compile_for_sm90():
     kernels = _check(_report("--activations", "relu", "--variants", "one"), LAUNCHES)
     assert kernels == ({"_up_kernel", "_down_kernel", "_down_tma_kernel", "_wgrad_kernel", "_mlp_kernel"}
-                       | _gluon("wgrad_ws_kernel", "wgrad_gluon") | _gluon("mlp_ws_kernel", "mlp_gluon"))
+                       | _gluon("wgrad_ws_kernel", "wgrad_gluon") | _gluon("mlp_ws_kernel", "mlp_gluon")
+                       | _gluon("up_bwd_ws_kernel", "up_bwd_gluon"))
 
 
 def test_wide_programs_compile_for_sm90():
