@@ -142,10 +142,8 @@ def test_ws_up_bwd_auto_under_capture(monkeypatch):
     eager launch of its own key."""
     K, _, calls, state = auto_stand_in(monkeypatch, "up_bwd_gluon", "_up_kernel")
 
-    def backward(capturing, act="relu", T=None):
-        dy, w2, h, gate, plan, fill = _backward_case(act, 192, torch.bfloat16)
-        if T is not None:
-            dy, w2, h, gate, plan, fill = _backward_case(act, 192, torch.bfloat16, D=256)
+    def backward(capturing, act="relu", D=128):
+        dy, w2, h, gate, plan, fill = _backward_case(act, 192, torch.bfloat16, D=D)
         state["capturing"] = capturing
         calls.clear()
         K.up_backward(dy, w2, h, gate, plan, act, True, True, fill=fill, partials=True)
@@ -158,7 +156,7 @@ def test_ws_up_bwd_auto_under_capture(monkeypatch):
     assert backward(False) == ws                  # the first eager launch loads the Gluon kernel
     assert backward(False)[0] == "triton"         # later eager launches: less host time per launch
     assert backward(True) == ws                   # captured: the loaded kernel
-    assert backward(True, T=1)[0] == "triton"     # another launch key (D = 256), never launched eagerly
+    assert backward(True, D=256)[0] == "triton"   # another launch key, never launched eagerly
     assert backward(False, act="gelu")[0] == "triton"  # GELU: not taken
     monkeypatch.setenv("SSD_TRITON_UP_BWD_TMA_STORES", "0")
     assert backward(True)[0] == "triton"          # the switch is part of the keys: this one never ran eagerly
