@@ -1,7 +1,10 @@
 """A/B of the `triton` backend's tile configs and M-tile orders in the whole sparse layer (graphed, as `ssd-bench ffn`
 times it): each arm forces configs in SSD_TRITON_CONFIG's syntax and, optionally, a tile order; the arms alternate
-for --rounds rounds in one process, each round also timing the graphed dense layer, against which that round's ratios
-are taken (a dense time taken once had drifted by up to 8% between runs, session 29). Per-launch sweeps no longer
+for --rounds rounds in one process, each round also timing the graphed dense layer first, against which that round's
+ratios are taken (a dense time taken once had drifted by up to 8% between runs, session 29). Each round starts one arm
+later than the round before (--arm-order rotate, the default): from session 30 on the arm timed first, right after the
+dense layer, had an inference forward 3-6% slower than the same code in the next arm in every round but the first
+(docs/kernels.md v28), so a fixed order would charge that to the first arm; --arm-order fixed keeps the given order. Per-launch sweeps no longer
 predict the layer to within 5% (docs/kernels.md v15), so candidate defaults are timed this way before they are
 adopted.
 
@@ -54,6 +57,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--iters", type=int, default=0, help="graph replays per timing (default: 60 base, 20 8B)")
     ap.add_argument("--forward-only", action="store_true", help="time the inference forward only")
+    ap.add_argument("--arm-order", choices=("rotate", "fixed"), default="rotate",
+                    help="rotate: each round starts one arm later (default); fixed: the given order every round")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     arms = [parse_arm(a) for a in args.arm]
@@ -73,6 +78,7 @@ def main() -> int:
     print(f"{args.shape} {args.activation} (triton {triton.__version__}, {gpu})", flush=True)
     res = {"gpu": gpu, "date": str(datetime.date.today()), "torch": torch.__version__,
            "triton": triton.__version__, "shape": args.shape, "activation": args.activation, "tokens": args.tokens,
+           "arm_order": args.arm_order,
            "dense_rounds": [], "arms": {name: {"configs": {k: list(v) for k, v in cfg.items()}, "order": order,
                                                "env": env, "rounds": []} for name, cfg, order, env in arms}}
     touched = {"SSD_TRITON_TILE_ORDER"} | {k for *_, env in arms for k in env}
@@ -83,7 +89,7 @@ def main() -> int:
             res["dense_rounds"].append(dense)
             res.setdefault("dense", dense)  # (the first round's: the key earlier results carry)
             print(f"round {r} {'dense':12s} " + "  ".join(f"{k} {v:.4f} ms" for k, v in dense.items()), flush=True)
-            for name, cfg, order, env in arms:
+            for name, cfg, order, env in round_order(arms, r, args.arm_order):
                 K.force_config(**cfg)
                 _set_env(saved, dict(env, SSD_TRITON_TILE_ORDER=order or "auto"))
                 t = timed(sparse)
@@ -97,6 +103,12 @@ def main() -> int:
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)
     return 0
+
+
+def round_order(arms: list, r: int, how: str) -> list:
+    """The arms in round r's order: rotated by r places ("rotate"), else as given ("fixed")."""
+    k = r % len(arms) if how == "rotate" else 0
+    return arms[k:] + arms[:k]
 
 
 def _set_env(saved: dict, values: dict) -> None:

@@ -81,7 +81,8 @@ def test_bench_kernels_configs_option():
 
 
 def test_ab_layer_arms():
-    """tools/ab_layer.py's arms: configs, a tile order and SSD_* variables, each part optional."""
+    """tools/ab_layer.py's arms: configs, a tile order and SSD_* variables, each part optional; their order per
+    round."""
     import os
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
@@ -93,6 +94,11 @@ def test_ab_layer_arms():
     for bad in ("=mlp=128,64,64,8,3", "tune=+TUNE=1", "tune=+SSD_TRITON_TUNE="):
         with pytest.raises(SystemExit, match="expected NAME=CONFIGS"):
             ab_layer.parse_arm(bad)
+    # each round starts one arm later, so that no arm is always the one timed right after the dense layer
+    arms = ["a", "b", "c"]
+    assert [ab_layer.round_order(arms, r, "rotate") for r in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert ab_layer.round_order(arms, 2, "fixed") == arms
 
 
 def test_bad_env_config_fails_when_the_backend_is_built(monkeypatch):
