@@ -26,8 +26,8 @@ and share its parts:
 On the H100 at base ReLU it takes 123.8 µs against kernels/up.py's 144.3 (143.9 with pointer stores), the layer's
 fwd+bwd 0.650 against 0.660-0.666 ms (docs/kernels.md v28), so `auto` takes it for ReLU at base-like shapes under
 kernels/gluon_launches.py's rule (`_triton_kernels._auto_up_bwd_ws`). The epilogue, which both consumers run at
-once on the same tile, still leaves the tensor cores idle (75 µs without it); handing it to a warpgroup of its own
-(v28) did not win: the tiles it needs in shared memory leave too little for the rings.
+once on the same tile, still leaves the tensor cores idle (75 µs without it); up_bwd variant 6
+(kernels/up_bwd_epilogue_gluon.py, opt-in, untimed) hands it to a warpgroup of its own.
 
 Serves activations without a gate, bf16/fp16, sm_90, E = BE + BE2 with BE <= 128 (192 = 128 + 64), D a multiple
 of BK, W2 as one 2-D matrix in either layout (`common.expert_matrix`), h one contiguous [M, E] matrix, and the
@@ -43,6 +43,8 @@ launcher's choice are tested (tests/backends/test_up_bwd_gluon.py); tests/backen
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import triton
 
@@ -51,7 +53,7 @@ from . import down_gluon, mlp_gluon
 # registers per thread: as the fused forward's (mlp_gluon), but 32 for the weight loader's warp, which also fills
 # (2 x 128 x 224 + 128 x 40 + 32 x 32 <= 64 K)
 CONSUMER_REGS, LOADER_REGS, W_LOADER_REGS = mlp_gluon.CONSUMER_REGS, mlp_gluon.LOADER_REGS, 32
-FILL_BLOCK = 256  # elements per store of the fill (one warp, 16 bytes per thread)
+FILL_BLOCK = 256  # elements per store of the fill and warp (16 bytes per thread)
 _STATE: dict = {"build": None}
 
 
@@ -67,31 +69,15 @@ def _build():
     if forward is None:
         raise ImportError("the WS fused forward's parts, which this kernel shares, do not build here")
     _, descriptors, parts = forward
-    x_loader, _w_load, _up_gemm, _act, _rings = (parts.x_loader, parts.w_load, parts.up_gemm, parts.act,
-                                                 parts.rings)
+    x_loader, _w_load, _up_gemm, _act, _act_grad, _rings = (parts.x_loader, parts.w_load, parts.up_gemm, parts.act,
+                                                            parts.act_grad, parts.rings)
 
     @gluon.jit
-    def _act_grad(v, ACT: gl.constexpr):
-        """act'(v) in fp32 (kernels/common.py `_act_grad` for mlp_gluon.ACTS)."""
-        if ACT == 0:
-            out = gl.where(v > 0.0, 1.0, 0.0)
-        elif ACT == 1:
-            cdf = 0.5 * (1.0 + gl.erf(v * 0.7071067811865476))
-            out = cdf + v * gl.exp(-0.5 * v * v) * 0.3989422804014327
-        elif ACT == 2:
-            out = 2.0 * gl.maximum(v, 0.0)
-        else:  # 4: tanh-approximate GELU, tanh(u) = 2 sigmoid(2u) - 1
-            u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
-            t = 2.0 / (1.0 + gl.exp(-2.0 * u)) - 1.0
-            out = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * v * v)
-        return out
-
-    @gluon.jit
-    def _zeros(FILL, lo, hi):
-        """FILL[lo:hi] = 0 from one warp, 16 bytes per thread and store (FILL_BLOCK elements)."""
-        BLOCK: gl.constexpr = 256
-        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[BLOCK // 32], threads_per_warp=[32],
-                                                warps_per_cta=[1], order=[0])
+    def _zeros(FILL, lo, hi, WARPS: gl.constexpr):
+        """FILL[lo:hi] = 0 from WARPS warps, 16 bytes per thread and store (WARPS * FILL_BLOCK elements)."""
+        BLOCK: gl.constexpr = 256 * WARPS
+        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[WARPS],
+                                                order=[0])
         offs = gl.arange(0, BLOCK, layout=layout)
         zero = gl.zeros((BLOCK, ), dtype=FILL.dtype.element_ty, layout=layout)
         for i in range(lo, hi, BLOCK):
@@ -131,7 +117,7 @@ def _build():
                             nxt = done + fill_chunk
                             if nxt > hi:
                                 nxt = hi
-                            _zeros(FILL, done, nxt)
+                            _zeros(FILL, done, nxt, 1)
                             done = nxt
                         mbarrier.wait(h_empty.index(0), (j & 1) ^ 1)
                         mbarrier.expect(h_full.index(0), h_bytes)
@@ -141,7 +127,7 @@ def _build():
                     i += 1
                 j += 1
         if HAS_FILL:
-            _zeros(FILL, done, hi)
+            _zeros(FILL, done, hi, 1)
 
     @gluon.jit
     def _store_rows(P, stride, rows, rmask, c0, E, t, lay: gl.constexpr):
@@ -273,7 +259,8 @@ def _build():
                         HAS_FILL, BE, BK)),
         ], [4, LW, 1], [CREGS, LREGS, W_LOADER_REGS])
 
-    return up_bwd_ws_kernel, descriptors
+    # the parts kernels/up_bwd_epilogue_gluon.py's kernel shares
+    return up_bwd_ws_kernel, descriptors, types.SimpleNamespace(zeros=_zeros)
 
 
 def smem_bytes(BM: int, BK: int, E: int, stages: int, w_stages: int, element_size: int = 2) -> int:
@@ -283,24 +270,32 @@ def smem_bytes(BM: int, BK: int, E: int, stages: int, w_stages: int, element_siz
 
 
 def serves(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, act: int, glu: bool, fill, BM: int, BK: int,
-           w_stages: int, stages: int, be: int, be2: int) -> bool:
+           w_stages: int, stages: int, be: int, be2: int, smem: bool = True) -> bool:
     """Whether this kernel takes dy [T, D], W2 [N, E, D] and h [M, E] with this tile: the fused forward's conditions
     on the gathered operand, the weights, the activation and the tile (`mlp_gluon.serves` with W2 in W1's place),
     h one contiguous [M, E] matrix with 16-byte aligned rows, and `fill` (the zeros' target, or None) contiguous,
-    16-byte aligned and under 2^31 elements; the buffers within shared memory."""
+    16-byte aligned and under 2^31 elements; with `smem`, this kernel's buffers within shared memory (variant 6,
+    kernels/up_bwd_epilogue_gluon.py, checks its own)."""
     M = h.shape[0]
     if M == 0 or h.dtype != dy.dtype or h.stride() != (w2.shape[1], 1) or h.data_ptr() % 16:
         return False
     if fill is not None and (not fill.is_contiguous() or fill.data_ptr() % 16 or fill.numel() >= 2 ** 31):
         return False
-    if not mlp_gluon.serves(dy, w2, w2, act, glu, BM, BK, BK, w_stages, stages, be, be2):
+    if not mlp_gluon.serves(dy, w2, w2, act, glu, BM, BK, BK, w_stages, stages, be, be2, smem=smem):
         return False
-    return smem_bytes(BM, BK, w2.shape[1], stages, w_stages, dy.element_size()) <= down_gluon.SMEM_LIMIT \
-        and _build_once() is not None
+    return not smem or (smem_bytes(BM, BK, w2.shape[1], stages, w_stages, dy.element_size()) <= down_gluon.SMEM_LIMIT
+                        and _build_once() is not None)
 
 
 def _build_once():
     return down_gluon.built_once(_STATE, _build)
+
+
+def fill_shares(numel: int, grid: int, M: int, BM: int, block: int):
+    """(share, chunk): each of `grid` programs zeroes `share` elements of the fill's `numel` (a multiple of the fill's
+    `block`, so that every share starts 16-byte aligned), `chunk` of them after each of its M-tiles."""
+    share = triton.cdiv(triton.cdiv(numel, grid), block) * block
+    return share, triton.cdiv(triton.cdiv(share, max(1, triton.cdiv(M, BM) // grid)), block) * block
 
 
 def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill, act: int, BM: int, BK: int,
@@ -311,7 +306,7 @@ def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill,
     its tile's expert's with `tma_stores` (`_put`). The caller checked `serves`."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    kernel, descriptors = _build_once()
+    kernel, descriptors, _ = _build_once()
     N, E, D = w2.shape
     M = h.shape[0]
     w2d, rc, boxes = mlp_gluon._boxes(w2, (be, be2), BK)
@@ -324,9 +319,7 @@ def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill,
     n_tiles = tiles.shape[0]
     grid = max(1, min(n_tiles, down_gluon._sms(dy.device)))
     numel = fill.numel() if fill is not None else 0
-    # each program zeroes `share` elements (a multiple of the fill's block), `chunk` of them per M-tile
-    share = triton.cdiv(triton.cdiv(numel, grid), FILL_BLOCK) * FILL_BLOCK
-    chunk = triton.cdiv(triton.cdiv(share, max(1, triton.cdiv(M, BM) // grid)), FILL_BLOCK) * FILL_BLOCK
+    share, chunk = fill_shares(numel, grid, M, BM, FILL_BLOCK)
     db_ = db if db is not None else dgp
     kernel[(grid,)](dy, dy.stride(0), d, d2, hd, hd2, *outs, tiles, offsets, order, token, gate, dh, dh.stride(0), ga_,
                     ga_.stride(0), dgp, db_, db_.stride(0), fill if fill is not None else dh, numel, share, chunk, M,
