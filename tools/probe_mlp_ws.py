@@ -51,6 +51,13 @@ def load_variant(module, subs, tag: str):
     return mod
 
 
+def write_out(path: str, res: dict) -> None:
+    """A probe's results as JSON at `path` (--out; nothing when empty)."""
+    if path:
+        with open(path, "w") as fh:
+            json.dump(res, fh, indent=1)
+
+
 def probe_args(doc: str, kind: str, config: str):
     """(arguments, the forced config of `kind`) of a probe tool whose docstring is `doc`: --config (SSD_TRITON_CONFIG's
     values for `kind`, default `config`), --rounds, --out."""
@@ -98,9 +105,7 @@ def main() -> int:
     finally:
         K.force_config()
         mlp_gluon._STATE["build"] = None
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+    write_out(args.out, res)
     return 0
 
 

@@ -11,7 +11,6 @@ layer's A/B is tools/ab_layer.py's (`--arm auto= --arm "ptr=+SSD_TRITON_UP_BWD_T
     python tools/probe_up_bwd.py [--config 128,64,64,3,4,5] [--rounds 2] [--out probe.json]   (Triton >= 3.9, sm_90)
 """
 import datetime
-import json
 import os
 import sys
 
@@ -20,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from probe_mlp_ws import load_variant, probe_args  # noqa: E402
+from probe_mlp_ws import load_variant, probe_args, write_out  # noqa: E402
 
 from ssd_megatron.ffn.backends.kernels import mlp_gluon, up_bwd_gluon  # noqa: E402
 
@@ -132,9 +131,7 @@ def main() -> int:
     finally:
         arm(None)
         os.environ.pop("SSD_TRITON_UP_BWD_TMA_STORES", None)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+    write_out(args.out, res)
     return 0
 
 

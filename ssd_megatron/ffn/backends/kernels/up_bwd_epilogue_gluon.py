@@ -25,8 +25,8 @@ Rounding da to bf16 before the epilogue is the cost: relative differences ≈ 3e
 kernels/up.py (the earlier forms', measured), where variant 5 matches it to 1e-7 (kernels/up.py's two-pass up_bwd,
 the 8B default, rounds da the same way). Opt-in, `SSD_TRITON_CONFIG="up_bwd=128,64,64,3,4,6"`; not yet timed.
 
-Serves what variant 5 serves (`up_bwd_gluon.serves`, with this kernel's shared memory); `_triton_kernels.up_backward`
-takes kernels/up.py elsewhere. Needs Triton >= 3.9. Gluon has no interpreter: on CPU the offline compile for sm_90
+Serves what variant 5 serves (`up_bwd_gluon.operands_served`, with this kernel's shared memory);
+`_triton_kernels.up_backward` takes kernels/up.py elsewhere. Needs Triton >= 3.9. Gluon has no interpreter: on CPU the offline compile for sm_90
 and the launcher's choice are tested (tests/backends/test_up_bwd_gluon.py); tests/backends/test_backends_gpu.py
 (`up_bwd_ws`) checks the results on the GPU.
 """
@@ -293,12 +293,11 @@ def smem_bytes(BM: int, BK: int, be: int, be2: int, stages: int, w_stages: int, 
 
 def serves(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, act: int, glu: bool, fill, BM: int, BK: int,
            w_stages: int, stages: int, be: int, be2: int) -> bool:
-    """Whether this kernel takes these operands with this tile: variant 5's conditions (`up_bwd_gluon.serves`) with
-    this kernel's buffers within shared memory, and a Triton whose Gluon builds it."""
-    if not up_bwd_gluon.serves(dy, w2, h, act, glu, fill, BM, BK, w_stages, stages, be, be2, smem=False):
-        return False
-    return smem_bytes(BM, BK, be, be2, stages, w_stages, dy.element_size()) <= down_gluon.SMEM_LIMIT \
-        and _build_once() is not None
+    """Whether this kernel takes these operands with this tile: variant 5's conditions on them
+    (`up_bwd_gluon.operands_served`), this kernel's buffers within shared memory, and a Triton whose Gluon builds it."""
+    return (up_bwd_gluon.operands_served(dy, w2, h, act, glu, fill, BM, BK, w_stages, stages, be, be2)
+            and smem_bytes(BM, BK, be, be2, stages, w_stages, dy.element_size()) <= down_gluon.SMEM_LIMIT
+            and _build_once() is not None)
 
 
 def _build_once():

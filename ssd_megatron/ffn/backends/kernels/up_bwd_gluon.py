@@ -269,22 +269,27 @@ def smem_bytes(BM: int, BK: int, E: int, stages: int, w_stages: int, element_siz
     return mlp_gluon.smem_bytes(BM, BK, E, stages, w_stages, element_size) + BM * (E + 16) * element_size
 
 
-def serves(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, act: int, glu: bool, fill, BM: int, BK: int,
-           w_stages: int, stages: int, be: int, be2: int, smem: bool = True) -> bool:
-    """Whether this kernel takes dy [T, D], W2 [N, E, D] and h [M, E] with this tile: the fused forward's conditions
-    on the gathered operand, the weights, the activation and the tile (`mlp_gluon.serves` with W2 in W1's place),
-    h one contiguous [M, E] matrix with 16-byte aligned rows, and `fill` (the zeros' target, or None) contiguous,
-    16-byte aligned and under 2^31 elements; with `smem`, this kernel's buffers within shared memory (variant 6,
-    kernels/up_bwd_epilogue_gluon.py, checks its own)."""
+def operands_served(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, act: int, glu: bool, fill, BM: int, BK: int,
+                    w_stages: int, stages: int, be: int, be2: int) -> bool:
+    """The up_bwd kernels' conditions on dy [T, D], W2 [N, E, D], h [M, E] and the tile, without their shared memory:
+    the fused forward's on the gathered operand, the weights, the activation and the tile (`mlp_gluon.serves` with W2
+    in W1's place), h one contiguous [M, E] matrix with 16-byte aligned rows, and `fill` (the zeros' target, or None)
+    contiguous, 16-byte aligned and under 2^31 elements."""
     M = h.shape[0]
     if M == 0 or h.dtype != dy.dtype or h.stride() != (w2.shape[1], 1) or h.data_ptr() % 16:
         return False
     if fill is not None and (not fill.is_contiguous() or fill.data_ptr() % 16 or fill.numel() >= 2 ** 31):
         return False
-    if not mlp_gluon.serves(dy, w2, w2, act, glu, BM, BK, BK, w_stages, stages, be, be2, smem=smem):
-        return False
-    return not smem or (smem_bytes(BM, BK, w2.shape[1], stages, w_stages, dy.element_size()) <= down_gluon.SMEM_LIMIT
-                        and _build_once() is not None)
+    return mlp_gluon.serves(dy, w2, w2, act, glu, BM, BK, BK, w_stages, stages, be, be2, smem=False)
+
+
+def serves(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, act: int, glu: bool, fill, BM: int, BK: int,
+           w_stages: int, stages: int, be: int, be2: int) -> bool:
+    """Whether this kernel takes these operands with this tile: `operands_served`, its buffers within shared memory,
+    and a Triton whose Gluon builds it."""
+    return (operands_served(dy, w2, h, act, glu, fill, BM, BK, w_stages, stages, be, be2)
+            and smem_bytes(BM, BK, w2.shape[1], stages, w_stages, dy.element_size()) <= down_gluon.SMEM_LIMIT
+            and _build_once() is not None)
 
 
 def _build_once():
