@@ -18,7 +18,7 @@ builder and clipping, whole-model torch.compile, and its logits' loss as HF comp
 as two linears and a ReLU, inductor's kernels between the GEMMs), `no-mask-gemm` (ReLU's derivative as a
 pass after a cuBLAS dh GEMM instead of in the masked GEMM's epilogue), `triton-mask-gemm` (the masked GEMM
 as the Triton TMA kernel instead of the Gluon ping-pong one on Hopper), `cudagraph-blocks` (blocks compiled
-with mode reduce-overhead: CUDA graphs), `sync-clip` (clip_grad_norm_ and a host read of the
+with mode reduce-overhead: CUDA graphs per block; also timed for `--phase sparse`), `sync-clip` (clip_grad_norm_ and a host read of the
 norm before the optimizer step, instead of the fused AdamW's grad_scale / found_inf), `sync-step`
 (host clock with a synchronisation around every step, instead of the loop's GPU-clock step-end events
 without syncs), `fp32-residual` (model.fp32_residual_connection: the residual stream in fp32 under
@@ -119,7 +119,7 @@ def _hf_loss(logits, labels):
 # those that also run for the sparse phase (the others change dense-only code), and all of them.
 SPARSE_ONLY = ("no-router-fold", "router-fold-rows", "no-master-weights", "output-fold", "no-output-fold",
                "fused-forward", "no-fused-forward")
-PHASE_VARIANTS = ("loop", "cuda-graph") + SPARSE_ONLY
+PHASE_VARIANTS = ("loop", "cuda-graph", "cudagraph-blocks") + SPARSE_ONLY
 VARIANTS = ("loop", "unfused-loss", "no-qkv-fuse", "no-fused-relu", "no-mask-gemm", "triton-mask-gemm", "sync-clip",
             "sync-step", "fp32-residual", "whole-compile", "max-autotune", "cudagraph-blocks", "cudnn-attn", "flash-attn",
             "cuda-graph", "torch-adamw", "ce-big-chunks") + SPARSE_ONLY
