@@ -2,8 +2,7 @@
 base shape (16 384 tokens, D 768, 32 experts, K 6, E 192, ReLU, W2 as W_out's column view, the dx zeros written),
 graphed, against kernels/up.py's default in the same process, with the kernel rebuilt with parts of its work
 removed: the dx zeros, the epilogue (no h read, nothing stored), or the dy gathers (their barriers arrive at once);
-and with its TMA stores (SSD_TRITON_UP_BWD_TMA_STORES=1); and up_bwd variant 6 (its epilogue in a warpgroup of its
-own, kernels/up_bwd_epilogue_gluon.py) at the same tile. Before timing, the variants that keep every output are
+and with its TMA stores (SSD_TRITON_UP_BWD_TMA_STORES=1). Before timing, the variants that keep every output are
 checked against kernels/up.py's outputs (relative norms of dh, the gate gradient, gate * a and db1; the dx zeros).
 The removed-part variants' results are wrong by design; only their times count (docs/kernels.md v27, v28). The
 layer's A/B is tools/ab_layer.py's (`--arm auto= --arm "ptr=+SSD_TRITON_UP_BWD_TMA_STORES=0"`).
@@ -29,8 +28,7 @@ NO_FILL = ("HAS_FILL=fill is not None", "HAS_FILL=False")
 # name -> (mlp_gluon's substitutions (its dy gathers), up_bwd_gluon's, SSD_TRITON_UP_BWD_TMA_STORES)
 PROBES = {"whole": ([], [], "0"), "tma-stores": ([], [], "1"), "no-fill": ([], [NO_FILL], "0"),
           "no-epilogue": ([], [EPILOGUE], "0"), "no-gathers": ([GATHERS], [], "0")}
-EPI_ARM = "epilogue-warpgroup"  # up_bwd variant 6 (kernels/up_bwd_epilogue_gluon.py) at the config's tile, as built
-CHECKED = ("whole", "tma-stores", EPI_ARM)  # the variants that keep every output
+CHECKED = ("whole", "tma-stores")  # the variants that keep every output
 
 
 def substitutions(subs, src: str):
@@ -74,14 +72,13 @@ def main() -> int:
         variants[name] = (mlp_gluon._STATE["build"], mod._build(), mod.launch, stores)
 
     def arm(name):
-        """Force the WS up_bwd with variant `name`'s kernels (None: kernels/up.py's default tile; EPI_ARM: variant 6,
-        built from the real parts)."""
-        mlp_build, build, launch, stores = real + ("1",) if name in (None, EPI_ARM) else variants[name]
+        """Force the WS up_bwd with variant `name`'s kernels (None: kernels/up.py's default tile, which `auto` would
+        not take at this shape)."""
+        mlp_build, build, launch, stores = real + ("0",) if name is None else variants[name]
         mlp_gluon._STATE["build"], up_bwd_gluon._STATE["build"], up_bwd_gluon.launch = mlp_build, build, launch
         sys.modules[launch.__module__]._STATE["build"] = build
         os.environ["SSD_TRITON_UP_BWD_TMA_STORES"] = stores
-        tile = {None: K._default("up_bwd", (D, E, str(dy.dtype))), EPI_ARM: cfg[:5] + (K.WS_EPI, )}
-        K.force_config(up_bwd=tile.get(name, cfg))
+        K.force_config(up_bwd=K._default("up_bwd", (D, E, str(dy.dtype))) if name is None else cfg)
 
     def timed(reps=10):
         """Median µs per call over graph replays of `reps` calls (after an eager call, which loads the modules)."""
@@ -123,7 +120,7 @@ def main() -> int:
             print(f"check {name:12s} {res['checks'][name]}", flush=True)
         for _ in range(args.rounds):
             row = {}
-            for name in (None, *PROBES, EPI_ARM):
+            for name in (None, *PROBES):
                 arm(name)
                 row[name or "kernels/up.py"] = timed()
             res["rounds"].append(row)

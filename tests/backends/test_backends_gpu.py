@@ -231,13 +231,10 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
 # experts with no tokens, M not a multiple of the 128-row tile, one token, K = 1, the activations without a gate,
 # no bias (no db1 sums), W2 as W_out's column view and contiguous, the dx zeros written by the kernel (atomic
 # combines) or none (the buffer combine); rings of (W2, dy) slots 3 + 4 and 2 + 2; dh and gate * a by TMA stores
-# (SSD_TRITON_UP_BWD_TMA_STORES=1, the default) or pointer stores ("-ptr"); variant 6 ("epi-": an epilogue warpgroup,
-# kernels/up_bwd_epilogue_gluon.py) at 3 + 4 slots and at BK 128, and its narrowest epilogue layout (E = 64 + 16)
+# (SSD_TRITON_UP_BWD_TMA_STORES=1, the default) or pointer stores ("-ptr")
 UP_BWD_WS_TILES = {"3w-4x": (128, 64, 64, 3, 4, 5), "3w-4x-ptr": (128, 64, 64, 3, 4, 5),
-                   "2w-2x-bk128": (128, 128, 128, 2, 2, 5), "epi-3w-4x": (128, 64, 64, 3, 4, 6),
-                   "epi-2w-2x-bk128": (128, 128, 128, 2, 2, 6)}
-UP_BWD_WS_CASES = MLP_WS_CASES + [dict(activation="relu", T=257, D=128, E=192, N=8, K=1, routing="skewed"),
-                                  dict(activation="relu", T=200, D=128, E=80, N=8, K=2, routing="skewed")]
+                   "2w-2x-bk128": (128, 128, 128, 2, 2, 5)}
+UP_BWD_WS_CASES = MLP_WS_CASES + [dict(activation="relu", T=257, D=128, E=192, N=8, K=1, routing="skewed")]
 UP_BWD_WS_IDS = [f"{c['activation']}-T{c['T']}-D{c['D']}-E{c['E']}-N{c['N']}K{c['K']}-{c.get('routing', 'random')}"
                  f"{'' if c.get('bias', True) else '-nobias'}" for c in UP_BWD_WS_CASES]
 
@@ -247,30 +244,29 @@ UP_BWD_WS_IDS = [f"{c['activation']}-T{c['T']}-D{c['D']}-E{c['E']}-N{c['N']}K{c[
 @pytest.mark.parametrize("combine", ["atomic16", "buffer"])
 @pytest.mark.parametrize("case", UP_BWD_WS_CASES, ids=UP_BWD_WS_IDS)
 def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
-    """The warp-specialised Gluon up_bwd (variants 5 and 6) against the reference, forward and every grad, at each
-    tile, store kind, combine and W2 layout; each backward is checked to have taken it (not kernels/up.py), with the dx
+    """The warp-specialised Gluon up_bwd (variant 5) against the reference, forward and every grad, at each tile,
+    store kind, combine and W2 layout; each backward is checked to have taken it (not kernels/up.py), with the dx
     zeros for the atomic combine."""
     cfg = UP_BWD_WS_TILES[tile]
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
     from ssd_megatron.ffn.backends import _triton_kernels as kernels
-    from ssd_megatron.ffn.backends.kernels import up_bwd_epilogue_gluon, up_bwd_gluon
+    from ssd_megatron.ffn.backends.kernels import up_bwd_gluon
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    module = up_bwd_epilogue_gluon if cfg[5] == kernels.WS_EPI else up_bwd_gluon
-    if module._build_once() is None or not up_bwd_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
-        pytest.skip("the WS up_bwd does not serve here (needs sm_90 and Triton >= 3.9's Gluon): variants 5 and 6 "
-                    "fall back to kernels/up.py")
+    if up_bwd_gluon._build_once() is None or not up_bwd_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
+        pytest.skip("the WS up_bwd does not serve here (needs sm_90 and Triton >= 3.9's Gluon): variant 5 falls "
+                    "back to kernels/up.py")
     if cfg[2] > case["D"] or case["D"] % cfg[2] or case["E"] > 192 or (cfg[2] == 128 and case["E"] > 128):
         pytest.skip("variant 5 falls back to kernels/up.py here: D not a multiple of BK, a first E tile wider than "
                     "128 (8B's 256), or buffers beyond shared memory")
     launches = []
-    real = module.launch
+    real = up_bwd_gluon.launch
 
     def counted(*args, **kwargs):
         launches.append((args[9] is not None, args[11] is not None, args[12] is not None))  # (ga, db, fill)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "launch", counted)
+    monkeypatch.setattr(up_bwd_gluon, "launch", counted)
     monkeypatch.setenv("SSD_TRITON_UP_BWD_TMA_STORES", "0" if tile.endswith("ptr") else "1")
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
     if w2 == "column-view":

@@ -18,19 +18,14 @@ except ImportError:  # run as a script: the compile subprocess
     from test_mlp_gluon import _case
 
 WS = (128, 64, 64, 3, 4, 5)  # BM, BN (unused), BK, the W2 ring's depth, the dy ring's, variant 5
-EPI = WS[:5] + (6, )  # variant 6: an epilogue warpgroup (kernels/up_bwd_epilogue_gluon.py)
 # name -> (activation, E, dtype, W2 as W_out's column view, the dx zeros, gate * a stored, db1 summed): base's
 # training backward (E = 128 + 64, the layer's column view, every output), gelu without the dx zeros or gate * a,
-# fp16 with tanh-GELU and contiguous W2, squared ReLU without a bias, base's with TMA stores; variant 6 ("epi-"):
-# base's, gelu bare, squared ReLU with E = 64 + 16 (the epilogue's narrowest layout)
+# fp16 with tanh-GELU and contiguous W2, squared ReLU without a bias, base's with TMA stores
 LAUNCHES = {"base-train": ("relu", 192, "bfloat16", True, True, True, True),
             "gelu-e64-bare": ("gelu", 64, "bfloat16", False, False, False, True),
             "fp16-gelu-tanh": ("gelu_tanh", 128, "float16", False, True, True, True),
             "squared-relu-no-bias": ("squared_relu", 192, "bfloat16", True, True, True, False),
-            "base-train-tma-stores": ("relu", 192, "bfloat16", True, True, True, True),  # (the switch set)
-            "epi-base-train": ("relu", 192, "bfloat16", True, True, True, True),
-            "epi-gelu-e64-bare": ("gelu", 64, "bfloat16", False, False, False, True),
-            "epi-squared-relu-e80": ("squared_relu", 80, "bfloat16", True, True, True, True)}
+            "base-train-tma-stores": ("relu", 192, "bfloat16", True, True, True, True)}  # (the switch set)
 
 
 def _backward_case(activation, E, dtype, column_view=True, D=128, fill=True):
@@ -48,13 +43,13 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
 
     from ssd_megatron.ffn.backends import _triton_kernels as K
     cr.offline(90)
+    K.force_config(up_bwd=WS)
 
     def launch(name, act, E, dtype, column_view, fill, ga, db):
         dy, w2, h, gate, plan, f = _backward_case(act, E, getattr(torch, dtype), column_view, fill=fill)
 
         def run():
             os.environ["SSD_TRITON_UP_BWD_TMA_STORES"] = str(int(name.endswith("tma-stores")))
-            K.force_config(up_bwd=EPI if name.startswith("epi-") else WS)
             K.up_backward(dy, w2, h, gate, plan, act, ga, db, fill=f, partials=True)
         return run
     print("UPBWDWS " + json.dumps(cr.compile_each({name: launch(name, *c) for name, c in LAUNCHES.items()})))
@@ -73,20 +68,17 @@ def compiled():
 @pytest.mark.parametrize("name", list(LAUNCHES))
 def test_ws_up_bwd_compiles_for_sm90(compiled, name):
     """Each specialisation (activation, split or single E tile, W2 layout, the dx zeros, gate * a, db1's sums, bf16
-    and fp16) of variants 5 and 6 compiles for sm_90 as one warp-specialised kernel: cp.async gathers of dy, TMA
-    loads of W2 and h, TMA stores where asked for (variant 6: always), wgmma, fp32 atomics only where db1 is summed,
-    and at base (ReLU) at most the fused forward's 8 bytes of stack (variant 6: 24; the other activations' epilogues
-    spill: module docstrings); the launcher took it, not kernels/up.py."""
+    and fp16) compiles for sm_90 as one warp-specialised kernel: cp.async gathers of dy, TMA loads of W2 and h,
+    wgmma, fp32 atomics only where db1 is summed, and at base (ReLU) at most the fused forward's 8 bytes of stack
+    (the other activations' epilogues spill: module docstring); the launcher took it, not kernels/up.py."""
     res = compiled[name]
     assert not isinstance(res, str), res
-    epi = name.startswith("epi-")
-    assert [kname for kname, _ in res] == ["up_bwd_epi_kernel" if epi else "up_bwd_ws_kernel"], res
+    assert [kname for kname, _ in res] == ["up_bwd_ws_kernel"], res
     r = res[0][1]
     assert r["warps"] == 16 and r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
     assert r["cas"] == 0 and (r["atom"] > 0) == LAUNCHES[name][6], r
     assert (name != "base-train" or r["stack"] <= 8) and r["smem_kb"] * 1024 <= 227 * 1024, r
-    assert (name != "epi-base-train" or r["stack"] <= 24), r
-    assert (r["utmastg"] > 0) == (epi or name.endswith("tma-stores")), r  # TMA stores of dh and gate * a
+    assert (r["utmastg"] > 0) == name.endswith("tma-stores"), r  # TMA stores of dh and gate * a
 
 
 # why the launcher does not take the Gluon kernel -> (activation, E, D, dtype, config, fill with a bias row)
@@ -142,47 +134,6 @@ def test_ws_up_bwd_falls_back(monkeypatch, why):
         assert name == "triton" and kwargs["BM"] == default[0] and kwargs["BWD"], (name, kwargs)
 
 
-# why variant 6 falls back -> (activation, E, config, fill with a bias row)
-NOT_SERVED_EPI = {"cpu": ("relu", 192, EPI, False), "older-triton": ("relu", 192, EPI, False),
-                  "glu": ("swiglu", 64, EPI, False),
-                  "smem": ("relu", 192, (128, 64, 64, 4, 4, 6), False),  # da's tile and h's rows beside the rings
-                  "fill-row": ("relu", 64, EPI, True)}
-
-
-@pytest.mark.parametrize("why", list(NOT_SERVED_EPI) + ["served"])
-def test_epilogue_variant_falls_back(monkeypatch, why):
-    """up_bwd variant 6 launches kernels/up_bwd_epilogue_gluon.py's kernel where it serves (variant 5's conditions,
-    its own shared memory: rings of 3 W2 + 4 dy slots at base), with the tile, activation and outputs asked for and
-    one row of gate-gradient partials; kernels/up.py's default tile otherwise."""
-    pytest.importorskip("triton")
-    from ssd_megatron.ffn.backends import _triton_kernels as K
-    from ssd_megatron.ffn.backends.kernels import up_bwd_epilogue_gluon, up_bwd_gluon
-    calls = []
-    monkeypatch.setattr(K, "_up_kernel", Recorder(calls, "triton"))
-    monkeypatch.setattr(up_bwd_epilogue_gluon, "launch", Recorder(calls, "epi"))
-    monkeypatch.setattr(up_bwd_gluon, "launch", Recorder(calls, "ws"))
-    gluon_stand_in(monkeypatch, up_bwd_epilogue_gluon, why)
-    act, E, cfg, row = NOT_SERVED_EPI.get(why, ("relu", 192, EPI, False))
-    dy, w2, h, gate, plan, fill = _backward_case(act, E, torch.bfloat16)
-    if act == "swiglu":
-        h = torch.cat([h, h], 1)
-    if row:
-        fill = (fill[0], torch.zeros(dy.shape[1], dtype=dy.dtype))
-    K.force_config(up_bwd=cfg, up_bwd_glu=cfg)
-    try:
-        dh, dgate, ga, db = K.up_backward(dy, w2, h, gate, plan, act, True, True, fill=fill, partials=True)
-    finally:
-        K.force_config()
-    name, args, kwargs = calls[0]
-    if why == "served" and up_bwd_epilogue_gluon._build_once() is not None:
-        assert len(calls) == 1 and name == "epi", calls
-        assert args[8] is dh and args[9] is ga and args[11] is db and args[12] is fill[0], args[8:13]
-        assert args[10] is dgate and dgate.shape == (1, plan.num_rows), dgate.shape
-        assert args[13:] == (0, 128, 64, 3, 4, 128, 64), args[13:]  # relu, the tile, the rings, E's two tiles
-    else:
-        assert name == "triton" and kwargs["BWD"], (name, kwargs)
-
-
 def test_ws_up_bwd_auto_under_capture(monkeypatch):
     """`auto` (no config forced) takes the Gluon up_bwd with TMA stores for ReLU at base-like shapes by
     kernels/gluon_launches.py's rule: the first eager launch of a shape (which loads its module), then kernels/up.py
@@ -212,16 +163,12 @@ def test_ws_up_bwd_auto_under_capture(monkeypatch):
 
 
 def test_ws_up_bwd_config():
-    """up_bwd=...,5 and ...,6 are accepted, their fourth entry (the W2 ring's depth) need not be a power of two;
-    up_bwd_glu takes neither (the kernels have no gate), mlp not 6."""
+    """up_bwd=...,5 is accepted, its fourth entry (the W2 ring's depth) need not be a power of two; up_bwd_glu does
+    not take variant 5 (the kernel has no gate)."""
     pytest.importorskip("triton")
     from ssd_megatron.errors import UserError
     from ssd_megatron.ffn.backends import _triton_kernels as K
     assert K._parse_configs("up_bwd=128,64,64,3,4,5") == {"up_bwd": (128, 64, 64, 3, 4, K.WS)}
-    assert K._parse_configs("up_bwd=128,64,64,3,4,6") == {"up_bwd": (128, 64, 64, 3, 4, K.WS_EPI)}
-    for bad in ("up_bwd_glu=128,64,64,4,4,6", "mlp=128,64,64,4,4,6"):
-        with pytest.raises(UserError, match="VARIANT"):
-            K._parse_configs(bad)
     with pytest.raises(UserError, match="VARIANT"):
         K._parse_configs("up_bwd_glu=128,64,64,4,4,5")
 

@@ -64,7 +64,6 @@ from .routing import initialise
 ROWLOOP, TMA, STAGED, WS = 1, 3, 4, 5  # down variants (2 was PERSISTENT, slower and removed: docs/kernels.md v8)
 TMA_OPERAND = ("up", "up_glu", "up_bwd", "up_bwd_glu", "wgrad")  # kinds whose configs take a seventh entry
 TWO_PASS = 1  # up_bwd variant: the GEMM, then its epilogue in a second launch (kernels/up.py)
-WS_EPI = 6  # up_bwd variant: WS with the epilogue in a warpgroup of its own (kernels/up_bwd_epilogue_gluon.py)
 EPILOGUE_TILE = (64, 64, 16, 4, 1)  # that second launch's (BM, BN, -, warps, stages): elementwise work
 DEFAULTS = {
     "up": (128, 256, 64, 8, 3),           # BN >= E: all of E per program (base: 128 + 64 columns, `_up_columns`)
@@ -141,7 +140,7 @@ def _parse_configs(text: str) -> dict:
             raise UserError(f"{bad}: the values must be 5 to 7 integers, e.g. 128,128,64,8,3") from None
         base = kind.split(":")[0]
         # the fourth entry: a ring's depth (the weight ring, kernels/mlp_gluon.py; the L ring, kernels/wgrad_gluon.py)
-        ring = ((base == "mlp" and cfg[5:] == (WS,)) or (base == "up_bwd" and cfg[5:] in ((WS,), (WS_EPI,)))
+        ring = ((base == "mlp" and cfg[5:] == (WS,)) or (base == "up_bwd" and cfg[5:] == (WS,))
                 or (base == "wgrad" and cfg[6:] == (WS,)))
         pow2 = cfg[:3 if ring else 4]
         if len(cfg) not in (5, 6, 7) or any(v < 1 or v & (v - 1) for v in pow2) or min(cfg[3:5]) < 1:
@@ -151,8 +150,7 @@ def _parse_configs(text: str) -> dict:
                             f"is not gathered (the weights; wgrad's left one) by TMA, else 0; for wgrad, 5 (WS)")
         if len(cfg) >= 6 and not _variant_ok(base, cfg[5]):
             raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA), 4 (STAGED) or 5 (WS); "
-                            f"for mlp, 3 (TMA) or 5 (WS); for up_bwd[_glu], 1 (TWO_PASS), and for up_bwd 5 (WS) "
-                            f"or 6 (WS, an epilogue warpgroup); "
+                            f"for mlp, 3 (TMA) or 5 (WS); for up_bwd[_glu], 1 (TWO_PASS), and for up_bwd 5 (WS); "
                             f"for wgrad, a row chunk >= 0")
         out[kind] = cfg
     return out
@@ -161,7 +159,7 @@ def _parse_configs(text: str) -> dict:
 def _variant_ok(base: str, variant: int) -> bool:
     return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED, WS))
             or (base == "mlp" and variant in (TMA, WS)) or (base == "wgrad" and variant > 0)
-            or (base.startswith("up_bwd") and variant == TWO_PASS) or (base == "up_bwd" and variant in (WS, WS_EPI)))
+            or (base.startswith("up_bwd") and variant == TWO_PASS) or (base == "up_bwd" and variant == WS))
 
 
 def _default(base: str, key: tuple, hopper: bool = True):
@@ -518,8 +516,7 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
                                   _up_bwd_tma_stores())
 
     def launch(cfg):
-        if cfg[5:] in ((WS,), (WS_EPI,)):  # the Gluon kernels where they serve (kernels/up_bwd_gluon.py,
-            # kernels/up_bwd_epilogue_gluon.py), else kernels/up.py's default
+        if cfg[5:] == (WS,):  # the Gluon kernel where it serves (kernels/up_bwd_gluon.py), else kernels/up.py's default
             state["dgp"] = _up_bwd_ws(dy, w2, h, gate_flat, plan, act, glu, dh, ga if need_ga else None,
                                       db if need_db else None, fill, cfg)
             if state["dgp"] is not None:
@@ -550,23 +547,21 @@ def up_backward(dy, w2, h, gate_flat, plan, activation, need_ga: bool, need_db: 
 
 
 def _up_bwd_ws(dy, w2, h, gate_flat, plan, act: int, glu: bool, dh, ga, db, fill, cfg):
-    """up_bwd variants 5 (WS: kernels/up_bwd_gluon.py) and 6 (WS_EPI: kernels/up_bwd_epilogue_gluon.py) where they
-    serve (`fill` only with zeros): the kernel writes dh, ga and db (when not None); returns the gate gradient's one row
-    of partials [1, M], else None."""
-    from .kernels import up_bwd_epilogue_gluon, up_bwd_gluon
-    BM, _, BK, w_ring, ring, variant = cfg[:6]
-    module = up_bwd_epilogue_gluon if variant == WS_EPI else up_bwd_gluon
+    """up_bwd variant 5 (WS: kernels/up_bwd_gluon.py) where it serves (`fill` only with zeros): the kernel writes dh,
+    ga and db (when not None); returns the gate gradient's one row of partials [1, M], else None."""
+    from .kernels import up_bwd_gluon
+
+    BM, _, BK, w_ring, ring = cfg[:5]
     be, be2 = _split_width(w2.shape[1])
     zeros = fill[0] if fill is not None and fill[1] is None else None
-    if (fill is not None and zeros is None) or not module.serves(dy, w2, h, act, glu, zeros, BM, BK, w_ring, ring, be,
-                                                                  be2):
+    if (fill is not None and zeros is None) or not up_bwd_gluon.serves(dy, w2, h, act, glu, zeros, BM, BK, w_ring,
+                                                                        ring, be, be2):
         return None
     dgp = torch.empty(1, plan.num_rows, device=dy.device, dtype=torch.float32)
     if db is not None:
         db.zero_()
-    stores = () if variant == WS_EPI else (_up_bwd_tma_stores(), )  # (variant 6 always stores full tiles by TMA)
-    module.launch(dy, w2, h, _tile_list(plan, BM, None), plan.offsets, plan.order, plan.token, gate_flat, dh, ga, dgp,
-                  db, zeros, act, BM, BK, w_ring, ring, be, be2, *stores)
+    up_bwd_gluon.launch(dy, w2, h, _tile_list(plan, BM, None), plan.offsets, plan.order, plan.token, gate_flat, dh, ga,
+                        dgp, db, zeros, act, BM, BK, w_ring, ring, be, be2, _up_bwd_tma_stores())
     return dgp
 
 

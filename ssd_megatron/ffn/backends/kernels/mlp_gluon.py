@@ -405,9 +405,9 @@ def _build():
         return tuple(TensorDescriptor.from_tensor(w2d, list(b), gl.NVMMASharedLayout.get_default_for(list(b), g))
                      for b in boxes)
 
-    # the parts the up_bwd kernels share (kernels/up_bwd_gluon.py, kernels/up_bwd_epilogue_gluon.py)
-    parts = types.SimpleNamespace(x_loader=x_loader, x_layout=_x_layout, x_rows=_x_rows, x_step=_x_step,
-                                    w_load=_w_load, up_gemm=_up_gemm, act=_act, act_grad=_act_grad, rings=_rings)
+    # the parts kernels/up_bwd_gluon.py's kernel shares
+    parts = types.SimpleNamespace(x_loader=x_loader, w_load=_w_load, up_gemm=_up_gemm, act=_act, act_grad=_act_grad,
+                                  rings=_rings)
     return mlp_ws_kernel, descriptors, parts
 
 

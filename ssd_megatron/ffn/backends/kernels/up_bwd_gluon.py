@@ -26,8 +26,8 @@ and share its parts:
 On the H100 at base ReLU it takes 123.8 µs against kernels/up.py's 144.3 (143.9 with pointer stores), the layer's
 fwd+bwd 0.650 against 0.660-0.666 ms (docs/kernels.md v28), so `auto` takes it for ReLU at base-like shapes under
 kernels/gluon_launches.py's rule (`_triton_kernels._auto_up_bwd_ws`). The epilogue, which both consumers run at
-once on the same tile, still leaves the tensor cores idle (75 µs without it); up_bwd variant 6
-(kernels/up_bwd_epilogue_gluon.py, opt-in, untimed) hands it to a warpgroup of its own.
+once on the same tile, still leaves the tensor cores idle (75 µs without it). Three forms of an epilogue warpgroup
+of its own did not beat it (docs/kernels.md v28, v29; the last, up_bwd variant 6, is in git history at 81dac01).
 
 Serves activations without a gate, bf16/fp16, sm_90, E = BE + BE2 with BE <= 128 (192 = 128 + 64), D a multiple
 of BK, W2 as one 2-D matrix in either layout (`common.expert_matrix`), h one contiguous [M, E] matrix, and the
@@ -43,7 +43,6 @@ launcher's choice are tested (tests/backends/test_up_bwd_gluon.py); tests/backen
 """
 from __future__ import annotations
 
-import types
 
 import torch
 import triton
@@ -53,7 +52,7 @@ from . import down_gluon, mlp_gluon
 # registers per thread: as the fused forward's (mlp_gluon), but 32 for the weight loader's warp, which also fills
 # (2 x 128 x 224 + 128 x 40 + 32 x 32 <= 64 K)
 CONSUMER_REGS, LOADER_REGS, W_LOADER_REGS = mlp_gluon.CONSUMER_REGS, mlp_gluon.LOADER_REGS, 32
-FILL_BLOCK = 256  # elements per store of the fill and warp (16 bytes per thread)
+FILL_BLOCK = 256  # elements per store of the fill (one warp, 16 bytes per thread)
 _STATE: dict = {"build": None}
 
 
@@ -73,11 +72,11 @@ def _build():
                                                             parts.act_grad, parts.rings)
 
     @gluon.jit
-    def _zeros(FILL, lo, hi, WARPS: gl.constexpr):
-        """FILL[lo:hi] = 0 from WARPS warps, 16 bytes per thread and store (WARPS * FILL_BLOCK elements)."""
-        BLOCK: gl.constexpr = 256 * WARPS
-        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[8], threads_per_warp=[32], warps_per_cta=[WARPS],
-                                                order=[0])
+    def _zeros(FILL, lo, hi):
+        """FILL[lo:hi] = 0 from one warp, 16 bytes per thread and store (FILL_BLOCK elements)."""
+        BLOCK: gl.constexpr = 256
+        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[BLOCK // 32], threads_per_warp=[32],
+                                                warps_per_cta=[1], order=[0])
         offs = gl.arange(0, BLOCK, layout=layout)
         zero = gl.zeros((BLOCK, ), dtype=FILL.dtype.element_ty, layout=layout)
         for i in range(lo, hi, BLOCK):
@@ -117,7 +116,7 @@ def _build():
                             nxt = done + fill_chunk
                             if nxt > hi:
                                 nxt = hi
-                            _zeros(FILL, done, nxt, 1)
+                            _zeros(FILL, done, nxt)
                             done = nxt
                         mbarrier.wait(h_empty.index(0), (j & 1) ^ 1)
                         mbarrier.expect(h_full.index(0), h_bytes)
@@ -127,7 +126,7 @@ def _build():
                     i += 1
                 j += 1
         if HAS_FILL:
-            _zeros(FILL, done, hi, 1)
+            _zeros(FILL, done, hi)
 
     @gluon.jit
     def _store_rows(P, stride, rows, rmask, c0, E, t, lay: gl.constexpr):
@@ -259,8 +258,7 @@ def _build():
                         HAS_FILL, BE, BK)),
         ], [4, LW, 1], [CREGS, LREGS, W_LOADER_REGS])
 
-    # the parts kernels/up_bwd_epilogue_gluon.py's kernel shares
-    return up_bwd_ws_kernel, descriptors, types.SimpleNamespace(zeros=_zeros)
+    return up_bwd_ws_kernel, descriptors
 
 
 def smem_bytes(BM: int, BK: int, E: int, stages: int, w_stages: int, element_size: int = 2) -> int:
@@ -269,25 +267,19 @@ def smem_bytes(BM: int, BK: int, E: int, stages: int, w_stages: int, element_siz
     return mlp_gluon.smem_bytes(BM, BK, E, stages, w_stages, element_size) + BM * (E + 16) * element_size
 
 
-def operands_served(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, act: int, glu: bool, fill, BM: int, BK: int,
-                    w_stages: int, stages: int, be: int, be2: int) -> bool:
-    """The up_bwd kernels' conditions on dy [T, D], W2 [N, E, D], h [M, E] and the tile, without their shared memory:
-    the fused forward's on the gathered operand, the weights, the activation and the tile (`mlp_gluon.serves` with W2
-    in W1's place), h one contiguous [M, E] matrix with 16-byte aligned rows, and `fill` (the zeros' target, or None)
-    contiguous, 16-byte aligned and under 2^31 elements."""
+def serves(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, act: int, glu: bool, fill, BM: int, BK: int,
+           w_stages: int, stages: int, be: int, be2: int) -> bool:
+    """Whether this kernel takes dy [T, D], W2 [N, E, D], h [M, E] and `fill` (the zeros' target, or None) with this
+    tile: the fused forward's conditions on the gathered operand, the weights, the activation and the tile
+    (`mlp_gluon.serves` with W2 in W1's place), h one contiguous [M, E] matrix with 16-byte aligned rows, `fill`
+    contiguous, 16-byte aligned and under 2^31 elements, the buffers within shared memory, and a Triton whose Gluon
+    builds it."""
     M = h.shape[0]
     if M == 0 or h.dtype != dy.dtype or h.stride() != (w2.shape[1], 1) or h.data_ptr() % 16:
         return False
     if fill is not None and (not fill.is_contiguous() or fill.data_ptr() % 16 or fill.numel() >= 2 ** 31):
         return False
-    return mlp_gluon.serves(dy, w2, w2, act, glu, BM, BK, BK, w_stages, stages, be, be2, smem=False)
-
-
-def serves(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, act: int, glu: bool, fill, BM: int, BK: int,
-           w_stages: int, stages: int, be: int, be2: int) -> bool:
-    """Whether this kernel takes these operands with this tile: `operands_served`, its buffers within shared memory,
-    and a Triton whose Gluon builds it."""
-    return (operands_served(dy, w2, h, act, glu, fill, BM, BK, w_stages, stages, be, be2)
+    return (mlp_gluon.serves(dy, w2, w2, act, glu, BM, BK, BK, w_stages, stages, be, be2, smem=False)
             and smem_bytes(BM, BK, w2.shape[1], stages, w_stages, dy.element_size()) <= down_gluon.SMEM_LIMIT
             and _build_once() is not None)
 
@@ -311,7 +303,7 @@ def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill,
     its tile's expert's with `tma_stores` (`_put`). The caller checked `serves`."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    kernel, descriptors, _ = _build_once()
+    kernel, descriptors = _build_once()
     N, E, D = w2.shape
     M = h.shape[0]
     w2d, rc, boxes = mlp_gluon._boxes(w2, (be, be2), BK)
