@@ -4,7 +4,7 @@ compare eager against captured (`train.cuda_graph: true`), where `ssd-bench step
     torchrun --nproc_per_node=2 -m ssd_megatron train configs/gpt_base_ssd.yaml train.output_dir=runs/eager ...
     torchrun --nproc_per_node=2 -m ssd_megatron train configs/gpt_base_ssd.yaml train.output_dir=runs/graph \\
         train.cuda_graph=true ...
-    python tools/ddp_step_time.py eager=runs/eager graph=runs/graph --skip 12 --out ddp_steps.json
+    python tools/step_times.py eager=runs/eager graph=runs/graph --skip 12 --out steps.json
 
 Each phase segment (a run of consecutive steps in one phase) drops its first --skip steps: torch.compile, the
 eager warm-up steps before a capture, and the capture itself run there. The median of the rest is the phase's
