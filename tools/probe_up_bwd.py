@@ -72,8 +72,8 @@ def main() -> int:
         variants[name] = (mlp_gluon._STATE["build"], mod._build(), mod.launch, stores)
 
     def arm(name):
-        """Force the WS up_bwd with variant `name`'s kernels (None: kernels/up.py's default tile, which `auto` would
-        not take at this shape)."""
+        """Force the WS up_bwd with variant `name`'s kernels (None: kernels/up.py's default tile, forced, as `auto`
+        would take the WS kernel at this shape)."""
         mlp_build, build, launch, stores = real + ("0",) if name is None else variants[name]
         mlp_gluon._STATE["build"], up_bwd_gluon._STATE["build"], up_bwd_gluon.launch = mlp_build, build, launch
         sys.modules[launch.__module__]._STATE["build"] = build

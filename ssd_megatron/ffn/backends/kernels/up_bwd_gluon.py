@@ -43,7 +43,6 @@ launcher's choice are tested (tests/backends/test_up_bwd_gluon.py); tests/backen
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 
