@@ -140,8 +140,7 @@ def _parse_configs(text: str) -> dict:
             raise UserError(f"{bad}: the values must be 5 to 7 integers, e.g. 128,128,64,8,3") from None
         base = kind.split(":")[0]
         # the fourth entry: a ring's depth (the weight ring, kernels/mlp_gluon.py; the L ring, kernels/wgrad_gluon.py)
-        ring = ((base == "mlp" and cfg[5:] == (WS,)) or (base == "up_bwd" and cfg[5:] == (WS,))
-                or (base == "wgrad" and cfg[6:] == (WS,)))
+        ring = (base in ("mlp", "up_bwd") and cfg[5:] == (WS,)) or (base == "wgrad" and cfg[6:] == (WS,))
         pow2 = cfg[:3 if ring else 4]
         if len(cfg) not in (5, 6, 7) or any(v < 1 or v & (v - 1) for v in pow2) or min(cfg[3:5]) < 1:
             raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")

@@ -90,46 +90,30 @@ def _build():
             out = buf.permute((1, 0))
         return out
 
-    @gluon.constexpr_function
-    def _x_layout(BK, LW):
-        """The gathers' layout: 16 bytes per thread and copy, BK / 8 threads along a row, LW warps."""
-        return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (BK // 8), BK // 8],
-                                warps_per_cta=[LW, 1], order=[1, 0])
-
-    @gluon.jit
-    def _x_rows(X, stride_x, OFFS, TOK, e, row0, BM: gl.constexpr, layout: gl.constexpr):
-        """An M-tile's gathered rows: (their x row pointers, the mask of the rows that are expert e's)."""
-        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-        rmask = rows < gl.load(OFFS + e + 1)
-        tok = gl.load(TOK + rows, mask=rmask, other=0)
-        return X + tok.to(gl.int64)[:, None] * stride_x, rmask
-
-    @gluon.jit
-    def _x_step(x_bufs, x_full, x_empty, kc, xrow, rmask, k, layout: gl.constexpr):
-        """Reduction step k's [BM, BK] slice of the tile's rows into the x ring's slot kc % XS by cp.async, whose
-        completion arrives on the slot's barrier (one arrival per thread)."""
-        XS: gl.constexpr = x_bufs.type.shape[0]
-        BK: gl.constexpr = x_bufs.type.shape[2]
-        cols = gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
-        s = kc % XS
-        mbarrier.wait(x_empty.index(s), ((kc // XS) & 1) ^ 1)  # a fresh barrier passes phase 1
-        async_copy.async_load(x_bufs.index(s), xrow + (k + cols)[None, :], mask=rmask[:, None])
-        async_copy.mbarrier_arrive(x_full.index(s), increment_count=False)
-
     @gluon.jit
     def x_loader(X, stride_x, x_bufs, x_full, x_empty, TILES, OFFS, TOK, M, D, n_tiles, LW: gl.constexpr):
         """The up GEMM's A operand of every tile: the gathered x rows by cp.async."""
+        XS: gl.constexpr = x_bufs.type.shape[0]
         BM: gl.constexpr = x_bufs.type.shape[1]
         BK: gl.constexpr = x_bufs.type.shape[2]
-        layout: gl.constexpr = _x_layout(BK, LW)
+        # 16 bytes per thread and copy: BK / 8 threads along a row
+        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (BK // 8), BK // 8],
+                                                warps_per_cta=[LW, 1], order=[1, 0])
+        cols = gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
         kc = 0  # reduction steps loaded so far (the x ring)
         for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
             e = gl.load(TILES + 2 * t)
             row0 = gl.load(TILES + 2 * t + 1)
             if row0 < M:
-                xrow, rmask = _x_rows(X, stride_x, OFFS, TOK, e, row0, BM, layout)
+                rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+                rmask = rows < gl.load(OFFS + e + 1)
+                tok = gl.load(TOK + rows, mask=rmask, other=0)
+                xrow = X + tok.to(gl.int64)[:, None] * stride_x
                 for k in range(0, D, BK):
-                    _x_step(x_bufs, x_full, x_empty, kc, xrow, rmask, k, layout)
+                    s = kc % XS
+                    mbarrier.wait(x_empty.index(s), ((kc // XS) & 1) ^ 1)  # a fresh barrier passes phase 1
+                    async_copy.async_load(x_bufs.index(s), xrow + (k + cols)[None, :], mask=rmask[:, None])
+                    async_copy.mbarrier_arrive(x_full.index(s), increment_count=False)
                     kc += 1
 
     @gluon.jit
@@ -195,22 +179,6 @@ def _build():
         else:  # 4: tanh-approximate GELU, tanh(u) = 2 sigmoid(2u) - 1
             u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
             out = v / (1.0 + gl.exp(-2.0 * u))
-        return out
-
-    @gluon.jit
-    def _act_grad(v, ACT: gl.constexpr):
-        """act'(v) in fp32 (kernels/common.py `_act_grad` for ACTS; the up_bwd kernels')."""
-        if ACT == 0:
-            out = gl.where(v > 0.0, 1.0, 0.0)
-        elif ACT == 1:
-            cdf = 0.5 * (1.0 + gl.erf(v * 0.7071067811865476))
-            out = cdf + v * gl.exp(-0.5 * v * v) * 0.3989422804014327
-        elif ACT == 2:
-            out = 2.0 * gl.maximum(v, 0.0)
-        else:  # 4: tanh-approximate GELU, tanh(u) = 2 sigmoid(2u) - 1
-            u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
-            t = 2.0 / (1.0 + gl.exp(-2.0 * u)) - 1.0
-            out = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * v * v)
         return out
 
     @gluon.jit
@@ -406,8 +374,7 @@ def _build():
                      for b in boxes)
 
     # the parts kernels/up_bwd_gluon.py's kernel shares
-    parts = types.SimpleNamespace(x_loader=x_loader, w_load=_w_load, up_gemm=_up_gemm, act=_act, act_grad=_act_grad,
-                                  rings=_rings)
+    parts = types.SimpleNamespace(x_loader=x_loader, w_load=_w_load, up_gemm=_up_gemm, act=_act, rings=_rings)
     return mlp_ws_kernel, descriptors, parts
 
 
@@ -419,14 +386,14 @@ def smem_bytes(BM: int, BK: int, E: int, stages: int, w_stages: int, element_siz
 
 
 def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: bool, BM: int, BN: int, BK: int,
-           w_stages: int, stages: int, be: int, be2: int, smem: bool = True) -> bool:
+           w_stages: int, stages: int, be: int, be2: int) -> bool:
     """Whether this kernel takes tokens x [T, D], W1 [N, E, D] and W2 [N, E, Dout] with this tile: sm_90, bf16 or
     fp16, an activation without a gate, BM = 128 (two warpgroups of 64 rows), BN = BK (W1's and W2's tiles share
     the weight ring's slots) a power of two in 16..128, D a multiple of BK, E exactly the column tiles be + be2
     with be <= 128 (MAX_REGS bounds ptxas for the whole kernel, and 8B's one m64n256 wgmma needs more than 128
     registers), both weights one 2-D matrix (`common.expert_matrix`) with 16-byte aligned rows, x's rows
-    contiguous, two or more slots in each ring, and with `smem` (the default) the buffers within shared memory and a
-    Triton whose Gluon builds the kernel (the up_bwd kernels, which share these conditions, check their own)."""
+    contiguous, two or more slots in each ring, the buffers within shared memory, and a Triton whose Gluon builds
+    the kernel."""
     from .common import expert_matrix
 
     N, E, D = w1.shape
@@ -443,8 +410,7 @@ def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: b
         matrix = expert_matrix(w)
         if matrix is None or (matrix[0].stride(0) * es) % 16 or w.data_ptr() % 16:
             return False
-    return not smem or (smem_bytes(BM, BK, E, stages, w_stages, es) <= down_gluon.SMEM_LIMIT
-                        and _build_once() is not None)
+    return smem_bytes(BM, BK, E, stages, w_stages, es) <= down_gluon.SMEM_LIMIT and _build_once() is not None
 
 
 def _build_once():

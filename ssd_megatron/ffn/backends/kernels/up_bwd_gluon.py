@@ -67,8 +67,24 @@ def _build():
     if forward is None:
         raise ImportError("the WS fused forward's parts, which this kernel shares, do not build here")
     _, descriptors, parts = forward
-    x_loader, _w_load, _up_gemm, _act, _act_grad, _rings = (parts.x_loader, parts.w_load, parts.up_gemm, parts.act,
-                                                            parts.act_grad, parts.rings)
+    x_loader, _w_load, _up_gemm, _act, _rings = (parts.x_loader, parts.w_load, parts.up_gemm, parts.act,
+                                                 parts.rings)
+
+    @gluon.jit
+    def _act_grad(v, ACT: gl.constexpr):
+        """act'(v) in fp32 (kernels/common.py `_act_grad` for mlp_gluon.ACTS)."""
+        if ACT == 0:
+            out = gl.where(v > 0.0, 1.0, 0.0)
+        elif ACT == 1:
+            cdf = 0.5 * (1.0 + gl.erf(v * 0.7071067811865476))
+            out = cdf + v * gl.exp(-0.5 * v * v) * 0.3989422804014327
+        elif ACT == 2:
+            out = 2.0 * gl.maximum(v, 0.0)
+        else:  # 4: tanh-approximate GELU, tanh(u) = 2 sigmoid(2u) - 1
+            u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+            t = 2.0 / (1.0 + gl.exp(-2.0 * u)) - 1.0
+            out = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * v * v)
+        return out
 
     @gluon.jit
     def _zeros(FILL, lo, hi):
@@ -268,19 +284,19 @@ def smem_bytes(BM: int, BK: int, E: int, stages: int, w_stages: int, element_siz
 
 def serves(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, act: int, glu: bool, fill, BM: int, BK: int,
            w_stages: int, stages: int, be: int, be2: int) -> bool:
-    """Whether this kernel takes dy [T, D], W2 [N, E, D], h [M, E] and `fill` (the zeros' target, or None) with this
-    tile: the fused forward's conditions on the gathered operand, the weights, the activation and the tile
-    (`mlp_gluon.serves` with W2 in W1's place), h one contiguous [M, E] matrix with 16-byte aligned rows, `fill`
-    contiguous, 16-byte aligned and under 2^31 elements, the buffers within shared memory, and a Triton whose Gluon
-    builds it."""
+    """Whether this kernel takes dy [T, D], W2 [N, E, D] and h [M, E] with this tile: the fused forward's conditions
+    on the gathered operand, the weights, the activation and the tile (`mlp_gluon.serves` with W2 in W1's place),
+    h one contiguous [M, E] matrix with 16-byte aligned rows, and `fill` (the zeros' target, or None) contiguous,
+    16-byte aligned and under 2^31 elements; the buffers within shared memory."""
     M = h.shape[0]
     if M == 0 or h.dtype != dy.dtype or h.stride() != (w2.shape[1], 1) or h.data_ptr() % 16:
         return False
     if fill is not None and (not fill.is_contiguous() or fill.data_ptr() % 16 or fill.numel() >= 2 ** 31):
         return False
-    return (mlp_gluon.serves(dy, w2, w2, act, glu, BM, BK, BK, w_stages, stages, be, be2, smem=False)
-            and smem_bytes(BM, BK, w2.shape[1], stages, w_stages, dy.element_size()) <= down_gluon.SMEM_LIMIT
-            and _build_once() is not None)
+    if not mlp_gluon.serves(dy, w2, w2, act, glu, BM, BK, BK, w_stages, stages, be, be2):
+        return False
+    return smem_bytes(BM, BK, w2.shape[1], stages, w_stages, dy.element_size()) <= down_gluon.SMEM_LIMIT \
+        and _build_once() is not None
 
 
 def _build_once():
