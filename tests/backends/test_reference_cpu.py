@@ -157,3 +157,21 @@ def test_device_capability_lookup_compiles_without_a_warning(monkeypatch):
         y = torch.compile(lambda x: x * 2 if backends._sm90(0) else x, backend="eager", fullgraph=True)(torch.ones(2))
     assert torch.equal(y, torch.full((2,), 2.0))
     assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("name", ["triton", "auto", "reference"])
+def test_backend_offers_trace_without_a_graph_break(name):
+    """The backends' optional offers are asked inside the compiled sparse layer; asking must not break its graph
+    (the device image's torch 2.11 could not take a bound method's truth value: three breaks per sparse layer in
+    the GPU step; CI's torch 2.13 traced that form too, so here this guards the image's torch through the GPU runs)."""
+    from ssd_megatron.ffn.backends import master_weights_offered, output_bias_offered, router_fold_offered
+    backend = get_backend(name)
+    torch._dynamo.reset()
+
+    def ask(x):
+        offered = [f(backend, x) for f in (router_fold_offered, master_weights_offered, output_bias_offered)]
+        return x * (1 + sum(offered))
+
+    x = torch.ones(2, dtype=torch.bfloat16)
+    got = torch.compile(ask, backend="eager", fullgraph=True)(x)
+    assert torch.equal(got, ask(x))

@@ -78,8 +78,10 @@ class AutoBackend:
 
 
 def _offers(backend, capability: str, x: torch.Tensor) -> bool:
+    # `is not None`, not the bound method's truth: torch.compile (torch 2.11) cannot take a method's truth value
+    # and broke the compiled block's graph there, three times per sparse layer.
     offers = getattr(backend, capability, None)
-    return bool(offers and offers(x))
+    return offers is not None and bool(offers(x))
 
 
 def router_fold_offered(backend, x: torch.Tensor) -> bool:
