@@ -1,8 +1,10 @@
 """Where the host's time goes in eager steps of the GPT-base training step (`ssd-bench step --variant loop`): an eager
 sparse step is host-bound (docs/kernels.md §4), so its step time is the Python, dispatcher and launch work that
-queues its kernels. This runs the loop's step (compiled blocks, the fused loss, clipping, AdamW) for warm-up steps,
-then profiles --steps steps with cProfile and prints the functions with the most own time and the most cumulative
-time per step, and torch.compile's counters (recompilations and graph breaks would show there).
+queues its kernels, and every graph break in a compiled block adds to it (docs/kernels.md v30: three per sparse layer
+had doubled it). This runs the loop's step (compiled blocks, the fused loss, clipping, AdamW) for warm-up steps, then
+profiles --steps steps with cProfile and prints torch.compile's graphs and graph breaks (first: they found v30's
+cause), its counters, and the functions with the most own time and the most cumulative time per step (under torch.compile
+cProfile's own times are not to be trusted: v30 saw frames that dynamo runs charged to their callers).
 
     python tools/profile_host.py [--phase sparse] [--steps 3] [--top 30] [--out host.txt]
 """
@@ -53,6 +55,9 @@ def main() -> int:
     print(f"# {args.phase} eager step ({torch.cuda.get_device_name()}): {1e3 * res['step_s_median']:.2f} ms on the GPU's "
           f"clock, host {res['host_ms_median']:.2f} ms (median of 5 unprofiled steps)", file=buf)
     from torch._dynamo.utils import counters
+    print(f"# torch.compile: {counters['stats'].get('unique_graphs', 0)} graphs, {counters['frames'].get('total', 0)} "
+          f"frames; graph breaks (the dense step has none; each costs a resume and guards in every eager step): "
+          + (str({_first_line(k): v for k, v in counters["graph_break"].items()}) or "none"), file=buf)
     print("# torch.compile counters: " + str({k: dict(v) for k, v in counters.items() if v}), file=buf)
     for key in ("tottime", "cumulative"):
         print(f"# by {key}, {args.steps} steps", file=buf)
@@ -63,6 +68,13 @@ def main() -> int:
         with open(args.out, "w") as fh:
             fh.write(text)
     return 0
+
+
+def _first_line(reason: str) -> str:
+    """A graph break's reason without its explanation and hints (its debug context kept: it names the call)."""
+    lines = [ln.strip() for ln in reason.splitlines() if ln.strip()]
+    context = [ln for ln in lines if ln.startswith("Developer debug context")]
+    return " | ".join(lines[:1] + context)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ What is captured: every micro-batch's forward, loss and backward, the gradient c
 update, i.e. everything `Trainer._device_step` queues on the GPU, ~1 400 kernels for GPT-base.
 Replaying the graph launches them all with one call, so the GPU no longer waits between kernels for
 the host (Python, the dispatcher, the autograd engine, inductor's wrappers) to launch the next one
-(docs/performance.md, round 4: GPT-base 42.2 -> 41.0 ms dense, 68.3 -> 37.9 ms in a sparse phase).
+(docs/performance.md, round 4: GPT-base 42.2 -> 41.0 ms dense, 68.3 -> 37.9 ms in a sparse phase; H100, session 36:
+46.4 -> 31.2 ms sparse, 43.0 -> 39.6 ms dense in one process, docs/kernels.md v30).
 This is the whole-network capture of PyTorch's CUDA-graph notes (and Megatron-LM's full-iteration
 CUDA graph), with what a training run needs around it:
 
@@ -68,9 +69,9 @@ DDP_NOTE = ("train.cuda_graph: true captures the DDP step, all-reduces included 
 
 
 # Logged where an SSD run steps eagerly on a GPU: what that costs its sparse phases.
-EAGER_SSD_NOTE = ("SSD's sparse steps run eagerly here, where they are host-bound: GPT-base on one H100 took 86.6 ms "
-                  "per eager sparse step against 42.2 ms per eager dense step and 32.1 ms per captured sparse step "
-                  "(docs/kernels.md v29)")
+EAGER_SSD_NOTE = ("SSD's sparse steps run eagerly here, where they are host-bound and save no time: GPT-base on one H100 "
+                  "took 43.2-46.4 ms per eager sparse step against 40.2-43.0 ms per eager dense step, and 31.2 ms per "
+                  "captured sparse step against 39.6 ms dense (docs/kernels.md v30)")
 
 
 def _unsupported(cfg, world_size: int) -> Optional[str]:

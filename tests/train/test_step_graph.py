@@ -46,7 +46,7 @@ def test_true_refuses_what_it_cannot_capture_and_auto_falls_back(tiny_data, tmp_
     assert not on and "opt-in" in note and "host-bound" not in note
     # an SSD run stepping eagerly is told what that costs its sparse steps
     on, note = resolve(_cfg(tiny_data, tmp_path, method="ssd", **{"train.cuda_graph": "auto"}), cuda, world_size=2)
-    assert not on and "opt-in" in note and "sparse steps run eagerly here, where they are host-bound" in note
+    assert not on and "opt-in" in note and "sparse steps run eagerly here, where they are host-bound and save no time" in note
     on, note = resolve(_cfg(tiny_data, tmp_path, method="ssd"), cuda, world_size=1)
     assert not on and note.startswith("train.cuda_graph: false: SSD's sparse steps run eagerly")
     for method in ("dense", "ssd"):
