@@ -55,9 +55,10 @@ def main() -> int:
     print(f"# {args.phase} eager step ({torch.cuda.get_device_name()}): {1e3 * res['step_s_median']:.2f} ms on the GPU's "
           f"clock, host {res['host_ms_median']:.2f} ms (median of 5 unprofiled steps)", file=buf)
     from torch._dynamo.utils import counters
+    breaks = counters["graph_break"]
     print(f"# torch.compile: {counters['stats'].get('unique_graphs', 0)} graphs, {counters['frames'].get('total', 0)} "
           f"frames; graph breaks (the dense step has none; each costs a resume and guards in every eager step): "
-          + (str({_first_line(k): v for k, v in counters["graph_break"].items()}) or "none"), file=buf)
+          + (str({_first_line(k): v for k, v in breaks.items()}) if breaks else "none"), file=buf)
     print("# torch.compile counters: " + str({k: dict(v) for k, v in counters.items() if v}), file=buf)
     for key in ("tottime", "cumulative"):
         print(f"# by {key}, {args.steps} steps", file=buf)

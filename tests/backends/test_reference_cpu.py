@@ -163,7 +163,7 @@ def test_device_capability_lookup_compiles_without_a_warning(monkeypatch):
 def test_backend_offers_trace_without_a_graph_break(name):
     """The backends' optional offers are asked inside the compiled sparse layer; asking must not break its graph
     (the device image's torch 2.11 could not take a bound method's truth value: three breaks per sparse layer in
-    the GPU step; CI's torch 2.13 traced that form too, so here this guards the image's torch through the GPU runs)."""
+    the GPU step. CI's torch 2.13 traced that form too: the check bites where the suite runs under torch 2.11)."""
     from ssd_megatron.ffn.backends import master_weights_offered, output_bias_offered, router_fold_offered
     backend = get_backend(name)
     torch._dynamo.reset()

@@ -2,7 +2,7 @@
 traces into one graph under torch.compile(fullgraph=True): in fp32, and under bf16 autocast with fp32 master weights.
 
 A graph break there splits every compiled block into several graphs with their guards and resumes between them: on
-the H100 the eager GPT-base sparse step took 86.6-125.0 ms with three breaks per sparse layer and 43.2 ms without
+the H100 the eager GPT-base sparse step took 86.6-125.0 ms with three breaks per sparse layer and 43.2-46.4 ms without
 (docs/kernels.md v30). The check only traces: the backend raises once it is handed the graph, so nothing runs (the
 Triton interpreter cannot run bf16 dots). TRITON_INTERPRET=1 makes our kernels' path the one taken on the CPU, so it
 runs in a subprocess (tests/interpreted.py).
