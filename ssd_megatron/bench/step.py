@@ -546,6 +546,10 @@ def main(argv=None) -> int:
             rec["expert_backend"] = model.ffn_layers()[0].backend.name
         records.append(rec)
         mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "n/a"
+        if rec.get("graph_breaks"):
+            print(f"note: {name} {phase} {variant}: torch.compile met {rec['graph_breaks']} graph break(s) "
+                  f"({rec['compiled_graphs']} graphs); each costs host time in every eager step "
+                  "(tools/profile_host.py names them)", file=sys.stderr, flush=True)
         print(f"{name:14s} {phase:6s} {variant:14s} {rec['step_ms']:9.2f} ms/step {rec['tokens_per_s']:12.0f} tok/s"
               f"  MFU {mfu}" + (f"  host {res['host_ms_median']:.2f} ms/step" if res.get("host_ms_median") else "")
               + (f"  allocator {res['allocator_events_in_timed_steps']}" if res.get("allocator_events_in_timed_steps") else ""),
@@ -570,6 +574,7 @@ def main(argv=None) -> int:
         model = build_ours(shape, device, phase, args.backend)
         run = None
         parts = set(variant.split("+"))
+        before = _compile_counts()
         try:
             run, loss_fn = prepare_ours(model, variant, compile_model)
             with _variant_context(variant, device):
@@ -577,6 +582,7 @@ def main(argv=None) -> int:
                                     args.profile, f"ours_{phase}_{variant}", sync_clip="sync-clip" in parts,
                                     sync_each_step="sync-step" in parts, cuda_graph="cuda-graph" in parts,
                                     adamw="torch" if "torch-adamw" in parts else "auto")
+            res.update(_compile_counts(before))
         except Exception as e:  # an exploratory variant failing must not lose the others
             if variant == "loop":
                 raise
@@ -589,9 +595,11 @@ def main(argv=None) -> int:
         _reset(device, compile_model)
     if not args.no_hf:
         hf = build_hf(shape, device)
+        before = _compile_counts()
         run = torch.compile(hf) if compile_model else hf
         res = time_training(hf, run, lambda m, x, y: _hf_loss(m(input_ids=x).logits, y), shape, device,
                             args.steps, args.warmup, bf16, args.profile, "hf_dense")
+        res.update(_compile_counts(before))
         record("hf-gpt2", "dense", "hf", None, res)  # same shape: the analytic count needs no module
         del hf, run
         _reset(device, compile_model)
@@ -620,6 +628,15 @@ def _finish(out: dict) -> None:
         sparse = by.get(("ssd-megatron", "sparse", variant))
         if sparse:
             out["speedup_sparse_vs_dense" + suffix] = sparse["tokens_per_s"] / rec["tokens_per_s"]
+
+
+def _compile_counts(before: dict = None) -> dict:
+    """torch.compile's graphs compiled and graph breaks met: running totals (dynamo's counters, which
+    torch._dynamo.reset does not clear), or since `before` (docs/kernels.md v30: three breaks per sparse layer had
+    doubled the eager sparse step)."""
+    from torch._dynamo.utils import counters
+    now = {"compiled_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+    return now if before is None else {k: v - before[k] for k, v in now.items()}
 
 
 def _reset(device, compiled: bool) -> None:

@@ -21,6 +21,20 @@ def test_bench_step_tiny_cpu(tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().out
 
 
+def test_bench_step_counts_graphs_and_graph_breaks(tmp_path, capsys):
+    """Each record says how many graphs torch.compile built and how many graph breaks it met for that run
+    (docs/kernels.md v30: three breaks per sparse layer had doubled the eager GPU step). The dense GPT block traces
+    whole; the CPU's reference expert backend breaks at its data-dependent bincount (a known, CPU-only break, which
+    the count must see), and the run says so."""
+    out = tmp_path / "step.json"
+    assert main(["--tiny", "--phase", "both", "--steps", "1", "--warmup", "1", "--device", "cpu", "--compile",
+                 "--no-hf", "--out", str(out)]) == 0
+    by = {r["phase"]: r for r in json.loads(out.read_text())["records"]}
+    assert by["dense"]["graph_breaks"] == 0 and by["dense"]["compiled_graphs"] >= 1
+    assert by["sparse"]["graph_breaks"] > 0 and by["sparse"]["compiled_graphs"] > by["sparse"]["graph_breaks"]
+    assert "ssd-megatron sparse loop: torch.compile met" in capsys.readouterr().err
+
+
 def test_idle_gaps_merges_overlapping_kernels():
     from types import SimpleNamespace as NS
 
