@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ssd_megatron.bench import step as S  # noqa: E402
+from ssd_megatron.train.graph_breaks import reason_line  # noqa: E402
 
 
 def main() -> int:
@@ -58,7 +59,7 @@ def main() -> int:
     breaks = counters["graph_break"]
     print(f"# torch.compile: {counters['stats'].get('unique_graphs', 0)} graphs, {counters['frames'].get('total', 0)} "
           f"frames; graph breaks (the dense step has none; each costs a resume and guards in every eager step): "
-          + (str({_first_line(k): v for k, v in breaks.items()}) if breaks else "none"), file=buf)
+          + (str({reason_line(k): v for k, v in breaks.items()}) if breaks else "none"), file=buf)
     print("# torch.compile counters: " + str({k: dict(v) for k, v in counters.items() if v}), file=buf)
     for key in ("tottime", "cumulative"):
         print(f"# by {key}, {args.steps} steps", file=buf)
@@ -69,13 +70,6 @@ def main() -> int:
         with open(args.out, "w") as fh:
             fh.write(text)
     return 0
-
-
-def _first_line(reason: str) -> str:
-    """A graph break's reason without its explanation and hints (its debug context kept: it names the call)."""
-    lines = [ln.strip() for ln in reason.splitlines() if ln.strip()]
-    context = [ln for ln in lines if ln.startswith("Developer debug context")]
-    return " | ".join(lines[:1] + context)
 
 
 if __name__ == "__main__":

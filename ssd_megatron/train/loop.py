@@ -49,6 +49,7 @@ from .checkpoint import CheckpointManager, resolve_resume
 from .clipping import clip_and_step
 from .data import build_train_data, to_device
 from .flops import SampleShape, method_sample_flops, peak_flops
+from .graph_breaks import GraphBreakWatch
 from .host_gc import HostGC
 from .loss import lm_loss
 from .lr_schedule import LRSchedule
@@ -429,11 +430,15 @@ class Trainer:
         stopped_at = None
         previous_handlers = self._install_signal_handlers()
         host_gc = HostGC(cfg.train.gc_interval)
+        breaks = GraphBreakWatch() if cfg.train.compile else None
         host_gc.start()
         try:
             for step in range(self.step, cfg.train.max_steps):
                 last_train = self._log_train(self.train_step(step), logger) or last_train
                 host_gc.step(step)
+                for line in breaks.new() if breaks is not None else ():
+                    logger.print(f"note: torch.compile broke a compiled block's graph by step {step}: {line}; each "
+                                 "break costs host time in every eager step (train/graph_breaks.py)")
                 done = step + 1
                 if (done % cfg.train.eval_interval == 0 or done % cfg.checkpoint.interval == 0
                         or done == cfg.train.max_steps or self.stop_agreed):

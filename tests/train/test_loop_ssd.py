@@ -131,3 +131,15 @@ def test_ssd_run_with_the_triton_backend_matches_reference(tiny_data, tmp_path, 
     assert sorted(got) == sorted(ref)
     # (equal to the last bit here; dropping the router's dW1 term moves them by up to 1e-4)
     assert all(got[s] == pytest.approx(ref[s], rel=1e-5) for s in ref), [(s, got[s], ref[s]) for s in ref]
+
+
+def test_compiled_ssd_run_tells_its_graph_breaks(tiny_data, tmp_path, capsys):
+    """train.compile: the loop says when a compiled block's graph breaks, once per reason, at the step where it first
+    happens. The CPU's reference backend breaks at its data-dependent bincount, first in the first sparse step."""
+    run = tmp_path / "run"
+    loop_mod.train(_cfg(tiny_data, run, **{**SSD, "train.max_steps": 6, "train.compile": True}))
+    out = capsys.readouterr().out
+    notes = [ln for ln in out.splitlines() if ln.startswith("note: torch.compile broke")]
+    first_sparse = min(s for s, p in _phases(run).items() if p == "sparse")
+    assert notes and all(f"by step {first_sparse}:" in ln for ln in notes), (first_sparse, notes)
+    assert len(notes) == len(set(notes)) and any("bincount" in ln for ln in notes), notes
