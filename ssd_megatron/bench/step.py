@@ -64,6 +64,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..errors import UserError
+from ..train.graph_breaks import compile_counts
 
 BASE = dict(n_layers=12, d_model=768, n_heads=12, d_ff=6144, vocab=50304, batch=16, seq=1024, experts=32, top_k=6)
 TINY = dict(n_layers=2, d_model=64, n_heads=2, d_ff=256, vocab=512, batch=2, seq=64, experts=8, top_k=2)
@@ -574,7 +575,7 @@ def main(argv=None) -> int:
         model = build_ours(shape, device, phase, args.backend)
         run = None
         parts = set(variant.split("+"))
-        before = _compile_counts()
+        before = compile_counts()
         try:
             run, loss_fn = prepare_ours(model, variant, compile_model)
             with _variant_context(variant, device):
@@ -582,7 +583,7 @@ def main(argv=None) -> int:
                                     args.profile, f"ours_{phase}_{variant}", sync_clip="sync-clip" in parts,
                                     sync_each_step="sync-step" in parts, cuda_graph="cuda-graph" in parts,
                                     adamw="torch" if "torch-adamw" in parts else "auto")
-            res.update(_compile_counts(before))
+            res.update(compile_counts(before))
         except Exception as e:  # an exploratory variant failing must not lose the others
             if variant == "loop":
                 raise
@@ -595,11 +596,11 @@ def main(argv=None) -> int:
         _reset(device, compile_model)
     if not args.no_hf:
         hf = build_hf(shape, device)
-        before = _compile_counts()
+        before = compile_counts()
         run = torch.compile(hf) if compile_model else hf
         res = time_training(hf, run, lambda m, x, y: _hf_loss(m(input_ids=x).logits, y), shape, device,
                             args.steps, args.warmup, bf16, args.profile, "hf_dense")
-        res.update(_compile_counts(before))
+        res.update(compile_counts(before))
         record("hf-gpt2", "dense", "hf", None, res)  # same shape: the analytic count needs no module
         del hf, run
         _reset(device, compile_model)
@@ -628,15 +629,6 @@ def _finish(out: dict) -> None:
         sparse = by.get(("ssd-megatron", "sparse", variant))
         if sparse:
             out["speedup_sparse_vs_dense" + suffix] = sparse["tokens_per_s"] / rec["tokens_per_s"]
-
-
-def _compile_counts(before: dict = None) -> dict:
-    """torch.compile's graphs compiled and graph breaks met: running totals (dynamo's counters, which
-    torch._dynamo.reset does not clear), or since `before` (docs/kernels.md v30: three breaks per sparse layer had
-    doubled the eager sparse step)."""
-    from torch._dynamo.utils import counters
-    now = {"compiled_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
-    return now if before is None else {k: v - before[k] for k, v in now.items()}
 
 
 def _reset(device, compiled: bool) -> None:

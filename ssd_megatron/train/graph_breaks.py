@@ -6,7 +6,7 @@ host in every eager step. Nothing else shows it: the losses are the same. Three 
 against 43-46 ms without them; docs/kernels.md v30). SSD compiles its sparse graphs at the first sparse step, so the
 watch runs after every step, not only after the first. Dynamo's counters are per process and never cleared, so the
 watch counts from its own start: a reason seen in an earlier run of the same process is told again when this run
-meets it.
+meets it. `compile_counts` gives the totals that `ssd-bench step` records per run.
 """
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ def reason_line(reason: str) -> str:
 def _counts() -> dict:
     from torch._dynamo.utils import counters
     return dict(counters["graph_break"])
+
+
+def compile_counts(before: dict = None) -> dict:
+    """torch.compile's graphs compiled and graph breaks met in this process (running totals), or since `before`
+    (an earlier call's result)."""
+    from torch._dynamo.utils import counters
+    now = {"compiled_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(_counts().values())}
+    return now if before is None else {k: v - before[k] for k, v in now.items()}
 
 
 class GraphBreakWatch:

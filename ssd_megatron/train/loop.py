@@ -436,7 +436,7 @@ class Trainer:
             for step in range(self.step, cfg.train.max_steps):
                 last_train = self._log_train(self.train_step(step), logger) or last_train
                 host_gc.step(step)
-                for line in breaks.new() if breaks is not None else ():
+                for line in (breaks.new() if breaks else ()):
                     logger.print(f"note: torch.compile broke a compiled block's graph by step {step}: {line}; each "
                                  "break costs host time in every eager step (train/graph_breaks.py)")
                 done = step + 1

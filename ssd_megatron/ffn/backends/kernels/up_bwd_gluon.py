@@ -303,13 +303,6 @@ def _build_once():
     return down_gluon.built_once(_STATE, _build)
 
 
-def fill_shares(numel: int, grid: int, M: int, BM: int, block: int):
-    """(share, chunk): each of `grid` programs zeroes `share` elements of the fill's `numel` (a multiple of the fill's
-    `block`, so that every share starts 16-byte aligned), `chunk` of them after each of its M-tiles."""
-    share = triton.cdiv(triton.cdiv(numel, grid), block) * block
-    return share, triton.cdiv(triton.cdiv(share, max(1, triton.cdiv(M, BM) // grid)), block) * block
-
-
 def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill, act: int, BM: int, BK: int,
            w_stages: int, stages: int, be: int, be2: int, tma_stores: bool = False):
     """The kernel over `tiles` ([n, 2] int32 (expert, first row), first row M = empty) with persistent programs,
@@ -331,7 +324,9 @@ def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill,
     n_tiles = tiles.shape[0]
     grid = max(1, min(n_tiles, down_gluon._sms(dy.device)))
     numel = fill.numel() if fill is not None else 0
-    share, chunk = fill_shares(numel, grid, M, BM, FILL_BLOCK)
+    # each program zeroes `share` elements (a multiple of the fill's block), `chunk` of them per M-tile
+    share = triton.cdiv(triton.cdiv(numel, grid), FILL_BLOCK) * FILL_BLOCK
+    chunk = triton.cdiv(triton.cdiv(share, max(1, triton.cdiv(M, BM) // grid)), FILL_BLOCK) * FILL_BLOCK
     db_ = db if db is not None else dgp
     kernel[(grid,)](dy, dy.stride(0), d, d2, hd, hd2, *outs, tiles, offsets, order, token, gate, dh, dh.stride(0), ga_,
                     ga_.stride(0), dgp, db_, db_.stride(0), fill if fill is not None else dh, numel, share, chunk, M,
