@@ -77,7 +77,9 @@ class ActivationMonitor:
             mask = batch.get("attention_mask")
             if mask is not None:
                 probe.set_mask(mask)
-            with probe:
+            # Eager even where the blocks are compiled: the probe's hooks would otherwise be traced into a graph
+            # variant of their own (and under train.cuda_graph: blocks, into CUDA graphs) used once per monitor step.
+            with probe, torch.compiler.set_stance("force_eager"):
                 model(**batch)
             return probe.per_layer()
         finally:

@@ -45,6 +45,7 @@ from ..errors import UserError
 from ..parallel.data_parallel import compile_blocks, grad_sync, unwrap, wrap_data_parallel
 from ..parallel.distributed import (ParallelDims, all_gather_rows, all_reduce_sum, barrier, destroy_distributed,
                                     init_distributed, resolve_device)
+from . import block_graphs
 from .checkpoint import CheckpointManager, resolve_resume
 from .clipping import clip_and_step
 from .data import build_train_data, to_device
@@ -134,6 +135,9 @@ class Trainer:
                 f"({t.micro_batch_size}) x data-parallel size ({dims.dp_size})")
         self.accum = per_rank // t.micro_batch_size
         self.graphed, self.graph_note = resolve_cuda_graph(cfg, device, dims.world_size)
+        self.blocks = cfg.train.cuda_graph == "blocks"
+        if self.blocks:
+            self.graph_note = block_graphs.resolve(cfg, dims.world_size)
         self.run_dir = cfg.output_dir
         self.autocast = autocast_context(device, t.precision)
         if dims.is_main:
@@ -154,8 +158,11 @@ class Trainer:
         self.model = build_model(cfg.model, self.data.vocab_size).to(device)
         # The method must see the plain model (it swaps classes, holds FFN lists, registers hooks).
         self.method = build_method(cfg, self.model, group=dims.dp_group)
-        if cfg.train.compile:
+        if self.blocks:
+            compile_blocks(self.model, mode=block_graphs.COMPILE_MODE)
+        elif cfg.train.compile:
             compile_blocks(self.model)
+        self.block_graphs = block_graphs.BlockGraphs(self.model, self.accum) if self.blocks else None
         # a captured DDP step: DDP is built on the stream that later warms up and captures (step_graph.py)
         ddp_stream = torch.cuda.Stream(device) if self.graphed and dims.is_distributed else None
         self.wrapped = wrap_data_parallel(
@@ -235,6 +242,8 @@ class Trainer:
             loss_acc += ls
             if extra is not None:
                 extra_acc = extra if extra_acc is None else extra_acc + extra
+        if self.block_graphs is not None:
+            self.block_graphs.end_backward()
         # An inf/nan gradient would poison every weight: such an update is dropped (clipping.py).
         outcome = clip_and_step(self.model.parameters(), self.optimizer, self.cfg.train.grad_clip)
         values = torch.stack([loss_acc, extra_acc if extra_acc is not None else torch.zeros_like(loss_acc),
@@ -270,6 +279,10 @@ class Trainer:
         scale = dims.dp_size / global_tokens
         if self.step_graph is not None:
             device_values, has_extra = self.step_graph(micro, scale, self.method.graph_key()), False
+        elif self.block_graphs is not None:
+            self.block_graphs.begin_step(self.method.graph_key())
+            device_values, has_extra = self._device_step(micro, scale)
+            self.block_graphs.zero_grad(self.optimizer)
         else:
             device_values, has_extra = self._device_step(micro, scale)
             self.optimizer.zero_grad(set_to_none=True)
@@ -430,7 +443,7 @@ class Trainer:
         stopped_at = None
         previous_handlers = self._install_signal_handlers()
         host_gc = HostGC(cfg.train.gc_interval)
-        breaks = GraphBreakWatch() if cfg.train.compile else None
+        breaks = GraphBreakWatch() if cfg.train.compile or self.blocks else None
         host_gc.start()
         try:
             for step in range(self.step, cfg.train.max_steps):

@@ -27,7 +27,8 @@ CUDA graph), with what a training run needs around it:
   permutes the parameters and their moments in place into expert-major storage, where the sparse
   graph reads each expert as a view; a sparse phase is always expert-major).
 
-`train.cuda_graph`: false (default), true, or auto. What it cannot serve (`resolve`): FSDP2 (its
+`train.cuda_graph`: false (default), true, or auto (`blocks`: per-block graphs instead, train/block_graphs.py,
+which several DDP processes can use with their all-reduces left eager). What it cannot serve (`resolve`): FSDP2 (its
 per-block all-gathers and reduce-scatters are not wired up for capture), the baselines (they route,
 drop layers or add losses per step), and CPU runs. There `true` is an error naming the key and `auto`
 runs eagerly with a note, so configs/gpt_base.yaml can say auto and still serve the baseline configs
@@ -88,7 +89,7 @@ def resolve(cfg, device: torch.device, world_size: int) -> tuple[bool, Optional[
     """(capture the step?, a note for the log) for train.cuda_graph; `true` on a run it cannot serve is
     a one-line error, `auto` falls back to eager steps."""
     mode = cfg.train.cuda_graph
-    if device.type != "cuda":
+    if device.type != "cuda" or mode == "blocks":  # blocks: train/block_graphs.py
         return False, None
     eager_ssd = EAGER_SSD_NOTE if cfg.method == "ssd" else None
     if mode is False:

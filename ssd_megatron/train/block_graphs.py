@@ -1,0 +1,105 @@
+"""CUDA graphs per transformer block (`train.cuda_graph: blocks`).
+
+Each block's forward and backward are compiled (torch.compile mode "reduce-overhead") and replayed as CUDA
+graphs by torch's cudagraph trees, while everything between the blocks stays eager: the embeddings, the fused
+LM-head loss, DDP's gradient hooks and all-reduces, the clipping and the AdamW update. That is what a run the
+whole-step graph (`train.cuda_graph: true`, train/step_graph.py) does not serve can still capture: several
+processes with DDP, whose collectives then stay outside any graph. It matters for SSD because an eager sparse
+step is host-bound (GPT-base on one H100: 43-46 ms eager against 31.5 ms with per-block graphs and 39.9 ms
+dense; docs/kernels.md v30).
+
+A block's backward graph writes its weight gradients into the graphs' memory pool, which later replays
+reuse. The autograd engine hands such a gradient to a parameter whose `.grad` is None without copying it.
+With one micro-batch per step that is what eager runs do too: the optimizer reads the gradients before the
+next step's replays, and they are set to None after it. With several, the gradient summed so far would be
+overwritten by the next micro-batch's replay, so torch's recipe (its cudagraph-trees error message for this
+case) is followed:
+
+- every trainable parameter gets a zeroed `.grad` outside any graph before the step, and gradients are
+  zeroed in place between steps, never set to None, so each replay's gradient is added into memory the
+  graphs do not own (an in-place add per micro-batch, the price of accumulation);
+- a kept gradient is a zero gradient where the step gave none, which AdamW would still decay (weight decay,
+  moments), so the first step of each kind (`TrainingMethod.graph_key`: dense, SSD's phases) checks that
+  every trainable parameter received one and names those that did not.
+
+`torch.compiler.cudagraph_mark_step_begin()` opens every step, so the previous step's graph outputs may be
+reused. SSD's phase switch recompiles the blocks (its mode is part of their guards): one set of graphs per phase.
+The switch permutes parameters, gradients and moments in place (ffn/expert_layout.py), so the graphs'
+parameter addresses stay valid. The monitor measures sparsity in an eager forward (ssd/monitor.py).
+On the CPU there are no CUDA graphs: the blocks are compiled and the gradient handling is the same, which
+is what CI checks.
+"""
+from __future__ import annotations
+
+from typing import Hashable, Optional
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .step_graph import GRAPHABLE_METHODS
+
+COMPILE_MODE = "reduce-overhead"
+DDP_NOTE = ("train.cuda_graph: blocks with DDP: per-block graphs, all-reduces eager between them (not yet timed on "
+            "several GPUs here; train/block_graphs.py)")
+
+
+def resolve(cfg, world_size: int) -> Optional[str]:
+    """A note for the log, or a one-line error where per-block graphs do not serve the run."""
+    if cfg.method not in GRAPHABLE_METHODS:
+        raise UserError(f"train.cuda_graph: blocks serves methods {', '.join(GRAPHABLE_METHODS)}, not {cfg.method!r} "
+                        "(it changes its step between steps); set train.cuda_graph: false")
+    if world_size > 1 and cfg.parallel.data_parallel != "ddp":
+        raise UserError(f"train.cuda_graph: blocks serves one process or DDP, not parallel.data_parallel: "
+                        f"{cfg.parallel.data_parallel}; set train.cuda_graph: false")
+    return DDP_NOTE if world_size > 1 else None
+
+
+class BlockGraphs:
+    """What a run with per-block CUDA graphs does around each optimizer step. `accum`: micro-batches per step;
+    with one, gradients are set to None between steps as in eager runs (the step's one backward hands each
+    parameter its gradient, read by the optimizer before any later replay), with more they are kept."""
+
+    def __init__(self, model: nn.Module, accum: int):
+        self.keep_grads = accum > 1
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.checked: set = set()
+        self._key: Optional[Hashable] = None
+        self._hits: Optional[set] = None
+        self._handles: list = []
+
+    def begin_step(self, key: Optional[Hashable]) -> None:
+        """Before a step's first forward: a new generation of graph outputs; with kept gradients, zeroed
+        `.grad` for every trainable parameter allocated outside any graph, and on the first step of a kind a
+        record of which parameters receive a gradient."""
+        torch.compiler.cudagraph_mark_step_begin()
+        if not self.keep_grads:
+            return
+        with torch.no_grad():
+            for _, p in self.named:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        self._key = key
+        if key not in self.checked:
+            self._hits = set()
+            self._handles = [p.register_post_accumulate_grad_hook(lambda _p, i=i: self._hits.add(i))
+                             for i, (_, p) in enumerate(self.named)]
+
+    def end_backward(self) -> None:
+        """After the step's last backward, before the optimizer: the first step of a kind names parameters that
+        got no gradient (with kept gradients AdamW would decay them on zeros)."""
+        if self._hits is None:
+            return
+        for h in self._handles:
+            h.remove()
+        missed = [n for i, (n, _) in enumerate(self.named) if i not in self._hits]
+        self._hits, self._handles = None, []
+        self.checked.add(self._key)
+        if missed:
+            shown = ", ".join(missed[:4]) + (f" and {len(missed) - 4} more" if len(missed) > 4 else "")
+            raise UserError(f"train.cuda_graph: blocks with several micro-batches keeps every gradient allocated, "
+                            f"but a {self._key!r} step gave none to {shown} (AdamW would decay them on zeros); "
+                            "use one micro-batch per step (train.micro_batch_size) or train.cuda_graph: false")
+
+    def zero_grad(self, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=not self.keep_grads)
