@@ -72,7 +72,8 @@ DDP_NOTE = ("train.cuda_graph: true captures the DDP step, all-reduces included 
 # Logged where an SSD run steps eagerly on a GPU: what that costs its sparse phases.
 EAGER_SSD_NOTE = ("SSD's sparse steps run eagerly here, where they are host-bound and save no time: GPT-base on one H100 "
                   "took 43.2-46.4 ms per eager sparse step against 40.2-43.0 ms per eager dense step, and 31.2 ms per "
-                  "captured sparse step against 39.6 ms dense (docs/kernels.md v30)")
+                  "captured sparse step against 39.6 ms dense (docs/kernels.md v30); train.cuda_graph: blocks replays "
+                  "each transformer block as a CUDA graph instead, with DDP too (train/block_graphs.py)")
 
 
 def _unsupported(cfg, world_size: int) -> Optional[str]:
