@@ -2,7 +2,8 @@
 
 Order of construction (each step documented where it matters):
   device / precision -> process groups -> seeds -> data (tokenizer, padded vocabulary) -> model ->
-  method (on the unwrapped model) -> torch.compile per block (train.compile) -> data-parallel
+  method (on the unwrapped model) -> torch.compile per block (train.compile; train.cuda_graph: blocks adds
+  CUDA graphs per block, train/block_graphs.py) -> data-parallel
   wrapping (DDP or FSDP2) -> AdamW + LR schedule -> resume (model, optimizer, RNG, data position,
   method state; metrics.jsonl cut back to the checkpoint) -> steps -> final checkpoint -> report.
 
