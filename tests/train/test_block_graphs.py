@@ -144,7 +144,7 @@ def test_cuda_ssd_run_with_block_graphs_takes_the_compiled_runs_steps(tiny_data,
 def test_cuda_two_ddp_ranks_on_one_gpu_take_one_process_steps(tiny_data, tmp_path):
     """DDP's hooks and all-reduces between the blocks' CUDA graphs: two ranks over gloo share the one GPU (both
     take cuda:0), two micro-batches each per step, against one process with the same global batches."""
-    run = _gpu(**CUDA_SSD, **{"train.max_steps": 24, "train.micro_batch_size": 2, **BLOCKS})
+    run = _gpu(**{**CUDA_SSD, "train.max_steps": 24, "train.micro_batch_size": 2, **BLOCKS})
     one, two = tmp_path / "one", tmp_path / "two"
     loop_mod.train(_cfg(tiny_data, one, **run))
     _torchrun(tiny_data, two, 2, **run, **{"parallel.backend": "gloo", "parallel.data_parallel": "ddp"})
