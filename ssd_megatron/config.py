@@ -96,7 +96,8 @@ class TrainConfig:
     # (dense; SSD's two phases) after 3 eager steps of that kind (train/step_graph.py). Serves CUDA, one
     # process, methods dense and ssd: true = required (error elsewhere), auto = where it can (eager
     # elsewhere, with a note), false = never. blocks = CUDA graphs per transformer block instead (torch.compile
-    # reduce-overhead, implies train.compile; one process or DDP, methods dense and ssd: train/block_graphs.py).
+    # reduce-overhead, implies train.compile; one process or DDP, methods dense and ssd: train/block_graphs.py),
+    # which auto takes for SSD runs of several DDP processes.
     cuda_graph: Literal[False, True, "auto", "blocks"] = False
     grad_clip: float = field(default=1.0, metadata=_meta(lo=0.0))
     eval_interval: int = field(default=100, metadata=_meta(lo=1))

@@ -1,4 +1,5 @@
-"""CUDA graphs per transformer block (`train.cuda_graph: blocks`).
+"""CUDA graphs per transformer block (`train.cuda_graph: blocks`, and `auto` for multi-process DDP SSD runs; which
+runs it serves is decided in train/step_graph.py's `resolve`).
 
 Each block's forward and backward are compiled (torch.compile mode "reduce-overhead") and replayed as CUDA
 graphs by torch's cudagraph trees, while everything between the blocks stays eager: the embeddings, the fused
@@ -37,22 +38,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .step_graph import GRAPHABLE_METHODS
 
 COMPILE_MODE = "reduce-overhead"
-DDP_NOTE = ("train.cuda_graph: blocks with DDP: per-block graphs, all-reduces eager between them (not yet timed on "
-            "several GPUs here; train/block_graphs.py)")
-
-
-def resolve(cfg, world_size: int) -> Optional[str]:
-    """A note for the log, or a one-line error where per-block graphs do not serve the run."""
-    if cfg.method not in GRAPHABLE_METHODS:
-        raise UserError(f"train.cuda_graph: blocks serves methods {', '.join(GRAPHABLE_METHODS)}, not {cfg.method!r} "
-                        "(it changes its step between steps); set train.cuda_graph: false")
-    if world_size > 1 and cfg.parallel.data_parallel != "ddp":
-        raise UserError(f"train.cuda_graph: blocks serves one process or DDP, not parallel.data_parallel: "
-                        f"{cfg.parallel.data_parallel}; set train.cuda_graph: false")
-    return DDP_NOTE if world_size > 1 else None
 
 
 class BlockGraphs:

@@ -135,10 +135,8 @@ class Trainer:
                 f"train.global_batch_size: {t.global_batch_size} must be a multiple of train.micro_batch_size "
                 f"({t.micro_batch_size}) x data-parallel size ({dims.dp_size})")
         self.accum = per_rank // t.micro_batch_size
-        self.graphed, self.graph_note = resolve_cuda_graph(cfg, device, dims.world_size)
-        self.blocks = cfg.train.cuda_graph == "blocks"
-        if self.blocks:
-            self.graph_note = block_graphs.resolve(cfg, dims.world_size)
+        graphs, self.graph_note = resolve_cuda_graph(cfg, device, dims.world_size)
+        self.graphed, self.blocks = graphs == "step", graphs == "blocks"
         self.run_dir = cfg.output_dir
         self.autocast = autocast_context(device, t.precision)
         if dims.is_main:

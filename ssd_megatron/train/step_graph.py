@@ -27,8 +27,9 @@ CUDA graph), with what a training run needs around it:
   permutes the parameters and their moments in place into expert-major storage, where the sparse
   graph reads each expert as a view; a sparse phase is always expert-major).
 
-`train.cuda_graph`: false (default), true, or auto (`blocks`: per-block graphs instead, train/block_graphs.py,
-which several DDP processes can use with their all-reduces left eager). What it cannot serve (`resolve`): FSDP2 (its
+`train.cuda_graph`: false (default), true, auto, or blocks (per-block graphs instead, train/block_graphs.py, which
+several DDP processes can use with their all-reduces left eager; `auto` takes it for multi-process DDP SSD runs).
+What the whole-step graph cannot serve (`resolve`): FSDP2 (its
 per-block all-gathers and reduce-scatters are not wired up for capture), the baselines (they route,
 drop layers or add losses per step), and CPU runs. There `true` is an error naming the key and `auto`
 runs eagerly with a note, so configs/gpt_base.yaml can say auto and still serve the baseline configs
@@ -67,6 +68,8 @@ WARMUP_STEPS = 3
 DDP_WARMUP_STEPS = 11
 DDP_NOTE = ("train.cuda_graph: true captures the DDP step, all-reduces included (experimental, not yet "
             "verified on GPUs here; train/step_graph.py)")
+BLOCKS_DDP_NOTE = ("per-block CUDA graphs with DDP, the all-reduces eager between them (checked with two ranks sharing "
+                   "one GPU, not yet run with NCCL on several; train/block_graphs.py)")
 
 
 # Logged where an SSD run steps eagerly on a GPU: what that costs its sparse phases.
@@ -86,27 +89,46 @@ def _unsupported(cfg, world_size: int) -> Optional[str]:
     return None
 
 
-def resolve(cfg, device: torch.device, world_size: int) -> tuple[bool, Optional[str]]:
-    """(capture the step?, a note for the log) for train.cuda_graph; `true` on a run it cannot serve is
-    a one-line error, `auto` falls back to eager steps."""
+def _blocks_unsupported(cfg, world_size: int) -> Optional[str]:
+    if cfg.method not in GRAPHABLE_METHODS:
+        return f"serves methods {', '.join(GRAPHABLE_METHODS)}, not {cfg.method!r} (it changes its step between steps)"
+    if world_size > 1 and cfg.parallel.data_parallel != "ddp":
+        return f"serves one process or DDP, not parallel.data_parallel: {cfg.parallel.data_parallel}"
+    return None
+
+
+def resolve(cfg, device: torch.device, world_size: int) -> tuple[Optional[str], Optional[str]]:
+    """How train.cuda_graph graphs this run's steps: None (eager), "step" (the whole step, this module) or
+    "blocks" (each transformer block, train/block_graphs.py), and a note for the log. `true` or `blocks` on a
+    run they cannot serve is a one-line error. `auto` takes the whole step where it can; a multi-process DDP
+    SSD run gets per-block graphs (its eager sparse steps would be slower than dense ones, docs/kernels.md v31);
+    anything else runs eagerly, with a note. On the CPU only `blocks` does something: compiled blocks with its
+    gradient handling, no graphs."""
     mode = cfg.train.cuda_graph
-    if device.type != "cuda" or mode == "blocks":  # blocks: train/block_graphs.py
-        return False, None
+    if mode == "blocks":
+        problem = _blocks_unsupported(cfg, world_size)
+        if problem:
+            raise UserError(f"train.cuda_graph: blocks {problem}; set train.cuda_graph: false")
+        return "blocks", (f"train.cuda_graph: blocks: {BLOCKS_DDP_NOTE}" if world_size > 1 else None)
+    if device.type != "cuda":
+        return None, None
     eager_ssd = EAGER_SSD_NOTE if cfg.method == "ssd" else None
     if mode is False:
-        return False, eager_ssd and f"train.cuda_graph: false: {eager_ssd}"
+        return None, eager_ssd and f"train.cuda_graph: false: {eager_ssd}"
     problem = _unsupported(cfg, world_size)
     if problem is None:
-        return True, (DDP_NOTE if world_size > 1 else None)
+        return "step", (DDP_NOTE if world_size > 1 else None)
     if mode == "auto":
-        return False, f"train.cuda_graph: auto runs eager steps here: {problem}" + (f"; {eager_ssd}" if eager_ssd else "")
+        if cfg.method == "ssd" and world_size > 1 and cfg.parallel.data_parallel == "ddp":
+            return "blocks", f"train.cuda_graph: auto with {world_size} DDP processes: {BLOCKS_DDP_NOTE}"
+        return None, f"train.cuda_graph: auto runs eager steps here: {problem}" + (f"; {eager_ssd}" if eager_ssd else "")
     raise UserError(f"train.cuda_graph: true does not fit this run: {problem}; set train.cuda_graph: auto or false")
 
 
 def prepare_process_group(cfg, device: torch.device, world_size: int) -> None:
     """Before init_process_group: a captured DDP step needs NCCL's asynchronous error handling off (its
     watchdog would otherwise query the captured collectives' events). A user's own setting wins."""
-    if world_size > 1 and resolve(cfg, device, world_size)[0]:
+    if world_size > 1 and resolve(cfg, device, world_size)[0] == "step":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
 
 

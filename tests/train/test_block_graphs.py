@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from ssd_megatron.errors import UserError
-from ssd_megatron.train import block_graphs
 from ssd_megatron.train import loop as loop_mod
 from ssd_megatron.train.block_graphs import BlockGraphs
-from ssd_megatron.train.step_graph import resolve as resolve_step_graph
+from ssd_megatron.train.step_graph import resolve
 
 from .test_loop import _cfg, _losses, _records, _torchrun
 from .test_loop_ssd import SSD
@@ -23,14 +22,14 @@ BLOCKS = {"train.cuda_graph": "blocks"}
 
 
 def test_resolve_serves_one_process_and_ddp_and_names_what_it_refuses(tiny_data, tmp_path):
-    assert block_graphs.resolve(_cfg(tiny_data, tmp_path, method="ssd", **BLOCKS), world_size=1) is None
-    assert "DDP" in block_graphs.resolve(_cfg(tiny_data, tmp_path, **BLOCKS), world_size=2)
+    for device in ("cpu", "cuda"):  # on the CPU too: compiled blocks with the same gradient handling
+        assert resolve(_cfg(tiny_data, tmp_path, method="ssd", **BLOCKS), torch.device(device), 1) == ("blocks", None)
+    kind, note = resolve(_cfg(tiny_data, tmp_path, **BLOCKS), torch.device("cuda"), world_size=2)
+    assert kind == "blocks" and "DDP" in note
     with pytest.raises(UserError, match=r"train.cuda_graph: blocks serves methods dense, ssd, not 'pld'"):
-        block_graphs.resolve(_cfg(tiny_data, tmp_path, method="pld", **BLOCKS), world_size=1)
+        resolve(_cfg(tiny_data, tmp_path, method="pld", **BLOCKS), torch.device("cuda"), world_size=1)
     with pytest.raises(UserError, match=r"train.cuda_graph: blocks serves one process or DDP.*fsdp"):
-        block_graphs.resolve(_cfg(tiny_data, tmp_path, **BLOCKS, **{"parallel.data_parallel": "fsdp"}), world_size=2)
-    # the whole-step graph stands aside, on CUDA too
-    assert resolve_step_graph(_cfg(tiny_data, tmp_path, method="ssd", **BLOCKS), torch.device("cuda"), 1) == (False, None)
+        resolve(_cfg(tiny_data, tmp_path, **BLOCKS, **{"parallel.data_parallel": "fsdp"}), torch.device("cuda"), 2)
     with pytest.raises(UserError, match="train.cuda_graph.*accepted: false, true, auto, blocks"):
         _cfg(tiny_data, tmp_path, **{"train.cuda_graph": "block"})
 
@@ -94,7 +93,7 @@ def test_two_ddp_ranks_take_one_process_steps(tiny_data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     loop_mod.train(_cfg(tiny_data, one, **run))
     p = _torchrun(tiny_data, two, 2, **run, **{"parallel.backend": "gloo", "parallel.data_parallel": "ddp"})
-    assert "train.cuda_graph: blocks with DDP" in p.stdout
+    assert "train.cuda_graph: blocks: per-block CUDA graphs with DDP" in p.stdout
     ref, got = _losses(one), _losses(two)
     assert sorted(got) == sorted(ref) == list(range(8))
     assert [r["phase"] for r in _records(two, "train")] == [r["phase"] for r in _records(one, "train")]

@@ -39,26 +39,30 @@ def test_true_refuses_what_it_cannot_capture_and_auto_falls_back(tiny_data, tmp_
     fsdp = _cfg(tiny_data, tmp_path, **{"train.cuda_graph": True, "parallel.data_parallel": "fsdp"})
     with pytest.raises(UserError, match=r"train.cuda_graph: true .*2 processes with fsdp"):
         resolve(fsdp, cuda, world_size=2)
-    # several DDP processes: captured when asked for (experimental), eager under auto
-    on, note = resolve(_cfg(tiny_data, tmp_path, method="ssd", **{"train.cuda_graph": True}), cuda, world_size=2)
-    assert on and "experimental" in note
-    on, note = resolve(_cfg(tiny_data, tmp_path, **{"train.cuda_graph": "auto"}), cuda, world_size=2)
-    assert not on and "opt-in" in note and "host-bound" not in note
+    # several DDP processes: the whole step captured when asked for (experimental); under auto a dense run steps
+    # eagerly and an SSD run, whose eager sparse steps are host-bound, gets per-block graphs
+    kind, note = resolve(_cfg(tiny_data, tmp_path, method="ssd", **{"train.cuda_graph": True}), cuda, world_size=2)
+    assert kind == "step" and "experimental" in note
+    kind, note = resolve(_cfg(tiny_data, tmp_path, **{"train.cuda_graph": "auto"}), cuda, world_size=2)
+    assert kind is None and "opt-in" in note and "host-bound" not in note
+    kind, note = resolve(_cfg(tiny_data, tmp_path, method="ssd", **{"train.cuda_graph": "auto"}), cuda, world_size=2)
+    assert kind == "blocks" and note.startswith("train.cuda_graph: auto with 2 DDP processes: per-block CUDA graphs")
+    kind, note = resolve(_cfg(tiny_data, tmp_path, method="ssd", **{"train.cuda_graph": "auto",
+                                                                    "parallel.data_parallel": "fsdp"}), cuda, world_size=2)
+    assert kind is None and "sparse steps run eagerly here, where they are host-bound and save no time" in note
     # an SSD run stepping eagerly is told what that costs its sparse steps
-    on, note = resolve(_cfg(tiny_data, tmp_path, method="ssd", **{"train.cuda_graph": "auto"}), cuda, world_size=2)
-    assert not on and "opt-in" in note and "sparse steps run eagerly here, where they are host-bound and save no time" in note
-    on, note = resolve(_cfg(tiny_data, tmp_path, method="ssd"), cuda, world_size=1)
-    assert not on and note.startswith("train.cuda_graph: false: SSD's sparse steps run eagerly")
+    kind, note = resolve(_cfg(tiny_data, tmp_path, method="ssd"), cuda, world_size=1)
+    assert kind is None and note.startswith("train.cuda_graph: false: SSD's sparse steps run eagerly")
     for method in ("dense", "ssd"):
         cfg = _cfg(tiny_data, tmp_path, method=method, **{"train.cuda_graph": True})
-        assert resolve(cfg, cuda, world_size=1) == (True, None)
-    on, note = resolve(_cfg(tiny_data, tmp_path, method="pld", **{"train.cuda_graph": "auto"}), cuda, world_size=1)
-    assert not on and "'pld'" in note
-    assert resolve(_cfg(tiny_data, tmp_path, **{"train.cuda_graph": "auto"}), cuda, world_size=1) == (True, None)
-    assert resolve(smoe, torch.device("cpu"), world_size=1) == (False, None)  # CPU: nothing to capture
-    assert resolve(_cfg(tiny_data, tmp_path), cuda, world_size=1) == (False, None)  # default: off
+        assert resolve(cfg, cuda, world_size=1) == ("step", None)
+    kind, note = resolve(_cfg(tiny_data, tmp_path, method="pld", **{"train.cuda_graph": "auto"}), cuda, world_size=1)
+    assert kind is None and "'pld'" in note
+    assert resolve(_cfg(tiny_data, tmp_path, **{"train.cuda_graph": "auto"}), cuda, world_size=1) == ("step", None)
+    assert resolve(smoe, torch.device("cpu"), world_size=1) == (None, None)  # CPU: nothing to capture
+    assert resolve(_cfg(tiny_data, tmp_path), cuda, world_size=1) == (None, None)  # default: off
     for bad in ("sometimes", 1):
-        with pytest.raises(UserError, match="train.cuda_graph.*accepted: false, true, auto"):
+        with pytest.raises(UserError, match="train.cuda_graph.*accepted: false, true, auto, blocks"):
             _cfg(tiny_data, tmp_path, **{"train.cuda_graph": bad})
 
 
