@@ -190,9 +190,12 @@ def _variant_context(variant: str, device):
 
 def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: int, bf16: bool,
                   profile_dir: str = "", tag: str = "", sync_clip: bool = False,
-                  sync_each_step: bool = False, cuda_graph: bool = False, adamw: str = "auto") -> dict:
+                  sync_each_step: bool = False, cuda_graph: bool = False, adamw: str = "auto",
+                  block_graphs: bool = False) -> dict:
     """Median step time of the loop's step (fwd + loss + bwd + clip + fused AdamW) over `steps` steps
-    after `warmup` steps; `run` is what forward is called on (the model, or its compiled wrapper)."""
+    after `warmup` steps; `run` is what forward is called on (the model, or its compiled wrapper).
+    `block_graphs`: the blocks were compiled with mode reduce-overhead; each step is opened as the loop's
+    `train.cuda_graph: blocks` opens it (train/block_graphs.py, one micro-batch)."""
     from ..config import OptimConfig, TrainConfig
     from ..train.clipping import clip_and_step
     from ..train.host_gc import HostGC
@@ -226,12 +229,19 @@ def time_training(model, run, loss_fn, shape: dict, device, steps: int, warmup: 
         from ..train.step_graph import StepGraph
 
         graph = StepGraph(device_step, lambda: opt.zero_grad(set_to_none=True), opt, device)
+    blocks = None
+    if block_graphs:
+        from ..train.block_graphs import BlockGraphs
+
+        blocks = BlockGraphs(model, accum=1)
 
     def step(i):
         b = batches[i % len(batches)]
         micro = [{"x": b[:, :-1], "y": b[:, 1:]}]
         if graph is not None:
             return graph(micro, 1.0)
+        if blocks is not None:
+            blocks.begin_step(None)
         loss = device_step(micro, 1.0)
         opt.zero_grad(set_to_none=True)
         return loss
@@ -582,7 +592,8 @@ def main(argv=None) -> int:
                 res = time_training(model, run, loss_fn, shape, device, args.steps, args.warmup, bf16,
                                     args.profile, f"ours_{phase}_{variant}", sync_clip="sync-clip" in parts,
                                     sync_each_step="sync-step" in parts, cuda_graph="cuda-graph" in parts,
-                                    adamw="torch" if "torch-adamw" in parts else "auto")
+                                    adamw="torch" if "torch-adamw" in parts else "auto",
+                                    block_graphs="cudagraph-blocks" in parts and compile_model)
             res.update(compile_counts(before))
         except Exception as e:  # an exploratory variant failing must not lose the others
             if variant == "loop":
