@@ -75,25 +75,17 @@ BLOCKS_DDP_NOTE = ("per-block CUDA graphs with DDP, the all-reduces eager betwee
 # Logged where an SSD run steps eagerly on a GPU: what that costs its sparse phases.
 EAGER_SSD_NOTE = ("SSD's sparse steps run eagerly here, where they are host-bound and save no time: GPT-base on one H100 "
                   "took 43.2-46.4 ms per eager sparse step against 40.2-43.0 ms per eager dense step, and 31.2 ms per "
-                  "captured sparse step against 39.6 ms dense (docs/kernels.md v30); train.cuda_graph: blocks replays "
-                  "each transformer block as a CUDA graph instead, with DDP too (train/block_graphs.py)")
+                  "captured sparse step against 39.6 ms dense (docs/kernels.md v30); with DDP, train.cuda_graph: blocks "
+                  "(auto's choice there) replays each transformer block as a CUDA graph (train/block_graphs.py)")
 
 
-def _unsupported(cfg, world_size: int) -> Optional[str]:
+def _unsupported(cfg, world_size: int, whole_step: bool = True) -> Optional[str]:
     if cfg.method not in GRAPHABLE_METHODS:
         return f"method {cfg.method!r} changes its step between steps (only {', '.join(GRAPHABLE_METHODS)} can be captured)"
     if world_size > 1 and cfg.parallel.data_parallel != "ddp":
         return f"{world_size} processes with {cfg.parallel.data_parallel} (only DDP's step can be captured)"
-    if world_size > 1 and cfg.train.cuda_graph is not True:
+    if whole_step and world_size > 1 and cfg.train.cuda_graph is not True:
         return f"{world_size} processes (capturing the DDP step is opt-in while unverified: train.cuda_graph: true)"
-    return None
-
-
-def _blocks_unsupported(cfg, world_size: int) -> Optional[str]:
-    if cfg.method not in GRAPHABLE_METHODS:
-        return f"serves methods {', '.join(GRAPHABLE_METHODS)}, not {cfg.method!r} (it changes its step between steps)"
-    if world_size > 1 and cfg.parallel.data_parallel != "ddp":
-        return f"serves one process or DDP, not parallel.data_parallel: {cfg.parallel.data_parallel}"
     return None
 
 
@@ -106,9 +98,9 @@ def resolve(cfg, device: torch.device, world_size: int) -> tuple[Optional[str], 
     gradient handling, no graphs."""
     mode = cfg.train.cuda_graph
     if mode == "blocks":
-        problem = _blocks_unsupported(cfg, world_size)
+        problem = _unsupported(cfg, world_size, whole_step=False)
         if problem:
-            raise UserError(f"train.cuda_graph: blocks {problem}; set train.cuda_graph: false")
+            raise UserError(f"train.cuda_graph: blocks does not fit this run: {problem}; set train.cuda_graph: false")
         return "blocks", (f"train.cuda_graph: blocks: {BLOCKS_DDP_NOTE}" if world_size > 1 else None)
     if device.type != "cuda":
         return None, None

@@ -26,9 +26,9 @@ def test_resolve_serves_one_process_and_ddp_and_names_what_it_refuses(tiny_data,
         assert resolve(_cfg(tiny_data, tmp_path, method="ssd", **BLOCKS), torch.device(device), 1) == ("blocks", None)
     kind, note = resolve(_cfg(tiny_data, tmp_path, **BLOCKS), torch.device("cuda"), world_size=2)
     assert kind == "blocks" and "DDP" in note
-    with pytest.raises(UserError, match=r"train.cuda_graph: blocks serves methods dense, ssd, not 'pld'"):
+    with pytest.raises(UserError, match=r"train.cuda_graph: blocks does not fit this run: method 'pld'.*set train.cuda_graph: false"):
         resolve(_cfg(tiny_data, tmp_path, method="pld", **BLOCKS), torch.device("cuda"), world_size=1)
-    with pytest.raises(UserError, match=r"train.cuda_graph: blocks serves one process or DDP.*fsdp"):
+    with pytest.raises(UserError, match=r"train.cuda_graph: blocks does not fit this run: 2 processes with fsdp"):
         resolve(_cfg(tiny_data, tmp_path, **BLOCKS, **{"parallel.data_parallel": "fsdp"}), torch.device("cuda"), 2)
     with pytest.raises(UserError, match="train.cuda_graph.*accepted: false, true, auto, blocks"):
         _cfg(tiny_data, tmp_path, **{"train.cuda_graph": "block"})
