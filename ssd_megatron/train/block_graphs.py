@@ -6,8 +6,9 @@ graphs by torch's cudagraph trees, while everything between the blocks stays eag
 LM-head loss, DDP's gradient hooks and all-reduces, the clipping and the AdamW update. That is what a run the
 whole-step graph (`train.cuda_graph: true`, train/step_graph.py) does not serve can still capture: several
 processes with DDP, whose collectives then stay outside any graph. It matters for SSD because an eager sparse
-step is host-bound (GPT-base on one H100: 43-46 ms eager against 31.5 ms with per-block graphs and 39.9 ms
-dense; docs/kernels.md v30).
+step is host-bound: GPT-base SSD in this loop on one H100 ran its eager sparse steps at 0.87× a dense step's speed
+(39.0 against 33.8 ms) and at 1.35× with per-block graphs (25.1 ms, within 1% of the whole-step graph;
+docs/kernels.md v31).
 
 A block's backward graph writes its weight gradients into the graphs' memory pool, which later replays
 reuse. The autograd engine hands such a gradient to a parameter whose `.grad` is None without copying it.
