@@ -2,7 +2,7 @@
 
 CPU (CI): the runs it serves and refuses; the gradient handling on its own (kept and zeroed in place with
 several micro-batches, set to None with one; a parameter without a gradient named on the first step of a
-kind); an SSD run with two micro-batches per step takes the plain compiled run's steps bit for bit; two gloo
+kind); an SSD run with two micro-batches per step takes the plain compiled run's steps (to 1e-6); two gloo
 ranks with DDP take one process's steps. CUDA: the same with the blocks' CUDA graphs replayed, SSD's phases
 included, against the compiled run without graphs, and DDP's two ranks sharing one GPU over gloo."""
 import pytest
@@ -26,7 +26,8 @@ def test_resolve_serves_one_process_and_ddp_and_names_what_it_refuses(tiny_data,
         assert resolve(_cfg(tiny_data, tmp_path, method="ssd", **BLOCKS), torch.device(device), 1) == ("blocks", None)
     kind, note = resolve(_cfg(tiny_data, tmp_path, **BLOCKS), torch.device("cuda"), world_size=2)
     assert kind == "blocks" and "DDP" in note
-    with pytest.raises(UserError, match=r"train.cuda_graph: blocks does not fit this run: method 'pld'.*set train.cuda_graph: false"):
+    with pytest.raises(UserError, match=r"train.cuda_graph: blocks does not fit this run: method 'pld'.*"
+                                        r"set train.cuda_graph: false"):
         resolve(_cfg(tiny_data, tmp_path, method="pld", **BLOCKS), torch.device("cuda"), world_size=1)
     with pytest.raises(UserError, match=r"train.cuda_graph: blocks does not fit this run: 2 processes with fsdp"):
         resolve(_cfg(tiny_data, tmp_path, **BLOCKS, **{"parallel.data_parallel": "fsdp"}), torch.device("cuda"), 2)
