@@ -231,7 +231,10 @@ class Trainer:
     def _device_step(self, micro: list[dict], scale) -> tuple[torch.Tensor, bool]:
         """The step's device work: forward/backward of every micro-batch, clip, optimizer step. Returns
         ([loss sum, extra-loss sum, grad norm, skipped], whether the method adds a loss); reads nothing
-        back, so train.cuda_graph can capture it (`scale` is then a device scalar)."""
+        back, so train.cuda_graph can capture it (`scale` is then a device scalar). Under per-block graphs
+        the step is opened and its gradients checked around the micro-batches (train/block_graphs.py)."""
+        if self.block_graphs is not None:
+            self.block_graphs.begin_step(self.method.graph_key())
         loss_acc = torch.zeros((), dtype=torch.float32, device=self.device)
         extra_acc = None
         for i, mb in enumerate(micro):
@@ -278,13 +281,12 @@ class Trainer:
         scale = dims.dp_size / global_tokens
         if self.step_graph is not None:
             device_values, has_extra = self.step_graph(micro, scale, self.method.graph_key()), False
-        elif self.block_graphs is not None:
-            self.block_graphs.begin_step(self.method.graph_key())
-            device_values, has_extra = self._device_step(micro, scale)
-            self.block_graphs.zero_grad(self.optimizer)
         else:
             device_values, has_extra = self._device_step(micro, scale)
-            self.optimizer.zero_grad(set_to_none=True)
+            if self.block_graphs is not None:
+                self.block_graphs.zero_grad(self.optimizer)  # in place where its gradients are kept
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
         self.consumed = self.train_iter.consumed_samples
         method_metrics = self.method.after_step(step) or {}
         if dims.dp_group is not None:  # gloo: a CPU round trip
