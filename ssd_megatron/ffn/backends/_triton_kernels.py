@@ -694,7 +694,8 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
             from .kernels import down_gluon
             if down_gluon.serves(a, w, BM, BN, ns):
                 down_gluon.launch(a, w, _tile_list(plan, BM, None), plan.offsets, plan.order, plan.token, gate, buf,
-                                  c, M, gate_flat is not None, atomic, rank1 is not None, BM, BN, ns)
+                                  c, M, gate_flat is not None, atomic, rank1 is not None, BM, BN, ns,
+                                  _block_group("SSD_TRITON_DOWN_GROUP", num_n))
                 return
             variant = STAGED
         descs = _down_descriptors(a, w, BM, BN, BK) if variant == TMA and Ein % BK == 0 and _hopper(a) else None
@@ -832,8 +833,9 @@ def _half_sums() -> bool:
 def _block_group(var: str, blocks: int) -> int:
     """Column blocks per group of a launch's program order, from `var` (unset or `auto`: 0, the order before v32,
     not yet measured otherwise), clipped to the launch's `blocks`: SSD_TRITON_WGRAD_GROUP (kernels/wgrad.py's QG,
-    dW's column blocks) and SSD_TRITON_DOWN_GROUP (kernels/common.py's `_grid_tile` NG, the output's column blocks
-    of the down launches with one block per program). One block: 0 (the same order, no second specialisation)."""
+    dW's column blocks) and SSD_TRITON_DOWN_GROUP (the output's column blocks of the down launches: kernels/common.py's
+    `_grid_tile` NG where a program takes one block, kernels/down_gluon.py's `group`). One block: 0 (the same order,
+    no second specialisation)."""
     from ...errors import UserError
 
     text = os.environ.get(var, "auto").strip()

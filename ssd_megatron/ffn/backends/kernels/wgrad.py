@@ -17,13 +17,13 @@ transposing pointer loads, where L's rows are contiguous and 16-byte aligned and
 L as it is loaded). A tile's rows past the expert's (or chunk's) end are then the next rows of L, not zeros;
 R's rows there are masked to zero, so they add nothing.
 
-QG (SSD_TRITON_WGRAD_GROUP, `_triton_kernels._block_group`), the programs' order. At 8B (T 16384, D 4096, N 64, K 16) R = x or dy is 134 MB,
-more than L2 holds, and every expert gathers a quarter of its rows. In t-major order the ~264 programs in flight are
-about 4 experts' 64 tiles: they share each expert's L rows (2 MB) in L2, but the gathered R rows come from DRAM once
-per expert, T K D 2 bytes = 2.1 GB per launch. With QG q blocks per group, the programs in flight are about 16 experts
-(QG 8, two p blocks) over QG * BQ columns; they walk their experts' rows in token order at about the same pace, so an
-R row slice is read from DRAM about once per 16 experts (N / 16 * T D 2 = 0.54 GB) and each expert's L rows once per
-group (N P 2 * num_q / QG = 0.54 GB): about half the bytes (a model, not measured)."""
+QG (SSD_TRITON_WGRAD_GROUP, `_triton_kernels._block_group`), the programs' order. At 8B (T 16384, D 4096, N 64, K 16)
+R = x or dy is 134 MB, more than L2 holds, and every expert gathers a quarter of its rows. In t-major order the ~264
+programs in flight are about 4 experts' 64 tiles: they share each expert's L rows (2 MB) in L2, but the gathered R
+rows come from DRAM once per expert, T K D 2 bytes = 2.1 GB per launch. With QG q blocks per group, the programs in
+flight are about 16 experts (QG 8, two p blocks) over QG * BQ columns; they walk their experts' rows in token order at
+about the same pace, so an R row slice is read from DRAM about once per 16 experts (N / 16 * T D 2 = 0.54 GB) and each
+expert's L rows once per group (N P 2 * num_q / QG = 0.54 GB): about half the bytes (a model, not measured)."""
 import triton
 import triton.language as tl
 
