@@ -104,28 +104,6 @@ def test_triton_kernel_variants_bf16(case, variant):
         kernels.force_config()
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[8], CASES[13], CASES[14]], ids=[IDS[0], IDS[8], IDS[13], IDS[14]])
-@pytest.mark.parametrize("down", ["down-plain", "down-tma", "down-ws"])
-@pytest.mark.parametrize("group", [1, 3])
-def test_triton_block_groups_bf16(case, down, group, monkeypatch):
-    """The wgrad's and the down's programs in column-block groups (SSD_TRITON_WGRAD_GROUP and SSD_TRITON_DOWN_GROUP;
-    kernels/wgrad.py's QG, kernels/common.py's NG, kernels/down_gluon.py's `group` where the WS kernel serves: the
-    ReLU cases' dx with Triton >= 3.9) against the reference."""
-    if "triton" not in AVAILABLE:
-        pytest.skip("triton not available here")
-    from ssd_megatron.ffn.backends import _triton_kernels as kernels
-    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    monkeypatch.setenv("SSD_TRITON_WGRAD_GROUP", str(group))
-    monkeypatch.setenv("SSD_TRITON_DOWN_GROUP", str(group))
-    inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
-    down_cfg = {"down": (128, 64, 64, 4, 2, kernels.WS)} if down == "down-ws" else KERNEL_VARIANTS[down]
-    kernels.force_config(**down_cfg, wgrad=(64, 64, 64, 4, 3))
-    try:
-        compare(run(TritonBackend(), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
-    finally:
-        kernels.force_config()
-
-
 # down variant 5 (WS, kernels/down_gluon.py: Gluon, sm_90, Triton >= 3.9) where it serves: Ein (E for the
 # forward's down, F1 for dx) a power of two <= 256, contiguous bf16 weights. Skewed loads, experts with no
 # tokens, M = T * K not a multiple of the 64-row tile, D not a multiple of the 64-column block (200), one token

@@ -132,8 +132,7 @@ WS_LAUNCHES = {"dx": (64, "bfloat16", "atomic16", False, False),
                "dx-fold": (64, "bfloat16", "atomic16", False, True),
                "fwd-atomic32": (64, "bfloat16", "atomic32", True, False),
                "fwd-buffer": (64, "bfloat16", "buffer", True, False),
-               "dx-256-fp16": (256, "float16", "atomic16", False, False),
-               "dx-groups": (64, "bfloat16", "atomic16", False, False, "1")}  # SSD_TRITON_DOWN_GROUP=1
+               "dx-256-fp16": (256, "float16", "atomic16", False, False)}
 
 
 def _down_case(Ein, dtype, T=100, D=128, N=8, K=2):
@@ -155,13 +154,9 @@ def _ws_compile_main():  # in a subprocess: compile-only launches for sm_90 (too
     cr.offline(90)
     K.force_config(down=DOWN_WS)
 
-    def launch(Ein, dtype, combine, scale, rank1, group="auto"):
+    def launch(Ein, dtype, combine, scale, rank1):
         a, w, plan, gate, r1 = _down_case(Ein, getattr(torch, dtype))
-
-        def run():
-            os.environ["SSD_TRITON_DOWN_GROUP"] = group
-            return K.down_scatter(a, w, plan, gate if scale else None, combine, rank1=r1 if rank1 else None)
-        return run
+        return lambda: K.down_scatter(a, w, plan, gate if scale else None, combine, rank1=r1 if rank1 else None)
     print("WS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in WS_LAUNCHES.items()})))
 
 
@@ -256,7 +251,7 @@ def test_ws_down_falls_back_to_staged(monkeypatch, why):
         want[:, 0] = N - 1
         want[: len(e), 0], want[: len(e), 1] = e, starts
         assert torch.equal(args[2], want), (args[2], want)  # the expert-ordered tiles, empty ones (row M) last
-        assert args[10:] == (True, True, False, BM, BN, stages, 0)  # scale, atomic, rank-1, the tile, no groups
+        assert args[10:] == (True, True, False, BM, BN, stages)  # scale, atomic, rank-1, the tile
     else:  # (served, but this Triton has no Gluon that builds it: STAGED too)
         assert name == "triton" and kwargs["STAGED"] and not kwargs["ROWLOOP"], (name, kwargs)
 
@@ -289,7 +284,7 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     assert len(calls) == 1, calls
     name, args, kwargs = calls[0]
     if why == "served":
-        assert name == "ws" and set(served) == {K.AUTO_WS[:2] + K.AUTO_WS[4:5]} and args[-4:] == (128, 64, 2, 0), args
+        assert name == "ws" and set(served) == {K.AUTO_WS[:2] + K.AUTO_WS[4:5]} and args[-3:] == (128, 64, 2), args
     else:  # the default tile (a Triton kernel, TMA or not), never the STAGED fallback
         assert name in ("triton", "tma") and not kwargs.get("STAGED"), (name, kwargs)
 

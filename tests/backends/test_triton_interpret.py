@@ -49,15 +49,10 @@ FUSED_TOKEN_ORDER = [8, 10]  # the fused forward's M-tiles from the token-window
 # the fused forward with its weights by TMA (mlp variant 3, with down's): E = 16 (one tile; empty experts), W_out's
 # column view, E = 48 = 32 + 16; and a gated activation, which keeps the pointer loads
 FUSED_TMA = [8, 13, 15, 11]
-# programs in column-block groups (a sixth entry G: SSD_TRITON_WGRAD_GROUP and SSD_TRITON_DOWN_GROUP): groups of one
-# (empty experts; row chunks with skewed loads, ROWLOOP's one block) and of two over three blocks (D = 40: the last
-# group narrower; GLU; the pre-gathered wgrad; per-tile down by pointers, and with TMA)
-BLOCK_GROUPS = [(0, (0, 0, "auto", 16, 0, 1)), (1, (1, 32, "auto", 16, 0, 1)), (3, (0, 0, "auto", 16, 0, 2)),
-                (3, (3, 0, "auto", 16, 0, 2)), (6, (0, 0, "token:2", 16, 0, 2))]
 RUNS = ([(c, (0, 0, "auto", 16, 0)) for c in range(len(CASES))] + [(c, v) for v in VARIANTS for c in VARIANT_CASES]
         + [(c, (0, 0, "token", 16, 0)) for c in FUSED_TOKEN_ORDER]
         + [(4, (4, 0, "auto", 64, 0)), (4, (4, 32, "auto", 64, 1))]
-        + [(c, (3, 0, "auto", 16, 0)) for c in FUSED_TMA] + BLOCK_GROUPS)
+        + [(c, (3, 0, "auto", 16, 0)) for c in FUSED_TMA])
 TOL = 1e-5
 
 
@@ -68,10 +63,8 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     tiny = (16, 16, 16, 1, 1)
     results = []
-    for c, (down_variant, chunk, order, bp, two, *group) in RUNS:
+    for c, (down_variant, chunk, order, bp, two) in RUNS:
         os.environ["SSD_TRITON_TILE_ORDER"] = order
-        for var in ("SSD_TRITON_WGRAD_GROUP", "SSD_TRITON_DOWN_GROUP"):
-            os.environ[var] = str(group[0]) if group else "auto"
         case, opts = CASES[c]
         _force_variant(kernels, tiny, down_variant, chunk, bp, two)
         opts = dict(opts)
@@ -84,8 +77,6 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
         except Exception as exc:  # reported per case by the parent
             results.append({"exception": f"{type(exc).__name__}: {exc}"[:2000]})
     os.environ.pop("SSD_TRITON_TILE_ORDER")
-    os.environ.pop("SSD_TRITON_WGRAD_GROUP")
-    os.environ.pop("SSD_TRITON_DOWN_GROUP")
     print("RESULTS " + json.dumps(results))
     print("PLANS " + json.dumps(_plan_results()))
     print("COMPILE " + json.dumps(_compile_results(kernels, tiny)))
@@ -398,8 +389,7 @@ def test_triton_interpret_matches_reference(interpret_results, i):
 
 @pytest.mark.parametrize("i", range(len(CASES), len(RUNS)),
                          ids=[f"{CASES[c][0]['activation']}-{'fused' if CASES[c][1].get('fused_forward') else ''}"
-                              f"down{v[0]}-chunk{v[1]}-{v[2]}-bp{v[3]}{'-2pass' * v[4]}{''.join(f'-qg{g}' for g in v[5:])}"
-                              for c, v in RUNS[len(CASES):]])
+                              f"down{v[0]}-chunk{v[1]}-{v[2]}-bp{v[3]}{'-2pass' * v[4]}" for c, v in RUNS[len(CASES):]])
 def test_triton_interpret_kernel_variants(interpret_results, i):
     res = interpret_results[0][i]
     assert "exception" not in res, res.get("exception")

@@ -694,21 +694,19 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
             from .kernels import down_gluon
             if down_gluon.serves(a, w, BM, BN, ns):
                 down_gluon.launch(a, w, _tile_list(plan, BM, None), plan.offsets, plan.order, plan.token, gate, buf,
-                                  c, M, gate_flat is not None, atomic, rank1 is not None, BM, BN, ns,
-                                  _block_group("SSD_TRITON_DOWN_GROUP", num_n))
+                                  c, M, gate_flat is not None, atomic, rank1 is not None, BM, BN, ns)
                 return
             variant = STAGED
         descs = _down_descriptors(a, w, BM, BN, BK) if variant == TMA and Ein % BK == 0 and _hopper(a) else None
         if descs is not None:
-            _down_tma_kernel[(m_tiles * num_n,)](*descs[:2], *rest, num_n, W_KROWS=descs[2], **meta,
-                                                 NG=_block_group("SSD_TRITON_DOWN_GROUP", num_n))
+            _down_tma_kernel[(m_tiles * num_n,)](*descs[:2], *rest, num_n, W_KROWS=descs[2], **meta)
             return
         num_n = 1 if variant in (ROWLOOP, STAGED) else num_n
         # STAGED's reduction tiles; fixed for the other variants, which do not read them (no extra compiles)
         be, be2 = _split_width(Ein) if variant == STAGED else (16, 0)
         _down_kernel[(m_tiles * num_n,)](*operands, *rest, num_n, EVEN_K=Ein % BK == 0, EVEN_N=Dout % BN == 0,
                                          ROWLOOP=variant == ROWLOOP, STAGED=variant == STAGED, SPLIT=be2 > 0, BE=be,
-                                         BE2=max(be2, 16), NG=_block_group("SSD_TRITON_DOWN_GROUP", num_n), **meta)
+                                         BE2=max(be2, 16), **meta)
 
     launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)), launch, _hopper(a),
                  lambda: _auto_down_ws(a, w, atomic)))  # (positional: tests stand in for _pick with *more)
@@ -830,23 +828,6 @@ def _half_sums() -> bool:
     return _switch("SSD_WGRAD_HALF_SUMS", "1", "in dW's bf16/fp16", "fp32 sums")
 
 
-def _block_group(var: str, blocks: int) -> int:
-    """Column blocks per group of a launch's program order, from `var` (unset or `auto`: 0, the order before v32,
-    not yet measured otherwise), clipped to the launch's `blocks`: SSD_TRITON_WGRAD_GROUP (kernels/wgrad.py's QG,
-    dW's column blocks) and SSD_TRITON_DOWN_GROUP (the output's column blocks of the down launches: kernels/common.py's
-    `_grid_tile` NG where a program takes one block, kernels/down_gluon.py's `group`). One block: 0 (the same order,
-    no second specialisation)."""
-    from ...errors import UserError
-
-    text = os.environ.get(var, "auto").strip()
-    if text == "auto":
-        return 0
-    if not text.isdigit():
-        raise UserError(f"{var}: {text!r}; accepted: auto, or G >= 0 column blocks per group (0: each tile's blocks "
-                        f"side by side)")
-    return min(int(text), blocks) if blocks > 1 else 0
-
-
 def _router_sums() -> bool:
     """SSD_WGRAD_ROUTER_SUMS=1 (the default): a "pairs" router term is summed in the Gluon dW1 kernel where it serves
     (`wgrad`'s fold; kernels/wgrad_gluon.py's FOLD 3); 0: torch's GEMM, added per expert, as elsewhere."""
@@ -869,8 +850,6 @@ def check_switches() -> None:
         env_configs()
     if os.environ.get("SSD_TRITON_TILE_ORDER"):
         _tile_groups()
-    _block_group("SSD_TRITON_WGRAD_GROUP", 1)
-    _block_group("SSD_TRITON_DOWN_GROUP", 1)
     _half_sums()
     _router_sums()
     _up_bwd_tma_stores()
@@ -986,8 +965,7 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
             lhs, lhs.stride(0), rhs, rhs.stride(0), plan.token, plan.offsets, c, fold_p,
             out, out.stride(0), out.stride(1), out.stride(2), N, P, Q, num_p, num_q, *(descs or (None, None)),
             GATHER=not gathered, PREC=_prec(lhs), SPLIT=bool(ch), FOLD=_FOLD_CODES[kind], SPLIT_P=bp2 > 0,
-            LTMA=descs is not None, QG=_block_group("SSD_TRITON_WGRAD_GROUP", num_q), BP=bp, BP2=max(bp2, 16),
-            BQ=BQ, BK=BK, CH=max(ch, BK), NP2=_np2(N),
+            LTMA=descs is not None, BP=bp, BP2=max(bp2, 16), BQ=BQ, BK=BK, CH=max(ch, BK), NP2=_np2(N),
             num_warps=nw, num_stages=ns)
         state["out"] = out
 

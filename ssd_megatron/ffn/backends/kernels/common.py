@@ -65,31 +65,20 @@ def _tile_of(OFFS, pid_m, N, BM: tl.constexpr, NP2: tl.constexpr):
 
 
 @triton.jit
-def _grid_tile(OFFS, TILES, num_n, N, BM: tl.constexpr, NP2: tl.constexpr, SCHED: tl.constexpr, NG: tl.constexpr):
+def _grid_tile(OFFS, TILES, num_n, N, BM: tl.constexpr, NP2: tl.constexpr, SCHED: tl.constexpr):
     """This program's place in a grid of (expert-aligned M-tile, column block) pairs: (expert, column
     block, first row, rows, row mask, whether the tile holds any row). M-tiles in expert order, or with
-    SCHED in the order of the schedule TILES ([tiles, 2] int32: expert, first row; `token_window_tiles`).
-    NG = 0: an M-tile's column blocks side by side; NG > 0: the column blocks in groups of NG (the last may be
-    narrower), every M-tile's blocks of one group before the next group, so that an atomic combine's adds into
-    one group's columns of all token rows (T x NG x BN) can stay in L2 (`_triton_kernels._down_group`)."""
+    SCHED in the order of the schedule TILES ([tiles, 2] int32: expert, first row; `token_window_tiles`)."""
     pid = tl.program_id(0)
-    if NG == 0:
-        t = pid // num_n
-        pid_n = pid % num_n
-    else:
-        group = tl.num_programs(0) // num_n * NG  # programs per full group: every M-tile's NG blocks
-        g = pid // group
-        w = tl.minimum(NG, num_n - g * NG)
-        t = (pid - g * group) // w
-        pid_n = g * NG + (pid - g * group) % w
     if SCHED:
+        t = pid // num_n
         e = tl.load(TILES + 2 * t)
         row0 = tl.load(TILES + 2 * t + 1)
         row_end = tl.load(OFFS + e + 1)
     else:
-        e, row0, row_end = _tile_of(OFFS, t, N, BM, NP2)
+        e, row0, row_end = _tile_of(OFFS, pid // num_n, N, BM, NP2)
     rows = row0 + tl.arange(0, BM)
-    return e, pid_n, row0, rows, rows < row_end, row0 < row_end
+    return e, pid % num_n, row0, rows, rows < row_end, row0 < row_end
 
 
 @triton.jit

@@ -105,13 +105,13 @@ def _down_rows(ORDER, TOK, GATE, rows, rmask, LOAD_G: tl.constexpr):
 def _down_tma_kernel(
     A_desc, W_desc, ORDER, TOK, GATE, OFFS, TILES, OUT, stride_o, C, stride_c, N, Ein, Dout, num_n,
     SCALE: tl.constexpr, ATOMIC: tl.constexpr, RANK1: tl.constexpr, W_KROWS: tl.constexpr, PREC: tl.constexpr,
-    SCHED: tl.constexpr, NG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
+    SCHED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NP2: tl.constexpr,
 ):
     """`_down_kernel` with both operands fetched by the bulk-copy engine (TMA): A's tile is the contiguous
     sorted rows row0:row0 + BM (rows past the expert's end are fetched too and masked at the store), and
     W[e] comes from a 2-D view of all experts' weights ([N*Ein, Dout] when W_KROWS, else [Dout, N*Ein]).
     No per-thread addresses in the main loop; the launcher uses it only when Ein is a multiple of BK."""
-    e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, TILES, num_n, N, BM, NP2, SCHED, NG)
+    e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, TILES, num_n, N, BM, NP2, SCHED)
     if live:
         pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE or RANK1)
         n0 = pid_n * BN
@@ -133,14 +133,13 @@ def _down_kernel(
     C, stride_c,                 # RANK1: [N, Dout]
     N, Ein, Dout, num_n,
     SCALE: tl.constexpr, ATOMIC: tl.constexpr, RANK1: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    PREC: tl.constexpr, SCHED: tl.constexpr, NG: tl.constexpr, ROWLOOP: tl.constexpr, STAGED: tl.constexpr,
-    SPLIT: tl.constexpr,
+    PREC: tl.constexpr, SCHED: tl.constexpr, ROWLOOP: tl.constexpr, STAGED: tl.constexpr, SPLIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr, BE2: tl.constexpr, NP2: tl.constexpr,
 ):
     """A program owns an M-tile and BN output columns, or with ROWLOOP all Dout columns in BN steps
     (the A tile is then fetched from L2 once and re-read from L1, and the routing metadata once), or with
     STAGED all Dout columns from A rows loaded once (module docstring; Ein as BE + BE2 columns)."""
-    e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, TILES, num_n, N, BM, NP2, SCHED, NG)
+    e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, TILES, num_n, N, BM, NP2, SCHED)
     if live:
         rows64 = rows.to(tl.int64)
         pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, SCALE or RANK1)

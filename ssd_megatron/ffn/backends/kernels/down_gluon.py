@@ -82,33 +82,32 @@ def _build():
     require_gluon("WS down kernel")
 
     @gluon.jit
-    def loader(a_desc, w_desc, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, TILES, M, Dout, n_tiles, ng):
+    def loader(a_desc, w_desc, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, TILES, M, Dout, n_tiles):
         Ein: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[1]
         NS: gl.constexpr = b_bufs.type.shape[0]
         num_n = gl.cdiv(Dout, BN)
         it = 0  # work items (M-tile, column block) of this program so far, in order
         j = 0   # live M-tiles of this program so far
-        for n0 in range(0, num_n, ng):  # the column groups (launch's `group`), each over all M-tiles
-            for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-                e = gl.load(TILES + 2 * t)
-                row0 = gl.load(TILES + 2 * t + 1)
-                if row0 < M:
-                    ta = j % 2
-                    mbarrier.wait(a_empty.index(ta), ((j // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
-                    mbarrier.expect(a_full.index(ta), a_desc.block_type.nbytes)
-                    tma.async_load(a_desc, [row0, 0], a_full.index(ta), a_bufs.index(ta))
-                    for n in range(n0, gl.minimum(n0 + ng, num_n)):
-                        s = it % NS
-                        mbarrier.wait(b_empty.index(s), ((it // NS) & 1) ^ 1)
-                        mbarrier.expect(b_full.index(s), w_desc.block_type.nbytes)
-                        tma.async_load(w_desc, [e * Ein, n * BN], b_full.index(s), b_bufs.index(s))
-                        it += 1
-                    j += 1
+        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            e = gl.load(TILES + 2 * t)
+            row0 = gl.load(TILES + 2 * t + 1)
+            if row0 < M:
+                ta = j % 2
+                mbarrier.wait(a_empty.index(ta), ((j // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
+                mbarrier.expect(a_full.index(ta), a_desc.block_type.nbytes)
+                tma.async_load(a_desc, [row0, 0], a_full.index(ta), a_bufs.index(ta))
+                for n in range(num_n):
+                    s = it % NS
+                    mbarrier.wait(b_empty.index(s), ((it // NS) & 1) ^ 1)
+                    mbarrier.expect(b_full.index(s), w_desc.block_type.nbytes)
+                    tma.async_load(w_desc, [e * Ein, n * BN], b_full.index(s), b_bufs.index(s))
+                    it += 1
+                j += 1
 
     @gluon.jit
     def consumer(a_desc, w_desc, TILES, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, order, OFFS, ORDER, TOK,
-                 GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, ng, which, SCALE: gl.constexpr,
+                 GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, which, SCALE: gl.constexpr,
                  ATOMIC: gl.constexpr, RANK1: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BN: gl.constexpr = w_desc.block_type.shape[1]
@@ -124,56 +123,55 @@ def _build():
         it = 0
         j = 0
         turn = 0  # this consumer's work items so far: its products alternate with the other's
-        for n0 in range(0, num_n, ng):
-            for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-                e = gl.load(TILES + 2 * t)
-                row0 = gl.load(TILES + 2 * t + 1)
-                if row0 < M:
-                    ta = j % 2
-                    rows = row0 + gl.arange(0, BM, layout=row_l)
-                    rmask = rows < gl.load(OFFS + e + 1)
-                    pair = gl.load(ORDER + rows, mask=rmask, other=0)
-                    if SCALE or RANK1:
-                        g = gl.load(GATE + pair, mask=rmask, other=0.0).to(gl.float32)
-                    else:
-                        g = gl.zeros((BM, ), dtype=gl.float32, layout=row_l)
-                    # the output row of each A row: its token's (atomic adds), else its (t, k) pair's
-                    if ATOMIC:
-                        dst = gl.load(TOK + rows, mask=rmask, other=0).to(gl.int64) * stride_o
-                    else:
-                        dst = pair.to(gl.int64) * stride_o
-                    mbarrier.wait(a_full.index(ta), (j // 2) & 1)
-                    for n in range(n0, gl.minimum(n0 + ng, num_n)):
-                        if it % 2 == which:
-                            s = it % NS
-                            mbarrier.wait(b_full.index(s), (it // NS) & 1)
-                            mbarrier.wait(order.index(which), (turn & 1) ^ (1 - which))  # consumer 0 goes first
-                            acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma_l)
-                            acc = warpgroup_mma(a_bufs.index(ta), b_bufs.index(s), acc, is_async=True)
-                            mbarrier.arrive(order.index(1 - which), count=1)  # the other may issue its chain now
-                            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                            mbarrier.arrive(b_empty.index(s), count=1)
-                            acc = gl.convert_layout(acc, layout)
-                            cols = n * BN + gl.arange(0, BN, layout=col_l)
-                            cmask = cols < Dout
-                            if SCALE:
-                                acc = acc * g[:, None]
-                            if RANK1:
-                                c = gl.load(C + e.to(gl.int64) * stride_c + cols, mask=cmask, other=0.0).to(gl.float32)
-                                acc = acc + g[:, None] * c[None, :]
-                            omask = rmask[:, None] & cmask[None, :]
-                            if ATOMIC:  # the K rows of a token come from different work items: add them in place
-                                gl.atomic_add(OUT + dst[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty),
-                                              mask=omask, sem="relaxed")
-                            else:
-                                gl.store(OUT + dst[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
-                            turn += 1
-                        it += 1
-                    mbarrier.arrive(a_empty.index(ta), count=1)  # both consumers arrive: count 2
-                    j += 1
+        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            e = gl.load(TILES + 2 * t)
+            row0 = gl.load(TILES + 2 * t + 1)
+            if row0 < M:
+                ta = j % 2
+                rows = row0 + gl.arange(0, BM, layout=row_l)
+                rmask = rows < gl.load(OFFS + e + 1)
+                pair = gl.load(ORDER + rows, mask=rmask, other=0)
+                if SCALE or RANK1:
+                    g = gl.load(GATE + pair, mask=rmask, other=0.0).to(gl.float32)
+                else:
+                    g = gl.zeros((BM, ), dtype=gl.float32, layout=row_l)
+                # the output row of each A row: its token's (atomic adds), else its (t, k) pair's
+                if ATOMIC:
+                    dst = gl.load(TOK + rows, mask=rmask, other=0).to(gl.int64) * stride_o
+                else:
+                    dst = pair.to(gl.int64) * stride_o
+                mbarrier.wait(a_full.index(ta), (j // 2) & 1)
+                for n in range(num_n):
+                    if it % 2 == which:
+                        s = it % NS
+                        mbarrier.wait(b_full.index(s), (it // NS) & 1)
+                        mbarrier.wait(order.index(which), (turn & 1) ^ (1 - which))  # consumer 0 goes first
+                        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma_l)
+                        acc = warpgroup_mma(a_bufs.index(ta), b_bufs.index(s), acc, is_async=True)
+                        mbarrier.arrive(order.index(1 - which), count=1)  # the other may issue its chain now
+                        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                        mbarrier.arrive(b_empty.index(s), count=1)
+                        acc = gl.convert_layout(acc, layout)
+                        cols = n * BN + gl.arange(0, BN, layout=col_l)
+                        cmask = cols < Dout
+                        if SCALE:
+                            acc = acc * g[:, None]
+                        if RANK1:
+                            c = gl.load(C + e.to(gl.int64) * stride_c + cols, mask=cmask, other=0.0).to(gl.float32)
+                            acc = acc + g[:, None] * c[None, :]
+                        omask = rmask[:, None] & cmask[None, :]
+                        if ATOMIC:  # the K rows of a token come from different work items: add them in place
+                            gl.atomic_add(OUT + dst[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty),
+                                          mask=omask, sem="relaxed")
+                        else:
+                            gl.store(OUT + dst[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
+                        turn += 1
+                    it += 1
+                mbarrier.arrive(a_empty.index(ta), count=1)  # both consumers arrive: count 2
+                j += 1
 
     @gluon.jit
-    def down_ws_kernel(a_desc, w_desc, TILES, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, ng,
+    def down_ws_kernel(a_desc, w_desc, TILES, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles,
                        SCALE: gl.constexpr, ATOMIC: gl.constexpr, RANK1: gl.constexpr, STAGES: gl.constexpr,
                        CREGS: gl.constexpr, LREGS: gl.constexpr, num_warps: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
@@ -195,10 +193,10 @@ def _build():
             mbarrier.init(b_full.index(i), count=1)
             mbarrier.init(b_empty.index(i), count=1)
         shared = (a_desc, w_desc, TILES, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, order, OFFS, ORDER, TOK,
-                  GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, ng)
+                  GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles)
         first = shared + (0, SCALE, ATOMIC, RANK1)  # (bound to names first: an int literal inline is not lowered)
         second = shared + (1, SCALE, ATOMIC, RANK1)
-        loads = (a_desc, w_desc, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, TILES, M, Dout, n_tiles, ng)
+        loads = (a_desc, w_desc, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, TILES, M, Dout, n_tiles)
         gl.warp_specialize([(consumer, first), (consumer, second), (loader, loads)], [4, 1], [CREGS, LREGS])
 
     gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -263,18 +261,14 @@ def _sms(device: torch.device) -> int:
 
 
 def launch(a, w, tiles, offsets, order, token, gate, out, c, M, scale: bool, atomic: bool, rank1: bool,
-           BM: int, BN: int, stages: int, group: int = 0):
+           BM: int, BN: int, stages: int):
     """The kernel over `tiles` ([n, 2] int32 (expert, first row), first row M = empty) with persistent
-    programs, one per SM. group > 0: the output's column blocks in groups of `group`, every M-tile's blocks of one
-    group before the next (each A tile then loaded once per group), so that the adds into one group's columns of
-    all token rows can stay in L2 (SSD_TRITON_DOWN_GROUP, kernels/common.py's `_grid_tile`); 0: all blocks of an
-    M-tile at once. The caller checked `serves`."""
+    programs, one per SM. The caller checked `serves`."""
     kernel, descriptors = _build_once()
     N, Ein, Dout = w.shape
     a_desc, w_desc = descriptors(a, w.reshape(N * Ein, Dout), BM, BN)
     n_tiles = tiles.shape[0]
     grid = (max(1, min(n_tiles, _sms(a.device))),)
-    ng = group if group > 0 else -(-Dout // BN)
     kernel[grid](a_desc, w_desc, tiles, offsets, order, token, gate, out, out.stride(0), c, c.stride(0), M, Dout,
-                 n_tiles, ng, SCALE=scale, ATOMIC=atomic, RANK1=rank1, STAGES=stages, CREGS=CONSUMER_REGS,
+                 n_tiles, SCALE=scale, ATOMIC=atomic, RANK1=rank1, STAGES=stages, CREGS=CONSUMER_REGS,
                  LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS)

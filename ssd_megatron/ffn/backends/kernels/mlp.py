@@ -39,7 +39,7 @@ def _mlp_kernel(
     W1_RC: tl.constexpr, W2_RC: tl.constexpr,
     BM: tl.constexpr, BE: tl.constexpr, BE2: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, NP2: tl.constexpr,
 ):
-    e, _, row0, rows, rmask, live = _grid_tile(OFFS, TILES, 1, N, BM, NP2, SCHED, 0)
+    e, _, row0, rows, rmask, live = _grid_tile(OFFS, TILES, 1, N, BM, NP2, SCHED)
     if live:
         pair, tok, g = _down_rows(ORDER, TOK, GATE, rows, rmask, True)
         fcols = tl.arange(0, BE)

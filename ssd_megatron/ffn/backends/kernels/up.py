@@ -167,7 +167,7 @@ def _up_kernel(
     the GEMM alone, its product (da) stored to OUT's sorted rows; PASS 2 the epilogue alone, on X = da."""
     if HAS_FILL:  # every program, live tile or not: the grid covers the whole output
         _fill_share(FILL, FILL_ROW, fill_numel, fill_width, fill_chunk, tl.program_id(0), HAS_FILL_ROW, FILL_BLOCK)
-    e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, TILES, num_n, N, BM, NP2, SCHED, 0)
+    e, pid_n, row0, rows, rmask, live = _grid_tile(OFFS, TILES, num_n, N, BM, NP2, SCHED)
     if live:
         cols = pid_n * BN + tl.arange(0, BN)
         cmask = cols < E

@@ -15,15 +15,7 @@ lost at 8B and tied at best at base (H100, docs/kernels.md v14), so it does not.
 LTMA (a seventh config entry of 1, `_triton_kernels.wgrad`): L's tiles by TMA descriptors instead of the
 transposing pointer loads, where L's rows are contiguous and 16-byte aligned and FOLD is not 1 (which adds to
 L as it is loaded). A tile's rows past the expert's (or chunk's) end are then the next rows of L, not zeros;
-R's rows there are masked to zero, so they add nothing.
-
-QG (SSD_TRITON_WGRAD_GROUP, `_triton_kernels._block_group`), the programs' order. At 8B (T 16384, D 4096, N 64, K 16)
-R = x or dy is 134 MB, more than L2 holds, and every expert gathers a quarter of its rows. In t-major order the ~264
-programs in flight are about 4 experts' 64 tiles: they share each expert's L rows (2 MB) in L2, but the gathered R
-rows come from DRAM once per expert, T K D 2 bytes = 2.1 GB per launch. With QG q blocks per group, the programs in
-flight are about 16 experts (QG 8, two p blocks) over QG * BQ columns; they walk their experts' rows in token order at
-about the same pace, so an R row slice is read from DRAM about once per 16 experts (N / 16 * T D 2 = 0.54 GB) and each
-expert's L rows once per group (N P 2 * num_q / QG = 0.54 GB): about half the bytes (a model, not measured)."""
+R's rows there are masked to zero, so they add nothing."""
 import triton
 import triton.language as tl
 
@@ -59,29 +51,6 @@ def _dw_store(acc, DW, stride_de, stride_dp, stride_dq, e, pc, pm, qc, qm, COEF,
 
 
 @triton.jit
-def _wgrad_tile(pid, num_p, num_q, QG: tl.constexpr):
-    """(t, p block, q block) of program `pid`. QG = 0: t-major (an expert's, or chunk's, tiles side by side, so the
-    programs in flight share its L rows in L2 but each gathers its own R rows). QG > 0: the q blocks in groups of
-    QG, and within a group every t's QG x num_p tiles in turn (the last group may be narrower), so the programs in
-    flight cover many experts over a few q blocks and each gathered R row slice is read from DRAM about once per
-    wave of experts instead of once per expert (module docstring)."""
-    if QG == 0:
-        t = pid // (num_p * num_q)
-        rem = pid % (num_p * num_q)
-        pb = rem // num_q
-        qb = rem % num_q
-    else:
-        group = tl.num_programs(0) // num_q * QG  # programs per full group: num_t x QG x num_p
-        g = pid // group
-        w = tl.minimum(QG, num_q - g * QG) * num_p
-        rem = pid - g * group
-        t = rem // w
-        pb = rem % w % num_p
-        qb = g * QG + rem % w // num_p
-    return t, pb, qb
-
-
-@triton.jit
 def _wgrad_kernel(
     L, stride_l,                 # [M, P] grouped rows (ga or dh)
     R, stride_r,                 # GATHER: [T, Q] token-major (dy or x); else [M, Q] grouped rows
@@ -91,14 +60,19 @@ def _wgrad_kernel(
     N, P, Q, num_p, num_q,
     LD, LD2,                     # LTMA: TMA descriptors of L in [BK, BP] and [BK, BP2] boxes
     GATHER: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, SPLIT_P: tl.constexpr,
-    LTMA: tl.constexpr, QG: tl.constexpr,
+    LTMA: tl.constexpr,
     BP: tl.constexpr, BP2: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr, NP2: tl.constexpr,
 ):
     """A program owns dW[e, p-block, q-block] (SPLIT_P: all of P, module docstring) over all of expert e's
     rows; with SPLIT, over one chunk of at most CH of them (chunks never straddle two experts), adding its
     partial sum into a zeroed fp32 DW with atomics. Equal chunks keep every program the same length
     whatever the expert loads: without them, a heavy expert's programs run last and alone (the grid's tail)."""
-    t, pb, qb = _wgrad_tile(tl.program_id(0), num_p, num_q, QG)
+    pid = tl.program_id(0)
+    per_t = num_p * num_q
+    t = pid // per_t
+    rem = pid % per_t
+    pb = rem // num_q
+    qb = rem % num_q
     if SPLIT:
         e, start, e_end = _tile_of(OFFS, t, N, CH, NP2)
         end = tl.minimum(start + CH, e_end)
