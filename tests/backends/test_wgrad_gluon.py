@@ -38,7 +38,12 @@ LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96, "atomi
             "pairs-base-dw1-half": (192, 768, "bfloat16", "pairs", "bfloat16", 96, "reduce", 3, False, True),
             "pairs-base-dw1-fp32": (192, 768, "bfloat16", "pairs", "float32", 96, "atomic", 4, False, False),
             "pairs-whole-experts": (192, 256, "bfloat16", "pairs", "bfloat16", 0, "store", 4, False, False),
-            "pairs-8b-dw1-fp32": (256, 512, "bfloat16", "pairs", "float32", 96, "atomic", 4, False, False)}
+            "pairs-8b-dw1-fp32": (256, 512, "bfloat16", "pairs", "float32", 96, "atomic", 4, False, False),
+            # 8B's P = 256 as two 128-column boxes (SSD_WGRAD_TWO_BOXES=1, the 16-warp layout): dW1 with the router's
+            # term and dW2 by half-sum reduces, dW1 by fp32 atomics into master weights' dW
+            "two-boxes-8b-dw1-half": (256, 512, "bfloat16", "pairs", "bfloat16", 96, "reduce", 3, False, True, True),
+            "two-boxes-8b-dw2-half": (256, 512, "bfloat16", False, "bfloat16", 96, "reduce", 3, False, True, True),
+            "two-boxes-8b-dw1-fp32": (256, 512, "bfloat16", "pairs", "float32", 96, "atomic", 4, False, False, True)}
 
 
 def _case(P, Q, dtype=torch.bfloat16, fold=False, dw_dtype=torch.float32, T=100, N=8, K=2, column_view=False):
@@ -65,13 +70,14 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
     from ssd_megatron.ffn.backends import _triton_kernels as K
     cr.offline(90)
 
-    def launch(P, Q, dtype, fold, dw_dtype, chunk, epilogue, rings, column_view, half):
+    def launch(P, Q, dtype, fold, dw_dtype, chunk, epilogue, rings, column_view, half, two_boxes=False):
         lhs, rhs, plan, like, f = _case(P, Q, getattr(torch, dtype), fold, getattr(torch, dw_dtype),
                                         column_view=column_view)
 
         def run():
             K.force_config(wgrad=WS[:3] + (rings, rings, chunk, 5))
             os.environ["SSD_WGRAD_HALF_SUMS"] = str(int(half))
+            os.environ["SSD_WGRAD_TWO_BOXES"] = str(int(two_boxes))
             K.wgrad(lhs, rhs, plan, like, gathered=False, fold=f)
         return run
     print("WGRADWS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in LAUNCHES.items()})))
@@ -100,12 +106,15 @@ def test_ws_wgrad_compiles_for_sm90(compiled, name):
     pairs = LAUNCHES[name][3] == "pairs"  # (the gradient matrix's own small kernel first)
     assert [kname for kname, _ in res] == ["_row_matrix_kernel"] * pairs + ["wgrad_ws_kernel"], res
     r = res[-1][1]
-    assert r["warps"] == (12 if LAUNCHES[name][0] > 128 + 64 else 16), r  # (a 256-column box: 12)
+    one_wide_box = LAUNCHES[name][0] > 128 + 64 and not LAUNCHES[name][10:]
+    assert r["warps"] == (12 if one_wide_box else 16), r  # (a 256-column box: 12)
     assert r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
     assert ("64x16x16" in r["mma"].split(",")) == pairs, r  # FOLD 3's third product
     epilogue = LAUNCHES[name][6]
     assert r["cas"] == 0 and (r["atom"] > 0) == (epilogue == "atomic"), r
     assert (r["utmaredg"] > 0) == (epilogue == "reduce"), r
+    # (two boxes by TMA reduces: two m64n128 accumulators, no spills; the atomics' epilogues spill in every layout)
+    assert not LAUNCHES[name][10:] or epilogue != "reduce" or r["stack"] == 0, r
     assert r["smem_kb"] * 1024 <= 227 * 1024, r
 
 

@@ -842,6 +842,20 @@ def _up_bwd_tma_stores() -> bool:
     return _switch("SSD_TRITON_UP_BWD_TMA_STORES", "1", "TMA stores", "pointer stores")
 
 
+def _two_boxes() -> bool:
+    """SSD_WGRAD_TWO_BOXES=1: the WS wgrad takes a 256-column P (8B's dW1 and dW2) as two 128-column boxes, so its
+    consumers hold two m64n128 accumulators within the 16-warp layout (four R loader warps) instead of one m64n256
+    in the 12-warp one (two), which lost at 8B (docs/kernels.md v22, v26); 0 (the default): one box. Built in
+    session 38 after v32 found the 8B wgrad latency-bound, compiled offline, not yet timed; `auto` does not take the
+    WS wgrad at 8B either way. Part of its launch keys."""
+    return _switch("SSD_WGRAD_TWO_BOXES", "0", "two 128-column boxes", "one 256-column box")
+
+
+def _ws_boxes(P: int):
+    """The WS wgrad's boxes of P's columns: `_split_width`'s, or for P = 256 two of 128 (`_two_boxes`)."""
+    return (128, 128) if P == 256 and _two_boxes() else _split_width(P)
+
+
 def check_switches() -> None:
     """Parse every SSD_* switch of these kernels that is set, so that a malformed value fails where the backend is
     built, not inside a compiled step (each raises a one-line UserError naming the variable)."""
@@ -853,6 +867,7 @@ def check_switches() -> None:
     _half_sums()
     _router_sums()
     _up_bwd_tma_stores()
+    _two_boxes()
     score_grad.enabled(0)
     routing_plan.fill_place(0)
 
@@ -870,7 +885,7 @@ def _wgrad_ws(lhs, rhs, plan, dw, fold_kind, coef, fold_p: int, ch: int, BQ: int
     else by fp32 atomics: dW itself when of that dtype, else a buffer with its strides, copied by the caller);
     else each expert's rows per program, stored into dW."""
     from .kernels import score_grad, wgrad_gluon
-    be, be2 = _split_width(lhs.shape[1])
+    be, be2 = _ws_boxes(lhs.shape[1])
     def tile(target, fold):
         return lhs, rhs, target, fold, ch > 0, BQ, BK, l_stages, r_stages, be, be2
 
@@ -935,12 +950,12 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
         # specialisation: an A/B arm that flips one needs its own eager launch to load that module), built only where
         # `auto` consults it
         return (lhs.device, lhs.dtype, tuple(lhs.shape), tuple(rhs.shape), tuple(dw.shape), dw.stride(), dw.dtype,
-                fold_kind, _reduces_allowed(), _half_sums())
+                fold_kind, _reduces_allowed(), _half_sums(), _two_boxes())
 
     def ws_key(cfg):  # kernels/gluon_launches.key of this launch with tile `cfg`
         from .kernels import gluon_launches
         return gluon_launches.key((lhs, rhs, plan.offsets, plan.token, coef[0] if fold_kind == "pairs" else coef, dw),
-                                  fold_kind, fold_p, split, cfg, _reduces_allowed(), _half_sums())
+                                  fold_kind, fold_p, split, cfg, _reduces_allowed(), _half_sums(), _two_boxes())
 
     def launch(cfg):
         BP, BQ, BK, nw, ns = cfg[:5]
