@@ -67,6 +67,7 @@ from . import score_grad  # ROW_WIDTH: FOLD 3's gradient matrix
 # 128 columns, 16 warps: four R loader warps, the L loader's one in a warpgroup of its own (2 x 128 x 224 + 128 x 40
 # + 128 x 24 = 64 K); a 256-column box (8B: a 64 x 256 fp32 accumulator, 128 registers, in one m64n256 wgmma that
 # ptxas will not fit in 128) takes 12: two R loader warps beside the L loader's (2 x 128 x 232 + 128 x 40 <= 64 K).
+# SSD_WGRAD_TWO_BOXES=1 (`_triton_kernels._ws_boxes`) takes a 256-column P as 128 + 128 instead: the narrow layout.
 WARPS_NARROW = (4, 224, 40, 24, 128)
 WARPS_WIDE = (2, 232, 40, 40, 168)
 _STATE: dict = {"build": None}
