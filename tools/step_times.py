@@ -20,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ssd_megatron.bench.step import triton_version  # noqa: E402
 from ssd_megatron.train.metrics import read_metrics  # noqa: E402
 
 
@@ -47,14 +48,6 @@ def summarise(run_dir: str, skip: int) -> dict:
             for phase, rs in phases.items()}
 
 
-def _triton_version():
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
-
-
 def main(argv=None) -> int:
     import torch
 
@@ -77,7 +70,7 @@ def main(argv=None) -> int:
     if args.out:
         res = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "gpus": torch.cuda.device_count(), "date": datetime.date.today().isoformat(),
-               "torch": torch.__version__, "triton": _triton_version(), "skip": args.skip, "runs": runs}
+               "torch": torch.__version__, "triton": triton_version(), "skip": args.skip, "runs": runs}
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)
     return 0

@@ -540,7 +540,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "transformers": _version("transformers"),
-        "triton": _triton_version(),
+        "triton": triton_version(),
         "shape": shape, "bf16": bf16, "compile": compile_model, "backend": args.backend, "peak_flops": peak,
         "inductor_options": inductor, "env": tuning_env(),
         "records": records,
@@ -652,7 +652,7 @@ def _reset(device, compiled: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def _triton_version():
+def triton_version():
     """The imported Triton's version (a Triton put on the path, e.g. tools/carry_triton.sh's, has no metadata)."""
     try:
         import triton

@@ -111,7 +111,7 @@ def resolve(cfg, device: torch.device, world_size: int) -> tuple[Optional[str], 
     if problem is None:
         return "step", (DDP_NOTE if world_size > 1 else None)
     if mode == "auto":
-        if cfg.method == "ssd" and world_size > 1 and cfg.parallel.data_parallel == "ddp":
+        if cfg.method == "ssd" and world_size > 1 and _unsupported(cfg, world_size, whole_step=False) is None:
             return "blocks", f"train.cuda_graph: auto with {world_size} DDP processes: {BLOCKS_DDP_NOTE}"
         return None, f"train.cuda_graph: auto runs eager steps here: {problem}" + (f"; {eager_ssd}" if eager_ssd else "")
     raise UserError(f"train.cuda_graph: true does not fit this run: {problem}; set train.cuda_graph: auto or false")
