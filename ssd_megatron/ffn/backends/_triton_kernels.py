@@ -252,7 +252,7 @@ def _auto_wgrad_ws(lhs, rhs, dw, fold_kind, split: bool, gathered: bool, eager_k
     the module; the first eager launch of its `eager_key()`; later eager launches keep kernels/wgrad.py)."""
     if not split or gathered or fold_kind == "rows" or not _hopper(lhs):
         return None
-    be, be2 = _split_width(lhs.shape[1])
+    be, be2 = _ws_boxes(lhs.shape[1])
     from .kernels import gluon_launches
     if be > 128 or not gluon_launches.take(lhs, lambda: key(AUTO_WGRAD_WS), eager_key):
         return None
@@ -843,12 +843,12 @@ def _up_bwd_tma_stores() -> bool:
 
 
 def _two_boxes() -> bool:
-    """SSD_WGRAD_TWO_BOXES=1: the WS wgrad takes a 256-column P (8B's dW1 and dW2) as two 128-column boxes, so its
-    consumers hold two m64n128 accumulators within the 16-warp layout (four R loader warps) instead of one m64n256
-    in the 12-warp one (two), which lost at 8B (docs/kernels.md v22, v26); 0 (the default): one box. Built in
-    session 38 after v32 found the 8B wgrad latency-bound, compiled offline, not yet timed; `auto` does not take the
-    WS wgrad at 8B either way. Part of its launch keys."""
-    return _switch("SSD_WGRAD_TWO_BOXES", "0", "two 128-column boxes", "one 256-column box")
+    """SSD_WGRAD_TWO_BOXES=1 (the default): the WS wgrad takes a 256-column P (8B's dW1 and dW2, SwiGLU's dW2) as two
+    128-column boxes, so its consumers hold two m64n128 accumulators within the 16-warp layout (four R loader warps);
+    0: one m64n256 box in the 12-warp layout (two R loader warps), which lost at 8B (docs/kernels.md v22, v26). H200,
+    v33, 8B ReLU layer fwd+bwd (graphed, seven A/B rounds): 7.83-7.94 ms (kernels/wgrad.py, `auto` before) -> 7.48-7.72
+    with two boxes; one box 8.63-8.69. Part of its launch keys."""
+    return _switch("SSD_WGRAD_TWO_BOXES", "1", "two 128-column boxes", "one 256-column box")
 
 
 def _ws_boxes(P: int):
