@@ -282,7 +282,7 @@ def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
 
 
 # wgrad's seventh entry 5 (WS, kernels/wgrad_gluon.py: Gluon, sm_90, Triton >= 3.9) where it serves: P = E (dW2) or
-# F1 (dW1; 2E with a gate) up to 256 as one or two power-of-two boxes (48 = 32 + 16, 192 = 128 + 64), Q (D) a
+# F1 (dW1; 2E with a gate) up to 256 as one or two power-of-two boxes (48 = 32 + 16, 192 = 128 + 64, 256 = 128 + 128), Q (D) a
 # multiple of 16. Balanced items (row segments of at least 96 or 40 rows, crossing experts; atomic adds, or TMA
 # reduces through either 2-D view of dW) and whole experts (0: stores), skewed loads, experts with no tokens, Q not a multiple of the column block (208, 96), one
 # token, K = 1, SwiGLU's dW1 (P = 2E = 128), the router's term in dW1's epilogue; fp32 master weights (dW written in
@@ -291,8 +291,6 @@ def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
 WGRAD_WS_TILES = {"balanced96": (64, 128, 64, 4, 4, 96, 5), "balanced40-bk32": (64, 128, 32, 2, 3, 40, 5),
                   "balanced96-tmaout": (64, 128, 64, 3, 3, 96, 5),  # TMA reduces (the others: SSD_WGRAD_TMA_OUT=0)
                   "balanced96-tmaout-half": (64, 128, 64, 3, 3, 96, 5),  # into bf16 dW itself (SSD_WGRAD_HALF_SUMS=1)
-                  # P = 256 as two 128-column boxes (SSD_WGRAD_TWO_BOXES=1; other widths as before)
-                  "balanced96-tmaout-half-two": (64, 128, 64, 3, 3, 96, 5),
                   "experts": (64, 128, 64, 3, 4, 0, 5)}
 WGRAD_WS_CASES = [dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewed"),
                   dict(activation="relu", T=333, D=208, E=192, N=8, K=2, routing="empty"),  # base's P = 128 + 64
@@ -332,7 +330,6 @@ def test_triton_wgrad_ws_bf16(case, fold, tile, weights, monkeypatch):
     reduces = []
     monkeypatch.setattr(wgrad_gluon, "launch", counted)
     tma_out, half = "tmaout" in tile, "half" in tile
-    monkeypatch.setenv("SSD_WGRAD_TWO_BOXES", str(int(tile.endswith("two"))))
     if not tma_out:  # the balanced items' fp32 atomics, not the TMA reduces they take where they fit
         monkeypatch.setenv("SSD_WGRAD_TMA_OUT", "0")
     monkeypatch.setenv("SSD_WGRAD_HALF_SUMS", str(int(half)))

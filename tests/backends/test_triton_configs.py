@@ -110,7 +110,7 @@ def test_bad_env_config_fails_when_the_backend_is_built(monkeypatch):
 
 @pytest.mark.parametrize("var", ["SSD_WGRAD_HALF_SUMS", "SSD_WGRAD_ROUTER_SUMS", "SSD_TRITON_SCORE_GRAD",
                                  "SSD_TRITON_UP_BWD_TMA_STORES",
-                                 "SSD_PLAN_FILL", "SSD_TRITON_TILE_ORDER", "SSD_WGRAD_TWO_BOXES"])
+                                 "SSD_PLAN_FILL", "SSD_TRITON_TILE_ORDER"])
 def test_every_bad_switch_fails_when_the_backend_is_built(monkeypatch, var):
     """Each kernel switch's malformed value is a one-line error naming it when the backend is built (not inside a
     compiled step); well-formed values pass."""

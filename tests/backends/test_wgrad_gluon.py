@@ -20,11 +20,11 @@ WS = (64, 128, 64, 4, 4, 96, 5)  # BP (unused), BQ, BK, the L ring's depth, the 
 # rows; 0: whole experts), variant 5
 # name -> (P, Q, dtype, router term, dW's dtype, balanced items' least rows or 0, the epilogue expected, the rings'
 # depths, dW as W_out's column view): base's P = 128 + 64 (dW1 with the router's term, bf16 weights: an fp32 buffer;
-# four-slot rings leave no room for the TMA reduces' staging: atomics), 8B's P = 256 in one box (fp32 master weights:
-# atomics), whole experts stored into bf16, a thin fp16 expert with Q not a multiple of the column block (TMA
+# four-slot rings leave no room for the TMA reduces' staging: atomics), 8B's P = 256 as two 128-column boxes (fp32
+# master weights: atomics), whole experts stored into bf16, a thin fp16 expert with Q not a multiple of the column block (TMA
 # reduces, Q contiguous), base's dW2 with three-slot rings (TMA reduces, P contiguous); with half sums (the last
-# entry: SSD_WGRAD_HALF_SUMS=1) base's dW1 and dW2 and 8B's dW2 by TMA reduces into bf16 dW itself (8B's 256-column
-# box has room for the staging in bf16, not in fp32)
+# entry: SSD_WGRAD_HALF_SUMS=1) base's dW1 and dW2 and 8B's dW2 by TMA reduces into bf16 dW itself (8B's 256
+# columns have room for the staging in bf16, not in fp32)
 LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96, "atomic", 4, False, False),
             "8b-dw2-fp32": (256, 512, "bfloat16", False, "float32", 96, "atomic", 4, False, False),
             "whole-experts-bf16": (192, 256, "bfloat16", True, "bfloat16", 0, "store", 4, False, False),
@@ -34,16 +34,13 @@ LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96, "atomi
             "half-base-dw2-column-view": (192, 768, "bfloat16", False, "bfloat16", 96, "reduce", 3, True, True),
             "half-8b-dw2": (256, 512, "bfloat16", False, "bfloat16", 96, "reduce", 3, False, True),
             # the router's term summed in the kernel (fold "pairs", FOLD 3: a third, 16-column wgmma per step): base's
-            # dW1 by half-sum reduces, by fp32 atomics into master weights' dW, whole experts, 8B's one box
+            # dW1 by half-sum reduces, by fp32 atomics into master weights' dW, whole experts; 8B's dW1 by fp32 atomics
+            # and by half-sum reduces
             "pairs-base-dw1-half": (192, 768, "bfloat16", "pairs", "bfloat16", 96, "reduce", 3, False, True),
             "pairs-base-dw1-fp32": (192, 768, "bfloat16", "pairs", "float32", 96, "atomic", 4, False, False),
             "pairs-whole-experts": (192, 256, "bfloat16", "pairs", "bfloat16", 0, "store", 4, False, False),
             "pairs-8b-dw1-fp32": (256, 512, "bfloat16", "pairs", "float32", 96, "atomic", 4, False, False),
-            # 8B's P = 256 as two 128-column boxes (SSD_WGRAD_TWO_BOXES=1, the 16-warp layout): dW1 with the router's
-            # term and dW2 by half-sum reduces, dW1 by fp32 atomics into master weights' dW
-            "two-boxes-8b-dw1-half": (256, 512, "bfloat16", "pairs", "bfloat16", 96, "reduce", 3, False, True, True),
-            "two-boxes-8b-dw2-half": (256, 512, "bfloat16", False, "bfloat16", 96, "reduce", 3, False, True, True),
-            "two-boxes-8b-dw1-fp32": (256, 512, "bfloat16", "pairs", "float32", 96, "atomic", 4, False, False, True)}
+            "pairs-8b-dw1-half": (256, 512, "bfloat16", "pairs", "bfloat16", 96, "reduce", 3, False, True)}
 
 
 def _case(P, Q, dtype=torch.bfloat16, fold=False, dw_dtype=torch.float32, T=100, N=8, K=2, column_view=False):
@@ -70,14 +67,13 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
     from ssd_megatron.ffn.backends import _triton_kernels as K
     cr.offline(90)
 
-    def launch(P, Q, dtype, fold, dw_dtype, chunk, epilogue, rings, column_view, half, two_boxes=False):
+    def launch(P, Q, dtype, fold, dw_dtype, chunk, epilogue, rings, column_view, half):
         lhs, rhs, plan, like, f = _case(P, Q, getattr(torch, dtype), fold, getattr(torch, dw_dtype),
                                         column_view=column_view)
 
         def run():
             K.force_config(wgrad=WS[:3] + (rings, rings, chunk, 5))
             os.environ["SSD_WGRAD_HALF_SUMS"] = str(int(half))
-            os.environ["SSD_WGRAD_TWO_BOXES"] = str(int(two_boxes))
             K.wgrad(lhs, rhs, plan, like, gathered=False, fold=f)
         return run
     print("WGRADWS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in LAUNCHES.items()})))
@@ -95,9 +91,9 @@ def compiled():
 
 @pytest.mark.parametrize("name", list(LAUNCHES))
 def test_ws_wgrad_compiles_for_sm90(compiled, name):
-    """Each specialisation (P as two boxes or one, the router's term per expert or summed in the kernel, bf16 and
-    fp16, Q ragged, row chunks or whole experts, dW's two layouts) compiles for sm_90 as one warp-specialised kernel
-    (12 warps for a 256-column box, else 16): cp.async gathers of R, TMA loads of L, wgmma (a 16-column one more for
+    """Each specialisation (P as two boxes or one, at most 128 columns each, the router's term per expert or summed in
+    the kernel, bf16 and fp16, Q ragged, row chunks or whole experts, dW's two layouts) compiles for sm_90 as one warp-specialised kernel
+    of 16 warps: cp.async gathers of R, TMA loads of L, wgmma (a 16-column one more for
     the summed term, after the small kernel that writes its gradient matrix), for balanced items TMA reduces where
     their staging fits in shared memory, else fp32 atomic adds (no compare-and-swap loop), stores for whole experts;
     the launcher took it, not kernels/wgrad.py."""
@@ -106,15 +102,14 @@ def test_ws_wgrad_compiles_for_sm90(compiled, name):
     pairs = LAUNCHES[name][3] == "pairs"  # (the gradient matrix's own small kernel first)
     assert [kname for kname, _ in res] == ["_row_matrix_kernel"] * pairs + ["wgrad_ws_kernel"], res
     r = res[-1][1]
-    one_wide_box = LAUNCHES[name][0] > 128 + 64 and not LAUNCHES[name][10:]
-    assert r["warps"] == (12 if one_wide_box else 16), r  # (a 256-column box: 12)
+    assert r["warps"] == 16, r
     assert r["ldgsts"] > 0 and r["utmaldg"] > 0 and r["mma"].startswith("64x"), r
     assert ("64x16x16" in r["mma"].split(",")) == pairs, r  # FOLD 3's third product
     epilogue = LAUNCHES[name][6]
     assert r["cas"] == 0 and (r["atom"] > 0) == (epilogue == "atomic"), r
     assert (r["utmaredg"] > 0) == (epilogue == "reduce"), r
-    # (two boxes by TMA reduces: two m64n128 accumulators, no spills; the atomics' epilogues spill in every layout)
-    assert not LAUNCHES[name][10:] or epilogue != "reduce" or r["stack"] == 0, r
+    # (8B's two boxes by TMA reduces: two m64n128 accumulators, no spills; the atomics' epilogues spill)
+    assert LAUNCHES[name][0] != 256 or epilogue != "reduce" or r["stack"] == 0, r
     assert r["smem_kb"] * 1024 <= 227 * 1024, r
 
 
@@ -250,8 +245,9 @@ def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
     """`auto` (no config forced) takes the Gluon wgrad with balanced items and TMA reduces at base's P = 128 + 64,
     by kernels/gluon_launches.py's rule: not in a capture before an eager launch with the same launch key (which
     would load its module there), the first eager launch of a shape, not later eager ones (host time), then in a
-    capture; kernels/wgrad.py for deterministic sums (split=False), pre-gathered R, 8B's one 256-column box (it lost
-    there), and a dW layout the reduces cannot address; a switch of the kernel's specialisation is a new eager key."""
+    capture; the same at 8B's P = 256 (two 128-column boxes) into a bf16 dW (half sums), but kernels/wgrad.py into
+    an fp32 one (master weights: the fp32 staging does not fit beside 256 columns), for deterministic sums
+    (split=False), pre-gathered R, and a dW layout the reduces cannot address; a switch of the kernel's specialisation is a new eager key."""
     K, _, calls, state = auto_stand_in(monkeypatch, "wgrad_gluon", "_wgrad_kernel")
     monkeypatch.setattr(K, "_tma_descriptors", lambda t, boxes: ("L", "L2"))
 
@@ -272,6 +268,8 @@ def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
     assert grad(True) == ws              # captured: the loaded kernel
     assert grad(True, T=64)[0] == "triton"  # another launch key (fewer rows), never launched eagerly
     assert grad(False, split=False)[0] == grad(False, gathered=True)[0] == grad(False, P=256)[0] == "triton"
+    wide = torch.empty(8, 256, 768, dtype=torch.bfloat16)
+    assert grad(False, P=256, like=wide) == ("ws", ws[1][:4] + (128, 128, True))
     odd = torch.empty(8, 200, 768)[:, :192]  # experts 200 rows apart: no 2-D view for the reduces
     assert grad(False, T=80, like=odd)[0] == "triton"
     # a switch that picks another specialisation (an A/B arm): its own first eager launch loads it, then captures

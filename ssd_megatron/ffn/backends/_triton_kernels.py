@@ -224,7 +224,9 @@ AUTO_MLP_WS = (128, 64, 64, 6, 4, WS)
 # P's first box <= 128 columns: base), under kernels/gluon_launches.py's rule. H200, docs/kernels.md v22, base ReLU
 # layer fwd+bwd (graphed, two rounds): 0.7982 / 0.7955 ms (kernels/wgrad.py) -> 0.7325 / 0.7320; whole experts
 # 0.7545 / 0.7544, balanced items with atomic adds 0.7743 / 0.7746. Graphed sparse GPT-base step 30.45 / 30.38 ->
-# 29.65 / 29.69 ms. 8B (one 256-column box, 12 warps) lost: 8.03 -> 9.55 ms (atomics: the reduces do not fit).
+# 29.65 / 29.69 ms. 8B (one 256-column box, 12 warps) lost: 8.03 -> 9.55 ms (atomics: the reduces do not fit); as two
+# 128-column boxes (`_ws_boxes`, v33) it wins there with bf16 weights' half sums (H200, 8B ReLU: 7.83-7.94 -> 7.48-7.72
+# ms); with fp32 master weights their fp32 staging does not fit, and kernels/wgrad.py stays.
 AUTO_WGRAD_WS = (64, 128, 64, 3, 3, 512, WS)
 
 
@@ -247,9 +249,9 @@ def _auto_mlp_ws(x, w1, w2, act: int, glu: bool, be: int, be2: int, eager_key, k
 def _auto_wgrad_ws(lhs, rhs, dw, fold_kind, split: bool, gathered: bool, eager_key, key):
     """AUTO_WGRAD_WS where `auto` takes the Gluon wgrad for this launch, else None (the defaults serve): its balanced
     items with TMA reduces (row segments: no grid tail whatever the expert loads), where they serve, split sums are
-    allowed (not under deterministic algorithms) and P's first box is at most 128 columns (8B's one 256-column box
-    lost, v22), by kernels/gluon_launches.py's rule (in a capture once an eager launch with this launch key loaded
-    the module; the first eager launch of its `eager_key()`; later eager launches keep kernels/wgrad.py)."""
+    allowed (not under deterministic algorithms) and P's first box is at most 128 columns (`_ws_boxes`: P <= 256), by
+    kernels/gluon_launches.py's rule (in a capture once an eager launch with this launch key loaded the module; the
+    first eager launch of its `eager_key()`; later eager launches keep kernels/wgrad.py)."""
     if not split or gathered or fold_kind == "rows" or not _hopper(lhs):
         return None
     be, be2 = _ws_boxes(lhs.shape[1])
@@ -842,18 +844,13 @@ def _up_bwd_tma_stores() -> bool:
     return _switch("SSD_TRITON_UP_BWD_TMA_STORES", "1", "TMA stores", "pointer stores")
 
 
-def _two_boxes() -> bool:
-    """SSD_WGRAD_TWO_BOXES=1 (the default): the WS wgrad takes a 256-column P (8B's dW1 and dW2, SwiGLU's dW2) as two
-    128-column boxes, so its consumers hold two m64n128 accumulators within the 16-warp layout (four R loader warps);
-    0: one m64n256 box in the 12-warp layout (two R loader warps), which lost at 8B (docs/kernels.md v22, v26). H200,
-    v33, 8B ReLU layer fwd+bwd (graphed, seven A/B rounds): 7.83-7.94 ms (kernels/wgrad.py, `auto` before) -> 7.48-7.72
-    with two boxes; one box 8.63-8.69. Part of its launch keys."""
-    return _switch("SSD_WGRAD_TWO_BOXES", "1", "two 128-column boxes", "one 256-column box")
-
-
 def _ws_boxes(P: int):
-    """The WS wgrad's boxes of P's columns: `_split_width`'s, or for P = 256 two of 128 (`_two_boxes`)."""
-    return (128, 128) if P == 256 and _two_boxes() else _split_width(P)
+    """The WS wgrad's boxes of P's columns: `_split_width`'s, except 256 (8B's dW1 and dW2, SwiGLU's dW2) as two of
+    128, so that its consumers hold two m64n128 accumulators in the 16-warp layout (four R loader warps): one
+    m64n256 box took 12 warps (two R loader warps) and lost at 8B (docs/kernels.md v22, v26). H200, v33, 8B ReLU
+    layer fwd+bwd (graphed, seven A/B rounds, the WS wgrad forced): kernels/wgrad.py 7.83-7.94 ms, two boxes
+    7.48-7.72, one box 8.63-8.69."""
+    return (128, 128) if P == 256 else _split_width(P)
 
 
 def check_switches() -> None:
@@ -867,7 +864,6 @@ def check_switches() -> None:
     _half_sums()
     _router_sums()
     _up_bwd_tma_stores()
-    _two_boxes()
     score_grad.enabled(0)
     routing_plan.fill_place(0)
 
@@ -950,12 +946,12 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
         # specialisation: an A/B arm that flips one needs its own eager launch to load that module), built only where
         # `auto` consults it
         return (lhs.device, lhs.dtype, tuple(lhs.shape), tuple(rhs.shape), tuple(dw.shape), dw.stride(), dw.dtype,
-                fold_kind, _reduces_allowed(), _half_sums(), _two_boxes())
+                fold_kind, _reduces_allowed(), _half_sums())
 
     def ws_key(cfg):  # kernels/gluon_launches.key of this launch with tile `cfg`
         from .kernels import gluon_launches
         return gluon_launches.key((lhs, rhs, plan.offsets, plan.token, coef[0] if fold_kind == "pairs" else coef, dw),
-                                  fold_kind, fold_p, split, cfg, _reduces_allowed(), _half_sums(), _two_boxes())
+                                  fold_kind, fold_p, split, cfg, _reduces_allowed(), _half_sums())
 
     def launch(cfg):
         BP, BQ, BK, nw, ns = cfg[:5]

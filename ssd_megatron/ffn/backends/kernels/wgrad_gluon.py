@@ -5,16 +5,17 @@ kernels/wgrad.py runs each program's loads and wgmma in one instruction stream, 
 found its launches latency-bound (tensor pipe ≈ 15%, L2 40-55% busy, docs/kernels.md v7), ≈ 224 TF/s at base and
 ≈ 390 at 8B. Here one persistent program per SM splits the work between warps:
 
-- an **R loader** (four warps; two at 8B's P = 256, see WARPS_WIDE) gathers each reduction step's right-operand rows
+- an **R loader** (four warps) gathers each reduction step's right-operand rows
   (`R[token[r]]`: x for dW1, dy for dW2; [BK, 128] as two [BK, 64] halves) with cp.async. Rows past the item's end
   are masked, and a masked cp.async writes zeros;
 - an **L loader** warp loads the step's left-operand rows ([BK, P]: dh for dW1, the gate-scaled activations for
-  dW2; contiguous rows) by TMA, as one or two power-of-two column boxes (base's 192 = 128 + 64). Rows past the
-  item's end come in too (the next expert's, or TMA's zero fill past M) and meet R's zero rows;
+  dW2; contiguous rows) by TMA, as one or two power-of-two column boxes of at most 128 (base's 192 = 128 + 64, 8B's
+  256 = 128 + 128: `_triton_kernels._ws_boxes`). Rows past the item's end come in too (the next expert's, or TMA's
+  zero fill past M) and meet R's zero rows;
 - two **consumer** warpgroups each own 64 of the block's 128 columns of Q and all of P: per step
   acc[64, P] += R_half^T L, dW^T's block, with R^T as wgmma's A and L as its B straight from shared memory (both
-  transposed), so that each product is m64nP (N = 128 + 64 at base, 256 at 8B; N = 64 had put an earlier version
-  at shared memory's bandwidth), one step of wgmma in flight.
+  transposed), so that each product is m64nP as one or two wgmmas (N = 128 + 64 at base, 128 + 128 at 8B; N = 64
+  had put an earlier version at shared memory's bandwidth), one step of wgmma in flight.
 
 Work items, each for one 128-column block: all of an expert's rows, stored into dW (deterministic; empty experts
 store zeros), taken round-robin by the persistent programs; or **balanced** items (a sixth config entry n > 0):
@@ -45,10 +46,13 @@ H200, Triton 3.9, docs/kernels.md v22, base ReLU layer fwd+bwd: kernels/wgrad.py
 0.754, balanced with atomics 0.774, balanced with TMA reduces 0.732; graphed GPT-base sparse step 30.38-30.45 ->
 29.65-29.69 ms (v21, H100: whole experts lost the step, whose expert loads are skewed). So `auto` takes the balanced
 items with TMA reduces at base (`_triton_kernels._auto_wgrad_ws`), under kernels/gluon_launches.py's rule for
-captures. At 8B (P = 256 in one box, 12 warps, no room for the fp32 staging) every form lost: kernels/wgrad.py stays
-(half sums' bf16 staging fits, and lost too: 8B ReLU fwd+bwd 9.47 / 9.49 against 8.39 / 8.42 ms, v26).
+captures. At 8B, P = 256 in one box (an m64n256 accumulator, which ptxas would not fit in 128 registers, so 12 warps
+with two R loader warps) lost in every form (v26, with half sums' bf16 staging: 8B ReLU fwd+bwd 9.47 / 9.49 against
+kernels/wgrad.py's 8.39 / 8.42 ms); as two 128-column boxes in the 16-warp layout it wins (H200, v33, seven rounds:
+7.48-7.72 against 7.83-7.94 ms), `auto`'s choice there with bf16/fp16 weights (fp32 master weights' fp32 staging
+does not fit beside 256 columns: kernels/wgrad.py stays).
 
-Serves (`serves`) bf16/fp16 operands on sm_90, P's boxes up to 256 columns, rows of L contiguous and 16-byte
+Serves (`serves`) bf16/fp16 operands on sm_90, P's boxes up to 128 columns each (256 in all), rows of L contiguous and 16-byte
 aligned, R gathered in the kernel with Q a multiple of 16 (Triton then proves the copies 16 bytes wide), FOLD 0,
 2 or 3, and the buffers within shared memory; the launcher (`_triton_kernels.wgrad`) takes kernels/wgrad.py
 elsewhere. Needs Triton >= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the offline compile for
@@ -63,13 +67,10 @@ from . import down_gluon  # MIN_TRITON, SMEM_LIMIT, built_once, _sm90 / _sms (on
 from . import score_grad  # ROW_WIDTH: FOLD 3's gradient matrix
 
 # The warps and registers per thread (MAX_REGS at launch, ptxas's bound for the whole kernel; the partitions then
-# set theirs): (R loader warps, consumer, R loader and L loader registers, MAX_REGS). Where P's first box is at most
-# 128 columns, 16 warps: four R loader warps, the L loader's one in a warpgroup of its own (2 x 128 x 224 + 128 x 40
-# + 128 x 24 = 64 K); a 256-column box (8B: a 64 x 256 fp32 accumulator, 128 registers, in one m64n256 wgmma that
-# ptxas will not fit in 128) takes 12: two R loader warps beside the L loader's (2 x 128 x 232 + 128 x 40 <= 64 K).
-# SSD_WGRAD_TWO_BOXES=1 (`_triton_kernels._ws_boxes`) takes a 256-column P as 128 + 128 instead: the narrow layout.
-WARPS_NARROW = (4, 224, 40, 24, 128)
-WARPS_WIDE = (2, 232, 40, 40, 168)
+# set theirs): (R loader warps, consumer, R loader and L loader registers, MAX_REGS). 16 warps: four R loader warps,
+# the L loader's one in a warpgroup of its own (2 x 128 x 224 + 128 x 40 + 128 x 24 = 64 K), P's boxes at most 128
+# columns each (`_triton_kernels._ws_boxes`).
+WARPS = (4, 224, 40, 24, 128)
 _STATE: dict = {"build": None}
 
 
@@ -404,8 +405,8 @@ def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: in
            l_stages: int, r_stages: int, be: int, be2: int, tma_out: bool = False) -> bool:
     """Whether this kernel takes the left operand lhs [M, P] (rows in expert order), the token-major right operand
     rhs [T, Q] (gathered in the kernel) and a dW of `dw_dtype` with this tile: sm_90, bf16 or fp16 operands, P's
-    boxes be + be2 (powers of two, wgmma's N; `_triton_kernels._split_width`) at most 256 (the consumers'
-    accumulators), BQ = 128 (a 64-row wgmma per consumer), BK a power of two in 16..128, lhs's rows contiguous and
+    boxes be + be2 (powers of two, wgmma's N, each at most 128: `_triton_kernels._ws_boxes`) at most 256 (the
+    consumers' accumulators in the 16-warp layout, WARPS), BQ = 128 (a 64-row wgmma per consumer), BK a power of two in 16..128, lhs's rows contiguous and
     16-byte aligned, rhs's rows contiguous with Q a multiple of 16 (Triton's specialisation then proves the copies
     16 bytes wide, as cp.async needs), for whole experts (not `balanced`) a dW of fp32, bf16 or fp16 to store into;
     balanced items add into an fp32 buffer (or dW itself when fp32; dw_dtype is then the target of their adds), or
@@ -425,7 +426,7 @@ def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: in
         return False
     if BK & (BK - 1) or not 16 <= BK <= 128:
         return False
-    if be + be2 > 256 or lhs.stride(1) != 1 or (lhs.stride(0) * es) % 16 or lhs.data_ptr() % 16:
+    if max(be, be2) > 128 or lhs.stride(1) != 1 or (lhs.stride(0) * es) % 16 or lhs.data_ptr() % 16:
         return False
     Q = rhs.shape[1]
     if rhs.stride(1) != 1 or (rhs.stride(0) * es) % 16 or Q % 16 or rhs.data_ptr() % 16:
@@ -472,7 +473,7 @@ def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows
     S = segments(M, num_q, min_rows, sms) if min_rows else 1
     n_items = S * num_q if min_rows else N * num_q
     grid = (n_items if min_rows else max(1, min(n_items, sms)),)
-    lw, cregs, lregs, l_regs, max_regs = WARPS_WIDE if be > 128 else WARPS_NARROW
+    lw, cregs, lregs, l_regs, max_regs = WARPS
     kernel[grid](rhs, rhs.stride(0), l_desc, l_desc2, c_desc, offsets, token, coef, fold_p, float(scale), out,
                  out.stride(0), out.stride(1), out.stride(2), P, Q, n_items, num_q, S, N, o_desc, o_desc2,
                  BALANCED=min_rows > 0, NP2=1 << (N - 1).bit_length(), TMA_OUT=tma_out, OUT_T=out_t, FOLD=fold,
