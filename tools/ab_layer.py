@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--iters", type=int, default=0, help="graph replays per timing (default: 60 base, 20 8B)")
     ap.add_argument("--forward-only", action="store_true", help="time the inference forward only")
+    ap.add_argument("--params", default="bf16", choices=("bf16", "fp32"),
+                    help="the layer's parameters: bf16, or fp32 used under bf16 autocast (master weights, as in training)")
     ap.add_argument("--arm-order", choices=("rotate", "fixed"), default="rotate",
                     help="rotate: each round starts one arm later (default); fixed: the given order every round")
     ap.add_argument("--out", default="")
@@ -65,7 +67,8 @@ def main() -> int:
     iters = args.iters or (60 if args.shape == "base" else 20)
     backend = get_backend("triton")
     sparse = lambda layer, x: layer.sparse(x, backend)  # noqa: E731
-    case = Case(args.shape, args.activation, args.tokens, 3, torch.device("cuda"), torch.bfloat16)
+    case = Case(args.shape, args.activation, args.tokens, 3, torch.device("cuda"), torch.bfloat16,
+                params=torch.float32 if args.params == "fp32" else None)
     case.set_routing(args.routing)
 
     def timed(f):
@@ -78,7 +81,7 @@ def main() -> int:
     print(f"{args.shape} {args.activation} (triton {triton.__version__}, {gpu})", flush=True)
     res = {"gpu": gpu, "date": str(datetime.date.today()), "torch": torch.__version__,
            "triton": triton.__version__, "shape": args.shape, "activation": args.activation, "tokens": args.tokens,
-           "arm_order": args.arm_order,
+           "params": args.params, "arm_order": args.arm_order,
            "dense_rounds": [], "arms": {name: {"configs": {k: list(v) for k, v in cfg.items()}, "order": order,
                                                "env": env, "rounds": []} for name, cfg, order, env in arms}}
     touched = {"SSD_TRITON_TILE_ORDER"} | {k for *_, env in arms for k in env}
