@@ -119,6 +119,8 @@ NOT_SERVED = {"cpu": (192, 256, torch.bfloat16, None, WS, False),
               "rows-fold": (192, 256, torch.bfloat16, "rows", WS, False),  # adds to L as it is loaded
               "pre-gathered": (192, 256, torch.bfloat16, None, WS, True),
               "wide-p": (512, 256, torch.bfloat16, None, WS, False),       # SwiGLU's 8B dW1: 2E = 512
+              # (three-slot rings: the L ring's depth, 3, must not become kernels/wgrad.py's warp count)
+              "wide-p-three-slots": (512, 256, torch.bfloat16, None, (64, 128, 64, 3, 3, 512, 5), False),
               "fp32": (64, 256, torch.float32, None, WS, False),
               "odd-q": (64, 200, torch.bfloat16, None, WS, False),         # Q not a multiple of 16
               "bq": (64, 256, torch.bfloat16, None, (64, 64, 64, 4, 4, 96, 5), False),  # one 64-row wgmma each
@@ -163,6 +165,7 @@ def test_ws_wgrad_falls_back(monkeypatch, why):
         assert args[6] is not like and args[6].shape == like.shape and args[6].dtype == torch.float32
     else:  # (served, but this Triton has no Gluon that builds it: kernels/wgrad.py too)
         assert name == "triton" and kwargs["LTMA"] == (fold_kind != "rows"), (name, kwargs)
+        assert kwargs["num_warps"] == 4 and kwargs["num_stages"] == cfg[4], kwargs
 
 
 @pytest.mark.parametrize("how", ["served", "switched-off", "not-served"])

@@ -961,7 +961,8 @@ def wgrad(lhs, rhs, plan, like, gathered: bool, split: bool = True, fold=None):
                 from .kernels import gluon_launches
                 gluon_launches.note(ws_key(cfg), eager_key(), lhs)
                 return
-            cfg = cfg[:3] + (4,) + cfg[4:6] + (1,)  # (the L ring's depth is no warp count: kernels/wgrad.py's 4)
+            nw = 4  # (the L ring's depth is no warp count: kernels/wgrad.py's 4, by TMA)
+            cfg = cfg[:3] + (nw,) + cfg[4:6] + (1,)
         kind, c, _ = expert_fold((fold_kind, coef, fold_p))
         # a tile as tall as P: all of P per program, as one or two power-of-two tiles (kernels/wgrad.py)
         bp, bp2 = _split_width(P) if BP >= P else (BP, 0)
