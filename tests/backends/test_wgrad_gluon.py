@@ -40,7 +40,9 @@ LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96, "atomi
             "pairs-base-dw1-fp32": (192, 768, "bfloat16", "pairs", "float32", 96, "atomic", 4, False, False),
             "pairs-whole-experts": (192, 256, "bfloat16", "pairs", "bfloat16", 0, "store", 4, False, False),
             "pairs-8b-dw1-fp32": (256, 512, "bfloat16", "pairs", "float32", 96, "atomic", 4, False, False),
-            "pairs-8b-dw1-half": (256, 512, "bfloat16", "pairs", "bfloat16", 96, "reduce", 3, False, True)}
+            "pairs-8b-dw1-half": (256, 512, "bfloat16", "pairs", "bfloat16", 96, "reduce", 3, False, True),
+            # SwiGLU 8B's dW1 (P = 2E = 512, the router's term on its first E columns): two slices of two boxes
+            "pairs-swiglu-8b-dw1-half": (512, 512, "bfloat16", "pairs", "bfloat16", 96, "reduce", 3, False, True)}
 
 
 def _case(P, Q, dtype=torch.bfloat16, fold=False, dw_dtype=torch.float32, T=100, N=8, K=2, column_view=False):
@@ -108,8 +110,8 @@ def test_ws_wgrad_compiles_for_sm90(compiled, name):
     epilogue = LAUNCHES[name][6]
     assert r["cas"] == 0 and (r["atom"] > 0) == (epilogue == "atomic"), r
     assert (r["utmaredg"] > 0) == (epilogue == "reduce"), r
-    # (8B's two boxes by TMA reduces: two m64n128 accumulators, no spills; the atomics' epilogues spill)
-    assert LAUNCHES[name][0] != 256 or epilogue != "reduce" or r["stack"] == 0, r
+    # (8B's two boxes, and their slices, by TMA reduces: two m64n128 accumulators, no spills; the atomics' spill)
+    assert LAUNCHES[name][0] < 256 or epilogue != "reduce" or r["stack"] == 0, r
     assert r["smem_kb"] * 1024 <= 227 * 1024, r
 
 
@@ -118,9 +120,8 @@ NOT_SERVED = {"cpu": (192, 256, torch.bfloat16, None, WS, False),
               "older-triton": (192, 256, torch.bfloat16, None, WS, False),
               "rows-fold": (192, 256, torch.bfloat16, "rows", WS, False),  # adds to L as it is loaded
               "pre-gathered": (192, 256, torch.bfloat16, None, WS, True),
-              "wide-p": (512, 256, torch.bfloat16, None, WS, False),       # SwiGLU's 8B dW1: 2E = 512
               # (three-slot rings: the L ring's depth, 3, must not become kernels/wgrad.py's warp count)
-              "wide-p-three-slots": (512, 256, torch.bfloat16, None, (64, 128, 64, 3, 3, 512, 5), False),
+              "pre-gathered-three-slots": (192, 256, torch.bfloat16, None, (64, 128, 64, 3, 3, 512, 5), True),
               "fp32": (64, 256, torch.float32, None, WS, False),
               "odd-q": (64, 200, torch.bfloat16, None, WS, False),         # Q not a multiple of 16
               "bq": (64, 256, torch.bfloat16, None, (64, 64, 64, 4, 4, 96, 5), False),  # one 64-row wgmma each
@@ -128,14 +129,14 @@ NOT_SERVED = {"cpu": (192, 256, torch.bfloat16, None, WS, False),
               "smem": (256, 256, torch.bfloat16, None, (64, 128, 128, 4, 4, 96, 5), False)}
 
 
-@pytest.mark.parametrize("why", list(NOT_SERVED) + ["served", "served-whole-experts"])
+@pytest.mark.parametrize("why", list(NOT_SERVED) + ["served", "served-whole-experts", "served-wide-p"])
 def test_ws_wgrad_falls_back(monkeypatch, why):
     """wgrad's seventh entry 5 launches the Gluon kernel where it serves, over balanced row segments (atomic adds
     into an fp32 buffer) or, without chunks or split (deterministic sums), over whole experts (stores into dW), with
     the tile asked for; kernels/wgrad.py with its left operand by TMA otherwise: not sm_90 (here: CPU), a Triton
-    without the Gluon it is written for, the router's term folded into L's rows, R pre-gathered, P wider than 256
-    (accumulators beyond a consumer's registers), fp32, Q not a multiple of 16, a column block other than 128, a
-    ring of one slot, too much shared memory."""
+    without the Gluon it is written for, the router's term folded into L's rows, R pre-gathered, fp32, Q not a
+    multiple of 16, a column block other than 128, a ring of one slot, too much shared memory; P wider than 256 in
+    slices of two 128-column boxes."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K
     from ssd_megatron.ffn.backends.kernels import wgrad_gluon
@@ -144,7 +145,9 @@ def test_ws_wgrad_falls_back(monkeypatch, why):
     monkeypatch.setattr(wgrad_gluon, "launch", Recorder(calls, "ws"))
     monkeypatch.setattr(K, "_tma_descriptors", lambda t, boxes: ("L", "L2"))  # (CPU tensors: no real descriptors)
     gluon_stand_in(monkeypatch, wgrad_gluon, why)
-    P, Q, dtype, fold_kind, cfg, gathered = NOT_SERVED.get(why, (192, 256, torch.bfloat16, None, WS, False))
+    wide = why == "served-wide-p"  # SwiGLU 8B's dW1 (P = 2E = 512): two slices of two 128-column boxes
+    P, Q, dtype, fold_kind, cfg, gathered = NOT_SERVED.get(why, (512 if wide else 192, 256, torch.bfloat16, None, WS,
+                                                                 False))
     split = why != "served-whole-experts"
     lhs, rhs, plan, like, _ = _case(P, Q, dtype)
     fold = None if fold_kind is None else (fold_kind, torch.zeros(plan.num_rows), P)
@@ -161,7 +164,8 @@ def test_ws_wgrad_falls_back(monkeypatch, why):
         assert name == "ws", (name, kwargs)
         # (fold, the balanced segments' least rows (0: whole experts, stored into dW), BK, ring depths, P's boxes,
         # TMA reduces: off unless asked for)
-        assert args[2] is plan.offsets and args[7:] == (0, 96 if split else 0, 64, 4, 4, 128, 64, False), args[7:]
+        boxes = (128, 128) if wide else (128, 64)
+        assert args[2] is plan.offsets and args[7:] == (0, 96 if split else 0, 64, 4, 4, *boxes, False), args[7:]
         assert args[6] is not like and args[6].shape == like.shape and args[6].dtype == torch.float32
     else:  # (served, but this Triton has no Gluon that builds it: kernels/wgrad.py too)
         assert name == "triton" and kwargs["LTMA"] == (fold_kind != "rows"), (name, kwargs)

@@ -249,14 +249,14 @@ def _auto_mlp_ws(x, w1, w2, act: int, glu: bool, be: int, be2: int, eager_key, k
 def _auto_wgrad_ws(lhs, rhs, dw, fold_kind, split: bool, gathered: bool, eager_key, key):
     """AUTO_WGRAD_WS where `auto` takes the Gluon wgrad for this launch, else None (the defaults serve): its balanced
     items with TMA reduces (row segments: no grid tail whatever the expert loads), where they serve, split sums are
-    allowed (not under deterministic algorithms) and P's first box is at most 128 columns (`_ws_boxes`: P <= 256), by
-    kernels/gluon_launches.py's rule (in a capture once an eager launch with this launch key loaded the module; the
-    first eager launch of its `eager_key()`; later eager launches keep kernels/wgrad.py)."""
-    if not split or gathered or fold_kind == "rows" or not _hopper(lhs):
+    allowed (not under deterministic algorithms) and P is at most 256 columns (P's slices, SwiGLU 8B's dW1, are not
+    yet timed), by kernels/gluon_launches.py's rule (in a capture once an eager launch with this launch key loaded the
+    module; the first eager launch of its `eager_key()`; later eager launches keep kernels/wgrad.py)."""
+    if not split or gathered or fold_kind == "rows" or lhs.shape[1] > 256 or not _hopper(lhs):
         return None
     be, be2 = _ws_boxes(lhs.shape[1])
     from .kernels import gluon_launches
-    if be > 128 or not gluon_launches.take(lhs, lambda: key(AUTO_WGRAD_WS), eager_key):
+    if not gluon_launches.take(lhs, lambda: key(AUTO_WGRAD_WS), eager_key):
         return None
     _, BQ, BK, l_stages, r_stages, _, _ = AUTO_WGRAD_WS
     tile = (lhs, rhs, _sums_dtype(dw), _FOLD_CODES[fold_kind], True, BQ, BK, l_stages, r_stages, be, be2)
@@ -845,12 +845,12 @@ def _up_bwd_tma_stores() -> bool:
 
 
 def _ws_boxes(P: int):
-    """The WS wgrad's boxes of P's columns: `_split_width`'s, except 256 (8B's dW1 and dW2, SwiGLU's dW2) as two of
-    128, so that its consumers hold two m64n128 accumulators in the 16-warp layout (four R loader warps): one
-    m64n256 box took 12 warps (two R loader warps) and lost at 8B (docs/kernels.md v22, v26). H200, v33, 8B ReLU
-    layer fwd+bwd (graphed, seven A/B rounds, the WS wgrad forced): kernels/wgrad.py 7.83-7.94 ms, two boxes
-    7.48-7.72, one box 8.63-8.69."""
-    return (128, 128) if P == 256 else _split_width(P)
+    """The WS wgrad's boxes of P's columns: `_split_width`'s below 256 (base's 192 = 128 + 64), else two of 128, a
+    wider P in slices of 256 (kernels/wgrad_gluon.launch; SwiGLU 8B's dW1, P = 512, not yet timed). Its consumers then
+    hold two m64n128 accumulators in the 16-warp layout (four R loader warps): one m64n256 box took 12 warps (two R
+    loader warps) and lost at 8B (docs/kernels.md v22, v26). H200, v33, 8B ReLU layer fwd+bwd (graphed, seven A/B
+    rounds, the WS wgrad forced): kernels/wgrad.py 7.83-7.94 ms, two boxes 7.48-7.72, one box 8.63-8.69."""
+    return (128, 128) if P >= 256 else _split_width(P)
 
 
 def check_switches() -> None:

@@ -52,8 +52,9 @@ kernels/wgrad.py's 8.39 / 8.42 ms); as two 128-column boxes in the 16-warp layou
 7.48-7.72 against 7.83-7.94 ms), `auto`'s choice there with bf16/fp16 weights (fp32 master weights' fp32 staging
 does not fit beside 256 columns: kernels/wgrad.py stays).
 
-Serves (`serves`) bf16/fp16 operands on sm_90, P's boxes up to 128 columns each (256 in all), rows of L contiguous and 16-byte
-aligned, R gathered in the kernel with Q a multiple of 16 (Triton then proves the copies 16 bytes wide), FOLD 0,
+Serves (`serves`) bf16/fp16 operands on sm_90, P's boxes up to 128 columns each (a wider P in slices of 256, one work
+item each: SwiGLU 8B's dW1, P = 512, built in session 39 and not yet timed, so `auto` leaves it to kernels/wgrad.py),
+rows of L contiguous and 16-byte aligned, R gathered in the kernel with Q a multiple of 16 (Triton then proves the copies 16 bytes wide), FOLD 0,
 2 or 3, and the buffers within shared memory; the launcher (`_triton_kernels.wgrad`) takes kernels/wgrad.py
 elsewhere. Needs Triton >= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the offline compile for
 sm_90 and the launcher's choice are tested (tests/backends/test_wgrad_gluon.py); tests/backends/test_backends_gpu.py
@@ -87,10 +88,14 @@ def _build():
     down_gluon.require_gluon("WS wgrad", cp_async=True)
 
     @gluon.jit
-    def _range(OFFS, w, num_q, S, N, NP2: gl.constexpr, NW: gl.constexpr, BALANCED: gl.constexpr):
-        """Work item w's (column block, first row, end row, first expert, end expert): with BALANCED, row segment
-        w // num_q of S equal segments of all experts' rows (the experts it meets: NW warps count them), else all
-        of expert w // num_q's rows. Its pieces are its rows of each expert in [first expert, end expert)."""
+    def _range(OFFS, w, num_q, S, N, PB, NPS, NP2: gl.constexpr, NW: gl.constexpr, BALANCED: gl.constexpr):
+        """Work item w's (column block, P's first column, first row, end row, first expert, end expert): P's slice
+        w % NPS (of PB columns), then with BALANCED row segment w' // num_q of S equal segments of all experts' rows
+        (w' = w // NPS; the experts it meets: NW warps count them), else all of expert w' // num_q's rows. Its pieces
+        are its rows of each expert in [first expert, end expert). The slices of one block are neighbours, so that
+        their R rows come from L2."""
+        p0 = (w % NPS) * PB
+        w = w // NPS
         qb = w % num_q
         if BALANCED:
             M = gl.load(OFFS + N)
@@ -105,7 +110,7 @@ def _build():
             e1 = e0 + 1
             lo = gl.load(OFFS + e0)
             hi = gl.load(OFFS + e1)
-        return qb, lo, hi, e0, e1
+        return qb, p0, lo, hi, e0, e1
 
     @gluon.jit
     def _piece(OFFS, e, lo, hi):
@@ -113,7 +118,7 @@ def _build():
         return gl.maximum(lo, gl.load(OFFS + e)), gl.minimum(hi, gl.load(OFFS + e + 1))
 
     @gluon.jit
-    def r_loader(R, stride_r, r_bufs, r_bufs2, r_full, r_empty, OFFS, TOK, Q, n_items, num_q, S, N,
+    def r_loader(R, stride_r, r_bufs, r_bufs2, r_full, r_empty, OFFS, TOK, Q, n_items, num_q, S, N, PB, NPS,
                  BALANCED: gl.constexpr, NP2: gl.constexpr, LW: gl.constexpr):
         """Every step's gathered R rows by cp.async, both halves of the column block, arriving on r_full."""
         RS: gl.constexpr = r_bufs.type.shape[0]
@@ -126,7 +131,7 @@ def _build():
         ks = gl.arange(0, BK, layout=gl.SliceLayout(1, layout))
         rc = 0  # steps loaded so far (the R ring)
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            qb, lo, hi, e0, e1 = _range(OFFS, w, num_q, S, N, NP2, LW, BALANCED)
+            qb, p0, lo, hi, e0, e1 = _range(OFFS, w, num_q, S, N, PB, NPS, NP2, LW, BALANCED)
             c1 = qb * 2 * BH + cols
             c2 = c1 + BH
             for e in range(e0, e1):
@@ -146,10 +151,10 @@ def _build():
                     rc += 1
 
     @gluon.jit
-    def l_loader(l_desc, l_desc2, c_desc, l_bufs, l_bufs2, c_bufs, l_full, l_empty, OFFS, n_items, num_q, S, N,
-                 BALANCED: gl.constexpr, NP2: gl.constexpr, SPLIT: gl.constexpr, FOLD: gl.constexpr):
-        """Every step's L rows [BK, P] by TMA (P's second box with SPLIT; with FOLD 3 the rows of the router's
-        gradient matrix too), arriving on l_full."""
+    def l_loader(l_desc, l_desc2, c_desc, l_bufs, l_bufs2, c_bufs, l_full, l_empty, OFFS, n_items, num_q, S, N, PB,
+                 NPS, BALANCED: gl.constexpr, NP2: gl.constexpr, SPLIT: gl.constexpr, FOLD: gl.constexpr):
+        """Every step's L rows [BK, PB] of the item's slice of P by TMA (its second box with SPLIT; with FOLD 3 the
+        rows of the router's gradient matrix too), arriving on l_full."""
         LS: gl.constexpr = l_bufs.type.shape[0]
         BK: gl.constexpr = l_bufs.type.shape[1]
         BE: gl.constexpr = l_bufs.type.shape[2]
@@ -157,16 +162,16 @@ def _build():
                                 + (c_desc.block_type.nbytes if FOLD == 3 else 0))
         lc = 0  # steps loaded so far (the L ring)
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            qb, lo, hi, e0, e1 = _range(OFFS, w, num_q, S, N, NP2, 1, BALANCED)
+            qb, p0, lo, hi, e0, e1 = _range(OFFS, w, num_q, S, N, PB, NPS, NP2, 1, BALANCED)
             for e in range(e0, e1):
                 row0, end = _piece(OFFS, e, lo, hi)
                 for r in range(row0, end, BK):
                     s = lc % LS
                     mbarrier.wait(l_empty.index(s), ((lc // LS) & 1) ^ 1)
                     mbarrier.expect(l_full.index(s), nbytes)
-                    tma.async_load(l_desc, [r, 0], l_full.index(s), l_bufs.index(s))
+                    tma.async_load(l_desc, [r, p0], l_full.index(s), l_bufs.index(s))
                     if SPLIT:
-                        tma.async_load(l_desc2, [r, BE], l_full.index(s), l_bufs2.index(s))
+                        tma.async_load(l_desc2, [r, p0 + BE], l_full.index(s), l_bufs2.index(s))
                     if FOLD == 3:
                         tma.async_load(c_desc, [r, 0], l_full.index(s), c_bufs.index(s))
                     lc += 1
@@ -219,8 +224,8 @@ def _build():
 
     @gluon.jit
     def consumer(l_bufs, l_bufs2, c_bufs, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, scale, DW,
-                 stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, o_smem, o_smem2, o_desc, o_desc2,
-                 which: gl.constexpr, BALANCED: gl.constexpr, NP2: gl.constexpr, FOLD: gl.constexpr,
+                 stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_smem, o_smem2, o_desc,
+                 o_desc2, which: gl.constexpr, BALANCED: gl.constexpr, NP2: gl.constexpr, FOLD: gl.constexpr,
                  SPLIT: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr):
         LS: gl.constexpr = l_bufs.type.shape[0]
         BK: gl.constexpr = l_bufs.type.shape[1]
@@ -237,12 +242,12 @@ def _build():
         lc = 0  # L ring steps taken
         rc = 0  # R ring steps taken
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            qb, lo, hi, e0, e1 = _range(OFFS, w, num_q, S, N, NP2, 4, BALANCED)
+            qb, p0, lo, hi, e0, e1 = _range(OFFS, w, num_q, S, N, PB, NPS, NP2, 4, BALANCED)
             q0 = qb * 2 * BH + which * BH
             for e in range(e0, e1):
                 row0, end = _piece(OFFS, e, lo, hi)
                 if (row0 < end) or (not BALANCED):  # (whole experts: an empty one's zeros are stored too)
-                    # dW[e]^T's [BH, P] block: R^T (this consumer's columns of R) @ L, one step of wgmma in flight
+                    # dW[e]^T's [BH, PB] block: R^T (this consumer's columns of R) @ L, one step of wgmma in flight
                     acc = gl.zeros((BH, BE), dtype=gl.float32, layout=acc_l)
                     acc2 = gl.zeros((BH, BE2), dtype=gl.float32, layout=acc_l2)
                     acc3 = gl.zeros((BH, BC), dtype=gl.float32, layout=acc_l3)  # FOLD 3's router sums
@@ -282,19 +287,19 @@ def _build():
                     if row0 < end:
                         mbarrier.arrive(r_empty.index((rc + RS - 1) % RS), count=1)
                         mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
-                    pc = gl.arange(0, BE, layout=gl.SliceLayout(0, acc_l))
+                    pc = p0 + gl.arange(0, BE, layout=gl.SliceLayout(0, acc_l))
                     qc = q0 + gl.arange(0, BH, layout=gl.SliceLayout(1, acc_l))
-                    pc2 = BE + gl.arange(0, BE2, layout=gl.SliceLayout(0, acc_l2))
+                    pc2 = p0 + BE + gl.arange(0, BE2, layout=gl.SliceLayout(0, acc_l2))
                     qc2 = q0 + gl.arange(0, BH, layout=gl.SliceLayout(1, acc_l2))
                     if FOLD == 3:  # every piece adds its own rows' share of the router's term
                         acc = _router_sums(acc, acc3, pc, fold_p, scale)
                         if SPLIT:
                             acc2 = _router_sums(acc2, acc3, pc2, fold_p, scale)
                     if TMA_OUT:
-                        _dw_reduce(acc, o_smem, o_desc, 0, q0, pc, qc, e, row0, OFFS, COEF, fold_p, P, Q, FOLD, OUT_T,
+                        _dw_reduce(acc, o_smem, o_desc, p0, q0, pc, qc, e, row0, OFFS, COEF, fold_p, P, Q, FOLD, OUT_T,
                                    1 if SPLIT else 0)
                         if SPLIT:
-                            _dw_reduce(acc2, o_smem2, o_desc2, BE, q0, pc2, qc2, e, row0, OFFS, COEF, fold_p, P, Q,
+                            _dw_reduce(acc2, o_smem2, o_desc2, p0 + BE, q0, pc2, qc2, e, row0, OFFS, COEF, fold_p, P, Q,
                                        FOLD, OUT_T, 1)
                     else:
                         _dw_out(acc, pc, qc, e, row0, OFFS, COEF, fold_p, DW, stride_de, stride_dp, stride_dq, P, Q,
@@ -307,7 +312,7 @@ def _build():
 
     @gluon.jit
     def wgrad_ws_kernel(R, stride_r, l_desc, l_desc2, c_desc, OFFS, TOK, COEF, fold_p, scale, DW, stride_de,
-                        stride_dp, stride_dq, P, Q, n_items, num_q, S, N, o_desc, o_desc2,
+                        stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_desc, o_desc2,
                         BALANCED: gl.constexpr, NP2: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr,
                         FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr,
                         LS: gl.constexpr, RS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr,
@@ -347,15 +352,15 @@ def _build():
         # stay compile-time constants)
         gl.warp_specialize([
             (consumer, (l_bufs, l_bufs2, c_bufs, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, scale,
-                        DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, o_a, o_a2, o_desc, o_desc2, 0,
-                        BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
+                        DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_a, o_a2, o_desc,
+                        o_desc2, 0, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
             (consumer, (l_bufs, l_bufs2, c_bufs, r_bufs2, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p,
-                        scale, DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, o_b, o_b2, o_desc,
-                        o_desc2, 1, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
-            (r_loader, (R, stride_r, r_bufs, r_bufs2, r_full, r_empty, OFFS, TOK, Q, n_items, num_q, S, N,
+                        scale, DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_b, o_b2,
+                        o_desc, o_desc2, 1, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
+            (r_loader, (R, stride_r, r_bufs, r_bufs2, r_full, r_empty, OFFS, TOK, Q, n_items, num_q, S, N, PB, NPS,
                         BALANCED, NP2, LW)),
             (l_loader, (l_desc, l_desc2, c_desc, l_bufs, l_bufs2, c_bufs, l_full, l_empty, OFFS, n_items, num_q, S, N,
-                        BALANCED, NP2, SPLIT, FOLD)),
+                        PB, NPS, BALANCED, NP2, SPLIT, FOLD)),
         ], [4, LW, 1], [CREGS, LREGS, L_REGS])
 
     gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -405,15 +410,15 @@ def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: in
            l_stages: int, r_stages: int, be: int, be2: int, tma_out: bool = False) -> bool:
     """Whether this kernel takes the left operand lhs [M, P] (rows in expert order), the token-major right operand
     rhs [T, Q] (gathered in the kernel) and a dW of `dw_dtype` with this tile: sm_90, bf16 or fp16 operands, P's
-    boxes be + be2 (powers of two, wgmma's N, each at most 128: `_triton_kernels._ws_boxes`) at most 256 (the
-    consumers' accumulators in the 16-warp layout, WARPS), BQ = 128 (a 64-row wgmma per consumer), BK a power of two in 16..128, lhs's rows contiguous and
-    16-byte aligned, rhs's rows contiguous with Q a multiple of 16 (Triton's specialisation then proves the copies
+    boxes be + be2 (powers of two, wgmma's N, each at most 128: the consumers' accumulators in the 16-warp layout,
+    WARPS; `_triton_kernels._ws_boxes`), a wider P in slices of be + be2 columns (one work item each), BQ = 128 (a
+    64-row wgmma per consumer), BK a power of two in 16..128, lhs's rows contiguous and 16-byte aligned, rhs's rows contiguous with Q a multiple of 16 (Triton's specialisation then proves the copies
     16 bytes wide, as cp.async needs), for whole experts (not `balanced`) a dW of fp32, bf16 or fp16 to store into;
     balanced items add into an fp32 buffer (or dW itself when fp32; dw_dtype is then the target of their adds), or
     with `tma_out` into a bf16/fp16 dW itself (`_triton_kernels._sums_dtype`); FOLD 0, 2 or 3, two or more slots in
     each ring, the buffers within shared memory (with `tma_out`, for balanced items only, the reduces' staging too,
-    and P exactly its boxes: a box must not reach into the next expert's rows), and a Triton whose Gluon builds the
-    kernel."""
+    and each slice of P exactly its boxes: a box must not reach into the next expert's rows), and a Triton whose
+    Gluon builds the kernel."""
     M, P = lhs.shape
     es = lhs.element_size()
     if not down_gluon._sm90(lhs) or lhs.dtype not in (torch.bfloat16, torch.float16) or rhs.dtype != lhs.dtype:
@@ -431,7 +436,7 @@ def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: in
     Q = rhs.shape[1]
     if rhs.stride(1) != 1 or (rhs.stride(0) * es) % 16 or Q % 16 or rhs.data_ptr() % 16:
         return False
-    if tma_out and (not balanced or be + be2 != P):
+    if tma_out and (not balanced or P % (be + be2)):  # (each slice of P exactly its boxes)
         return False
     fold_cols = score_grad.ROW_WIDTH if fold == 3 else 0
     return (smem_bytes(BK, BQ, be + max(be2, 16), l_stages, r_stages, es, tma_out, dw_dtype.itemsize, fold_cols)
@@ -452,8 +457,8 @@ def segments(M: int, num_q: int, min_rows: int, sms: int) -> int:
 
 def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows: int, BK: int, l_stages: int,
            r_stages: int, be: int, be2: int, tma_out: bool = False, rows=None, scale: float = 1.0):
-    """The kernel, for each 128-column block, over balanced items (min_rows > 0: equal row segments of all experts'
-    rows, `segments`; adds into the zeroed `out` [N, P, Q], any strides: relaxed fp32 atomics, or with tma_out TMA
+    """The kernel, for each 128-column block of Q and slice of P (be + be2 columns), over balanced items (min_rows >
+    0: equal row segments of all experts' rows, `segments`; adds into the zeroed `out` [N, P, Q], any strides: relaxed fp32 atomics, or with tma_out TMA
     reduces in out's dtype through `out_view`) or whole experts (stores into `out`). P's columns in boxes of be and
     be2 (0: one box). FOLD 2: coef [N, Q] fp32, the router's term per expert; FOLD 3: `rows`, the router's gradient
     matrix (kernels/score_grad.row_matrix, [M, ROW_WIDTH] in lhs's dtype), whose first column's products with R the
@@ -470,12 +475,14 @@ def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows
         out2d, out_t = out_view(out, P, out.dtype)
         boxes = [(c, 64) if out_t else (64, c) for c in (be, be2 or 16)]
         o_desc, o_desc2 = out_descriptors(out2d, boxes)
-    S = segments(M, num_q, min_rows, sms) if min_rows else 1
-    n_items = S * num_q if min_rows else N * num_q
+    PB = be + be2  # P's slices: one item per slice of each block (SwiGLU 8B's dW1, P = 512: two of 128 + 128)
+    NPS = -(-P // PB)
+    S = segments(M, num_q * NPS, min_rows, sms) if min_rows else 1
+    n_items = (S if min_rows else N) * num_q * NPS
     grid = (n_items if min_rows else max(1, min(n_items, sms)),)
     lw, cregs, lregs, l_regs, max_regs = WARPS
     kernel[grid](rhs, rhs.stride(0), l_desc, l_desc2, c_desc, offsets, token, coef, fold_p, float(scale), out,
-                 out.stride(0), out.stride(1), out.stride(2), P, Q, n_items, num_q, S, N, o_desc, o_desc2,
+                 out.stride(0), out.stride(1), out.stride(2), P, Q, n_items, num_q, S, N, PB, NPS, o_desc, o_desc2,
                  BALANCED=min_rows > 0, NP2=1 << (N - 1).bit_length(), TMA_OUT=tma_out, OUT_T=out_t, FOLD=fold,
                  SPLIT=be2 > 0, BH=64,
                  LS=l_stages, RS=r_stages, LW=lw, CREGS=cregs, LREGS=lregs, L_REGS=l_regs, num_warps=4,
