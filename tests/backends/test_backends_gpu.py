@@ -174,7 +174,7 @@ def test_triton_down_ws_bf16(case, opts, tile, monkeypatch):
 MLP_WS_TILES = {"64-cols": (128, 64, 64, 6, 4, 5), "128-cols": (128, 128, 128, 2, 2, 5)}
 MLP_WS_CASES = [dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewed"),
                 dict(activation="relu", T=333, D=192, E=192, N=8, K=2, routing="empty"),  # base's E = 128 + 64
-                dict(activation="relu", T=1000, D=512, E=256, N=16, K=4, routing="skewed"),  # 8B's: not served
+                dict(activation="relu", T=1000, D=512, E=256, N=16, K=4, routing="skewed"),  # 8B's: 128 + 128
                 dict(activation="relu", T=1, D=128, E=64, N=4, K=2),
                 dict(activation="gelu", T=257, D=256, E=192, N=8, K=2, routing="skewed"),
                 dict(activation="squared_relu", T=129, D=64, E=64, N=4, K=3),
@@ -205,9 +205,8 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
     if w2 == "column-view":
         inp = with_column_view_w2(inp)
     act = ACT_CODES[case["activation"]][0]
-    if not mlp_gluon.serves(inp["x"], inp["w1"], inp["w2"], act, False, *cfg[:5], *kernels._split_width(case["E"])):
-        pytest.skip("variant 5 falls back to kernels/mlp.py here: a first E tile wider than 128 (8B's 256) or "
-                    "buffers beyond shared memory")
+    if not mlp_gluon.serves(inp["x"], inp["w1"], inp["w2"], act, False, *cfg[:5], *kernels._ws_boxes(case["E"])):
+        pytest.skip("variant 5 falls back to kernels/mlp.py here: buffers beyond shared memory")
     launches = []
     real = mlp_gluon.launch
 
@@ -233,7 +232,8 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
 # combines) or none (the buffer combine); rings of (W2, dy) slots 3 + 4 and 2 + 2; dh and gate * a by TMA stores
 # (SSD_TRITON_UP_BWD_TMA_STORES=1, the default) or pointer stores ("-ptr")
 UP_BWD_WS_TILES = {"3w-4x": (128, 64, 64, 3, 4, 5), "3w-4x-ptr": (128, 64, 64, 3, 4, 5),
-                   "2w-2x-bk128": (128, 128, 128, 2, 2, 5)}
+                   "2w-2x-bk128": (128, 128, 128, 2, 2, 5),
+                   "2w-3x": (128, 64, 64, 2, 3, 5)}  # (the one whose buffers fit at 8B's E = 256 = 128 + 128)
 UP_BWD_WS_CASES = MLP_WS_CASES + [dict(activation="relu", T=257, D=128, E=192, N=8, K=1, routing="skewed")]
 UP_BWD_WS_IDS = [f"{c['activation']}-T{c['T']}-D{c['D']}-E{c['E']}-N{c['N']}K{c['K']}-{c.get('routing', 'random')}"
                  f"{'' if c.get('bias', True) else '-nobias'}" for c in UP_BWD_WS_CASES]
@@ -256,9 +256,10 @@ def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
     if up_bwd_gluon._build_once() is None or not up_bwd_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
         pytest.skip("the WS up_bwd does not serve here (needs sm_90 and Triton >= 3.9's Gluon): variant 5 falls "
                     "back to kernels/up.py")
-    if cfg[2] > case["D"] or case["D"] % cfg[2] or case["E"] > 192 or (cfg[2] == 128 and case["E"] > 128):
-        pytest.skip("variant 5 falls back to kernels/up.py here: D not a multiple of BK, a first E tile wider than "
-                    "128 (8B's 256), or buffers beyond shared memory")
+    if cfg[2] > case["D"] or case["D"] % cfg[2] or \
+            up_bwd_gluon.smem_bytes(cfg[0], cfg[2], case["E"], cfg[4], cfg[3]) > up_bwd_gluon.down_gluon.SMEM_LIMIT:
+        pytest.skip("variant 5 falls back to kernels/up.py here: D not a multiple of BK, or buffers beyond shared "
+                    "memory")
     launches = []
     real = up_bwd_gluon.launch
 

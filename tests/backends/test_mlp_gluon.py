@@ -23,7 +23,8 @@ WS = (128, 64, 64, 2, 3, 5)  # BM, BN, BK, the weight ring's depth, the x ring's
 LAUNCHES = {"base-inference": ("relu", 192, "bfloat16", "atomic16", True, False),
             "train-buffer": ("gelu", 64, "bfloat16", "buffer", False, True),
             "fp16-atomic32": ("relu", 192, "float16", "atomic32", True, True),
-            "squared-relu-no-bias": ("squared_relu", 128, "bfloat16", "atomic16", False, False)}
+            "squared-relu-no-bias": ("squared_relu", 128, "bfloat16", "atomic16", False, False),
+            "8b-train-two-boxes": ("relu", 256, "bfloat16", "atomic16", False, True)}  # E = 256 as 128 + 128
 
 
 def _case(activation, E, dtype, column_view=False, T=100, D=128, N=8, K=2, bias=True):
@@ -88,7 +89,7 @@ NOT_SERVED = {"cpu": ("relu", 192, 128, torch.bfloat16, WS),
               "fp32": ("relu", 64, 128, torch.float32, WS),
               "smem": ("relu", 192, 128, torch.bfloat16, (128, 64, 64, 8, 4, 5)),
               "bn-not-bk": ("relu", 64, 128, torch.bfloat16, (128, 128, 64, 2, 2, 5)),  # W1, W2 tiles share slots
-              "wide-e": ("relu", 256, 128, torch.bfloat16, (128, 64, 64, 2, 2, 5)),  # one 256-column tile
+              "wide-e": ("relu", 512, 128, torch.bfloat16, (128, 64, 64, 2, 2, 5)),  # more than two 128-column tiles
               "one-slot-ring": ("relu", 64, 128, torch.bfloat16, (128, 64, 64, 1, 3, 5)),
               "bm": ("relu", 64, 128, torch.bfloat16, (64, 64, 64, 2, 3, 5))}
 
@@ -97,9 +98,9 @@ NOT_SERVED = {"cpu": ("relu", 192, 128, torch.bfloat16, WS),
 def test_ws_fused_forward_falls_back(monkeypatch, why):
     """mlp variant 5 launches the Gluon kernel over the M-tile table where it serves, with the tile, activation and
     combine asked for; kernels/mlp.py (pointer loads) otherwise: not sm_90 (here: CPU), a Triton without the Gluon
-    it is written for, a gated activation, E not exactly one or two power-of-two tiles or a first tile wider than
-    128, D not a multiple of BK, fp32, too much shared memory, a weight ring of one slot, BN other than BK, BM other
-    than 128."""
+    it is written for, a gated activation, E not exactly one or two power-of-two tiles of at most 128 columns, D
+    not a multiple of BK, fp32, too much shared memory, a weight ring of one slot, BN other than BK, BM other than
+    128."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K
     from ssd_megatron.ffn.backends.kernels import mlp_gluon

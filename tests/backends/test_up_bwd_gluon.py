@@ -18,14 +18,17 @@ except ImportError:  # run as a script: the compile subprocess
     from test_mlp_gluon import _case
 
 WS = (128, 64, 64, 3, 4, 5)  # BM, BN (unused), BK, the W2 ring's depth, the dy ring's, variant 5
+WS_8B = (128, 64, 64, 2, 3, 5)  # (rings whose buffers fit beside 8B's E = 256, as 128 + 128)
 # name -> (activation, E, dtype, W2 as W_out's column view, the dx zeros, gate * a stored, db1 summed): base's
 # training backward (E = 128 + 64, the layer's column view, every output), gelu without the dx zeros or gate * a,
-# fp16 with tanh-GELU and contiguous W2, squared ReLU without a bias, base's with TMA stores
+# fp16 with tanh-GELU and contiguous W2, squared ReLU without a bias, base's with TMA stores, 8B's (E = 256 as two
+# 128-column boxes, WS_8B) with TMA stores
 LAUNCHES = {"base-train": ("relu", 192, "bfloat16", True, True, True, True),
             "gelu-e64-bare": ("gelu", 64, "bfloat16", False, False, False, True),
             "fp16-gelu-tanh": ("gelu_tanh", 128, "float16", False, True, True, True),
             "squared-relu-no-bias": ("squared_relu", 192, "bfloat16", True, True, True, False),
-            "base-train-tma-stores": ("relu", 192, "bfloat16", True, True, True, True)}  # (the switch set)
+            "base-train-tma-stores": ("relu", 192, "bfloat16", True, True, True, True),  # (the switch set)
+            "8b-train-tma-stores": ("relu", 256, "bfloat16", True, True, True, True)}
 
 
 def _backward_case(activation, E, dtype, column_view=True, D=128, fill=True):
@@ -43,12 +46,12 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
 
     from ssd_megatron.ffn.backends import _triton_kernels as K
     cr.offline(90)
-    K.force_config(up_bwd=WS)
 
     def launch(name, act, E, dtype, column_view, fill, ga, db):
         dy, w2, h, gate, plan, f = _backward_case(act, E, getattr(torch, dtype), column_view, fill=fill)
 
         def run():
+            K.force_config(up_bwd=WS_8B if E == 256 else WS)
             os.environ["SSD_TRITON_UP_BWD_TMA_STORES"] = str(int(name.endswith("tma-stores")))
             K.up_backward(dy, w2, h, gate, plan, act, ga, db, fill=f, partials=True)
         return run
@@ -89,7 +92,7 @@ NOT_SERVED = {"cpu": ("relu", 192, 128, torch.bfloat16, WS, False),
               "ragged-d": ("relu", 64, 96, torch.bfloat16, WS, False),     # D not a multiple of BK
               "fp32": ("relu", 64, 128, torch.float32, WS, False),
               "smem": ("relu", 192, 128, torch.bfloat16, (128, 64, 64, 4, 4, 5), False),  # h beside two full rings
-              "wide-e": ("relu", 256, 128, torch.bfloat16, (128, 64, 64, 2, 2, 5), False),  # one 256-column tile
+              "wide-e": ("relu", 512, 128, torch.bfloat16, (128, 64, 64, 2, 2, 5), False),  # over two 128-col tiles
               "one-slot-ring": ("relu", 64, 128, torch.bfloat16, (128, 64, 64, 1, 3, 5), False),
               "bm": ("relu", 64, 128, torch.bfloat16, (64, 64, 64, 2, 3, 5), False),
               "fill-row": ("relu", 64, 128, torch.bfloat16, WS, True)}  # the kernel writes zeros only
@@ -100,7 +103,7 @@ def test_ws_up_bwd_falls_back(monkeypatch, why):
     """up_bwd variant 5 launches the Gluon kernel over the expert-order M-tile table where it serves, with the tile,
     activation and outputs asked for, and one row of gate-gradient partials; kernels/up.py's default tile otherwise:
     not sm_90 (here: CPU), a Triton without the Gluon it is written for, a gated activation, E not exactly one or
-    two power-of-two tiles or a first tile wider than 128, D not a multiple of BK, fp32, too much shared memory, a
+    two power-of-two tiles of at most 128 columns, D not a multiple of BK, fp32, too much shared memory, a
     ring of one slot, BM other than 128, a fill other than zeros."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K

@@ -553,7 +553,7 @@ def _up_bwd_ws(dy, w2, h, gate_flat, plan, act: int, glu: bool, dh, ga, db, fill
     from .kernels import up_bwd_gluon
 
     BM, _, BK, w_ring, ring = cfg[:5]
-    be, be2 = _split_width(w2.shape[1])
+    be, be2 = _ws_boxes(w2.shape[1])  # (8B's E = 256 as 128 + 128: boxes of at most 128 columns)
     zeros = fill[0] if fill is not None and fill[1] is None else None
     if (fill is not None and zeros is None) or not up_bwd_gluon.serves(dy, w2, h, act, glu, zeros, BM, BK, w_ring,
                                                                         ring, be, be2):
@@ -772,10 +772,11 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
             init()
         if cfg[5:] == (WS,):  # the Gluon kernel where it serves (kernels/mlp_gluon.py), else the pointer loads
             from .kernels import gluon_launches, mlp_gluon
-            if mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, nw, ns, be, be2):  # (nw: the weight ring's depth)
+            wb = _ws_boxes(E)  # (8B's E = 256 as 128 + 128: boxes of at most 128 columns)
+            if mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, nw, ns, *wb):  # (nw: the weight ring's depth)
                 tiles = _tile_list(plan, BM, _tile_groups(order))
                 mlp_gluon.launch(x, w1, b1, w2, tiles, plan.offsets, plan.order, plan.token, gate_flat,
-                                 h if save_h else None, buf, act, atomic, BM, BN, BK, nw, ns, be, be2)
+                                 h if save_h else None, buf, act, atomic, BM, BN, BK, nw, ns, *wb)
                 gluon_launches.note(ws_key(cfg), eager_key(), x)
                 return
         descs = _mlp_descriptors(w1, w2, BN, BK, be, be2) if cfg[5:] == (TMA,) and _hopper(x) else None
@@ -845,11 +846,13 @@ def _up_bwd_tma_stores() -> bool:
 
 
 def _ws_boxes(P: int):
-    """The WS wgrad's boxes of P's columns: `_split_width`'s below 256 (base's 192 = 128 + 64), else two of 128, a
-    wider P in slices of 256 (kernels/wgrad_gluon.launch; SwiGLU 8B's dW1, P = 512, not yet timed). Its consumers then
-    hold two m64n128 accumulators in the 16-warp layout (four R loader warps): one m64n256 box took 12 warps (two R
-    loader warps) and lost at 8B (docs/kernels.md v22, v26). H200, v33, 8B ReLU layer fwd+bwd (graphed, seven A/B
-    rounds, the WS wgrad forced): kernels/wgrad.py 7.83-7.94 ms, two boxes 7.48-7.72, one box 8.63-8.69."""
+    """The Gluon WS kernels' column boxes of an expert's P (or E) columns: `_split_width`'s below 256 (base's 192 =
+    128 + 64), else two of 128, for the wgrad a wider P in slices of 256 (kernels/wgrad_gluon.launch; SwiGLU 8B's
+    dW1, P = 512, not yet timed). Their consumers then hold two m64n128 accumulators in the 16-warp layout: for the
+    wgrad, one m64n256 box took 12 warps (two R loader warps) and lost at 8B (docs/kernels.md v22, v26). H200, v33,
+    8B ReLU layer fwd+bwd (graphed, seven A/B rounds, the WS wgrad forced): kernels/wgrad.py 7.83-7.94 ms, two boxes
+    7.48-7.72, one box 8.63-8.69. The fused forward and up_bwd take 8B's E = 256 so too when forced (compiled
+    offline, not yet timed; `auto` keeps them to base-like shapes)."""
     return (128, 128) if P >= 256 else _split_width(P)
 
 
