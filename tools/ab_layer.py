@@ -58,7 +58,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=0, help="graph replays per timing (default: 60 base, 20 8B)")
     ap.add_argument("--forward-only", action="store_true", help="time the inference forward only")
     ap.add_argument("--params", default="bf16", choices=("bf16", "fp32"),
-                    help="the layer's parameters: bf16, or fp32 used under bf16 autocast (master weights, as in training)")
+                    help="the layer's parameters: bf16, or fp32 under bf16 autocast (master weights, as in training)")
     ap.add_argument("--arm-order", choices=("rotate", "fixed"), default="rotate",
                     help="rotate: each round starts one arm later (default); fixed: the given order every round")
     ap.add_argument("--out", default="")

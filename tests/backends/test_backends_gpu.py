@@ -282,13 +282,13 @@ def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
     print("up_bwd ws", case, combine, tile, w2, {k: f"{v:.1e}" for k, v in errs.items()})
 
 
-# wgrad's seventh entry 5 (WS, kernels/wgrad_gluon.py: Gluon, sm_90, Triton >= 3.9) where it serves: P = E (dW2) or
-# F1 (dW1; 2E with a gate) up to 256 as one or two power-of-two boxes (48 = 32 + 16, 192 = 128 + 64, 256 = 128 + 128), Q (D) a
-# multiple of 16. Balanced items (row segments of at least 96 or 40 rows, crossing experts; atomic adds, or TMA
-# reduces through either 2-D view of dW) and whole experts (0: stores), skewed loads, experts with no tokens, Q not a multiple of the column block (208, 96), one
-# token, K = 1, SwiGLU's dW1 (P = 2E = 128), the router's term in dW1's epilogue; fp32 master weights (dW written in
-# place) and bf16 weights (an fp32 buffer, copied; or stored straight into dW for whole experts; with half sums,
-# TMA reduces into bf16 dW itself)
+# wgrad's seventh entry 5 (WS, kernels/wgrad_gluon.py: Gluon, sm_90, Triton >= 3.9) where it serves: P = E (dW2) or F1
+# (dW1; 2E with a gate) up to 256 as one or two power-of-two boxes (48 = 32 + 16, 192 = 128 + 64, 256 = 128 + 128), Q
+# (D) a multiple of 16. Balanced items (row segments of at least 96 or 40 rows, crossing experts; atomic adds, or TMA
+# reduces through either 2-D view of dW) and whole experts (0: stores), skewed loads, experts with no tokens, Q not a
+# multiple of the column block (208, 96), one token, K = 1, SwiGLU's dW1 (P = 2E = 128), the router's term in dW1's
+# epilogue; fp32 master weights (dW written in place) and bf16 weights (an fp32 buffer, copied; or stored straight into
+# dW for whole experts; with half sums, TMA reduces into bf16 dW itself)
 WGRAD_WS_TILES = {"balanced96": (64, 128, 64, 4, 4, 96, 5), "balanced40-bk32": (64, 128, 32, 2, 3, 40, 5),
                   "balanced96-tmaout": (64, 128, 64, 3, 3, 96, 5),  # TMA reduces (the others: SSD_WGRAD_TMA_OUT=0)
                   "balanced96-tmaout-half": (64, 128, 64, 3, 3, 96, 5),  # into bf16 dW itself (SSD_WGRAD_HALF_SUMS=1)

@@ -21,10 +21,10 @@ WS = (64, 128, 64, 4, 4, 96, 5)  # BP (unused), BQ, BK, the L ring's depth, the 
 # name -> (P, Q, dtype, router term, dW's dtype, balanced items' least rows or 0, the epilogue expected, the rings'
 # depths, dW as W_out's column view): base's P = 128 + 64 (dW1 with the router's term, bf16 weights: an fp32 buffer;
 # four-slot rings leave no room for the TMA reduces' staging: atomics), 8B's P = 256 as two 128-column boxes (fp32
-# master weights: atomics), whole experts stored into bf16, a thin fp16 expert with Q not a multiple of the column block (TMA
-# reduces, Q contiguous), base's dW2 with three-slot rings (TMA reduces, P contiguous); with half sums (the last
-# entry: SSD_WGRAD_HALF_SUMS=1) base's dW1 and dW2 and 8B's dW2 by TMA reduces into bf16 dW itself (8B's 256
-# columns have room for the staging in bf16, not in fp32)
+# master weights: atomics), whole experts stored into bf16, a thin fp16 expert with Q not a multiple of the column block
+# (TMA reduces, Q contiguous), base's dW2 with three-slot rings (TMA reduces, P contiguous); with half sums (the last
+# entry: SSD_WGRAD_HALF_SUMS=1) base's dW1 and dW2 and 8B's dW2 by TMA reduces into bf16 dW itself (8B's 256 columns
+# have room for the staging in bf16, not in fp32)
 LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96, "atomic", 4, False, False),
             "8b-dw2-fp32": (256, 512, "bfloat16", False, "float32", 96, "atomic", 4, False, False),
             "whole-experts-bf16": (192, 256, "bfloat16", True, "bfloat16", 0, "store", 4, False, False),
@@ -94,11 +94,11 @@ def compiled():
 @pytest.mark.parametrize("name", list(LAUNCHES))
 def test_ws_wgrad_compiles_for_sm90(compiled, name):
     """Each specialisation (P as two boxes or one, at most 128 columns each, the router's term per expert or summed in
-    the kernel, bf16 and fp16, Q ragged, row chunks or whole experts, dW's two layouts) compiles for sm_90 as one warp-specialised kernel
-    of 16 warps: cp.async gathers of R, TMA loads of L, wgmma (a 16-column one more for
-    the summed term, after the small kernel that writes its gradient matrix), for balanced items TMA reduces where
-    their staging fits in shared memory, else fp32 atomic adds (no compare-and-swap loop), stores for whole experts;
-    the launcher took it, not kernels/wgrad.py."""
+    the kernel, bf16 and fp16, Q ragged, row chunks or whole experts, dW's two layouts) compiles for sm_90 as one
+    warp-specialised kernel of 16 warps: cp.async gathers of R, TMA loads of L, wgmma (a 16-column one more for the
+    summed term, after the small kernel that writes its gradient matrix), for balanced items TMA reduces where their
+    staging fits in shared memory, else fp32 atomic adds (no compare-and-swap loop), stores for whole experts; the
+    launcher took it, not kernels/wgrad.py."""
     res = compiled[name]
     assert not isinstance(res, str), res
     pairs = LAUNCHES[name][3] == "pairs"  # (the gradient matrix's own small kernel first)
@@ -249,12 +249,12 @@ def test_half_sums_add_into_dw_itself(monkeypatch, dw_dtype, reduces):
 
 
 def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
-    """`auto` (no config forced) takes the Gluon wgrad with balanced items and TMA reduces at base's P = 128 + 64,
-    by kernels/gluon_launches.py's rule: not in a capture before an eager launch with the same launch key (which
-    would load its module there), the first eager launch of a shape, not later eager ones (host time), then in a
-    capture; the same at 8B's P = 256 (two 128-column boxes) into a bf16 dW (half sums), but kernels/wgrad.py into
-    an fp32 one (master weights: the fp32 staging does not fit beside 256 columns), for deterministic sums
-    (split=False), pre-gathered R, and a dW layout the reduces cannot address; a switch of the kernel's specialisation is a new eager key."""
+    """`auto` (no config forced) takes the Gluon wgrad with balanced items and TMA reduces at base's P = 128 + 64, by
+    kernels/gluon_launches.py's rule: not in a capture before an eager launch with the same launch key (which would load
+    its module there), the first eager launch of a shape, not later eager ones (host time), then in a capture; the same
+    at 8B's P = 256 (two 128-column boxes) into a bf16 dW (half sums), but kernels/wgrad.py into an fp32 one (master
+    weights: the fp32 staging does not fit beside 256 columns), for deterministic sums (split=False), pre-gathered R,
+    and a dW layout the reduces cannot address; a switch of the kernel's specialisation is a new eager key."""
     K, _, calls, state = auto_stand_in(monkeypatch, "wgrad_gluon", "_wgrad_kernel")
     monkeypatch.setattr(K, "_tma_descriptors", lambda t, boxes: ("L", "L2"))
 

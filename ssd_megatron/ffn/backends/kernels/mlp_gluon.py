@@ -387,13 +387,13 @@ def smem_bytes(BM: int, BK: int, E: int, stages: int, w_stages: int, element_siz
 
 def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: bool, BM: int, BN: int, BK: int,
            w_stages: int, stages: int, be: int, be2: int) -> bool:
-    """Whether this kernel takes tokens x [T, D], W1 [N, E, D] and W2 [N, E, Dout] with this tile: sm_90, bf16 or
-    fp16, an activation without a gate, BM = 128 (two warpgroups of 64 rows), BN = BK (W1's and W2's tiles share
-    the weight ring's slots) a power of two in 16..128, D a multiple of BK, E exactly the column tiles be + be2
-    each at most 128 (MAX_REGS bounds ptxas for the whole kernel, and one m64n256 wgmma needs more than 128
-    registers: the launcher gives 8B's E = 256 as 128 + 128, `_triton_kernels._ws_boxes`), both weights one 2-D matrix (`common.expert_matrix`) with 16-byte aligned rows, x's rows
-    contiguous, two or more slots in each ring, the buffers within shared memory, and a Triton whose Gluon builds
-    the kernel."""
+    """Whether this kernel takes tokens x [T, D], W1 [N, E, D] and W2 [N, E, Dout] with this tile: sm_90, bf16 or fp16,
+    an activation without a gate, BM = 128 (two warpgroups of 64 rows), BN = BK (W1's and W2's tiles share the weight
+    ring's slots) a power of two in 16..128, D a multiple of BK, E exactly the column tiles be + be2 each at most 128
+    (MAX_REGS bounds ptxas for the whole kernel, and one m64n256 wgmma needs more than 128 registers: the launcher gives
+    8B's E = 256 as 128 + 128, `_triton_kernels._ws_boxes`), both weights one 2-D matrix (`common.expert_matrix`) with
+    16-byte aligned rows, x's rows contiguous, two or more slots in each ring, the buffers within shared memory, and a
+    Triton whose Gluon builds the kernel."""
     from .common import expert_matrix
 
     N, E, D = w1.shape

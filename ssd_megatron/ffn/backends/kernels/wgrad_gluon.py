@@ -54,11 +54,11 @@ does not fit beside 256 columns: kernels/wgrad.py stays).
 
 Serves (`serves`) bf16/fp16 operands on sm_90, P's boxes up to 128 columns each (a wider P in slices of 256, one work
 item each: SwiGLU 8B's dW1, P = 512, built in session 39 and not yet timed, so `auto` leaves it to kernels/wgrad.py),
-rows of L contiguous and 16-byte aligned, R gathered in the kernel with Q a multiple of 16 (Triton then proves the copies 16 bytes wide), FOLD 0,
-2 or 3, and the buffers within shared memory; the launcher (`_triton_kernels.wgrad`) takes kernels/wgrad.py
-elsewhere. Needs Triton >= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the offline compile for
-sm_90 and the launcher's choice are tested (tests/backends/test_wgrad_gluon.py); tests/backends/test_backends_gpu.py
-(`wgrad_ws`) checks the results on the GPU.
+rows of L contiguous and 16-byte aligned, R gathered in the kernel with Q a multiple of 16 (Triton then proves the
+copies 16 bytes wide), FOLD 0, 2 or 3, and the buffers within shared memory; the launcher (`_triton_kernels.wgrad`)
+takes kernels/wgrad.py elsewhere. Needs Triton >= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the
+offline compile for sm_90 and the launcher's choice are tested (tests/backends/test_wgrad_gluon.py);
+tests/backends/test_backends_gpu.py (`wgrad_ws`) checks the results on the GPU.
 """
 from __future__ import annotations
 
@@ -408,17 +408,17 @@ def out_view(dw: torch.Tensor, P: int, target: torch.dtype = torch.float32):
 
 def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: int, balanced: bool, BQ: int, BK: int,
            l_stages: int, r_stages: int, be: int, be2: int, tma_out: bool = False) -> bool:
-    """Whether this kernel takes the left operand lhs [M, P] (rows in expert order), the token-major right operand
-    rhs [T, Q] (gathered in the kernel) and a dW of `dw_dtype` with this tile: sm_90, bf16 or fp16 operands, P's
-    boxes be + be2 (powers of two, wgmma's N, each at most 128: the consumers' accumulators in the 16-warp layout,
-    WARPS; `_triton_kernels._ws_boxes`), a wider P in slices of be + be2 columns (one work item each), BQ = 128 (a
-    64-row wgmma per consumer), BK a power of two in 16..128, lhs's rows contiguous and 16-byte aligned, rhs's rows contiguous with Q a multiple of 16 (Triton's specialisation then proves the copies
-    16 bytes wide, as cp.async needs), for whole experts (not `balanced`) a dW of fp32, bf16 or fp16 to store into;
-    balanced items add into an fp32 buffer (or dW itself when fp32; dw_dtype is then the target of their adds), or
-    with `tma_out` into a bf16/fp16 dW itself (`_triton_kernels._sums_dtype`); FOLD 0, 2 or 3, two or more slots in
-    each ring, the buffers within shared memory (with `tma_out`, for balanced items only, the reduces' staging too,
-    and each slice of P exactly its boxes: a box must not reach into the next expert's rows), and a Triton whose
-    Gluon builds the kernel."""
+    """Whether this kernel takes the left operand lhs [M, P] (rows in expert order), the token-major right operand rhs
+    [T, Q] (gathered in the kernel) and a dW of `dw_dtype` with this tile: sm_90, bf16 or fp16 operands, P's boxes be +
+    be2 (powers of two, wgmma's N, each at most 128: the consumers' accumulators in the 16-warp layout, WARPS;
+    `_triton_kernels._ws_boxes`), a wider P in slices of be + be2 columns (one work item each), BQ = 128 (a 64-row wgmma
+    per consumer), BK a power of two in 16..128, lhs's rows contiguous and 16-byte aligned, rhs's rows contiguous with Q
+    a multiple of 16 (Triton's specialisation then proves the copies 16 bytes wide, as cp.async needs), for whole
+    experts (not `balanced`) a dW of fp32, bf16 or fp16 to store into; balanced items add into an fp32 buffer (or dW
+    itself when fp32; dw_dtype is then the target of their adds), or with `tma_out` into a bf16/fp16 dW itself
+    (`_triton_kernels._sums_dtype`); FOLD 0, 2 or 3, two or more slots in each ring, the buffers within shared memory
+    (with `tma_out`, for balanced items only, the reduces' staging too, and each slice of P exactly its boxes: a box
+    must not reach into the next expert's rows), and a Triton whose Gluon builds the kernel."""
     M, P = lhs.shape
     es = lhs.element_size()
     if not down_gluon._sm90(lhs) or lhs.dtype not in (torch.bfloat16, torch.float16) or rhs.dtype != lhs.dtype:
@@ -457,12 +457,12 @@ def segments(M: int, num_q: int, min_rows: int, sms: int) -> int:
 
 def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows: int, BK: int, l_stages: int,
            r_stages: int, be: int, be2: int, tma_out: bool = False, rows=None, scale: float = 1.0):
-    """The kernel, for each 128-column block of Q and slice of P (be + be2 columns), over balanced items (min_rows >
-    0: equal row segments of all experts' rows, `segments`; adds into the zeroed `out` [N, P, Q], any strides: relaxed fp32 atomics, or with tma_out TMA
-    reduces in out's dtype through `out_view`) or whole experts (stores into `out`). P's columns in boxes of be and
-    be2 (0: one box). FOLD 2: coef [N, Q] fp32, the router's term per expert; FOLD 3: `rows`, the router's gradient
-    matrix (kernels/score_grad.row_matrix, [M, ROW_WIDTH] in lhs's dtype), whose first column's products with R the
-    kernel sums, times `scale`. The caller checked `serves`."""
+    """The kernel, for each 128-column block of Q and slice of P (be + be2 columns), over balanced items (min_rows > 0:
+    equal row segments of all experts' rows, `segments`; adds into the zeroed `out` [N, P, Q], any strides: relaxed fp32
+    atomics, or with tma_out TMA reduces in out's dtype through `out_view`) or whole experts (stores into `out`). P's
+    columns in boxes of be and be2 (0: one box). FOLD 2: coef [N, Q] fp32, the router's term per expert; FOLD 3: `rows`,
+    the router's gradient matrix (kernels/score_grad.row_matrix, [M, ROW_WIDTH] in lhs's dtype), whose first column's
+    products with R the kernel sums, times `scale`. The caller checked `serves`."""
     kernel, descriptors, out_descriptors = _build_once()
     (M, P), Q, N = lhs.shape, rhs.shape[1], out.shape[0]
     num_q = -(-Q // 128)
