@@ -42,7 +42,10 @@ LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96, "atomi
             "pairs-8b-dw1-fp32": (256, 512, "bfloat16", "pairs", "float32", 96, "atomic", 4, False, False),
             "pairs-8b-dw1-half": (256, 512, "bfloat16", "pairs", "bfloat16", 96, "reduce", 3, False, True),
             # SwiGLU 8B's dW1 (P = 2E = 512, the router's term on its first E columns): two slices of two boxes
-            "pairs-swiglu-8b-dw1-half": (512, 512, "bfloat16", "pairs", "bfloat16", 96, "reduce", 3, False, True)}
+            "pairs-swiglu-8b-dw1-half": (512, 512, "bfloat16", "pairs", "bfloat16", 96, "reduce", 3, False, True),
+            # 8B with fp32 master weights: the fp32 staging of 256 columns fits beside BK = 32 rings (the last entry)
+            "pairs-8b-dw1-fp32-bk32": (256, 512, "bfloat16", "pairs", "float32", 96, "reduce", 3, False, False, 32),
+            "8b-dw2-fp32-bk32": (256, 512, "bfloat16", False, "float32", 96, "reduce", 3, False, False, 32)}
 
 
 def _case(P, Q, dtype=torch.bfloat16, fold=False, dw_dtype=torch.float32, T=100, N=8, K=2, column_view=False):
@@ -69,12 +72,12 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
     from ssd_megatron.ffn.backends import _triton_kernels as K
     cr.offline(90)
 
-    def launch(P, Q, dtype, fold, dw_dtype, chunk, epilogue, rings, column_view, half):
+    def launch(P, Q, dtype, fold, dw_dtype, chunk, epilogue, rings, column_view, half, BK=WS[2]):
         lhs, rhs, plan, like, f = _case(P, Q, getattr(torch, dtype), fold, getattr(torch, dw_dtype),
                                         column_view=column_view)
 
         def run():
-            K.force_config(wgrad=WS[:3] + (rings, rings, chunk, 5))
+            K.force_config(wgrad=WS[:2] + (BK, rings, rings, chunk, 5))
             os.environ["SSD_WGRAD_HALF_SUMS"] = str(int(half))
             K.wgrad(lhs, rhs, plan, like, gathered=False, fold=f)
         return run
