@@ -226,7 +226,9 @@ AUTO_MLP_WS = (128, 64, 64, 6, 4, WS)
 # 0.7545 / 0.7544, balanced items with atomic adds 0.7743 / 0.7746. Graphed sparse GPT-base step 30.45 / 30.38 ->
 # 29.65 / 29.69 ms. 8B (one 256-column box, 12 warps) lost: 8.03 -> 9.55 ms (atomics: the reduces do not fit); as two
 # 128-column boxes (`_ws_boxes`, v33) it wins there with bf16 weights' half sums (H200, 8B ReLU: 7.83-7.94 -> 7.48-7.72
-# ms); with fp32 master weights their fp32 staging does not fit, and kernels/wgrad.py stays.
+# ms); with fp32 master weights their fp32 staging does not fit, and kernels/wgrad.py stays (BK = 32, where it fits,
+# lost: H100, v34, 8B ReLU 8.82 / 8.86 -> 9.61 / 9.64 ms). SwiGLU 8B's dW1 (P = 512) in two slices of 256 columns, H100,
+# v34, 8B SwiGLU layer (three rounds): 13.02 / 13.04 / 13.12 -> 12.57 / 12.90 / 12.79 ms.
 AUTO_WGRAD_WS = (64, 128, 64, 3, 3, 512, WS)
 
 
@@ -249,10 +251,10 @@ def _auto_mlp_ws(x, w1, w2, act: int, glu: bool, be: int, be2: int, eager_key, k
 def _auto_wgrad_ws(lhs, rhs, dw, fold_kind, split: bool, gathered: bool, eager_key, key):
     """AUTO_WGRAD_WS where `auto` takes the Gluon wgrad for this launch, else None (the defaults serve): its balanced
     items with TMA reduces (row segments: no grid tail whatever the expert loads), where they serve, split sums are
-    allowed (not under deterministic algorithms) and P is at most 256 columns (P's slices, SwiGLU 8B's dW1, are not
-    yet timed), by kernels/gluon_launches.py's rule (in a capture once an eager launch with this launch key loaded the
-    module; the first eager launch of its `eager_key()`; later eager launches keep kernels/wgrad.py)."""
-    if not split or gathered or fold_kind == "rows" or lhs.shape[1] > 256 or not _hopper(lhs):
+    allowed (not under deterministic algorithms), a wider P than 256 in slices of 256 (SwiGLU 8B's dW1), by
+    kernels/gluon_launches.py's rule (in a capture once an eager launch with this launch key loaded the module; the
+    first eager launch of its `eager_key()`; later eager launches keep kernels/wgrad.py)."""
+    if not split or gathered or fold_kind == "rows" or not _hopper(lhs):
         return None
     be, be2 = _ws_boxes(lhs.shape[1])
     from .kernels import gluon_launches
@@ -848,11 +850,12 @@ def _up_bwd_tma_stores() -> bool:
 def _ws_boxes(P: int):
     """The Gluon WS kernels' column boxes of an expert's P (or E) columns: `_split_width`'s below 256 (base's 192 =
     128 + 64), else two of 128, for the wgrad a wider P in slices of 256 (kernels/wgrad_gluon.launch; SwiGLU 8B's
-    dW1, P = 512, not yet timed). Their consumers then hold two m64n128 accumulators in the 16-warp layout: for the
+    dW1, P = 512: `auto`'s, v34). Their consumers then hold two m64n128 accumulators in the 16-warp layout: for the
     wgrad, one m64n256 box took 12 warps (two R loader warps) and lost at 8B (docs/kernels.md v22, v26). H200, v33,
     8B ReLU layer fwd+bwd (graphed, seven A/B rounds, the WS wgrad forced): kernels/wgrad.py 7.83-7.94 ms, two boxes
-    7.48-7.72, one box 8.63-8.69. The fused forward and up_bwd take 8B's E = 256 so too when forced (compiled
-    offline, not yet timed; `auto` keeps them to base-like shapes)."""
+    7.48-7.72, one box 8.63-8.69. The fused forward and up_bwd take 8B's E = 256 so too when forced; both lost at 8B
+    ReLU (H100, v34: 8.04-8.23 ms -> 8.58-8.78 with the forward, 9.24-9.35 with both), so `auto` keeps them to
+    base-like shapes."""
     return (128, 128) if P >= 256 else _split_width(P)
 
 

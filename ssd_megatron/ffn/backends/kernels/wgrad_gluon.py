@@ -53,7 +53,7 @@ kernels/wgrad.py's 8.39 / 8.42 ms); as two 128-column boxes in the 16-warp layou
 does not fit beside 256 columns: kernels/wgrad.py stays).
 
 Serves (`serves`) bf16/fp16 operands on sm_90, P's boxes up to 128 columns each (a wider P in slices of 256, one work
-item each: SwiGLU 8B's dW1, P = 512, built in session 39 and not yet timed, so `auto` leaves it to kernels/wgrad.py),
+item each: SwiGLU 8B's dW1, P = 512, `auto`'s choice since v34: 8B SwiGLU layer −1.1 to −3.5% on the H100),
 rows of L contiguous and 16-byte aligned, R gathered in the kernel with Q a multiple of 16 (Triton then proves the
 copies 16 bytes wide), FOLD 0, 2 or 3, and the buffers within shared memory; the launcher (`_triton_kernels.wgrad`)
 takes kernels/wgrad.py elsewhere. Needs Triton >= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the
