@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ssd_megatron.bench.ffn import Case, Layer, _graphed  # noqa: E402
+from ssd_megatron.bench.ffn import Case, Layer, _graphed, time_calls  # noqa: E402
 from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
 from ssd_megatron.ffn.backends import get_backend  # noqa: E402
 
@@ -57,6 +57,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--iters", type=int, default=0, help="graph replays per timing (default: 60 base, 20 8B)")
     ap.add_argument("--forward-only", action="store_true", help="time the inference forward only")
+    ap.add_argument("--eager", action="store_true",
+                    help="time eager calls (CUDA events around each, as ssd-bench ffn's un-graphed columns), not "
+                         "graph replays: the path FSDP2 steps and runs without train.cuda_graph take")
     ap.add_argument("--params", default="bf16", choices=("bf16", "fp32"),
                     help="the layer's parameters: bf16, or fp32 under bf16 autocast (master weights, as in training)")
     ap.add_argument("--arm-order", choices=("rotate", "fixed"), default="rotate",
@@ -72,6 +75,11 @@ def main() -> int:
     case.set_routing(args.routing)
 
     def timed(f):
+        if args.eager:
+            t = {"fwd": time_calls(case.fwd(f), iters, 3)["median"]}
+            if not args.forward_only:
+                t["fwd_bwd"] = time_calls(case.fwd_bwd(f), iters, 3, case.clear)["median"]
+            return t
         t = {"fwd": _graphed(case, f, iters, True)["median"]}
         if not args.forward_only:
             t["fwd_bwd"] = _graphed(case, f, iters, False)["median"]
@@ -81,7 +89,7 @@ def main() -> int:
     print(f"{args.shape} {args.activation} (triton {triton.__version__}, {gpu})", flush=True)
     res = {"gpu": gpu, "date": str(datetime.date.today()), "torch": torch.__version__,
            "triton": triton.__version__, "shape": args.shape, "activation": args.activation, "tokens": args.tokens,
-           "params": args.params, "arm_order": args.arm_order,
+           "params": args.params, "arm_order": args.arm_order, "eager": args.eager,
            "dense_rounds": [], "arms": {name: {"configs": {k: list(v) for k, v in cfg.items()}, "order": order,
                                                "env": env, "rounds": []} for name, cfg, order, env in arms}}
     touched = {"SSD_TRITON_TILE_ORDER"} | {k for *_, env in arms for k in env}
