@@ -1,12 +1,12 @@
 """A/B of the `triton` backend's tile configs and M-tile orders in the whole sparse layer (graphed, as `ssd-bench ffn`
 times it; with --eager, eager calls): each arm forces configs in SSD_TRITON_CONFIG's syntax and, optionally, a tile
-order; the arms alternate for --rounds rounds in one process, each round also timing the dense layer (the same way) first,
-against which that round's ratios are taken (a dense time taken once had drifted by up to 8% between runs, session 29).
-Each round starts one arm later than the round before (--arm-order rotate, the default): from session 30 on the arm
-timed first, right after the dense layer, had an inference forward 3-6% slower than the same code in the next arm in
-every round but the first (docs/kernels.md v28), so a fixed order would charge that to the first arm; --arm-order fixed
-keeps the given order. Per-launch sweeps no longer predict the layer to within 5% (docs/kernels.md v15), so candidate
-defaults are timed this way before they are adopted.
+order; the arms alternate for --rounds rounds in one process, each round also timing the dense layer (the same way)
+first, against which that round's ratios are taken (a dense time taken once had drifted by up to 8% between runs,
+session 29). Each round starts one arm later than the round before (--arm-order rotate, the default): from session 30 on
+the arm timed first, right after the dense layer, had an inference forward 3-6% slower than the same code in the next
+arm in every round but the first (docs/kernels.md v28), so a fixed order would charge that to the first arm; --arm-order
+fixed keeps the given order. Per-launch sweeps no longer predict the layer to within 5% (docs/kernels.md v15), so
+candidate defaults are timed this way before they are adopted.
 
     python tools/ab_layer.py --shape 8b --activation swiglu \\
         --arm default= --arm "tma=up_glu=128,128,64,8,3,0,1;up_bwd_glu=128,256,64,8,3,1,1" --out ab.json
