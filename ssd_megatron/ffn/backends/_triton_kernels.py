@@ -19,8 +19,8 @@ plan instead of from materialised copies (ScatterMoE's idea; the code here is ou
           activations without a gate on Hopper)
 
 The routing plan itself (the pairs sorted by expert) is a counting sort in two small kernels
-(`kernels/routing_plan.py`). Expert e owns sorted rows offsets[e]:offsets[e+1]. The M-tiles of `up`/`down` never straddle two
-experts: every program finds its (expert, first row) from the offsets with a vectorised cumsum over
+(`kernels/routing_plan.py`). Expert e owns sorted rows offsets[e]:offsets[e+1]. The M-tiles of `up`/`down` never
+straddle two experts: every program finds its (expert, first row) from the offsets with a vectorised cumsum over
 the per-expert tile counts, so the grid is a host-side upper bound (cdiv(M, BM) + N tiles) and no
 count ever travels to the host.
 """
@@ -83,15 +83,15 @@ CANDIDATES = {  # (BM|BP, BN|BQ, BK, warps, stages); swept with SSD_TRITON_TUNE=
                (64, 256, 64, 8, 3), (128, 256, 64, 8, 3, 1)],
     "up_bwd_glu": [(64, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 128, 64, 8, 3), (128, 64, 64, 4, 4),
                    (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 1)],
-    "down": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3),
-             (128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 3), (128, 128, 64, 4, 3, 3),
-             (128, 64, 64, 8, 3, 4), (64, 64, 64, 4, 2, 4)],
+    "down": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+             (128, 256, 64, 8, 3), (128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 3),
+             (128, 128, 64, 4, 3, 3), (128, 64, 64, 8, 3, 4), (64, 64, 64, 4, 2, 4)],
     "wgrad": [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
               (64, 128, 128, 4, 3, 1024), (128, 128, 64, 8, 3, 2048), (256, 128, 64, 8, 3), (256, 128, 64, 8, 3, 2048),
               (128, 128, 64, 8, 3, 0, 1), (64, 128, 128, 4, 3, 2048, 1)],
     "wgrad_mat": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4)],
-    "mlp": [(128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3, TMA), (64, 64, 64, 4, 2),
-            (128, 128, 64, 8, 2), (128, 32, 64, 8, 3)],
+    "mlp": [(128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3, TMA),
+            (64, 64, 64, 4, 2), (128, 128, 64, 8, 2), (128, 32, 64, 8, 3)],
     "mlp_glu": [(64, 64, 64, 8, 3), (64, 32, 64, 8, 3), (64, 64, 64, 8, 2)],
 }
 _FORCED: dict = {}
