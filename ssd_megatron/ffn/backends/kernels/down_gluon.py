@@ -38,6 +38,7 @@ tested; the GPU tests (tests/backends/test_backends_gpu.py, `down-ws`) check the
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 
@@ -80,6 +81,21 @@ def _build():
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     require_gluon("WS down kernel")
+
+    @gluon.jit
+    def row_targets(rows, rmask, ORDER, GATE, TOK, stride_o, LOAD_G: gl.constexpr, ATOMIC: gl.constexpr):
+        """(gate, output row offset) of each sorted row (kernels/mlp_gluon.py's combine too): its (t, k) pair's gate
+        (zeros without LOAD_G), and its output row: its token's (atomic adds), else its pair's, times stride_o."""
+        pair = gl.load(ORDER + rows, mask=rmask, other=0)
+        if LOAD_G:
+            g = gl.load(GATE + pair, mask=rmask, other=0.0).to(gl.float32)
+        else:
+            g = gl.zeros(rows.shape, dtype=gl.float32, layout=rows.type.layout)
+        if ATOMIC:
+            dst = gl.load(TOK + rows, mask=rmask, other=0).to(gl.int64) * stride_o
+        else:
+            dst = pair.to(gl.int64) * stride_o
+        return g, dst
 
     @gluon.jit
     def loader(a_desc, w_desc, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, TILES, M, Dout, n_tiles):
@@ -130,16 +146,7 @@ def _build():
                 ta = j % 2
                 rows = row0 + gl.arange(0, BM, layout=row_l)
                 rmask = rows < gl.load(OFFS + e + 1)
-                pair = gl.load(ORDER + rows, mask=rmask, other=0)
-                if SCALE or RANK1:
-                    g = gl.load(GATE + pair, mask=rmask, other=0.0).to(gl.float32)
-                else:
-                    g = gl.zeros((BM, ), dtype=gl.float32, layout=row_l)
-                # the output row of each A row: its token's (atomic adds), else its (t, k) pair's
-                if ATOMIC:
-                    dst = gl.load(TOK + rows, mask=rmask, other=0).to(gl.int64) * stride_o
-                else:
-                    dst = pair.to(gl.int64) * stride_o
+                g, dst = row_targets(rows, rmask, ORDER, GATE, TOK, stride_o, SCALE or RANK1, ATOMIC)
                 mbarrier.wait(a_full.index(ta), (j // 2) & 1)
                 for n in range(num_n):
                     if it % 2 == which:
@@ -207,7 +214,8 @@ def _build():
         return (TensorDescriptor.from_tensor(a, [BM, Ein], gl.NVMMASharedLayout.get_default_for([BM, Ein], g)),
                 TensorDescriptor.from_tensor(w2d, [Ein, BN], gl.NVMMASharedLayout.get_default_for([Ein, BN], g)))
 
-    return down_ws_kernel, descriptors
+    # the part kernels/mlp_gluon.py's kernel shares
+    return down_ws_kernel, descriptors, types.SimpleNamespace(row_targets=row_targets)
 
 
 def smem_bytes(BM: int, BN: int, Ein: int, stages: int, element_size: int = 2) -> int:
@@ -264,7 +272,7 @@ def launch(a, w, tiles, offsets, order, token, gate, out, c, M, scale: bool, ato
            BM: int, BN: int, stages: int):
     """The kernel over `tiles` ([n, 2] int32 (expert, first row), first row M = empty) with persistent
     programs, one per SM. The caller checked `serves`."""
-    kernel, descriptors = _build_once()
+    kernel, descriptors, _ = _build_once()
     N, Ein, Dout = w.shape
     a_desc, w_desc = descriptors(a, w.reshape(N * Ein, Dout), BM, BN)
     n_tiles = tiles.shape[0]

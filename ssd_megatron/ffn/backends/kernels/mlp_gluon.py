@@ -66,6 +66,10 @@ def _build():
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     down_gluon.require_gluon("WS fused forward", cp_async=True)
+    down = down_gluon._build_once()
+    if down is None:
+        raise ImportError("the WS down kernel's parts, which this kernel shares, do not build here")
+    row_targets = down[2].row_targets
 
     @gluon.jit
     def _w_tile(desc, r0, c0, bar, buf, RC: gl.constexpr):
@@ -306,15 +310,7 @@ def _build():
                 # ---- down GEMM by column blocks, each block's epilogue under the next block's wgmma
                 rows = r0 + gl.arange(0, HM, layout=row_l)
                 rmask = rows < end
-                pair = gl.load(ORDER + rows, mask=rmask, other=0)
-                if SCALE:
-                    g = gl.load(GATE + pair, mask=rmask, other=0.0).to(gl.float32)
-                else:
-                    g = gl.zeros((HM, ), dtype=gl.float32, layout=row_l)
-                if ATOMIC:
-                    dst = gl.load(TOK + rows, mask=rmask, other=0).to(gl.int64) * stride_o
-                else:
-                    dst = pair.to(gl.int64) * stride_o
+                g, dst = row_targets(rows, rmask, ORDER, GATE, TOK, stride_o, SCALE, ATOMIC)
                 zero = gl.zeros((HM, BN), dtype=gl.float32, layout=dn_l)
                 sw = wc % WS
                 mbarrier.wait(w_full.index(sw), (wc // WS) & 1)
