@@ -255,7 +255,8 @@ def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
     """`auto` (no config forced) takes the Gluon wgrad with balanced items and TMA reduces at base's P = 128 + 64, by
     kernels/gluon_launches.py's rule: not in a capture before an eager launch with the same launch key (which would load
     its module there), the first eager launch of a shape, not later eager ones (host time), then in a capture; the same
-    at 8B's P = 256 (two 128-column boxes) into a bf16 dW (half sums), but kernels/wgrad.py into an fp32 one (master
+    at 8B's P = 256 (two 128-column boxes) and SwiGLU's P = 512 (two slices of those) into a bf16 dW (half sums), heavy
+    launches (8B's) in every eager call, but kernels/wgrad.py into an fp32 one (master
     weights: the fp32 staging does not fit beside 256 columns), for deterministic sums (split=False), pre-gathered R,
     and a dW layout the reduces cannot address; a switch of the kernel's specialisation is a new eager key."""
     K, _, calls, state = auto_stand_in(monkeypatch, "wgrad_gluon", "_wgrad_kernel")
@@ -280,11 +281,20 @@ def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
     assert grad(False, split=False)[0] == grad(False, gathered=True)[0] == grad(False, P=256)[0] == "triton"
     wide = torch.empty(8, 256, 768, dtype=torch.bfloat16)
     assert grad(False, P=256, like=wide) == ("ws", ws[1][:4] + (128, 128, True))
+    wider = torch.empty(8, 512, 768, dtype=torch.bfloat16)  # SwiGLU 8B's dW1: P in two slices of 256 columns
+    assert grad(False, P=512, like=wider) == ("ws", ws[1][:4] + (128, 128, True))
     odd = torch.empty(8, 200, 768)[:, :192]  # experts 200 rows apart: no 2-D view for the reduces
     assert grad(False, T=80, like=odd)[0] == "triton"
     # a switch that picks another specialisation (an A/B arm): its own first eager launch loads it, then captures
     monkeypatch.setenv("SSD_WGRAD_HALF_SUMS", "0")
     assert grad(False)[0] == grad(True)[0] == "ws"
+    # a heavy launch (8B's weight gradients: 2 x rows x P x Q >= HEAVY_FLOPS) takes it in every eager call, and in a
+    # capture only once an eager launch loaded it
+    from ssd_megatron.ffn.backends.kernels import gluon_launches
+    monkeypatch.setattr(gluon_launches, "HEAVY_FLOPS", 2 * 64 * 192 * 768)
+    assert grad(True, T=40)[0] == "triton"
+    assert [grad(False, T=40)[0] for _ in range(3)] == ["ws"] * 3
+    assert grad(True, T=40)[0] == "ws"
 
 
 def test_balanced_segments():

@@ -253,12 +253,13 @@ def _auto_wgrad_ws(lhs, rhs, dw, fold_kind, split: bool, gathered: bool, eager_k
     items with TMA reduces (row segments: no grid tail whatever the expert loads), where they serve, split sums are
     allowed (not under deterministic algorithms), a wider P than 256 in slices of 256 (SwiGLU 8B's dW1), by
     kernels/gluon_launches.py's rule (in a capture once an eager launch with this launch key loaded the module; the
-    first eager launch of its `eager_key()`; later eager launches keep kernels/wgrad.py)."""
+    first eager launch of its `eager_key()`; later eager launches keep kernels/wgrad.py unless heavy: 8B's)."""
     if not split or gathered or fold_kind == "rows" or not _hopper(lhs):
         return None
     be, be2 = _ws_boxes(lhs.shape[1])
     from .kernels import gluon_launches
-    if not gluon_launches.take(lhs, lambda: key(AUTO_WGRAD_WS), eager_key):
+    flops = 2 * lhs.shape[0] * lhs.shape[1] * rhs.shape[1]  # (heavy launches take it in every eager call: 8B's)
+    if not gluon_launches.take(lhs, lambda: key(AUTO_WGRAD_WS), eager_key, flops):
         return None
     _, BQ, BK, l_stages, r_stages, _, _ = AUTO_WGRAD_WS
     tile = (lhs, rhs, _sums_dtype(dw), _FOLD_CODES[fold_kind], True, BQ, BK, l_stages, r_stages, be, be2)
