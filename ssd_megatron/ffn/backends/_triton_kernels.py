@@ -759,6 +759,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
     h = torch.empty(M, F1, device=x.device, dtype=x.dtype) if save_h else buf
     bias = b1 if b1 is not None else buf
     be, be2 = _split_width(E)
+    wb = _ws_boxes(E)  # the Gluon kernel's boxes (8B's E = 256 as 128 + 128: at most 128 columns each)
     order = None if glu else _wide_group(Dout, x)
 
     def eager_key():  # `_auto_mlp_ws`'s cheap key of this launch (shapes), built only where `auto` consults it
@@ -775,7 +776,6 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
             init()
         if cfg[5:] == (WS,):  # the Gluon kernel where it serves (kernels/mlp_gluon.py), else the pointer loads
             from .kernels import gluon_launches, mlp_gluon
-            wb = _ws_boxes(E)  # (8B's E = 256 as 128 + 128: boxes of at most 128 columns)
             if mlp_gluon.serves(x, w1, w2, act, glu, BM, BN, BK, nw, ns, *wb):  # (nw: the weight ring's depth)
                 tiles = _tile_list(plan, BM, _tile_groups(order))
                 mlp_gluon.launch(x, w1, b1, w2, tiles, plan.offsets, plan.order, plan.token, gate_flat,
@@ -794,7 +794,7 @@ def mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, save_h: bool, combin
             BM=BM, BE=be, BE2=max(be2, 16), BK=BK, BN=BN, NP2=_np2(N), num_warps=nw, num_stages=ns)
 
     launch(_pick("mlp_glu" if glu else "mlp", (D, E, Dout, str(x.dtype)), launch, _hopper(x),
-                 auto=lambda: _auto_mlp_ws(x, w1, w2, act, glu, be, be2, eager_key, ws_key)))
+                 auto=lambda: _auto_mlp_ws(x, w1, w2, act, glu, *wb, eager_key, ws_key)))
     return _combined(buf, atomic, T, K, x.dtype, out_bias), (h if save_h else None)
 
 

@@ -9,8 +9,8 @@ its module, and CUDA refuses a module load while a stream captures. So `auto` ta
 - while capturing, only if an eager launch with the same launch key (`key`) ran before: the key holds each tensor's
   shape, strides and 16-byte alignment and the launch's flags, finer than Triton's own specialisation key, so a
   recorded key means a compiled kernel and a loaded module.
-A heavy launch (`take`'s `flops` at least HEAVY_FLOPS, e.g. 8B's weight gradients, ≈ 1.2 ms each on an H100) takes the Gluon
-kernel in every eager call too: its GPU time hides the extra host time many times over, and eager steps at that size
+A heavy launch (`take`'s `flops` at least HEAVY_FLOPS, e.g. 8B's weight gradients, ≈ 1.2 ms each on an H100) takes
+the Gluon kernel in every eager call too: its GPU time hides the extra host time many times over, and eager steps at that size
 (FSDP2's, which take no CUDA graphs) are GPU-bound, as the 8B down for dx, which always takes its Gluon kernel.
 Both records stop at MAX_KEYS entries: a run whose shapes keep changing (e.g. batches padded to their longest
 sequence) is not one a CUDA graph can capture, and would otherwise pay the Gluon launch's host time for every new
