@@ -31,3 +31,40 @@ def test_check_without_gpu_or_interpreter_names_the_variable():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_combine.py"), "--check"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "TRITON_INTERPRET=1" in r.stderr, r.stderr[-3000:]
+
+
+_SM90 = """
+import json, sys
+sys.path[:0] = [{tools!r}, {root!r}]
+import torch
+import compile_report as CR
+CR.offline(90)
+import bench_combine as BC
+out, tok = torch.zeros(64, 4096, dtype=torch.bfloat16), torch.zeros(256, dtype=torch.int32)
+res = {{}}
+for atomic in (True, False):
+    CR.LAUNCHES.clear()
+    BC.combine(out, tok, atomic=atomic)
+    _, kernel, warps = CR.LAUNCHES[-1]
+    res[str(atomic)] = [BC.atomic_ops(kernel), CR.report(kernel, warps)["atom"]]
+print(json.dumps(res))
+"""
+
+
+def test_adds_compile_to_dx_s_16_byte_bf16_reductions_for_sm90():
+    """The floor is only dx's if its adds are dx's instruction: 16-byte bf16 reductions (REDG.ADD.BF16x8)."""
+    pytest.importorskip("triton")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --check compiles and runs the kernel there")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = _SM90.format(tools=os.path.join(ROOT, "tools"), root=ROOT)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    ops, count = res["True"]  # 8 bf16 values per instruction: PTX's .v8.bf16 (Triton 3.9) or .v4.bf16x2
+    assert count > 0 and ops and all(op.endswith((".v8.bf16", ".v4.bf16x2")) for op in ops), res
+    assert res["False"] == [[], 0], res
