@@ -12,7 +12,9 @@ routings and outputs, replayed 100 times, the median in µs per call):
   K adds in L2 (and that the GEMMs cannot take: their weights would then miss L2, docs/kernels.md v12);
 - `stores, expert order`: the other way to combine: each row written to its own (t, k) row of a [T·K, D] buffer
   (plain stores), then `K-sum (torch)`, the buffer summed over k into [T, D];
-- `index_add_ (torch)`: torch's scatter-add of a materialised [T·K, D] rows tensor, expert order, for scale.
+- `index_add_ (torch)`: torch's scatter-add of a materialised [T·K, D] rows tensor, expert order, for scale;
+- `adds, expert order, n SMs`: the first case's adds from n persistent programs, one per SM (`SMS`): if the time
+  follows 1/n, what bounds the adds is each SM's issue or wait; if it stays flat, a shared limit (L2, DRAM).
 
 Each record gives µs and the payload's rate (the T·K·D values added or stored, in GB/s of the output's dtype), and
 the first case records the atomic instructions its PTX holds (the vector width of each add). On CPU, `--check`
@@ -33,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_routing import SETS, SHAPES, run, time_cases  # noqa: E402
 
 BM, BN, WARPS = 64, 64, 4  # a row tile, a column block of 64 values (128 bytes of bf16, dx's WS block width)
+SMS_BM, SMS_WARPS = 512, 32  # the persistent form: 1024 threads of > 32 registers each, so one program per SM
+SMS = (33, 66, 132)  # SM counts of the persistent form (v35's split gave dx 33, 44 or 66 of the H100's 132)
 
 _KERNEL = {}
 
@@ -46,28 +50,32 @@ def _kernel():
         @triton.jit
         def combine_kernel(OUT, DST, M, D, stride, ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
             num_n = tl.cdiv(D, BN)
-            tile = tl.program_id(0) // num_n  # a row tile's column blocks are neighbouring programs, as in dx
-            n = tl.program_id(0) % num_n
-            rows = tile * BM + tl.arange(0, BM)
-            cols = n * BN + tl.arange(0, BN)
-            rmask = rows < M
-            dst = tl.load(DST + rows, mask=rmask, other=0).to(tl.int64) * stride
-            val = ((rows[:, None] * 3 + cols[None, :]) % 5).to(tl.float32)  # small integers: exact sums in bf16
-            ptrs = OUT + dst[:, None] + cols[None, :]
-            mask = rmask[:, None] & (cols < D)[None, :]
-            if ATOMIC:
-                tl.atomic_add(ptrs, val.to(OUT.dtype.element_ty), mask=mask, sem="relaxed")
-            else:
-                tl.store(ptrs, val.to(OUT.dtype.element_ty), mask=mask)
+            for item in range(tl.program_id(0), tl.cdiv(M, BM) * num_n, tl.num_programs(0)):
+                tile = item // num_n  # a row tile's column blocks are neighbouring items, as in dx
+                n = item % num_n
+                rows = tile * BM + tl.arange(0, BM)
+                cols = n * BN + tl.arange(0, BN)
+                rmask = rows < M
+                dst = tl.load(DST + rows, mask=rmask, other=0).to(tl.int64) * stride
+                val = ((rows[:, None] * 3 + cols[None, :]) % 5).to(tl.float32)  # small integers: exact in bf16
+                ptrs = OUT + dst[:, None] + cols[None, :]
+                mask = rmask[:, None] & (cols < D)[None, :]
+                if ATOMIC:
+                    tl.atomic_add(ptrs, val.to(OUT.dtype.element_ty), mask=mask, sem="relaxed")
+                else:
+                    tl.store(ptrs, val.to(OUT.dtype.element_ty), mask=mask)
 
         _KERNEL["k"] = combine_kernel
     return _KERNEL["k"]
 
 
-def combine(out: torch.Tensor, dst: torch.Tensor, atomic: bool = True):
+def combine(out: torch.Tensor, dst: torch.Tensor, atomic: bool = True, sms: int = 0):
     """Row r's values ((3r + c) mod 5 in column c) added (`atomic`) or stored into out[dst[r]]; returns the compiled
-    kernel's handle."""
+    kernel's handle. One program per (row tile, column block), or with `sms` that many persistent programs of
+    SMS_WARPS warps each, one per SM (their registers leave room for one), walking the same items in turn."""
     M, D = dst.numel(), out.shape[1]
+    if sms:
+        return _kernel()[(sms, )](out, dst, M, D, out.stride(0), ATOMIC=atomic, BM=SMS_BM, BN=BN, num_warps=SMS_WARPS)
     grid = (-(-M // BM) * -(-D // BN), )
     return _kernel()[grid](out, dst, M, D, out.stride(0), ATOMIC=atomic, BM=BM, BN=BN, num_warps=WARPS)
 
@@ -113,6 +121,8 @@ def bench_shape(shape: str) -> list:
              "stores, expert order": lambda i: combine(buf, plans[i][1], atomic=False),
              "K-sum (torch)": lambda i: torch.sum(buf.view(T, K, D), dim=1, out=outs[i]),
              "index_add_ (torch)": lambda i: outs[i].index_add_(0, plans[i][0], rows)}
+    for n in SMS:
+        cases[f"adds, expert order, {n} SMs"] = lambda i, n=n: combine(outs[i], plans[i][0], sms=n)
     recs = time_cases(shape, cases)
     payload = T * K * D * torch.finfo(dt).bits // 8
     for r in recs:
@@ -133,9 +143,10 @@ def check() -> int:
     tok, pair = routings(T, N, K, dev, sets=1)[0]
     for dtype in (torch.float32, torch.bfloat16) if dev.type == "cuda" else (torch.float32, ):  # the interpreter
         # has no bf16 atomic adds
-        out = torch.zeros(T, D, device=dev, dtype=dtype)
-        combine(out, tok)
-        torch.testing.assert_close(out, reference(T, D, tok, dtype), rtol=0, atol=0)
+        for sms in (0, 3):  # one program per item; three persistent programs
+            out = torch.zeros(T, D, device=dev, dtype=dtype)
+            combine(out, tok, sms=sms)
+            torch.testing.assert_close(out, reference(T, D, tok, dtype), rtol=0, atol=0)
         buf = torch.zeros(T * K, D, device=dev, dtype=dtype)
         combine(buf, pair, atomic=False)
         want = torch.empty_like(buf)

@@ -47,12 +47,17 @@ for atomic in (True, False):
     BC.combine(out, tok, atomic=atomic)
     _, kernel, warps = CR.LAUNCHES[-1]
     res[str(atomic)] = [BC.atomic_ops(kernel), CR.report(kernel, warps)["atom"]]
+CR.LAUNCHES.clear()
+BC.combine(out, tok, sms=66)
+_, kernel, warps = CR.LAUNCHES[-1]
+res["sms"] = [BC.atomic_ops(kernel), CR.report(kernel, warps)["ctas_per_sm"]]
 print(json.dumps(res))
 """
 
 
 def test_adds_compile_to_dx_s_16_byte_bf16_reductions_for_sm90():
-    """The floor is only dx's if its adds are dx's instruction: 16-byte bf16 reductions (REDG.ADD.BF16x8)."""
+    """The floor is only dx's if its adds are dx's instruction: 16-byte bf16 reductions (REDG.ADD.BF16x8); and the
+    persistent form times n SMs only if its registers leave room for one program per SM."""
     pytest.importorskip("triton")
     import torch
 
@@ -68,3 +73,4 @@ def test_adds_compile_to_dx_s_16_byte_bf16_reductions_for_sm90():
     ops, count = res["True"]  # 8 bf16 values per instruction: PTX's .v8.bf16 (Triton 3.9) or .v4.bf16x2
     assert count > 0 and ops and all(op.endswith((".v8.bf16", ".v4.bf16x2")) for op in ops), res
     assert res["False"] == [[], 0], res
+    assert res["sms"][0] == ops and res["sms"][1] == 1, res  # the persistent form: one program per SM
