@@ -1,7 +1,8 @@
 """Per-kernel timings of the `triton` expert backend at the issue's shapes: each of its six launches of
 one FFN layer's forward + backward (up, down, up_bwd, wgrad dW2, wgrad dW1, down for dx; and the last two
 with SSD's router gradient folded in, as the sparse phase runs them: `*_fold`, and dW1 with the "rows"
-fold: `wgrad_dw1_foldrows`; the weight gradients written in fp32 for master weights: `wgrad_*_f32`; the pairs
+fold: `wgrad_dw1_foldrows`; the weight gradients written in fp32 for master weights: `wgrad_*_f32`; down for dx
+with plain stores into (t, k) rows and a sum over k instead of atomic adds: `down_dx_buffer`; the pairs
 up + down and up_bwd + down for dx with the output's initialisation by a fill launch or inside the up kernel:
 `fwd_pair[_fold]`, `bwd_pair[_fold]`, swept over the down configs; the fused forward `fwd_fused` and the
 fill of y alone, `fill`), timed alone
@@ -111,6 +112,8 @@ def setup(shape, activation, tokens, device="cuda"):
         "wgrad_dw1_f32": ("wgrad", f_in, lambda: K.wgrad(dh, x, plan, w1m, gathered=False)),
         "down_dx_fold": ("down", f_in, lambda: K.down_scatter(dh, w1, plan, None, combine,
                                                               rank1=(dgate, centroids))),
+        # dx's product stored into its (t, k) rows, then summed over k by torch: the combine without atomic adds
+        "down_dx_buffer": ("down", f_in, lambda: K.down_scatter(dh, w1, plan, None, "buffer")),
         # two launches each: the output initialisation (and y's bias) by fill and add, or inside the up kernels
         "fwd_pair": ("down", f_in + f_out, lambda: fwd_pair(False)),
         "fwd_pair_fold": ("down", f_in + f_out, lambda: fwd_pair(True)),

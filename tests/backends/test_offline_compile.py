@@ -51,7 +51,8 @@ def _report(*args, env_extra=None):
 
 
 LAUNCHES = ["up", "down", "up_bwd", "wgrad_dw2", "wgrad_dw1", "down_dx", "wgrad_dw1_fold", "wgrad_dw1_foldrows",
-            "wgrad_dw2_f32", "wgrad_dw1_f32", "down_dx_fold", "fwd_pair", "fwd_pair_fold", "bwd_pair", "bwd_pair_fold", "fwd_fused"]  # (bench_kernels' `fill` is a torch op)
+            "wgrad_dw2_f32", "wgrad_dw1_f32", "down_dx_fold", "down_dx_buffer", "fwd_pair", "fwd_pair_fold", "bwd_pair",
+            "bwd_pair_fold", "fwd_fused"]  # (bench_kernels' `fill` is a torch op)
 
 
 def _check(rows, expect_launches, mma="64x"):
