@@ -18,7 +18,8 @@ routings and outputs, replayed 100 times, the median in µs per call):
 
 Each record gives µs and the payload's rate (the T·K·D values added or stored, in GB/s of the output's dtype), and
 the first case records the atomic instructions its PTX holds (the vector width of each add). On CPU, `--check`
-runs the kernel under TRITON_INTERPRET=1 at a small size against torch's index_add_ (tests/test_bench_combine.py).
+runs the kernel under TRITON_INTERPRET=1 at a small size against torch's index_add_
+(tests/backends/test_bench_combine.py).
 
     python tools/bench_combine.py [--shapes base,8b] [--out combine.json]
 """
