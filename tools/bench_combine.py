@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_routing import SETS, SHAPES, run, time_cases  # noqa: E402
+from ssd_megatron.ffn.backends.routing import make_plan  # noqa: E402
 
 BM, BN, WARPS = 64, 64, 4  # a row tile, a column block of 64 values (128 bytes of bf16, dx's WS block width)
 SMS_BM, SMS_WARPS = 512, 32  # the persistent form: 1024 threads of > 32 registers each, so one program per SM
@@ -90,15 +91,11 @@ def reference(T: int, D: int, dst: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def routings(T: int, N: int, K: int, device, sets: int = SETS, seed: int = 0) -> list:
-    """`sets` random top-K routings as the routing plan orders them: for each, the token of every (t, k) row in expert
-    order (stable: each expert's tokens ascending) and the (t, k) row index in the same order."""
+    """`sets` random top-K routings as the routing plan orders them (`make_plan`: each expert's tokens ascending):
+    for each, the token of every sorted row and its (t, k) pair index."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    out = []
-    for _ in range(sets):
-        experts = torch.rand(T, N, generator=g).topk(K, dim=1).indices.reshape(-1)
-        pair = torch.sort(experts, stable=True).indices
-        out.append(((pair // K).to(device, torch.int32), pair.to(device, torch.int32)))
-    return out
+    plans = [make_plan(torch.rand(T, N, generator=g).topk(K, dim=1).indices.to(device), N) for _ in range(sets)]
+    return [(p.token, p.order) for p in plans]
 
 
 def atomic_ops(kernel) -> list:

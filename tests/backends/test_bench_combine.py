@@ -1,13 +1,14 @@
 """tools/bench_combine.py's combine kernel (the combines' floor, docs/kernels.md v36): the atomic adds of expert-ordered
 rows into their tokens' rows and the plain stores into (t, k) rows, against torch, interpreted on CPU (fp32: the
 interpreter has no bf16 atomics) or compiled on a GPU (fp32 and bf16)."""
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .test_offline_compile import ROOT, _compile_env
 
 
 def test_combine_kernel_matches_torch():
@@ -35,7 +36,7 @@ def test_check_without_gpu_or_interpreter_names_the_variable():
 
 _SM90 = """
 import json, sys
-sys.path[:0] = [{tools!r}, {root!r}]
+sys.path.insert(0, {tools!r})
 import torch
 import compile_report as CR
 CR.offline(90)
@@ -58,17 +59,10 @@ print(json.dumps(res))
 def test_adds_compile_to_dx_s_16_byte_bf16_reductions_for_sm90():
     """The floor is only dx's if its adds are dx's instruction: 16-byte bf16 reductions (REDG.ADD.BF16x8); and the
     persistent form times n SMs only if its registers leave room for one program per SM."""
-    pytest.importorskip("triton")
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: --check compiles and runs the kernel there")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = _SM90.format(tools=os.path.join(ROOT, "tools"), root=ROOT)
+    env = _compile_env()  # (skips with a GPU present: --check compiles and runs the kernel there)
+    code = _SM90.format(tools=os.path.join(ROOT, "tools"))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    import json
-
     res = json.loads(r.stdout.strip().splitlines()[-1])
     ops, count = res["True"]  # 8 bf16 values per instruction: PTX's .v8.bf16 (Triton 3.9) or .v4.bf16x2
     assert count > 0 and ops and all(op.endswith((".v8.bf16", ".v4.bf16x2")) for op in ops), res
