@@ -122,13 +122,14 @@ WS_OPTS = {"atomic16": {"combine": "atomic16"}, "atomic32": {"combine": "atomic3
            "fold-output": {"combine": "atomic16", "fold_output": True}, "router-fold": {"combine": "atomic16"}}
 
 
+@pytest.mark.parametrize("order", ["auto", "token:3"])
 @pytest.mark.parametrize("tile", list(DOWN_WS_TILES))
 @pytest.mark.parametrize("opts", list(WS_OPTS))
 @pytest.mark.parametrize("case", WS_CASES, ids=WS_IDS)
-def test_triton_down_ws_bf16(case, opts, tile, monkeypatch):
+def test_triton_down_ws_bf16(case, opts, tile, order, monkeypatch):
     """The warp-specialised Gluon down kernel (down variant 5) in the forward's down and dx against the
-    reference, forward and every grad, at each tile; each launch is checked to have taken it (not the STAGED
-    fallback)."""
+    reference, forward and every grad, at each tile, in expert order and in token windows of 3 experts
+    (SSD_TRITON_WS_DOWN_ORDER); each launch is checked to have taken it (not the STAGED fallback)."""
     DOWN_WS = DOWN_WS_TILES[tile]
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
@@ -148,6 +149,7 @@ def test_triton_down_ws_bf16(case, opts, tile, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(down_gluon, "launch", counted)
+    monkeypatch.setenv("SSD_TRITON_WS_DOWN_ORDER", order)
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
     be = TritonBackend(fused_forward=False, **WS_OPTS[opts])
     kernels.force_config(down=DOWN_WS)

@@ -110,7 +110,7 @@ def test_bad_env_config_fails_when_the_backend_is_built(monkeypatch):
 
 @pytest.mark.parametrize("var", ["SSD_WGRAD_HALF_SUMS", "SSD_WGRAD_ROUTER_SUMS", "SSD_TRITON_SCORE_GRAD",
                                  "SSD_TRITON_UP_BWD_TMA_STORES",
-                                 "SSD_PLAN_FILL", "SSD_TRITON_TILE_ORDER"])
+                                 "SSD_PLAN_FILL", "SSD_TRITON_TILE_ORDER", "SSD_TRITON_WS_DOWN_ORDER"])
 def test_every_bad_switch_fails_when_the_backend_is_built(monkeypatch, var):
     """Each kernel switch's malformed value is a one-line error naming it when the backend is built (not inside a
     compiled step); well-formed values pass."""
@@ -119,7 +119,8 @@ def test_every_bad_switch_fails_when_the_backend_is_built(monkeypatch, var):
     monkeypatch.setenv(var, "bogus")
     with pytest.raises(UserError, match=var):
         TritonBackend()
-    monkeypatch.setenv(var, {"SSD_PLAN_FILL": "apart", "SSD_TRITON_TILE_ORDER": "token"}.get(var, "1"))
+    monkeypatch.setenv(var, {"SSD_PLAN_FILL": "apart", "SSD_TRITON_TILE_ORDER": "token",
+                             "SSD_TRITON_WS_DOWN_ORDER": "token:16"}.get(var, "1"))
     TritonBackend()
 
 
@@ -157,6 +158,12 @@ def test_tile_order_from_the_environment(monkeypatch):
     assert K._tile_groups(16) == 0
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "token:4")
     assert K._tile_groups(16) == 4 and K._tile_groups() == 4
+    assert K._ws_down_group() == 4  # the WS down launch follows the global order unless its own is set
+    monkeypatch.setenv("SSD_TRITON_WS_DOWN_ORDER", "token:16")
+    assert K._ws_down_group() == 16 and K._tile_groups() == 4
+    monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "auto")
+    monkeypatch.setenv("SSD_TRITON_WS_DOWN_ORDER", "auto")
+    assert K._ws_down_group() is None  # auto: expert order
     for bad in ("windows", "token:0", "token:", "token:x", "expert:4"):
         monkeypatch.setenv("SSD_TRITON_TILE_ORDER", bad)
         with pytest.raises(UserError, match=f"SSD_TRITON_TILE_ORDER: '{bad}'; accepted: auto, expert, token, or "

@@ -347,13 +347,13 @@ def _pick(kind: str, key: tuple, launch, hopper: bool = True, auto=None):
 AUTO_GROUP = 16
 
 
-def _tile_groups(auto=None):
-    """How a launch takes its M-tiles (SSD_TRITON_TILE_ORDER): None for expert order, else the size of the
-    expert groups of token-window order (0: one group of all experts, `token`); `auto` is the launch's own
-    choice, taken when the variable is unset or `auto` (`_wide_group`)."""
+def _tile_groups(auto=None, var="SSD_TRITON_TILE_ORDER"):
+    """How a launch takes its M-tiles (SSD_TRITON_TILE_ORDER, or `var`): None for expert order, else the size
+    of the expert groups of token-window order (0: one group of all experts, `token`); `auto` is the launch's
+    own choice, taken when the variable is unset or `auto` (`_wide_group`)."""
     from ...errors import UserError
 
-    mode = os.environ.get("SSD_TRITON_TILE_ORDER", "auto")
+    mode = os.environ.get(var, "auto")
     if mode == "auto":
         return auto
     if mode == "expert":
@@ -362,9 +362,15 @@ def _tile_groups(auto=None):
         return 0
     name, _, group = mode.partition(":")
     if name != "token" or not group.isdigit() or int(group) < 1:
-        raise UserError(f"SSD_TRITON_TILE_ORDER: {mode!r}; accepted: auto, expert, token, or token:G with G >= 1 "
+        raise UserError(f"{var}: {mode!r}; accepted: auto, expert, token, or token:G with G >= 1 "
                         f"experts per group")
     return int(group)
+
+
+def _ws_down_group():
+    """The WS down kernel's M-tile order: SSD_TRITON_WS_DOWN_ORDER (this launch alone: an A/B of the 8B dx in
+    token windows, docs/kernels.md v37), else SSD_TRITON_TILE_ORDER, else expert order."""
+    return _tile_groups(_tile_groups(), "SSD_TRITON_WS_DOWN_ORDER")
 
 
 def _wide_group(width: int, t: torch.Tensor):
@@ -698,7 +704,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
         if variant == WS:  # the Gluon kernel where it serves (kernels/down_gluon.py), else STAGED
             from .kernels import down_gluon
             if down_gluon.serves(a, w, BM, BN, ns):
-                down_gluon.launch(a, w, _tile_list(plan, BM, None), plan.offsets, plan.order, plan.token, gate, buf,
+                down_gluon.launch(a, w, _tile_list(plan, BM, _ws_down_group()), plan.offsets, plan.order, plan.token, gate, buf,
                                   c, M, gate_flat is not None, atomic, rank1 is not None, BM, BN, ns)
                 return
             variant = STAGED
@@ -866,8 +872,9 @@ def check_switches() -> None:
     from .kernels import routing_plan, score_grad
     if os.environ.get("SSD_TRITON_CONFIG"):
         env_configs()
-    if os.environ.get("SSD_TRITON_TILE_ORDER"):
-        _tile_groups()
+    for var in ("SSD_TRITON_TILE_ORDER", "SSD_TRITON_WS_DOWN_ORDER"):
+        if os.environ.get(var):
+            _tile_groups(var=var)
     _half_sums()
     _router_sums()
     _up_bwd_tma_stores()
