@@ -158,12 +158,12 @@ def test_tile_order_from_the_environment(monkeypatch):
     assert K._tile_groups(16) == 0
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "token:4")
     assert K._tile_groups(16) == 4 and K._tile_groups() == 4
-    assert K._ws_down_group() == 4  # the WS down launch follows the global order unless its own is set
-    monkeypatch.setenv("SSD_TRITON_WS_DOWN_ORDER", "token:16")
-    assert K._ws_down_group() == 16 and K._tile_groups() == 4
+    assert K._ws_down_group(16) == 4  # the WS down launch follows the global order unless its own is set
+    monkeypatch.setenv("SSD_TRITON_WS_DOWN_ORDER", "expert")
+    assert K._ws_down_group(16) is None and K._tile_groups() == 4
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "auto")
     monkeypatch.setenv("SSD_TRITON_WS_DOWN_ORDER", "auto")
-    assert K._ws_down_group() is None  # auto: expert order
+    assert K._ws_down_group(16) == 16 and K._ws_down_group() is None  # auto: the launcher's choice
     for bad in ("windows", "token:0", "token:", "token:x", "expert:4"):
         monkeypatch.setenv("SSD_TRITON_TILE_ORDER", bad)
         with pytest.raises(UserError, match=f"SSD_TRITON_TILE_ORDER: '{bad}'; accepted: auto, expert, token, or "

@@ -367,10 +367,11 @@ def _tile_groups(auto=None, var="SSD_TRITON_TILE_ORDER"):
     return int(group)
 
 
-def _ws_down_group():
-    """The WS down kernel's M-tile order: SSD_TRITON_WS_DOWN_ORDER (this launch alone: an A/B of the 8B dx in
-    token windows, docs/kernels.md v37), else SSD_TRITON_TILE_ORDER, else expert order."""
-    return _tile_groups(_tile_groups(), "SSD_TRITON_WS_DOWN_ORDER")
+def _ws_down_group(auto=None):
+    """The WS down kernel's M-tile order: SSD_TRITON_WS_DOWN_ORDER (this launch alone), else
+    SSD_TRITON_TILE_ORDER, else `auto` (the launcher passes `_wide_group`'s: token windows of 16 experts
+    where its output rows are >= 2048 wide on Hopper, the 8B dx; docs/kernels.md v37)."""
+    return _tile_groups(_tile_groups(auto), "SSD_TRITON_WS_DOWN_ORDER")
 
 
 def _wide_group(width: int, t: torch.Tensor):
@@ -704,7 +705,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
         if variant == WS:  # the Gluon kernel where it serves (kernels/down_gluon.py), else STAGED
             from .kernels import down_gluon
             if down_gluon.serves(a, w, BM, BN, ns):
-                down_gluon.launch(a, w, _tile_list(plan, BM, _ws_down_group()), plan.offsets, plan.order, plan.token, gate, buf,
+                down_gluon.launch(a, w, _tile_list(plan, BM, _ws_down_group(_wide_group(Dout, a))), plan.offsets, plan.order, plan.token, gate, buf,
                                   c, M, gate_flat is not None, atomic, rank1 is not None, BM, BN, ns)
                 return
             variant = STAGED
