@@ -257,11 +257,13 @@ def test_ws_down_falls_back_to_staged(monkeypatch, why):
         assert name == "triton" and kwargs["STAGED"] and not kwargs["ROWLOOP"], (name, kwargs)
 
 
-@pytest.mark.parametrize("why", ["served", "not-served", "buffer", "narrow", "forced", "env"])
+@pytest.mark.parametrize("why", ["served", "served-expert", "not-served", "buffer", "narrow", "forced", "env"])
 def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     """`auto` launches the Gluon down kernel at AUTO_WS for an atomic combine into rows >= 2048 wide (8B's
-    dx) where it serves, and the usual default everywhere else: where it does not serve (e.g. Triton < 3.9),
-    for the (t, k) buffer, for narrower rows, or when a forced or environment config names down."""
+    dx) where it serves, over token windows of AUTO_GROUP experts (on Hopper, as `_hopper` takes the CPU;
+    docs/kernels.md v37), in expert order when SSD_TRITON_WS_DOWN_ORDER says so; and the usual default
+    everywhere else: where it does not serve (e.g. Triton < 3.9), for the (t, k) buffer, for narrower rows,
+    or when a forced or environment config names down."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K
     from ssd_megatron.ffn.backends.kernels import down_gluon
@@ -271,11 +273,16 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     monkeypatch.setattr(down_gluon, "launch", Recorder(calls, "ws"))
     monkeypatch.setattr(down_gluon, "serves", lambda *args: served.append(args[2:]) or why != "not-served")
     monkeypatch.delenv("SSD_TRITON_TUNE", raising=False)
+    monkeypatch.delenv("SSD_TRITON_TILE_ORDER", raising=False)
+    monkeypatch.delenv("SSD_TRITON_WS_DOWN_ORDER", raising=False)
+    if why == "served-expert":
+        monkeypatch.setenv("SSD_TRITON_WS_DOWN_ORDER", "expert")
     if why == "env":
         monkeypatch.setenv("SSD_TRITON_CONFIG", "down=64,128,64,4,3,1")
     else:
         monkeypatch.delenv("SSD_TRITON_CONFIG", raising=False)
-    a, w, plan, gate, _ = _down_case(64, torch.bfloat16, D=64 if why == "narrow" else 2048)
+    # (T = 400: experts of up to three 128-row tiles, so that token windows and expert order differ)
+    a, w, plan, gate, _ = _down_case(64, torch.bfloat16, T=400, D=64 if why == "narrow" else 2048)
     if why == "forced":
         K.force_config(down=(64, 128, 64, 4, 3, K.ROWLOOP))
     try:
@@ -284,8 +291,12 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
         K.force_config()
     assert len(calls) == 1, calls
     name, args, kwargs = calls[0]
-    if why == "served":
+    if why.startswith("served"):
         assert name == "ws" and set(served) == {K.AUTO_WS[:2] + K.AUTO_WS[4:5]} and args[-3:] == (128, 64, 2), args
+        M, N = plan.num_rows, plan.num_experts
+        want = (K.expert_tiles(plan.offsets, M, N, 128) if why == "served-expert"
+                else K.token_window_tiles(plan.offsets, M, N, 128, K.AUTO_GROUP))
+        assert torch.equal(args[2], want), (args[2], want)
     else:  # the default tile (a Triton kernel, TMA or not), never the STAGED fallback
         assert name in ("triton", "tma") and not kwargs.get("STAGED"), (name, kwargs)
 

@@ -341,9 +341,13 @@ def _pick(kind: str, key: tuple, launch, hopper: bool = True, auto=None):
 # for the fused forward without a gate only: inference forward 2.88 -> 2.55 ms (two A/B runs), training
 # fwd+bwd even (9.59 -> 9.56 / 9.54 with the backward launches grouped too). Alone, down for dx, up_bwd
 # and the fused forward each looked 2-8% faster grouped, but in the layer the backward's gains did not show
-# (SwiGLU fwd+bwd 13.09 -> 13.11 / 13.58), and the unfused GLU forward lost (3.95 -> 4.17 ms). So `auto` is
-# grouped windows for the fused forward on Hopper where the token rows are >= 2048 wide (`_wide_group`),
-# expert order for every other launch; SSD_TRITON_TILE_ORDER=expert|token|token:G forces one order.
+# (SwiGLU fwd+bwd 13.09 -> 13.11 / 13.58), and the unfused GLU forward lost (3.95 -> 4.17 ms). The WS dx
+# (kernels/down_gluon.py, since v16) was never in that A/B; at 8B its adds alone cost what it does (v37:
+# 1.51 of 1.55 ms on the H200), and in windows of 16 experts it took 1.885 -> 1.452 ms alone and the H100
+# 8B ReLU layer 8.13 -> 8.01 ms (six rounds over two calls, each won), while up_bwd grouped too lost again
+# (8.12). So `auto` is grouped windows for the fused forward and the WS down on Hopper where the token rows
+# are >= 2048 wide (`_wide_group`), expert order for every other launch; SSD_TRITON_TILE_ORDER=expert|token|
+# token:G forces one order, SSD_TRITON_WS_DOWN_ORDER the WS down's alone.
 AUTO_GROUP = 16
 
 
@@ -370,7 +374,7 @@ def _tile_groups(auto=None, var="SSD_TRITON_TILE_ORDER"):
 def _ws_down_group(auto=None):
     """The WS down kernel's M-tile order: SSD_TRITON_WS_DOWN_ORDER (this launch alone), else
     SSD_TRITON_TILE_ORDER, else `auto` (the launcher passes `_wide_group`'s: token windows of 16 experts
-    where its output rows are >= 2048 wide on Hopper, the 8B dx; docs/kernels.md v37)."""
+    where its output rows are >= 2048 wide on Hopper, the 8B dx; comment above)."""
     return _tile_groups(_tile_groups(auto), "SSD_TRITON_WS_DOWN_ORDER")
 
 

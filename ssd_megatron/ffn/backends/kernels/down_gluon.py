@@ -20,7 +20,9 @@ ffn/relu_mask_gemm_gluon.py's "ping-pong" GEMM (the pattern of CUTLASS's Hopper 
   epilogue is `_down_store`'s: gate scale (SCALE) or the rank-1 term g * C[e] (RANK1), then relaxed
   atomic adds into the token rows (ATOMIC) or plain stores into the (t, k) rows.
 
-Persistent programs (one per SM) walk the expert-ordered table of M-tiles (`_triton_kernels.expert_tiles`);
+Persistent programs (one per SM) walk a table of M-tiles: in expert order (`_triton_kernels.expert_tiles`), or
+where the output rows are >= 2048 wide (the 8B dx) in token windows of 16 experts (`token_window_tiles`,
+docs/kernels.md v37: the adds then meet their token rows in L2 more often);
 rows of A past the expert's end are loaded (they belong to the next expert, or are TMA's zero fill) and
 masked at the store. Serves (`serves`) a power-of-two Ein from 16 to 256 (one TMA box) with W as one
 [N * Ein, Dout] row-major matrix, bf16/fp16, BM 64, 128 or 256, BN 16 to 256 and two or more W stages, on
