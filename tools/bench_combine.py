@@ -10,6 +10,8 @@ routings and outputs, replayed 100 times, the median in µs per call):
   token's row with relaxed atomic adds;
 - `adds, token order`: the same adds with each token's K rows next to each other, the order that keeps a row's
   K adds in L2 (and that the GEMMs cannot take: their weights would then miss L2, docs/kernels.md v12);
+- `adds, token windows of 16 experts`: the order the WS dx takes its 128-row tiles in at 8B since v37
+  (`token_window_tiles`, groups of 16 experts), each tile's rows in turn: the floor of dx as it runs now;
 - `stores, expert order`: the other way to combine: each row written to its own (t, k) row of a [T·K, D] buffer
   (plain stores), then `K-sum (torch)`, the buffer summed over k into [T, D];
 - `index_add_ (torch)`: torch's scatter-add of a materialised [T·K, D] rows tensor, expert order, for scale;
@@ -34,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_routing import SETS, SHAPES, run, time_cases  # noqa: E402
+from ssd_megatron.ffn.backends._triton_kernels import AUTO_GROUP, token_window_tiles  # noqa: E402
 from ssd_megatron.ffn.backends.routing import make_plan  # noqa: E402
 
 BM, BN, WARPS = 64, 64, 4  # a row tile, a column block of 64 values (128 bytes of bf16, dx's WS block width)
@@ -90,12 +93,21 @@ def reference(T: int, D: int, dst: torch.Tensor, dtype) -> torch.Tensor:
     return torch.zeros(T, D, device=dst.device).index_add_(0, dst.long(), vals).to(dtype)
 
 
+def window_rows(plan, bm: int = 128, group: int = AUTO_GROUP) -> torch.Tensor:
+    """The plan's sorted rows in the order of its M-tiles of `bm` rows in token windows of `group` experts
+    (`token_window_tiles`, as the WS dx takes them at 8B), each tile's rows ascending; every row once."""
+    tiles = token_window_tiles(plan.offsets, plan.num_rows, plan.num_experts, bm, group).long()
+    rows = tiles[:, 1:] + torch.arange(bm, device=tiles.device)
+    return rows[rows < plan.offsets.long()[tiles[:, :1] + 1]]  # (empty tiles start at M = the last offset)
+
+
 def routings(T: int, N: int, K: int, device, sets: int = SETS, seed: int = 0) -> list:
     """`sets` random top-K routings as the routing plan orders them (`make_plan`: each expert's tokens ascending):
-    for each, the token of every sorted row and its (t, k) pair index."""
+    for each, the token of every sorted row, its (t, k) pair index, and the tokens of the rows in `window_rows`'
+    order."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     plans = [make_plan(torch.rand(T, N, generator=g).topk(K, dim=1).indices.to(device), N) for _ in range(sets)]
-    return [(p.token, p.order) for p in plans]
+    return [(p.token, p.order, p.token[window_rows(p)]) for p in plans]
 
 
 def atomic_ops(kernel) -> list:
@@ -116,6 +128,7 @@ def bench_shape(shape: str) -> list:
     torch.testing.assert_close(outs[0], reference(T, D, plans[0][0], dt), rtol=0, atol=0)
     cases = {"adds, expert order": lambda i: combine(outs[i], plans[i][0]),
              "adds, token order": lambda i: combine(outs[i], token_order),
+             f"adds, token windows of {AUTO_GROUP} experts": lambda i: combine(outs[i], plans[i][2]),
              "stores, expert order": lambda i: combine(buf, plans[i][1], atomic=False),
              "K-sum (torch)": lambda i: torch.sum(buf.view(T, K, D), dim=1, out=outs[i]),
              "index_add_ (torch)": lambda i: outs[i].index_add_(0, plans[i][0], rows)}
@@ -138,7 +151,8 @@ def check() -> int:
                  "when it loads)")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     T, D, N, K = 37, 70, 5, 3  # rows and columns past one tile and block
-    tok, pair = routings(T, N, K, dev, sets=1)[0]
+    tok, pair, windows = routings(T, N, K, dev, sets=1)[0]
+    assert torch.equal(windows.sort().values, tok.sort().values), "window_rows: not every row once"
     for dtype in (torch.float32, torch.bfloat16) if dev.type == "cuda" else (torch.float32, ):  # the interpreter
         # has no bf16 atomic adds
         for sms in (0, 3):  # one program per item; three persistent programs

@@ -68,3 +68,24 @@ def test_adds_compile_to_dx_s_16_byte_bf16_reductions_for_sm90():
     assert count > 0 and ops and all(op.endswith((".v8.bf16", ".v4.bf16x2")) for op in ops), res
     assert res["False"] == [[], 0], res
     assert res["sms"][0] == ops and res["sms"][1] == 1, res  # the persistent form: one program per SM
+
+
+def test_window_rows_take_every_row_once_tile_by_tile_in_the_window_schedule():
+    """`window_rows`: the plan's sorted rows, each once, tile after tile in `token_window_tiles`' order (skewed loads,
+    an empty expert, tiles cut at their expert's end)."""
+    pytest.importorskip("triton")
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_combine as BC
+    from ssd_megatron.ffn.backends._triton_kernels import token_window_tiles
+    from ssd_megatron.ffn.backends.routing import make_plan
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(50, 6, generator=g) + torch.tensor([1.0, 0.5, 0.2, 0.0, 0.0, -9.0])  # expert 5 empty
+    plan = make_plan(scores.topk(3, dim=1).indices, 6)
+    rows = BC.window_rows(plan, bm=8, group=2)
+    assert torch.equal(rows.sort().values, torch.arange(plan.num_rows))
+    want = [r for e, r0 in token_window_tiles(plan.offsets, plan.num_rows, 6, 8, 2).tolist() if r0 < plan.num_rows
+            for r in range(r0, min(r0 + 8, int(plan.offsets[e + 1])))]
+    assert rows.tolist() == want and want != list(range(plan.num_rows))  # (and not simply expert order)
