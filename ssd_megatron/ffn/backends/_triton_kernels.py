@@ -344,10 +344,10 @@ def _pick(kind: str, key: tuple, launch, hopper: bool = True, auto=None):
 # (SwiGLU fwd+bwd 13.09 -> 13.11 / 13.58), and the unfused GLU forward lost (3.95 -> 4.17 ms). The WS dx
 # (kernels/down_gluon.py, since v16) was never in that A/B; at 8B its adds alone cost what it does (v37:
 # 1.51 of 1.55 ms on the H200), and in windows of 16 experts it took 1.885 -> 1.452 ms alone and the H100
-# 8B ReLU layer 8.13 -> 8.01 ms (six rounds over two calls, each won), while up_bwd grouped too lost again
-# (8.12). So `auto` is grouped windows for the fused forward and the WS down on Hopper where the token rows
-# are >= 2048 wide (`_wide_group`), expert order for every other launch; SSD_TRITON_TILE_ORDER=expert|token|
-# token:G forces one order, SSD_TRITON_WS_DOWN_ORDER the WS down's alone.
+# 8B ReLU layer 8.13 -> 8.01 ms (eight rounds over three calls, each won), while up_bwd grouped too lost
+# again (8.12). So `auto` is grouped windows for the fused forward and the WS down on Hopper where the
+# token rows are >= 2048 wide (`_wide_group`), expert order for every other launch;
+# SSD_TRITON_TILE_ORDER=expert|token|token:G forces one order, SSD_TRITON_WS_DOWN_ORDER the WS down's alone.
 AUTO_GROUP = 16
 
 
@@ -709,7 +709,8 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
         if variant == WS:  # the Gluon kernel where it serves (kernels/down_gluon.py), else STAGED
             from .kernels import down_gluon
             if down_gluon.serves(a, w, BM, BN, ns):
-                down_gluon.launch(a, w, _tile_list(plan, BM, _ws_down_group(_wide_group(Dout, a))), plan.offsets, plan.order, plan.token, gate, buf,
+                ws_tiles = _tile_list(plan, BM, _ws_down_group(_wide_group(Dout, a)))
+                down_gluon.launch(a, w, ws_tiles, plan.offsets, plan.order, plan.token, gate, buf,
                                   c, M, gate_flat is not None, atomic, rank1 is not None, BM, BN, ns)
                 return
             variant = STAGED
