@@ -107,9 +107,7 @@ def test_triton_kernel_variants_bf16(case, variant):
 # down variant 5 (WS, kernels/down_gluon.py: Gluon, sm_90, Triton >= 3.9) where it serves: Ein (E for the
 # forward's down, F1 for dx) a power of two <= 256, contiguous bf16 weights. Skewed loads, experts with no
 # tokens, M = T * K not a multiple of the 64-row tile, D not a multiple of the 64-column block (200), one token
-# The second tile is auto's (Triton >= 3.9); the third holds one A buffer (down_gluon.a_buffers)
-DOWN_WS_TILES = {"64x64x3": (64, 64, 64, 4, 3, 5), "128x64x2": (128, 64, 64, 4, 2, 5),
-                 "256x32x4": (256, 32, 64, 4, 4, 5)}
+DOWN_WS_TILES = {"64x64x3": (64, 64, 64, 4, 3, 5), "128x64x2": (128, 64, 64, 4, 2, 5)}  # (the second: auto's, Triton >= 3.9)
 WS_CASES = [dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewed"),
             dict(activation="relu", T=333, D=200, E=64, N=8, K=2, routing="empty"),
             dict(activation="relu", T=1000, D=512, E=256, N=16, K=4, routing="skewed"),  # 8B's E = 256

@@ -128,14 +128,12 @@ def test_default_launches_compile_for_sm80(act):
 # launcher, and the launcher's choice (the kernel where it serves, STAGED elsewhere). test_backends_gpu.py (`down_ws`) checks its results.
 DOWN_WS = (64, 64, 64, 4, 3, 5)
 # name -> (Ein, dtype, combine, gate scale, rank-1 term): dx (bf16 adds, with the router's rank-1 term), the
-# forward's down (scaled; fp32 adds, the (t, k) rows stored), 8B's Ein = 256 in fp16, and 8B's dx in 256-row tiles
-# (one A buffer: `down_gluon.a_buffers`); a sixth entry is the tile, else DOWN_WS
+# forward's down (scaled; fp32 adds, the (t, k) rows stored), 8B's Ein = 256 in fp16
 WS_LAUNCHES = {"dx": (64, "bfloat16", "atomic16", False, False),
                "dx-fold": (64, "bfloat16", "atomic16", False, True),
                "fwd-atomic32": (64, "bfloat16", "atomic32", True, False),
                "fwd-buffer": (64, "bfloat16", "buffer", True, False),
-               "dx-256-fp16": (256, "float16", "atomic16", False, False),
-               "dx-256-bm256": (256, "bfloat16", "atomic16", False, False, (256, 32, 64, 4, 4, 5))}
+               "dx-256-fp16": (256, "float16", "atomic16", False, False)}
 
 
 def _down_case(Ein, dtype, T=100, D=128, N=8, K=2):
@@ -155,14 +153,11 @@ def _ws_compile_main():  # in a subprocess: compile-only launches for sm_90 (too
 
     from ssd_megatron.ffn.backends import _triton_kernels as K
     cr.offline(90)
+    K.force_config(down=DOWN_WS)
 
-    def launch(Ein, dtype, combine, scale, rank1, tile=DOWN_WS):
+    def launch(Ein, dtype, combine, scale, rank1):
         a, w, plan, gate, r1 = _down_case(Ein, getattr(torch, dtype))
-
-        def run():
-            K.force_config(down=tile)
-            K.down_scatter(a, w, plan, gate if scale else None, combine, rank1=r1 if rank1 else None)
-        return run
+        return lambda: K.down_scatter(a, w, plan, gate if scale else None, combine, rank1=r1 if rank1 else None)
     print("WS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in WS_LAUNCHES.items()})))
 
 
@@ -189,8 +184,8 @@ def ws_compiled():
 @pytest.mark.parametrize("name", list(WS_LAUNCHES))
 def test_ws_down_compiles_for_sm90(ws_compiled, name):
     """Each of the kernel's specialisations (the combines, gate scale, rank-1 term, Ein = 64 and 256, bf16
-    and fp16, 128- and 256-row tiles) compiles for sm_90 as a warp-specialised kernel: TMA loads, wgmma, and native
-    vector atomics where it adds (no compare-and-swap loop); the launcher took it, not STAGED."""
+    and fp16) compiles for sm_90 as a warp-specialised kernel: TMA loads, wgmma, and native vector atomics
+    where it adds (no compare-and-swap loop); the launcher took it, not STAGED."""
     res = ws_compiled[name]
     assert not isinstance(res, str), res
     assert [kname for kname, _ in res] == ["down_ws_kernel"], res
@@ -198,16 +193,6 @@ def test_ws_down_compiles_for_sm90(ws_compiled, name):
     assert r["warps"] > 4 and r["utmaldg"] > 0 and r["ldgsts"] == 0 and r["mma"].startswith("64x"), r
     assert r["cas"] == 0 and (r["atom"] > 0) == (WS_LAUNCHES[name][2] != "buffer"), r
     assert r["smem_kb"] * 1024 <= 227 * 1024, r
-
-
-def test_ws_down_a_buffers():
-    """Two A buffers where they fit beside the W ring, one where only one does (256-row tiles at 8B's Ein), none
-    where not even one does (then the kernel does not serve and the launcher takes STAGED)."""
-    from ssd_megatron.ffn.backends.kernels import down_gluon
-    assert down_gluon.a_buffers(128, 64, 256, 2) == 2  # auto's 8B dx: 2 x 64 + 2 x 32 kB
-    assert down_gluon.a_buffers(256, 32, 256, 4) == 1  # 128 + 4 x 16 kB
-    assert down_gluon.a_buffers(256, 64, 256, 3) == 0  # 128 + 3 x 32 kB + the epilogue's 17 kB > 227 kB
-    assert down_gluon.a_buffers(64, 64, 64, 3) == 2
 
 
 def test_ws_down_variant_is_accepted(monkeypatch):
@@ -230,7 +215,7 @@ def _ws_operands(why):
         a, w = a.float(), w.float()
     if why == "column-view":  # W_out's [N, E, D] view (unit stride along E)
         w = w.permute(2, 0, 1).contiguous().permute(1, 2, 0)
-    return a, w, plan, gate, {"smem": (256, 64, 3), "stages": (64, 64, 1), "bm": (32, 64, 3)}.get(why, (64, 64, 3))
+    return a, w, plan, gate, {"smem": (128, 64, 3), "stages": (64, 64, 1), "bm": (32, 64, 3)}.get(why, (64, 64, 3))
 
 
 WS_NOT_SERVED = ["cpu", "older-triton", "ein", "fp32", "column-view", "smem", "stages", "bm"]
@@ -241,8 +226,7 @@ def test_ws_down_falls_back_to_staged(monkeypatch, why):
     """Down variant 5 launches the Gluon kernel over the expert-ordered M-tile table where it serves, and
     STAGED (the Triton kernel with STAGED=True) otherwise: not sm_90 (here: CPU), a Triton without the Gluon
     it is written for, Ein not a power of two <= 256, fp32, W not one row-major [N * Ein, Dout] matrix,
-    too much shared memory (256 x 64 with three W stages of 256 rows: not even one A buffer fits), a ring of one W
-    slot, BM < 64."""
+    too much shared memory (128 x 64 with three W stages of 256 rows), a ring of one W slot, BM < 64."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K
     from ssd_megatron.ffn.backends.kernels import down_gluon

@@ -29,7 +29,7 @@ masked at the store. Serves (`serves`) a power-of-two Ein from 16 to 256 (one TM
 sm_90: of the layer's launches, the 8B ReLU dx (dh [M, 256] @ w1, w1 a view of W_in); the forward's down
 too where w2 is a contiguous [N, E, D] tensor (the tests' inputs), but not W_out's column view that the
 layer passes. The launcher falls back to STAGED otherwise (base's E = 192, SwiGLU's 512, the column view,
-fp32, shared memory: e.g. 256 x 64 with three W stages of 256 rows, where not even one A buffer fits).
+fp32, shared memory: e.g. 128 x 64 with three W stages of 256 rows).
 
 Needs Triton >= 3.9 (`MIN_TRITON`): Triton 3.6's LLVM lowering asserts when a warp_specialize partition
 holds gl.atomic_add (commit 923b111, docs/kernels.md v13), and 3.9's Gluon names the TMA load `async_load`;
@@ -104,7 +104,6 @@ def _build():
         Ein: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[1]
         NS: gl.constexpr = b_bufs.type.shape[0]
-        AB: gl.constexpr = a_bufs.type.shape[0]
         num_n = gl.cdiv(Dout, BN)
         it = 0  # work items (M-tile, column block) of this program so far, in order
         j = 0   # live M-tiles of this program so far
@@ -112,8 +111,8 @@ def _build():
             e = gl.load(TILES + 2 * t)
             row0 = gl.load(TILES + 2 * t + 1)
             if row0 < M:
-                ta = j % AB
-                mbarrier.wait(a_empty.index(ta), ((j // AB) & 1) ^ 1)  # a fresh barrier passes phase 1
+                ta = j % 2
+                mbarrier.wait(a_empty.index(ta), ((j // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
                 mbarrier.expect(a_full.index(ta), a_desc.block_type.nbytes)
                 tma.async_load(a_desc, [row0, 0], a_full.index(ta), a_bufs.index(ta))
                 for n in range(num_n):
@@ -131,7 +130,6 @@ def _build():
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BN: gl.constexpr = w_desc.block_type.shape[1]
         NS: gl.constexpr = b_bufs.type.shape[0]
-        AB: gl.constexpr = a_bufs.type.shape[0]
         mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BN, 16])
         # the epilogue's layout: 8 consecutive columns per thread (16-byte vector atomics)
@@ -147,11 +145,11 @@ def _build():
             e = gl.load(TILES + 2 * t)
             row0 = gl.load(TILES + 2 * t + 1)
             if row0 < M:
-                ta = j % AB
+                ta = j % 2
                 rows = row0 + gl.arange(0, BM, layout=row_l)
                 rmask = rows < gl.load(OFFS + e + 1)
                 g, dst = row_targets(rows, rmask, ORDER, GATE, TOK, stride_o, SCALE or RANK1, ATOMIC)
-                mbarrier.wait(a_full.index(ta), (j // AB) & 1)
+                mbarrier.wait(a_full.index(ta), (j // 2) & 1)
                 for n in range(num_n):
                     if it % 2 == which:
                         s = it % NS
@@ -184,22 +182,21 @@ def _build():
     @gluon.jit
     def down_ws_kernel(a_desc, w_desc, TILES, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles,
                        SCALE: gl.constexpr, ATOMIC: gl.constexpr, RANK1: gl.constexpr, STAGES: gl.constexpr,
-                       A_BUFS: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr, num_warps: gl.constexpr):
+                       CREGS: gl.constexpr, LREGS: gl.constexpr, num_warps: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         Ein: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[1]
         dtype: gl.constexpr = a_desc.dtype
-        a_bufs = gl.allocate_shared_memory(dtype, [A_BUFS, BM, Ein], a_desc.layout)
+        a_bufs = gl.allocate_shared_memory(dtype, [2, BM, Ein], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(dtype, [STAGES, Ein, BN], w_desc.layout)
-        a_full = gl.allocate_shared_memory(gl.int64, [A_BUFS, 1], mbarrier.MBarrierLayout())
-        a_empty = gl.allocate_shared_memory(gl.int64, [A_BUFS, 1], mbarrier.MBarrierLayout())
+        a_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        a_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         b_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         b_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(A_BUFS):
+        for i in gl.static_range(2):
             mbarrier.init(a_full.index(i), count=1)
             mbarrier.init(a_empty.index(i), count=2)
-        for i in gl.static_range(2):
             mbarrier.init(order.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(b_full.index(i), count=1)
@@ -223,17 +220,10 @@ def _build():
     return down_ws_kernel, descriptors, types.SimpleNamespace(row_targets=row_targets)
 
 
-def smem_bytes(BM: int, BN: int, Ein: int, stages: int, element_size: int = 2, a_bufs: int = 2) -> int:
-    """Shared memory of one program: `a_bufs` A buffers, the W ring, and at most 16 kB for the epilogue's layout
+def smem_bytes(BM: int, BN: int, Ein: int, stages: int, element_size: int = 2) -> int:
+    """Shared memory of one program: two A buffers, the W ring, and at most 16 kB for the epilogue's layout
     conversion and the barriers (Triton 3.9, sm_90: 16.1 kB at BN >= 64, 8.1 kB at BN = 32)."""
-    return (a_bufs * BM * Ein + stages * Ein * BN) * element_size + 17 * 1024
-
-
-def a_buffers(BM: int, BN: int, Ein: int, stages: int, element_size: int = 2) -> int:
-    """How many A buffers a program holds: two (the next M-tile's rows load while this one's are in use) where they
-    fit beside the W ring, else one (BM = 256 at Ein = 256: each W tile then serves 256 rows, half the W traffic of
-    BM = 128, for a wait on every M-tile's A load); 0 where not even one fits."""
-    return next((n for n in (2, 1) if smem_bytes(BM, BN, Ein, stages, element_size, n) <= SMEM_LIMIT), 0)
+    return (2 * BM * Ein + stages * Ein * BN) * element_size + 17 * 1024
 
 
 def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int) -> bool:
@@ -241,8 +231,8 @@ def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int) -> b
     contiguous, W one row-major [N * Ein, Dout] matrix, Ein a power of two from 16 to 256 (one TMA box and
     shared-memory tile), 16-byte aligned, BM 64, 128 or 256 (whole warpgroup MMAs), BN 16..256, a W ring of
     two or more slots (with one, a consumer's wait for its item's W could pass on the other consumer's item:
-    a barrier's phase parity cannot tell them apart), the buffers within shared memory (one A buffer at least,
-    `a_buffers`), and a Triton whose Gluon builds the kernel (`_build`)."""
+    a barrier's phase parity cannot tell them apart), the buffers within shared memory, and a Triton whose
+    Gluon builds the kernel (`_build`)."""
     N, Ein, Dout = w.shape
     es = a.element_size()
     if not _sm90(a) or a.dtype not in (torch.bfloat16, torch.float16) or w.dtype != a.dtype:
@@ -253,7 +243,7 @@ def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int) -> b
         return False
     if w.stride() != (Ein * Dout, Dout, 1) or (Dout * es) % 16 or (a.data_ptr() % 16) or (w.data_ptr() % 16):
         return False
-    return a_buffers(BM, BN, Ein, stages, es) > 0 and _build_once() is not None
+    return smem_bytes(BM, BN, Ein, stages, es) <= SMEM_LIMIT and _build_once() is not None
 
 
 def _sm90(t: torch.Tensor) -> bool:
@@ -290,6 +280,5 @@ def launch(a, w, tiles, offsets, order, token, gate, out, c, M, scale: bool, ato
     n_tiles = tiles.shape[0]
     grid = (max(1, min(n_tiles, _sms(a.device))),)
     kernel[grid](a_desc, w_desc, tiles, offsets, order, token, gate, out, out.stride(0), c, c.stride(0), M, Dout,
-                 n_tiles, SCALE=scale, ATOMIC=atomic, RANK1=rank1, STAGES=stages,
-                 A_BUFS=a_buffers(BM, BN, Ein, stages, a.element_size()), CREGS=CONSUMER_REGS,
+                 n_tiles, SCALE=scale, ATOMIC=atomic, RANK1=rank1, STAGES=stages, CREGS=CONSUMER_REGS,
                  LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS)
