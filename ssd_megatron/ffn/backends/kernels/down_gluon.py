@@ -262,7 +262,7 @@ def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int) -> b
 def half_conversion() -> bool:
     """SSD_TRITON_WS_DOWN_HALF_CVT=1: the epilogue's gate scale and rank-1 term in the product's layout, and its change
     to the adds' 16-byte layout in OUT's dtype (bf16: half the shared-memory bytes of the fp32 change)."""
-    return os.environ.get("SSD_TRITON_WS_DOWN_HALF_CVT", "0") == "1"
+    return os.environ.get("SSD_TRITON_WS_DOWN_HALF_CVT", "1") == "1"
 
 
 def _sm90(t: torch.Tensor) -> bool:

@@ -186,19 +186,26 @@ def _build():
         return out
 
     @gluon.jit
-    def _store_block(acc, n, rmask, dst, g, OUT, Dout, BN: gl.constexpr, layout: gl.constexpr,
-                     SCALE: gl.constexpr, ATOMIC: gl.constexpr):
+    def _store_block(acc, n, rmask, dst, g, g_m, OUT, Dout, BN: gl.constexpr, layout: gl.constexpr,
+                     SCALE: gl.constexpr, ATOMIC: gl.constexpr, HALF_CVT: gl.constexpr):
         """One output column block's epilogue: gate scale, then atomic adds into the token rows or stores into the
-        (t, k) rows (`dst`: each row's offset)."""
-        acc = gl.convert_layout(acc, layout)
+        (t, k) rows (`dst`: each row's offset). HALF_CVT (down_gluon.half_conversion): the scale in the product's
+        layout (`g_m`: the gates in its rows) and the layout change in OUT's dtype."""
         cols = n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-        if SCALE:
-            acc = acc * g[:, None]
+        if HALF_CVT:
+            if SCALE:
+                acc = acc * g_m[:, None]
+            val = gl.convert_layout(acc.to(OUT.dtype.element_ty), layout)
+        else:
+            blk = gl.convert_layout(acc, layout)
+            if SCALE:
+                blk = blk * g[:, None]
+            val = blk.to(OUT.dtype.element_ty)
         omask = rmask[:, None] & (cols < Dout)[None, :]
         if ATOMIC:  # a token's K rows come from different tiles
-            gl.atomic_add(OUT + dst[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask, sem="relaxed")
+            gl.atomic_add(OUT + dst[:, None] + cols[None, :], val, mask=omask, sem="relaxed")
         else:
-            gl.store(OUT + dst[:, None] + cols[None, :], acc.to(OUT.dtype.element_ty), mask=omask)
+            gl.store(OUT + dst[:, None] + cols[None, :], val, mask=omask)
 
     @gluon.jit
     def _rings(w_desc, w_desc2, BM: gl.constexpr, BK: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr,
@@ -268,7 +275,7 @@ def _build():
                  which: gl.constexpr,
                  ACT: gl.constexpr, HAS_BIAS: gl.constexpr, SAVE_H: gl.constexpr, SCALE: gl.constexpr,
                  ATOMIC: gl.constexpr, SPLIT: gl.constexpr, W1_RC: gl.constexpr, W2_RC: gl.constexpr,
-                 BE: gl.constexpr, BE2: gl.constexpr, BN: gl.constexpr):
+                 BE: gl.constexpr, BE2: gl.constexpr, BN: gl.constexpr, HALF_CVT: gl.constexpr):
         BM: gl.constexpr = x_bufs.type.shape[1]
         WS: gl.constexpr = w_bufs.type.shape[0]
         HM: gl.constexpr = BM // 2  # this warpgroup's rows of the tile
@@ -311,6 +318,7 @@ def _build():
                 rows = r0 + gl.arange(0, HM, layout=row_l)
                 rmask = rows < end
                 g, dst = row_targets(rows, rmask, ORDER, GATE, TOK, stride_o, SCALE, ATOMIC)
+                g_m = gl.convert_layout(g, gl.SliceLayout(1, dn_l))
                 zero = gl.zeros((HM, BN), dtype=gl.float32, layout=dn_l)
                 sw = wc % WS
                 mbarrier.wait(w_full.index(sw), (wc // WS) & 1)
@@ -331,11 +339,11 @@ def _build():
                     if SPLIT:
                         nxt = warpgroup_mma(a2, _b_operand(_as_box(w_bufs2.index(sw), w2_desc2), W2_RC), nxt,
                                             is_async=True)
-                    _store_block(cur, n - 1, rmask, dst, g, OUT, Dout, BN, layout, SCALE, ATOMIC)
+                    _store_block(cur, n - 1, rmask, dst, g, g_m, OUT, Dout, BN, layout, SCALE, ATOMIC, HALF_CVT)
                     cur = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, a1, a2))[0]
                     mbarrier.arrive(w_empty.index(sw), count=1)
                     wc += 1
-                _store_block(cur, num_n - 1, rmask, dst, g, OUT, Dout, BN, layout, SCALE, ATOMIC)
+                _store_block(cur, num_n - 1, rmask, dst, g, g_m, OUT, Dout, BN, layout, SCALE, ATOMIC, HALF_CVT)
 
     @gluon.jit
     def mlp_ws_kernel(X, stride_x, w1_desc, w1_desc2, w2_desc, w2_desc2, TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1,
@@ -343,7 +351,7 @@ def _build():
                       ACT: gl.constexpr, HAS_BIAS: gl.constexpr, SAVE_H: gl.constexpr, SCALE: gl.constexpr,
                       ATOMIC: gl.constexpr, SPLIT: gl.constexpr, W1_RC: gl.constexpr, W2_RC: gl.constexpr,
                       BM: gl.constexpr, BK: gl.constexpr, BE: gl.constexpr, BE2: gl.constexpr, BN: gl.constexpr,
-                      XS: gl.constexpr, WS: gl.constexpr, LW: gl.constexpr,
+                      XS: gl.constexpr, WS: gl.constexpr, LW: gl.constexpr, HALF_CVT: gl.constexpr,
                       CREGS: gl.constexpr, LREGS: gl.constexpr, W_LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
         # the weight ring's slots, in W1's box shapes and layouts; W2's tiles use them through `_as_box`
         x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty = _rings(w1_desc, w1_desc2, BM, BK, XS, WS, LW)
@@ -352,10 +360,12 @@ def _build():
         gl.warp_specialize([
             (consumer, (x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w1_desc, w1_desc2, w2_desc, w2_desc2,
                         TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E,
-                        n_tiles, 0, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN)),
+                        n_tiles, 0, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN,
+                        HALF_CVT)),
             (consumer, (x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w1_desc, w1_desc2, w2_desc, w2_desc2,
                         TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E,
-                        n_tiles, 1, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN)),
+                        n_tiles, 1, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN,
+                        HALF_CVT)),
             (x_loader, (X, stride_x, x_bufs, x_full, x_empty, TILES, OFFS, TOK, M, D, n_tiles, LW)),
             (w_loader, (w1_desc, w1_desc2, w2_desc, w2_desc2, w_bufs, w_bufs2, w_full, w_empty, TILES, M, D, Dout, E,
                         n_tiles, SPLIT, W1_RC, W2_RC, BE, BK)),
@@ -440,6 +450,6 @@ def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, 
                  bias, bias.stride(0), hh, hh.stride(0), out, out.stride(0), M, D, w2.shape[2], E, n_tiles,
                  ACT=act, HAS_BIAS=b1 is not None, SAVE_H=h is not None, SCALE=gate is not None, ATOMIC=atomic,
                  SPLIT=be2 > 0, W1_RC=rc1, W2_RC=rc2, BM=BM, BK=BK, BE=be, BE2=max(be2, 16), BN=BN, XS=stages,
-                 WS=w_stages, LW=LOADER_WARPS,
+                 WS=w_stages, LW=LOADER_WARPS, HALF_CVT=down_gluon.half_conversion(),
                  CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, W_LOADER_REGS=W_LOADER_REGS, num_warps=4,
                  maxnreg=MAX_REGS)
