@@ -40,7 +40,6 @@ tested; the GPU tests (tests/backends/test_backends_gpu.py, `down-ws`) check the
 from __future__ import annotations
 
 import functools
-import os
 import types
 
 import torch
@@ -127,7 +126,7 @@ def _build():
     @gluon.jit
     def consumer(a_desc, w_desc, TILES, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, order, OFFS, ORDER, TOK,
                  GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, which, SCALE: gl.constexpr,
-                 ATOMIC: gl.constexpr, RANK1: gl.constexpr, HALF_CVT: gl.constexpr):
+                 ATOMIC: gl.constexpr, RANK1: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BN: gl.constexpr = w_desc.block_type.shape[1]
         NS: gl.constexpr = b_bufs.type.shape[0]
@@ -151,7 +150,7 @@ def _build():
                 rows = row0 + gl.arange(0, BM, layout=row_l)
                 rmask = rows < gl.load(OFFS + e + 1)
                 g, dst = row_targets(rows, rmask, ORDER, GATE, TOK, stride_o, SCALE or RANK1, ATOMIC)
-                g_m = gl.convert_layout(g, gl.SliceLayout(1, mma_l))  # (HALF_CVT's: the gates in the product's rows)
+                g = gl.convert_layout(g, gl.SliceLayout(1, mma_l))  # the gates in the product's rows
                 mbarrier.wait(a_full.index(ta), (j // 2) & 1)
                 for n in range(num_n):
                     if it % 2 == which:
@@ -163,26 +162,18 @@ def _build():
                         mbarrier.arrive(order.index(1 - which), count=1)  # the other may issue its chain now
                         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                         mbarrier.arrive(b_empty.index(s), count=1)
+                        # the gate scale and rank-1 term in the product's layout, then the change to the adds'
+                        # layout in OUT's dtype: half the shared-memory bytes of an fp32 change (docs/kernels.md v38)
+                        if SCALE:
+                            acc = acc * g[:, None]
+                        if RANK1:
+                            cols_m = n * BN + gl.arange(0, BN, layout=mcol_l)
+                            c = gl.load(C + e.to(gl.int64) * stride_c + cols_m, mask=cols_m < Dout,
+                                        other=0.0).to(gl.float32)
+                            acc = acc + g[:, None] * c[None, :]
+                        val = gl.convert_layout(acc.to(OUT.dtype.element_ty), layout)
                         cols = n * BN + gl.arange(0, BN, layout=col_l)
-                        cmask = cols < Dout
-                        if HALF_CVT:  # the epilogue in the product's layout, then the layout change in OUT's dtype
-                            if SCALE:
-                                acc = acc * g_m[:, None]
-                            if RANK1:
-                                cols_m = n * BN + gl.arange(0, BN, layout=mcol_l)
-                                c = gl.load(C + e.to(gl.int64) * stride_c + cols_m, mask=cols_m < Dout,
-                                            other=0.0).to(gl.float32)
-                                acc = acc + g_m[:, None] * c[None, :]
-                            val = gl.convert_layout(acc.to(OUT.dtype.element_ty), layout)
-                        else:
-                            blk = gl.convert_layout(acc, layout)
-                            if SCALE:
-                                blk = blk * g[:, None]
-                            if RANK1:
-                                c = gl.load(C + e.to(gl.int64) * stride_c + cols, mask=cmask, other=0.0).to(gl.float32)
-                                blk = blk + g[:, None] * c[None, :]
-                            val = blk.to(OUT.dtype.element_ty)
-                        omask = rmask[:, None] & cmask[None, :]
+                        omask = rmask[:, None] & (cols < Dout)[None, :]
                         if ATOMIC:  # the K rows of a token come from different work items: add them in place
                             gl.atomic_add(OUT + dst[:, None] + cols[None, :], val, mask=omask, sem="relaxed")
                         else:
@@ -195,7 +186,7 @@ def _build():
     @gluon.jit
     def down_ws_kernel(a_desc, w_desc, TILES, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles,
                        SCALE: gl.constexpr, ATOMIC: gl.constexpr, RANK1: gl.constexpr, STAGES: gl.constexpr,
-                       HALF_CVT: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr, num_warps: gl.constexpr):
+                       CREGS: gl.constexpr, LREGS: gl.constexpr, num_warps: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         Ein: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[1]
@@ -216,8 +207,8 @@ def _build():
             mbarrier.init(b_empty.index(i), count=1)
         shared = (a_desc, w_desc, TILES, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, order, OFFS, ORDER, TOK,
                   GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles)
-        first = shared + (0, SCALE, ATOMIC, RANK1, HALF_CVT)  # (bound to names first: an int literal inline is not
-        second = shared + (1, SCALE, ATOMIC, RANK1, HALF_CVT)  # lowered)
+        first = shared + (0, SCALE, ATOMIC, RANK1)  # (bound to names first: an int literal inline is not lowered)
+        second = shared + (1, SCALE, ATOMIC, RANK1)
         loads = (a_desc, w_desc, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, TILES, M, Dout, n_tiles)
         gl.warp_specialize([(consumer, first), (consumer, second), (loader, loads)], [4, 1], [CREGS, LREGS])
 
@@ -259,12 +250,6 @@ def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int) -> b
     return smem_bytes(BM, BN, Ein, stages, es) <= SMEM_LIMIT and _build_once() is not None
 
 
-def half_conversion() -> bool:
-    """SSD_TRITON_WS_DOWN_HALF_CVT=1: the epilogue's gate scale and rank-1 term in the product's layout, and its change
-    to the adds' 16-byte layout in OUT's dtype (bf16: half the shared-memory bytes of the fp32 change)."""
-    return os.environ.get("SSD_TRITON_WS_DOWN_HALF_CVT", "1") == "1"
-
-
 def _sm90(t: torch.Tensor) -> bool:
     """Whether `t` is on a compute capability 9.0 GPU (wgmma, warp specialisation as built here)."""
     return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device) == (9, 0)
@@ -299,6 +284,5 @@ def launch(a, w, tiles, offsets, order, token, gate, out, c, M, scale: bool, ato
     n_tiles = tiles.shape[0]
     grid = (max(1, min(n_tiles, _sms(a.device))),)
     kernel[grid](a_desc, w_desc, tiles, offsets, order, token, gate, out, out.stride(0), c, c.stride(0), M, Dout,
-                 n_tiles, SCALE=scale, ATOMIC=atomic, RANK1=rank1, STAGES=stages, HALF_CVT=half_conversion(),
-                 CREGS=CONSUMER_REGS,
+                 n_tiles, SCALE=scale, ATOMIC=atomic, RANK1=rank1, STAGES=stages, CREGS=CONSUMER_REGS,
                  LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS)

@@ -186,21 +186,15 @@ def _build():
         return out
 
     @gluon.jit
-    def _store_block(acc, n, rmask, dst, g, g_m, OUT, Dout, BN: gl.constexpr, layout: gl.constexpr,
-                     SCALE: gl.constexpr, ATOMIC: gl.constexpr, HALF_CVT: gl.constexpr):
-        """One output column block's epilogue: gate scale, then atomic adds into the token rows or stores into the
-        (t, k) rows (`dst`: each row's offset). HALF_CVT (down_gluon.half_conversion): the scale in the product's
-        layout (`g_m`: the gates in its rows) and the layout change in OUT's dtype."""
+    def _store_block(acc, n, rmask, dst, g, OUT, Dout, BN: gl.constexpr, layout: gl.constexpr,
+                     SCALE: gl.constexpr, ATOMIC: gl.constexpr):
+        """One output column block's epilogue: gate scale in the product's layout (`g`: the gates in its rows), the
+        change to the 16-byte layout in OUT's dtype (half the shared-memory bytes of an fp32 change, docs/kernels.md
+        v38), then atomic adds into the token rows or stores into the (t, k) rows (`dst`: each row's offset)."""
+        if SCALE:
+            acc = acc * g[:, None]
+        val = gl.convert_layout(acc.to(OUT.dtype.element_ty), layout)
         cols = n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-        if HALF_CVT:
-            if SCALE:
-                acc = acc * g_m[:, None]
-            val = gl.convert_layout(acc.to(OUT.dtype.element_ty), layout)
-        else:
-            blk = gl.convert_layout(acc, layout)
-            if SCALE:
-                blk = blk * g[:, None]
-            val = blk.to(OUT.dtype.element_ty)
         omask = rmask[:, None] & (cols < Dout)[None, :]
         if ATOMIC:  # a token's K rows come from different tiles
             gl.atomic_add(OUT + dst[:, None] + cols[None, :], val, mask=omask, sem="relaxed")
@@ -275,7 +269,7 @@ def _build():
                  which: gl.constexpr,
                  ACT: gl.constexpr, HAS_BIAS: gl.constexpr, SAVE_H: gl.constexpr, SCALE: gl.constexpr,
                  ATOMIC: gl.constexpr, SPLIT: gl.constexpr, W1_RC: gl.constexpr, W2_RC: gl.constexpr,
-                 BE: gl.constexpr, BE2: gl.constexpr, BN: gl.constexpr, HALF_CVT: gl.constexpr):
+                 BE: gl.constexpr, BE2: gl.constexpr, BN: gl.constexpr):
         BM: gl.constexpr = x_bufs.type.shape[1]
         WS: gl.constexpr = w_bufs.type.shape[0]
         HM: gl.constexpr = BM // 2  # this warpgroup's rows of the tile
@@ -318,7 +312,7 @@ def _build():
                 rows = r0 + gl.arange(0, HM, layout=row_l)
                 rmask = rows < end
                 g, dst = row_targets(rows, rmask, ORDER, GATE, TOK, stride_o, SCALE, ATOMIC)
-                g_m = gl.convert_layout(g, gl.SliceLayout(1, dn_l))
+                g = gl.convert_layout(g, gl.SliceLayout(1, dn_l))
                 zero = gl.zeros((HM, BN), dtype=gl.float32, layout=dn_l)
                 sw = wc % WS
                 mbarrier.wait(w_full.index(sw), (wc // WS) & 1)
@@ -339,11 +333,11 @@ def _build():
                     if SPLIT:
                         nxt = warpgroup_mma(a2, _b_operand(_as_box(w_bufs2.index(sw), w2_desc2), W2_RC), nxt,
                                             is_async=True)
-                    _store_block(cur, n - 1, rmask, dst, g, g_m, OUT, Dout, BN, layout, SCALE, ATOMIC, HALF_CVT)
+                    _store_block(cur, n - 1, rmask, dst, g, OUT, Dout, BN, layout, SCALE, ATOMIC)
                     cur = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, a1, a2))[0]
                     mbarrier.arrive(w_empty.index(sw), count=1)
                     wc += 1
-                _store_block(cur, num_n - 1, rmask, dst, g, g_m, OUT, Dout, BN, layout, SCALE, ATOMIC, HALF_CVT)
+                _store_block(cur, num_n - 1, rmask, dst, g, OUT, Dout, BN, layout, SCALE, ATOMIC)
 
     @gluon.jit
     def mlp_ws_kernel(X, stride_x, w1_desc, w1_desc2, w2_desc, w2_desc2, TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1,
@@ -351,7 +345,7 @@ def _build():
                       ACT: gl.constexpr, HAS_BIAS: gl.constexpr, SAVE_H: gl.constexpr, SCALE: gl.constexpr,
                       ATOMIC: gl.constexpr, SPLIT: gl.constexpr, W1_RC: gl.constexpr, W2_RC: gl.constexpr,
                       BM: gl.constexpr, BK: gl.constexpr, BE: gl.constexpr, BE2: gl.constexpr, BN: gl.constexpr,
-                      XS: gl.constexpr, WS: gl.constexpr, LW: gl.constexpr, HALF_CVT: gl.constexpr,
+                      XS: gl.constexpr, WS: gl.constexpr, LW: gl.constexpr,
                       CREGS: gl.constexpr, LREGS: gl.constexpr, W_LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
         # the weight ring's slots, in W1's box shapes and layouts; W2's tiles use them through `_as_box`
         x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty = _rings(w1_desc, w1_desc2, BM, BK, XS, WS, LW)
@@ -360,12 +354,10 @@ def _build():
         gl.warp_specialize([
             (consumer, (x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w1_desc, w1_desc2, w2_desc, w2_desc2,
                         TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E,
-                        n_tiles, 0, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN,
-                        HALF_CVT)),
+                        n_tiles, 0, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN)),
             (consumer, (x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w1_desc, w1_desc2, w2_desc, w2_desc2,
                         TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1, H, stride_h, OUT, stride_o, M, D, Dout, E,
-                        n_tiles, 1, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN,
-                        HALF_CVT)),
+                        n_tiles, 1, ACT, HAS_BIAS, SAVE_H, SCALE, ATOMIC, SPLIT, W1_RC, W2_RC, BE, BE2, BN)),
             (x_loader, (X, stride_x, x_bufs, x_full, x_empty, TILES, OFFS, TOK, M, D, n_tiles, LW)),
             (w_loader, (w1_desc, w1_desc2, w2_desc, w2_desc2, w_bufs, w_bufs2, w_full, w_empty, TILES, M, D, Dout, E,
                         n_tiles, SPLIT, W1_RC, W2_RC, BE, BK)),
@@ -450,6 +442,6 @@ def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, 
                  bias, bias.stride(0), hh, hh.stride(0), out, out.stride(0), M, D, w2.shape[2], E, n_tiles,
                  ACT=act, HAS_BIAS=b1 is not None, SAVE_H=h is not None, SCALE=gate is not None, ATOMIC=atomic,
                  SPLIT=be2 > 0, W1_RC=rc1, W2_RC=rc2, BM=BM, BK=BK, BE=be, BE2=max(be2, 16), BN=BN, XS=stages,
-                 WS=w_stages, LW=LOADER_WARPS, HALF_CVT=down_gluon.half_conversion(),
+                 WS=w_stages, LW=LOADER_WARPS,
                  CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, W_LOADER_REGS=W_LOADER_REGS, num_warps=4,
                  maxnreg=MAX_REGS)
