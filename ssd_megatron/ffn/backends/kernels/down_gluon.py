@@ -17,8 +17,10 @@ ffn/relu_mask_gemm_gluon.py's "ping-pong" GEMM (the pattern of CUTLASS's Hopper 
   column block) work item into a ring of STAGES slots;
 - two **consumer** warpgroups take alternate work items. Their products are issued in turn (the `order`
   barriers), so that one's epilogue runs while the other's wgmma chain keeps the tensor cores busy. The
-  epilogue is `_down_store`'s: gate scale (SCALE) or the rank-1 term g * C[e] (RANK1), then relaxed
-  atomic adds into the token rows (ATOMIC) or plain stores into the (t, k) rows.
+  epilogue is `_down_store`'s: gate scale (SCALE) or the rank-1 term g * C[e] (RANK1), in the product's own
+  layout, then its change to a 16-byte-per-thread layout in OUT's dtype (bf16: half the shared-memory bytes of an
+  fp32 change; the 8B dx is bound by shared memory, docs/kernels.md v38), then relaxed atomic adds into the token
+  rows (ATOMIC) or plain stores into the (t, k) rows.
 
 Persistent programs (one per SM) walk a table of M-tiles: in expert order (`_triton_kernels.expert_tiles`), or
 where the output rows are >= 2048 wide (the 8B dx) in token windows of 16 experts (`token_window_tiles`,
