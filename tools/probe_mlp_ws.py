@@ -24,8 +24,9 @@ W1 = [("""_w_load(w1_desc, w1_desc2, e * E, k, w_full.index(s), w_bufs.index(s),
                             W1_RC, BE)""", "mbarrier.arrive(w_full.index(s), count=1)")]
 W2 = [("""_w_load(w2_desc, w2_desc2, e * E, n, w_full.index(s), w_bufs.index(s), w_bufs2.index(s), SPLIT,
                             W2_RC, BE)""", "mbarrier.arrive(w_full.index(s), count=1)")]
-ADDS = [("omask = rmask[:, None] & (cols < Dout)[None, :]",
-         "omask = (rmask & (dst < 0))[:, None] & (cols < Dout)[None, :]")]
+# the epilogue's rows masked off at both of its calls (dst >= 0 always, but the compiler cannot know it)
+ADDS = [(f"store_block(cur, {n}, e, rmask,", f"store_block(cur, {n}, e, rmask & (dst < 0),")
+        for n in ("n - 1", "num_n - 1")]
 PROBES = {"whole": [], "no-atomics": ADDS, "no-x": X, "no-w1": W1, "no-w2": W2, "no-loads": X + W1 + W2,
           "no-loads-no-atomics": X + W1 + W2 + ADDS}
 

@@ -17,10 +17,10 @@ ffn/relu_mask_gemm_gluon.py's "ping-pong" GEMM (the pattern of CUTLASS's Hopper 
   column block) work item into a ring of STAGES slots;
 - two **consumer** warpgroups take alternate work items. Their products are issued in turn (the `order`
   barriers), so that one's epilogue runs while the other's wgmma chain keeps the tensor cores busy. The
-  epilogue is `_down_store`'s: gate scale (SCALE) or the rank-1 term g * C[e] (RANK1), in the product's own
-  layout, then its change to a 16-byte-per-thread layout in OUT's dtype (bf16: half the shared-memory bytes of an
-  fp32 change; the 8B dx is bound by shared memory, docs/kernels.md v38), then relaxed atomic adds into the token
-  rows (ATOMIC) or plain stores into the (t, k) rows.
+  epilogue (`store_block`, which kernels/mlp_gluon.py shares) is `_down_store`'s: gate scale (SCALE) or the
+  rank-1 term g * C[e] (RANK1), in the product's own layout, then its change to a 16-byte-per-thread layout in
+  OUT's dtype (bf16: half the shared-memory bytes of an fp32 change; the 8B dx is bound by shared memory,
+  docs/kernels.md v38), then relaxed atomic adds into the token rows (ATOMIC) or plain stores into the (t, k) rows.
 
 Persistent programs (one per SM) walk a table of M-tiles: in expert order (`_triton_kernels.expert_tiles`), or
 where the output rows are >= 2048 wide (the 8B dx) in token windows of 16 experts (`token_window_tiles`,
@@ -102,6 +102,29 @@ def _build():
         return g, dst
 
     @gluon.jit
+    def store_block(acc, n, e, rmask, dst, g, C, stride_c, OUT, Dout, layout: gl.constexpr, SCALE: gl.constexpr,
+                    ATOMIC: gl.constexpr, RANK1: gl.constexpr):
+        """One output column block's epilogue (kernels/mlp_gluon.py's too): the gate scale (SCALE) or the rank-1 term
+        g * C[e] (RANK1) in the product's own layout (`g`: the gates in its rows), the change to `layout` (16 bytes per
+        thread) in OUT's dtype (half the shared-memory bytes of an fp32 change, docs/kernels.md v38), then relaxed
+        atomic adds into the token rows (ATOMIC) or stores into the (t, k) rows (`dst`: each row's offset, `rmask`
+        its rows in `layout`)."""
+        BN: gl.constexpr = acc.type.shape[1]
+        if SCALE:
+            acc = acc * g[:, None]
+        if RANK1:
+            cols_m = n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, acc.type.layout))
+            c = gl.load(C + e.to(gl.int64) * stride_c + cols_m, mask=cols_m < Dout, other=0.0).to(gl.float32)
+            acc = acc + g[:, None] * c[None, :]
+        val = gl.convert_layout(acc.to(OUT.dtype.element_ty), layout)
+        cols = n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+        omask = rmask[:, None] & (cols < Dout)[None, :]
+        if ATOMIC:  # the K rows of a token come from different work items: add them in place
+            gl.atomic_add(OUT + dst[:, None] + cols[None, :], val, mask=omask, sem="relaxed")
+        else:
+            gl.store(OUT + dst[:, None] + cols[None, :], val, mask=omask)
+
+    @gluon.jit
     def loader(a_desc, w_desc, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, TILES, M, Dout, n_tiles):
         Ein: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[1]
@@ -138,8 +161,6 @@ def _build():
         layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (BN // 8), BN // 8],
                                                 warps_per_cta=[4, 1], order=[1, 0])
         row_l: gl.constexpr = gl.SliceLayout(1, layout)
-        col_l: gl.constexpr = gl.SliceLayout(0, layout)
-        mcol_l: gl.constexpr = gl.SliceLayout(0, mma_l)
         num_n = gl.cdiv(Dout, BN)
         it = 0
         j = 0
@@ -164,22 +185,7 @@ def _build():
                         mbarrier.arrive(order.index(1 - which), count=1)  # the other may issue its chain now
                         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                         mbarrier.arrive(b_empty.index(s), count=1)
-                        # the gate scale and rank-1 term in the product's layout, then the change to the adds'
-                        # layout in OUT's dtype: half the shared-memory bytes of an fp32 change (docs/kernels.md v38)
-                        if SCALE:
-                            acc = acc * g[:, None]
-                        if RANK1:
-                            cols_m = n * BN + gl.arange(0, BN, layout=mcol_l)
-                            c = gl.load(C + e.to(gl.int64) * stride_c + cols_m, mask=cols_m < Dout,
-                                        other=0.0).to(gl.float32)
-                            acc = acc + g[:, None] * c[None, :]
-                        val = gl.convert_layout(acc.to(OUT.dtype.element_ty), layout)
-                        cols = n * BN + gl.arange(0, BN, layout=col_l)
-                        omask = rmask[:, None] & (cols < Dout)[None, :]
-                        if ATOMIC:  # the K rows of a token come from different work items: add them in place
-                            gl.atomic_add(OUT + dst[:, None] + cols[None, :], val, mask=omask, sem="relaxed")
-                        else:
-                            gl.store(OUT + dst[:, None] + cols[None, :], val, mask=omask)
+                        store_block(acc, n, e, rmask, dst, g, C, stride_c, OUT, Dout, layout, SCALE, ATOMIC, RANK1)
                         turn += 1
                     it += 1
                 mbarrier.arrive(a_empty.index(ta), count=1)  # both consumers arrive: count 2
@@ -222,8 +228,8 @@ def _build():
         return (TensorDescriptor.from_tensor(a, [BM, Ein], gl.NVMMASharedLayout.get_default_for([BM, Ein], g)),
                 TensorDescriptor.from_tensor(w2d, [Ein, BN], gl.NVMMASharedLayout.get_default_for([Ein, BN], g)))
 
-    # the part kernels/mlp_gluon.py's kernel shares
-    return down_ws_kernel, descriptors, types.SimpleNamespace(row_targets=row_targets)
+    # the parts kernels/mlp_gluon.py's kernel shares
+    return down_ws_kernel, descriptors, types.SimpleNamespace(row_targets=row_targets, store_block=store_block)
 
 
 def smem_bytes(BM: int, BN: int, Ein: int, stages: int, element_size: int = 2) -> int:

@@ -69,7 +69,7 @@ def _build():
     down = down_gluon._build_once()
     if down is None:
         raise ImportError("the WS down kernel's parts, which this kernel shares, do not build here")
-    row_targets = down[2].row_targets
+    row_targets, store_block = down[2].row_targets, down[2].store_block
 
     @gluon.jit
     def _w_tile(desc, r0, c0, bar, buf, RC: gl.constexpr):
@@ -184,22 +184,6 @@ def _build():
             u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
             out = v / (1.0 + gl.exp(-2.0 * u))
         return out
-
-    @gluon.jit
-    def _store_block(acc, n, rmask, dst, g, OUT, Dout, BN: gl.constexpr, layout: gl.constexpr,
-                     SCALE: gl.constexpr, ATOMIC: gl.constexpr):
-        """One output column block's epilogue: gate scale in the product's layout (`g`: the gates in its rows), the
-        change to the 16-byte layout in OUT's dtype (half the shared-memory bytes of an fp32 change, docs/kernels.md
-        v38), then atomic adds into the token rows or stores into the (t, k) rows (`dst`: each row's offset)."""
-        if SCALE:
-            acc = acc * g[:, None]
-        val = gl.convert_layout(acc.to(OUT.dtype.element_ty), layout)
-        cols = n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-        omask = rmask[:, None] & (cols < Dout)[None, :]
-        if ATOMIC:  # a token's K rows come from different tiles
-            gl.atomic_add(OUT + dst[:, None] + cols[None, :], val, mask=omask, sem="relaxed")
-        else:
-            gl.store(OUT + dst[:, None] + cols[None, :], val, mask=omask)
 
     @gluon.jit
     def _rings(w_desc, w_desc2, BM: gl.constexpr, BK: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr,
@@ -333,11 +317,11 @@ def _build():
                     if SPLIT:
                         nxt = warpgroup_mma(a2, _b_operand(_as_box(w_bufs2.index(sw), w2_desc2), W2_RC), nxt,
                                             is_async=True)
-                    _store_block(cur, n - 1, rmask, dst, g, OUT, Dout, BN, layout, SCALE, ATOMIC)
+                    store_block(cur, n - 1, e, rmask, dst, g, OUT, 0, OUT, Dout, layout, SCALE, ATOMIC, False)
                     cur = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, a1, a2))[0]
                     mbarrier.arrive(w_empty.index(sw), count=1)
                     wc += 1
-                _store_block(cur, num_n - 1, rmask, dst, g, OUT, Dout, BN, layout, SCALE, ATOMIC)
+                store_block(cur, num_n - 1, e, rmask, dst, g, OUT, 0, OUT, Dout, layout, SCALE, ATOMIC, False)
 
     @gluon.jit
     def mlp_ws_kernel(X, stride_x, w1_desc, w1_desc2, w2_desc, w2_desc2, TILES, OFFS, ORDER, TOK, GATE, B1, stride_b1,
