@@ -671,8 +671,9 @@ PLAN_SIZES = [(16384, 32, 6, False, 256), (16384, 64, 16, False, 256), (16384, 3
 @pytest.mark.parametrize("size", PLAN_SIZES, ids=[f"T{s[0]}-N{s[1]}K{s[2]}{'-skew' * s[3]}-B{s[4]}" for s in PLAN_SIZES])
 def test_counting_sort_plan_equals_torch_sort_on_cuda(size):
     """The two plan kernels (kernels/routing_plan.py) give torch's stable sort exactly, initialise the fused
-    forward's output to the bias, and write the Gluon kernels' M-tile table as the table's own launch does."""
-    from ssd_megatron.ffn.backends._triton_kernels import expert_tiles
+    forward's output to the bias, and write the Gluon kernels' M-tile table as the table's own launch does; the
+    token-window table's launch equals the torch-built table."""
+    from ssd_megatron.ffn.backends._triton_kernels import expert_tiles, token_window_tiles, token_window_tiles_torch
     from ssd_megatron.ffn.backends.kernels.routing_plan import FILL_PLACES, TILE_BM, routing_plan
     from ssd_megatron.ffn.backends.routing import sort_plan
     T, N, K, skew, max_blocks = size
@@ -689,3 +690,6 @@ def test_counting_sort_plan_equals_torch_sort_on_cuda(size):
             assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), (name, place)
         assert torch.equal(y, row.to(y.dtype).expand(T, 96)), place
     assert torch.equal(got[4], expert_tiles(want[3], T * K, N, TILE_BM))
+    for bm, group in ((128, 16), (128, 0), (64, 3)):  # the token-window table's launch, as the torch-built one
+        assert torch.equal(token_window_tiles(want[3], T * K, N, bm, group),
+                           token_window_tiles_torch(want[3], T * K, N, bm, group)), (bm, group)

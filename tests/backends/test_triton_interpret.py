@@ -178,9 +178,11 @@ def _plan_results():
     """Per case: the plan equals torch's sort; the M-tile table its scatter kernel writes (the Gluon kernels' work
     list at their tile height) and the table's own launch both equal the torch-built one in expert order (token
     windows of one expert each), the latter at three tile heights; where `plan_tiles_default` writes it (Triton >=
-    3.9), `make_plan` carries the written table and the launchers take it from there. The cases take the output's
+    3.9), `make_plan` carries the written table and the launchers take it from there; the token-window table's
+    launch equals the torch-built one (groups of all experts and of three). The cases take the output's
     initialisation's places (FILL_PLACES) in turn."""
-    from ssd_megatron.ffn.backends._triton_kernels import _tile_list, expert_tiles, token_window_tiles
+    from ssd_megatron.ffn.backends._triton_kernels import (_tile_list, expert_tiles, token_window_tiles,
+                                                           token_window_tiles_torch)
     from ssd_megatron.ffn.backends.kernels.routing_plan import FILL_PLACES, TILE_BM, plan_tiles_default, routing_plan
     from ssd_megatron.ffn.backends.routing import make_plan, sort_plan
     g = torch.Generator().manual_seed(0)
@@ -206,7 +208,9 @@ def _plan_results():
         out.append(same and carried and torch.equal(y, row.expand(T, 5))
                    and (table is None if M == 0 else torch.equal(table, token_window_tiles(offsets, M, N, TILE_BM, 1)))
                    and all(torch.equal(expert_tiles(offsets, M, N, bm), token_window_tiles(offsets, M, N, bm, 1))
-                           for bm in (16, 64, 128)))
+                           for bm in (16, 64, 128))
+                   and all(torch.equal(token_window_tiles(offsets, M, N, 64, group),
+                                       token_window_tiles_torch(offsets, M, N, 64, group)) for group in (0, 3)))
     return out
 
 

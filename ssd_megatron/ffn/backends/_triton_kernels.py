@@ -35,7 +35,7 @@ import triton
 from .kernels.common import ACT_CODES, expert_boxes, expert_matrix, fill_args
 from .kernels.down import _down_kernel, _down_tma_kernel
 from .kernels.mlp import _mlp_kernel
-from .kernels.tile_table import expert_tile_table
+from .kernels.tile_table import expert_tile_table, token_window_table
 from .kernels.up import _up_kernel
 from .kernels.wgrad import _wgrad_kernel
 from .routing import initialise
@@ -415,7 +415,16 @@ def expert_tiles(offsets: torch.Tensor, M: int, N: int, BM: int) -> torch.Tensor
 def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int, group: int = 0) -> torch.Tensor:
     """`expert_tiles` ordered by the tile's relative position (i + 1/2) / tiles_e within its expert (ties:
     expert order), within groups of `group` consecutive experts taken one after the other (0: all experts
-    in one group); empty tiles last. Device ops only, no host sync."""
+    in one group); empty tiles last. One launch where Triton runs (`kernels/tile_table.py`), else torch ops and a
+    sort; no host sync."""
+    if (offsets.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and os.environ.get("SSD_AB_TABLE") != "torch":
+        return token_window_table(offsets, M, N, BM, group)
+    return token_window_tiles_torch(offsets, M, N, BM, group)
+
+
+def token_window_tiles_torch(offsets: torch.Tensor, M: int, N: int, BM: int, group: int = 0) -> torch.Tensor:
+    """`token_window_tiles` by torch ops: the relative positions as doubles (exact enough: distinct positions of
+    tiles counts below 2^20 differ by far more than a double's rounding), sorted stably."""
     e, i, nt, valid = _tile_index(offsets, M, N, BM)
     pos = (i.double() + 0.5) / nt.clamp_min(1).double()   # in (0, 1): the group index is the major key
     key = torch.where(valid, pos + (e // group if group else 0), float("inf"))
