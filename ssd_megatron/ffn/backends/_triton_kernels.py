@@ -417,7 +417,7 @@ def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int, group: in
     expert order), within groups of `group` consecutive experts taken one after the other (0: all experts
     in one group); empty tiles last. One launch where Triton runs (`kernels/tile_table.py`), else torch ops and a
     sort; no host sync."""
-    if (offsets.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and os.environ.get("SSD_AB_TABLE") != "torch":
+    if offsets.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         return token_window_table(offsets, M, N, BM, group)
     return token_window_tiles_torch(offsets, M, N, BM, group)
 
