@@ -1,5 +1,5 @@
-"""Does a 2-CTA cluster with the weight tiles multicast by TMA make the expert GEMM faster? (docs/kernels.md §4, item 1:
-the fused forward and up_bwd read each expert's W through L2 once per 128-row tile.)
+"""Does a 2-CTA cluster with the weight tiles multicast by TMA make the expert GEMM faster? (docs/kernels.md v39,
+§4's former first item: the fused forward and up_bwd read each expert's W through L2 once per 128-row tile.)
 
 A stand-alone probe, not a backend kernel: the expert GEMM of up_bwd's first pass at 8B without its gather,
 C[r] = A[r] @ W[e]^T for sorted rows r of expert e (ROWS rows per expert, contiguous), in Gluon with a plain
@@ -151,7 +151,8 @@ def main() -> int:
             torch.cuda.synchronize()
             times[name] = ev[0].elapsed_time(ev[1]) / args.iters
         out["rounds"].append(times)
-        print(f"round {r}: " + "  ".join(f"{k} {v:.3f} ms ({out['tflop'] / v * 1e3:.0f} TF/s)" for k, v in times.items()))
+        print(f"round {r}: " + "  ".join(f"{k} {v:.3f} ms ({out['tflop'] / v * 1e3:.0f} TF/s)"
+                                         for k, v in times.items()))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(out, fh, indent=1)

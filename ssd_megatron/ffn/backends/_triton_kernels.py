@@ -423,8 +423,9 @@ def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int, group: in
 
 
 def token_window_tiles_torch(offsets: torch.Tensor, M: int, N: int, BM: int, group: int = 0) -> torch.Tensor:
-    """`token_window_tiles` by torch ops: the relative positions as doubles (exact enough: distinct positions of
-    tiles counts below 2^20 differ by far more than a double's rounding), sorted stably."""
+    """`token_window_tiles` by torch ops: the relative positions as doubles, sorted stably (exact enough: with tile
+    counts below 2^20, two distinct positions differ by at least 1 / (nt * nt') >= 2^-40, far above a double's
+    rounding)."""
     e, i, nt, valid = _tile_index(offsets, M, N, BM)
     pos = (i.double() + 0.5) / nt.clamp_min(1).double()   # in (0, 1): the group index is the major key
     key = torch.where(valid, pos + (e // group if group else 0), float("inf"))
