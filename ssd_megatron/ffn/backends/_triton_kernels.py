@@ -402,11 +402,16 @@ def _tile_table(offsets: torch.Tensor, M: int, BM: int, e, i, valid) -> torch.Te
     return torch.stack([e, row0], 1).to(torch.int32).contiguous()
 
 
+def _table_launches(offsets: torch.Tensor) -> bool:
+    """Whether the tile tables come from kernels/tile_table.py's launches (Triton runs: CUDA, or the interpreter)."""
+    return offsets.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def expert_tiles(offsets: torch.Tensor, M: int, N: int, BM: int) -> torch.Tensor:
     """[cdiv(M, BM) + N, 2] int32 (expert, first row) of every M-tile in expert order; the unused tail of
     this upper bound holds empty tiles (first row M). The work list of the Gluon kernels (WS): one launch,
     `kernels/tile_table.py`, where Triton runs (else torch ops, as `token_window_tiles`)."""
-    if offsets.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if _table_launches(offsets):
         return expert_tile_table(offsets, M, N, BM)
     e, i, _, valid = _tile_index(offsets, M, N, BM)
     return _tile_table(offsets, M, BM, e, i, valid)
@@ -417,7 +422,7 @@ def token_window_tiles(offsets: torch.Tensor, M: int, N: int, BM: int, group: in
     expert order), within groups of `group` consecutive experts taken one after the other (0: all experts
     in one group); empty tiles last. One launch where Triton runs (`kernels/tile_table.py`), else torch ops and a
     sort; no host sync."""
-    if offsets.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if _table_launches(offsets):
         return token_window_table(offsets, M, N, BM, group)
     return token_window_tiles_torch(offsets, M, N, BM, group)
 

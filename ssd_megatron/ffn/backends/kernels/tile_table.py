@@ -27,10 +27,7 @@ def _expert_tiles_kernel(OFFS, TILES, M, N, BM: tl.constexpr, NP2: tl.constexpr)
 def expert_tile_table(offsets: torch.Tensor, M: int, N: int, BM: int) -> torch.Tensor:
     """[cdiv(M, BM) + N, 2] int32 (expert, first row) of every M-tile in expert order; the tail past the real
     tiles holds empty ones (expert N - 1, first row M). No host sync."""
-    n = triton.cdiv(M, BM) + N
-    tiles = torch.empty(n, 2, dtype=torch.int32, device=offsets.device)
-    _expert_tiles_kernel[(n,)](offsets, tiles, M, N, BM=BM, NP2=max(16, triton.next_power_of_2(N)), num_warps=1)
-    return tiles
+    return _table(_expert_tiles_kernel, offsets, M, N, BM)
 
 
 @triton.jit
@@ -39,12 +36,13 @@ def _token_window_tiles_kernel(OFFS, TILES, M, N, GROUP, BM: tl.constexpr, NP2: 
     groups, then those of its group whose relative position (i' + 1/2) / nt' is smaller, or equal in an earlier
     expert (the stable sort's ties). Positions are compared exactly, as integers: (2i' + 1) nt < (2i + 1) nt'."""
     j = tl.program_id(0)
-    e, row0, row_end = _tile_of(OFFS, j, N, BM, NP2)
     ids = tl.arange(0, NP2)
     start = tl.load(OFFS + ids, mask=ids < N, other=0)
     nts = ((tl.load(OFFS + ids + 1, mask=ids < N, other=0) - start + BM - 1) // BM).to(tl.int64)
-    real = row0 < row_end
-    i = ((row0 - tl.sum(tl.where(ids == e, start, 0), 0)) // BM).to(tl.int64)
+    cum = tl.cumsum(nts, 0)
+    e = tl.sum((cum <= j).to(tl.int32), 0)    # (as `common._tile_of`; N past the real tiles)
+    real = j < tl.sum(nts, 0)
+    i = j - tl.sum(tl.where(ids == e, cum - nts, 0), 0)
     nt = tl.maximum(tl.sum(tl.where(ids == e, nts, 0), 0), 1)
     g0 = (e // GROUP) * GROUP
     q = (2 * i + 1) * nts                     # tile (e', i') is before iff (2i' + 1) nt < q (<= where e' < e)
@@ -53,15 +51,19 @@ def _token_window_tiles_kernel(OFFS, TILES, M, N, GROUP, BM: tl.constexpr, NP2: 
     rank = tl.sum(tl.where(ids < g0, nts, 0), 0) + tl.sum(tl.where((ids >= g0) & (ids < g0 + GROUP), before, 0), 0)
     rank = tl.where(real, rank, j)  # the empty tail keeps its place after every real tile
     tl.store(TILES + 2 * rank, tl.minimum(e, N - 1))
-    tl.store(TILES + 2 * rank + 1, tl.where(real, row0, M))
+    tl.store(TILES + 2 * rank + 1, tl.where(real, tl.sum(tl.where(ids == e, start, 0), 0) + i * BM, M))
+
+
+def _table(kernel, offsets: torch.Tensor, M: int, N: int, BM: int, *args) -> torch.Tensor:
+    """A [cdiv(M, BM) + N, 2] int32 table written by `kernel`, one single-warp program per entry."""
+    n = triton.cdiv(M, BM) + N
+    tiles = torch.empty(n, 2, dtype=torch.int32, device=offsets.device)
+    kernel[(n,)](offsets, tiles, M, N, *args, BM=BM, NP2=max(16, triton.next_power_of_2(N)), num_warps=1)
+    return tiles
 
 
 def token_window_table(offsets: torch.Tensor, M: int, N: int, BM: int, group: int) -> torch.Tensor:
     """`expert_tile_table`'s tiles in token-window order within groups of `group` experts (0: one group of all):
     `_triton_kernels.token_window_tiles`' table, in one launch instead of about twenty torch ops and a sort (at 8B a
     2112-entry sort of 48 us, and each of the ops ≈ 3 us). No host sync."""
-    n = triton.cdiv(M, BM) + N
-    tiles = torch.empty(n, 2, dtype=torch.int32, device=offsets.device)
-    _token_window_tiles_kernel[(n,)](offsets, tiles, M, N, group or N, BM=BM, NP2=max(16, triton.next_power_of_2(N)),
-                                     num_warps=1)
-    return tiles
+    return _table(_token_window_tiles_kernel, offsets, M, N, BM, group or N)
