@@ -129,7 +129,6 @@ def _build():
         Ein: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[1]
         NS: gl.constexpr = b_bufs.type.shape[0]
-        NA: gl.constexpr = a_bufs.type.shape[0]
         num_n = gl.cdiv(Dout, BN)
         it = 0  # work items (M-tile, column block) of this program so far, in order
         j = 0   # live M-tiles of this program so far
@@ -137,8 +136,8 @@ def _build():
             e = gl.load(TILES + 2 * t)
             row0 = gl.load(TILES + 2 * t + 1)
             if row0 < M:
-                ta = j % NA
-                mbarrier.wait(a_empty.index(ta), ((j // NA) & 1) ^ 1)  # a fresh barrier passes phase 1
+                ta = j % 2
+                mbarrier.wait(a_empty.index(ta), ((j // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
                 mbarrier.expect(a_full.index(ta), a_desc.block_type.nbytes)
                 tma.async_load(a_desc, [row0, 0], a_full.index(ta), a_bufs.index(ta))
                 for n in range(num_n):
@@ -193,63 +192,14 @@ def _build():
                 j += 1
 
     @gluon.jit
-    def consumer_rows(a_desc, w_desc, TILES, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, order, OFFS, ORDER,
-                      TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, which, SCALE: gl.constexpr,
-                      ATOMIC: gl.constexpr, RANK1: gl.constexpr):
-        """REG_A: this consumer's half of each M-tile's rows, its A rows loaded once into registers (wgmma's A
-        from registers: the work items' products then read only their W tile from shared memory, not A again
-        for every column block), every column block's product issued in turn with the other consumer's on the
-        same W slot (the `order` barriers), its epilogue under the other's product."""
-        BM: gl.constexpr = a_desc.block_type.shape[0]
-        HM: gl.constexpr = BM // 2
-        BN: gl.constexpr = w_desc.block_type.shape[1]
-        NS: gl.constexpr = b_bufs.type.shape[0]
-        mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BN, 16])
-        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_l, k_width=2)
-        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (BN // 8), BN // 8],
-                                                warps_per_cta=[4, 1], order=[1, 0])
-        row_l: gl.constexpr = gl.SliceLayout(1, layout)
-        num_n = gl.cdiv(Dout, BN)
-        it = 0
-        j = 0
-        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            e = gl.load(TILES + 2 * t)
-            row0 = gl.load(TILES + 2 * t + 1)
-            if row0 < M:
-                rows = row0 + which * HM + gl.arange(0, HM, layout=row_l)
-                rmask = rows < gl.load(OFFS + e + 1)
-                g, dst = row_targets(rows, rmask, ORDER, GATE, TOK, stride_o, SCALE or RANK1, ATOMIC)
-                g = gl.convert_layout(g, gl.SliceLayout(1, mma_l))
-                mbarrier.wait(a_full.index(0), j & 1)
-                if which == 0:  # (a slice's start must be a constant)
-                    a = a_bufs.index(0).slice(0, HM).load(a_l)
-                else:
-                    a = a_bufs.index(0).slice(HM, HM).load(a_l)
-                mbarrier.arrive(a_empty.index(0), count=1)  # both consumers arrive: count 2
-                for n in range(num_n):
-                    s = it % NS
-                    mbarrier.wait(b_full.index(s), (it // NS) & 1)
-                    mbarrier.wait(order.index(which), (it & 1) ^ (1 - which))  # consumer 0 goes first
-                    acc = gl.zeros((HM, BN), dtype=gl.float32, layout=mma_l)
-                    acc = warpgroup_mma(a, b_bufs.index(s), acc, is_async=True)
-                    mbarrier.arrive(order.index(1 - which), count=1)
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                    mbarrier.arrive(b_empty.index(s), count=1)  # both consumers arrive: count 2
-                    store_block(acc, n, e, rmask, dst, g, C, stride_c, OUT, Dout, layout, SCALE, ATOMIC, RANK1)
-                    it += 1
-                j += 1
-
-    @gluon.jit
     def down_ws_kernel(a_desc, w_desc, TILES, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles,
                        SCALE: gl.constexpr, ATOMIC: gl.constexpr, RANK1: gl.constexpr, STAGES: gl.constexpr,
-                       REG_A: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr, num_warps: gl.constexpr):
+                       CREGS: gl.constexpr, LREGS: gl.constexpr, num_warps: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         Ein: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[1]
         dtype: gl.constexpr = a_desc.dtype
-        NA: gl.constexpr = 1 if REG_A else 2  # REG_A: the consumers hold A in registers, one buffer suffices
-        a_bufs = gl.allocate_shared_memory(dtype, [NA, BM, Ein], a_desc.layout)
+        a_bufs = gl.allocate_shared_memory(dtype, [2, BM, Ein], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(dtype, [STAGES, Ein, BN], w_desc.layout)
         a_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         a_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -262,17 +212,13 @@ def _build():
             mbarrier.init(order.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(b_full.index(i), count=1)
-            mbarrier.init(b_empty.index(i), count=2 if REG_A else 1)
+            mbarrier.init(b_empty.index(i), count=1)
         shared = (a_desc, w_desc, TILES, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, order, OFFS, ORDER, TOK,
                   GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles)
         first = shared + (0, SCALE, ATOMIC, RANK1)  # (bound to names first: an int literal inline is not lowered)
         second = shared + (1, SCALE, ATOMIC, RANK1)
         loads = (a_desc, w_desc, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, TILES, M, Dout, n_tiles)
-        if REG_A:
-            gl.warp_specialize([(consumer_rows, first), (consumer_rows, second), (loader, loads)], [4, 1],
-                               [CREGS, LREGS])
-        else:
-            gl.warp_specialize([(consumer, first), (consumer, second), (loader, loads)], [4, 1], [CREGS, LREGS])
+        gl.warp_specialize([(consumer, first), (consumer, second), (loader, loads)], [4, 1], [CREGS, LREGS])
 
     gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
@@ -286,15 +232,10 @@ def _build():
     return down_ws_kernel, descriptors, types.SimpleNamespace(row_targets=row_targets, store_block=store_block)
 
 
-def smem_bytes(BM: int, BN: int, Ein: int, stages: int, element_size: int = 2, reg_a: bool = False) -> int:
-    """Shared memory of one program: two A buffers (one with `reg_a`), the W ring, and at most 16 kB for the
-    epilogue's layout conversion and the barriers (Triton 3.9, sm_90: 16.1 kB at BN >= 64, 8.1 kB at BN = 32)."""
-    return ((1 if reg_a else 2) * BM * Ein + stages * Ein * BN) * element_size + 17 * 1024
-
-
-def _reg_a() -> bool:  # TEMPORARY A/B switch (session 46): the consumers' A rows in registers
-    import os
-    return os.environ.get("SSD_AB_REGA", "0") == "1"
+def smem_bytes(BM: int, BN: int, Ein: int, stages: int, element_size: int = 2) -> int:
+    """Shared memory of one program: two A buffers, the W ring, and at most 16 kB for the epilogue's layout
+    conversion and the barriers (Triton 3.9, sm_90: 16.1 kB at BN >= 64, 8.1 kB at BN = 32)."""
+    return (2 * BM * Ein + stages * Ein * BN) * element_size + 17 * 1024
 
 
 def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int) -> bool:
@@ -314,9 +255,7 @@ def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int) -> b
         return False
     if w.stride() != (Ein * Dout, Dout, 1) or (Dout * es) % 16 or (a.data_ptr() % 16) or (w.data_ptr() % 16):
         return False
-    if _reg_a() and (BM != 128 or Ein > 256):
-        return False
-    return smem_bytes(BM, BN, Ein, stages, es, _reg_a()) <= SMEM_LIMIT and _build_once() is not None
+    return smem_bytes(BM, BN, Ein, stages, es) <= SMEM_LIMIT and _build_once() is not None
 
 
 def _sm90(t: torch.Tensor) -> bool:
@@ -353,5 +292,5 @@ def launch(a, w, tiles, offsets, order, token, gate, out, c, M, scale: bool, ato
     n_tiles = tiles.shape[0]
     grid = (max(1, min(n_tiles, _sms(a.device))),)
     kernel[grid](a_desc, w_desc, tiles, offsets, order, token, gate, out, out.stride(0), c, c.stride(0), M, Dout,
-                 n_tiles, SCALE=scale, ATOMIC=atomic, RANK1=rank1, STAGES=stages, REG_A=_reg_a(), CREGS=CONSUMER_REGS,
+                 n_tiles, SCALE=scale, ATOMIC=atomic, RANK1=rank1, STAGES=stages, CREGS=CONSUMER_REGS,
                  LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS)

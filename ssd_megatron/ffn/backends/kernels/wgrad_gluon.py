@@ -93,32 +93,24 @@ def _build():
     down_gluon.require_gluon("WS wgrad", cp_async=True)
 
     @gluon.jit
-    def _range(OFFS, w, num_q, GQ, S, N, PB, NPS, NP2: gl.constexpr, NW: gl.constexpr, BALANCED: gl.constexpr):
+    def _range(OFFS, w, num_q, S, N, PB, NPS, NP2: gl.constexpr, NW: gl.constexpr, BALANCED: gl.constexpr):
         """Work item w's (column block, P's first column, first row, end row, first expert, end expert): P's slice
-        w % NPS (of PB columns), then with BALANCED row segment s of S equal segments of all experts' rows and column
-        block qb (the experts it meets: NW warps count them), else all of expert w' // num_q's rows (w' = w // NPS).
-        Balanced items go in phases of S * GQ items, GQ column blocks by S segments, phase after phase over the column
-        blocks (GQ = 0: all num_q column blocks of a segment side by side). Its pieces are its rows of each expert in
-        [first expert, end expert). The slices of one block are neighbours, so that their R rows come from L2."""
+        w % NPS (of PB columns), then with BALANCED row segment w' // num_q of S equal segments of all experts' rows
+        (w' = w // NPS; the experts it meets: NW warps count them), else all of expert w' // num_q's rows. Its pieces
+        are its rows of each expert in [first expert, end expert). The slices of one block are neighbours, so that
+        their R rows come from L2."""
         p0 = (w % NPS) * PB
         w = w // NPS
+        qb = w % num_q
         if BALANCED:
-            if GQ > 0:  # the programs of one phase gather R's rows from GQ column blocks only: they stay in L2
-                k = w % (S * GQ)
-                qb = (w // (S * GQ)) * GQ + k % GQ
-                seg = k // GQ
-            else:
-                qb = w % num_q
-                seg = w // num_q
             M = gl.load(OFFS + N)
-            lo = seg * M // S
-            hi = (seg + 1) * M // S
+            lo = (w // num_q) * M // S
+            hi = (w // num_q + 1) * M // S
             i = gl.arange(0, NP2, layout=gl.BlockedLayout([1], [32], [NW], [0]))
             ends = gl.load(OFFS + 1 + i, mask=i < N, other=M + 1)
             e0 = gl.sum((ends <= lo).to(gl.int32), axis=0)
             e1 = gl.maximum(e0, gl.sum((ends < hi).to(gl.int32), axis=0) + 1)
         else:
-            qb = w % num_q
             e0 = w // num_q
             e1 = e0 + 1
             lo = gl.load(OFFS + e0)
@@ -131,7 +123,7 @@ def _build():
         return gl.maximum(lo, gl.load(OFFS + e)), gl.minimum(hi, gl.load(OFFS + e + 1))
 
     @gluon.jit
-    def r_loader(R, stride_r, r_bufs, r_bufs2, r_full, r_empty, OFFS, TOK, Q, n_items, num_q, GQ, S, N, PB, NPS,
+    def r_loader(R, stride_r, r_bufs, r_bufs2, r_full, r_empty, OFFS, TOK, Q, n_items, num_q, S, N, PB, NPS,
                  BALANCED: gl.constexpr, NP2: gl.constexpr, LW: gl.constexpr):
         """Every step's gathered R rows by cp.async, both halves of the column block, arriving on r_full."""
         RS: gl.constexpr = r_bufs.type.shape[0]
@@ -144,7 +136,7 @@ def _build():
         ks = gl.arange(0, BK, layout=gl.SliceLayout(1, layout))
         rc = 0  # steps loaded so far (the R ring)
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            qb, p0, lo, hi, e0, e1 = _range(OFFS, w, num_q, GQ, S, N, PB, NPS, NP2, LW, BALANCED)
+            qb, p0, lo, hi, e0, e1 = _range(OFFS, w, num_q, S, N, PB, NPS, NP2, LW, BALANCED)
             c1 = qb * 2 * BH + cols
             c2 = c1 + BH
             for e in range(e0, e1):
@@ -168,7 +160,7 @@ def _build():
                     rc += 1
 
     @gluon.jit
-    def l_loader(l_desc, l_desc2, c_desc, l_bufs, l_bufs2, c_bufs, l_full, l_empty, OFFS, n_items, num_q, GQ, S, N, PB,
+    def l_loader(l_desc, l_desc2, c_desc, l_bufs, l_bufs2, c_bufs, l_full, l_empty, OFFS, n_items, num_q, S, N, PB,
                  NPS, BALANCED: gl.constexpr, NP2: gl.constexpr, SPLIT: gl.constexpr, FOLD: gl.constexpr):
         """Every step's L rows [BK, PB] of the item's slice of P by TMA (its second box with SPLIT; with FOLD 3 the
         rows of the router's gradient matrix too), arriving on l_full."""
@@ -179,7 +171,7 @@ def _build():
                                 + (c_desc.block_type.nbytes if FOLD == 3 else 0))
         lc = 0  # steps loaded so far (the L ring)
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            qb, p0, lo, hi, e0, e1 = _range(OFFS, w, num_q, GQ, S, N, PB, NPS, NP2, 1, BALANCED)
+            qb, p0, lo, hi, e0, e1 = _range(OFFS, w, num_q, S, N, PB, NPS, NP2, 1, BALANCED)
             for e in range(e0, e1):
                 row0, end = _piece(OFFS, e, lo, hi)
                 for r in range(row0, end, BK):
@@ -241,7 +233,7 @@ def _build():
 
     @gluon.jit
     def consumer(l_bufs, l_bufs2, c_bufs, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, scale, DW,
-                 stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, GQ, S, N, PB, NPS, o_smem, o_smem2, o_desc,
+                 stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_smem, o_smem2, o_desc,
                  o_desc2, which: gl.constexpr, BALANCED: gl.constexpr, NP2: gl.constexpr, FOLD: gl.constexpr,
                  SPLIT: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr):
         LS: gl.constexpr = l_bufs.type.shape[0]
@@ -259,7 +251,7 @@ def _build():
         lc = 0  # L ring steps taken
         rc = 0  # R ring steps taken
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            qb, p0, lo, hi, e0, e1 = _range(OFFS, w, num_q, GQ, S, N, PB, NPS, NP2, 4, BALANCED)
+            qb, p0, lo, hi, e0, e1 = _range(OFFS, w, num_q, S, N, PB, NPS, NP2, 4, BALANCED)
             q0 = qb * 2 * BH + which * BH
             for e in range(e0, e1):
                 row0, end = _piece(OFFS, e, lo, hi)
@@ -329,7 +321,7 @@ def _build():
 
     @gluon.jit
     def wgrad_ws_kernel(R, stride_r, l_desc, l_desc2, c_desc, OFFS, TOK, COEF, fold_p, scale, DW, stride_de,
-                        stride_dp, stride_dq, P, Q, n_items, num_q, GQ, S, N, PB, NPS, o_desc, o_desc2,
+                        stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_desc, o_desc2,
                         BALANCED: gl.constexpr, NP2: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr,
                         FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr,
                         LS: gl.constexpr, RS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr,
@@ -369,15 +361,15 @@ def _build():
         # stay compile-time constants)
         gl.warp_specialize([
             (consumer, (l_bufs, l_bufs2, c_bufs, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, scale,
-                        DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, GQ, S, N, PB, NPS, o_a, o_a2, o_desc,
+                        DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_a, o_a2, o_desc,
                         o_desc2, 0, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
             (consumer, (l_bufs, l_bufs2, c_bufs, r_bufs2, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p,
-                        scale, DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, GQ, S, N, PB, NPS, o_b, o_b2,
+                        scale, DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_b, o_b2,
                         o_desc, o_desc2, 1, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
-            (r_loader, (R, stride_r, r_bufs, r_bufs2, r_full, r_empty, OFFS, TOK, Q, n_items, num_q, GQ, S, N, PB, NPS,
+            (r_loader, (R, stride_r, r_bufs, r_bufs2, r_full, r_empty, OFFS, TOK, Q, n_items, num_q, S, N, PB, NPS,
                         BALANCED, NP2, LW)),
-            (l_loader, (l_desc, l_desc2, c_desc, l_bufs, l_bufs2, c_bufs, l_full, l_empty, OFFS, n_items, num_q, GQ, S,
-                        N, PB, NPS, BALANCED, NP2, SPLIT, FOLD)),
+            (l_loader, (l_desc, l_desc2, c_desc, l_bufs, l_bufs2, c_bufs, l_full, l_empty, OFFS, n_items, num_q, S, N,
+                        PB, NPS, BALANCED, NP2, SPLIT, FOLD)),
         ], [4, LW, 1], [CREGS, LREGS, L_REGS])
 
     gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -472,12 +464,6 @@ def segments(M: int, num_q: int, min_rows: int, sms: int) -> int:
     return max(1, min(sms // num_q, M // min_rows, (2 ** 31 - 1) // max(M, 1)))
 
 
-def _column_group(num_q: int) -> int:  # TEMPORARY A/B switch (session 46): SSD_AB_WGROUP column blocks per phase
-    import os
-    g = int(os.environ.get("SSD_AB_WGROUP", "0"))
-    return g if g and num_q % g == 0 and num_q > g else 0
-
-
 def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows: int, BK: int, l_stages: int,
            r_stages: int, be: int, be2: int, tma_out: bool = False, rows=None, scale: float = 1.0):
     """The kernel, for each 128-column block of Q and slice of P (be + be2 columns), over balanced items (min_rows > 0:
@@ -503,14 +489,9 @@ def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows
     S = segments(M, num_q * NPS, min_rows, sms) if min_rows else 1
     n_items = (S if min_rows else N) * num_q * NPS
     grid = (n_items if min_rows else max(1, min(n_items, sms)),)
-    GQ = _column_group(num_q) if min_rows else 0
-    if GQ:  # phases of GQ column blocks by S segments
-        S = segments(M, GQ * NPS, min_rows, sms)
-        n_items = S * num_q * NPS
-        grid = (S * GQ * NPS,)
     lw, cregs, lregs, l_regs, max_regs = WARPS
     kernel[grid](rhs, rhs.stride(0), l_desc, l_desc2, c_desc, offsets, token, coef, fold_p, float(scale), out,
-                 out.stride(0), out.stride(1), out.stride(2), P, Q, n_items, num_q, GQ, S, N, PB, NPS, o_desc, o_desc2,
+                 out.stride(0), out.stride(1), out.stride(2), P, Q, n_items, num_q, S, N, PB, NPS, o_desc, o_desc2,
                  BALANCED=min_rows > 0, NP2=1 << (N - 1).bit_length(), TMA_OUT=tma_out, OUT_T=out_t, FOLD=fold,
                  SPLIT=be2 > 0, BH=64,
                  LS=l_stages, RS=r_stages, LW=lw, CREGS=cregs, LREGS=lregs, L_REGS=l_regs, num_warps=4,
