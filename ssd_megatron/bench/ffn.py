@@ -47,6 +47,7 @@ from ..errors import UserError
 from ..ffn.activations import ACTIVATIONS, apply_activation, is_glu
 from ..ffn.backends import call_router_folded, expert_ffn, router_fold_offered, weights_for
 from ..ffn.centroid_router import CentroidCache, centroid_topk, expert_centroids
+from ..ffn.fused_relu_ffn import relu_ffn
 from ..ffn.switchable_ffn import straight_through_gate
 
 SHAPES = {  # name: (d_model, d_ff, num_experts, top_k)
@@ -106,6 +107,12 @@ class Layer:
         with self._autocast():
             return F.linear(apply_activation(F.linear(x, self.w_in, self.b_in), self.activation), self.w_out,
                             self.b_out)
+
+    def dense_fused(self, x):
+        """The dense ReLU FFN as the training step runs it (ffn/fused_relu_ffn.py: bias and ReLU in the first GEMM's
+        epilogue, ReLU's derivative and b_in's gradient in the dh GEMM's): our fastest dense FFN, `fused_dense`."""
+        with self._autocast():
+            return relu_ffn(x, self.w_in, self.b_in, self.w_out, self.b_out)
 
     def expert_weights(self):
         N, E, D = self.N, self.E, self.D
@@ -271,6 +278,21 @@ def _graphed(case, f, n_iter, fwd_only):
     finally:
         del graphs, keep
         torch.cuda.empty_cache()
+
+
+def _dense_times(case, f, n_iter, warmup, graphs: bool, errors: list, label: str) -> dict:
+    """Medians (ms) of a dense layer function `f`: fwd and fwd_bwd called eagerly, and with `graphs` as CUDA-graph
+    replays (None where not taken, or where capture failed: the failure goes to `errors`)."""
+    t = {"fwd": time_calls(case.fwd(f), n_iter, warmup)["median"],
+         "fwd_bwd": time_calls(case.fwd_bwd(f), n_iter, warmup, case.clear)["median"],
+         "fwd_graph": None, "fwd_bwd_graph": None}
+    if graphs:
+        try:
+            t["fwd_graph"] = _graphed(case, f, n_iter, True)["median"]
+            t["fwd_bwd_graph"] = _graphed(case, f, n_iter, False)["median"]
+        except Exception as exc:
+            errors.append(f"{label} graph: {type(exc).__name__}: {str(exc)[:200]}")
+    return t
 
 
 def _flops(shape, activation):
@@ -473,17 +495,15 @@ def main(argv=None) -> int:
             case.set_w2_mode(args.weight_gather)
             case.set_routing("realistic")
             result["routing_stats"][key] = _routing_stats(case.layers[0], case.xs[0])
-            dense_f = time_calls(case.fwd(Layer.dense), n_iter, args.warmup)
-            dense_fb = time_calls(case.fwd_bwd(Layer.dense), n_iter, args.warmup, case.clear)
-            dense_g = {"fwd": None, "fwd_bwd": None}
-            if _CUDA and not args.no_graphs:
-                try:
-                    dense_g = {"fwd": _graphed(case, Layer.dense, n_iter, True)["median"],
-                               "fwd_bwd": _graphed(case, Layer.dense, n_iter, False)["median"]}
-                except Exception as exc:
-                    result["errors"].append(f"{key} dense graph: {type(exc).__name__}: {str(exc)[:200]}")
-            print(f"{key:16s} dense       fwd {dense_f['median']:8.3f}  fwd+bwd {dense_fb['median']:8.3f} ms  "
-                  f"(graphs: {dense_g['fwd']} / {dense_g['fwd_bwd']})", flush=True)
+            graphs = _CUDA and not args.no_graphs
+            dense = _dense_times(case, Layer.dense, n_iter, args.warmup, graphs, result["errors"], f"{key} dense")
+            # our fused dense ReLU FFN (the training step's), a second baseline beside the plain one the issue names
+            fused = (_dense_times(case, Layer.dense_fused, n_iter, args.warmup, graphs, result["errors"],
+                                  f"{key} fused dense") if act == "relu" else None)
+            for name, t in (("dense", dense), ("fused dense", fused)):
+                if t is not None:
+                    print(f"{key:16s} {name:11s} fwd {t['fwd']:8.3f}  fwd+bwd {t['fwd_bwd']:8.3f} ms  "
+                          f"(graphs: {t['fwd_graph']} / {t['fwd_bwd_graph']})", flush=True)
             with torch.no_grad():
                 y_ref = case.layers[0].sparse(case.xs[0], get_backend("reference"))
             for routing in routings:
@@ -501,20 +521,31 @@ def main(argv=None) -> int:
                         continue
                     rec = {"shape": shape, "backend": name, "activation": act, "routing": routing,
                            "fwd_ms": tf["median"], "fwd_bwd_ms": tfb["median"],
-                           "dense_fwd_ms": dense_f["median"], "dense_fwd_bwd_ms": dense_fb["median"],
-                           "speedup_fwd": dense_f["median"] / tf["median"],
-                           "speedup_fwd_bwd": dense_fb["median"] / tfb["median"],
+                           "dense_fwd_ms": dense["fwd"], "dense_fwd_bwd_ms": dense["fwd_bwd"],
+                           "speedup_fwd": dense["fwd"] / tf["median"],
+                           "speedup_fwd_bwd": dense["fwd_bwd"] / tfb["median"],
                            "fwd_stats": tf, "fwd_bwd_stats": tfb}
+                    if fused is not None:
+                        rec.update({"fused_dense_fwd_ms": fused["fwd"], "fused_dense_fwd_bwd_ms": fused["fwd_bwd"],
+                                    "speedup_fwd_vs_fused_dense": fused["fwd"] / tf["median"],
+                                    "speedup_fwd_bwd_vs_fused_dense": fused["fwd_bwd"] / tfb["median"]})
                     if routing == "realistic":
                         with torch.no_grad():
                             rec["fwd_rel_err_vs_reference"] = _err(case.layers[0].sparse(case.xs[0], be), y_ref)
-                    if _CUDA and dense_g["fwd"] is not None and name not in ("reference", "megablocks"):
+                    if dense["fwd_graph"] is not None and name not in ("reference", "megablocks"):
                         try:
                             gf = _graphed(case, f, n_iter, True)["median"]
                             gfb = _graphed(case, f, n_iter, False)["median"]
                             rec.update({"fwd_graph_ms": gf, "fwd_bwd_graph_ms": gfb,
-                                        "dense_fwd_graph_ms": dense_g["fwd"], "dense_fwd_bwd_graph_ms": dense_g["fwd_bwd"],
-                                        "speedup_fwd_graph": dense_g["fwd"] / gf, "speedup_fwd_bwd_graph": dense_g["fwd_bwd"] / gfb})
+                                        "dense_fwd_graph_ms": dense["fwd_graph"],
+                                        "dense_fwd_bwd_graph_ms": dense["fwd_bwd_graph"],
+                                        "speedup_fwd_graph": dense["fwd_graph"] / gf,
+                                        "speedup_fwd_bwd_graph": dense["fwd_bwd_graph"] / gfb})
+                            if fused is not None and fused["fwd_graph"] is not None:
+                                rec.update({"fused_dense_fwd_graph_ms": fused["fwd_graph"],
+                                            "fused_dense_fwd_bwd_graph_ms": fused["fwd_bwd_graph"],
+                                            "speedup_fwd_graph_vs_fused_dense": fused["fwd_graph"] / gf,
+                                            "speedup_fwd_bwd_graph_vs_fused_dense": fused["fwd_bwd_graph"] / gfb})
                         except Exception as exc:
                             result["errors"].append(f"{key} {routing} {name} graph: {type(exc).__name__}: {str(exc)[:200]}")
                     (result["records"] if routing == "realistic" else result["uniform_records"]).append(rec)
@@ -583,6 +614,12 @@ def print_table(result, file=sys.stdout):
                 dg = f" | {r['dense_fwd_graph_ms']:9.3f} {'':6s} {r['dense_fwd_bwd_graph_ms']:8.3f}"
             print(f"{r['shape']:5s} {r['activation']:7s} {'dense':24s} {r['dense_fwd_ms']:8.3f} {'':6s} "
                   f"{r['dense_fwd_bwd_ms']:8.3f} {'':6s} {'':6s}{dg}", file=file)
+            if "fused_dense_fwd_ms" in r:
+                fg = ""
+                if r.get("fused_dense_fwd_graph_ms") is not None:
+                    fg = f" | {r['fused_dense_fwd_graph_ms']:9.3f} {'':6s} {r['fused_dense_fwd_bwd_graph_ms']:8.3f}"
+                print(f"{'':5s} {'':7s} {'dense, fused (step)':24s} {r['fused_dense_fwd_ms']:8.3f} {'':6s} "
+                      f"{r['fused_dense_fwd_bwd_ms']:8.3f} {'':6s} {'':6s}{fg}", file=file)
             last = k
         u = uni.get(k + (r["backend"],))
         us = f"{u['speedup_fwd_bwd']:5.2f}x" if u else ""
@@ -590,8 +627,13 @@ def print_table(result, file=sys.stdout):
         if "fwd_graph_ms" in r:
             g = (f" | {r['fwd_graph_ms']:9.3f} {r['speedup_fwd_graph']:5.2f}x {r['fwd_bwd_graph_ms']:8.3f} "
                  f"{r['speedup_fwd_bwd_graph']:5.2f}x")
+        vs = ""
+        if "speedup_fwd_bwd_vs_fused_dense" in r:
+            key = "_graph" if "speedup_fwd_bwd_graph_vs_fused_dense" in r else ""
+            vs = (f"  vs fused: {r[f'speedup_fwd{key}_vs_fused_dense']:.2f}x / "
+                  f"{r[f'speedup_fwd_bwd{key}_vs_fused_dense']:.2f}x{' (graphs)' if key else ''}")
         print(f"{'':5s} {'':7s} {r['backend']:24s} {r['fwd_ms']:8.3f} {r['speedup_fwd']:5.2f}x "
-              f"{r['fwd_bwd_ms']:8.3f} {r['speedup_fwd_bwd']:5.2f}x {us:>6s}{g}", file=file)
+              f"{r['fwd_bwd_ms']:8.3f} {r['speedup_fwd_bwd']:5.2f}x {us:>6s}{g}{vs}", file=file)
     for e in result["errors"]:
         print("error:", e, file=file)
 

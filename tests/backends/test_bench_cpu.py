@@ -40,3 +40,32 @@ def test_triton_variants_are_checked_without_a_gpu():
     for bad in ("fused=true", "fold_router=sideways", "combine"):
         with pytest.raises(UserError, match="bad --triton-variants entry"):
             bench_main(["ffn", "--device", "cpu", "--triton-variants", bad])
+
+
+def test_fused_dense_baseline_is_the_dense_relu_ffn():
+    """`fused dense` (the training step's dense ReLU FFN, ffn/fused_relu_ffn.py) computes the plain dense layer,
+    forward and every gradient (CPU, fp32: the op's plain torch path)."""
+    layer = Layer("tiny", "relu", torch.device("cpu"), torch.float32, seed=0)
+    x = torch.randn(33, layer.D, requires_grad=True)
+    dy = torch.randn(33, layer.D)
+    leaves = [x, layer.w_in, layer.b_in, layer.w_out, layer.b_out]
+    want = torch.autograd.grad(layer.dense(x), leaves, dy)
+    got = torch.autograd.grad(layer.dense_fused(x), leaves, dy)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_records_the_fused_dense_baseline_for_relu(tmp_path):
+    """ReLU records carry the fused dense times and the ratios against them beside the plain dense ones; SwiGLU's,
+    which has no fused dense FFN, do not."""
+    import json
+    out = tmp_path / "ffn.json"
+    assert bench_main(["ffn", "--device", "cpu", "--shapes", "tiny", "--activations", "relu,swiglu", "--backends",
+                       "reference", "--tokens", "256", "--iters", "2", "--warmup", "1", "--rotations", "1",
+                       "--routing", "realistic", "--no-breakdown", "--out", str(out)]) == 0
+    recs = {r["activation"]: r for r in json.loads(out.read_text())["records"]}
+    relu = recs["relu"]
+    assert relu["fused_dense_fwd_bwd_ms"] > 0 and relu["dense_fwd_bwd_ms"] > 0
+    assert relu["speedup_fwd_bwd_vs_fused_dense"] == pytest.approx(relu["fused_dense_fwd_bwd_ms"] / relu["fwd_bwd_ms"])
+    assert relu["speedup_fwd_vs_fused_dense"] == pytest.approx(relu["fused_dense_fwd_ms"] / relu["fwd_ms"])
+    assert not any(k.startswith("fused_dense") for k in recs["swiglu"])
