@@ -235,7 +235,7 @@ def _build():
     def consumer(l_bufs, l_bufs2, c_bufs, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, scale, DW,
                  stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_smem, o_smem2, o_desc,
                  o_desc2, which: gl.constexpr, BALANCED: gl.constexpr, NP2: gl.constexpr, FOLD: gl.constexpr,
-                 SPLIT: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr):
+                 SPLIT: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr, EARLY: gl.constexpr):
         LS: gl.constexpr = l_bufs.type.shape[0]
         BK: gl.constexpr = l_bufs.type.shape[1]
         BE: gl.constexpr = l_bufs.type.shape[2]
@@ -263,6 +263,17 @@ def _build():
                     for r in range(row0, end, BK):
                         s = rc % RS
                         sl = lc % LS
+                        if EARLY and r > row0:  # the previous step's slots back before this step's rows are awaited
+                            if SPLIT and FOLD == 3:
+                                acc, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2, acc3))
+                            elif SPLIT:
+                                acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
+                            elif FOLD == 3:
+                                acc, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc3))
+                            else:
+                                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                            mbarrier.arrive(r_empty.index((rc + RS - 1) % RS), count=1)
+                            mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
                         mbarrier.wait(r_full.index(s), (rc // RS) & 1)
                         mbarrier.wait(l_full.index(sl), (lc // LS) & 1)
                         fence_async_shared()  # the cp.async writes (generic proxy) before wgmma's reads (async proxy)
@@ -280,7 +291,7 @@ def _build():
                             acc, acc3 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc3))
                         else:
                             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-                        if r > row0:  # the previous step's products are done: its slots may be refilled
+                        if r > row0 and not EARLY:  # the previous step's products are done: its slots may be refilled
                             mbarrier.arrive(r_empty.index((rc + RS - 1) % RS), count=1)
                             mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
                         rc += 1
@@ -324,7 +335,8 @@ def _build():
                         stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_desc, o_desc2,
                         BALANCED: gl.constexpr, NP2: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr,
                         FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr,
-                        LS: gl.constexpr, RS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr,
+                        LS: gl.constexpr, RS: gl.constexpr, EARLY: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr,
+                        LREGS: gl.constexpr,
                         L_REGS: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = l_desc.dtype
         BK: gl.constexpr = l_desc.block_type.shape[0]
@@ -362,10 +374,10 @@ def _build():
         gl.warp_specialize([
             (consumer, (l_bufs, l_bufs2, c_bufs, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, scale,
                         DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_a, o_a2, o_desc,
-                        o_desc2, 0, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
+                        o_desc2, 0, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T, EARLY)),
             (consumer, (l_bufs, l_bufs2, c_bufs, r_bufs2, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p,
                         scale, DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_b, o_b2,
-                        o_desc, o_desc2, 1, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
+                        o_desc, o_desc2, 1, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T, EARLY)),
             (r_loader, (R, stride_r, r_bufs, r_bufs2, r_full, r_empty, OFFS, TOK, Q, n_items, num_q, S, N, PB, NPS,
                         BALANCED, NP2, LW)),
             (l_loader, (l_desc, l_desc2, c_desc, l_bufs, l_bufs2, c_bufs, l_full, l_empty, OFFS, n_items, num_q, S, N,
@@ -464,6 +476,11 @@ def segments(M: int, num_q: int, min_rows: int, sms: int) -> int:
     return max(1, min(sms // num_q, M // min_rows, (2 ** 31 - 1) // max(M, 1)))
 
 
+def _early() -> bool:  # TEMPORARY A/B switch (session 46): slots released before the next step's rows are awaited
+    import os
+    return os.environ.get("SSD_AB_EARLY", "0") == "1"
+
+
 def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows: int, BK: int, l_stages: int,
            r_stages: int, be: int, be2: int, tma_out: bool = False, rows=None, scale: float = 1.0):
     """The kernel, for each 128-column block of Q and slice of P (be + be2 columns), over balanced items (min_rows > 0:
@@ -494,5 +511,5 @@ def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows
                  out.stride(0), out.stride(1), out.stride(2), P, Q, n_items, num_q, S, N, PB, NPS, o_desc, o_desc2,
                  BALANCED=min_rows > 0, NP2=1 << (N - 1).bit_length(), TMA_OUT=tma_out, OUT_T=out_t, FOLD=fold,
                  SPLIT=be2 > 0, BH=64,
-                 LS=l_stages, RS=r_stages, LW=lw, CREGS=cregs, LREGS=lregs, L_REGS=l_regs, num_warps=4,
+                 LS=l_stages, RS=r_stages, EARLY=_early(), LW=lw, CREGS=cregs, LREGS=lregs, L_REGS=l_regs, num_warps=4,
                  maxnreg=max_regs)
