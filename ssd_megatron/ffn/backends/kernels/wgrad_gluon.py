@@ -18,7 +18,11 @@ found its launches latency-bound (tensor pipe ≈ 15%, L2 40-55% busy, docs/kern
 - two **consumer** warpgroups each own 64 of the block's 128 columns of Q and all of P: per step
   acc[64, P] += R_half^T L, dW^T's block, with R^T as wgmma's A and L as its B straight from shared memory (both
   transposed), so that each product is m64nP as one or two wgmmas (N = 128 + 64 at base, 128 + 128 at 8B; N = 64
-  had put an earlier version at shared memory's bandwidth), one step of wgmma in flight.
+  had put an earlier version at shared memory's bandwidth). A consumer waits for a step's products and releases its
+  slots before it waits for the next step's rows: while it starves, no slot is held and the R loader keeps all RS
+  steps in flight. At 8B the gathered rows' latency is the bound (Nsight Compute, docs/kernels.md v40: both ends of
+  the R ring waiting at once); releasing a step later, after the next step's products were issued, had kept one slot
+  idle (H100: 8B ReLU layer −0.27 ms over six rounds, each won; launch alone −5 to −9%; base −1.6 to −2.8%).
 
 Work items, each for one 128-column block: all of an expert's rows, stored into dW (deterministic; empty experts
 store zeros), taken round-robin by the persistent programs; or **balanced** items (a sixth config entry n > 0):
@@ -186,6 +190,20 @@ def _build():
                     lc += 1
 
     @gluon.jit
+    def _products(acc, acc2, acc3, ALL: gl.constexpr, SPLIT: gl.constexpr, FOLD: gl.constexpr):
+        """acc, acc2 (SPLIT) and acc3 (FOLD 3) once every wgmma issued on them is done (ALL), or every one but the
+        last step's (one per accumulator in use)."""
+        if SPLIT and FOLD == 3:
+            acc, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0 if ALL else 3, deps=(acc, acc2, acc3))
+        elif SPLIT:
+            acc, acc2 = warpgroup_mma_wait(num_outstanding=0 if ALL else 2, deps=(acc, acc2))
+        elif FOLD == 3:
+            acc, acc3 = warpgroup_mma_wait(num_outstanding=0 if ALL else 2, deps=(acc, acc3))
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=0 if ALL else 1, deps=(acc, ))
+        return acc, acc2, acc3
+
+    @gluon.jit
     def _router_sums(acc, acc3, pc, fold_p, scale):
         """FOLD 3: acc plus the piece's router term, column 0 of acc3 (R^T times the gradient matrix: the sum over
         the piece's rows of the gate gradient times R's row) times scale, on its columns before fold_p."""
@@ -235,7 +253,7 @@ def _build():
     def consumer(l_bufs, l_bufs2, c_bufs, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, scale, DW,
                  stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_smem, o_smem2, o_desc,
                  o_desc2, which: gl.constexpr, BALANCED: gl.constexpr, NP2: gl.constexpr, FOLD: gl.constexpr,
-                 SPLIT: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr, EARLY: gl.constexpr):
+                 SPLIT: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr):
         LS: gl.constexpr = l_bufs.type.shape[0]
         BK: gl.constexpr = l_bufs.type.shape[1]
         BE: gl.constexpr = l_bufs.type.shape[2]
@@ -256,22 +274,20 @@ def _build():
             for e in range(e0, e1):
                 row0, end = _piece(OFFS, e, lo, hi)
                 if (row0 < end) or (not BALANCED):  # (whole experts: an empty one's zeros are stored too)
-                    # dW[e]^T's [BH, PB] block: R^T (this consumer's columns of R) @ L, one step of wgmma in flight
+                    # dW[e]^T's [BH, PB] block: R^T (this consumer's columns of R) @ L, each step's wgmma done before
+                    # the next step's slots are awaited
                     acc = gl.zeros((BH, BE), dtype=gl.float32, layout=acc_l)
                     acc2 = gl.zeros((BH, BE2), dtype=gl.float32, layout=acc_l2)
                     acc3 = gl.zeros((BH, BC), dtype=gl.float32, layout=acc_l3)  # FOLD 3's router sums
                     for r in range(row0, end, BK):
                         s = rc % RS
                         sl = lc % LS
-                        if EARLY and r > row0:  # the previous step's slots back before this step's rows are awaited
-                            if SPLIT and FOLD == 3:
-                                acc, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2, acc3))
-                            elif SPLIT:
-                                acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
-                            elif FOLD == 3:
-                                acc, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc3))
-                            else:
-                                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                        if r > row0:
+                            # the previous step's slots go back before this step's rows are awaited: a consumer that
+                            # waits for R then holds no slot, and the loader keeps RS steps in flight, not RS - 1 (the
+                            # gathered rows' latency bounds this kernel at 8B; docs/kernels.md v40: launch -5 to -9%,
+                            # 8B ReLU layer -0.27 ms over six rounds)
+                            acc, acc2, acc3 = _products(acc, acc2, acc3, True, SPLIT, FOLD)
                             mbarrier.arrive(r_empty.index((rc + RS - 1) % RS), count=1)
                             mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
                         mbarrier.wait(r_full.index(s), (rc // RS) & 1)
@@ -283,27 +299,10 @@ def _build():
                             acc2 = warpgroup_mma(rt, l_bufs2.index(sl), acc2, is_async=True)
                         if FOLD == 3:
                             acc3 = warpgroup_mma(rt, c_bufs.index(sl), acc3, is_async=True)
-                        if SPLIT and FOLD == 3:
-                            acc, acc2, acc3 = warpgroup_mma_wait(num_outstanding=3, deps=(acc, acc2, acc3))
-                        elif SPLIT:
-                            acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
-                        elif FOLD == 3:
-                            acc, acc3 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc3))
-                        else:
-                            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-                        if r > row0 and not EARLY:  # the previous step's products are done: its slots may be refilled
-                            mbarrier.arrive(r_empty.index((rc + RS - 1) % RS), count=1)
-                            mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
+                        acc, acc2, acc3 = _products(acc, acc2, acc3, False, SPLIT, FOLD)  # (tensors again; this step runs on)
                         rc += 1
                         lc += 1
-                    if SPLIT and FOLD == 3:
-                        acc, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2, acc3))
-                    elif SPLIT:
-                        acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
-                    elif FOLD == 3:
-                        acc, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc3))
-                    else:
-                        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                    acc, acc2, acc3 = _products(acc, acc2, acc3, True, SPLIT, FOLD)
                     if row0 < end:
                         mbarrier.arrive(r_empty.index((rc + RS - 1) % RS), count=1)
                         mbarrier.arrive(l_empty.index((lc + LS - 1) % LS), count=1)
@@ -335,8 +334,7 @@ def _build():
                         stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_desc, o_desc2,
                         BALANCED: gl.constexpr, NP2: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr,
                         FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr,
-                        LS: gl.constexpr, RS: gl.constexpr, EARLY: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr,
-                        LREGS: gl.constexpr,
+                        LS: gl.constexpr, RS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr,
                         L_REGS: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = l_desc.dtype
         BK: gl.constexpr = l_desc.block_type.shape[0]
@@ -374,10 +372,10 @@ def _build():
         gl.warp_specialize([
             (consumer, (l_bufs, l_bufs2, c_bufs, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, scale,
                         DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_a, o_a2, o_desc,
-                        o_desc2, 0, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T, EARLY)),
+                        o_desc2, 0, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
             (consumer, (l_bufs, l_bufs2, c_bufs, r_bufs2, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p,
                         scale, DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_b, o_b2,
-                        o_desc, o_desc2, 1, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T, EARLY)),
+                        o_desc, o_desc2, 1, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
             (r_loader, (R, stride_r, r_bufs, r_bufs2, r_full, r_empty, OFFS, TOK, Q, n_items, num_q, S, N, PB, NPS,
                         BALANCED, NP2, LW)),
             (l_loader, (l_desc, l_desc2, c_desc, l_bufs, l_bufs2, c_bufs, l_full, l_empty, OFFS, n_items, num_q, S, N,
@@ -476,11 +474,6 @@ def segments(M: int, num_q: int, min_rows: int, sms: int) -> int:
     return max(1, min(sms // num_q, M // min_rows, (2 ** 31 - 1) // max(M, 1)))
 
 
-def _early() -> bool:  # TEMPORARY A/B switch (session 46): slots released before the next step's rows are awaited
-    import os
-    return os.environ.get("SSD_AB_EARLY", "0") == "1"
-
-
 def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows: int, BK: int, l_stages: int,
            r_stages: int, be: int, be2: int, tma_out: bool = False, rows=None, scale: float = 1.0):
     """The kernel, for each 128-column block of Q and slice of P (be + be2 columns), over balanced items (min_rows > 0:
@@ -511,5 +504,5 @@ def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows
                  out.stride(0), out.stride(1), out.stride(2), P, Q, n_items, num_q, S, N, PB, NPS, o_desc, o_desc2,
                  BALANCED=min_rows > 0, NP2=1 << (N - 1).bit_length(), TMA_OUT=tma_out, OUT_T=out_t, FOLD=fold,
                  SPLIT=be2 > 0, BH=64,
-                 LS=l_stages, RS=r_stages, EARLY=_early(), LW=lw, CREGS=cregs, LREGS=lregs, L_REGS=l_regs, num_warps=4,
+                 LS=l_stages, RS=r_stages, LW=lw, CREGS=cregs, LREGS=lregs, L_REGS=l_regs, num_warps=4,
                  maxnreg=max_regs)
