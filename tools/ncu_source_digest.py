@@ -23,8 +23,8 @@ UNITS = ("HGMMA", "LDGSTS", "UTMALDG", "UTMAREDG", "UTMASTG", "RED", "ATOM")  # 
 
 
 def read(path: str):
-    """(rows, stall columns) of the source page: rows as (offset from the first instruction, SASS text, samples,
-    executions, {stall reason: samples})."""
+    """The source page's instructions: (offset from the first instruction, SASS text, samples, executions,
+    {stall reason: samples})."""
     with open(path, newline="") as fh:
         lines = list(csv.reader(fh))
     head = next((i for i, r in enumerate(lines) if SAMPLES in r and "Address" in r), None)
