@@ -69,6 +69,7 @@ def _reasons(rows, total: float, n: int) -> str:
 
 
 def digest(rows, top: int) -> list:
+    """The report's lines: a line per region with samples (`regions`), then the `top` instructions by samples."""
     total = sum(r[2] for r in rows) or 1.0
     out = [f"{len(rows)} instructions, {total:.0f} samples; regions (cut at USETMAXREG): share of all samples, the "
            f"largest stall reasons (% of all), what the region issues, its most frequent instruction's executions"]

@@ -299,7 +299,8 @@ def _build():
                             acc2 = warpgroup_mma(rt, l_bufs2.index(sl), acc2, is_async=True)
                         if FOLD == 3:
                             acc3 = warpgroup_mma(rt, c_bufs.index(sl), acc3, is_async=True)
-                        acc, acc2, acc3 = _products(acc, acc2, acc3, False, SPLIT, FOLD)  # (tensors again; this step runs on)
+                        # (tensors again for the loop; this step's products run on)
+                        acc, acc2, acc3 = _products(acc, acc2, acc3, False, SPLIT, FOLD)
                         rc += 1
                         lc += 1
                     acc, acc2, acc3 = _products(acc, acc2, acc3, True, SPLIT, FOLD)
