@@ -294,6 +294,7 @@ def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
 WGRAD_WS_TILES = {"balanced96": (64, 128, 64, 4, 4, 96, 5), "balanced40-bk32": (64, 128, 32, 2, 3, 40, 5),
                   "balanced96-tmaout": (64, 128, 64, 3, 3, 96, 5),  # TMA reduces (the others: SSD_WGRAD_TMA_OUT=0)
                   "balanced96-tmaout-half": (64, 128, 64, 3, 3, 96, 5),  # into bf16 dW itself (SSD_WGRAD_HALF_SUMS=1)
+                  "balanced96-tmaout-half-r4": (64, 128, 64, 3, 4, 96, 5),  # (auto's R ring at 8B's P = 128 + 128)
                   "experts": (64, 128, 64, 3, 4, 0, 5)}
 WGRAD_WS_CASES = [dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewed"),
                   dict(activation="relu", T=333, D=208, E=192, N=8, K=2, routing="empty"),  # base's P = 128 + 64
@@ -364,8 +365,15 @@ def test_triton_wgrad_ws_bf16(case, fold, tile, weights, monkeypatch):
     F1 = case["E"] * (2 if case["activation"] == "swiglu" else 1)
     # (the router's term: summed in the kernel, FOLD 3)
     assert sorted(launches) == sorted([(F1, 3 if fold == "router" else 0), (case["E"], 0)]), launches
-    # (8B's P = 256, and each 256-column slice of a wider P: the staging fits in shared memory in bf16, not in fp32)
-    assert any(reduces) == (tma_out and (case["E"] <= 192 or (half and not master))), reduces
+    # TMA reduces wherever their staging fits beside the rings (8B's P = 256 and each 256-column slice of a wider P:
+    # two equal boxes through one staging buffer)
+    def fits(P, fold_code):
+        be, be2 = kernels._ws_boxes(P)
+        return wgrad_gluon.smem_bytes(cfg[2], cfg[1], be + max(be2, 16), cfg[3], cfg[4], 2, True,
+                                      2 if half and not master else 4,
+                                      wgrad_gluon.score_grad.ROW_WIDTH if fold_code == 3 else 0,
+                                      be == be2) <= wgrad_gluon.down_gluon.SMEM_LIMIT
+    assert reduces == [tma_out and fits(*p) for p in launches], (launches, reduces)
     print("wgrad ws", case, fold, tile, weights, reduces, {k: f"{v:.1e}" for k, v in errs.items()})
 
 

@@ -23,10 +23,10 @@ WS = (64, 128, 64, 4, 4, 96, 5)  # BP (unused), BQ, BK, the L ring's depth, the 
 # four-slot rings leave no room for the TMA reduces' staging: atomics), 8B's P = 256 as two 128-column boxes (fp32
 # master weights: atomics), whole experts stored into bf16, a thin fp16 expert with Q not a multiple of the column block
 # (TMA reduces, Q contiguous), base's dW2 with three-slot rings (TMA reduces, P contiguous); with half sums (the last
-# entry: SSD_WGRAD_HALF_SUMS=1) base's dW1 and dW2 and 8B's dW2 by TMA reduces into bf16 dW itself (8B's 256 columns
-# have room for the staging in bf16, not in fp32)
+# entry: SSD_WGRAD_HALF_SUMS=1) base's dW1 and dW2 and 8B's dW2 by TMA reduces into bf16 dW itself; 8B's two equal
+# boxes share one staging buffer, so its dW2 in fp32 takes the reduces beside three-slot rings too (not four)
 LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96, "atomic", 4, False, False),
-            "8b-dw2-fp32": (256, 512, "bfloat16", False, "float32", 96, "atomic", 4, False, False),
+            "8b-dw2-fp32-r4": (256, 512, "bfloat16", False, "float32", 96, "atomic", 4, False, False),
             "whole-experts-bf16": (192, 256, "bfloat16", True, "bfloat16", 0, "store", 4, False, False),
             "fp16-ragged-q": (64, 208, "float16", False, "float32", 96, "reduce", 4, False, False),
             "base-dw2-column-view": (192, 768, "bfloat16", False, "float32", 96, "reduce", 3, True, False),
@@ -45,7 +45,10 @@ LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96, "atomi
             "pairs-swiglu-8b-dw1-half": (512, 512, "bfloat16", "pairs", "bfloat16", 96, "reduce", 3, False, True),
             # 8B with fp32 master weights: the fp32 staging of 256 columns fits beside BK = 32 rings (the last entry)
             "pairs-8b-dw1-fp32-bk32": (256, 512, "bfloat16", "pairs", "float32", 96, "reduce", 3, False, False, 32),
-            "8b-dw2-fp32-bk32": (256, 512, "bfloat16", False, "float32", 96, "reduce", 3, False, False, 32)}
+            "8b-dw2-fp32-bk32": (256, 512, "bfloat16", False, "float32", 96, "reduce", 3, False, False, 32),
+            "8b-dw2-fp32": (256, 512, "bfloat16", False, "float32", 96, "reduce", 3, False, False),
+            # auto's rings at 8B with half sums: an R ring of 4 (the rings' depths as (L, R))
+            "pairs-8b-dw1-half-r4": (256, 512, "bfloat16", "pairs", "bfloat16", 96, "reduce", (3, 4), False, True)}
 
 
 def _case(P, Q, dtype=torch.bfloat16, fold=False, dw_dtype=torch.float32, T=100, N=8, K=2, column_view=False):
@@ -77,7 +80,8 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
                                         column_view=column_view)
 
         def run():
-            K.force_config(wgrad=WS[:2] + (BK, rings, rings, chunk, 5))
+            ls, rs = rings if isinstance(rings, tuple) else (rings, rings)
+            K.force_config(wgrad=WS[:2] + (BK, ls, rs, chunk, 5))
             os.environ["SSD_WGRAD_HALF_SUMS"] = str(int(half))
             K.wgrad(lhs, rhs, plan, like, gathered=False, fold=f)
         return run
@@ -255,9 +259,9 @@ def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
     """`auto` (no config forced) takes the Gluon wgrad with balanced items and TMA reduces at base's P = 128 + 64, by
     kernels/gluon_launches.py's rule: not in a capture before an eager launch with the same launch key (which would load
     its module there), the first eager launch of a shape, not later eager ones (host time), then in a capture; the same
-    at 8B's P = 256 (two 128-column boxes) and SwiGLU's P = 512 (two slices of those) into a bf16 dW (half sums), heavy
-    launches (8B's) in every eager call, but kernels/wgrad.py into an fp32 one (master
-    weights: the fp32 staging does not fit beside 256 columns), for deterministic sums (split=False), pre-gathered R,
+    at 8B's P = 256 (two 128-column boxes sharing one staging buffer) and SwiGLU's P = 512 (two slices of those) into
+    a bf16 dW (half sums: an R ring of 4) and an fp32 one (master weights: fp32 staging, an R ring of 3), heavy
+    launches (8B's) in every eager call, but kernels/wgrad.py for deterministic sums (split=False), pre-gathered R,
     and a dW layout the reduces cannot address; a switch of the kernel's specialisation is a new eager key."""
     K, _, calls, state = auto_stand_in(monkeypatch, "wgrad_gluon", "_wgrad_kernel")
     monkeypatch.setattr(K, "_tma_descriptors", lambda t, boxes: ("L", "L2"))
@@ -278,11 +282,13 @@ def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
     assert grad(False)[0] == "triton"    # later eager launches: less host time
     assert grad(True) == ws              # captured: the loaded kernel
     assert grad(True, T=64)[0] == "triton"  # another launch key (fewer rows), never launched eagerly
-    assert grad(False, split=False)[0] == grad(False, gathered=True)[0] == grad(False, P=256)[0] == "triton"
+    assert grad(False, split=False)[0] == grad(False, gathered=True)[0] == "triton"
+    r4 = ws[1][:3] + (K.AUTO_WGRAD_WS_R4[4], 128, 128, True)
+    assert r4[3] == 4 and grad(False, P=256) == ("ws", ws[1][:4] + (128, 128, True))  # fp32 dW: R 3
     wide = torch.empty(8, 256, 768, dtype=torch.bfloat16)
-    assert grad(False, P=256, like=wide) == ("ws", ws[1][:4] + (128, 128, True))
+    assert grad(False, P=256, like=wide) == ("ws", r4)
     wider = torch.empty(8, 512, 768, dtype=torch.bfloat16)  # SwiGLU 8B's dW1: P in two slices of 256 columns
-    assert grad(False, P=512, like=wider) == ("ws", ws[1][:4] + (128, 128, True))
+    assert grad(False, P=512, like=wider) == ("ws", r4)
     odd = torch.empty(8, 200, 768)[:, :192]  # experts 200 rows apart: no 2-D view for the reduces
     assert grad(False, T=80, like=odd)[0] == "triton"
     # a switch that picks another specialisation (an A/B arm): its own first eager launch loads it, then captures

@@ -226,10 +226,18 @@ AUTO_MLP_WS = (128, 64, 64, 6, 4, WS)
 # 0.7545 / 0.7544, balanced items with atomic adds 0.7743 / 0.7746. Graphed sparse GPT-base step 30.45 / 30.38 ->
 # 29.65 / 29.69 ms. 8B (one 256-column box, 12 warps) lost: 8.03 -> 9.55 ms (atomics: the reduces do not fit); as two
 # 128-column boxes (`_ws_boxes`, v33) it wins there with bf16 weights' half sums (H200, 8B ReLU: 7.83-7.94 -> 7.48-7.72
-# ms); with fp32 master weights their fp32 staging does not fit, and kernels/wgrad.py stays (BK = 32, where it fits,
-# lost: H100, v34, 8B ReLU 8.82 / 8.86 -> 9.61 / 9.64 ms). SwiGLU 8B's dW1 (P = 512) in two slices of 256 columns, H100,
+# ms); with fp32 master weights their fp32 staging did not fit beside these rings (BK = 32, where it fits, lost: H100,
+# v34, 8B ReLU 8.82 / 8.86 -> 9.61 / 9.64 ms) until the two equal boxes shared one staging buffer (v41): H100, 8B ReLU
+# layer fwd+bwd with fp32 master weights (four rounds) 8.23 / 8.68 / 8.43 / 8.37 (kernels/wgrad.py) -> 7.55 / 7.73 /
+# 8.13 / 7.76 ms. SwiGLU 8B's dW1 (P = 512) in two slices of 256 columns, H100,
 # v34, 8B SwiGLU layer (three rounds): 13.02 / 13.04 / 13.12 -> 12.57 / 12.90 / 12.79 ms.
 AUTO_WGRAD_WS = (64, 128, 64, 3, 3, 512, WS)
+# ... and with an R ring of 4 where two equal boxes share one staging buffer (wgrad_gluon.smem_bytes' one_staging:
+# 8B's) and the sums are bf16/fp16: H100, docs/kernels.md v41, 8B ReLU layer fwd+bwd (graphed, twelve A/B rounds)
+# 7.348 -> 7.265 ms mean, 9 rounds won; 8B SwiGLU 12.170 -> 12.141 ms (5 rounds, 3 won). With fp32 sums (fp32 master
+# weights) that ring would fill shared memory to within 2 kB without FOLD 3 and not fit with it; at base (boxes of
+# 128 + 64, each staged) it would fit with half sums: both untimed, so R 3 stays there.
+AUTO_WGRAD_WS_R4 = (64, 128, 64, 3, 4, 512, WS)
 
 
 def _auto_mlp_ws(x, w1, w2, act: int, glu: bool, be: int, be2: int, eager_key, key):
@@ -261,9 +269,12 @@ def _auto_wgrad_ws(lhs, rhs, dw, fold_kind, split: bool, gathered: bool, eager_k
     flops = 2 * lhs.shape[0] * lhs.shape[1] * rhs.shape[1]  # (heavy launches take it in every eager call: 8B's)
     if not gluon_launches.take(lhs, lambda: key(AUTO_WGRAD_WS), eager_key, flops):
         return None
-    _, BQ, BK, l_stages, r_stages, _, _ = AUTO_WGRAD_WS
-    tile = (lhs, rhs, _sums_dtype(dw), _FOLD_CODES[fold_kind], True, BQ, BK, l_stages, r_stages, be, be2)
-    return AUTO_WGRAD_WS if _ws_reduces(dw, tile) else None
+    sums = _sums_dtype(dw)
+    for cfg in ((AUTO_WGRAD_WS_R4, AUTO_WGRAD_WS) if sums.itemsize == 2 and be == be2 else (AUTO_WGRAD_WS, )):
+        _, BQ, BK, l_stages, r_stages, _, _ = cfg
+        if _ws_reduces(dw, (lhs, rhs, sums, _FOLD_CODES[fold_kind], True, BQ, BK, l_stages, r_stages, be, be2)):
+            return cfg
+    return None
 
 
 # auto's up_bwd where the Gluon WS kernel serves with its TMA stores (Triton >= 3.9, sm_90), for ReLU at base-like

@@ -56,8 +56,10 @@ items with TMA reduces at base (`_triton_kernels._auto_wgrad_ws`), under kernels
 captures. At 8B, P = 256 in one box (an m64n256 accumulator, which ptxas would not fit in 128 registers, so 12 warps
 with two R loader warps) lost in every form (v26, with half sums' bf16 staging: 8B ReLU fwd+bwd 9.47 / 9.49 against
 kernels/wgrad.py's 8.39 / 8.42 ms); as two 128-column boxes in the 16-warp layout it wins (H200, v33, seven rounds:
-7.48-7.72 against 7.83-7.94 ms), `auto`'s choice there with bf16/fp16 weights (fp32 master weights' fp32 staging
-does not fit beside 256 columns: kernels/wgrad.py stays).
+7.48-7.72 against 7.83-7.94 ms), `auto`'s choice there. Its two equal boxes go through one staging buffer per
+consumer (ONE_STAGING, v41; the second box's store waits for the first's reduce to have read it): half the staging,
+so fp32 master weights' fp32 staging fits beside three-slot rings (H100, 8B ReLU layer fwd+bwd, four rounds: 8.23-8.68
+ms with kernels/wgrad.py -> 7.55-8.13), and with half sums an R ring of 4 (`_triton_kernels.AUTO_WGRAD_WS_R4`).
 
 Serves (`serves`) bf16/fp16 operands on sm_90, P's boxes up to 128 columns each (a wider P in slices of 256, one work
 item each: SwiGLU 8B's dW1, P = 512, `auto`'s choice since v34: 8B SwiGLU layer −1.1 to −3.5% on the H100),
@@ -253,7 +255,7 @@ def _build():
     def consumer(l_bufs, l_bufs2, c_bufs, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, scale, DW,
                  stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_smem, o_smem2, o_desc,
                  o_desc2, which: gl.constexpr, BALANCED: gl.constexpr, NP2: gl.constexpr, FOLD: gl.constexpr,
-                 SPLIT: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr):
+                 SPLIT: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr, ONE_STAGING: gl.constexpr):
         LS: gl.constexpr = l_bufs.type.shape[0]
         BK: gl.constexpr = l_bufs.type.shape[1]
         BE: gl.constexpr = l_bufs.type.shape[2]
@@ -316,11 +318,12 @@ def _build():
                         if SPLIT:
                             acc2 = _router_sums(acc2, acc3, pc2, fold_p, scale)
                     if TMA_OUT:
+                        # (ONE_STAGING: both boxes through one buffer, each reduce done reading before the next store)
                         _dw_reduce(acc, o_smem, o_desc, p0, q0, pc, qc, e, row0, OFFS, COEF, fold_p, P, Q, FOLD, OUT_T,
-                                   1 if SPLIT else 0)
+                                   1 if SPLIT and not ONE_STAGING else 0)
                         if SPLIT:
                             _dw_reduce(acc2, o_smem2, o_desc2, p0 + BE, q0, pc2, qc2, e, row0, OFFS, COEF, fold_p, P, Q,
-                                       FOLD, OUT_T, 1)
+                                       FOLD, OUT_T, 0 if ONE_STAGING else 1)
                     else:
                         _dw_out(acc, pc, qc, e, row0, OFFS, COEF, fold_p, DW, stride_de, stride_dp, stride_dq, P, Q,
                                 BALANCED, FOLD)
@@ -335,7 +338,8 @@ def _build():
                         stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_desc, o_desc2,
                         BALANCED: gl.constexpr, NP2: gl.constexpr, TMA_OUT: gl.constexpr, OUT_T: gl.constexpr,
                         FOLD: gl.constexpr, SPLIT: gl.constexpr, BH: gl.constexpr,
-                        LS: gl.constexpr, RS: gl.constexpr, LW: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr,
+                        LS: gl.constexpr, RS: gl.constexpr, ONE_STAGING: gl.constexpr, LW: gl.constexpr,
+                        CREGS: gl.constexpr, LREGS: gl.constexpr,
                         L_REGS: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = l_desc.dtype
         BK: gl.constexpr = l_desc.block_type.shape[0]
@@ -359,9 +363,13 @@ def _build():
         o_layout: gl.constexpr = (o_desc.layout if TMA_OUT
                                   else gl.NVMMASharedLayout.get_default_for([16, 16], gl.float32))
         o_a = gl.allocate_shared_memory(o_dtype, OB, o_layout)
-        o_a2 = gl.allocate_shared_memory(o_dtype, OB2, o_layout)
         o_b = gl.allocate_shared_memory(o_dtype, OB, o_layout)
-        o_b2 = gl.allocate_shared_memory(o_dtype, OB2, o_layout)
+        if ONE_STAGING:  # each consumer's second box through its first's buffer (equal boxes: 8B's)
+            o_a2 = o_a
+            o_b2 = o_b
+        else:
+            o_a2 = gl.allocate_shared_memory(o_dtype, OB2, o_layout)
+            o_b2 = gl.allocate_shared_memory(o_dtype, OB2, o_layout)
         for i in gl.static_range(RS):
             mbarrier.init(r_full.index(i), count=32 * LW)  # every loader thread's cp.async arrival
             mbarrier.init(r_empty.index(i), count=2)  # both consumers
@@ -373,10 +381,10 @@ def _build():
         gl.warp_specialize([
             (consumer, (l_bufs, l_bufs2, c_bufs, r_bufs, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p, scale,
                         DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_a, o_a2, o_desc,
-                        o_desc2, 0, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
+                        o_desc2, 0, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T, ONE_STAGING)),
             (consumer, (l_bufs, l_bufs2, c_bufs, r_bufs2, l_full, l_empty, r_full, r_empty, OFFS, COEF, fold_p,
                         scale, DW, stride_de, stride_dp, stride_dq, P, Q, n_items, num_q, S, N, PB, NPS, o_b, o_b2,
-                        o_desc, o_desc2, 1, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T)),
+                        o_desc, o_desc2, 1, BALANCED, NP2, FOLD, SPLIT, TMA_OUT, OUT_T, ONE_STAGING)),
             (r_loader, (R, stride_r, r_bufs, r_bufs2, r_full, r_empty, OFFS, TOK, Q, n_items, num_q, S, N, PB, NPS,
                         BALANCED, NP2, LW)),
             (l_loader, (l_desc, l_desc2, c_desc, l_bufs, l_bufs2, c_bufs, l_full, l_empty, OFFS, n_items, num_q, S, N,
@@ -401,12 +409,12 @@ def _build():
 
 
 def smem_bytes(BK: int, BQ: int, P2: int, l_stages: int, r_stages: int, element_size: int = 2,
-               tma_out: bool = False, out_size: int = 4, fold_cols: int = 0) -> int:
+               tma_out: bool = False, out_size: int = 4, fold_cols: int = 0, one_staging: bool = False) -> int:
     """Shared memory of one program: the L ring (slots of BK x P2, P2 = P's boxes, plus fold_cols: FOLD 3's
     gradient matrix), the R ring (BK x BQ), with tma_out the consumers' staging of their dW blocks (BQ x P2 in all,
-    out_size bytes each), and the barriers."""
-    return ((l_stages * BK * (P2 + fold_cols) + r_stages * BK * BQ) * element_size
-            + (BQ * P2 * out_size if tma_out else 0) + 1024)
+    out_size bytes each; half that with one_staging: two equal boxes through one buffer), and the barriers."""
+    staging = BQ * P2 * out_size // (2 if one_staging else 1) if tma_out else 0
+    return (l_stages * BK * (P2 + fold_cols) + r_stages * BK * BQ) * element_size + staging + 1024
 
 
 def out_view(dw: torch.Tensor, P: int, target: torch.dtype = torch.float32):
@@ -459,8 +467,8 @@ def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: in
     if tma_out and (not balanced or P % (be + be2)):  # (each slice of P exactly its boxes)
         return False
     fold_cols = score_grad.ROW_WIDTH if fold == 3 else 0
-    return (smem_bytes(BK, BQ, be + max(be2, 16), l_stages, r_stages, es, tma_out, dw_dtype.itemsize, fold_cols)
-            <= down_gluon.SMEM_LIMIT
+    return (smem_bytes(BK, BQ, be + max(be2, 16), l_stages, r_stages, es, tma_out, dw_dtype.itemsize, fold_cols,
+                       be == be2) <= down_gluon.SMEM_LIMIT
             and _build_once() is not None)
 
 
@@ -505,5 +513,5 @@ def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows
                  out.stride(0), out.stride(1), out.stride(2), P, Q, n_items, num_q, S, N, PB, NPS, o_desc, o_desc2,
                  BALANCED=min_rows > 0, NP2=1 << (N - 1).bit_length(), TMA_OUT=tma_out, OUT_T=out_t, FOLD=fold,
                  SPLIT=be2 > 0, BH=64,
-                 LS=l_stages, RS=r_stages, LW=lw, CREGS=cregs, LREGS=lregs, L_REGS=l_regs, num_warps=4,
-                 maxnreg=max_regs)
+                 LS=l_stages, RS=r_stages, ONE_STAGING=tma_out and be == be2, LW=lw, CREGS=cregs, LREGS=lregs,
+                 L_REGS=l_regs, num_warps=4, maxnreg=max_regs)
