@@ -287,6 +287,7 @@ def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
     assert r4[3] == 4 and grad(False, P=256) == ("ws", ws[1][:4] + (128, 128, True))  # fp32 dW: R 3
     wide = torch.empty(8, 256, 768, dtype=torch.bfloat16)
     assert grad(False, P=256, like=wide) == ("ws", r4)
+    assert grad(True, P=256, like=wide) == ("ws", r4)  # captured: the tile whose launch key the eager launch recorded
     wider = torch.empty(8, 512, 768, dtype=torch.bfloat16)  # SwiGLU 8B's dW1: P in two slices of 256 columns
     assert grad(False, P=512, like=wider) == ("ws", r4)
     odd = torch.empty(8, 200, 768)[:, :192]  # experts 200 rows apart: no 2-D view for the reduces
