@@ -417,12 +417,15 @@ def test_triton_auto_ws_forward_in_captured_inference(monkeypatch):
     print("auto ws captured", [f"{e:.1e}" for e in errs])
 
 
-def test_triton_auto_ws_wgrad_in_captured_training(monkeypatch):
+@pytest.mark.parametrize("E", [192, 256], ids=["base-boxes", "8b-boxes"])
+def test_triton_auto_ws_wgrad_in_captured_training(monkeypatch, E):
     """`auto` in training at a base-like shape: the first eager fwd+bwd takes the Gluon WS fused forward (h stored)
     and the WS wgrad with balanced items and TMA reduces for both weight gradients (dW1 with Q contiguous, dW2 as
     W_out's column view with P contiguous), and the WS up_bwd with TMA stores; the next eager one kernels/mlp.py,
     kernels/wgrad.py and kernels/up.py, and a fwd+bwd captured in a CUDA graph after them the Gluon kernels again
-    (their modules already loaded); the eager and replayed gradients match the reference."""
+    (their modules already loaded); the eager and replayed gradients match the reference. With 8B's E = 256 (two
+    equal boxes, one staging buffer) the WS wgrad takes an R ring of 4, in the capture too (its launch key is the R 4
+    tile's), and the forward and up_bwd stay Triton's (`auto` keeps their Gluon kernels to E <= 192)."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
     from ssd_megatron.ffn.backends import expert_ffn
@@ -430,13 +433,13 @@ def test_triton_auto_ws_wgrad_in_captured_training(monkeypatch):
     if wgrad_gluon._build_once() is None or not wgrad_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
         pytest.skip("the WS wgrad does not serve here (needs sm_90 and Triton >= 3.9's Gluon)")
     inp = with_column_view_w2(make_inputs(device="cuda", dtype=torch.bfloat16, activation="relu", T=2048, D=768,
-                                          E=192, N=32, K=6, routing="skewed"))
+                                          E=E, N=32, K=6, routing="skewed"))
     want = run(ReferenceBackend(), upcast(inp))[1]
     launches, forwards, ups, real, real_fwd, real_up = [], [], [], wgrad_gluon.launch, mlp_gluon.launch, \
         up_bwd_gluon.launch
 
     def counted(*args, **kwargs):
-        launches.append((gluon_launches.capturing(args[0]), args[14]))  # (capturing, TMA reduces)
+        launches.append((gluon_launches.capturing(args[0]), args[14], args[11]))  # (capturing, TMA reduces, R ring)
         return real(*args, **kwargs)
 
     def counted_fwd(*args, **kwargs):
@@ -474,9 +477,12 @@ def test_triton_auto_ws_wgrad_in_captured_training(monkeypatch):
         replayed = fwd_bwd()
     graph.replay()
     torch.cuda.synchronize()
-    assert launches == [(False, True)] * 2 + [(True, True)] * 2, launches  # eager WS, eager wgrad.py, captured WS
-    assert forwards == [(False, True), (True, True)], forwards  # eager WS, eager mlp.py, captured WS
-    assert ups == [(False, True), (True, True)], ups  # eager WS, eager up.py, captured WS
+    ring = 4 if E == 256 else 3
+    # eager WS, eager wgrad.py, captured WS
+    assert launches == [(False, True, ring)] * 2 + [(True, True, ring)] * 2, launches
+    base = E <= 192
+    assert forwards == [(False, True), (True, True)] * base, forwards  # eager WS, eager mlp.py, captured WS
+    assert ups == [(False, True), (True, True)] * base, ups  # eager WS, eager up.py, captured WS
     errs = {f"{i}:{k}": rel_err(g[k], want[k]) for i, g in enumerate(eager + [replayed]) for k in ("x", "w1", "w2")}
     assert max(errs.values()) <= 3e-2, errs
     print("auto ws wgrad captured", {k: f"{v:.1e}" for k, v in errs.items()})
