@@ -21,12 +21,12 @@ WS = (64, 128, 64, 4, 4, 96, 5)  # BP (unused), BQ, BK, the L ring's depth, the 
 # name -> (P, Q, dtype, router term, dW's dtype, balanced items' least rows or 0, the epilogue expected, the rings'
 # depths, dW as W_out's column view): base's P = 128 + 64 (dW1 with the router's term, bf16 weights: an fp32 buffer;
 # four-slot rings leave no room for the TMA reduces' staging: atomics), 8B's P = 256 as two 128-column boxes (fp32
-# master weights: atomics), whole experts stored into bf16, a thin fp16 expert with Q not a multiple of the column block
+# master weights beside four-slot rings: atomics), whole experts stored into bf16, a thin fp16 expert with Q not a multiple of the column block
 # (TMA reduces, Q contiguous), base's dW2 with three-slot rings (TMA reduces, P contiguous); with half sums (the last
 # entry: SSD_WGRAD_HALF_SUMS=1) base's dW1 and dW2 and 8B's dW2 by TMA reduces into bf16 dW itself; 8B's two equal
 # boxes share one staging buffer, so its dW2 in fp32 takes the reduces beside three-slot rings too (not four)
 LAUNCHES = {"base-dw1-fold": (192, 256, "bfloat16", True, "bfloat16", 96, "atomic", 4, False, False),
-            "8b-dw2-fp32-r4": (256, 512, "bfloat16", False, "float32", 96, "atomic", 4, False, False),
+            "8b-dw2-fp32-rings4": (256, 512, "bfloat16", False, "float32", 96, "atomic", 4, False, False),
             "whole-experts-bf16": (192, 256, "bfloat16", True, "bfloat16", 0, "store", 4, False, False),
             "fp16-ragged-q": (64, 208, "float16", False, "float32", 96, "reduce", 4, False, False),
             "base-dw2-column-view": (192, 768, "bfloat16", False, "float32", 96, "reduce", 3, True, False),

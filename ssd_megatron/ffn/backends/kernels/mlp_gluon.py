@@ -207,6 +207,18 @@ def _build():
         return x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty
 
     @gluon.jit
+    def _release(acc, acc2, x_empty, w_empty, kc, wc, XS: gl.constexpr, WS: gl.constexpr, SPLIT: gl.constexpr):
+        """Once every product issued on acc (and acc2, with SPLIT) is done, the x and weight ring slots of the step
+        before counts kc and wc go back to the loaders. Returns (acc, acc2)."""
+        if SPLIT:
+            acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(x_empty.index((kc + XS - 1) % XS), count=1)
+        mbarrier.arrive(w_empty.index((wc + WS - 1) % WS), count=1)
+        return acc, acc2
+
+    @gluon.jit
     def _up_gemm(x_bufs, w_bufs, w_bufs2, x_full, x_empty, w_full, w_empty, w_desc, w_desc2, D, kc, wc,
                  which: gl.constexpr, up_l: gl.constexpr, up_l2: gl.constexpr, SPLIT: gl.constexpr,
                  W_RC: gl.constexpr, BE: gl.constexpr, BE2: gl.constexpr):
@@ -227,12 +239,7 @@ def _build():
             s = kc % XS
             sw = wc % WS
             if k > 0:  # the previous step's products done: its slots may be refilled while this step's are awaited
-                if SPLIT:
-                    acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
-                else:
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(x_empty.index((kc + XS - 1) % XS), count=1)
-                mbarrier.arrive(w_empty.index((wc + WS - 1) % WS), count=1)
+                acc, acc2 = _release(acc, acc2, x_empty, w_empty, kc, wc, XS, WS, SPLIT)
             mbarrier.wait(x_full.index(s), (kc // XS) & 1)
             mbarrier.wait(w_full.index(sw), (wc // WS) & 1)
             fence_async_shared()  # the cp.async writes (generic proxy) before wgmma's reads (async proxy)
@@ -246,12 +253,7 @@ def _build():
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
             kc += 1
             wc += 1
-        if SPLIT:
-            acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
-        else:
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(x_empty.index((kc + XS - 1) % XS), count=1)
-        mbarrier.arrive(w_empty.index((wc + WS - 1) % WS), count=1)
+        acc, acc2 = _release(acc, acc2, x_empty, w_empty, kc, wc, XS, WS, SPLIT)
         return acc, acc2, kc, wc
 
     @gluon.jit
