@@ -266,12 +266,13 @@ def _auto_wgrad_ws(lhs, rhs, dw, fold_kind, split: bool, gathered: bool, eager_k
         return None
     be, be2 = _ws_boxes(lhs.shape[1])
     sums = _sums_dtype(dw)
-    fits = [cfg for cfg in ((AUTO_WGRAD_WS_R4, AUTO_WGRAD_WS) if sums.itemsize == 2 and be == be2 else (AUTO_WGRAD_WS,))
-            if _ws_reduces(dw, (lhs, rhs, sums, _FOLD_CODES[fold_kind], True, *cfg[1:5], be, be2))]
+    tiles = (AUTO_WGRAD_WS_R4, AUTO_WGRAD_WS) if sums.itemsize == 2 and be == be2 else (AUTO_WGRAD_WS,)
+    cfg = next((c for c in tiles if _ws_reduces(dw, (lhs, rhs, sums, _FOLD_CODES[fold_kind], True, *c[1:5], be, be2))),
+               None)
     from .kernels import gluon_launches
     flops = 2 * lhs.shape[0] * lhs.shape[1] * rhs.shape[1]  # (heavy launches take it in every eager call: 8B's)
     # (the launch key of the tile this launch takes: the one its eager launch recorded)
-    return fits[0] if fits and gluon_launches.take(lhs, lambda: key(fits[0]), eager_key, flops) else None
+    return cfg if cfg is not None and gluon_launches.take(lhs, lambda: key(cfg), eager_key, flops) else None
 
 
 # auto's up_bwd where the Gluon WS kernel serves with its TMA stores (Triton >= 3.9, sm_90), for ReLU at base-like

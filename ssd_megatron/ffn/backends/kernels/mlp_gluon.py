@@ -251,6 +251,7 @@ def _build():
                 acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
             else:
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            # (tensors again for the loop; this step's products run on until the next `_release`)
             kc += 1
             wc += 1
         acc, acc2 = _release(acc, acc2, x_empty, w_empty, kc, wc, XS, WS, SPLIT)
