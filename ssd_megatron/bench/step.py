@@ -582,6 +582,7 @@ def main(argv=None) -> int:
             if (ph == "dense" and not any(p in SPARSE_ONLY for p in v.split("+")))
             or (ph == "sparse" and all(p in PHASE_VARIANTS for p in v.split("+")))]
     for phase, variant in runs:
+        _reset(device, compile_model)
         model = build_ours(shape, device, phase, args.backend)
         run = None
         parts = set(variant.split("+"))
@@ -604,8 +605,8 @@ def main(argv=None) -> int:
         else:
             record("ssd-megatron", phase, variant, model, res)
         del model, run
-        _reset(device, compile_model)
     if not args.no_hf:
+        _reset(device, compile_model)
         hf = build_hf(shape, device)
         before = compile_counts()
         run = torch.compile(hf) if compile_model else hf
@@ -614,7 +615,7 @@ def main(argv=None) -> int:
         res.update(compile_counts(before))
         record("hf-gpt2", "dense", "hf", None, res)  # same shape: the analytic count needs no module
         del hf, run
-        _reset(device, compile_model)
+    _reset(device, compile_model)  # leave no variant's switches or graphs behind
 
     print("model          phase  variant         ms/step      tokens/s     MFU")
     for r in records:
@@ -647,7 +648,9 @@ def _reset(device, compiled: bool) -> None:
 
     Attention.fuse_qkv = True
     if compiled:
-        torch._dynamo.reset()  # a variant's graphs (and its SDPA choice) must not serve the next one
+        # graphs compiled earlier in this process (another variant's, with its SDPA choice) must not serve this
+        # run, which would also hide their graph breaks from its counts (dynamo counts a break when it compiles)
+        torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -5,8 +5,9 @@ host in every eager step. Nothing else shows it: the losses are the same. Three 
 2.11 could not take a bound method's truth value) had doubled GPT-base's eager sparse step on an H100 (86.6-125 ms
 against 43-46 ms without them; docs/kernels.md v30). SSD compiles its sparse graphs at the first sparse step, so the
 watch runs after every step, not only after the first. Dynamo's counters are per process and never cleared, so the
-watch counts from its own start: a reason seen in an earlier run of the same process is told again when this run
-meets it. `compile_counts` gives the totals that `ssd-bench step` records per run.
+watch counts from its own start. Dynamo counts a break when it compiles the graph around it: a later run of the same
+process that reuses an earlier run's compiled graphs (same code, guards hold) breaks there too but is not told again.
+`compile_counts` gives the totals that `ssd-bench step` records per run.
 """
 from __future__ import annotations
 
