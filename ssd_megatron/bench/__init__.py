@@ -1,4 +1,5 @@
-"""`ssd-bench` sub-commands: `ffn` (one FFN layer: dense vs every expert backend) and `step`."""
+"""`ssd-bench` sub-commands: `ffn` (one FFN layer: dense vs every expert backend), `step`, and `plot` (the figure of
+an `ffn` result JSON)."""
 from __future__ import annotations
 
 import importlib
@@ -7,13 +8,13 @@ from typing import Optional
 
 from ..errors import UserError
 
-SUBCOMMANDS = ("ffn", "step")
+SUBCOMMANDS = ("ffn", "step", "plot")
 
 
 def main(argv: Optional[list] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: ssd-bench {ffn,step} [options]   (ssd-bench ffn --help)")
+        print("usage: ssd-bench {ffn,step,plot} [options]   (ssd-bench ffn --help)")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd not in SUBCOMMANDS:
@@ -21,6 +22,9 @@ def main(argv: Optional[list] = None) -> int:
     if cmd == "ffn":
         from .ffn import main as ffn_main
         return ffn_main(rest)
+    if cmd == "plot":
+        from .ffn_plot import main as plot_main
+        return plot_main(rest)
     try:
         step = importlib.import_module(".step", __name__)
     except ImportError:

@@ -31,6 +31,9 @@ quarter; every ReLU record carries the ratios against both (`speedup_*`, `speedu
 Routing: `realistic` = top-K of x . centroids over weights with cluster structure (neurons of an
 expert share a direction; cluster scales vary, so expert loads are unbalanced as in a trained model);
 `uniform` = the same computation with a large random term added to the scores (uniform random experts).
+
+Output: a table, and with `--out F.json` the JSON and its figure F.png (bench/ffn_plot.py: each backend's speedup
+against the issue's targets; `--no-plot` skips it, `ssd-bench plot F.json` draws it later).
 """
 from __future__ import annotations
 
@@ -416,7 +419,9 @@ def _parse(argv):
     ap.add_argument("--profile", default="", help="comma list of backends to run under torch.profiler (fwd+bwd, "
                     "realistic routing) per shape/activation; tables go to OUT_DIR/profile.txt")
     ap.add_argument("--tune", action="store_true", help="time the triton tile candidates per shape (SSD_TRITON_TUNE=1)")
-    ap.add_argument("--out", default=None, help="write the JSON results here")
+    ap.add_argument("--out", default=None, help="write the JSON results here, and their figure beside it (.png)")
+    ap.add_argument("--no-plot", action="store_true",
+                    help="no figure beside the JSON (`ssd-bench plot` draws it later)")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # 'cpu': smoke test of this script
     return ap.parse_args(argv)
 
@@ -592,6 +597,10 @@ def main(argv=None) -> int:
         pass
     _save(result, args.out)
     print_table(result)
+    if args.out and not args.no_plot and result["records"]:
+        from .ffn_plot import plot_ffn, png_path
+        plot_ffn(result, png_path(args.out))
+        print(f"plot: {png_path(args.out)}")
     return 0
 
 

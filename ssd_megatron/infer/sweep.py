@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ..plots import pyplot
 from ..train.flops import SampleShape, sample_flops
 from .sparse import densify, set_top_k, sparsify
 
@@ -132,11 +133,7 @@ def write_sweep(result: dict, report_dir) -> list:
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "sweep_k.json").write_text(json.dumps(result, indent=1))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     pts = result["points"]
     ax.plot([p["flops_per_token"] for p in pts], [p["ppl"] for p in pts], "k-o", ms=4, label="fixed top-k")

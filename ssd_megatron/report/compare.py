@@ -35,6 +35,7 @@ from typing import Optional
 import yaml
 
 from ..errors import UserError
+from ..plots import pyplot
 
 METHOD_STYLE = {
     "dense": ("#222222", "o"), "ssd": ("#d62728", "s"), "smoe": ("#2ca02c", "^"),
@@ -321,15 +322,6 @@ def _inv(r: Optional[float]) -> Optional[float]:
     return None if not r else 1.0 / r
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _style(method: str, i: int):
     if method in METHOD_STYLE:
         return METHOD_STYLE[method]
@@ -337,7 +329,7 @@ def _style(method: str, i: int):
 
 
 def plot_fig3(runs: list[Run], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, r in enumerate(runs):
         pts = [(f, p) for f, p, _ in r.curve if f > 0 and p is not None and math.isfinite(p)]
@@ -351,7 +343,7 @@ def plot_fig3(runs: list[Run], path: Path) -> None:
 
 
 def plot_fig4a(runs: list[Run], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, r in enumerate(runs):
         color, marker = _style(r.method, i)

@@ -13,16 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..plots import pyplot
 from ..train.report import sparse_intervals
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # Steps left out of a phase's step-time median after each switch: the first steps of a kind compile,
@@ -89,7 +81,7 @@ def ssd_sections(records: list, report_dir) -> list:
     monitors = [r for r in records if "wcss_mean" in r]
     if not monitors and not any(r.get("phase") == "sparse" for r in records):
         return []
-    plt = _plt()
+    plt = pyplot()
     lines = ["", "## SSD", ""]
     spans = sparse_intervals(records)
     total = max((r["step"] for r in records if "step" in r), default=0) + 1

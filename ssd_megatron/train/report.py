@@ -25,16 +25,8 @@ from typing import Optional
 import numpy as np
 
 from ..errors import UserError
+from ..plots import pyplot
 from .metrics import read_metrics
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _fmt_num(x: Optional[float], unit: str = "") -> str:
@@ -90,7 +82,7 @@ def compute_unigram_baseline(run_dir: Path, cfg=None) -> Optional[dict]:
 
 def _plot(train, valid, key_train, key_valid, ylabel, path: Path, logy: bool = False,
           baseline: Optional[float] = None) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot([r["step"] for r in train], [r[key_train] for r in train], lw=0.8, alpha=0.8, label="train")

@@ -57,7 +57,7 @@ def test_fused_dense_baseline_is_the_dense_relu_ffn():
 
 def test_bench_records_the_fused_dense_baseline_for_relu(tmp_path):
     """ReLU records carry the fused dense times and the ratios against them beside the plain dense ones; SwiGLU's,
-    which has no fused dense FFN, do not."""
+    which has no fused dense FFN, do not. The run's figure lands beside its JSON."""
     import json
     out = tmp_path / "ffn.json"
     assert bench_main(["ffn", "--device", "cpu", "--shapes", "tiny", "--activations", "relu,swiglu", "--backends",
@@ -69,3 +69,4 @@ def test_bench_records_the_fused_dense_baseline_for_relu(tmp_path):
     assert relu["speedup_fwd_bwd_vs_fused_dense"] == pytest.approx(relu["fused_dense_fwd_bwd_ms"] / relu["fwd_bwd_ms"])
     assert relu["speedup_fwd_vs_fused_dense"] == pytest.approx(relu["fused_dense_fwd_ms"] / relu["fwd_ms"])
     assert not any(k.startswith("fused_dense") for k in recs["swiglu"])
+    assert (tmp_path / "ffn.png").stat().st_size > 0
