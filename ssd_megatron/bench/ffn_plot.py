@@ -30,12 +30,16 @@ def speedup(rec: dict, panel: str) -> tuple[Optional[float], bool, Optional[floa
     return rec.get(f"speedup_{panel}{sfx}"), graphed, rec.get(f"speedup_{panel}{sfx}_vs_fused_dense")
 
 
+def _plotted(records: list) -> list:
+    """The records drawn: those with realistic routing, or all where the run had none (`--routing uniform`)."""
+    realistic = [r for r in records if r.get("routing", "realistic") == "realistic"]
+    return realistic or records
+
+
 def _groups(records: list) -> tuple[list, list]:
-    """(shape, activation) groups and backends, in the order the run measured them (realistic routing)."""
+    """(shape, activation) groups and backends of `records`, in the order the run measured them."""
     groups, backends = [], []
     for r in records:
-        if r.get("routing", "realistic") != "realistic":
-            continue
         g = (r["shape"], r["activation"])
         if g not in groups:
             groups.append(g)
@@ -48,9 +52,9 @@ def plot_ffn(result: dict, path: str) -> None:
     """Write the figure of `result` (an `ssd-bench ffn` JSON, as a dict) to `path` (PNG)."""
     if not result.get("records"):
         raise UserError("the result has no records to plot (an `ssd-bench ffn` JSON has a 'records' list)")
-    groups, backends = _groups(result["records"])
-    by = {(r["shape"], r["activation"], r["backend"]): r for r in result["records"]
-          if r.get("routing", "realistic") == "realistic"}
+    records = _plotted(result["records"])
+    groups, backends = _groups(records)
+    by = {(r["shape"], r["activation"], r["backend"]): r for r in records}
     plt = pyplot()
     wide = min(18.0, max(9.0, 2 * len(groups) * (0.6 + 0.35 * len(backends))))
     fig, axes = plt.subplots(1, 2, figsize=(wide, 4.2), sharey=True)
@@ -64,7 +68,6 @@ def plot_ffn(result: dict, path: str) -> None:
         return name
 
     for ax, (panel, title) in zip(axes, PANELS):
-
         for gi, (shape, act) in enumerate(groups):
             for b, backend in enumerate(backends):
                 value, graphed, vs_fused = speedup(by.get((shape, act, backend), {}), panel)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from ssd_megatron.bench import main as bench_main
-from ssd_megatron.bench.ffn_plot import _groups, png_path, speedup
+from ssd_megatron.bench.ffn_plot import _groups, _plotted, png_path, speedup
 from ssd_megatron.errors import UserError
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -27,7 +27,7 @@ def test_speedup_takes_the_graphed_ratios_where_the_record_has_them():
 def test_plot_of_a_committed_result(name, tmp_path):
     src = RESULTS / name
     result = json.loads(src.read_text())
-    groups, backends = _groups(result["records"])
+    groups, backends = _groups(_plotted(result["records"]))
     # the run's (shape, activation) groups and backends, realistic routing only, in the run's order
     want = [(r["shape"], r["activation"]) for r in result["records"] if r["routing"] == "realistic"]
     assert groups == list(dict.fromkeys(want)) and "triton" in backends
@@ -37,6 +37,11 @@ def test_plot_of_a_committed_result(name, tmp_path):
 
     height, width, _ = matplotlib.image.imread(png).shape
     assert width > height > 300  # two panels side by side
+
+
+def test_plotted_records_are_the_realistic_ones_else_all():
+    real, uni = {"routing": "realistic", "shape": "base"}, {"routing": "uniform", "shape": "8b"}
+    assert _plotted([real, uni]) == [real] and _plotted([uni]) == [uni]
 
 
 def test_plot_refuses_what_is_not_an_ffn_result(tmp_path):
