@@ -302,6 +302,17 @@ def _dense_times(case, f, n_iter, warmup, graphs: bool, errors: list, label: str
     return t
 
 
+def _against(times: dict, fwd_ms: float, fwd_bwd_ms: float, graph: bool = False, fused: bool = False) -> dict:
+    """A record's entries for one dense baseline (`_dense_times`' result) against the sparse path's fwd and fwd_bwd
+    ms: the baseline's times and the speedups, eager or graphed (`_graph` keys), of the plain dense layer or of the
+    fused one (`fused_dense_*` and `*_vs_fused_dense` keys)."""
+    g = "_graph" if graph else ""
+    p, v = ("fused_", "_vs_fused_dense") if fused else ("", "")
+    sparse = {"fwd": fwd_ms, "fwd_bwd": fwd_bwd_ms}
+    return {**{f"{p}dense_{k}{g}_ms": times[k + g] for k in sparse},
+            **{f"speedup_{k}{g}{v}": times[k + g] / ms for k, ms in sparse.items()}}
+
+
 def _flops(shape, activation):
     D, d_ff, N, K = SHAPES[shape]
     f_in = 2 * d_ff if is_glu(activation) else d_ff
@@ -530,14 +541,9 @@ def main(argv=None) -> int:
                         continue
                     rec = {"shape": shape, "backend": name, "activation": act, "routing": routing,
                            "fwd_ms": tf["median"], "fwd_bwd_ms": tfb["median"],
-                           "dense_fwd_ms": dense["fwd"], "dense_fwd_bwd_ms": dense["fwd_bwd"],
-                           "speedup_fwd": dense["fwd"] / tf["median"],
-                           "speedup_fwd_bwd": dense["fwd_bwd"] / tfb["median"],
-                           "fwd_stats": tf, "fwd_bwd_stats": tfb}
+                           **_against(dense, tf["median"], tfb["median"]), "fwd_stats": tf, "fwd_bwd_stats": tfb}
                     if fused is not None:
-                        rec.update({"fused_dense_fwd_ms": fused["fwd"], "fused_dense_fwd_bwd_ms": fused["fwd_bwd"],
-                                    "speedup_fwd_vs_fused_dense": fused["fwd"] / tf["median"],
-                                    "speedup_fwd_bwd_vs_fused_dense": fused["fwd_bwd"] / tfb["median"]})
+                        rec.update(_against(fused, tf["median"], tfb["median"], fused=True))
                     if routing == "realistic":
                         with torch.no_grad():
                             rec["fwd_rel_err_vs_reference"] = _err(case.layers[0].sparse(case.xs[0], be), y_ref)
@@ -546,15 +552,9 @@ def main(argv=None) -> int:
                             gf = _graphed(case, f, n_iter, True)["median"]
                             gfb = _graphed(case, f, n_iter, False)["median"]
                             rec.update({"fwd_graph_ms": gf, "fwd_bwd_graph_ms": gfb,
-                                        "dense_fwd_graph_ms": dense["fwd_graph"],
-                                        "dense_fwd_bwd_graph_ms": dense["fwd_bwd_graph"],
-                                        "speedup_fwd_graph": dense["fwd_graph"] / gf,
-                                        "speedup_fwd_bwd_graph": dense["fwd_bwd_graph"] / gfb})
+                                        **_against(dense, gf, gfb, graph=True)})
                             if fused is not None and fused["fwd_graph"] is not None:
-                                rec.update({"fused_dense_fwd_graph_ms": fused["fwd_graph"],
-                                            "fused_dense_fwd_bwd_graph_ms": fused["fwd_bwd_graph"],
-                                            "speedup_fwd_graph_vs_fused_dense": fused["fwd_graph"] / gf,
-                                            "speedup_fwd_bwd_graph_vs_fused_dense": fused["fwd_bwd_graph"] / gfb})
+                                rec.update(_against(fused, gf, gfb, graph=True, fused=True))
                         except Exception as exc:
                             result["errors"].append(f"{key} {routing} {name} graph: {type(exc).__name__}: {str(exc)[:200]}")
                     (result["records"] if routing == "realistic" else result["uniform_records"]).append(rec)
