@@ -89,12 +89,14 @@ def test_relu_launches_and_variants_compile_for_sm90():
 def test_wide_programs_compile_for_sm90():
     """Session 19's wider programs where E = 192 is not a power of two (base shape): whole-E up and up_bwd
     (128 + 64 columns), the two-pass up_bwd, whole-P wgrad (two accumulators) and STAGED down over a
-    192-deep (128 + 64) reduction."""
+    192-deep (128 + 64) reduction; `auto`'s dx there: the WS down kernel over two boxes of Ein (128 + 64) where
+    this Triton's Gluon builds it, else the TMA kernel."""
     rows = _report("--shapes", "base", "--launches", "up,up_bwd,down_dx,wgrad_dw1", "--configs",
                    "up_bwd=64,256,64,8,3|128,256,64,8,3,1;wgrad=256,128,64,8,3;down=64,64,64,4,2,4")
     kernels = _check(rows, ["up", "up_bwd", "down_dx", "wgrad_dw1"])
-    expected = {"_up_kernel", "_down_kernel", "_down_tma_kernel", "_wgrad_kernel"}
-    assert kernels == expected | _gluon("wgrad_ws_kernel", "wgrad_gluon")
+    expected = {"_up_kernel", "_down_kernel", "_wgrad_kernel"}
+    assert kernels == (expected | _gluon("wgrad_ws_kernel", "wgrad_gluon")
+                       | _gluon("down_ws_kernel", "down_gluon", frozenset({"_down_tma_kernel"})))
     two_tile = [r for r in rows if r[-1] == "64x128x16,64x64x16" or r[-1] == "64x32x16,64x64x16"]
     assert {r[2] for r in two_tile} >= {"up", "wgrad_dw1"}, rows  # two accumulators, 128 + 64 wide
 
@@ -128,8 +130,10 @@ def test_default_launches_compile_for_sm80(act):
 # launcher, and the launcher's choice (the kernel where it serves, STAGED elsewhere). test_backends_gpu.py (`down_ws`) checks its results.
 DOWN_WS = (64, 64, 64, 4, 3, 5)
 # name -> (Ein, dtype, combine, gate scale, rank-1 term): dx (bf16 adds, with the router's rank-1 term), the
-# forward's down (scaled; fp32 adds, the (t, k) rows stored), 8B's Ein = 256 in fp16
+# forward's down (scaled; fp32 adds, the (t, k) rows stored), 8B's Ein = 256 in fp16, base's Ein = 192 as two boxes
+# (with the router's term, as base trains)
 WS_LAUNCHES = {"dx": (64, "bfloat16", "atomic16", False, False),
+               "dx-192-fold": (192, "bfloat16", "atomic16", False, True),
                "dx-fold": (64, "bfloat16", "atomic16", False, True),
                "fwd-atomic32": (64, "bfloat16", "atomic32", True, False),
                "fwd-buffer": (64, "bfloat16", "buffer", True, False),
@@ -183,8 +187,8 @@ def ws_compiled():
 
 @pytest.mark.parametrize("name", list(WS_LAUNCHES))
 def test_ws_down_compiles_for_sm90(ws_compiled, name):
-    """Each of the kernel's specialisations (the combines, gate scale, rank-1 term, Ein = 64 and 256, bf16
-    and fp16) compiles for sm_90 as a warp-specialised kernel: TMA loads, wgmma, and native vector atomics
+    """Each of the kernel's specialisations (the combines, gate scale, rank-1 term, Ein = 64, 192 (two boxes) and
+    256, bf16 and fp16) compiles for sm_90 as a warp-specialised kernel: TMA loads, wgmma, and native vector atomics
     where it adds (no compare-and-swap loop); the launcher took it, not STAGED."""
     res = ws_compiled[name]
     assert not isinstance(res, str), res
@@ -210,7 +214,7 @@ def test_ws_down_variant_is_accepted(monkeypatch):
 def _ws_operands(why):
     """(A, W, plan, gate, (BM, BN, STAGES)) of a launch the WS kernel does not serve for reason `why`, or of
     one it serves ("served": 8B's Ein = 256 at 64 x 64 with three W stages)."""
-    a, w, plan, gate, _ = _down_case({"served": 256, "smem": 256, "ein": 192}.get(why, 64), torch.bfloat16)
+    a, w, plan, gate, _ = _down_case({"served": 256, "smem": 256, "ein": 200}.get(why, 64), torch.bfloat16)
     if why == "fp32":
         a, w = a.float(), w.float()
     if why == "column-view":  # W_out's [N, E, D] view (unit stride along E)
@@ -225,7 +229,8 @@ WS_NOT_SERVED = ["cpu", "older-triton", "ein", "fp32", "column-view", "smem", "s
 def test_ws_down_falls_back_to_staged(monkeypatch, why):
     """Down variant 5 launches the Gluon kernel over the expert-ordered M-tile table where it serves, and
     STAGED (the Triton kernel with STAGED=True) otherwise: not sm_90 (here: CPU), a Triton without the Gluon
-    it is written for, Ein not a power of two <= 256, fp32, W not one row-major [N * Ein, Dout] matrix,
+    it is written for, Ein not one or two power-of-two boxes (200 = 128 + 72), fp32, W not one row-major
+    [N * Ein, Dout] matrix,
     too much shared memory (128 x 64 with three W stages of 256 rows), a ring of one W slot, BM < 64."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K
@@ -257,13 +262,15 @@ def test_ws_down_falls_back_to_staged(monkeypatch, why):
         assert name == "triton" and kwargs["STAGED"] and not kwargs["ROWLOOP"], (name, kwargs)
 
 
-@pytest.mark.parametrize("why", ["served", "served-expert", "not-served", "buffer", "narrow", "forced", "env"])
+@pytest.mark.parametrize("why", ["served", "served-expert", "served-boxes", "not-served", "buffer", "narrow",
+                                 "forced", "env"])
 def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     """`auto` launches the Gluon down kernel at AUTO_WS for an atomic combine into rows >= 2048 wide (8B's
     dx) where it serves, over token windows of AUTO_GROUP experts (on Hopper, as `_hopper` takes the CPU;
-    docs/kernels.md v37), in expert order when SSD_TRITON_WS_DOWN_ORDER says so; and the usual default
-    everywhere else: where it does not serve (e.g. Triton < 3.9), for the (t, k) buffer, for narrower rows,
-    or when a forced or environment config names down."""
+    docs/kernels.md v37), in expert order when SSD_TRITON_WS_DOWN_ORDER says so; at AUTO_WS_BOXES, in expert
+    order, for narrower rows whose Ein is two TMA boxes (base ReLU's dx: 192 = 128 + 64, rows 768 wide); and the
+    usual default everywhere else: where it does not serve (e.g. Triton < 3.9), for the (t, k) buffer, for
+    narrower rows of one box, or when a forced or environment config names down."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K
     from ssd_megatron.ffn.backends.kernels import down_gluon
@@ -282,7 +289,8 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     else:
         monkeypatch.delenv("SSD_TRITON_CONFIG", raising=False)
     # (T = 400: experts of up to three 128-row tiles, so that token windows and expert order differ)
-    a, w, plan, gate, _ = _down_case(64, torch.bfloat16, T=400, D=64 if why == "narrow" else 2048)
+    a, w, plan, gate, _ = _down_case(192 if why == "served-boxes" else 64, torch.bfloat16, T=400,
+                                     D={"narrow": 64, "served-boxes": 768}.get(why, 2048))
     if why == "forced":
         K.force_config(down=(64, 128, 64, 4, 3, K.ROWLOOP))
     try:
@@ -292,9 +300,10 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     assert len(calls) == 1, calls
     name, args, kwargs = calls[0]
     if why.startswith("served"):
-        assert name == "ws" and set(served) == {K.AUTO_WS[:2] + K.AUTO_WS[4:5]} and args[-3:] == (128, 64, 2), args
+        cfg = K.AUTO_WS_BOXES if why == "served-boxes" else K.AUTO_WS
+        assert name == "ws" and set(served) == {cfg[:2] + cfg[4:5]} and args[-3:] == cfg[:2] + cfg[4:5], args
         M, N = plan.num_rows, plan.num_experts
-        want = (K.expert_tiles(plan.offsets, M, N, 128) if why == "served-expert"
+        want = (K.expert_tiles(plan.offsets, M, N, 128) if why != "served"
                 else K.token_window_tiles(plan.offsets, M, N, 128, K.AUTO_GROUP))
         assert torch.equal(args[2], want), (args[2], want)
     else:  # the default tile (a Triton kernel, TMA or not), never the STAGED fallback

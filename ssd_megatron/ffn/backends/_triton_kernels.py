@@ -43,8 +43,9 @@ from .routing import initialise
 
 # (BM|BP, BN|BQ, BK, num_warps, num_stages[, variant]). variant: down 1 = ROWLOOP (a program covers all
 # output columns), 3 = TMA (descriptor loads), 4 = STAGED (ROWLOOP from A rows loaded once; BK unused),
-# 5 = WS (STAGED as a warp-specialised Gluon kernel, kernels/down_gluon.py: `auto`'s for 8B's dx with
-# Triton >= 3.9, AUTO_WS; BK and WARPS unused, STAGES = its W ring; STAGED where a forced WS does not serve);
+# 5 = WS (STAGED as a warp-specialised Gluon kernel, kernels/down_gluon.py: `auto`'s for 8B's and base ReLU's dx
+# with Triton >= 3.9, AUTO_WS and AUTO_WS_BOXES; BK and WARPS unused, STAGES = its W ring; STAGED where a forced
+# WS does not serve);
 # mlp 3 = TMA (the weights' tiles by TMA where the descriptors serve, `_mlp_descriptors`), 5 = WS (the fused
 # forward as a warp-specialised Gluon kernel, kernels/mlp_gluon.py: `auto`'s for captured inference forwards at
 # base-like shapes with Triton >= 3.9, AUTO_MLP_WS; WARPS is then the depth of its weight ring (W1's and W2's
@@ -208,6 +209,10 @@ def _default(base: str, key: tuple, hopper: bool = True):
 # ROWLOOP default, 2.66 with the same kernel under 3.9 (it spills more), 1.87 with WS at 128 x 64 and two W
 # stages (2.22 at 64 x 64 x 3); in the 8B ReLU layer 9.17 / 9.19 ms (3.6) against 8.995 / 8.990 (3.9 + WS).
 AUTO_WS = (128, 64, 64, 4, 2, WS)
+# ... and for an atomic combine whose Ein is two TMA boxes (`down_gluon.ein_boxes`: base ReLU's dx, 192 = 128 + 64),
+# three W stages. H100, docs/kernels.md v42: the graphed base ReLU layer's fwd+bwd 0.615-0.627 -> 0.592-0.597 ms
+# (-3.8%, five A/B rounds), where it had been the Triton TMA kernel (~119 us, ~245 TF/s).
+AUTO_WS_BOXES = (128, 64, 64, 4, 3, WS)
 
 
 # auto's fused forward while a CUDA graph is captured, where the Gluon WS kernel serves (Triton >= 3.9, sm_90) at
@@ -303,12 +308,15 @@ def _ws_reduces(dw, tile) -> bool:
 
 
 def _auto_down_ws(a: torch.Tensor, w: torch.Tensor, atomic: bool):
-    """AUTO_WS where `auto` takes the Gluon down kernel for this launch, else None (the defaults serve)."""
-    if not atomic or w.shape[2] < 2048:
-        return None
+    """The config where `auto` takes the Gluon down kernel for this launch (an atomic combine into rows >= 2048
+    wide: AUTO_WS; one whose Ein is two TMA boxes: AUTO_WS_BOXES), else None (the defaults serve)."""
     from .kernels import down_gluon
-    BM, BN, _, _, stages, _ = AUTO_WS
-    return AUTO_WS if down_gluon.serves(a, w, BM, BN, stages) else None
+    boxes = down_gluon.ein_boxes(w.shape[1])
+    cfg = AUTO_WS if w.shape[2] >= 2048 else AUTO_WS_BOXES if boxes and boxes[1] else None
+    if not atomic or cfg is None:
+        return None
+    BM, BN, _, _, stages, _ = cfg
+    return cfg if down_gluon.serves(a, w, BM, BN, stages) else None
 
 
 def _pick(kind: str, key: tuple, launch, hopper: bool = True, auto=None):

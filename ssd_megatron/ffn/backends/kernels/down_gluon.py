@@ -26,12 +26,13 @@ Persistent programs (one per SM) walk a table of M-tiles: in expert order (`_tri
 where the output rows are >= 2048 wide (the 8B dx) in token windows of 16 experts (`token_window_tiles`,
 docs/kernels.md v37: the adds then meet their token rows in L2 more often);
 rows of A past the expert's end are loaded (they belong to the next expert, or are TMA's zero fill) and
-masked at the store. Serves (`serves`) a power-of-two Ein from 16 to 256 (one TMA box) with W as one
-[N * Ein, Dout] row-major matrix, bf16/fp16, BM 64, 128 or 256, BN 16 to 256 and two or more W stages, on
-sm_90: of the layer's launches, the 8B ReLU dx (dh [M, 256] @ w1, w1 a view of W_in); the forward's down
-too where w2 is a contiguous [N, E, D] tensor (the tests' inputs), but not W_out's column view that the
-layer passes. The launcher falls back to STAGED otherwise (base's E = 192, SwiGLU's 512, the column view,
-fp32, shared memory: e.g. 128 x 64 with three W stages of 256 rows).
+masked at the store. Serves (`serves`) an Ein of one power-of-two TMA box of 16 to 256 columns, or two
+(`ein_boxes`: base's 192 = 128 + 64, each item then two products), with W as one [N * Ein, Dout] row-major
+matrix, bf16/fp16, BM 64, 128 or 256, BN 16 to 256 and two or more W stages, on sm_90: of the layer's launches,
+the 8B ReLU dx (dh [M, 256] @ w1, w1 a view of W_in) and base ReLU's (dh [M, 192], AUTO_WS_BOXES); the forward's
+down too where w2 is a contiguous [N, E, D] tensor (the tests' inputs), but not W_out's column view that the
+layer passes. The launcher falls back to STAGED otherwise (SwiGLU 8B's 512, the column view, fp32, shared
+memory: e.g. 128 x 64 with three W stages of 256 rows).
 
 Needs Triton >= 3.9 (`MIN_TRITON`): Triton 3.6's LLVM lowering asserts when a warp_specialize partition
 holds gl.atomic_add (commit 923b111, docs/kernels.md v13), and 3.9's Gluon names the TMA load `async_load`;
@@ -125,8 +126,12 @@ def _build():
             gl.store(OUT + dst[:, None] + cols[None, :], val, mask=omask)
 
     @gluon.jit
-    def loader(a_desc, w_desc, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, TILES, M, Dout, n_tiles):
-        Ein: gl.constexpr = a_desc.block_type.shape[1]
+    def loader(a_desc, a_desc2, w_desc, w_desc2, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full, b_empty,
+               TILES, M, Dout, n_tiles, SPLIT: gl.constexpr):
+        BE: gl.constexpr = a_desc.block_type.shape[1]
+        Ein: gl.constexpr = BE + a_desc2.block_type.shape[1] if SPLIT else BE
+        a_bytes: gl.constexpr = a_desc.block_type.nbytes + (a_desc2.block_type.nbytes if SPLIT else 0)
+        w_bytes: gl.constexpr = w_desc.block_type.nbytes + (w_desc2.block_type.nbytes if SPLIT else 0)
         BN: gl.constexpr = w_desc.block_type.shape[1]
         NS: gl.constexpr = b_bufs.type.shape[0]
         num_n = gl.cdiv(Dout, BN)
@@ -138,20 +143,24 @@ def _build():
             if row0 < M:
                 ta = j % 2
                 mbarrier.wait(a_empty.index(ta), ((j // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
-                mbarrier.expect(a_full.index(ta), a_desc.block_type.nbytes)
+                mbarrier.expect(a_full.index(ta), a_bytes)
                 tma.async_load(a_desc, [row0, 0], a_full.index(ta), a_bufs.index(ta))
+                if SPLIT:  # Ein's second box of columns
+                    tma.async_load(a_desc2, [row0, BE], a_full.index(ta), a_bufs2.index(ta))
                 for n in range(num_n):
                     s = it % NS
                     mbarrier.wait(b_empty.index(s), ((it // NS) & 1) ^ 1)
-                    mbarrier.expect(b_full.index(s), w_desc.block_type.nbytes)
+                    mbarrier.expect(b_full.index(s), w_bytes)
                     tma.async_load(w_desc, [e * Ein, n * BN], b_full.index(s), b_bufs.index(s))
+                    if SPLIT:
+                        tma.async_load(w_desc2, [e * Ein + BE, n * BN], b_full.index(s), b_bufs2.index(s))
                     it += 1
                 j += 1
 
     @gluon.jit
-    def consumer(a_desc, w_desc, TILES, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, order, OFFS, ORDER, TOK,
-                 GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, which, SCALE: gl.constexpr,
-                 ATOMIC: gl.constexpr, RANK1: gl.constexpr):
+    def consumer(a_desc, w_desc, TILES, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full, b_empty, order,
+                 OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, which: gl.constexpr,
+                 SCALE: gl.constexpr, ATOMIC: gl.constexpr, RANK1: gl.constexpr, SPLIT: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BN: gl.constexpr = w_desc.block_type.shape[1]
         NS: gl.constexpr = b_bufs.type.shape[0]
@@ -182,6 +191,8 @@ def _build():
                         mbarrier.wait(order.index(which), (turn & 1) ^ (1 - which))  # consumer 0 goes first
                         acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma_l)
                         acc = warpgroup_mma(a_bufs.index(ta), b_bufs.index(s), acc, is_async=True)
+                        if SPLIT:
+                            acc = warpgroup_mma(a_bufs2.index(ta), b_bufs2.index(s), acc, is_async=True)
                         mbarrier.arrive(order.index(1 - which), count=1)  # the other may issue its chain now
                         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                         mbarrier.arrive(b_empty.index(s), count=1)
@@ -192,15 +203,23 @@ def _build():
                 j += 1
 
     @gluon.jit
-    def down_ws_kernel(a_desc, w_desc, TILES, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles,
-                       SCALE: gl.constexpr, ATOMIC: gl.constexpr, RANK1: gl.constexpr, STAGES: gl.constexpr,
-                       CREGS: gl.constexpr, LREGS: gl.constexpr, num_warps: gl.constexpr):
+    def down_ws_kernel(a_desc, a_desc2, w_desc, w_desc2, TILES, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M,
+                       Dout, n_tiles, SCALE: gl.constexpr, ATOMIC: gl.constexpr, RANK1: gl.constexpr,
+                       STAGES: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr, num_warps: gl.constexpr,
+                       SPLIT: gl.constexpr = False):
         BM: gl.constexpr = a_desc.block_type.shape[0]
-        Ein: gl.constexpr = a_desc.block_type.shape[1]
+        BE: gl.constexpr = a_desc.block_type.shape[1]
+        BE2: gl.constexpr = a_desc2.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[1]
         dtype: gl.constexpr = a_desc.dtype
-        a_bufs = gl.allocate_shared_memory(dtype, [2, BM, Ein], a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(dtype, [STAGES, Ein, BN], w_desc.layout)
+        a_bufs = gl.allocate_shared_memory(dtype, [2, BM, BE], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BE, BN], w_desc.layout)
+        if SPLIT:  # Ein as two boxes of columns (base's 192 = 128 + 64): two products per item
+            a_bufs2 = gl.allocate_shared_memory(dtype, [2, BM, BE2], a_desc2.layout)
+            b_bufs2 = gl.allocate_shared_memory(dtype, [STAGES, BE2, BN], w_desc2.layout)
+        else:
+            a_bufs2 = a_bufs
+            b_bufs2 = b_bufs
         a_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         a_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         b_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -213,20 +232,31 @@ def _build():
         for i in gl.static_range(STAGES):
             mbarrier.init(b_full.index(i), count=1)
             mbarrier.init(b_empty.index(i), count=1)
-        shared = (a_desc, w_desc, TILES, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, order, OFFS, ORDER, TOK,
-                  GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles)
-        first = shared + (0, SCALE, ATOMIC, RANK1)  # (bound to names first: an int literal inline is not lowered)
-        second = shared + (1, SCALE, ATOMIC, RANK1)
-        loads = (a_desc, w_desc, a_bufs, b_bufs, a_full, a_empty, b_full, b_empty, TILES, M, Dout, n_tiles)
-        gl.warp_specialize([(consumer, first), (consumer, second), (loader, loads)], [4, 1], [CREGS, LREGS])
+        # the tuples inline, as kernels/mlp_gluon.py's: a flag bound to a name first becomes a tensor (SPLIT must
+        # stay a compile-time constant)
+        gl.warp_specialize([
+            (consumer, (a_desc, w_desc, TILES, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full, b_empty,
+                        order, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, 0, SCALE, ATOMIC,
+                        RANK1, SPLIT)),
+            (consumer, (a_desc, w_desc, TILES, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full, b_empty,
+                        order, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, 1, SCALE, ATOMIC,
+                        RANK1, SPLIT)),
+            (loader, (a_desc, a_desc2, w_desc, w_desc2, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full,
+                      b_empty, TILES, M, Dout, n_tiles, SPLIT)),
+        ], [4, 1], [CREGS, LREGS])
 
     gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
     def descriptors(a, w2d, BM, BN):
+        """(A's, A's second box's, W's, W's second box's) TMA descriptors; the second ones are the first where Ein is
+        one box (`ein_boxes`)."""
         g = gl_dtype[a.dtype]
-        Ein = a.shape[1]
-        return (TensorDescriptor.from_tensor(a, [BM, Ein], gl.NVMMASharedLayout.get_default_for([BM, Ein], g)),
-                TensorDescriptor.from_tensor(w2d, [Ein, BN], gl.NVMMASharedLayout.get_default_for([Ein, BN], g)))
+
+        def desc(t, box):
+            return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, g))
+        be, be2 = ein_boxes(a.shape[1])
+        a1, w1 = desc(a, [BM, be]), desc(w2d, [be, BN])
+        return (a1, desc(a, [BM, be2]), w1, desc(w2d, [be2, BN])) if be2 else (a1, a1, w1, w1)
 
     # the parts kernels/mlp_gluon.py's kernel shares
     return down_ws_kernel, descriptors, types.SimpleNamespace(row_targets=row_targets, store_block=store_block)
@@ -238,10 +268,24 @@ def smem_bytes(BM: int, BN: int, Ein: int, stages: int, element_size: int = 2) -
     return (2 * BM * Ein + stages * Ein * BN) * element_size + 17 * 1024
 
 
+def ein_boxes(Ein: int):
+    """(BE, BE2): Ein as one power-of-two box of BE columns plus, where Ein is not a power of two, a second of BE2
+    (base's 192 = 128 + 64; 0 = none); None where two such boxes do not make Ein exactly (a box may not reach into
+    the next expert's weight rows) or the first is wider than 256."""
+    if Ein < 16:
+        return None
+    be = 1 << (Ein.bit_length() - 1)
+    rest = Ein - be
+    if be > 256 or (rest and (rest & (rest - 1) or rest < 16)):
+        return None
+    return be, rest
+
+
 def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int) -> bool:
     """Whether this kernel takes A [M, Ein] and W [N, Ein, Dout] with this tile: sm_90, bf16/fp16, A's rows
-    contiguous, W one row-major [N * Ein, Dout] matrix, Ein a power of two from 16 to 256 (one TMA box and
-    shared-memory tile), 16-byte aligned, BM 64, 128 or 256 (whole warpgroup MMAs), BN 16..256, a W ring of
+    contiguous, W one row-major [N * Ein, Dout] matrix, Ein one or two power-of-two boxes of 16 to 256 columns
+    (`ein_boxes`: TMA boxes and shared-memory tiles; a second box costs a second product per item), 16-byte
+    aligned, BM 64, 128 or 256 (whole warpgroup MMAs), BN 16..256, a W ring of
     two or more slots (with one, a consumer's wait for its item's W could pass on the other consumer's item:
     a barrier's phase parity cannot tell them apart), the buffers within shared memory, and a Triton whose
     Gluon builds the kernel (`_build`)."""
@@ -251,7 +295,7 @@ def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int) -> b
         return False
     if BM not in (64, 128, 256) or not 16 <= BN <= 256 or stages < 2 or a.shape[0] == 0 or Dout == 0:
         return False
-    if Ein & (Ein - 1) or not 16 <= Ein <= 256 or a.shape[1] != Ein or a.stride(1) != 1 or (a.stride(0) * es) % 16:
+    if ein_boxes(Ein) is None or a.shape[1] != Ein or a.stride(1) != 1 or (a.stride(0) * es) % 16:
         return False
     if w.stride() != (Ein * Dout, Dout, 1) or (Dout * es) % 16 or (a.data_ptr() % 16) or (w.data_ptr() % 16):
         return False
@@ -288,9 +332,10 @@ def launch(a, w, tiles, offsets, order, token, gate, out, c, M, scale: bool, ato
     programs, one per SM. The caller checked `serves`."""
     kernel, descriptors, _ = _build_once()
     N, Ein, Dout = w.shape
-    a_desc, w_desc = descriptors(a, w.reshape(N * Ein, Dout), BM, BN)
+    descs = descriptors(a, w.reshape(N * Ein, Dout), BM, BN)
     n_tiles = tiles.shape[0]
     grid = (max(1, min(n_tiles, _sms(a.device))),)
-    kernel[grid](a_desc, w_desc, tiles, offsets, order, token, gate, out, out.stride(0), c, c.stride(0), M, Dout,
+    kernel[grid](*descs, tiles, offsets, order, token, gate, out, out.stride(0), c, c.stride(0), M, Dout,
                  n_tiles, SCALE=scale, ATOMIC=atomic, RANK1=rank1, STAGES=stages, CREGS=CONSUMER_REGS,
-                 LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS)
+                 LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS,
+                 SPLIT=ein_boxes(Ein)[1] > 0)
