@@ -76,7 +76,9 @@ def plot_ffn(result: dict, path: str) -> None:
                 x = gi - 0.4 + width * (b + 0.5)
                 ax.bar(x, value, width * 0.9, color=f"C{b % 10}", hatch=None if graphed else "//",
                        edgecolor="white" if graphed else "black", label=once(backend))
-                ax.annotate(f"{value:.2f}", (x, value), ha="center", va="bottom", fontsize=7)
+                top = max(value, vs_fused or 0.0)  # (the label above the fused-dense tick where that is higher)
+                ax.annotate(f"{value:.2f}", (x, top), xytext=(0, 2), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=7)
                 if vs_fused is not None:
                     ax.plot([x - width * 0.4, x + width * 0.4], [vs_fused] * 2, color="black", lw=2,
                             label=once("vs our fused dense"))
