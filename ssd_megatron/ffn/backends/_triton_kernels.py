@@ -211,7 +211,7 @@ def _default(base: str, key: tuple, hopper: bool = True):
 AUTO_WS = (128, 64, 64, 4, 2, WS)
 # ... and for an atomic combine whose Ein is two TMA boxes (`down_gluon.ein_boxes`: base ReLU's dx, 192 = 128 + 64),
 # three W stages. H100, docs/kernels.md v42: the graphed base ReLU layer's fwd+bwd 0.615-0.627 -> 0.592-0.597 ms
-# (-3.8%, five A/B rounds), where it had been the Triton TMA kernel (~119 us, ~245 TF/s).
+# (means 0.620 -> 0.594, -4.1%, five A/B rounds), where it had been the Triton TMA kernel (~119 us, ~245 TF/s).
 AUTO_WS_BOXES = (128, 64, 64, 4, 3, WS)
 
 
