@@ -106,7 +106,8 @@ def test_triton_kernel_variants_bf16(case, variant):
 
 # down variant 5 (WS, kernels/down_gluon.py: Gluon, sm_90, Triton >= 3.9) where it serves: Ein (E for the
 # forward's down, F1 for dx) one or two power-of-two boxes (base's 192 = 128 + 64), contiguous bf16 weights. Skewed
-# loads, experts with no tokens, M = T * K not a multiple of the 64-row tile, D not a multiple of the 64-column block (200), one token
+# loads, experts with no tokens, M = T * K not a multiple of the 64-row tile, D not a multiple of the 64-column block
+# (200), one token
 # tiles: auto's at 8B (128 x 64 x 2) and at base (128 x 64 x 3, where its shared memory fits: not 8B's Ein = 256)
 DOWN_WS_TILES = {"64x64x3": (64, 64, 64, 4, 3, 5), "128x64x2": (128, 64, 64, 4, 2, 5),
                  "128x64x3": (128, 64, 64, 4, 3, 5)}

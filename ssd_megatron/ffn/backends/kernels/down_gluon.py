@@ -4,8 +4,9 @@
 >= 2048 wide where it serves: of the layer's launches, the 8B ReLU dx. H100 (docs/kernels.md v16): that launch
 1.87 ms against 2.21 for 3.6's ROWLOOP default (2.66 for the same under 3.9), the 8B ReLU layer 9.17-9.19 ->
 8.99 ms. And (`AUTO_WS_BOXES`: 128 x 64, three W stages) for narrower atomic combines whose Ein is two TMA boxes:
-base ReLU's dx, where the graphed layer's fwd+bwd went 0.620 -> 0.594 ms (docs/kernels.md v42). A config string names it elsewhere (e.g. SSD_TRITON_CONFIG="down=64,64,64,4,3,5"; BK and WARPS are not
-read, STAGES is the depth of the W ring).
+base ReLU's dx, where the graphed layer's fwd+bwd went 0.620 -> 0.594 ms (docs/kernels.md v42). A config string
+names it elsewhere (e.g. SSD_TRITON_CONFIG="down=64,64,64,4,3,5"; BK and WARPS are not read, STAGES is the depth of
+the W ring).
 
 STAGED (kernels/down.py) keeps an M-tile's A rows on chip and sweeps the output column blocks, but in
 Triton each block's product is waited for at once and its epilogue (gate scale, the router's rank-1 term,
