@@ -310,13 +310,12 @@ def _ws_reduces(dw, tile) -> bool:
 def _auto_down_ws(a: torch.Tensor, w: torch.Tensor, atomic: bool):
     """The config where `auto` takes the Gluon down kernel for this launch (an atomic combine into rows >= 2048
     wide: AUTO_WS; one whose Ein is two TMA boxes: AUTO_WS_BOXES), else None (the defaults serve)."""
+    if not atomic:
+        return None
     from .kernels import down_gluon
     boxes = down_gluon.ein_boxes(w.shape[1])
     cfg = AUTO_WS if w.shape[2] >= 2048 else AUTO_WS_BOXES if boxes and boxes[1] else None
-    if not atomic or cfg is None:
-        return None
-    BM, BN, _, _, stages, _ = cfg
-    return cfg if down_gluon.serves(a, w, BM, BN, stages) else None
+    return cfg if cfg is not None and down_gluon.serves(a, w, *cfg[:2], cfg[4]) else None
 
 
 def _pick(kind: str, key: tuple, launch, hopper: bool = True, auto=None):

@@ -85,7 +85,6 @@ def _build():
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     require_gluon("WS down kernel")
 
@@ -247,21 +246,26 @@ def _build():
                       b_empty, TILES, M, Dout, n_tiles, SPLIT)),
         ], [4, 1], [CREGS, LREGS])
 
-    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
-
-    def descriptors(a, w2d, BM, BN):
-        """(A's, A's second box's, W's, W's second box's) TMA descriptors; the second ones are the first where Ein is
-        one box (`ein_boxes`)."""
-        g = gl_dtype[a.dtype]
-
-        def desc(t, box):
-            return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, g))
-        be, be2 = ein_boxes(a.shape[1])
-        a1, w1 = desc(a, [BM, be]), desc(w2d, [be, BN])
-        return (a1, desc(a, [BM, be2]), w1, desc(w2d, [be2, BN])) if be2 else (a1, a1, w1, w1)
+    def descriptors(a, w2d, BM, BN, boxes):
+        """(A's, A's second box's, W's, W's second box's) TMA descriptors for Ein's `boxes` (`ein_boxes`); the second
+        ones are the first where Ein is one box."""
+        ad = box_descriptors(a, [[BM, b] for b in boxes if b])
+        wd = box_descriptors(w2d, [[b, BN] for b in boxes if b])
+        return ad[0], ad[-1], wd[0], wd[-1]
 
     # the parts kernels/mlp_gluon.py's kernel shares
     return down_ws_kernel, descriptors, types.SimpleNamespace(row_targets=row_targets, store_block=store_block)
+
+
+def box_descriptors(t: torch.Tensor, boxes) -> tuple:
+    """Gluon TMA descriptors of the 2-D bf16/fp16 tensor `t` in each box shape of `boxes`, with the default
+    (swizzled) shared-memory layout for the box: the operand descriptors of every WS kernel here."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    g = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
+    return tuple(TensorDescriptor.from_tensor(t, list(b), gl.NVMMASharedLayout.get_default_for(list(b), g))
+                 for b in boxes)
 
 
 def smem_bytes(BM: int, BN: int, Ein: int, stages: int, element_size: int = 2) -> int:
@@ -334,10 +338,10 @@ def launch(a, w, tiles, offsets, order, token, gate, out, c, M, scale: bool, ato
     programs, one per SM. The caller checked `serves`."""
     kernel, descriptors, _ = _build_once()
     N, Ein, Dout = w.shape
-    descs = descriptors(a, w.reshape(N * Ein, Dout), BM, BN)
+    boxes = ein_boxes(Ein)
+    descs = descriptors(a, w.reshape(N * Ein, Dout), BM, BN, boxes)
     n_tiles = tiles.shape[0]
     grid = (max(1, min(n_tiles, _sms(a.device))),)
     kernel[grid](*descs, tiles, offsets, order, token, gate, out, out.stride(0), c, c.stride(0), M, Dout,
                  n_tiles, SCALE=scale, ATOMIC=atomic, RANK1=rank1, STAGES=stages, CREGS=CONSUMER_REGS,
-                 LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS,
-                 SPLIT=ein_boxes(Ein)[1] > 0)
+                 LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS, SPLIT=boxes[1] > 0)

@@ -63,7 +63,6 @@ def _build():
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                    warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     down_gluon.require_gluon("WS fused forward", cp_async=True)
     down = down_gluon._build_once()
@@ -357,17 +356,9 @@ def _build():
                         n_tiles, SPLIT, W1_RC, W2_RC, BE, BK)),
         ], [4, LW, 1], [CREGS, LREGS, W_LOADER_REGS])
 
-    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
-
-    def descriptors(w2d, boxes, dtype):
-        """TMA descriptors of the 2-D weight matrix `w2d` in each box shape of `boxes`."""
-        g = gl_dtype[dtype]
-        return tuple(TensorDescriptor.from_tensor(w2d, list(b), gl.NVMMASharedLayout.get_default_for(list(b), g))
-                     for b in boxes)
-
     # the parts kernels/up_bwd_gluon.py's kernel shares
     parts = types.SimpleNamespace(x_loader=x_loader, w_load=_w_load, up_gemm=_up_gemm, act=_act, rings=_rings)
-    return mlp_ws_kernel, descriptors, parts
+    return mlp_ws_kernel, down_gluon.box_descriptors, parts
 
 
 
@@ -426,8 +417,8 @@ def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, 
     M = order.shape[0]
     w1d, rc1, boxes1 = _boxes(w1, (be, be2), BK)
     w2d, rc2, boxes2 = _boxes(w2, (be, be2), BN)
-    d1, d1b = descriptors(w1d, boxes1, x.dtype)
-    d2, d2b = descriptors(w2d, boxes2, x.dtype)
+    d1, d1b = descriptors(w1d, boxes1)
+    d2, d2b = descriptors(w2d, boxes2)
     n_tiles = tiles.shape[0]
     grid = (max(1, min(n_tiles, down_gluon._sms(x.device))),)
     hh = h if h is not None else out

@@ -315,8 +315,8 @@ def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill,
     N, E, D = w2.shape
     M = h.shape[0]
     w2d, rc, boxes = mlp_gluon._boxes(w2, (be, be2), BK)
-    d, d2 = descriptors(w2d, boxes, dy.dtype)
-    hd, hd2 = descriptors(h, ([BM, be], [BM, max(be2, 16)]), dy.dtype)
+    d, d2 = descriptors(w2d, boxes)
+    hd, hd2 = descriptors(h, ([BM, be], [BM, max(be2, 16)]))
     # dh's and gate * a's TMA stores from h's slots: half a tile's rows per box, h's layouts
     half = ([BM // 2, be], [BM // 2, max(be2, 16)])
     ga_ = ga if ga is not None else dh

@@ -391,21 +391,13 @@ def _build():
                         PB, NPS, BALANCED, NP2, SPLIT, FOLD)),
         ], [4, LW, 1], [CREGS, LREGS, L_REGS])
 
-    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
-
-    def descriptors(lhs, boxes):
-        """TMA descriptors of the [M, P] left operand in each box shape of `boxes`."""
-        g = gl_dtype[lhs.dtype]
-        return tuple(TensorDescriptor.from_tensor(lhs, list(b), gl.NVMMASharedLayout.get_default_for(list(b), g))
-                     for b in boxes)
-
     def out_descriptors(out2d, boxes):
         """TMA descriptors of dW's 2-D view (`out_view`, fp32 or dW's bf16/fp16) in each box shape of `boxes`,
         unswizzled (a box's inner dimension is up to 128 columns, past the 128-byte swizzles)."""
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * out2d.element_size(), rank=2)
         return tuple(TensorDescriptor.from_tensor(out2d, list(b), layout) for b in boxes)
 
-    return wgrad_ws_kernel, descriptors, out_descriptors
+    return wgrad_ws_kernel, down_gluon.box_descriptors, out_descriptors
 
 
 def smem_bytes(BK: int, BQ: int, P2: int, l_stages: int, r_stages: int, element_size: int = 2,
