@@ -143,7 +143,7 @@ def _step(case, backend, fwd_only: bool):
 
 
 def main(argv=None) -> int:
-    from ssd_megatron.bench.ffn import Case, time_calls
+    from ssd_megatron.bench.ffn import Case, capture_graph, time_calls
     from ssd_megatron.ffn.backends import get_backend
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     def timed_plain():
         if args.eager:
             return time_calls(lambda i: call(), args.calls, 3)["median"]
-        g, _out = _capture(call)
+        g, _out = capture_graph(call)
         return time_calls(lambda i: g.replay(), args.calls, 3)["median"]
 
     plain_ms = timed_plain()
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
             def record():
                 probes.start()
                 return call()
-            g, _out = _capture(record)
+            g, _out = capture_graph(record)
             once = g.replay
         names = None
         for _ in range(args.calls):
@@ -214,20 +214,6 @@ def main(argv=None) -> int:
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)
     return 0
-
-
-def _capture(fn):
-    """(a CUDA graph of fn(), fn's outputs in it), after two warm-up calls on a side stream (torch's recipe)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g, out
 
 
 if __name__ == "__main__":

@@ -257,6 +257,20 @@ class Case:
         return run
 
 
+def capture_graph(fn):
+    """(a CUDA graph of fn(), fn's outputs in it), after two warm-up calls on a side stream (torch's recipe)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
+
+
 def _graphed(case, f, n_iter, fwd_only):
     """Median ms of CUDA-graph replays of f (fwd, or fwd + autograd.grad): the GPU time without the
     host's launch overhead. Only for sync-free paths; raises otherwise (capture fails on a sync)."""
@@ -270,15 +284,8 @@ def _graphed(case, f, n_iter, fwd_only):
                 with torch.no_grad():
                     return f(layer, x)
             return torch.autograd.grad(f(layer, x), params, dy, allow_unused=True)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            keep.append(step())
+        g, out = capture_graph(step)
+        keep.append(out)
         graphs.append(g)
     try:
         return time_calls(lambda i: graphs[i % case.R].replay(), n_iter, 3)
