@@ -16,7 +16,7 @@ both again and stores the four values in its own slot. Then, per launch position
 
 The probes serialise the launches (each waits for the one before, as in the layer's stream anyway) and add their
 spin and a launch gap each; the report gives the probed layer's total against the unprobed one's. On CPU only the
-probe kernel's compile is tested (tests/tools/test_launch_clocks.py, offline for sm_90, as tools/compile_report.py
+probe kernel's compile is tested (tests/backends/test_launch_clocks.py, offline for sm_90, as tools/compile_report.py
 does) and the report's arithmetic; the GPU test runs the tool at base.
 
     python tools/launch_clocks.py --shape 8b --activation relu --out clocks.json
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="base", choices=("base", "8b"))
     ap.add_argument("--activation", default="relu")
     ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--routing", default="realistic")
+    ap.add_argument("--routing", default="realistic", choices=("realistic", "uniform"))
     ap.add_argument("--forward-only", action="store_true", help="the inference forward only")
     ap.add_argument("--eager", action="store_true", help="eager calls instead of replays of one CUDA graph")
     ap.add_argument("--calls", type=int, default=20, help="probed calls (graph replays) to take medians over")
