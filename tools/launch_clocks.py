@@ -90,12 +90,11 @@ class Probes:
     def patched(self):
         from triton.runtime.jit import JITFunction
         original = JITFunction.run
-        probes = self
 
         def run(fn, *args, grid, warmup, **kwargs):
             result = original(fn, *args, grid=grid, warmup=warmup, **kwargs)
-            if probes.active and not probes._inside and not warmup:
-                probes._probe(getattr(fn, "__name__", None) or str(fn))
+            if self.active and not self._inside and not warmup:
+                self._probe(getattr(fn, "__name__", None) or str(fn))
             return result
         JITFunction.run = run
         try:
@@ -177,18 +176,15 @@ def main(argv=None) -> int:
     samples = []
     with probes.patched():
         probes.active = True
-        for _ in range(2):  # warm-up (compiles the probe and every launch)
+
+        def record():
             probes.start()
-            call()
-        torch.cuda.synchronize()
+            return call()
         if args.eager:
-            def once():
-                probes.start()
-                call()
-        else:
-            def record():
-                probes.start()
-                return call()
+            for _ in range(2):  # warm-up (compiles the probe and every launch)
+                record()
+            once = record
+        else:  # (capture_graph's own two warm-up calls compile them)
             g, _out = capture_graph(record)
             once = g.replay
         names = None

@@ -358,7 +358,7 @@ def _build():
 
     # the parts kernels/up_bwd_gluon.py's kernel shares
     parts = types.SimpleNamespace(x_loader=x_loader, w_load=_w_load, up_gemm=_up_gemm, act=_act, rings=_rings)
-    return mlp_ws_kernel, down_gluon.box_descriptors, parts
+    return mlp_ws_kernel, parts
 
 
 
@@ -412,13 +412,13 @@ def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, 
            BK: int, w_stages: int, stages: int, be: int, be2: int):
     """The kernel over `tiles` ([n, 2] int32 (expert, first row), first row M = empty) with persistent programs,
     one per SM. h: the pre-activation [M, E] to store (the backward's), or None. The caller checked `serves`."""
-    kernel, descriptors, _ = _build_once()
+    kernel, _ = _build_once()
     N, E, D = w1.shape
     M = order.shape[0]
     w1d, rc1, boxes1 = _boxes(w1, (be, be2), BK)
     w2d, rc2, boxes2 = _boxes(w2, (be, be2), BN)
-    d1, d1b = descriptors(w1d, boxes1)
-    d2, d2b = descriptors(w2d, boxes2)
+    d1, d1b = down_gluon.box_descriptors(w1d, boxes1)
+    d2, d2b = down_gluon.box_descriptors(w2d, boxes2)
     n_tiles = tiles.shape[0]
     grid = (max(1, min(n_tiles, down_gluon._sms(x.device))),)
     hh = h if h is not None else out

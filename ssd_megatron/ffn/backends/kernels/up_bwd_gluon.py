@@ -66,7 +66,7 @@ def _build():
     forward = mlp_gluon._build_once()
     if forward is None:
         raise ImportError("the WS fused forward's parts, which this kernel shares, do not build here")
-    _, descriptors, parts = forward
+    _, parts = forward
     x_loader, _w_load, _up_gemm, _act, _rings = (parts.x_loader, parts.w_load, parts.up_gemm, parts.act,
                                                  parts.rings)
 
@@ -273,7 +273,7 @@ def _build():
                         HAS_FILL, BE, BK)),
         ], [4, LW, 1], [CREGS, LREGS, W_LOADER_REGS])
 
-    return up_bwd_ws_kernel, descriptors
+    return up_bwd_ws_kernel
 
 
 def smem_bytes(BM: int, BK: int, E: int, stages: int, w_stages: int, element_size: int = 2) -> int:
@@ -311,12 +311,12 @@ def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill,
     its tile's expert's with `tma_stores` (`_put`). The caller checked `serves`."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    kernel, descriptors = _build_once()
+    kernel = _build_once()
     N, E, D = w2.shape
     M = h.shape[0]
     w2d, rc, boxes = mlp_gluon._boxes(w2, (be, be2), BK)
-    d, d2 = descriptors(w2d, boxes)
-    hd, hd2 = descriptors(h, ([BM, be], [BM, max(be2, 16)]))
+    d, d2 = down_gluon.box_descriptors(w2d, boxes)
+    hd, hd2 = down_gluon.box_descriptors(h, ([BM, be], [BM, max(be2, 16)]))
     # dh's and gate * a's TMA stores from h's slots: half a tile's rows per box, h's layouts
     half = ([BM // 2, be], [BM // 2, max(be2, 16)])
     ga_ = ga if ga is not None else dh

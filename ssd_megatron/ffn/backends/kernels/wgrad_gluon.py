@@ -397,7 +397,7 @@ def _build():
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * out2d.element_size(), rank=2)
         return tuple(TensorDescriptor.from_tensor(out2d, list(b), layout) for b in boxes)
 
-    return wgrad_ws_kernel, down_gluon.box_descriptors, out_descriptors
+    return wgrad_ws_kernel, out_descriptors
 
 
 def smem_bytes(BK: int, BQ: int, P2: int, l_stages: int, r_stages: int, element_size: int = 2,
@@ -483,12 +483,12 @@ def launch(lhs, rhs, offsets, token, coef, fold_p: int, out, fold: int, min_rows
     columns in boxes of be and be2 (0: one box). FOLD 2: coef [N, Q] fp32, the router's term per expert; FOLD 3: `rows`,
     the router's gradient matrix (kernels/score_grad.row_matrix, [M, ROW_WIDTH] in lhs's dtype), whose first column's
     products with R the kernel sums, times `scale`. The caller checked `serves`."""
-    kernel, descriptors, out_descriptors = _build_once()
+    kernel, out_descriptors = _build_once()
     (M, P), Q, N = lhs.shape, rhs.shape[1], out.shape[0]
     num_q = -(-Q // 128)
     sms = down_gluon._sms(lhs.device)
-    l_desc, l_desc2 = descriptors(lhs, ([BK, be], [BK, be2 or 16]))
-    c_desc = descriptors(rows, ([BK, rows.shape[1]],))[0] if fold == 3 else None
+    l_desc, l_desc2 = down_gluon.box_descriptors(lhs, ([BK, be], [BK, be2 or 16]))
+    c_desc = down_gluon.box_descriptors(rows, ([BK, rows.shape[1]],))[0] if fold == 3 else None
     o_desc = o_desc2 = None
     out_t = False
     if tma_out:
