@@ -131,9 +131,9 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _step(case, backend, fwd_only: bool):
-    """One call of the sparse layer (fwd, or fwd + autograd.grad) on case's first layer and input."""
-    layer, x, dy = case.layers[0], case.xs[0], case.dys[0]
+def _step(case, backend, fwd_only: bool, r: int):
+    """One call of the sparse layer (fwd, or fwd + autograd.grad) on case's layer and input `r`."""
+    layer, x, dy = case.layers[r], case.xs[r], case.dys[r]
     params = layer.params() + [x.requires_grad_()]
     if fwd_only:
         with torch.no_grad():
@@ -155,16 +155,20 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=20, help="probed calls (graph replays) to take medians over")
     ap.add_argument("--spin-ns", type=int, default=4000, help="each probe's spin (the clock's sampling window)")
     ap.add_argument("--slots", type=int, default=256)
+    ap.add_argument("--rotation", type=int, default=0,
+                    help="which of `ssd-bench ffn`'s rotated layers and inputs (its seeds; 0 = the first)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: launch_clocks reads clocks on a GPU; none is visible here")
     dev = torch.device("cuda")
     backend = get_backend("triton")
-    case = Case(args.shape, args.activation, args.tokens, 1, dev, torch.bfloat16)
+    if args.rotation < 0:
+        raise SystemExit(f"error: --rotation {args.rotation}: expected 0 or more")
+    case = Case(args.shape, args.activation, args.tokens, args.rotation + 1, dev, torch.bfloat16)
     case.set_routing(args.routing)
     probes = Probes(args.slots, args.spin_ns, dev)
-    call = lambda: _step(case, backend, args.forward_only)  # noqa: E731
+    call = lambda: _step(case, backend, args.forward_only, args.rotation)  # noqa: E731
 
     def timed_plain():
         if args.eager:
@@ -205,7 +209,8 @@ def main(argv=None) -> int:
     if args.out:
         res = {"gpu": gpu, "date": str(datetime.date.today()), "torch": torch.__version__,
                "triton": triton.__version__, "shape": args.shape, "activation": args.activation,
-               "phase": phase, "graphed": not args.eager, "tokens": args.tokens, "spin_ns": args.spin_ns,
+               "phase": phase, "graphed": not args.eager, "tokens": args.tokens, "rotation": args.rotation,
+               "spin_ns": args.spin_ns,
                "calls": args.calls, "plain_ms": plain_ms, "probed_ms": probed_ms, "launches": rows}
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)

@@ -190,8 +190,9 @@ def _event():
     return torch.cuda.Event(enable_timing=True) if _CUDA else _HostEvent()
 
 
-def time_calls(fn, n_iter, n_warm, pre=None) -> dict:
-    """Median/min/max ms of fn(i) between CUDA events; `pre(i)` runs untimed before each."""
+def time_calls(fn, n_iter, n_warm, pre=None, groups: int = 1) -> dict:
+    """Median/min/max ms of fn(i) between CUDA events; `pre(i)` runs untimed before each. With `groups` > 1 also each
+    group's median (`group_medians`: call i in group i % groups, e.g. a Case's rotated layers)."""
     for i in range(n_warm):
         if pre:
             pre(i)
@@ -210,8 +211,11 @@ def time_calls(fn, n_iter, n_warm, pre=None) -> dict:
         evs.append((s, e))
     _sync()
     ts = [s.elapsed_time(e) for s, e in evs]
-    return {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts),
-            "host_median": statistics.median(host)}
+    out = {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts),
+           "host_median": statistics.median(host)}
+    if groups > 1:
+        out["group_medians"] = [statistics.median(ts[g::groups]) for g in range(groups) if ts[g::groups]]
+    return out
 
 
 class Case:
@@ -288,7 +292,7 @@ def _graphed(case, f, n_iter, fwd_only):
         keep.append(out)
         graphs.append(g)
     try:
-        return time_calls(lambda i: graphs[i % case.R].replay(), n_iter, 3)
+        return time_calls(lambda i: graphs[i % case.R].replay(), n_iter, 3, groups=case.R)
     finally:
         del graphs, keep
         torch.cuda.empty_cache()
@@ -522,6 +526,7 @@ def main(argv=None) -> int:
             case.set_w2_mode(args.weight_gather)
             case.set_routing("realistic")
             result["routing_stats"][key] = _routing_stats(case.layers[0], case.xs[0])
+            result["routing_stats"][key]["per_rotation"] = [_routing_stats(lay, x) for lay, x in zip(case.layers, case.xs)]
             graphs = _CUDA and not args.no_graphs
             dense = _dense_times(case, Layer.dense, n_iter, args.warmup, graphs, result["errors"], f"{key} dense")
             # our fused dense ReLU FFN (the training step's), a second baseline beside the plain one the issue names
@@ -539,8 +544,8 @@ def main(argv=None) -> int:
                     it = n_iter if name not in ("reference", "megablocks") else max(5, n_iter // 4)
                     f = lambda layer, x, be=be: layer.sparse(x, be)  # noqa: E731
                     try:
-                        tf = time_calls(case.fwd(f), it, args.warmup)
-                        tfb = time_calls(case.fwd_bwd(f), it, args.warmup, case.clear)
+                        tf = time_calls(case.fwd(f), it, args.warmup, groups=case.R)
+                        tfb = time_calls(case.fwd_bwd(f), it, args.warmup, case.clear, groups=case.R)
                     except Exception as exc:  # a backend that fails is reported, not fatal
                         msg = f"{key} {routing} {name}: {type(exc).__name__}: {str(exc)[:300]}"
                         print("ERROR", msg, flush=True)
@@ -556,9 +561,10 @@ def main(argv=None) -> int:
                             rec["fwd_rel_err_vs_reference"] = _err(case.layers[0].sparse(case.xs[0], be), y_ref)
                     if dense["fwd_graph"] is not None and name not in ("reference", "megablocks"):
                         try:
-                            gf = _graphed(case, f, n_iter, True)["median"]
-                            gfb = _graphed(case, f, n_iter, False)["median"]
-                            rec.update({"fwd_graph_ms": gf, "fwd_bwd_graph_ms": gfb,
+                            sf, sfb = _graphed(case, f, n_iter, True), _graphed(case, f, n_iter, False)
+                            gf, gfb = sf["median"], sfb["median"]
+                            rec.update({"fwd_graph_ms": gf, "fwd_bwd_graph_ms": gfb, "fwd_graph_stats": sf,
+                                        "fwd_bwd_graph_stats": sfb,
                                         **_against(dense, gf, gfb, graph=True)})
                             if fused is not None and fused["fwd_graph"] is not None:
                                 rec.update(_against(fused, gf, gfb, graph=True, fused=True))
@@ -566,7 +572,9 @@ def main(argv=None) -> int:
                             result["errors"].append(f"{key} {routing} {name} graph: {type(exc).__name__}: {str(exc)[:200]}")
                     (result["records"] if routing == "realistic" else result["uniform_records"]).append(rec)
                     gs = (f"  graphs fwd {rec['fwd_graph_ms']:.3f} ({rec['speedup_fwd_graph']:.2f}x) fwd+bwd "
-                          f"{rec['fwd_bwd_graph_ms']:.3f} ({rec['speedup_fwd_bwd_graph']:.2f}x)") if "fwd_graph_ms" in rec else ""
+                          f"{rec['fwd_bwd_graph_ms']:.3f} ({rec['speedup_fwd_bwd_graph']:.2f}x; by layer "
+                          + "/".join(f"{m:.3f}" for m in rec["fwd_bwd_graph_stats"].get("group_medians", [])) + ")"
+                          ) if "fwd_graph_ms" in rec else ""
                     print(f"{key:16s} {routing[:4]} {name:10s} fwd {tf['median']:8.3f} ({rec['speedup_fwd']:.2f}x)  "
                           f"fwd+bwd {tfb['median']:8.3f} ({rec['speedup_fwd_bwd']:.2f}x) host {tf['host_median']:.3f}/"
                           f"{tfb['host_median']:.3f}{gs}", flush=True)

@@ -70,3 +70,28 @@ def test_bench_records_the_fused_dense_baseline_for_relu(tmp_path):
     assert relu["speedup_fwd_vs_fused_dense"] == pytest.approx(relu["fused_dense_fwd_ms"] / relu["fwd_ms"])
     assert not any(k.startswith("fused_dense") for k in recs["swiglu"])
     assert (tmp_path / "ffn.png").stat().st_size > 0
+
+
+def test_time_calls_reports_each_groups_median():
+    """Calls i = 0, 2, 4 ... form group 0 and 1, 3, 5 ... group 1 (a Case's rotated layers): each group's median is
+    its own calls' (here 1 ms and 20 ms sleeps), the overall median is over all calls."""
+    import time
+
+    from ssd_megatron.bench.ffn import time_calls
+    t = time_calls(lambda i: time.sleep(0.001 if i % 2 == 0 else 0.02), 6, 1, groups=2)
+    fast, slow = t["group_medians"]
+    assert t["n"] == 6 and fast < 10 <= slow and t["min"] <= fast and slow <= t["max"]
+    assert "group_medians" not in time_calls(lambda i: None, 3, 0)
+
+
+def test_bench_records_routing_stats_per_rotated_layer(tmp_path):
+    import json
+    out = tmp_path / "ffn.json"
+    assert bench_main(["ffn", "--device", "cpu", "--shapes", "tiny", "--activations", "relu", "--backends",
+                       "reference", "--tokens", "256", "--iters", "2", "--warmup", "1", "--rotations", "2",
+                       "--no-breakdown", "--no-plot", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    stats = next(iter(res["routing_stats"].values()))
+    assert len(stats["per_rotation"]) == 2 and stats["per_rotation"][0] == {k: v for k, v in stats.items()
+                                                                             if k != "per_rotation"}
+    assert len(res["records"][0]["fwd_bwd_stats"]["group_medians"]) == 2

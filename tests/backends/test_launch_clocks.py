@@ -66,11 +66,13 @@ def test_launch_rows_durations_and_clocks():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="reads clocks on a GPU")
 def test_launch_clocks_at_base_on_gpu(tmp_path):
     out = tmp_path / "clocks.json"
-    r = subprocess.run([sys.executable, TOOL, "--shape", "base", "--calls", "3", "--out", str(out)],
+    args = ["--shape", "base", "--calls", "3", "--rotation", "1", "--out", str(out)]  # the bench's second layer
+    r = subprocess.run([sys.executable, TOOL, *args],
                        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     rows = res["launches"]
+    assert res["rotation"] == 1
     assert len(rows) >= 5 and all(row["us"] > 0 for row in rows)
     # a physical SM clock (an H100's base and boost clocks are 1.1-2.0 GHz), not a unit slip
     assert all(200 < row["mhz"] < 3000 for row in rows), rows
