@@ -526,7 +526,8 @@ def main(argv=None) -> int:
             case.set_w2_mode(args.weight_gather)
             case.set_routing("realistic")
             result["routing_stats"][key] = _routing_stats(case.layers[0], case.xs[0])
-            result["routing_stats"][key]["per_rotation"] = [_routing_stats(lay, x) for lay, x in zip(case.layers, case.xs)]
+            result["routing_stats"][key]["per_rotation"] = [_routing_stats(lay, x)
+                                                            for lay, x in zip(case.layers, case.xs)]
             graphs = _CUDA and not args.no_graphs
             dense = _dense_times(case, Layer.dense, n_iter, args.warmup, graphs, result["errors"], f"{key} dense")
             # our fused dense ReLU FFN (the training step's), a second baseline beside the plain one the issue names

@@ -104,13 +104,15 @@ def test_triton_kernel_variants_bf16(case, variant):
         kernels.force_config()
 
 
-# down variant 5 (WS, kernels/down_gluon.py: Gluon, sm_90, Triton >= 3.9) where it serves: Ein (E for the
-# forward's down, F1 for dx) one or two power-of-two boxes (base's 192 = 128 + 64), contiguous bf16 weights. Skewed
-# loads, experts with no tokens, M = T * K not a multiple of the 64-row tile, D not a multiple of the 64-column block
-# (200), one token
-# tiles: auto's at 8B (128 x 64 x 2) and at base (128 x 64 x 3, where its shared memory fits: not 8B's Ein = 256)
+# down variants 5 and 6 (WS and WS_PAIR, kernels/down_gluon.py: Gluon, sm_90, Triton >= 3.9) where they serve: Ein
+# (E for the forward's down, F1 for dx) one or two power-of-two boxes (base's 192 = 128 + 64), contiguous bf16
+# weights. Skewed loads, experts with no tokens, M = T * K not a multiple of the 64-row tile, D not a multiple of the
+# 64-column block (200), one token
+# tiles: auto's at 8B (128 x 64 x 2 in pairs: 256-row M-tiles, variant 6) and at base (128 x 64 x 3, where its shared
+# memory fits: not 8B's Ein = 256), and the others in pairs too
 DOWN_WS_TILES = {"64x64x3": (64, 64, 64, 4, 3, 5), "128x64x2": (128, 64, 64, 4, 2, 5),
-                 "128x64x3": (128, 64, 64, 4, 3, 5)}
+                 "128x64x3": (128, 64, 64, 4, 3, 5), "pairs-64x64x3": (64, 64, 64, 4, 3, 6),
+                 "pairs-128x64x2": (128, 64, 64, 4, 2, 6), "pairs-128x64x3": (128, 64, 64, 4, 3, 6)}
 WS_CASES = [dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewed"),
             dict(activation="relu", T=333, D=200, E=64, N=8, K=2, routing="empty"),
             dict(activation="relu", T=1000, D=512, E=256, N=16, K=4, routing="skewed"),  # 8B's E = 256
@@ -131,8 +133,8 @@ WS_OPTS = {"atomic16": {"combine": "atomic16"}, "atomic32": {"combine": "atomic3
 @pytest.mark.parametrize("opts", list(WS_OPTS))
 @pytest.mark.parametrize("case", WS_CASES, ids=WS_IDS)
 def test_triton_down_ws_bf16(case, opts, tile, order, monkeypatch):
-    """The warp-specialised Gluon down kernel (down variant 5) in the forward's down and dx against the
-    reference, forward and every grad, at each tile, in expert order and in token windows of 3 experts
+    """The warp-specialised Gluon down kernel (down variant 5, and 6 in pairs) in the forward's down and dx against
+    the reference, forward and every grad, at each tile, in expert order and in token windows of 3 experts
     (SSD_TRITON_WS_DOWN_ORDER); each launch is checked to have taken it (not the STAGED fallback)."""
     DOWN_WS = DOWN_WS_TILES[tile]
     if "triton" not in AVAILABLE:
@@ -152,7 +154,7 @@ def test_triton_down_ws_bf16(case, opts, tile, order, monkeypatch):
     real = down_gluon.launch
 
     def counted(*args, **kwargs):
-        launches.append(args[10:13])  # (scale, atomic, rank1)
+        launches.append(args[10:13] + (kwargs["pair"],))  # (scale, atomic, rank1, pairs)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(down_gluon, "launch", counted)
@@ -171,7 +173,8 @@ def test_triton_down_ws_bf16(case, opts, tile, order, monkeypatch):
         kernels.force_config()
     atomic = opts != "buffer"  # (K > 1 in every case)
     # the forward's down (scaled by the gate; with the router folded, a gate of ones), then dx
-    assert launches == [(True, atomic, False), (False, atomic, opts == "router-fold")], launches
+    pair = DOWN_WS[5] == kernels.WS_PAIR
+    assert launches == [(True, atomic, False, pair), (False, atomic, opts == "router-fold", pair)], launches
     print("down ws", case, opts, {k: f"{v:.1e}" for k, v in errs.items()})
 
 

@@ -125,19 +125,21 @@ def test_default_launches_compile_for_sm80(act):
     assert kernels == {"_up_kernel", "_down_kernel", "_wgrad_kernel", "_mlp_kernel"}
 
 
-# The warp-specialised Gluon down kernel (down variant 5, WS: kernels/down_gluon.py; `auto`'s for 8B's dx
-# under Triton >= 3.9). Gluon has no interpreter, so on CPU: its offline compile for sm_90 through the real
+# The warp-specialised Gluon down kernel (down variants 5 and 6, WS and WS_PAIR: kernels/down_gluon.py; `auto`'s
+# for 8B's dx under Triton >= 3.9). Gluon has no interpreter, so on CPU: its offline compile for sm_90 through the real
 # launcher, and the launcher's choice (the kernel where it serves, STAGED elsewhere). test_backends_gpu.py (`down_ws`) checks its results.
 DOWN_WS = (64, 64, 64, 4, 3, 5)
-# name -> (Ein, dtype, combine, gate scale, rank-1 term): dx (bf16 adds, with the router's rank-1 term), the
+# name -> (Ein, dtype, combine, gate scale, rank-1 term[, pairs]): dx (bf16 adds, with the router's rank-1 term), the
 # forward's down (scaled; fp32 adds, the (t, k) rows stored), 8B's Ein = 256 in fp16, base's Ein = 192 as two boxes
-# (with the router's term, as base trains)
+# (with the router's term, as base trains); in pairs (WS_PAIR, `auto`'s for 8B's dx) at 8B's Ein and at two boxes
 WS_LAUNCHES = {"dx": (64, "bfloat16", "atomic16", False, False),
                "dx-192-fold": (192, "bfloat16", "atomic16", False, True),
                "dx-fold": (64, "bfloat16", "atomic16", False, True),
                "fwd-atomic32": (64, "bfloat16", "atomic32", True, False),
                "fwd-buffer": (64, "bfloat16", "buffer", True, False),
-               "dx-256-fp16": (256, "float16", "atomic16", False, False)}
+               "dx-256-fp16": (256, "float16", "atomic16", False, False),
+               "dx-256-fold-pairs": (256, "bfloat16", "atomic16", False, True, True),
+               "dx-192-pairs": (192, "bfloat16", "atomic16", False, False, True)}
 
 
 def _down_case(Ein, dtype, T=100, D=128, N=8, K=2):
@@ -157,11 +159,14 @@ def _ws_compile_main():  # in a subprocess: compile-only launches for sm_90 (too
 
     from ssd_megatron.ffn.backends import _triton_kernels as K
     cr.offline(90)
-    K.force_config(down=DOWN_WS)
 
-    def launch(Ein, dtype, combine, scale, rank1):
+    def launch(Ein, dtype, combine, scale, rank1, pairs=False):
         a, w, plan, gate, r1 = _down_case(Ein, getattr(torch, dtype))
-        return lambda: K.down_scatter(a, w, plan, gate if scale else None, combine, rank1=r1 if rank1 else None)
+
+        def call():
+            K.force_config(down=DOWN_WS[:5] + (K.WS_PAIR if pairs else K.WS,))
+            K.down_scatter(a, w, plan, gate if scale else None, combine, rank1=r1 if rank1 else None)
+        return call
     print("WS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in WS_LAUNCHES.items()})))
 
 
@@ -196,7 +201,7 @@ def test_ws_down_compiles_for_sm90(ws_compiled, name):
     r = res[0][1]
     assert r["warps"] > 4 and r["utmaldg"] > 0 and r["ldgsts"] == 0 and r["mma"].startswith("64x"), r
     assert r["cas"] == 0 and (r["atom"] > 0) == (WS_LAUNCHES[name][2] != "buffer"), r
-    assert r["smem_kb"] * 1024 <= 227 * 1024, r
+    assert r["smem_kb"] * 1024 <= 227 * 1024 and r["stack"] == 0, r
 
 
 def test_ws_down_variant_is_accepted(monkeypatch):
@@ -206,9 +211,11 @@ def test_ws_down_variant_is_accepted(monkeypatch):
     monkeypatch.setenv("SSD_TRITON_CONFIG", "down=64,64,64,4,3,5")
     assert K._pick("down:atomic16", (256, 4096, "torch.bfloat16"), None) == (64, 64, 64, 4, 3, K.WS)
     assert K._parse_configs("down:buffer=128,64,64,4,2,5") == {"down:buffer": (128, 64, 64, 4, 2, K.WS)}
-    for other in ("up", "up_bwd_glu"):  # the variant is down's, mlp's, up_bwd's and wgrad's only
-        with pytest.raises(UserError, match="5 \\(WS\\)"):
-            K._parse_configs(f"{other}=64,64,64,4,3,5")
+    assert K._parse_configs("down=128,64,64,4,2,6") == {"down": (128, 64, 64, 4, 2, K.WS_PAIR)}
+    for other in ("up", "up_bwd_glu"):  # the variants are down's, mlp's, up_bwd's and wgrad's only
+        for v in (5, 6):
+            with pytest.raises(UserError, match="5 \\(WS\\)"):
+                K._parse_configs(f"{other}=64,64,64,4,3,{v}")
 
 
 def _ws_operands(why):
@@ -288,7 +295,7 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
         monkeypatch.setenv("SSD_TRITON_CONFIG", "down=64,128,64,4,3,1")
     else:
         monkeypatch.delenv("SSD_TRITON_CONFIG", raising=False)
-    # (T = 400: experts of up to three 128-row tiles, so that token windows and expert order differ)
+    # (T = 400: experts of up to four 128-row tiles, so that token windows and expert order differ)
     a, w, plan, gate, _ = _down_case(192 if why == "served-boxes" else 64, torch.bfloat16, T=400,
                                      D={"narrow": 64, "served-boxes": 768}.get(why, 2048))
     if why == "forced":
@@ -302,9 +309,12 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     if why.startswith("served"):
         cfg = K.AUTO_WS_BOXES if why == "served-boxes" else K.AUTO_WS
         assert name == "ws" and set(served) == {cfg[:2] + cfg[4:5]} and args[-3:] == cfg[:2] + cfg[4:5], args
-        M, N = plan.num_rows, plan.num_experts
-        want = (K.expert_tiles(plan.offsets, M, N, 128) if why != "served"
-                else K.token_window_tiles(plan.offsets, M, N, 128, K.AUTO_GROUP))
+        pair = cfg[5] == K.WS_PAIR  # (8B's dx in pairs: M-tiles of 256 rows; base's in 128)
+        assert kwargs == {"pair": pair} and pair == (why != "served-boxes"), kwargs
+        M, N, height = plan.num_rows, plan.num_experts, 256 if pair else 128
+        want = (K.expert_tiles(plan.offsets, M, N, height) if why != "served"
+                else K.token_window_tiles(plan.offsets, M, N, height, K.AUTO_GROUP))
+        assert not torch.equal(want, K.expert_tiles(plan.offsets, M, N, height)) or why != "served"
         assert torch.equal(args[2], want), (args[2], want)
     else:  # the default tile (a Triton kernel, TMA or not), never the STAGED fallback
         assert name in ("triton", "tma") and not kwargs.get("STAGED"), (name, kwargs)

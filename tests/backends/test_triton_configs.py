@@ -40,7 +40,7 @@ def test_forced_configs_win_over_the_environment(monkeypatch):
     ("wgrad=64,96,128,4,3", "powers of two"),
     ("down=128,128,64,8,0", "STAGES >= 1"),
     ("down=128,128,64,8,3,2", "VARIANT must be"),      # 2 was PERSISTENT, removed
-    ("down=128,128,64,8,3,6", "5 (WS)"),
+    ("down=128,128,64,8,3,7", "6 (WS_PAIR)"),
     ("up=128,128,64,8,3,1", "VARIANT must be"),
     ("wgrad=64,128,128,4,3,-1", "VARIANT must be"),
 ])

@@ -43,9 +43,10 @@ from .routing import initialise
 
 # (BM|BP, BN|BQ, BK, num_warps, num_stages[, variant]). variant: down 1 = ROWLOOP (a program covers all
 # output columns), 3 = TMA (descriptor loads), 4 = STAGED (ROWLOOP from A rows loaded once; BK unused),
-# 5 = WS (STAGED as a warp-specialised Gluon kernel, kernels/down_gluon.py: `auto`'s for 8B's and base ReLU's dx
-# with Triton >= 3.9, AUTO_WS and AUTO_WS_BOXES; BK and WARPS unused, STAGES = its W ring; STAGED where a forced
-# WS does not serve);
+# 5 = WS (STAGED as a warp-specialised Gluon kernel, kernels/down_gluon.py: `auto`'s for base ReLU's dx with
+# Triton >= 3.9, AUTO_WS_BOXES; BK and WARPS unused, STAGES = its W ring; STAGED where a forced WS does not serve),
+# 6 = WS_PAIR (the same kernel over M-tiles of 2 * BM rows, each consumer taking BM of them over every column block
+# on the same W tile as the other: `auto`'s for 8B's dx, AUTO_WS);
 # mlp 3 = TMA (the weights' tiles by TMA where the descriptors serve, `_mlp_descriptors`), 5 = WS (the fused
 # forward as a warp-specialised Gluon kernel, kernels/mlp_gluon.py: `auto`'s for captured inference forwards at
 # base-like shapes with Triton >= 3.9, AUTO_MLP_WS; WARPS is then the depth of its weight ring (W1's and W2's
@@ -63,6 +64,7 @@ from .routing import initialise
 # kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per
 # shape key instead.
 ROWLOOP, TMA, STAGED, WS = 1, 3, 4, 5  # down variants (2 was PERSISTENT, slower and removed: docs/kernels.md v8)
+WS_PAIR = 6  # down variant: WS over M-tiles of 2 * BM rows, the two consumers sharing each W tile (down_gluon.launch)
 TMA_OPERAND = ("up", "up_glu", "up_bwd", "up_bwd_glu", "wgrad")  # kinds whose configs take a seventh entry
 TWO_PASS = 1  # up_bwd variant: the GEMM, then its epilogue in a second launch (kernels/up.py)
 EPILOGUE_TILE = (64, 64, 16, 4, 1)  # that second launch's (BM, BN, -, warps, stages): elementwise work
@@ -149,7 +151,8 @@ def _parse_configs(text: str) -> dict:
             raise UserError(f"{bad}: a seventh value is for {', '.join(TMA_OPERAND)} only: 1 loads the operand that "
                             f"is not gathered (the weights; wgrad's left one) by TMA, else 0; for wgrad, 5 (WS)")
         if len(cfg) >= 6 and not _variant_ok(base, cfg[5]):
-            raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA), 4 (STAGED) or 5 (WS); "
+            raise UserError(f"{bad}: VARIANT must be 0 or, for down, 1 (ROWLOOP), 3 (TMA), 4 (STAGED), 5 (WS) or "
+                            f"6 (WS_PAIR); "
                             f"for mlp, 3 (TMA) or 5 (WS); for up_bwd[_glu], 1 (TWO_PASS), and for up_bwd 5 (WS); "
                             f"for wgrad, a row chunk >= 0")
         out[kind] = cfg
@@ -157,7 +160,7 @@ def _parse_configs(text: str) -> dict:
 
 
 def _variant_ok(base: str, variant: int) -> bool:
-    return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED, WS))
+    return (variant == 0 or (base == "down" and variant in (ROWLOOP, TMA, STAGED, WS, WS_PAIR))
             or (base == "mlp" and variant in (TMA, WS)) or (base == "wgrad" and variant > 0)
             or (base.startswith("up_bwd") and variant == TWO_PASS) or (base == "up_bwd" and variant == WS))
 
@@ -208,7 +211,10 @@ def _default(base: str, key: tuple, hopper: bool = True):
 # 3.9, sm_90, Ein a power of two <= 256: 8B ReLU). H100, docs/kernels.md v16: the dx launch 2.21 ms with 3.6's
 # ROWLOOP default, 2.66 with the same kernel under 3.9 (it spills more), 1.87 with WS at 128 x 64 and two W
 # stages (2.22 at 64 x 64 x 3); in the 8B ReLU layer 9.17 / 9.19 ms (3.6) against 8.995 / 8.990 (3.9 + WS).
-AUTO_WS = (128, 64, 64, 4, 2, WS)
+# WS_PAIR since docs/kernels.md v44 (H100): two consumers on each W tile halve the W tiles read per row; the dx
+# launch alone 1.382-1.390 -> 1.344-1.352 ms, the graphed 8B ReLU layer's fwd+bwd 7.259 -> 7.202 ms (means of nine
+# A/B rounds, seven won). At base (AUTO_WS_BOXES) it lost: 0.593-0.599 -> 0.621-0.626 ms.
+AUTO_WS = (128, 64, 64, 4, 2, WS_PAIR)
 # ... and for an atomic combine whose Ein is two TMA boxes (`down_gluon.ein_boxes`: base ReLU's dx, 192 = 128 + 64),
 # three W stages. H100, docs/kernels.md v42: the graphed base ReLU layer's fwd+bwd 0.615-0.627 -> 0.592-0.597 ms
 # (means 0.620 -> 0.594, -4.1%, five A/B rounds), where it had been the Triton TMA kernel (~119 us, ~245 TF/s).
@@ -737,12 +743,13 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
                     BM=BM, BN=BN, BK=BK, NP2=_np2(N), num_warps=nw, num_stages=ns)
         m_tiles = triton.cdiv(M, BM) + N
         num_n = triton.cdiv(Dout, BN)
-        if variant == WS:  # the Gluon kernel where it serves (kernels/down_gluon.py), else STAGED
+        if variant in (WS, WS_PAIR):  # the Gluon kernel where it serves (kernels/down_gluon.py), else STAGED
             from .kernels import down_gluon
             if down_gluon.serves(a, w, BM, BN, ns):
-                ws_tiles = _tile_list(plan, BM, _ws_down_group(_wide_group(Dout, a)))
+                pair = variant == WS_PAIR
+                ws_tiles = _tile_list(plan, 2 * BM if pair else BM, _ws_down_group(_wide_group(Dout, a)))
                 down_gluon.launch(a, w, ws_tiles, plan.offsets, plan.order, plan.token, gate, buf,
-                                  c, M, gate_flat is not None, atomic, rank1 is not None, BM, BN, ns)
+                                  c, M, gate_flat is not None, atomic, rank1 is not None, BM, BN, ns, pair=pair)
                 return
             variant = STAGED
         descs = _down_descriptors(a, w, BM, BN, BK) if variant == TMA and Ein % BK == 0 and _hopper(a) else None

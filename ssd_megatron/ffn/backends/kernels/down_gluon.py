@@ -1,12 +1,14 @@
-"""The down GEMM with STAGED's schedule as a warp-specialised Gluon kernel (Hopper; down variant 5, WS).
+"""The down GEMM with STAGED's schedule as a warp-specialised Gluon kernel (Hopper; down variants 5 and 6, WS and
+WS_PAIR).
 
-`auto` takes it (`_triton_kernels.AUTO_WS`: 128 x 64, two W stages) for the atomic combines into rows
->= 2048 wide where it serves: of the layer's launches, the 8B ReLU dx. H100 (docs/kernels.md v16): that launch
+`auto` takes it (`_triton_kernels.AUTO_WS`: 128 x 64, two W stages, in pairs: below) for the atomic combines into
+rows >= 2048 wide where it serves: of the layer's launches, the 8B ReLU dx. H100 (docs/kernels.md v16): that launch
 1.87 ms against 2.21 for 3.6's ROWLOOP default (2.66 for the same under 3.9), the 8B ReLU layer 9.17-9.19 ->
-8.99 ms. And (`AUTO_WS_BOXES`: 128 x 64, three W stages) for narrower atomic combines whose Ein is two TMA boxes:
-base ReLU's dx, where the graphed layer's fwd+bwd went 0.620 -> 0.594 ms (docs/kernels.md v42). A config string
-names it elsewhere (e.g. SSD_TRITON_CONFIG="down=64,64,64,4,3,5"; BK and WARPS are not read, STAGES is the depth of
-the W ring).
+8.99 ms; in pairs (v44) the launch 1.39 -> 1.35 ms and the layer -0.8%. And (`AUTO_WS_BOXES`: 128 x 64, three W
+stages, not in pairs) for narrower atomic combines whose Ein is two TMA boxes: base ReLU's dx, where the graphed
+layer's fwd+bwd went 0.620 -> 0.594 ms (docs/kernels.md v42; in pairs 0.62 ms, v44). A config string names it
+elsewhere (e.g. SSD_TRITON_CONFIG="down=64,64,64,4,3,5", or 6 in pairs; BK and WARPS are not read, STAGES is the
+depth of the W ring).
 
 STAGED (kernels/down.py) keeps an M-tile's A rows on chip and sweeps the output column blocks, but in
 Triton each block's product is waited for at once and its epilogue (gate scale, the router's rank-1 term,
@@ -23,6 +25,12 @@ ffn/relu_mask_gemm_gluon.py's "ping-pong" GEMM (the pattern of CUTLASS's Hopper 
   rank-1 term g * C[e] (RANK1), in the product's own layout, then its change to a 16-byte-per-thread layout in
   OUT's dtype (bf16: half the shared-memory bytes of an fp32 change; the 8B dx is bound by shared memory,
   docs/kernels.md v38), then relaxed atomic adds into the token rows (ATOMIC) or plain stores into the (t, k) rows.
+
+In pairs (PAIR, down variant 6, WS_PAIR) an M-tile is 2 * BM rows: consumer i takes rows i * BM.. of it, in A
+buffer i, over every column block, both on the same W tile (its slot is freed by both: count 2). Each W tile is
+then read once per 2 * BM rows, not per BM, for the same registers and shared memory (one A buffer per consumer
+instead of two shared ones: the next tile's rows load only once a consumer is done with its half). A half that
+lies past its expert's end (the expert's last tile) issues no product and only passes its barriers on.
 
 Persistent programs (one per SM) walk a table of M-tiles: in expert order (`_triton_kernels.expert_tiles`), or
 where the output rows are >= 2048 wide (the 8B dx) in token windows of 16 experts (`token_window_tiles`,
@@ -128,9 +136,10 @@ def _build():
 
     @gluon.jit
     def loader(a_desc, a_desc2, w_desc, w_desc2, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full, b_empty,
-               TILES, M, Dout, n_tiles, SPLIT: gl.constexpr):
+               TILES, M, Dout, n_tiles, SPLIT: gl.constexpr, PAIR: gl.constexpr):
         BE: gl.constexpr = a_desc.block_type.shape[1]
         Ein: gl.constexpr = BE + a_desc2.block_type.shape[1] if SPLIT else BE
+        BM: gl.constexpr = a_desc.block_type.shape[0]
         a_bytes: gl.constexpr = a_desc.block_type.nbytes + (a_desc2.block_type.nbytes if SPLIT else 0)
         w_bytes: gl.constexpr = w_desc.block_type.nbytes + (w_desc2.block_type.nbytes if SPLIT else 0)
         BN: gl.constexpr = w_desc.block_type.shape[1]
@@ -142,12 +151,18 @@ def _build():
             e = gl.load(TILES + 2 * t)
             row0 = gl.load(TILES + 2 * t + 1)
             if row0 < M:
-                ta = j % 2
-                mbarrier.wait(a_empty.index(ta), ((j // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
-                mbarrier.expect(a_full.index(ta), a_bytes)
-                tma.async_load(a_desc, [row0, 0], a_full.index(ta), a_bufs.index(ta))
-                if SPLIT:  # Ein's second box of columns
-                    tma.async_load(a_desc2, [row0, BE], a_full.index(ta), a_bufs2.index(ta))
+                for h in gl.static_range(2 if PAIR else 1):
+                    if PAIR:  # each consumer's half of the tile, once it is done with its last one
+                        ta = h
+                        phase = j & 1
+                    else:  # the next M-tile's rows into the other buffer
+                        ta = j % 2
+                        phase = (j // 2) & 1
+                    mbarrier.wait(a_empty.index(ta), phase ^ 1)  # a fresh barrier passes phase 1
+                    mbarrier.expect(a_full.index(ta), a_bytes)
+                    tma.async_load(a_desc, [row0 + h * BM, 0], a_full.index(ta), a_bufs.index(ta))
+                    if SPLIT:  # Ein's second box of columns
+                        tma.async_load(a_desc2, [row0 + h * BM, BE], a_full.index(ta), a_bufs2.index(ta))
                 for n in range(num_n):
                     s = it % NS
                     mbarrier.wait(b_empty.index(s), ((it // NS) & 1) ^ 1)
@@ -161,7 +176,8 @@ def _build():
     @gluon.jit
     def consumer(a_desc, w_desc, TILES, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full, b_empty, order,
                  OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, which: gl.constexpr,
-                 SCALE: gl.constexpr, ATOMIC: gl.constexpr, RANK1: gl.constexpr, SPLIT: gl.constexpr):
+                 SCALE: gl.constexpr, ATOMIC: gl.constexpr, RANK1: gl.constexpr, SPLIT: gl.constexpr,
+                 PAIR: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BN: gl.constexpr = w_desc.block_type.shape[1]
         NS: gl.constexpr = b_bufs.type.shape[0]
@@ -179,35 +195,47 @@ def _build():
             e = gl.load(TILES + 2 * t)
             row0 = gl.load(TILES + 2 * t + 1)
             if row0 < M:
-                ta = j % 2
+                if PAIR:  # this consumer's half of a 2 * BM-row tile, in its own buffer; every column block
+                    ta = which
+                    row0 += which * BM
+                    phase = j & 1
+                else:  # the tile in one of two buffers; every other work item
+                    ta = j % 2
+                    phase = (j // 2) & 1
+                end = gl.load(OFFS + e + 1)
                 rows = row0 + gl.arange(0, BM, layout=row_l)
-                rmask = rows < gl.load(OFFS + e + 1)
+                rmask = rows < end
                 g, dst = row_targets(rows, rmask, ORDER, GATE, TOK, stride_o, SCALE or RANK1, ATOMIC)
                 g = gl.convert_layout(g, gl.SliceLayout(1, mma_l))  # the gates in the product's rows
-                mbarrier.wait(a_full.index(ta), (j // 2) & 1)
+                mbarrier.wait(a_full.index(ta), phase)
                 for n in range(num_n):
-                    if it % 2 == which:
+                    if PAIR or it % 2 == which:
                         s = it % NS
                         mbarrier.wait(b_full.index(s), (it // NS) & 1)
                         mbarrier.wait(order.index(which), (turn & 1) ^ (1 - which))  # consumer 0 goes first
-                        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma_l)
-                        acc = warpgroup_mma(a_bufs.index(ta), b_bufs.index(s), acc, is_async=True)
-                        if SPLIT:
-                            acc = warpgroup_mma(a_bufs2.index(ta), b_bufs2.index(s), acc, is_async=True)
-                        mbarrier.arrive(order.index(1 - which), count=1)  # the other may issue its chain now
-                        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                        mbarrier.arrive(b_empty.index(s), count=1)
-                        store_block(acc, n, e, rmask, dst, g, C, stride_c, OUT, Dout, layout, SCALE, ATOMIC, RANK1)
+                        if row0 < end:  # (a PAIR tile's second half may lie past its expert: no product)
+                            acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma_l)
+                            acc = warpgroup_mma(a_bufs.index(ta), b_bufs.index(s), acc, is_async=True)
+                            if SPLIT:
+                                acc = warpgroup_mma(a_bufs2.index(ta), b_bufs2.index(s), acc, is_async=True)
+                            mbarrier.arrive(order.index(1 - which), count=1)  # the other may issue its chain now
+                            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                            mbarrier.arrive(b_empty.index(s), count=1)
+                            store_block(acc, n, e, rmask, dst, g, C, stride_c, OUT, Dout, layout, SCALE, ATOMIC,
+                                        RANK1)
+                        else:
+                            mbarrier.arrive(order.index(1 - which), count=1)
+                            mbarrier.arrive(b_empty.index(s), count=1)
                         turn += 1
-                    it += 1
-                mbarrier.arrive(a_empty.index(ta), count=1)  # both consumers arrive: count 2
+                    it += 1  # (PAIR: both consumers take every item; its W slot's count is 2)
+                mbarrier.arrive(a_empty.index(ta), count=1)  # both consumers arrive (PAIR: its owner): count 2 (1)
                 j += 1
 
     @gluon.jit
     def down_ws_kernel(a_desc, a_desc2, w_desc, w_desc2, TILES, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M,
                        Dout, n_tiles, SCALE: gl.constexpr, ATOMIC: gl.constexpr, RANK1: gl.constexpr,
                        STAGES: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr, num_warps: gl.constexpr,
-                       SPLIT: gl.constexpr = False):
+                       SPLIT: gl.constexpr = False, PAIR: gl.constexpr = False):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BE: gl.constexpr = a_desc.block_type.shape[1]
         BE2: gl.constexpr = a_desc2.block_type.shape[1]
@@ -228,22 +256,28 @@ def _build():
         order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(a_full.index(i), count=1)
-            mbarrier.init(a_empty.index(i), count=2)
+            if PAIR:  # buffer i is consumer i's
+                mbarrier.init(a_empty.index(i), count=1)
+            else:
+                mbarrier.init(a_empty.index(i), count=2)
             mbarrier.init(order.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(b_full.index(i), count=1)
-            mbarrier.init(b_empty.index(i), count=1)
+            if PAIR:  # both consumers use every W tile
+                mbarrier.init(b_empty.index(i), count=2)
+            else:
+                mbarrier.init(b_empty.index(i), count=1)
         # the tuples inline, as kernels/mlp_gluon.py's: a flag bound to a name first becomes a tensor (SPLIT must
         # stay a compile-time constant)
         gl.warp_specialize([
             (consumer, (a_desc, w_desc, TILES, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full, b_empty,
                         order, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, 0, SCALE, ATOMIC,
-                        RANK1, SPLIT)),
+                        RANK1, SPLIT, PAIR)),
             (consumer, (a_desc, w_desc, TILES, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full, b_empty,
                         order, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, 1, SCALE, ATOMIC,
-                        RANK1, SPLIT)),
+                        RANK1, SPLIT, PAIR)),
             (loader, (a_desc, a_desc2, w_desc, w_desc2, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full,
-                      b_empty, TILES, M, Dout, n_tiles, SPLIT)),
+                      b_empty, TILES, M, Dout, n_tiles, SPLIT, PAIR)),
         ], [4, 1], [CREGS, LREGS])
 
     def descriptors(a, w2d, BM, BN, boxes):
@@ -333,9 +367,10 @@ def _sms(device: torch.device) -> int:
 
 
 def launch(a, w, tiles, offsets, order, token, gate, out, c, M, scale: bool, atomic: bool, rank1: bool,
-           BM: int, BN: int, stages: int):
+           BM: int, BN: int, stages: int, pair: bool = False):
     """The kernel over `tiles` ([n, 2] int32 (expert, first row), first row M = empty) with persistent
-    programs, one per SM. The caller checked `serves`."""
+    programs, one per SM. The caller checked `serves`. `pair`: the tiles are 2 * BM rows high, each consumer takes
+    BM of them over every column block, and the two share each W tile (half the W reads per row)."""
     kernel, descriptors, _ = _build_once()
     N, Ein, Dout = w.shape
     boxes = ein_boxes(Ein)
@@ -344,4 +379,4 @@ def launch(a, w, tiles, offsets, order, token, gate, out, c, M, scale: bool, ato
     grid = (max(1, min(n_tiles, _sms(a.device))),)
     kernel[grid](*descs, tiles, offsets, order, token, gate, out, out.stride(0), c, c.stride(0), M, Dout,
                  n_tiles, SCALE=scale, ATOMIC=atomic, RANK1=rank1, STAGES=stages, CREGS=CONSUMER_REGS,
-                 LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS, SPLIT=boxes[1] > 0)
+                 LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS, SPLIT=boxes[1] > 0, PAIR=pair)
