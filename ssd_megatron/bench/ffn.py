@@ -525,9 +525,8 @@ def main(argv=None) -> int:
             case.default_gather = args.weight_gather
             case.set_w2_mode(args.weight_gather)
             case.set_routing("realistic")
-            result["routing_stats"][key] = _routing_stats(case.layers[0], case.xs[0])
-            result["routing_stats"][key]["per_rotation"] = [_routing_stats(lay, x)
-                                                            for lay, x in zip(case.layers, case.xs)]
+            per_layer = [_routing_stats(lay, x) for lay, x in zip(case.layers, case.xs)]
+            result["routing_stats"][key] = dict(per_layer[0], per_rotation=per_layer)  # (the first layer's on top)
             graphs = _CUDA and not args.no_graphs
             dense = _dense_times(case, Layer.dense, n_iter, args.warmup, graphs, result["errors"], f"{key} dense")
             # our fused dense ReLU FFN (the training step's), a second baseline beside the plain one the issue names
