@@ -36,12 +36,13 @@ def test_forced_configs_win_over_the_environment(monkeypatch):
     ("wgrad=64,128,x,4,3", "5 to 7 integers"),
     ("down=128,128,64,8,3,3,1", "a seventh value is for up, up_glu"),
     ("wgrad=64,128,128,4,3,2048,2", "a seventh value is for up, up_glu"),
-    ("wgrad=64,128,128,4", "powers of two"),
+    ("wgrad=64,128,128,4", "5 to 7 integers"),
     ("wgrad=64,96,128,4,3", "powers of two"),
     ("down=128,128,64,8,0", "STAGES >= 1"),
     ("down=128,128,64,8,3,2", "VARIANT must be"),      # 2 was PERSISTENT, removed
     ("down=128,128,64,8,3,7", "6 (WS_PAIR)"),
     ("up=128,128,64,8,3,1", "VARIANT must be"),
+    ("up_bwd=128,64,64,3,4,6", "VARIANT must be"),  # (a ring of 3 in WARPS' place: the variant is named first)
     ("wgrad=64,128,128,4,3,-1", "VARIANT must be"),
 ])
 def test_bad_env_config_is_a_one_line_error_naming_the_variable(monkeypatch, text, says):

@@ -140,13 +140,10 @@ def _parse_configs(text: str) -> dict:
         try:
             cfg = tuple(int(v) for v in values.split(","))
         except ValueError:
-            raise UserError(f"{bad}: the values must be 5 to 7 integers, e.g. 128,128,64,8,3") from None
+            cfg = ()
         base = kind.split(":")[0]
-        # the fourth entry: a ring's depth (the weight ring, kernels/mlp_gluon.py; the L ring, kernels/wgrad_gluon.py)
-        ring = (base in ("mlp", "up_bwd") and cfg[5:] == (WS,)) or (base == "wgrad" and cfg[6:] == (WS,))
-        pow2 = cfg[:3 if ring else 4]
-        if len(cfg) not in (5, 6, 7) or any(v < 1 or v & (v - 1) for v in pow2) or min(cfg[3:5]) < 1:
-            raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
+        if len(cfg) not in (5, 6, 7):  # (the variant is checked before the tile: a WS variant reads WARPS as a ring)
+            raise UserError(f"{bad}: the values must be 5 to 7 integers, e.g. 128,128,64,8,3")
         if len(cfg) == 7 and (base not in TMA_OPERAND or cfg[6] not in ((0, 1, WS) if base == "wgrad" else (0, 1))):
             raise UserError(f"{bad}: a seventh value is for {', '.join(TMA_OPERAND)} only: 1 loads the operand that "
                             f"is not gathered (the weights; wgrad's left one) by TMA, else 0; for wgrad, 5 (WS)")
@@ -155,6 +152,11 @@ def _parse_configs(text: str) -> dict:
                             f"6 (WS_PAIR); "
                             f"for mlp, 3 (TMA) or 5 (WS); for up_bwd[_glu], 1 (TWO_PASS), and for up_bwd 5 (WS); "
                             f"for wgrad, a row chunk >= 0")
+        # the fourth entry: a ring's depth (the weight ring, kernels/mlp_gluon.py; the L ring, kernels/wgrad_gluon.py)
+        ring = (base in ("mlp", "up_bwd") and cfg[5:] == (WS,)) or (base == "wgrad" and cfg[6:] == (WS,))
+        pow2 = cfg[:3 if ring else 4]
+        if any(v < 1 or v & (v - 1) for v in pow2) or min(cfg[3:5]) < 1:
+            raise UserError(f"{bad}: BM, BN, BK and WARPS must be powers of two and STAGES >= 1")
         out[kind] = cfg
     return out
 
