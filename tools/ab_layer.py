@@ -14,7 +14,8 @@ candidate defaults are timed this way before they are adopted.
         --arm "token16=@token:16" --arm "tuned=+SSD_TRITON_TUNE=1"
 
 An arm is NAME=CONFIGS[@ORDER][+VAR=VALUE...]: CONFIGS as SSD_TRITON_CONFIG (empty: the defaults), ORDER as
-SSD_TRITON_TILE_ORDER, then SSD_* environment variables set for that arm only.
+SSD_TRITON_TILE_ORDER, then SSD_* environment variables set for that arm only, or the triton backend's options
+(`ssd-bench ffn --triton-variants`' syntax, e.g. +fused_forward=false: the forward as up and down launches).
 Prints a line per measurement; --out writes JSON (gpu, date, torch, triton, and per arm the forward and fwd+bwd
 medians of each round, with each round's dense times).
 """
@@ -28,21 +29,29 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ssd_megatron.bench.ffn import Case, Layer, _graphed, time_calls  # noqa: E402
+from ssd_megatron.bench.ffn import Case, Layer, _graphed, _triton_variants, time_calls  # noqa: E402
+from ssd_megatron.errors import UserError  # noqa: E402
 from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
 from ssd_megatron.ffn.backends import get_backend  # noqa: E402
 
 
 def parse_arm(text: str):
-    """NAME=CONFIGS[@ORDER][+VAR=VALUE...] -> (name, {kind: config}, order or None, {VAR: VALUE})."""
+    """NAME=CONFIGS[@ORDER][+VAR=VALUE...] -> (name, {kind: config}, order or None, {SSD_VAR: VALUE}, the triton
+    backend for this arm or None for the default one)."""
     name, sep, rest = text.partition("=")
     rest, *assignments = rest.split("+")
-    env = dict(a.partition("=")[::2] for a in assignments)
-    if not sep or not name or any(not k.startswith("SSD_") or not v for k, v in env.items()):
-        raise SystemExit(f"error: --arm {text!r}: expected NAME=CONFIGS[@ORDER][+SSD_VAR=VALUE...], e.g. "
-                         f"ws=mlp=128,64,64,6,4,5 or tuned=+SSD_TRITON_TUNE=1")
+    pairs = [a.partition("=")[::2] for a in assignments]
+    env = {k: v for k, v in pairs if k.startswith("SSD_")}
+    options = "+".join(f"{k}={v}" for k, v in pairs if not k.startswith("SSD_"))
+    if not sep or not name or any(not k or not v for k, v in pairs):
+        raise SystemExit(f"error: --arm {text!r}: expected NAME=CONFIGS[@ORDER][+SSD_VAR=VALUE|+option=value...], "
+                         f"e.g. ws=mlp=128,64,64,6,4,5, tuned=+SSD_TRITON_TUNE=1 or unfused=+fused_forward=false")
+    try:
+        backend = next(iter(_triton_variants(options).values())) if options else None
+    except UserError as exc:
+        raise SystemExit(f"error: --arm {text!r}: {exc}") from None
     configs, _, order = rest.partition("@")
-    return name, K._parse_configs(configs), order or None, env
+    return name, K._parse_configs(configs), order or None, env, backend
 
 
 def main() -> int:
@@ -68,8 +77,7 @@ def main() -> int:
     args = ap.parse_args()
     arms = [parse_arm(a) for a in args.arm]
     iters = args.iters or (60 if args.shape == "base" else 20)
-    backend = get_backend("triton")
-    sparse = lambda layer, x: layer.sparse(x, backend)  # noqa: E731
+    default = get_backend("triton")
     case = Case(args.shape, args.activation, args.tokens, 3, torch.device("cuda"), torch.bfloat16,
                 params=torch.float32 if args.params == "fp32" else None)
     case.set_routing(args.routing)
@@ -91,8 +99,9 @@ def main() -> int:
            "triton": triton.__version__, "shape": args.shape, "activation": args.activation, "tokens": args.tokens,
            "params": args.params, "arm_order": args.arm_order, "eager": args.eager,
            "dense_rounds": [], "arms": {name: {"configs": {k: list(v) for k, v in cfg.items()}, "order": order,
-                                               "env": env, "rounds": []} for name, cfg, order, env in arms}}
-    touched = {"SSD_TRITON_TILE_ORDER"} | {k for *_, env in arms for k in env}
+                                               "env": env, "options": _options(backend), "rounds": []}
+                             for name, cfg, order, env, backend in arms}}
+    touched = {"SSD_TRITON_TILE_ORDER"} | {k for *_, env, _ in arms for k in env}
     saved = {k: os.environ.get(k) for k in touched}
     try:
         for r in range(args.rounds):
@@ -100,10 +109,10 @@ def main() -> int:
             res["dense_rounds"].append(dense)
             res.setdefault("dense", dense)  # (the first round's: the key earlier results carry)
             print(f"round {r} {'dense':12s} " + "  ".join(f"{k} {v:.4f} ms" for k, v in dense.items()), flush=True)
-            for name, cfg, order, env in round_order(arms, r, args.arm_order):
+            for name, cfg, order, env, backend in round_order(arms, r, args.arm_order):
                 K.force_config(**cfg)
                 _set_env(saved, dict(env, SSD_TRITON_TILE_ORDER=order or "auto"))
-                t = timed(sparse)
+                t = timed(lambda layer, x, b=backend or default: layer.sparse(x, b))
                 res["arms"][name]["rounds"].append(t)
                 ratios = "  ".join(f"{k} {v:.4f} ms ({dense[k] / v:.3f}x)" for k, v in t.items())
                 print(f"round {r} {name:12s} {ratios}", flush=True)
@@ -114,6 +123,11 @@ def main() -> int:
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)
     return 0
+
+
+def _options(backend) -> dict:
+    """An arm's backend options as the JSON records them ({} for the default backend)."""
+    return {} if backend is None else {k: v for k, v in vars(backend).items() if not k.startswith("_")}
 
 
 def round_order(arms: list, r: int, how: str) -> list:

@@ -89,12 +89,18 @@ def test_ab_layer_arms():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
     import ab_layer
 
-    assert ab_layer.parse_arm("default=") == ("default", {}, None, {})
+    assert ab_layer.parse_arm("default=") == ("default", {}, None, {}, None)
     assert ab_layer.parse_arm("ws=mlp=128,64,64,6,4,5@token:16+SSD_TRITON_TUNE=1") == (
-        "ws", {"mlp": (128, 64, 64, 6, 4, 5)}, "token:16", {"SSD_TRITON_TUNE": "1"})
-    for bad in ("=mlp=128,64,64,8,3", "tune=+TUNE=1", "tune=+SSD_TRITON_TUNE="):
+        "ws", {"mlp": (128, 64, 64, 6, 4, 5)}, "token:16", {"SSD_TRITON_TUNE": "1"}, None)
+    # the backend's own options (ssd-bench ffn --triton-variants' syntax), beside SSD_* variables
+    name, cfg, order, env, backend = ab_layer.parse_arm("unfused=+fused_forward=false+SSD_TRITON_TUNE=1")
+    assert (name, cfg, order, env) == ("unfused", {}, None, {"SSD_TRITON_TUNE": "1"})
+    assert backend.fused_forward is False and ab_layer._options(backend)["fused_forward"] is False
+    for bad in ("=mlp=128,64,64,8,3", "tune=+SSD_TRITON_TUNE=", "tune=+=1"):
         with pytest.raises(SystemExit, match="expected NAME=CONFIGS"):
             ab_layer.parse_arm(bad)
+    with pytest.raises(SystemExit, match="bad --triton-variants entry 'fused=1'"):
+        ab_layer.parse_arm("x=+fused=1")
     # each round starts one arm later, so that no arm is always the one timed right after the dense layer
     arms = ["a", "b", "c"]
     assert [ab_layer.round_order(arms, r, "rotate") for r in range(4)] == [
