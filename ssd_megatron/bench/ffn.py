@@ -571,10 +571,12 @@ def main(argv=None) -> int:
                         except Exception as exc:
                             result["errors"].append(f"{key} {routing} {name} graph: {type(exc).__name__}: {str(exc)[:200]}")
                     (result["records"] if routing == "realistic" else result["uniform_records"]).append(rec)
-                    gs = (f"  graphs fwd {rec['fwd_graph_ms']:.3f} ({rec['speedup_fwd_graph']:.2f}x) fwd+bwd "
-                          f"{rec['fwd_bwd_graph_ms']:.3f} ({rec['speedup_fwd_bwd_graph']:.2f}x; by layer "
-                          + "/".join(f"{m:.3f}" for m in rec["fwd_bwd_graph_stats"].get("group_medians", [])) + ")"
-                          ) if "fwd_graph_ms" in rec else ""
+                    gs = ""
+                    if "fwd_graph_ms" in rec:
+                        layers = rec["fwd_bwd_graph_stats"].get("group_medians")  # (none with one rotation)
+                        by_layer = "; by layer " + "/".join(f"{m:.3f}" for m in layers) if layers else ""
+                        gs = (f"  graphs fwd {rec['fwd_graph_ms']:.3f} ({rec['speedup_fwd_graph']:.2f}x) fwd+bwd "
+                              f"{rec['fwd_bwd_graph_ms']:.3f} ({rec['speedup_fwd_bwd_graph']:.2f}x{by_layer})")
                     print(f"{key:16s} {routing[:4]} {name:10s} fwd {tf['median']:8.3f} ({rec['speedup_fwd']:.2f}x)  "
                           f"fwd+bwd {tfb['median']:8.3f} ({rec['speedup_fwd_bwd']:.2f}x) host {tf['host_median']:.3f}/"
                           f"{tfb['host_median']:.3f}{gs}", flush=True)
