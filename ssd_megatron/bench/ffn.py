@@ -419,11 +419,12 @@ def _parse(argv):
     ap.add_argument("--shapes", default="base,8b", help=f"comma list of {','.join(SHAPES)}")
     ap.add_argument("--activations", default="relu,swiglu", help=f"comma list of {','.join(ACTIVATIONS)}")
     ap.add_argument("--backends", default="all", help="comma list, or 'all' (every available backend)")
-    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per layer call (default: the issue's 16384)")
     ap.add_argument("--iters", type=int, default=40, help="timed iterations per measurement (8b: half)")
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed iterations before each measurement")
     ap.add_argument("--rotations", type=int, default=3, help="independent layers/inputs cycled through")
-    ap.add_argument("--routing", default="realistic,uniform")
+    ap.add_argument("--routing", default="realistic,uniform",
+                    help="comma list of realistic,uniform (unbalanced loads as in a trained model; random experts)")
     ap.add_argument("--no-breakdown", action="store_true", help="skip backend-only timings")
     ap.add_argument("--triton-variants", default="",
                     help="extra triton entries: comma list of option sets like combine=atomic16+wgrad=gmm "
