@@ -1,7 +1,8 @@
 """Micro-benchmark of the sparse forward's routing on its own (docs/kernels.md v24): SSD's router (scores and top-K,
 ffn/centroid_router.py), y's initialisation as a fill launch, and the routing plan (kernels/routing_plan.py) with its
 placements: the output's fill in each of its places (`FILL_PLACES`), the Gluon kernels' tile table from the scatter
-kernel or not written. Each timing is one CUDA graph of 8 launches over rotating inputs (x 25 MB at base: the reads
+kernel or not written; and the router's launch at each of `ROUTER_TILES` (docs/kernels.md v46: at 8B it reads x at
+≈ 55% of the DRAM bandwidth), with the share of rows whose ids equal the default tile's. Each timing is one CUDA graph of 8 launches over rotating inputs (x 25 MB at base: the reads
 come from DRAM, as in the layer), replayed 100 times (`bench.ffn.time_calls`); the median, in µs per launch. What the
 layer gains is `tools/ab_layer.py`'s to say: these parts overlap nothing, but a few µs are within the layer's spread.
 
@@ -24,6 +25,8 @@ from ssd_megatron.ffn.backends.kernels.routing_plan import FILL_PLACES, routing_
 
 SHAPES = {"base": (16384, 768, 32, 6, 192), "8b": (16384, 4096, 64, 16, 256)}  # T, D, N, K, E
 SETS, REPLAYS = 8, 100
+# the router's tile candidates (rows per program, D per step, warps); the first is the default at N <= 64
+ROUTER_TILES = [(64, 64, 4), (32, 64, 4), (32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8)]
 
 
 def graphed_us(fn) -> float:
@@ -55,7 +58,16 @@ def bench_shape(shape: str) -> list:
                            routing_plan(flats[i], N, K, fill=(ys[i], None), tile_table=table, fill_in=place))
     cases["router + plan (defaults)"] = lambda i: routing_plan(CR.centroid_topk(xs[i], c, K)[1].reshape(-1), N, K,
                                                                fill=(ys[i], None))
-    return time_cases(shape, cases)
+    records = time_cases(shape, cases)
+    want = CR._topk_launch(xs[0], c, K)[1]
+    for tile in ROUTER_TILES:
+        # another D step sums in another order: a near-tie may pick another id, so the share of rows with the
+        # default's ids is recorded rather than required
+        same = float((CR._topk_launch(xs[0], c, K, tile)[1] == want).all(1).float().mean())
+        rec = time_cases(shape, {f"router tile {tile[0]} x {tile[1]}, {tile[2]} warps":
+                                 lambda i, tile=tile: CR._topk_launch(xs[i], c, K, tile)})[0]
+        records.append(dict(rec, tile=list(tile), same_ids=same))
+    return records
 
 
 def time_cases(shape: str, cases: dict) -> list:

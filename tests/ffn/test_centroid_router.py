@@ -1,7 +1,9 @@
 """SSD's router (eq. 4) as one Triton kernel equals `(x @ c.T).topk(k)` in the chosen experts, their
 scores and both gradients: interpreted on CPU here (TRITON_INTERPRET=1 in a subprocess), compiled on
 the GPU (bf16 included), and inside torch.compile."""
+import importlib.util
 import json
+import pathlib
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from ..interpreted import run_interpreted
 
 # (T, D, N, k): partial row blocks, D not a multiple of the 64-wide slices, N padded to 16, k = 1 and k = N
 CASES = [(37, 40, 32, 6), (5, 70, 5, 5), (64, 64, 64, 16), (9, 16, 3, 1)]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _check(T, D, N, k, dtype, device, generator, ties=False):
@@ -54,6 +57,19 @@ def _interpreted_main():  # runs in a subprocess with TRITON_INTERPRET=1 set bef
     s, idx = centroid_topk(x, torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]), 3)
     distinct = all(sorted(row) == [0, 1, 2] for row in idx.tolist())
     out.append([0.0, 0.0, 0.0, distinct and idx[2].tolist() == [2, 1, 0] and bool(torch.isinf(s[0]).all())])
+    # tools/bench_routing.py's tile candidates: the same scores and ids as the default tile (integer inputs, so
+    # every summation order is exact), rows and D not multiples of either tile
+    from ssd_megatron.ffn.centroid_router import _topk_launch
+    spec = importlib.util.spec_from_file_location("bench_routing", ROOT / "tools" / "bench_routing.py")
+    bench_routing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_routing)
+    x = torch.randint(-2, 3, (37, 70), generator=g).float()
+    c = torch.randint(-2, 3, (32, 70), generator=g).float()
+    want = _topk_launch(x, c, 6)
+    same = [all(torch.equal(a, b) for a, b in zip(_topk_launch(x, c, 6, tile), want))
+            for tile in bench_routing.ROUTER_TILES + [(16, 32, 2)]]
+    ordered = torch.equal(want[1], torch.sort(-(x @ c.t()), dim=1, stable=True).indices[:, :6])
+    out.append([0.0, 0.0, 0.0, all(same) and ordered])
     print(json.dumps(out))
 
 
@@ -72,7 +88,7 @@ def test_interpreted_kernel_matches_torch():
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the kernel is checked compiled")
     results = run_interpreted(__file__, "_interpreted_main")
-    assert len(results) == len(CASES) + 2
+    assert len(results) == len(CASES) + 3
     for es, edx, edc, right in results:
         assert right and max(es, edx, edc) < 1e-5
 
