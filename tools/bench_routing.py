@@ -1,10 +1,11 @@
 """Micro-benchmark of the sparse forward's routing on its own (docs/kernels.md v24): SSD's router (scores and top-K,
 ffn/centroid_router.py), y's initialisation as a fill launch, and the routing plan (kernels/routing_plan.py) with its
 placements: the output's fill in each of its places (`FILL_PLACES`), the Gluon kernels' tile table from the scatter
-kernel or not written; and the router's launch at each of `ROUTER_TILES` (docs/kernels.md v46: at 8B it reads x at
-≈ 55% of the DRAM bandwidth), with the share of rows whose ids equal the default tile's. Each timing is one CUDA graph of 8 launches over rotating inputs (x 25 MB at base: the reads
-come from DRAM, as in the layer), replayed 100 times (`bench.ffn.time_calls`); the median, in µs per launch. What the
-layer gains is `tools/ab_layer.py`'s to say: these parts overlap nothing, but a few µs are within the layer's spread.
+kernel or not written; and the router's launch at each of `ROUTER_TILES` (docs/kernels.md v46: at 8B it reads x at ≈ 55%
+of the DRAM bandwidth), with the share of rows whose ids equal the default tile's. Each timing is one CUDA graph of 8
+launches over rotating inputs (x 25 MB at base: the reads come from DRAM, as in the layer), replayed 100 times
+(`bench.ffn.time_calls`); the median, in µs per launch. What the layer gains is `tools/ab_layer.py`'s to say: these
+parts overlap nothing, but a few µs are within the layer's spread.
 
     python tools/bench_routing.py [--shapes base,8b] [--out routing.json]
 """
