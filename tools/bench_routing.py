@@ -26,8 +26,13 @@ from ssd_megatron.ffn.backends.kernels.routing_plan import FILL_PLACES, routing_
 
 SHAPES = {"base": (16384, 768, 32, 6, 192), "8b": (16384, 4096, 64, 16, 256)}  # T, D, N, K, E
 SETS, REPLAYS = 8, 100
-# the router's tile candidates (rows per program, D per step, warps); the first is the default at N <= 64
-ROUTER_TILES = [(64, 64, 4), (32, 64, 4), (32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8)]
+# The router's tile candidates (rows per program, D per step, warps, stages); the first is the default at N <= 64.
+# At 8B the default keeps ≈ 32 kB of x in flight per SM (256 programs, ≈ 2 per SM, 2 steps of 8 kB ahead); the others
+# double that by depth, by more programs or by wider steps. Offline sm_90 compile (Triton 3.9): none spills and
+# each fits its programs per SM (8B: 122, 122, 122, 64, 64, 61, 114 registers); (32, 128, 4, 3) spilled, (64, 256)
+# fits one program per SM.
+ROUTER_TILES = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 5), (32, 64, 4, 3), (32, 64, 4, 5), (64, 128, 8, 3),
+                (128, 64, 8, 4)]
 
 
 def graphed_us(fn) -> float:
@@ -65,7 +70,7 @@ def bench_shape(shape: str) -> list:
         # another D step sums in another order: a near-tie may pick another id, so the share of rows with the
         # default's ids is recorded rather than required
         same = float((CR._topk_launch(xs[0], c, K, tile)[1] == want).all(1).float().mean())
-        rec = time_cases(shape, {f"router tile {tile[0]} x {tile[1]}, {tile[2]} warps":
+        rec = time_cases(shape, {"router tile {} x {}, {} warps, {} stages".format(*tile):
                                  lambda i, tile=tile: CR._topk_launch(xs[i], c, K, tile)})[0]
         records.append(dict(rec, tile=list(tile), same_ids=same))
     return records

@@ -99,8 +99,8 @@ class CentroidCache:
 
 
 def _topk_launch(x: torch.Tensor, centroids: torch.Tensor, k: int, tile=None):
-    """The kernel's launch; `tile` = (rows per program, D per step, warps) overrides the default (64 rows, or 32
-    past 64 experts; 64; 4), for tools/bench_routing.py's candidates."""
+    """The kernel's launch; `tile` = (rows per program, D per step, warps, pipeline stages) overrides the default
+    (64 rows, or 32 past 64 experts; 64; 4; 3), for tools/bench_routing.py's candidates."""
     T, D = x.shape
     N = centroids.shape[0]
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -109,10 +109,11 @@ def _topk_launch(x: torch.Tensor, centroids: torch.Tensor, k: int, tile=None):
     scores = torch.empty(T, k, device=x.device, dtype=x.dtype)
     idx = torch.empty(T, k, device=x.device, dtype=torch.int64)
     np2 = max(16, 1 << (N - 1).bit_length())
-    bt, bd, warps = tile or (64 if np2 <= 64 else 32, 64, 4)
+    bt, bd, warps, stages = tile or (64 if np2 <= 64 else 32, 64, 4, 3)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     _kernel()[((T + bt - 1) // bt,)](x, x.stride(0), c, c.stride(0), scores, idx, T, D, N,
-                                     K=k, BT=bt, BD=bd, NP2=np2, PREC=prec, num_warps=warps)
+                                     K=k, BT=bt, BD=bd, NP2=np2, PREC=prec, num_warps=warps,
+                                     num_stages=stages)
     return scores, idx
 
 

@@ -67,7 +67,7 @@ def _interpreted_main():  # runs in a subprocess with TRITON_INTERPRET=1 set bef
     c = torch.randint(-2, 3, (32, 70), generator=g).float()
     want = _topk_launch(x, c, 6)
     same = [all(torch.equal(a, b) for a, b in zip(_topk_launch(x, c, 6, tile), want))
-            for tile in bench_routing.ROUTER_TILES + [(16, 32, 2)]]
+            for tile in bench_routing.ROUTER_TILES + [(16, 32, 2, 2)]]
     ordered = torch.equal(want[1], torch.sort(-(x @ c.t()), dim=1, stable=True).indices[:, :6])
     out.append([0.0, 0.0, 0.0, all(same) and ordered])
     print(json.dumps(out))
