@@ -26,8 +26,9 @@ from ssd_megatron.ffn.backends.kernels.routing_plan import FILL_PLACES, routing_
 
 SHAPES = {"base": (16384, 768, 32, 6, 192), "8b": (16384, 4096, 64, 16, 256)}  # T, D, N, K, E
 SETS, REPLAYS = 8, 100
-# The router's tile candidates (rows per program, D per step, warps, stages); the first is the default at N <= 64.
-# At 8B the default keeps ≈ 32 kB of x in flight per SM (256 programs, ≈ 2 per SM, 2 steps of 8 kB ahead); the others
+# The router's tile candidates (rows per program, D per step, warps, stages); the first is the default at N <= 64
+# but for 2-byte rows of D >= 2048, which take (64, 128, 8, 3) since v47 (`centroid_router.default_tile`).
+# At 8B the first keeps ≈ 32 kB of x in flight per SM (256 programs, ≈ 2 per SM, 2 steps of 8 kB ahead); the others
 # double that by depth, by more programs or by wider steps. Offline sm_90 compile (Triton 3.9): none spills and
 # each fits its programs per SM (8B: 122, 122, 122, 64, 64, 61, 114 registers); (32, 128, 4, 3) spilled, (64, 256)
 # fits one program per SM.

@@ -98,9 +98,21 @@ class CentroidCache:
         return value
 
 
+def default_tile(d: int, np2: int, itemsize: int) -> tuple:
+    """(rows per program, D per step, warps, pipeline stages) for D = d, np2 = the expert count's power of two.
+
+    64 rows (32 past 64 experts: the [rows, np2] scores stay in registers), 64 columns of D per step, 4 warps, 3
+    stages; for wide 2-byte rows (d >= 2048, at most 64 experts) 128 columns per step over 8 warps: at the 8B shape
+    62 us against 67.5 on an H100 in three runs, the same ids, and even at base (docs/kernels.md v47). Not for fp32:
+    its three 64 x 128 stages of x and the centroids would take 196 kB of shared memory, more than an A100 has."""
+    if np2 <= 64 and d >= 2048 and itemsize == 2:
+        return 64, 128, 8, 3
+    return (64 if np2 <= 64 else 32), 64, 4, 3
+
+
 def _topk_launch(x: torch.Tensor, centroids: torch.Tensor, k: int, tile=None):
-    """The kernel's launch; `tile` = (rows per program, D per step, warps, pipeline stages) overrides the default
-    (64 rows, or 32 past 64 experts; 64; 4; 3), for tools/bench_routing.py's candidates."""
+    """The kernel's launch; `tile` = (rows per program, D per step, warps, pipeline stages) overrides
+    `default_tile`'s, for tools/bench_routing.py's candidates."""
     T, D = x.shape
     N = centroids.shape[0]
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -109,7 +121,7 @@ def _topk_launch(x: torch.Tensor, centroids: torch.Tensor, k: int, tile=None):
     scores = torch.empty(T, k, device=x.device, dtype=x.dtype)
     idx = torch.empty(T, k, device=x.device, dtype=torch.int64)
     np2 = max(16, 1 << (N - 1).bit_length())
-    bt, bd, warps, stages = tile or (64 if np2 <= 64 else 32, 64, 4, 3)
+    bt, bd, warps, stages = tile or default_tile(D, np2, x.element_size())
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     _kernel()[((T + bt - 1) // bt,)](x, x.stride(0), c, c.stride(0), scores, idx, T, D, N,
                                      K=k, BT=bt, BD=bd, NP2=np2, PREC=prec, num_warps=warps,

@@ -48,6 +48,14 @@ def _check(T, D, N, k, dtype, device, generator, ties=False):
     return [rel(s, sr), rel(dx, dxr), rel(dc, dcr), bool(right)]
 
 
+def _bench_routing():
+    """tools/bench_routing.py as a module (its ROUTER_TILES)."""
+    spec = importlib.util.spec_from_file_location("bench_routing", ROOT / "tools" / "bench_routing.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _interpreted_main():  # runs in a subprocess with TRITON_INTERPRET=1 set before triton loads
     g = torch.Generator().manual_seed(0)
     out = [_check(*case, torch.float32, "cpu", g) for case in CASES]
@@ -60,9 +68,7 @@ def _interpreted_main():  # runs in a subprocess with TRITON_INTERPRET=1 set bef
     # tools/bench_routing.py's tile candidates: the same scores and ids as the default tile (integer inputs, so
     # every summation order is exact), rows and D not multiples of either tile
     from ssd_megatron.ffn.centroid_router import _topk_launch
-    spec = importlib.util.spec_from_file_location("bench_routing", ROOT / "tools" / "bench_routing.py")
-    bench_routing = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_routing)
+    bench_routing = _bench_routing()
     x = torch.randint(-2, 3, (37, 70), generator=g).float()
     c = torch.randint(-2, 3, (32, 70), generator=g).float()
     want = _topk_launch(x, c, 6)
@@ -93,13 +99,26 @@ def test_interpreted_kernel_matches_torch():
         assert right and max(es, edx, edc) < 1e-5
 
 
+def test_default_tiles_are_checked_candidates_that_fit_an_a100():
+    # every tile the launch picks on its own is one the interpreted test compares (ROUTER_TILES), and its stages of x
+    # and the centroids fit an A100's 164 kB of shared memory
+    from ssd_megatron.ffn.centroid_router import default_tile
+    bench_routing = _bench_routing()
+    for d in (64, 768, 2048, 4096, 8192):
+        for np2 in (16, 32, 64, 128):
+            for itemsize in (2, 4):
+                bt, bd, _, stages = tile = default_tile(d, np2, itemsize)
+                assert tile in bench_routing.ROUTER_TILES, (d, np2, itemsize, tile)
+                assert stages * (bt + np2) * bd * itemsize <= 164 * 1024, (d, np2, itemsize, tile)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run via tools/gpu_bench.sh)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_kernel_matches_torch(dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator().manual_seed(2)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for case in CASES + [(16384, 768, 32, 6)]:
+    for case in CASES + [(16384, 768, 32, 6), (515, 2080, 64, 16)]:  # the last: default_tile's wide rows
         es, edx, edc, right = _check(*case, dtype, "cuda", g)
         assert right and max(es, edx, edc) < tol, (case, es, edx, edc, right)
     assert _check(33, 24, 8, 3, dtype, "cuda", g, ties=True)[3]
