@@ -178,6 +178,35 @@ def test_triton_down_ws_bf16(case, opts, tile, order, monkeypatch):
     print("down ws", case, opts, {k: f"{v:.1e}" for k, v in errs.items()})
 
 
+@pytest.mark.parametrize("w2_rows", [False, True])
+def test_triton_w2_rows_gives_the_forward_down_the_ws_kernel(w2_rows, monkeypatch):
+    """W_out's column view in the unfused forward (SwiGLU's; rows >= 2048 wide, where `auto` takes the WS kernel in
+    pairs): with w2_rows the forward's down takes the WS kernel on a row-major copy, without it the Triton
+    fallback; dx (W_in's rows, row-major) takes it either way; both equal the reference, forward and every grad."""
+    if "triton" not in AVAILABLE:
+        pytest.skip("triton not available here")
+    from ssd_megatron.ffn.backends import _triton_kernels as kernels
+    from ssd_megatron.ffn.backends.kernels import down_gluon
+    from ssd_megatron.ffn.backends.triton_backend import TritonBackend
+    probe = torch.zeros(64, 64, device="cuda", dtype=torch.bfloat16)
+    if not down_gluon.serves(probe, torch.zeros(2, 64, 64, device="cuda", dtype=torch.bfloat16),
+                             *kernels.AUTO_WS[:2], kernels.AUTO_WS[4]):
+        pytest.skip("the WS down kernel does not serve here (needs sm_90 and Triton >= 3.9's Gluon)")
+    launches = []
+    real = down_gluon.launch
+
+    def counted(*args, **kwargs):
+        launches.append(args[10])  # the gate scale: the forward's down
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(down_gluon, "launch", counted)
+    inp = with_column_view_w2(make_inputs(device="cuda", dtype=torch.bfloat16, activation="swiglu", T=300, D=2048,
+                                          E=128, N=8, K=2, routing="skewed"))
+    errs = compare(run(TritonBackend(w2_rows=w2_rows), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
+    assert launches == ([True] if w2_rows else []) + [False], launches
+    print("w2 rows", w2_rows, {k: f"{v:.1e}" for k, v in errs.items()})
+
+
 # mlp variant 5 (WS, kernels/mlp_gluon.py: the fused forward in Gluon, sm_90, Triton >= 3.9) where it serves: E
 # exactly one or two power-of-two tiles (64; 192 = 128 + 64; 256), D a multiple of BK, no gate. Skewed loads,
 # experts with no tokens, M not a multiple of the 128-row tile, D = 192 and 64 (which the 128-column tile, BN = BK

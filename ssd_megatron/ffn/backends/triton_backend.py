@@ -87,7 +87,8 @@ def triton_runs_on(t: torch.Tensor) -> bool:
 def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
                 gate_flat: torch.Tensor, topk_idx: torch.Tensor, activation: str, combine: str, wgrad: str,
                 save: bool, centroids: Optional[torch.Tensor] = None, fold: str = "epilogue",
-                b2: Optional[torch.Tensor] = None, init_in_up: bool = True, fused: bool = False
+                b2: Optional[torch.Tensor] = None, init_in_up: bool = True, fused: bool = False,
+                w2_rows: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                            torch.Tensor]:
     """(y, h or an empty tensor, the plan's order, token, offsets, w1 and w2 cast to x's dtype or empty
@@ -96,7 +97,8 @@ def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
     returned for the backward only when `save` (an output may not alias an input, hence empty otherwise).
     b2: the output bias, y's initial value; `init_in_up`: y (when the combine adds into it) is initialised
     by the up kernel's programs (with `fused`, by the routing plan's) instead of by a fill launch of its
-    own; `fused`: one launch for up, activation and down (module docstring)."""
+    own; `fused`: one launch for up, activation and down (module docstring); `w2_rows`: the unfused forward's down
+    takes a row-major copy of w2 (TritonBackend's option)."""
     k = _kernels()
     w1c, w2c, b1c = _cast(w1, x.dtype), _cast(w2, x.dtype), _cast(b1, x.dtype)
     T, K = topk_idx.shape
@@ -107,14 +109,14 @@ def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
         y, h = k.mlp_forward(x, w1c, b1c, w2c, plan, gate_flat, activation, save, combine, out=y0, out_bias=b2)
     else:
         a, h = k.up_forward(x, w1c, b1c, plan, activation, save_h=save, fill=fill)
-        y = k.down_scatter(a, w2c, plan, gate_flat, combine, out=y0, out_bias=b2)
+        y = k.down_scatter(a, w2c.contiguous() if w2_rows else w2c, plan, gate_flat, combine, out=y0, out_bias=b2)
     kept = [w if save and w is not v else x.new_empty(0) for w, v in ((w1c, w1), (w2c, w2))]  # no aliases
     return (y, (h if save else x.new_empty(0)), plan.order, plan.token, plan.offsets, *kept)
 
 
 @_experts_op.register_fake
 def _experts_fake(x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids=None,
-                  fold="epilogue", b2=None, init_in_up=True, fused=False):
+                  fold="epilogue", b2=None, init_in_up=True, fused=False, w2_rows=False):
     T, K = topk_idx.shape
     rows = torch.empty(T * K, dtype=torch.int32, device=x.device)
     kept = [_empty_like_strided(w, x.dtype) if save and w.dtype != x.dtype else x.new_empty(0) for w in (w1, w2)]
@@ -187,7 +189,7 @@ def _experts_backward_fake(dy, x, w1, w2, gate_flat, h, order, token, offsets, t
 
 
 def _setup(ctx, inputs, output):
-    x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids, fold, b2, init_in_up, _ = inputs
+    x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids, fold, b2, init_in_up, _, _ = inputs
     _, h, order, token, offsets, w1c, w2c = output
     # the casts of master weights (else empty): the backward computes with them; b2 for its dtype and shape
     ctx.save_for_backward(x, w1, w2, gate_flat, h, order, token, offsets, topk_idx, centroids,
@@ -199,16 +201,16 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy, *_):
     if dy is None:  # y unused by the loss (gradients are not materialised, _setup)
-        return (None,) * 15
+        return (None,) * 16
     x, w1, w2, gate_flat, h, order, token, offsets, topk_idx, centroids, w1c, w2c, b2 = ctx.saved_tensors
     activation, has_bias, combine, wgrad, fold, init_in_up = ctx.meta
     # (trailing arguments left at their defaults are not counted in needs_input_grad: b2 may be missing)
-    nig = tuple(ctx.needs_input_grad) + (False,) * 15
+    nig = tuple(ctx.needs_input_grad) + (False,) * 16
     needs = [bool(n) for n in nig[:5] + nig[12:13]]
     grads = _experts_backward_op(dy, x, w1, w2, gate_flat, h, order, token, offsets, topk_idx, activation, has_bias,
                                  combine, wgrad, needs, centroids, fold, w1c, w2c, b2, init_in_up)
     g = [gr if n else None for gr, n in zip(grads, needs)]
-    return (*g[:5], None, None, None, None, None, None, None, g[5], None, None)
+    return (*g[:5], None, None, None, None, None, None, None, g[5], None, None, None)
 
 
 def _bias_grad(dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -306,12 +308,17 @@ class TritonBackend:
     3.03 -> 2.60 ms; the graphed sparse step 31.17 -> 30.98 ms; SwiGLU slower, 0.286 -> 0.396 ms at base
     and 4.58 -> 7.01 ms at 8B; docs/kernels.md v12). Not fused before Hopper (untimed there) nor in the
     interpreter.
+    w2_rows: the unfused forward's down (SwiGLU's forward, or fused_forward=False) takes a row-major copy of w2
+    when w2 is W_out's column view ([N, E, D] with unit stride along E, `weights.expert_views`), because the
+    warp-specialised down kernel (`auto`'s at 8B, kernels/down_gluon.py) takes row-major weights only; on that
+    view it falls back to the Triton kernel. Off by default: the copy (2 * N * E * D bytes each way) is not yet
+    timed against what the kernel gains (docs/kernels.md v47).
     """
 
     name = "triton"
 
     def __init__(self, combine: str = None, wgrad: str = "triton", fold_router: str = "epilogue",
-                 master_weights: bool = True, fold_output="auto", fused_forward="auto"):
+                 master_weights: bool = True, fold_output="auto", fused_forward="auto", w2_rows: bool = False):
         if combine is not None and combine not in COMBINES:
             raise ValueError(f"combine={combine!r}; accepted: {', '.join(COMBINES)}")
         if wgrad not in WGRADS:
@@ -321,8 +328,10 @@ class TritonBackend:
         for key, val in (("fold_output", fold_output), ("fused_forward", fused_forward)):
             if not (isinstance(val, bool) or val == "auto"):
                 raise ValueError(f"{key}={val!r}; accepted: True, False, 'auto'")
+        if not isinstance(w2_rows, bool):
+            raise ValueError(f"w2_rows={w2_rows!r}; accepted: True, False")
         self.combine, self.wgrad, self.fold_router, self.master_weights = combine, wgrad, fold_router, master_weights
-        self.fold_output, self.fused_forward = fold_output, fused_forward
+        self.fold_output, self.fused_forward, self.w2_rows = fold_output, fused_forward, w2_rows
         if any(k.startswith(TUNING_PREFIXES) for k in os.environ):
             _kernels().check_switches()  # a malformed value fails here, not inside a compiled step
 
@@ -369,7 +378,7 @@ class TritonBackend:
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, gate_flat))
         # inference (no grad): no pre-activation saved
         return _experts_op(x, w1, b1, w2, gate_flat, topk_idx, activation, self._combine(x), self.wgrad, save, c,
-                           self.fold_router, b2, fold_output, self._fused(x, activation))[0]
+                           self.fold_router, b2, fold_output, self._fused(x, activation), self.w2_rows)[0]
 
     def _fused(self, x: torch.Tensor, activation: str) -> bool:
         """Whether this call's forward is the fused kernel (fused_forward, class docstring)."""
