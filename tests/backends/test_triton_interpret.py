@@ -33,7 +33,8 @@ CASES = [  # (inputs, TritonBackend options)
     (dict(activation="gelu_tanh", T=17, K=2), {"fused_forward": True, "column_view_w2": True, "fold_output": False}),
     (dict(activation="geglu", T=23, E=48, K=2), {"fused_forward": True, "fold_output": True}),  # E = 32 + 16
     (dict(activation="relu", T=31, E=48, K=3), {"fused_forward": True}),   # the same without GLU
-    # the unfused forward's down on a row-major copy of W_out's column view (w2_rows)
+    # w2_rows on W_out's column view: the interpreter never takes the WS down kernel, so no copy is made and the
+    # down reads the view (the copy for the WS kernel: test_backends_gpu.py)
     (dict(activation="swiglu", T=19, K=2), {"column_view_w2": True, "w2_rows": True, "fold_output": True}),
 ]
 # the same checks with the kernels' variants, as (down variant, wgrad row chunk, M-tile order, wgrad BP =

@@ -98,7 +98,7 @@ def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
     b2: the output bias, y's initial value; `init_in_up`: y (when the combine adds into it) is initialised
     by the up kernel's programs (with `fused`, by the routing plan's) instead of by a fill launch of its
     own; `fused`: one launch for up, activation and down (module docstring); `w2_rows`: the unfused forward's down
-    takes a row-major copy of w2 (TritonBackend's option)."""
+    may take a row-major copy of w2 (TritonBackend's option)."""
     k = _kernels()
     w1c, w2c, b1c = _cast(w1, x.dtype), _cast(w2, x.dtype), _cast(b1, x.dtype)
     T, K = topk_idx.shape
@@ -109,7 +109,7 @@ def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
         y, h = k.mlp_forward(x, w1c, b1c, w2c, plan, gate_flat, activation, save, combine, out=y0, out_bias=b2)
     else:
         a, h = k.up_forward(x, w1c, b1c, plan, activation, save_h=save, fill=fill)
-        y = k.down_scatter(a, w2c.contiguous() if w2_rows else w2c, plan, gate_flat, combine, out=y0, out_bias=b2)
+        y = k.down_scatter(a, w2c, plan, gate_flat, combine, out=y0, out_bias=b2, rows=w2_rows)
     kept = [w if save and w is not v else x.new_empty(0) for w, v in ((w1c, w1), (w2c, w2))]  # no aliases
     return (y, (h if save else x.new_empty(0)), plan.order, plan.token, plan.offsets, *kept)
 
@@ -308,11 +308,12 @@ class TritonBackend:
     3.03 -> 2.60 ms; the graphed sparse step 31.17 -> 30.98 ms; SwiGLU slower, 0.286 -> 0.396 ms at base
     and 4.58 -> 7.01 ms at 8B; docs/kernels.md v12). Not fused before Hopper (untimed there) nor in the
     interpreter.
-    w2_rows: the unfused forward's down (SwiGLU's forward, or fused_forward=False) takes a row-major copy of w2
-    when w2 is W_out's column view ([N, E, D] with unit stride along E, `weights.expert_views`), because the
-    warp-specialised down kernel (`auto`'s at 8B, kernels/down_gluon.py) takes row-major weights only; on that
-    view it falls back to the Triton kernel. Off by default: the copy (2 * N * E * D bytes each way) is not yet
-    timed against what the kernel gains (docs/kernels.md v47).
+    w2_rows: where the unfused forward's down (SwiGLU's forward, or fused_forward=False) takes the
+    warp-specialised kernel (`auto`'s at 8B, kernels/down_gluon.py), which reads row-major weights only, and w2
+    is W_out's column view ([N, E, D] with unit stride along E, `weights.expert_views`), that launch gets a
+    row-major copy of w2 instead of falling back to the Triton kernel; nowhere else is a copy made. Off by
+    default: the copy (2 * N * E * D bytes each way) is not yet timed against what the kernel gains
+    (docs/kernels.md v47).
     """
 
     name = "triton"

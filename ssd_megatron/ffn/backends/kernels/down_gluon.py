@@ -321,9 +321,9 @@ def ein_boxes(Ein: int):
     return be, rest
 
 
-def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int) -> bool:
-    """Whether this kernel takes A [M, Ein] and W [N, Ein, Dout] with this tile: sm_90, bf16/fp16, A's rows
-    contiguous, W one row-major [N * Ein, Dout] matrix, Ein one or two power-of-two boxes of 16 to 256 columns
+def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int, rows: bool = False) -> bool:
+    """Whether this kernel takes A [M, Ein] and W [N, Ein, Dout] with this tile (`rows`: a row-major copy of W,
+    made only if it does): sm_90, bf16/fp16, A's rows contiguous, W one row-major [N * Ein, Dout] matrix, Ein one or two power-of-two boxes of 16 to 256 columns
     (`ein_boxes`: TMA boxes and shared-memory tiles; a second box costs a second product per item), 16-byte
     aligned, BM 64, 128 or 256 (whole warpgroup MMAs), BN 16..256, a W ring of
     two or more slots (with one, a consumer's wait for its item's W could pass on the other consumer's item:
@@ -337,7 +337,9 @@ def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int) -> b
         return False
     if ein_boxes(Ein) is None or a.shape[1] != Ein or a.stride(1) != 1 or (a.stride(0) * es) % 16:
         return False
-    if w.stride() != (Ein * Dout, Dout, 1) or (Dout * es) % 16 or (a.data_ptr() % 16) or (w.data_ptr() % 16):
+    if not rows and (w.stride() != (Ein * Dout, Dout, 1) or w.data_ptr() % 16):  # (a fresh copy is aligned)
+        return False
+    if (Dout * es) % 16 or a.data_ptr() % 16:
         return False
     return smem_bytes(BM, BN, Ein, stages, es) <= SMEM_LIMIT and _build_once() is not None
 
