@@ -269,15 +269,16 @@ def test_ws_down_falls_back_to_staged(monkeypatch, why):
         assert name == "triton" and kwargs["STAGED"] and not kwargs["ROWLOOP"], (name, kwargs)
 
 
-@pytest.mark.parametrize("why", ["served", "served-expert", "served-boxes", "not-served", "buffer", "narrow",
-                                 "forced", "env"])
+@pytest.mark.parametrize("why", ["served", "served-expert", "served-boxes", "served-rows", "not-served", "buffer",
+                                 "narrow", "forced", "env"])
 def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     """`auto` launches the Gluon down kernel at AUTO_WS for an atomic combine into rows >= 2048 wide (8B's
     dx) where it serves, over token windows of AUTO_GROUP experts (on Hopper, as `_hopper` takes the CPU;
     docs/kernels.md v37), in expert order when SSD_TRITON_WS_DOWN_ORDER says so; at AUTO_WS_BOXES, in expert
     order, for narrower rows whose Ein is two TMA boxes (base ReLU's dx: 192 = 128 + 64, rows 768 wide); and the
     usual default everywhere else: where it does not serve (e.g. Triton < 3.9), for the (t, k) buffer, for
-    narrower rows of one box, or when a forced or environment config names down."""
+    narrower rows of one box, or when a forced or environment config names down. With `rows` and W_out's column
+    view (the unfused forward's down with w2_rows), the kernel gets a row-major copy of it."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K
     from ssd_megatron.ffn.backends.kernels import down_gluon
@@ -285,7 +286,7 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     monkeypatch.setattr(K, "_down_kernel", Recorder(calls, "triton"))
     monkeypatch.setattr(K, "_down_tma_kernel", Recorder(calls, "tma"))
     monkeypatch.setattr(down_gluon, "launch", Recorder(calls, "ws"))
-    monkeypatch.setattr(down_gluon, "serves", lambda *args: served.append(args[2:]) or why != "not-served")
+    monkeypatch.setattr(down_gluon, "serves", lambda *args: served.append(args[2:5]) or why != "not-served")
     monkeypatch.delenv("SSD_TRITON_TUNE", raising=False)
     monkeypatch.delenv("SSD_TRITON_TILE_ORDER", raising=False)
     monkeypatch.delenv("SSD_TRITON_WS_DOWN_ORDER", raising=False)
@@ -298,10 +299,12 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     # (T = 400: experts of up to four 128-row tiles, so that token windows and expert order differ)
     a, w, plan, gate, _ = _down_case(192 if why == "served-boxes" else 64, torch.bfloat16, T=400,
                                      D={"narrow": 64, "served-boxes": 768}.get(why, 2048))
+    if why == "served-rows":  # W_out's column view: [N, Ein, D] with unit stride along Ein
+        w = torch.empty(w.shape[2], w.shape[0] * w.shape[1], dtype=w.dtype).t().view(w.shape).copy_(w)
     if why == "forced":
         K.force_config(down=(64, 128, 64, 4, 3, K.ROWLOOP))
     try:
-        K.down_scatter(a, w, plan, None, "buffer" if why == "buffer" else "atomic16")
+        K.down_scatter(a, w, plan, None, "buffer" if why == "buffer" else "atomic16", rows=why == "served-rows")
     finally:
         K.force_config()
     assert len(calls) == 1, calls
@@ -311,10 +314,12 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
         assert name == "ws" and set(served) == {cfg[:2] + cfg[4:5]} and args[-3:] == cfg[:2] + cfg[4:5], args
         pair = cfg[5] == K.WS_PAIR  # (8B's dx in pairs: M-tiles of 256 rows; base's in 128)
         assert kwargs == {"pair": pair} and pair == (why != "served-boxes"), kwargs
+        assert args[1].is_contiguous() and torch.equal(args[1], w) and (why == "served-rows") != w.is_contiguous()
         M, N, height = plan.num_rows, plan.num_experts, 256 if pair else 128
-        want = (K.expert_tiles(plan.offsets, M, N, height) if why != "served"
-                else K.token_window_tiles(plan.offsets, M, N, height, K.AUTO_GROUP))
-        assert not torch.equal(want, K.expert_tiles(plan.offsets, M, N, height)) or why != "served"
+        windows = why in ("served", "served-rows")
+        want = (K.token_window_tiles(plan.offsets, M, N, height, K.AUTO_GROUP) if windows
+                else K.expert_tiles(plan.offsets, M, N, height))
+        assert not torch.equal(want, K.expert_tiles(plan.offsets, M, N, height)) or not windows
         assert torch.equal(args[2], want), (args[2], want)
     else:  # the default tile (a Triton kernel, TMA or not), never the STAGED fallback
         assert name in ("triton", "tma") and not kwargs.get("STAGED"), (name, kwargs)
