@@ -41,7 +41,8 @@ masked at the store. Serves (`serves`) an Ein of one power-of-two TMA box of 16 
 matrix, bf16/fp16, BM 64, 128 or 256, BN 16 to 256 and two or more W stages, on sm_90: of the layer's launches,
 the 8B ReLU dx (dh [M, 256] @ w1, w1 a view of W_in) and base ReLU's (dh [M, 192], AUTO_WS_BOXES); the forward's
 down too where w2 is a contiguous [N, E, D] tensor (the tests' inputs), but not W_out's column view that the
-layer passes. The launcher falls back to STAGED otherwise (SwiGLU 8B's 512, the column view, fp32, shared
+layer passes unless the launcher is asked for a row-major copy (`down_scatter(rows=True)`, TritonBackend's
+w2_rows). The launcher falls back to STAGED otherwise (SwiGLU 8B's 512, the column view, fp32, shared
 memory: e.g. 128 x 64 with three W stages of 256 rows).
 
 Needs Triton >= 3.9 (`MIN_TRITON`): Triton 3.6's LLVM lowering asserts when a warp_specialize partition
