@@ -323,13 +323,13 @@ def ein_boxes(Ein: int):
 
 
 def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int, rows: bool = False) -> bool:
-    """Whether this kernel takes A [M, Ein] and W [N, Ein, Dout] with this tile (`rows`: a row-major copy of W,
-    made only if it does): sm_90, bf16/fp16, A's rows contiguous, W one row-major [N * Ein, Dout] matrix, Ein one or two power-of-two boxes of 16 to 256 columns
-    (`ein_boxes`: TMA boxes and shared-memory tiles; a second box costs a second product per item), 16-byte
-    aligned, BM 64, 128 or 256 (whole warpgroup MMAs), BN 16..256, a W ring of
-    two or more slots (with one, a consumer's wait for its item's W could pass on the other consumer's item:
-    a barrier's phase parity cannot tell them apart), the buffers within shared memory, and a Triton whose
-    Gluon builds the kernel (`_build`)."""
+    """Whether this kernel takes A [M, Ein] and W [N, Ein, Dout] with this tile (`rows`: W's row-major copy,
+    `w.contiguous()`, made only if it does): sm_90, bf16/fp16, A's rows contiguous, W one row-major [N * Ein, Dout]
+    matrix, Ein one or two power-of-two boxes of 16 to 256 columns (`ein_boxes`: TMA boxes and shared-memory
+    tiles; a second box costs a second product per item), 16-byte aligned, BM 64, 128 or 256 (whole warpgroup
+    MMAs), BN 16..256, a W ring of two or more slots (with one, a consumer's wait for its item's W could pass on
+    the other consumer's item: a barrier's phase parity cannot tell them apart), the buffers within shared memory,
+    and a Triton whose Gluon builds the kernel (`_build`)."""
     N, Ein, Dout = w.shape
     es = a.element_size()
     if not _sm90(a) or a.dtype not in (torch.bfloat16, torch.float16) or w.dtype != a.dtype:
@@ -338,7 +338,8 @@ def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int, rows
         return False
     if ein_boxes(Ein) is None or a.shape[1] != Ein or a.stride(1) != 1 or (a.stride(0) * es) % 16:
         return False
-    if not rows and (w.stride() != (Ein * Dout, Dout, 1) or w.data_ptr() % 16):  # (a fresh copy is aligned)
+    copied = rows and not w.is_contiguous()  # (a fresh copy is row-major and aligned)
+    if not copied and (w.stride() != (Ein * Dout, Dout, 1) or w.data_ptr() % 16):
         return False
     if (Dout * es) % 16 or a.data_ptr() % 16:
         return False
