@@ -433,8 +433,9 @@ def _parse(argv):
                          "master_weights: true|false, fp32 weights taken by the backend with --params fp32; "
                          "fold_output: true|false|auto, the output bias and the atomic outputs' zeroing inside the "
                          "kernels, or a fill launch each and the bias added after; fused_forward: true|false|auto, "
-                         "the expert forward as one kernel per M-tile, or the backend's choice; w2_rows: "
-                         "true|false, the unfused forward's down on a row-major copy of W2)")
+                         "the expert forward as one kernel per M-tile, or the backend's choice; w2_view: "
+                         "fallback|copy|tma, how the unfused forward's WS down takes W_out's column view: the "
+                         "Triton kernel instead, a row-major copy, or the view by TMA)")
     ap.add_argument("--params", default="bf16", choices=("bf16", "fp32"),
                     help="the layer's parameters: bf16, or fp32 used under bf16 autocast as in a training step")
     ap.add_argument("--weight-gather", default="none", choices=("none", "permute", "index_select"),

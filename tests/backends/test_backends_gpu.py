@@ -123,9 +123,10 @@ WS_IDS = [f"{c['activation']}-T{c['T']}-D{c['D']}-E{c['E']}-N{c['N']}K{c['K']}-{
           for c in WS_CASES]
 # TritonBackend options: the unfused forward (its down launch takes the WS kernel too), the combines
 # (bf16 atomic adds, fp32 ones, the (t, k) rows stored), y initialised by the up kernel, the router folded
-# into dx (the rank-1 term)
+# into dx (the rank-1 term), W2 as W_out's column view read in place by TMA or copied row-major (w2_view)
 WS_OPTS = {"atomic16": {"combine": "atomic16"}, "atomic32": {"combine": "atomic32"}, "buffer": {"combine": "buffer"},
-           "fold-output": {"combine": "atomic16", "fold_output": True}, "router-fold": {"combine": "atomic16"}}
+           "fold-output": {"combine": "atomic16", "fold_output": True}, "router-fold": {"combine": "atomic16"},
+           "view-tma": {"combine": "atomic16", "w2_view": "tma"}, "view-copy": {"combine": "buffer", "w2_view": "copy"}}
 
 
 @pytest.mark.parametrize("order", ["auto", "token:3"])
@@ -160,6 +161,8 @@ def test_triton_down_ws_bf16(case, opts, tile, order, monkeypatch):
     monkeypatch.setattr(down_gluon, "launch", counted)
     monkeypatch.setenv("SSD_TRITON_WS_DOWN_ORDER", order)
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
+    if opts.startswith("view"):
+        inp = with_column_view_w2(inp)
     be = TritonBackend(fused_forward=False, **WS_OPTS[opts])
     kernels.force_config(down=DOWN_WS)
     try:
@@ -178,11 +181,12 @@ def test_triton_down_ws_bf16(case, opts, tile, order, monkeypatch):
     print("down ws", case, opts, {k: f"{v:.1e}" for k, v in errs.items()})
 
 
-@pytest.mark.parametrize("w2_rows", [False, True])
-def test_triton_w2_rows_gives_the_forward_down_the_ws_kernel(w2_rows, monkeypatch):
+@pytest.mark.parametrize("w2_view", ["fallback", "copy", "tma"])
+def test_triton_w2_view_gives_the_forward_down_the_ws_kernel(w2_view, monkeypatch):
     """W_out's column view in the unfused forward (SwiGLU's; rows >= 2048 wide, where `auto` takes the WS kernel in
-    pairs): with w2_rows the forward's down takes the WS kernel on a row-major copy, without it the Triton
-    fallback; dx (W_in's rows, row-major) takes it either way; both equal the reference, forward and every grad."""
+    pairs): with w2_view "copy" the forward's down takes the WS kernel on a row-major copy, with "tma" on the view
+    itself, with "fallback" the Triton kernel; dx (W_in's rows, row-major) takes it either way; all equal the
+    reference, forward and every grad."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
     from ssd_megatron.ffn.backends import _triton_kernels as kernels
@@ -196,15 +200,16 @@ def test_triton_w2_rows_gives_the_forward_down_the_ws_kernel(w2_rows, monkeypatc
     real = down_gluon.launch
 
     def counted(*args, **kwargs):
-        launches.append(args[10])  # the gate scale: the forward's down
+        launches.append((args[10], args[1].is_contiguous()))  # the gate scale (the forward's down), W's layout
         return real(*args, **kwargs)
 
     monkeypatch.setattr(down_gluon, "launch", counted)
     inp = with_column_view_w2(make_inputs(device="cuda", dtype=torch.bfloat16, activation="swiglu", T=300, D=2048,
                                           E=128, N=8, K=2, routing="skewed"))
-    errs = compare(run(TritonBackend(w2_rows=w2_rows), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
-    assert launches == ([True] if w2_rows else []) + [False], launches
-    print("w2 rows", w2_rows, {k: f"{v:.1e}" for k, v in errs.items()})
+    errs = compare(run(TritonBackend(w2_view=w2_view), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
+    forward = {"fallback": [], "copy": [(True, True)], "tma": [(True, False)]}[w2_view]
+    assert launches == forward + [(False, True)], launches
+    print("w2 view", w2_view, {k: f"{v:.1e}" for k, v in errs.items()})
 
 
 # mlp variant 5 (WS, kernels/mlp_gluon.py: the fused forward in Gluon, sm_90, Triton >= 3.9) where it serves: E

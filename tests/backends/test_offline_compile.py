@@ -129,9 +129,11 @@ def test_default_launches_compile_for_sm80(act):
 # for 8B's dx under Triton >= 3.9). Gluon has no interpreter, so on CPU: its offline compile for sm_90 through the real
 # launcher, and the launcher's choice (the kernel where it serves, STAGED elsewhere). test_backends_gpu.py (`down_ws`) checks its results.
 DOWN_WS = (64, 64, 64, 4, 3, 5)
-# name -> (Ein, dtype, combine, gate scale, rank-1 term[, pairs]): dx (bf16 adds, with the router's rank-1 term), the
-# forward's down (scaled; fp32 adds, the (t, k) rows stored), 8B's Ein = 256 in fp16, base's Ein = 192 as two boxes
-# (with the router's term, as base trains); in pairs (WS_PAIR, `auto`'s for 8B's dx) at 8B's Ein and at two boxes
+# name -> (Ein, dtype, combine, gate scale, rank-1 term[, pairs[, W_out's column view]]): dx (bf16 adds, with the
+# router's rank-1 term), the forward's down (scaled; fp32 adds, the (t, k) rows stored), 8B's Ein = 256 in fp16,
+# base's Ein = 192 as two boxes (with the router's term, as base trains); in pairs (WS_PAIR, `auto`'s for 8B's dx) at
+# 8B's Ein and at two boxes; the forward's down reading W_out's column view by TMA (view "tma": 8B SwiGLU's in pairs,
+# base SwiGLU's two boxes)
 WS_LAUNCHES = {"dx": (64, "bfloat16", "atomic16", False, False),
                "dx-192-fold": (192, "bfloat16", "atomic16", False, True),
                "dx-fold": (64, "bfloat16", "atomic16", False, True),
@@ -139,7 +141,9 @@ WS_LAUNCHES = {"dx": (64, "bfloat16", "atomic16", False, False),
                "fwd-buffer": (64, "bfloat16", "buffer", True, False),
                "dx-256-fp16": (256, "float16", "atomic16", False, False),
                "dx-256-fold-pairs": (256, "bfloat16", "atomic16", False, True, True),
-               "dx-192-pairs": (192, "bfloat16", "atomic16", False, False, True)}
+               "dx-192-pairs": (192, "bfloat16", "atomic16", False, False, True),
+               "fwd-256-view-pairs": (256, "bfloat16", "atomic16", True, False, True, True),
+               "fwd-192-view": (192, "bfloat16", "atomic16", True, False, False, True)}
 
 
 def _down_case(Ein, dtype, T=100, D=128, N=8, K=2):
@@ -153,6 +157,11 @@ def _down_case(Ein, dtype, T=100, D=128, N=8, K=2):
     return a, w, make_plan(idx, N), torch.rand(T * K, generator=g), (torch.randn(T * K), torch.randn(N, D))
 
 
+def _column_view(w):
+    """w [N, Ein, D] as W_out's column view holds it: the same values with unit stride along Ein."""
+    return torch.empty(w.shape[2], w.shape[0] * w.shape[1], dtype=w.dtype).t().view(w.shape).copy_(w)
+
+
 def _ws_compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/compile_report.py's driver)
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import compile_report as cr
@@ -160,12 +169,14 @@ def _ws_compile_main():  # in a subprocess: compile-only launches for sm_90 (too
     from ssd_megatron.ffn.backends import _triton_kernels as K
     cr.offline(90)
 
-    def launch(Ein, dtype, combine, scale, rank1, pairs=False):
+    def launch(Ein, dtype, combine, scale, rank1, pairs=False, view=False):
         a, w, plan, gate, r1 = _down_case(Ein, getattr(torch, dtype))
+        w = _column_view(w) if view else w
 
         def call():
             K.force_config(down=DOWN_WS[:5] + (K.WS_PAIR if pairs else K.WS,))
-            K.down_scatter(a, w, plan, gate if scale else None, combine, rank1=r1 if rank1 else None)
+            K.down_scatter(a, w, plan, gate if scale else None, combine, rank1=r1 if rank1 else None,
+                           view="tma" if view else "fallback")
         return call
     print("WS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in WS_LAUNCHES.items()})))
 
@@ -193,7 +204,7 @@ def ws_compiled():
 @pytest.mark.parametrize("name", list(WS_LAUNCHES))
 def test_ws_down_compiles_for_sm90(ws_compiled, name):
     """Each of the kernel's specialisations (the combines, gate scale, rank-1 term, Ein = 64, 192 (two boxes) and
-    256, bf16 and fp16) compiles for sm_90 as a warp-specialised kernel: TMA loads, wgmma, and native vector atomics
+    256, bf16 and fp16, W row-major and W_out's column view) compiles for sm_90 as a warp-specialised kernel: TMA loads, wgmma, and native vector atomics
     where it adds (no compare-and-swap loop); the launcher took it, not STAGED."""
     res = ws_compiled[name]
     assert not isinstance(res, str), res
@@ -224,8 +235,8 @@ def _ws_operands(why):
     a, w, plan, gate, _ = _down_case({"served": 256, "smem": 256, "ein": 200}.get(why, 64), torch.bfloat16)
     if why == "fp32":
         a, w = a.float(), w.float()
-    if why == "column-view":  # W_out's [N, E, D] view (unit stride along E)
-        w = w.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    if why == "column-view":  # W_out's [N, E, D] view (unit stride along E), with the default view "fallback"
+        w = _column_view(w)
     return a, w, plan, gate, {"smem": (128, 64, 3), "stages": (64, 64, 1), "bm": (32, 64, 3)}.get(why, (64, 64, 3))
 
 
@@ -269,16 +280,17 @@ def test_ws_down_falls_back_to_staged(monkeypatch, why):
         assert name == "triton" and kwargs["STAGED"] and not kwargs["ROWLOOP"], (name, kwargs)
 
 
-@pytest.mark.parametrize("why", ["served", "served-expert", "served-boxes", "served-rows", "not-served", "buffer",
-                                 "narrow", "forced", "env"])
+@pytest.mark.parametrize("why", ["served", "served-expert", "served-boxes", "served-copy", "served-tma", "not-served",
+                                 "buffer", "narrow", "forced", "env"])
 def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     """`auto` launches the Gluon down kernel at AUTO_WS for an atomic combine into rows >= 2048 wide (8B's
     dx) where it serves, over token windows of AUTO_GROUP experts (on Hopper, as `_hopper` takes the CPU;
     docs/kernels.md v37), in expert order when SSD_TRITON_WS_DOWN_ORDER says so; at AUTO_WS_BOXES, in expert
     order, for narrower rows whose Ein is two TMA boxes (base ReLU's dx: 192 = 128 + 64, rows 768 wide); and the
     usual default everywhere else: where it does not serve (e.g. Triton < 3.9), for the (t, k) buffer, for
-    narrower rows of one box, or when a forced or environment config names down. With `rows` and W_out's column
-    view (the unfused forward's down with w2_rows), the kernel gets a row-major copy of it."""
+    narrower rows of one box, or when a forced or environment config names down. With W_out's column view (the
+    unfused forward's down) and view "copy", the kernel gets a row-major copy of it, with "tma" the view itself;
+    `auto` asks `serves` about the view it will pass."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K
     from ssd_megatron.ffn.backends.kernels import down_gluon
@@ -286,7 +298,7 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     monkeypatch.setattr(K, "_down_kernel", Recorder(calls, "triton"))
     monkeypatch.setattr(K, "_down_tma_kernel", Recorder(calls, "tma"))
     monkeypatch.setattr(down_gluon, "launch", Recorder(calls, "ws"))
-    monkeypatch.setattr(down_gluon, "serves", lambda *args: served.append(args[2:5]) or why != "not-served")
+    monkeypatch.setattr(down_gluon, "serves", lambda *args: served.append(args[2:]) or why != "not-served")
     monkeypatch.delenv("SSD_TRITON_TUNE", raising=False)
     monkeypatch.delenv("SSD_TRITON_TILE_ORDER", raising=False)
     monkeypatch.delenv("SSD_TRITON_WS_DOWN_ORDER", raising=False)
@@ -299,24 +311,28 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     # (T = 400: experts of up to four 128-row tiles, so that token windows and expert order differ)
     a, w, plan, gate, _ = _down_case(192 if why == "served-boxes" else 64, torch.bfloat16, T=400,
                                      D={"narrow": 64, "served-boxes": 768}.get(why, 2048))
-    if why == "served-rows":  # W_out's column view: [N, Ein, D] with unit stride along Ein
-        w = torch.empty(w.shape[2], w.shape[0] * w.shape[1], dtype=w.dtype).t().view(w.shape).copy_(w)
+    view = {"served-copy": "copy", "served-tma": "tma"}.get(why, "fallback")
+    if view != "fallback":
+        w = _column_view(w)
     if why == "forced":
         K.force_config(down=(64, 128, 64, 4, 3, K.ROWLOOP))
     try:
-        K.down_scatter(a, w, plan, None, "buffer" if why == "buffer" else "atomic16", rows=why == "served-rows")
+        K.down_scatter(a, w, plan, None, "buffer" if why == "buffer" else "atomic16", view=view)
     finally:
         K.force_config()
     assert len(calls) == 1, calls
     name, args, kwargs = calls[0]
     if why.startswith("served"):
         cfg = K.AUTO_WS_BOXES if why == "served-boxes" else K.AUTO_WS
-        assert name == "ws" and set(served) == {cfg[:2] + cfg[4:5]} and args[-3:] == cfg[:2] + cfg[4:5], args
+        assert name == "ws" and set(served) == {cfg[:2] + cfg[4:5] + (view,)} and args[-3:] == cfg[:2] + cfg[4:5]
         pair = cfg[5] == K.WS_PAIR  # (8B's dx in pairs: M-tiles of 256 rows; base's in 128)
         assert kwargs == {"pair": pair} and pair == (why != "served-boxes"), kwargs
-        assert args[1].is_contiguous() and torch.equal(args[1], w) and (why == "served-rows") != w.is_contiguous()
+        if view == "tma":
+            assert args[1] is w
+        else:
+            assert args[1].is_contiguous() and torch.equal(args[1], w) and (view == "copy") != w.is_contiguous()
         M, N, height = plan.num_rows, plan.num_experts, 256 if pair else 128
-        windows = why in ("served", "served-rows")
+        windows = why in ("served", "served-copy", "served-tma")
         want = (K.token_window_tiles(plan.offsets, M, N, height, K.AUTO_GROUP) if windows
                 else K.expert_tiles(plan.offsets, M, N, height))
         assert not torch.equal(want, K.expert_tiles(plan.offsets, M, N, height)) or not windows

@@ -33,9 +33,10 @@ CASES = [  # (inputs, TritonBackend options)
     (dict(activation="gelu_tanh", T=17, K=2), {"fused_forward": True, "column_view_w2": True, "fold_output": False}),
     (dict(activation="geglu", T=23, E=48, K=2), {"fused_forward": True, "fold_output": True}),  # E = 32 + 16
     (dict(activation="relu", T=31, E=48, K=3), {"fused_forward": True}),   # the same without GLU
-    # w2_rows on W_out's column view: the interpreter never takes the WS down kernel, so no copy is made and the
-    # down reads the view (the copy for the WS kernel: test_backends_gpu.py)
-    (dict(activation="swiglu", T=19, K=2), {"column_view_w2": True, "w2_rows": True, "fold_output": True}),
+    # w2_view on W_out's column view: the interpreter never takes the WS down kernel, so no copy is made and the
+    # down reads the view (the WS kernel with the copy or by TMA: test_backends_gpu.py)
+    (dict(activation="swiglu", T=19, K=2), {"column_view_w2": True, "w2_view": "copy", "fold_output": True}),
+    (dict(activation="swiglu", T=17, K=3), {"column_view_w2": True, "w2_view": "tma"}),
 ]
 # the same checks with the kernels' variants, as (down variant, wgrad row chunk, M-tile order, wgrad BP =
 # up BN, up_bwd in two passes): wgrad reductions split into chunks of 32 rows (fp32 atomic sums; experts

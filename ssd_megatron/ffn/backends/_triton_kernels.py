@@ -32,7 +32,7 @@ import os
 import torch
 import triton
 
-from .kernels.common import ACT_CODES, expert_boxes, expert_matrix, fill_args
+from .kernels.common import ACT_CODES, expert_boxes, expert_matrix, fill_args, tma_aligned
 from .kernels.down import _down_kernel, _down_tma_kernel
 from .kernels.mlp import _mlp_kernel
 from .kernels.tile_table import expert_tile_table, token_window_table
@@ -315,16 +315,16 @@ def _ws_reduces(dw, tile) -> bool:
     return wgrad_gluon.out_view(dw, tile[0].shape[1], tile[2]) is not None and wgrad_gluon.serves(*tile, True)
 
 
-def _auto_down_ws(a: torch.Tensor, w: torch.Tensor, atomic: bool, rows: bool = False):
+def _auto_down_ws(a: torch.Tensor, w: torch.Tensor, atomic: bool, view: str = "fallback"):
     """The config where `auto` takes the Gluon down kernel for this launch (an atomic combine into rows >= 2048
-    wide: AUTO_WS; one whose Ein is two TMA boxes: AUTO_WS_BOXES), else None (the defaults serve). `rows`: W
-    may be given to it as a row-major copy (`down_scatter`)."""
+    wide: AUTO_WS; one whose Ein is two TMA boxes: AUTO_WS_BOXES), else None (the defaults serve). `view`: how a W
+    that is not row-major reaches it (`down_scatter`)."""
     if not atomic:
         return None
     from .kernels import down_gluon
     boxes = down_gluon.ein_boxes(w.shape[1])
     cfg = AUTO_WS if w.shape[2] >= 2048 else AUTO_WS_BOXES if boxes and boxes[1] else None
-    return cfg if cfg is not None and down_gluon.serves(a, w, *cfg[:2], cfg[4], rows) else None
+    return cfg if cfg is not None and down_gluon.serves(a, w, *cfg[:2], cfg[4], view) else None
 
 
 def _pick(kind: str, key: tuple, launch, hopper: bool = True, auto=None):
@@ -663,8 +663,7 @@ def _tma_descriptors(t, boxes):
     16-byte aligned."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    es = t.element_size()
-    if t.stride(1) != 1 or (t.stride(0) * es) % 16 or t.data_ptr() % 16:
+    if not tma_aligned(t):
         return None
     return tuple(TensorDescriptor.from_tensor(t, list(b)) for b in boxes)
 
@@ -716,7 +715,7 @@ def _target(a_like, plan, Dout: int, combine: str, out, out_bias):
     return buf, True, init
 
 
-def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, out_bias=None, rows=False):
+def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, out_bias=None, view="fallback"):
     """y [T, Dout] = out_bias + sum over k of (gate *) a[sorted row of (t, k)] @ w[expert of (t, k)].
 
     combine: "buffer" scatters each (t, k) row to a [T*K, Dout] buffer, then sums over k (deterministic);
@@ -724,9 +723,10 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
     as out_bias (or zeros). `out`: that output (`atomic_output`) already initialised so by the up launch;
     else it is allocated and filled here, before every launch (the tuner's repeated launches included).
     rank1 = (coef [T*K] fp32 by flat pair, c [N, Dout]): each (t, k) row also gets coef * c[expert]
-    (without a gate scale). rows: where the config is the warp-specialised kernel (WS, WS_PAIR), which reads
-    row-major W only, and W is not (W_out's column view, `weights.expert_views`), it gets a row-major copy of W
-    (made once per call) instead of falling back to the Triton kernel (docs/kernels.md v48).
+    (without a gate scale). view: where the config is the warp-specialised kernel (WS, WS_PAIR) and W is not
+    row-major (W_out's column view, `weights.expert_views`), "fallback" runs the Triton kernel instead, "copy" gives
+    the WS kernel a row-major copy of W (made once per call, docs/kernels.md v48), "tma" lets it read the view in
+    place (`down_gluon.serves`, v49).
     """
     M, N, T, K = plan.num_rows, plan.num_experts, plan.num_tokens, plan.top_k
     Ein, Dout = w.shape[1], w.shape[2]
@@ -735,7 +735,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
         raise ValueError("down_scatter: rank1 goes with an unscaled product (gate_flat=None)")
     gate = gate_flat if gate_flat is not None else (rank1[0] if rank1 is not None else buf)
     c = rank1[1].to(a.dtype).contiguous() if rank1 is not None else buf
-    w_rows = functools.cache(w.contiguous)  # one copy however many configs the tuner times
+    w_ws = functools.cache(lambda: w.contiguous() if view == "copy" else w)  # one copy for all the tuner's configs
 
     def launch(cfg):
         BM, BN, BK, nw, ns = cfg[:5]
@@ -751,10 +751,10 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
         num_n = triton.cdiv(Dout, BN)
         if variant in (WS, WS_PAIR):  # the Gluon kernel where it serves (kernels/down_gluon.py), else STAGED
             from .kernels import down_gluon
-            if down_gluon.serves(a, w, BM, BN, ns, rows):
+            if down_gluon.serves(a, w, BM, BN, ns, view):
                 pair = variant == WS_PAIR
                 ws_tiles = _tile_list(plan, 2 * BM if pair else BM, _ws_down_group(_wide_group(Dout, a)))
-                down_gluon.launch(a, w_rows(), ws_tiles, plan.offsets, plan.order, plan.token, gate, buf,
+                down_gluon.launch(a, w_ws(), ws_tiles, plan.offsets, plan.order, plan.token, gate, buf,
                                   c, M, gate_flat is not None, atomic, rank1 is not None, BM, BN, ns, pair=pair)
                 return
             variant = STAGED
@@ -770,7 +770,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
                                          BE2=max(be2, 16), **meta)
 
     launch(_pick(f"down:{combine}", (Ein, Dout, str(a.dtype)), launch, _hopper(a),
-                 lambda: _auto_down_ws(a, w, atomic, rows)))  # (positional: tests stand in for _pick with *more)
+                 lambda: _auto_down_ws(a, w, atomic, view)))  # (positional: tests stand in for _pick with *more)
     return _combined(buf, atomic, T, K, a.dtype, out_bias)
 
 

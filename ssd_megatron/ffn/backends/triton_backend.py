@@ -88,7 +88,7 @@ def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
                 gate_flat: torch.Tensor, topk_idx: torch.Tensor, activation: str, combine: str, wgrad: str,
                 save: bool, centroids: Optional[torch.Tensor] = None, fold: str = "epilogue",
                 b2: Optional[torch.Tensor] = None, init_in_up: bool = True, fused: bool = False,
-                w2_rows: bool = False
+                w2_view: str = "fallback"
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                            torch.Tensor]:
     """(y, h or an empty tensor, the plan's order, token, offsets, w1 and w2 cast to x's dtype or empty
@@ -97,8 +97,8 @@ def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
     returned for the backward only when `save` (an output may not alias an input, hence empty otherwise).
     b2: the output bias, y's initial value; `init_in_up`: y (when the combine adds into it) is initialised
     by the up kernel's programs (with `fused`, by the routing plan's) instead of by a fill launch of its
-    own; `fused`: one launch for up, activation and down (module docstring); `w2_rows`: the unfused forward's down
-    may take a row-major copy of w2 (TritonBackend's option)."""
+    own; `fused`: one launch for up, activation and down (module docstring); `w2_view`: how the unfused forward's
+    down takes w2 where it is not row-major (TritonBackend's option)."""
     k = _kernels()
     w1c, w2c, b1c = _cast(w1, x.dtype), _cast(w2, x.dtype), _cast(b1, x.dtype)
     T, K = topk_idx.shape
@@ -109,14 +109,14 @@ def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
         y, h = k.mlp_forward(x, w1c, b1c, w2c, plan, gate_flat, activation, save, combine, out=y0, out_bias=b2)
     else:
         a, h = k.up_forward(x, w1c, b1c, plan, activation, save_h=save, fill=fill)
-        y = k.down_scatter(a, w2c, plan, gate_flat, combine, out=y0, out_bias=b2, rows=w2_rows)
+        y = k.down_scatter(a, w2c, plan, gate_flat, combine, out=y0, out_bias=b2, view=w2_view)
     kept = [w if save and w is not v else x.new_empty(0) for w, v in ((w1c, w1), (w2c, w2))]  # no aliases
     return (y, (h if save else x.new_empty(0)), plan.order, plan.token, plan.offsets, *kept)
 
 
 @_experts_op.register_fake
 def _experts_fake(x, w1, b1, w2, gate_flat, topk_idx, activation, combine, wgrad, save, centroids=None,
-                  fold="epilogue", b2=None, init_in_up=True, fused=False, w2_rows=False):
+                  fold="epilogue", b2=None, init_in_up=True, fused=False, w2_view="fallback"):
     T, K = topk_idx.shape
     rows = torch.empty(T * K, dtype=torch.int32, device=x.device)
     kept = [_empty_like_strided(w, x.dtype) if save and w.dtype != x.dtype else x.new_empty(0) for w in (w1, w2)]
@@ -282,6 +282,7 @@ def _inner_contiguous(w: torch.Tensor) -> torch.Tensor:
 
 
 COMBINES = ("buffer", "atomic32", "atomic16")
+W2_VIEWS = ("fallback", "copy", "tma")  # TritonBackend's w2_view
 WGRADS = ("triton", "triton_mat", "gmm")
 FOLDS = ("epilogue", "rows", "off")
 
@@ -308,18 +309,19 @@ class TritonBackend:
     3.03 -> 2.60 ms; the graphed sparse step 31.17 -> 30.98 ms; SwiGLU slower, 0.286 -> 0.396 ms at base
     and 4.58 -> 7.01 ms at 8B; docs/kernels.md v12). Not fused before Hopper (untimed there) nor in the
     interpreter.
-    w2_rows: where the unfused forward's down (SwiGLU's forward, or fused_forward=False) takes the
-    warp-specialised kernel (`auto`'s at 8B, kernels/down_gluon.py), which reads row-major weights only, and w2
-    is W_out's column view ([N, E, D] with unit stride along E, `weights.expert_views`), that launch gets a
-    row-major copy of w2 instead of falling back to the Triton kernel; nowhere else is a copy made. Off by
-    default: the copy (2 * N * E * D bytes each way) is not yet timed against what the kernel gains
-    (docs/kernels.md v47).
+    w2_view: where the unfused forward's down (SwiGLU's forward, or fused_forward=False) takes the
+    warp-specialised kernel (`auto`'s at 8B, kernels/down_gluon.py) and w2 is W_out's column view ([N, E, D] with
+    unit stride along E, `weights.expert_views`): "fallback" (default) runs the Triton kernel instead (as before
+    docs/kernels.md v47), "copy" gives the WS kernel a row-major copy of w2 (2 * N * E * D bytes each way; made
+    nowhere else), "tma" lets it read the view in place (W tiles loaded as [BN, E] boxes of W_out and transposed
+    in shared memory, as the WS fused forward reads them). Neither is timed yet (docs/kernels.md v49), hence the
+    default.
     """
 
     name = "triton"
 
     def __init__(self, combine: str = None, wgrad: str = "triton", fold_router: str = "epilogue",
-                 master_weights: bool = True, fold_output="auto", fused_forward="auto", w2_rows: bool = False):
+                 master_weights: bool = True, fold_output="auto", fused_forward="auto", w2_view: str = "fallback"):
         if combine is not None and combine not in COMBINES:
             raise ValueError(f"combine={combine!r}; accepted: {', '.join(COMBINES)}")
         if wgrad not in WGRADS:
@@ -329,10 +331,10 @@ class TritonBackend:
         for key, val in (("fold_output", fold_output), ("fused_forward", fused_forward)):
             if not (isinstance(val, bool) or val == "auto"):
                 raise ValueError(f"{key}={val!r}; accepted: True, False, 'auto'")
-        if not isinstance(w2_rows, bool):
-            raise ValueError(f"w2_rows={w2_rows!r}; accepted: True, False")
+        if w2_view not in W2_VIEWS:
+            raise ValueError(f"w2_view={w2_view!r}; accepted: {', '.join(W2_VIEWS)}")
         self.combine, self.wgrad, self.fold_router, self.master_weights = combine, wgrad, fold_router, master_weights
-        self.fold_output, self.fused_forward, self.w2_rows = fold_output, fused_forward, w2_rows
+        self.fold_output, self.fused_forward, self.w2_view = fold_output, fused_forward, w2_view
         if any(k.startswith(TUNING_PREFIXES) for k in os.environ):
             _kernels().check_switches()  # a malformed value fails here, not inside a compiled step
 
@@ -379,7 +381,7 @@ class TritonBackend:
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, gate_flat))
         # inference (no grad): no pre-activation saved
         return _experts_op(x, w1, b1, w2, gate_flat, topk_idx, activation, self._combine(x), self.wgrad, save, c,
-                           self.fold_router, b2, fold_output, self._fused(x, activation), self.w2_rows)[0]
+                           self.fold_router, b2, fold_output, self._fused(x, activation), self.w2_view)[0]
 
     def _fused(self, x: torch.Tensor, activation: str) -> bool:
         """Whether this call's forward is the fused kernel (fused_forward, class docstring)."""

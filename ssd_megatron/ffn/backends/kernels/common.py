@@ -161,6 +161,11 @@ def expert_matrix(w):
     return None
 
 
+def tma_aligned(t) -> bool:
+    """Whether the 2-D `t` has contiguous rows, 16-byte aligned (a TMA descriptor's global layout)."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
 def expert_boxes(rc: bool, rows, cols: int) -> list:
     """TMA box shapes over `expert_matrix`'s view, one per tile height r in `rows`: [r, cols] (RC) or [cols, r];
     a height of 0 (an unused second tile) gets a 16 x 16 box."""

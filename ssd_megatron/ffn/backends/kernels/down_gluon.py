@@ -40,10 +40,12 @@ masked at the store. Serves (`serves`) an Ein of one power-of-two TMA box of 16 
 (`ein_boxes`: base's 192 = 128 + 64, each item then two products), with W as one [N * Ein, Dout] row-major
 matrix, bf16/fp16, BM 64, 128 or 256, BN 16 to 256 and two or more W stages, on sm_90: of the layer's launches,
 the 8B ReLU dx (dh [M, 256] @ w1, w1 a view of W_in) and base ReLU's (dh [M, 192], AUTO_WS_BOXES); the forward's
-down too where w2 is a contiguous [N, E, D] tensor (the tests' inputs), but not W_out's column view that the
-layer passes unless the launcher is asked for a row-major copy (`down_scatter(rows=True)`, TritonBackend's
-w2_rows). The launcher falls back to STAGED otherwise (SwiGLU 8B's 512, the column view, fp32, shared
-memory: e.g. 128 x 64 with three W stages of 256 rows).
+down too where w2 is a contiguous [N, E, D] tensor (the tests' inputs). W_out's column view, which the layer
+passes there ([N, E, D] with unit stride along E), it serves only when asked (`down_scatter(view=...)`,
+TritonBackend's w2_view, docs/kernels.md v49): "copy", a row-major copy made for the launch, or "tma", the view
+read in place (W_RC false: [BN, Ein] boxes of the [Dout, N * Ein] matrix, each W slot transposed as wgmma's B
+operand, as kernels/mlp_gluon.py reads W2). The launcher falls back to STAGED otherwise (SwiGLU 8B's 512, the
+column view by default, fp32, shared memory: e.g. 128 x 64 with three W stages of 256 rows).
 
 Needs Triton >= 3.9 (`MIN_TRITON`): Triton 3.6's LLVM lowering asserts when a warp_specialize partition
 holds gl.atomic_add (commit 923b111, docs/kernels.md v13), and 3.9's Gluon names the TMA load `async_load`;
@@ -57,6 +59,8 @@ import functools
 import types
 
 import torch
+
+from .common import expert_boxes, expert_matrix, tma_aligned
 
 MIN_TRITON = (3, 9)
 CONSUMER_REGS, LOADER_REGS, MAX_REGS = 232, 40, 168  # 3 warpgroups x 128 threads x 168 <= 64 K registers
@@ -91,6 +95,9 @@ def require_gluon(kernel: str, cp_async: bool = False) -> None:
 
 
 def _build():
+    # module-global: Gluon resolves the helpers' `gl.constexpr` annotations in the module's globals (b_operand's RC
+    # must be one: its branches return different types)
+    global gl
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -136,14 +143,34 @@ def _build():
             gl.store(OUT + dst[:, None] + cols[None, :], val, mask=omask)
 
     @gluon.jit
+    def w_tile(desc, r0, c0, bar, buf, RC: gl.constexpr):
+        """TMA load of the W tile at row r0 of all experts' rows and column c0 (kernels/mlp_gluon.py's too): an
+        [r, c] box of the [N * R, C] matrix (RC), else a [c, r] box of the [C, N * R] column view
+        (`common.expert_matrix`)."""
+        if RC:
+            tma.async_load(desc, [r0, c0], bar, buf)
+        else:
+            tma.async_load(desc, [c0, r0], bar, buf)
+
+    @gluon.jit
+    def b_operand(buf, RC: gl.constexpr):
+        """The wgmma B operand [K, N] of a W tile stored [K, N] (RC) or [N, K] (the column view's box, read
+        transposed from shared memory; kernels/mlp_gluon.py's too)."""
+        if RC:
+            out = buf
+        else:
+            out = buf.permute((1, 0))
+        return out
+
+    @gluon.jit
     def loader(a_desc, a_desc2, w_desc, w_desc2, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full, b_empty,
-               TILES, M, Dout, n_tiles, SPLIT: gl.constexpr, PAIR: gl.constexpr):
+               TILES, M, Dout, n_tiles, SPLIT: gl.constexpr, PAIR: gl.constexpr, W_RC: gl.constexpr):
         BE: gl.constexpr = a_desc.block_type.shape[1]
         Ein: gl.constexpr = BE + a_desc2.block_type.shape[1] if SPLIT else BE
         BM: gl.constexpr = a_desc.block_type.shape[0]
         a_bytes: gl.constexpr = a_desc.block_type.nbytes + (a_desc2.block_type.nbytes if SPLIT else 0)
         w_bytes: gl.constexpr = w_desc.block_type.nbytes + (w_desc2.block_type.nbytes if SPLIT else 0)
-        BN: gl.constexpr = w_desc.block_type.shape[1]
+        BN: gl.constexpr = w_desc.block_type.shape[1] if W_RC else w_desc.block_type.shape[0]
         NS: gl.constexpr = b_bufs.type.shape[0]
         num_n = gl.cdiv(Dout, BN)
         it = 0  # work items (M-tile, column block) of this program so far, in order
@@ -168,9 +195,9 @@ def _build():
                     s = it % NS
                     mbarrier.wait(b_empty.index(s), ((it // NS) & 1) ^ 1)
                     mbarrier.expect(b_full.index(s), w_bytes)
-                    tma.async_load(w_desc, [e * Ein, n * BN], b_full.index(s), b_bufs.index(s))
+                    w_tile(w_desc, e * Ein, n * BN, b_full.index(s), b_bufs.index(s), W_RC)
                     if SPLIT:
-                        tma.async_load(w_desc2, [e * Ein + BE, n * BN], b_full.index(s), b_bufs2.index(s))
+                        w_tile(w_desc2, e * Ein + BE, n * BN, b_full.index(s), b_bufs2.index(s), W_RC)
                     it += 1
                 j += 1
 
@@ -178,9 +205,9 @@ def _build():
     def consumer(a_desc, w_desc, TILES, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full, b_empty, order,
                  OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, which: gl.constexpr,
                  SCALE: gl.constexpr, ATOMIC: gl.constexpr, RANK1: gl.constexpr, SPLIT: gl.constexpr,
-                 PAIR: gl.constexpr):
+                 PAIR: gl.constexpr, W_RC: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
-        BN: gl.constexpr = w_desc.block_type.shape[1]
+        BN: gl.constexpr = w_desc.block_type.shape[1] if W_RC else w_desc.block_type.shape[0]
         NS: gl.constexpr = b_bufs.type.shape[0]
         mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BN, 16])
@@ -216,9 +243,11 @@ def _build():
                         mbarrier.wait(order.index(which), (turn & 1) ^ (1 - which))  # consumer 0 goes first
                         if row0 < end:  # (a PAIR tile's second half may lie past its expert: no product)
                             acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma_l)
-                            acc = warpgroup_mma(a_bufs.index(ta), b_bufs.index(s), acc, is_async=True)
+                            acc = warpgroup_mma(a_bufs.index(ta), b_operand(b_bufs.index(s), W_RC), acc,
+                                                is_async=True)
                             if SPLIT:
-                                acc = warpgroup_mma(a_bufs2.index(ta), b_bufs2.index(s), acc, is_async=True)
+                                acc = warpgroup_mma(a_bufs2.index(ta), b_operand(b_bufs2.index(s), W_RC), acc,
+                                                    is_async=True)
                             mbarrier.arrive(order.index(1 - which), count=1)  # the other may issue its chain now
                             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                             mbarrier.arrive(b_empty.index(s), count=1)
@@ -236,17 +265,19 @@ def _build():
     def down_ws_kernel(a_desc, a_desc2, w_desc, w_desc2, TILES, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M,
                        Dout, n_tiles, SCALE: gl.constexpr, ATOMIC: gl.constexpr, RANK1: gl.constexpr,
                        STAGES: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr, num_warps: gl.constexpr,
-                       SPLIT: gl.constexpr = False, PAIR: gl.constexpr = False):
+                       SPLIT: gl.constexpr = False, PAIR: gl.constexpr = False, W_RC: gl.constexpr = True):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BE: gl.constexpr = a_desc.block_type.shape[1]
         BE2: gl.constexpr = a_desc2.block_type.shape[1]
-        BN: gl.constexpr = w_desc.block_type.shape[1]
         dtype: gl.constexpr = a_desc.dtype
+        # W's slots in its boxes' shape: [BE, BN] (row-major W) or [BN, BE] (W_out's column view)
         a_bufs = gl.allocate_shared_memory(dtype, [2, BM, BE], a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BE, BN], w_desc.layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [STAGES, w_desc.block_type.shape[0], w_desc.block_type.shape[1]],
+                                           w_desc.layout)
         if SPLIT:  # Ein as two boxes of columns (base's 192 = 128 + 64): two products per item
             a_bufs2 = gl.allocate_shared_memory(dtype, [2, BM, BE2], a_desc2.layout)
-            b_bufs2 = gl.allocate_shared_memory(dtype, [STAGES, BE2, BN], w_desc2.layout)
+            b_bufs2 = gl.allocate_shared_memory(dtype, [STAGES, w_desc2.block_type.shape[0],
+                                                        w_desc2.block_type.shape[1]], w_desc2.layout)
         else:
             a_bufs2 = a_bufs
             b_bufs2 = b_bufs
@@ -273,23 +304,24 @@ def _build():
         gl.warp_specialize([
             (consumer, (a_desc, w_desc, TILES, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full, b_empty,
                         order, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, 0, SCALE, ATOMIC,
-                        RANK1, SPLIT, PAIR)),
+                        RANK1, SPLIT, PAIR, W_RC)),
             (consumer, (a_desc, w_desc, TILES, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full, b_empty,
                         order, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, 1, SCALE, ATOMIC,
-                        RANK1, SPLIT, PAIR)),
+                        RANK1, SPLIT, PAIR, W_RC)),
             (loader, (a_desc, a_desc2, w_desc, w_desc2, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full,
-                      b_empty, TILES, M, Dout, n_tiles, SPLIT, PAIR)),
+                      b_empty, TILES, M, Dout, n_tiles, SPLIT, PAIR, W_RC)),
         ], [4, 1], [CREGS, LREGS])
 
-    def descriptors(a, w2d, BM, BN, boxes):
-        """(A's, A's second box's, W's, W's second box's) TMA descriptors for Ein's `boxes` (`ein_boxes`); the second
-        ones are the first where Ein is one box."""
+    def descriptors(a, w, BM, BN, boxes):
+        """(A's, A's second box's, W's, W's second box's) TMA descriptors for Ein's `boxes` (`ein_boxes`), and W's
+        layout flag RC; the second ones are the first where Ein is one box."""
         ad = box_descriptors(a, [[BM, b] for b in boxes if b])
-        wd = box_descriptors(w2d, [[b, BN] for b in boxes if b])
-        return ad[0], ad[-1], wd[0], wd[-1]
+        wd, rc = weight_descriptors(w, [b for b in boxes if b], BN)
+        return (ad[0], ad[-1], wd[0], wd[-1]), rc
 
     # the parts kernels/mlp_gluon.py's kernel shares
-    return down_ws_kernel, descriptors, types.SimpleNamespace(row_targets=row_targets, store_block=store_block)
+    return down_ws_kernel, descriptors, types.SimpleNamespace(row_targets=row_targets, store_block=store_block,
+                                                              w_tile=w_tile, b_operand=b_operand)
 
 
 def box_descriptors(t: torch.Tensor, boxes) -> tuple:
@@ -301,6 +333,14 @@ def box_descriptors(t: torch.Tensor, boxes) -> tuple:
     g = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
     return tuple(TensorDescriptor.from_tensor(t, list(b), gl.NVMMASharedLayout.get_default_for(list(b), g))
                  for b in boxes)
+
+
+def weight_descriptors(w: torch.Tensor, rows, cols: int):
+    """(TMA descriptors of all experts' weights w [N, R, C] as one 2-D matrix, one per tile height in `rows`, and
+    the layout flag RC): [r, cols] boxes of [N * R, C] (RC), or [cols, r] boxes of the [C, N * R] column view
+    (`common.expert_matrix`, `expert_boxes`: a height of 0 gets a 16 x 16 box). Every WS kernel's weights."""
+    w2d, rc = expert_matrix(w)
+    return box_descriptors(w2d, expert_boxes(rc, rows, cols)), rc
 
 
 def smem_bytes(BM: int, BN: int, Ein: int, stages: int, element_size: int = 2) -> int:
@@ -322,27 +362,28 @@ def ein_boxes(Ein: int):
     return be, rest
 
 
-def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int, rows: bool = False) -> bool:
-    """Whether this kernel takes A [M, Ein] and W [N, Ein, Dout] with this tile (`rows`: W's row-major copy,
-    `w.contiguous()`, made only if it does): sm_90, bf16/fp16, A's rows contiguous, W one row-major [N * Ein, Dout]
-    matrix, Ein one or two power-of-two boxes of 16 to 256 columns (`ein_boxes`: TMA boxes and shared-memory
-    tiles; a second box costs a second product per item), 16-byte aligned, BM 64, 128 or 256 (whole warpgroup
-    MMAs), BN 16..256, a W ring of two or more slots (with one, a consumer's wait for its item's W could pass on
-    the other consumer's item: a barrier's phase parity cannot tell them apart), the buffers within shared memory,
-    and a Triton whose Gluon builds the kernel (`_build`)."""
-    N, Ein, Dout = w.shape
+def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int, view: str = "fallback") -> bool:
+    """Whether this kernel takes A [M, Ein] and W [N, Ein, Dout] with this tile: sm_90, bf16/fp16, A's rows
+    contiguous, W one row-major [N * Ein, Dout] matrix, or with `view` one that is not: "copy", W's row-major copy
+    (`w.contiguous()`, made only if it serves), "tma", W_out's column view as it is ([N, Ein, Dout] with unit
+    stride along Ein: the [Dout, N * Ein] matrix, read in [BN, Ein] boxes and transposed in shared memory;
+    "fallback": no such W), Ein one or two power-of-two boxes of 16 to 256 columns (`ein_boxes`: TMA boxes and
+    shared-memory tiles; a second box costs a second product per item), 16-byte aligned, BM 64, 128 or 256
+    (whole warpgroup MMAs), BN 16..256, a W ring of two or more slots (with one, a consumer's wait for its item's W
+    could pass on the other consumer's item: a barrier's phase parity cannot tell them apart), the buffers within
+    shared memory, and a Triton whose Gluon builds the kernel (`_build`)."""
+    Ein, Dout = w.shape[1:]
     es = a.element_size()
     if not _sm90(a) or a.dtype not in (torch.bfloat16, torch.float16) or w.dtype != a.dtype:
         return False
     if BM not in (64, 128, 256) or not 16 <= BN <= 256 or stages < 2 or a.shape[0] == 0 or Dout == 0:
         return False
-    if ein_boxes(Ein) is None or a.shape[1] != Ein or a.stride(1) != 1 or (a.stride(0) * es) % 16:
+    if ein_boxes(Ein) is None or a.shape[1] != Ein or not tma_aligned(a) or (Dout * es) % 16:
         return False
-    copied = rows and not w.is_contiguous()  # (a fresh copy is row-major and aligned)
-    if not copied and (w.stride() != (Ein * Dout, Dout, 1) or w.data_ptr() % 16):
-        return False
-    if (Dout * es) % 16 or a.data_ptr() % 16:
-        return False
+    if not (view == "copy" and not w.is_contiguous()):  # (a fresh copy is row-major and aligned)
+        matrix = expert_matrix(w)
+        if matrix is None or not (matrix[1] or view == "tma") or not tma_aligned(matrix[0]):
+            return False
     return smem_bytes(BM, BN, Ein, stages, es) <= SMEM_LIMIT and _build_once() is not None
 
 
@@ -373,14 +414,15 @@ def _sms(device: torch.device) -> int:
 def launch(a, w, tiles, offsets, order, token, gate, out, c, M, scale: bool, atomic: bool, rank1: bool,
            BM: int, BN: int, stages: int, pair: bool = False):
     """The kernel over `tiles` ([n, 2] int32 (expert, first row), first row M = empty) with persistent
-    programs, one per SM. The caller checked `serves`. `pair`: the tiles are 2 * BM rows high, each consumer takes
-    BM of them over every column block, and the two share each W tile (half the W reads per row)."""
+    programs, one per SM. The caller checked `serves` (W row-major or, with view "tma", W_out's column view).
+    `pair`: the tiles are 2 * BM rows high, each consumer takes BM of them over every column block, and the two
+    share each W tile (half the W reads per row)."""
     kernel, descriptors, _ = _build_once()
-    N, Ein, Dout = w.shape
+    Ein, Dout = w.shape[1:]
     boxes = ein_boxes(Ein)
-    descs = descriptors(a, w.reshape(N * Ein, Dout), BM, BN, boxes)
+    descs, rc = descriptors(a, w, BM, BN, boxes)
     n_tiles = tiles.shape[0]
     grid = (max(1, min(n_tiles, _sms(a.device))),)
     kernel[grid](*descs, tiles, offsets, order, token, gate, out, out.stride(0), c, c.stride(0), M, Dout,
                  n_tiles, SCALE=scale, ATOMIC=atomic, RANK1=rank1, STAGES=stages, CREGS=CONSUMER_REGS,
-                 LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS, SPLIT=boxes[1] > 0, PAIR=pair)
+                 LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS, SPLIT=boxes[1] > 0, PAIR=pair, W_RC=rc)

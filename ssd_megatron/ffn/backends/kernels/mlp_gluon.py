@@ -61,37 +61,20 @@ def _build():
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_wait)
 
     down_gluon.require_gluon("WS fused forward", cp_async=True)
     down = down_gluon._build_once()
     if down is None:
         raise ImportError("the WS down kernel's parts, which this kernel shares, do not build here")
-    row_targets, store_block = down[2].row_targets, down[2].store_block
-
-    @gluon.jit
-    def _w_tile(desc, r0, c0, bar, buf, RC: gl.constexpr):
-        """TMA load of the [r, c] tile at (row r0 of all experts' rows, column c0): boxes [r, c] of the [N * E, C]
-        matrix (RC), else [c, r] boxes of the [C, N * E] column view."""
-        if RC:
-            tma.async_load(desc, [r0, c0], bar, buf)
-        else:
-            tma.async_load(desc, [c0, r0], bar, buf)
+    row_targets, store_block, _w_tile, _b_operand = (down[2].row_targets, down[2].store_block, down[2].w_tile,
+                                                     down[2].b_operand)
 
     @gluon.jit
     def _as_box(buf, desc):
         """A ring slot viewed as `desc`'s box (W1's [E, BK] and W2's [BN, E] boxes share the slots)."""
         return buf.reinterpret(shape=desc.block_type.shape, layout=desc.layout)
-
-    @gluon.jit
-    def _b_operand(buf, RC: gl.constexpr):
-        """The wgmma B operand [K, N] of a W tile stored [K, N] (RC) or [N, K]."""
-        if RC:
-            out = buf
-        else:
-            out = buf.permute((1, 0))
-        return out
 
     @gluon.jit
     def x_loader(X, stride_x, x_bufs, x_full, x_empty, TILES, OFFS, TOK, M, D, n_tiles, LW: gl.constexpr):
@@ -377,7 +360,7 @@ def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: b
     8B's E = 256 as 128 + 128, `_triton_kernels._ws_boxes`), both weights one 2-D matrix (`common.expert_matrix`) with
     16-byte aligned rows, x's rows contiguous, two or more slots in each ring, the buffers within shared memory, and a
     Triton whose Gluon builds the kernel."""
-    from .common import expert_matrix
+    from .common import expert_matrix, tma_aligned
 
     N, E, D = w1.shape
     es = x.element_size()
@@ -387,25 +370,17 @@ def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: b
         return False
     if BN != BK or BK & (BK - 1) or not 16 <= BK <= 128 or D % BK:
         return False
-    if be + be2 != E or be > 128 or x.stride(1) != 1 or (x.stride(0) * es) % 16 or x.data_ptr() % 16:
+    if be + be2 != E or be > 128 or not tma_aligned(x):
         return False
     for w in (w1, w2):
         matrix = expert_matrix(w)
-        if matrix is None or (matrix[0].stride(0) * es) % 16 or w.data_ptr() % 16:
+        if matrix is None or not tma_aligned(matrix[0]):
             return False
     return smem_bytes(BM, BK, E, stages, w_stages, es) <= down_gluon.SMEM_LIMIT and _build_once() is not None
 
 
 def _build_once():
     return down_gluon.built_once(_STATE, _build)
-
-
-def _boxes(w, rows, cols: int):
-    """(the 2-D weight matrix, RC, its box shapes: `common.expert_boxes`)."""
-    from .common import expert_boxes, expert_matrix
-
-    w2d, rc = expert_matrix(w)
-    return w2d, rc, expert_boxes(rc, rows, cols)
 
 
 def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, atomic: bool, BM: int, BN: int,
@@ -415,10 +390,8 @@ def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, 
     kernel, _ = _build_once()
     N, E, D = w1.shape
     M = order.shape[0]
-    w1d, rc1, boxes1 = _boxes(w1, (be, be2), BK)
-    w2d, rc2, boxes2 = _boxes(w2, (be, be2), BN)
-    d1, d1b = down_gluon.box_descriptors(w1d, boxes1)
-    d2, d2b = down_gluon.box_descriptors(w2d, boxes2)
+    (d1, d1b), rc1 = down_gluon.weight_descriptors(w1, (be, be2), BK)
+    (d2, d2b), rc2 = down_gluon.weight_descriptors(w2, (be, be2), BN)
     n_tiles = tiles.shape[0]
     grid = (max(1, min(n_tiles, down_gluon._sms(x.device))),)
     hh = h if h is not None else out
