@@ -118,7 +118,9 @@ WS_CASES = [dict(activation="relu", T=300, D=128, E=64, N=8, K=3, routing="skewe
             dict(activation="relu", T=1000, D=512, E=256, N=16, K=4, routing="skewed"),  # 8B's E = 256
             dict(activation="relu", T=500, D=256, E=192, N=8, K=3, routing="skewed"),  # base's 192 = 128 + 64
             dict(activation="relu", T=1, D=128, E=64, N=4, K=2),
-            dict(activation="swiglu", T=257, D=256, E=128, N=8, K=2, routing="skewed")]  # dx's Ein = 2E = 256
+            dict(activation="swiglu", T=257, D=256, E=128, N=8, K=2, routing="skewed"),  # dx's Ein = 2E = 256
+            # SwiGLU 8B's E: dx's Ein = 512 in two passes of 256 (`down_gluon.ein_passes`; atomic combines only)
+            dict(activation="swiglu", T=300, D=320, E=256, N=8, K=3, routing="skewed")]
 WS_IDS = [f"{c['activation']}-T{c['T']}-D{c['D']}-E{c['E']}-N{c['N']}K{c['K']}-{c.get('routing', 'random')}"
           for c in WS_CASES]
 # TritonBackend options: the unfused forward (its down launch takes the WS kernel too), the combines
@@ -149,8 +151,9 @@ def test_triton_down_ws_bf16(case, opts, tile, order, monkeypatch):
         pytest.skip("the WS down kernel does not serve here (needs sm_90 and Triton >= 3.9's Gluon): "
                     "variant 5 falls back to STAGED")
     ein = case["E"] * (2 if case["activation"] == "swiglu" else 1)  # (dx's; the forward's down has E)
-    if down_gluon.smem_bytes(*DOWN_WS[:2], ein, DOWN_WS[4]) > down_gluon.SMEM_LIMIT:
-        pytest.skip(f"tile {tile} does not fit shared memory at Ein = {ein}: variant 5 falls back to STAGED")
+    width = ein // down_gluon.ein_passes(ein)  # (each pass's slice of dx's Ein)
+    if down_gluon.smem_bytes(*DOWN_WS[:2], max(width, case["E"]), DOWN_WS[4]) > down_gluon.SMEM_LIMIT:
+        pytest.skip(f"tile {tile} does not fit shared memory at Ein = {width}: variant 5 falls back to STAGED")
     launches = []
     real = down_gluon.launch
 
@@ -174,10 +177,12 @@ def test_triton_down_ws_bf16(case, opts, tile, order, monkeypatch):
         errs = compare(got, want, 3e-2)
     finally:
         kernels.force_config()
-    atomic = opts != "buffer"  # (K > 1 in every case)
-    # the forward's down (scaled by the gate; with the router folded, a gate of ones), then dx
+    atomic = WS_OPTS[opts]["combine"] != "buffer"  # (K > 1 in every case)
+    # the forward's down (scaled by the gate; with the router folded, a gate of ones), then dx (in passes: only where
+    # it adds into dx)
     pair = DOWN_WS[5] == kernels.WS_PAIR
-    assert launches == [(True, atomic, False, pair), (False, atomic, opts == "router-fold", pair)], launches
+    dx = [(False, atomic, opts == "router-fold", pair)] if atomic or width == ein else []
+    assert launches == [(True, atomic, False, pair)] + dx, launches
     print("down ws", case, opts, {k: f"{v:.1e}" for k, v in errs.items()})
 
 

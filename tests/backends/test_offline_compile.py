@@ -133,7 +133,8 @@ DOWN_WS = (64, 64, 64, 4, 3, 5)
 # router's rank-1 term), the forward's down (scaled; fp32 adds, the (t, k) rows stored), 8B's Ein = 256 in fp16,
 # base's Ein = 192 as two boxes (with the router's term, as base trains); in pairs (WS_PAIR, `auto`'s for 8B's dx) at
 # 8B's Ein and at two boxes; the forward's down reading W_out's column view by TMA (view "tma": 8B SwiGLU's in pairs,
-# base SwiGLU's two boxes)
+# base SwiGLU's two boxes); SwiGLU 8B's dx (Ein = 512) in two passes of 256 columns (`ein_passes`), in pairs, with the
+# router's term (in the first pass only)
 WS_LAUNCHES = {"dx": (64, "bfloat16", "atomic16", False, False),
                "dx-192-fold": (192, "bfloat16", "atomic16", False, True),
                "dx-fold": (64, "bfloat16", "atomic16", False, True),
@@ -143,7 +144,8 @@ WS_LAUNCHES = {"dx": (64, "bfloat16", "atomic16", False, False),
                "dx-256-fold-pairs": (256, "bfloat16", "atomic16", False, True, True),
                "dx-192-pairs": (192, "bfloat16", "atomic16", False, False, True),
                "fwd-256-view-pairs": (256, "bfloat16", "atomic16", True, False, True, True),
-               "fwd-192-view": (192, "bfloat16", "atomic16", True, False, False, True)}
+               "fwd-192-view": (192, "bfloat16", "atomic16", True, False, False, True),
+               "dx-512-passes-fold-pairs": (512, "bfloat16", "atomic16", False, True, True)}
 
 
 def _down_case(Ein, dtype, T=100, D=128, N=8, K=2):
@@ -203,16 +205,18 @@ def ws_compiled():
 
 @pytest.mark.parametrize("name", list(WS_LAUNCHES))
 def test_ws_down_compiles_for_sm90(ws_compiled, name):
-    """Each of the kernel's specialisations (the combines, gate scale, rank-1 term, Ein = 64, 192 (two boxes) and
-    256, bf16 and fp16, W row-major and W_out's column view) compiles for sm_90 as a warp-specialised kernel: TMA loads, wgmma, and native vector atomics
-    where it adds (no compare-and-swap loop); the launcher took it, not STAGED."""
+    """Each of the kernel's specialisations (the combines, gate scale, rank-1 term, Ein = 64, 192 (two boxes), 256
+    and 512 (two passes), bf16 and fp16, W row-major and W_out's column view) compiles for sm_90 as a
+    warp-specialised kernel: TMA loads, wgmma, and native vector atomics where it adds (no compare-and-swap loop);
+    the launcher took it, not STAGED, once per pass."""
+    from ssd_megatron.ffn.backends.kernels import down_gluon
     res = ws_compiled[name]
     assert not isinstance(res, str), res
-    assert [kname for kname, _ in res] == ["down_ws_kernel"], res
-    r = res[0][1]
-    assert r["warps"] > 4 and r["utmaldg"] > 0 and r["ldgsts"] == 0 and r["mma"].startswith("64x"), r
-    assert r["cas"] == 0 and (r["atom"] > 0) == (WS_LAUNCHES[name][2] != "buffer"), r
-    assert r["smem_kb"] * 1024 <= 227 * 1024 and r["stack"] == 0, r
+    assert [kname for kname, _ in res] == ["down_ws_kernel"] * down_gluon.ein_passes(WS_LAUNCHES[name][0]), res
+    for _, r in res:
+        assert r["warps"] > 4 and r["utmaldg"] > 0 and r["ldgsts"] == 0 and r["mma"].startswith("64x"), r
+        assert r["cas"] == 0 and (r["atom"] > 0) == (WS_LAUNCHES[name][2] != "buffer"), r
+        assert r["smem_kb"] * 1024 <= 227 * 1024 and r["stack"] == 0, r
 
 
 def test_ws_down_variant_is_accepted(monkeypatch):
@@ -231,8 +235,10 @@ def test_ws_down_variant_is_accepted(monkeypatch):
 
 def _ws_operands(why):
     """(A, W, plan, gate, (BM, BN, STAGES)) of a launch the WS kernel does not serve for reason `why`, or of
-    one it serves ("served": 8B's Ein = 256 at 64 x 64 with three W stages)."""
-    a, w, plan, gate, _ = _down_case({"served": 256, "smem": 256, "ein": 200}.get(why, 64), torch.bfloat16)
+    one it serves ("served": 8B's Ein = 256 at 64 x 64 with three W stages; "served-passes": SwiGLU 8B's dx,
+    Ein = 512 in two passes)."""
+    ein = {"served": 256, "smem": 256, "ein": 200, "served-passes": 512, "passes-buffer": 512}.get(why, 64)
+    a, w, plan, gate, _ = _down_case(ein, torch.bfloat16)
     if why == "fp32":
         a, w = a.float(), w.float()
     if why == "column-view":  # W_out's [N, E, D] view (unit stride along E), with the default view "fallback"
@@ -240,16 +246,16 @@ def _ws_operands(why):
     return a, w, plan, gate, {"smem": (128, 64, 3), "stages": (64, 64, 1), "bm": (32, 64, 3)}.get(why, (64, 64, 3))
 
 
-WS_NOT_SERVED = ["cpu", "older-triton", "ein", "fp32", "column-view", "smem", "stages", "bm"]
+WS_NOT_SERVED = ["cpu", "older-triton", "ein", "fp32", "column-view", "smem", "stages", "bm", "passes-buffer"]
 
 
-@pytest.mark.parametrize("why", WS_NOT_SERVED + ["served"])
+@pytest.mark.parametrize("why", WS_NOT_SERVED + ["served", "served-passes"])
 def test_ws_down_falls_back_to_staged(monkeypatch, why):
-    """Down variant 5 launches the Gluon kernel over the expert-ordered M-tile table where it serves, and
-    STAGED (the Triton kernel with STAGED=True) otherwise: not sm_90 (here: CPU), a Triton without the Gluon
-    it is written for, Ein not one or two power-of-two boxes (200 = 128 + 72), fp32, W not one row-major
-    [N * Ein, Dout] matrix,
-    too much shared memory (128 x 64 with three W stages of 256 rows), a ring of one W slot, BM < 64."""
+    """Down variant 5 launches the Gluon kernel over the expert-ordered M-tile table where it serves (once per
+    pass of Ein), and STAGED (the Triton kernel with STAGED=True) otherwise: not sm_90 (here: CPU), a Triton
+    without the Gluon it is written for, Ein not one or two power-of-two boxes (200 = 128 + 72), fp32, W_out's
+    column view with the default view, too much shared memory (128 x 64 with three W stages of 256 rows), a ring of
+    one W slot, BM < 64, Ein in passes (512) where the launch stores rather than adds (the (t, k) buffer)."""
     pytest.importorskip("triton")
     from ssd_megatron.ffn.backends import _triton_kernels as K
     from ssd_megatron.ffn.backends.kernels import down_gluon
@@ -261,12 +267,12 @@ def test_ws_down_falls_back_to_staged(monkeypatch, why):
     a, w, plan, gate, (BM, BN, stages) = _ws_operands(why)
     K.force_config(down=(BM, BN, 64, 4, stages, K.WS))
     try:
-        K.down_scatter(a, w, plan, gate, "atomic16")
+        K.down_scatter(a, w, plan, gate, "buffer" if why == "passes-buffer" else "atomic16")
     finally:
         K.force_config()
     assert len(calls) == 1, calls
     name, args, kwargs = calls[0]
-    if why == "served" and down_gluon._build_once() is not None:
+    if why.startswith("served") and down_gluon._build_once() is not None:
         assert name == "ws", (name, kwargs)
         M, N = plan.num_rows, plan.num_experts
         e = torch.repeat_interleave(torch.arange(N), (plan.offsets.diff() + BM - 1) // BM)
@@ -280,15 +286,55 @@ def test_ws_down_falls_back_to_staged(monkeypatch, why):
         assert name == "triton" and kwargs["STAGED"] and not kwargs["ROWLOOP"], (name, kwargs)
 
 
+@pytest.mark.parametrize("view", [False, True])
+def test_ws_down_passes_slice_a_and_w(monkeypatch, view):
+    """An Ein of two passes (SwiGLU 8B's dx, 512 = 2 x 256; also W_out's column view with view "tma") launches the
+    kernel once per 256-column slice: A's columns and each expert's W rows of that slice, by TMA descriptors over
+    the slice (W as one 2-D matrix whose experts start `step` = 512 rows apart), each pass adding into the same
+    output, the rank-1 term in the first pass only."""
+    pytest.importorskip("triton")
+    from ssd_megatron.ffn.backends.kernels import down_gluon
+    built = down_gluon._build_once()
+    if built is None:
+        pytest.skip("this triton has no Gluon the WS down kernel builds with")
+    runs = []
+
+    class Kernel:  # stands in for the compiled kernel: records each launch's arguments
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: runs.append((args, kwargs))
+
+    monkeypatch.setitem(down_gluon._STATE, "build", (Kernel(),) + built[1:])
+    monkeypatch.setattr(down_gluon, "_sms", lambda device: 132)
+    a, w, plan, gate, (coef, c) = _down_case(512, torch.bfloat16)
+    w = _column_view(w) if view else w
+    tiles = torch.zeros(4, 2, dtype=torch.int32)
+    down_gluon.launch(a, w, tiles, plan.offsets, plan.order, plan.token, coef, a.new_zeros(100, 128), c, a.shape[0],
+                      False, True, True, 128, 64, 2, pair=True)
+    assert [kw["RANK1"] for _, kw in runs] == [True, False] and all(kw["W_RC"] != view for _, kw in runs)
+    N, D = w.shape[0], w.shape[2]
+    for p, (args, kw) in enumerate(runs):
+        a_desc, a_desc2, w_desc, w_desc2 = args[:4]
+        assert a_desc is a_desc2 and w_desc is w_desc2 and not kw["SPLIT"]  # one 256-column box per pass
+        assert torch.equal(a_desc.base, a[:, 256 * p:256 * (p + 1)]) and a_desc.block_shape == [128, 256]
+        assert args[16] == 512  # W_STEP: expert e's rows start at e * 512 of the pass's matrix
+        m = w_desc.base
+        for e in range(N):  # each expert's slice of rows, where the kernel's boxes read it
+            got = m[:, e * 512:e * 512 + 256].t() if view else m[e * 512:e * 512 + 256]
+            assert torch.equal(got, w[e, 256 * p:256 * (p + 1)])
+        assert w_desc.block_shape == ([64, 256] if view else [256, 64]) and m.shape[view] == (N - 1) * 512 + 256
+        assert m.shape[1 - view] == D
+
+
 @pytest.mark.parametrize("why", ["served", "served-expert", "served-boxes", "served-copy", "served-tma", "not-served",
-                                 "buffer", "narrow", "forced", "env"])
+                                 "buffer", "narrow", "passes", "forced", "env"])
 def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     """`auto` launches the Gluon down kernel at AUTO_WS for an atomic combine into rows >= 2048 wide (8B's
     dx) where it serves, over token windows of AUTO_GROUP experts (on Hopper, as `_hopper` takes the CPU;
     docs/kernels.md v37), in expert order when SSD_TRITON_WS_DOWN_ORDER says so; at AUTO_WS_BOXES, in expert
     order, for narrower rows whose Ein is two TMA boxes (base ReLU's dx: 192 = 128 + 64, rows 768 wide); and the
     usual default everywhere else: where it does not serve (e.g. Triton < 3.9), for the (t, k) buffer, for
-    narrower rows of one box, or when a forced or environment config names down. With W_out's column view (the
+    narrower rows of one box, for an Ein in passes (SwiGLU 8B's dx: not yet timed), or when a forced or environment
+    config names down. With W_out's column view (the
     unfused forward's down) and view "copy", the kernel gets a row-major copy of it, with "tma" the view itself;
     `auto` asks `serves` about the view it will pass."""
     pytest.importorskip("triton")
@@ -298,7 +344,7 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     monkeypatch.setattr(K, "_down_kernel", Recorder(calls, "triton"))
     monkeypatch.setattr(K, "_down_tma_kernel", Recorder(calls, "tma"))
     monkeypatch.setattr(down_gluon, "launch", Recorder(calls, "ws"))
-    monkeypatch.setattr(down_gluon, "serves", lambda *args: served.append(args[2:]) or why != "not-served")
+    monkeypatch.setattr(down_gluon, "serves", lambda *args, **kw: served.append(args[2:]) or why != "not-served")
     monkeypatch.delenv("SSD_TRITON_TUNE", raising=False)
     monkeypatch.delenv("SSD_TRITON_TILE_ORDER", raising=False)
     monkeypatch.delenv("SSD_TRITON_WS_DOWN_ORDER", raising=False)
@@ -309,7 +355,7 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     else:
         monkeypatch.delenv("SSD_TRITON_CONFIG", raising=False)
     # (T = 400: experts of up to four 128-row tiles, so that token windows and expert order differ)
-    a, w, plan, gate, _ = _down_case(192 if why == "served-boxes" else 64, torch.bfloat16, T=400,
+    a, w, plan, gate, _ = _down_case({"served-boxes": 192, "passes": 512}.get(why, 64), torch.bfloat16, T=400,
                                      D={"narrow": 64, "served-boxes": 768}.get(why, 2048))
     view = {"served-copy": "copy", "served-tma": "tma"}.get(why, "fallback")
     if view != "fallback":

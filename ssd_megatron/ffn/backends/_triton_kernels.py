@@ -318,10 +318,11 @@ def _ws_reduces(dw, tile) -> bool:
 def _auto_down_ws(a: torch.Tensor, w: torch.Tensor, atomic: bool, view: str = "fallback"):
     """The config where `auto` takes the Gluon down kernel for this launch (an atomic combine into rows >= 2048
     wide: AUTO_WS; one whose Ein is two TMA boxes: AUTO_WS_BOXES), else None (the defaults serve). `view`: how a W
-    that is not row-major reaches it (`down_scatter`)."""
-    if not atomic:
-        return None
+    that is not row-major reaches it (`down_scatter`). Not for an Ein in passes (SwiGLU 8B's dx, 512 = 2 x 256,
+    `down_gluon.ein_passes`): built, not yet timed (docs/kernels.md v49); a forced WS config takes it."""
     from .kernels import down_gluon
+    if not atomic or down_gluon.ein_passes(w.shape[1]) != 1:
+        return None
     boxes = down_gluon.ein_boxes(w.shape[1])
     cfg = AUTO_WS if w.shape[2] >= 2048 else AUTO_WS_BOXES if boxes and boxes[1] else None
     return cfg if cfg is not None and down_gluon.serves(a, w, *cfg[:2], cfg[4], view) else None
@@ -751,7 +752,7 @@ def down_scatter(a, w, plan, gate_flat, combine="buffer", rank1=None, out=None, 
         num_n = triton.cdiv(Dout, BN)
         if variant in (WS, WS_PAIR):  # the Gluon kernel where it serves (kernels/down_gluon.py), else STAGED
             from .kernels import down_gluon
-            if down_gluon.serves(a, w, BM, BN, ns, view):
+            if down_gluon.serves(a, w, BM, BN, ns, view, adds=atomic):
                 pair = variant == WS_PAIR
                 ws_tiles = _tile_list(plan, 2 * BM if pair else BM, _ws_down_group(_wide_group(Dout, a)))
                 down_gluon.launch(a, w_ws(), ws_tiles, plan.offsets, plan.order, plan.token, gate, buf,

@@ -152,12 +152,21 @@ def expert_matrix(w):
     """All experts' weights w [N, R, C] as one 2-D matrix for TMA, and RC (`_expert_tile`'s layout flag): the
     [N * R, C] view where C is contiguous (RC), the [C, N * R] view where R is (e.g. W_out's column view), or
     None for any other layout."""
+    m = strided_expert_matrix(w)
+    return None if m is None or m[2] != w.shape[1] else m[:2]
+
+
+def strided_expert_matrix(w):
+    """(matrix, RC, step): `expert_matrix` where each expert's R rows may be a slice of a longer run of `step` rows
+    (e.g. half of each expert's rows of W_in, kernels/down_gluon.py's passes): expert e's are rows (RC: C contiguous)
+    or columns (R contiguous) e * step .. e * step + R of one 2-D matrix; None for any other layout."""
     N, R, C = w.shape
     s0, s1, s2 = w.stride()
-    if s2 == 1 and s0 == R * s1:
-        return w.flatten(0, 1), True
-    if s1 == 1 and s0 == R:
-        return w.permute(2, 0, 1).flatten(1, 2), False
+    if s2 == 1 and s1 > 0 and s0 % s1 == 0 and s0 // s1 >= R:
+        step = s0 // s1
+        return w.as_strided(((N - 1) * step + R, C), (s1, 1)), True, step
+    if s1 == 1 and s0 >= R:
+        return w.as_strided((C, (N - 1) * s0 + R), (s2, 1)), False, s0
     return None
 
 

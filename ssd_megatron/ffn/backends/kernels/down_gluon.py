@@ -44,8 +44,11 @@ down too where w2 is a contiguous [N, E, D] tensor (the tests' inputs). W_out's 
 passes there ([N, E, D] with unit stride along E), it serves only when asked (`down_scatter(view=...)`,
 TritonBackend's w2_view, docs/kernels.md v49): "copy", a row-major copy made for the launch, or "tma", the view
 read in place (W_RC false: [BN, Ein] boxes of the [Dout, N * Ein] matrix, each W slot transposed as wgmma's B
-operand, as kernels/mlp_gluon.py reads W2). The launcher falls back to STAGED otherwise (SwiGLU 8B's 512, the
-column view by default, fp32, shared memory: e.g. 128 x 64 with three W stages of 256 rows).
+operand, as kernels/mlp_gluon.py reads W2). An Ein longer than two boxes but a multiple of PASS_WIDTH (SwiGLU 8B's
+dx: 512) runs in passes (`ein_passes`), one launch per 256-column slice of A and of each expert's W rows, each
+adding into the output; only a forced config takes it so far (`auto` does not: not yet timed, docs/kernels.md
+v49). The launcher falls back to STAGED otherwise (the column view by default, fp32, passes into the (t, k)
+buffer, shared memory: e.g. 128 x 64 with three W stages of 256 rows).
 
 Needs Triton >= 3.9 (`MIN_TRITON`): Triton 3.6's LLVM lowering asserts when a warp_specialize partition
 holds gl.atomic_add (commit 923b111, docs/kernels.md v13), and 3.9's Gluon names the TMA load `async_load`;
@@ -60,11 +63,12 @@ import types
 
 import torch
 
-from .common import expert_boxes, expert_matrix, tma_aligned
+from .common import expert_boxes, strided_expert_matrix, tma_aligned
 
 MIN_TRITON = (3, 9)
 CONSUMER_REGS, LOADER_REGS, MAX_REGS = 232, 40, 168  # 3 warpgroups x 128 threads x 168 <= 64 K registers
 SMEM_LIMIT = 227 * 1024  # an sm_90 block's shared memory: the bound of all three WS kernels' buffers
+PASS_WIDTH = 256  # a longer Ein (SwiGLU 8B's dx: 512) runs in launches over slices of this many columns (`ein_passes`)
 _STATE: dict = {"build": None}
 
 
@@ -164,9 +168,8 @@ def _build():
 
     @gluon.jit
     def loader(a_desc, a_desc2, w_desc, w_desc2, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full, b_empty,
-               TILES, M, Dout, n_tiles, SPLIT: gl.constexpr, PAIR: gl.constexpr, W_RC: gl.constexpr):
+               TILES, M, Dout, n_tiles, W_STEP, SPLIT: gl.constexpr, PAIR: gl.constexpr, W_RC: gl.constexpr):
         BE: gl.constexpr = a_desc.block_type.shape[1]
-        Ein: gl.constexpr = BE + a_desc2.block_type.shape[1] if SPLIT else BE
         BM: gl.constexpr = a_desc.block_type.shape[0]
         a_bytes: gl.constexpr = a_desc.block_type.nbytes + (a_desc2.block_type.nbytes if SPLIT else 0)
         w_bytes: gl.constexpr = w_desc.block_type.nbytes + (w_desc2.block_type.nbytes if SPLIT else 0)
@@ -195,9 +198,10 @@ def _build():
                     s = it % NS
                     mbarrier.wait(b_empty.index(s), ((it // NS) & 1) ^ 1)
                     mbarrier.expect(b_full.index(s), w_bytes)
-                    w_tile(w_desc, e * Ein, n * BN, b_full.index(s), b_bufs.index(s), W_RC)
+                    # expert e's Ein rows of W start at row e * W_STEP (W_STEP = Ein, or more for a pass's slice)
+                    w_tile(w_desc, e * W_STEP, n * BN, b_full.index(s), b_bufs.index(s), W_RC)
                     if SPLIT:
-                        w_tile(w_desc2, e * Ein + BE, n * BN, b_full.index(s), b_bufs2.index(s), W_RC)
+                        w_tile(w_desc2, e * W_STEP + BE, n * BN, b_full.index(s), b_bufs2.index(s), W_RC)
                     it += 1
                 j += 1
 
@@ -263,7 +267,7 @@ def _build():
 
     @gluon.jit
     def down_ws_kernel(a_desc, a_desc2, w_desc, w_desc2, TILES, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M,
-                       Dout, n_tiles, SCALE: gl.constexpr, ATOMIC: gl.constexpr, RANK1: gl.constexpr,
+                       Dout, n_tiles, W_STEP, SCALE: gl.constexpr, ATOMIC: gl.constexpr, RANK1: gl.constexpr,
                        STAGES: gl.constexpr, CREGS: gl.constexpr, LREGS: gl.constexpr, num_warps: gl.constexpr,
                        SPLIT: gl.constexpr = False, PAIR: gl.constexpr = False, W_RC: gl.constexpr = True):
         BM: gl.constexpr = a_desc.block_type.shape[0]
@@ -309,15 +313,16 @@ def _build():
                         order, OFFS, ORDER, TOK, GATE, OUT, stride_o, C, stride_c, M, Dout, n_tiles, 1, SCALE, ATOMIC,
                         RANK1, SPLIT, PAIR, W_RC)),
             (loader, (a_desc, a_desc2, w_desc, w_desc2, a_bufs, a_bufs2, b_bufs, b_bufs2, a_full, a_empty, b_full,
-                      b_empty, TILES, M, Dout, n_tiles, SPLIT, PAIR, W_RC)),
+                      b_empty, TILES, M, Dout, n_tiles, W_STEP, SPLIT, PAIR, W_RC)),
         ], [4, 1], [CREGS, LREGS])
 
     def descriptors(a, w, BM, BN, boxes):
-        """(A's, A's second box's, W's, W's second box's) TMA descriptors for Ein's `boxes` (`ein_boxes`), and W's
-        layout flag RC; the second ones are the first where Ein is one box."""
+        """(A's, A's second box's, W's, W's second box's) TMA descriptors for Ein's `boxes` (`ein_boxes`), W's
+        layout flag RC and its expert step (`weight_descriptors`); the second ones are the first where Ein is one
+        box."""
         ad = box_descriptors(a, [[BM, b] for b in boxes if b])
-        wd, rc = weight_descriptors(w, [b for b in boxes if b], BN)
-        return (ad[0], ad[-1], wd[0], wd[-1]), rc
+        wd, rc, step = weight_descriptors(w, [b for b in boxes if b], BN)
+        return (ad[0], ad[-1], wd[0], wd[-1]), rc, step
 
     # the parts kernels/mlp_gluon.py's kernel shares
     return down_ws_kernel, descriptors, types.SimpleNamespace(row_targets=row_targets, store_block=store_block,
@@ -336,11 +341,12 @@ def box_descriptors(t: torch.Tensor, boxes) -> tuple:
 
 
 def weight_descriptors(w: torch.Tensor, rows, cols: int):
-    """(TMA descriptors of all experts' weights w [N, R, C] as one 2-D matrix, one per tile height in `rows`, and
-    the layout flag RC): [r, cols] boxes of [N * R, C] (RC), or [cols, r] boxes of the [C, N * R] column view
-    (`common.expert_matrix`, `expert_boxes`: a height of 0 gets a 16 x 16 box). Every WS kernel's weights."""
-    w2d, rc = expert_matrix(w)
-    return box_descriptors(w2d, expert_boxes(rc, rows, cols)), rc
+    """(TMA descriptors of all experts' weights w [N, R, C] as one 2-D matrix, one per tile height in `rows`, the
+    layout flag RC, and the step between experts' first rows): [r, cols] boxes of [N * R, C] (RC), or [cols, r]
+    boxes of the [C, N * R] column view (`common.strided_expert_matrix`, `expert_boxes`: a height of 0 gets a 16 x 16
+    box; the step is R but for a slice of each expert's rows). Every WS kernel's weights."""
+    w2d, rc, step = strided_expert_matrix(w)
+    return box_descriptors(w2d, expert_boxes(rc, rows, cols)), rc, step
 
 
 def smem_bytes(BM: int, BN: int, Ein: int, stages: int, element_size: int = 2) -> int:
@@ -362,13 +368,25 @@ def ein_boxes(Ein: int):
     return be, rest
 
 
-def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int, view: str = "fallback") -> bool:
+def ein_passes(Ein: int) -> int:
+    """How many launches cover Ein: one where it is one or two TMA boxes (`ein_boxes`); Ein / PASS_WIDTH where it is
+    a longer multiple of PASS_WIDTH (SwiGLU 8B's dx, Ein = 512 = 2 x 256: each launch adds the product of its slice
+    of A's columns and W's rows into the output; the buffers of one launch over all 512 would not fit shared memory
+    at the 256-row M-tiles of `auto`'s pairs); 0 otherwise (not served)."""
+    if ein_boxes(Ein) is not None:
+        return 1
+    return Ein // PASS_WIDTH if Ein % PASS_WIDTH == 0 else 0
+
+
+def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int, view: str = "fallback",
+           adds: bool = True) -> bool:
     """Whether this kernel takes A [M, Ein] and W [N, Ein, Dout] with this tile: sm_90, bf16/fp16, A's rows
     contiguous, W one row-major [N * Ein, Dout] matrix, or with `view` one that is not: "copy", W's row-major copy
     (`w.contiguous()`, made only if it serves), "tma", W_out's column view as it is ([N, Ein, Dout] with unit
     stride along Ein: the [Dout, N * Ein] matrix, read in [BN, Ein] boxes and transposed in shared memory;
     "fallback": no such W), Ein one or two power-of-two boxes of 16 to 256 columns (`ein_boxes`: TMA boxes and
-    shared-memory tiles; a second box costs a second product per item), 16-byte aligned, BM 64, 128 or 256
+    shared-memory tiles; a second box costs a second product per item) or, where the launch `adds` into its output
+    (the atomic combines), a multiple of PASS_WIDTH run in passes (`ein_passes`), 16-byte aligned, BM 64, 128 or 256
     (whole warpgroup MMAs), BN 16..256, a W ring of two or more slots (with one, a consumer's wait for its item's W
     could pass on the other consumer's item: a barrier's phase parity cannot tell them apart), the buffers within
     shared memory, and a Triton whose Gluon builds the kernel (`_build`)."""
@@ -378,13 +396,17 @@ def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int, view
         return False
     if BM not in (64, 128, 256) or not 16 <= BN <= 256 or stages < 2 or a.shape[0] == 0 or Dout == 0:
         return False
-    if ein_boxes(Ein) is None or a.shape[1] != Ein or not tma_aligned(a) or (Dout * es) % 16:
+    passes = ein_passes(Ein)
+    width = Ein // max(passes, 1)  # each launch's slice of Ein
+    if not passes or (passes > 1 and not adds) or a.shape[1] != Ein or (Dout * es) % 16:
+        return False
+    if not tma_aligned(a[:, :width]):  # (every slice's start is then aligned too: width * es is a multiple of 16)
         return False
     if not (view == "copy" and not w.is_contiguous()):  # (a fresh copy is row-major and aligned)
-        matrix = expert_matrix(w)
+        matrix = strided_expert_matrix(w[:, :width])
         if matrix is None or not (matrix[1] or view == "tma") or not tma_aligned(matrix[0]):
             return False
-    return smem_bytes(BM, BN, Ein, stages, es) <= SMEM_LIMIT and _build_once() is not None
+    return smem_bytes(BM, BN, width, stages, es) <= SMEM_LIMIT and _build_once() is not None
 
 
 def _sm90(t: torch.Tensor) -> bool:
@@ -416,13 +438,19 @@ def launch(a, w, tiles, offsets, order, token, gate, out, c, M, scale: bool, ato
     """The kernel over `tiles` ([n, 2] int32 (expert, first row), first row M = empty) with persistent
     programs, one per SM. The caller checked `serves` (W row-major or, with view "tma", W_out's column view).
     `pair`: the tiles are 2 * BM rows high, each consumer takes BM of them over every column block, and the two
-    share each W tile (half the W reads per row)."""
+    share each W tile (half the W reads per row). An Ein of several passes (`ein_passes`) is one launch per slice
+    of A's columns and W's rows, each adding into `out` (the rank-1 term in the first only)."""
     kernel, descriptors, _ = _build_once()
     Ein, Dout = w.shape[1:]
-    boxes = ein_boxes(Ein)
-    descs, rc = descriptors(a, w, BM, BN, boxes)
+    passes = ein_passes(Ein)
+    width = Ein // passes
+    boxes = ein_boxes(width)
     n_tiles = tiles.shape[0]
     grid = (max(1, min(n_tiles, _sms(a.device))),)
-    kernel[grid](*descs, tiles, offsets, order, token, gate, out, out.stride(0), c, c.stride(0), M, Dout,
-                 n_tiles, SCALE=scale, ATOMIC=atomic, RANK1=rank1, STAGES=stages, CREGS=CONSUMER_REGS,
-                 LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS, SPLIT=boxes[1] > 0, PAIR=pair, W_RC=rc)
+    for p in range(passes):
+        cols = slice(p * width, (p + 1) * width)
+        descs, rc, step = descriptors(a[:, cols], w[:, cols], BM, BN, boxes)
+        kernel[grid](*descs, tiles, offsets, order, token, gate, out, out.stride(0), c, c.stride(0), M, Dout,
+                     n_tiles, step, SCALE=scale, ATOMIC=atomic, RANK1=rank1 and p == 0, STAGES=stages,
+                     CREGS=CONSUMER_REGS, LREGS=LOADER_REGS, num_warps=4, maxnreg=MAX_REGS, SPLIT=boxes[1] > 0,
+                     PAIR=pair, W_RC=rc)

@@ -390,8 +390,8 @@ def launch(x, w1, b1, w2, tiles, offsets, order, token, gate, h, out, act: int, 
     kernel, _ = _build_once()
     N, E, D = w1.shape
     M = order.shape[0]
-    (d1, d1b), rc1 = down_gluon.weight_descriptors(w1, (be, be2), BK)
-    (d2, d2b), rc2 = down_gluon.weight_descriptors(w2, (be, be2), BN)
+    (d1, d1b), rc1, _ = down_gluon.weight_descriptors(w1, (be, be2), BK)
+    (d2, d2b), rc2, _ = down_gluon.weight_descriptors(w2, (be, be2), BN)
     n_tiles = tiles.shape[0]
     grid = (max(1, min(n_tiles, down_gluon._sms(x.device))),)
     hh = h if h is not None else out

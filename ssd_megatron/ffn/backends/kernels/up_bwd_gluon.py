@@ -314,7 +314,7 @@ def launch(dy, w2, h, tiles, offsets, order, token, gate, dh, ga, dgp, db, fill,
     kernel = _build_once()
     N, E, D = w2.shape
     M = h.shape[0]
-    (d, d2), rc = down_gluon.weight_descriptors(w2, (be, be2), BK)
+    (d, d2), rc, _ = down_gluon.weight_descriptors(w2, (be, be2), BK)
     hd, hd2 = down_gluon.box_descriptors(h, ([BM, be], [BM, max(be2, 16)]))
     # dh's and gate * a's TMA stores from h's slots: half a tile's rows per box, h's layouts
     half = ([BM // 2, be], [BM // 2, max(be2, 16)])
