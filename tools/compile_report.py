@@ -109,7 +109,10 @@ def report(kernel, num_warps) -> dict:
             "utmaldg": sass.count("UTMALDG"), "utmaredg": sass.count("UTMAREDG"),  # (TMA loads, TMA reduces)
             "utmastg": sass.count("UTMASTG"),  # (TMA stores)
             "atom": len(re.findall(r"\b(?:REDG|RED|ATOMG|ATOM)\.", sass)),
-            "cas": len(re.findall(r"\bATOMG?\.\S*CAS", sass))}  # compare-and-swap: an atomic the GPU lacks
+            "cas": len(re.findall(r"\bATOMG?\.\S*CAS", sass)),  # compare-and-swap: an atomic the GPU lacks
+            # wgmma's last immediate (PTX): for 16-bit inputs imm-trans-b, 1 where B is read N-major from shared
+            # memory (row-major weights), 0 where K-major (W_out's column view, transposed in place)
+            "trans_b": ",".join(sorted(set(re.findall(r"wgmma\.mma_async[^;]*,\s*(\d+);", kernel.asm["ptx"]))))}
 
 
 def compile_each(launches: dict) -> dict:

@@ -213,8 +213,10 @@ def test_ws_down_compiles_for_sm90(ws_compiled, name):
     res = ws_compiled[name]
     assert not isinstance(res, str), res
     assert [kname for kname, _ in res] == ["down_ws_kernel"] * down_gluon.ein_passes(WS_LAUNCHES[name][0]), res
+    view = WS_LAUNCHES[name][6:] == (True,)  # (wgmma reads the column view's W tiles K-major: no transpose flag)
     for _, r in res:
         assert r["warps"] > 4 and r["utmaldg"] > 0 and r["ldgsts"] == 0 and r["mma"].startswith("64x"), r
+        assert r["trans_b"] == ("0" if view else "1"), r
         assert r["cas"] == 0 and (r["atom"] > 0) == (WS_LAUNCHES[name][2] != "buffer"), r
         assert r["smem_kb"] * 1024 <= 227 * 1024 and r["stack"] == 0, r
 
