@@ -142,7 +142,8 @@ def _step(case, backend, fwd_only: bool, r: int):
 
 
 def main(argv=None) -> int:
-    from ssd_megatron.bench.ffn import Case, capture_graph, time_calls
+    from ssd_megatron.bench.ffn import Case, _triton_variants, capture_graph, time_calls
+    from ssd_megatron.errors import UserError
     from ssd_megatron.ffn.backends import get_backend
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -157,12 +158,17 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", type=int, default=256)
     ap.add_argument("--rotation", type=int, default=0,
                     help="which of `ssd-bench ffn`'s rotated layers and inputs (its seeds; 0 = the first)")
+    ap.add_argument("--options", default="", help="the triton backend's options, as one `ssd-bench ffn "
+                    "--triton-variants` entry (e.g. w2_view=tma+fused_forward=false); default: the default backend")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    try:  # (checked before the GPU is: a typo fails here too)
+        backend = next(iter(_triton_variants(args.options).values())) if args.options else get_backend("triton")
+    except UserError as exc:
+        raise SystemExit(f"error: --options {args.options!r}: {exc}") from None
     if not torch.cuda.is_available():
         raise SystemExit("error: launch_clocks reads clocks on a GPU; none is visible here")
     dev = torch.device("cuda")
-    backend = get_backend("triton")
     if args.rotation < 0:
         raise SystemExit(f"error: --rotation {args.rotation}: expected 0 or more")
     case = Case(args.shape, args.activation, args.tokens, args.rotation + 1, dev, torch.bfloat16)
@@ -210,7 +216,7 @@ def main(argv=None) -> int:
         res = {"gpu": gpu, "date": str(datetime.date.today()), "torch": torch.__version__,
                "triton": triton.__version__, "shape": args.shape, "activation": args.activation,
                "phase": phase, "graphed": not args.eager, "tokens": args.tokens, "rotation": args.rotation,
-               "spin_ns": args.spin_ns,
+               "spin_ns": args.spin_ns, "options": args.options,
                "calls": args.calls, "plain_ms": plain_ms, "probed_ms": probed_ms, "launches": rows}
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)

@@ -63,6 +63,14 @@ def test_launch_rows_durations_and_clocks():
                                                                                          "160.0", "1672"]
 
 
+def test_bad_options_fail_before_the_gpu_check():
+    """--options takes one `--triton-variants` entry; a wrong key or value is a one-line error naming it, on any
+    machine (it is parsed before the GPU is looked for)."""
+    out = subprocess.run([sys.executable, TOOL, "--options", "w2_view=rows"], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert out.returncode != 0 and "w2_view='rows'; accepted: fallback, copy, tma" in out.stderr, out.stderr[-2000:]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="reads clocks on a GPU")
 def test_launch_clocks_at_base_on_gpu(tmp_path):
     out = tmp_path / "clocks.json"
