@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ssd_megatron.bench.ffn import Case, Layer, _graphed, _triton_variants, time_calls  # noqa: E402
+from ssd_megatron.bench.ffn import Case, Layer, _graphed, time_calls, triton_variant  # noqa: E402
 from ssd_megatron.errors import UserError  # noqa: E402
 from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
 from ssd_megatron.ffn.backends import get_backend  # noqa: E402
@@ -47,7 +47,7 @@ def parse_arm(text: str):
         raise SystemExit(f"error: --arm {text!r}: expected NAME=CONFIGS[@ORDER][+SSD_VAR=VALUE|+option=value...], "
                          f"e.g. ws=mlp=128,64,64,6,4,5, tuned=+SSD_TRITON_TUNE=1 or unfused=+fused_forward=false")
     try:
-        backend = next(iter(_triton_variants(options).values())) if options else None
+        backend = triton_variant(options) if options else None
     except UserError as exc:
         raise SystemExit(f"error: --arm {text!r}: {exc}") from None
     configs, _, order = rest.partition("@")

@@ -142,7 +142,7 @@ def _step(case, backend, fwd_only: bool, r: int):
 
 
 def main(argv=None) -> int:
-    from ssd_megatron.bench.ffn import Case, _triton_variants, capture_graph, time_calls
+    from ssd_megatron.bench.ffn import Case, capture_graph, time_calls, triton_variant
     from ssd_megatron.errors import UserError
     from ssd_megatron.ffn.backends import get_backend
 
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     try:  # (checked before the GPU is: a typo fails here too)
-        backend = next(iter(_triton_variants(args.options).values())) if args.options else get_backend("triton")
+        backend = triton_variant(args.options) if args.options else get_backend("triton")
     except UserError as exc:
         raise SystemExit(f"error: --options {args.options!r}: {exc}") from None
     if not torch.cuda.is_available():

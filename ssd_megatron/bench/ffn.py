@@ -461,16 +461,18 @@ def _split(s, allowed, what):
 
 def _triton_variants(text: str) -> dict:
     """{"triton[OPTS]": TritonBackend(**OPTS)} for --triton-variants (comma list of +-joined key=value)."""
+    return {f"triton[{v}]": triton_variant(v) for v in filter(None, text.split(","))}
+
+
+def triton_variant(entry: str):
+    """TritonBackend(**OPTS) for one --triton-variants entry (+-joined key=value; also the tools' options)."""
     from ..ffn.backends.triton_backend import TritonBackend
-    out = {}
-    for v in filter(None, text.split(",")):
-        try:
-            opts = {k: {"true": True, "false": False}.get(val.lower(), val)
-                    for k, val in (kv.split("=", 1) for kv in v.split("+"))}
-            out[f"triton[{v}]"] = TritonBackend(**opts)
-        except (ValueError, TypeError) as exc:
-            raise UserError(f"ssd-bench ffn: bad --triton-variants entry {v!r}: {exc}") from exc
-    return out
+    try:
+        opts = {k: {"true": True, "false": False}.get(val.lower(), val)
+                for k, val in (kv.split("=", 1) for kv in entry.split("+"))}
+        return TritonBackend(**opts)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"ssd-bench ffn: bad --triton-variants entry {entry!r}: {exc}") from exc
 
 
 def main(argv=None) -> int:

@@ -400,7 +400,7 @@ def serves(a: torch.Tensor, w: torch.Tensor, BM: int, BN: int, stages: int, view
     width = Ein // max(passes, 1)  # each launch's slice of Ein
     if not passes or (passes > 1 and not adds) or a.shape[1] != Ein or (Dout * es) % 16:
         return False
-    if not tma_aligned(a[:, :width]):  # (every slice's start is then aligned too: width * es is a multiple of 16)
+    if not tma_aligned(a):  # (so is every pass's slice of its columns: width * es is a multiple of 16)
         return False
     if not (view == "copy" and not w.is_contiguous()):  # (a fresh copy is row-major and aligned)
         matrix = strided_expert_matrix(w[:, :width])
