@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ssd_megatron.bench.ffn import Case, Layer, _graphed, time_calls, triton_variant  # noqa: E402
 from ssd_megatron.errors import UserError  # noqa: E402
-from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
+from ssd_megatron.ffn.backends.kernels import tile_configs as tc  # noqa: E402
 from ssd_megatron.ffn.backends import get_backend  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def parse_arm(text: str):
     except UserError as exc:
         raise SystemExit(f"error: --arm {text!r}: {exc}") from None
     configs, _, order = rest.partition("@")
-    return name, K._parse_configs(configs), order or None, env, backend
+    return name, tc.parse_configs(configs), order or None, env, backend
 
 
 def main() -> int:
@@ -110,14 +110,14 @@ def main() -> int:
             res.setdefault("dense", dense)  # (the first round's: the key earlier results carry)
             print(f"round {r} {'dense':12s} " + "  ".join(f"{k} {v:.4f} ms" for k, v in dense.items()), flush=True)
             for name, cfg, order, env, backend in round_order(arms, r, args.arm_order):
-                K.force_config(**cfg)
+                tc.force_config(**cfg)
                 _set_env(saved, dict(env, SSD_TRITON_TILE_ORDER=order or "auto"))
                 t = timed(lambda layer, x, b=backend or default: layer.sparse(x, b))
                 res["arms"][name]["rounds"].append(t)
                 ratios = "  ".join(f"{k} {v:.4f} ms ({dense[k] / v:.3f}x)" for k, v in t.items())
                 print(f"round {r} {name:12s} {ratios}", flush=True)
     finally:
-        K.force_config()
+        tc.force_config()
         _set_env(saved, {})
     if args.out:
         with open(args.out, "w") as fh:

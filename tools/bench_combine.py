@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_routing import SETS, SHAPES, run, time_cases  # noqa: E402
-from ssd_megatron.ffn.backends._triton_kernels import AUTO_GROUP, token_window_tiles  # noqa: E402
+from ssd_megatron.ffn.backends.kernels.tile_order import AUTO_GROUP, token_window_tiles  # noqa: E402
 from ssd_megatron.ffn.backends.routing import make_plan  # noqa: E402
 
 BM, BN, WARPS = 64, 64, 4  # a row tile, a column block of 64 values (128 bytes of bf16, dx's WS block width)

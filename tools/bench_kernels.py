@@ -30,7 +30,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ssd_megatron.bench.ffn import Layer  # noqa: E402
-from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
+from ssd_megatron.ffn.backends.kernels import tile_configs as tc  # noqa: E402
+from ssd_megatron.ffn.backends.kernels.down_launch import atomic_output, default_combine, down_scatter  # noqa: E402
+from ssd_megatron.ffn.backends.kernels.mlp_launch import mlp_forward  # noqa: E402
+from ssd_megatron.ffn.backends.kernels.up_launch import up_backward, up_forward  # noqa: E402
+from ssd_megatron.ffn.backends.kernels.wgrad_launch import wgrad  # noqa: E402
 from ssd_megatron.ffn.backends.routing import initialise, make_plan  # noqa: E402
 
 # kernel -> the tile configurations timed besides the default (BM|BP, BN|BQ, BK, warps, stages[, variant]);
@@ -41,7 +45,7 @@ from ssd_megatron.ffn.backends.routing import initialise, make_plan  # noqa: E40
 VARIANTS = {
     "up": [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3)],
     "up_glu": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4)],
-    # a BN >= E (256 at base and 8B): all of E per program (192 = 128 + 64; _triton_kernels._up_columns)
+    # a BN >= E (256 at base and 8B): all of E per program (192 = 128 + 64; up_launch.up_columns)
     # (whole-E with BM 128 spills on sm_90: 192 B per thread at base, 1.3 kB at 8B; 16 warps, 128 B and 700 B);
     # variant 1: two passes, the GEMM alone on wide tiles, then the epilogue (kernels/up.py)
     "up_bwd": [(64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (64, 256, 64, 8, 3), (64, 256, 64, 8, 4),
@@ -74,46 +78,46 @@ def setup(shape, activation, tokens, device="cuda"):
         idx, gate = layer.route(x, w1, layer.K)
     plan = make_plan(idx, layer.N)
     gate_flat = gate.detach().reshape(-1).contiguous()
-    a, h = K.up_forward(x, w1, b1, plan, activation, save_h=True)
-    dh, dgate, ga, _ = K.up_backward(dy, w2, h, gate_flat, plan, activation, need_ga=True, need_db=True)
-    combine = K.default_combine(x)  # as the backend's (bf16 adds in place; fp32 ones before Hopper)
+    a, h = up_forward(x, w1, b1, plan, activation, save_h=True)
+    dh, dgate, ga, _ = up_backward(dy, w2, h, gate_flat, plan, activation, need_ga=True, need_db=True)
+    combine = default_combine(x)  # as the backend's (bf16 adds in place; fp32 ones before Hopper)
     w1m, w2m = w1.float(), w2.float()  # master weights (same strides): fp32 weight gradients
     centroids = w1[:, : layer.E].mean(1)  # SSD's router, folded into dx and dW1 (triton_backend.py)
     dc = torch.randn(layer.N, layer.D, generator=g, device=dev) / layer.E  # the epilogue fold's [N, D] term
     b2 = layer.b_out.detach()
 
     def fwd_pair(fold):  # up + down; fold: y initialised to b2 by the up kernel, else zeroed by down and b2 added
-        y0 = K.atomic_output(x, plan.num_tokens, plan.top_k, layer.D, combine) if fold else None
-        a_, _ = K.up_forward(x, w1, b1, plan, activation, save_h=True, fill=None if y0 is None else (y0, b2))
-        y = K.down_scatter(a_, w2, plan, gate_flat, combine, out=y0, out_bias=b2 if fold else None)
+        y0 = atomic_output(x, plan.num_tokens, plan.top_k, layer.D, combine) if fold else None
+        a_, _ = up_forward(x, w1, b1, plan, activation, save_h=True, fill=None if y0 is None else (y0, b2))
+        y = down_scatter(a_, w2, plan, gate_flat, combine, out=y0, out_bias=b2 if fold else None)
         return y if fold else y + b2
 
     def bwd_pair(fold):  # up_bwd + down for dx; fold: dx zeroed by the up_bwd kernel, else by down
-        dx0 = K.atomic_output(x, plan.num_tokens, plan.top_k, layer.D, combine) if fold else None
-        dh_ = K.up_backward(dy, w2, h, gate_flat, plan, activation, True, True,
-                            fill=None if dx0 is None else (dx0, None))[0]
-        return K.down_scatter(dh_, w1, plan, None, combine, out=dx0)
+        dx0 = atomic_output(x, plan.num_tokens, plan.top_k, layer.D, combine) if fold else None
+        dh_ = up_backward(dy, w2, h, gate_flat, plan, activation, True, True,
+                          fill=None if dx0 is None else (dx0, None))[0]
+        return down_scatter(dh_, w1, plan, None, combine, out=dx0)
 
     counts = torch.bincount(idx.reshape(-1), minlength=layer.N).float()
     skew = (counts.max() / counts.mean()).item()
     f_in, f_out = 2.0 * plan.num_rows * layer.D * w1.shape[1], 2.0 * plan.num_rows * layer.D * layer.E
     return skew, {  # kernel label -> (config kind, GEMM FLOPs, launch)
-        "up": ("up_glu" if layer.glu else "up", f_in, lambda: K.up_forward(x, w1, b1, plan, activation, save_h=True)),
-        "down": ("down", f_out, lambda: K.down_scatter(a, w2, plan, gate_flat, combine)),
-        "up_bwd": ("up_bwd_glu" if layer.glu else "up_bwd", f_out, lambda: K.up_backward(dy, w2, h, gate_flat, plan, activation, True, True)),
-        "wgrad_dw2": ("wgrad", f_out, lambda: K.wgrad(ga, dy, plan, w2, gathered=False)),
-        "wgrad_dw1": ("wgrad", f_in, lambda: K.wgrad(dh, x, plan, w1, gathered=False)),
-        "down_dx": ("down", f_in, lambda: K.down_scatter(dh, w1, plan, None, combine)),
-        "wgrad_dw1_fold": ("wgrad", f_in, lambda: K.wgrad(dh, x, plan, w1, gathered=False,
-                                                          fold=("expert", dc, layer.E))),
-        "wgrad_dw1_foldrows": ("wgrad", f_in, lambda: K.wgrad(dh, x, plan, w1, gathered=False,
-                                                              fold=("rows", (dgate / layer.E)[plan.order.long()], layer.E))),
-        "wgrad_dw2_f32": ("wgrad", f_out, lambda: K.wgrad(ga, dy, plan, w2m, gathered=False)),
-        "wgrad_dw1_f32": ("wgrad", f_in, lambda: K.wgrad(dh, x, plan, w1m, gathered=False)),
-        "down_dx_fold": ("down", f_in, lambda: K.down_scatter(dh, w1, plan, None, combine,
-                                                              rank1=(dgate, centroids))),
+        "up": ("up_glu" if layer.glu else "up", f_in, lambda: up_forward(x, w1, b1, plan, activation, save_h=True)),
+        "down": ("down", f_out, lambda: down_scatter(a, w2, plan, gate_flat, combine)),
+        "up_bwd": ("up_bwd_glu" if layer.glu else "up_bwd", f_out, lambda: up_backward(dy, w2, h, gate_flat, plan, activation, True, True)),
+        "wgrad_dw2": ("wgrad", f_out, lambda: wgrad(ga, dy, plan, w2, gathered=False)),
+        "wgrad_dw1": ("wgrad", f_in, lambda: wgrad(dh, x, plan, w1, gathered=False)),
+        "down_dx": ("down", f_in, lambda: down_scatter(dh, w1, plan, None, combine)),
+        "wgrad_dw1_fold": ("wgrad", f_in, lambda: wgrad(dh, x, plan, w1, gathered=False,
+                                                        fold=("expert", dc, layer.E))),
+        "wgrad_dw1_foldrows": ("wgrad", f_in, lambda: wgrad(dh, x, plan, w1, gathered=False,
+                                                            fold=("rows", (dgate / layer.E)[plan.order.long()], layer.E))),
+        "wgrad_dw2_f32": ("wgrad", f_out, lambda: wgrad(ga, dy, plan, w2m, gathered=False)),
+        "wgrad_dw1_f32": ("wgrad", f_in, lambda: wgrad(dh, x, plan, w1m, gathered=False)),
+        "down_dx_fold": ("down", f_in, lambda: down_scatter(dh, w1, plan, None, combine,
+                                                            rank1=(dgate, centroids))),
         # dx's product stored into its (t, k) rows, then summed over k by torch: the combine without atomic adds
-        "down_dx_buffer": ("down", f_in, lambda: K.down_scatter(dh, w1, plan, None, "buffer")),
+        "down_dx_buffer": ("down", f_in, lambda: down_scatter(dh, w1, plan, None, "buffer")),
         # two launches each: the output initialisation (and y's bias) by fill and add, or inside the up kernels
         "fwd_pair": ("down", f_in + f_out, lambda: fwd_pair(False)),
         "fwd_pair_fold": ("down", f_in + f_out, lambda: fwd_pair(True)),
@@ -123,8 +127,8 @@ def setup(shape, activation, tokens, device="cuda"):
         # launch here (in the backend the routing plan's first kernel does it): compare with fwd_pair, and
         # with fwd_pair_fold + fill
         "fwd_fused": ("mlp_glu" if layer.glu else "mlp", f_in + f_out,
-                      lambda: K.mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, True, combine,
-                                            out_bias=b2)[0]),
+                      lambda: mlp_forward(x, w1, b1, w2, plan, gate_flat, activation, True, combine,
+                                          out_bias=b2)[0]),
         "fill": ("fill", 0.0, lambda: initialise(torch.empty_like(x), b2)),
     }
 
@@ -138,7 +142,7 @@ def parse_configs(text: str) -> dict:
         kind, _, values = item.partition("=")
         kind = kind.strip()
         try:
-            out[kind] = [K._parse_configs(f"{kind}={v}")[kind] for v in values.split("|")]
+            out[kind] = [tc.parse_configs(f"{kind}={v}")[kind] for v in values.split("|")]
         except UserError as exc:
             raise SystemExit(f"error: --configs (configs as in SSD_TRITON_CONFIG, '|' between them): {exc}") from None
     return out
@@ -211,12 +215,12 @@ def main() -> int:
             torch.cuda.cudart().cudaProfilerStop()
             continue
         for label, (kind, flops, fn) in launches.items():
-            K.force_config()
+            tc.force_config()
             os.environ.pop("SSD_TRITON_TILE_ORDER", None)
             ref = _first(fn()).clone()
             for order, cfg in itertools.product(args.orders.split(","), [None] + variants.get(kind, [])):
                 os.environ["SSD_TRITON_TILE_ORDER"] = order
-                K.force_config(**({kind: cfg} if cfg else {}))
+                tc.force_config(**({kind: cfg} if cfg else {}))
                 try:
                     err = _rel(_first(fn()), ref)
                     ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
@@ -231,14 +235,14 @@ def main() -> int:
                 print(f"{shape:5s} {act:6s} {label:10s} {order:6s} {str(rec['cfg']):32s} "
                       f"{'-' if ms is None else f'{ms:.4f} ms {tflops:5.0f} TF/s':>20s}  "
                       f"err {err if err is None else f'{err:.1e}'}", flush=True)
-        K.force_config()
+        tc.force_config()
         os.environ.pop("SSD_TRITON_TILE_ORDER", None)
     if args.out and records:
         import triton
         with open(args.out, "w") as fh:
             json.dump({"gpu": torch.cuda.get_device_name(0), "date": dt.date.today().isoformat(),
                        "torch": torch.__version__, "triton": triton.__version__, "tokens": args.tokens,
-                       "defaults": {k: list(v) for k, v in K.DEFAULTS.items()},
+                       "defaults": {k: list(v) for k, v in tc.DEFAULTS.items()},
                        "records": records}, fh, indent=1)
     return 0
 

@@ -15,7 +15,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "backends"))
 from backend_cases import make_inputs, run  # noqa: E402
-from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
+from ssd_megatron.ffn.backends.kernels import tile_configs as tc  # noqa: E402
+from ssd_megatron.ffn.backends.kernels.down_launch import down_scatter  # noqa: E402
+from ssd_megatron.ffn.backends.kernels.up_launch import up_backward, up_forward  # noqa: E402
+from ssd_megatron.ffn.backends.kernels.wgrad_launch import wgrad  # noqa: E402
 from ssd_megatron.ffn.backends.routing import make_plan  # noqa: E402
 from ssd_megatron.ffn.backends.triton_backend import TritonBackend  # noqa: E402
 
@@ -39,15 +42,15 @@ def launchers(inp):
     gate_flat = inp["gate"].detach().reshape(-1).contiguous()
     plan = make_plan(inp["topk_idx"], w1.shape[0])
     act = inp["activation"]
-    a, h = K.up_forward(x, w1, b1, plan, act, save_h=True)
+    a, h = up_forward(x, w1, b1, plan, act, save_h=True)
     dy = inp["dy"]
-    dh, _, ga, _ = K.up_backward(dy, w2, h, gate_flat, plan, act, True, True)
+    dh, _, ga, _ = up_backward(dy, w2, h, gate_flat, plan, act, True, True)
     return {  # name -> (launcher, its tensor arguments)
-        "up": (lambda x, w1, b1: K.up_forward(x, w1, b1, plan, act, save_h=True), (x, w1, b1)),
-        "down": (lambda a, w2, g: K.down_scatter(a, w2, plan, g, "atomic16"), (a, w2, gate_flat)),
-        "up_bwd": (lambda dy, w2, h, g: K.up_backward(dy, w2, h, g, plan, act, True, True), (dy, w2, h, gate_flat)),
-        "wgrad": (lambda l, r, w: K.wgrad(l, r, plan, w, gathered=False), (dh, x, w1)),
-        "down_dx": (lambda d, w1: K.down_scatter(d, w1, plan, None, "atomic16"), (dh, w1)),
+        "up": (lambda x, w1, b1: up_forward(x, w1, b1, plan, act, save_h=True), (x, w1, b1)),
+        "down": (lambda a, w2, g: down_scatter(a, w2, plan, g, "atomic16"), (a, w2, gate_flat)),
+        "up_bwd": (lambda dy, w2, h, g: up_backward(dy, w2, h, g, plan, act, True, True), (dy, w2, h, gate_flat)),
+        "wgrad": (lambda l, r, w: wgrad(l, r, plan, w, gathered=False), (dh, x, w1)),
+        "down_dx": (lambda d, w1: down_scatter(d, w1, plan, None, "atomic16"), (dh, w1)),
     }
 
 
@@ -61,7 +64,7 @@ def main():
     args = ap.parse_args()
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, activation="relu", T=1024, D=768, E=192, N=32, K=6)
     for name in filter(lambda c: c != "none", args.configs.split(",")):
-        K.force_config(**CONFIGS[name])
+        tc.force_config(**CONFIGS[name])
         print(f"== config {name}: {CONFIGS[name] or 'defaults'}", flush=True)
         for kname, (fn, fargs) in launchers(inp).items():
             torch._dynamo.reset()
@@ -86,7 +89,7 @@ def main():
                                                        inp["gate"], inp["activation"])
         print(f"  explain: graphs {ex.graph_count}, breaks {ex.graph_break_count}",
               [str(b.reason)[:160] for b in ex.break_reasons][:3], flush=True)
-    K.force_config()
+    tc.force_config()
     for phase in filter(lambda p: p != "none", args.phases.split(",")):
         model_grads(phase)
 

@@ -74,13 +74,13 @@ def offline(arch: int) -> None:
     """From here on, kernel launches compile for sm_`arch` without running (LAUNCHES records them), and the
     launchers' own device tests answer for that target: CPU tensors of the real shapes then specialise each
     kernel as on the GPU."""
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import descriptors
     from ssd_megatron.ffn.backends.kernels import down_gluon
 
     ARCH[0] = arch
     _driver.set_active(_TargetDriver())
     JITFunction.run = _compile_only
-    K._hopper = lambda t: arch >= 90
+    descriptors.hopper = lambda t: arch >= 90
     down_gluon._sm90 = lambda t: arch == 90
     down_gluon._sms = lambda device: 132  # an H100 SXM's SMs: the persistent grid's size (not compiled in)
 
@@ -136,7 +136,7 @@ def _last_line(exc) -> str:
 
 def main() -> int:
     import bench_kernels as bk
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bk.add_case_args(ap, activations="relu")
@@ -160,7 +160,7 @@ def main() -> int:
         for label, (kind, _, fn) in bk.selected(launches, args).items():
             extra = chosen[kind] if kind in chosen else _candidates(bk.VARIANTS.get(kind, []), args.variants)
             for cfg in [None] + extra:
-                K.force_config(**({kind: cfg} if cfg else {}))
+                tc.force_config(**({kind: cfg} if cfg else {}))
                 LAUNCHES.clear()
                 try:
                     fn()
@@ -174,7 +174,7 @@ def main() -> int:
                     print(f"{shape:5s} {act:6s} {label:10s} {str(cfg or 'default'):28s} {name:24s} {r['regs']:4d} {r['stack']:5d} "
                           f"{r['smem_kb']:8.1f} {r['warps']:5d} {r['ctas_per_sm']:7d}  {r['ldgsts']:6d} "
                           f"{r['utmaldg']:7d} {r['atom']:4d} {r['cas']:4d}  {r['mma']}", flush=True)
-        K.force_config()
+        tc.force_config()
     return 1 if failed else 0
 
 

@@ -62,14 +62,14 @@ def write_out(path: str, res: dict) -> None:
 def probe_args(doc: str, kind: str, config: str):
     """(arguments, the forced config of `kind`) of a probe tool whose docstring is `doc`: --config (SSD_TRITON_CONFIG's
     values for `kind`, default `config`), --rounds, --out."""
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
 
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--config", default=config, help=f"the {kind} config (variant 5)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    return args, K._parse_configs(f"{kind}={args.config}")[kind]
+    return args, tc.parse_configs(f"{kind}={args.config}")[kind]
 
 
 def probe_build(name: str):
@@ -81,7 +81,7 @@ def main() -> int:
     import triton
 
     from ssd_megatron.bench.ffn import Case, _graphed
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
     from ssd_megatron.ffn.backends import get_backend
 
     args, cfg = probe_args(__doc__, "mlp", "128,64,64,6,4,5")
@@ -92,19 +92,19 @@ def main() -> int:
     res = {"gpu": torch.cuda.get_device_name(0), "date": str(datetime.date.today()), "torch": torch.__version__,
            "triton": triton.__version__, "config": list(cfg),
            "what": "base ReLU layer, inference forward (graphed) ms, the WS fused forward with parts removed"}
-    K.force_config()
+    tc.force_config()
     res["kernels/mlp.py"] = _graphed(case, sparse, 60, True)["median"]
     print(f"kernels/mlp.py (default) fwd {res['kernels/mlp.py']:.4f} ms", flush=True)
     try:
         for _ in range(args.rounds):
             for name in PROBES:
                 mlp_gluon._STATE["build"] = probe_build(name)
-                K.force_config(mlp=cfg)
+                tc.force_config(mlp=cfg)
                 t = _graphed(case, sparse, 60, True)["median"]
                 res.setdefault(name, []).append(t)
                 print(f"WS {name:20s} fwd {t:.4f} ms", flush=True)
     finally:
-        K.force_config()
+        tc.force_config()
         mlp_gluon._STATE["build"] = None
     write_out(args.out, res)
     return 0

@@ -47,7 +47,7 @@ def substitutions(subs, src: str):
 def main() -> int:
     import triton
 
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc, up_launch
     from ssd_megatron.ffn.backends.routing import make_plan
 
     args, cfg = probe_args(__doc__, "up_bwd", "128,64,64,3,4,5")
@@ -62,7 +62,7 @@ def main() -> int:
     fill = (torch.empty(T, D, device=dev, dtype=torch.bfloat16), None)
 
     def call():
-        return K.up_backward(dy, w2, h, gate, plan, "relu", True, True, fill=fill, partials=True)
+        return up_launch.up_backward(dy, w2, h, gate, plan, "relu", True, True, fill=fill, partials=True)
 
     real = (mlp_gluon._build_once(), up_bwd_gluon._build_once(), up_bwd_gluon.launch)
     variants = {}
@@ -78,7 +78,7 @@ def main() -> int:
         mlp_gluon._STATE["build"], up_bwd_gluon._STATE["build"], up_bwd_gluon.launch = mlp_build, build, launch
         sys.modules[launch.__module__]._STATE["build"] = build
         os.environ["SSD_TRITON_UP_BWD_TMA_STORES"] = stores
-        K.force_config(up_bwd=K._default("up_bwd", (D, E, str(dy.dtype))) if name is None else cfg)
+        tc.force_config(up_bwd=tc.default_tile("up_bwd", (D, E, str(dy.dtype))) if name is None else cfg)
 
     def timed(reps=10):
         """Median µs per call over graph replays of `reps` calls (after an eager call, which loads the modules)."""

@@ -612,9 +612,10 @@ def main(argv=None) -> int:
             if _CUDA:
                 torch.cuda.empty_cache()
     try:
-        from ..ffn.backends import _triton_kernels as tk
-        result["tuning"] = tk.TUNE_LOG
-        result["triton_configs"] = {"defaults": tk.DEFAULTS, "tuned": {"|".join(map(str, k)): v for k, v in tk._TUNED.items()}}
+        from ..ffn.backends.kernels import tile_configs as tc
+        result["tuning"] = tc.TUNE_LOG
+        tuned = {"|".join(map(str, k)): v for k, v in tc.TUNED.items()}
+        result["triton_configs"] = {"defaults": tc.DEFAULTS, "tuned": tuned}
     except Exception:
         pass
     _save(result, args.out)

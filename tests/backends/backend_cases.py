@@ -162,27 +162,27 @@ def fresh_gluon_records(monkeypatch):
     monkeypatch.setattr(gluon_launches, "_EAGER", set())
 
 
-def auto_stand_in(monkeypatch, module_name: str, triton_kernel: str):
+def auto_stand_in(monkeypatch, module_name: str, launcher_name: str, triton_kernel: str):
     """For `auto`'s policy tests of a Gluon kernel on CPU: skips where this Triton's Gluon does not build
     kernels/`module_name`.py; the device counts as sm_90 (`gluon_stand_in`); kernels/gluon_launches.py starts with
     no launch recorded and takes its CUDA-graph capture state from the returned dict's "capturing"; the module's
-    `launch` and `_triton_kernels`' `triton_kernel` record into the returned list as "ws" and "triton". Returns
-    (_triton_kernels, the Gluon module, calls, state)."""
+    `launch` and the launcher module's (kernels/`launcher_name`.py) `triton_kernel` record into the returned list as
+    "ws" and "triton". Returns (the launcher module, the Gluon module, calls, state)."""
     import importlib
 
     pytest.importorskip("triton")
-    from ssd_megatron.ffn.backends import _triton_kernels
     from ssd_megatron.ffn.backends.kernels import gluon_launches
     module = importlib.import_module(f"ssd_megatron.ffn.backends.kernels.{module_name}")
+    launcher = importlib.import_module(f"ssd_megatron.ffn.backends.kernels.{launcher_name}")
     if module._build_once() is None:
         pytest.skip(f"this triton ({__import__('triton').__version__}) has no Gluon that builds {module_name}")
     calls, state = [], {"capturing": False}
     fresh_gluon_records(monkeypatch)
     monkeypatch.setattr(gluon_launches, "capturing", lambda t: state["capturing"])
-    monkeypatch.setattr(_triton_kernels, triton_kernel, Recorder(calls, "triton"))
+    monkeypatch.setattr(launcher, triton_kernel, Recorder(calls, "triton"))
     monkeypatch.setattr(module, "launch", Recorder(calls, "ws"))
     gluon_stand_in(monkeypatch, module, "served")
-    return _triton_kernels, module, calls, state
+    return launcher, module, calls, state
 
 
 class Recorder:

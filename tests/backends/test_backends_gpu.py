@@ -67,7 +67,7 @@ def test_triton_variants_bf16(case, opts):
     compare(run(TritonBackend(**opts), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
 
 
-KERNEL_VARIANTS = {  # forced tile configs of the non-default kernel variants (see _triton_kernels.DEFAULTS)
+KERNEL_VARIANTS = {  # forced tile configs of the non-default kernel variants (see kernels/tile_configs.py DEFAULTS)
     "down-rowloop": {"down": (128, 128, 64, 4, 3, 1)},
     "down-plain": {"down": (128, 128, 64, 8, 3)},
     "down-tma": {"down": (128, 128, 64, 8, 3, 3)},
@@ -92,16 +92,16 @@ def test_triton_kernel_variants_bf16(case, variant):
     and whole-P wgrad; compiled, bf16) against the reference."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
-    from ssd_megatron.ffn.backends import _triton_kernels as kernels
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
     cfgs = dict(KERNEL_VARIANTS[variant])
     opts = cfgs.pop("backend", {})
-    kernels.force_config(**cfgs)
+    tc.force_config(**cfgs)
     try:
         compare(run(TritonBackend(**opts), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
     finally:
-        kernels.force_config()
+        tc.force_config()
 
 
 # down variants 5 and 6 (WS and WS_PAIR, kernels/down_gluon.py: Gluon, sm_90, Triton >= 3.9) where they serve: Ein
@@ -142,8 +142,7 @@ def test_triton_down_ws_bf16(case, opts, tile, order, monkeypatch):
     DOWN_WS = DOWN_WS_TILES[tile]
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
-    from ssd_megatron.ffn.backends import _triton_kernels as kernels
-    from ssd_megatron.ffn.backends.kernels import down_gluon
+    from ssd_megatron.ffn.backends.kernels import down_gluon, tile_configs as tc
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     probe = torch.zeros(64, 64, device="cuda", dtype=torch.bfloat16)
     if not down_gluon.serves(probe, torch.zeros(2, 64, 64, device="cuda", dtype=torch.bfloat16), *DOWN_WS[:2],
@@ -167,7 +166,7 @@ def test_triton_down_ws_bf16(case, opts, tile, order, monkeypatch):
     if opts.startswith("view"):
         inp = with_column_view_w2(inp)
     be = TritonBackend(fused_forward=False, **WS_OPTS[opts])
-    kernels.force_config(down=DOWN_WS)
+    tc.force_config(down=DOWN_WS)
     try:
         if opts == "router-fold":
             got = run_router(be, inp, fold=True)
@@ -176,11 +175,11 @@ def test_triton_down_ws_bf16(case, opts, tile, order, monkeypatch):
             got, want = run(be, inp), run(ReferenceBackend(), upcast(inp))
         errs = compare(got, want, 3e-2)
     finally:
-        kernels.force_config()
+        tc.force_config()
     atomic = WS_OPTS[opts]["combine"] != "buffer"  # (K > 1 in every case)
     # the forward's down (scaled by the gate; with the router folded, a gate of ones), then dx (in passes: only where
     # it adds into dx)
-    pair = DOWN_WS[5] == kernels.WS_PAIR
+    pair = DOWN_WS[5] == tc.WS_PAIR
     dx = [(False, atomic, opts == "router-fold", pair)] if atomic or width == ein else []
     assert launches == [(True, atomic, False, pair)] + dx, launches
     print("down ws", case, opts, {k: f"{v:.1e}" for k, v in errs.items()})
@@ -194,12 +193,11 @@ def test_triton_w2_view_gives_the_forward_down_the_ws_kernel(w2_view, monkeypatc
     reference, forward and every grad."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
-    from ssd_megatron.ffn.backends import _triton_kernels as kernels
-    from ssd_megatron.ffn.backends.kernels import down_gluon
+    from ssd_megatron.ffn.backends.kernels import auto_ws, down_gluon
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     probe = torch.zeros(64, 64, device="cuda", dtype=torch.bfloat16)
     if not down_gluon.serves(probe, torch.zeros(2, 64, 64, device="cuda", dtype=torch.bfloat16),
-                             *kernels.AUTO_WS[:2], kernels.AUTO_WS[4]):
+                             *auto_ws.AUTO_WS[:2], auto_ws.AUTO_WS[4]):
         pytest.skip("the WS down kernel does not serve here (needs sm_90 and Triton >= 3.9's Gluon)")
     launches = []
     real = down_gluon.launch
@@ -245,8 +243,7 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
     cfg = MLP_WS_TILES[tile]
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
-    from ssd_megatron.ffn.backends import _triton_kernels as kernels
-    from ssd_megatron.ffn.backends.kernels import mlp_gluon
+    from ssd_megatron.ffn.backends.kernels import mlp_gluon, tile_configs as tc
     from ssd_megatron.ffn.backends.kernels.common import ACT_CODES
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     if mlp_gluon._build_once() is None or not mlp_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
@@ -256,7 +253,7 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
     if w2 == "column-view":
         inp = with_column_view_w2(inp)
     act = ACT_CODES[case["activation"]][0]
-    if not mlp_gluon.serves(inp["x"], inp["w1"], inp["w2"], act, False, *cfg[:5], *kernels._ws_boxes(case["E"])):
+    if not mlp_gluon.serves(inp["x"], inp["w1"], inp["w2"], act, False, *cfg[:5], *tc.ws_boxes(case["E"])):
         pytest.skip("variant 5 falls back to kernels/mlp.py here: buffers beyond shared memory")
     launches = []
     real = mlp_gluon.launch
@@ -266,12 +263,12 @@ def test_triton_mlp_ws_bf16(case, combine, tile, w2, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mlp_gluon, "launch", counted)
-    kernels.force_config(mlp=cfg)
+    tc.force_config(mlp=cfg)
     try:
         got, want = run(TritonBackend(combine=combine, fused_forward=True), inp), run(ReferenceBackend(), upcast(inp))
         errs = compare(got, want, 3e-2)
     finally:
-        kernels.force_config()
+        tc.force_config()
     assert len(launches) == 1 and launches[0][1] == (combine != "buffer"), launches
     print("mlp ws", case, combine, tile, w2, {k: f"{v:.1e}" for k, v in errs.items()})
 
@@ -301,8 +298,7 @@ def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
     cfg = UP_BWD_WS_TILES[tile]
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
-    from ssd_megatron.ffn.backends import _triton_kernels as kernels
-    from ssd_megatron.ffn.backends.kernels import up_bwd_gluon
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc, up_bwd_gluon
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     if up_bwd_gluon._build_once() is None or not up_bwd_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
         pytest.skip("the WS up_bwd does not serve here (needs sm_90 and Triton >= 3.9's Gluon): variant 5 falls "
@@ -323,12 +319,12 @@ def test_triton_up_bwd_ws_bf16(case, combine, tile, w2, monkeypatch):
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
     if w2 == "column-view":
         inp = with_column_view_w2(inp)
-    kernels.force_config(up_bwd=cfg)
+    tc.force_config(up_bwd=cfg)
     try:
         got, want = run(TritonBackend(combine=combine), inp), run(ReferenceBackend(), upcast(inp))
         errs = compare(got, want, 3e-2)
     finally:
-        kernels.force_config()
+        tc.force_config()
     assert launches == [(True, case.get("bias", True), combine != "buffer" and case["K"] > 1)], launches
     print("up_bwd ws", case, combine, tile, w2, {k: f"{v:.1e}" for k, v in errs.items()})
 
@@ -368,8 +364,7 @@ def test_triton_wgrad_ws_bf16(case, fold, tile, weights, monkeypatch):
     cfg = WGRAD_WS_TILES[tile]
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
-    from ssd_megatron.ffn.backends import _triton_kernels as kernels
-    from ssd_megatron.ffn.backends.kernels import wgrad_gluon
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc, wgrad_gluon
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     if wgrad_gluon._build_once() is None or not wgrad_gluon.down_gluon._sm90(torch.zeros(1, device="cuda")):
         pytest.skip("the WS wgrad does not serve here (needs sm_90 and Triton >= 3.9's Gluon): variant 5 falls back "
@@ -401,7 +396,7 @@ def test_triton_wgrad_ws_bf16(case, fold, tile, weights, monkeypatch):
         inp = with_column_view_w2(inp)
         ref = upcast(inp)
     be = TritonBackend(combine="atomic16")
-    kernels.force_config(wgrad=cfg)
+    tc.force_config(wgrad=cfg)
     try:
         if fold == "router":
             got, want = run_router(be, inp, fold=True), run_router(ReferenceBackend(), ref, fold=False)
@@ -409,7 +404,7 @@ def test_triton_wgrad_ws_bf16(case, fold, tile, weights, monkeypatch):
             got, want = run(be, inp), run(ReferenceBackend(), ref)
         errs = compare(got, want, 3e-2)
     finally:
-        kernels.force_config()
+        tc.force_config()
     assert not master or all(g.dtype == torch.float32 for k, g in got[1].items() if k in ("w1", "w2")), got[1]
     F1 = case["E"] * (2 if case["activation"] == "swiglu" else 1)
     # (the router's term: summed in the kernel, FOLD 3)
@@ -417,7 +412,7 @@ def test_triton_wgrad_ws_bf16(case, fold, tile, weights, monkeypatch):
     # TMA reduces wherever their staging fits beside the rings (8B's P = 256 and each 256-column slice of a wider P:
     # two equal boxes through one staging buffer)
     def fits(P, fold_code):
-        be, be2 = kernels._ws_boxes(P)
+        be, be2 = tc.ws_boxes(P)
         return wgrad_gluon.smem_bytes(cfg[2], cfg[1], be + max(be2, 16), cfg[3], cfg[4], 2, True,
                                       2 if half and not master else 4,
                                       wgrad_gluon.score_grad.ROW_WIDTH if fold_code == 3 else 0,
@@ -545,17 +540,17 @@ def test_triton_token_window_order_bf16(case, down, order, monkeypatch):
     token:3, windows within groups of 3 experts) against the reference, with each down kernel."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
-    from ssd_megatron.ffn.backends import _triton_kernels as kernels
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", order)
     inp = make_inputs(device="cuda", dtype=torch.bfloat16, **case)
-    kernels.force_config(down={"pointer": (128, 128, 64, 8, 3), "rowloop": (128, 128, 64, 4, 3, kernels.ROWLOOP),
-                               "tma": (128, 128, 64, 8, 3, kernels.TMA),
-                               "staged": (64, 64, 64, 4, 2, kernels.STAGED)}[down])
+    tc.force_config(down={"pointer": (128, 128, 64, 8, 3), "rowloop": (128, 128, 64, 4, 3, tc.ROWLOOP),
+                          "tma": (128, 128, 64, 8, 3, tc.TMA),
+                          "staged": (64, 64, 64, 4, 2, tc.STAGED)}[down])
     try:
         compare(run(TritonBackend(), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
     finally:
-        kernels.force_config()
+        tc.force_config()
 
 
 @pytest.mark.parametrize("order", ["auto", "token", "token:3"])
@@ -583,13 +578,13 @@ def test_w2_as_column_view(backend, case):
     name = backend.split("-")[0]
     if name not in AVAILABLE:
         pytest.skip(f"{name} not available here")
-    from ssd_megatron.ffn.backends import _triton_kernels as kernels
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
     inp = with_column_view_w2(make_inputs(device="cuda", dtype=torch.bfloat16, **case))
-    kernels.force_config(**({"wgrad": KERNEL_VARIANTS["wgrad-split"]["wgrad"]} if name != backend else {}))
+    tc.force_config(**({"wgrad": KERNEL_VARIANTS["wgrad-split"]["wgrad"]} if name != backend else {}))
     try:
         compare(run(get_backend(name), inp), run(ReferenceBackend(), upcast(inp)), 3e-2)
     finally:
-        kernels.force_config()
+        tc.force_config()
 
 
 @pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
@@ -621,16 +616,16 @@ def test_triton_under_torch_compile_fullgraph(variant):
     eager output and gradients (traced as an autograd.Function, all gradients came back zero)."""
     if "triton" not in AVAILABLE:
         pytest.skip("triton not available here")
-    from ssd_megatron.ffn.backends import _triton_kernels as kernels
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     torch._dynamo.reset()
-    kernels.force_config(**KERNEL_VARIANTS.get(variant, {}))
+    tc.force_config(**KERNEL_VARIANTS.get(variant, {}))
     try:
         inp = make_inputs(device="cuda", dtype=torch.bfloat16, activation="relu", T=1024, D=768, E=192, N=32, K=6)
         be = TritonBackend(combine="atomic16")
         compare(run(Compiled(be), inp), run(be, inp), 1e-2)
     finally:
-        kernels.force_config()
+        tc.force_config()
 
 
 @pytest.mark.parametrize("fold", ["epilogue", "rows"])
@@ -736,7 +731,7 @@ def test_counting_sort_plan_equals_torch_sort_on_cuda(size):
     """The two plan kernels (kernels/routing_plan.py) give torch's stable sort exactly, initialise the fused
     forward's output to the bias, and write the Gluon kernels' M-tile table as the table's own launch does; the
     token-window table's launch equals the torch-built table."""
-    from ssd_megatron.ffn.backends._triton_kernels import expert_tiles, token_window_tiles, token_window_tiles_torch
+    from ssd_megatron.ffn.backends.kernels.tile_order import expert_tiles, token_window_tiles, token_window_tiles_torch
     from ssd_megatron.ffn.backends.kernels.routing_plan import FILL_PLACES, TILE_BM, routing_plan
     from ssd_megatron.ffn.backends.routing import sort_plan
     T, N, K, skew, max_blocks = size

@@ -78,7 +78,7 @@ def test_window_rows_take_every_row_once_tile_by_tile_in_the_window_schedule():
 
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import bench_combine as BC
-    from ssd_megatron.ffn.backends._triton_kernels import token_window_tiles
+    from ssd_megatron.ffn.backends.kernels.tile_order import token_window_tiles
     from ssd_megatron.ffn.backends.routing import make_plan
 
     g = torch.Generator().manual_seed(0)

@@ -45,14 +45,14 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import compile_report as cr
 
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import mlp_launch, tile_configs as tc
     cr.offline(90)
-    K.force_config(mlp=WS)
+    tc.force_config(mlp=WS)
 
     def launch(name, act, E, dtype, combine, column_view, save_h):
         x, w1, b1, w2, plan, gate = _case(act, E, getattr(torch, dtype), column_view,
                                           bias=name != "squared-relu-no-bias")
-        return lambda: K.mlp_forward(x, w1, b1, w2, plan, gate, act, save_h, combine)
+        return lambda: mlp_launch.mlp_forward(x, w1, b1, w2, plan, gate, act, save_h, combine)
     print("MLPWS " + json.dumps(cr.compile_each({name: launch(name, *c) for name, c in LAUNCHES.items()})))
 
 
@@ -102,26 +102,26 @@ def test_ws_fused_forward_falls_back(monkeypatch, why):
     not a multiple of BK, fp32, too much shared memory, a weight ring of one slot, BN other than BK, BM other than
     128."""
     pytest.importorskip("triton")
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import mlp_launch, tile_configs as tc, tile_order
     from ssd_megatron.ffn.backends.kernels import mlp_gluon
     calls = []
-    monkeypatch.setattr(K, "_mlp_kernel", Recorder(calls, "triton"))
+    monkeypatch.setattr(mlp_launch, "_mlp_kernel", Recorder(calls, "triton"))
     monkeypatch.setattr(mlp_gluon, "launch", Recorder(calls, "ws"))
     gluon_stand_in(monkeypatch, mlp_gluon, why)
     act, E, D, dtype, cfg = NOT_SERVED.get(why, ("relu", 192, 128, torch.bfloat16, WS))
     x, w1, b1, w2, plan, gate = _case(act, E, dtype, D=D)
     if act == "swiglu":
         w1 = torch.cat([w1, w1], 1)
-    K.force_config(mlp_glu=cfg, mlp=cfg)
+    tc.force_config(mlp_glu=cfg, mlp=cfg)
     try:
-        K.mlp_forward(x, w1, b1, w2, plan, gate, act, False, "atomic16")
+        mlp_launch.mlp_forward(x, w1, b1, w2, plan, gate, act, False, "atomic16")
     finally:
-        K.force_config()
+        tc.force_config()
     assert len(calls) == 1, calls
     name, args, kwargs = calls[0]
     if why == "served" and mlp_gluon._build_once() is not None:
         assert name == "ws", (name, kwargs)
-        assert torch.equal(args[4], K.expert_tiles(plan.offsets, plan.num_rows, plan.num_experts, 128))
+        assert torch.equal(args[4], tile_order.expert_tiles(plan.offsets, plan.num_rows, plan.num_experts, 128))
         assert args[11:] == (0, True, 128, 64, 64, 2, 3, 128, 64), args[11:]  # relu, atomic, the tile, E's two tiles
     else:  # (served, but this Triton has no Gluon that builds it: kernels/mlp.py too)
         assert name == "triton" and kwargs["BM"] == cfg[0], (name, kwargs)
@@ -133,7 +133,8 @@ def test_ws_fused_forward_auto_under_capture(monkeypatch):
     launch itself the first time (the warm-up before a capture), then kernels/mlp.py for later eager forwards and for a
     capture of a launch never run eagerly (CUDA refuses to load a module while capturing); training forwards (h
     saved) by the same rule, with keys of their own."""
-    K, _, calls, state = auto_stand_in(monkeypatch, "mlp_gluon", "_mlp_kernel")
+    launcher, _, calls, state = auto_stand_in(monkeypatch, "mlp_gluon", "mlp_launch", "_mlp_kernel")
+    from ssd_megatron.ffn.backends.kernels import auto_ws
     x, w1, b1, w2, plan, gate = _case("relu", 192, torch.bfloat16, column_view=True)
     x2, *_ = _case("relu", 192, torch.bfloat16, column_view=True, T=64)
     plan2 = _case("relu", 192, torch.bfloat16, T=64)[4]
@@ -141,27 +142,27 @@ def test_ws_fused_forward_auto_under_capture(monkeypatch):
     def forward(capturing, x=x, plan=plan, save_h=False):
         state["capturing"] = capturing
         calls.clear()
-        K.mlp_forward(x, w1, b1, w2, plan, gate[:x.shape[0] * 2], "relu", save_h, "atomic16")
+        launcher.mlp_forward(x, w1, b1, w2, plan, gate[:x.shape[0] * 2], "relu", save_h, "atomic16")
         (name, args, kwargs), = calls
         return name, (args[13:18] if name == "ws" else kwargs["BM"])
 
     assert forward(True) == ("triton", 128)          # captured before any eager launch: kernels/mlp.py
-    assert forward(False) == ("ws", K.AUTO_MLP_WS[:5])  # the first eager launch loads the Gluon kernel
+    assert forward(False) == ("ws", auto_ws.AUTO_MLP_WS[:5])  # the first eager launch loads the Gluon kernel
     assert forward(False)[0] == "triton"             # later eager forwards: less host time per launch
-    assert forward(True) == ("ws", K.AUTO_MLP_WS[:5])   # captured: the loaded kernel
+    assert forward(True) == ("ws", auto_ws.AUTO_MLP_WS[:5])   # captured: the loaded kernel
     assert forward(True, x2, plan2)[0] == "triton"   # another launch key (fewer tokens), never launched eagerly
     # training (h stored): its own keys, the same rule
     assert forward(True, save_h=True)[0] == "triton"
-    assert forward(False, save_h=True) == ("ws", K.AUTO_MLP_WS[:5])
+    assert forward(False, save_h=True) == ("ws", auto_ws.AUTO_MLP_WS[:5])
     assert forward(False, save_h=True)[0] == "triton"
-    assert forward(True, save_h=True) == ("ws", K.AUTO_MLP_WS[:5])
+    assert forward(True, save_h=True) == ("ws", auto_ws.AUTO_MLP_WS[:5])
 
 
 def test_gluon_launch_records_are_bounded(monkeypatch):
     """Once kernels/gluon_launches.py's records hold MAX_KEYS entries (shapes that keep changing: a run no CUDA graph
     captures), eager forwards of new shapes keep kernels/mlp.py instead of paying the Gluon launch's host time, the
     records stop growing, and captures still take the Gluon kernel for the keys recorded before."""
-    K, _, calls, state = auto_stand_in(monkeypatch, "mlp_gluon", "_mlp_kernel")
+    launcher, _, calls, state = auto_stand_in(monkeypatch, "mlp_gluon", "mlp_launch", "_mlp_kernel")
     from ssd_megatron.ffn.backends.kernels import gluon_launches
     monkeypatch.setattr(gluon_launches, "MAX_KEYS", 2)
     cases = [_case("relu", 192, torch.bfloat16, column_view=True, T=T) for T in (100, 64, 32)]
@@ -170,7 +171,7 @@ def test_gluon_launch_records_are_bounded(monkeypatch):
         x, w1, b1, w2, plan, gate = cases[i]
         state["capturing"] = capturing
         calls.clear()
-        K.mlp_forward(x, w1, b1, w2, plan, gate, "relu", False, "atomic16")
+        launcher.mlp_forward(x, w1, b1, w2, plan, gate, "relu", False, "atomic16")
         return calls[0][0]
 
     assert [forward(False, i) for i in range(3)] == ["ws", "ws", "triton"]  # the third shape finds the records full
@@ -187,12 +188,12 @@ def test_ws_fused_forward_config():
     the fourth entry (warps) still must be."""
     pytest.importorskip("triton")
     from ssd_megatron.errors import UserError
-    from ssd_megatron.ffn.backends import _triton_kernels as K
-    assert K._parse_configs("mlp=128,64,64,3,3,5") == {"mlp": (128, 64, 64, 3, 3, K.WS)}
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
+    assert tc.parse_configs("mlp=128,64,64,3,3,5") == {"mlp": (128, 64, 64, 3, 3, tc.WS)}
     with pytest.raises(UserError, match="powers of two"):
-        K._parse_configs("mlp=128,64,64,3,3")
+        tc.parse_configs("mlp=128,64,64,3,3")
     with pytest.raises(UserError, match="powers of two"):
-        K._parse_configs("down=128,64,64,3,3,5")
+        tc.parse_configs("down=128,64,64,3,3,5")
 
 
 if __name__ == "__main__":

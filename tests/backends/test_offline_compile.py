@@ -168,7 +168,7 @@ def _ws_compile_main():  # in a subprocess: compile-only launches for sm_90 (too
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import compile_report as cr
 
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import down_launch, tile_configs as tc
     cr.offline(90)
 
     def launch(Ein, dtype, combine, scale, rank1, pairs=False, view=False):
@@ -176,9 +176,9 @@ def _ws_compile_main():  # in a subprocess: compile-only launches for sm_90 (too
         w = _column_view(w) if view else w
 
         def call():
-            K.force_config(down=DOWN_WS[:5] + (K.WS_PAIR if pairs else K.WS,))
-            K.down_scatter(a, w, plan, gate if scale else None, combine, rank1=r1 if rank1 else None,
-                           view="tma" if view else "fallback")
+            tc.force_config(down=DOWN_WS[:5] + (tc.WS_PAIR if pairs else tc.WS,))
+            down_launch.down_scatter(a, w, plan, gate if scale else None, combine, rank1=r1 if rank1 else None,
+                                     view="tma" if view else "fallback")
         return call
     print("WS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in WS_LAUNCHES.items()})))
 
@@ -224,15 +224,15 @@ def test_ws_down_compiles_for_sm90(ws_compiled, name):
 def test_ws_down_variant_is_accepted(monkeypatch):
     pytest.importorskip("triton")
     from ssd_megatron.errors import UserError
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
     monkeypatch.setenv("SSD_TRITON_CONFIG", "down=64,64,64,4,3,5")
-    assert K._pick("down:atomic16", (256, 4096, "torch.bfloat16"), None) == (64, 64, 64, 4, 3, K.WS)
-    assert K._parse_configs("down:buffer=128,64,64,4,2,5") == {"down:buffer": (128, 64, 64, 4, 2, K.WS)}
-    assert K._parse_configs("down=128,64,64,4,2,6") == {"down": (128, 64, 64, 4, 2, K.WS_PAIR)}
+    assert tc.pick_tile("down:atomic16", (256, 4096, "torch.bfloat16"), None) == (64, 64, 64, 4, 3, tc.WS)
+    assert tc.parse_configs("down:buffer=128,64,64,4,2,5") == {"down:buffer": (128, 64, 64, 4, 2, tc.WS)}
+    assert tc.parse_configs("down=128,64,64,4,2,6") == {"down": (128, 64, 64, 4, 2, tc.WS_PAIR)}
     for other in ("up", "up_bwd_glu"):  # the variants are down's, mlp's, up_bwd's and wgrad's only
         for v in (5, 6):
             with pytest.raises(UserError, match="5 \\(WS\\)"):
-                K._parse_configs(f"{other}=64,64,64,4,3,{v}")
+                tc.parse_configs(f"{other}=64,64,64,4,3,{v}")
 
 
 def _ws_operands(why):
@@ -259,19 +259,19 @@ def test_ws_down_falls_back_to_staged(monkeypatch, why):
     column view with the default view, too much shared memory (128 x 64 with three W stages of 256 rows), a ring of
     one W slot, BM < 64, Ein in passes (512) where the launch stores rather than adds (the (t, k) buffer)."""
     pytest.importorskip("triton")
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import down_launch, tile_configs as tc
     from ssd_megatron.ffn.backends.kernels import down_gluon
     calls = []
-    monkeypatch.setattr(K, "_down_kernel", Recorder(calls, "triton"))
-    monkeypatch.setattr(K, "_down_tma_kernel", Recorder(calls, "tma"))
+    monkeypatch.setattr(down_launch, "_down_kernel", Recorder(calls, "triton"))
+    monkeypatch.setattr(down_launch, "_down_tma_kernel", Recorder(calls, "tma"))
     monkeypatch.setattr(down_gluon, "launch", Recorder(calls, "ws"))
     gluon_stand_in(monkeypatch, down_gluon, why)
     a, w, plan, gate, (BM, BN, stages) = _ws_operands(why)
-    K.force_config(down=(BM, BN, 64, 4, stages, K.WS))
+    tc.force_config(down=(BM, BN, 64, 4, stages, tc.WS))
     try:
-        K.down_scatter(a, w, plan, gate, "buffer" if why == "passes-buffer" else "atomic16")
+        down_launch.down_scatter(a, w, plan, gate, "buffer" if why == "passes-buffer" else "atomic16")
     finally:
-        K.force_config()
+        tc.force_config()
     assert len(calls) == 1, calls
     name, args, kwargs = calls[0]
     if why.startswith("served") and down_gluon._build_once() is not None:
@@ -340,11 +340,11 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     unfused forward's down) and view "copy", the kernel gets a row-major copy of it, with "tma" the view itself;
     `auto` asks `serves` about the view it will pass."""
     pytest.importorskip("triton")
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import auto_ws, down_launch, tile_configs as tc, tile_order
     from ssd_megatron.ffn.backends.kernels import down_gluon
     calls, served = [], []
-    monkeypatch.setattr(K, "_down_kernel", Recorder(calls, "triton"))
-    monkeypatch.setattr(K, "_down_tma_kernel", Recorder(calls, "tma"))
+    monkeypatch.setattr(down_launch, "_down_kernel", Recorder(calls, "triton"))
+    monkeypatch.setattr(down_launch, "_down_tma_kernel", Recorder(calls, "tma"))
     monkeypatch.setattr(down_gluon, "launch", Recorder(calls, "ws"))
     monkeypatch.setattr(down_gluon, "serves", lambda *args, **kw: served.append(args[2:]) or why != "not-served")
     monkeypatch.delenv("SSD_TRITON_TUNE", raising=False)
@@ -363,17 +363,17 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
     if view != "fallback":
         w = _column_view(w)
     if why == "forced":
-        K.force_config(down=(64, 128, 64, 4, 3, K.ROWLOOP))
+        tc.force_config(down=(64, 128, 64, 4, 3, tc.ROWLOOP))
     try:
-        K.down_scatter(a, w, plan, None, "buffer" if why == "buffer" else "atomic16", view=view)
+        down_launch.down_scatter(a, w, plan, None, "buffer" if why == "buffer" else "atomic16", view=view)
     finally:
-        K.force_config()
+        tc.force_config()
     assert len(calls) == 1, calls
     name, args, kwargs = calls[0]
     if why.startswith("served"):
-        cfg = K.AUTO_WS_BOXES if why == "served-boxes" else K.AUTO_WS
+        cfg = auto_ws.AUTO_WS_BOXES if why == "served-boxes" else auto_ws.AUTO_WS
         assert name == "ws" and set(served) == {cfg[:2] + cfg[4:5] + (view,)} and args[-3:] == cfg[:2] + cfg[4:5]
-        pair = cfg[5] == K.WS_PAIR  # (8B's dx in pairs: M-tiles of 256 rows; base's in 128)
+        pair = cfg[5] == tc.WS_PAIR  # (8B's dx in pairs: M-tiles of 256 rows; base's in 128)
         assert kwargs == {"pair": pair} and pair == (why != "served-boxes"), kwargs
         if view == "tma":
             assert args[1] is w
@@ -381,9 +381,9 @@ def test_auto_takes_ws_down_for_wide_atomic_combines(monkeypatch, why):
             assert args[1].is_contiguous() and torch.equal(args[1], w) and (view == "copy") != w.is_contiguous()
         M, N, height = plan.num_rows, plan.num_experts, 256 if pair else 128
         windows = why in ("served", "served-copy", "served-tma")
-        want = (K.token_window_tiles(plan.offsets, M, N, height, K.AUTO_GROUP) if windows
-                else K.expert_tiles(plan.offsets, M, N, height))
-        assert not torch.equal(want, K.expert_tiles(plan.offsets, M, N, height)) or not windows
+        want = (tile_order.token_window_tiles(plan.offsets, M, N, height, tile_order.AUTO_GROUP) if windows
+                else tile_order.expert_tiles(plan.offsets, M, N, height))
+        assert not torch.equal(want, tile_order.expert_tiles(plan.offsets, M, N, height)) or not windows
         assert torch.equal(args[2], want), (args[2], want)
     else:  # the default tile (a Triton kernel, TMA or not), never the STAGED fallback
         assert name in ("triton", "tma") and not kwargs.get("STAGED"), (name, kwargs)

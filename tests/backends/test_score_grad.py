@@ -43,15 +43,16 @@ def _backend_errors():
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from backend_cases import compare, make_inputs, run_router, upcast
-    from ssd_megatron.ffn.backends import ReferenceBackend, _triton_kernels as kernels
+    from ssd_megatron.ffn.backends import ReferenceBackend
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     os.environ["SSD_TRITON_SCORE_GRAD"] = "1"
     tiny = (16, 16, 16, 1, 1)
     out = []
     for case, bn in BACKEND_CASES:
         up = (16, bn, 16, 1, 1)
-        kernels.force_config(up=up, up_glu=up, up_bwd=up, up_bwd_glu=up, down=tiny, wgrad=tiny + (32,), mlp=tiny,
-                             mlp_glu=tiny)
+        tc.force_config(up=up, up_glu=up, up_bwd=up, up_bwd_glu=up, down=tiny, wgrad=tiny + (32,), mlp=tiny,
+                        mlp_glu=tiny)
         inp = make_inputs(dtype=torch.float32, **case)
         errs = compare(run_router(TritonBackend(), inp, fold=True),
                        run_router(ReferenceBackend(), upcast(inp), fold=False), tol=float("inf"))

@@ -7,27 +7,28 @@ import pytest
 pytest.importorskip("triton")
 
 from ssd_megatron.errors import UserError  # noqa: E402
-from ssd_megatron.ffn.backends import _triton_kernels as K  # noqa: E402
+from ssd_megatron.ffn.backends.kernels import descriptors, down_launch, tile_order, up_launch  # noqa: E402
+from ssd_megatron.ffn.backends.kernels import tile_configs as tc  # noqa: E402
 
 
 def test_env_config_overrides_the_default_for_its_kind(monkeypatch):
     monkeypatch.setenv("SSD_TRITON_CONFIG", " wgrad=64,128,128,4,3,1024 ; down:atomic16=128,128,64,8,3,3")
     key = (192, 768, "torch.bfloat16")
-    assert K._pick("wgrad", key, None) == (64, 128, 128, 4, 3, 1024)
-    assert K._pick("down:atomic16", key, None) == (128, 128, 64, 8, 3, 3)
-    assert K._pick("down:buffer", key, None) == K._default("down", key)   # another combine: untouched
-    assert K._pick("up", key, None) == K._default("up", key)
+    assert tc.pick_tile("wgrad", key, None) == (64, 128, 128, 4, 3, 1024)
+    assert tc.pick_tile("down:atomic16", key, None) == (128, 128, 64, 8, 3, 3)
+    assert tc.pick_tile("down:buffer", key, None) == tc.default_tile("down", key)   # another combine: untouched
+    assert tc.pick_tile("up", key, None) == tc.default_tile("up", key)
     monkeypatch.setenv("SSD_TRITON_CONFIG", "down=64,64,32,4,2")
-    assert K._pick("down:buffer", key, None) == (64, 64, 32, 4, 2)       # the kind's base name: every combine
+    assert tc.pick_tile("down:buffer", key, None) == (64, 64, 32, 4, 2)       # the kind's base name: every combine
 
 
 def test_forced_configs_win_over_the_environment(monkeypatch):
     monkeypatch.setenv("SSD_TRITON_CONFIG", "up=128,128,64,8,3")
-    K.force_config(up=(16, 16, 16, 1, 1))
+    tc.force_config(up=(16, 16, 16, 1, 1))
     try:
-        assert K._pick("up", (768, 192, "torch.bfloat16"), None) == (16, 16, 16, 1, 1)
+        assert tc.pick_tile("up", (768, 192, "torch.bfloat16"), None) == (16, 16, 16, 1, 1)
     finally:
-        K.force_config()
+        tc.force_config()
 
 
 @pytest.mark.parametrize("text, says", [
@@ -48,14 +49,14 @@ def test_forced_configs_win_over_the_environment(monkeypatch):
 def test_bad_env_config_is_a_one_line_error_naming_the_variable(monkeypatch, text, says):
     monkeypatch.setenv("SSD_TRITON_CONFIG", text)
     with pytest.raises(UserError) as err:
-        K._pick("wgrad", (192, 768, "torch.bfloat16"), None)
+        tc.pick_tile("wgrad", (192, 768, "torch.bfloat16"), None)
     msg = str(err.value)
     assert msg.startswith("SSD_TRITON_CONFIG: ") and says in msg and "\n" not in msg, msg
 
 
 def test_staged_down_variant_is_accepted(monkeypatch):
     monkeypatch.setenv("SSD_TRITON_CONFIG", "down=64,64,64,4,2,4")
-    assert K._pick("down:atomic16", (256, 4096, "torch.bfloat16"), None) == (64, 64, 64, 4, 2, K.STAGED)
+    assert tc.pick_tile("down:atomic16", (256, 4096, "torch.bfloat16"), None) == (64, 64, 64, 4, 2, tc.STAGED)
 
 
 @pytest.mark.parametrize("E, BN, want", [
@@ -66,7 +67,7 @@ def test_staged_down_variant_is_accepted(monkeypatch):
     (24, 32, (16, 16, 1, 2)),
 ])
 def test_up_columns_cover_e_once(E, BN, want):
-    assert K._up_columns(E, BN) == want
+    assert up_launch.up_columns(E, BN) == want
 
 
 def test_bench_kernels_configs_option():
@@ -140,7 +141,7 @@ def test_token_window_tiles_cover_every_tile_once_in_relative_position_order(gro
     counts = torch.tensor([300, 0, 17, 129, 1000, 64])  # an empty expert, partial tiles
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
     M, N, BM = int(counts.sum()), len(counts), 64
-    tiles = K.token_window_tiles(offsets, M, N, BM, group)
+    tiles = tile_order.token_window_tiles(offsets, M, N, BM, group)
     assert tiles.shape == ((M + BM - 1) // BM + N, 2) and tiles.dtype == torch.int32
     real = [(int(e), int(r)) for e, r in tiles if int(r) < M]
     want = {(e, int(offsets[e]) + i * BM) for e in range(N) for i in range((int(counts[e]) + BM - 1) // BM)}
@@ -156,26 +157,26 @@ def test_token_window_tiles_cover_every_tile_once_in_relative_position_order(gro
 
 def test_tile_order_from_the_environment(monkeypatch):
     monkeypatch.delenv("SSD_TRITON_TILE_ORDER", raising=False)
-    assert K._tile_groups() is None and K._tile_groups(16) == 16  # auto: the launch's own order
+    assert tile_order.tile_groups() is None and tile_order.tile_groups(16) == 16  # auto: the launch's own order
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "auto")
-    assert K._tile_groups(16) == 16
+    assert tile_order.tile_groups(16) == 16
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "expert")
-    assert K._tile_groups(16) is None  # a forced order wins over the launch's
+    assert tile_order.tile_groups(16) is None  # a forced order wins over the launch's
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "token")
-    assert K._tile_groups(16) == 0
+    assert tile_order.tile_groups(16) == 0
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "token:4")
-    assert K._tile_groups(16) == 4 and K._tile_groups() == 4
-    assert K._ws_down_group(16) == 4  # the WS down launch follows the global order unless its own is set
+    assert tile_order.tile_groups(16) == 4 and tile_order.tile_groups() == 4
+    assert tile_order.ws_down_group(16) == 4  # the WS down launch follows the global order unless its own is set
     monkeypatch.setenv("SSD_TRITON_WS_DOWN_ORDER", "expert")
-    assert K._ws_down_group(16) is None and K._tile_groups() == 4
+    assert tile_order.ws_down_group(16) is None and tile_order.tile_groups() == 4
     monkeypatch.setenv("SSD_TRITON_TILE_ORDER", "auto")
     monkeypatch.setenv("SSD_TRITON_WS_DOWN_ORDER", "auto")
-    assert K._ws_down_group(16) == 16 and K._ws_down_group() is None  # auto: the launcher's choice
+    assert tile_order.ws_down_group(16) == 16 and tile_order.ws_down_group() is None  # auto: the launcher's choice
     for bad in ("windows", "token:0", "token:", "token:x", "expert:4"):
         monkeypatch.setenv("SSD_TRITON_TILE_ORDER", bad)
         with pytest.raises(UserError, match=f"SSD_TRITON_TILE_ORDER: '{bad}'; accepted: auto, expert, token, or "
                                             f"token:G with G >= 1 experts per group"):
-            K._tile_groups()
+            tile_order.tile_groups()
 
 
 def test_default_combine_follows_the_gpus_atomics(monkeypatch):
@@ -184,14 +185,14 @@ def test_default_combine_follows_the_gpus_atomics(monkeypatch):
     import torch
 
     x16, xb = torch.zeros(1, dtype=torch.float16), torch.zeros(1, dtype=torch.bfloat16)
-    assert K.default_combine(xb) == K.default_combine(x16) == "atomic16"
-    monkeypatch.setattr(K, "_hopper", lambda t: False)
-    assert K.default_combine(xb) == "atomic32"
-    assert K.default_combine(x16) == K.default_combine(xb.float()) == "atomic16"
+    assert down_launch.default_combine(xb) == down_launch.default_combine(x16) == "atomic16"
+    monkeypatch.setattr(descriptors, "hopper", lambda t: False)
+    assert down_launch.default_combine(xb) == "atomic32"
+    assert down_launch.default_combine(x16) == down_launch.default_combine(xb.float()) == "atomic16"
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        assert K.default_combine(xb) == "buffer"
+        assert down_launch.default_combine(xb) == "buffer"
     finally:
         torch.use_deterministic_algorithms(prev)
 
@@ -207,21 +208,22 @@ def test_pre_hopper_defaults_differ_only_where_the_hopper_tiles_spill():
     changed = {("down", (256, 4096, bf16)), ("down", (512, 4096, bf16)), ("up_glu", (4096, 256, bf16))} | two_pass
     for key in keys:
         for base in ("up", "up_glu", "up_bwd", "up_bwd_glu", "down", "wgrad"):
-            a100, h100 = K._default(base, key, hopper=False), K._default(base, key, hopper=True)
+            a100, h100 = tc.default_tile(base, key, hopper=False), tc.default_tile(base, key, hopper=True)
             if base == "wgrad":  # Hopper's wgrad loads its left operand by TMA (a seventh entry of 1), same tiles
                 assert h100[6:] == (1,) and h100[:5] == a100[:5] and h100[5] == (a100[5] if len(a100) > 5 else 0)
                 continue
             assert (a100 != h100) == ((base, key) in changed), (base, key, a100, h100)
-            assert (base.startswith("up_bwd") and h100[5:6] == (K.TWO_PASS,)) == ((base, key) in two_pass), key
+            assert (base.startswith("up_bwd") and h100[5:6] == (tc.TWO_PASS,)) == ((base, key) in two_pass), key
             # 8B's GLU up kinds take their weights by TMA on Hopper (docs/kernels.md v18)
             assert (h100[6:] == (1,)) == (base in ("up_glu", "up_bwd_glu") and key[0] >= 2048), (base, key, h100)
     # the 8B ROWLOOP stays ROWLOOP, with half the rows per tile or twice the warps
-    assert K._default("down", (256, 4096, bf16), hopper=False)[5] == K.ROWLOOP
+    assert tc.default_tile("down", (256, 4096, bf16), hopper=False)[5] == tc.ROWLOOP
     # the fused forward's tiles: base's (D, E) and 8B's on Hopper only (timed there; docs/kernels.md v17)
     base_mlp, wide_mlp = (768, 192, 768, bf16), (4096, 256, 4096, bf16)
-    assert K._default("mlp", base_mlp) == (128, 64, 64, 8, 4)
-    assert K._default("mlp", wide_mlp) == (128, 128, 64, 8, 3, K.TMA)  # and 8B's weights by TMA
-    assert K._default("mlp", base_mlp, hopper=False) == K._default("mlp", wide_mlp, hopper=False) == K.DEFAULTS["mlp"]
+    assert tc.default_tile("mlp", base_mlp) == (128, 64, 64, 8, 4)
+    assert tc.default_tile("mlp", wide_mlp) == (128, 128, 64, 8, 3, tc.TMA)  # and 8B's weights by TMA
+    pre_hopper = tc.default_tile("mlp", base_mlp, hopper=False), tc.default_tile("mlp", wide_mlp, hopper=False)
+    assert pre_hopper == (tc.DEFAULTS["mlp"],) * 2
 
 
 def test_auto_options_resolve_per_call():

@@ -63,14 +63,15 @@ TOL = 1e-5
 def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything imports triton
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from backend_cases import compare, make_inputs, run, upcast, with_column_view_w2
-    from ssd_megatron.ffn.backends import ReferenceBackend, _triton_kernels as kernels
+    from ssd_megatron.ffn.backends import ReferenceBackend
+    from ssd_megatron.ffn.backends.kernels import tile_configs as configs
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     tiny = (16, 16, 16, 1, 1)
     results = []
     for c, (down_variant, chunk, order, bp, two) in RUNS:
         os.environ["SSD_TRITON_TILE_ORDER"] = order
         case, opts = CASES[c]
-        _force_variant(kernels, tiny, down_variant, chunk, bp, two)
+        _force_variant(configs, tiny, down_variant, chunk, bp, two)
         opts = dict(opts)
         inp = make_inputs(dtype=torch.float32, **case)
         if opts.pop("column_view_w2", False):
@@ -83,11 +84,11 @@ def _main():  # runs in the subprocess, TRITON_INTERPRET=1 set before anything i
     os.environ.pop("SSD_TRITON_TILE_ORDER")
     print("RESULTS " + json.dumps(results))
     print("PLANS " + json.dumps(_plan_results()))
-    print("COMPILE " + json.dumps(_compile_results(kernels, tiny)))
+    print("COMPILE " + json.dumps(_compile_results(configs, tiny)))
     print("OPCHECK " + json.dumps(_opcheck_results()))
-    print("FOLD " + json.dumps(_fold_results(kernels, tiny)))
-    print("ZEROS " + json.dumps(_zero_fills_in_backward(kernels, tiny)))
-    print("ORDERS " + json.dumps(_order_results(kernels, tiny)))
+    print("FOLD " + json.dumps(_fold_results(configs, tiny)))
+    print("ZEROS " + json.dumps(_zero_fills_in_backward(configs, tiny)))
+    print("ORDERS " + json.dumps(_order_results(configs, tiny)))
 
 
 # `auto`'s M-tile order per launch (SSD_TRITON_TILE_ORDER unset): (inputs, TritonBackend options, the
@@ -98,19 +99,20 @@ ORDER_CASES = [(dict(activation="relu", T=9, D=2048, N=4, K=2), {"fused_forward"
                (dict(activation="relu", T=9, D=64, N=4, K=2), {"fused_forward": True}, [None] * 3)]
 
 
-def _order_results(kernels, tiny):
-    """Each ORDER_CASES run against the reference, with the orders the launches asked `_tiles` for."""
+def _order_results(configs, tiny):
+    """Each ORDER_CASES run against the reference, with the orders the launches asked `tile_order.schedule` for."""
     from backend_cases import compare, make_inputs, run, upcast
     from ssd_megatron.ffn.backends import ReferenceBackend
+    from ssd_megatron.ffn.backends.kernels import tile_order
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    _force_variant(kernels, tiny, 0, 0, 16, 0)  # tiny tiles everywhere, no variant
-    tiles, asked, out = kernels._tiles, [], []
+    _force_variant(configs, tiny, 0, 0, 16, 0)  # tiny tiles everywhere, no variant
+    tiles, asked, out = tile_order.schedule, [], []
 
     def recording(plan, BM, auto=None):
         asked.append(auto)
         return tiles(plan, BM, auto)
 
-    kernels._tiles = recording
+    tile_order.schedule = recording
     try:
         for case, opts, _ in ORDER_CASES:
             asked.clear()
@@ -121,31 +123,32 @@ def _order_results(kernels, tiny):
             except Exception as exc:
                 out.append({"exception": f"{type(exc).__name__}: {exc}"[:2000]})
     finally:
-        kernels._tiles = tiles
+        tile_order.schedule = tiles
     return out
 
 
-def _force_variant(kernels, tiny, down_variant, chunk, bp, two):
+def _force_variant(configs, tiny, down_variant, chunk, bp, two):
     """Tiny tiles with the given down variant and wgrad row chunk; wgrad BP and up/up_bwd BN = bp (whole P
     and E where bp >= them); up_bwd in two passes when `two`. With down's TMA variant, the up kernels' and the
     fused forward's weights and the wgrad's left operand come by TMA too."""
-    tma = down_variant == kernels.TMA
+    tma = down_variant == configs.TMA
     up = (16, bp, 16, 1, 1) + ((0, 1) if tma else ())
-    up_bwd = up[:5] + (kernels.TWO_PASS if two else 0,) + up[6:] if two or tma else up
-    kernels.force_config(up=up, up_glu=up, up_bwd=up_bwd, up_bwd_glu=up_bwd, down=tiny + (down_variant,),
-                         wgrad=(bp,) + tiny[1:] + (chunk, int(tma)), mlp=tiny + ((kernels.TMA,) if tma else ()), mlp_glu=tiny)
+    up_bwd = up[:5] + (configs.TWO_PASS if two else 0,) + up[6:] if two or tma else up
+    configs.force_config(up=up, up_glu=up, up_bwd=up_bwd, up_bwd_glu=up_bwd, down=tiny + (down_variant,),
+                         wgrad=(bp,) + tiny[1:] + (chunk, int(tma)), mlp=tiny + ((configs.TMA,) if tma else ()),
+                         mlp_glu=tiny)
 
 
 COMPILE_CASES = [0, 3]
 
 
-def _compile_results(kernels, tiny):
+def _compile_results(configs, tiny):
     """The backend inside torch.compile(fullgraph=True, backend="aot_eager") against eager, forward and
     every grad: the kernels sit in opaque custom ops, so nothing of triton is traced (traced as an
     autograd.Function, all grads came back zero on the GPU)."""
     from backend_cases import Compiled, compare, make_inputs, run, run_router
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny)
+    configs.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny)
     out = []
     for c in COMPILE_CASES:
         case, opts = CASES[c]
@@ -185,8 +188,8 @@ def _plan_results():
     3.9), `make_plan` carries the written table and the launchers take it from there; the token-window table's
     launch equals the torch-built one (groups of all experts and of three). The cases take the output's
     initialisation's places (FILL_PLACES) in turn."""
-    from ssd_megatron.ffn.backends._triton_kernels import (_tile_list, expert_tiles, token_window_tiles,
-                                                           token_window_tiles_torch)
+    from ssd_megatron.ffn.backends.kernels.tile_order import (expert_tiles, tile_list, token_window_tiles,
+                                                              token_window_tiles_torch)
     from ssd_megatron.ffn.backends.kernels.routing_plan import FILL_PLACES, TILE_BM, plan_tiles_default, routing_plan
     from ssd_megatron.ffn.backends.routing import make_plan, sort_plan
     g = torch.Generator().manual_seed(0)
@@ -206,7 +209,7 @@ def _plan_results():
         table = got[4]
         plan, written = make_plan(idx, N), plan_tiles_default(idx)
         carried = M == 0 or ((TILE_BM, None) in plan.tiles) == written and (
-            not written or (_tile_list(plan, TILE_BM, None) is plan.tiles[TILE_BM, None]
+            not written or (tile_list(plan, TILE_BM, None) is plan.tiles[TILE_BM, None]
                             and torch.equal(plan.tiles[TILE_BM, None], table)))
         same = all(a.dtype == b.dtype == torch.int32 and torch.equal(a, b) for a, b in zip(got[:4], want))
         out.append(same and carried and torch.equal(y, row.expand(T, 5))
@@ -272,14 +275,14 @@ FOLD_RUNS = [(0, 0, 32, "epilogue", 16, 0), (1, 1, 32, "epilogue", 16, 0), (2, 3
              (3, 0, 32, "epilogue", 16, 1), (12, 4, 32, "rows", 64, 1)]
 
 
-def _fold_layer_result(kernels, tiny):
+def _fold_layer_result(configs, tiny):
     """SwitchableFFN (SwiGLU, expert-major) with the triton backend: the folded router against the same
     layer with folding switched off (the router's own backward), forward and every parameter's grad."""
     import copy
 
     from backend_cases import expert_major_sparse_ffn, rel_err
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny)
+    configs.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny)
     ffn = expert_major_sparse_ffn(24, 64, "swiglu", 4, 2)
     x = torch.randn(29, 24)
     res = {}
@@ -298,12 +301,12 @@ def _fold_layer_result(kernels, tiny):
         return {"exception": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
-def _fold_bench_result(kernels, tiny):
+def _fold_bench_result(configs, tiny):
     """ssd-bench ffn's timed sparse path folds like SwitchableFFN: equal to its fold_router=off variant."""
     from backend_cases import rel_err
     from ssd_megatron.bench.ffn import Layer
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny)
+    configs.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny)
     layer = Layer("tiny", "relu", torch.device("cpu"), torch.float32, seed=0)
     x = torch.randn(33, layer.D)
     res = {}
@@ -322,14 +325,14 @@ def _fold_bench_result(kernels, tiny):
         return {"exception": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
-def _fold_results(kernels, tiny):
+def _fold_results(configs, tiny):
     from backend_cases import compare, make_inputs, run_router, upcast
     from ssd_megatron.ffn.backends import ReferenceBackend
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    out = [_fold_layer_result(kernels, tiny), _fold_bench_result(kernels, tiny)]
+    out = [_fold_layer_result(configs, tiny), _fold_bench_result(configs, tiny)]
     for c, down_variant, chunk, mode, bp, two in FOLD_RUNS:
         case, opts = CASES[c]
-        _force_variant(kernels, tiny, down_variant, chunk, bp, two)
+        _force_variant(configs, tiny, down_variant, chunk, bp, two)
         opts = {k: v for k, v in opts.items() if k != "column_view_w2"}
         inp = make_inputs(dtype=torch.float32, **case)
         try:
@@ -341,7 +344,7 @@ def _fold_results(kernels, tiny):
     return out
 
 
-def _zero_fills_in_backward(kernels, tiny):
+def _zero_fills_in_backward(configs, tiny):
     """The aten.zeros calls of one backward through the backend's custom op, and through the router's
     (centroid_topk): autograd zero-fills the gradient of every output the loss does not use (h alone is
     [T*K, F1]) unless told not to."""
@@ -360,7 +363,7 @@ def _zero_fills_in_backward(kernels, tiny):
                 self.names.append(list(args[0]))
             return func(*args, **(kwargs or {}))
 
-    kernels.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny, mlp=tiny,
+    configs.force_config(up=tiny, up_glu=tiny, up_bwd=tiny, up_bwd_glu=tiny, down=tiny, wgrad=tiny, mlp=tiny,
                          mlp_glu=tiny)
     inp = make_inputs(dtype=torch.float32)
     y = expert_ffn(TritonBackend(), inp["x"], inp["w1"], inp["b1"], inp["w2"], inp["topk_idx"], inp["gate"], "relu")

@@ -54,11 +54,12 @@ class _CastOutside:
 
 def backend_results():
     from backend_cases import compare, make_inputs, run, run_router, upcast, with_column_view_w2
-    from ssd_megatron.ffn.backends import ReferenceBackend, _triton_kernels as kernels
+    from ssd_megatron.ffn.backends import ReferenceBackend
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
     out = []
     for case, opts, chunk, fold in RUNS:
-        kernels.force_config(up=TINY, up_glu=TINY, up_bwd=TINY, up_bwd_glu=TINY, down=TINY, wgrad=TINY + (chunk,))
+        tc.force_config(up=TINY, up_glu=TINY, up_bwd=TINY, up_bwd_glu=TINY, down=TINY, wgrad=TINY + (chunk,))
         opts = dict(opts)
         inp = make_inputs(dtype=torch.float32, **case)
         if opts.pop("column_view_w2", False):
@@ -125,7 +126,7 @@ def layer_results():
     from backend_cases import expert_major_sparse_ffn, rel_err
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from ssd_megatron.ffn.backends import _triton_kernels as kernels
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
 
     class Casts(TorchDispatchMode):
@@ -141,7 +142,7 @@ def layer_results():
                 self.ops.append(f"{func} {src.dtype}->{out.dtype}")
             return out
 
-    kernels.force_config(up=TINY, up_glu=TINY, up_bwd=TINY, up_bwd_glu=TINY, down=TINY, wgrad=TINY + (32,))
+    tc.force_config(up=TINY, up_glu=TINY, up_bwd=TINY, up_bwd_glu=TINY, down=TINY, wgrad=TINY + (32,))
     ffn = expert_major_sparse_ffn(32, 64, "relu", 4, 2)
     x = torch.randn(45, 32)
     res, casts = {}, {}
@@ -167,9 +168,9 @@ def bench_layer_results():
     from backend_cases import rel_err
 
     from ssd_megatron.bench.ffn import Layer
-    from ssd_megatron.ffn.backends import _triton_kernels as kernels
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    kernels.force_config(up=TINY, up_glu=TINY, up_bwd=TINY, up_bwd_glu=TINY, down=TINY, wgrad=TINY + (32,))
+    tc.force_config(up=TINY, up_glu=TINY, up_bwd=TINY, up_bwd_glu=TINY, down=TINY, wgrad=TINY + (32,))
     layer = Layer("tiny", "relu", torch.device("cpu"), LOW, seed=0, params=torch.float32)
     # seeded: the router's scores come from fp32 centroids in one run and fp16 ones in the other, so an
     # unseeded x could put two experts within rounding of a tie and route a token differently (seen once)

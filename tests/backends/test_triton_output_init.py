@@ -28,9 +28,9 @@ def fill_results():
     """The up launch's fill, alone: a target holding NaN everywhere must come out as the bias broadcast
     over its rows (or zeros), exactly, while the up GEMM's own outputs are unchanged by the fill."""
     from backend_cases import make_inputs
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc, up_launch
     from ssd_megatron.ffn.backends.routing import make_plan
-    K.force_config(up=TINY)
+    tc.force_config(up=TINY)
     out = []
     for T, D, N, K_, bias in FILL_CASES:
         inp = make_inputs(T=T, D=D, N=N, K=K_, E=16, bias=bias)
@@ -38,8 +38,8 @@ def fill_results():
         plan = make_plan(inp["topk_idx"], N)
         target = torch.full((T, D), float("nan"))
         row = inp["b2"].detach() if bias else None
-        a_fill, _ = K.up_forward(x, w1, b1, plan, "relu", save_h=False, fill=(target, row))
-        a_plain, _ = K.up_forward(x, w1, b1, plan, "relu", save_h=False)
+        a_fill, _ = up_launch.up_forward(x, w1, b1, plan, "relu", save_h=False, fill=(target, row))
+        a_plain, _ = up_launch.up_forward(x, w1, b1, plan, "relu", save_h=False)
         want = row.expand(T, D) if bias else torch.zeros(T, D)
         out.append({"exact": bool(torch.equal(target, want)), "up_unchanged": bool(torch.equal(a_fill, a_plain))})
     print(__import__("json").dumps(out))
@@ -52,14 +52,14 @@ def retune_results():
     import json
 
     from backend_cases import make_inputs, run
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    K.force_config(up=TINY, up_glu=TINY, up_bwd=TINY, up_bwd_glu=TINY, down=TINY, wgrad=TINY)
+    tc.force_config(up=TINY, up_glu=TINY, up_bwd=TINY, up_bwd_glu=TINY, down=TINY, wgrad=TINY)
     out = {}
     for combine in ("atomic16", "atomic32"):
         inp = make_inputs(T=29, K=3, activation="relu")
         once = run(TritonBackend(combine=combine, fold_output=True), inp)
-        pick = K._pick
+        pick = tc.pick_tile
 
         def tuner(kind, key, launch, *more, **kw):
             cfg = pick(kind, key, launch, *more, **kw)
@@ -68,11 +68,11 @@ def retune_results():
                     launch(cfg)
             return cfg
 
-        K._pick = tuner
+        tc.pick_tile = tuner
         try:
             thrice = run(TritonBackend(combine=combine, fold_output=True), inp)
         finally:
-            K._pick = pick
+            tc.pick_tile = pick
         out[combine] = [bool(torch.equal(once[0], thrice[0]))] + [bool(torch.equal(once[1][k], thrice[1][k]))
                                                                    for k in sorted(once[1])]
     print(json.dumps(out))
@@ -84,10 +84,10 @@ def bias_only_results():
     import json
 
     from backend_cases import make_inputs
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
     from ssd_megatron.ffn.backends import expert_ffn
     from ssd_megatron.ffn.backends.triton_backend import TritonBackend
-    K.force_config(up=TINY, up_glu=TINY, up_bwd=TINY, up_bwd_glu=TINY, down=TINY, wgrad=TINY, mlp=TINY)
+    tc.force_config(up=TINY, up_glu=TINY, up_bwd=TINY, up_bwd_glu=TINY, down=TINY, wgrad=TINY, mlp=TINY)
     out = []
     for fused in (False, True):
         inp = make_inputs(T=29, K=3, activation="relu")

@@ -44,16 +44,16 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
     sys.path.insert(0, os.path.join(root, "tools"))
     import compile_report as cr
 
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc, up_launch
     cr.offline(90)
 
     def launch(name, act, E, dtype, column_view, fill, ga, db):
         dy, w2, h, gate, plan, f = _backward_case(act, E, getattr(torch, dtype), column_view, fill=fill)
 
         def run():
-            K.force_config(up_bwd=WS_8B if E == 256 else WS)
+            tc.force_config(up_bwd=WS_8B if E == 256 else WS)
             os.environ["SSD_TRITON_UP_BWD_TMA_STORES"] = str(int(name.endswith("tma-stores")))
-            K.up_backward(dy, w2, h, gate, plan, act, ga, db, fill=f, partials=True)
+            up_launch.up_backward(dy, w2, h, gate, plan, act, ga, db, fill=f, partials=True)
         return run
     print("UPBWDWS " + json.dumps(cr.compile_each({name: launch(name, *c) for name, c in LAUNCHES.items()})))
 
@@ -106,10 +106,9 @@ def test_ws_up_bwd_falls_back(monkeypatch, why):
     two power-of-two tiles of at most 128 columns, D not a multiple of BK, fp32, too much shared memory, a
     ring of one slot, BM other than 128, a fill other than zeros."""
     pytest.importorskip("triton")
-    from ssd_megatron.ffn.backends import _triton_kernels as K
-    from ssd_megatron.ffn.backends.kernels import up_bwd_gluon
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc, tile_order, up_bwd_gluon, up_launch
     calls = []
-    monkeypatch.setattr(K, "_up_kernel", Recorder(calls, "triton"))
+    monkeypatch.setattr(up_launch, "_up_kernel", Recorder(calls, "triton"))
     monkeypatch.setattr(up_bwd_gluon, "launch", Recorder(calls, "ws"))
     gluon_stand_in(monkeypatch, up_bwd_gluon, why)
     act, E, D, dtype, cfg, row = NOT_SERVED.get(why, ("relu", 192, 128, torch.bfloat16, WS, False))
@@ -118,17 +117,17 @@ def test_ws_up_bwd_falls_back(monkeypatch, why):
         h = torch.cat([h, h], 1)
     if row:
         fill = (fill[0], torch.zeros(D, dtype=dtype))
-    K.force_config(up_bwd=cfg, up_bwd_glu=cfg)
+    tc.force_config(up_bwd=cfg, up_bwd_glu=cfg)
     try:
-        dh, dgate, ga, db = K.up_backward(dy, w2, h, gate, plan, act, True, True, fill=fill, partials=True)
+        dh, dgate, ga, db = up_launch.up_backward(dy, w2, h, gate, plan, act, True, True, fill=fill, partials=True)
     finally:
-        K.force_config()
-    default = K._default("up_bwd_glu" if act == "swiglu" else "up_bwd", (D, E, str(dtype)))
-    assert len(calls) == (2 if default[5:6] == (K.TWO_PASS,) else 1), calls  # (GLU's default: two passes)
+        tc.force_config()
+    default = tc.default_tile("up_bwd_glu" if act == "swiglu" else "up_bwd", (D, E, str(dtype)))
+    assert len(calls) == (2 if default[5:6] == (tc.TWO_PASS,) else 1), calls  # (GLU's default: two passes)
     name, args, kwargs = calls[0]
     if why == "served" and up_bwd_gluon._build_once() is not None:
         assert name == "ws", (name, kwargs)
-        assert torch.equal(args[3], K.expert_tiles(plan.offsets, plan.num_rows, plan.num_experts, 128))
+        assert torch.equal(args[3], tile_order.expert_tiles(plan.offsets, plan.num_rows, plan.num_experts, 128))
         assert args[8] is dh and args[9] is ga and args[11] is db and args[12] is fill[0], args[8:13]
         assert args[10] is dgate and dgate.shape == (1, plan.num_rows), dgate.shape  # one row of partials
         # relu, the tile, the rings, E's two tiles, TMA stores (SSD_TRITON_UP_BWD_TMA_STORES unset: the default)
@@ -143,18 +142,19 @@ def test_ws_up_bwd_auto_under_capture(monkeypatch):
     for later eager launches and for a capture of a launch key never run eagerly, the Gluon kernel in a capture after
     the eager launch; not for GELU (its epilogue spills, untimed) nor where the TMA-store switch is off without an
     eager launch of its own key."""
-    K, _, calls, state = auto_stand_in(monkeypatch, "up_bwd_gluon", "_up_kernel")
+    launcher, _, calls, state = auto_stand_in(monkeypatch, "up_bwd_gluon", "up_launch", "_up_kernel")
+    from ssd_megatron.ffn.backends.kernels import auto_ws, tile_configs as tc
 
     def backward(capturing, act="relu", D=128):
         dy, w2, h, gate, plan, fill = _backward_case(act, 192, torch.bfloat16, D=D)
         state["capturing"] = capturing
         calls.clear()
-        K.up_backward(dy, w2, h, gate, plan, act, True, True, fill=fill, partials=True)
+        launcher.up_backward(dy, w2, h, gate, plan, act, True, True, fill=fill, partials=True)
         name, args, kwargs = calls[0]
         return name, (args[14:19] if name == "ws" else kwargs["BM"])
 
-    ws = ("ws", (K.AUTO_UP_BWD_WS[0], K.AUTO_UP_BWD_WS[2], *K.AUTO_UP_BWD_WS[3:5], 128))
-    default = K._default("up_bwd", (128, 192, "torch.bfloat16"))[0]
+    ws = ("ws", (auto_ws.AUTO_UP_BWD_WS[0], auto_ws.AUTO_UP_BWD_WS[2], *auto_ws.AUTO_UP_BWD_WS[3:5], 128))
+    default = tc.default_tile("up_bwd", (128, 192, "torch.bfloat16"))[0]
     assert backward(True) == ("triton", default)  # captured before any eager launch: kernels/up.py
     assert backward(False) == ws                  # the first eager launch loads the Gluon kernel
     assert backward(False)[0] == "triton"         # later eager launches: less host time per launch
@@ -170,10 +170,10 @@ def test_ws_up_bwd_config():
     not take variant 5 (the kernel has no gate)."""
     pytest.importorskip("triton")
     from ssd_megatron.errors import UserError
-    from ssd_megatron.ffn.backends import _triton_kernels as K
-    assert K._parse_configs("up_bwd=128,64,64,3,4,5") == {"up_bwd": (128, 64, 64, 3, 4, K.WS)}
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
+    assert tc.parse_configs("up_bwd=128,64,64,3,4,5") == {"up_bwd": (128, 64, 64, 3, 4, tc.WS)}
     with pytest.raises(UserError, match="VARIANT"):
-        K._parse_configs("up_bwd_glu=128,64,64,4,4,5")
+        tc.parse_configs("up_bwd_glu=128,64,64,4,4,5")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import compile_report as cr
 
-    from ssd_megatron.ffn.backends import _triton_kernels as K
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc, wgrad_launch
     cr.offline(90)
 
     def launch(P, Q, dtype, fold, dw_dtype, chunk, epilogue, rings, column_view, half, BK=WS[2]):
@@ -81,9 +81,9 @@ def _compile_main():  # in a subprocess: compile-only launches for sm_90 (tools/
 
         def run():
             ls, rs = rings if isinstance(rings, tuple) else (rings, rings)
-            K.force_config(wgrad=WS[:2] + (BK, ls, rs, chunk, 5))
+            tc.force_config(wgrad=WS[:2] + (BK, ls, rs, chunk, 5))
             os.environ["SSD_WGRAD_HALF_SUMS"] = str(int(half))
-            K.wgrad(lhs, rhs, plan, like, gathered=False, fold=f)
+            wgrad_launch.wgrad(lhs, rhs, plan, like, gathered=False, fold=f)
         return run
     print("WGRADWS " + json.dumps(cr.compile_each({name: launch(*c) for name, c in LAUNCHES.items()})))
 
@@ -145,12 +145,12 @@ def test_ws_wgrad_falls_back(monkeypatch, why):
     multiple of 16, a column block other than 128, a ring of one slot, too much shared memory; P wider than 256 in
     slices of two 128-column boxes."""
     pytest.importorskip("triton")
-    from ssd_megatron.ffn.backends import _triton_kernels as K
-    from ssd_megatron.ffn.backends.kernels import wgrad_gluon
+    from ssd_megatron.ffn.backends.kernels import descriptors, tile_configs as tc, wgrad_gluon, wgrad_launch
     calls = []
-    monkeypatch.setattr(K, "_wgrad_kernel", Recorder(calls, "triton"))
+    monkeypatch.setattr(wgrad_launch, "_wgrad_kernel", Recorder(calls, "triton"))
     monkeypatch.setattr(wgrad_gluon, "launch", Recorder(calls, "ws"))
-    monkeypatch.setattr(K, "_tma_descriptors", lambda t, boxes: ("L", "L2"))  # (CPU tensors: no real descriptors)
+    # (CPU tensors: no real descriptors)
+    monkeypatch.setattr(descriptors, "tma_descriptors", lambda t, boxes: ("L", "L2"))
     gluon_stand_in(monkeypatch, wgrad_gluon, why)
     wide = why == "served-wide-p"  # SwiGLU 8B's dW1 (P = 2E = 512): two slices of two 128-column boxes
     P, Q, dtype, fold_kind, cfg, gathered = NOT_SERVED.get(why, (512 if wide else 192, 256, torch.bfloat16, None, WS,
@@ -160,11 +160,11 @@ def test_ws_wgrad_falls_back(monkeypatch, why):
     fold = None if fold_kind is None else (fold_kind, torch.zeros(plan.num_rows), P)
     if gathered:
         rhs = rhs.index_select(0, plan.token)
-    K.force_config(wgrad=cfg, wgrad_mat=cfg)
+    tc.force_config(wgrad=cfg, wgrad_mat=cfg)
     try:
-        K.wgrad(lhs, rhs, plan, like, gathered=gathered, split=split, fold=fold)
+        wgrad_launch.wgrad(lhs, rhs, plan, like, gathered=gathered, split=split, fold=fold)
     finally:
-        K.force_config()
+        tc.force_config()
     assert len(calls) == 1, calls
     name, args, kwargs = calls[0]
     if why.startswith("served") and wgrad_gluon._build_once() is not None:
@@ -189,24 +189,25 @@ def test_pairs_term_summed_in_the_kernel(monkeypatch, how):
     served = how != "not-served"
     pytest.importorskip("triton")
     from ssd_megatron.errors import UserError
-    from ssd_megatron.ffn.backends import _triton_kernels as K
-    from ssd_megatron.ffn.backends.kernels import score_grad, wgrad_gluon
+    from ssd_megatron.ffn.backends.kernels import descriptors, score_grad, switches, tile_configs as tc
+    from ssd_megatron.ffn.backends.kernels import wgrad_gluon, wgrad_launch
     if served and wgrad_gluon._build_once() is None:
         pytest.skip("this Triton's Gluon does not build the WS wgrad")
     calls, terms = [], []
-    monkeypatch.setattr(K, "_wgrad_kernel", Recorder(calls, "triton"))
+    monkeypatch.setattr(wgrad_launch, "_wgrad_kernel", Recorder(calls, "triton"))
     monkeypatch.setattr(wgrad_gluon, "launch", Recorder(calls, "ws"))
-    monkeypatch.setattr(K, "_tma_descriptors", lambda t, boxes: ("L", "L2"))
+    monkeypatch.setattr(descriptors, "tma_descriptors", lambda t, boxes: ("L", "L2"))
     monkeypatch.setattr(score_grad, "row_matrix", lambda g, order, dtype: ("matrix", g, order, dtype))
     gluon_stand_in(monkeypatch, wgrad_gluon, "served" if served else "older-triton")
     monkeypatch.setenv("SSD_WGRAD_ROUTER_SUMS", "0" if how == "switched-off" else "1")
     lhs, rhs, plan, like, (kind, (g, scale, _), p) = _case(192, 256, fold="pairs")
     v = torch.randn(8, 256)
-    K.force_config(wgrad=WS)
+    tc.force_config(wgrad=WS)
     try:
-        K.wgrad(lhs, rhs, plan, like, gathered=False, fold=(kind, (g, scale, lambda: terms.append(1) or v), p))
+        wgrad_launch.wgrad(lhs, rhs, plan, like, gathered=False,
+                           fold=(kind, (g, scale, lambda: terms.append(1) or v), p))
     finally:
-        K.force_config()
+        tc.force_config()
     (name, args, kwargs), = calls
     if how == "served":
         assert name == "ws" and args[5] == p and args[7] == 3 and kwargs["scale"] == scale and not terms, args[5:8]
@@ -217,7 +218,7 @@ def test_pairs_term_summed_in_the_kernel(monkeypatch, how):
         assert terms == [1]
         monkeypatch.setenv("SSD_WGRAD_ROUTER_SUMS", "yes")
         with pytest.raises(UserError, match="SSD_WGRAD_ROUTER_SUMS='yes': accepted: 1"):
-            K._router_sums()
+            switches.router_sums()
     else:
         assert name == "triton" and kwargs["FOLD"] == 2 and args[6] is v and args[7] == p and terms == [1], kwargs
 
@@ -230,8 +231,7 @@ def test_half_sums_add_into_dw_itself(monkeypatch, dw_dtype, reduces):
     relaxed atomics keep their fp32 buffer. A malformed value is a one-line error."""
     pytest.importorskip("triton")
     from ssd_megatron.errors import UserError
-    from ssd_megatron.ffn.backends import _triton_kernels as K
-    from ssd_megatron.ffn.backends.kernels import wgrad_gluon
+    from ssd_megatron.ffn.backends.kernels import switches, tile_configs as tc, wgrad_gluon, wgrad_launch
     if wgrad_gluon._build_once() is None:
         pytest.skip("this Triton's Gluon does not build the WS wgrad")
     calls = []
@@ -240,11 +240,11 @@ def test_half_sums_add_into_dw_itself(monkeypatch, dw_dtype, reduces):
     monkeypatch.setenv("SSD_WGRAD_HALF_SUMS", "1")
     monkeypatch.setenv("SSD_WGRAD_TMA_OUT", str(int(reduces)))
     lhs, rhs, plan, like, _ = _case(192, 256, dw_dtype=getattr(torch, dw_dtype))
-    K.force_config(wgrad=WS[:3] + (3, 3, 96, 5))
+    tc.force_config(wgrad=WS[:3] + (3, 3, 96, 5))
     try:
-        dw = K.wgrad(lhs, rhs, plan, like, gathered=False)
+        dw = wgrad_launch.wgrad(lhs, rhs, plan, like, gathered=False)
     finally:
-        K.force_config()
+        tc.force_config()
     (name, args, _), = calls
     out, tma_out = args[6], args[14]
     assert name == "ws" and tma_out == reduces, (name, tma_out)
@@ -252,7 +252,7 @@ def test_half_sums_add_into_dw_itself(monkeypatch, dw_dtype, reduces):
     assert out.dtype == (dw.dtype if reduces else torch.float32) and not out.any()
     monkeypatch.setenv("SSD_WGRAD_HALF_SUMS", "bf16")
     with pytest.raises(UserError, match="SSD_WGRAD_HALF_SUMS='bf16': accepted: 1"):
-        K._half_sums()
+        switches.half_sums()
 
 
 def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
@@ -263,8 +263,9 @@ def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
     a bf16 dW (half sums: an R ring of 4) and an fp32 one (master weights: fp32 staging, an R ring of 3), heavy
     launches (8B's) in every eager call, but kernels/wgrad.py for deterministic sums (split=False), pre-gathered R,
     and a dW layout the reduces cannot address; a switch of the kernel's specialisation is a new eager key."""
-    K, _, calls, state = auto_stand_in(monkeypatch, "wgrad_gluon", "_wgrad_kernel")
-    monkeypatch.setattr(K, "_tma_descriptors", lambda t, boxes: ("L", "L2"))
+    launcher, _, calls, state = auto_stand_in(monkeypatch, "wgrad_gluon", "wgrad_launch", "_wgrad_kernel")
+    from ssd_megatron.ffn.backends.kernels import auto_ws, descriptors
+    monkeypatch.setattr(descriptors, "tma_descriptors", lambda t, boxes: ("L", "L2"))
 
     def grad(capturing, P=192, T=100, split=True, gathered=False, like=None):
         state["capturing"] = capturing
@@ -272,18 +273,18 @@ def test_auto_takes_the_balanced_ws_wgrad_with_tma_reduces(monkeypatch):
         lhs, rhs, plan, like0, _ = _case(P, 768, torch.bfloat16, T=T)
         if gathered:
             rhs = rhs.index_select(0, plan.token)
-        K.wgrad(lhs, rhs, plan, like0 if like is None else like, gathered=gathered, split=split)
+        launcher.wgrad(lhs, rhs, plan, like0 if like is None else like, gathered=gathered, split=split)
         (name, args, kwargs), = calls
         return name, (args[8:] if name == "ws" else None)
 
-    ws = ("ws", (K.AUTO_WGRAD_WS[5], K.AUTO_WGRAD_WS[2], *K.AUTO_WGRAD_WS[3:5], 128, 64, True))
+    ws = ("ws", (auto_ws.AUTO_WGRAD_WS[5], auto_ws.AUTO_WGRAD_WS[2], *auto_ws.AUTO_WGRAD_WS[3:5], 128, 64, True))
     assert grad(True)[0] == "triton"     # captured before any eager launch: kernels/wgrad.py
     assert grad(False) == ws             # the first eager launch loads the Gluon kernel: balanced, TMA reduces
     assert grad(False)[0] == "triton"    # later eager launches: less host time
     assert grad(True) == ws              # captured: the loaded kernel
     assert grad(True, T=64)[0] == "triton"  # another launch key (fewer rows), never launched eagerly
     assert grad(False, split=False)[0] == grad(False, gathered=True)[0] == "triton"
-    r4 = ws[1][:3] + (K.AUTO_WGRAD_WS_R4[4], 128, 128, True)
+    r4 = ws[1][:3] + (auto_ws.AUTO_WGRAD_WS_R4[4], 128, 128, True)
     assert r4[3] == 4 and grad(False, P=256) == ("ws", ws[1][:4] + (128, 128, True))  # fp32 dW: R 3
     wide = torch.empty(8, 256, 768, dtype=torch.bfloat16)
     assert grad(False, P=256, like=wide) == ("ws", r4)
@@ -320,12 +321,12 @@ def test_ws_wgrad_config():
     the seventh entry of other kinds stays 0 or 1."""
     pytest.importorskip("triton")
     from ssd_megatron.errors import UserError
-    from ssd_megatron.ffn.backends import _triton_kernels as K
-    assert K._parse_configs("wgrad=64,128,64,3,4,2048,5") == {"wgrad": (64, 128, 64, 3, 4, 2048, K.WS)}
+    from ssd_megatron.ffn.backends.kernels import tile_configs as tc
+    assert tc.parse_configs("wgrad=64,128,64,3,4,2048,5") == {"wgrad": (64, 128, 64, 3, 4, 2048, tc.WS)}
     with pytest.raises(UserError, match="powers of two"):
-        K._parse_configs("wgrad=64,128,64,3,4,2048,1")
+        tc.parse_configs("wgrad=64,128,64,3,4,2048,1")
     with pytest.raises(UserError, match="seventh value"):
-        K._parse_configs("up=128,128,64,8,3,0,5")
+        tc.parse_configs("up=128,128,64,8,3,0,5")
 
 
 if __name__ == "__main__":

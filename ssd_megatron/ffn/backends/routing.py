@@ -27,7 +27,7 @@ class RoutingPlan:
     token: torch.Tensor          # [M] int32: sorted row r -> token t
     sorted_expert32: torch.Tensor  # [M] int32: expert of sorted row r (non-decreasing)
     offsets: torch.Tensor        # [N+1] int32: expert e owns sorted rows offsets[e]:offsets[e+1]
-    # M-tile tables by (tile height, order): the Gluon kernels' work lists (`_triton_kernels._tile_list`), built on
+    # M-tile tables by (tile height, order): the Gluon kernels' work lists (`tile_order.tile_list`), built on
     # first use, except the expert-order one at their height where the counting sort writes it (`plan_tiles_default`)
     tiles: dict = field(default_factory=dict)
 

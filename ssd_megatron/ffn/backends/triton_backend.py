@@ -2,8 +2,8 @@
 
 Forward: 1 routing sort + 2 kernels (+ the K-way sum of the scattered outputs). Backward: 4 kernels
 (up_bwd: da -> dh, dgate, gate*a and db1; wgrad x2; down for dx) + the K-way sum. With the default
-options no token copy is materialised, and nothing syncs with the host. Kernels and tile configs live in `_triton_kernels` (imported on first use,
-so this module imports on machines without triton or CUDA).
+options no token copy is materialised, and nothing syncs with the host. The kernels, their launchers and tile
+configs live in `kernels/` (imported on first use, so this module imports on machines without triton or CUDA).
 
 Router folding (`router_centroids=c`, SSD's router: c[n] = mean of expert n's first E rows of w1, the
 gate rows for GLU; the gate passed is then 1 and takes no gradient): the gradient of the straight-through
@@ -58,7 +58,8 @@ def _kernels():
     global _K
     if _K is None:
         try:
-            from . import _triton_kernels as k
+            from . import kernels as k
+            from .kernels import descriptors, down_launch, mlp_launch, switches, up_launch, wgrad_launch  # noqa: F401
         except ImportError as exc:  # pragma: no cover - depends on the machine
             raise UserError(f"ssd.backend: triton needs the `triton` package ({exc}); pip install triton") from exc
         _K = k
@@ -102,14 +103,15 @@ def _experts_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
     k = _kernels()
     w1c, w2c, b1c = _cast(w1, x.dtype), _cast(w2, x.dtype), _cast(b1, x.dtype)
     T, K = topk_idx.shape
-    y0 = k.atomic_output(x, T, K, w2.shape[2], combine) if init_in_up else None
+    y0 = k.down_launch.atomic_output(x, T, K, w2.shape[2], combine) if init_in_up else None
     fill = None if y0 is None else (y0, b2)
     plan = make_plan(topk_idx, w1.shape[0], fill=fill if fused else None)
     if fused:
-        y, h = k.mlp_forward(x, w1c, b1c, w2c, plan, gate_flat, activation, save, combine, out=y0, out_bias=b2)
+        y, h = k.mlp_launch.mlp_forward(x, w1c, b1c, w2c, plan, gate_flat, activation, save, combine, out=y0,
+                                        out_bias=b2)
     else:
-        a, h = k.up_forward(x, w1c, b1c, plan, activation, save_h=save, fill=fill)
-        y = k.down_scatter(a, w2c, plan, gate_flat, combine, out=y0, out_bias=b2, view=w2_view)
+        a, h = k.up_launch.up_forward(x, w1c, b1c, plan, activation, save_h=save, fill=fill)
+        y = k.down_launch.down_scatter(a, w2c, plan, gate_flat, combine, out=y0, out_bias=b2, view=w2_view)
     kept = [w if save and w is not v else x.new_empty(0) for w, v in ((w1c, w1), (w2c, w2))]  # no aliases
     return (y, (h if save else x.new_empty(0)), plan.order, plan.token, plan.offsets, *kept)
 
@@ -148,12 +150,12 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
     top_k = topk_idx.shape[1]
     plan = _Plan(w1.shape[0], top_k, x.shape[0], order, token, offsets)
     w1c, w2c = (w1 if w1c is None else w1c), (w2 if w2c is None else w2c)
-    dx0 = k.atomic_output(x, x.shape[0], top_k, x.shape[1], combine) if need_x and init_in_up else None
+    dx0 = k.down_launch.atomic_output(x, x.shape[0], top_k, x.shape[1], combine) if need_x and init_in_up else None
     from .kernels import score_grad
     ds_kernel = centroids is not None and need_w1 and fold != "rows" and score_grad.enabled(w1.shape[0])
-    dh, dgate, ga, db32 = k.up_backward(dy, w2c, h, gate_flat, plan, activation,
-                                        need_ga=need_w2, need_db=has_bias and need_b1,
-                                        fill=None if dx0 is None else (dx0, None), partials=ds_kernel)
+    dh, dgate, ga, db32 = k.up_launch.up_backward(dy, w2c, h, gate_flat, plan, activation,
+                                                  need_ga=need_w2, need_db=has_bias and need_b1,
+                                                  fill=None if dx0 is None else (dx0, None), partials=ds_kernel)
     ds = None
     if ds_kernel:  # the partials summed and dS built in one launch (kernels/score_grad.py)
         dgate, ds = score_grad.score_grad(dgate, topk_idx, w1.shape[0], x.dtype)
@@ -164,11 +166,12 @@ def _experts_backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2
         rank1 = (dgate, centroids)
         if need_w1:
             # "pairs": the Gluon dW1 kernel sums dS^T x itself where it serves, else torch's GEMM
-            # (`_triton_kernels.wgrad`)
+            # (`wgrad_launch.wgrad`)
             wfold = (("rows", (dgate / E).index_select(0, order.long()), E) if fold == "rows"
                      else ("pairs", (dgate, 1.0 / E,
                                      lambda: _router_centroid_grad(dgate, x, topk_idx, w1.shape[0], ds) / E), E))
-    return (k.down_scatter(dh, w1c, plan, None, combine, rank1=rank1, out=dx0) if need_x else x.new_empty(0),
+    dx = k.down_launch.down_scatter(dh, w1c, plan, None, combine, rank1=rank1, out=dx0) if need_x else x.new_empty(0)
+    return (dx,
             _weight_grad(k, dh, x, plan, w1, wgrad, split, wfold) if need_w1 else x.new_empty(0),
             db32.to(w1.dtype) if db32 is not None else x.new_empty(0),
             _weight_grad(k, ga, dy, plan, w2, wgrad, split) if need_w2 else x.new_empty(0),
@@ -249,14 +252,14 @@ def _cast(w: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tenso
 def _weight_grad(k, lhs, rhs_tokens, plan, weight, mode, split, fold=None):
     """dW[e] = lhs[rows of e]^T @ rhs_tokens[token of each row] (see TritonBackend's `wgrad`), with the
     strides of `weight` (so its grad flows back to a strided view without a copy); `fold` adds the router's
-    gradient to the first p rows of dW (`_triton_kernels.wgrad`). dW has `weight`'s dtype (fp32 for master
+    gradient to the first p rows of dW (`wgrad_launch.wgrad`). dW has `weight`'s dtype (fp32 for master
     weights: our kernel's sums as they are; "gmm" rounds them to lhs's dtype first, torch._grouped_mm's)."""
     if mode == "triton":
-        return k.wgrad(lhs, rhs_tokens, plan, weight, gathered=False, split=split, fold=fold)
+        return k.wgrad_launch.wgrad(lhs, rhs_tokens, plan, weight, gathered=False, split=split, fold=fold)
     rhs = rhs_tokens.index_select(0, plan.token)
     if mode == "triton_mat":
-        return k.wgrad(lhs, rhs, plan, weight, gathered=True, split=split, fold=fold)
-    kind, coef, p = k.expert_fold(fold) or (None, None, 0)
+        return k.wgrad_launch.wgrad(lhs, rhs, plan, weight, gathered=True, split=split, fold=fold)
+    kind, coef, p = k.wgrad_launch.expert_fold(fold) or (None, None, 0)
     if kind == "rows":
         lhs = lhs.clone()
         lhs[:, :p] += coef.to(lhs.dtype)[:, None]
@@ -273,7 +276,7 @@ class _Plan:
         self.num_experts, self.top_k, self.num_tokens = N, K, T
         self.order, self.token, self.offsets = order, token, offsets
         self.num_rows = T * K
-        self.tiles = {}  # M-tile tables, built on first use (`_triton_kernels._tile_list`)
+        self.tiles = {}  # M-tile tables, built on first use (`tile_order.tile_list`)
 
 
 def _inner_contiguous(w: torch.Tensor) -> torch.Tensor:
@@ -288,8 +291,8 @@ FOLDS = ("epilogue", "rows", "off")
 
 
 class TritonBackend:
-    """combine: how the K expert outputs of a token are summed (see _triton_kernels.down_scatter);
-    default (`_triton_kernels.default_combine`): "atomic16" (fastest measured; bf16 adds in place, like the
+    """combine: how the K expert outputs of a token are summed (see kernels/down_launch.py `down_scatter`);
+    default (`down_launch.default_combine`): "atomic16" (fastest measured; bf16 adds in place, like the
     reference's index_add, so not bitwise reproducible; "atomic32" for bf16 before Hopper), "buffer" when
     torch.are_deterministic_algorithms_enabled().
     wgrad: how the grouped weight gradients are computed: "triton" (our kernel gathers the token rows),
@@ -336,7 +339,7 @@ class TritonBackend:
         self.combine, self.wgrad, self.fold_router, self.master_weights = combine, wgrad, fold_router, master_weights
         self.fold_output, self.fused_forward, self.w2_view = fold_output, fused_forward, w2_view
         if any(k.startswith(TUNING_PREFIXES) for k in os.environ):
-            _kernels().check_switches()  # a malformed value fails here, not inside a compiled step
+            _kernels().switches.check_switches()  # a malformed value fails here, not inside a compiled step
 
     def folds_router(self, x: torch.Tensor) -> bool:
         """Whether a call on `x` runs our kernels, which can take `router_centroids` (module docstring)."""
@@ -387,7 +390,7 @@ class TritonBackend:
         """Whether this call's forward is the fused kernel (fused_forward, class docstring)."""
         if self.fused_forward != "auto":
             return self.fused_forward
-        return not is_glu(activation) and x.is_cuda and _kernels()._hopper(x)
+        return not is_glu(activation) and x.is_cuda and _kernels().descriptors.hopper(x)
 
     def _combine(self, x: torch.Tensor) -> str:
-        return self.combine if self.combine is not None else _kernels().default_combine(x)
+        return self.combine if self.combine is not None else _kernels().down_launch.default_combine(x)

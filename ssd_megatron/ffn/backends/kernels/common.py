@@ -1,7 +1,9 @@
 """Device helpers shared by the expert kernels: activations and their derivatives, where an M-tile of
 the expert-sorted rows starts (tiles never straddle two experts), and a program's share of initialising
 the output that a later kernel adds into (with `fill_args`, its launch arguments), and all experts' weights as
-one 2-D matrix for TMA (`expert_matrix`)."""
+one 2-D matrix for TMA (`expert_matrix`); on the host, the launches' dot precision (`prec`) and expert
+block (`np2`)."""
+import torch
 import triton
 import triton.language as tl
 
@@ -85,7 +87,7 @@ def _grid_tile(OFFS, TILES, num_n, N, BM: tl.constexpr, NP2: tl.constexpr, SCHED
 def _expert_tile(WD, r0, c0, RC: tl.constexpr):
     """The [r, c] tile at row r0 (of all experts' N * R rows) and column c0 of expert weights w [N, R, C], by TMA:
     WD describes them as one [N * R, C] matrix (RC) in [r, c] boxes, or as one [C, N * R] matrix (e.g. W_out's
-    column view) in [c, r] boxes (`_triton_kernels._expert_descriptors`). Past the matrix, TMA's zeros."""
+    column view) in [c, r] boxes (`descriptors.expert_descriptors`). Past the matrix, TMA's zeros."""
     if RC:
         t = WD.load([r0, c0])
     else:
@@ -179,3 +181,13 @@ def expert_boxes(rc: bool, rows, cols: int) -> list:
     """TMA box shapes over `expert_matrix`'s view, one per tile height r in `rows`: [r, cols] (RC) or [cols, r];
     a height of 0 (an unused second tile) gets a 16 x 16 box."""
     return [[16, 16] if not r else [r, cols] if rc else [cols, r] for r in rows]
+
+
+def prec(t: torch.Tensor) -> str:
+    """The dot products' precision for operands like `t`: exact in fp32, else tf32 (bf16/fp16 need none)."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def np2(n: int) -> int:
+    """A power of two >= n and >= 16 (a constexpr block over n experts)."""
+    return max(16, triton.next_power_of_2(n))

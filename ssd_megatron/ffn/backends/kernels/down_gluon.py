@@ -1,7 +1,7 @@
 """The down GEMM with STAGED's schedule as a warp-specialised Gluon kernel (Hopper; down variants 5 and 6, WS and
 WS_PAIR).
 
-`auto` takes it (`_triton_kernels.AUTO_WS`: 128 x 64, two W stages, in pairs: below) for the atomic combines into
+`auto` takes it (`auto_ws.AUTO_WS`: 128 x 64, two W stages, in pairs: below) for the atomic combines into
 rows >= 2048 wide where it serves: of the layer's launches, the 8B ReLU dx. H100 (docs/kernels.md v16): that launch
 1.87 ms against 2.21 for 3.6's ROWLOOP default (2.66 for the same under 3.9), the 8B ReLU layer 9.17-9.19 ->
 8.99 ms; in pairs (v44) the launch 1.39 -> 1.35 ms and the layer -0.8%. And (`AUTO_WS_BOXES`: 128 x 64, three W
@@ -32,7 +32,7 @@ then read once per 2 * BM rows, not per BM, for the same registers and shared me
 instead of two shared ones: the next tile's rows load only once a consumer is done with its half). A half that
 lies past its expert's end (the expert's last tile) issues no product and only passes its barriers on.
 
-Persistent programs (one per SM) walk a table of M-tiles: in expert order (`_triton_kernels.expert_tiles`), or
+Persistent programs (one per SM) walk a table of M-tiles: in expert order (`tile_order.expert_tiles`), or
 where the output rows are >= 2048 wide (the 8B dx) in token windows of 16 experts (`token_window_tiles`,
 docs/kernels.md v37: the adds then meet their token rows in L2 more often);
 rows of A past the expert's end are loaded (they belong to the next expert, or are TMA's zero fill) and

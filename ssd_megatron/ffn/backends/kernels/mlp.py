@@ -10,7 +10,7 @@ E is covered by a power-of-two tile of BE columns plus, with SPLIT, a second one
 y must hold its initial value (the output bias or zeros) before the launch: the routing plan's kernels
 set it (`routing_plan`'s fill).
 
-WTMA (mlp variant 3, `_triton_kernels.mlp_forward`): both weights' tiles come from TMA descriptors instead of
+WTMA (mlp variant 3, `mlp_launch.mlp_forward`): both weights' tiles come from TMA descriptors instead of
 per-thread pointer loads (the gathered x rows stay pointer loads), where the layouts allow it, the
 activation has no gate, and E is exactly the one or two power-of-two tiles (the descriptors cannot mask
 the next expert's rows).

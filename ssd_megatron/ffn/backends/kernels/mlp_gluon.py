@@ -24,15 +24,15 @@ kernels/mlp.py, 3.02-3.03x dense (docs/kernels.md v20); but its launch adds ~0.3
 forward, and a first launch inside a CUDA-graph capture would load its module there, which CUDA refuses. So `auto`
 takes it, for inference and training forwards, by kernels/gluon_launches.py's rule: while a CUDA graph is captured,
 once an eager launch with the same launch key has loaded it, and for the first eager forward of each shape (the
-warm-up every capture needs); other eager forwards keep kernels/mlp.py (`_triton_kernels._auto_mlp_ws`). In training
+warm-up every capture needs); other eager forwards keep kernels/mlp.py (`auto_ws.auto_mlp_ws`). In training
 (h stored) it took 0.2 ms off the graphed GPT-base sparse step (H100, docs/kernels.md v23). Its 16 warps launch at
 MAX_REGS = 128, which ptxas applies to the whole kernel.
 
 E is one power-of-two tile of BE columns plus, with SPLIT, a second of BE2 (base's 192 = 128 + 64), and must
 be exactly that (a TMA box cannot mask the next expert's rows). Serves (`serves`) activations without a gate,
 bf16/fp16, sm_90, E = BE + BE2 with BE <= 128, D a multiple of BK, both weights as one 2-D matrix in either
-layout (`_triton_kernels._expert_descriptors`: rows [N * E, C] or W_out's column view [C, N * E]), and the
-buffers within shared memory; the launcher (`_triton_kernels.mlp_forward`) takes kernels/mlp.py elsewhere.
+layout (`descriptors.expert_descriptors`: rows [N * E, C] or W_out's column view [C, N * E]), and the
+buffers within shared memory; the launcher (`mlp_launch.mlp_forward`) takes kernels/mlp.py elsewhere.
 
 Needs Triton >= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the offline compile for sm_90 and
 the launcher's choice are tested (tests/backends/test_mlp_gluon.py); tests/backends/test_backends_gpu.py (`mlp_ws`)
@@ -357,7 +357,7 @@ def serves(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: int, glu: b
     an activation without a gate, BM = 128 (two warpgroups of 64 rows), BN = BK (W1's and W2's tiles share the weight
     ring's slots) a power of two in 16..128, D a multiple of BK, E exactly the column tiles be + be2 each at most 128
     (MAX_REGS bounds ptxas for the whole kernel, and one m64n256 wgmma needs more than 128 registers: the launcher gives
-    8B's E = 256 as 128 + 128, `_triton_kernels._ws_boxes`), both weights one 2-D matrix (`common.expert_matrix`) with
+    8B's E = 256 as 128 + 128, `tile_configs.ws_boxes`), both weights one 2-D matrix (`common.expert_matrix`) with
     16-byte aligned rows, x's rows contiguous, two or more slots in each ring, the buffers within shared memory, and a
     Triton whose Gluon builds the kernel."""
     from .common import expert_matrix, tma_aligned

@@ -142,16 +142,16 @@ def plan_tiles_default(t: torch.Tensor) -> bool:
     """Whether routing plans of `t`'s device write the Gluon kernels' tile table: where those kernels can run
     (Hopper, Triton >= 3.9), unless SSD_PLAN_TILES=0 leaves it to a launch of its own. With the fill in the scatter
     kernel, 1.8 µs more off the base inference forward (mean of three rounds, H100, docs/kernels.md v24)."""
-    from .._triton_kernels import _hopper
+    from .descriptors import hopper
     from .down_gluon import new_enough_triton
 
-    return os.environ.get("SSD_PLAN_TILES", "1") != "0" and new_enough_triton() and _hopper(t)
+    return os.environ.get("SSD_PLAN_TILES", "1") != "0" and new_enough_triton() and hopper(t)
 
 
 def routing_plan(flat_idx: torch.Tensor, num_experts: int, top_k: int, fill=None, max_blocks: int = MAX_BLOCKS,
                  tile_table=None, fill_in=None):
     """(order, token, sorted expert, offsets), all int32, and the expert-order M-tile table at TILE_BM rows
-    (`_triton_kernels.expert_tiles`'s) where `tile_table` (default `plan_tiles_default`), else None (also
+    (`tile_order.expert_tiles`'s) where `tile_table` (default `plan_tiles_default`), else None (also
     without pairs): the stable sort of the flat pairs by expert as two small kernels (counts per block; starts
     and scatter) instead of a radix sort + searchsorted. The table, the Gluon kernels' work list, then comes out
     of the second kernel rather than a launch of its own.

@@ -64,6 +64,6 @@ def _table(kernel, offsets: torch.Tensor, M: int, N: int, BM: int, *args) -> tor
 
 def token_window_table(offsets: torch.Tensor, M: int, N: int, BM: int, group: int) -> torch.Tensor:
     """`expert_tile_table`'s tiles in token-window order within groups of `group` experts (0: one group of all):
-    `_triton_kernels.token_window_tiles`' table, in one launch instead of about twenty torch ops and a sort (at 8B a
+    `tile_order.token_window_tiles`' table, in one launch instead of about twenty torch ops and a sort (at 8B a
     2112-entry sort of 48 us, and each of the ops ≈ 3 us). No host sync."""
     return _table(_token_window_tiles_kernel, offsets, M, N, BM, group or N)

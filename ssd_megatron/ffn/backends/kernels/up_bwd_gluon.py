@@ -25,13 +25,13 @@ and share its parts:
 
 On the H100 at base ReLU it takes 123.8 µs against kernels/up.py's 144.3 (143.9 with pointer stores), the layer's
 fwd+bwd 0.650 against 0.660-0.666 ms (docs/kernels.md v28), so `auto` takes it for ReLU at base-like shapes under
-kernels/gluon_launches.py's rule (`_triton_kernels._auto_up_bwd_ws`). The epilogue, which both consumers run at
+kernels/gluon_launches.py's rule (`auto_ws.auto_up_bwd_ws`). The epilogue, which both consumers run at
 once on the same tile, still leaves the tensor cores idle (75 µs without it). Three forms of an epilogue warpgroup
 of its own did not beat it (docs/kernels.md v28, v29; the last, up_bwd variant 6, is in git history at 81dac01).
 
 Serves activations without a gate, bf16/fp16, sm_90, E = BE + BE2 with BE <= 128 (192 = 128 + 64), D a multiple
 of BK, W2 as one 2-D matrix in either layout (`common.expert_matrix`), h one contiguous [M, E] matrix, and the
-buffers within shared memory (`serves`); `_triton_kernels.up_backward` takes kernels/up.py elsewhere.
+buffers within shared memory (`serves`); `up_launch.up_backward` takes kernels/up.py elsewhere.
 
 ptxas compiles every partition within the launch's 128 registers per thread (mlp_gluon.MAX_REGS), and the
 consumers hold both of E's accumulators (96 at base) into the epilogue: at base with ReLU 8 bytes of stack (the

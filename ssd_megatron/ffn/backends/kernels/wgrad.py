@@ -12,7 +12,7 @@ operand tiles for 2.1 MFLOP (64 FLOP/B), the base default's 64 x 128 block (BK 1
 at 8B and ~224 at base. Whole-P programs were built to test whether that intensity bounds them; they
 lost at 8B and tied at best at base (H100, docs/kernels.md v14), so it does not. Opt-in.
 
-LTMA (a seventh config entry of 1, `_triton_kernels.wgrad`): L's tiles by TMA descriptors instead of the
+LTMA (a seventh config entry of 1, `wgrad_launch.wgrad`): L's tiles by TMA descriptors instead of the
 transposing pointer loads, where L's rows are contiguous and 16-byte aligned and FOLD is not 1 (which adds to
 L as it is loaded). A tile's rows past the expert's (or chunk's) end are then the next rows of L, not zeros;
 R's rows there are masked to zero, so they add nothing."""
@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 
 from .common import _tile_of
+
+FOLD_CODES = {None: 0, "rows": 1, "expert": 2, "pairs": 3}  # a launch's fold -> FOLD (3: kernels/wgrad_gluon.py's)
 
 
 @triton.jit

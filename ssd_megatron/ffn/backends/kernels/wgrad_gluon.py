@@ -13,7 +13,7 @@ found its launches latency-bound (tensor pipe ≈ 15%, L2 40-55% busy, docs/kern
   −0.24 / −0.66 ms);
 - an **L loader** warp loads the step's left-operand rows ([BK, P]: dh for dW1, the gate-scaled activations for
   dW2; contiguous rows) by TMA, as one or two power-of-two column boxes of at most 128 (base's 192 = 128 + 64, 8B's
-  256 = 128 + 128: `_triton_kernels._ws_boxes`). Rows past the item's end come in too (the next expert's, or TMA's
+  256 = 128 + 128: `tile_configs.ws_boxes`). Rows past the item's end come in too (the next expert's, or TMA's
   zero fill past M) and meet R's zero rows;
 - two **consumer** warpgroups each own 64 of the block's 128 columns of Q and all of P: per step
   acc[64, P] += R_half^T L, dW^T's block, with R^T as wgmma's A and L as its B straight from shared memory (both
@@ -32,7 +32,7 @@ piece's fp32 partial sum is added into a zeroed fp32 dW: by a TMA reduce (TMA_OU
 `out_view`, and the staging fits in shared memory: each consumer stores its block there and one thread issues the
 add, which runs while the consumer goes on), else by per-element relaxed atomics. So every program has the same
 number of rows whatever the expert loads, which whole experts do not (a heavy expert's items run last and alone).
-**Half sums** (`_triton_kernels._sums_dtype`, the default; SSD_WGRAD_HALF_SUMS=0 turns them off): a bf16/fp16 dW
+**Half sums** (`switches.sums_dtype`, the default; SSD_WGRAD_HALF_SUMS=0 turns them off): a bf16/fp16 dW
 takes the TMA reduces itself, each piece's sum rounded to dW's dtype and added there (the reduce rounds again),
 instead of an fp32 buffer zeroed before and cast after (fill and cast launches of 2 x (5.8 + 8.4) us per base
 layer, docs/kernels.md v25); an expert cut into n pieces then takes up to 2n - 1 roundings instead of one, as the
@@ -42,7 +42,7 @@ and cast saved: the bf16 staging and reduces move half the bytes.
 
 The router's term (dW1 only): FOLD 2, the piece holding an expert's first row adds COEF[e] (torch's dS^T x / E) to
 the first fold_p rows, as kernels/wgrad.py does (an expert without rows has none to add: its term is a sum over its
-tokens). FOLD 3 (`_triton_kernels.wgrad`'s "pairs", the default where this kernel serves): the kernel sums the term
+tokens). FOLD 3 (`wgrad_launch.wgrad`'s "pairs", the default where this kernel serves): the kernel sums the term
 itself from the rows it already streams. A gradient matrix of 16 columns per sorted row (kernels/score_grad.
 row_matrix: the row's dS in column 0, zeros beside) comes in by TMA with L, each step issues one more wgmma (R^T
 times it, m64n16), and every piece adds column 0 of that accumulator, times 1/E, to its block's first fold_p rows
@@ -52,19 +52,19 @@ graphed base layer; H100, three rounds: 0.6597 / 0.6667 / 0.6753 ms against 0.67
 H200, Triton 3.9, docs/kernels.md v22, base ReLU layer fwd+bwd: kernels/wgrad.py 0.796-0.798 ms, whole experts
 0.754, balanced with atomics 0.774, balanced with TMA reduces 0.732; graphed GPT-base sparse step 30.38-30.45 ->
 29.65-29.69 ms (v21, H100: whole experts lost the step, whose expert loads are skewed). So `auto` takes the balanced
-items with TMA reduces at base (`_triton_kernels._auto_wgrad_ws`), under kernels/gluon_launches.py's rule for
+items with TMA reduces at base (`auto_ws.auto_wgrad_ws`), under kernels/gluon_launches.py's rule for
 captures. At 8B, P = 256 in one box (an m64n256 accumulator, which ptxas would not fit in 128 registers, so 12 warps
 with two R loader warps) lost in every form (v26, with half sums' bf16 staging: 8B ReLU fwd+bwd 9.47 / 9.49 against
 kernels/wgrad.py's 8.39 / 8.42 ms); as two 128-column boxes in the 16-warp layout it wins (H200, v33, seven rounds:
 7.48-7.72 against 7.83-7.94 ms), `auto`'s choice there. Its two equal boxes go through one staging buffer per
 consumer (ONE_STAGING, v41; the second box's store waits for the first's reduce to have read it): half the staging,
 so fp32 master weights' fp32 staging fits beside three-slot rings (H100, 8B ReLU layer fwd+bwd, four rounds: 8.23-8.68
-ms with kernels/wgrad.py -> 7.55-8.13), and with half sums an R ring of 4 (`_triton_kernels.AUTO_WGRAD_WS_R4`).
+ms with kernels/wgrad.py -> 7.55-8.13), and with half sums an R ring of 4 (`auto_ws.AUTO_WGRAD_WS_R4`).
 
 Serves (`serves`) bf16/fp16 operands on sm_90, P's boxes up to 128 columns each (a wider P in slices of 256, one work
 item each: SwiGLU 8B's dW1, P = 512, `auto`'s choice since v34: 8B SwiGLU layer −1.1 to −3.5% on the H100),
 rows of L contiguous and 16-byte aligned, R gathered in the kernel with Q a multiple of 16 (Triton then proves the
-copies 16 bytes wide), FOLD 0, 2 or 3, and the buffers within shared memory; the launcher (`_triton_kernels.wgrad`)
+copies 16 bytes wide), FOLD 0, 2 or 3, and the buffers within shared memory; the launcher (`wgrad_launch.wgrad`)
 takes kernels/wgrad.py elsewhere. Needs Triton >= 3.9 (down_gluon.MIN_TRITON). Gluon has no interpreter: on CPU the
 offline compile for sm_90 and the launcher's choice are tested (tests/backends/test_wgrad_gluon.py);
 tests/backends/test_backends_gpu.py (`wgrad_ws`) checks the results on the GPU.
@@ -79,7 +79,7 @@ from . import score_grad  # ROW_WIDTH: FOLD 3's gradient matrix
 # The warps and registers per thread (MAX_REGS at launch, ptxas's bound for the whole kernel; the partitions then
 # set theirs): (R loader warps, consumer, R loader and L loader registers, MAX_REGS). 16 warps: four R loader warps,
 # the L loader's one in a warpgroup of its own (2 x 128 x 216 + 128 x 56 + 128 x 24 = 64 K), P's boxes at most 128
-# columns each (`_triton_kernels._ws_boxes`). The R loader's 56 (40 before session 45, when it spilled 32 bytes at 8B)
+# columns each (`tile_configs.ws_boxes`). The R loader's 56 (40 before session 45, when it spilled 32 bytes at 8B)
 # hold the next step's token indices without spilling; the consumers' accumulators fit in 216 (offline compile: no
 # stack in any launch of the layer).
 WARPS = (4, 216, 56, 24, 128)
@@ -431,12 +431,12 @@ def serves(lhs: torch.Tensor, rhs: torch.Tensor, dw_dtype: torch.dtype, fold: in
     """Whether this kernel takes the left operand lhs [M, P] (rows in expert order), the token-major right operand rhs
     [T, Q] (gathered in the kernel) and a dW of `dw_dtype` with this tile: sm_90, bf16 or fp16 operands, P's boxes be +
     be2 (powers of two, wgmma's N, each at most 128: the consumers' accumulators in the 16-warp layout, WARPS;
-    `_triton_kernels._ws_boxes`), a wider P in slices of be + be2 columns (one work item each), BQ = 128 (a 64-row wgmma
+    `tile_configs.ws_boxes`), a wider P in slices of be + be2 columns (one work item each), BQ = 128 (a 64-row wgmma
     per consumer), BK a power of two in 16..128, lhs's rows contiguous and 16-byte aligned, rhs's rows contiguous with Q
     a multiple of 16 (Triton's specialisation then proves the copies 16 bytes wide, as cp.async needs), for whole
     experts (not `balanced`) a dW of fp32, bf16 or fp16 to store into; balanced items add into an fp32 buffer (or dW
     itself when fp32; dw_dtype is then the target of their adds), or with `tma_out` into a bf16/fp16 dW itself
-    (`_triton_kernels._sums_dtype`); FOLD 0, 2 or 3, two or more slots in each ring, the buffers within shared memory
+    (`switches.sums_dtype`); FOLD 0, 2 or 3, two or more slots in each ring, the buffers within shared memory
     (with `tma_out`, for balanced items only, the reduces' staging too, and each slice of P exactly its boxes: a box
     must not reach into the next expert's rows), and a Triton whose Gluon builds the kernel."""
     M, P = lhs.shape
