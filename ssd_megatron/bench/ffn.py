@@ -486,29 +486,55 @@ def main(argv=None) -> int:
         raise UserError("ssd-bench ffn: needs a CUDA GPU (timings use CUDA events)")
     if args.tune:
         os.environ["SSD_TRITON_TUNE"] = "1"
-    from ..ffn.backends import BACKEND_NAMES, available_backends, get_backend, tuning_env
+    backends = _backends(args)
+    result = _result_header(args)
+    print(f"# {result['gpu']}  torch {result['torch']}  triton {result['triton']}  backends {list(backends)}",
+          flush=True)
+    for shape in shapes:
+        for act in acts:
+            _bench_case(args, shape, act, routings, backends, result)
+            _save(result, args.out)  # partial results survive a time limit
+    _record_tile_configs(result)
+    _save(result, args.out)
+    print_table(result)
+    if args.out and not args.no_plot and result["records"]:
+        from .ffn_plot import plot_ffn, png_path
+        plot_ffn(result, png_path(args.out))
+        print(f"plot: {png_path(args.out)}")
+    return 0
+
+
+def _backends(args) -> dict:
+    """{name: backend} of --backends (every available one for "all") and the --triton-variants (checked even where
+    triton cannot run); a one-line UserError for a backend this machine lacks."""
+    from ..ffn.backends import BACKEND_NAMES, available_backends, get_backend
     avail = available_backends(args.device)
-    names = avail if args.backends == "all" else _split(args.backends, [b for b in BACKEND_NAMES if b != "auto"], "backend")
+    names = (avail if args.backends == "all"
+             else _split(args.backends, [b for b in BACKEND_NAMES if b != "auto"], "backend"))
     missing = [n for n in names if n not in avail]
     if missing:
         raise UserError(f"ssd-bench ffn: backends not available here: {missing} (available: {avail})")
     backends = {n: get_backend(n) for n in names}
-    variants = _triton_variants(args.triton_variants)  # checked here even where triton cannot run
+    variants = _triton_variants(args.triton_variants)
     if "triton" in avail:
         backends.update(variants)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if _CUDA else torch.float32
-    params = torch.float32 if args.params == "fp32" and dtype != torch.float32 else None
+    return backends
+
+
+def _result_header(args) -> dict:
+    """The JSON's run-level entries (machine, versions, method) and its empty record lists."""
+    from ..ffn.backends import tuning_env
     try:
         import triton
         triton_version = triton.__version__
     except Exception:
         triton_version = None
-    result = {
-        "gpu": torch.cuda.get_device_name(0) if _CUDA else "cpu", "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+    return {
+        "gpu": torch.cuda.get_device_name(0) if _CUDA else "cpu",
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
         "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
         "cuda": torch.version.cuda, "tokens": args.tokens, "dtype": "bfloat16", "bias": True,
-        "params": "fp32 under bf16 autocast" if params is not None else "bf16",
+        "params": "fp32 under bf16 autocast" if _fp32_params(args) else "bf16",
         "method": "CUDA events per iteration, median; fwd = forward only under no_grad (inference, k=K); "
                   "fwd_bwd = forward+backward; inputs and weights rotated over %d layers" % args.rotations,
         "sparse_path": f"expert weights (gather: {args.weight_gather}) + centroids (fwd: computed once per "
@@ -520,111 +546,140 @@ def main(argv=None) -> int:
                       "null where the path syncs with the host (reference, megablocks)",
         "records": [], "uniform_records": [], "breakdown": [], "routing_stats": {}, "flops": {}, "errors": [],
     }
-    print(f"# {result['gpu']}  torch {result['torch']}  triton {triton_version}  backends {names}", flush=True)
-    for shape in shapes:
-        n_iter = args.iters if shape != "8b" else max(10, args.iters // 2)
-        for act in acts:
-            key = f"{shape}/{act}"
-            result["flops"][key] = _flops(shape, act)
-            case = Case(shape, act, args.tokens, args.rotations, device, dtype, params=params)
-            case.default_gather = args.weight_gather
-            case.set_w2_mode(args.weight_gather)
-            case.set_routing("realistic")
-            per_layer = [_routing_stats(lay, x) for lay, x in zip(case.layers, case.xs)]
-            result["routing_stats"][key] = dict(per_layer[0], per_rotation=per_layer)  # (the first layer's on top)
-            graphs = _CUDA and not args.no_graphs
-            dense = _dense_times(case, Layer.dense, n_iter, args.warmup, graphs, result["errors"], f"{key} dense")
-            # our fused dense ReLU FFN (the training step's), a second baseline beside the plain one the issue names
-            fused = (_dense_times(case, Layer.dense_fused, n_iter, args.warmup, graphs, result["errors"],
-                                  f"{key} fused dense") if act == "relu" else None)
-            for name, t in (("dense", dense), ("fused dense", fused)):
-                if t is not None:
-                    print(f"{key:16s} {name:11s} fwd {t['fwd']:8.3f}  fwd+bwd {t['fwd_bwd']:8.3f} ms  "
-                          f"(graphs: {t['fwd_graph']} / {t['fwd_bwd_graph']})", flush=True)
-            with torch.no_grad():
-                y_ref = case.layers[0].sparse(case.xs[0], get_backend("reference"))
-            for routing in routings:
-                case.set_routing(routing)
-                for name, be in backends.items():
-                    it = n_iter if name not in ("reference", "megablocks") else max(5, n_iter // 4)
-                    f = lambda layer, x, be=be: layer.sparse(x, be)  # noqa: E731
-                    try:
-                        tf = time_calls(case.fwd(f), it, args.warmup, groups=case.R)
-                        tfb = time_calls(case.fwd_bwd(f), it, args.warmup, case.clear, groups=case.R)
-                    except Exception as exc:  # a backend that fails is reported, not fatal
-                        msg = f"{key} {routing} {name}: {type(exc).__name__}: {str(exc)[:300]}"
-                        print("ERROR", msg, flush=True)
-                        result["errors"].append(msg)
-                        continue
-                    rec = {"shape": shape, "backend": name, "activation": act, "routing": routing,
-                           "fwd_ms": tf["median"], "fwd_bwd_ms": tfb["median"],
-                           **_against(dense, tf["median"], tfb["median"]), "fwd_stats": tf, "fwd_bwd_stats": tfb}
-                    if fused is not None:
-                        rec.update(_against(fused, tf["median"], tfb["median"], fused=True))
-                    if routing == "realistic":
-                        with torch.no_grad():
-                            rec["fwd_rel_err_vs_reference"] = _err(case.layers[0].sparse(case.xs[0], be), y_ref)
-                    if dense["fwd_graph"] is not None and name not in ("reference", "megablocks"):
-                        try:
-                            sf, sfb = _graphed(case, f, n_iter, True), _graphed(case, f, n_iter, False)
-                            gf, gfb = sf["median"], sfb["median"]
-                            rec.update({"fwd_graph_ms": gf, "fwd_bwd_graph_ms": gfb, "fwd_graph_stats": sf,
-                                        "fwd_bwd_graph_stats": sfb,
-                                        **_against(dense, gf, gfb, graph=True)})
-                            if fused is not None and fused["fwd_graph"] is not None:
-                                rec.update(_against(fused, gf, gfb, graph=True, fused=True))
-                        except Exception as exc:
-                            result["errors"].append(f"{key} {routing} {name} graph: {type(exc).__name__}: {str(exc)[:200]}")
-                    (result["records"] if routing == "realistic" else result["uniform_records"]).append(rec)
-                    gs = ""
-                    if "fwd_graph_ms" in rec:
-                        layers = rec["fwd_bwd_graph_stats"].get("group_medians")  # (none with one rotation)
-                        by_layer = "; by layer " + "/".join(f"{m:.3f}" for m in layers) if layers else ""
-                        gs = (f"  graphs fwd {rec['fwd_graph_ms']:.3f} ({rec['speedup_fwd_graph']:.2f}x) fwd+bwd "
-                              f"{rec['fwd_bwd_graph_ms']:.3f} ({rec['speedup_fwd_bwd_graph']:.2f}x{by_layer})")
-                    print(f"{key:16s} {routing[:4]} {name:10s} fwd {tf['median']:8.3f} ({rec['speedup_fwd']:.2f}x)  "
-                          f"fwd+bwd {tfb['median']:8.3f} ({rec['speedup_fwd_bwd']:.2f}x) host {tf['host_median']:.3f}/"
-                          f"{tfb['host_median']:.3f}{gs}", flush=True)
-            case.set_routing("realistic")
-            for name in [n for n in args.profile.split(",") if n]:
-                if name in backends and _CUDA:
-                    _profile(case, backends[name], f"{key} {name}", args.out)
-            if not args.no_breakdown:
-                for mode in ("index_select", "permute"):
-                    t = _gather_only(case, mode, n_iter, args.warmup)
-                    result["breakdown"].append({"shape": shape, "activation": act, "part": f"weight_gather[{mode}]",
-                                                "fwd_bwd_ms": t["median"]})
-                    print(f"{key:16s} weight gather {mode:15s} fwd+bwd {t['median']:8.3f} ms", flush=True)
-                for name in [n for n in backends if n != "reference"]:
-                    try:
-                        t = _backend_only(case, backends[name], n_iter, args.warmup)
-                    except Exception as exc:
-                        result["errors"].append(f"{key} breakdown {name}: {type(exc).__name__}: {str(exc)[:300]}")
-                        continue
-                    fl = 3 * result["flops"][key]["sparse_fwd_per_token"] * args.tokens
-                    result["breakdown"].append({"shape": shape, "activation": act, "part": "backend_only", "backend": name,
-                                                "backend_only_fwd_bwd_ms": t["median"],
-                                                "expert_gemm_tflops": fl / t["median"] / 1e9})
-                    print(f"{key:16s} backend-only {name:10s} fwd+bwd {t['median']:8.3f} ms "
-                          f"({fl / t['median'] / 1e9:.0f} TFLOP/s on the expert GEMMs)", flush=True)
-            _save(result, args.out)  # partial results survive a time limit
-            del case
-            if _CUDA:
-                torch.cuda.empty_cache()
+
+
+def _fp32_params(args) -> bool:
+    """--params fp32 where the layer computes in bf16 (on CPU everything is fp32 already)."""
+    return args.params == "fp32" and _CUDA
+
+
+def _bench_case(args, shape: str, act: str, routings: list, backends: dict, result: dict) -> None:
+    """One (shape, activation): the dense baselines, then every backend under each routing, the profiles asked for
+    and the breakdown, into `result`."""
+    from ..ffn.backends import get_backend
+    n_iter = args.iters if shape != "8b" else max(10, args.iters // 2)
+    key = f"{shape}/{act}"
+    result["flops"][key] = _flops(shape, act)
+    dtype = torch.bfloat16 if _CUDA else torch.float32
+    case = Case(shape, act, args.tokens, args.rotations, torch.device(args.device), dtype,
+                params=torch.float32 if _fp32_params(args) else None)
+    case.default_gather = args.weight_gather
+    case.set_w2_mode(args.weight_gather)
+    case.set_routing("realistic")
+    per_layer = [_routing_stats(lay, x) for lay, x in zip(case.layers, case.xs)]
+    result["routing_stats"][key] = dict(per_layer[0], per_rotation=per_layer)  # (the first layer's on top)
+    graphs = _CUDA and not args.no_graphs
+    dense = _dense_times(case, Layer.dense, n_iter, args.warmup, graphs, result["errors"], f"{key} dense")
+    # our fused dense ReLU FFN (the training step's), a second baseline beside the plain one the issue names
+    fused = (_dense_times(case, Layer.dense_fused, n_iter, args.warmup, graphs, result["errors"],
+                          f"{key} fused dense") if act == "relu" else None)
+    for name, t in (("dense", dense), ("fused dense", fused)):
+        if t is not None:
+            print(f"{key:16s} {name:11s} fwd {t['fwd']:8.3f}  fwd+bwd {t['fwd_bwd']:8.3f} ms  "
+                  f"(graphs: {t['fwd_graph']} / {t['fwd_bwd_graph']})", flush=True)
+    with torch.no_grad():
+        y_ref = case.layers[0].sparse(case.xs[0], get_backend("reference"))
+    for routing in routings:
+        case.set_routing(routing)
+        for name, be in backends.items():
+            rec = _bench_backend(case, name, be, (dense, fused), n_iter, args.warmup,
+                                 y_ref if routing == "realistic" else None, result["errors"], f"{key} {routing}")
+            if rec is not None:
+                rec = {"shape": shape, "backend": name, "activation": act, "routing": routing, **rec}
+                (result["records"] if routing == "realistic" else result["uniform_records"]).append(rec)
+                _print_record(key, routing, name, rec)
+    case.set_routing("realistic")
+    for name in [n for n in args.profile.split(",") if n]:
+        if name in backends and _CUDA:
+            _profile(case, backends[name], f"{key} {name}", args.out)
+    if not args.no_breakdown:
+        _breakdown(case, shape, act, backends, n_iter, args, result)
+    del case
+    if _CUDA:
+        torch.cuda.empty_cache()
+
+
+def _bench_backend(case, name: str, be, baselines: tuple, n_iter: int, warmup: int, y_ref, errors: list,
+                   label: str):
+    """One backend's record under the case's current routing: eager fwd and fwd+bwd medians, their ratios against
+    the dense baselines (dense, fused dense or None), the forward's error against `y_ref` (where given), and the
+    CUDA-graph replays where the dense layer's were taken and the path is sync-free; None (the failure in
+    `errors`) where the backend fails."""
+    dense, fused = baselines
+    it = n_iter if name not in ("reference", "megablocks") else max(5, n_iter // 4)
+    f = lambda layer, x, be=be: layer.sparse(x, be)  # noqa: E731
+    try:
+        tf = time_calls(case.fwd(f), it, warmup, groups=case.R)
+        tfb = time_calls(case.fwd_bwd(f), it, warmup, case.clear, groups=case.R)
+    except Exception as exc:  # a backend that fails is reported, not fatal
+        msg = f"{label} {name}: {type(exc).__name__}: {str(exc)[:300]}"
+        print("ERROR", msg, flush=True)
+        errors.append(msg)
+        return None
+    rec = {"fwd_ms": tf["median"], "fwd_bwd_ms": tfb["median"], **_against(dense, tf["median"], tfb["median"]),
+           "fwd_stats": tf, "fwd_bwd_stats": tfb}
+    if fused is not None:
+        rec.update(_against(fused, tf["median"], tfb["median"], fused=True))
+    if y_ref is not None:
+        with torch.no_grad():
+            rec["fwd_rel_err_vs_reference"] = _err(case.layers[0].sparse(case.xs[0], be), y_ref)
+    if dense["fwd_graph"] is not None and name not in ("reference", "megablocks"):
+        try:
+            sf, sfb = _graphed(case, f, n_iter, True), _graphed(case, f, n_iter, False)
+            gf, gfb = sf["median"], sfb["median"]
+            rec.update({"fwd_graph_ms": gf, "fwd_bwd_graph_ms": gfb, "fwd_graph_stats": sf, "fwd_bwd_graph_stats": sfb,
+                        **_against(dense, gf, gfb, graph=True)})
+            if fused is not None and fused["fwd_graph"] is not None:
+                rec.update(_against(fused, gf, gfb, graph=True, fused=True))
+        except Exception as exc:
+            errors.append(f"{label} {name} graph: {type(exc).__name__}: {str(exc)[:200]}")
+    return rec
+
+
+def _print_record(key: str, routing: str, name: str, rec: dict) -> None:
+    """A record's line: eager medians and ratios, host times, and the graphed ones where taken."""
+    gs = ""
+    if "fwd_graph_ms" in rec:
+        layers = rec["fwd_bwd_graph_stats"].get("group_medians")  # (none with one rotation)
+        by_layer = "; by layer " + "/".join(f"{m:.3f}" for m in layers) if layers else ""
+        gs = (f"  graphs fwd {rec['fwd_graph_ms']:.3f} ({rec['speedup_fwd_graph']:.2f}x) fwd+bwd "
+              f"{rec['fwd_bwd_graph_ms']:.3f} ({rec['speedup_fwd_bwd_graph']:.2f}x{by_layer})")
+    host = f"{rec['fwd_stats']['host_median']:.3f}/{rec['fwd_bwd_stats']['host_median']:.3f}"
+    print(f"{key:16s} {routing[:4]} {name:10s} fwd {rec['fwd_ms']:8.3f} ({rec['speedup_fwd']:.2f}x)  "
+          f"fwd+bwd {rec['fwd_bwd_ms']:8.3f} ({rec['speedup_fwd_bwd']:.2f}x) host {host}{gs}", flush=True)
+
+
+def _breakdown(case, shape: str, act: str, backends: dict, n_iter: int, args, result: dict) -> None:
+    """The weight gathers alone and each backend alone on precomputed routing (what its kernels cost, and their
+    rate on the expert GEMMs), into result["breakdown"]."""
+    key = f"{shape}/{act}"
+    for mode in ("index_select", "permute"):
+        t = _gather_only(case, mode, n_iter, args.warmup)
+        result["breakdown"].append({"shape": shape, "activation": act, "part": f"weight_gather[{mode}]",
+                                    "fwd_bwd_ms": t["median"]})
+        print(f"{key:16s} weight gather {mode:15s} fwd+bwd {t['median']:8.3f} ms", flush=True)
+    for name in [n for n in backends if n != "reference"]:
+        try:
+            t = _backend_only(case, backends[name], n_iter, args.warmup)
+        except Exception as exc:
+            result["errors"].append(f"{key} breakdown {name}: {type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        tflops = 3 * result["flops"][key]["sparse_fwd_per_token"] * args.tokens / t["median"] / 1e9
+        result["breakdown"].append({"shape": shape, "activation": act, "part": "backend_only", "backend": name,
+                                    "backend_only_fwd_bwd_ms": t["median"], "expert_gemm_tflops": tflops})
+        print(f"{key:16s} backend-only {name:10s} fwd+bwd {t['median']:8.3f} ms ({tflops:.0f} TFLOP/s on the expert "
+              f"GEMMs)", flush=True)
+
+
+def _record_tile_configs(result: dict) -> None:
+    """The triton backend's default tiles and what SSD_TRITON_TUNE timed and chose (where triton imports)."""
     try:
         from ..ffn.backends.kernels import tile_configs as tc
-        result["tuning"] = tc.TUNE_LOG
-        tuned = {"|".join(map(str, k)): v for k, v in tc.TUNED.items()}
-        result["triton_configs"] = {"defaults": tc.DEFAULTS, "tuned": tuned}
-    except Exception:
-        pass
-    _save(result, args.out)
-    print_table(result)
-    if args.out and not args.no_plot and result["records"]:
-        from .ffn_plot import plot_ffn, png_path
-        plot_ffn(result, png_path(args.out))
-        print(f"plot: {png_path(args.out)}")
-    return 0
+    except ImportError:
+        return
+    result["tuning"] = tc.TUNE_LOG
+    tuned = {"|".join(map(str, k)): v for k, v in tc.TUNED.items()}
+    result["triton_configs"] = {"defaults": tc.DEFAULTS, "tuned": tuned}
 
 
 def _save(result, path):
