@@ -482,12 +482,12 @@ def _set_inductor_options(pairs: list[str]) -> dict:
     return done
 
 
-def main(argv=None) -> int:
+def _parse(argv):
+    from ..ffn.backends import BACKEND_NAMES
+
     ap = argparse.ArgumentParser(prog="ssd-bench step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shape for a CPU smoke test")
     ap.add_argument("--phase", choices=["dense", "sparse", "both"], default="dense")
-    from ..ffn.backends import BACKEND_NAMES, tuning_env
-
     ap.add_argument("--backend", default="auto", choices=list(BACKEND_NAMES), help="expert backend for the sparse phase")
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
@@ -508,103 +508,38 @@ def main(argv=None) -> int:
                     help="set a torch._inductor.config option for this run (repeatable), e.g. "
                          "triton.mix_order_reduction=False; recorded in the JSON")
     args = ap.parse_args(argv)
-
-    from ..train.flops import peak_flops
-
-    inductor = _set_inductor_options(args.inductor)
-
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
+    for v in args.variant or ():
+        bad = [p for p in v.split("+") if p not in VARIANTS]
+        if bad:
+            raise UserError(f"--variant: {bad[0]!r} is not a variant; accepted: {', '.join(VARIANTS)} (joined with +)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    inductor = _set_inductor_options(args.inductor)
     dev_name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if dev_name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device: 'cuda' requested but no CUDA device is available; accepted here: cpu, auto")
     device = torch.device(dev_name)
     shape = dict(TINY if args.tiny else BASE)
-    if args.batch:
-        shape["batch"] = args.batch
-    if args.seq:
-        shape["seq"] = args.seq
+    shape.update({k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v})
     compile_model = args.compile if args.compile is not None else device.type == "cuda"
     bf16 = device.type == "cuda"
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # as the loop does (TF32 outside autocast)
-    peak = peak_flops(device)
-    phases = ["dense", "sparse"] if args.phase == "both" else [args.phase]
-    variants = args.variant or ["loop"]
-    tokens = shape["batch"] * shape["seq"]
-    records = []
-    out = {
-        "benchmark": "train_step",
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "device": str(device),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "triton": triton_version(),
-        "shape": shape, "bf16": bf16, "compile": compile_model, "backend": args.backend, "peak_flops": peak,
-        "inductor_options": inductor, "env": tuning_env(),
-        "records": records,
-    }
+    out = _header(args, device, shape, bf16, compile_model, inductor)
     if args.check:
         out["fused_loss_check"] = check_fused_loss(device, shape["vocab"], shape["d_model"])
-
-    def record(name, phase, variant, model, res):
-        flops = _flops(shape, phase, model)
-        rec = dict(model=name, phase=phase, variant=variant, tokens_per_step=tokens, flops_per_step=flops,
-                   tokens_per_s=tokens / res["step_s_median"], step_ms=1e3 * res["step_s_median"],
-                   mfu=(flops / res["step_s_median"] / peak) if peak else None, **res)
-        if phase == "sparse" and name == "ssd-megatron":
-            rec["expert_backend"] = model.ffn_layers()[0].backend.name
-        records.append(rec)
-        mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "n/a"
-        if rec.get("graph_breaks"):
-            print(f"note: {name} {phase} {variant}: torch.compile met {rec['graph_breaks']} graph break(s) "
-                  f"({rec['compiled_graphs']} graphs); each costs host time in every eager step "
-                  "(tools/profile_host.py names them)", file=sys.stderr, flush=True)
-        print(f"{name:14s} {phase:6s} {variant:14s} {rec['step_ms']:9.2f} ms/step {rec['tokens_per_s']:12.0f} tok/s"
-              f"  MFU {mfu}" + (f"  host {res['host_ms_median']:.2f} ms/step" if res.get("host_ms_median") else "")
-              + (f"  allocator {res['allocator_events_in_timed_steps']}" if res.get("allocator_events_in_timed_steps") else ""),
-              file=sys.stderr, flush=True)
-        save()
-
-    def save():  # after every variant, so that a run cut short keeps what it timed
-        _finish(out)
-        if args.out:
-            p = Path(args.out)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(json.dumps(out, indent=1))
-
-    for v in variants:
-        bad = [p for p in v.split("+") if p not in VARIANTS]
-        if bad:
-            raise UserError(f"--variant: {bad[0]!r} is not a variant; accepted: {', '.join(VARIANTS)} (joined with +)")
+    phases = ["dense", "sparse"] if args.phase == "both" else [args.phase]
+    variants = args.variant or ["loop"]
     runs = [(ph, v) for ph in phases for v in variants
             if (ph == "dense" and not any(p in SPARSE_ONLY for p in v.split("+")))
             or (ph == "sparse" and all(p in PHASE_VARIANTS for p in v.split("+")))]
     for phase, variant in runs:
-        _reset(device, compile_model)
-        model = build_ours(shape, device, phase, args.backend)
-        run = None
-        parts = set(variant.split("+"))
-        before = compile_counts()
-        try:
-            run, loss_fn = prepare_ours(model, variant, compile_model)
-            with _variant_context(variant, device):
-                res = time_training(model, run, loss_fn, shape, device, args.steps, args.warmup, bf16,
-                                    args.profile, f"ours_{phase}_{variant}", sync_clip="sync-clip" in parts,
-                                    sync_each_step="sync-step" in parts, cuda_graph="cuda-graph" in parts,
-                                    adamw="torch" if "torch-adamw" in parts else "auto",
-                                    block_graphs="cudagraph-blocks" in parts and compile_model)
-            res.update(compile_counts(before))
-        except Exception as e:  # an exploratory variant failing must not lose the others
-            if variant == "loop":
-                raise
-            print(f"variant {variant} failed: {type(e).__name__}: {str(e)[:500]}", file=sys.stderr, flush=True)
-            out.setdefault("failed", {})[variant] = f"{type(e).__name__}: {str(e)[:500]}"
-            save()
-        else:
-            record("ssd-megatron", phase, variant, model, res)
-        del model, run
+        _time_ours(out, args, device, phase, variant, compile_model, bf16)
     if not args.no_hf:
         _reset(device, compile_model)
         hf = build_hf(shape, device)
@@ -613,18 +548,100 @@ def main(argv=None) -> int:
         res = time_training(hf, run, lambda m, x, y: _hf_loss(m(input_ids=x).logits, y), shape, device,
                             args.steps, args.warmup, bf16, args.profile, "hf_dense")
         res.update(compile_counts(before))
-        record("hf-gpt2", "dense", "hf", None, res)  # same shape: the analytic count needs no module
+        _record(out, "hf-gpt2", "dense", "hf", None, res, args.out)  # same shape: the analytic count needs no module
         del hf, run
     _reset(device, compile_model)  # leave no variant's switches or graphs behind
+    _print_summary(out)
+    return 0
 
+
+def _header(args, device, shape: dict, bf16: bool, compile_model: bool, inductor: dict) -> dict:
+    """The JSON's run-level entries (machine, versions, shape, options) and its empty record list."""
+    from ..ffn.backends import tuning_env
+    from ..train.flops import peak_flops
+
+    return {
+        "benchmark": "train_step",
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": str(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "triton": triton_version(),
+        "shape": shape, "bf16": bf16, "compile": compile_model, "backend": args.backend,
+        "peak_flops": peak_flops(device), "inductor_options": inductor, "env": tuning_env(),
+        "records": [],
+    }
+
+
+def _time_ours(out: dict, args, device, phase: str, variant: str, compile_model: bool, bf16: bool) -> None:
+    """One run of our model: `phase` with `variant`'s options, recorded into `out`; a variant other than the
+    training loop's that fails is recorded under "failed" and does not stop the others."""
+    _reset(device, compile_model)
+    model = build_ours(out["shape"], device, phase, args.backend)
+    run = None
+    parts = set(variant.split("+"))
+    before = compile_counts()
+    try:
+        run, loss_fn = prepare_ours(model, variant, compile_model)
+        with _variant_context(variant, device):
+            res = time_training(model, run, loss_fn, out["shape"], device, args.steps, args.warmup, bf16,
+                                args.profile, f"ours_{phase}_{variant}", sync_clip="sync-clip" in parts,
+                                sync_each_step="sync-step" in parts, cuda_graph="cuda-graph" in parts,
+                                adamw="torch" if "torch-adamw" in parts else "auto",
+                                block_graphs="cudagraph-blocks" in parts and compile_model)
+        res.update(compile_counts(before))
+    except Exception as e:  # an exploratory variant failing must not lose the others
+        if variant == "loop":
+            raise
+        print(f"variant {variant} failed: {type(e).__name__}: {str(e)[:500]}", file=sys.stderr, flush=True)
+        out.setdefault("failed", {})[variant] = f"{type(e).__name__}: {str(e)[:500]}"
+        _save(out, args.out)
+    else:
+        _record(out, "ssd-megatron", phase, variant, model, res, args.out)
+    del model, run
+
+
+def _record(out: dict, name: str, phase: str, variant: str, model, res: dict, path: str) -> None:
+    """A timed run's record (tokens/s, ms/step, MFU against the device's peak), printed, and the JSON rewritten."""
+    shape, peak = out["shape"], out["peak_flops"]
+    tokens = shape["batch"] * shape["seq"]
+    flops = _flops(shape, phase, model)
+    rec = dict(model=name, phase=phase, variant=variant, tokens_per_step=tokens, flops_per_step=flops,
+               tokens_per_s=tokens / res["step_s_median"], step_ms=1e3 * res["step_s_median"],
+               mfu=(flops / res["step_s_median"] / peak) if peak else None, **res)
+    if phase == "sparse" and name == "ssd-megatron":
+        rec["expert_backend"] = model.ffn_layers()[0].backend.name
+    out["records"].append(rec)
+    mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "n/a"
+    if rec.get("graph_breaks"):
+        print(f"note: {name} {phase} {variant}: torch.compile met {rec['graph_breaks']} graph break(s) "
+              f"({rec['compiled_graphs']} graphs); each costs host time in every eager step "
+              "(tools/profile_host.py names them)", file=sys.stderr, flush=True)
+    host = f"  host {res['host_ms_median']:.2f} ms/step" if res.get("host_ms_median") else ""
+    allocs = res.get("allocator_events_in_timed_steps")
+    print(f"{name:14s} {phase:6s} {variant:14s} {rec['step_ms']:9.2f} ms/step {rec['tokens_per_s']:12.0f} tok/s"
+          f"  MFU {mfu}{host}" + (f"  allocator {allocs}" if allocs else ""), file=sys.stderr, flush=True)
+    _save(out, path)
+
+
+def _save(out: dict, path: str) -> None:
+    """The JSON with the ratios so far, after every record: a run cut short keeps what it timed."""
+    _finish(out)
+    if path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(out, indent=1))
+
+
+def _print_summary(out: dict) -> None:
     print("model          phase  variant         ms/step      tokens/s     MFU")
-    for r in records:
+    for r in out["records"]:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"{r['model']:14s} {r['phase']:6s} {r['variant']:14s} {r['step_ms']:8.2f} {r['tokens_per_s']:12.0f}   {mfu}")
     for k in ("speedup_dense_vs_hf", "speedup_sparse_vs_dense"):
         if k in out:
             print(f"{k}: {out[k]:.3f}")
-    return 0
 
 
 def _finish(out: dict) -> None:
