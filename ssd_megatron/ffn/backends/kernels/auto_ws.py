@@ -101,7 +101,7 @@ def auto_up_bwd_ws(dy, w2, act: int, glu: bool, eager_key, key):
     """AUTO_UP_BWD_WS where `auto` takes the Gluon up_bwd for this launch, else None (the defaults serve): ReLU at a
     measured shape, by kernels/gluon_launches.py's rule (in a capture once an eager launch with this launch key
     loaded the module; the first eager launch of its `eager_key()`; later eager launches keep kernels/up.py). Where
-    the kernel does not serve, the launch falls back to kernels/up.py's default (`_up_bwd_ws`)."""
+    the kernel does not serve, the launch falls back to kernels/up.py's default (`up_launch._up_bwd_ws`)."""
     D, E = w2.shape[2], w2.shape[1]
     if glu or act != 0 or D > 1024 or E > 192 or not descriptors.hopper(dy):
         return None
@@ -120,8 +120,9 @@ def ws_reduces(dw, tile) -> bool:
 def auto_down_ws(a: torch.Tensor, w: torch.Tensor, atomic: bool, view: str = "fallback"):
     """The config where `auto` takes the Gluon down kernel for this launch (an atomic combine into rows >= 2048
     wide: AUTO_WS; one whose Ein is two TMA boxes: AUTO_WS_BOXES), else None (the defaults serve). `view`: how a W
-    that is not row-major reaches it (`down_scatter`). Not for an Ein in passes (SwiGLU 8B's dx, 512 = 2 x 256,
-    `down_gluon.ein_passes`): built, not yet timed (docs/kernels.md v49); a forced WS config takes it."""
+    that is not row-major reaches it (`down_launch.down_scatter`). Not for an Ein in passes (SwiGLU 8B's dx,
+    512 = 2 x 256, `down_gluon.ein_passes`): built, not yet timed (docs/kernels.md v49); a forced WS config takes
+    it."""
     from . import down_gluon
     if not atomic or down_gluon.ein_passes(w.shape[1]) != 1:
         return None

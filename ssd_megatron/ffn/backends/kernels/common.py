@@ -70,7 +70,7 @@ def _tile_of(OFFS, pid_m, N, BM: tl.constexpr, NP2: tl.constexpr):
 def _grid_tile(OFFS, TILES, num_n, N, BM: tl.constexpr, NP2: tl.constexpr, SCHED: tl.constexpr):
     """This program's place in a grid of (expert-aligned M-tile, column block) pairs: (expert, column
     block, first row, rows, row mask, whether the tile holds any row). M-tiles in expert order, or with
-    SCHED in the order of the schedule TILES ([tiles, 2] int32: expert, first row; `token_window_tiles`)."""
+    SCHED in the order of the schedule TILES ([tiles, 2] int32: expert, first row; `tile_order.token_window_tiles`)."""
     pid = tl.program_id(0)
     if SCHED:
         t = pid // num_n

@@ -18,8 +18,8 @@ from .tile_order import tile_list, wide_group, ws_down_group
 
 def _down_descriptors(a, w, BM, BN, BK):
     """(A, W, W's RC) TMA descriptors for `_down_tma_kernel`, or None where the layouts do not allow one: rows
-    of `a` contiguous, and all experts' W as one 2-D matrix (`expert_descriptors`). Dynamo cannot trace these
-    host-side descriptors (torch 2.11), one reason the backend is an opaque custom op."""
+    of `a` contiguous, and all experts' W as one 2-D matrix (`descriptors.expert_descriptors`). Dynamo cannot
+    trace these host-side descriptors (torch 2.11), one reason the backend is an opaque custom op."""
     wd = descriptors.expert_descriptors(w, (BK,), BN)
     ad = descriptors.tma_descriptors(a, ([BM, BK],)) if a.shape[1] == w.shape[1] else None
     return None if wd is None or ad is None else (ad[0], wd[0], wd[1])
@@ -43,7 +43,7 @@ def _adds(combine: str, K: int) -> bool:
 
 def atomic_output(a_like: torch.Tensor, T: int, K: int, Dout: int, combine: str):
     """The [T, Dout] tensor a down (or fused) launch with `combine` adds its rows into (fp32 for "atomic32"),
-    to be initialised by a launch before it (`_launch_up`'s or the routing plan's fill), or None where
+    to be initialised by a launch before it (`up_launch._launch_up`'s or the routing plan's fill), or None where
     that launch writes rows instead (`_adds`)."""
     if not _adds(combine, K):
         return None

@@ -16,9 +16,9 @@ from .tile_order import tile_groups, tile_list, wide_group
 
 def _mlp_descriptors(w1, w2, BN, BK, be, be2):
     """(W1 and its second tile, W1's RC, W2 and its second tile, W2's RC) TMA descriptors for the fused forward
-    (variant TMA, kernels/mlp.py; `expert_descriptors`), or None where they cannot serve: E must be exactly the
-    one or two column tiles (be + be2), so that no box reaches into the next expert's rows, and w1 without a
-    gate half (F1 = E)."""
+    (variant TMA, kernels/mlp.py; `descriptors.expert_descriptors`), or None where they cannot serve: E must be
+    exactly the one or two column tiles (be + be2), so that no box reaches into the next expert's rows, and w1
+    without a gate half (F1 = E)."""
     if be + be2 != w2.shape[1] or w1.shape[1] != w2.shape[1]:
         return None
     boxes = (be, be2 or be)

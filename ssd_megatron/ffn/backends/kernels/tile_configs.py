@@ -14,7 +14,7 @@ from .common import np2
 # Triton >= 3.9, AUTO_WS_BOXES; BK and WARPS unused, STAGES = its W ring; STAGED where a forced WS does not serve),
 # 6 = WS_PAIR (the same kernel over M-tiles of 2 * BM rows, each consumer taking BM of them over every column block
 # on the same W tile as the other: `auto`'s for 8B's dx, AUTO_WS);
-# mlp 3 = TMA (the weights' tiles by TMA where the descriptors serve, `_mlp_descriptors`), 5 = WS (the fused
+# mlp 3 = TMA (the weights' tiles by TMA where the descriptors serve, `mlp_launch._mlp_descriptors`), 5 = WS (the fused
 # forward as a warp-specialised Gluon kernel, kernels/mlp_gluon.py: `auto`'s for captured inference forwards at
 # base-like shapes with Triton >= 3.9, AUTO_MLP_WS; WARPS is then the depth of its weight ring (W1's and W2's
 # tiles), STAGES its x ring's; kernels/mlp.py where it does not serve);
@@ -24,19 +24,18 @@ from .common import np2
 # (up kinds: 8B's GLU ones by default on Hopper, elsewhere opt-in) = their weights' tiles by TMA;
 # wgrad n = split each expert's reduction into chunks of n rows (0 = none), and a seventh entry of 1 = its
 # left operand by TMA (Hopper's default) or 5 = WS (a warp-specialised Gluon kernel, kernels/wgrad_gluon.py,
-# Triton >= 3.9: `auto`'s choice at base, `auto_wgrad_ws`; BP unused, BQ 128, WARPS and STAGES the depths of its L
-# and R rings, n > 0 its balanced items (equal row segments of all experts' rows, each at least n rows); LTMA where
-# it does not serve); a wgrad BP >= P makes each program cover all of P (kernels/wgrad.py),
-# an up BN >= E all of E (`up_columns`). Defaults are chosen per
-# kernel from the sweeps recorded in docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per
-# shape key instead.
+# Triton >= 3.9: `auto`'s choice at base, `auto_ws.auto_wgrad_ws`; BP unused, BQ 128, WARPS and STAGES the depths
+# of its L and R rings, n > 0 its balanced items (equal row segments of all experts' rows, each at least n rows);
+# LTMA where it does not serve); a wgrad BP >= P makes each program cover all of P (kernels/wgrad.py), an up
+# BN >= E all of E (`up_launch.up_columns`). Defaults are chosen per kernel from the sweeps recorded in
+# docs/kernels.md; `SSD_TRITON_TUNE=1` times the candidates once per shape key instead.
 ROWLOOP, TMA, STAGED, WS = 1, 3, 4, 5  # down variants (2 was PERSISTENT, slower and removed: docs/kernels.md v8)
 WS_PAIR = 6  # down variant: WS over M-tiles of 2 * BM rows, the two consumers sharing each W tile (down_gluon.launch)
 TMA_OPERAND = ("up", "up_glu", "up_bwd", "up_bwd_glu", "wgrad")  # kinds whose configs take a seventh entry
 TWO_PASS = 1  # up_bwd variant: the GEMM, then its epilogue in a second launch (kernels/up.py)
 EPILOGUE_TILE = (64, 64, 16, 4, 1)  # that second launch's (BM, BN, -, warps, stages): elementwise work
 DEFAULTS = {
-    "up": (128, 256, 64, 8, 3),           # BN >= E: all of E per program (base: 128 + 64 columns, `up_columns`)
+    "up": (128, 256, 64, 8, 3),           # BN >= E: all of E per program (base: 128 + 64 columns, up_columns)
     "up_glu": (128, 64, 64, 8, 3),
     "up_bwd": (128, 64, 64, 4, 4),
     "up_bwd_glu": (64, 64, 64, 4, 4),
