@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ssd_megatron.bench.ffn import Case, Layer, _graphed, time_calls, triton_variant  # noqa: E402
+from ssd_megatron.bench.ffn import Case, Layer, graphed, triton_variant  # noqa: E402
+from ssd_megatron.bench.timing import time_calls  # noqa: E402
 from ssd_megatron.errors import UserError  # noqa: E402
 from ssd_megatron.ffn.backends.kernels import tile_configs as tc  # noqa: E402
 from ssd_megatron.ffn.backends import get_backend  # noqa: E402
@@ -88,9 +89,9 @@ def main() -> int:
             if not args.forward_only:
                 t["fwd_bwd"] = time_calls(case.fwd_bwd(f), iters, 3, case.clear)["median"]
             return t
-        t = {"fwd": _graphed(case, f, iters, True)["median"]}
+        t = {"fwd": graphed(case, f, iters, True)["median"]}
         if not args.forward_only:
-            t["fwd_bwd"] = _graphed(case, f, iters, False)["median"]
+            t["fwd_bwd"] = graphed(case, f, iters, False)["median"]
         return t
 
     gpu = torch.cuda.get_device_name(0)

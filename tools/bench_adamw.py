@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from ssd_megatron.bench.ffn import time_calls
+from ssd_megatron.bench.timing import time_calls
 
 from ssd_megatron.bench.step import BASE, build_ours
 from ssd_megatron.train.optimizer import param_groups

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ssd_megatron.bench.ffn import time_calls
+from ssd_megatron.bench.timing import time_calls
 from ssd_megatron.train import loss as L
 
 

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ssd_megatron.bench.ffn import time_calls
+from ssd_megatron.bench.timing import time_calls
 
 from ssd_megatron.ffn import relu_mask_gemm_gluon as g
 from ssd_megatron.ffn import relu_mask_matmul as m

@@ -1,7 +1,7 @@
 """Micro-benchmark of the sparse layer's small reductions (docs/kernels.md v25), torch's ops against our kernel
 (kernels/column_sums.py): the output bias's gradient dy.sum(0) and the router's centroids, each expert's mean over
 its gate rows of W1. Each timing is one CUDA graph of 8 calls over rotating inputs, replayed
-100 times (`bench.ffn.time_calls`): the median in µs per call. --sweep also times other tiles of our kernels (their
+100 times (`bench.timing.time_calls`): the median in µs per call. --sweep also times other tiles of our kernels (their
 module constants), to choose the defaults. (Session 31 also timed a kernel for the router's centroid gradient here,
 and removed it: docs/kernels.md v25.)
 

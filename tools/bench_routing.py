@@ -4,7 +4,7 @@ placements: the output's fill in each of its places (`FILL_PLACES`), the Gluon k
 kernel or not written; and the router's launch at each of `ROUTER_TILES` (docs/kernels.md v46: at 8B it reads x at ≈ 55%
 of the DRAM bandwidth), with the share of rows whose ids equal the default tile's. Each timing is one CUDA graph of 8
 launches over rotating inputs (x 25 MB at base: the reads come from DRAM, as in the layer), replayed 100 times
-(`bench.ffn.time_calls`); the median, in µs per launch. What the layer gains is `tools/ab_layer.py`'s to say: these
+(`bench.timing.time_calls`); the median, in µs per launch. What the layer gains is `tools/ab_layer.py`'s to say: these
 parts overlap nothing, but a few µs are within the layer's spread.
 
     python tools/bench_routing.py [--shapes base,8b] [--out routing.json]
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ssd_megatron.bench.ffn import time_calls  # noqa: E402
+from ssd_megatron.bench.timing import time_calls  # noqa: E402
 from ssd_megatron.ffn import centroid_router as CR  # noqa: E402
 from ssd_megatron.ffn.backends.kernels.routing_plan import FILL_PLACES, routing_plan  # noqa: E402
 

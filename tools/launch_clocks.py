@@ -142,7 +142,8 @@ def _step(case, backend, fwd_only: bool, r: int):
 
 
 def main(argv=None) -> int:
-    from ssd_megatron.bench.ffn import Case, capture_graph, time_calls, triton_variant
+    from ssd_megatron.bench.ffn import Case, triton_variant
+    from ssd_megatron.bench.timing import capture_graph, time_calls
     from ssd_megatron.errors import UserError
     from ssd_megatron.ffn.backends import get_backend
 

@@ -80,7 +80,7 @@ def probe_build(name: str):
 def main() -> int:
     import triton
 
-    from ssd_megatron.bench.ffn import Case, _graphed
+    from ssd_megatron.bench.ffn import Case, graphed
     from ssd_megatron.ffn.backends.kernels import tile_configs as tc
     from ssd_megatron.ffn.backends import get_backend
 
@@ -93,14 +93,14 @@ def main() -> int:
            "triton": triton.__version__, "config": list(cfg),
            "what": "base ReLU layer, inference forward (graphed) ms, the WS fused forward with parts removed"}
     tc.force_config()
-    res["kernels/mlp.py"] = _graphed(case, sparse, 60, True)["median"]
+    res["kernels/mlp.py"] = graphed(case, sparse, 60, True)["median"]
     print(f"kernels/mlp.py (default) fwd {res['kernels/mlp.py']:.4f} ms", flush=True)
     try:
         for _ in range(args.rounds):
             for name in PROBES:
                 mlp_gluon._STATE["build"] = probe_build(name)
                 tc.force_config(mlp=cfg)
-                t = _graphed(case, sparse, 60, True)["median"]
+                t = graphed(case, sparse, 60, True)["median"]
                 res.setdefault(name, []).append(t)
                 print(f"WS {name:20s} fwd {t:.4f} ms", flush=True)
     finally:

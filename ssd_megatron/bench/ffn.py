@@ -43,9 +43,7 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +54,8 @@ from ..ffn.backends import call_router_folded, expert_ffn, router_fold_offered, 
 from ..ffn.centroid_router import CentroidCache, centroid_topk, expert_centroids
 from ..ffn.fused_relu_ffn import relu_ffn
 from ..ffn.switchable_ffn import straight_through_gate
+from . import timing
+from .timing import capture_graph, time_calls
 
 SHAPES = {  # name: (d_model, d_ff, num_experts, top_k)
     "base": (768, 6144, 32, 6),
@@ -166,58 +166,6 @@ class Layer:
         return expert_ffn(backend, x, w1, b1, w2, idx, gate, self.activation, self.b_out)
 
 
-# ----------------------------------------------------------------------------- timing
-
-class _HostEvent:
-    """Stand-in for torch.cuda.Event on CPU smoke runs (--device cpu)."""
-
-    def record(self):
-        self.t = time.perf_counter()
-
-    def elapsed_time(self, end):
-        return (end.t - self.t) * 1e3
-
-
-_CUDA = True
-
-
-def _sync():
-    if _CUDA:
-        torch.cuda.synchronize()
-
-
-def _event():
-    return torch.cuda.Event(enable_timing=True) if _CUDA else _HostEvent()
-
-
-def time_calls(fn, n_iter, n_warm, pre=None, groups: int = 1) -> dict:
-    """Median/min/max ms of fn(i) between CUDA events; `pre(i)` runs untimed before each. With `groups` > 1 also each
-    group's median (`group_medians`: call i in group i % groups, e.g. a Case's rotated layers)."""
-    for i in range(n_warm):
-        if pre:
-            pre(i)
-        fn(i)
-    _sync()
-    evs, host = [], []
-    for i in range(n_iter):
-        if pre:
-            pre(i)
-        s, e = _event(), _event()
-        t0 = time.perf_counter()
-        s.record()
-        fn(i)
-        e.record()
-        host.append((time.perf_counter() - t0) * 1e3)
-        evs.append((s, e))
-    _sync()
-    ts = [s.elapsed_time(e) for s, e in evs]
-    out = {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts),
-           "host_median": statistics.median(host)}
-    if groups > 1:
-        out["group_medians"] = [statistics.median(ts[g::groups]) for g in range(groups) if ts[g::groups]]
-    return out
-
-
 class Case:
     """Rotating layers + inputs for one (shape, activation)."""
 
@@ -261,21 +209,7 @@ class Case:
         return run
 
 
-def capture_graph(fn):
-    """(a CUDA graph of fn(), fn's outputs in it), after two warm-up calls on a side stream (torch's recipe)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g, out
-
-
-def _graphed(case, f, n_iter, fwd_only):
+def graphed(case, f, n_iter, fwd_only):
     """Median ms of CUDA-graph replays of f (fwd, or fwd + autograd.grad): the GPU time without the
     host's launch overhead. Only for sync-free paths; raises otherwise (capture fails on a sync)."""
     graphs, keep = [], []
@@ -306,8 +240,8 @@ def _dense_times(case, f, n_iter, warmup, graphs: bool, errors: list, label: str
          "fwd_graph": None, "fwd_bwd_graph": None}
     if graphs:
         try:
-            t["fwd_graph"] = _graphed(case, f, n_iter, True)["median"]
-            t["fwd_bwd_graph"] = _graphed(case, f, n_iter, False)["median"]
+            t["fwd_graph"] = graphed(case, f, n_iter, True)["median"]
+            t["fwd_bwd_graph"] = graphed(case, f, n_iter, False)["median"]
         except Exception as exc:
             errors.append(f"{label} graph: {type(exc).__name__}: {str(exc)[:200]}")
     return t
@@ -480,9 +414,8 @@ def main(argv=None) -> int:
     shapes = _split(args.shapes, SHAPES, "shape")
     acts = _split(args.activations, ACTIVATIONS, "activation")
     routings = _split(args.routing, ("realistic", "uniform"), "routing")
-    global _CUDA
-    _CUDA = args.device == "cuda"
-    if _CUDA and not torch.cuda.is_available():
+    timing.CUDA = args.device == "cuda"
+    if timing.CUDA and not torch.cuda.is_available():
         raise UserError("ssd-bench ffn: needs a CUDA GPU (timings use CUDA events)")
     if args.tune:
         os.environ["SSD_TRITON_TUNE"] = "1"
@@ -530,7 +463,7 @@ def _result_header(args) -> dict:
     except Exception:
         triton_version = None
     return {
-        "gpu": torch.cuda.get_device_name(0) if _CUDA else "cpu",
+        "gpu": torch.cuda.get_device_name(0) if timing.CUDA else "cpu",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
         "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
         "cuda": torch.version.cuda, "tokens": args.tokens, "dtype": "bfloat16", "bias": True,
@@ -550,7 +483,7 @@ def _result_header(args) -> dict:
 
 def _fp32_params(args) -> bool:
     """--params fp32 where the layer computes in bf16 (on CPU everything is fp32 already)."""
-    return args.params == "fp32" and _CUDA
+    return args.params == "fp32" and timing.CUDA
 
 
 def _bench_case(args, shape: str, act: str, routings: list, backends: dict, result: dict) -> None:
@@ -560,7 +493,7 @@ def _bench_case(args, shape: str, act: str, routings: list, backends: dict, resu
     n_iter = args.iters if shape != "8b" else max(10, args.iters // 2)
     key = f"{shape}/{act}"
     result["flops"][key] = _flops(shape, act)
-    dtype = torch.bfloat16 if _CUDA else torch.float32
+    dtype = torch.bfloat16 if timing.CUDA else torch.float32
     case = Case(shape, act, args.tokens, args.rotations, torch.device(args.device), dtype,
                 params=torch.float32 if _fp32_params(args) else None)
     case.default_gather = args.weight_gather
@@ -568,7 +501,7 @@ def _bench_case(args, shape: str, act: str, routings: list, backends: dict, resu
     case.set_routing("realistic")
     per_layer = [_routing_stats(lay, x) for lay, x in zip(case.layers, case.xs)]
     result["routing_stats"][key] = dict(per_layer[0], per_rotation=per_layer)  # (the first layer's on top)
-    graphs = _CUDA and not args.no_graphs
+    graphs = timing.CUDA and not args.no_graphs
     dense = _dense_times(case, Layer.dense, n_iter, args.warmup, graphs, result["errors"], f"{key} dense")
     # our fused dense ReLU FFN (the training step's), a second baseline beside the plain one the issue names
     fused = (_dense_times(case, Layer.dense_fused, n_iter, args.warmup, graphs, result["errors"],
@@ -590,12 +523,12 @@ def _bench_case(args, shape: str, act: str, routings: list, backends: dict, resu
                 _print_record(key, routing, name, rec)
     case.set_routing("realistic")
     for name in [n for n in args.profile.split(",") if n]:
-        if name in backends and _CUDA:
+        if name in backends and timing.CUDA:
             _profile(case, backends[name], f"{key} {name}", args.out)
     if not args.no_breakdown:
         _breakdown(case, shape, act, backends, n_iter, args, result)
     del case
-    if _CUDA:
+    if timing.CUDA:
         torch.cuda.empty_cache()
 
 
@@ -625,7 +558,7 @@ def _bench_backend(case, name: str, be, baselines: tuple, n_iter: int, warmup: i
             rec["fwd_rel_err_vs_reference"] = _err(case.layers[0].sparse(case.xs[0], be), y_ref)
     if dense["fwd_graph"] is not None and name not in ("reference", "megablocks"):
         try:
-            sf, sfb = _graphed(case, f, n_iter, True), _graphed(case, f, n_iter, False)
+            sf, sfb = graphed(case, f, n_iter, True), graphed(case, f, n_iter, False)
             gf, gfb = sf["median"], sfb["median"]
             rec.update({"fwd_graph_ms": gf, "fwd_bwd_graph_ms": gfb, "fwd_graph_stats": sf, "fwd_bwd_graph_stats": sfb,
                         **_against(dense, gf, gfb, graph=True)})

@@ -77,9 +77,9 @@ def test_time_calls_reports_each_groups_median(monkeypatch):
     its own calls' (here 1 ms and 20 ms sleeps), the overall median is over all calls."""
     import time
 
-    from ssd_megatron.bench import ffn
-    from ssd_megatron.bench.ffn import time_calls
-    monkeypatch.setattr(ffn, "_CUDA", False)  # host timers (else only a `--device cpu` run before set it)
+    from ssd_megatron.bench import timing
+    from ssd_megatron.bench.timing import time_calls
+    monkeypatch.setattr(timing, "CUDA", False)  # host timers (else only a `--device cpu` run before set it)
     t = time_calls(lambda i: time.sleep(0.001 if i % 2 == 0 else 0.02), 6, 1, groups=2)
     fast, slow = t["group_medians"]
     assert t["n"] == 6 and fast < 10 <= slow and t["min"] <= fast and slow <= t["max"]
